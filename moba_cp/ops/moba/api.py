@@ -1,0 +1,189 @@
+"""Public MoBA entry points: validation, backend choice, the packed and batched forms."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+
+import torch
+
+from moba_cp.ops.moba import naive
+from moba_cp.ops.moba.validate import check_block_args, check_cu_seqlens, check_qkv
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("naive", "triton", "flash")
+_announced: set[tuple[str, str]] = set()
+
+
+def backend_unavailable_reason(name: str, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` (None when it can)."""
+    device = torch.device(device)
+    if name == "naive":
+        return None
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "the 'triton' package is not installed (pip install triton)"
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        if device.type != "cuda" and not (interpreted and device.type == "cpu"):
+            return (
+                f"Triton kernels need a CUDA device (got {device}); on CPU they run only in the "
+                f"interpreter (TRITON_INTERPRET=1)"
+            )
+        if importlib.util.find_spec("moba_cp.ops.moba.triton_backend") is None:
+            return "the Triton backend is not part of this build of moba_cp"
+        return None
+    if name == "flash":
+        if importlib.util.find_spec("flash_attn") is None:
+            return "flash-attn is not installed (pip install 'moba-cp[flash]')"
+        return "moba_cp has no flash-attn MoBA backend yet"
+    return f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'"
+
+
+def choose_backend(backend: str, device: torch.device) -> str:
+    """Resolve ``backend`` ("auto" or an explicit name) for ``device``.
+
+    "auto" takes Triton on CUDA when available, else the naive oracle, and logs its choice
+    once per device type. An explicit backend that cannot run raises, never falls back.
+    """
+    device = torch.device(device)
+    if backend == "auto":
+        chosen = "triton" if (device.type == "cuda" and backend_unavailable_reason("triton", device) is None) else "naive"
+        if (device.type, chosen) not in _announced:
+            _announced.add((device.type, chosen))
+            log.info("moba_attn backend='auto' chose %r on %s", chosen, device.type)
+        return chosen
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"moba_attn: backend={backend!r} is unknown; choose one of "
+            f"{', '.join(repr(b) for b in BACKENDS)} or 'auto'."
+        )
+    reason = backend_unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(
+            f"moba_attn: backend={backend!r} was requested but is unavailable: {reason}. "
+            f"Fix: install what it needs, or pass backend='auto' (which picks the best available)."
+        )
+    return backend
+
+
+def _backend_module(name: str):
+    if name == "triton":
+        return importlib.import_module("moba_cp.ops.moba.triton_backend")
+    raise AssertionError(name)
+
+
+def moba_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int,
+    topk: int,
+    cu_seqlens: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Mixture of Block Attention over packed documents.
+
+    Args:
+        q: ``[T, Hq, D]`` queries (RoPE applied); k, v: ``[T, Hkv, D]`` with ``Hq % Hkv == 0``.
+        block_size: tokens per block ``B`` (cut per document; the last block may be short).
+        topk: blocks per query *including its own block*; ``topk >= n_blocks`` is causal
+            full attention, ``topk = 1`` block-local causal attention.
+        cu_seqlens: int32 ``[n_docs + 1]`` document offsets (documents never see each other);
+            None means one document.
+        softmax_scale: default ``D ** -0.5``.
+        return_lse: also return the fp32 natural-log LSE ``[T, Hq]``.
+        backend: "naive", "triton", "flash" or "auto" (see :func:`choose_backend`).
+    Returns:
+        ``o [T, Hq, D]`` in q's dtype, and ``lse [T, Hq]`` fp32 when ``return_lse``.
+
+    Algorithm (``shared/DESIGN.md`` section 1):
+        1. centroid of each complete block = mean of its keys (fp32);
+        2. gate: ``q_i . centroid_j`` for complete past blocks ``j < i // B`` (no gradient);
+        3. select the own block plus the ``topk - 1`` best past blocks, per token and head;
+        4. softmax attention over the selected blocks' keys, own block causally.
+
+    Example:
+        >>> q = torch.randn(1000, 8, 64); k = v = torch.randn(1000, 2, 64)
+        >>> o = moba_attn(q, k, v, block_size=128, topk=3)
+    """
+    check_qkv(q, k, v)
+    check_block_args(block_size, topk)
+    check_cu_seqlens(cu_seqlens, q.shape[0], q.device)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    name = choose_backend(backend, q.device)
+    if name == "naive":
+        o, lse = naive.moba_attn_naive(
+            q, k, v, block_size=block_size, topk=topk, cu_seqlens=cu_seqlens, softmax_scale=scale
+        )
+    else:
+        o, lse = _backend_module(name).moba_attn(
+            q, k, v, block_size=block_size, topk=topk, cu_seqlens=cu_seqlens, softmax_scale=scale
+        )
+    return (o, lse) if return_lse else o
+
+
+def moba_attn_bshd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False, **kwargs
+):
+    """Batched convenience: ``q [B, S, Hq, D]``, ``k/v [B, S, Hkv, D]`` -> ``o [B, S, Hq, D]``.
+
+    A thin wrapper: each batch row becomes one document of a packed call to :func:`moba_attn`
+    (same keyword arguments; ``cu_seqlens`` is built here). ``lse`` comes back ``[B, S, Hq]``.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"moba_attn_bshd: expected 4-D [B, S, H, D] inputs, got q{tuple(q.shape)}, "
+            f"k{tuple(k.shape)}, v{tuple(v.shape)}. Fix: use moba_attn for packed [T, H, D]."
+        )
+    if "cu_seqlens" in kwargs:
+        raise ValueError("moba_attn_bshd: cu_seqlens is built from the batch; use moba_attn for packed documents.")
+    b, s = q.shape[:2]
+    if k.shape[:2] != (b, s) or v.shape[:2] != (b, s):
+        raise ValueError(
+            f"moba_attn_bshd: batch/sequence dims differ: q{tuple(q.shape[:2])}, "
+            f"k{tuple(k.shape[:2])}, v{tuple(v.shape[:2])}; they must match."
+        )
+    cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=q.device)
+    out = moba_attn(
+        q.reshape(b * s, *q.shape[2:]), k.reshape(b * s, *k.shape[2:]), v.reshape(b * s, *v.shape[2:]),
+        cu_seqlens=cu, return_lse=True, **kwargs,
+    )
+    o, lse = out
+    o = o.reshape(b, s, *q.shape[2:])
+    return (o, lse.reshape(b, s, q.shape[2])) if return_lse else o
+
+
+def select_blocks(q, k, *, block_size: int, topk: int, cu_seqlens=None, backend: str = "auto"):
+    """Validated MoBA selection: ``[T, Hq, W]`` int32 document-local block ids (see ``naive``)."""
+    check_qkv(q, k, k, op="select_blocks")
+    check_block_args(block_size, topk, op="select_blocks")
+    check_cu_seqlens(cu_seqlens, q.shape[0], q.device, op="select_blocks")
+    name = choose_backend(backend, q.device)
+    if name == "naive":
+        return naive.select_blocks(q, k, block_size=block_size, topk=topk, cu_seqlens=cu_seqlens)
+    return _backend_module(name).select_blocks(q, k, block_size=block_size, topk=topk, cu_seqlens=cu_seqlens)
+
+
+def block_attn(q, k, v, indices, *, block_size: int, cu_seqlens=None, softmax_scale=None, backend: str = "auto"):
+    """Validated attention over given block ``indices`` ``[T, Hq, W]``; returns ``(o, lse)``."""
+    check_qkv(q, k, v, op="block_attn")
+    check_block_args(block_size, 1, op="block_attn")
+    check_cu_seqlens(cu_seqlens, q.shape[0], q.device, op="block_attn")
+    if indices.dim() != 3 or indices.shape[:2] != q.shape[:2]:
+        raise ValueError(
+            f"block_attn: indices has shape {tuple(indices.shape)}; expected [T, Hq, W] = "
+            f"[{q.shape[0]}, {q.shape[1]}, W] (from select_blocks)."
+        )
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    name = choose_backend(backend, q.device)
+    if name == "naive":
+        return naive.block_attn(q, k, v, indices, block_size=block_size, cu_seqlens=cu_seqlens, softmax_scale=scale)
+    return _backend_module(name).block_attn(
+        q, k, v, indices, block_size=block_size, cu_seqlens=cu_seqlens, softmax_scale=scale
+    )
