@@ -1,0 +1,426 @@
+"""The recipe schema: one tree of dataclasses, loaded from YAML, with dotted CLI overrides.
+
+Precedence: CLI ``--a.b=value`` > YAML > defaults. Unknown keys and wrong types are errors
+naming the key path; cross-field rules are checked by :func:`validate` before any process
+group exists. Every field documents itself through ``metadata["help"]`` (see :func:`field_help`),
+and each component receives only its own sub-config (``cfg.moba``, ``cfg.train``, ...).
+
+Example:
+    >>> cfg = load_recipe("recipes/quickstart.yaml", ["--moba.topk=4"])
+    >>> print(dump(cfg))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+__all__ = [
+    "ModelConfig", "MoBAConfig", "AttentionConfig", "ParallelConfig", "TrainConfig", "DataConfig",
+    "EvalConfig", "LoggingConfig", "CheckpointConfig", "RecipeConfig", "RecipeError",
+    "load_recipe", "from_dict", "apply_overrides", "validate", "dump", "to_dict", "field_help",
+    "layer_attention_kinds",
+]
+
+
+class RecipeError(ValueError):
+    """A recipe is malformed: the message names the key path, the rule and the fix."""
+
+
+def _f(default=dataclasses.MISSING, help: str = "", default_factory=dataclasses.MISSING):  # noqa: A002
+    kw = {"metadata": {"help": help}}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, **kw)
+    return field(default=default, **kw)
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the GPT model (Megatron-Core ``TransformerConfig`` fields)."""
+
+    num_layers: int = _f(4, "Transformer layers.")
+    hidden_size: int = _f(128, "Model width (residual stream size).")
+    num_attention_heads: int = _f(4, "Query heads.")
+    num_query_groups: int = _f(2, "Key/value heads (GQA groups); must divide num_attention_heads.")
+    ffn_hidden_size: Optional[int] = _f(None, "MLP inner size; None = 4 * hidden_size (SwiGLU: 8/3 rounded).")
+    seq_length: int = _f(1024, "Training sequence length in tokens (the global, unsharded length).")
+    vocab_size: Optional[int] = _f(None, "Vocabulary size; None = taken from the tokenizer.")
+    rotary_base: int = _f(10000, "RoPE base (raise it for long contexts, e.g. 500000).")
+    normalization: Literal["RMSNorm", "LayerNorm"] = _f("RMSNorm", "Norm layer kind.")
+    swiglu: bool = _f(True, "Gated SiLU MLP (Llama-style) instead of GeLU.")
+    init_method_std: float = _f(0.02, "Std of the normal weight init.")
+    share_embeddings: bool = _f(True, "Tie input embedding and output projection.")
+
+
+@dataclass
+class MoBAConfig:
+    """Mixture of Block Attention parameters (shared/DESIGN.md section 1)."""
+
+    block_size: int = _f(128, "Tokens per MoBA block B.")
+    topk: int = _f(4, "Blocks per query, counting its own block (topk >= blocks = full attention).")
+    backend: Literal["auto", "naive", "triton", "flash"] = _f(
+        "auto", "Kernel backend; 'auto' picks Triton on GPU and the naive oracle on CPU.")
+
+
+@dataclass
+class AttentionConfig:
+    """Which layers use MoBA and which full attention."""
+
+    pattern: Literal["moba", "full", "hybrid", "explicit"] = _f(
+        "moba", "'moba': all layers MoBA; 'full': all full; 'hybrid': the last full_last_n layers full; "
+        "'explicit': per-layer list in `layers`.")
+    full_last_n: int = _f(0, "With pattern=hybrid: how many final layers use full attention.")
+    layers: Optional[list[str]] = _f(None, "With pattern=explicit: one of 'moba'/'full' per layer.")
+    full_backend: Literal["auto", "torch", "te"] = _f(
+        "auto", "Full-attention layers: 'torch' (SDPA / ring attention), 'te' (Transformer Engine, must "
+        "be installed), 'auto' (torch).")
+    switch_to_full_at: Optional[float] = _f(
+        None, "Two-stage schedule: after this fraction of training steps (e.g. 0.9) every MoBA layer "
+        "switches to full attention in place. None = never.")
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout: world size = tp * cp * dp (pipeline parallelism is not supported yet)."""
+
+    tp: int = _f(1, "Tensor-parallel size.")
+    cp: int = _f(1, "Context-parallel size (sequence split in 2*cp zigzag chunks).")
+    dp: Optional[int] = _f(None, "Data-parallel size; None = world_size / (tp * cp).")
+    distributed_optimizer: bool = _f(False, "Shard optimizer state over data-parallel ranks.")
+    sequence_parallel: bool = _f(False, "Megatron sequence parallelism for norms/dropout (needs tp > 1).")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and schedule."""
+
+    steps: int = _f(100, "Optimizer steps to train.")
+    micro_batch_size: int = _f(1, "Sequences per micro-batch per data-parallel rank.")
+    global_batch_size: int = _f(1, "Sequences per optimizer step (multiple of micro_batch_size * dp).")
+    lr: float = _f(3e-4, "Peak learning rate.")
+    min_lr: float = _f(3e-5, "Final learning rate after decay.")
+    warmup_steps: int = _f(10, "Linear warm-up steps.")
+    lr_decay_style: Literal["cosine", "linear", "constant"] = _f("cosine", "Decay after warm-up.")
+    weight_decay: float = _f(0.1, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.95, "AdamW beta2.")
+    clip_grad: float = _f(1.0, "Global gradient-norm clip (0 = off).")
+    seed: int = _f(1234, "Random seed (model init, data order).")
+    precision: Literal["fp32", "bf16"] = _f("bf16", "Training precision on GPU (CPU always runs fp32).")
+    recompute: Literal["none", "selective", "full"] = _f(
+        "none", "Activation recomputation: 'selective' (core attention), 'full' (whole layers).")
+
+
+@dataclass
+class DataConfig:
+    """Training data."""
+
+    source: Literal["builtin", "indexed", "mock"] = _f(
+        "builtin", "'builtin': the embedded corpus (built locally, no network); 'indexed': Megatron "
+        ".bin/.idx prefixes in `paths`; 'mock': random tokens.")
+    paths: Optional[list[str]] = _f(None, "Indexed dataset prefixes, optionally weighted: ['0.7', 'a', '0.3', 'b'].")
+    tokenizer: str = _f("byte", "'byte' (built-in byte-level) or a path to a HuggingFace tokenizers JSON.")
+    cache_dir: str = _f("data_cache", "Where built datasets and index caches are written.")
+    split: str = _f("98,2,0", "Train/valid/test split weights of each dataset.")
+    retrieval_fraction: float = _f(0.0, "Fraction of training documents replaced by synthetic retrieval documents.")
+    num_workers: int = _f(0, "DataLoader workers.")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation during and after training."""
+
+    interval: int = _f(0, "Validation loss every N steps (0 = off).")
+    iters: int = _f(2, "Validation batches per evaluation.")
+    trailing_tokens: int = _f(2048, "Trailing loss: LM loss over the last N tokens of each sequence.")
+    needle_lengths: list[int] = _f(default_factory=lambda: [4096, 8192], help="Needle context lengths in tokens.")
+    needle_depths: list[int] = _f(default_factory=lambda: [0, 25, 50, 75, 100], help="Needle depths in percent.")
+
+
+@dataclass
+class LoggingConfig:
+    """Console, JSONL and TensorBoard logging."""
+
+    dir: str = _f("runs/default", "Run directory: metrics.jsonl, TensorBoard events, resolved recipe.")
+    interval: int = _f(1, "Log every N steps.")
+    tensorboard: bool = _f(True, "Write TensorBoard events.")
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpointing."""
+
+    dir: Optional[str] = _f(None, "Checkpoint directory; None = <logging.dir>/checkpoints.")
+    interval: int = _f(0, "Save every N steps (0 = only at the end).")
+    resume: bool = _f(True, "Resume from the latest complete checkpoint in `dir` when present.")
+    keep_last: int = _f(2, "Complete checkpoints kept (older ones deleted after a successful save).")
+
+
+@dataclass
+class RecipeConfig:
+    """A whole recipe."""
+
+    name: str = _f("unnamed", "Recipe name (for logs).")
+    model: ModelConfig = _f(default_factory=ModelConfig, help="Model shape.")
+    moba: MoBAConfig = _f(default_factory=MoBAConfig, help="MoBA block size, top-k and backend.")
+    attention: AttentionConfig = _f(default_factory=AttentionConfig, help="MoBA / full / hybrid layer pattern.")
+    parallel: ParallelConfig = _f(default_factory=ParallelConfig, help="tp, cp, dp.")
+    train: TrainConfig = _f(default_factory=TrainConfig, help="Optimisation and schedule.")
+    data: DataConfig = _f(default_factory=DataConfig, help="Training data.")
+    eval: EvalConfig = _f(default_factory=EvalConfig, help="Evaluation.")
+    logging: LoggingConfig = _f(default_factory=LoggingConfig, help="Logging.")
+    checkpoint: CheckpointConfig = _f(default_factory=CheckpointConfig, help="Checkpoints.")
+
+
+# ----------------------------------------------------------------------------- loading
+
+def field_help(cls) -> dict[str, str]:
+    """``{field_name: help}`` of a config dataclass."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, path: str):
+    """Check ``value`` against type hint ``tp`` (converting nested dicts); raise naming ``path``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for a in non_none:
+            try:
+                return _coerce(value, a, path)
+            except RecipeError as e:  # try the next member
+                errors.append(str(e))
+        raise errors[0] if len(errors) == 1 else RecipeError(f"{path}: {value!r} matches none of {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"{path}: {value!r} is not allowed; choose one of {', '.join(map(repr, args))}.")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{path}: expected a list, got {type(value).__name__} {value!r}.")
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise RecipeError(f"{path}: expected a mapping of {tp.__name__} fields, got {type(value).__name__}.")
+        return from_dict(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{path}: expected true/false, got {type(value).__name__} {value!r}.")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{path}: expected an integer, got {type(value).__name__} {value!r}.")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{path}: expected a number, got {type(value).__name__} {value!r}.")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{path}: expected a string, got {type(value).__name__} {value!r}.")
+        return value
+    raise RecipeError(f"{path}: unsupported field type {_type_name(tp)}")  # pragma: no cover
+
+
+def from_dict(cls, data: dict, path: str = ""):
+    """Build dataclass ``cls`` from a (YAML) mapping; unknown keys and wrong types raise."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = path or "recipe"
+        raise RecipeError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; valid keys are {', '.join(sorted(names))}."
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict of a config (for YAML dumps and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def _parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    parsed, i = [], 0
+    while i < len(overrides):
+        arg = overrides[i]
+        if not arg.startswith("--") or len(arg) <= 2:
+            raise RecipeError(f"override {arg!r}: expected --section.key=value (e.g. --moba.topk=8).")
+        body = arg[2:]
+        if "=" in body:
+            key, text = body.split("=", 1)
+        else:
+            if i + 1 >= len(overrides):
+                raise RecipeError(f"override {arg!r} has no value; write --{body}=VALUE.")
+            key, text = body, overrides[i + 1]
+            i += 1
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError as e:
+            raise RecipeError(f"override --{key}: value {text!r} is not valid YAML ({e}).") from None
+        parsed.append((key, value))
+        i += 1
+    return parsed
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set dotted keys (``--moba.topk=8``) into a nested mapping; values parse as YAML scalars."""
+    for key, value in _parse_overrides(overrides):
+        node, parts = data, key.split(".")
+        cls = RecipeConfig
+        for depth, part in enumerate(parts):
+            names = {f.name: f for f in dataclasses.fields(cls)} if cls else {}
+            if cls is not None and part not in names:
+                prefix = ".".join(parts[:depth]) or "recipe"
+                raise RecipeError(
+                    f"override --{key}: {prefix} has no key {part!r}; valid keys: {', '.join(sorted(names))}."
+                )
+            hint = typing.get_type_hints(cls)[part] if cls else None
+            if depth == len(parts) - 1:
+                node[part] = value
+            else:
+                if not dataclasses.is_dataclass(hint):
+                    raise RecipeError(f"override --{key}: {'.'.join(parts[:depth + 1])} is not a section.")
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise RecipeError(f"override --{key}: {'.'.join(parts[:depth + 1])} is not a mapping in the YAML.")
+                cls = hint
+    return data
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> RecipeConfig:
+    """Load a YAML recipe (or defaults when ``path`` is None), apply overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise RecipeError(f"recipe file {str(p)!r} does not exist. Fix: pass a path such as recipes/quickstart.yaml.")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RecipeError(f"recipe {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"recipe {str(p)!r}: the top level must be a mapping, got {type(data).__name__}.")
+    data = apply_overrides(data, list(overrides or []))
+    cfg = from_dict(RecipeConfig, data)
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- rules
+
+def layer_attention_kinds(model: ModelConfig, attention: AttentionConfig) -> list[str]:
+    """``['moba' | 'full'] * num_layers`` for the recipe's attention pattern."""
+    n = model.num_layers
+    if attention.pattern == "moba":
+        return ["moba"] * n
+    if attention.pattern == "full":
+        return ["full"] * n
+    if attention.pattern == "hybrid":
+        return ["moba"] * (n - attention.full_last_n) + ["full"] * attention.full_last_n
+    return list(attention.layers or [])
+
+
+def validate(cfg: RecipeConfig, world_size: int | None = None) -> None:
+    """Cross-field rules, checked before any process group exists. Raises :class:`RecipeError`."""
+    m, a, p, t, mb = cfg.model, cfg.attention, cfg.parallel, cfg.train, cfg.moba
+    errs: list[str] = []
+
+    def positive(path, value):
+        if value < 1:
+            errs.append(f"{path}={value} must be >= 1.")
+
+    for path, value in [("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
+                        ("model.num_attention_heads", m.num_attention_heads),
+                        ("model.num_query_groups", m.num_query_groups), ("model.seq_length", m.seq_length),
+                        ("moba.block_size", mb.block_size), ("moba.topk", mb.topk), ("parallel.tp", p.tp),
+                        ("parallel.cp", p.cp), ("train.steps", t.steps),
+                        ("train.micro_batch_size", t.micro_batch_size),
+                        ("train.global_batch_size", t.global_batch_size)]:
+        positive(path, value)
+    if errs:
+        raise RecipeError("invalid recipe:\n  " + "\n  ".join(errs))
+
+    if m.hidden_size % m.num_attention_heads:
+        errs.append(f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
+                    f"{m.num_attention_heads} (head dim must be whole).")
+    if m.num_attention_heads % m.num_query_groups:
+        errs.append(f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+                    f"model.num_query_groups={m.num_query_groups} (GQA).")
+    if m.num_attention_heads % p.tp:
+        errs.append(f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}.")
+    if m.num_query_groups % p.tp:
+        errs.append(f"model.num_query_groups={m.num_query_groups} is not divisible by parallel.tp={p.tp} "
+                    f"(each tensor-parallel rank needs whole KV heads).")
+    if p.sequence_parallel and p.tp == 1:
+        errs.append("parallel.sequence_parallel=true needs parallel.tp > 1.")
+    kinds_ok = True
+    if a.pattern == "hybrid" and not (0 <= a.full_last_n <= m.num_layers):
+        errs.append(f"attention.full_last_n={a.full_last_n} must be within [0, model.num_layers={m.num_layers}].")
+        kinds_ok = False
+    if a.pattern == "explicit":
+        if a.layers is None or len(a.layers) != m.num_layers:
+            errs.append(f"attention.pattern=explicit needs attention.layers with model.num_layers={m.num_layers} "
+                        f"entries, got {None if a.layers is None else len(a.layers)}.")
+            kinds_ok = False
+        elif any(x not in ("moba", "full") for x in a.layers):
+            errs.append(f"attention.layers entries must be 'moba' or 'full', got {a.layers}.")
+            kinds_ok = False
+    elif a.layers is not None:
+        errs.append(f"attention.layers is set but attention.pattern={a.pattern!r}; use pattern=explicit.")
+    if a.switch_to_full_at is not None and not (0.0 <= a.switch_to_full_at <= 1.0):
+        errs.append(f"attention.switch_to_full_at={a.switch_to_full_at} must be a fraction in [0, 1].")
+    has_moba = kinds_ok and "moba" in layer_attention_kinds(m, a)
+    if has_moba or p.cp > 1:
+        unit = 2 * p.cp * mb.block_size if has_moba and p.cp > 1 else (2 * p.cp if p.cp > 1 else 1)
+        if m.seq_length % unit:
+            rule = ("2 * parallel.cp * moba.block_size" if has_moba and p.cp > 1 else "2 * parallel.cp")
+            errs.append(f"model.seq_length={m.seq_length} is not divisible by {rule} = {unit} (each of the "
+                        f"2*cp zigzag chunks must hold whole MoBA blocks). Fix: use a seq_length that is a "
+                        f"multiple of {unit}.")
+    if t.global_batch_size % t.micro_batch_size:
+        errs.append(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                    f"train.micro_batch_size={t.micro_batch_size}.")
+    if t.warmup_steps < 0 or t.warmup_steps > t.steps:
+        errs.append(f"train.warmup_steps={t.warmup_steps} must be within [0, train.steps={t.steps}].")
+    if t.min_lr > t.lr:
+        errs.append(f"train.min_lr={t.min_lr} exceeds train.lr={t.lr}.")
+    if not (0.0 <= cfg.data.retrieval_fraction <= 1.0):
+        errs.append(f"data.retrieval_fraction={cfg.data.retrieval_fraction} must be in [0, 1].")
+    if cfg.data.source == "indexed" and not cfg.data.paths:
+        errs.append("data.source=indexed needs data.paths (Megatron .bin/.idx prefixes).")
+    dp = p.dp
+    if world_size is not None:
+        if world_size % (p.tp * p.cp):
+            errs.append(f"world size {world_size} is not divisible by parallel.tp * parallel.cp = {p.tp * p.cp}.")
+        elif dp is not None and dp * p.tp * p.cp != world_size:
+            errs.append(f"parallel.tp*cp*dp = {p.tp}*{p.cp}*{dp} = {p.tp * p.cp * dp} but the world size is "
+                        f"{world_size}. Fix: set parallel.dp={world_size // (p.tp * p.cp)} or leave it null.")
+        else:
+            dp = world_size // (p.tp * p.cp)
+    if dp is not None and dp >= 1 and t.global_batch_size % (t.micro_batch_size * dp):
+        errs.append(f"train.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size*dp = "
+                    f"{t.micro_batch_size}*{dp}.")
+    if errs:
+        raise RecipeError("invalid recipe:\n  " + "\n  ".join(errs))
+
+
+def dump(cfg) -> str:
+    """The resolved config as YAML (printed at start, saved beside checkpoints)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
