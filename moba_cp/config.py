@@ -203,7 +203,7 @@ def _coerce(value: Any, tp, path: str):
                 return _coerce(value, a, path)
             except RecipeError as e:  # try the next member
                 errors.append(str(e))
-        raise errors[0] if len(errors) == 1 else RecipeError(f"{path}: {value!r} matches none of {tp}")
+        raise RecipeError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {tp}")
     if origin is Literal:
         if value not in args:
             raise RecipeError(f"{path}: {value!r} is not allowed; choose one of {', '.join(map(repr, args))}.")
@@ -227,6 +227,12 @@ def _coerce(value: Any, tp, path: str):
             raise RecipeError(f"{path}: expected an integer, got {type(value).__name__} {value!r}.")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads exponent-only numbers such as 3e-4 as strings; accept them.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{path}: expected a number, got {type(value).__name__} {value!r}.")
         return float(value)
