@@ -2,6 +2,7 @@
 
     moba-cp --version
     moba-cp config RECIPE.yaml [--a.b=value ...]     print the resolved, validated recipe
+    moba-cp selfcheck [--tokens N ...]               MoBA on random data vs the fp64 oracle
 """
 
 from __future__ import annotations
@@ -34,7 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Load RECIPE (YAML), apply --a.b=value overrides, validate, print.")
     p.add_argument("recipe", help="path to a YAML recipe (e.g. recipes/quickstart.yaml)")
     p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("selfcheck", help="run MoBA on random data with each backend against the fp64 oracle")
+    from moba_cp import selfcheck
+
+    selfcheck.add_arguments(p)
+    p.set_defaults(func=lambda a, rest: _no_extra(rest, "selfcheck") or selfcheck.run(a))
     return parser
+
+
+def _no_extra(rest, cmd):
+    if rest:
+        raise SystemExit(f"moba-cp {cmd}: unexpected arguments {rest}")
 
 
 def main(argv: list[str] | None = None) -> int:
