@@ -1,0 +1,14 @@
+"""Context parallelism for MoBA and full attention: the only package that talks to torch.distributed.
+
+- :mod:`.zigzag`: Megatron's load-balancing layout (``zigzag_shard``/``zigzag_unshard``).
+- :mod:`.gate`: centroid all-gather and top-k over the global causal candidates.
+- :mod:`.exchange`: shape handshake, request bitmasks, the symmetric P2P ring, byte accounting.
+- :mod:`.moba_cp`: ``moba_attn_cp``, only the selected K/V blocks travel.
+- :mod:`.ring_attn`: ``ring_attn_cp``, full causal attention on the same layout.
+"""
+
+from moba_cp.parallel.exchange import CPStats, last_stats  # noqa: F401
+from moba_cp.parallel.moba_cp import moba_attn_cp  # noqa: F401
+from moba_cp.parallel.zigzag import zigzag_positions, zigzag_shard, zigzag_unshard  # noqa: F401
+
+__all__ = ["moba_attn_cp", "zigzag_shard", "zigzag_unshard", "zigzag_positions", "CPStats", "last_stats"]

@@ -1,0 +1,100 @@
+"""The MoBA gate under context parallelism: centroid all-gather and local top-k selection.
+
+Steps 1-2 of ``shared/DESIGN.md`` section 2. No rank ever sees a remote key here: only the
+``[n_blocks, Hkv, D]`` fp32 centroids travel.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from moba_cp.ops.moba import naive
+from moba_cp.parallel.exchange import all_gather_equal
+
+__all__ = ["gather_centroids", "select_global"]
+
+
+def gather_centroids(k_local: torch.Tensor, block_size: int, cp_size: int, group) -> torch.Tensor:
+    """Global centroids from every rank's local complete blocks.
+
+    Args:
+        k_local: ``[2*C, Hkv, D]`` this rank's zigzag shard of the keys (``C % B == 0``).
+    Returns:
+        ``[NB, Hkv, D]`` fp32 (fp64 for fp64 keys), row ``g`` = mean of the keys of global
+        block ``g``, ``NB = 2 * cp * C / B``.
+
+    Steps: (1) mean-pool the ``2*C/B`` local blocks (the same pooling as the single-device
+    oracle, so the values are bit-identical); (2) all-gather; (3) reorder chunk by chunk into
+    global order (chunk ``c < cp`` is the first half of rank ``c``'s, chunk ``c >= cp`` the
+    second half of rank ``2cp-1-c``'s).
+    """
+    cent = naive.block_centroids(k_local, block_size)  # [2*nbc, Hkv, D]
+    nbc = cent.shape[0] // 2
+    parts = all_gather_equal(cent, group)
+    chunks = [parts[c][:nbc] if c < cp_size else parts[2 * cp_size - 1 - c][nbc:] for c in range(2 * cp_size)]
+    return torch.cat(chunks, dim=0)
+
+
+def _triton_gate():
+    """The Triton backend's centroid gate, if it provides one with the oracle's signature."""
+    if importlib.util.find_spec("moba_cp.ops.moba.triton_backend") is None:
+        return None
+    from moba_cp.ops.moba import triton_backend
+
+    return getattr(triton_backend, "select_from_centroids", None)
+
+
+def select_global(
+    q: torch.Tensor,
+    q_pos: torch.Tensor,
+    centroids: torch.Tensor,
+    *,
+    block_size: int,
+    topk: int,
+    width: int,
+    backend: str,
+    mem_budget_bytes: int = 1 << 30,
+) -> torch.Tensor:
+    """Top-k block selection for local queries against the global causal candidate set.
+
+    Args:
+        q: ``[Tq, Hq, D]`` local queries; q_pos: ``[Tq]`` their global positions.
+        centroids: ``[NB, Hkv, D]`` global centroids (from :func:`gather_centroids`).
+        width: result columns (``min(topk, NB)``, as the single-device op).
+        backend: "triton" uses the Triton gate when the backend provides one.
+        mem_budget_bytes: cap on the fp32 score tile of the torch path.
+    Returns:
+        ``[Tq, Hq, width]`` int32 global block ids, ascending, own block included, -1 padded.
+
+    The torch path runs :func:`moba_cp.ops.moba.naive.select_from_centroids` (the contract) on
+    query pieces in position order, each against only the centroid prefix its causal mask can
+    reach (blocks past a piece's last own block are never candidates), so the score tile stays
+    under ``mem_budget_bytes`` and the causal half of the work is skipped.
+    """
+    if backend == "triton":
+        gate = _triton_gate()
+        if gate is not None:
+            return gate(q, q_pos, centroids, block_size=block_size, topk=topk, width=width)
+    tq, hq, _ = q.shape
+    out = torch.empty(tq, hq, width, dtype=torch.int32, device=q.device)
+    nb = centroids.shape[0]
+    per_query = max(1, hq * nb * 4)
+    piece = max(block_size, (mem_budget_bytes // per_query) // block_size * block_size)
+    # Zigzag shards hold two contiguous position runs; pieces are cut inside each run.
+    start = 0
+    while start < tq:
+        end = min(tq, start + piece)
+        # keep a piece inside one contiguous run of positions (the prefix bound needs it)
+        pos = q_pos[start:end]
+        brk = torch.nonzero(pos[1:] != pos[:-1] + 1)
+        if brk.numel():
+            end = start + int(brk[0]) + 1
+            pos = q_pos[start:end]
+        reach = min(nb, int(pos[-1]) // block_size)  # candidates are blocks < own block
+        out[start:end] = naive.select_from_centroids(
+            q[start:end], pos, centroids[:reach], block_size=block_size, topk=topk, width=width
+        )
+        start = end
+    return out
