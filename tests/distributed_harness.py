@@ -17,14 +17,15 @@ so a broken protocol shows up as a failed test, never as a stuck CI job.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import tempfile
 import time
 import traceback
 
-import torch.multiprocessing as mp
 
 __all__ = ["run_distributed", "WorkerError"]
 
@@ -51,7 +52,9 @@ def _entry(fn, rank, world_size, port, args, kwargs, out_q):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args, **kwargs)
-        out_q.put((rank, "ok", result))
+        # Plain pickle bytes (tensors copied): torch's queue reducers share file descriptors
+        # that die with this process before the parent can read them.
+        out_q.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - report everything, including SystemExit
         out_q.put((rank, "error", traceback.format_exc()))
     finally:
@@ -106,7 +109,7 @@ def run_distributed(fn, world_size: int, args: tuple = (), kwargs: dict | None =
     if errors:
         msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
         raise WorkerError(f"{len(errors)} rank(s) failed:\n{msg}")
-    return [results[r][1] for r in range(world_size)]
+    return [pickle.loads(results[r][1]) for r in range(world_size)]
 
 
 def tmp_dir() -> str:
