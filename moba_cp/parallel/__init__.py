@@ -9,6 +9,7 @@
 
 from moba_cp.parallel.exchange import CPStats, last_stats  # noqa: F401
 from moba_cp.parallel.moba_cp import moba_attn_cp  # noqa: F401
+from moba_cp.parallel.ring_attn import ring_attn_cp  # noqa: F401
 from moba_cp.parallel.zigzag import zigzag_positions, zigzag_shard, zigzag_unshard  # noqa: F401
 
-__all__ = ["moba_attn_cp", "zigzag_shard", "zigzag_unshard", "zigzag_positions", "CPStats", "last_stats"]
+__all__ = ["moba_attn_cp", "ring_attn_cp", "zigzag_shard", "zigzag_unshard", "zigzag_positions", "CPStats", "last_stats"]
