@@ -1,0 +1,196 @@
+"""Triton kernels: block-sparse MoBA attention backward (dq, dk, dv) from outside o/lse.
+
+Given ``o`` and ``lse`` from outside (possibly LSE-merged over several partials, as context
+parallelism does), ``P = exp(S - lse)``, ``dV = P^T dO``, ``dS = P * (dO V^T - delta)`` with
+``delta = rowsum(dO * o)``, ``dQ = scale dS K``, ``dK = scale dS^T Q``.
+
+Kernels, both over the same gather index as the forward:
+
+* ``_dkdv_kernel``: one program per (KV head, key block, key sub-tile of ``BNB`` keys); it
+  loops over the gathered entries of every query head of the GQA group that selected the
+  block, so dK/dV of a sub-tile live in registers and are stored once, without atomics and
+  without repeating K/V per query head. Programs are ordered by decreasing entry count
+  (longest first). With ``FUSE_DQ`` (the block fits in a few sub-tiles) the same program also
+  adds ``dS K`` into an fp32 dQ buffer with atomics.
+* ``_dq_kernel`` (large blocks): one program per forward tile (``BM`` entries of one bucket),
+  looping over the block's key sub-tiles and adding one dQ row per entry atomically, so a
+  4096-key block costs one atomic row per entry instead of 4096/BNB.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moba_cp.ops.moba.triton_common import _ld
+
+from moba_cp.ops.moba.triton_common import GatherIndex, KeyBlocks
+
+__all__ = ["sparse_attn_bwd"]
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, QPOS, ENT, OFFS, ORDER, KSTART, KPOS, KLEN, DQ, DK, DV,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    H, W, NBK, G, scale, scale_log2,
+    BM: tl.constexpr, BNB: tl.constexpr, D: tl.constexpr, FUSE_DQ: tl.constexpr, PREC: tl.constexpr,
+):
+    c = tl.load(ORDER + tl.program_id(0))
+    n0 = tl.program_id(1) * BNB
+    hk = c // NBK
+    g = c % NBK
+    kl = _ld(KLEN + g)
+    if n0 >= kl:
+        return
+    ks = tl.load(KSTART + g).to(tl.int64)
+    kp0 = tl.load(KPOS + g)
+    d = tl.arange(0, D)
+    kk = n0 + tl.arange(0, BNB)
+    kmask = kk < kl
+    k = tl.load(K + (ks + kk)[:, None] * stride_kt + hk * stride_kh + d[None, :], mask=kmask[:, None], other=0.0)
+    v = tl.load(V + (ks + kk)[:, None] * stride_vt + hk * stride_vh + d[None, :], mask=kmask[:, None], other=0.0)
+    dk = tl.zeros([BNB, D], dtype=tl.float32)
+    dv = tl.zeros([BNB, D], dtype=tl.float32)
+    for i in range(G):
+        h = hk * G + i
+        b = h * NBK + g
+        r_lo = _ld(OFFS + b)
+        r_hi = _ld(OFFS + b + 1)
+        for r0 in range(r_lo, r_hi, BM):
+            rr = r0 + tl.arange(0, BM)
+            rmask = rr < r_hi
+            ent = tl.load(ENT + rr, mask=rmask, other=0)
+            t64 = (ent // W).to(tl.int64)
+            q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
+            do = tl.load(DO + t64[:, None] * stride_dot + h * stride_doh + d[None, :], mask=rmask[:, None], other=0.0)
+            lse2 = tl.load(LSE + t64 * H + h, mask=rmask, other=0.0) * 1.4426950408889634
+            lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
+            dl = tl.load(DELTA + t64 * H + h, mask=rmask, other=0.0)
+            qp = tl.load(QPOS + t64, mask=rmask, other=0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+            ok = rmask[:, None] & kmask[None, :] & ((kp0 + kk)[None, :] <= qp[:, None])
+            p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(DO.dtype.element_ty)), do, input_precision=PREC)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            ds = (p * (dp - dl[:, None])).to(Q.dtype.element_ty)
+            dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
+            if FUSE_DQ:
+                dq = tl.dot(ds, k, input_precision=PREC) * scale
+                tl.atomic_add(DQ + (t64[:, None] * H + h) * D + d[None, :], dq, mask=rmask[:, None], sem="relaxed")
+    out_rows = (ks + kk)[:, None]  # rows of the contiguous fp32 [Tk, Hkv, D] grads
+    HKV = H // G
+    tl.store(DK + (out_rows * HKV + hk) * D + d[None, :], dk * scale, mask=kmask[:, None])
+    tl.store(DV + (out_rows * HKV + hk) * D + d[None, :], dv, mask=kmask[:, None])
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, DO, LSE, DELTA, QPOS, ENT, OFFS, TILE_B, TILE_START, KSTART, KPOS, KLEN, DQ,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    H, W, NBK, G, scale, scale_log2,
+    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.load(TILE_B + pid)
+    r0 = tl.load(TILE_START + pid)
+    r1 = tl.load(OFFS + b + 1)
+    h = b // NBK
+    g = b % NBK
+    hk = h // G
+    rr = r0 + tl.arange(0, BM)
+    rmask = rr < r1
+    ent = tl.load(ENT + rr, mask=rmask, other=0)
+    t64 = (ent // W).to(tl.int64)
+    d = tl.arange(0, D)
+    q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
+    do = tl.load(DO + t64[:, None] * stride_dot + h * stride_doh + d[None, :], mask=rmask[:, None], other=0.0)
+    lse2 = tl.load(LSE + t64 * H + h, mask=rmask, other=0.0) * 1.4426950408889634
+    lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
+    dl = tl.load(DELTA + t64 * H + h, mask=rmask, other=0.0)
+    qp = tl.load(QPOS + t64, mask=rmask, other=0)
+    ks = tl.load(KSTART + g).to(tl.int64)
+    kp0 = tl.load(KPOS + g)
+    kl = _ld(KLEN + g)
+    dq = tl.zeros([BM, D], dtype=tl.float32)
+    for n0 in range(0, kl, BN):
+        kk = n0 + tl.arange(0, BN)
+        kmask = kk < kl
+        k = tl.load(K + (ks + kk)[:, None] * stride_kt + hk * stride_kh + d[None, :], mask=kmask[:, None], other=0.0)
+        v = tl.load(V + (ks + kk)[:, None] * stride_vt + hk * stride_vh + d[None, :], mask=kmask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+        ok = rmask[:, None] & kmask[None, :] & ((kp0 + kk)[None, :] <= qp[:, None])
+        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = (p * (dp - dl[:, None])).to(Q.dtype.element_ty)
+        dq += tl.dot(ds, k, input_precision=PREC)
+    tl.atomic_add(DQ + (t64[:, None] * H + h) * D + d[None, :], dq * scale, mask=rmask[:, None], sem="relaxed")
+
+
+def sparse_attn_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    qpos: torch.Tensor,
+    blocks: KeyBlocks,
+    gi: GatherIndex,
+    width: int,
+    softmax_scale: float,
+    block_size: int,
+    dlse: torch.Tensor | None = None,
+    bnb: int | None = None,
+    fuse_dq: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`triton_attn_fwd.sparse_attn_fwd` given ``o``/``lse`` from outside.
+
+    Args:
+        do, o: ``[Tq, Hq, D]``; lse: ``[Tq, Hq]`` fp32 (natural log); dlse: optional gradient
+            of ``lse`` (folded into ``delta``; context parallelism passes None).
+        Others as the forward (same gather index and width).
+    Returns:
+        ``dq [Tq, Hq, D]``, ``dk, dv [Tk, Hkv, D]``, all fp32.
+    """
+    tq, hq, d = q.shape
+    tk, hkv, _ = k.shape
+    dev = q.device
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    do = do.contiguous() if do.stride(-1) != 1 else do
+    delta = (do.float() * o.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    lse = lse.float().contiguous()
+    delta = delta.contiguous()
+    dq = torch.zeros(tq, hq, d, dtype=torch.float32, device=dev)
+    dk = torch.zeros(tk, hkv, d, dtype=torch.float32, device=dev)
+    dv = torch.zeros(tk, hkv, d, dtype=torch.float32, device=dev)
+    if gi.n_tiles == 0:
+        return dq, dk, dv
+    bnb = bnb or min(64, triton.next_power_of_2(block_size))
+    nsub = triton.cdiv(block_size, bnb)
+    if fuse_dq is None:
+        fuse_dq = nsub <= 2
+    bm_b = 64 if d <= 64 else 32 if q.dtype == torch.float32 else 64
+    scale_log2 = softmax_scale * LOG2E
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
+    _dkdv_kernel[(hkv * blocks.n, nsub)](
+        q, k, v, do, lse, delta, qpos, gi.ent, gi.offs, gi.kv_order, blocks.kstart, blocks.kpos, blocks.klen,
+        dq, dk, dv, *strides, hq, width, blocks.n, hq // hkv, softmax_scale, scale_log2,
+        BM=bm_b, BNB=bnb, D=d, FUSE_DQ=fuse_dq, PREC=prec, num_warps=8 if d >= 128 else 4, num_stages=2,
+    )
+    if not fuse_dq:
+        from moba_cp.ops.moba.triton_attn_fwd import fwd_tile_m
+
+        _dq_kernel[(gi.n_tiles,)](
+            q, k, v, do, lse, delta, qpos, gi.ent, gi.offs, gi.tile_b, gi.tile_start,
+            blocks.kstart, blocks.kpos, blocks.klen, dq, *strides, hq, width, blocks.n, hq // hkv,
+            softmax_scale, scale_log2,
+            BM=fwd_tile_m(d), BN=min(64, triton.next_power_of_2(block_size)), D=d, PREC=prec,
+            num_warps=4, num_stages=2,
+        )
+    return dq, dk, dv

@@ -1,0 +1,195 @@
+"""MoBA Triton backend: the entry points ``api.py`` and ``partial.py`` call.
+
+Pipeline of ``moba_attn`` (packed documents, ``shared/DESIGN.md`` section 1):
+    1. ``triton_centroids``: mean key of every block of every document (fp32);
+    2. ``triton_gate``: fused gate + running top-k -> ``indices [T, Hq, W]`` (no ``T x n``
+       score matrix in memory);
+    3. ``triton_common.build_gather_index``: invert the selection into per-(head, block)
+       lists of query rows (one sort);
+    4. ``triton_attn_fwd``: key-block-major sparse attention on gathered query tiles,
+       two passes (LSE, then normalised ``P V`` with fp32 atomics) -> ``o``, fp32 ``lse``;
+    5. backward ``triton_attn_bwd``: dK/dV per key block (GQA group folded in, no atomics),
+       dQ by fp32 atomics; takes ``o``/``lse`` from outside.
+
+``select_blocks``, ``block_attn`` and ``moba_attn`` are ``torch.library.custom_op``s with fake
+implementations (``moba_cp::triton_*``), so ``torch.compile`` traces around them; autograd
+of ``block_attn`` goes through the registered backward op. ``partial_attn_fwd/bwd`` are the
+slot-buffer form for context parallelism (plain functions, called inside its own autograd).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moba_cp.ops.moba.triton_attn_bwd import sparse_attn_bwd
+from moba_cp.ops.moba.triton_attn_fwd import fwd_tile_m, sparse_attn_fwd
+from moba_cp.ops.moba.triton_centroids import block_centroids
+from moba_cp.ops.moba.triton_common import build_gather_index, check_triton_inputs, doc_tables, slot_tables
+from moba_cp.ops.moba.triton_gate import MAX_GATE_WIDTH, gate_topk
+
+__all__ = ["moba_attn", "select_blocks", "block_attn", "partial_attn_fwd", "partial_attn_bwd"]
+
+
+def _c(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# ----------------------------------------------------------------------------- selection
+def _select_impl(q, k, cu_seqlens, block_size: int, topk: int) -> torch.Tensor:
+    check_triton_inputs(q, block_size, "select_blocks")
+    q, k = _c(q), _c(k)
+    blocks, qpos, base, max_blocks = doc_tables(q.shape[0], cu_seqlens, block_size, q.device)
+    width = min(topk, max_blocks)
+    if width > MAX_GATE_WIDTH:
+        raise ValueError(
+            f"select_blocks (backend='triton'): min(topk={topk}, blocks per document={max_blocks}) = "
+            f"{width} exceeds the Triton gate's register top-k limit of {MAX_GATE_WIDTH}. Fix: use "
+            f"topk <= {MAX_GATE_WIDTH}, or a larger block_size, or full attention for this case."
+        )
+    cent = block_centroids(k, blocks.kstart, blocks.klen, block_size)
+    return gate_topk(q, cent, qpos, base, block_size=block_size, topk=topk, width=width)
+
+
+@torch.library.custom_op("moba_cp::triton_select_blocks", mutates_args=())
+def _select_op(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor | None, block_size: int, topk: int) -> torch.Tensor:
+    return _select_impl(q, k, cu_seqlens, block_size, topk)
+
+
+@_select_op.register_fake
+def _(q, k, cu_seqlens, block_size, topk):
+    if cu_seqlens is None:
+        width = min(topk, max(1, -(-q.shape[0] // block_size)))
+    else:  # depends on the document lengths (data)
+        width = torch.library.get_ctx().new_dynamic_size()
+    return q.new_empty((q.shape[0], q.shape[1], width), dtype=torch.int32)
+
+
+def select_blocks(q, k, *, block_size: int, topk: int, cu_seqlens=None) -> torch.Tensor:
+    """Triton MoBA selection. ``q [T, Hq, D]``, ``k [T, Hkv, D]`` -> ``[T, Hq, W]`` int32
+    document-local block ids, own block included, ascending, ``-1`` padded (see ``naive``)."""
+    return _select_op(q, k, cu_seqlens, block_size, topk)
+
+
+# ----------------------------------------------------------------------------- attention
+def _gather(indices, base, blocks, hkv, d):
+    return build_gather_index(indices.to(torch.int32), base, blocks.n, hkv, fwd_tile_m(d))
+
+
+@torch.library.custom_op("moba_cp::triton_block_attn_fwd", mutates_args=())
+def _attn_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
+    cu_seqlens: torch.Tensor | None, block_size: int, softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    check_triton_inputs(q, block_size, "block_attn")
+    q, k, v = _c(q), _c(k), _c(v)
+    blocks, qpos, base, _ = doc_tables(q.shape[0], cu_seqlens, block_size, q.device)
+    gi = _gather(indices, base, blocks, k.shape[1], q.shape[-1])
+    return sparse_attn_fwd(q, k, v, qpos, blocks, gi, indices.shape[-1], softmax_scale, block_size)
+
+
+@_attn_fwd_op.register_fake
+def _(q, k, v, indices, cu_seqlens, block_size, softmax_scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@torch.library.custom_op("moba_cp::triton_block_attn_bwd", mutates_args=())
+def _attn_bwd_op(
+    do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    o: torch.Tensor, lse: torch.Tensor, indices: torch.Tensor, cu_seqlens: torch.Tensor | None,
+    block_size: int, softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = _c(q), _c(k), _c(v)
+    blocks, qpos, base, _ = doc_tables(q.shape[0], cu_seqlens, block_size, q.device)
+    gi = _gather(indices, base, blocks, k.shape[1], q.shape[-1])
+    dq, dk, dv = sparse_attn_bwd(
+        _c(do), q, k, v, o, lse, qpos, blocks, gi, indices.shape[-1], softmax_scale, block_size, dlse=dlse
+    )
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@_attn_bwd_op.register_fake
+def _(do, dlse, q, k, v, o, lse, indices, cu_seqlens, block_size, softmax_scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, indices, cu_seqlens, block_size, softmax_scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, indices, cu_seqlens)
+    ctx.block_size = block_size
+    ctx.softmax_scale = softmax_scale
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse, indices, cu_seqlens = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(o)
+    dq, dk, dv = _attn_bwd_op(do, dlse, q, k, v, o, lse, indices, cu_seqlens, ctx.block_size, ctx.softmax_scale)
+    return dq, dk, dv, None, None, None, None
+
+
+_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def block_attn(q, k, v, indices, *, block_size: int, cu_seqlens=None, softmax_scale: float):
+    """Triton attention over given document-local block ``indices [T, Hq, W]``.
+
+    ``q [T, Hq, D]``, ``k, v [T, Hkv, D]`` -> ``o [T, Hq, D]`` (q's dtype), ``lse [T, Hq]``
+    fp32; differentiable in q, k, v (and through ``lse``).
+    """
+    return _attn_fwd_op(q, k, v, indices, cu_seqlens, block_size, float(softmax_scale))
+
+
+def moba_attn(q, k, v, *, block_size: int, topk: int, cu_seqlens=None, softmax_scale: float):
+    """Triton MoBA: :func:`select_blocks` (no gradient) then :func:`block_attn`.
+
+    Example:
+        >>> o, lse = moba_attn(q, k, v, block_size=128, topk=8, softmax_scale=q.shape[-1] ** -0.5)
+    """
+    with torch.no_grad():
+        idx = select_blocks(q.detach(), k.detach(), block_size=block_size, topk=topk, cu_seqlens=cu_seqlens)
+    return block_attn(q, k, v, idx, block_size=block_size, cu_seqlens=cu_seqlens, softmax_scale=softmax_scale)
+
+
+# ----------------------------------------------------------------------------- CP slot form
+def _partial_setup(q, q_pos, k_buf, slot_pos, slot_idx, block_size):
+    check_triton_inputs(q, block_size, "partial attention")
+    if slot_pos.numel() and bool((slot_pos % block_size != 0).any()):
+        raise ValueError(
+            f"partial attention: slot_pos must be multiples of block_size={block_size} (slots hold "
+            f"whole blocks); got {slot_pos.tolist()[:8]}..."
+        )
+    if k_buf.shape[0] != slot_pos.shape[0] * block_size:
+        raise ValueError(
+            f"partial attention: k_buf has {k_buf.shape[0]} rows but {slot_pos.shape[0]} slots of "
+            f"block_size={block_size} need {slot_pos.shape[0] * block_size}."
+        )
+    blocks = slot_tables(slot_pos, block_size)
+    gi = build_gather_index(slot_idx.to(torch.int32), None, blocks.n, k_buf.shape[1], fwd_tile_m(q.shape[-1]))
+    return blocks, q_pos.to(torch.int32), gi
+
+
+def partial_attn_fwd(q, q_pos, k_buf, v_buf, slot_pos, slot_idx, *, block_size: int, softmax_scale: float):
+    """Attention of ``q [Tq, Hq, D]`` over the slots ``slot_idx [Tq, Hq, W]`` it selected in
+    ``k_buf, v_buf [n_slots*B, Hkv, D]`` (see ``partial.py``); keys after ``q_pos`` masked.
+
+    Returns ``o [Tq, Hq, D]`` (q's dtype) and ``lse [Tq, Hq]`` fp32; rows with no visible key
+    get ``o = 0``, ``lse = -inf``. No autograd graph.
+    """
+    q, k_buf, v_buf = _c(q), _c(k_buf), _c(v_buf)
+    blocks, qpos, gi = _partial_setup(q, q_pos, k_buf, slot_pos, slot_idx, block_size)
+    with torch.no_grad():
+        return sparse_attn_fwd(q, k_buf, v_buf, qpos, blocks, gi, slot_idx.shape[-1], float(softmax_scale), block_size)
+
+
+def partial_attn_bwd(do, q, q_pos, k_buf, v_buf, slot_pos, slot_idx, o, lse, *, block_size: int, softmax_scale: float):
+    """Gradients of this partial given merged ``o [Tq, Hq, D]`` and ``lse [Tq, Hq]`` (no dLSE).
+
+    Returns ``dq [Tq, Hq, D]``, ``dk_buf, dv_buf [n_slots*B, Hkv, D]``, all fp32.
+    """
+    q, k_buf, v_buf = _c(q), _c(k_buf), _c(v_buf)
+    blocks, qpos, gi = _partial_setup(q, q_pos, k_buf, slot_pos, slot_idx, block_size)
+    with torch.no_grad():
+        return sparse_attn_bwd(
+            _c(do), q, k_buf, v_buf, o, lse, qpos, blocks, gi, slot_idx.shape[-1], float(softmax_scale), block_size
+        )

@@ -1,0 +1,143 @@
+"""Triton kernel: fused MoBA gate and running top-k (the score matrix never exists whole).
+
+One program owns ``BM`` query tokens of one query head. It walks the candidate blocks in
+tiles of ``BN`` centroids, computes the ``[BM, BN]`` scores with one matrix product, masks
+everything that is not a *complete past block of the row's own document*, and folds the tile
+into a per-row running top-``K`` (``K = topk - 1``) held in registers. Only the final
+``[BM, W]`` block ids are written: memory traffic is ``T*Hq*W`` ints plus centroid reads,
+never ``T x n_blocks``.
+
+Running top-k: a tile rarely changes a row's top-k once a few tiles are seen (for random
+scores a block enters the top-k with probability ``~K / n``), so rather than sorting every
+tile we insert candidates one at a time, and only those above the row's current k-th best
+value: each loop step moves every row's best remaining candidate into the slot holding its
+row minimum. The loop runs as many steps as the busiest row of the tile needs (``K`` steps on
+the first tile, usually 0-3 later), so the cost stays close to the matrix product.
+
+Precision: the contract computes scores in fp32. For half inputs the fp32 centroid is split
+into ``hi + lo`` half-precision parts and scored with two tensor-core products (q is exact in
+its own dtype), which reproduces fp32 scores to ~2^-17 relative; fp32 inputs use IEEE fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["gate_topk", "MAX_GATE_WIDTH"]
+
+#: Largest ``min(topk, blocks per document)`` the register-resident top-k supports.
+MAX_GATE_WIDTH = 128
+
+
+@triton.jit
+def _gate_topk_kernel(
+    Q, CENT, QPOS, BASE, OUT,
+    T, G, block_size, W,
+    stride_qt, stride_qh, stride_cg, stride_ch, stride_ot, stride_oh,
+    K: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+    SPLIT: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    hk = h // G
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < T
+    qpos = tl.load(QPOS + rows, mask=rmask, other=0)
+    base = tl.load(BASE + rows, mask=rmask, other=0)
+    own = qpos // block_size
+    # Row t's candidates are the complete past blocks of its document: global ids [base, base + own).
+    g_end_row = base + own
+    g_lo = tl.min(tl.where(rmask, base, 2147483647), axis=0)
+    g_hi = tl.max(tl.where(rmask, g_end_row, 0), axis=0)
+
+    d = tl.arange(0, D)
+    q = tl.load(Q + rows.to(tl.int64)[:, None] * stride_qt + h * stride_qh + d[None, :],
+                mask=rmask[:, None], other=0.0)
+
+    kcol = tl.arange(0, KP)
+    ncol = tl.arange(0, BN)
+    # Slots [0, K) hold the running top-k (-inf = empty); slots >= K are +inf so the
+    # "replace the row minimum" step never picks them.
+    topv = tl.where(kcol[None, :] < K, float("-inf"), float("inf")) + tl.zeros([BM, KP], dtype=tl.float32)
+    topi = tl.zeros([BM, KP], dtype=tl.int32)
+    thr = tl.min(topv, axis=1)
+
+    for g0 in range(g_lo, g_hi, BN):
+        gg = g0 + ncol
+        c = tl.load(CENT + gg.to(tl.int64)[:, None] * stride_cg + hk * stride_ch + d[None, :],
+                    mask=(gg < g_hi)[:, None], other=0.0)
+        if SPLIT:
+            c_hi = c.to(Q.dtype.element_ty)
+            c_lo = (c - c_hi.to(tl.float32)).to(Q.dtype.element_ty)
+            s = tl.dot(q, tl.trans(c_hi)) + tl.dot(q, tl.trans(c_lo))
+        else:
+            s = tl.dot(q, tl.trans(c), input_precision=PREC)
+        ok = (gg[None, :] >= base[:, None]) & (gg[None, :] < g_end_row[:, None]) & rmask[:, None]
+        s = tl.where(ok, s, float("-inf"))
+        cand = tl.where(s > thr[:, None], s, float("-inf"))
+        cmax = tl.max(cand, axis=1)
+        while tl.max(cmax, axis=0) > float("-inf"):
+            am = tl.argmax(cand, axis=1)
+            pmin = tl.argmin(topv, axis=1)
+            hit = (kcol[None, :] == pmin[:, None]) & (cmax > float("-inf"))[:, None]
+            topv = tl.where(hit, cmax[:, None], topv)
+            topi = tl.where(hit, (g0 + am)[:, None], topi)
+            thr = tl.min(topv, axis=1)
+            cand = tl.where(ncol[None, :] == am[:, None], float("-inf"), cand)
+            cand = tl.where(cand > thr[:, None], cand, float("-inf"))
+            cmax = tl.max(cand, axis=1)
+
+    # Assemble: past blocks as document-local ids, the own block in slot K, the rest "big";
+    # an ascending sort then gives the contract's order with padding last.
+    BIG: tl.constexpr = 1073741824
+    vals = tl.where((kcol[None, :] < K) & (topv > float("-inf")), topi - base[:, None], BIG)
+    vals = tl.where(kcol[None, :] == K, own[:, None] + tl.zeros([BM, KP], dtype=tl.int32), vals)
+    vals = tl.sort(vals, dim=1)
+    vals = tl.where(vals == BIG, -1, vals)
+    tl.store(OUT + rows.to(tl.int64)[:, None] * stride_ot + h * stride_oh + kcol[None, :], vals,
+             mask=rmask[:, None] & (kcol[None, :] < W))
+
+
+def gate_topk(
+    q: torch.Tensor,
+    cent: torch.Tensor,
+    qpos: torch.Tensor,
+    base: torch.Tensor,
+    *,
+    block_size: int,
+    topk: int,
+    width: int,
+) -> torch.Tensor:
+    """MoBA selection from centroids, fused gate + running top-k.
+
+    Args:
+        q: ``[T, Hq, D]`` queries (fp16/bf16/fp32).
+        cent: ``[NBK, Hkv, D]`` fp32 centroids of the global key-block table.
+        qpos: int32 ``[T]`` document-local position of each query.
+        base: int32 ``[T]`` global id of block 0 of each query's document.
+        block_size: ``B``; topk: blocks per query incl. the own block.
+        width: ``W`` columns of the result (``min(topk, max blocks of any document)``).
+    Returns:
+        ``[T, Hq, W]`` int32 document-local block ids, ascending, ``-1`` padded at the end.
+    """
+    t, hq, d = q.shape
+    hkv = cent.shape[1]
+    k_past = max(0, min(topk, width) - 1)  # a row never has more than width-1 past blocks
+    kp = max(16, triton.next_power_of_2(k_past + 1))
+    out = torch.empty(t, hq, width, dtype=torch.int32, device=q.device)
+    if t == 0:
+        return out
+    split = q.dtype in (torch.float16, torch.bfloat16)
+    bm = 64 if d <= 64 else 32 if kp > 64 else 64
+    bn = 64
+    grid = (triton.cdiv(t, bm), hq)
+    _gate_topk_kernel[grid](
+        q, cent, qpos, base, out,
+        t, hq // hkv, block_size, width,
+        q.stride(0), q.stride(1), cent.stride(0), cent.stride(1), out.stride(0), out.stride(1),
+        K=k_past, KP=kp, BM=bm, BN=bn, D=d, SPLIT=split, PREC="ieee",
+        num_warps=4,
+    )
+    return out
