@@ -1,0 +1,353 @@
+"""Core-attention modules for Megatron-Core's ``SelfAttentionSubmodules.core_attention`` slot.
+
+``MoBACoreAttention`` runs Mixture of Block Attention, ``FullCoreAttention`` causal full
+attention; both take :class:`~megatron.core.transformer.dot_product_attention.DotProductAttention`'s
+constructor (as megatron-core 0.16.1 and 0.19.x call it) and forward contract:
+
+    query  [s_local, b, heads_per_tp, d]          (RoPE applied; s_local = S / cp, zigzag shard)
+    key    [s_local, b, kv_heads_per_tp, d]       (GQA groups not expanded)
+    value  [s_local, b, kv_heads_per_tp, d]
+    ->     [s_local, b, heads_per_tp * d]
+
+or, with THD ``packed_seq_params`` (``qkv_format='thd'``), ``[t, h, d] -> [t, h * d]`` with the
+documents given by ``cu_seqlens_q`` (``cu_seqlens_q_padded`` when set).
+
+Where the work goes:
+
+=================  ========================================  ==================================
+layer / mode        cp == 1                                   cp > 1 (zigzag shard)
+=================  ========================================  ==================================
+MoBA                ``moba_cp.ops.moba.moba_attn``            ``moba_cp.parallel.moba_attn_cp``
+full (torch)        ``F.scaled_dot_product_attention``        ``moba_cp.parallel.ring_attn_cp``
+full (te)           Megatron's ``TEDotProductAttention`` (its own CP), only where TE is installed
+=================  ========================================  ==================================
+
+The tensor-parallel head split needs nothing here: each TP rank sees its own heads (and the
+KV heads of their groups), and attention is independent per head. The CP group comes from
+``pg_collection.cp`` (or ``parallel_state``); the layout is Megatron's zigzag one
+(``megatron.core.utils.get_batch_on_this_cp_rank``), which is also the layout RoPE assumes.
+
+Softmax scale: the ``softmax_scale`` argument (Megatron passes ``config.softmax_scale``), else
+``1/sqrt(head_dim)``. ``apply_query_key_layer_scaling`` divides the scale by the layer number and
+multiplies the fp32 softmax input back by it in ``DotProductAttention``: the product is the same,
+so it is a no-op for these fp32-softmax kernels and is ignored.
+
+Both modules carry an ``attention_mode`` flag (``'moba'`` / ``'full'``): a MoBA layer set to
+``'full'`` runs full attention with the same weights (the two-stage schedule,
+:mod:`moba_cp.megatron.hybrid_switch`). A layer built as full attention stays full.
+
+Attention dropout is not supported by the MoBA and ring kernels: a config asking for it is an
+error at construction (moba_cp's model builder sets ``attention_dropout=0``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core import parallel_state
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+__all__ = ["MoBACoreAttention", "FullCoreAttention", "te_available", "MODES"]
+
+MODES = ("moba", "full")
+FULL_BACKENDS = ("auto", "torch", "te")
+
+
+def te_available() -> bool:
+    """Whether Megatron's Transformer Engine attention can be built here."""
+    try:
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention  # noqa: F401
+        import transformer_engine  # noqa: F401
+    except Exception:  # noqa: BLE001 - ImportError, or TE failing to load its CUDA libraries
+        return False
+    return True
+
+
+def _cp_op(name: str):
+    """``moba_cp.parallel.<name>`` (imported lazily: only CP runs need it)."""
+    try:
+        mod = importlib.import_module("moba_cp.parallel")
+        return getattr(mod, name)
+    except (ImportError, AttributeError) as e:
+        raise RuntimeError(
+            f"context parallelism needs moba_cp.parallel.{name}, which this build of moba_cp "
+            f"lacks ({e}). Fix: run with parallel.cp=1, or update moba_cp."
+        ) from e
+
+
+class _CoreAttentionBase(MegatronModule):
+    """Shared constructor, shape handling and the full-attention paths.
+
+    Args (as ``DotProductAttention``):
+        config: the layer's ``TransformerConfig``.
+        layer_number: 1-based layer index.
+        attn_mask_type: must be ``AttnMaskType.causal`` (or ``padding_causal`` with THD).
+        attention_type: ``'self'`` (cross attention is not supported).
+        attention_dropout: overrides ``config.attention_dropout``; must be 0.
+        softmax_scale: default ``1/sqrt(kv_channels)``.
+        cp_comm_type: accepted and ignored (moba_cp does its own CP communication), except that
+            the TE full backend forwards it (default ``'p2p'``).
+        pg_collection: process groups; ``.tp`` and ``.cp`` are read when present.
+    Keyword args from the spec's ``params``:
+        full_backend: ``'auto'`` (= ``'torch'``), ``'torch'`` or ``'te'``.
+        moba_block_size, moba_topk, moba_backend: the MoBA parameters (MoBA layers only).
+        mode: the initial ``attention_mode``.
+    """
+
+    #: which kind the layer was built as; only 'moba' layers may switch modes
+    base_kind = "full"
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type: AttnMaskType = AttnMaskType.causal,
+        attention_type: str = "self",
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+        *,
+        full_backend: str = "auto",
+        moba_block_size: Optional[int] = None,
+        moba_topk: Optional[int] = None,
+        moba_backend: str = "auto",
+        mode: Optional[str] = None,
+        model_comm_pgs=None,  # older megatron-core name of pg_collection
+        **unused_kwargs,  # future DotProductAttention arguments: accepted, documented as ignored
+    ):
+        super().__init__(config=config)
+        if pg_collection is None:
+            pg_collection = model_comm_pgs
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.attention_type = attention_type
+        if attention_type != "self":
+            raise ValueError(f"{type(self).__name__}: attention_type={attention_type!r}; only 'self' is supported.")
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ValueError(
+                f"{type(self).__name__}: attention dropout {dropout} is not supported by the MoBA and "
+                f"ring-attention kernels. Fix: set TransformerConfig.attention_dropout=0."
+            )
+        kv_channels = config.kv_channels or config.hidden_size // config.num_attention_heads
+        self.softmax_scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(kv_channels)
+
+        self.tp_group = getattr(pg_collection, "tp", None) if pg_collection is not None else None
+        cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+        if cp_group is None and config.context_parallel_size > 1:
+            cp_group = parallel_state.get_context_parallel_group()
+        self.cp_group = cp_group
+        self.cp_size = cp_group.size() if cp_group is not None else 1
+        if self.cp_size != config.context_parallel_size:
+            raise ValueError(
+                f"{type(self).__name__}: the CP group has {self.cp_size} ranks but "
+                f"config.context_parallel_size={config.context_parallel_size}."
+            )
+
+        if full_backend not in FULL_BACKENDS:
+            raise ValueError(f"full_backend={full_backend!r}; choose one of {', '.join(FULL_BACKENDS)}.")
+        self.full_backend = "torch" if full_backend == "auto" else full_backend
+        self._te = None
+        if self.full_backend == "te":
+            if not te_available():
+                raise RuntimeError(
+                    "attention.full_backend='te' asks for Transformer Engine attention, but "
+                    "transformer-engine is not installed (or fails to load). Fix: pip install "
+                    "'moba-cp[te]', or set attention.full_backend=torch (SDPA / moba_cp ring attention)."
+                )
+            from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+            # A submodule without parameters: TE's fused attention (and its own CP) for full mode.
+            self._te = TEDotProductAttention(
+                config=config, layer_number=layer_number, attn_mask_type=attn_mask_type,
+                attention_type=attention_type, attention_dropout=attention_dropout,
+                softmax_scale=softmax_scale, cp_comm_type=cp_comm_type or "p2p", pg_collection=pg_collection,
+            )
+
+        self.moba_block_size = moba_block_size
+        self.moba_topk = moba_topk
+        self.moba_backend = moba_backend
+        self.attention_mode = mode or self.base_kind
+        self.set_mode(self.attention_mode)
+
+    # ------------------------------------------------------------------ mode
+
+    def set_mode(self, mode: str) -> None:
+        """Switch between ``'moba'`` and ``'full'`` (only layers built as MoBA can run MoBA)."""
+        if mode not in MODES:
+            raise ValueError(f"attention mode {mode!r}; choose one of {', '.join(MODES)}.")
+        if mode == "moba" and self.base_kind != "moba":
+            raise ValueError(
+                f"layer {self.layer_number} was built as full attention; it has no MoBA parameters "
+                f"and cannot switch to 'moba'."
+            )
+        self.attention_mode = mode
+
+    def extra_repr(self) -> str:
+        s = f"mode={self.attention_mode}, cp={self.cp_size}, full_backend={self.full_backend}"
+        if self.base_kind == "moba":
+            s += f", block_size={self.moba_block_size}, topk={self.moba_topk}, backend={self.moba_backend}"
+        return s
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params=None,
+        **unused_kwargs,
+    ) -> torch.Tensor:
+        """Causal attention of one layer; see the module docstring for shapes.
+
+        ``attention_mask`` is not read: masking is causal by construction (and per document
+        with THD ``cu_seqlens``); an arbitrary mask or an attention bias is an error.
+        """
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        if attention_bias is not None:
+            raise ValueError(f"{type(self).__name__}: attention_bias is not supported.")
+        thd = packed_seq_params is not None and getattr(packed_seq_params, "qkv_format", "thd") == "thd"
+        allowed = (AttnMaskType.causal, AttnMaskType.padding_causal) if thd else (AttnMaskType.causal,)
+        if mask_type not in allowed:
+            raise ValueError(
+                f"{type(self).__name__}: attn_mask_type={mask_type}; only causal masking is supported "
+                f"(documents are separated with THD packed_seq_params)."
+            )
+        if self.attention_mode == "full" and self._te is not None:
+            return self._te(query, key, value, attention_mask, attn_mask_type=mask_type,
+                            attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+        if thd:
+            return self._forward_thd(query, key, value, packed_seq_params)
+        return self._forward_sbhd(query, key, value)
+
+    @staticmethod
+    def _check_heads(q, k, v):
+        if k.shape != v.shape or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
+            raise ValueError(f"core attention: q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)} do not agree.")
+        if q.shape[-2] % k.shape[-2]:
+            raise ValueError(f"core attention: {q.shape[-2]} query heads are not a multiple of "
+                             f"{k.shape[-2]} key/value heads (GQA).")
+
+    def _forward_sbhd(self, q, k, v):
+        """``[s, b, h, d]`` in, ``[s, b, h*d]`` out."""
+        self._check_heads(q, k, v)
+        s, b, hq, d = q.shape
+        if self.cp_size > 1:
+            # The CP ops take the zigzag shard of one sequence, [S_local, H, D].
+            if b == 1:
+                o = self._attend_cp(q[:, 0], k[:, 0], v[:, 0]).unsqueeze(1)
+            elif self.attention_mode == "moba":
+                # moba_attn_cp also takes a batch, [b, S_local, H, D]: one exchange for all rows
+                o = self._attend_cp(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)).transpose(0, 1)
+            else:
+                o = torch.stack([self._attend_cp(q[:, i], k[:, i], v[:, i]) for i in range(b)], dim=1)
+        elif self.attention_mode == "moba":
+            from moba_cp.ops.moba.api import moba_attn
+
+            kw = dict(block_size=self.moba_block_size, topk=self.moba_topk,
+                      softmax_scale=self.softmax_scale, backend=self.moba_backend)
+            if b == 1:
+                o = moba_attn(q[:, 0], k[:, 0], v[:, 0], **kw).unsqueeze(1)
+            else:
+                # batch rows as documents of one packed call: [s, b, h, d] -> [b*s, h, d]
+                cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=q.device)
+                pack = lambda t: t.transpose(0, 1).reshape(b * s, t.shape[2], d)  # noqa: E731
+                o = moba_attn(pack(q), pack(k), pack(v), cu_seqlens=cu, **kw)
+                o = o.view(b, s, hq, d).transpose(0, 1)
+        else:
+            # SDPA wants [b, h, s, d]; GQA through enable_gqa (no expanded copies of k/v).
+            o = F.scaled_dot_product_attention(
+                q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
+                is_causal=True, scale=self.softmax_scale, enable_gqa=hq != k.shape[2],
+            ).permute(2, 0, 1, 3)
+        return o.reshape(s, b, hq * d)
+
+    def _attend_cp(self, q, k, v):
+        """Zigzag-sharded ``[S_local, H, D]`` (MoBA also ``[b, S_local, H, D]``) under CP."""
+        if self.attention_mode == "moba":
+            return _cp_op("moba_attn_cp")(
+                q, k, v, block_size=self.moba_block_size, topk=self.moba_topk, cp_group=self.cp_group,
+                softmax_scale=self.softmax_scale, backend=self.moba_backend,
+            )
+        return _cp_op("ring_attn_cp")(q, k, v, cp_group=self.cp_group, softmax_scale=self.softmax_scale)
+
+    def _forward_thd(self, q, k, v, packed_seq_params):
+        """``[t, h, d]`` packed documents in, ``[t, h*d]`` out."""
+        if q.dim() == 4:  # Megatron squeezes the dummy batch dim before core attention; be lenient
+            q, k, v = q.squeeze(1), k.squeeze(1), v.squeeze(1)
+        self._check_heads(q, k, v)
+        if self.cp_size > 1:
+            raise NotImplementedError(
+                "THD (packed documents) under context parallelism is not supported by moba_cp's "
+                "attention yet (it shards each sequence as one zigzag document). Fix: use cp=1 for "
+                "packed batches, or the BSHD layout with one sequence per row."
+            )
+        cu = getattr(packed_seq_params, "cu_seqlens_q_padded", None)
+        if cu is None:
+            cu = packed_seq_params.cu_seqlens_q
+        cu = cu.to(device=q.device, dtype=torch.int32)
+        t, hq, d = q.shape
+        if self.attention_mode == "moba":
+            from moba_cp.ops.moba.api import moba_attn
+
+            o = moba_attn(q, k, v, block_size=self.moba_block_size, topk=self.moba_topk, cu_seqlens=cu,
+                          softmax_scale=self.softmax_scale, backend=self.moba_backend)
+        else:
+            o = torch.empty_like(q)
+            bounds = cu.tolist()
+            for a, z in zip(bounds[:-1], bounds[1:]):
+                if z > a:  # one causal SDPA call per document
+                    o[a:z] = F.scaled_dot_product_attention(
+                        q[a:z].transpose(0, 1), k[a:z].transpose(0, 1), v[a:z].transpose(0, 1),
+                        is_causal=True, scale=self.softmax_scale, enable_gqa=hq != k.shape[1],
+                    ).transpose(0, 1)
+            if bounds[-1] < t:
+                o[bounds[-1]:] = 0  # padding past the last document
+        return o.reshape(t, hq * d)
+
+
+class MoBACoreAttention(_CoreAttentionBase):
+    """MoBA in the ``core_attention`` slot (``moba_attn_cp`` under CP, ``moba_attn`` otherwise).
+
+    Build it through a spec, so the MoBA parameters travel with it::
+
+        ModuleSpec(module=MoBACoreAttention,
+                   params={"moba_block_size": 128, "moba_topk": 8, "moba_backend": "auto",
+                           "full_backend": "auto"})
+
+    ``attention_mode = 'full'`` (see :func:`moba_cp.megatron.hybrid_switch.set_attention_mode`)
+    makes it run full causal attention with the same projections.
+    """
+
+    base_kind = "moba"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        bs, topk = self.moba_block_size, self.moba_topk
+        if not isinstance(bs, int) or not isinstance(topk, int) or bs < 1 or topk < 1:
+            raise ValueError(
+                f"MoBACoreAttention needs positive integer moba_block_size and moba_topk in its spec "
+                f"params, got block_size={bs!r}, topk={topk!r}."
+            )
+
+
+class FullCoreAttention(_CoreAttentionBase):
+    """Causal full attention: ``ring_attn_cp`` under CP, SDPA otherwise, TE when asked.
+
+    Spec::
+
+        ModuleSpec(module=FullCoreAttention, params={"full_backend": "auto"})
+    """
+
+    base_kind = "full"

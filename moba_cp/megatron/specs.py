@@ -1,0 +1,117 @@
+"""Per-layer GPT layer specs from the recipe's attention pattern (MoBA / full / hybrid / explicit).
+
+A Megatron-Core ``GPTModel`` accepts, as its ``transformer_layer_spec``, a
+``TransformerBlockSubmodules(layer_specs=[...], layer_norm=...)`` with one layer spec per layer.
+:func:`gpt_block_spec` takes Megatron's own layer spec (the local torch one, or the Transformer
+Engine one where TE is installed), copies it once per layer and puts
+:class:`~moba_cp.megatron.core_attention.MoBACoreAttention` or
+:class:`~moba_cp.megatron.core_attention.FullCoreAttention` in each layer's ``core_attention``
+slot, with the MoBA parameters as the spec's ``params``. Everything else (QKV/output
+projections, norms, MLP) is Megatron's, unchanged.
+
+Example:
+    >>> kinds = layer_attention_kinds(cfg.model, cfg.attention)     # ['moba', ..., 'full']
+    >>> block = gpt_block_spec(kinds, cfg.moba, cfg.attention, normalization="RMSNorm")
+    >>> GPTModel(config, transformer_layer_spec=block, ...)
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+from moba_cp.megatron.core_attention import FullCoreAttention, MoBACoreAttention, te_available
+
+__all__ = ["gpt_block_spec", "core_attention_spec", "resolve_transformer_impl", "TRANSFORMER_IMPLS"]
+
+TRANSFORMER_IMPLS = ("auto", "local", "te")
+
+
+def resolve_transformer_impl(impl: str = "auto") -> str:
+    """``'local'`` or ``'te'``: ``'auto'`` takes TE where it is installed and a GPU is present."""
+    if impl not in TRANSFORMER_IMPLS:
+        raise ValueError(f"transformer_impl={impl!r}; choose one of {', '.join(TRANSFORMER_IMPLS)}.")
+    if impl == "auto":
+        return "te" if (torch.cuda.is_available() and te_available()) else "local"
+    if impl == "te" and not te_available():
+        raise RuntimeError(
+            "transformer_impl='te' needs transformer-engine, which is not installed (or fails to load). "
+            "Fix: pip install 'moba-cp[te]', or use transformer_impl='local'."
+        )
+    return impl
+
+
+def core_attention_spec(kind: str, moba_cfg, attention_cfg) -> ModuleSpec:
+    """The ``core_attention`` spec of one layer: ``kind`` is ``'moba'`` or ``'full'``."""
+    full_backend = getattr(attention_cfg, "full_backend", "auto")
+    if kind == "moba":
+        return ModuleSpec(module=MoBACoreAttention, params={
+            "moba_block_size": int(moba_cfg.block_size), "moba_topk": int(moba_cfg.topk),
+            "moba_backend": moba_cfg.backend, "full_backend": full_backend,
+        })
+    if kind == "full":
+        return ModuleSpec(module=FullCoreAttention, params={"full_backend": full_backend})
+    raise ValueError(f"layer attention kind {kind!r}; expected 'moba' or 'full'.")
+
+
+def _base_layer_spec(impl: str, normalization: str, qk_layernorm: bool):
+    from megatron.core.models.gpt import gpt_layer_specs as gls
+
+    if impl == "te":
+        return gls.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    return gls.get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
+
+
+def _final_norm(impl: str, normalization: str):
+    from megatron.core.models.gpt import gpt_layer_specs as gls
+
+    if impl == "te":
+        return gls.TENorm
+    if normalization == "RMSNorm":
+        # torch.nn.RMSNorm through Megatron's wrapper (apex's FusedLayerNorm is LayerNorm only)
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        return WrappedTorchNorm
+    return gls.LNImpl
+
+
+def gpt_block_spec(
+    kinds: Sequence[str],
+    moba_cfg,
+    attention_cfg,
+    *,
+    normalization: str = "RMSNorm",
+    transformer_impl: str = "auto",
+    qk_layernorm: bool = False,
+) -> TransformerBlockSubmodules:
+    """One GPT block spec with a per-layer attention kind.
+
+    Args:
+        kinds: ``['moba' | 'full'] * num_layers``, e.g. from
+            :func:`moba_cp.config.layer_attention_kinds` (``pattern`` moba / full / hybrid / explicit).
+        moba_cfg: ``MoBAConfig`` (block_size, topk, backend) for the MoBA layers.
+        attention_cfg: ``AttentionConfig`` (``full_backend``) for full-attention layers and for MoBA
+            layers switched to full attention.
+        normalization: ``'RMSNorm'`` or ``'LayerNorm'`` (must match the TransformerConfig).
+        transformer_impl: ``'local'`` (pure torch Megatron modules), ``'te'`` (Transformer Engine
+            linears/norms, needs TE) or ``'auto'`` (TE when installed and a GPU is present).
+        qk_layernorm: norm queries and keys per head (Megatron's ``qk_layernorm``).
+    Returns:
+        ``TransformerBlockSubmodules(layer_specs=[one per layer], layer_norm=final norm)``.
+    """
+    kinds = list(kinds)
+    if not kinds:
+        raise ValueError("gpt_block_spec: no layers (kinds is empty).")
+    impl = resolve_transformer_impl(transformer_impl)
+    base = _base_layer_spec(impl, normalization, qk_layernorm)
+    layer_specs = []
+    for kind in kinds:
+        spec = copy.deepcopy(base)
+        spec.submodules.self_attention.submodules.core_attention = core_attention_spec(kind, moba_cfg, attention_cfg)
+        layer_specs.append(spec)
+    return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=_final_norm(impl, normalization))

@@ -1,0 +1,216 @@
+"""Megatron-Core GPTModel with MoBA / full / hybrid attention on one process (CPU, gloo).
+
+Each test runs its Megatron work in a spawned worker (``run_distributed(..., world_size=1)``),
+so the CPU compat patches never leak into the pytest process.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+from tests.distributed_harness import run_distributed  # noqa: E402
+from tests.megatron_util import (  # noqa: E402
+    attention_cfg, batch, build, loss_on_this_rank, max_rel, moba_cfg, tiny_model_cfg,
+)
+
+
+# ----------------------------------------------------------------------------- layer kinds
+
+def _w_patterns(rank, world_size):
+    from moba_cp.megatron.core_attention import FullCoreAttention, MoBACoreAttention
+
+    out = {}
+    for pattern in ("moba", "full", "hybrid", "explicit"):
+        cfg = tiny_model_cfg(num_layers=3)
+        model, _ = build(cfg, moba_cfg(), attention_cfg(pattern, 3))
+        out[pattern] = [type(layer.self_attention.core_attention).__name__ for layer in model.decoder.layers]
+        for layer in model.decoder.layers:
+            ca = layer.self_attention.core_attention
+            if isinstance(ca, MoBACoreAttention):
+                assert (ca.moba_block_size, ca.moba_topk) == (16, 3)
+            else:
+                assert isinstance(ca, FullCoreAttention)
+    # an explicit full_backend='te' without Transformer Engine is a clear error, not a fallback
+    from moba_cp.megatron.core_attention import te_available
+
+    te_error = None
+    if not te_available():
+        from moba_cp.config import AttentionConfig
+
+        try:
+            build(tiny_model_cfg(), moba_cfg(), AttentionConfig(pattern="full", full_backend="te"))
+        except Exception as e:  # noqa: BLE001 - Megatron re-raises with the module name appended
+            te_error = str(e)
+    return out, te_error
+
+
+def test_patterns_put_the_right_attention_in_each_layer():
+    (out, te_error), = run_distributed(_w_patterns, 1)
+    assert out["moba"] == ["MoBACoreAttention"] * 3
+    assert out["full"] == ["FullCoreAttention"] * 3
+    assert out["hybrid"] == ["MoBACoreAttention", "MoBACoreAttention", "FullCoreAttention"]
+    assert out["explicit"] == ["FullCoreAttention", "MoBACoreAttention", "FullCoreAttention"]
+    if te_error is not None:
+        assert "transformer-engine is not installed" in te_error and "full_backend=torch" in te_error
+
+
+# ----------------------------------------------------------------------------- core attention contract
+
+def _w_core_attention(rank, world_size):
+    """The modules against moba_attn / a dense reference, in the layouts Megatron hands them."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from moba_cp.megatron.core_attention import FullCoreAttention, MoBACoreAttention
+    from moba_cp.megatron.model import transformer_config_from_recipe
+    from moba_cp.config import ParallelConfig
+    from moba_cp.ops.moba.api import moba_attn
+
+    build(tiny_model_cfg(), moba_cfg(), attention_cfg("moba"))  # parallel state + compat
+    cfg = transformer_config_from_recipe(tiny_model_cfg(), ParallelConfig())
+    torch.manual_seed(0)
+    s, b, hq, hkv, d = 96, 2, 4, 2, 16
+    q, k, v = torch.randn(s, b, hq, d), torch.randn(s, b, hkv, d), torch.randn(s, b, hkv, d)
+    scale = 0.3
+    mk = dict(config=cfg, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self",
+              softmax_scale=scale)
+    moba = MoBACoreAttention(**mk, moba_block_size=16, moba_topk=2, moba_backend="naive")
+    full = FullCoreAttention(**mk)
+    res = {}
+
+    # [s, b, h, d] -> [s, b, h*d], each batch row on its own
+    o = moba(q, k, v, None, attn_mask_type=AttnMaskType.causal)
+    ref = torch.stack([moba_attn(q[:, i], k[:, i], v[:, i], block_size=16, topk=2, softmax_scale=scale,
+                                 backend="naive") for i in range(b)], dim=1).reshape(s, b, hq * d)
+    res["moba_sbhd"] = max_rel(o, ref)
+
+    # full attention: dense causal reference with GQA expanded, scale honoured
+    kk, vv = k.repeat_interleave(hq // hkv, dim=2), v.repeat_interleave(hq // hkv, dim=2)
+    logits = torch.einsum("sbhd,tbhd->bhst", q, kk) * scale
+    logits = logits.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+    dense = torch.einsum("bhst,tbhd->sbhd", logits.softmax(-1), vv).reshape(s, b, hq * d)
+    res["full_sbhd"] = max_rel(full(q, k, v, None, attn_mask_type=AttnMaskType.causal), dense)
+    # a MoBA layer switched to full attention is full attention
+    moba.set_mode("full")
+    res["moba_as_full"] = max_rel(moba(q, k, v, None, attn_mask_type=AttnMaskType.causal), dense)
+    moba.set_mode("moba")
+
+    # THD: packed documents [t, h, d] with cu_seqlens -> [t, h*d]
+    cu = torch.tensor([0, 40, 41, 96], dtype=torch.int32)
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=55, max_seqlen_kv=55)
+    qt, kt, vt = q[:, 0], k[:, 0], v[:, 0]
+    o = moba(qt, kt, vt, None, attn_mask_type=AttnMaskType.padding_causal, packed_seq_params=psp)
+    ref = moba_attn(qt, kt, vt, block_size=16, topk=2, cu_seqlens=cu, softmax_scale=scale, backend="naive")
+    res["moba_thd"] = max_rel(o, ref.reshape(s, hq * d))
+    o = full(qt, kt, vt, None, attn_mask_type=AttnMaskType.padding_causal, packed_seq_params=psp)
+    big = moba_attn(qt, kt, vt, block_size=16, topk=99, cu_seqlens=cu, softmax_scale=scale, backend="naive")
+    res["full_thd"] = max_rel(o, big.reshape(s, hq * d))
+
+    # what must be refused, with a message
+    errors = {}
+    for name, fn in {
+        "padding mask": lambda: moba(q, k, v, None, attn_mask_type=AttnMaskType.padding),
+        "bias": lambda: moba(q, k, v, None, attn_mask_type=AttnMaskType.causal, attention_bias=torch.zeros(1)),
+        "full->moba": lambda: full.set_mode("moba"),
+        "dropout": lambda: MoBACoreAttention(**mk, attention_dropout=0.1, moba_block_size=16, moba_topk=2),
+        "no moba params": lambda: MoBACoreAttention(**mk),
+    }.items():
+        try:
+            fn()
+            errors[name] = None
+        except (ValueError, RuntimeError) as e:
+            errors[name] = str(e)
+    return res, errors
+
+
+def test_core_attention_contract():
+    (res, errors), = run_distributed(_w_core_attention, 1)
+    for name, err in res.items():
+        assert err < 1e-5, f"{name}: max rel err {err:.2e}"
+    for name, msg in errors.items():
+        assert msg, f"{name} was accepted; it must raise"
+
+
+# ----------------------------------------------------------------------------- topk >= n_blocks == full
+
+def _w_topk_full(rank, world_size):
+    s = 256
+    tokens = batch(2, s)
+    out = {}
+    for pattern, topk in (("moba", s // 16), ("moba", 1000), ("full", 3)):
+        model, _ = build(tiny_model_cfg(seq_length=s), moba_cfg(16, topk), attention_cfg(pattern))
+        loss = loss_on_this_rank(model, tokens)
+        loss.backward()
+        out[(pattern, topk)] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    return out
+
+
+def test_moba_with_topk_covering_all_blocks_equals_full_attention():
+    out, = run_distributed(_w_topk_full, 1)
+    loss_full, g_full = out[("full", 3)]
+    for key in (("moba", 16), ("moba", 1000)):
+        loss, g = out[key]
+        assert abs(loss - loss_full) <= 1e-5 * abs(loss_full), (key, loss, loss_full)
+        for name in g_full:
+            assert max_rel(g[name], g_full[name]) < 1e-4, (key, name, max_rel(g[name], g_full[name]))
+
+
+# ----------------------------------------------------------------------------- two-stage switch
+
+def _w_switch(rank, world_size):
+    from moba_cp.megatron import compat_cpu
+    from moba_cp.megatron import model as mm
+    from moba_cp.megatron.hybrid_switch import attention_modes, set_attention_mode
+
+    s = 256
+    tokens = [batch(2, s, seed=i) for i in range(4)]
+    cfg = tiny_model_cfg(seq_length=s)
+    model, pcfg = build(cfg, moba_cfg(16, 2), attention_cfg("hybrid"))
+    ddp = mm.wrap_ddp(model, pcfg)
+    opt = mm.build_optimizer(ddp, lr=1e-2, weight_decay=0.0, clip_grad=1.0)
+    log = {"modes": [attention_modes(ddp)]}
+
+    def train_step(tok):
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        loss = loss_on_this_rank(ddp, tok)
+        loss.backward()
+        with compat_cpu.cuda_to_cpu():
+            ddp.finish_grad_sync()
+            ok, _, _ = opt.step()
+        assert ok
+        return loss.item()
+
+    log["moba_losses"] = [train_step(tokens[0]), train_step(tokens[1])]
+    with torch.no_grad():
+        eval_moba = loss_on_this_rank(model, tokens[3]).item()
+        log["n_switched"] = set_attention_mode(ddp, "full")
+        log["modes"].append(attention_modes(ddp))
+        eval_full = loss_on_this_rank(model, tokens[3]).item()
+    # the same weights in a model built all-full: the switched model must match it exactly
+    state = {k: v.clone() for k, v in model.state_dict().items() if "_extra_state" not in k}
+    full_model, _ = build(cfg, moba_cfg(16, 2), attention_cfg("full"))
+    full_model.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        log["rebuilt_full"] = loss_on_this_rank(full_model, tokens[3]).item()
+    log["eval"] = (eval_moba, eval_full)
+    log["full_losses"] = [train_step(tokens[2])]  # training goes on with full attention
+    with torch.no_grad():
+        set_attention_mode(ddp, "moba")
+        log["modes"].append(attention_modes(ddp))
+        log["back_to_moba"] = loss_on_this_rank(model, tokens[3]).item()
+    return log, state
+
+
+def test_switch_moba_to_full_mid_run_and_back():
+    (log, _), = run_distributed(_w_switch, 1)
+    assert log["modes"] == [["moba", "full"], ["full", "full"], ["moba", "full"]]
+    assert log["n_switched"] == 1
+    eval_moba, eval_full = log["eval"]
+    assert eval_moba != eval_full  # topk=2 of 16 blocks: MoBA really differs from full attention
+    assert abs(eval_full - log["rebuilt_full"]) < 1e-6 * abs(eval_full)
+    assert all(torch.isfinite(torch.tensor(log["moba_losses"] + log["full_losses"])))
+    assert log["back_to_moba"] != eval_full  # switching back runs MoBA again (weights moved on)
