@@ -79,7 +79,7 @@ def _fwd_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
             m = m_new
-        lse = tl.where(l > 0, (m + tl.log2(l)) * 0.6931471805599453, float("-inf"))
+        lse = tl.where(l > 0, (m + tl.log2(tl.where(l > 0, l, 1.0))) * 0.6931471805599453, float("-inf"))
         tl.store(PART + (t64 * H + h) * W + w, lse, mask=rmask)
     else:
         lse2 = tl.load(LSE + t64 * H + h, mask=rmask, other=0.0) * 1.4426950408889634

@@ -1,0 +1,254 @@
+"""Triton MoBA backend against the naive oracle (CPU: Triton interpreter; GPU tests marked).
+
+Attention is compared on the *same* block indices (selection ties can never make these
+flaky); selection is compared separately, tolerating a disagreement only where the two
+choices score the same within rounding. Tolerances are relative to the naive op's own error
+against its fp64 run: ``err(kernel) <= 2 * err(naive) + floor``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moba_cp.ops.moba import naive
+from moba_cp.ops.moba import partial as partial_mod
+
+triton = pytest.importorskip("triton")
+tb = pytest.importorskip("moba_cp.ops.moba.triton_backend")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rel(x, ref):
+    x, ref = x.double(), ref.double()
+    fin = torch.isfinite(ref)
+    assert torch.equal(fin, torch.isfinite(x)), "finite/-inf pattern differs"
+    return ((x[fin] - ref[fin]).norm() / ref[fin].norm().clamp_min(1e-30)).item()
+
+
+def _check(name, kern, nai, ref, floor):
+    ek, en = _rel(kern, ref), _rel(nai, ref)
+    assert ek <= 2 * en + floor, f"{name}: kernel error {ek:.3e} > 2 x naive error {en:.3e} + {floor:.0e}"
+
+
+def _inputs(t, hq, hkv, d, dtype, seed, device=DEV):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    mk = lambda h: torch.randn(t, h, d, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    return mk(hq), mk(hkv), mk(hkv)
+
+
+def _cu(lengths, device=DEV):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+
+
+def _gate_scores(q, k, block_size, cu):
+    """fp64 gate scores [T, Hq, NBmax] (document-local block ids), -inf where not a past block."""
+    docs = [(0, q.shape[0])] if cu is None else list(zip(cu.tolist()[:-1], cu.tolist()[1:]))
+    nbmax = max([-(-(e - s) // block_size) for s, e in docs] + [1])
+    out = torch.full((q.shape[0], q.shape[1], nbmax), float("-inf"), dtype=torch.float64, device=q.device)
+    for s, e in docs:
+        if e == s:
+            continue
+        cent = naive.block_centroids(k[s:e].double(), block_size).repeat_interleave(q.shape[1] // k.shape[1], 1)
+        sc = torch.einsum("thd,jhd->thj", q[s:e].double(), cent)
+        own = torch.arange(e - s, device=q.device) // block_size
+        past = torch.arange(cent.shape[0], device=q.device)[None, :] < own[:, None]
+        out[s:e, :, : cent.shape[0]] = sc.masked_fill(~past[:, None, :], float("-inf"))
+    return out
+
+
+def _assert_same_selection(idx_t, idx_n, q, k, block_size, cu, rtol, max_frac):
+    """Equal, except rows where both choices have the same total gate score within rtol."""
+    assert idx_t.shape == idx_n.shape and idx_t.dtype == torch.int32
+    bad = (idx_t != idx_n).any(-1)
+    frac = bad.float().mean().item()
+    assert frac <= max_frac, f"{frac:.2%} of (token, head) rows select differently"
+    if not bad.any():
+        return
+    sc = _gate_scores(q, k, block_size, cu)
+    own = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    docs = [(0, q.shape[0])] if cu is None else list(zip(cu.tolist()[:-1], cu.tolist()[1:]))
+    for s, e in docs:
+        own[s:e] = torch.arange(e - s, device=q.device) // block_size
+    for t, h in bad.nonzero().tolist():
+        tot = []
+        for idx in (idx_t, idx_n):
+            ids = [j for j in idx[t, h].tolist() if j >= 0]
+            assert own[t].item() in ids and len(ids) == len(set(ids)), f"row {t},{h}: {ids}"
+            tot.append(sum(sc[t, h, j].item() for j in ids if j != own[t].item()))
+        scale = sc[t, h][torch.isfinite(sc[t, h])].abs().max().item()
+        assert abs(tot[0] - tot[1]) <= rtol * scale * idx_t.shape[-1], f"row {t},{h}: {idx_t[t, h]} vs {idx_n[t, h]}"
+
+
+# ------------------------------------------------------------------------------- selection
+SEL_CASES = [
+    # T, Hq, Hkv, D, B, topk, doc lengths (None = one document)
+    (150, 4, 2, 32, 16, 3, [40, 0, 110]),
+    (97, 2, 1, 16, 16, 100, None),  # topk > n_blocks: every past block
+    (130, 3, 3, 16, 32, 1, [1, 129]),  # topk 1: own block only; a 1-token document
+    (200, 2, 2, 16, 16, 6, [7, 193]),
+]
+
+
+@pytest.mark.parametrize("case", SEL_CASES, ids=lambda c: f"T{c[0]}-B{c[4]}-k{c[5]}")
+def test_select_matches_naive_fp32(case):
+    t, hq, hkv, d, b, topk, docs = case
+    q, k, _ = _inputs(t, hq, hkv, d, torch.float32, seed=t + topk)
+    cu = None if docs is None else _cu(docs)
+    idx_n = naive.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu)
+    idx_t = tb.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu)
+    _assert_same_selection(idx_t, idx_n, q, k, b, cu, rtol=1e-5, max_frac=0.01)
+
+
+# ------------------------------------------------------------------------------- attention
+ATTN_CASES = [
+    (150, 4, 2, 32, 16, 3, [40, 0, 110]),  # GQA, empty doc, T not a multiple of B
+    (63, 2, 2, 16, 16, 8, None),  # topk > n_blocks: causal full attention
+    (120, 4, 1, 16, 32, 2, [5, 17, 98]),  # MQA, short docs
+]
+
+
+@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: f"T{c[0]}-H{c[1]}/{c[2]}-B{c[4]}-k{c[5]}")
+def test_block_attn_fwd_bwd_matches_naive(case):
+    t, hq, hkv, d, b, topk, docs = case
+    cu = None if docs is None else _cu(docs)
+    q, k, v = _inputs(t, hq, hkv, d, torch.float32, seed=3 * t + hq)
+    do = torch.randn(t, hq, d, generator=torch.Generator().manual_seed(7)).to(DEV)
+    idx = naive.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu)
+    scale = d ** -0.5
+
+    def run(fn, dtype):
+        qq, kk, vv = (x.to(dtype).detach().requires_grad_() for x in (q, k, v))
+        o, lse = fn(qq, kk, vv, idx, block_size=b, cu_seqlens=cu, softmax_scale=scale)
+        (o.to(dtype) * do.to(dtype)).sum().backward()
+        return o, lse, qq.grad, kk.grad, vv.grad
+
+    ref = run(naive.block_attn, torch.float64)
+    nai = run(naive.block_attn, torch.float32)
+    ker = run(tb.block_attn, torch.float32)
+    assert ker[0].dtype == torch.float32 and ker[1].dtype == torch.float32
+    for name, a, n, r in zip(("o", "lse", "dq", "dk", "dv"), ker, nai, ref):
+        _check(name, a, n, r, floor=2e-5)
+
+
+def test_moba_attn_end_to_end_api():
+    """Public API with backend='triton' equals the naive backend (selection included)."""
+    from moba_cp import moba_attn
+
+    q, k, v = _inputs(100, 2, 1, 16, torch.float32, seed=11)
+    cu = _cu([60, 40])
+    o_t, l_t = moba_attn(q, k, v, block_size=16, topk=2, cu_seqlens=cu, return_lse=True, backend="triton")
+    o_n, l_n = moba_attn(q, k, v, block_size=16, topk=2, cu_seqlens=cu, return_lse=True, backend="naive")
+    assert (o_t - o_n).abs().max().item() < 1e-4 and (l_t - l_n).abs().max().item() < 1e-4
+
+
+def test_half_precision_interpreter_or_gpu():
+    """fp16 through the same kernels: within the half-precision naive op's own error."""
+    t, hq, hkv, d, b = 96, 2, 1, 32, 16
+    q, k, v = _inputs(t, hq, hkv, d, torch.float32, seed=5)
+    idx = naive.select_blocks(q, k, block_size=b, topk=3)
+    ref = naive.block_attn(q.double(), k.double(), v.double(), idx, block_size=b, softmax_scale=d ** -0.5)
+    h = [x.half() for x in (q, k, v)]
+    nai = naive.block_attn(*h, idx, block_size=b, softmax_scale=d ** -0.5)
+    ker = tb.block_attn(*h, idx, block_size=b, softmax_scale=d ** -0.5)
+    assert ker[0].dtype == torch.float16
+    _check("o fp16", ker[0], nai[0], ref[0], floor=1e-3)
+    _check("lse fp16", ker[1], nai[1], ref[1], floor=1e-4)
+
+
+# ------------------------------------------------------------------------------- CP slot form
+def test_partial_fwd_bwd_matches_naive():
+    """Slot buffer with unordered slots, a slot in some queries' future, queries with no slot."""
+    b, d, hq, hkv, tq, n_slots, w = 16, 16, 4, 2, 40, 5, 3
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(tq, hq, d, generator=gen).to(DEV)
+    kb = torch.randn(n_slots * b, hkv, d, generator=gen).to(DEV)
+    vb = torch.randn(n_slots * b, hkv, d, generator=gen).to(DEV)
+    slot_pos = torch.tensor([64, 0, 160, 32, 96], dtype=torch.int64, device=DEV)
+    q_pos = torch.randint(60, 180, (tq,), generator=gen).to(DEV)
+    slot_idx = torch.stack([torch.randperm(n_slots, generator=gen)[:w] for _ in range(tq * hq)]).reshape(tq, hq, w)
+    slot_idx[torch.rand(tq, hq, w, generator=gen) < 0.2] = -1
+    slot_idx[:3] = -1  # queries with no slot at all
+    slot_idx = slot_idx.to(torch.int32).to(DEV)
+    kw = dict(block_size=b, softmax_scale=d ** -0.5)
+    o_n, l_n = partial_mod.partial_attn_fwd(q, q_pos, kb, vb, slot_pos, slot_idx, backend="naive", **kw)
+    o_t, l_t = partial_mod.partial_attn_fwd(q, q_pos, kb, vb, slot_pos, slot_idx, backend="triton", **kw)
+    assert torch.equal(torch.isinf(l_t), torch.isinf(l_n)) and bool(torch.isinf(l_t[:3]).all())
+    assert o_t[:3].abs().max().item() == 0.0
+    fin = torch.isfinite(l_n)
+    assert (l_t[fin] - l_n[fin]).abs().max().item() < 1e-4
+    assert (o_t - o_n).abs().max().item() < 1e-4
+    # Backward with "merged" o/lse from outside: perturb them so they differ from this partial's.
+    do = torch.randn(tq, hq, d, generator=gen).to(DEV)
+    o_m = o_n + 0.1 * torch.randn(tq, hq, d, generator=gen).to(DEV)
+    l_m = torch.where(fin, l_n + 0.3, l_n)
+    g_n = partial_mod.partial_attn_bwd(do, q, q_pos, kb, vb, slot_pos, slot_idx, o_m, l_m, backend="naive", **kw)
+    g_t = partial_mod.partial_attn_bwd(do, q, q_pos, kb, vb, slot_pos, slot_idx, o_m, l_m, backend="triton", **kw)
+    for name, a, r in zip(("dq", "dk_buf", "dv_buf"), g_t, g_n):
+        assert a.dtype == torch.float32 and a.shape == r.shape
+        err = ((a - r).norm() / r.norm()).item()
+        assert err < 1e-5, f"{name}: {err:.2e}"
+
+
+# ------------------------------------------------------------------------------- errors, compile
+def test_clear_errors_for_unsupported_inputs():
+    q, k, v = _inputs(64, 2, 1, 16, torch.float32, seed=1)
+    with pytest.raises(ValueError, match=r"block_size=24 is not a multiple of 16"):
+        tb.moba_attn(q, k, v, block_size=24, topk=2, softmax_scale=0.25)
+    q48, k48, v48 = _inputs(64, 2, 1, 48, torch.float32, seed=1)
+    with pytest.raises(ValueError, match=r"head dim D=48 is not supported"):
+        tb.moba_attn(q48, k48, v48, block_size=16, topk=2, softmax_scale=0.2)
+    with pytest.raises(TypeError, match=r"float64 is not supported"):
+        tb.select_blocks(q.double(), k.double(), block_size=16, topk=2)
+
+
+def test_custom_op_traces_under_torch_compile():
+    """block_attn is a custom op with fake impl + autograd: a fullgraph compile traces it."""
+    q, k, v = _inputs(48, 2, 1, 16, torch.float32, seed=2)
+    idx = naive.select_blocks(q, k, block_size=16, topk=2)
+
+    def f(q, k, v):
+        o, lse = tb.block_attn(q, k, v, idx, block_size=16, softmax_scale=0.25)
+        return (o * o).sum() + lse.sum()
+
+    cf = torch.compile(f, backend="aot_eager", fullgraph=True)
+    qs = [x.clone().requires_grad_() for x in (q, k, v)]
+    qe = [x.clone().requires_grad_() for x in (q, k, v)]
+    cf(*qs).backward()
+    f(*qe).backward()
+    for a, b in zip(qs, qe):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5)
+    # the lse gradient (dLSE) flows too: compare with the naive op
+    qn = [x.clone().requires_grad_() for x in (q, k, v)]
+    o, lse = naive.block_attn(*qn, idx, block_size=16, softmax_scale=0.25)
+    ((o * o).sum() + lse.sum()).backward()
+    for a, b in zip(qe, qn):
+        assert torch.allclose(a.grad, b.grad, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------- GPU, bf16
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,hq,hkv,b,topk", [(128, 16, 4, 128, 8), (64, 8, 8, 64, 4)])
+def test_gpu_bf16_real_sizes(d, hq, hkv, b, topk):
+    t_docs = [3000, 1096]  # two documents, the first not a multiple of B
+    t = sum(t_docs)
+    cu = _cu(t_docs, "cuda")
+    q, k, v = _inputs(t, hq, hkv, d, torch.bfloat16, seed=d + topk, device="cuda")
+    idx_n = naive.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu)
+    idx_t = tb.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu)
+    _assert_same_selection(idx_t, idx_n, q, k, b, cu, rtol=1e-4, max_frac=0.002)
+    do = torch.randn(t, hq, d, device="cuda", dtype=torch.bfloat16)
+    scale = d ** -0.5
+
+    def run(fn, dtype):
+        qq, kk, vv = (x.to(dtype).detach().requires_grad_() for x in (q, k, v))
+        o, lse = fn(qq, kk, vv, idx_n, block_size=b, cu_seqlens=cu, softmax_scale=scale)
+        (o * do.to(o.dtype)).sum().backward()
+        return o, lse, qq.grad, kk.grad, vv.grad
+
+    ref = run(naive.block_attn, torch.float64)
+    nai = run(naive.block_attn, torch.bfloat16)
+    ker = run(tb.block_attn, torch.bfloat16)
+    for name, a, n, r in zip(("o", "lse", "dq", "dk", "dv"), ker, nai, ref):
+        _check(name, a, n, r, floor=2e-3)
