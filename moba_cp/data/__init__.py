@@ -1,0 +1,1 @@
+"""Data: tokenizers, ``prepare-data``, the embedded stdlib corpus, Megatron GPT datasets."""

@@ -1,0 +1,347 @@
+"""Train/valid datasets on Megatron-Core (``GPTDataset``, blends, ``MockGPTDataset``), the retrieval
+mixture, a resumable data-parallel sampler, and up-front validation of data paths.
+
+Items (all datasets here) are dicts of tensors of length ``seq_length``:
+``tokens`` int64, ``labels`` int64 (``tokens`` shifted by one), ``loss_mask`` float32,
+``position_ids`` int64. No ``attention_mask`` is materialised (it would be ``S x S``; causal masking
+is the attention kernel's job). Documents are packed across EOD boundaries as Megatron does, with
+positions running on (``reset_position_ids=False``) and EOD kept in the loss, unless asked otherwise.
+
+Every rank of a context-parallel group must see the same sample for the same index: all of this is
+deterministic in (data, seed, seq_length, index), and Megatron's index caches are built on global
+rank 0 first (when ``torch.distributed`` is initialised) and then read by the others.
+
+Example (the training loop)::
+
+    tok = build_tokenizer(cfg.data.tokenizer)
+    validate_data_paths(cfg.data)                       # before any process group
+    train_ds, valid_ds = build_train_valid_datasets(
+        cfg.data, seq_length=cfg.model.seq_length, seed=cfg.train.seed,
+        num_train_samples=cfg.train.steps * cfg.train.global_batch_size,
+        num_valid_samples=n_evals * cfg.eval.iters * cfg.train.global_batch_size, tokenizer=tok)
+    sampler = PretrainingSampler(len(train_ds), consumed_samples, micro_batch_size, dp_rank, dp_size)
+    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.data.num_workers)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import struct
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+from .builtin_corpus import DEFAULT_BUDGET_BYTES, ensure_builtin_corpus
+from .tokenizers import TokenizerError, build_tokenizer
+
+__all__ = ["DataConfigError", "parse_blend", "validate_data_paths", "build_train_valid_datasets",
+           "RetrievalMixtureDataset", "PretrainingSampler", "gpt_dataset_config"]
+
+
+class DataConfigError(ValueError):
+    """Bad data settings or missing data files, found before training starts."""
+
+
+def parse_blend(paths: Sequence[str]) -> tuple[list[str], Optional[list[float]]]:
+    """``data.paths`` -> ``(prefixes, weights or None)``.
+
+    Accepts ``['a', 'b']`` (weights from dataset sizes) or ``['0.7', 'a', '0.3', 'b']``. Prefixes may
+    be given with a ``.bin``/``.idx`` suffix, which is stripped.
+
+    Raises:
+        DataConfigError: mixed / malformed weights.
+    """
+    paths = [str(p).strip() for p in paths]
+    if not paths:
+        raise DataConfigError("data.paths is empty; give indexed-dataset prefixes (PREFIX for PREFIX.bin/.idx).")
+
+    def is_num(s: str) -> bool:
+        try:
+            float(s)
+            return True
+        except ValueError:
+            return False
+
+    def strip(p: str) -> str:
+        return p[:-4] if p.endswith((".bin", ".idx")) else p
+
+    if len(paths) % 2 == 0 and all(is_num(paths[i]) for i in range(0, len(paths), 2)):
+        weights = [float(paths[i]) for i in range(0, len(paths), 2)]
+        prefixes = [strip(paths[i]) for i in range(1, len(paths), 2)]
+        if any(is_num(p) for p in prefixes):
+            raise DataConfigError(f"data.paths {paths}: expected alternating weight, prefix pairs.")
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise DataConfigError(f"data.paths weights {weights} must be >= 0 and not all zero.")
+        return prefixes, weights
+    if any(is_num(p) for p in paths):
+        raise DataConfigError(
+            f"data.paths {paths}: weights must come in pairs before every prefix ('0.7', 'a', '0.3', 'b') or not at all.")
+    return [strip(p) for p in paths], None
+
+
+def _check_prefix(prefix: str) -> None:
+    bin_p, idx_p = prefix + ".bin", prefix + ".idx"
+    missing = [p for p in (bin_p, idx_p) if not os.path.isfile(p)]
+    if missing:
+        hint = ""
+        if os.path.isfile(prefix):
+            hint = " (the path is a file: give the prefix without .bin/.idx)"
+        raise DataConfigError(
+            f"indexed dataset {prefix!r}: missing {', '.join(missing)}{hint}. Fix: build it with "
+            f"`moba-cp prepare-data INPUTS --output {prefix}` or correct data.paths.")
+    with open(idx_p, "rb") as f:
+        head = f.read(34)
+    if head[:9] != b"MMIDIDX\x00\x00" or len(head) < 34:
+        raise DataConfigError(f"{idx_p} is not a Megatron index file (bad header).")
+    n_seq, n_docs = struct.unpack("<QQ", head[18:34])
+    if n_seq == 0:
+        raise DataConfigError(f"indexed dataset {prefix!r} holds no sequences.")
+
+
+def validate_data_paths(data_cfg) -> None:
+    """Check ``data_cfg`` (a ``DataConfig``) before any process group or model exists.
+
+    Checks: the tokenizer spec builds; for ``source=indexed`` every prefix has a readable
+    ``.bin``/``.idx`` pair with data; the split string parses; ``cache_dir`` can be created/written.
+
+    Raises:
+        DataConfigError: with the offending path or key and the fix.
+    """
+    try:
+        build_tokenizer(data_cfg.tokenizer)
+    except TokenizerError as e:
+        raise DataConfigError(f"data.tokenizer: {e}") from None
+    if data_cfg.source == "indexed":
+        if not data_cfg.paths:
+            raise DataConfigError("data.source=indexed needs data.paths (Megatron .bin/.idx prefixes).")
+        prefixes, _ = parse_blend(data_cfg.paths)
+        for p in prefixes:
+            _check_prefix(p)
+    parts = [x for x in str(data_cfg.split).replace("/", ",").split(",") if x.strip()]
+    try:
+        vals = [float(x) for x in parts]
+    except ValueError:
+        vals = []
+    if not vals or len(vals) > 3 or any(v < 0 for v in vals) or sum(vals) <= 0 or vals[0] <= 0:
+        raise DataConfigError(f"data.split={data_cfg.split!r}: expected 'train,valid,test' weights like '98,2,0' "
+                              f"with a positive train weight.")
+    if data_cfg.source != "mock":
+        try:
+            os.makedirs(data_cfg.cache_dir, exist_ok=True)
+        except OSError as e:
+            raise DataConfigError(f"data.cache_dir={data_cfg.cache_dir!r} cannot be created: {e}") from None
+        if not os.access(data_cfg.cache_dir, os.W_OK):
+            raise DataConfigError(f"data.cache_dir={data_cfg.cache_dir!r} is not writable.")
+
+
+def gpt_dataset_config(*, seq_length: int, seed: int, tokenizer, blend=None, split: str = "98,2,0",
+                       path_to_cache: Optional[str] = None, reset_position_ids: bool = False,
+                       eod_mask_loss: bool = False):
+    """A Megatron-Core 0.16 ``GPTDatasetConfig`` with moba_cp's defaults (no attention mask tensor)."""
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    return GPTDatasetConfig(
+        random_seed=seed, sequence_length=seq_length, blend=blend, split=split, path_to_cache=path_to_cache,
+        tokenizer=tokenizer, reset_position_ids=reset_position_ids, reset_attention_mask=False,
+        eod_mask_loss=eod_mask_loss, create_attention_mask=False, mmap_bin_files=True)
+
+
+def _default_is_built_on_rank() -> bool:
+    # Every rank holds the dataset (dp ranks read different indices, cp/tp ranks the same ones);
+    # Megatron's builder still builds the caches on rank 0 first and barriers.
+    return True
+
+
+def build_train_valid_datasets(data_cfg, *, seq_length: int, seed: int, num_train_samples: int,
+                               num_valid_samples: int, tokenizer=None,
+                               is_built_on_rank: Callable[[], bool] | None = None,
+                               builtin_budget_bytes: int = DEFAULT_BUDGET_BYTES,
+                               reset_position_ids: bool = False, eod_mask_loss: bool = False):
+    """Build the train and validation datasets of a recipe.
+
+    Args:
+        data_cfg: ``moba_cp.config.DataConfig`` (source builtin / indexed / mock, paths, split,
+            cache_dir, tokenizer, retrieval_fraction).
+        seq_length: tokens per sample (the global, unsharded length).
+        seed: data order seed (Megatron's shuffle, and which samples become retrieval documents).
+        num_train_samples: samples the run will draw (steps * global batch); the dataset is at least this long
+            (Megatron repeats epochs as needed).
+        num_valid_samples: validation samples needed (0 = no validation dataset).
+        tokenizer: a tokenizer object (default: built from ``data_cfg.tokenizer``).
+        is_built_on_rank: Megatron's callable; default: every rank.
+        builtin_budget_bytes: size of the embedded corpus (source=builtin).
+        reset_position_ids, eod_mask_loss: Megatron ``GPTDatasetConfig`` options (off by default).
+
+    Returns:
+        ``(train, valid)``: indexable datasets of dicts (``tokens``, ``labels``, ``loss_mask``,
+        ``position_ids``, each ``[seq_length]``); ``valid`` is None when ``num_valid_samples == 0`` or
+        the split gives it no documents. With ``data_cfg.retrieval_fraction > 0`` the train set is a
+        :class:`RetrievalMixtureDataset` (validation stays plain LM data).
+
+    Raises:
+        DataConfigError: bad paths/config (checked first), or too little data for the split.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
+
+    validate_data_paths(data_cfg)
+    tok = tokenizer if tokenizer is not None else build_tokenizer(data_cfg.tokenizer)
+    if data_cfg.source == "mock":
+        blend, cls, split, cache = None, MockGPTDataset, None, None
+    else:
+        if data_cfg.source == "builtin":
+            prefixes, weights = [ensure_builtin_corpus(data_cfg.cache_dir, tok, budget_bytes=builtin_budget_bytes,
+                                                       verbose=_is_rank0())], None
+        else:
+            prefixes, weights = parse_blend(data_cfg.paths)
+        blend = ([os.path.abspath(p) for p in prefixes], weights)
+        cls, split = GPTDataset, data_cfg.split
+        cache = os.path.join(data_cfg.cache_dir, "index_cache")
+    cfg = gpt_dataset_config(seq_length=seq_length, seed=seed, tokenizer=tok, blend=blend,
+                             split=split or "98,2,0", path_to_cache=cache,
+                             reset_position_ids=reset_position_ids, eod_mask_loss=eod_mask_loss)
+    sizes = [int(num_train_samples), int(num_valid_samples) if num_valid_samples else None, None]
+    if blend is not None and blend[1] is not None:
+        # Megatron needs a size for every split when weights are given; 0-sized splits are dropped below.
+        sizes = [sizes[0], sizes[1] or 0, 0]
+    builder = BlendedMegatronDatasetBuilder(cls, sizes, is_built_on_rank or _default_is_built_on_rank, cfg)
+    try:
+        with _rank0_when_not_distributed():
+            train, valid, _test = builder.build()
+    except (AssertionError, IndexError, ValueError) as e:
+        raise DataConfigError(
+            f"building datasets from {blend[0] if blend else 'mock data'} with split={data_cfg.split!r} and "
+            f"seq_length={seq_length} failed ({type(e).__name__}: {e}). A split with no documents or a corpus "
+            f"shorter than one sequence are the usual causes: add data or change data.split.") from e
+    if train is None or len(train) == 0:
+        raise DataConfigError(
+            f"the training split is empty (split={data_cfg.split!r}, seq_length={seq_length}): the data is too "
+            f"small for one sample. Add data or lower model.seq_length.")
+    if not num_valid_samples or valid is None or len(valid) == 0:
+        valid = None
+    if data_cfg.retrieval_fraction > 0:
+        train = RetrievalMixtureDataset(train, tok, data_cfg.retrieval_fraction, seq_length, seed)
+    return train, valid
+
+
+@contextlib.contextmanager
+def _rank0_when_not_distributed():
+    """Megatron-Core 0.16.1's ``BlendedDataset`` calls ``torch.distributed.get_rank()`` on a cache miss
+    even in a single process without a process group (which raises). Only in that case, and only
+    while the builder runs, ``get_rank`` answers 0 (what it would be in a one-process group)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        yield
+        return
+    orig = dist.get_rank
+    dist.get_rank = lambda group=None: 0
+    try:
+        yield
+    finally:
+        dist.get_rank = orig
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _unit(seed: int, idx: int, salt: str) -> int:
+    """A 64-bit integer hash of (seed, idx, salt): stable across processes and Python versions."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}|{idx}|{salt}".encode(), digest_size=8).digest(), "little")
+
+
+class RetrievalMixtureDataset(torch.utils.data.Dataset):
+    """Replaces a fraction of a dataset's samples with synthetic retrieval documents.
+
+    Sample ``idx`` is replaced iff ``hash(seed, idx) / 2**64 < fraction`` (deterministic, independent
+    of access order and worker count). A replaced sample is a :func:`moba_cp.eval.needle.make_needle_sample`
+    of ``seq_length + 1`` tokens (kind and depth 0..100 also drawn from the hash), whose haystack is the
+    original sample's own text (EOD/pad tokens removed), so the model reads real text with a needle in
+    it, not the same filler every time; the item is then shifted into ``tokens``/``labels`` like any
+    GPT sample, so the answer is the tail of ``labels``.
+
+    Loss mask (``loss_on``): ``"all"`` (default) keeps the LM loss on every token, so a retrieval sample
+    still trains language modelling on its haystack and the answer is learned in context;
+    ``"answer"`` puts the loss only on the answer tokens (a sharper retrieval signal, but such samples
+    then carry few tokens in a token-averaged loss).
+
+    Args:
+        base: dataset of GPT items (see module docstring).
+        tokenizer: the training tokenizer.
+        fraction: share of samples replaced, in [0, 1].
+        seq_length, seed: as for the base dataset.
+        kinds: needle kinds to draw from (see :data:`moba_cp.eval.needle.KINDS`).
+    """
+
+    def __init__(self, base, tokenizer, fraction: float, seq_length: int, seed: int,
+                 kinds: Sequence[str] = ("passkey", "single", "multikey", "multivalue"), loss_on: str = "all"):
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"retrieval fraction {fraction} must be in [0, 1].")
+        if loss_on not in ("all", "answer"):
+            raise ValueError(f"loss_on={loss_on!r}: choose 'all' or 'answer'.")
+        self.base, self.tok, self.fraction = base, tokenizer, float(fraction)
+        self.seq_length, self.seed, self.kinds, self.loss_on = int(seq_length), int(seed), tuple(kinds), loss_on
+        self._drop = {int(tokenizer.eod)} | ({int(tokenizer.pad)} if getattr(tokenizer, "pad", None) is not None else set())
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def is_retrieval(self, idx: int) -> bool:
+        """Whether sample ``idx`` is a synthetic retrieval document."""
+        return _unit(self.seed, idx, "mix") / 2.0 ** 64 < self.fraction
+
+    def __getitem__(self, idx: int) -> dict:
+        item = self.base[idx]
+        if not self.is_retrieval(idx):
+            return item
+        from moba_cp.eval.needle import make_needle_sample
+
+        h = _unit(self.seed, idx, "needle")
+        kind = self.kinds[h % len(self.kinds)]
+        depth = (h >> 8) % 101
+        filler = [t for t in item["tokens"].tolist() if t not in self._drop]
+        if len(filler) < 64:  # (near-)empty sample: fall back to the passkey filler
+            filler = None
+        s = make_needle_sample(self.tok, self.seq_length + 1, depth, kind, seed=h >> 16, filler_tokens=filler)
+        seq = torch.tensor(s.tokens, dtype=torch.long)
+        tokens, labels = seq[:-1].contiguous(), seq[1:].contiguous()
+        if self.loss_on == "all":
+            loss_mask = torch.ones(self.seq_length, dtype=torch.float32)
+        else:
+            loss_mask = torch.zeros(self.seq_length, dtype=torch.float32)
+            loss_mask[s.answer_start - 1:] = 1.0  # labels[j] = seq[j + 1]: the answer is labels[answer_start-1:]
+        return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
+                "position_ids": torch.arange(self.seq_length, dtype=torch.long)}
+
+
+class PretrainingSampler(torch.utils.data.Sampler):
+    """Batch sampler over ``[consumed_samples, total)`` in order, split across data-parallel ranks.
+
+    Each global step consumes ``micro_batch_size * dp_size`` consecutive indices per micro-batch;
+    rank ``r`` takes its contiguous slice. Resuming with ``consumed_samples`` from a checkpoint
+    continues exactly where the run stopped, for any ``dp_size`` (the shuffle lives in the dataset,
+    so the order of samples does not depend on the layout). Incomplete last batches are dropped.
+
+    Yields:
+        lists of ``micro_batch_size`` dataset indices.
+    """
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
+                 dp_rank: int = 0, dp_size: int = 1):
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size}).")
+        if micro_batch_size < 1 or total_samples < 1:
+            raise ValueError(f"micro_batch_size={micro_batch_size} and total_samples={total_samples} must be >= 1.")
+        self.total, self.consumed, self.mbs = int(total_samples), int(consumed_samples), int(micro_batch_size)
+        self.rank, self.dp = int(dp_rank), int(dp_size)
+
+    def __len__(self) -> int:
+        return (self.total - self.consumed) // (self.mbs * self.dp)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.mbs * self.dp
+        for start in range(self.consumed, self.total - step + 1, step):
+            lo = start + self.rank * self.mbs
+            yield list(range(lo, lo + self.mbs))
