@@ -31,6 +31,24 @@ __all__ = ["sparse_attn_bwd"]
 
 LOG2E = 1.4426950408889634
 
+#: dK/dV kernel shapes: ``bnb`` keys per program (None: min(64, B)), ``bm`` gathered rows per
+#: step (None: by head dim), ``fuse_dq`` (None: fuse when a block needs <= 2 key sub-tiles).
+CONFIG = {"bnb": None, "bm": None, "fuse_dq": None, "num_warps": None, "num_stages": 2}
+
+
+@triton.jit
+def _delta_kernel(DO, O, DELTA, n_rows, stride_dot, stride_doh, stride_ot, stride_oh, H,
+                  BR: tl.constexpr, D: tl.constexpr):
+    # delta[t, h] = sum_d do * o in fp32, without fp32 copies of do and o in memory.
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    m = r < n_rows
+    t = (r // H).to(tl.int64)
+    h = r % H
+    d = tl.arange(0, D)
+    a = tl.load(DO + (t * stride_dot + h * stride_doh)[:, None] + d[None, :], mask=m[:, None], other=0.0)
+    b = tl.load(O + (t * stride_ot + h * stride_oh)[:, None] + d[None, :], mask=m[:, None], other=0.0)
+    tl.store(DELTA + r, tl.sum(a.to(tl.float32) * b.to(tl.float32), axis=1), mask=m)
+
 
 @triton.jit
 def _dkdv_kernel(
@@ -161,7 +179,12 @@ def sparse_attn_bwd(
     dev = q.device
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     do = do.contiguous() if do.stride(-1) != 1 else do
-    delta = (do.float() * o.float()).sum(-1)
+    o = o.contiguous() if o.stride(-1) != 1 else o
+    delta = torch.empty(tq, hq, dtype=torch.float32, device=dev)
+    if tq * hq > 0:
+        _delta_kernel[(triton.cdiv(tq * hq, 64),)](
+            do, o, delta, tq * hq, do.stride(0), do.stride(1), o.stride(0), o.stride(1), hq, BR=64, D=d, num_warps=4
+        )
     if dlse is not None:
         delta = delta - dlse.float()
     lse = lse.float().contiguous()
@@ -171,17 +194,18 @@ def sparse_attn_bwd(
     dv = torch.zeros(tk, hkv, d, dtype=torch.float32, device=dev)
     if gi.n_tiles == 0:
         return dq, dk, dv
-    bnb = bnb or min(64, triton.next_power_of_2(block_size))
+    bnb = bnb or CONFIG["bnb"] or min(64, triton.next_power_of_2(block_size))
     nsub = triton.cdiv(block_size, bnb)
     if fuse_dq is None:
-        fuse_dq = nsub <= 2
-    bm_b = 64 if d <= 64 else 32 if q.dtype == torch.float32 else 64
+        fuse_dq = CONFIG["fuse_dq"] if CONFIG["fuse_dq"] is not None else nsub <= 2
+    bm_b = CONFIG["bm"] or (64 if d <= 64 else 32 if q.dtype == torch.float32 else 64)
+    nw = CONFIG["num_warps"] or (8 if d >= 128 else 4)
     scale_log2 = softmax_scale * LOG2E
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
     _dkdv_kernel[(hkv * blocks.n, nsub)](
         q, k, v, do, lse, delta, qpos, gi.ent, gi.offs, gi.kv_order, blocks.kstart, blocks.kpos, blocks.klen,
         dq, dk, dv, *strides, hq, width, blocks.n, hq // hkv, softmax_scale, scale_log2,
-        BM=bm_b, BNB=bnb, D=d, FUSE_DQ=fuse_dq, PREC=prec, num_warps=8 if d >= 128 else 4, num_stages=2,
+        BM=bm_b, BNB=bnb, D=d, FUSE_DQ=fuse_dq, PREC=prec, num_warps=nw, num_stages=CONFIG["num_stages"],
     )
     if not fuse_dq:
         from moba_cp.ops.moba.triton_attn_fwd import fwd_tile_m

@@ -20,8 +20,6 @@ row per entry; no ``[T, Hq, W, D]`` partial outputs are ever stored.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -99,9 +97,14 @@ def _fwd_kernel(
         tl.atomic_add(OACC + (t64[:, None] * H + h) * D + d[None, :], acc, mask=rmask[:, None], sem="relaxed")
 
 
+#: Tile shapes of the forward (and of the non-fused dQ kernel, which shares its tiles).
+#: ``bm`` rows per gathered tile, ``bn`` keys per sub-tile (None: whole block up to 128).
+CONFIG = {"bm": 64, "bn": None, "num_warps": 4, "num_stages": 2}
+
+
 def fwd_tile_m(d: int) -> int:
     """Rows (gathered entries) per forward tile; the gather index is built with this."""
-    return 64
+    return CONFIG["bm"]
 
 
 def _bn(block_size: int, d: int) -> int:
@@ -137,7 +140,8 @@ def sparse_attn_fwd(
     dev = q.device
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     bm = fwd_tile_m(d)
-    bn = fwd_bn or _bn(block_size, d)
+    bn = fwd_bn or CONFIG["bn"] or _bn(block_size, d)
+    nw, ns = CONFIG["num_warps"], CONFIG["num_stages"]
     part = torch.full((tq, hq, max(width, 1)), float("-inf"), dtype=torch.float32, device=dev)
     oacc = torch.zeros(tq, hq, d, dtype=torch.float32, device=dev)
     scale_log2 = softmax_scale * LOG2E
@@ -146,12 +150,12 @@ def sparse_attn_fwd(
     if gi.n_tiles > 0:
         _fwd_kernel[(gi.n_tiles,)](
             *common, part, part, oacc, *strides, hq, width, blocks.n, hq // hkv, scale_log2,
-            PASS=1, BM=bm, BN=bn, D=d, PREC=prec, num_warps=4, num_stages=2,
+            PASS=1, BM=bm, BN=bn, D=d, PREC=prec, num_warps=nw, num_stages=ns,
         )
     lse = torch.logsumexp(part, dim=-1)  # all -inf rows -> -inf
     if gi.n_tiles > 0:
         _fwd_kernel[(gi.n_tiles,)](
             *common, lse, part, oacc, *strides, hq, width, blocks.n, hq // hkv, scale_log2,
-            PASS=2, BM=bm, BN=bn, D=d, PREC=prec, num_warps=4, num_stages=2,
+            PASS=2, BM=bm, BN=bn, D=d, PREC=prec, num_warps=nw, num_stages=ns,
         )
     return oacc.to(q.dtype), lse

@@ -1,0 +1,311 @@
+"""MoBA Triton kernels vs PyTorch SDPA full causal attention (cuDNN, flash), one table.
+
+Usage (GPU):
+    PYTHONPATH=$PWD python benchmarks/bench_moba.py --suite all --out benchmarks/results/moba_h100.md
+
+Per setting it prints forward and forward+backward time (CUDA events around each call,
+after warm-up, median), the achieved TFLOP/s on the work MoBA must do, peak memory, and the
+SDPA times measured in the same run. Inputs are bf16 random normal.
+
+Work counted (per query token and head, head dim d): gate ``2 d * (#complete past blocks)``;
+attention forward ``4 d * (#keys attended)`` with ``#keys = min(topk-1, own block) * B +
+(pos % B) + 1``; backward = 2.5 x the attention forward (5 products vs 2). SDPA TFLOP/s
+count the causal half: ``4 d S^2 / 2`` forward, 3.5 x that for forward+backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+
+SUITES = {
+    # name: (batch, Hq, Hkv, d, block, topk, [seq lens])
+    "flashmoba": (2, 16, 16, 128, 128, 8, [8192, 32768, 131072, 524288]),
+    "paper-b512": (1, 32, 8, 128, 512, 3, [8192, 32768]),
+    "paper-b4096": (1, 32, 8, 128, 4096, 12, [131072, 524288, 1048576]),
+}
+
+
+def moba_flops(b, s, hq, d, block, topk):
+    pos = torch.arange(s, dtype=torch.float64)
+    own = torch.div(pos, block, rounding_mode="floor")
+    keys = torch.clamp(own, max=topk - 1) * block + (pos % block) + 1
+    gate = 2 * d * own.sum().item() * hq * b
+    attn = 4 * d * keys.sum().item() * hq * b
+    return gate, attn
+
+
+def timed(fn, warmup, reps, budget_ms=None):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    n = reps
+    i = 0
+    while i < n:
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+        if i == 0 and budget_ms is not None:  # adapt the repeat count to the call's length
+            n = max(1, min(reps, int(budget_ms / max(times[0], 1e-3))))
+        i += 1
+    return statistics.median(times), len(times)
+
+
+def peak_of(fn):
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def bench_moba(b, s, hq, hkv, d, block, topk, budget_ms):
+    from moba_cp.ops.moba import triton_backend as tb
+
+    t = b * s
+    cu = torch.arange(0, t + 1, s, dtype=torch.int32, device="cuda")
+    q = torch.randn(t, hq, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(t, hkv, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(t, hkv, d, device="cuda", dtype=torch.bfloat16)
+    do = torch.randn(t, hq, d, device="cuda", dtype=torch.bfloat16)
+    scale = d ** -0.5
+    kw = dict(block_size=block, cu_seqlens=cu, softmax_scale=scale)
+
+    def fwd():
+        with torch.no_grad():
+            return tb.moba_attn(q, k, v, topk=topk, **kw)
+
+    qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+
+    def fwd_bwd():
+        o, _ = tb.moba_attn(qg, kg, vg, topk=topk, **kw)
+        return torch.autograd.grad(o, (qg, kg, vg), do)
+
+    with torch.no_grad():
+        idx = tb.select_blocks(q, k, block_size=block, topk=topk, cu_seqlens=cu)
+
+    def sel():
+        with torch.no_grad():
+            return tb.select_blocks(q, k, block_size=block, topk=topk, cu_seqlens=cu)
+
+    def attn_only():
+        with torch.no_grad():
+            return tb.block_attn(q, k, v, idx, **kw)
+
+    r = {}
+    r["fwd"], r["n_fwd"] = timed(fwd, 1, 30, budget_ms)
+    r["fwdbwd"], r["n_fwdbwd"] = timed(fwd_bwd, 1, 20, budget_ms)
+    r["gate"], _ = timed(sel, 0, 10, budget_ms / 3)
+    r["attn_fwd"], _ = timed(attn_only, 0, 10, budget_ms / 3)
+    r["peak"] = peak_of(fwd_bwd)
+    del q, k, v, do, qg, kg, vg, idx
+    torch.cuda.empty_cache()
+    return r
+
+
+def bench_sdpa(b, s, hq, hkv, d, backend, big, budget_ms):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+
+    be = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
+    q = torch.randn(b, hq, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(b, hkv, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(b, hkv, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    do = torch.randn(b, hq, s, d, device="cuda", dtype=torch.bfloat16)
+    gqa = hq != hkv
+    note = ""
+    kk, vv = k, v
+
+    def call(q, k, v):
+        with sdpa_kernel([be]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+    try:
+        with torch.no_grad():
+            call(q, k, v)
+    except RuntimeError:
+        # This backend has no GQA path here: repeat K/V (what a user of it would do).
+        kk = k.detach().repeat_interleave(hq // hkv, 1).requires_grad_()
+        vv = v.detach().repeat_interleave(hq // hkv, 1).requires_grad_()
+        gqa = False
+        note = "KV repeated"
+
+    def fwd():
+        with torch.no_grad():
+            return call(q, kk, vv)
+
+    def fwd_bwd():
+        o = call(q, kk, vv)
+        return torch.autograd.grad(o, (q, kk, vv), do)
+
+    warm = 0 if big else 1
+    reps = 1 if big else 20
+    r = {"note": note}
+    r["fwd"], r["n_fwd"] = timed(fwd, warm, reps, budget_ms)
+    r["fwdbwd"], r["n_fwdbwd"] = timed(fwd_bwd, warm, reps, budget_ms)
+    r["peak"] = peak_of(fwd_bwd)
+    del q, k, v, kk, vv, do
+    torch.cuda.empty_cache()
+    return r
+
+
+def tune(b, s, hq, hkv, d, block, topk):
+    """Time the pieces and a few tile configurations at one shape (prints one line each)."""
+    from moba_cp.ops.moba import triton_attn_bwd as bwd_mod
+    from moba_cp.ops.moba import triton_attn_fwd as fwd_mod
+    from moba_cp.ops.moba import triton_backend as tb
+    from moba_cp.ops.moba.triton_centroids import block_centroids
+    from moba_cp.ops.moba.triton_common import build_gather_index, doc_tables
+
+    t = b * s
+    cu = torch.arange(0, t + 1, s, dtype=torch.int32, device="cuda")
+    q = torch.randn(t, hq, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(t, hkv, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(t, hkv, d, device="cuda", dtype=torch.bfloat16)
+    do = torch.randn(t, hq, d, device="cuda", dtype=torch.bfloat16)
+    scale = d ** -0.5
+    blocks, qpos, base, _ = doc_tables(t, cu, block, "cuda")
+    idx = tb.select_blocks(q, k, block_size=block, topk=topk, cu_seqlens=cu)
+    w = idx.shape[-1]
+    pr = lambda name, ms: print(f"tune S={s} {name}: {ms:.3f} ms", flush=True)  # noqa: E731
+    pr("doc_tables", timed(lambda: doc_tables(t, cu, block, "cuda"), 1, 10)[0])
+    pr("centroids", timed(lambda: block_centroids(k, blocks.kstart, blocks.klen, block), 1, 10)[0])
+    pr("select (centroids+gate)", timed(lambda: tb.select_blocks(q, k, block_size=block, topk=topk, cu_seqlens=cu), 1, 10)[0])
+    for bm in (64, 128):
+        pr(f"gather index bm={bm}", timed(lambda: build_gather_index(idx, base, blocks.n, hkv, bm), 1, 10)[0])
+    base_f = dict(fwd_mod.CONFIG)
+    for cfg in ({"bm": 64, "bn": 128, "num_warps": 4}, {"bm": 64, "bn": 128, "num_warps": 8},
+                {"bm": 128, "bn": 64, "num_warps": 8}, {"bm": 64, "bn": 64, "num_warps": 4},
+                {"bm": 128, "bn": 128, "num_warps": 8}, {"bm": 64, "bn": 128, "num_warps": 4, "num_stages": 3}):
+        fwd_mod.CONFIG.update(base_f)
+        fwd_mod.CONFIG.update(cfg)
+        gi = build_gather_index(idx, base, blocks.n, hkv, cfg["bm"])
+        ms = timed(lambda: fwd_mod.sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, scale, block), 1, 10)[0]
+        pr(f"attn fwd {cfg}", ms)
+    fwd_mod.CONFIG.update(base_f)
+    gi = build_gather_index(idx, base, blocks.n, hkv, fwd_mod.CONFIG["bm"])
+    o, lse = fwd_mod.sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, scale, block)
+    base_b = dict(bwd_mod.CONFIG)
+    for cfg in ({"bnb": 64, "bm": 64, "fuse_dq": True, "num_warps": 8}, {"bnb": 64, "bm": 64, "fuse_dq": True, "num_warps": 4},
+                {"bnb": 128, "bm": 64, "fuse_dq": True, "num_warps": 8}, {"bnb": 64, "bm": 32, "fuse_dq": True, "num_warps": 4},
+                {"bnb": 64, "bm": 64, "fuse_dq": False, "num_warps": 8}, {"bnb": 128, "bm": 32, "fuse_dq": True, "num_warps": 8}):
+        bwd_mod.CONFIG.update(base_b)
+        bwd_mod.CONFIG.update(cfg)
+        try:
+            ms = timed(lambda: bwd_mod.sparse_attn_bwd(do, q, k, v, o, lse, qpos, blocks, gi, w, scale, block), 1, 10)[0]
+            pr(f"attn bwd {cfg}", ms)
+        except Exception as e:  # a config that does not compile (shared memory) is reported, not fatal
+            print(f"tune attn bwd {cfg}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
+    bwd_mod.CONFIG.update(base_b)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--suite", default="all", help="all, or a comma list of " + ", ".join(SUITES))
+    ap.add_argument("--max-seq", type=int, default=1 << 21, help="skip longer sequences")
+    ap.add_argument("--min-seq", type=int, default=0, help="skip shorter sequences")
+    ap.add_argument("--sdpa", default="cudnn,flash", help="SDPA backends to time (comma list, or 'none')")
+    ap.add_argument("--sdpa-big", default="cudnn", help="SDPA backends to time at S >= 512K (one untimed-warm-up-free call each)")
+    ap.add_argument("--budget-ms", type=float, default=1500.0, help="time per measured point (sets the repeats)")
+    ap.add_argument("--out", default=None, help="write the markdown table here")
+    ap.add_argument("--json", default=None, help="write raw numbers here")
+    ap.add_argument("--tune", default=None, help="suite:seq, e.g. flashmoba:32768: time pieces and tile configs, then exit")
+    args = ap.parse_args()
+    if args.tune:
+        name, seq = args.tune.split(":")
+        b, hq, hkv, d, block, topk, _ = SUITES[name]
+        tune(b, int(seq), hq, hkv, d, block, topk)
+        return
+
+    suites = list(SUITES) if args.suite == "all" else args.suite.split(",")
+    dev = torch.cuda.get_device_name()
+    hdr = (
+        "| setting | S | MoBA fwd ms | MoBA fwd+bwd ms | gate ms | attn fwd ms | TFLOP/s fwd | TFLOP/s f+b "
+        "| peak GiB | cuDNN fwd ms | cuDNN f+b ms | flash fwd ms | flash f+b ms | SDPA peak GiB "
+        "| x cuDNN fwd | x cuDNN f+b | x flash fwd | x flash f+b |"
+    )
+    lines = [hdr, "|" + "|".join(["---"] * (hdr.count("|") - 1)) + "|"]
+    print(hdr, flush=True)
+    print(lines[1], flush=True)
+    raw = []
+    for name in suites:
+        b, hq, hkv, d, block, topk, seqs = SUITES[name]
+        for s in seqs:
+            if s > args.max_seq or s < args.min_seq:
+                continue
+            gate_f, attn_f = moba_flops(b, s, hq, d, block, topk)
+            t0 = time.time()
+            try:
+                m = bench_moba(b, s, hq, hkv, d, block, topk, args.budget_ms)
+            except torch.OutOfMemoryError as e:  # noqa: F841
+                m = None
+                torch.cuda.empty_cache()
+            sd = {}
+            big = s >= 524288
+            backends = [] if args.sdpa == "none" else args.sdpa.split(",")
+            if big:
+                backends = [x for x in backends if x in args.sdpa_big.split(",")]
+            for be in backends:
+                try:
+                    sd[be] = bench_sdpa(b, s, hq, hkv, d, be, big, args.budget_ms)
+                except torch.OutOfMemoryError:
+                    sd[be] = {"oom": True}
+                    torch.cuda.empty_cache()
+            causal = 4 * d * s * s / 2 * hq * b
+            f = lambda x, spec=".1f": ("-" if x is None else format(x, spec))  # noqa: E731
+            g = lambda be, key: sd.get(be, {}).get(key)  # noqa: E731
+            sdpa_peak = max([x.get("peak", 0) for x in sd.values()] + [0]) or None
+            row = [
+                f"{name} (B={b}, H={hq}/{hkv}, d={d}, block {block}, top-k {topk})", f"{s // 1024}K",
+                f(m and m["fwd"], ".2f"), f(m and m["fwdbwd"], ".2f"), f(m and m["gate"], ".2f"), f(m and m["attn_fwd"], ".2f"),
+                f(m and (gate_f + attn_f) / m["fwd"] / 1e9, ".0f"),
+                f(m and (gate_f + 3.5 * attn_f) / m["fwdbwd"] / 1e9, ".0f"),
+                f(m and m["peak"], ".1f"),
+            ]
+            for be in ("cudnn", "flash"):
+                for key in ("fwd", "fwdbwd"):
+                    x = g(be, key)
+                    cell = "OOM" if sd.get(be, {}).get("oom") else f(x, ".1f")
+                    if x is not None and big:
+                        cell += " (1 run)"
+                    if x is not None and sd[be].get("note"):
+                        cell += f" ({sd[be]['note']})"
+                    row.append(cell)
+            row.append(f(sdpa_peak, ".1f"))
+            for be in ("cudnn", "flash"):
+                for key in ("fwd", "fwdbwd"):
+                    x = g(be, key)
+                    row.append(f(m and x and x / m[key], ".1f"))
+            line = "| " + " | ".join(row) + " |"
+            lines.append(line)
+            print(line, flush=True)
+            raw.append({"suite": name, "S": s, "moba": m, "sdpa": sd, "gate_flop": gate_f, "attn_flop": attn_f,
+                        "causal_flop": causal, "wall_s": time.time() - t0})
+    foot = (
+        f"\nDevice: {dev}; torch {torch.__version__}; date {datetime.date.today()}; bf16; "
+        f"command: `{' '.join(sys.argv)}`. TFLOP/s count MoBA's required work (gate + selected "
+        f"keys, backward = 2.5 x attention forward). SDPA at S >= 512K: one call each, no warm-up."
+    )
+    print(foot)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write("\n".join(lines) + "\n" + foot + "\n")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(raw, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
