@@ -62,6 +62,7 @@ class CPStats:
     kv_refetch_bytes_recv: int = 0
     full_ring_bwd_bytes: int = 0  # K/V re-rotation + fp32 dK/dV a full ring sends per rank
     kept_kv_bytes: int = 0  # received K/V held from forward to backward (keep_kv=True)
+    recv_block_ids: list = dataclasses.field(default_factory=list)  # global ids received (MoBA)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -7,16 +7,38 @@ Steps 1-2 of ``shared/DESIGN.md`` section 2. No rank ever sees a remote key here
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 import torch
 
 from moba_cp.ops.moba import naive
 from moba_cp.parallel.exchange import all_gather_equal
 
+log = logging.getLogger(__name__)
+
 __all__ = ["gather_centroids", "select_global"]
 
 
-def gather_centroids(k_local: torch.Tensor, block_size: int, cp_size: int, group) -> torch.Tensor:
+def _triton_module(name: str):
+    """A module of the Triton backend, or None when this build has no Triton backend."""
+    if importlib.util.find_spec(f"moba_cp.ops.moba.{name}") is None:
+        return None
+    return importlib.import_module(f"moba_cp.ops.moba.{name}")
+
+
+def local_centroids(k_local: torch.Tensor, block_size: int, backend: str) -> torch.Tensor:
+    """``[n // B, Hkv, D]`` fp32 centroids of this shard's blocks, computed by the same code
+    as the single-device op of ``backend`` (so CP and single-device scores agree bit for bit)."""
+    mod = _triton_module("triton_centroids") if backend == "triton" else None
+    if mod is None:
+        return naive.block_centroids(k_local, block_size)
+    n = k_local.shape[0] // block_size
+    kstart = torch.arange(n, device=k_local.device, dtype=torch.int32) * block_size
+    klen = torch.full((n,), block_size, device=k_local.device, dtype=torch.int32)
+    return mod.block_centroids(k_local.contiguous(), kstart, klen, block_size)
+
+
+def gather_centroids(k_local: torch.Tensor, block_size: int, cp_size: int, group, backend: str = "naive") -> torch.Tensor:
     """Global centroids from every rank's local complete blocks.
 
     Args:
@@ -30,20 +52,11 @@ def gather_centroids(k_local: torch.Tensor, block_size: int, cp_size: int, group
     global order (chunk ``c < cp`` is the first half of rank ``c``'s, chunk ``c >= cp`` the
     second half of rank ``2cp-1-c``'s).
     """
-    cent = naive.block_centroids(k_local, block_size)  # [2*nbc, Hkv, D]
+    cent = local_centroids(k_local, block_size, backend)  # [2*nbc, Hkv, D]
     nbc = cent.shape[0] // 2
     parts = all_gather_equal(cent, group)
     chunks = [parts[c][:nbc] if c < cp_size else parts[2 * cp_size - 1 - c][nbc:] for c in range(2 * cp_size)]
     return torch.cat(chunks, dim=0)
-
-
-def _triton_gate():
-    """The Triton backend's centroid gate, if it provides one with the oracle's signature."""
-    if importlib.util.find_spec("moba_cp.ops.moba.triton_backend") is None:
-        return None
-    from moba_cp.ops.moba import triton_backend
-
-    return getattr(triton_backend, "select_from_centroids", None)
 
 
 def select_global(
@@ -63,7 +76,8 @@ def select_global(
         q: ``[Tq, Hq, D]`` local queries; q_pos: ``[Tq]`` their global positions.
         centroids: ``[NB, Hkv, D]`` global centroids (from :func:`gather_centroids`).
         width: result columns (``min(topk, NB)``, as the single-device op).
-        backend: "triton" uses the Triton gate when the backend provides one.
+        backend: "triton" runs the Triton backend's fused gate + running top-k (no score
+            matrix in memory; one document, ``base = 0``, positions global), else the torch path.
         mem_budget_bytes: cap on the fp32 score tile of the torch path.
     Returns:
         ``[Tq, Hq, width]`` int32 global block ids, ascending, own block included, -1 padded.
@@ -74,9 +88,12 @@ def select_global(
     under ``mem_budget_bytes`` and the causal half of the work is skipped.
     """
     if backend == "triton":
-        gate = _triton_gate()
-        if gate is not None:
-            return gate(q, q_pos, centroids, block_size=block_size, topk=topk, width=width)
+        mod = _triton_module("triton_gate")
+        if mod is not None and width <= mod.MAX_GATE_WIDTH:
+            base = torch.zeros(q.shape[0], dtype=torch.int32, device=q.device)
+            return mod.gate_topk(q.contiguous(), centroids.float().contiguous(), q_pos.to(torch.int32), base,
+                                 block_size=block_size, topk=topk, width=width)
+        log.warning("moba_attn_cp: Triton gate unavailable (or width %d too large); using the torch gate", width)
     tq, hq, _ = q.shape
     out = torch.empty(tq, hq, width, dtype=torch.int32, device=q.device)
     nb = centroids.shape[0]

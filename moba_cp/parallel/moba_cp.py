@@ -163,7 +163,7 @@ class _MobaCP(torch.autograd.Function):
         q_pos = zigzag_positions(s_loc, r, cp, device=dev)
 
         # 1-2. centroids all-gathered; gate over global causal candidates.
-        cent = gather_centroids(k, B, cp, group)
+        cent = gather_centroids(k, B, cp, group, backend)
         width = min(topk, nb)
         idx = select_global(q, q_pos, cent, block_size=B, topk=topk, width=width, backend=backend)
 
@@ -187,6 +187,7 @@ class _MobaCP(torch.autograd.Function):
         stats = CPStats(
             op="moba_attn_cp", cp_size=cp, cp_rank=r, n_blocks=nb, block_bytes=2 * B * hkv * d * elem,
             global_union_blocks=plan.global_union_blocks,
+            recv_block_ids=sorted(int(g) for t in plan.recv_blocks for g in t),
             meta_bytes_recv=mask_bytes + (cp - 1) * 2 * nbc * hkv * d * cent.element_size(),
             full_ring_kv_bytes=(cp - 1) * 2 * s_loc * hkv * d * elem,
             full_ring_bwd_bytes=(cp - 1) * 2 * s_loc * hkv * d * (elem + 4),
