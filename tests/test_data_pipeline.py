@@ -318,3 +318,19 @@ def test_pretraining_sampler_resume_and_dp():
     r1 = list(PretrainingSampler(20, 4, 2, 1, 2))
     assert r0[0] == [4, 5] and r1[0] == [6, 7] and len(r0) == len(r1) == 4
     assert sorted(x for b in r0 + r1 for x in b) == list(range(4, 20))
+
+
+def test_heldout_sequences(small_corpus, tmp_path):
+    from moba_cp.data.datasets import heldout_sequences
+
+    prefix, cache = small_corpus
+    cfg = DataConfig(source="indexed", paths=[prefix], cache_dir=cache, split="50,50,0")
+    seqs = heldout_sequences(cfg, seq_length=1000, num_sequences=3)
+    assert 1 <= len(seqs) <= 3 and all(s.shape == (1001,) and s.dtype == torch.long for s in seqs)
+    assert all(ByteTokenizer().eod not in s.tolist() for s in seqs)  # one document each
+    with pytest.raises(DataConfigError, match="no held-out document"):
+        heldout_sequences(cfg, seq_length=10**7, num_sequences=1)
+    b = heldout_sequences(DataConfig(source="builtin", cache_dir=str(tmp_path)), seq_length=4096, num_sequences=2)
+    assert len(b) == 2 and b[0].shape == (4097,)
+    m = heldout_sequences(DataConfig(source="mock"), seq_length=64, num_sequences=2)
+    assert len(m) == 2 and m[0].shape == (65,)

@@ -242,3 +242,30 @@ def test_plots_written_and_valid(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="nothing to plot"):
         plots.plot_runs([str(tmp_path / "empty")], str(tmp_path / "x"))
+
+
+# ----------------------------------------------------------------------------- CLI runners
+
+def test_eval_cli_runners(tmp_path):
+    import argparse
+
+    from moba_cp.eval import cli
+
+    assert cli.parse_depths("0,10,...,100") == [float(x) for x in range(0, 101, 10)]
+    assert cli.parse_depths("0, 50,100") == [0.0, 50.0, 100.0]
+    with pytest.raises(ValueError):
+        cli.parse_depths("0,120")
+    out = str(tmp_path / "run" / "eval")
+    args = cli.add_needle_arguments(argparse.ArgumentParser()).parse_args(
+        ["--lengths", "1k", "--depths", "0,100", "--kinds", "single,passkey", "--n-per-cell", "1", "--out", out])
+    res = cli.run_needle_eval(args, oracle_retriever, TOK, label="oracle", progress=None)
+    assert res["kinds"]["single"]["mean"] == 1.0 and os.path.isfile(os.path.join(out, "needle.json"))
+    _check_png(os.path.join(out, "needle_heatmap.png"))
+    largs = cli.add_loss_arguments(argparse.ArgumentParser()).parse_args(
+        ["--seq-len", "32", "--last", "8", "--num-seqs", "2", "--buckets", "4", "--out", out])
+    seqs = [list(range(33))] * 3
+    lres = cli.run_loss_eval(largs, per_token_loss_from_logits(lambda t: torch.zeros(1, t.shape[1], V)), seqs)
+    assert lres["num_sequences"] == 2 and lres["trailing_loss"] == pytest.approx(math.log(V))
+    # the run folder is now plottable
+    written = plots.plot_runs([str(tmp_path / "run")], str(tmp_path / "figs"))
+    assert {os.path.basename(p) for p in written} == {"positional_loss.png", "trailing_loss.png", "needle_heatmaps.png"}

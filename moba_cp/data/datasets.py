@@ -37,7 +37,7 @@ from .builtin_corpus import DEFAULT_BUDGET_BYTES, ensure_builtin_corpus
 from .tokenizers import TokenizerError, build_tokenizer
 
 __all__ = ["DataConfigError", "parse_blend", "validate_data_paths", "build_train_valid_datasets",
-           "RetrievalMixtureDataset", "PretrainingSampler", "gpt_dataset_config"]
+           "RetrievalMixtureDataset", "PretrainingSampler", "gpt_dataset_config", "heldout_sequences"]
 
 
 class DataConfigError(ValueError):
@@ -192,8 +192,8 @@ def build_train_valid_datasets(data_cfg, *, seq_length: int, seed: int, num_trai
         blend, cls, split, cache = None, MockGPTDataset, None, None
     else:
         if data_cfg.source == "builtin":
-            prefixes, weights = [ensure_builtin_corpus(data_cfg.cache_dir, tok, budget_bytes=builtin_budget_bytes,
-                                                       verbose=_is_rank0())], None
+            # Every rank calls this; one builds under a file lock (and prints), the others wait and reuse it.
+            prefixes, weights = [ensure_builtin_corpus(data_cfg.cache_dir, tok, budget_bytes=builtin_budget_bytes)], None
         else:
             prefixes, weights = parse_blend(data_cfg.paths)
         blend = ([os.path.abspath(p) for p in prefixes], weights)
@@ -241,10 +241,6 @@ def _rank0_when_not_distributed():
         yield
     finally:
         dist.get_rank = orig
-
-
-def _is_rank0() -> bool:
-    return os.environ.get("RANK", "0") == "0"
 
 
 def _unit(seed: int, idx: int, salt: str) -> int:
@@ -345,3 +341,77 @@ class PretrainingSampler(torch.utils.data.Sampler):
         for start in range(self.consumed, self.total - step + 1, step):
             lo = start + self.rank * self.mbs
             yield list(range(lo, lo + self.mbs))
+
+
+def heldout_sequences(data_cfg, *, seq_length: int, num_sequences: int, tokenizer=None, seed: int = 0,
+                      builtin_budget_bytes: int = DEFAULT_BUDGET_BYTES) -> list[torch.Tensor]:
+    """Long held-out sequences for the trailing / position-wise loss: each from ONE document.
+
+    Packed training samples cross document boundaries, which would blur a position-wise loss
+    curve; these are the first ``seq_length + 1`` tokens of single documents at least that long.
+
+    - ``source=builtin``: standard-library documents that the byte budget left *out* of the training
+      corpus (never trained on), in the same fixed order the corpus uses.
+    - ``source=indexed``: documents of the validation split range (``data.split``) of the first prefix.
+    - ``source=mock``: seeded random tokens (for plumbing tests only).
+
+    Args:
+        data_cfg: ``DataConfig``.
+        seq_length: ``S``; every returned tensor has ``S + 1`` tokens (``tokens = x[:-1]``, ``labels = x[1:]``).
+        num_sequences: how many (fewer are returned only when fewer documents are long enough; 0 raises).
+        tokenizer: default built from ``data_cfg.tokenizer``.
+
+    Returns:
+        list of ``LongTensor[S + 1]``.
+
+    Raises:
+        DataConfigError: no held-out document has ``S + 1`` tokens (the message gives the longest).
+    """
+    import numpy as np
+
+    tok = tokenizer if tokenizer is not None else build_tokenizer(data_cfg.tokenizer)
+    need = seq_length + 1
+    out: list[torch.Tensor] = []
+    longest = 0
+    if data_cfg.source == "mock":
+        g = torch.Generator().manual_seed(seed)
+        return [torch.randint(0, tok.vocab_size, (need,), generator=g) for _ in range(num_sequences)]
+    if data_cfg.source == "builtin":
+        from .builtin_corpus import collect_documents, select_documents
+        from .prepare import encode_document
+
+        docs = collect_documents()
+        chosen = {d.name for d in select_documents(docs, builtin_budget_bytes)}
+        rest = sorted((d for d in docs if d.name not in chosen),
+                      key=lambda d: hashlib.sha256(d.name.encode()).hexdigest())
+        where = f"the {len(rest)} standard-library documents outside the {builtin_budget_bytes}-byte training corpus"
+        for d in rest:
+            if len(out) >= num_sequences:
+                break
+            arr = encode_document(tok, d.text)[:-1]  # without the EOD: one document, nothing after it
+            longest = max(longest, len(arr))
+            if len(arr) >= need:
+                out.append(torch.from_numpy(np.asarray(arr[:need], dtype=np.int64)))
+    else:
+        from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        validate_data_paths(data_cfg)
+        prefix = parse_blend(data_cfg.paths)[0][0]
+        ds = IndexedDataset(prefix)
+        split = parse_and_normalize_split(data_cfg.split)
+        n_docs = len(ds.document_indices) - 1
+        lo, hi = int(round(split[0] * n_docs)), int(round((split[0] + split[1]) * n_docs))
+        where = f"validation documents {lo}..{hi - 1} of {prefix}"
+        lengths = ds.sequence_lengths
+        for i in range(lo, hi):
+            if len(out) >= num_sequences:
+                break
+            n = int(lengths[i])
+            longest = max(longest, n - 1)
+            if n - 1 >= need:  # the stored document ends with EOD
+                out.append(torch.from_numpy(np.array(ds.get(i, 0, need), dtype=np.int64)))  # a copy: ds's mmap closes with it
+    if not out:
+        raise DataConfigError(f"no held-out document of >= {need} tokens among {where} (longest: {longest}). "
+                              f"Use a shorter --seq-len or data with longer documents.")
+    return out
