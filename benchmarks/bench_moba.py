@@ -182,25 +182,32 @@ def tune(b, s, hq, hkv, d, block, topk):
     pr = lambda name, ms: print(f"tune S={s} {name}: {ms:.3f} ms", flush=True)  # noqa: E731
     pr("doc_tables", timed(lambda: doc_tables(t, cu, block, "cuda"), 1, 10)[0])
     pr("centroids", timed(lambda: block_centroids(k, blocks.kstart, blocks.klen, block), 1, 10)[0])
-    pr("select (centroids+gate)", timed(lambda: tb.select_blocks(q, k, block_size=block, topk=topk, cu_seqlens=cu), 1, 10)[0])
-    for bm in (64, 128):
-        pr(f"gather index bm={bm}", timed(lambda: build_gather_index(idx, base, blocks.n, hkv, bm), 1, 10)[0])
+    from moba_cp.ops.moba import triton_gate as gate_mod
+
+    base_g = dict(gate_mod.CONFIG)
+    for cfg in ({}, {"bn": 128}, {"bm": 128, "num_warps": 8}, {"bn": 128, "num_warps": 8}, {"bm": 32}):
+        gate_mod.CONFIG.update(base_g)
+        gate_mod.CONFIG.update(cfg)
+        pr(f"select (centroids+gate) {cfg}", timed(lambda: tb.select_blocks(q, k, block_size=block, topk=topk, cu_seqlens=cu), 1, 10)[0])
+    gate_mod.CONFIG.update(base_g)
+    pr("gather index", timed(lambda: build_gather_index(idx, base, blocks.n, hkv, 256), 1, 10)[0])
     base_f = dict(fwd_mod.CONFIG)
-    for cfg in ({"bm": 64, "bn": 128, "num_warps": 4}, {"bm": 64, "bn": 128, "num_warps": 8},
-                {"bm": 128, "bn": 64, "num_warps": 8}, {"bm": 64, "bn": 64, "num_warps": 4},
-                {"bm": 128, "bn": 128, "num_warps": 8}, {"bm": 64, "bn": 128, "num_warps": 4, "num_stages": 3}):
+    for cfg in ({}, {"bm": 64, "bn": 128, "num_warps": 8}, {"bm": 64, "bn": 128, "num_warps": 4},
+                {"bm": 128, "bn": 128, "num_warps": 8}, {"bm": 128, "bn": 64, "num_warps": 8},
+                {"chunk": 512}, {"chunk": 128}, {"bm": 64, "bn": 128, "num_warps": 8, "chunk": 512},
+                {"num_stages": 3}, {"bm": 128, "bn": 128, "num_warps": 8, "chunk": 512}):
         fwd_mod.CONFIG.update(base_f)
         fwd_mod.CONFIG.update(cfg)
-        gi = build_gather_index(idx, base, blocks.n, hkv, cfg["bm"])
+        gi = build_gather_index(idx, base, blocks.n, hkv, fwd_mod.CONFIG["chunk"])
         ms = timed(lambda: fwd_mod.sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, scale, block), 1, 10)[0]
         pr(f"attn fwd {cfg}", ms)
     fwd_mod.CONFIG.update(base_f)
-    gi = build_gather_index(idx, base, blocks.n, hkv, fwd_mod.CONFIG["bm"])
+    gi = build_gather_index(idx, base, blocks.n, hkv, fwd_mod.CONFIG["chunk"])
     o, lse = fwd_mod.sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, scale, block)
     base_b = dict(bwd_mod.CONFIG)
-    for cfg in ({"bnb": 64, "bm": 64, "fuse_dq": True, "num_warps": 8}, {"bnb": 64, "bm": 64, "fuse_dq": True, "num_warps": 4},
-                {"bnb": 128, "bm": 64, "fuse_dq": True, "num_warps": 8}, {"bnb": 64, "bm": 32, "fuse_dq": True, "num_warps": 4},
-                {"bnb": 64, "bm": 64, "fuse_dq": False, "num_warps": 8}, {"bnb": 128, "bm": 32, "fuse_dq": True, "num_warps": 8}):
+    for cfg in ({}, {"bnb": 128, "bm": 32, "fuse_dq": True, "num_warps": 8}, {"bnb": 128, "bm": 32, "fuse_dq": False, "num_warps": 8},
+                {"bnb": 128, "bm": 16, "num_warps": 8}, {"bnb": 64, "bm": 32, "num_warps": 4}, {"bnb": 128, "bm": 64, "num_warps": 8},
+                {"bnb": 128, "bm": 32, "num_warps": 8, "num_stages": 3}, {"bnb": 64, "bm": 32, "fuse_dq": False, "num_warps": 4}):
         bwd_mod.CONFIG.update(base_b)
         bwd_mod.CONFIG.update(cfg)
         try:

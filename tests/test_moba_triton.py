@@ -132,6 +132,20 @@ def test_block_attn_fwd_bwd_matches_naive(case):
         _check(name, a, n, r, floor=2e-5)
 
 
+def test_kernel_paths_multi_subtile_chunked_unfused(monkeypatch):
+    """The other code paths: blocks spanning several key sub-tiles (online softmax across
+    them), several row tiles per program chunk, and the separate dQ kernel."""
+    from moba_cp.ops.moba import triton_attn_bwd, triton_attn_fwd
+
+    monkeypatch.setitem(triton_attn_fwd.CONFIG, "bm", 16)
+    monkeypatch.setitem(triton_attn_fwd.CONFIG, "bn", 16)
+    monkeypatch.setitem(triton_attn_fwd.CONFIG, "chunk", 32)
+    monkeypatch.setitem(triton_attn_bwd.CONFIG, "bnb", 16)
+    monkeypatch.setitem(triton_attn_bwd.CONFIG, "bm", 16)
+    monkeypatch.setitem(triton_attn_bwd.CONFIG, "fuse_dq", False)
+    test_block_attn_fwd_bwd_matches_naive((130, 4, 2, 16, 48, 3, [20, 110]))
+
+
 def test_moba_attn_end_to_end_api():
     """Public API with backend='triton' equals the naive backend (selection included)."""
     from moba_cp import moba_attn

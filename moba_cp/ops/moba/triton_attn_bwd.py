@@ -109,43 +109,44 @@ def _dkdv_kernel(
 def _dq_kernel(
     Q, K, V, DO, LSE, DELTA, QPOS, ENT, OFFS, TILE_B, TILE_START, KSTART, KPOS, KLEN, DQ,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    H, W, NBK, G, scale, scale_log2,
+    H, W, NBK, G, scale, scale_log2, CHUNK,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.load(TILE_B + pid)
-    r0 = tl.load(TILE_START + pid)
-    r1 = tl.load(OFFS + b + 1)
+    c0 = _ld(TILE_START + pid)
+    c1 = tl.minimum(_ld(OFFS + b + 1), c0 + CHUNK)
     h = b // NBK
     g = b % NBK
     hk = h // G
-    rr = r0 + tl.arange(0, BM)
-    rmask = rr < r1
-    ent = tl.load(ENT + rr, mask=rmask, other=0)
-    t64 = (ent // W).to(tl.int64)
     d = tl.arange(0, D)
-    q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
-    do = tl.load(DO + t64[:, None] * stride_dot + h * stride_doh + d[None, :], mask=rmask[:, None], other=0.0)
-    lse2 = tl.load(LSE + t64 * H + h, mask=rmask, other=0.0) * 1.4426950408889634
-    lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
-    dl = tl.load(DELTA + t64 * H + h, mask=rmask, other=0.0)
-    qp = tl.load(QPOS + t64, mask=rmask, other=0)
     ks = tl.load(KSTART + g).to(tl.int64)
     kp0 = tl.load(KPOS + g)
     kl = _ld(KLEN + g)
-    dq = tl.zeros([BM, D], dtype=tl.float32)
-    for n0 in range(0, kl, BN):
-        kk = n0 + tl.arange(0, BN)
-        kmask = kk < kl
-        k = tl.load(K + (ks + kk)[:, None] * stride_kt + hk * stride_kh + d[None, :], mask=kmask[:, None], other=0.0)
-        v = tl.load(V + (ks + kk)[:, None] * stride_vt + hk * stride_vh + d[None, :], mask=kmask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-        ok = rmask[:, None] & kmask[None, :] & ((kp0 + kk)[None, :] <= qp[:, None])
-        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = (p * (dp - dl[:, None])).to(Q.dtype.element_ty)
-        dq += tl.dot(ds, k, input_precision=PREC)
-    tl.atomic_add(DQ + (t64[:, None] * H + h) * D + d[None, :], dq * scale, mask=rmask[:, None], sem="relaxed")
+    for r0 in range(c0, c1, BM):
+        rr = r0 + tl.arange(0, BM)
+        rmask = rr < c1
+        ent = tl.load(ENT + rr, mask=rmask, other=0)
+        t64 = (ent // W).to(tl.int64)
+        q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
+        do = tl.load(DO + t64[:, None] * stride_dot + h * stride_doh + d[None, :], mask=rmask[:, None], other=0.0)
+        lse2 = tl.load(LSE + t64 * H + h, mask=rmask, other=0.0) * 1.4426950408889634
+        lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
+        dl = tl.load(DELTA + t64 * H + h, mask=rmask, other=0.0)
+        qp = tl.load(QPOS + t64, mask=rmask, other=0)
+        dq = tl.zeros([BM, D], dtype=tl.float32)
+        for n0 in range(0, kl, BN):
+            kk = n0 + tl.arange(0, BN)
+            kmask = kk < kl
+            k = tl.load(K + (ks + kk)[:, None] * stride_kt + hk * stride_kh + d[None, :], mask=kmask[:, None], other=0.0)
+            v = tl.load(V + (ks + kk)[:, None] * stride_vt + hk * stride_vh + d[None, :], mask=kmask[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+            ok = rmask[:, None] & kmask[None, :] & ((kp0 + kk)[None, :] <= qp[:, None])
+            p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            ds = (p * (dp - dl[:, None])).to(Q.dtype.element_ty)
+            dq += tl.dot(ds, k, input_precision=PREC)
+        tl.atomic_add(DQ + (t64[:, None] * H + h) * D + d[None, :], dq * scale, mask=rmask[:, None], sem="relaxed")
 
 
 def sparse_attn_bwd(
@@ -194,11 +195,13 @@ def sparse_attn_bwd(
     dv = torch.zeros(tk, hkv, d, dtype=torch.float32, device=dev)
     if gi.n_tiles == 0:
         return dq, dk, dv
-    bnb = bnb or CONFIG["bnb"] or min(64, triton.next_power_of_2(block_size))
+    # Measured on H100 at d=128, block 128 (benchmarks/NOTES_moba_kernels.md): 128-key
+    # programs with 32-row steps beat 64x64 by ~25%.
+    bnb = bnb or CONFIG["bnb"] or min(128 if d >= 128 else 64, triton.next_power_of_2(block_size))
     nsub = triton.cdiv(block_size, bnb)
     if fuse_dq is None:
         fuse_dq = CONFIG["fuse_dq"] if CONFIG["fuse_dq"] is not None else nsub <= 2
-    bm_b = CONFIG["bm"] or (64 if d <= 64 else 32 if q.dtype == torch.float32 else 64)
+    bm_b = CONFIG["bm"] or (64 if d <= 64 else 32)
     nw = CONFIG["num_warps"] or (8 if d >= 128 else 4)
     scale_log2 = softmax_scale * LOG2E
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
@@ -213,8 +216,8 @@ def sparse_attn_bwd(
         _dq_kernel[(gi.n_tiles,)](
             q, k, v, do, lse, delta, qpos, gi.ent, gi.offs, gi.tile_b, gi.tile_start,
             blocks.kstart, blocks.kpos, blocks.klen, dq, *strides, hq, width, blocks.n, hq // hkv,
-            softmax_scale, scale_log2,
-            BM=fwd_tile_m(d), BN=min(64, triton.next_power_of_2(block_size)), D=d, PREC=prec,
+            softmax_scale, scale_log2, fwd_tile_m(d),
+            BM=64, BN=min(64, triton.next_power_of_2(block_size)), D=d, PREC=prec,
             num_warps=4, num_stages=2,
         )
     return dq, dk, dv

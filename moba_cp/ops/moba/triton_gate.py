@@ -30,6 +30,10 @@ __all__ = ["gate_topk", "MAX_GATE_WIDTH"]
 #: Largest ``min(topk, blocks per document)`` the register-resident top-k supports.
 MAX_GATE_WIDTH = 128
 
+#: Tile shapes: ``bm`` query rows per program (None: by head dim and width), ``bn``
+#: centroids per step.
+CONFIG = {"bm": None, "bn": 64, "num_warps": 4}
+
 
 @triton.jit
 def _gate_topk_kernel(
@@ -130,14 +134,14 @@ def gate_topk(
     if t == 0:
         return out
     split = q.dtype in (torch.float16, torch.bfloat16)
-    bm = 64 if d <= 64 else 32 if kp > 64 else 64
-    bn = 64
+    bm = CONFIG["bm"] or (64 if d <= 64 else 32 if kp > 64 else 64)
+    bn = CONFIG["bn"]
     grid = (triton.cdiv(t, bm), hq)
     _gate_topk_kernel[grid](
         q, cent, qpos, base, out,
         t, hq // hkv, block_size, width,
         q.stride(0), q.stride(1), cent.stride(0), cent.stride(1), out.stride(0), out.stride(1),
         K=k_past, KP=kp, BM=bm, BN=bn, D=d, SPLIT=split, PREC="ieee",
-        num_warps=4,
+        num_warps=CONFIG["num_warps"],
     )
     return out
