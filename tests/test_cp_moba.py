@@ -197,3 +197,19 @@ def test_bad_layouts_fail_on_every_rank(case, match):
     msgs = run_distributed(_bad_layout_worker, 3, args=(case,), timeout=90)
     for rank, m in enumerate(msgs):
         assert m is not None and match in m, f"rank {rank}: {m!r}"
+
+
+def _triton_worker(rank, ws):
+    """The CP protocol with the Triton partial kernels and gate (interpreter on CPU)."""
+    s, block, topk = 2 * ws * 32, 16, 3
+    q, k, v, do = _inputs(5, s, 2, 1, d=16, dtype=torch.float32)
+    ref = _reference(q.double(), k.double(), v.double(), do.double(), block, topk)
+    got = _run_cp(rank, ws, moba_attn_cp, q, k, v, do, 0, block_size=block, topk=topk, backend="triton")
+    return _errors(rank, ws, got, ref, 0)
+
+
+def test_moba_cp_with_triton_kernels():
+    pytest.importorskip("moba_cp.ops.moba.triton_backend")
+    results = run_distributed(_triton_worker, 2)
+    for rank, errs in enumerate(results):
+        assert all(e <= 1e-4 for e in errs.values()), f"rank {rank}: {errs}"  # fp32 kernels
