@@ -3,6 +3,7 @@
     moba-cp --version
     moba-cp config RECIPE.yaml [--a.b=value ...]     print the resolved, validated recipe
     moba-cp selfcheck [--tokens N ...]               MoBA on random data vs the fp64 oracle
+    moba-cp train RECIPE.yaml [--dry-run] [--a.b=value ...]
 """
 
 from __future__ import annotations
@@ -25,6 +26,24 @@ def _cmd_config(args, overrides) -> int:
     return 0
 
 
+def _cmd_train(args, overrides) -> int:
+    from moba_cp.config import RecipeError, load_recipe
+
+    try:
+        cfg = load_recipe(args.recipe, overrides)
+    except RecipeError as e:
+        print(f"moba-cp train: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        from moba_cp.train.dry_run import dry_run
+
+        return dry_run(cfg, world_size=args.world_size)
+    from moba_cp.train.loop import train
+
+    train(cfg)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moba-cp", description="Context-parallel MoBA training on Megatron-Core."
@@ -35,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Load RECIPE (YAML), apply --a.b=value overrides, validate, print.")
     p.add_argument("recipe", help="path to a YAML recipe (e.g. recipes/quickstart.yaml)")
     p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("train", help="train a model from a recipe (run under torchrun for several processes)",
+                       description="Train from RECIPE with --a.b=value overrides. Launch with torchrun for "
+                                   "several processes; see launch/ and the README.")
+    p.add_argument("recipe", help="path to a YAML recipe")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the recipe without GPUs and print layout, memory, FLOPs and KV traffic")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="with --dry-run: the world size to plan for (default tp*cp*dp, dp defaulting to 1)")
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("selfcheck", help="run MoBA on random data with each backend against the fp64 oracle")
     from moba_cp import selfcheck

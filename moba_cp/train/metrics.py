@@ -1,0 +1,72 @@
+"""Training logs: one console line per logging step, a JSONL file and TensorBoard events (rank 0)."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["MetricsLogger", "peak_memory_gib", "format_eta"]
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch (GiB), or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def format_eta(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class MetricsLogger:
+    """Writes ``metrics.jsonl`` and TensorBoard events under ``run_dir`` and prints a line per step.
+
+    Only the main rank writes; other ranks' calls are no-ops.
+    """
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool, tensorboard: bool, resume: bool):
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self._tb = None
+        self._jsonl = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a" if resume else "w")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            except ImportError:
+                print("logging: tensorboard is not installed; TensorBoard events are off "
+                      "(pip install tensorboard, or set logging.tensorboard=false to silence this)")
+
+    def log(self, record: dict, line: str | None = None) -> None:
+        """Append ``record`` (must hold ``step``) to the JSONL file and TensorBoard; print ``line``."""
+        if not self.enabled:
+            return
+        record = dict(record, time=time.time())
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "time") and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, record["step"])
+            self._tb.flush()
+        if line:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
