@@ -41,7 +41,8 @@ def attention_cfg(pattern: str, num_layers: int = 2) -> AttentionConfig:
     return AttentionConfig(pattern=pattern)
 
 
-def build(model_cfg, moba_cfg, attn_cfg, tp=1, cp=1, seed=1234, **kw):
+def build(model_cfg, moba_cfg, attn_cfg, tp=1, cp=1, seed=1234, sequence_parallel=False,
+          distributed_optimizer=False, **kw):
     """(Re)initialise Megatron parallel state for tp x cp and build a seeded GPTModel."""
     from megatron.core import parallel_state
 
@@ -49,7 +50,8 @@ def build(model_cfg, moba_cfg, attn_cfg, tp=1, cp=1, seed=1234, **kw):
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    pcfg = ParallelConfig(tp=tp, cp=cp)
+    pcfg = ParallelConfig(tp=tp, cp=cp, sequence_parallel=sequence_parallel,
+                          distributed_optimizer=distributed_optimizer)
     mm.init_parallel(pcfg, seed=seed)
     return mm.build_gpt_model(model_cfg, moba_cfg, attn_cfg, pcfg, vocab_size=VOCAB, **kw), pcfg
 

@@ -244,14 +244,12 @@ class _CoreAttentionBase(MegatronModule):
         self._check_heads(q, k, v)
         s, b, hq, d = q.shape
         if self.cp_size > 1:
-            # The CP ops take the zigzag shard of one sequence, [S_local, H, D].
+            # The CP ops take this rank's zigzag shard of the sequences.
             if b == 1:
                 o = self._attend_cp(q[:, 0], k[:, 0], v[:, 0]).unsqueeze(1)
-            elif self.attention_mode == "moba":
-                # moba_attn_cp also takes a batch, [b, S_local, H, D]: one exchange for all rows
-                o = self._attend_cp(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)).transpose(0, 1)
             else:
-                o = torch.stack([self._attend_cp(q[:, i], k[:, i], v[:, i]) for i in range(b)], dim=1)
+                # both CP ops also take a batch, [b, S_local, H, D]: one exchange for all rows
+                o = self._attend_cp(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)).transpose(0, 1)
         elif self.attention_mode == "moba":
             from moba_cp.ops.moba.api import moba_attn
 
@@ -274,7 +272,7 @@ class _CoreAttentionBase(MegatronModule):
         return o.reshape(s, b, hq * d)
 
     def _attend_cp(self, q, k, v):
-        """Zigzag-sharded ``[S_local, H, D]`` (MoBA also ``[b, S_local, H, D]``) under CP."""
+        """Zigzag-sharded ``[S_local, H, D]`` or ``[b, S_local, H, D]`` under CP."""
         if self.attention_mode == "moba":
             return _cp_op("moba_attn_cp")(
                 q, k, v, block_size=self.moba_block_size, topk=self.moba_topk, cp_group=self.cp_group,

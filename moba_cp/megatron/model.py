@@ -38,7 +38,7 @@ from moba_cp.megatron.specs import gpt_block_spec
 
 __all__ = [
     "transformer_config_from_recipe", "build_gpt_model", "init_parallel", "wrap_ddp", "build_optimizer",
-    "padded_vocab_size", "default_ffn_hidden_size",
+    "padded_vocab_size", "default_ffn_hidden_size", "attach_training_hooks", "destroy_parallel",
 ]
 
 
@@ -253,3 +253,20 @@ def build_optimizer(
     )
     with compat_cpu.cuda_to_cpu():
         return get_megatron_optimizer(opt_cfg, [ddp_model])
+
+
+def attach_training_hooks(ddp_model, optimizer) -> None:
+    """Wire Megatron's schedule to DDP and the optimizer, as Megatron-LM's ``pretrain`` does.
+
+    Sets on the model's ``TransformerConfig``: ``no_sync_func`` (grad sync only after the last
+    micro-batch), ``finalize_model_grads_func`` (DDP grad all-reduce over dp x cp, plus the TP
+    layer-norm all-reduce under sequence parallelism) and ``grad_scale_func`` (loss scaling).
+    After this, ``get_forward_backward_func()(...)`` leaves finished gradients for
+    ``optimizer.step()``.
+    """
+    from megatron.core.distributed import finalize_model_grads
+
+    cfg = ddp_model.config
+    cfg.no_sync_func = ddp_model.no_sync
+    cfg.finalize_model_grads_func = finalize_model_grads
+    cfg.grad_scale_func = optimizer.scale_loss

@@ -27,7 +27,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from moba_cp.megatron.core_attention import FullCoreAttention, MoBACoreAttention, te_available
 
-__all__ = ["gpt_block_spec", "core_attention_spec", "resolve_transformer_impl", "TRANSFORMER_IMPLS"]
+__all__ = ["gpt_block_spec", "core_attention_spec", "resolve_transformer_impl", "TorchNorm", "TRANSFORMER_IMPLS"]
 
 TRANSFORMER_IMPLS = ("auto", "local", "te")
 
@@ -59,6 +59,30 @@ def core_attention_spec(kind: str, moba_cfg, attention_cfg) -> ModuleSpec:
     raise ValueError(f"layer attention kind {kind!r}; expected 'moba' or 'full'.")
 
 
+class TorchNorm:
+    """``torch.nn.RMSNorm`` / ``LayerNorm`` for the local spec, usable with sequence parallelism.
+
+    Megatron's ``WrappedTorchNorm`` (the local norm without apex) refuses
+    ``sequence_parallel``; but a norm is per token, so under SP it only needs its parameters
+    tagged ``sequence_parallel=True``, which makes ``finalize_model_grads`` all-reduce their
+    gradients over the TP group (what Megatron's fused norms do). Same constructor as
+    ``WrappedTorchNorm``.
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **unused_kwargs):
+        if config.normalization == "RMSNorm":
+            norm = torch.nn.RMSNorm(hidden_size, eps=eps)
+        elif config.normalization == "LayerNorm":
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps)
+        else:
+            raise ValueError(f"TorchNorm: normalization={config.normalization!r}; use RMSNorm or LayerNorm.")
+        if getattr(config, "layernorm_zero_centered_gamma", False):
+            raise ValueError("TorchNorm: layernorm_zero_centered_gamma is not supported by torch norms.")
+        for p in norm.parameters():
+            setattr(p, "sequence_parallel", bool(config.sequence_parallel))
+        return norm
+
+
 def _base_layer_spec(impl: str, normalization: str, qk_layernorm: bool):
     from megatron.core.models.gpt import gpt_layer_specs as gls
 
@@ -72,11 +96,10 @@ def _final_norm(impl: str, normalization: str):
 
     if impl == "te":
         return gls.TENorm
-    if normalization == "RMSNorm":
-        # torch.nn.RMSNorm through Megatron's wrapper (apex's FusedLayerNorm is LayerNorm only)
-        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-        return WrappedTorchNorm
+    if normalization == "RMSNorm" or gls.LNImpl is WrappedTorchNorm:
+        return TorchNorm  # (apex's FusedLayerNorm is LayerNorm only)
     return gls.LNImpl
 
 
@@ -109,6 +132,12 @@ def gpt_block_spec(
         raise ValueError("gpt_block_spec: no layers (kinds is empty).")
     impl = resolve_transformer_impl(transformer_impl)
     base = _base_layer_spec(impl, normalization, qk_layernorm)
+    if impl == "local":
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        for name in ("input_layernorm", "pre_mlp_layernorm"):
+            if getattr(base.submodules, name, None) is WrappedTorchNorm:
+                setattr(base.submodules, name, TorchNorm)  # same norm, and SP-capable
     layer_specs = []
     for kind in kinds:
         spec = copy.deepcopy(base)
