@@ -284,6 +284,10 @@ def test_mock_source_and_mixture(small_corpus):
     ans = RetrievalMixtureDataset(tr.base, tok, 1.0, 512, 3, kinds=("single",), loss_on="answer")[0]
     m = ans["loss_mask"].bool()
     assert m.sum() == 7 and m[-7:].all() and tok.decode(ans["labels"][m].tolist()).isdigit()
+    short = RetrievalMixtureDataset(tr.base, tok, 0.5, 400, 3)
+    assert short.kinds == ("passkey",)  # the longer kinds do not fit 400 tokens
+    with pytest.raises(DataConfigError, match="too short for retrieval"):
+        RetrievalMixtureDataset(tr.base, tok, 0.5, 64, 3)
     j = flags.index(False)
     assert torch.equal(tr[j]["tokens"], tr.base[j]["tokens"])
 
@@ -308,6 +312,19 @@ def test_bad_paths_fail_clearly(tmp_path, small_corpus):
     with pytest.raises(DataConfigError, match="bad header"):
         validate_data_paths(DataConfig(source="indexed", paths=[str(tmp_path / "junk")], cache_dir=str(tmp_path)))
     assert parse_blend([prefix + ".bin"]) == ([prefix], None)
+    # A split that leaves validation without documents: Megatron would loop forever; we raise.
+    few = str(tmp_path / "few")
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "a.txt").write_text("a" * 500)
+    (tmp_path / "two" / "b.txt").write_text("b" * 500)
+    prepare_data([str(tmp_path / "two")], few, "byte", stream=open(os.devnull, "w"))
+    with pytest.raises(DataConfigError, match="valid split no documents.*eval.interval=0"):
+        build_train_valid_datasets(DataConfig(source="indexed", paths=[few], cache_dir=str(tmp_path), split="80,20,0"),
+                                   seq_length=64, seed=0, num_train_samples=4, num_valid_samples=2)
+    tr, va = build_train_valid_datasets(DataConfig(source="indexed", paths=[few], cache_dir=str(tmp_path),
+                                                   split="80,20,0"), seq_length=64, seed=0, num_train_samples=4,
+                                        num_valid_samples=0)
+    assert va is None and len(tr) >= 4
     validate_data_paths(DataConfig(source="indexed", paths=["1", prefix], cache_dir=str(tmp_path)))  # fine
 
 
@@ -334,3 +351,25 @@ def test_heldout_sequences(small_corpus, tmp_path):
     assert len(b) == 2 and b[0].shape == (4097,)
     m = heldout_sequences(DataConfig(source="mock"), seq_length=64, num_sequences=2)
     assert len(m) == 2 and m[0].shape == (65,)
+
+
+def _dist_build(rank, world_size, cache, root):
+    # Every rank builds the corpus and the datasets at once, as the training loop does.
+    import moba_cp.data.builtin_corpus as bcm
+
+    real = bcm.collect_documents
+    bcm.collect_documents = lambda r=None, **k: real(root, **k)  # a tiny stdlib stand-in, for speed
+    cfg = DataConfig(source="builtin", cache_dir=cache, split="50,50,0", retrieval_fraction=0.25)
+    tr, va = build_train_valid_datasets(cfg, seq_length=512, seed=5, num_train_samples=16, num_valid_samples=2,
+                                        tokenizer=ByteTokenizer(), builtin_budget_bytes=60000)
+    return [tr[i]["tokens"] for i in range(8)], va[0]["tokens"]
+
+
+def test_datasets_under_torch_distributed(tmp_path):
+    from tests.distributed_harness import run_distributed
+
+    root = str(tmp_path / "lib")
+    _fake_stdlib(root)
+    out = run_distributed(_dist_build, world_size=2, args=(str(tmp_path / "cache"), root), timeout=120)
+    (a, va), (b, vb) = out
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and torch.equal(va, vb)  # identical on every rank

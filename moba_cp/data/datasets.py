@@ -199,6 +199,8 @@ def build_train_valid_datasets(data_cfg, *, seq_length: int, seed: int, num_trai
         blend = ([os.path.abspath(p) for p in prefixes], weights)
         cls, split = GPTDataset, data_cfg.split
         cache = os.path.join(data_cfg.cache_dir, "index_cache")
+    if blend is not None:
+        _check_split_has_tokens(blend[0], data_cfg.split, need_valid=bool(num_valid_samples))
     cfg = gpt_dataset_config(seq_length=seq_length, seed=seed, tokenizer=tok, blend=blend,
                              split=split or "98,2,0", path_to_cache=cache,
                              reset_position_ids=reset_position_ids, eod_mask_loss=eod_mask_loss)
@@ -224,6 +226,36 @@ def build_train_valid_datasets(data_cfg, *, seq_length: int, seed: int, num_trai
     if data_cfg.retrieval_fraction > 0:
         train = RetrievalMixtureDataset(train, tok, data_cfg.retrieval_fraction, seq_length, seed)
     return train, valid
+
+
+def _check_split_has_tokens(prefixes: Sequence[str], split: str, need_valid: bool) -> None:
+    """Every split that will be sampled must own at least one token of every dataset.
+
+    Megatron-Core 0.16.1's ``GPTDataset._get_num_epochs`` loops forever when a split it must draw
+    samples from holds no tokens (e.g. 2 documents with split 80,20,0: the valid range is empty), so
+    this is checked here, with the same document ranges Megatron computes, and turned into an error.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    weights = parse_and_normalize_split(split)
+    bounds = [0.0]
+    for w in weights:
+        bounds.append(bounds[-1] + w)
+    for prefix in prefixes:
+        ds = IndexedDataset(prefix)
+        lengths = ds.sequence_lengths
+        n = len(lengths)
+        for i, name in ((0, "train"), (1, "valid")):
+            if i == 1 and not need_valid:
+                continue
+            beg, end = int(round(bounds[i] * n)), int(round(bounds[i + 1] * n))
+            if int(lengths[beg:end].sum()) == 0:
+                raise DataConfigError(
+                    f"data.split={split!r} gives the {name} split no documents of {prefix!r} ({n} documents in all; "
+                    f"{name} would take documents [{beg}, {end})). Fix: change data.split, add data"
+                    + (", or run without validation (eval.interval=0)." if name == "valid" else "."))
+        del ds
 
 
 @contextlib.contextmanager
@@ -268,7 +300,12 @@ class RetrievalMixtureDataset(torch.utils.data.Dataset):
         tokenizer: the training tokenizer.
         fraction: share of samples replaced, in [0, 1].
         seq_length, seed: as for the base dataset.
-        kinds: needle kinds to draw from (see :data:`moba_cp.eval.needle.KINDS`).
+        kinds: needle kinds to draw from (see :data:`moba_cp.eval.needle.KINDS`); those too long for
+            ``seq_length`` are left out (``self.kinds`` says which remain; none left raises).
+        loss_on: ``"all"`` or ``"answer"`` (see above).
+
+    Raises:
+        DataConfigError: ``seq_length`` fits no retrieval kind while ``fraction > 0``.
     """
 
     def __init__(self, base, tokenizer, fraction: float, seq_length: int, seed: int,
@@ -277,8 +314,17 @@ class RetrievalMixtureDataset(torch.utils.data.Dataset):
             raise ValueError(f"retrieval fraction {fraction} must be in [0, 1].")
         if loss_on not in ("all", "answer"):
             raise ValueError(f"loss_on={loss_on!r}: choose 'all' or 'answer'.")
+        from moba_cp.eval.needle import fixed_tokens
+
         self.base, self.tok, self.fraction = base, tokenizer, float(fraction)
-        self.seq_length, self.seed, self.kinds, self.loss_on = int(seq_length), int(seed), tuple(kinds), loss_on
+        self.seq_length, self.seed, self.loss_on = int(seq_length), int(seed), loss_on
+        # Keep the kinds whose fixed parts leave room for a haystack (>= 64 tokens, + 32 for key-length spread).
+        need = {k: fixed_tokens(tokenizer, k) + 96 for k in kinds}
+        self.kinds = tuple(k for k in kinds if need[k] <= self.seq_length + 1)
+        if self.fraction > 0 and not self.kinds:
+            raise DataConfigError(
+                f"seq_length={seq_length} is too short for retrieval documents ({', '.join(f'{k} needs {n}' for k, n in need.items())} "
+                f"tokens). Fix: raise model.seq_length or set data.retrieval_fraction=0.")
         self._drop = {int(tokenizer.eod)} | ({int(tokenizer.pad)} if getattr(tokenizer, "pad", None) is not None else set())
 
     def __len__(self) -> int:

@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 import torch
 
 __all__ = ["NeedleSample", "make_needle_sample", "score_needle", "run_needle_grid", "write_json",
-           "KINDS", "PASSKEY_FILLER", "parse_lengths"]
+           "KINDS", "PASSKEY_FILLER", "parse_lengths", "fixed_tokens"]
 
 KINDS = ("passkey", "single", "multikey", "multivalue")
 
@@ -214,6 +214,17 @@ def make_needle_sample(tokenizer, length: int, depth: float, kind: str = "single
     return NeedleSample(tokens=tokens, answer_start=answer_start, answer=answer_t, needle_pos=pos_of[0],
                         needle_positions=positions, needle_len=lens, haystack_len=H, depth_tokens=cut, kind=kind, length=length,
                         depth=float(depth), key=key, values=values)
+
+
+def fixed_tokens(tokenizer, kind: str, n_seeds: int = 16) -> int:
+    """Upper estimate of the non-haystack tokens of a ``kind`` sample (intro, needles, question, answer).
+
+    The maximum over ``n_seeds`` seeds (key words differ in length); a sample needs
+    ``length >= fixed_tokens(...)`` plus whatever haystack is wanted.
+    """
+    big = 1 << 16
+    return max(big - make_needle_sample(tokenizer, big, 50, kind, seed=s, filler_tokens=[0]).haystack_len
+               for s in range(n_seeds))
 
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
