@@ -130,6 +130,8 @@ def test_score_needle_known_models():
             # Off by one (predicting the current token instead of the next) must fail: checks the shift.
             r1 = score_needle(lambda t: _onehot_logits(t[0].tolist()), s)
             assert not r1["correct"]
+            # A logits_fn may return only the tail (memory at long S): same verdict.
+            assert score_needle(lambda t: oracle_retriever(t)[:, -40:], s)["correct"]
     bad = make_needle_sample(TOK, 600, 50, "single", seed=3)
     with pytest.raises(ValueError, match="shape"):
         score_needle(lambda t: torch.zeros(1, 5, V), bad)

@@ -235,7 +235,9 @@ def score_needle(logits_fn: LogitsFn, sample: NeedleSample, device: str | torch.
     """Teacher-forced greedy exact match of the answer.
 
     Args:
-        logits_fn: ``tokens LongTensor[1, S] -> logits [1, S, V]`` (causal LM; any dtype).
+        logits_fn: ``tokens LongTensor[1, S] -> logits [1, S, V]`` (causal LM; any dtype). To save
+            memory at long S it may return only the logits of the last ``K`` positions, ``[1, K, V]``,
+            with ``K > len(sample.answer)`` (e.g. ``K = 64``).
         sample: a :class:`NeedleSample` (``S = sample.length``).
 
     Returns:
@@ -244,10 +246,12 @@ def score_needle(logits_fn: LogitsFn, sample: NeedleSample, device: str | torch.
     """
     x = torch.tensor(sample.tokens, dtype=torch.long, device=device).unsqueeze(0)
     logits = logits_fn(x)
-    if logits.dim() != 3 or logits.shape[:2] != (1, sample.length):
-        raise ValueError(f"logits_fn returned shape {tuple(logits.shape)}; expected [1, {sample.length}, V].")
     a, n = sample.answer_start, len(sample.answer)
-    pred = logits[0, a - 1:a - 1 + n].argmax(dim=-1).tolist()
+    if logits.dim() != 3 or logits.shape[0] != 1 or not (n < logits.shape[1] <= sample.length):
+        raise ValueError(f"logits_fn returned shape {tuple(logits.shape)}; expected [1, {sample.length}, V] "
+                         f"(or the last K > {n} positions, [1, K, V]).")
+    offset = sample.length - logits.shape[1]  # position of logits[:, 0]
+    pred = logits[0, a - 1 - offset:a - 1 - offset + n].argmax(dim=-1).tolist()
     hits = [int(p == t) for p, t in zip(pred, sample.answer)]
     return {"correct": all(hits), "token_accuracy": sum(hits) / n, "predicted": pred}
 
