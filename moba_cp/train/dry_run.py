@@ -1,0 +1,169 @@
+"""``moba-cp train RECIPE --dry-run``: plan a run without GPUs.
+
+Validates the recipe for the planned world size and prints the parallel layout, a per-GPU
+memory estimate, FLOPs per step, and the K/V traffic per MoBA layer that context parallelism
+implies. The estimates are arithmetic from the recipe (stated assumptions below), not
+measurements; they tell whether a recipe is in the right range before anyone books GPUs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moba_cp.config import RecipeConfig, RecipeError, layer_attention_kinds, validate
+
+__all__ = ["dry_run", "MemoryEstimate", "estimate_memory", "kv_traffic_per_layer", "param_count"]
+
+GIB = 2**30
+
+
+def _b(x: float) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if x >= size:
+            return f"{x / size:,.1f} {unit}"
+    return f"{x:,.0f} B"
+
+
+def _f(x: float) -> str:
+    for unit, size in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if x >= size:
+            return f"{x / size:,.2f} {unit}"
+    return f"{x:,.0f} FLOP"
+
+
+def param_count(cfg: RecipeConfig, vocab_size: int) -> int:
+    """Parameters of the GPT (embedding counted once if tied)."""
+    from moba_cp.megatron.model import default_ffn_hidden_size
+
+    m = cfg.model
+    h = m.hidden_size
+    d = h // m.num_attention_heads
+    kv = m.num_query_groups * d
+    ffn = m.ffn_hidden_size or default_ffn_hidden_size(h, m.swiglu)
+    per_layer = h * (h + 2 * kv) + h * h + (3 if m.swiglu else 2) * h * ffn + 2 * h
+    emb = vocab_size * h * (1 if m.share_embeddings else 2)
+    return m.num_layers * per_layer + emb + h
+
+
+@dataclass
+class MemoryEstimate:
+    """Per-GPU bytes, split by what holds them."""
+
+    weights_and_grads: float
+    optimizer: float
+    activations: float
+    logits: float
+    moba_extra: float
+
+    @property
+    def total(self) -> float:
+        return self.weights_and_grads + self.optimizer + self.activations + self.logits + self.moba_extra
+
+
+def estimate_memory(cfg: RecipeConfig, vocab_size: int, dp: int) -> MemoryEstimate:
+    """Per-GPU memory estimate.
+
+    Assumptions: bf16 weights (fp32 on CPU), fp32 main grads, fp32 master weights + Adam moments
+    (sharded over dp with the distributed optimizer); activations of ``micro_batch_size``
+    local tokens per layer: ~``2 * (6h + 2kv + 3 ffn)`` bytes per token without recomputation
+    (inputs of norms, QKV, attention out, MLP), ``2h`` per token with full recomputation (divided
+    by tp under sequence parallelism) plus one layer's working set; fp32 logits of the local tokens for the loss; MoBA's per-layer
+    indices (int32, ``topk`` per query head) and the largest received K/V buffer (all remote
+    past blocks, the worst case).
+    """
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    bpe = 2 if t.precision == "bf16" else 4
+    n = param_count(cfg, vocab_size) / p.tp
+    weights = n * bpe + n * 4  # params + fp32 main grads
+    opt = n * 12 / (dp if p.distributed_optimizer else 1)
+    h = m.hidden_size
+    d = h // m.num_attention_heads
+    kv = m.num_query_groups * d
+    from moba_cp.megatron.model import default_ffn_hidden_size
+
+    ffn = m.ffn_hidden_size or default_ffn_hidden_size(h, m.swiglu)
+    tokens = t.micro_batch_size * m.seq_length / p.cp
+    per_token_layer = 2 * (6 * h + 2 * kv + 3 * ffn) / p.tp
+    sp = p.tp if p.sequence_parallel else 1  # sequence parallelism splits the layer inputs over TP too
+    if t.recompute == "full":
+        act = tokens * (m.num_layers * 2 * h / sp + per_token_layer)
+    elif t.recompute == "selective":
+        act = tokens * m.num_layers * per_token_layer
+    else:
+        act = tokens * m.num_layers * (per_token_layer + 4 * m.num_attention_heads / p.tp)  # + LSE
+    logits = tokens * vocab_size / p.tp * 4 * 2  # fp32 logits and their gradient
+    kinds = layer_attention_kinds(m, cfg.attention)
+    moba_layers = kinds.count("moba") if t.recompute != "full" else min(1, kinds.count("moba"))
+    idx = tokens * m.num_attention_heads / p.tp * cfg.moba.topk * 4 * moba_layers
+    recv = (m.seq_length - m.seq_length / p.cp) * 2 * kv / p.tp * bpe if p.cp > 1 else 0.0
+    return MemoryEstimate(weights, opt, act, logits, idx + recv)
+
+
+def kv_traffic_per_layer(cfg: RecipeConfig) -> dict:
+    """Forward K/V bytes one rank receives per layer per sequence under CP.
+
+    - ``full_ring``: ring attention moves every remote K/V chunk: ``(cp-1)/cp`` of the sequence.
+    - ``moba_worst``: MoBA when some local query selects every remote *past* block (what random
+      inputs approach): never more than the full ring.
+    - ``moba_shared``: MoBA when a rank's queries agree on their ``topk-1`` past blocks per KV
+      head (trained models concentrate on few blocks; the real figure lies in between).
+    """
+    m, p, mb = cfg.model, cfg.parallel, cfg.moba
+    bpe = 2 if cfg.train.precision == "bf16" else 4
+    d = m.hidden_size // m.num_attention_heads
+    kv_row = 2 * m.num_query_groups * d * bpe / p.tp  # K and V of one token on this TP rank
+    if p.cp == 1:
+        return {"full_ring": 0.0, "moba_worst": 0.0, "moba_shared": 0.0}
+    s = m.seq_length
+    full = (s - s / p.cp) * kv_row
+    # Zigzag: rank 0 holds the last chunk, whose past is every other chunk, so in the worst case
+    # (some query selects every past block) MoBA moves as much as the full ring, never more.
+    worst = full
+    shared = min((mb.topk - 1) * mb.block_size * kv_row, full)
+    return {"full_ring": full, "moba_worst": worst, "moba_shared": shared}
+
+
+def dry_run(cfg: RecipeConfig, world_size: int | None = None) -> int:
+    """Validate and print the plan for ``world_size`` GPUs (default ``tp*cp*(dp or 1)``)."""
+    from moba_cp.train.flops import attended_keys
+    from moba_cp.train.loop import _flops_per_step
+
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    ws = world_size or p.tp * p.cp * (p.dp or 1)
+    try:
+        validate(cfg, world_size=ws)
+    except RecipeError as e:
+        print(f"moba-cp train --dry-run: {e}")
+        return 2
+    dp = ws // (p.tp * p.cp)
+    vocab = m.vocab_size or 256 + 128  # the byte tokenizer's padded vocabulary when unset
+    kinds = layer_attention_kinds(m, cfg.attention)
+    flops = _flops_per_step(cfg, vocab)
+    mem = estimate_memory(cfg, vocab, dp)
+    traffic = kv_traffic_per_layer(cfg)
+    dense_keys = attended_keys(m.seq_length)
+    moba_keys = attended_keys(m.seq_length, cfg.moba.block_size, cfg.moba.topk)
+    nodes = max(1, ws // 8)
+    print(f"recipe {cfg.name!r}: dry run for {ws} GPU(s) ({nodes} node(s) of 8 if multi-node)")
+    print(f"  layout      tp={p.tp} x cp={p.cp} x dp={dp}; distributed optimizer "
+          f"{'on' if p.distributed_optimizer else 'off'}; pipeline parallelism: not supported yet")
+    print(f"  model       {param_count(cfg, vocab) / 1e6:,.1f} M params, {m.num_layers} layers "
+          f"({kinds.count('moba')} MoBA, {kinds.count('full')} full), hidden {m.hidden_size}, "
+          f"{m.num_attention_heads} heads / {m.num_query_groups} KV groups")
+    print(f"  sequence    {m.seq_length:,} tokens, {m.seq_length // p.cp:,} per CP rank; MoBA block "
+          f"{cfg.moba.block_size}, top-k {cfg.moba.topk} -> attends {moba_keys / dense_keys:.1%} of causal keys")
+    print(f"  batch       global {t.global_batch_size} x micro {t.micro_batch_size}; "
+          f"{t.global_batch_size * m.seq_length:,} tokens/step; {t.steps} steps")
+    print(f"  FLOPs/step  {_f(flops)} (MoBA attention counted as attended keys only); {_f(flops / ws)} per GPU")
+    print(f"  memory/GPU  ~{_b(mem.total)} = weights+grads {_b(mem.weights_and_grads)} + "
+          f"optimizer {_b(mem.optimizer)} + activations {_b(mem.activations)} "
+          f"(recompute={t.recompute}) + logits {_b(mem.logits)} + MoBA idx/KV {_b(mem.moba_extra)}")
+    if p.cp > 1:
+        print(f"  KV traffic  per MoBA layer per rank per sequence (forward): full-KV ring {_b(traffic['full_ring'])}; "
+              f"MoBA worst case {_b(traffic['moba_worst'])}, concentrated selection {_b(traffic['moba_shared'])} "
+              f"(backward sends the same amount of dK/dV back)")
+    else:
+        print("  KV traffic  none (cp=1)")
+    print("dry run OK: the recipe is valid for this world size")
+    return 0
