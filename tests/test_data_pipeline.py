@@ -325,6 +325,10 @@ def test_bad_paths_fail_clearly(tmp_path, small_corpus):
                                                    split="80,20,0"), seq_length=64, seed=0, num_train_samples=4,
                                         num_valid_samples=0)
     assert va is None and len(tr) >= 4
+    with pytest.raises(DataConfigError, match="test split no documents.*nonzero weight"):  # would hang too
+        build_train_valid_datasets(DataConfig(source="indexed", paths=["1", few], cache_dir=str(tmp_path),
+                                              split="90,0,10"), seq_length=64, seed=0, num_train_samples=4,
+                                   num_valid_samples=0)
     validate_data_paths(DataConfig(source="indexed", paths=["1", prefix], cache_dir=str(tmp_path)))  # fine
 
 

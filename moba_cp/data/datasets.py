@@ -200,7 +200,8 @@ def build_train_valid_datasets(data_cfg, *, seq_length: int, seed: int, num_trai
         cls, split = GPTDataset, data_cfg.split
         cache = os.path.join(data_cfg.cache_dir, "index_cache")
     if blend is not None:
-        _check_split_has_tokens(blend[0], data_cfg.split, need_valid=bool(num_valid_samples))
+        _check_split_has_tokens(blend[0], data_cfg.split, need_valid=bool(num_valid_samples),
+                                weighted=blend[1] is not None)
     cfg = gpt_dataset_config(seq_length=seq_length, seed=seed, tokenizer=tok, blend=blend,
                              split=split or "98,2,0", path_to_cache=cache,
                              reset_position_ids=reset_position_ids, eod_mask_loss=eod_mask_loss)
@@ -228,12 +229,14 @@ def build_train_valid_datasets(data_cfg, *, seq_length: int, seed: int, num_trai
     return train, valid
 
 
-def _check_split_has_tokens(prefixes: Sequence[str], split: str, need_valid: bool) -> None:
-    """Every split that will be sampled must own at least one token of every dataset.
+def _check_split_has_tokens(prefixes: Sequence[str], split: str, need_valid: bool, weighted: bool) -> None:
+    """Every split that Megatron will draw samples from must own at least one token of every dataset.
 
     Megatron-Core 0.16.1's ``GPTDataset._get_num_epochs`` loops forever when a split it must draw
     samples from holds no tokens (e.g. 2 documents with split 80,20,0: the valid range is empty), so
     this is checked here, with the same document ranges Megatron computes, and turned into an error.
+    Drawn splits: train; valid when validation samples are wanted; and with weighted ``data.paths``
+    every split of nonzero weight (Megatron then samples each, even with size 0).
     """
     from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
     from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -242,19 +245,28 @@ def _check_split_has_tokens(prefixes: Sequence[str], split: str, need_valid: boo
     bounds = [0.0]
     for w in weights:
         bounds.append(bounds[-1] + w)
+    drawn = [(0, "train")]
+    if need_valid or (weighted and weights[1] > 0):
+        drawn.append((1, "valid"))
+    if weighted and weights[2] > 0:
+        drawn.append((2, "test"))
     for prefix in prefixes:
         ds = IndexedDataset(prefix)
         lengths = ds.sequence_lengths
         n = len(lengths)
-        for i, name in ((0, "train"), (1, "valid")):
-            if i == 1 and not need_valid:
-                continue
+        for i, name in drawn:
             beg, end = int(round(bounds[i] * n)), int(round(bounds[i + 1] * n))
             if int(lengths[beg:end].sum()) == 0:
+                if name == "train":
+                    fix = "change data.split or add data."
+                elif need_valid and name == "valid":
+                    fix = "change data.split, add data, or run without validation (eval.interval=0)."
+                else:
+                    fix = (f"with weighted data.paths every split of nonzero weight is built: set the {name} "
+                           f"weight to 0 (e.g. data.split=98,2,0), or add data.")
                 raise DataConfigError(
                     f"data.split={split!r} gives the {name} split no documents of {prefix!r} ({n} documents in all; "
-                    f"{name} would take documents [{beg}, {end})). Fix: change data.split, add data"
-                    + (", or run without validation (eval.interval=0)." if name == "valid" else "."))
+                    f"{name} would take documents [{beg}, {end})). Fix: {fix}")
         del ds
 
 
