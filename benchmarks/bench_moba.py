@@ -161,12 +161,11 @@ def bench_sdpa(b, s, hq, hkv, d, backend, big, budget_ms):
     return r
 
 
-def tune(b, s, hq, hkv, d, block, topk):
+def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0):
     """Time the pieces and a few tile configurations at one shape (prints one line each)."""
     from moba_cp.ops.moba import triton_attn_bwd as bwd_mod
     from moba_cp.ops.moba import triton_attn_fwd as fwd_mod
     from moba_cp.ops.moba import triton_backend as tb
-    from moba_cp.ops.moba.triton_centroids import block_centroids
     from moba_cp.ops.moba.triton_common import build_gather_index, doc_tables
 
     t = b * s
@@ -179,43 +178,40 @@ def tune(b, s, hq, hkv, d, block, topk):
     blocks, qpos, base, _ = doc_tables(t, cu, block, "cuda")
     idx = tb.select_blocks(q, k, block_size=block, topk=topk, cu_seqlens=cu)
     w = idx.shape[-1]
-    pr = lambda name, ms: print(f"tune S={s} {name}: {ms:.3f} ms", flush=True)  # noqa: E731
-    pr("doc_tables", timed(lambda: doc_tables(t, cu, block, "cuda"), 1, 10)[0])
-    pr("centroids", timed(lambda: block_centroids(k, blocks.kstart, blocks.klen, block), 1, 10)[0])
-    from moba_cp.ops.moba import triton_gate as gate_mod
+    tm = lambda fn: timed(fn, 1, 10, budget_ms)[0]  # noqa: E731
+    pr = lambda name, ms: print(f"tune S={s} B={block} {name}: {ms:.3f} ms", flush=True)  # noqa: E731
+    pr("select (centroids+gate)", tm(lambda: tb.select_blocks(q, k, block_size=block, topk=topk, cu_seqlens=cu)))
+    pr("gather index", tm(lambda: build_gather_index(idx, base, blocks.n, hkv, fwd_mod.CONFIG["chunk"])))
+    pr("chunk index", tm(lambda: fwd_mod.build_chunk_index(idx, base, blocks.n, fwd_mod.ONEPASS["qchunk"])))
 
-    base_g = dict(gate_mod.CONFIG)
-    for cfg in ({}, {"bn": 128}, {"bm": 128, "num_warps": 8}, {"bn": 128, "num_warps": 8}, {"bm": 32}):
-        gate_mod.CONFIG.update(base_g)
-        gate_mod.CONFIG.update(cfg)
-        pr(f"select (centroids+gate) {cfg}", timed(lambda: tb.select_blocks(q, k, block_size=block, topk=topk, cu_seqlens=cu), 1, 10)[0])
-    gate_mod.CONFIG.update(base_g)
-    pr("gather index", timed(lambda: build_gather_index(idx, base, blocks.n, hkv, 256), 1, 10)[0])
-    base_f = dict(fwd_mod.CONFIG)
-    for cfg in ({}, {"bm": 64, "bn": 128, "num_warps": 8}, {"bm": 64, "bn": 128, "num_warps": 4},
-                {"bm": 128, "bn": 128, "num_warps": 8}, {"bm": 128, "bn": 64, "num_warps": 8},
-                {"chunk": 512}, {"chunk": 128}, {"bm": 64, "bn": 128, "num_warps": 8, "chunk": 512},
-                {"num_stages": 3}, {"bm": 128, "bn": 128, "num_warps": 8, "chunk": 512}):
-        fwd_mod.CONFIG.update(base_f)
-        fwd_mod.CONFIG.update(cfg)
-        gi = build_gather_index(idx, base, blocks.n, hkv, fwd_mod.CONFIG["chunk"])
-        ms = timed(lambda: fwd_mod.sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, scale, block), 1, 10)[0]
-        pr(f"attn fwd {cfg}", ms)
-    fwd_mod.CONFIG.update(base_f)
+    def sweep(label, conf, cfgs, fn):
+        saved = dict(conf)
+        for cfg in cfgs:
+            conf.clear()
+            conf.update(saved)
+            conf.update(cfg)
+            try:
+                pr(f"{label} {cfg}", tm(fn))
+            except Exception as e:  # a config that does not compile (shared memory) is reported
+                print(f"tune {label} {cfg}: failed {type(e).__name__}: {str(e)[:160]}", flush=True)
+        conf.clear()
+        conf.update(saved)
+
     gi = build_gather_index(idx, base, blocks.n, hkv, fwd_mod.CONFIG["chunk"])
+    sweep("fwd two-pass", fwd_mod.CONFIG, [{}],
+          lambda: fwd_mod.sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, scale, block))
+    if block >= 256:
+        sweep("fwd one-pass", fwd_mod.ONEPASS,
+              [{}, {"bm": 64, "bn": 64, "num_warps": 4}, {"bm": 128, "bn": 128, "num_warps": 8},
+               {"bm": 64, "bn": 128, "num_warps": 8}, {"num_stages": 3}, {"qchunk": 2048}, {"bm": 64, "bn": 64, "num_warps": 4, "num_stages": 3}],
+              lambda: fwd_mod.sparse_attn_fwd_onepass(q, k, v, qpos, blocks, idx, base, scale))
     o, lse = fwd_mod.sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, scale, block)
-    base_b = dict(bwd_mod.CONFIG)
-    for cfg in ({}, {"bnb": 128, "bm": 32, "fuse_dq": True, "num_warps": 8}, {"bnb": 128, "bm": 32, "fuse_dq": False, "num_warps": 8},
-                {"bnb": 128, "bm": 16, "num_warps": 8}, {"bnb": 64, "bm": 32, "num_warps": 4}, {"bnb": 128, "bm": 64, "num_warps": 8},
-                {"bnb": 128, "bm": 32, "num_warps": 8, "num_stages": 3}, {"bnb": 64, "bm": 32, "fuse_dq": False, "num_warps": 4}):
-        bwd_mod.CONFIG.update(base_b)
-        bwd_mod.CONFIG.update(cfg)
-        try:
-            ms = timed(lambda: bwd_mod.sparse_attn_bwd(do, q, k, v, o, lse, qpos, blocks, gi, w, scale, block), 1, 10)[0]
-            pr(f"attn bwd {cfg}", ms)
-        except Exception as e:  # a config that does not compile (shared memory) is reported, not fatal
-            print(f"tune attn bwd {cfg}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
-    bwd_mod.CONFIG.update(base_b)
+    cfgs = [{}, {"trans": True}, {"trans": True, "num_stages": 3}, {"trans": True, "num_warps": 4, "num_stages": 3},
+            {"trans": True, "bm": 64}, {"num_stages": 3}]
+    if block >= 256:
+        cfgs += [{"dq_bm": 128, "dq_bn": 32}, {"dq_bm": 128, "dq_bn": 64, "dq_warps": 8}, {"dq_stages": 3}]
+    sweep("bwd", bwd_mod.CONFIG, cfgs,
+          lambda: bwd_mod.sparse_attn_bwd(do, q, k, v, o, lse, qpos, blocks, gi, w, scale, block))
 
 
 def main():

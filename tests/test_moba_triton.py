@@ -143,7 +143,25 @@ def test_kernel_paths_multi_subtile_chunked_unfused(monkeypatch):
     monkeypatch.setitem(triton_attn_bwd.CONFIG, "bnb", 16)
     monkeypatch.setitem(triton_attn_bwd.CONFIG, "bm", 16)
     monkeypatch.setitem(triton_attn_bwd.CONFIG, "fuse_dq", False)
+    monkeypatch.setitem(triton_attn_bwd.CONFIG, "dq_bm", 16)
+    monkeypatch.setitem(triton_attn_bwd.CONFIG, "dq_bn", 16)
     test_block_attn_fwd_bwd_matches_naive((130, 4, 2, 16, 48, 3, [20, 110]))
+    monkeypatch.setitem(triton_attn_bwd.CONFIG, "trans", True)  # transposed dK/dV products
+    monkeypatch.setitem(triton_attn_bwd.CONFIG, "fuse_dq", True)
+    test_block_attn_fwd_bwd_matches_naive((130, 4, 2, 16, 48, 3, [20, 110]))
+
+
+def test_onepass_forward_path(monkeypatch):
+    """The one-pass (query-chunk-owned, large-block) forward, on small blocks and chunks,
+    for the packed op and for the slot form."""
+    from moba_cp.ops.moba import triton_attn_fwd
+
+    monkeypatch.setitem(triton_attn_fwd.ONEPASS, "min_block", 16)
+    monkeypatch.setitem(triton_attn_fwd.ONEPASS, "qchunk", 32)
+    monkeypatch.setitem(triton_attn_fwd.ONEPASS, "bm", 16)
+    monkeypatch.setitem(triton_attn_fwd.ONEPASS, "bn", 16)
+    test_block_attn_fwd_bwd_matches_naive((150, 4, 2, 32, 32, 3, [40, 0, 110]))
+    test_partial_fwd_bwd_matches_naive()
 
 
 def test_moba_attn_end_to_end_api():

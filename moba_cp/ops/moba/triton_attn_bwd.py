@@ -33,7 +33,9 @@ LOG2E = 1.4426950408889634
 
 #: dK/dV kernel shapes: ``bnb`` keys per program (None: min(64, B)), ``bm`` gathered rows per
 #: step (None: by head dim), ``fuse_dq`` (None: fuse when a block needs <= 2 key sub-tiles).
-CONFIG = {"bnb": None, "bm": None, "fuse_dq": None, "num_warps": None, "num_stages": 2}
+#: ``trans``: compute the transposed products (keys as M). ``dq_*``: the separate dQ kernel.
+CONFIG = {"bnb": None, "bm": None, "fuse_dq": None, "num_warps": None, "num_stages": 2, "trans": False,
+          "dq_bm": 64, "dq_bn": 64, "dq_warps": 4, "dq_stages": 2}
 
 
 @triton.jit
@@ -56,6 +58,7 @@ def _dkdv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     H, W, NBK, G, scale, scale_log2,
     BM: tl.constexpr, BNB: tl.constexpr, D: tl.constexpr, FUSE_DQ: tl.constexpr, PREC: tl.constexpr,
+    TRANS: tl.constexpr,
 ):
     c = tl.load(ORDER + tl.program_id(0))
     n0 = tl.program_id(1) * BNB
@@ -89,20 +92,34 @@ def _dkdv_kernel(
             lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
             dl = tl.load(DELTA + t64 * H + h, mask=rmask, other=0.0)
             qp = tl.load(QPOS + t64, mask=rmask, other=0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-            ok = rmask[:, None] & kmask[None, :] & ((kp0 + kk)[None, :] <= qp[:, None])
-            p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p.to(DO.dtype.element_ty)), do, input_precision=PREC)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            ds = (p * (dp - dl[:, None])).to(Q.dtype.element_ty)
-            dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
+            if TRANS:
+                # Keys as the M dimension of every product (M = BNB, e.g. 128), which suits
+                # Hopper's warpgroup MMA better than M = BM gathered rows.
+                st = tl.dot(k, tl.trans(q), input_precision=PREC) * scale_log2
+                okt = kmask[:, None] & rmask[None, :] & ((kp0 + kk)[:, None] <= qp[None, :])
+                pt = tl.where(okt, tl.exp2(st - lse2[None, :]), 0.0)
+                dv += tl.dot(pt.to(DO.dtype.element_ty), do, input_precision=PREC)
+                dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+                dst = (pt * (dpt - dl[None, :])).to(Q.dtype.element_ty)
+                dk += tl.dot(dst, q, input_precision=PREC)
+                ds = tl.trans(dst)
+            else:
+                s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+                ok = rmask[:, None] & kmask[None, :] & ((kp0 + kk)[None, :] <= qp[:, None])
+                p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+                dv += tl.dot(tl.trans(p.to(DO.dtype.element_ty)), do, input_precision=PREC)
+                dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+                ds = (p * (dp - dl[:, None])).to(Q.dtype.element_ty)
+                dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
             if FUSE_DQ:
                 dq = tl.dot(ds, k, input_precision=PREC) * scale
                 tl.atomic_add(DQ + (t64[:, None] * H + h) * D + d[None, :], dq, mask=rmask[:, None], sem="relaxed")
     out_rows = (ks + kk)[:, None]  # rows of the contiguous fp32 [Tk, Hkv, D] grads
     HKV = H // G
-    tl.store(DK + (out_rows * HKV + hk) * D + d[None, :], dk * scale, mask=kmask[:, None])
-    tl.store(DV + (out_rows * HKV + hk) * D + d[None, :], dv, mask=kmask[:, None])
+    # Each (kv head, key rows) is owned by exactly one program, so dK/dV are written once,
+    # directly in the output dtype (no fp32 copy when the caller wants k's dtype).
+    tl.store(DK + (out_rows * HKV + hk) * D + d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kmask[:, None])
+    tl.store(DV + (out_rows * HKV + hk) * D + d[None, :], dv.to(DV.dtype.element_ty), mask=kmask[:, None])
 
 
 @triton.jit
@@ -165,6 +182,7 @@ def sparse_attn_bwd(
     dlse: torch.Tensor | None = None,
     bnb: int | None = None,
     fuse_dq: bool | None = None,
+    kv_grad_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`triton_attn_fwd.sparse_attn_fwd` given ``o``/``lse`` from outside.
 
@@ -172,8 +190,10 @@ def sparse_attn_bwd(
         do, o: ``[Tq, Hq, D]``; lse: ``[Tq, Hq]`` fp32 (natural log); dlse: optional gradient
             of ``lse`` (folded into ``delta``; context parallelism passes None).
         Others as the forward (same gather index and width).
+        kv_grad_dtype: dtype of dk/dv (fp32 for CP owners that accumulate; k's dtype saves
+            memory for the single-device op).
     Returns:
-        ``dq [Tq, Hq, D]``, ``dk, dv [Tk, Hkv, D]``, all fp32.
+        ``dq [Tq, Hq, D]`` fp32, ``dk, dv [Tk, Hkv, D]`` in ``kv_grad_dtype``.
     """
     tq, hq, d = q.shape
     tk, hkv, _ = k.shape
@@ -191,8 +211,8 @@ def sparse_attn_bwd(
     lse = lse.float().contiguous()
     delta = delta.contiguous()
     dq = torch.zeros(tq, hq, d, dtype=torch.float32, device=dev)
-    dk = torch.zeros(tk, hkv, d, dtype=torch.float32, device=dev)
-    dv = torch.zeros(tk, hkv, d, dtype=torch.float32, device=dev)
+    dk = torch.zeros(tk, hkv, d, dtype=kv_grad_dtype, device=dev)
+    dv = torch.zeros(tk, hkv, d, dtype=kv_grad_dtype, device=dev)
     if gi.n_tiles == 0:
         return dq, dk, dv
     # Measured on H100 at d=128, block 128 (benchmarks/NOTES_moba_kernels.md): 128-key
@@ -208,7 +228,8 @@ def sparse_attn_bwd(
     _dkdv_kernel[(hkv * blocks.n, nsub)](
         q, k, v, do, lse, delta, qpos, gi.ent, gi.offs, gi.kv_order, blocks.kstart, blocks.kpos, blocks.klen,
         dq, dk, dv, *strides, hq, width, blocks.n, hq // hkv, softmax_scale, scale_log2,
-        BM=bm_b, BNB=bnb, D=d, FUSE_DQ=fuse_dq, PREC=prec, num_warps=nw, num_stages=CONFIG["num_stages"],
+        BM=bm_b, BNB=bnb, D=d, FUSE_DQ=fuse_dq, PREC=prec, TRANS=CONFIG["trans"], num_warps=nw,
+        num_stages=CONFIG["num_stages"],
     )
     if not fuse_dq:
         from moba_cp.ops.moba.triton_attn_fwd import fwd_tile_m
@@ -217,7 +238,7 @@ def sparse_attn_bwd(
             q, k, v, do, lse, delta, qpos, gi.ent, gi.offs, gi.tile_b, gi.tile_start,
             blocks.kstart, blocks.kpos, blocks.klen, dq, *strides, hq, width, blocks.n, hq // hkv,
             softmax_scale, scale_log2, fwd_tile_m(d),
-            BM=64, BN=min(64, triton.next_power_of_2(block_size)), D=d, PREC=prec,
-            num_warps=4, num_stages=2,
+            BM=CONFIG["dq_bm"], BN=min(CONFIG["dq_bn"], triton.next_power_of_2(block_size)), D=d, PREC=prec,
+            num_warps=CONFIG["dq_warps"], num_stages=CONFIG["dq_stages"],
         )
     return dq, dk, dv

@@ -195,3 +195,120 @@ def sparse_attn_fwd(
             PASS=2, SINGLE=single, BM=bm, BN=bn, D=d, PREC=prec, num_warps=nw, num_stages=ns,
         )
     return oacc.to(q.dtype), lse
+
+
+# ----------------------------------------------------------------------------- one pass
+# For large blocks (hundreds to thousands of keys) a FlashMoBA-like layout wins: a program
+# owns one chunk of ``QC`` consecutive query tokens of one head, walks the key blocks in
+# order and, per block, gathers the chunk's entries that selected it; the online-softmax
+# state (m, l, acc) of those rows lives in fp32 scratch and is read/updated/written once per
+# entry and block. One program owns each row, so no atomics, and one pass (two products per
+# key tile instead of three). The state traffic (~1 KB per entry and block) is negligible
+# next to a large block's ``B * D * 4`` flops, but not for B=128, which keeps the two passes.
+
+
+@triton.jit
+def _fwd_onepass_kernel(
+    Q, K, V, QPOS, ENT, OFFS, KSTART, KPOS, KLEN, M, L, ACC,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    H, W, NBK, NQC, G, scale_log2,
+    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = pid % H
+    qc = NQC - 1 - pid // H  # late chunks (the most past blocks) start first
+    hk = h // G
+    b0 = (h * NQC + qc) * NBK
+    d = tl.arange(0, D)
+    nn = tl.arange(0, BN)
+    for g in range(0, NBK):
+        r_lo = _ld(OFFS + b0 + g)
+        r_hi = _ld(OFFS + b0 + g + 1)
+        ks = tl.load(KSTART + g).to(tl.int64)
+        kp0 = tl.load(KPOS + g)
+        kl = _ld(KLEN + g)
+        for r0 in range(r_lo, r_hi, BM):
+            rr = r0 + tl.arange(0, BM)
+            rmask = rr < r_hi
+            ent = tl.load(ENT + rr, mask=rmask, other=0)
+            t64 = (ent // W).to(tl.int64)
+            q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
+            qp = tl.load(QPOS + t64, mask=rmask, other=0)
+            st = t64 * H + h
+            m = tl.load(M + st, mask=rmask, other=float("-inf"))
+            l = tl.load(L + st, mask=rmask, other=0.0)
+            acc = tl.load(ACC + st[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
+            for n0 in range(0, kl, BN):
+                kk = n0 + nn
+                kmask = kk < kl
+                k = tl.load(K + (ks + kk)[:, None] * stride_kt + hk * stride_kh + d[None, :],
+                            mask=kmask[:, None], other=0.0)
+                v = tl.load(V + (ks + kk)[:, None] * stride_vt + hk * stride_vh + d[None, :],
+                            mask=kmask[:, None], other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+                ok = kmask[None, :] & ((kp0 + kk)[None, :] <= qp[:, None])
+                s = tl.where(ok, s, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m - m_safe)
+                p = tl.exp2(s - m_safe[:, None])
+                l = l * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), v, input_precision=PREC)
+                m = m_new
+            tl.store(M + st, m, mask=rmask)
+            tl.store(L + st, l, mask=rmask)
+            tl.store(ACC + st[:, None] * D + d[None, :], acc, mask=rmask[:, None])
+        # The next block's rows overlap this block's rows, possibly in other threads.
+        tl.debug_barrier()
+
+
+#: One-pass path: used for ``block_size >= min_block``; ``qchunk`` tokens per program.
+ONEPASS = {"min_block": 512, "qchunk": 4096, "bm": 128, "bn": 64, "num_warps": 8, "num_stages": 2}
+
+
+def build_chunk_index(sel: torch.Tensor, base: torch.Tensor | None, nbk: int, qchunk: int):
+    """CSR of entries keyed by (head, query chunk ``t // qchunk``, key block).
+
+    Returns ``ent [E]`` int32 (``t * W + w``), ``offs [H * NQC * NBK + 1]`` int32, ``NQC``.
+    """
+    t, hq, w = sel.shape
+    dev = sel.device
+    nqc = max(1, -(-t // qchunk))
+    g = sel if base is None else sel + base[:, None, None]
+    qc = (torch.arange(t, device=dev, dtype=torch.int32) // qchunk)[:, None, None]
+    hh = torch.arange(hq, device=dev, dtype=torch.int32)[None, :, None]
+    n_b = hq * nqc * nbk
+    key = torch.where(sel >= 0, (hh * nqc + qc) * nbk + g, n_b).reshape(-1)
+    counts = torch.bincount(key, minlength=n_b + 1)[:n_b]
+    _, perm = torch.sort(key, stable=True)
+    del key
+    ent = ((perm // (hq * w)) * w + perm % w).to(torch.int32)
+    del perm
+    offs = torch.zeros(n_b + 1, dtype=torch.int32, device=dev)
+    torch.cumsum(counts, 0, out=offs[1:])
+    return ent, offs, nqc
+
+
+def sparse_attn_fwd_onepass(q, k, v, qpos, blocks: KeyBlocks, sel, base, softmax_scale: float):
+    """One-pass forward for large blocks; same contract as :func:`sparse_attn_fwd`, but
+    takes the selection ``sel [Tq, Hq, W]`` (+ ``base``) and builds its own chunk index."""
+    tq, hq, d = q.shape
+    hkv = k.shape[1]
+    dev = q.device
+    cfg = ONEPASS
+    ent, offs, nqc = build_chunk_index(sel, base, blocks.n, cfg["qchunk"])
+    m = torch.full((tq, hq), float("-inf"), dtype=torch.float32, device=dev)
+    l = torch.zeros(tq, hq, dtype=torch.float32, device=dev)
+    acc = torch.zeros(tq, hq, d, dtype=torch.float32, device=dev)
+    if tq > 0 and blocks.n > 0:
+        _fwd_onepass_kernel[(hq * nqc,)](
+            q, k, v, qpos, ent, offs, blocks.kstart, blocks.kpos, blocks.klen, m, l, acc,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            hq, sel.shape[-1], blocks.n, nqc, hq // hkv, softmax_scale * LOG2E,
+            BM=cfg["bm"], BN=cfg["bn"], D=d, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    has = l > 0
+    lse = torch.where(has, (m + torch.log2(torch.where(has, l, torch.ones_like(l)))) * LN2, float("-inf"))
+    acc.div_(torch.where(has, l, torch.ones_like(l))[..., None])
+    return acc.to(q.dtype), lse

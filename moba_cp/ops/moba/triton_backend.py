@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from moba_cp.ops.moba.triton_attn_bwd import sparse_attn_bwd
-from moba_cp.ops.moba.triton_attn_fwd import fwd_tile_m, sparse_attn_fwd
+from moba_cp.ops.moba.triton_attn_fwd import ONEPASS, fwd_tile_m, sparse_attn_fwd, sparse_attn_fwd_onepass
 from moba_cp.ops.moba.triton_centroids import block_centroids
 from moba_cp.ops.moba.triton_common import build_gather_index, check_triton_inputs, doc_tables, slot_tables
 from moba_cp.ops.moba.triton_gate import MAX_GATE_WIDTH, gate_topk
@@ -83,6 +83,8 @@ def _attn_fwd_op(
     check_triton_inputs(q, block_size, "block_attn")
     q, k, v = _c(q), _c(k), _c(v)
     blocks, qpos, base, _ = doc_tables(q.shape[0], cu_seqlens, block_size, q.device)
+    if block_size >= ONEPASS["min_block"]:
+        return sparse_attn_fwd_onepass(q, k, v, qpos, blocks, indices.to(torch.int32), base, softmax_scale)
     gi = _gather(indices, base, blocks, k.shape[1], q.shape[-1])
     return sparse_attn_fwd(q, k, v, qpos, blocks, gi, indices.shape[-1], softmax_scale, block_size)
 
@@ -102,9 +104,10 @@ def _attn_bwd_op(
     blocks, qpos, base, _ = doc_tables(q.shape[0], cu_seqlens, block_size, q.device)
     gi = _gather(indices, base, blocks, k.shape[1], q.shape[-1])
     dq, dk, dv = sparse_attn_bwd(
-        _c(do), q, k, v, o, lse, qpos, blocks, gi, indices.shape[-1], softmax_scale, block_size, dlse=dlse
+        _c(do), q, k, v, o, lse, qpos, blocks, gi, indices.shape[-1], softmax_scale, block_size, dlse=dlse,
+        kv_grad_dtype=k.dtype,
     )
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq.to(q.dtype), dk, dv
 
 
 @_attn_bwd_op.register_fake
@@ -177,6 +180,13 @@ def partial_attn_fwd(q, q_pos, k_buf, v_buf, slot_pos, slot_idx, *, block_size: 
     get ``o = 0``, ``lse = -inf``. No autograd graph.
     """
     q, k_buf, v_buf = _c(q), _c(k_buf), _c(v_buf)
+    if block_size >= ONEPASS["min_block"]:
+        check_triton_inputs(q, block_size, "partial attention")
+        blocks = slot_tables(slot_pos, block_size)
+        with torch.no_grad():
+            return sparse_attn_fwd_onepass(
+                q, k_buf, v_buf, q_pos.to(torch.int32), blocks, slot_idx.to(torch.int32), None, float(softmax_scale)
+            )
     blocks, qpos, gi = _partial_setup(q, q_pos, k_buf, slot_pos, slot_idx, block_size)
     with torch.no_grad():
         return sparse_attn_fwd(q, k_buf, v_buf, qpos, blocks, gi, slot_idx.shape[-1], float(softmax_scale), block_size)
