@@ -63,9 +63,9 @@ def build(mcfg, moba, attn, cp, precision, seed=1234):
 
 
 def shard(x):
-    from megatron.core.utils import get_batch_on_this_cp_rank
+    from moba_cp.megatron.model import shard_batch_for_cp
 
-    return get_batch_on_this_cp_rank({"t": x.clone()})["t"]
+    return shard_batch_for_cp({"t": x})["t"]
 
 
 def rank_loss(model, tokens):

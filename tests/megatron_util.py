@@ -62,10 +62,10 @@ def batch(b: int, s: int, seed: int = 7) -> torch.Tensor:
 
 
 def cp_shard(x: torch.Tensor) -> torch.Tensor:
-    """This rank's zigzag shard of ``[b, S]`` token ids (Megatron's get_batch_on_this_cp_rank)."""
-    from megatron.core.utils import get_batch_on_this_cp_rank
+    """This rank's zigzag shard of ``[b, S]`` token ids (Megatron's get_batch_on_this_cp_rank layout)."""
+    from moba_cp.megatron.model import shard_batch_for_cp
 
-    return get_batch_on_this_cp_rank({"t": x.clone()})["t"]
+    return shard_batch_for_cp({"t": x})["t"]
 
 
 def loss_on_this_rank(model, tokens: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ from moba_cp.megatron.specs import gpt_block_spec
 __all__ = [
     "transformer_config_from_recipe", "build_gpt_model", "init_parallel", "wrap_ddp", "build_optimizer",
     "padded_vocab_size", "default_ffn_hidden_size", "attach_training_hooks", "destroy_parallel",
+    "shard_batch_for_cp",
 ]
 
 
@@ -270,3 +271,24 @@ def attach_training_hooks(ddp_model, optimizer) -> None:
     cfg.no_sync_func = ddp_model.no_sync
     cfg.finalize_model_grads_func = finalize_model_grads
     cfg.grad_scale_func = optimizer.scale_loss
+
+
+def shard_batch_for_cp(batch: dict, cp_group=None) -> dict:
+    """This rank's zigzag CP shard of a batch of ``[b, S, ...]`` tensors (``attention_mask``: dim 2).
+
+    The layout of ``megatron.core.utils.get_batch_on_this_cp_rank`` (chunks ``r`` and
+    ``2cp-1-r``), which RoPE and the moba_cp attentions assume, but with one signature for every
+    megatron-core version: 0.19 made ``get_batch_on_this_cp_rank(batch, is_hybrid_cp, ...)``
+    take a required ``is_hybrid_cp``, so 0.16.1-style calls fail there. ``None`` values pass
+    through; with cp == 1 the batch is returned unchanged.
+    """
+    from moba_cp.parallel.zigzag import zigzag_shard
+
+    if cp_group is None:
+        cp_group = parallel_state.get_context_parallel_group()
+    cp = cp_group.size()
+    if cp == 1:
+        return batch
+    r = cp_group.rank()
+    return {k: (None if v is None else zigzag_shard(v, r, cp, seq_dim=2 if k == "attention_mask" else 1))
+            for k, v in batch.items()}
