@@ -214,3 +214,32 @@ def test_switch_moba_to_full_mid_run_and_back():
     assert abs(eval_full - log["rebuilt_full"]) < 1e-6 * abs(eval_full)
     assert all(torch.isfinite(torch.tensor(log["moba_losses"] + log["full_losses"])))
     assert log["back_to_moba"] != eval_full  # switching back runs MoBA again (weights moved on)
+
+
+# ----------------------------------------------------------------------------- activation recomputation
+
+def _w_recompute(rank, world_size):
+    """Selective (core attention) and full (whole layer) recomputation give the same gradients:
+    recompute goes through Megatron's checkpoint, which saves/restores RNG states (CPU compat)."""
+    s = 256
+    tokens = batch(1, s)
+    out = {}
+    for recompute in ("none", "selective", "full"):
+        model, _ = build(tiny_model_cfg(seq_length=s), moba_cfg(16, 3), attention_cfg("hybrid"), recompute=recompute)
+        model.train()
+        loss = loss_on_this_rank(model, tokens)
+        loss.backward()
+        out[recompute] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()},
+                          model.config.recompute_granularity)
+    return out
+
+
+def test_activation_recomputation_matches():
+    out, = run_distributed(_w_recompute, 1)
+    loss0, g0, _ = out["none"]
+    for mode in ("selective", "full"):
+        loss, g, granularity = out[mode]
+        assert granularity == mode
+        assert abs(loss - loss0) <= 1e-6 * abs(loss0)
+        for n in g0:
+            assert max_rel(g[n], g0[n]) < 1e-5, (mode, n)
