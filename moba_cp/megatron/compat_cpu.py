@@ -31,8 +31,9 @@ Two layers:
 Not patched, handled by the model builder instead: ``use_cpu_initialization=True`` (obstacle 2,
 set by :func:`moba_cp.megatron.model.transformer_config_from_recipe` when there is no GPU),
 ``get_default_causal_mask`` (obstacle 5: moba_cp's core attentions never call it) and
-0.16.1's per-layer ``cp_comm_type`` list bug (obstacle 8: moba_cp leaves ``cp_comm_type`` unset,
-its attentions do their own CP communication).
+0.16.1's per-layer ``cp_comm_type`` list bug (obstacle 8, not CPU-specific: moba_cp leaves
+``cp_comm_type`` unset, its attentions do their own CP communication, and
+``transformer_config_from_recipe`` refuses a per-layer list on megatron-core < 0.19).
 
 Example (the training loop on CPU)::
 

@@ -120,6 +120,18 @@ def transformer_config_from_recipe(
     elif recompute != "none":
         raise ValueError(f"recompute={recompute!r}; choose 'none', 'selective' or 'full'.")
     kw.update(overrides)
+    if isinstance(kw.get("cp_comm_type"), list):
+        import megatron.core
+        from packaging.version import Version
+
+        if Version(megatron.core.__version__) < Version("0.19"):
+            # 0.16.x indexes the per-layer list with the 1-based layer number (IndexError at the
+            # last layer, off by one before). moba_cp's attentions ignore cp_comm_type; only the
+            # TE full backend reads it.
+            raise ValueError(
+                f"cp_comm_type as a per-layer list is broken in megatron-core {megatron.core.__version__} "
+                f"(fixed in 0.19). Fix: pass one string (e.g. 'p2p') or leave it None."
+            )
     return TransformerConfig(**kw)
 
 
