@@ -198,7 +198,8 @@ def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0):
         conf.update(saved)
 
     gi = build_gather_index(idx, base, blocks.n, hkv, fwd_mod.CONFIG["chunk"])
-    sweep("fwd two-pass", fwd_mod.CONFIG, [{}],
+    sweep("fwd two-pass", fwd_mod.CONFIG, [{}, {"diag_pass": 1}, {"diag_pass": 2}, {"diag_pass": 2, "diag_no_atomic": True},
+                                          {"bm": 128, "bn": 128, "num_warps": 8, "diag_pass": 1}],
           lambda: fwd_mod.sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, scale, block))
     if block >= 256:
         sweep("fwd one-pass", fwd_mod.ONEPASS,

@@ -59,7 +59,7 @@ def _fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     H, W, NBK, G, scale_log2, CHUNK,
     PASS: tl.constexpr, SINGLE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, ATOMIC: tl.constexpr = True,
 ):
     # One program = one chunk of up to CHUNK entries of one bucket (head h, key block g),
     # walked in BM-row tiles; with SINGLE (block <= BN keys) K/V are loaded once per chunk.
@@ -94,7 +94,10 @@ def _fwd_kernel(
             else:
                 p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
                 acc = tl.dot(p.to(V.dtype.element_ty), v, input_precision=PREC)
-                tl.atomic_add(OACC + (t64[:, None] * H + h) * D + d[None, :], acc, mask=rmask[:, None], sem="relaxed")
+                if ATOMIC:
+                    tl.atomic_add(OACC + (t64[:, None] * H + h) * D + d[None, :], acc, mask=rmask[:, None], sem="relaxed")
+                else:  # diagnostic only (wrong sums): measures what the atomics cost
+                    tl.store(OACC + (t64[:, None] * H + h) * D + d[None, :], acc, mask=rmask[:, None])
     else:
         for r0 in range(c0, c1, BM):
             rmask, t64, w, q, qp, lse2 = _fwd_rows(Q, QPOS, ENT, LSE, r0, c1, h, H, W, stride_qt, stride_qh, BM, D, PASS)
@@ -134,7 +137,9 @@ def _fwd_kernel(
 #: Tile shapes of the forward (and of the non-fused dQ kernel, which shares its tiles).
 #: ``bm`` rows per gathered tile, ``bn`` keys per sub-tile (None: whole block up to 128).
 #: ``chunk`` entries per program (a multiple of ``bm``; the gather index is cut in chunks).
-CONFIG = {"bm": 64, "bn": 64, "chunk": 256, "num_warps": 4, "num_stages": 2}
+#: ``diag_*``: timing diagnostics only (``diag_pass`` runs one pass; ``diag_no_atomic`` stores
+#: instead of adding: wrong results), never set outside ``bench_moba.py --tune``.
+CONFIG = {"bm": 64, "bn": 64, "chunk": 256, "num_warps": 4, "num_stages": 2, "diag_pass": None, "diag_no_atomic": False}
 
 
 def fwd_tile_m(d: int) -> int:
@@ -183,16 +188,17 @@ def sparse_attn_fwd(
     scale_log2 = softmax_scale * LOG2E
     common = (q, k, v, qpos, gi.ent, gi.offs, gi.tile_b, gi.tile_start, blocks.kstart, blocks.kpos, blocks.klen)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
-    if gi.n_tiles > 0:
+    if gi.n_tiles > 0 and CONFIG["diag_pass"] in (None, 1):
         _fwd_kernel[(gi.n_tiles,)](
             *common, part, part, oacc, *strides, hq, width, blocks.n, hq // hkv, scale_log2, fwd_tile_m(d),
             PASS=1, SINGLE=single, BM=bm, BN=bn, D=d, PREC=prec, num_warps=nw, num_stages=ns,
         )
     lse = torch.logsumexp(part, dim=-1)  # all -inf rows -> -inf
-    if gi.n_tiles > 0:
+    if gi.n_tiles > 0 and CONFIG["diag_pass"] in (None, 2):
         _fwd_kernel[(gi.n_tiles,)](
             *common, lse, part, oacc, *strides, hq, width, blocks.n, hq // hkv, scale_log2, fwd_tile_m(d),
             PASS=2, SINGLE=single, BM=bm, BN=bn, D=d, PREC=prec, num_warps=nw, num_stages=ns,
+            ATOMIC=not CONFIG["diag_no_atomic"],
         )
     return oacc.to(q.dtype), lse
 
