@@ -243,3 +243,37 @@ def test_activation_recomputation_matches():
         assert abs(loss - loss0) <= 1e-6 * abs(loss0)
         for n in g0:
             assert max_rel(g[n], g0[n]) < 1e-5, (mode, n)
+
+
+# ----------------------------------------------------------------------------- bf16 model
+
+def _w_bf16(rank, world_size):
+    """A bf16 model (config forced to bf16: on CPU the recipe's precision is ignored) has every
+    parameter in bf16, norms included, and its loss is the fp32 model's within bf16 rounding."""
+    from moba_cp.config import ParallelConfig
+    from moba_cp.megatron.model import transformer_config_from_recipe
+
+    s = 256
+    tokens = batch(1, s)
+    mcfg = tiny_model_cfg(seq_length=s)
+    ref, _ = build(mcfg, moba_cfg(16, 3), attention_cfg("hybrid"))
+    ref_loss = loss_on_this_rank(ref, tokens).item()
+    cfg = transformer_config_from_recipe(mcfg, ParallelConfig(), bf16=True, params_dtype=torch.bfloat16,
+                                         pipeline_dtype=torch.bfloat16)
+    model, _ = build(mcfg, moba_cfg(16, 3), attention_cfg("hybrid"), config=cfg)
+    with torch.no_grad():
+        for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+            p.copy_(q)
+    loss = loss_on_this_rank(model, tokens)
+    loss.backward()
+    dtypes = {str(p.dtype) for p in model.parameters()}
+    grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+    return ref_loss, loss.item(), str(loss.dtype), dtypes, grads_finite
+
+
+def test_bf16_model_all_params_bf16_and_loss_close():
+    (ref_loss, loss, loss_dtype, dtypes, grads_finite), = run_distributed(_w_bf16, 1)
+    assert dtypes == {"torch.bfloat16"}
+    assert loss_dtype == "torch.float32"
+    assert abs(loss - ref_loss) < 2e-2 * abs(ref_loss), (loss, ref_loss)
+    assert grads_finite

@@ -190,6 +190,12 @@ def build_gpt_model(
         position_embedding_type="rope",
         rotary_base=model_cfg.rotary_base,
     )
+    if config.bf16:
+        # What Megatron-LM's Float16Module does: every parameter in bf16, the norms included (torch
+        # norms are created in fp32, and fp32 weights on bf16 inputs miss the fused kernels).
+        # RoPE's inv_freq is a plain attribute, not a buffer, so it stays fp32. The loss stays fp32
+        # (Megatron's vocab-parallel cross entropy upcasts the logits).
+        model.bfloat16()
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model

@@ -70,10 +70,11 @@ class TorchNorm:
     """
 
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **unused_kwargs):
+        dtype = getattr(config, "params_dtype", None) or torch.float32
         if config.normalization == "RMSNorm":
-            norm = torch.nn.RMSNorm(hidden_size, eps=eps)
+            norm = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=dtype)
         elif config.normalization == "LayerNorm":
-            norm = torch.nn.LayerNorm(hidden_size, eps=eps)
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps, dtype=dtype)
         else:
             raise ValueError(f"TorchNorm: normalization={config.normalization!r}; use RMSNorm or LayerNorm.")
         if getattr(config, "layernorm_zero_centered_gamma", False):
