@@ -261,7 +261,7 @@ def test_custom_op_traces_under_torch_compile():
 
 # ------------------------------------------------------------------------------- GPU, bf16
 @pytest.mark.gpu
-@pytest.mark.parametrize("d,hq,hkv,b,topk", [(128, 16, 4, 128, 8), (64, 8, 8, 64, 4)])
+@pytest.mark.parametrize("d,hq,hkv,b,topk", [(128, 16, 4, 128, 8), (64, 8, 8, 64, 4), (128, 8, 2, 512, 3)])
 def test_gpu_bf16_real_sizes(d, hq, hkv, b, topk):
     t_docs = [3000, 1096]  # two documents, the first not a multiple of B
     t = sum(t_docs)
