@@ -4,12 +4,15 @@
     moba-cp config RECIPE.yaml [--a.b=value ...]     print the resolved, validated recipe
     moba-cp selfcheck [--tokens N ...]               MoBA on random data vs the fp64 oracle
     moba-cp train RECIPE.yaml [--dry-run] [--a.b=value ...]
+    moba-cp prepare-data INPUTS... --output PREFIX [--tokenizer byte|tokenizer.json]
+    moba-cp plot RUN_DIR... [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import moba_cp
 
@@ -38,10 +41,30 @@ def _cmd_train(args, overrides) -> int:
         from moba_cp.train.dry_run import dry_run
 
         return dry_run(cfg, world_size=args.world_size)
+    from moba_cp.data.datasets import DataConfigError
+    from moba_cp.data.tokenizers import TokenizerError
     from moba_cp.train.loop import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except (RecipeError, DataConfigError, TokenizerError) as e:  # raised before training starts
+        print(f"moba-cp train: {e}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _cmd_prepare_data(args, rest) -> int:
+    from moba_cp.data import prepare
+
+    _no_extra(rest, "prepare-data")
+    return prepare.run(args)
+
+
+def _cmd_plot(args, rest) -> int:
+    from moba_cp.eval import plots
+
+    _no_extra(rest, "plot")
+    return plots.run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --dry-run: the world size to plan for (default tp*cp*dp, dp defaulting to 1)")
     p.set_defaults(func=_cmd_train)
 
+    from moba_cp.data import prepare
+    from moba_cp.eval import plots
+
+    p = sub.add_parser("prepare-data", help="build a Megatron indexed dataset (.bin/.idx) from text files",
+                       description="Tokenize text files into a Megatron indexed dataset, one document per file.")
+    prepare.add_arguments(p)
+    p.set_defaults(func=_cmd_prepare_data)
+
+    p = sub.add_parser("plot", help="loss curves, position-wise/trailing loss and needle heatmaps of runs",
+                       description="Draw comparison PNGs of one or more run directories.")
+    plots.add_arguments(p)
+    p.set_defaults(func=_cmd_plot)
+
     p = sub.add_parser("selfcheck", help="run MoBA on random data with each backend against the fp64 oracle")
     from moba_cp import selfcheck
 
@@ -79,6 +115,10 @@ def _no_extra(rest, cmd):
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Megatron-Core warns at import that TE/apex are absent; moba_cp does not need them.
+    for msg in ("Transformer Engine and Apex are not installed", "Apex is not installed",
+                "full scope is deprecated"):
+        warnings.filterwarnings("ignore", message=msg)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command is None:

@@ -128,7 +128,13 @@ class DataConfig:
     tokenizer: str = _f("byte", "'byte' (built-in byte-level) or a path to a HuggingFace tokenizers JSON.")
     cache_dir: str = _f("data_cache", "Where built datasets and index caches are written.")
     split: str = _f("98,2,0", "Train/valid/test split weights of each dataset.")
-    retrieval_fraction: float = _f(0.0, "Fraction of training documents replaced by synthetic retrieval documents.")
+    retrieval_fraction: float = _f(0.0, "Fraction of training samples replaced by synthetic retrieval documents.")
+    retrieval_kinds: list[str] = _f(
+        default_factory=lambda: ["passkey", "single", "multikey", "multivalue"],
+        help="Retrieval document kinds mixed in (subset of passkey, single, multikey, multivalue).")
+    retrieval_loss_on: Literal["all", "answer"] = _f(
+        "all", "Loss on retrieval samples: every token ('all') or only the answer tokens ('answer').")
+    builtin_budget_bytes: int = _f(4_000_000, "Size of the embedded corpus (source=builtin), in bytes of text.")
     num_workers: int = _f(0, "DataLoader workers.")
 
 
@@ -409,6 +415,10 @@ def validate(cfg: RecipeConfig, world_size: int | None = None) -> None:
         errs.append(f"train.min_lr={t.min_lr} exceeds train.lr={t.lr}.")
     if not (0.0 <= cfg.data.retrieval_fraction <= 1.0):
         errs.append(f"data.retrieval_fraction={cfg.data.retrieval_fraction} must be in [0, 1].")
+    bad_kinds = [k for k in cfg.data.retrieval_kinds if k not in ("passkey", "single", "multikey", "multivalue")]
+    if bad_kinds or not cfg.data.retrieval_kinds:
+        errs.append(f"data.retrieval_kinds={cfg.data.retrieval_kinds}: choose a non-empty subset of passkey, "
+                    f"single, multikey, multivalue.")
     if cfg.data.source == "indexed" and not cfg.data.paths:
         errs.append("data.source=indexed needs data.paths (Megatron .bin/.idx prefixes).")
     dp = p.dp

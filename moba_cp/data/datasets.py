@@ -225,7 +225,8 @@ def build_train_valid_datasets(data_cfg, *, seq_length: int, seed: int, num_trai
     if not num_valid_samples or valid is None or len(valid) == 0:
         valid = None
     if data_cfg.retrieval_fraction > 0:
-        train = RetrievalMixtureDataset(train, tok, data_cfg.retrieval_fraction, seq_length, seed)
+        train = RetrievalMixtureDataset(train, tok, data_cfg.retrieval_fraction, seq_length, seed,
+                                        kinds=tuple(data_cfg.retrieval_kinds), loss_on=data_cfg.retrieval_loss_on)
     return train, valid
 
 

@@ -147,7 +147,7 @@ def train(cfg: RecipeConfig) -> TrainResult:
     """Run the recipe's training to ``train.steps`` (resuming from its checkpoint if present)."""
     from megatron.core import parallel_state
 
-    from moba_cp.data.datasets import build_train_valid_datasets, validate_data_paths
+    from moba_cp.data.datasets import DataConfigError, build_train_valid_datasets, validate_data_paths
     from moba_cp.data.tokenizers import build_tokenizer
     from moba_cp.megatron import compat_cpu
     from moba_cp.megatron.hybrid_switch import set_attention_mode, switch_step
@@ -170,8 +170,13 @@ def train(cfg: RecipeConfig) -> TrainResult:
         train_ds, valid_ds = build_train_valid_datasets(
             cfg.data, seq_length=cfg.model.seq_length, seed=t.seed,
             num_train_samples=t.steps * t.global_batch_size,
-            num_valid_samples=max(1, cfg.eval.iters) * t.global_batch_size, tokenizer=tokenizer,
+            num_valid_samples=cfg.eval.iters * t.global_batch_size if cfg.eval.interval else 0,
+            tokenizer=tokenizer, builtin_budget_bytes=cfg.data.builtin_budget_bytes,
         )
+        if cfg.eval.interval and valid_ds is None:
+            raise DataConfigError(f"eval.interval={cfg.eval.interval} asks for validation, but data.split="
+                                  f"{cfg.data.split!r} gives no validation documents. Fix: give the split a "
+                                  f"validation share (e.g. 98,2,0) or set eval.interval=0.")
         gpt, ddp, optimizer, scheduler = _build(cfg, env, tokenizer)
         start_step = 0
         latest = ckpt.latest_checkpoint(ckpt_dir) if cfg.checkpoint.resume else None
@@ -233,7 +238,7 @@ def train(cfg: RecipeConfig) -> TrainResult:
                        "mem_gib": peak_memory_gib(env.device)}
                 losses.append(loss)
                 logger.log(rec, f"step {done:>6}/{t.steps} | loss {loss:.4f} | lr {lr:.2e} | grad {gn:.3f} | "
-                                f"{rec['tokens_per_s']:,.0f} tok/s | {rec['tflops_per_gpu']:.2f} TFLOP/s/GPU | "
+                                f"{rec['tokens_per_s']:,.0f} tok/s | {rec['tflops_per_gpu']:.3g} TFLOP/s/GPU | "
                                 f"mem {rec['mem_gib']:.2f} GiB | ETA {format_eta(avg * (t.steps - done))}")
             if cfg.eval.interval and done % cfg.eval.interval == 0:
                 vloss = evaluate(ddp, valid_ds, cfg, env)

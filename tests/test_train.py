@@ -1,0 +1,182 @@
+"""Training end to end on CPU/gloo: falling loss under CP=2, exact resume after a real kill,
+resume with another dp size, clear errors before training, dry runs of every recipe, and a
+two-node launch through launch/multinode.sh (two torchrun agents meeting on localhost)."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from moba_cp.config import load_recipe
+from tests.distributed_harness import run_distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A small, fast model; every test starts from it and changes what it checks.
+SMALL = [
+    "--model.num_layers=2", "--model.hidden_size=64", "--model.num_attention_heads=4",
+    "--model.num_query_groups=2", "--model.seq_length=256", "--moba.block_size=32", "--moba.topk=3",
+    "--train.lr=3e-3", "--train.min_lr=3e-4", "--train.warmup_steps=2", "--train.precision=fp32",
+    "--logging.interval=1", "--logging.tensorboard=false",
+]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data_cache"))
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def _torchrun(nproc, args, **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "moba_cp.train", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, **kw)
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+
+
+def _train_worker(rank, world_size, overrides):
+    from moba_cp.train.loop import train
+
+    return train(load_recipe(str(ROOT / "recipes/quickstart.yaml"), overrides)).losses
+
+
+def test_quickstart_recipe_trains_with_cp2_and_the_loss_falls(tmp_path, cache_dir):
+    overrides = SMALL + ["--train.steps=16", "--parallel.cp=2", "--train.global_batch_size=2",
+                         f"--logging.dir={tmp_path}/run", f"--data.cache_dir={cache_dir}",
+                         "--eval.interval=8", "--eval.iters=1", "--checkpoint.interval=0"]
+    losses = run_distributed(_train_worker, world_size=2, args=(overrides,), timeout=400)
+    assert losses[0] == losses[1]  # the loss is reduced over dp x cp: every rank reports the same
+    first, last = sum(losses[0][:3]) / 3, sum(losses[0][-3:]) / 3
+    assert len(losses[0]) == 16 and last < first - 0.5, losses[0]
+    records = _metrics(tmp_path / "run")
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "mem_gib"} <= set(records[0])
+    assert any("valid_loss" in r for r in records)
+    assert (tmp_path / "run" / "recipe.yaml").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "iter_0000016" / "meta.json").is_file()
+
+
+def test_killed_run_resumes_exactly(tmp_path, cache_dir):
+    """SIGKILL a CP=2 run after its first checkpoint; the resumed run's losses equal (bitwise) the
+    uninterrupted run's."""
+    common = SMALL + ["--train.steps=8", "--parallel.cp=2", f"--data.cache_dir={cache_dir}",
+                      "--checkpoint.interval=3"]
+    ref = _torchrun(2, ["recipes/quickstart.yaml", *common, f"--logging.dir={tmp_path}/ref"])
+    out, _ = ref.communicate(timeout=400)
+    assert ref.returncode == 0, out
+
+    run = tmp_path / "run"
+    victim = _torchrun(2, ["recipes/quickstart.yaml", *common, f"--logging.dir={run}"])
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "iter_0000003" / "meta.json").exists():
+        assert victim.poll() is None, victim.communicate()[0]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert not (run / "checkpoints" / "iter_0000008").exists(), "the run finished before the kill"
+
+    resumed = _torchrun(2, ["recipes/quickstart.yaml", *common, f"--logging.dir={run}"])
+    out, _ = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, out
+    assert "resumed from" in out
+    ref_by_step = {r["step"]: r for r in _metrics(tmp_path / "ref")}
+    got = [r for r in _metrics(run) if r["step"] > 3]
+    got_by_step = {r["step"]: r for r in got}  # the killed part may have logged steps 4.. too
+    assert sorted(got_by_step) == [4, 5, 6, 7, 8]
+    for step in range(4, 9):
+        assert got_by_step[step]["loss"] == ref_by_step[step]["loss"], step
+        assert got_by_step[step]["grad_norm"] == ref_by_step[step]["grad_norm"], step
+
+
+def test_resume_with_another_data_parallel_size(tmp_path, cache_dir):
+    """A dp=2 run's step-3 checkpoint resumed with dp=1: the same global batches, so the same
+    losses (up to the order of the gradient reduction)."""
+    import shutil
+
+    common = SMALL + ["--train.steps=5", "--parallel.cp=1", "--train.global_batch_size=2",
+                      f"--data.cache_dir={cache_dir}", "--checkpoint.interval=3", "--checkpoint.keep_last=5"]
+    ref = _torchrun(2, ["recipes/quickstart.yaml", *common, f"--logging.dir={tmp_path}/ref"])
+    out, _ = ref.communicate(timeout=400)
+    assert ref.returncode == 0, out
+    run = tmp_path / "run"
+    shutil.copytree(tmp_path / "ref" / "checkpoints" / "iter_0000003", run / "checkpoints" / "iter_0000003")
+    second = _torchrun(1, ["recipes/quickstart.yaml", *common, f"--logging.dir={run}"])
+    out, _ = second.communicate(timeout=400)
+    assert second.returncode == 0, out
+    assert "resumed from" in out and "dp 1" in out
+    ref_loss = {r["step"]: r["loss"] for r in _metrics(tmp_path / "ref")}
+    got = {r["step"]: r["loss"] for r in _metrics(run)}
+    assert sorted(got) == [4, 5]
+    for step, loss in got.items():
+        assert loss == pytest.approx(ref_loss[step], rel=1e-5), (step, loss, ref_loss[step])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data.source=indexed", "--data.paths=[/no/such/prefix]"], "missing /no/such/prefix.bin"),
+    (["--model.seq_length=1000"], "model.seq_length=1000 is not divisible by 2 * parallel.cp * moba.block_size"),
+    (["--moba.topk=-1"], "moba.topk=-1 must be >= 1"),
+    (["--data.tokenizer=/no/tokenizer.json"], "tokenizer"),
+    (["--parallel.cp=4"], "world size 2 is not divisible by parallel.tp * parallel.cp = 4"),
+])
+def test_bad_recipe_or_data_fails_before_training(tmp_path, args, message, monkeypatch, capsys):
+    """Checked before any process group exists (as a torchrun worker of a 2-process world)."""
+    import torch.distributed as dist
+
+    from moba_cp.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "recipes/quickstart.yaml", f"--logging.dir={tmp_path}/run", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not dist.is_initialized() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("recipe", sorted(glob.glob(str(ROOT / "recipes/*.yaml"))))
+def test_every_shipped_recipe_passes_dry_run(recipe, capsys):
+    from moba_cp.cli import main
+
+    assert main(["train", recipe, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run OK" in out and "memory/GPU" in out and "FLOPs/step" in out
+
+
+def test_multinode_launcher_two_agents_meet_through_c10d(tmp_path, cache_dir):
+    """launch/multinode.sh for real: two torchrun agents (two 'nodes' of one process each) on
+    localhost, c10d rendezvous, gloo, CP=2 across the 'nodes'."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(_env(), NNODES="2", NGPU="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               RDZV_ID=f"test{port}", PYTHON=sys.executable)
+    args = ["recipes/quickstart.yaml", *SMALL, "--train.steps=2", "--parallel.cp=2",
+            f"--logging.dir={tmp_path}/run", f"--data.cache_dir={cache_dir}"]
+    nodes = [subprocess.Popen(["bash", "launch/multinode.sh", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for _ in range(2)]
+    outs = []
+    try:
+        for n in nodes:
+            outs.append(n.communicate(timeout=300)[0])
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                os.killpg(n.pid, signal.SIGKILL)
+    assert all(n.returncode == 0 for n in nodes), "\n".join(outs)
+    log = "\n".join(outs)
+    assert "world 2 = tp 1 x cp 2 x dp 1" in log and "step      2/2" in log
