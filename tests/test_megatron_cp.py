@@ -98,9 +98,13 @@ def test_gpt_tp2_cp2_equals_tp1_cp1():
 
 # ----------------------------------------------------------------------------- the training-loop path
 
-def _w_train(rank, world_size, cp, distributed_optimizer):
+def _w_train(rank, world_size, cp, distributed_optimizer, per_token=False):
     """Two optimizer steps through Megatron's own machinery: DDP, get_megatron_optimizer,
-    get_forward_backward_func, finalize_model_grads (with the CPU compat), 2 micro-batches each."""
+    get_forward_backward_func, finalize_model_grads (with the CPU compat), 2 micro-batches each.
+
+    ``per_token``: Megatron's ``calculate_per_token_loss`` convention (loss_func returns the local
+    loss *sum* and token count; finalize_model_grads divides by the global count) instead of the
+    default one (this rank's share of the micro-batch mean, scaled by cp in the schedule)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -111,8 +115,15 @@ def _w_train(rank, world_size, cp, distributed_optimizer):
     mcfg = tiny_model_cfg(seq_length=S)
 
     def run(cp_size, dist_opt):
+        extra = {}
+        if per_token:
+            from moba_cp.megatron.model import transformer_config_from_recipe
+            from moba_cp.config import ParallelConfig
+
+            extra["config"] = transformer_config_from_recipe(mcfg, ParallelConfig(cp=cp_size),
+                                                             calculate_per_token_loss=True)
         model, pcfg = build(mcfg, moba_cfg(BLOCK, TOPK), attention_cfg("hybrid" if not _missing_ring else "moba"),
-                            cp=cp_size, distributed_optimizer=dist_opt)
+                            cp=cp_size, distributed_optimizer=dist_opt, **extra)
         ddp = mm.wrap_ddp(model, pcfg)
         opt = mm.build_optimizer(ddp, lr=3e-3, weight_decay=0.01, clip_grad=1.0,
                                  distributed_optimizer=dist_opt)
@@ -128,6 +139,10 @@ def _w_train(rank, world_size, cp, distributed_optimizer):
             out = m(cp_shard(inp), None, None, labels=cp_shard(lab))
 
             def loss_func(per_token):
+                if per_token_mode:
+                    local_sum = per_token.sum()
+                    count = torch.tensor(per_token.numel(), dtype=torch.int)
+                    return local_sum, count, {"lm loss": local_sum.detach().clone() / n_tok}
                 share = per_token.sum() / n_tok          # this rank's share of the micro-batch mean
                 # the schedule scales `share` in place (x cp / n_microbatches): report a copy
                 return share, {"lm loss": share.detach().clone()}
@@ -150,6 +165,7 @@ def _w_train(rank, world_size, cp, distributed_optimizer):
         params = {n: p.detach().clone() for n, p in model.named_parameters()}
         return losses, norms, params
 
+    per_token_mode = per_token
     ref = run(1, False)
     got = run(cp, distributed_optimizer)
     # Adam turns tiny gradient differences on near-zero gradients into visible update differences,
@@ -161,11 +177,15 @@ def _w_train(rank, world_size, cp, distributed_optimizer):
 
 @pytest.mark.skipif(_missing_moba is not None, reason=f"CP MoBA op missing: {_missing_moba}")
 def test_ddp_optimizer_two_steps_cp2_equals_cp1():
-    for distributed_optimizer in (False, True):
-        results = run_distributed(_w_train, 2, args=(2, distributed_optimizer))
+    first_norms = {}
+    for distributed_optimizer, per_token in ((False, False), (True, False), (False, True)):
+        results = run_distributed(_w_train, 2, args=(2, distributed_optimizer, per_token))
         for rank, ((ref_losses, ref_norms), (losses, norms), errs, _) in enumerate(results):
+            # both loss conventions must give the same gradients (Adam would hide a scale error)
+            first_norms.setdefault(per_token, ref_norms[0])
             assert torch.allclose(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5), (losses, ref_losses)
             assert torch.allclose(torch.tensor(norms), torch.tensor(ref_norms), rtol=1e-4), (norms, ref_norms)
             assert ref_losses[1] < ref_losses[0] + 1.0  # it trains (finite, no blow-up)
             worst = max(errs, key=errs.get)
             assert errs[worst] < 2e-2, f"dist_opt={distributed_optimizer} rank {rank}: {worst} off by {errs[worst]:.2e} lr"
+    assert abs(first_norms[True] - first_norms[False]) <= 1e-5 * first_norms[False], first_norms
