@@ -9,6 +9,7 @@ The training loop's sequence (CPU or GPU; the CPU compat is automatic and a no-o
                              recompute=cfg.train.recompute)
     ddp = mm.wrap_ddp(gpt, cfg.parallel)
     optimizer = mm.build_optimizer(ddp, lr=..., ...)           # get_megatron_optimizer, CPU-safe
+    mm.attach_training_hooks(ddp, optimizer)                    # no_sync / finalize grads / loss scale
     fwd_bwd = get_forward_backward_func()
     with compat_cpu.cuda_to_cpu():                               # no-op on GPU
         ddp.zero_grad_buffer(); optimizer.zero_grad()
@@ -16,9 +17,13 @@ The training loop's sequence (CPU or GPU; the CPU compat is automatic and a no-o
                          seq_length=S // cp, micro_batch_size=mbs, forward_only=False)
         ok, grad_norm, _ = optimizer.step()
 
-Loss under CP (Megatron DDP averages gradients over dp x cp): each rank returns
-``local_loss_sum / global_token_count * cp`` as the value to differentiate, i.e. the mean over
-the whole (unsharded) micro-batch times ``cp`` (see ``tests/test_megatron_cp.py``).
+Batches are sharded with :func:`shard_batch_for_cp` (Megatron's zigzag layout, one signature for
+megatron-core 0.16 and 0.19). Loss under CP (Megatron DDP averages gradients over dp x cp): with
+a 2-tuple ``loss_func`` return this rank's ``local_loss_sum / micro_batch_token_count`` (the
+schedule multiplies it by ``cp``); with ``calculate_per_token_loss=True`` return the local sum
+and local count (``finalize_model_grads`` divides by the global count). Both are tested equal to
+CP=1 in ``tests/test_megatron_cp.py``. The schedule scales the returned loss *in place*: report
+a ``.clone()`` of it, not a ``.detach()`` (which shares storage).
 """
 
 from __future__ import annotations
