@@ -6,6 +6,8 @@
     moba-cp train RECIPE.yaml [--dry-run] [--a.b=value ...]
     moba-cp prepare-data INPUTS... --output PREFIX [--tokenizer byte|tokenizer.json]
     moba-cp plot RUN_DIR... [--out DIR]
+    moba-cp eval loss CHECKPOINT --seq-len 32768 --last 2048
+    moba-cp eval needle CHECKPOINT --lengths 4k,8k --depths 0,10,...,100
 """
 
 from __future__ import annotations
@@ -50,6 +52,37 @@ def _cmd_train(args, overrides) -> int:
     except (RecipeError, DataConfigError, TokenizerError) as e:  # raised before training starts
         print(f"moba-cp train: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _cmd_eval(args, overrides) -> int:
+    from moba_cp.config import RecipeError
+    from moba_cp.eval import cli as eval_cli
+    from moba_cp.eval.model_runner import load_eval_model
+    from moba_cp.eval.needle import parse_lengths
+    from moba_cp.train.distributed import shutdown_distributed
+
+    if args.kind == "loss":
+        max_len = args.seq_len
+    else:
+        max_len = max(parse_lengths(args.lengths))
+    try:
+        em = load_eval_model(args.checkpoint, max_len, overrides)
+    except (FileNotFoundError, RecipeError) as e:
+        print(f"moba-cp eval: {e}", file=sys.stderr)
+        return 2
+    try:
+        label = args.label or em.cfg.name
+        if args.kind == "loss":
+            from moba_cp.data.datasets import heldout_sequences
+
+            seqs = heldout_sequences(em.cfg.data, seq_length=args.seq_len, num_sequences=args.num_seqs,
+                                     tokenizer=em.tokenizer, builtin_budget_bytes=em.cfg.data.builtin_budget_bytes)
+            eval_cli.run_loss_eval(args, em.loss_fn, seqs, label=label, write=em.env.is_main)
+        else:
+            eval_cli.run_needle_eval(args, em.logits_fn, em.tokenizer, label=label, write=em.env.is_main)
+    finally:
+        shutdown_distributed()
     return 0
 
 
@@ -100,6 +133,23 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Draw comparison PNGs of one or more run directories.")
     plots.add_arguments(p)
     p.set_defaults(func=_cmd_plot)
+
+    from moba_cp.eval import cli as eval_cli
+
+    p = sub.add_parser("eval", help="long-context evaluation of a checkpoint: trailing/position-wise loss, needles",
+                       description="Evaluate a checkpoint (run dir, checkpoints dir or iter_* dir). Runs under "
+                                   "torchrun with tp*cp processes for context-parallel evaluation; recipe "
+                                   "overrides (--parallel.cp=N ...) may follow.")
+    esub = p.add_subparsers(dest="kind", metavar="KIND", required=True)
+    pl = esub.add_parser("loss", help="trailing loss (last N tokens) and position-wise loss")
+    pl.add_argument("checkpoint")
+    eval_cli.add_loss_arguments(pl)
+    pn = esub.add_parser("needle", help="needle-in-a-haystack retrieval accuracy per (length, depth)")
+    pn.add_argument("checkpoint")
+    eval_cli.add_needle_arguments(pn)
+    for q in (pl, pn):
+        q.add_argument("--label", default=None, help="name in plots (default: the recipe name)")
+        q.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("selfcheck", help="run MoBA on random data with each backend against the fp64 oracle")
     from moba_cp import selfcheck
