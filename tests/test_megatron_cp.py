@@ -35,13 +35,14 @@ def _patterns():
     return ["moba"] + ([] if _missing_ring else ["hybrid"])
 
 
-def _w_equal(rank, world_size, tp, cp, patterns, sequence_parallel=False):
+def _w_equal(rank, world_size, tp, cp, cases):
+    """``cases``: ``[(pattern, sequence_parallel), ...]``, all run in this one set of processes."""
     from megatron.core import parallel_state as ps
 
     tokens = batch(2, S)
     mcfg = tiny_model_cfg(seq_length=S)
     results = {}
-    for pattern in patterns:
+    for pattern, sequence_parallel in cases:
         acfg = attention_cfg(pattern)
         # reference: the unsplit model on the whole sequence
         ref, _ = build(mcfg, moba_cfg(BLOCK, TOPK), acfg)
@@ -70,7 +71,7 @@ def _w_equal(rank, world_size, tp, cp, patterns, sequence_parallel=False):
                 dist.all_reduce(g, group=tp_group)  # norms see a TP slice of the tokens under SP
             dim, glu = layout[n]
             errs[n] = max_rel(unshard_from_tp(g, dim, glu, tp_group), ref_grads[n])
-        results[pattern] = (ref_loss.item(), total.item(), errs)
+        results[f"{pattern}{'+sp' if sequence_parallel else ''}"] = (ref_loss.item(), total.item(), errs)
     return results
 
 
@@ -86,40 +87,44 @@ def _check(results, loss_rtol=2e-6, grad_rtol=5e-5):
 @pytest.mark.skipif(_missing_moba is not None, reason=f"CP MoBA op missing: {_missing_moba}")
 @pytest.mark.parametrize("cp", [2, 4])
 def test_gpt_cp_loss_and_grads_equal_cp1(cp):
-    _check(run_distributed(_w_equal, cp, args=(1, cp, _patterns())))
+    _check(run_distributed(_w_equal, cp, args=(1, cp, [(p, False) for p in _patterns()])))
 
 
 @pytest.mark.skipif(_missing_moba is not None, reason=f"CP MoBA op missing: {_missing_moba}")
 def test_gpt_tp2_cp2_equals_tp1_cp1():
-    # the second layout adds Megatron sequence parallelism (norms and dropout on s/tp tokens)
-    _check(run_distributed(_w_equal, 4, args=(2, 2, _patterns())))
-    _check(run_distributed(_w_equal, 4, args=(2, 2, ["moba"], True)))
+    # the last case adds Megatron sequence parallelism (norms and dropout on s/tp tokens)
+    results = run_distributed(_w_equal, 4, args=(2, 2, [(p, False) for p in _patterns()] + [("moba", True)]))
+    assert "moba+sp" in results[0]
+    _check(results)
 
 
 # ----------------------------------------------------------------------------- the training-loop path
 
-def _w_train(rank, world_size, cp, distributed_optimizer, per_token=False):
+def _w_train(rank, world_size, cp, variants):
     """Two optimizer steps through Megatron's own machinery: DDP, get_megatron_optimizer,
-    get_forward_backward_func, finalize_model_grads (with the CPU compat), 2 micro-batches each.
+    get_forward_backward_func, finalize_model_grads (with the CPU compat), 2 micro-batches each,
+    at CP=1 (the reference; dp=2 ranks on the same data) and at CP=``cp``.
 
-    ``per_token``: Megatron's ``calculate_per_token_loss`` convention (loss_func returns the local
-    loss *sum* and token count; finalize_model_grads divides by the global count) instead of the
-    default one (this rank's share of the micro-batch mean, scaled by cp in the schedule)."""
+    ``variants``: ``[(distributed_optimizer, per_token), ...]``. ``per_token`` is Megatron's
+    ``calculate_per_token_loss`` convention (loss_func returns the local loss *sum* and token
+    count; finalize_model_grads divides by the global count), else the default one (this rank's
+    share of the micro-batch mean, scaled by cp in the schedule)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from moba_cp.config import ParallelConfig
     from moba_cp.megatron import compat_cpu
     from moba_cp.megatron import model as mm
+    from moba_cp.megatron.model import transformer_config_from_recipe
+    from tests.megatron_util import cp_shard
 
     steps = [batch(2, S, seed=10 + i) for i in range(2)]
     mcfg = tiny_model_cfg(seq_length=S)
+    n_tok = steps[0][:, 1:][:1].numel()  # tokens per micro-batch (global, unsharded)
 
-    def run(cp_size, dist_opt):
+    def run(cp_size, dist_opt, per_token):
         extra = {}
         if per_token:
-            from moba_cp.megatron.model import transformer_config_from_recipe
-            from moba_cp.config import ParallelConfig
-
             extra["config"] = transformer_config_from_recipe(mcfg, ParallelConfig(cp=cp_size),
                                                              calculate_per_token_loss=True)
         model, pcfg = build(mcfg, moba_cfg(BLOCK, TOPK), attention_cfg("hybrid" if not _missing_ring else "moba"),
@@ -129,21 +134,18 @@ def _w_train(rank, world_size, cp, distributed_optimizer, per_token=False):
                                  distributed_optimizer=dist_opt)
         mm.attach_training_hooks(ddp, opt)
         fwd_bwd = get_forward_backward_func()
-        n_tok = steps[0][:, 1:][:1].numel()  # tokens per micro-batch (global, unsharded)
 
         def forward_step(data_iterator, m):
             tok = next(data_iterator)
             inp, lab = tok[:, :-1], tok[:, 1:]
-            from tests.megatron_util import cp_shard
-
             out = m(cp_shard(inp), None, None, labels=cp_shard(lab))
 
-            def loss_func(per_token):
-                if per_token_mode:
-                    local_sum = per_token.sum()
-                    count = torch.tensor(per_token.numel(), dtype=torch.int)
+            def loss_func(per_token_loss):
+                if per_token:
+                    local_sum = per_token_loss.sum()
+                    count = torch.tensor(per_token_loss.numel(), dtype=torch.int)
                     return local_sum, count, {"lm loss": local_sum.detach().clone() / n_tok}
-                share = per_token.sum() / n_tok          # this rank's share of the micro-batch mean
+                share = per_token_loss.sum() / n_tok  # this rank's share of the micro-batch mean
                 # the schedule scales `share` in place (x cp / n_microbatches): report a copy
                 return share, {"lm loss": share.detach().clone()}
             return out, loss_func
@@ -165,27 +167,33 @@ def _w_train(rank, world_size, cp, distributed_optimizer, per_token=False):
         params = {n: p.detach().clone() for n, p in model.named_parameters()}
         return losses, norms, params
 
-    per_token_mode = per_token
-    ref = run(1, False)
-    got = run(cp, distributed_optimizer)
-    # Adam turns tiny gradient differences on near-zero gradients into visible update differences,
-    # so parameters are compared in units of the learning rate (grad norms above catch scale bugs:
-    # Adam itself is invariant to a wrong loss scale).
-    errs = {n: float((got[2][n] - ref[2][n]).abs().max()) / 3e-3 for n in ref[2]}
-    return ref[:2], got[:2], errs, type(got[2]).__name__
+    refs, out = {}, {}
+    for dist_opt, per_token in variants:
+        if per_token not in refs:
+            refs[per_token] = run(1, False, per_token)
+        ref = refs[per_token]
+        got = run(cp, dist_opt, per_token)
+        # Adam turns tiny gradient differences on near-zero gradients into visible update
+        # differences, so parameters are compared in units of the learning rate (the grad norms
+        # catch scale bugs: Adam itself is invariant to a wrong loss scale).
+        errs = {n: float((got[2][n] - ref[2][n]).abs().max()) / 3e-3 for n in ref[2]}
+        out[(dist_opt, per_token)] = (ref[:2], got[:2], errs)
+    return out
 
 
 @pytest.mark.skipif(_missing_moba is not None, reason=f"CP MoBA op missing: {_missing_moba}")
 def test_ddp_optimizer_two_steps_cp2_equals_cp1():
-    first_norms = {}
-    for distributed_optimizer, per_token in ((False, False), (True, False), (False, True)):
-        results = run_distributed(_w_train, 2, args=(2, distributed_optimizer, per_token))
-        for rank, ((ref_losses, ref_norms), (losses, norms), errs, _) in enumerate(results):
-            # both loss conventions must give the same gradients (Adam would hide a scale error)
-            first_norms.setdefault(per_token, ref_norms[0])
-            assert torch.allclose(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5), (losses, ref_losses)
-            assert torch.allclose(torch.tensor(norms), torch.tensor(ref_norms), rtol=1e-4), (norms, ref_norms)
+    variants = [(False, False), (True, False), (False, True)]
+    results = run_distributed(_w_train, 2, args=(2, variants))
+    for rank, per_variant in enumerate(results):
+        assert set(per_variant) == set(variants)
+        for (dist_opt, per_token), ((ref_losses, ref_norms), (losses, norms), errs) in per_variant.items():
+            tag = f"rank {rank} distributed_optimizer={dist_opt} per_token_loss={per_token}"
+            assert torch.allclose(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5), (tag, losses, ref_losses)
+            assert torch.allclose(torch.tensor(norms), torch.tensor(ref_norms), rtol=1e-4), (tag, norms, ref_norms)
             assert ref_losses[1] < ref_losses[0] + 1.0  # it trains (finite, no blow-up)
             worst = max(errs, key=errs.get)
-            assert errs[worst] < 2e-2, f"dist_opt={distributed_optimizer} rank {rank}: {worst} off by {errs[worst]:.2e} lr"
-    assert abs(first_norms[True] - first_norms[False]) <= 1e-5 * first_norms[False], first_norms
+            assert errs[worst] < 2e-2, f"{tag}: {worst} off by {errs[worst]:.2e} lr"
+        # both loss conventions must give the same gradients (Adam would hide a scale error)
+        n_default, n_per_token = per_variant[(False, False)][0][1][0], per_variant[(False, True)][0][1][0]
+        assert abs(n_per_token - n_default) <= 1e-5 * n_default, (n_default, n_per_token)
