@@ -215,6 +215,38 @@ def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0):
           lambda: bwd_mod.sparse_attn_bwd(do, q, k, v, o, lse, qpos, blocks, gi, w, scale, block))
 
 
+def pick_onepass(b, s, hq, hkv, d, block, topk):
+    """Time a few one-pass forward configs at this shape and keep the fastest (printed)."""
+    from moba_cp.ops.moba import triton_attn_fwd as fwd_mod
+    from moba_cp.ops.moba import triton_backend as tb
+    from moba_cp.ops.moba.triton_common import doc_tables
+
+    t = b * s
+    cu = torch.arange(0, t + 1, s, dtype=torch.int32, device="cuda")
+    q = torch.randn(t, hq, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(t, hkv, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(t, hkv, d, device="cuda", dtype=torch.bfloat16)
+    blocks, qpos, base, _ = doc_tables(t, cu, block, "cuda")
+    idx = tb.select_blocks(q, k, block_size=block, topk=topk, cu_seqlens=cu)
+    saved = dict(fwd_mod.ONEPASS)
+    best = (float("inf"), {})
+    for cfg in ({}, {"bn": 128}, {"bm": 64, "bn": 128, "num_warps": 4}, {"num_stages": 4}):
+        fwd_mod.ONEPASS.update(saved)
+        fwd_mod.ONEPASS.update(cfg)
+        try:
+            ms = timed(lambda: fwd_mod.sparse_attn_fwd_onepass(q, k, v, qpos, blocks, idx, base, d ** -0.5), 1, 3)[0]
+        except Exception as e:  # e.g. out of shared memory
+            print(f"pick one-pass {cfg}: failed {type(e).__name__}", flush=True)
+            continue
+        print(f"pick one-pass S={s} B={block} {cfg}: {ms:.1f} ms", flush=True)
+        best = min(best, (ms, cfg), key=lambda x: x[0])
+    fwd_mod.ONEPASS.update(saved)
+    fwd_mod.ONEPASS.update(best[1])
+    print(f"one-pass config used: {fwd_mod.ONEPASS}", flush=True)
+    del q, k, v, idx
+    torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--suite", default="all", help="all, or a comma list of " + ", ".join(SUITES))
@@ -225,6 +257,7 @@ def main():
     ap.add_argument("--budget-ms", type=float, default=1500.0, help="time per measured point (sets the repeats)")
     ap.add_argument("--out", default=None, help="write the markdown table here")
     ap.add_argument("--json", default=None, help="write raw numbers here")
+    ap.add_argument("--pick-onepass", default=None, help="suite:seq: pick the one-pass forward config there first")
     ap.add_argument("--tune", default=None, help="suite:seq, e.g. flashmoba:32768: time pieces and tile configs, then exit")
     args = ap.parse_args()
     if args.tune:
@@ -233,6 +266,10 @@ def main():
         tune(b, int(seq), hq, hkv, d, block, topk)
         return
 
+    if args.pick_onepass:
+        name, seq = args.pick_onepass.split(":")
+        b, hq, hkv, d, block, topk, _ = SUITES[name]
+        pick_onepass(b, int(seq), hq, hkv, d, block, topk)
     suites = list(SUITES) if args.suite == "all" else args.suite.split(",")
     dev = torch.cuda.get_device_name()
     hdr = (

@@ -34,7 +34,10 @@ LOG2E = 1.4426950408889634
 #: dK/dV kernel shapes: ``bnb`` keys per program (None: min(64, B)), ``bm`` gathered rows per
 #: step (None: by head dim), ``fuse_dq`` (None: fuse when a block needs <= 2 key sub-tiles).
 #: ``trans``: compute the transposed products (keys as M). ``dq_*``: the separate dQ kernel.
-CONFIG = {"bnb": None, "bm": None, "fuse_dq": None, "num_warps": None, "num_stages": 2, "trans": False,
+#: Defaults from H100 sweeps (benchmarks/results/moba_tune_*.log): transposed products with
+#: 64-row steps win at blocks 128 and 512 (9.4 vs 10.8 ms, 12.0 vs 13.6 ms at 32K); at block
+#: 4096 transposed, 32 rows, 3 stages (1112 vs 1223 ms at 128K).
+CONFIG = {"bnb": None, "bm": None, "fuse_dq": None, "num_warps": None, "num_stages": None, "trans": True,
           "dq_bm": 64, "dq_bn": 64, "dq_warps": 4, "dq_stages": 2}
 
 
@@ -221,7 +224,9 @@ def sparse_attn_bwd(
     nsub = triton.cdiv(block_size, bnb)
     if fuse_dq is None:
         fuse_dq = CONFIG["fuse_dq"] if CONFIG["fuse_dq"] is not None else nsub <= 2
-    bm_b = CONFIG["bm"] or (64 if d <= 64 else 32)
+    big = block_size >= 2048
+    bm_b = CONFIG["bm"] or (32 if big else 64)
+    n_stages = CONFIG["num_stages"] or (3 if big else 2)
     nw = CONFIG["num_warps"] or (8 if d >= 128 else 4)
     scale_log2 = softmax_scale * LOG2E
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
@@ -229,7 +234,7 @@ def sparse_attn_bwd(
         q, k, v, do, lse, delta, qpos, gi.ent, gi.offs, gi.kv_order, blocks.kstart, blocks.kpos, blocks.klen,
         dq, dk, dv, *strides, hq, width, blocks.n, hq // hkv, softmax_scale, scale_log2,
         BM=bm_b, BNB=bnb, D=d, FUSE_DQ=fuse_dq, PREC=prec, TRANS=CONFIG["trans"], num_warps=nw,
-        num_stages=CONFIG["num_stages"],
+        num_stages=n_stages,
     )
     if not fuse_dq:
         from moba_cp.ops.moba.triton_attn_fwd import fwd_tile_m

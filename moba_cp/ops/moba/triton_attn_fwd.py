@@ -269,7 +269,10 @@ def _fwd_onepass_kernel(
 
 
 #: One-pass path: used for ``block_size >= min_block``; ``qchunk`` tokens per program.
-ONEPASS = {"min_block": 512, "qchunk": 4096, "bm": 128, "bn": 64, "num_warps": 8, "num_stages": 2}
+#: Measured on H100 (benchmarks/NOTES_moba_kernels.md): at block 4096 one pass with 3 stages
+#: is 284 ms vs 394 ms for two passes (128K, 32 heads); at block 512 two passes still win
+#: (5.4 vs 6.5 ms at 32K), hence the 2048 threshold (the crossover lies between them).
+ONEPASS = {"min_block": 2048, "qchunk": 4096, "bm": 128, "bn": 64, "num_warps": 8, "num_stages": 3}
 
 
 def build_chunk_index(sel: torch.Tensor, base: torch.Tensor | None, nbk: int, qchunk: int):
