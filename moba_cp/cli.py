@@ -6,6 +6,7 @@
     moba-cp train RECIPE.yaml [--dry-run] [--a.b=value ...]
     moba-cp prepare-data INPUTS... --output PREFIX [--tokenizer byte|tokenizer.json]
     moba-cp plot RUN_DIR... [--out DIR]
+    moba-cp sweep SWEEP.yaml [--dry-run]; moba-cp plot --sweep SWEEP_OUT_DIR
     moba-cp eval loss CHECKPOINT --seq-len 32768 --last 2048
     moba-cp eval needle CHECKPOINT --lengths 4k,8k --depths 0,10,...,100
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
 import moba_cp
 
@@ -97,7 +99,42 @@ def _cmd_plot(args, rest) -> int:
     from moba_cp.eval import plots
 
     _no_extra(rest, "plot")
+    if args.sweep:
+        import yaml
+
+        from moba_cp.experiments.plots import plot_sweep
+        from moba_cp.experiments.sweep import collect_results
+
+        for sweep_dir in args.run_dirs:
+            spec_file = Path(sweep_dir) / "sweep.yaml"
+            if not spec_file.is_file():
+                print(f"moba-cp plot --sweep: {spec_file} not found (run `moba-cp sweep` first)", file=sys.stderr)
+                return 2
+            spec = yaml.safe_load(spec_file.read_text())
+            rows = collect_results(sweep_dir)
+            if not rows:
+                print(f"moba-cp plot --sweep: no finished points in {sweep_dir}", file=sys.stderr)
+                return 2
+            out = Path(args.out) / f"{spec['name']}_{spec['kind']}.png"
+            print(plot_sweep(spec["kind"], rows, spec.get("metric", "loss"), str(out)))
+        return 0
     return plots.run(args)
+
+
+def _cmd_sweep(args, rest) -> int:
+    from moba_cp.experiments.sweep import SweepError, load_sweep, run_sweep
+
+    _no_extra(rest, "sweep")
+    try:
+        spec = load_sweep(args.sweep_file, out_dir=args.out_dir)
+        rows = run_sweep(spec, dry_run=args.dry_run)
+    except SweepError as e:
+        print(f"moba-cp sweep: {e}", file=sys.stderr)
+        return 2
+    if not args.dry_run:
+        print(f"sweep {spec.name!r}: {len(rows)}/{len(spec.points)} points finished; results in "
+              f"{spec.out_dir}/results.jsonl; chart: moba-cp plot --sweep {spec.out_dir}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="loss curves, position-wise/trailing loss and needle heatmaps of runs",
                        description="Draw comparison PNGs of one or more run directories.")
     plots.add_arguments(p)
+    p.add_argument("--sweep", action="store_true",
+                   help="the directories are sweep output folders: draw each sweep's chart (scaling fits, "
+                        "granularity, hybrid) in the style of the MoBA paper")
     p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser("sweep", help="run every point of an experiment sweep (skips finished points)",
+                       description="Run the points of SWEEP.yaml one after another (each a moba-cp train "
+                                   "under torchrun), skipping finished ones; collect their metrics.")
+    p.add_argument("sweep_file")
+    p.add_argument("--out-dir", default=None, help="override the sweep's out_dir")
+    p.add_argument("--dry-run", action="store_true", help="validate every point and print the commands")
+    p.set_defaults(func=_cmd_sweep)
 
     from moba_cp.eval import cli as eval_cli
 

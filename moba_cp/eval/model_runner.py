@@ -77,14 +77,14 @@ class EvalModel:
         return zigzag_unshard(parts, seq_dim=1)
 
     def _shard(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
-        from megatron.core.utils import get_batch_on_this_cp_rank
+        from moba_cp.megatron.model import shard_batch_for_cp
 
         s = tokens.shape[-1]
         batch = {"tokens": tokens, "position_ids": torch.arange(s)[None].expand_as(tokens).contiguous()}
         if labels is not None:
             batch["labels"] = labels
         batch = {k: v.to(self.env.device) for k, v in batch.items()}
-        return get_batch_on_this_cp_rank(batch)
+        return shard_batch_for_cp(batch)
 
     @torch.no_grad()
     def logits_fn(self, tokens: torch.Tensor) -> torch.Tensor:

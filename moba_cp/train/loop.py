@@ -49,7 +49,7 @@ def _microbatch_indices(step: int, gbs: int, mbs: int, dp: int, dp_rank: int) ->
 
 
 def _to_batch(dataset, indices: list[int], device: torch.device) -> dict:
-    from megatron.core.utils import get_batch_on_this_cp_rank
+    from moba_cp.megatron.model import shard_batch_for_cp
 
     items = [dataset[i] for i in indices]
     batch = {}
@@ -58,7 +58,7 @@ def _to_batch(dataset, indices: list[int], device: torch.device) -> dict:
     batch["tokens"] = batch["tokens"].long()
     batch["labels"] = batch["labels"].long()
     batch["position_ids"] = batch["position_ids"].long()
-    return get_batch_on_this_cp_rank(batch)  # zigzag: chunks r and 2cp-1-r of every sequence
+    return shard_batch_for_cp(batch)  # zigzag: chunks r and 2cp-1-r of every sequence
 
 
 def _forward_step(data_iterator, model):
@@ -101,7 +101,6 @@ def _run_steps(model, batches: list[dict], *, forward_only: bool, env: DistEnv, 
 
 
 def _build(cfg: RecipeConfig, env: DistEnv, tokenizer):
-    from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from moba_cp.megatron import model as mm
@@ -122,9 +121,7 @@ def _build(cfg: RecipeConfig, env: DistEnv, tokenizer):
         lr_decay_steps=max(t.steps, t.warmup_steps + 1), lr_decay_style=t.lr_decay_style,
         start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=t.steps, wd_incr_style="constant",
     )
-    config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = ddp.no_sync
-    config.grad_scale_func = optimizer.scale_loss
+    mm.attach_training_hooks(ddp, optimizer)
     return gpt, ddp, optimizer, scheduler
 
 

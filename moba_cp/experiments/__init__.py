@@ -1,0 +1,1 @@
+"""Experiment sweeps (the MoBA paper's scaling, block-granularity and hybrid studies) and their charts."""

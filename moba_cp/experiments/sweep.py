@@ -1,0 +1,209 @@
+"""``moba-cp sweep SWEEP.yaml``: run every point of an experiment, skip finished ones, collect metrics.
+
+A sweep file::
+
+    name: scaling-small
+    kind: scaling            # scaling | granularity | hybrid: which chart `moba-cp plot --sweep` draws
+    base: recipes/experiments/small-base.yaml
+    out_dir: runs/sweeps/scaling-small
+    nproc: 1                 # processes per point (torchrun --standalone); the base recipe's tp*cp*dp
+    metric: loss             # y value: final training 'loss', 'valid_loss' or 'trailing_loss'
+    eval_loss: {seq_len: 2048, last: 256, num_seqs: 4}   # optional: trailing loss after training
+    grid:                    # cartesian product of named override sets (or an explicit `points` list)
+      method:
+        moba: ["--attention.pattern=moba"]
+        full: ["--attention.pattern=full"]
+      size:
+        s1: ["--model.num_layers=2"]
+        s2: ["--model.num_layers=4"]
+    common: ["--train.steps=200"]   # optional overrides for every point
+
+Each point trains into ``out_dir/<point>`` with ``moba-cp train`` (so an interrupted point resumes
+from its own checkpoint), optionally evaluates, and writes ``sweep_point.json`` last; a point
+with that file is skipped. ``out_dir/results.jsonl`` collects every finished point.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+__all__ = ["SweepSpec", "SweepPoint", "load_sweep", "run_sweep", "collect_results", "SweepError"]
+
+KINDS = ("scaling", "granularity", "hybrid")
+METRICS = ("loss", "valid_loss", "trailing_loss")
+
+
+class SweepError(ValueError):
+    """A malformed sweep file or a failed point; the message names the key or the point."""
+
+
+@dataclass
+class SweepPoint:
+    name: str
+    overrides: list[str]
+    labels: dict[str, str]
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    kind: str
+    base: str
+    out_dir: str
+    nproc: int
+    metric: str
+    points: list[SweepPoint]
+    eval_loss: dict | None = None
+    source: dict = field(default_factory=dict)
+
+
+def load_sweep(path: str | Path, out_dir: str | None = None) -> SweepSpec:
+    """Parse and check a sweep file (relative paths are relative to the current directory)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SweepError(f"sweep file {str(p)!r} does not exist.")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise SweepError(f"{p}: the top level must be a mapping.")
+    allowed = {"name", "kind", "base", "out_dir", "nproc", "metric", "eval_loss", "grid", "points", "common"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise SweepError(f"{p}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}.")
+    for key in ("name", "kind", "base"):
+        if key not in data:
+            raise SweepError(f"{p}: missing required key {key!r}.")
+    if data["kind"] not in KINDS:
+        raise SweepError(f"{p}: kind={data['kind']!r}; choose one of {', '.join(KINDS)}.")
+    metric = data.get("metric", "loss")
+    if metric not in METRICS:
+        raise SweepError(f"{p}: metric={metric!r}; choose one of {', '.join(METRICS)}.")
+    if metric == "trailing_loss" and not data.get("eval_loss"):
+        raise SweepError(f"{p}: metric=trailing_loss needs an eval_loss section (seq_len, last, num_seqs).")
+    if not Path(data["base"]).is_file():
+        raise SweepError(f"{p}: base recipe {data['base']!r} does not exist.")
+    common = [str(x) for x in data.get("common", [])]
+    points: list[SweepPoint] = []
+    if "grid" in data:
+        grid = data["grid"]
+        if not isinstance(grid, dict) or not grid:
+            raise SweepError(f"{p}: grid must map axis names to {{value_name: [overrides]}}.")
+        axes = list(grid)
+        for combo in itertools.product(*[list(grid[a].items()) for a in axes]):
+            name = "-".join(str(v[0]) for v in combo)
+            ovr = common + [str(x) for v in combo for x in v[1]]
+            points.append(SweepPoint(name, ovr, {a: str(v[0]) for a, v in zip(axes, combo)}))
+    for i, pt in enumerate(data.get("points", []) or []):
+        if not isinstance(pt, dict) or "name" not in pt:
+            raise SweepError(f"{p}: points[{i}] needs a name (and overrides, labels).")
+        points.append(SweepPoint(str(pt["name"]), common + [str(x) for x in pt.get("overrides", [])],
+                                 {str(k): str(v) for k, v in (pt.get("labels") or {}).items()}))
+    if not points:
+        raise SweepError(f"{p}: no points (give a grid or a points list).")
+    names = [pt.name for pt in points]
+    if len(set(names)) != len(names):
+        raise SweepError(f"{p}: duplicate point names {sorted({n for n in names if names.count(n) > 1})}.")
+    # Every point's recipe must validate now, not an hour into the sweep.
+    from moba_cp.config import RecipeError, load_recipe
+
+    for pt in points:
+        try:
+            load_recipe(data["base"], pt.overrides)
+        except RecipeError as e:
+            raise SweepError(f"{p}: point {pt.name!r}: {e}") from None
+    return SweepSpec(name=str(data["name"]), kind=data["kind"], base=data["base"],
+                     out_dir=out_dir or data.get("out_dir") or f"runs/sweeps/{data['name']}",
+                     nproc=int(data.get("nproc", 1)), metric=metric, points=points,
+                     eval_loss=data.get("eval_loss"), source=data)
+
+
+def _point_summary(spec: SweepSpec, pt: SweepPoint, run_dir: Path) -> dict:
+    """What the charts need of a finished point: its labels, compute, attention shape, metrics."""
+    from moba_cp.config import layer_attention_kinds, load_recipe
+    from moba_cp.data.tokenizers import build_tokenizer
+    from moba_cp.train.loop import _flops_per_step
+
+    cfg = load_recipe(spec.base, pt.overrides)
+    vocab = build_tokenizer(cfg.data.tokenizer).vocab_size
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in records if "loss" in r]
+    valid = [r for r in records if "valid_loss" in r]
+    tail = [r["loss"] for r in train[-5:]]
+    kinds = layer_attention_kinds(cfg.model, cfg.attention)
+    n_blocks = cfg.model.seq_length // cfg.moba.block_size
+    out = {
+        "name": pt.name, "labels": pt.labels, "overrides": pt.overrides,
+        "train_flops": _flops_per_step(cfg, vocab) * cfg.train.steps,
+        "loss": sum(tail) / len(tail) if tail else None,
+        "valid_loss": valid[-1]["valid_loss"] if valid else None,
+        "pattern": cfg.attention.pattern, "full_layers": kinds.count("full"), "num_layers": len(kinds),
+        "block_size": cfg.moba.block_size, "topk": cfg.moba.topk, "n_blocks": n_blocks,
+        "seq_length": cfg.model.seq_length,
+    }
+    ev = run_dir / "eval" / "eval_loss.json"
+    if ev.is_file():
+        out["trailing_loss"] = json.loads(ev.read_text())["trailing_loss"]
+    return out
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SweepError(f"command failed with exit code {proc.returncode}: {' '.join(cmd)} (log: {log})")
+
+
+def run_sweep(spec: SweepSpec, *, dry_run: bool = False, print_fn=print) -> list[dict]:
+    """Run the unfinished points in order; returns every finished point's summary."""
+    out = Path(spec.out_dir)
+    if not dry_run:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sweep.yaml").write_text(yaml.safe_dump(dict(spec.source, out_dir=str(out)), sort_keys=False))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(spec.nproc)]
+    todo = [pt for pt in spec.points if not (out / pt.name / "sweep_point.json").is_file()]
+    print_fn(f"sweep {spec.name!r}: {len(spec.points)} points, {len(spec.points) - len(todo)} already finished, "
+             f"{len(todo)} to run -> {out}")
+    t_start = time.time()
+    for i, pt in enumerate(todo):
+        run_dir = out / pt.name
+        train_cmd = [*launcher, "-m", "moba_cp.train", spec.base, *pt.overrides, f"--logging.dir={run_dir}"]
+        if dry_run:
+            print_fn("  would run: " + " ".join(train_cmd))
+            continue
+        run_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        print_fn(f"[{i + 1}/{len(todo)}] {pt.name}: training ({run_dir}/sweep.log)")
+        _run(train_cmd, run_dir / "sweep.log")
+        if spec.eval_loss:
+            e = spec.eval_loss
+            _run([*launcher, "-m", "moba_cp.cli", "eval", "loss", str(run_dir), "--seq-len", str(e["seq_len"]),
+                  "--last", str(e["last"]), "--num-seqs", str(e.get("num_seqs", 4)), "--out", str(run_dir / "eval")],
+                 run_dir / "sweep.log")  # the run dir's recipe.yaml already holds the point's overrides
+        summary = _point_summary(spec, pt, run_dir)
+        tmp = run_dir / "sweep_point.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1))
+        tmp.replace(run_dir / "sweep_point.json")  # written last: the point counts as finished
+        elapsed = time.time() - t_start
+        eta = elapsed / (i + 1) * (len(todo) - i - 1)
+        print_fn(f"[{i + 1}/{len(todo)}] {pt.name}: {spec.metric}={summary.get(spec.metric)} "
+                 f"in {time.time() - t0:.0f}s; sweep ETA {eta / 60:.1f} min")
+    return collect_results(out) if out.is_dir() else []
+
+
+def collect_results(out_dir: str | Path) -> list[dict]:
+    """Finished points' summaries (``out_dir/*/sweep_point.json``); also writes ``results.jsonl``."""
+    out = Path(out_dir)
+    rows = [json.loads(p.read_text()) for p in sorted(out.glob("*/sweep_point.json"))]
+    with open(out / "results.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return rows

@@ -1,0 +1,130 @@
+"""Sweep runner end to end on a two-point toy sweep, resuming a half-finished sweep, the
+power-law fit on synthetic data with known exponents, and the sweep charts."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moba_cp.experiments.fit import fit_power_law, pflops_days
+from moba_cp.experiments.plots import plot_granularity, plot_hybrid, plot_scaling
+from moba_cp.experiments.sweep import SweepError, load_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _png_ok(path):
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.size[0] > 300 and im.size[1] > 200
+
+
+def _toy_sweep(tmp_path):
+    cache = tmp_path / "cache"
+    text = f"""
+name: toy
+kind: scaling
+base: recipes/quickstart.yaml
+out_dir: {tmp_path}/sweep
+nproc: 1
+metric: loss
+common: ["--parallel.cp=1", "--model.num_layers=1", "--model.seq_length=256", "--moba.block_size=32",
+         "--train.steps=3", "--train.warmup_steps=1", "--train.global_batch_size=1", "--logging.tensorboard=false",
+         "--eval.interval=0", "--data.cache_dir={cache}", "--logging.interval=1"]
+grid:
+  method:
+    moba: ["--attention.pattern=moba"]
+  size:
+    a: ["--model.hidden_size=32", "--model.num_attention_heads=2", "--model.num_query_groups=2"]
+    b: ["--model.hidden_size=64", "--model.num_attention_heads=4", "--model.num_query_groups=2"]
+"""
+    path = tmp_path / "toy.yaml"
+    path.write_text(text)
+    return path
+
+
+def _cli(*args):
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-m", "moba_cp.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_two_point_sweep_runs_resumes_and_plots(tmp_path):
+    sweep = _toy_sweep(tmp_path)
+    proc = _cli("sweep", str(sweep))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 to run" in proc.stdout
+    out = tmp_path / "sweep"
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["name"] for r in rows) == ["moba-a", "moba-b"]
+    a, b = sorted(rows, key=lambda r: r["name"])
+    assert b["train_flops"] > a["train_flops"] > 0 and a["loss"] > 0 and a["labels"] == {"method": "moba", "size": "a"}
+
+    # Half-finished: point b lost its marker (killed before it finished) -> only b runs again.
+    (out / "moba-b" / "sweep_point.json").unlink()
+    proc = _cli("sweep", str(sweep))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 already finished, 1 to run" in proc.stdout and "moba-b" in proc.stdout and "moba-a:" not in proc.stdout
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+
+    proc = _cli("plot", "--sweep", str(out), "--out", str(tmp_path / "plots"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _png_ok(tmp_path / "plots" / "toy_scaling.png")
+
+
+def test_sweep_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nkind: scaling\nbase: recipes/quickstart.yaml\ngrid: {m: {a: ['--moba.topk=zero']}}\n")
+    with pytest.raises(SweepError, match="point 'a': .*moba.topk: expected an integer"):
+        load_sweep(bad)
+    bad.write_text("name: x\nkind: sideways\nbase: recipes/quickstart.yaml\n")
+    with pytest.raises(SweepError, match="kind='sideways'"):
+        load_sweep(bad)
+    bad.write_text("name: x\nkind: hybrid\nbase: recipes/quickstart.yaml\nmetric: trailing_loss\npoints: [{name: a}]\n")
+    with pytest.raises(SweepError, match="needs an eval_loss section"):
+        load_sweep(bad)
+
+
+def test_shipped_sweeps_validate():
+    for path in sorted((ROOT / "recipes" / "experiments").glob("*.yaml")):
+        import yaml
+
+        if "kind" in yaml.safe_load(path.read_text()):
+            spec = load_sweep(path)
+            assert spec.points
+
+
+def test_power_law_fit_recovers_known_exponents():
+    xs = [1e-3 * 2**i for i in range(8)]
+    fit = fit_power_law(xs, [2.625 * x**-0.063 for x in xs])
+    assert fit.a == pytest.approx(2.625, rel=1e-9) and fit.b == pytest.approx(-0.063, rel=1e-9) and fit.r2 == pytest.approx(1)
+    noisy = [1.546 * x**-0.108 * (1 + 0.002 * (-1) ** i) for i, x in enumerate(xs)]
+    fit = fit_power_law(xs, noisy)
+    assert fit.b == pytest.approx(-0.108, abs=0.003) and fit.r2 > 0.99
+    assert fit.formula().startswith("1.5") and "C^-0.10" in fit.formula()
+    with pytest.raises(ValueError):
+        fit_power_law([1.0], [2.0])
+    assert pflops_days(1e15 * 86400) == pytest.approx(1.0)
+
+
+def test_sweep_charts_are_valid_images(tmp_path):
+    def row(name, pattern, flops, loss, **kw):
+        base = dict(name=name, labels={"method": pattern}, pattern=pattern, train_flops=flops, loss=loss,
+                    full_layers=0, n_blocks=8, topk=2, trailing_loss=loss)
+        return dict(base, **kw)
+
+    scaling = [row(f"{m}{i}", m, 1e18 * 4**i, a * (1e18 * 4**i / 8.64e19) ** -0.06)
+               for m, a in (("moba", 2.63), ("full", 2.62)) for i in range(4)]
+    path, fits = plot_scaling(scaling, "loss", str(tmp_path / "s.png"))
+    _png_ok(path)
+    assert fits["moba"].b == pytest.approx(-0.06, rel=1e-6)
+    gran = [row(f"g{n}", "moba", 1, 2.25 - 0.001 * n, n_blocks=8 * 2**n, topk=2 * 2**n) for n in range(5)]
+    _png_ok(plot_granularity(gran + [row("full", "full", 1, 2.2416)], "loss", str(tmp_path / "g.png")))
+    hyb = [row(f"h{n}", "hybrid", 1, 1.17 - 0.01 * n, full_layers=n) for n in (1, 3, 5)]
+    _png_ok(plot_hybrid(hyb + [row("m", "moba", 1, 1.171), row("f", "full", 1, 1.086)], "trailing_loss",
+                        str(tmp_path / "h.png")))
