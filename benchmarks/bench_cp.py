@@ -113,7 +113,7 @@ def gather_unshard(x: torch.Tensor, cp: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------- inputs
 def local_inputs(s_global, hq, hkv, d, dtype, dev, seed, cp, rank, structured=False, block=None, n_hot=16,
-                 boost=3.0, grad=True):
+                 boost=8.0, grad=True):
     """This rank's zigzag shard of a random sequence, generated locally (no global tensor).
 
     ``structured``: ``n_hot`` blocks spread over the sequence (block 0 first) get ``boost*u``
@@ -238,7 +238,7 @@ def scaling(args, cp, rank, dev, backend, ring_impls):
                     continue
                 kind = "structured" if structured else "random"
                 q, k, v, do = local_inputs(s, hq, hkv, d, dt, dev, seed=s % 997 + block, cp=cp, rank=rank,
-                                           structured=structured, block=block)
+                                           structured=structured, block=block, boost=args.boost, n_hot=args.n_hot)
                 kw = dict(block_size=block, topk=topk, cp_group=dist.group.WORLD, backend=backend)
                 t_keep = timed(fwd_bwd(moba_attn_cp, q, k, v, do, **kw, keep_kv=True), 0 if structured else warm, reps)
                 st = last_stats().as_dict()
@@ -312,6 +312,64 @@ def scaling(args, cp, rank, dev, backend, ring_impls):
     return rows, ring_rows
 
 
+def plan_only(args) -> None:
+    """Bytes without GPUs: the CP gate and request plan of every rank, simulated in one process.
+
+    Traffic is a function of the selection alone, so this reproduces the exchange of
+    ``moba_attn_cp`` at full benchmark shapes on a CPU: centroids are drawn from their exact
+    distribution (the mean of ``B`` standard-normal keys is ``N(0, 1/B)`` per coordinate, plus
+    ``boost * u`` for hot blocks), queries are streamed in pieces through the same gate as the
+    op (:func:`moba_cp.parallel.gate.select_global`, fp32), and each rank's request set is the
+    remote blocks its queries selected. Random draws differ from the GPU run's (other
+    generator), the statistics do not.
+    """
+    from moba_cp.parallel.gate import select_global
+    from moba_cp.parallel.zigzag import local_chunks
+
+    cp, hq, hkv, d = args.plan_cp, args.hq, args.hkv, args.d
+    emit(f"## Exchange plan at full shapes, computed on CPU (CP={cp}, Hq={hq}, Hkv={hkv}, d={d}, bf16 bytes)")
+    emit()
+    emit("| S | B / topk | inputs | remote blocks needed, per rank | KV recv per rank (MiB) | full-KV ring (MiB) | "
+         "recv / ring (max rank) | union blocks / NB |")
+    emit("|---|---|---|---|---|---|---|---|")
+    for s in args.seqs:
+        for block, topk in args.configs:
+            for boost in args.plan_boosts:
+                nb, chunk = s // block, s // (2 * cp)
+                nbc = chunk // block
+                g = torch.Generator().manual_seed(s + block)
+                u = torch.randn(hkv, d, generator=g)
+                u = u / u.norm(dim=-1, keepdim=True)
+                cent = torch.randn(nb, hkv, d, generator=g) / block ** 0.5
+                hot = torch.linspace(0, nb - 1, args.n_hot).round().long().unique()
+                if boost:
+                    cent[hot] += boost * u
+                width = min(topk, nb)
+                need = []
+                for r in range(cp):
+                    want = torch.zeros(nb, dtype=torch.bool)
+                    pos_all = zigzag_positions(2 * chunk, r, cp)
+                    for a in range(0, 2 * chunk, args.plan_piece):
+                        pos = pos_all[a:a + args.plan_piece]
+                        q = torch.randn(pos.numel(), hq, d, generator=g)
+                        if boost:
+                            q += boost * u.repeat_interleave(hq // hkv, dim=0)
+                        idx = select_global(q, pos, cent, block_size=block, topk=topk, width=width, backend="naive")
+                        want[idx[idx >= 0].long().unique()] = True
+                    for c in local_chunks(r, cp):
+                        want[c * nbc:(c + 1) * nbc] = False
+                    need.append(want)
+                blk_bytes = 2 * block * hkv * d * 2
+                ring = (cp - 1) * 2 * 2 * chunk * hkv * d * 2
+                counts = [int(w.sum()) for w in need]
+                union = int(torch.stack(need).any(0).sum())
+                kind = "random" if not boost else f"structured ({args.n_hot} hot, boost {boost:g})"
+                emit(f"| {s} | {block} / {topk} | {kind} | {counts} | "
+                     f"{', '.join(f'{c * blk_bytes / 2**20:.1f}' for c in counts)} | {ring / 2**20:.1f} | "
+                     f"{max(counts) * blk_bytes / ring:.3f} | {union} / {nb} |")
+    emit()
+
+
 def probe_dense(impls, dev, dtype):
     """Keep the ring kernels whose forward and backward run on every rank (no communication
     involved, so a kernel missing here cannot leave a ring step half-posted)."""
@@ -356,6 +414,13 @@ def main():
     p.add_argument("--eq-configs", default="512:4,128:8")
     p.add_argument("--budget-s", type=float, default=400.0)
     p.add_argument("--skip-eq", action="store_true")
+    p.add_argument("--eq-only", action="store_true", help="only section 1 (a quick correctness check)")
+    p.add_argument("--boost", type=float, default=8.0, help="structured inputs: strength of the hot direction")
+    p.add_argument("--plan-only", action="store_true", help="one CPU process: exchange bytes at full shapes")
+    p.add_argument("--plan-cp", type=int, default=2)
+    p.add_argument("--plan-boosts", default="0,3,8")
+    p.add_argument("--plan-piece", type=int, default=8192)
+    p.add_argument("--n-hot", type=int, default=16)
     args = p.parse_args()
     if args.smoke:
         args.seqs, args.configs, args.hq, args.hkv, args.d = "256,512", "16:3,8:2", 4, 2, 16
@@ -365,6 +430,13 @@ def main():
     parse = lambda s: [tuple(int(x) for x in c.split(":")) for c in s.split(",")]  # noqa: E731
     args.seqs = [int(x) for x in str(args.seqs).split(",")]
     args.configs, args.eq_configs = parse(args.configs), parse(args.eq_configs)
+    if args.plan_only:
+        OUT = args.out
+        args.plan_boosts = [float(x) for x in args.plan_boosts.split(",")]
+        emit(f"- command: `PYTHONPATH=$PWD python benchmarks/bench_cp.py {' '.join(sys.argv[1:])}`")
+        emit()
+        plan_only(args)
+        return
     cuda = torch.cuda.is_available() and not args.smoke
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -384,7 +456,7 @@ def main():
     ring_impls = probe_dense([i for i in args.ring_impls.split(",") if i], dev, args.dtype)
     if not args.skip_eq:
         ring_impls = equality(args, cp, RANK, dev, backend, ring_impls)
-    rows, ring_rows = scaling(args, cp, RANK, dev, backend, ring_impls)
+    rows, ring_rows = ([], []) if args.eq_only else scaling(args, cp, RANK, dev, backend, ring_impls)
     emit(f"_total wall time {time.time() - T0:.0f} s_")
     if RANK == 0 and OUT:
         with open(os.path.splitext(OUT)[0] + ".json", "w") as f:

@@ -75,7 +75,7 @@ def moba_attn_cp(
     softmax_scale: float | None = None,
     return_lse: bool = False,
     backend: str = "auto",
-    keep_kv: bool = True,
+    keep_kv: bool = False,
 ):
     """MoBA over a sequence sharded across a context-parallel group (zigzag layout).
 
@@ -89,10 +89,13 @@ def moba_attn_cp(
         softmax_scale: default ``D ** -0.5``.
         return_lse: also return the fp32 LSE ``[S_local, Hq]`` (no gradient flows into it).
         backend: partial-attention backend, "naive", "triton" or "auto" (Triton on CUDA).
-        keep_kv: keep the received K/V blocks from forward to backward (True, default: no
-            second transfer, memory = the received blocks) or fetch them again in backward
-            (False: less memory held between passes, one more transfer). See
-            ``benchmarks/results/cp_*`` for the measured trade-off.
+        keep_kv: keep the received K/V blocks from forward to backward (True: no second
+            transfer) or fetch them again in backward (False, default). Measured on 2 H200s
+            (``benchmarks/results/cp_h200x2_2026-11-22.md``): re-fetching cost +0.1-0.2% of the
+            fwd+bwd time (10 ms of 8.3 s at 1M tokens; the transfer overlaps the local partial
+            backward), while keeping holds the received blocks (up to (cp-1)/cp of the global
+            K/V: 2 GiB per rank per layer at 1M tokens, 8 KV heads, d=128, bf16) from each
+            layer's forward until its backward, i.e. times the number of layers. So re-fetch.
     Returns:
         ``o`` shaped like ``q`` (q's dtype), and ``lse`` ``[..., S_local, Hq]`` fp32 when
         ``return_lse``. Equal to ``moba_attn`` on the unsharded sequence, then sharded.
