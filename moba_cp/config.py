@@ -162,6 +162,7 @@ class LoggingConfig:
 class CheckpointConfig:
     """Distributed checkpointing."""
 
+    save: bool = _f(True, "Write checkpoints at all (false for benchmarks and smoke runs).")
     dir: Optional[str] = _f(None, "Checkpoint directory; None = <logging.dir>/checkpoints.")
     interval: int = _f(0, "Save every N steps (0 = only at the end).")
     resume: bool = _f(True, "Resume from the latest complete checkpoint in `dir` when present.")

@@ -240,9 +240,9 @@ def train(cfg: RecipeConfig) -> TrainResult:
             if cfg.eval.interval and done % cfg.eval.interval == 0:
                 vloss = evaluate(ddp, valid_ds, cfg, env)
                 logger.log({"step": done, "valid_loss": vloss}, f"step {done:>6} | valid loss {vloss:.4f}")
-            if cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0 and done < t.steps:
+            if cfg.checkpoint.save and cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0 and done < t.steps:
                 save(done)
-        if start_step < t.steps:
+        if cfg.checkpoint.save and start_step < t.steps:
             save(t.steps)
         logger.close()
         parallel_state.get_data_parallel_group()  # groups still alive here (sanity)
