@@ -103,27 +103,70 @@ def test_killed_run_resumes_exactly(tmp_path, cache_dir):
         assert got_by_step[step]["grad_norm"] == ref_by_step[step]["grad_norm"], step
 
 
-def test_resume_with_another_data_parallel_size(tmp_path, cache_dir):
-    """A dp=2 run's step-3 checkpoint resumed with dp=1: the same global batches, so the same
-    losses (up to the order of the gradient reduction)."""
+def _resume_from_step3(tmp_path, cache_dir, extra, nproc_ref, nproc_resume):
+    """Run 5 steps with nproc_ref processes (checkpoint at 3), then resume a copy of the step-3
+    checkpoint with nproc_resume processes; returns (reference losses, resumed losses, output)."""
     import shutil
 
     common = SMALL + ["--train.steps=5", "--parallel.cp=1", "--train.global_batch_size=2",
-                      f"--data.cache_dir={cache_dir}", "--checkpoint.interval=3", "--checkpoint.keep_last=5"]
-    ref = _torchrun(2, ["recipes/quickstart.yaml", *common, f"--logging.dir={tmp_path}/ref"])
+                      f"--data.cache_dir={cache_dir}", "--checkpoint.interval=3", "--checkpoint.keep_last=5", *extra]
+    ref = _torchrun(nproc_ref, ["recipes/quickstart.yaml", *common, f"--logging.dir={tmp_path}/ref"])
     out, _ = ref.communicate(timeout=400)
     assert ref.returncode == 0, out
     run = tmp_path / "run"
     shutil.copytree(tmp_path / "ref" / "checkpoints" / "iter_0000003", run / "checkpoints" / "iter_0000003")
-    second = _torchrun(1, ["recipes/quickstart.yaml", *common, f"--logging.dir={run}"])
+    second = _torchrun(nproc_resume, ["recipes/quickstart.yaml", *common, f"--logging.dir={run}"])
     out, _ = second.communicate(timeout=400)
-    assert second.returncode == 0, out
+    got = {r["step"]: r["loss"] for r in _metrics(run)} if (run / "metrics.jsonl").exists() else {}
+    return {r["step"]: r["loss"] for r in _metrics(tmp_path / "ref")}, got, second.returncode, out
+
+
+def test_resume_with_another_data_parallel_size(tmp_path, cache_dir):
+    """A dp=2 run's step-3 checkpoint resumed with dp=1: the same global batches, so the same
+    losses (up to the order of the gradient reduction)."""
+    ref, got, rc, out = _resume_from_step3(tmp_path, cache_dir, [], 2, 1)
+    assert rc == 0, out
     assert "resumed from" in out and "dp 1" in out
-    ref_loss = {r["step"]: r["loss"] for r in _metrics(tmp_path / "ref")}
-    got = {r["step"]: r["loss"] for r in _metrics(run)}
     assert sorted(got) == [4, 5]
     for step, loss in got.items():
-        assert loss == pytest.approx(ref_loss[step], rel=1e-5), (step, loss, ref_loss[step])
+        assert loss == pytest.approx(ref[step], rel=1e-5), (step, loss, ref[step])
+
+
+def test_distributed_optimizer_refuses_to_resume_under_another_dp(tmp_path, cache_dir):
+    _, _, rc, out = _resume_from_step3(tmp_path, cache_dir, ["--parallel.distributed_optimizer=true"], 2, 1)
+    assert rc != 0 and "resumes only with the dp it was saved with" in out, out
+
+
+@pytest.mark.xfail(strict=True, reason="known bug: with the distributed optimizer (torch Adam, no apex/TE) the "
+                   "first step after a resume already differs (e.g. 5.2505 vs 5.2417 at step 5); the plain "
+                   "optimizer resumes bitwise")
+def test_distributed_optimizer_resumes_exactly(tmp_path, cache_dir):
+    ref, got, rc, out = _resume_from_step3(tmp_path, cache_dir, ["--parallel.distributed_optimizer=true"], 2, 2)
+    assert rc == 0, out
+    assert sorted(got) == [4, 5] and all(got[s] == ref[s] for s in got), (got, ref)
+
+
+def test_tensor_parallel_training_matches_tp1(tmp_path, cache_dir):
+    """The loop under tp=2 (vocab-parallel loss, split heads) gives tp=1's losses."""
+    common = SMALL + ["--train.steps=3", "--parallel.cp=1", f"--data.cache_dir={cache_dir}",
+                      "--checkpoint.save=false"]
+    tp1 = run_distributed(_train_worker, world_size=1, args=(common + [f"--logging.dir={tmp_path}/tp1"],), timeout=400)
+    tp2 = run_distributed(_train_worker, world_size=2,
+                          args=(common + ["--parallel.tp=2", f"--logging.dir={tmp_path}/tp2"],), timeout=400)
+    assert tp2[0] == tp2[1]
+    assert tp2[0] == pytest.approx(tp1[0], rel=1e-4), (tp1[0], tp2[0])
+
+
+def test_two_stage_schedule_switches_moba_layers_to_full(tmp_path, cache_dir):
+    """attention.switch_to_full_at=0.5: MoBA for the first half of the steps, full attention after."""
+    proc = _torchrun(2, ["recipes/quickstart.yaml", *SMALL, "--train.steps=4", "--parallel.cp=2",
+                         "--attention.switch_to_full_at=0.5", "--checkpoint.save=false",
+                         f"--data.cache_dir={cache_dir}", f"--logging.dir={tmp_path}/run"])
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out
+    assert "step 2: MoBA layers switched to full attention" in out
+    assert out.count("switched to full attention") == 1  # once, not every step
+    assert "step      4/4" in out
 
 
 @pytest.mark.parametrize("args,message", [

@@ -59,8 +59,13 @@ def default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
 
 
 def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
-    """Vocabulary padded to a multiple of ``divisible_by * tp`` (the embedding is split over TP)."""
-    unit = divisible_by * tp
+    """Vocabulary padded to a multiple of ``lcm(divisible_by, tp)`` (the embedding is split over TP).
+
+    Megatron-LM pads to ``divisible_by * tp``, which makes the model (and its loss: padded logits
+    enter the softmax) depend on the TP size. The least common multiple keeps every TP size that
+    divides ``divisible_by`` on the same vocabulary, so runs and checkpoints agree across layouts.
+    """
+    unit = divisible_by * tp // math.gcd(divisible_by, tp)
     return int(math.ceil(vocab_size / unit) * unit)
 
 

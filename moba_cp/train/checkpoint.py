@@ -14,8 +14,8 @@ writing does rank 0 write ``meta.json`` and atomically rename the directory. A c
 point leaves the previous complete checkpoint untouched, and resume only ever reads directories
 that hold ``meta.json``. Old checkpoints are deleted only after a newer one is complete.
 
-Optimizer state is saved in Megatron's reshardable form, so a run may resume with another
-data-parallel size.
+The plain optimizer's state is replicated, so such a run may resume with another data-parallel
+size; the distributed optimizer's (sharded) state resumes with the dp it was saved with.
 """
 
 from __future__ import annotations
@@ -28,11 +28,19 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+
+from moba_cp.megatron import compat_cpu
 
 __all__ = ["latest_checkpoint", "save_checkpoint", "load_checkpoint", "CheckpointError"]
 
 _DIR_RE = re.compile(r"^iter_(\d{7})$")
-_OPT_META = {"distrib_optim_sharding_type": "fully_reshardable"}
+# The distributed optimizer's state format. With torch's Adam (no apex/TE, our case everywhere),
+# Megatron 0.16's reshardable formats break: "fully_reshardable" fails to load (KeyError 'step'),
+# "fully_sharded_model_space" fails to save, and "dp_reshardable" loads under another dp size but
+# resumes with different losses (measured). So the distributed optimizer resumes with the dp it
+# was saved with (load_checkpoint checks); the plain optimizer (replicated state) resumes under any dp.
+_OPT_META = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 class CheckpointError(RuntimeError):
@@ -61,6 +69,21 @@ def _sharded_state(model, optimizer, scheduler, is_loading: bool):
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_OPT_META),
         "scheduler": scheduler.state_dict(),
     }
+
+
+def _ensure_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer state tensors to load into.
+
+    Megatron's DistributedOptimizer builds its sharded state dict from ``state_dict()``, which
+    (with torch's Adam, no apex/TE) asserts one Adam step count and fails while the state is still
+    empty, i.e. on every resume. Megatron's own remedy, a dummy step with zero gradients, is
+    private API; the loaded values replace the dummies.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        init = getattr(opt, "_init_optimizer_states_with_dummy_values", None)
+        inner = getattr(opt, "optimizer", None)
+        if init is not None and inner is not None and not inner.state:
+            init()
 
 
 def _rng_state() -> dict:
@@ -101,7 +124,8 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, scheduler
         tmp.mkdir()
     dist.barrier()
     try:
-        dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, is_loading=False), str(tmp))
+        with compat_cpu.cuda_to_cpu():  # the reshardable optimizer state gathers on 'cuda' (no-op on GPUs)
+            dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, is_loading=False), str(tmp))
         (tmp / "rng").mkdir(exist_ok=True)  # after the Megatron save, which wants an empty directory
         torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     except Exception as e:  # noqa: BLE001 - wrap with the path, keep the cause
@@ -137,10 +161,21 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     if not meta_file.is_file():
         raise CheckpointError(f"{path} is not a complete moba_cp checkpoint (no meta.json).")
     meta = json.loads(meta_file.read_text())
-    state = dist_checkpointing.load(_sharded_state(model, optimizer, scheduler, is_loading=True), str(path))
-    module = model.module if hasattr(model, "module") else model
-    module.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    dp_now = parallel_state.get_data_parallel_world_size()
+    if meta.get("distributed_optimizer") and meta.get("dp") not in (None, dp_now):
+        raise CheckpointError(
+            f"{path} was saved with the distributed optimizer at dp={meta['dp']}; this run has dp={dp_now}. "
+            f"Distributed-optimizer state resumes only with the dp it was saved with. Fix: launch "
+            f"{meta['dp'] * parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_context_parallel_world_size()} "
+            f"processes, or train with parallel.distributed_optimizer=false (its state resumes under any dp)."
+        )
+    # no_grad: Megatron copies loaded values into the (leaf, requires_grad) fp32 main params in place.
+    with compat_cpu.cuda_to_cpu(), torch.no_grad():
+        _ensure_optimizer_state(optimizer)
+        state = dist_checkpointing.load(_sharded_state(model, optimizer, scheduler, is_loading=True), str(path))
+        module = model.module if hasattr(model, "module") else model
+        module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
     if meta.get("world_size") == dist.get_world_size() and rng_file.is_file():

@@ -195,15 +195,18 @@ def train(cfg: RecipeConfig) -> TrainResult:
 
         def save(step):
             ckpt.save_checkpoint(ckpt_dir, step, ddp, optimizer, scheduler, consumed_samples=step * gbs,
-                                 meta={"recipe": cfg.name, "tp": env.tp, "cp": env.cp, "dp": env.dp},
+                                 meta={"recipe": cfg.name, "tp": env.tp, "cp": env.cp, "dp": env.dp,
+                                       "distributed_optimizer": cfg.parallel.distributed_optimizer},
                                  keep_last=cfg.checkpoint.keep_last)
 
-        step = start_step
+        switched = False
         for step in range(start_step, t.steps):
-            if switch_at is not None and step >= switch_at:
-                if set_attention_mode(ddp, "full") and env.is_main:
-                    print(f"moba-cp train: step {step}: MoBA layers switched to full attention "
-                          f"(two-stage schedule, switch_to_full_at={cfg.attention.switch_to_full_at})", flush=True)
+            if switch_at is not None and step >= switch_at and not switched:
+                switched = True  # also right after a resume past the switch point
+                n = set_attention_mode(ddp, "full")
+                if env.is_main:
+                    print(f"moba-cp train: step {step}: MoBA layers switched to full attention ({n} layers; "
+                          f"two-stage schedule, switch_to_full_at={cfg.attention.switch_to_full_at})", flush=True)
             t0 = time.perf_counter()
             batches = [_to_batch(train_ds, idx, env.device)
                        for idx in _microbatch_indices(step, gbs, mbs, env.dp, env.dp_rank)]
