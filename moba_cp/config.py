@@ -135,18 +135,14 @@ class DataConfig:
     retrieval_loss_on: Literal["all", "answer"] = _f(
         "all", "Loss on retrieval samples: every token ('all') or only the answer tokens ('answer').")
     builtin_budget_bytes: int = _f(4_000_000, "Size of the embedded corpus (source=builtin), in bytes of text.")
-    num_workers: int = _f(0, "DataLoader workers.")
 
 
 @dataclass
 class EvalConfig:
-    """Evaluation during and after training."""
+    """Validation during training (long-context evaluation after training: ``moba-cp eval``)."""
 
     interval: int = _f(0, "Validation loss every N steps (0 = off).")
     iters: int = _f(2, "Validation batches per evaluation.")
-    trailing_tokens: int = _f(2048, "Trailing loss: LM loss over the last N tokens of each sequence.")
-    needle_lengths: list[int] = _f(default_factory=lambda: [4096, 8192], help="Needle context lengths in tokens.")
-    needle_depths: list[int] = _f(default_factory=lambda: [0, 25, 50, 75, 100], help="Needle depths in percent.")
 
 
 @dataclass

@@ -108,7 +108,7 @@ def test_components_receive_only_their_sub_config():
 
 
 def test_dump_round_trips(tmp_path):
-    cfg = C.load_recipe(None, ["--moba.topk=7", "--eval.needle_lengths=[1024, 2048]"])
+    cfg = C.load_recipe(None, ["--moba.topk=7", "--data.retrieval_kinds=[passkey, single]"])
     path = write(tmp_path, C.dump(cfg))
     assert C.load_recipe(path) == cfg
 

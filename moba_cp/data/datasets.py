@@ -20,7 +20,7 @@ Example (the training loop)::
         num_train_samples=cfg.train.steps * cfg.train.global_batch_size,
         num_valid_samples=n_evals * cfg.eval.iters * cfg.train.global_batch_size, tokenizer=tok)
     sampler = PretrainingSampler(len(train_ds), consumed_samples, micro_batch_size, dp_rank, dp_size)
-    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.data.num_workers)
+    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler)
 """
 
 from __future__ import annotations

@@ -142,8 +142,6 @@ def _flops_per_step(cfg: RecipeConfig, vocab_size: int) -> float:
 
 def train(cfg: RecipeConfig) -> TrainResult:
     """Run the recipe's training to ``train.steps`` (resuming from its checkpoint if present)."""
-    from megatron.core import parallel_state
-
     from moba_cp.data.datasets import DataConfigError, build_train_valid_datasets, validate_data_paths
     from moba_cp.data.tokenizers import build_tokenizer
     from moba_cp.megatron import compat_cpu
@@ -215,8 +213,9 @@ def train(cfg: RecipeConfig) -> TrainResult:
                 optimizer.zero_grad()
             reduced = _run_steps(ddp, batches, forward_only=False, env=env,
                                  seq_length=cfg.model.seq_length, mbs=mbs)
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step's update uses
             with compat_cpu.cuda_to_cpu():
-                ok, grad_norm, _ = optimizer.step()
+                _, grad_norm, _ = optimizer.step()
             scheduler.step(increment=1)
             loss = _reduce_loss(reduced)
             if env.device.type == "cuda":
@@ -230,7 +229,6 @@ def train(cfg: RecipeConfig) -> TrainResult:
             if done % cfg.logging.interval == 0 or done == t.steps:
                 recent = step_times[-10:]
                 avg = sum(recent) / len(recent)
-                lr = optimizer.param_groups[0]["lr"]
                 gn = float(grad_norm) if grad_norm is not None else float("nan")
                 rec = {"step": done, "loss": loss, "lr": lr, "grad_norm": gn, "step_time_s": dt,
                        "tokens": done * tokens_step, "tokens_per_s": tokens_step / dt,
@@ -248,7 +246,6 @@ def train(cfg: RecipeConfig) -> TrainResult:
         if cfg.checkpoint.save and start_step < t.steps:
             save(t.steps)
         logger.close()
-        parallel_state.get_data_parallel_group()  # groups still alive here (sanity)
         return TrainResult(last_step=t.steps, losses=losses, run_dir=str(run_dir))
     finally:
         shutdown_distributed()
