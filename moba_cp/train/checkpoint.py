@@ -14,8 +14,9 @@ writing does rank 0 write ``meta.json`` and atomically rename the directory. A c
 point leaves the previous complete checkpoint untouched, and resume only ever reads directories
 that hold ``meta.json``. Old checkpoints are deleted only after a newer one is complete.
 
-The plain optimizer's state is replicated, so such a run may resume with another data-parallel
-size; the distributed optimizer's (sharded) state resumes with the dp it was saved with.
+Both optimizers resume under another data-parallel size: the plain optimizer's state is
+replicated, the distributed optimizer's is saved in Megatron's "dp_reshardable" format (tested:
+dp=2 -> dp=1 gives the uninterrupted run's losses).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from moba_cp.megatron import compat_cpu
 
@@ -36,10 +36,10 @@ __all__ = ["latest_checkpoint", "save_checkpoint", "load_checkpoint", "Checkpoin
 
 _DIR_RE = re.compile(r"^iter_(\d{7})$")
 # The distributed optimizer's state format. With torch's Adam (no apex/TE, our case everywhere),
-# Megatron 0.16's reshardable formats break: "fully_reshardable" fails to load (KeyError 'step'),
-# "fully_sharded_model_space" fails to save, and "dp_reshardable" loads under another dp size but
-# resumes with different losses (measured). So the distributed optimizer resumes with the dp it
-# was saved with (load_checkpoint checks); the plain optimizer (replicated state) resumes under any dp.
+# Megatron 0.16's other formats break: "fully_reshardable" fails to load (KeyError 'step') and
+# "fully_sharded_model_space" fails to save. "dp_reshardable" loads under the same or another dp
+# size; its wrong Adam step count after a load is repaired by _restore_adam_steps (it was what
+# made resumed losses differ, with the same dp as with another).
 _OPT_META = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
@@ -77,13 +77,44 @@ def _ensure_optimizer_state(optimizer) -> None:
     Megatron's DistributedOptimizer builds its sharded state dict from ``state_dict()``, which
     (with torch's Adam, no apex/TE) asserts one Adam step count and fails while the state is still
     empty, i.e. on every resume. Megatron's own remedy, a dummy step with zero gradients, is
-    private API; the loaded values replace the dummies.
+    private API; the loaded values replace the dummies, except the Adam step count, which
+    Megatron overwrites with the dummy's (see :func:`_restore_adam_steps`).
     """
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         init = getattr(opt, "_init_optimizer_states_with_dummy_values", None)
         inner = getattr(opt, "optimizer", None)
         if init is not None and inner is not None and not inner.state:
             init()
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Give every parameter its own, correct Adam step count after a distributed-optimizer load.
+
+    With torch's Adam (no apex/TE) Megatron 0.16's ``DistributedOptimizer`` keeps the step in the
+    checkpoint's param groups only. On load it (1) puts *one* shared step tensor into every
+    parameter's state (``load_state_dict``), and then (2) ``load_parameter_state_from_dp_reshardable``
+    copies the *local* step tensors captured before the load (the dummy step's value, 1) into it
+    as if they were checkpoint data. The first step after a resume then ran with step 1 instead
+    of the saved one, and the shared tensor was incremented once per parameter (each parameter
+    saw a different bias correction; measured: 14 parameters at dp=1, steps 2..15 instead of 4).
+    The saved step survives in the inner param groups (torch's ``load_state_dict`` keeps the
+    checkpoint's group keys): restore it into a fresh tensor per parameter, and drop the group
+    key, which an uninterrupted run does not have. Optimizers whose state has no per-parameter
+    ``step`` (apex/TE FusedAdam keeps it in the group) are left alone.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            states = [inner.state[p] for p in group["params"] if p in inner.state]
+            if "step" not in group or not any(torch.is_tensor(st.get("step")) for st in states):
+                continue
+            step = float(group.pop("step"))
+            for st in states:
+                old = st.get("step")
+                if torch.is_tensor(old):
+                    st["step"] = torch.tensor(step, dtype=old.dtype, device=old.device)
 
 
 def _rng_state() -> dict:
@@ -104,6 +135,32 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _start_writer_service_immune_to_stop_signals() -> None:
+    """Start Megatron's checkpoint-writer results service with SIGTERM/SIGINT ignored.
+
+    Megatron's writer collects results through a ``multiprocessing`` Manager, a separate process
+    started at the first save. Preemption (SLURM, a ``kill`` of the process group) signals every
+    process, and a dead Manager makes the very save meant to preserve the run fail. Ignored
+    signals stay ignored across the Manager's spawn, so it survives; the trainer itself handles
+    SIGTERM by saving (see ``moba_cp.train.loop``).
+    """
+    import signal
+
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:  # pragma: no cover - layout of another megatron-core version
+        return
+    start = getattr(filesystem_async, "_get_write_results_queue", None)
+    if start is None or getattr(filesystem_async, "_results_queue", None) is not None:
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        start()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, scheduler, *,
                     consumed_samples: int, meta: dict, keep_last: int = 2) -> Path:
     """Save a complete checkpoint of ``step`` (collective: every rank must call it).
@@ -113,6 +170,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, scheduler
     """
     from megatron.core import dist_checkpointing
 
+    _start_writer_service_immune_to_stop_signals()
     root = Path(ckpt_dir)
     final = root / f"iter_{step:07d}"
     tmp = root / f"iter_{step:07d}.tmp"
@@ -161,14 +219,6 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     if not meta_file.is_file():
         raise CheckpointError(f"{path} is not a complete moba_cp checkpoint (no meta.json).")
     meta = json.loads(meta_file.read_text())
-    dp_now = parallel_state.get_data_parallel_world_size()
-    if meta.get("distributed_optimizer") and meta.get("dp") not in (None, dp_now):
-        raise CheckpointError(
-            f"{path} was saved with the distributed optimizer at dp={meta['dp']}; this run has dp={dp_now}. "
-            f"Distributed-optimizer state resumes only with the dp it was saved with. Fix: launch "
-            f"{meta['dp'] * parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_context_parallel_world_size()} "
-            f"processes, or train with parallel.distributed_optimizer=false (its state resumes under any dp)."
-        )
     # no_grad: Megatron copies loaded values into the (leaf, requires_grad) fp32 main params in place.
     with compat_cpu.cuda_to_cpu(), torch.no_grad():
         _ensure_optimizer_state(optimizer)
@@ -176,6 +226,7 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
         module = model.module if hasattr(model, "module") else model
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        _restore_adam_steps(optimizer)
     scheduler.load_state_dict(state["scheduler"])
     rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
     if meta.get("world_size") == dist.get_world_size() and rng_file.is_file():

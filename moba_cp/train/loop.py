@@ -37,6 +37,44 @@ class TrainResult:
     run_dir: str
 
 
+class _StopRequest:
+    """SIGTERM / SIGUSR1 (preemption, SLURM's --signal) -> finish the step, save, exit cleanly.
+
+    The handler only sets a flag; at each step boundary the ranks agree (one all-reduce of a
+    flag), so every rank saves the same step even when only some received the signal.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self, device: torch.device):
+        import signal
+
+        self.received: str | None = None
+        self.device = device
+        self._previous = {}
+        for name in self.SIGNALS:
+            sig = getattr(signal, name)
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        import signal
+
+        self.received = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self.received else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def _microbatch_indices(step: int, gbs: int, mbs: int, dp: int, dp_rank: int) -> list[list[int]]:
     """Sample indices of each micro-batch this dp rank processes at ``step`` (step-determined)."""
     base = step * gbs
@@ -198,6 +236,8 @@ def train(cfg: RecipeConfig) -> TrainResult:
                                  keep_last=cfg.checkpoint.keep_last)
 
         switched = False
+        stop = _StopRequest(env.device)
+        last_done = start_step
         for step in range(start_step, t.steps):
             if switch_at is not None and step >= switch_at and not switched:
                 switched = True  # also right after a resume past the switch point
@@ -241,12 +281,23 @@ def train(cfg: RecipeConfig) -> TrainResult:
             if cfg.eval.interval and done % cfg.eval.interval == 0:
                 vloss = evaluate(ddp, valid_ds, cfg, env)
                 logger.log({"step": done, "valid_loss": vloss}, f"step {done:>6} | valid loss {vloss:.4f}")
+            last_done = done
+            if stop.agreed() and done < t.steps:
+                if cfg.checkpoint.save:
+                    save(done)
+                if env.is_main:
+                    print(f"moba-cp train: {stop.received or 'a stop signal on another rank'}: stopped after step "
+                          f"{done}" + (f", checkpoint saved in {ckpt_dir}; rerun the same command to resume"
+                                       if cfg.checkpoint.save else " (checkpoint.save=false: nothing saved)"),
+                          flush=True)
+                break
             if cfg.checkpoint.save and cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0 and done < t.steps:
                 save(done)
-        if cfg.checkpoint.save and start_step < t.steps:
+        stop.restore()
+        if cfg.checkpoint.save and start_step < t.steps and last_done == t.steps:
             save(t.steps)
         logger.close()
-        return TrainResult(last_step=t.steps, losses=losses, run_dir=str(run_dir))
+        return TrainResult(last_step=last_done, losses=losses, run_dir=str(run_dir))
     finally:
         shutdown_distributed()
 
