@@ -21,25 +21,32 @@ from pathlib import Path
 import moba_cp
 
 
-def _cmd_config(args, overrides) -> int:
-    from moba_cp.config import RecipeError, dump, load_recipe
+def _load_or_report(args, overrides, cmd: str):
+    """The validated recipe, or None after printing the error (exit code 2 for the caller)."""
+    from moba_cp.config import RecipeError, load_recipe
 
     try:
-        cfg = load_recipe(args.recipe, overrides)
+        return load_recipe(args.recipe, overrides)
     except RecipeError as e:
-        print(f"moba-cp config: {e}", file=sys.stderr)
+        print(f"moba-cp {cmd}: {e}", file=sys.stderr)
+        return None
+
+
+def _cmd_config(args, overrides) -> int:
+    from moba_cp.config import dump
+
+    cfg = _load_or_report(args, overrides, "config")
+    if cfg is None:
         return 2
     print(dump(cfg), end="")
     return 0
 
 
 def _cmd_train(args, overrides) -> int:
-    from moba_cp.config import RecipeError, load_recipe
+    from moba_cp.config import RecipeError
 
-    try:
-        cfg = load_recipe(args.recipe, overrides)
-    except RecipeError as e:
-        print(f"moba-cp train: {e}", file=sys.stderr)
+    cfg = _load_or_report(args, overrides, "train")
+    if cfg is None:
         return 2
     if args.dry_run:
         from moba_cp.train.dry_run import dry_run

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 
+from moba_cp.eval.plots import _plt, _save  # one headless-matplotlib setup for every chart
 from moba_cp.experiments.fit import fit_power_law, pflops_days
 
 __all__ = ["plot_scaling", "plot_granularity", "plot_hybrid", "plot_sweep"]
@@ -12,25 +12,8 @@ __all__ = ["plot_scaling", "plot_granularity", "plot_hybrid", "plot_sweep"]
 _YLABEL = {"loss": "LM loss (last steps)", "valid_loss": "validation LM loss", "trailing_loss": "trailing LM loss"}
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _method(row: dict) -> str:
     return row["labels"].get("method") or row["pattern"]
-
-
-def _save(fig, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    _plt().close(fig)
-    return path
 
 
 def plot_scaling(rows: list[dict], metric: str, out_path: str) -> tuple[str, dict]:
