@@ -5,8 +5,8 @@
 #   site-packages and keeps that torch: nothing pulls another build.
 # - Otherwise it installs torch==2.13.0 first; on our CPU machines that resolves to the CPU
 #   build on local disk (an unpinned `torch` would pull a multi-GB CUDA build).
-# - triton is pinned to 3.6.0, the version of the GPU machines, so the CPU interpreter sees the
-#   same language the GPU compiles.
+# - On CPU-only torch, triton is pinned to 3.6.0, the version of the GPU machines, so the CPU
+#   interpreter sees the same language the GPU compiles; a CUDA torch keeps its own triton.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -22,6 +22,10 @@ pip() { .venv/bin/python -m pip "$@"; }
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   pip install -q "torch==2.13.0"
 fi
-pip install -q "triton==3.6.0" 2>/dev/null || echo "setup: triton 3.6.0 not installable here; Triton tests will skip"
+# Pin triton to the GPU machines' 3.6.0 where torch has no CUDA (CPU test machines: the
+# interpreter then sees the GPU's language). A CUDA torch keeps the triton it was built with.
+if .venv/bin/python -c "import sys, torch; sys.exit(0 if torch.version.cuda is None else 1)"; then
+  pip install -q "triton==3.6.0" || echo "setup: triton 3.6.0 is not installable here; Triton tests will fail"
+fi
 pip install -q -e ".[test]"
 .venv/bin/python -c "import torch, megatron.core, moba_cp; print(f'setup: torch {torch.__version__}, megatron-core {megatron.core.__version__}, moba_cp {moba_cp.__version__}')" 2>&1 | grep -v Warn | grep -v warnings.warn
