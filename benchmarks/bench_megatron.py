@@ -23,6 +23,7 @@ import argparse
 import datetime
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -209,8 +210,8 @@ def main():
     gpu = torch.cuda.get_device_name() if on_gpu else "CPU"
     emit(f"# Megatron-Core GPTModel with moba_cp attention, CP=2 ({dist.get_world_size()} x {gpu})")
     emit(f"torch {torch.__version__}, megatron-core {megatron.core.__version__}, "
-         f"{datetime.date.today()}; command: `torchrun --nproc_per_node 2 benchmarks/bench_megatron.py "
-         f"--seq {args.seq} --block {args.block} --topk {args.topk} --reps {args.reps}`")
+         f"{datetime.date.today()}; command: `torchrun --nproc_per_node {dist.get_world_size()} "
+         f"benchmarks/bench_megatron.py {' '.join(sys.argv[1:])}`")
     emit()
     if not args.skip_equality:
         equality(args, dev)
