@@ -33,31 +33,13 @@ import time
 
 import torch
 import torch.distributed as dist
+from report import configure, emit, sync  # benchmarks/report.py (the script's folder is on sys.path)
 
 from moba_cp.ops.moba import naive
 from moba_cp.ops.moba.api import moba_attn
 from moba_cp.parallel import last_stats, moba_attn_cp, ring_attn_cp, zigzag_positions, zigzag_shard, zigzag_unshard
 
-RANK = 0
-LINES: list[str] = []
-OUT = None
 T0 = time.time()
-
-
-def emit(line: str = "") -> None:
-    """Print on rank 0 and append to the results file as we go (a timeout keeps what was done)."""
-    if RANK != 0:
-        return
-    print(line, flush=True)
-    LINES.append(line)
-    if OUT:
-        with open(OUT, "w") as f:
-            f.write("\n".join(LINES) + "\n")
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def timed(fn, warmup: int, reps: int) -> float:
@@ -393,7 +375,6 @@ def probe_dense(impls, dev, dtype):
 
 
 def main():
-    global RANK, OUT
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true", help="CPU/gloo, naive kernels, tiny shapes")
@@ -431,7 +412,7 @@ def main():
     args.seqs = [int(x) for x in str(args.seqs).split(",")]
     args.configs, args.eq_configs = parse(args.configs), parse(args.eq_configs)
     if args.plan_only:
-        OUT = args.out
+        configure(out=args.out)
         args.plan_boosts = [float(x) for x in args.plan_boosts.split(",")]
         emit(f"- command: `PYTHONPATH=$PWD python benchmarks/bench_cp.py {' '.join(sys.argv[1:])}`")
         emit()
@@ -441,10 +422,11 @@ def main():
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")
-    RANK, cp = dist.get_rank(), dist.get_world_size()
+    rank, cp = dist.get_rank(), dist.get_world_size()
+    configure(rank=rank)
     dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     args.dtype = torch.bfloat16 if cuda else torch.float32
-    OUT = args.out
+    configure(out=args.out)
     backend = "triton" if cuda else "naive"
     gpu = torch.cuda.get_device_name() if cuda else "CPU"
     emit(f"# moba_attn_cp / ring_attn_cp on {cp} x {gpu}")
@@ -455,11 +437,11 @@ def main():
     emit()
     ring_impls = probe_dense([i for i in args.ring_impls.split(",") if i], dev, args.dtype)
     if not args.skip_eq:
-        ring_impls = equality(args, cp, RANK, dev, backend, ring_impls)
-    rows, ring_rows = ([], []) if args.eq_only else scaling(args, cp, RANK, dev, backend, ring_impls)
+        ring_impls = equality(args, cp, rank, dev, backend, ring_impls)
+    rows, ring_rows = ([], []) if args.eq_only else scaling(args, cp, rank, dev, backend, ring_impls)
     emit(f"_total wall time {time.time() - T0:.0f} s_")
-    if RANK == 0 and OUT:
-        with open(os.path.splitext(OUT)[0] + ".json", "w") as f:
+    if rank == 0 and args.out:
+        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
             json.dump(dict(rows=rows, ring=ring_rows), f, indent=1, default=str)
     dist.barrier()
     dist.destroy_process_group()

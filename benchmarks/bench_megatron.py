@@ -28,28 +28,9 @@ import time
 
 import torch
 import torch.distributed as dist
+from report import configure, emit, sync  # benchmarks/report.py (the script's folder is on sys.path)
 
 from moba_cp.config import AttentionConfig, ModelConfig, MoBAConfig, ParallelConfig
-
-RANK = 0
-LINES: list[str] = []
-OUT = None
-
-
-def emit(line: str = "") -> None:
-    if RANK != 0:
-        return
-    print(line, flush=True)
-    LINES.append(line)
-    if OUT:
-        with open(OUT, "w") as f:
-            f.write("\n".join(LINES) + "\n")
-
-
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
 
 def build(mcfg, moba, attn, cp, precision, seed=1234):
     from megatron.core import parallel_state
@@ -177,7 +158,6 @@ def timing(args, dev):
 
 
 def main():
-    global RANK, OUT
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="CPU/gloo, tiny shapes, naive kernels")
@@ -198,10 +178,10 @@ def main():
     if args.smoke:
         args.seq, args.layers, args.hidden, args.block, args.topk, args.reps = 512, 2, 128, 32, 3, 1
         args.eq_seq, args.eq_hidden, args.eq_block, args.backend = 512, 128, 32, "naive"
-    OUT = args.out
+    configure(out=args.out)
     on_gpu = torch.cuda.is_available() and not args.smoke
     dist.init_process_group("nccl" if on_gpu else "gloo")
-    RANK = dist.get_rank()
+    configure(rank=dist.get_rank())
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")
     if on_gpu:
         torch.cuda.set_device(dev)
