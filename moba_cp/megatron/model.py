@@ -29,6 +29,7 @@ a ``.clone()`` of it, not a ``.detach()`` (which shares storage).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -220,7 +221,9 @@ def init_parallel(parallel_cfg, *, seed: int) -> None:
     """
     compat_cpu.activate()
     if torch.cuda.is_available():
-        torch.cuda.set_device(torch.distributed.get_rank() % torch.cuda.device_count())
+        # torchrun's LOCAL_RANK names this process's GPU on its node; rank % count is only a guess.
+        local = os.environ.get("LOCAL_RANK")
+        torch.cuda.set_device(int(local) if local is not None else torch.distributed.get_rank() % torch.cuda.device_count())
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel_cfg.tp,
         pipeline_model_parallel_size=1,

@@ -63,7 +63,7 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> DistEnv:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     on_gpu = torch.cuda.is_available()
     if on_gpu:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(local_rank)  # before NCCL init; init_parallel keeps the same device
         device = torch.device("cuda", local_rank)
     else:
         compat_cpu.activate()
