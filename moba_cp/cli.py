@@ -6,7 +6,7 @@
     moba-cp train RECIPE.yaml [--dry-run] [--a.b=value ...]
     moba-cp prepare-data INPUTS... --output PREFIX [--tokenizer byte|tokenizer.json]
     moba-cp plot RUN_DIR... [--out DIR]
-    moba-cp sweep SWEEP.yaml [--dry-run]; moba-cp plot --sweep SWEEP_OUT_DIR
+    moba-cp sweep SWEEP.yaml... [--gpus 0,1,2,3] [--deadline-min M] [--dry-run]; moba-cp plot --sweep SWEEP_OUT_DIR
     moba-cp eval loss CHECKPOINT --seq-len 32768 --last 2048
     moba-cp eval needle CHECKPOINT --lengths 4k,8k --depths 0,10,...,100
 """
@@ -131,16 +131,31 @@ def _cmd_plot(args, rest) -> int:
 def _cmd_sweep(args, rest) -> int:
     from moba_cp.experiments.sweep import SweepError, load_sweep, run_sweep
 
-    _no_extra(rest, "sweep")
+    bad = [a for a in rest if not (a.startswith("--") and "=" in a and "." in a.split("=", 1)[0])]
+    if bad:
+        raise SystemExit(f"moba-cp sweep: unexpected arguments {bad}; recipe overrides for every point look "
+                         f"like --train.steps=100")
     try:
-        spec = load_sweep(args.sweep_file, out_dir=args.out_dir)
-        rows = run_sweep(spec, dry_run=args.dry_run)
+        specs = [load_sweep(f, out_dir=args.out_dir) for f in args.sweep_files]
+        if args.out_dir and len(specs) > 1:
+            raise SweepError("--out-dir works with one sweep file only (each sweep needs its own folder).")
+        if args.gpus is None:
+            if args.deadline_min is not None:
+                raise SweepError("--deadline-min needs --gpus (the parallel scheduler).")
+            results = {s.name: run_sweep(s, dry_run=args.dry_run, extra=rest) for s in specs}
+        else:
+            from moba_cp.experiments.scheduler import parse_gpus, run_sweeps_parallel
+
+            results = run_sweeps_parallel(specs, parse_gpus(args.gpus), extra=rest, dry_run=args.dry_run,
+                                          deadline_s=args.deadline_min * 60 if args.deadline_min else None)
     except SweepError as e:
         print(f"moba-cp sweep: {e}", file=sys.stderr)
         return 2
     if not args.dry_run:
-        print(f"sweep {spec.name!r}: {len(rows)}/{len(spec.points)} points finished; results in "
-              f"{spec.out_dir}/results.jsonl; chart: moba-cp plot --sweep {spec.out_dir}")
+        for spec in specs:
+            rows = results.get(spec.name, [])
+            print(f"sweep {spec.name!r}: {len(rows)}/{len(spec.points)} points finished; results in "
+                  f"{spec.out_dir}/results.jsonl; chart: moba-cp plot --sweep {spec.out_dir}")
     return 0
 
 
@@ -181,11 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "granularity, hybrid) in the style of the MoBA paper")
     p.set_defaults(func=_cmd_plot)
 
-    p = sub.add_parser("sweep", help="run every point of an experiment sweep (skips finished points)",
-                       description="Run the points of SWEEP.yaml one after another (each a moba-cp train "
-                                   "under torchrun), skipping finished ones; collect their metrics.")
-    p.add_argument("sweep_file")
-    p.add_argument("--out-dir", default=None, help="override the sweep's out_dir")
+    p = sub.add_parser("sweep", help="run every point of experiment sweeps (skips finished points)",
+                       description="Run the points of SWEEP.yaml files (each a moba-cp train under torchrun), "
+                                   "one after another or, with --gpus, several at once on a machine's GPUs; "
+                                   "skip finished ones; collect their metrics. Trailing --a.b=value overrides "
+                                   "apply to every point.")
+    p.add_argument("sweep_files", nargs="+", metavar="SWEEP.yaml")
+    p.add_argument("--out-dir", default=None, help="override the sweep's out_dir (one sweep file only)")
+    p.add_argument("--gpus", default=None,
+                   help="run points concurrently on these GPUs (0,1,2,3 or a count), largest first; each point "
+                        "takes its sweep's nproc GPUs")
+    p.add_argument("--deadline-min", type=float, default=None,
+                   help="with --gpus: start no point predicted to end after this many minutes, and stop running "
+                        "points there (they save and resume on the next run)")
     p.add_argument("--dry-run", action="store_true", help="validate every point and print the commands")
     p.set_defaults(func=_cmd_sweep)
 

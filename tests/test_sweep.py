@@ -128,3 +128,81 @@ def test_sweep_charts_are_valid_images(tmp_path):
     hyb = [row(f"h{n}", "hybrid", 1, 1.17 - 0.01 * n, full_layers=n) for n in (1, 3, 5)]
     _png_ok(plot_hybrid(hyb + [row("m", "moba", 1, 1.171), row("f", "full", 1, 1.086)], "trailing_loss",
                         str(tmp_path / "h.png")))
+
+
+def _toy_sweep_file(tmp_path, name, extra_common=(), steps=3, evals=False):
+    cache = tmp_path / "cache"
+    common = ["--parallel.cp=1", "--model.num_layers=1", f"--model.seq_length={512 if evals else 256}", "--moba.block_size=32",
+              f"--train.steps={steps}", "--train.warmup_steps=1", "--train.global_batch_size=1",
+              "--logging.tensorboard=false", "--eval.interval=0", f"--data.cache_dir={cache}", "--logging.interval=1",
+              "--model.hidden_size=32", "--model.num_attention_heads=2", "--model.num_query_groups=2",
+              *extra_common]
+    spec = dict(name=name, kind="scaling", base="recipes/quickstart.yaml", out_dir=str(tmp_path / name),
+                metric="loss", common=common, points=[{"name": "moba", "overrides": ["--attention.pattern=moba"]}])
+    if evals:
+        spec.update(kind="hybrid", metric="trailing_loss", eval_loss={"seq_len": 256, "last": 64, "num_seqs": 2},
+                    eval_needle={"lengths": "384,512", "depths": "0,100", "kinds": "passkey", "n_per_cell": 1})
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml_dump(spec))
+    return path
+
+
+def yaml_dump(obj):
+    import yaml
+
+    return yaml.safe_dump(obj, sort_keys=False)
+
+
+def test_parallel_scheduler_runs_two_sweeps_at_once(tmp_path):
+    """Two sweeps' points on two 'GPU' slots (CPU here): both run concurrently and finish; a rerun skips them."""
+    a, b = _toy_sweep_file(tmp_path, "ta"), _toy_sweep_file(tmp_path, "tb", evals=True)
+    proc = _cli("sweep", str(a), str(b), "--gpus", "2", "--train.seed=3")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    starts = [line for line in proc.stdout.splitlines() if "] start " in line]
+    assert len(starts) == 2 and {s.split(" on GPU ")[1][0] for s in starts} == {"0", "1"}
+    # Both started before either finished: they ran at the same time.
+    lines = proc.stdout.splitlines()
+    first_done = next(i for i, line in enumerate(lines) if "] done " in line)
+    assert all(lines.index(s) < first_done for s in starts)
+    for name in ("ta", "tb"):
+        rows = [json.loads(x) for x in (tmp_path / name / "results.jsonl").read_text().splitlines()]
+        assert [r["name"] for r in rows] == ["moba"] and rows[0]["loss"] > 0
+        assert "--train.seed=3" in rows[0]["overrides"]  # command-line overrides reach every point
+    tb = json.loads((tmp_path / "tb" / "results.jsonl").read_text())
+    assert tb["trailing_loss"] > 0  # the sweep's eval_loss ran and its result was collected
+    needle = json.loads((tmp_path / "tb" / "moba" / "needle" / "needle.json").read_text())
+    assert needle["lengths"] == [384, 512] and 0 <= needle["kinds"]["passkey"]["mean"] <= 1
+    proc = _cli("sweep", str(a), str(b), "--gpus", "0,1")
+    assert proc.returncode == 0 and "0 points on GPUs" in proc.stdout and "] start " not in proc.stdout
+
+
+def test_parallel_scheduler_deadline_stops_and_resumes(tmp_path):
+    """At the deadline a running point gets SIGTERM, saves and stops; the next run resumes from that step."""
+    a = _toy_sweep_file(tmp_path, "long", steps=100000, extra_common=["--checkpoint.interval=0"])
+    proc = _cli("sweep", str(a), "--gpus", "1", "--deadline-min", "0.4")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "deadline: stopping 1 running point" in proc.stdout and "stopped long/moba at the deadline" in proc.stdout
+    run = tmp_path / "long" / "moba"
+    saved = sorted((run / "checkpoints").glob("iter_*"))
+    assert not (run / "sweep_point.json").exists() and len(saved) == 1
+    step = int(saved[0].name.split("_")[1])
+    assert step > 0
+    proc = _cli("sweep", str(a), "--gpus", "1", "--deadline-min", "0.3")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"resumed from {saved[0]} (step {step})" in (run / "sweep.log").read_text()
+
+
+def test_sweep_cli_errors(tmp_path):
+    a = _toy_sweep_file(tmp_path, "e")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(Path(_toy_sweep_file(tmp_path, "n", evals=True)).read_text().replace("384,512", "128,512"))
+    with pytest.raises(SweepError, match="a 'passkey' sample needs more than .* every length must exceed"):
+        load_sweep(bad)
+    proc = _cli("sweep", str(a), "--gpus", "0,0")
+    assert proc.returncode == 2 and "distinct device numbers" in proc.stderr
+    proc = _cli("sweep", str(a), "--deadline-min", "3")
+    assert proc.returncode == 2 and "--deadline-min needs --gpus" in proc.stderr
+    proc = _cli("sweep", str(a), "stray.yaml")
+    assert proc.returncode == 2 and "sweep file 'stray.yaml' does not exist" in proc.stderr
+    proc = _cli("sweep", str(a), "--stray")
+    assert proc.returncode != 0 and "unexpected arguments ['--stray']" in proc.stderr

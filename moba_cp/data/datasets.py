@@ -33,7 +33,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
-from .builtin_corpus import DEFAULT_BUDGET_BYTES, ensure_builtin_corpus
+from .builtin_corpus import DEFAULT_BUDGET_BYTES, _FileLock, ensure_builtin_corpus
 from .tokenizers import TokenizerError, build_tokenizer
 
 __all__ = ["DataConfigError", "parse_blend", "validate_data_paths", "build_train_valid_datasets",
@@ -211,7 +211,7 @@ def build_train_valid_datasets(data_cfg, *, seq_length: int, seed: int, num_trai
         sizes = [sizes[0], sizes[1] or 0, 0]
     builder = BlendedMegatronDatasetBuilder(cls, sizes, is_built_on_rank or _default_is_built_on_rank, cfg)
     try:
-        with _rank0_when_not_distributed():
+        with _rank0_when_not_distributed(), _index_cache_lock(cache):
             train, valid, _test = builder.build()
     except (AssertionError, IndexError, ValueError) as e:
         raise DataConfigError(
@@ -269,6 +269,23 @@ def _check_split_has_tokens(prefixes: Sequence[str], split: str, need_valid: boo
                     f"data.split={split!r} gives the {name} split no documents of {prefix!r} ({n} documents in all; "
                     f"{name} would take documents [{beg}, {end})). Fix: {fix}")
         del ds
+
+
+@contextlib.contextmanager
+def _index_cache_lock(cache: Optional[str]):
+    """Serialise index-cache builds across *separate jobs* sharing ``data.cache_dir`` (a parallel sweep).
+
+    Megatron writes its ``.npy`` index caches in place and trusts any file that exists, so a second
+    job could read a half-written cache. Only global rank 0 takes the lock: inside one job the other
+    ranks wait at Megatron's own barrier and read what rank 0 wrote (locking them too would deadlock).
+    """
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if cache is None or not rank0:
+        yield
+        return
+    os.makedirs(cache, exist_ok=True)
+    with _FileLock(os.path.join(cache, ".build.lock")):
+        yield
 
 
 @contextlib.contextmanager

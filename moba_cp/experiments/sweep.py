@@ -62,6 +62,7 @@ class SweepSpec:
     metric: str
     points: list[SweepPoint]
     eval_loss: dict | None = None
+    eval_needle: dict | None = None
     source: dict = field(default_factory=dict)
 
 
@@ -73,7 +74,8 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> SweepSpec:
     data = yaml.safe_load(p.read_text()) or {}
     if not isinstance(data, dict):
         raise SweepError(f"{p}: the top level must be a mapping.")
-    allowed = {"name", "kind", "base", "out_dir", "nproc", "metric", "eval_loss", "grid", "points", "common"}
+    allowed = {"name", "kind", "base", "out_dir", "nproc", "metric", "eval_loss", "eval_needle", "grid", "points",
+               "common"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise SweepError(f"{p}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}.")
@@ -118,10 +120,40 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> SweepSpec:
             load_recipe(data["base"], pt.overrides)
         except RecipeError as e:
             raise SweepError(f"{p}: point {pt.name!r}: {e}") from None
+    needle = data.get("eval_needle")
+    if needle is not None:
+        allowed_n = {"lengths", "depths", "kinds", "n_per_cell", "seed", "only"}
+        if not isinstance(needle, dict) or set(needle) - allowed_n:
+            raise SweepError(f"{p}: eval_needle must be a mapping with keys among {', '.join(sorted(allowed_n))}.")
+        missing = sorted(set(needle.get("only") or []) - set(names))
+        if missing:
+            raise SweepError(f"{p}: eval_needle.only names unknown point(s) {missing}; points: {names}.")
+        _check_needle_lengths(p, needle, load_recipe(data["base"], points[0].overrides))
     return SweepSpec(name=str(data["name"]), kind=data["kind"], base=data["base"],
                      out_dir=out_dir or data.get("out_dir") or f"runs/sweeps/{data['name']}",
                      nproc=int(data.get("nproc", 1)), metric=metric, points=points,
-                     eval_loss=data.get("eval_loss"), source=data)
+                     eval_loss=data.get("eval_loss"), eval_needle=needle, source=data)
+
+
+def _check_needle_lengths(p: Path, needle: dict, cfg) -> None:
+    """Every needle length must hold each kind's fixed text; found now, not after the training."""
+    from moba_cp.data.tokenizers import build_tokenizer
+    from moba_cp.eval.needle import KINDS, fixed_tokens, parse_lengths
+
+    try:
+        lengths = parse_lengths(str(needle.get("lengths", "4k,8k")))
+    except ValueError as e:
+        raise SweepError(f"{p}: eval_needle.lengths: {e}") from None
+    kinds = [k.strip() for k in str(needle.get("kinds", ",".join(KINDS))).split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise SweepError(f"{p}: eval_needle.kinds has {bad}; choose among {', '.join(KINDS)}.")
+    tok = build_tokenizer(cfg.data.tokenizer)
+    for k in kinds:
+        need = fixed_tokens(tok, k)
+        if min(lengths) <= need:
+            raise SweepError(f"{p}: eval_needle.lengths={needle.get('lengths')!r}: a {k!r} sample needs more than "
+                             f"{need} tokens of fixed text, so every length must exceed {need}; raise the lengths.")
 
 
 def _point_summary(spec: SweepSpec, pt: SweepPoint, run_dir: Path) -> dict:
@@ -153,17 +185,82 @@ def _point_summary(spec: SweepSpec, pt: SweepPoint, run_dir: Path) -> dict:
     return out
 
 
-def _run(cmd: list[str], log: Path) -> None:
+def _point_commands(spec: SweepSpec, pt: SweepPoint, launcher: list[str], run_dir: Path) -> list[list[str]]:
+    """The commands of one point, in order: train, then the optional loss and needle evaluations."""
+    cmds = [[*launcher, "-m", "moba_cp.train", spec.base, *pt.overrides, f"--logging.dir={run_dir}"]]
+    # The evaluations read the run dir's recipe.yaml, which already holds the point's overrides.
+    if spec.eval_loss:
+        e = spec.eval_loss
+        cmds.append([*launcher, "-m", "moba_cp.cli", "eval", "loss", str(run_dir), "--seq-len", str(e["seq_len"]),
+                     "--last", str(e["last"]), "--num-seqs", str(e.get("num_seqs", 4)), "--out", str(run_dir / "eval")])
+    n = spec.eval_needle
+    if n and (not n.get("only") or pt.name in n["only"]):
+        cmd = [*launcher, "-m", "moba_cp.cli", "eval", "needle", str(run_dir), "--out", str(run_dir / "needle"),
+               "--label", pt.name]
+        for key, flag in (("lengths", "--lengths"), ("depths", "--depths"), ("kinds", "--kinds"),
+                          ("n_per_cell", "--n-per-cell"), ("seed", "--seed")):
+            if key in n:
+                cmd += [flag, str(n[key])]
+        cmds.append(cmd)
+    return cmds
+
+
+def _run(cmd: list[str], log: Path, env: dict | None = None, procs: dict | None = None) -> None:
     with open(log, "a") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise SweepError(f"command failed with exit code {proc.returncode}: {' '.join(cmd)} (log: {log})")
+        # Own process group: a deadline stops the whole torchrun tree with one signal.
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        if procs is not None:
+            procs[id(proc)] = proc
+        try:
+            rc = proc.wait()
+        finally:
+            if procs is not None:
+                procs.pop(id(proc), None)
+    if rc != 0:
+        raise SweepError(f"command failed with exit code {rc}: {' '.join(cmd)} (log: {log})")
 
 
-def run_sweep(spec: SweepSpec, *, dry_run: bool = False, print_fn=print) -> list[dict]:
-    """Run the unfinished points in order; returns every finished point's summary."""
+def _finish_point(spec: SweepSpec, pt: SweepPoint, run_dir: Path) -> dict:
+    summary = _point_summary(spec, pt, run_dir)
+    tmp = run_dir / "sweep_point.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(run_dir / "sweep_point.json")  # written last: the point counts as finished
+    return summary
+
+
+def point_cost(spec: SweepSpec, pt: SweepPoint) -> float:
+    """Training FLOPs of a point: what the parallel scheduler balances and predicts time from."""
+    from moba_cp.config import load_recipe
+    from moba_cp.data.tokenizers import build_tokenizer
+    from moba_cp.train.loop import _flops_per_step
+
+    cfg = load_recipe(spec.base, pt.overrides)
+    return float(_flops_per_step(cfg, build_tokenizer(cfg.data.tokenizer).vocab_size) * cfg.train.steps)
+
+
+def _with_extra(spec: SweepSpec, extra: list[str]) -> SweepSpec:
+    """The spec with command-line overrides appended to every point (they win over the file's)."""
+    if not extra:
+        return spec
+    from moba_cp.config import RecipeError, load_recipe
+
+    points = [SweepPoint(pt.name, pt.overrides + list(extra), pt.labels) for pt in spec.points]
+    for pt in points:
+        try:
+            cfg = load_recipe(spec.base, pt.overrides)
+        except RecipeError as e:
+            raise SweepError(f"sweep {spec.name!r}, point {pt.name!r} with {' '.join(extra)}: {e}") from None
+        if (spec.eval_loss or spec.eval_needle) and not cfg.checkpoint.save:
+            raise SweepError(f"sweep {spec.name!r} evaluates checkpoints (eval_loss/eval_needle), but "
+                             f"checkpoint.save=false; drop that override.")
+    return SweepSpec(**{**spec.__dict__, "points": points})
+
+
+def run_sweep(spec: SweepSpec, *, dry_run: bool = False, print_fn=print, extra: list[str] | None = None) -> list[dict]:
+    """Run the unfinished points in order, one after another; returns every finished point's summary."""
+    spec = _with_extra(spec, extra or [])
     out = Path(spec.out_dir)
     if not dry_run:
         out.mkdir(parents=True, exist_ok=True)
@@ -175,23 +272,17 @@ def run_sweep(spec: SweepSpec, *, dry_run: bool = False, print_fn=print) -> list
     t_start = time.time()
     for i, pt in enumerate(todo):
         run_dir = out / pt.name
-        train_cmd = [*launcher, "-m", "moba_cp.train", spec.base, *pt.overrides, f"--logging.dir={run_dir}"]
+        cmds = _point_commands(spec, pt, launcher, run_dir)
         if dry_run:
-            print_fn("  would run: " + " ".join(train_cmd))
+            for cmd in cmds:
+                print_fn("  would run: " + " ".join(cmd))
             continue
         run_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         print_fn(f"[{i + 1}/{len(todo)}] {pt.name}: training ({run_dir}/sweep.log)")
-        _run(train_cmd, run_dir / "sweep.log")
-        if spec.eval_loss:
-            e = spec.eval_loss
-            _run([*launcher, "-m", "moba_cp.cli", "eval", "loss", str(run_dir), "--seq-len", str(e["seq_len"]),
-                  "--last", str(e["last"]), "--num-seqs", str(e.get("num_seqs", 4)), "--out", str(run_dir / "eval")],
-                 run_dir / "sweep.log")  # the run dir's recipe.yaml already holds the point's overrides
-        summary = _point_summary(spec, pt, run_dir)
-        tmp = run_dir / "sweep_point.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1))
-        tmp.replace(run_dir / "sweep_point.json")  # written last: the point counts as finished
+        for cmd in cmds:
+            _run(cmd, run_dir / "sweep.log")
+        summary = _finish_point(spec, pt, run_dir)
         elapsed = time.time() - t_start
         eta = elapsed / (i + 1) * (len(todo) - i - 1)
         print_fn(f"[{i + 1}/{len(todo)}] {pt.name}: {spec.metric}={summary.get(spec.metric)} "
