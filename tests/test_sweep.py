@@ -170,7 +170,7 @@ def test_parallel_scheduler_runs_two_sweeps_at_once(tmp_path):
         assert "--train.seed=3" in rows[0]["overrides"]  # command-line overrides reach every point
     tb = json.loads((tmp_path / "tb" / "results.jsonl").read_text())
     assert tb["trailing_loss"] > 0  # the sweep's eval_loss ran and its result was collected
-    needle = json.loads((tmp_path / "tb" / "moba" / "needle" / "needle.json").read_text())
+    needle = json.loads((tmp_path / "tb" / "moba" / "eval" / "needle.json").read_text())
     assert needle["lengths"] == [384, 512] and 0 <= needle["kinds"]["passkey"]["mean"] <= 1
     proc = _cli("sweep", str(a), str(b), "--gpus", "0,1")
     assert proc.returncode == 0 and "0 points on GPUs" in proc.stdout and "] start " not in proc.stdout

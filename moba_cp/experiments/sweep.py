@@ -195,7 +195,7 @@ def _point_commands(spec: SweepSpec, pt: SweepPoint, launcher: list[str], run_di
                      "--last", str(e["last"]), "--num-seqs", str(e.get("num_seqs", 4)), "--out", str(run_dir / "eval")])
     n = spec.eval_needle
     if n and (not n.get("only") or pt.name in n["only"]):
-        cmd = [*launcher, "-m", "moba_cp.cli", "eval", "needle", str(run_dir), "--out", str(run_dir / "needle"),
+        cmd = [*launcher, "-m", "moba_cp.cli", "eval", "needle", str(run_dir), "--out", str(run_dir / "eval"),
                "--label", pt.name]
         for key, flag in (("lengths", "--lengths"), ("depths", "--depths"), ("kinds", "--kinds"),
                           ("n_per_cell", "--n-per-cell"), ("seed", "--seed")):
