@@ -182,7 +182,7 @@ def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0):
     pr = lambda name, ms: print(f"tune S={s} B={block} {name}: {ms:.3f} ms", flush=True)  # noqa: E731
     pr("select (centroids+gate)", tm(lambda: tb.select_blocks(q, k, block_size=block, topk=topk, cu_seqlens=cu)))
     pr("gather index", tm(lambda: build_gather_index(idx, base, blocks.n, hkv, fwd_mod.CONFIG["chunk"])))
-    pr("chunk index", tm(lambda: fwd_mod.build_chunk_index(idx, base, blocks.n, fwd_mod.ONEPASS["qchunk"])))
+    pr("chunk index", tm(lambda: fwd_mod.build_chunk_index(idx, base, blocks.n, fwd_mod.onepass_qchunk(t, hq, "cuda"))))
 
     def sweep(label, conf, cfgs, fn):
         saved = dict(conf)
@@ -230,11 +230,12 @@ def pick_onepass(b, s, hq, hkv, d, block, topk):
     idx = tb.select_blocks(q, k, block_size=block, topk=topk, cu_seqlens=cu)
     saved = dict(fwd_mod.ONEPASS)
     best = (float("inf"), {})
-    for cfg in ({}, {"bn": 128}, {"bm": 64, "bn": 128, "num_warps": 4}, {"num_stages": 4}):
+    for cfg in ({}, {"qchunk": 8192}, {"qchunk": 16384}, {"qchunk": 32768}, {"qchunk": 32768, "num_stages": 3}):
         fwd_mod.ONEPASS.update(saved)
         fwd_mod.ONEPASS.update(cfg)
         try:
-            ms = timed(lambda: fwd_mod.sparse_attn_fwd_onepass(q, k, v, qpos, blocks, idx, base, d ** -0.5), 1, 3)[0]
+            ms = timed(lambda: fwd_mod.sparse_attn_fwd_onepass(q, k, v, qpos, blocks, idx, base, d ** -0.5), 1, 3,
+                       budget_ms=2000)[0]
         except Exception as e:  # e.g. out of shared memory
             print(f"pick one-pass {cfg}: failed {type(e).__name__}", flush=True)
             continue

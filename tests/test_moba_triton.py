@@ -223,6 +223,124 @@ def test_partial_fwd_bwd_matches_naive():
         assert err < 1e-5, f"{name}: {err:.2e}"
 
 
+# ------------------------------------------------------------------------------- device tables, index
+def _doc_tables_reference(total, docs, b):
+    """The per-document cut of DESIGN.md section 1, on the host (the old implementation)."""
+    qpos, base, kstart, kpos, klen, g, s = [0] * total, [0] * total, [], [], [], 0, 0
+    for n in docs:
+        nb = -(-n // b)
+        for i in range(n):
+            qpos[s + i], base[s + i] = i, g
+        for j in range(nb):
+            kstart.append(s + j * b), kpos.append(j * b), klen.append(min(b, n - j * b))
+        g, s = g + nb, s + n
+    return qpos, base, kstart, kpos, klen
+
+
+@pytest.mark.parametrize("docs,b", [([40, 0, 110], 16), ([1, 129], 32), ([63], 16), ([0, 5, 0, 0, 16, 17, 1], 16), ([64], 16)])
+def test_device_doc_tables_match_host_reference(docs, b):
+    from moba_cp.ops.moba.triton_common import doc_tables
+
+    total = sum(docs)
+    cu = _cu(docs) if len(docs) > 1 else None
+    blocks, qpos, base, info = doc_tables(total, cu, b, DEV)
+    r_qpos, r_base, r_ks, r_kp, r_kl = _doc_tables_reference(total, docs, b)
+    assert qpos.tolist() == r_qpos and base.tolist() == r_base
+    n = len(r_ks)
+    assert blocks.n >= n and blocks.n == (-(-total // b) if cu is None else total // b + len(docs))
+    assert blocks.kstart[:n].tolist() == r_ks and blocks.kpos[:n].tolist() == r_kp and blocks.klen[:n].tolist() == r_kl
+    assert blocks.klen[n:].eq(0).all(), "padding blocks must be empty"
+    for topk in (1, 2, 3, 8, 100):  # the width contract, with or without the lazy host sync
+        assert info.width(topk) == min(topk, max([-(-d // b) for d in docs] + [1]))
+    assert doc_tables(total, cu, b, DEV)[1] is qpos, "same cu_seqlens object: tables come from the cache"
+    if cu is not None:
+        cu2 = cu.clone()
+        assert doc_tables(total, cu2, b, DEV)[1] is not qpos
+        cu2.add_(0)  # an in-place op bumps the version: the cache must not answer
+        assert doc_tables(total, cu2, b, DEV)[0].kstart[:n].tolist() == r_ks
+
+
+def test_gather_index_is_the_inverse_of_the_selection():
+    """Every selected (token, head, slot) sits once in its bucket, in token order; tiles cover
+    each bucket in chunk steps; surplus tiles are marked -1."""
+    from moba_cp.ops.moba.triton_common import build_gather_index, doc_tables
+
+    docs, b, hq, hkv, topk, chunk = [70, 0, 90], 16, 4, 2, 3, 8
+    t = sum(docs)
+    q, k, _ = _inputs(t, hq, hkv, 16, torch.float32, seed=9)
+    cu = _cu(docs)
+    sel = naive.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu)
+    blocks, _, base, _ = doc_tables(t, cu, b, DEV)
+    gi = build_gather_index(sel, base, blocks.n, hkv, chunk)
+    w = sel.shape[-1]
+    offs, ent = gi.offs.tolist(), gi.ent.tolist()
+    seen = set()
+    for bkt in range(hq * blocks.n):
+        h, g = divmod(bkt, blocks.n)
+        rows = ent[offs[bkt]:offs[bkt + 1]]
+        assert rows == sorted(rows)
+        for e in rows:
+            tt, hh, ww = e // (hq * w), (e // w) % hq, e % w
+            assert hh == h and sel[tt, hh, ww].item() + base[tt].item() == g
+            seen.add(e)
+    assert seen == {i for i, s in enumerate(sel.reshape(-1).tolist()) if s >= 0}
+    tiles = [(tb_, ts) for tb_, ts in zip(gi.tile_b.tolist(), gi.tile_start.tolist()) if tb_ >= 0]
+    want = [(bkt, st) for bkt in range(hq * blocks.n) for st in range(offs[bkt], offs[bkt + 1], chunk)]
+    assert tiles == want and gi.tile_b[len(want):].eq(-1).all()
+    assert gi.tend[-1].item() == len(want)
+    g_sz = hq // hkv
+    for hk in range(hkv):  # the backward's order: each KV head's blocks by decreasing entry count
+        cnt = [sum(offs[(hk * g_sz + i) * blocks.n + g + 1] - offs[(hk * g_sz + i) * blocks.n + g] for i in range(g_sz))
+               for g in range(blocks.n)]
+        order = gi.kv_order[hk].tolist()
+        assert sorted(order) == list(range(blocks.n)) and [cnt[g] for g in order] == sorted(cnt, reverse=True)
+
+
+def test_saved_index_equals_a_fresh_build():
+    """The forward's saved gather index (used by the backward) is the index of the selection."""
+    from moba_cp.ops.moba.triton_common import build_gather_index, doc_tables
+
+    docs, b, hq, hkv = [50, 77], 16, 4, 2
+    q, k, v = _inputs(sum(docs), hq, hkv, 16, torch.float32, seed=4)
+    cu = _cu(docs)
+    idx = naive.select_blocks(q, k, block_size=b, topk=3, cu_seqlens=cu)
+    _, _, flat = tb._attn_fwd_op(q, k, v, idx, cu, b, 0.25)
+    blocks, _, base, _ = doc_tables(q.shape[0], cu, b, DEV)
+    fresh = torch.cat([x.reshape(-1) for x in vars(build_gather_index(idx, base, blocks.n, hkv, 256)).values()
+                       if isinstance(x, torch.Tensor)])
+    assert torch.equal(flat, fresh)
+
+
+@pytest.mark.parametrize("fuse_dq", [True, False])
+def test_backward_in_kv_head_chunks(monkeypatch, fuse_dq):
+    """A half-precision dq with a tiny scratch limit runs one KV head per chunk: same dq, dk,
+    dv as one chunk (bitwise in the interpreter), and within the naive op's error."""
+    from moba_cp.ops.moba import triton_attn_bwd
+
+    t, hq, hkv, d, b = 90, 6, 3, 16, 16
+    q, k, v = _inputs(t, hq, hkv, d, torch.float32, seed=8)
+    idx = naive.select_blocks(q, k, block_size=b, topk=3)
+    do = torch.randn(t, hq, d, generator=torch.Generator().manual_seed(1)).to(DEV)
+    monkeypatch.setitem(triton_attn_bwd.CONFIG, "fuse_dq", fuse_dq)
+    monkeypatch.setitem(triton_attn_bwd.CONFIG, "dq_bn", 16)
+    monkeypatch.setitem(triton_attn_bwd.CONFIG, "dq_bm", 16)
+
+    def grads(fn, dtype):
+        qq, kk, vv = (x.to(dtype).detach().requires_grad_() for x in (q, k, v))
+        o, _ = fn(qq, kk, vv, idx, block_size=b, softmax_scale=d ** -0.5)
+        (o * do.to(dtype)).sum().backward()
+        return qq.grad, kk.grad, vv.grad
+
+    one = grads(tb.block_attn, torch.float16)
+    monkeypatch.setitem(triton_attn_bwd.CONFIG, "dq_chunk_bytes", 1)
+    chunked = grads(tb.block_attn, torch.float16)
+    for a, c in zip(one, chunked):
+        assert a.dtype == torch.float16 and (a.float() - c.float()).abs().max().item() <= 1e-3 * a.float().abs().max().item()
+    ref, nai = grads(naive.block_attn, torch.float64), grads(naive.block_attn, torch.float16)
+    for name, a, n, r in zip(("dq", "dk", "dv"), chunked, nai, ref):
+        _check(name, a, n, r, floor=2e-3)
+
+
 # ------------------------------------------------------------------------------- errors, compile
 def test_clear_errors_for_unsupported_inputs():
     q, k, v = _inputs(64, 2, 1, 16, torch.float32, seed=1)
@@ -284,3 +402,23 @@ def test_gpu_bf16_real_sizes(d, hq, hkv, b, topk):
     ker = run(tb.block_attn, torch.bfloat16)
     for name, a, n, r in zip(("o", "lse", "dq", "dk", "dv"), ker, nai, ref):
         _check(name, a, n, r, floor=2e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_no_host_sync_on_the_common_path():
+    """After the first call (which checks cu_seqlens' values once), fwd+bwd of moba_attn
+    enqueues without a single host sync: tables and index are sized by static bounds."""
+    from moba_cp import moba_attn
+
+    t_docs = [2048, 2048]
+    cu = _cu(t_docs, "cuda")
+    q, k, v = (x.requires_grad_() for x in _inputs(sum(t_docs), 8, 2, 64, torch.bfloat16, seed=1, device="cuda"))
+    kw = dict(block_size=128, topk=4, cu_seqlens=cu, backend="triton")
+    moba_attn(q, k, v, **kw).sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        o = moba_attn(q, k, v, **kw)
+        torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -37,8 +37,10 @@ LOG2E = 1.4426950408889634
 #: Defaults from H100 sweeps (benchmarks/results/moba_tune_*.log): transposed products with
 #: 64-row steps win at blocks 128 and 512 (9.4 vs 10.8 ms, 12.0 vs 13.6 ms at 32K); at block
 #: 4096 transposed, 32 rows, 3 stages (1112 vs 1223 ms at 128K).
+#: ``dq_chunk_bytes``: largest fp32 dQ scratch when dq is returned in a half dtype (the
+#: backward then runs in chunks of KV heads; 2 GiB keeps FlashMoBA 512K under SDPA's peak).
 CONFIG = {"bnb": None, "bm": None, "fuse_dq": None, "num_warps": None, "num_stages": None, "trans": True,
-          "dq_bm": 64, "dq_bn": 64, "dq_warps": 4, "dq_stages": 2}
+          "dq_bm": 64, "dq_bn": 64, "dq_warps": 4, "dq_stages": 2, "dq_chunk_bytes": 2 << 30}
 
 
 @triton.jit
@@ -59,14 +61,16 @@ def _delta_kernel(DO, O, DELTA, n_rows, stride_dot, stride_doh, stride_ot, strid
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, QPOS, ENT, OFFS, ORDER, KSTART, KPOS, KLEN, DQ, DK, DV,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    H, W, NBK, G, scale, scale_log2,
+    stride_dqt, H, W, NBK, G, HK0, HKVC, scale, scale_log2,
     BM: tl.constexpr, BNB: tl.constexpr, D: tl.constexpr, FUSE_DQ: tl.constexpr, PREC: tl.constexpr,
     TRANS: tl.constexpr,
 ):
-    c = tl.load(ORDER + tl.program_id(0))
+    # KV heads [HK0, HK0 + HKVC) of this launch; the j-th longest blocks of all of them run
+    # side by side (programs in decreasing-work order, heads interleaved).
+    j = tl.program_id(0) // HKVC
+    hk = HK0 + tl.program_id(0) % HKVC
+    g = tl.load(ORDER + hk * NBK + j)
     n0 = tl.program_id(1) * BNB
-    hk = c // NBK
-    g = c % NBK
     kl = _ld(KLEN + g)
     if n0 >= kl:
         return
@@ -88,7 +92,7 @@ def _dkdv_kernel(
             rr = r0 + tl.arange(0, BM)
             rmask = rr < r_hi
             ent = tl.load(ENT + rr, mask=rmask, other=0)
-            t64 = (ent // W).to(tl.int64)
+            t64 = (ent // (H * W)).to(tl.int64)
             q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
             do = tl.load(DO + t64[:, None] * stride_dot + h * stride_doh + d[None, :], mask=rmask[:, None], other=0.0)
             lse2 = tl.load(LSE + t64 * H + h, mask=rmask, other=0.0) * 1.4426950408889634
@@ -116,7 +120,9 @@ def _dkdv_kernel(
                 dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
             if FUSE_DQ:
                 dq = tl.dot(ds, k, input_precision=PREC) * scale
-                tl.atomic_add(DQ + (t64[:, None] * H + h) * D + d[None, :], dq, mask=rmask[:, None], sem="relaxed")
+                # DQ holds the launch's query heads only (fp32 scratch per head chunk).
+                tl.atomic_add(DQ + t64[:, None] * stride_dqt + (h - HK0 * G) * D + d[None, :], dq,
+                              mask=rmask[:, None], sem="relaxed")
     out_rows = (ks + kk)[:, None]  # rows of the contiguous fp32 [Tk, Hkv, D] grads
     HKV = H // G
     # Each (kv head, key rows) is owned by exactly one program, so dK/dV are written once,
@@ -127,12 +133,16 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DO, LSE, DELTA, QPOS, ENT, OFFS, TILE_B, TILE_START, KSTART, KPOS, KLEN, DQ,
+    Q, K, V, DO, LSE, DELTA, QPOS, ENT, OFFS, TEND, TILE_B, TILE_START, KSTART, KPOS, KLEN, DQ,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    H, W, NBK, G, scale, scale_log2, CHUNK,
+    stride_dqt, H, W, NBK, G, H0, HC, scale, scale_log2, CHUNK,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    # Query heads [H0, H0 + HC): their tiles are one contiguous run of the tile list.
+    t_lo = tl.load(TEND + H0 * NBK - 1, mask=H0 > 0, other=0)
+    pid = t_lo + tl.program_id(0)
+    if pid >= _ld(TEND + (H0 + HC) * NBK - 1):
+        return
     b = tl.load(TILE_B + pid)
     c0 = _ld(TILE_START + pid)
     c1 = tl.minimum(_ld(OFFS + b + 1), c0 + CHUNK)
@@ -147,7 +157,7 @@ def _dq_kernel(
         rr = r0 + tl.arange(0, BM)
         rmask = rr < c1
         ent = tl.load(ENT + rr, mask=rmask, other=0)
-        t64 = (ent // W).to(tl.int64)
+        t64 = (ent // (H * W)).to(tl.int64)
         q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
         do = tl.load(DO + t64[:, None] * stride_dot + h * stride_doh + d[None, :], mask=rmask[:, None], other=0.0)
         lse2 = tl.load(LSE + t64 * H + h, mask=rmask, other=0.0) * 1.4426950408889634
@@ -166,7 +176,8 @@ def _dq_kernel(
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = (p * (dp - dl[:, None])).to(Q.dtype.element_ty)
             dq += tl.dot(ds, k, input_precision=PREC)
-        tl.atomic_add(DQ + (t64[:, None] * H + h) * D + d[None, :], dq * scale, mask=rmask[:, None], sem="relaxed")
+        tl.atomic_add(DQ + t64[:, None] * stride_dqt + (h - H0) * D + d[None, :], dq * scale, mask=rmask[:, None],
+                      sem="relaxed")
 
 
 def sparse_attn_bwd(
@@ -186,6 +197,7 @@ def sparse_attn_bwd(
     bnb: int | None = None,
     fuse_dq: bool | None = None,
     kv_grad_dtype: torch.dtype = torch.float32,
+    dq_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`triton_attn_fwd.sparse_attn_fwd` given ``o``/``lse`` from outside.
 
@@ -195,11 +207,15 @@ def sparse_attn_bwd(
         Others as the forward (same gather index and width).
         kv_grad_dtype: dtype of dk/dv (fp32 for CP owners that accumulate; k's dtype saves
             memory for the single-device op).
+        dq_dtype: dtype of dq. dQ is summed with fp32 atomics; for a half ``dq_dtype`` the fp32
+            scratch exists for one chunk of KV heads at a time (``CONFIG["dq_chunk_bytes"]``)
+            and each chunk is cast into dq, so the scratch never costs a whole fp32 ``[Tq, Hq, D]``.
     Returns:
-        ``dq [Tq, Hq, D]`` fp32, ``dk, dv [Tk, Hkv, D]`` in ``kv_grad_dtype``.
+        ``dq [Tq, Hq, D]`` in ``dq_dtype``, ``dk, dv [Tk, Hkv, D]`` in ``kv_grad_dtype``.
     """
     tq, hq, d = q.shape
     tk, hkv, _ = k.shape
+    g_sz = hq // hkv
     dev = q.device
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     do = do.contiguous() if do.stride(-1) != 1 else do
@@ -213,11 +229,15 @@ def sparse_attn_bwd(
         delta = delta - dlse.float()
     lse = lse.float().contiguous()
     delta = delta.contiguous()
-    dq = torch.zeros(tq, hq, d, dtype=torch.float32, device=dev)
-    dk = torch.zeros(tk, hkv, d, dtype=kv_grad_dtype, device=dev)
-    dv = torch.zeros(tk, hkv, d, dtype=kv_grad_dtype, device=dev)
-    if gi.n_tiles == 0:
-        return dq, dk, dv
+    # Every key row belongs to exactly one (KV head, block, sub-tile) program, which stores it:
+    # dk/dv need no zero fill.
+    dk = torch.empty(tk, hkv, d, dtype=kv_grad_dtype, device=dev)
+    dv = torch.empty(tk, hkv, d, dtype=kv_grad_dtype, device=dev)
+    fp32_dq = dq_dtype == torch.float32
+    dq = torch.zeros(tq, hq, d, dtype=torch.float32, device=dev) if fp32_dq else torch.empty(
+        tq, hq, d, dtype=dq_dtype, device=dev)
+    if tq == 0 or blocks.n == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
     # Measured on H100 at d=128, block 128 (benchmarks/NOTES_moba_kernels.md): 128-key
     # programs with 32-row steps beat 64x64 by ~25%.
     bnb = bnb or CONFIG["bnb"] or min(128 if d >= 128 else 64, triton.next_power_of_2(block_size))
@@ -226,24 +246,37 @@ def sparse_attn_bwd(
         fuse_dq = CONFIG["fuse_dq"] if CONFIG["fuse_dq"] is not None else nsub <= 2
     big = block_size >= 2048
     bm_b = CONFIG["bm"] or (32 if big else 64)
-    n_stages = CONFIG["num_stages"] or (3 if big else 2)
+    # 3 stages from block 256 up: paper setting (block 512) at 8K, 4.23 -> 3.50 ms (H100, run 5).
+    n_stages = CONFIG["num_stages"] or (3 if block_size >= 256 else 2)
     nw = CONFIG["num_warps"] or (8 if d >= 128 else 4)
     scale_log2 = softmax_scale * LOG2E
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
-    _dkdv_kernel[(hkv * blocks.n, nsub)](
-        q, k, v, do, lse, delta, qpos, gi.ent, gi.offs, gi.kv_order, blocks.kstart, blocks.kpos, blocks.klen,
-        dq, dk, dv, *strides, hq, width, blocks.n, hq // hkv, softmax_scale, scale_log2,
-        BM=bm_b, BNB=bnb, D=d, FUSE_DQ=fuse_dq, PREC=prec, TRANS=CONFIG["trans"], num_warps=nw,
-        num_stages=n_stages,
-    )
-    if not fuse_dq:
-        from moba_cp.ops.moba.triton_attn_fwd import fwd_tile_m
+    # KV heads per chunk: all at once when dq is fp32 (written in place) or its scratch is small.
+    n_chunks = 1 if fp32_dq else min(hkv, max(1, -(-tq * hq * d * 4 // CONFIG["dq_chunk_bytes"])))
+    hkc = -(-hkv // n_chunks)
+    from moba_cp.ops.moba.triton_attn_fwd import fwd_tile_m
 
-        _dq_kernel[(gi.n_tiles,)](
-            q, k, v, do, lse, delta, qpos, gi.ent, gi.offs, gi.tile_b, gi.tile_start,
-            blocks.kstart, blocks.kpos, blocks.klen, dq, *strides, hq, width, blocks.n, hq // hkv,
-            softmax_scale, scale_log2, fwd_tile_m(d),
-            BM=CONFIG["dq_bm"], BN=min(CONFIG["dq_bn"], triton.next_power_of_2(block_size)), D=d, PREC=prec,
-            num_warps=CONFIG["dq_warps"], num_stages=CONFIG["dq_stages"],
+    for hk0 in range(0, hkv, hkc):
+        nkv = min(hkc, hkv - hk0)
+        h0, hc = hk0 * g_sz, nkv * g_sz
+        dq_c = dq[:, h0:h0 + hc] if fp32_dq else torch.zeros(tq, hc, d, dtype=torch.float32, device=dev)
+        _dkdv_kernel[(nkv * blocks.n, nsub)](
+            q, k, v, do, lse, delta, qpos, gi.ent, gi.offs, gi.kv_order, blocks.kstart, blocks.kpos, blocks.klen,
+            dq_c, dk, dv, *strides, dq_c.stride(0), hq, width, blocks.n, g_sz, hk0, nkv, softmax_scale, scale_log2,
+            BM=bm_b, BNB=bnb, D=d, FUSE_DQ=fuse_dq, PREC=prec, TRANS=CONFIG["trans"], num_warps=nw,
+            num_stages=n_stages,
         )
+        if not fuse_dq:
+            chunk = fwd_tile_m(d)
+            n_tiles = tq * hc * width // chunk + hc * blocks.n + 1  # static bound for these heads
+            _dq_kernel[(n_tiles,)](
+                q, k, v, do, lse, delta, qpos, gi.ent, gi.offs, gi.tend, gi.tile_b, gi.tile_start,
+                blocks.kstart, blocks.kpos, blocks.klen, dq_c, *strides, dq_c.stride(0), hq, width, blocks.n, g_sz,
+                h0, hc, softmax_scale, scale_log2, chunk,
+                BM=CONFIG["dq_bm"], BN=min(CONFIG["dq_bn"], triton.next_power_of_2(block_size)), D=d, PREC=prec,
+                num_warps=CONFIG["dq_warps"], num_stages=CONFIG["dq_stages"],
+            )
+        if not fp32_dq:
+            dq[:, h0:h0 + hc].copy_(dq_c)
+            del dq_c
     return dq, dk, dv

@@ -37,12 +37,12 @@ LN2 = 0.6931471805599453
 @triton.jit
 def _fwd_rows(Q, QPOS, ENT, LSE, r0, r_end, h, H, W, stride_qt, stride_qh,
               BM: tl.constexpr, D: tl.constexpr, PASS: tl.constexpr):
-    """Gather BM entries [r0, r0+BM) of a bucket: rows, query tile, positions (and lse)."""
+    """Gather BM entries [r0, r0+BM) of a bucket: rows, query tile, positions (and lse).
+    ``ent`` is the flat selection index ``(t * H + h) * W + w``, i.e. also the PART offset."""
     rr = r0 + tl.arange(0, BM)
     rmask = rr < r_end
     ent = tl.load(ENT + rr, mask=rmask, other=0)
-    t64 = (ent // W).to(tl.int64)
-    w = ent % W
+    t64 = (ent // (H * W)).to(tl.int64)
     d = tl.arange(0, D)
     q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
     qp = tl.load(QPOS + t64, mask=rmask, other=0)
@@ -50,7 +50,7 @@ def _fwd_rows(Q, QPOS, ENT, LSE, r0, r_end, h, H, W, stride_qt, stride_qh,
     if PASS == 2:
         lse2 = tl.load(LSE + t64 * H + h, mask=rmask, other=0.0) * 1.4426950408889634
         lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
-    return rmask, t64, w, q, qp, lse2
+    return rmask, t64, ent, q, qp, lse2
 
 
 @triton.jit
@@ -65,6 +65,8 @@ def _fwd_kernel(
     # walked in BM-row tiles; with SINGLE (block <= BN keys) K/V are loaded once per chunk.
     pid = tl.program_id(0)
     b = tl.load(TILE_B + pid)
+    if b < 0:  # the grid is a static upper bound on the tiles; surplus programs stop here
+        return
     c0 = _ld(TILE_START + pid)
     c1 = tl.minimum(_ld(OFFS + b + 1), c0 + CHUNK)
     h = b // NBK
@@ -81,7 +83,7 @@ def _fwd_kernel(
         if PASS == 2:
             v = tl.load(V + (ks + nn)[:, None] * stride_vt + hk * stride_vh + d[None, :], mask=kmask[:, None], other=0.0)
         for r0 in range(c0, c1, BM):
-            rmask, t64, w, q, qp, lse2 = _fwd_rows(Q, QPOS, ENT, LSE, r0, c1, h, H, W, stride_qt, stride_qh, BM, D, PASS)
+            rmask, t64, ent, q, qp, lse2 = _fwd_rows(Q, QPOS, ENT, LSE, r0, c1, h, H, W, stride_qt, stride_qh, BM, D, PASS)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
             ok = kmask[None, :] & ((kp0 + nn)[None, :] <= qp[:, None])
             if PASS == 1:
@@ -90,7 +92,7 @@ def _fwd_kernel(
                 m_safe = tl.where(m == float("-inf"), 0.0, m)
                 l = tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
                 lse = tl.where(l > 0, (m_safe + tl.log2(tl.where(l > 0, l, 1.0))) * 0.6931471805599453, float("-inf"))
-                tl.store(PART + (t64 * H + h) * W + w, lse, mask=rmask)
+                tl.store(PART + ent, lse, mask=rmask)
             else:
                 p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
                 acc = tl.dot(p.to(V.dtype.element_ty), v, input_precision=PREC)
@@ -100,7 +102,7 @@ def _fwd_kernel(
                     tl.store(OACC + (t64[:, None] * H + h) * D + d[None, :], acc, mask=rmask[:, None])
     else:
         for r0 in range(c0, c1, BM):
-            rmask, t64, w, q, qp, lse2 = _fwd_rows(Q, QPOS, ENT, LSE, r0, c1, h, H, W, stride_qt, stride_qh, BM, D, PASS)
+            rmask, t64, ent, q, qp, lse2 = _fwd_rows(Q, QPOS, ENT, LSE, r0, c1, h, H, W, stride_qt, stride_qh, BM, D, PASS)
             if PASS == 1:
                 m = tl.full([BM], float("-inf"), dtype=tl.float32)
                 l = tl.zeros([BM], dtype=tl.float32)
@@ -117,7 +119,7 @@ def _fwd_kernel(
                     l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
                     m = m_new
                 lse = tl.where(l > 0, (m + tl.log2(tl.where(l > 0, l, 1.0))) * 0.6931471805599453, float("-inf"))
-                tl.store(PART + (t64 * H + h) * W + w, lse, mask=rmask)
+                tl.store(PART + ent, lse, mask=rmask)
             else:
                 acc = tl.zeros([BM, D], dtype=tl.float32)
                 for n0 in range(0, kl, BN):
@@ -132,6 +134,20 @@ def _fwd_kernel(
                     p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
                     acc += tl.dot(p.to(V.dtype.element_ty), v, input_precision=PREC)
                 tl.atomic_add(OACC + (t64[:, None] * H + h) * D + d[None, :], acc, mask=rmask[:, None], sem="relaxed")
+
+
+@triton.jit
+def _lse_kernel(PART, LSE, n_rows, W, BR: tl.constexpr, WP: tl.constexpr):
+    # lse[r] = logsumexp_w part[r, w] in fp32 (all -inf -> -inf): one launch instead of torch's
+    # several for logsumexp.
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    w = tl.arange(0, WP)
+    m2 = (r < n_rows)[:, None] & (w < W)[None, :]
+    x = tl.load(PART + r.to(tl.int64)[:, None] * W + w[None, :], mask=m2, other=float("-inf"))
+    m = tl.max(x, axis=1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
+    tl.store(LSE + r, tl.where(l > 0, m_safe + tl.log(tl.where(l > 0, l, 1.0)), float("-inf")), mask=r < n_rows)
 
 
 #: Tile shapes of the forward (and of the non-fused dQ kernel, which shares its tiles).
@@ -193,7 +209,10 @@ def sparse_attn_fwd(
             *common, part, part, oacc, *strides, hq, width, blocks.n, hq // hkv, scale_log2, fwd_tile_m(d),
             PASS=1, SINGLE=single, BM=bm, BN=bn, D=d, PREC=prec, num_warps=nw, num_stages=ns,
         )
-    lse = torch.logsumexp(part, dim=-1)  # all -inf rows -> -inf
+    lse = torch.empty(tq, hq, dtype=torch.float32, device=dev)
+    if tq * hq > 0:
+        wp = triton.next_power_of_2(max(width, 1))
+        _lse_kernel[(triton.cdiv(tq * hq, 128),)](part, lse, tq * hq, max(width, 1), BR=128, WP=wp, num_warps=4)
     if gi.n_tiles > 0 and CONFIG["diag_pass"] in (None, 2):
         _fwd_kernel[(gi.n_tiles,)](
             *common, lse, part, oacc, *strides, hq, width, blocks.n, hq // hkv, scale_log2, fwd_tile_m(d),
@@ -237,7 +256,7 @@ def _fwd_onepass_kernel(
             rr = r0 + tl.arange(0, BM)
             rmask = rr < r_hi
             ent = tl.load(ENT + rr, mask=rmask, other=0)
-            t64 = (ent // W).to(tl.int64)
+            t64 = (ent // (H * W)).to(tl.int64)
             q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
             qp = tl.load(QPOS + t64, mask=rmask, other=0)
             st = t64 * H + h
@@ -270,15 +289,35 @@ def _fwd_onepass_kernel(
 
 #: One-pass path: used for ``block_size >= min_block``; ``qchunk`` tokens per program.
 #: Measured on H100 (benchmarks/NOTES_moba_kernels.md): at block 4096 one pass with 3 stages
-#: is 284 ms vs 394 ms for two passes (128K, 32 heads); at block 512 two passes still win
+#: is 284 ms vs 394 ms for two passes (128K, 32 heads; 4 stages: 268 ms, run 4's pick, now the
+#: default); at block 512 two passes still win
 #: (5.4 vs 6.5 ms at 32K), hence the 2048 threshold (the crossover lies between them).
-ONEPASS = {"min_block": 2048, "qchunk": 4096, "bm": 128, "bn": 64, "num_warps": 8, "num_stages": 3}
+#: ``qchunk`` None: :func:`onepass_qchunk` picks it from the shape.
+ONEPASS = {"min_block": 2048, "qchunk": None, "bm": 128, "bn": 64, "num_warps": 8, "num_stages": 4}
+
+
+def onepass_qchunk(t: int, hq: int, device) -> int:
+    """Tokens per one-pass program: 4096, doubled (up to 32768) while the doubled chunk still
+    leaves >= 6 programs per SM. Why: a program's rows for one key block are ~``qchunk * (topk-1)
+    / past blocks``, cut in 128-row tiles; at 1M tokens and block 4096 a 4096-token chunk gives
+    ~177 rows per block, i.e. 2 tiles 69% full. Measured on H100 (1M, block 4096, top-k 12):
+    4096 -> 3014 ms, 8192 -> 2783, 16384 -> 2722, 32768 -> 2686 ms; at 128K 4096 stays."""
+    if ONEPASS["qchunk"]:
+        return ONEPASS["qchunk"]
+    dev = torch.device(device)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
+    qc = 4096
+    while qc < 32768 and t * hq // (2 * qc) >= 6 * sms:
+        qc *= 2
+    return qc
 
 
 def build_chunk_index(sel: torch.Tensor, base: torch.Tensor | None, nbk: int, qchunk: int):
     """CSR of entries keyed by (head, query chunk ``t // qchunk``, key block).
 
-    Returns ``ent [E]`` int32 (``t * W + w``), ``offs [H * NQC * NBK + 1]`` int32, ``NQC``.
+    Returns ``ent [E]`` int32 (flat selection index ``(t * Hq + h) * W + w``), ``offs
+    [H * NQC * NBK + 1]`` int32, ``NQC``. One stable sort, bucket starts by binary search
+    (no host sync).
     """
     t, hq, w = sel.shape
     dev = sel.device
@@ -287,14 +326,12 @@ def build_chunk_index(sel: torch.Tensor, base: torch.Tensor | None, nbk: int, qc
     qc = (torch.arange(t, device=dev, dtype=torch.int32) // qchunk)[:, None, None]
     hh = torch.arange(hq, device=dev, dtype=torch.int32)[None, :, None]
     n_b = hq * nqc * nbk
-    key = torch.where(sel >= 0, (hh * nqc + qc) * nbk + g, n_b).reshape(-1)
-    counts = torch.bincount(key, minlength=n_b + 1)[:n_b]
-    _, perm = torch.sort(key, stable=True)
+    key = torch.where(sel >= 0, (hh * nqc + qc) * nbk + g, n_b).to(torch.int32).reshape(-1)
+    skey, perm = torch.sort(key, stable=True)
     del key
-    ent = ((perm // (hq * w)) * w + perm % w).to(torch.int32)
+    ent = perm.to(torch.int32)
     del perm
-    offs = torch.zeros(n_b + 1, dtype=torch.int32, device=dev)
-    torch.cumsum(counts, 0, out=offs[1:])
+    offs = torch.searchsorted(skey, torch.arange(n_b + 1, device=dev, dtype=torch.int32), out_int32=True)
     return ent, offs, nqc
 
 
@@ -305,7 +342,7 @@ def sparse_attn_fwd_onepass(q, k, v, qpos, blocks: KeyBlocks, sel, base, softmax
     hkv = k.shape[1]
     dev = q.device
     cfg = ONEPASS
-    ent, offs, nqc = build_chunk_index(sel, base, blocks.n, cfg["qchunk"])
+    ent, offs, nqc = build_chunk_index(sel, base, blocks.n, onepass_qchunk(tq, hq, dev))
     m = torch.full((tq, hq), float("-inf"), dtype=torch.float32, device=dev)
     l = torch.zeros(tq, hq, dtype=torch.float32, device=dev)
     acc = torch.zeros(tq, hq, d, dtype=torch.float32, device=dev)

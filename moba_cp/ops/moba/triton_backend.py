@@ -9,7 +9,10 @@ Pipeline of ``moba_attn`` (packed documents, ``shared/DESIGN.md`` section 1):
     4. ``triton_attn_fwd``: key-block-major sparse attention on gathered query tiles,
        two passes (LSE, then normalised ``P V`` with fp32 atomics) -> ``o``, fp32 ``lse``;
     5. backward ``triton_attn_bwd``: dK/dV per key block (GQA group folded in, no atomics),
-       dQ by fp32 atomics; takes ``o``/``lse`` from outside.
+       dQ by fp32 atomics; takes ``o``/``lse`` from outside, and the forward's gather index.
+
+No step waits for the device (tables and index are sized by static bounds; the tables are
+cached per ``cu_seqlens`` tensor), so one call is ~20 launches enqueued back to back.
 
 ``select_blocks``, ``block_attn`` and ``moba_attn`` are ``torch.library.custom_op``s with fake
 implementations (``moba_cp::triton_*``), so ``torch.compile`` traces around them; autograd
@@ -24,7 +27,13 @@ import torch
 from moba_cp.ops.moba.triton_attn_bwd import sparse_attn_bwd
 from moba_cp.ops.moba.triton_attn_fwd import ONEPASS, fwd_tile_m, sparse_attn_fwd, sparse_attn_fwd_onepass
 from moba_cp.ops.moba.triton_centroids import block_centroids
-from moba_cp.ops.moba.triton_common import build_gather_index, check_triton_inputs, doc_tables, slot_tables
+from moba_cp.ops.moba.triton_common import (
+    GatherIndex,
+    build_gather_index,
+    check_triton_inputs,
+    doc_tables,
+    slot_tables,
+)
 from moba_cp.ops.moba.triton_gate import MAX_GATE_WIDTH, gate_topk
 
 __all__ = ["moba_attn", "select_blocks", "block_attn", "partial_attn_fwd", "partial_attn_bwd"]
@@ -38,11 +47,11 @@ def _c(x: torch.Tensor) -> torch.Tensor:
 def _select_impl(q, k, cu_seqlens, block_size: int, topk: int) -> torch.Tensor:
     check_triton_inputs(q, block_size, "select_blocks")
     q, k = _c(q), _c(k)
-    blocks, qpos, base, max_blocks = doc_tables(q.shape[0], cu_seqlens, block_size, q.device)
-    width = min(topk, max_blocks)
+    blocks, qpos, base, info = doc_tables(q.shape[0], cu_seqlens, block_size, q.device)
+    width = info.width(topk)
     if width > MAX_GATE_WIDTH:
         raise ValueError(
-            f"select_blocks (backend='triton'): min(topk={topk}, blocks per document={max_blocks}) = "
+            f"select_blocks (backend='triton'): min(topk={topk}, blocks per document={info.max_blocks()}) = "
             f"{width} exceeds the Triton gate's register top-k limit of {MAX_GATE_WIDTH}. Fix: use "
             f"topk <= {MAX_GATE_WIDTH}, or a larger block_size, or full attention for this case."
         )
@@ -71,63 +80,85 @@ def select_blocks(q, k, *, block_size: int, topk: int, cu_seqlens=None) -> torch
 
 
 # ----------------------------------------------------------------------------- attention
-def _gather(indices, base, blocks, hkv, d):
-    return build_gather_index(indices.to(torch.int32), base, blocks.n, hkv, fwd_tile_m(d))
+def _nbk_bound(t: int, cu_seqlens, block_size: int) -> int:
+    """The static block-table size of ``doc_tables`` (known without looking at the data)."""
+    n_docs = 1 if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return -(-t // block_size) if n_docs == 1 else t // block_size + n_docs
+
+
+def _index_numel(q, k, indices, cu_seqlens, block_size: int) -> int:
+    """Length of the saved gather index (0 on the one-pass path: it builds its own)."""
+    if block_size >= ONEPASS["min_block"]:
+        return 0
+    t, hq, w = indices.shape
+    return sum(GatherIndex.sizes(t, hq, w, _nbk_bound(t, cu_seqlens, block_size), k.shape[1], fwd_tile_m(q.shape[-1])))
 
 
 @torch.library.custom_op("moba_cp::triton_block_attn_fwd", mutates_args=())
 def _attn_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
     cu_seqlens: torch.Tensor | None, block_size: int, softmax_scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``o``, ``lse`` and the gather index as one int32 buffer, saved for the backward
+    (so it is built once per call; empty on the one-pass path)."""
     check_triton_inputs(q, block_size, "block_attn")
     q, k, v = _c(q), _c(k), _c(v)
     blocks, qpos, base, _ = doc_tables(q.shape[0], cu_seqlens, block_size, q.device)
+    sel = indices.to(torch.int32)
     if block_size >= ONEPASS["min_block"]:
-        return sparse_attn_fwd_onepass(q, k, v, qpos, blocks, indices.to(torch.int32), base, softmax_scale)
-    gi = _gather(indices, base, blocks, k.shape[1], q.shape[-1])
-    return sparse_attn_fwd(q, k, v, qpos, blocks, gi, indices.shape[-1], softmax_scale, block_size)
+        o, lse = sparse_attn_fwd_onepass(q, k, v, qpos, blocks, sel, base, softmax_scale)
+        return o, lse, sel.new_empty(0)
+    flat = torch.empty(_index_numel(q, k, indices, cu_seqlens, block_size), dtype=torch.int32, device=q.device)
+    gi = build_gather_index(sel, base, blocks.n, k.shape[1], fwd_tile_m(q.shape[-1]), out=flat)
+    o, lse = sparse_attn_fwd(q, k, v, qpos, blocks, gi, indices.shape[-1], softmax_scale, block_size)
+    return o, lse, flat
 
 
 @_attn_fwd_op.register_fake
 def _(q, k, v, indices, cu_seqlens, block_size, softmax_scale):
-    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+    n = _index_numel(q, k, indices, cu_seqlens, block_size)
+    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32), q.new_empty(n, dtype=torch.int32)
 
 
 @torch.library.custom_op("moba_cp::triton_block_attn_bwd", mutates_args=())
 def _attn_bwd_op(
     do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    o: torch.Tensor, lse: torch.Tensor, indices: torch.Tensor, cu_seqlens: torch.Tensor | None,
-    block_size: int, softmax_scale: float,
+    o: torch.Tensor, lse: torch.Tensor, indices: torch.Tensor, index: torch.Tensor,
+    cu_seqlens: torch.Tensor | None, block_size: int, softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = _c(q), _c(k), _c(v)
     blocks, qpos, base, _ = doc_tables(q.shape[0], cu_seqlens, block_size, q.device)
-    gi = _gather(indices, base, blocks, k.shape[1], q.shape[-1])
-    dq, dk, dv = sparse_attn_bwd(
-        _c(do), q, k, v, o, lse, qpos, blocks, gi, indices.shape[-1], softmax_scale, block_size, dlse=dlse,
-        kv_grad_dtype=k.dtype,
+    t, hq, w = indices.shape
+    chunk = fwd_tile_m(q.shape[-1])
+    if index.numel() == 0:  # one-pass forward: build the index now
+        gi = build_gather_index(indices.to(torch.int32), base, blocks.n, k.shape[1], chunk)
+    else:
+        gi = GatherIndex.from_flat(index, t, hq, w, blocks.n, k.shape[1], chunk)
+    return sparse_attn_bwd(
+        _c(do), q, k, v, o, lse, qpos, blocks, gi, w, softmax_scale, block_size, dlse=dlse,
+        kv_grad_dtype=k.dtype, dq_dtype=q.dtype,
     )
-    return dq.to(q.dtype), dk, dv
 
 
 @_attn_bwd_op.register_fake
-def _(do, dlse, q, k, v, o, lse, indices, cu_seqlens, block_size, softmax_scale):
+def _(do, dlse, q, k, v, o, lse, indices, index, cu_seqlens, block_size, softmax_scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, indices, cu_seqlens, block_size, softmax_scale = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, indices, cu_seqlens)
+    o, lse, index = output
+    ctx.save_for_backward(q, k, v, o, lse, indices, index, cu_seqlens)
     ctx.block_size = block_size
     ctx.softmax_scale = softmax_scale
+    ctx.mark_non_differentiable(index)
 
 
-def _backward(ctx, do, dlse):
-    q, k, v, o, lse, indices, cu_seqlens = ctx.saved_tensors
+def _backward(ctx, do, dlse, _dindex):
+    q, k, v, o, lse, indices, index, cu_seqlens = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(o)
-    dq, dk, dv = _attn_bwd_op(do, dlse, q, k, v, o, lse, indices, cu_seqlens, ctx.block_size, ctx.softmax_scale)
+    dq, dk, dv = _attn_bwd_op(do, dlse, q, k, v, o, lse, indices, index, cu_seqlens, ctx.block_size, ctx.softmax_scale)
     return dq, dk, dv, None, None, None, None
 
 
@@ -140,7 +171,8 @@ def block_attn(q, k, v, indices, *, block_size: int, cu_seqlens=None, softmax_sc
     ``q [T, Hq, D]``, ``k, v [T, Hkv, D]`` -> ``o [T, Hq, D]`` (q's dtype), ``lse [T, Hq]``
     fp32; differentiable in q, k, v (and through ``lse``).
     """
-    return _attn_fwd_op(q, k, v, indices, cu_seqlens, block_size, float(softmax_scale))
+    o, lse, _ = _attn_fwd_op(q, k, v, indices, cu_seqlens, block_size, float(softmax_scale))
+    return o, lse
 
 
 def moba_attn(q, k, v, *, block_size: int, topk: int, cu_seqlens=None, softmax_scale: float):

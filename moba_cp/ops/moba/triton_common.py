@@ -12,10 +12,16 @@ selection ``[T, Hq, W]`` is inverted into, for every (query head, key block), th
 (token, slot) entries that selected it (``GatherIndex``, a CSR built by one sort). A program
 then gathers up to ``BM`` such query rows into a dense tile and multiplies it with the key
 block, so tensor cores run on full tiles no matter how scattered the per-token selection is.
+
+Nothing here waits for the device: the tables and the index are built by device ops into
+tensors sized by static bounds (``T // B + n_docs`` blocks, ``E // chunk + buckets`` tiles),
+so a call enqueues its kernels back to back and the host runs ahead of the GPU.
 """
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["KeyBlocks", "doc_tables", "slot_tables", "GatherIndex", "build_gather_index", "check_triton_inputs"]
+__all__ = ["KeyBlocks", "DocInfo", "doc_tables", "slot_tables", "GatherIndex", "build_gather_index", "check_triton_inputs"]
 
 def _fix_interpreter_index() -> None:
     """Triton 3.6's interpreter turns a scalar into an int with ``int(array_of_shape_1)``,
@@ -62,7 +68,12 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @dataclass
 class KeyBlocks:
-    """Global key-block table (int32 device tensors, ``[NBK]`` each)."""
+    """Global key-block table (int32 device tensors, ``[NBK]`` each).
+
+    For packed documents ``NBK`` is a static upper bound (``T // B + n_docs``, exact for one
+    document), so no host sync is needed to size it; the padding blocks at the end have
+    ``klen = 0``: no query selects them and every kernel skips them.
+    """
 
     kstart: torch.Tensor
     kpos: torch.Tensor
@@ -73,36 +84,115 @@ class KeyBlocks:
         return self.kstart.shape[0]
 
 
-def doc_tables(total: int, cu_seqlens: torch.Tensor | None, block_size: int, device):
-    """Tables for packed documents.
+@triton.jit
+def _last_le(ARR, x, n, STEPS, BLOCK: tl.constexpr):
+    """Per lane: the last index ``d`` in ``[0, n)`` with ``ARR[d] <= x`` (``ARR`` non-decreasing,
+    ``ARR[0] <= x``), by ``STEPS >= ceil(log2 n)`` bisection steps."""
+    lo = tl.zeros([BLOCK], dtype=tl.int32)
+    hi = tl.zeros([BLOCK], dtype=tl.int32) + n
+    for _ in range(STEPS):
+        act = hi - lo > 1
+        mid = (lo + hi) // 2
+        a = tl.load(ARR + mid, mask=act, other=0)
+        ok = a <= x
+        lo = tl.where(act & ok, mid, lo)
+        hi = tl.where(act & (a > x), mid, hi)
+    return lo
 
-    Returns ``(blocks, qpos, base, max_blocks)``: the key-block table (documents cut into
-    blocks of ``B``, numbered document after document), ``qpos [T]`` int32 document-local
-    positions, ``base [T]`` int32 global id of block 0 of each token's document, and the
-    largest number of blocks of any document.
+
+@triton.jit
+def _doc_tables_kernel(CU, BOFF, QPOS, BASE, KSTART, KPOS, KLEN, T, NBK, n_docs, block_size, STEPS,
+                       BLOCK: tl.constexpr):
+    # Lanes are tokens (qpos, base) and, independently, global block ids (kstart, kpos, klen).
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mt = i < T
+    doc = _last_le(CU, i, n_docs, STEPS, BLOCK)  # empty documents are skipped by "last"
+    tl.store(QPOS + i, i - tl.load(CU + doc, mask=mt, other=0), mask=mt)
+    tl.store(BASE + i, tl.load(BOFF + doc, mask=mt, other=0), mask=mt)
+    mb = i < NBK
+    doc = _last_le(BOFF, i, n_docs, STEPS, BLOCK)
+    real = mb & (i < _ld(BOFF + n_docs))
+    c0 = tl.load(CU + doc, mask=mb, other=0)
+    n = tl.load(CU + doc + 1, mask=mb, other=0) - c0
+    j0 = (i - tl.load(BOFF + doc, mask=mb, other=0)) * block_size
+    tl.store(KSTART + i, tl.where(real, c0 + j0, 0), mask=mb)
+    tl.store(KPOS + i, tl.where(real, j0, 0), mask=mb)
+    tl.store(KLEN + i, tl.where(real, tl.minimum(block_size, n - j0), 0), mask=mb)
+
+
+class DocInfo:
+    """Per-``cu_seqlens`` facts beside the tables; ``max_blocks`` syncs once, lazily."""
+
+    def __init__(self, total: int, cu: torch.Tensor, block_size: int):
+        self.total, self.cu, self.block_size = total, cu, block_size
+        self.n_docs = cu.shape[0] - 1
+        self._max_blocks: int | None = None
+
+    def max_blocks(self) -> int:
+        if self._max_blocks is None:
+            lens = self.cu[1:] - self.cu[:-1]
+            self._max_blocks = max(1, int(((lens + self.block_size - 1) // self.block_size).max().item()))
+        return self._max_blocks
+
+    def width(self, topk: int) -> int:
+        """``W = min(topk, max blocks of any document)``, without a host sync whenever the
+        longest document (at least ``ceil(T / n_docs)`` tokens) surely has ``topk`` blocks."""
+        if self.total == 0:
+            return 1
+        b = self.block_size
+        longest_lb = -(-self.total // max(self.n_docs, 1))
+        if topk <= -(-longest_lb // b):
+            return topk
+        return min(topk, self.max_blocks())
+
+
+_TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
+_TABLES_MAX = 8
+
+
+def doc_tables(total: int, cu_seqlens: torch.Tensor | None, block_size: int, device):
+    """Tables for packed documents, built on the device (no host sync, no host copy).
+
+    Returns ``(blocks, qpos, base, info)``: the key-block table (documents cut into blocks of
+    ``B``, numbered document after document, padded to the static bound ``T // B + n_docs``
+    with empty blocks), ``qpos [T]`` int32 document-local positions, ``base [T]`` int32
+    global id of block 0 of each token's document, and a :class:`DocInfo`.
+
+    Cached per ``cu_seqlens`` tensor object and version (a weak reference, so a new batch's
+    tensor never hits an old entry): selection, forward and backward of one call, and every
+    layer of a model that shares one ``cu_seqlens``, build the tables once.
     """
-    cu = [0, total] if cu_seqlens is None else [int(x) for x in cu_seqlens.tolist()]
-    qpos = np.zeros(total, dtype=np.int32)
-    base = np.zeros(total, dtype=np.int32)
-    kstart, kpos, klen = [], [], []
-    g = 0
-    max_blocks = 1
-    for s, e in zip(cu[:-1], cu[1:]):
-        n = e - s
-        if n == 0:
-            continue
-        nb = -(-n // block_size)
-        qpos[s:e] = np.arange(n, dtype=np.int32)
-        base[s:e] = g
-        js = np.arange(nb, dtype=np.int64) * block_size
-        kstart.append(s + js)
-        kpos.append(js)
-        klen.append(np.minimum(block_size, n - js))
-        g += nb
-        max_blocks = max(max_blocks, nb)
-    cat = lambda xs: torch.from_numpy(np.concatenate(xs).astype(np.int32) if xs else np.zeros(0, np.int32))  # noqa: E731
-    blocks = KeyBlocks(cat(kstart).to(device), cat(kpos).to(device), cat(klen).to(device))
-    return blocks, torch.from_numpy(qpos).to(device), torch.from_numpy(base).to(device), max_blocks
+    dev = torch.device(device)
+    key = (None if cu_seqlens is None else id(cu_seqlens),
+           None if cu_seqlens is None else cu_seqlens._version, total, block_size, str(dev))
+    hit = _TABLES.get(key)
+    if hit is not None and (cu_seqlens is None or hit[0]() is cu_seqlens):
+        _TABLES.move_to_end(key)
+        return hit[1]
+    if cu_seqlens is None:
+        cu = torch.arange(2, device=dev, dtype=torch.int32) * total
+    else:
+        cu = cu_seqlens.to(device=dev, dtype=torch.int32)
+    n_docs = cu.shape[0] - 1
+    nbk = -(-total // block_size) if n_docs == 1 else total // block_size + n_docs
+    lens = cu[1:] - cu[:-1]
+    boff = torch.zeros(n_docs + 1, dtype=torch.int32, device=dev)
+    torch.cumsum((lens + block_size - 1) // block_size, 0, out=boff[1:])
+    qpos = torch.empty(total, dtype=torch.int32, device=dev)
+    base = torch.empty(total, dtype=torch.int32, device=dev)
+    blocks = KeyBlocks(*(torch.empty(nbk, dtype=torch.int32, device=dev) for _ in range(3)))
+    n = max(total, nbk)
+    if n > 0:
+        _doc_tables_kernel[(triton.cdiv(n, 1024),)](
+            cu, boff, qpos, base, blocks.kstart, blocks.kpos, blocks.klen, total, nbk, n_docs, block_size,
+            max(1, n_docs).bit_length() + 1, BLOCK=1024,
+        )
+    out = (blocks, qpos, base, DocInfo(total, cu, block_size))
+    ref = (lambda: None) if cu_seqlens is None else weakref.ref(cu_seqlens)
+    _TABLES[key] = (ref, out)
+    while len(_TABLES) > _TABLES_MAX:
+        _TABLES.popitem(last=False)
+    return out
 
 
 def slot_tables(slot_pos: torch.Tensor, block_size: int) -> KeyBlocks:
@@ -120,55 +210,159 @@ def slot_tables(slot_pos: torch.Tensor, block_size: int) -> KeyBlocks:
 class GatherIndex:
     """CSR of entries per (query head, key block), bucket ``b = h * NBK + g``.
 
-    ``ent [E]`` int32 holds ``t * W + w`` (token and selection slot), grouped by bucket;
-    ``offs [H*NBK + 1]`` int32 bucket starts. ``tile_b / tile_start [n_tiles]`` int32 list
-    every ``BM``-row tile (bucket, first entry) so a 1-D grid has equal work per program.
-    ``kv_order [Hkv*NBK]`` int32 lists (kv head, block) pairs by decreasing entry count, so
-    the backward's longest programs start first.
+    ``ent [E]`` int32 holds the flat selection index ``(t * Hq + h) * W + w`` of each entry
+    (so ``t = ent // (Hq * W)``, ``w = ent % W``), grouped by bucket, token order inside a
+    bucket; ``E = T * Hq * W`` (unselected slots sort last, past ``offs[-1]``).
+    ``offs [Hq*NBK + 1]`` int32 bucket starts; ``tend [Hq*NBK]`` int32 inclusive prefix sum of
+    tiles per bucket. ``tile_b / tile_start [n_tiles]`` int32 list every ``chunk``-entry tile
+    (bucket, first entry), so a 1-D grid has equal work per program; ``n_tiles`` is a static
+    upper bound (``E // chunk + Hq*NBK + 1``: no host sync sizes the grid) and surplus tiles
+    have ``tile_b = -1`` (their programs exit at once). ``kv_order [Hkv, NBK]`` int32 lists each
+    KV head's blocks by decreasing entry count (longest backward programs first).
     """
 
     ent: torch.Tensor
     offs: torch.Tensor
+    tend: torch.Tensor
     tile_b: torch.Tensor
     tile_start: torch.Tensor
     kv_order: torch.Tensor
     n_tiles: int
 
+    @staticmethod
+    def sizes(t: int, hq: int, w: int, nbk: int, hkv: int, chunk: int) -> list[int]:
+        """Lengths of (ent, offs, tend, tile_b, tile_start, kv_order): all static."""
+        e, n_b = t * hq * w, hq * nbk
+        nt = e // chunk + n_b + 1
+        return [e, n_b + 1, n_b, nt, nt, hkv * nbk]
 
-def build_gather_index(sel: torch.Tensor, base: torch.Tensor | None, nbk: int, hkv: int, bm: int) -> GatherIndex:
+    @classmethod
+    def from_flat(cls, flat: torch.Tensor, t, hq, w, nbk, hkv, chunk) -> "GatherIndex":
+        """Views of one int32 buffer (how the forward saves the index for the backward)."""
+        sz = cls.sizes(t, hq, w, nbk, hkv, chunk)
+        ent, offs, tend, tb, ts, kvo = torch.split(flat, sz)
+        return cls(ent, offs, tend, tb, ts, kvo.view(hkv, nbk), sz[3])
+
+
+@triton.jit
+def _keys_kernel(SEL, BASE, KEY, n, HW, W, NBK, NB, HAS_BASE: tl.constexpr, BLOCK: tl.constexpr):
+    # key = bucket h * NBK + global block id, or the sentinel NB for an empty slot.
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    s = tl.load(SEL + i, mask=m, other=-1)
+    g = s
+    if HAS_BASE:
+        g = s + tl.load(BASE + i // HW, mask=m, other=0)
+    tl.store(KEY + i, tl.where(s >= 0, ((i % HW) // W) * NBK + g, NB), mask=m)
+
+
+@triton.jit
+def _finish_kernel(SKEY, PERM, ENT, OFFS, E, NB, STEPS, BLOCK: tl.constexpr):
+    # Lanes < E: ent = perm (int32). Lanes <= NB: offs[b] = first sorted position with key >= b.
+    pid = tl.program_id(0)
+    i = pid * BLOCK + tl.arange(0, BLOCK)
+    tl.store(ENT + i, tl.load(PERM + i, mask=i < E, other=0).to(tl.int32), mask=i < E)
+    if pid * BLOCK <= NB:
+        lo = tl.zeros([BLOCK], dtype=tl.int32)
+        hi = tl.zeros([BLOCK], dtype=tl.int32) + E
+        for _ in range(STEPS):
+            act = lo < hi
+            mid = (lo + hi) // 2
+            below = tl.load(SKEY + mid, mask=act, other=0) < i
+            lo = tl.where(act & below, mid + 1, lo)
+            hi = tl.where(act & ~below, mid, hi)
+        tl.store(OFFS + i, lo, mask=i <= NB)
+
+
+@triton.jit
+def _scan_kernel(OFFS, TEND, KVC, NB, NKV, NBK, G, CHUNK, BLOCK: tl.constexpr):
+    # One program: tend = inclusive prefix sum of ceil(count / CHUNK) over the buckets, and the
+    # entry count of every (KV head, block) summed over the GQA group (for the backward order).
+    carry = 0
+    for b0 in range(0, NB, BLOCK):
+        b = b0 + tl.arange(0, BLOCK)
+        m = b < NB
+        cnt = tl.load(OFFS + b + 1, mask=m, other=0) - tl.load(OFFS + b, mask=m, other=0)
+        nt = (cnt + CHUNK - 1) // CHUNK
+        tl.store(TEND + b, tl.cumsum(nt, axis=0) + carry, mask=m)
+        carry += tl.sum(nt, axis=0)
+    for c0 in range(0, NKV, BLOCK):
+        c = c0 + tl.arange(0, BLOCK)
+        m = c < NKV
+        first = (c // NBK) * G * NBK + c % NBK  # bucket of head hk * G, block g
+        acc = tl.zeros([BLOCK], dtype=tl.int32)
+        for i in range(G):
+            acc += tl.load(OFFS + first + i * NBK + 1, mask=m, other=0) - tl.load(OFFS + first + i * NBK, mask=m, other=0)
+        tl.store(KVC + c, acc, mask=m)
+
+
+@triton.jit
+def _tiles_kernel(OFFS, TEND, TILE_B, TILE_START, n_b, n_tiles, CHUNK, STEPS, BLOCK: tl.constexpr):
+    # Tile i belongs to the first bucket whose inclusive tile count exceeds i.
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n_tiles
+    lo = tl.zeros([BLOCK], dtype=tl.int32)
+    hi = tl.zeros([BLOCK], dtype=tl.int32) + n_b
+    for _ in range(STEPS):
+        act = lo < hi
+        mid = (lo + hi) // 2
+        right = tl.load(TEND + mid, mask=act, other=0) <= i
+        lo = tl.where(act & right, mid + 1, lo)
+        hi = tl.where(act & ~right, mid, hi)
+    valid = m & (i < _ld(TEND + n_b - 1))
+    b = tl.minimum(lo, n_b - 1)
+    first = tl.load(TEND + b - 1, mask=valid & (b > 0), other=0)
+    start = tl.load(OFFS + b, mask=valid, other=0) + (i - first) * CHUNK
+    tl.store(TILE_B + i, tl.where(valid, b, -1), mask=m)
+    tl.store(TILE_START + i, tl.where(valid, start, 0), mask=m)
+
+
+def build_gather_index(
+    sel: torch.Tensor, base: torch.Tensor | None, nbk: int, hkv: int, chunk: int, out: torch.Tensor | None = None
+) -> GatherIndex:
     """Invert a selection ``sel [T, Hq, W]`` (``-1`` = none) into a :class:`GatherIndex`.
 
-    Block ids are ``sel + base[t]`` (``base`` None means ids are already global).
-    One stable sort keyed by bucket; entries of a bucket stay in token order.
+    Block ids are ``sel + base[t]`` (``base`` None means ids are already global). Seven
+    launches, none waiting for the device: bucket keys; one stable sort of the int32 keys;
+    ``ent`` and bucket starts (binary search in the sorted keys); tile counts (one scan
+    program); the tile list; the backward's per-KV-head block order (argsort, copy).
+    ``out``: an int32 buffer of ``sum(GatherIndex.sizes(...))`` to build into (the forward
+    saves it for the backward).
     """
     t, hq, w = sel.shape
     dev = sel.device
     n_b = hq * nbk
-    if base is None:
-        g = sel
-    else:
-        g = sel + base[:, None, None]
-    hh = torch.arange(hq, device=dev, dtype=torch.int32)[None, :, None]
-    key = torch.where(sel >= 0, hh * nbk + g, n_b).reshape(-1)  # sentinel bucket n_b sorts last
-    counts = torch.bincount(key, minlength=n_b + 1)[:n_b]
-    _, perm = torch.sort(key, stable=True)
-    del key
-    hw = hq * w
-    ent = ((perm // hw) * w + perm % w).to(torch.int32)
-    del perm
-    offs = torch.zeros(n_b + 1, dtype=torch.int64, device=dev)
-    torch.cumsum(counts, 0, out=offs[1:])
-    ntiles = (counts + (bm - 1)) // bm
-    tile_b = torch.repeat_interleave(torch.arange(n_b, device=dev), ntiles)  # one host sync here
-    first = torch.cumsum(ntiles, 0) - ntiles
-    tile_start = offs[tile_b] + (torch.arange(tile_b.shape[0], device=dev) - first[tile_b]) * bm
-    kv_counts = counts.reshape(hkv, hq // hkv, nbk).sum(1).reshape(-1)
-    kv_order = torch.argsort(kv_counts, descending=True)
-    return GatherIndex(
-        ent=ent, offs=offs.to(torch.int32), tile_b=tile_b.to(torch.int32),
-        tile_start=tile_start.to(torch.int32), kv_order=kv_order.to(torch.int32),
-        n_tiles=int(tile_b.shape[0]),
+    e = t * hq * w
+    if e >= 2**31:
+        raise ValueError(
+            f"MoBA Triton backend: T * Hq * W = {t} * {hq} * {w} = {e} selection entries exceed the "
+            f"int32 index range (2^31). Fix: split the sequence, or use fewer heads per call."
+        )
+    sz = GatherIndex.sizes(t, hq, w, nbk, hkv, chunk)
+    if out is None:
+        out = torch.empty(sum(sz), dtype=torch.int32, device=dev)
+    gi = GatherIndex.from_flat(out, t, hq, w, nbk, hkv, chunk)
+    if n_b == 0 or e == 0:
+        gi.offs.zero_()
+        gi.tend.zero_()
+        gi.tile_b.fill_(-1)
+        return gi
+    sel = sel.to(torch.int32).contiguous()
+    key = torch.empty(e, dtype=torch.int32, device=dev)
+    _keys_kernel[(triton.cdiv(e, 1024),)](
+        sel, sel if base is None else base, key, e, hq * w, w, nbk, n_b, HAS_BASE=base is not None, BLOCK=1024
     )
+    skey, perm = torch.sort(key, stable=True)
+    del key
+    _finish_kernel[(triton.cdiv(max(e, n_b + 1), 1024),)](skey, perm, gi.ent, gi.offs, e, n_b, e.bit_length() + 1, BLOCK=1024)
+    del skey, perm
+    kv_counts = torch.empty(hkv, nbk, dtype=torch.int32, device=dev)
+    _scan_kernel[(1,)](gi.offs, gi.tend, kv_counts, n_b, hkv * nbk, nbk, hq // hkv, chunk, BLOCK=1024)
+    _tiles_kernel[(triton.cdiv(gi.n_tiles, 1024),)](
+        gi.offs, gi.tend, gi.tile_b, gi.tile_start, n_b, gi.n_tiles, chunk, n_b.bit_length() + 1, BLOCK=1024
+    )
+    gi.kv_order.copy_(torch.argsort(kv_counts, dim=1, descending=True))
+    return gi
 
 
 def check_triton_inputs(q: torch.Tensor, block_size: int, op: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -68,8 +70,15 @@ def check_block_args(block_size, topk, *, op: str = "moba_attn") -> None:
         )
 
 
+#: cu_seqlens tensors whose values passed (weak references, keyed by id, version and T): the
+#: value check reads them on the host (a device sync), so each tensor is checked once, not
+#: once per layer and call.
+_VALIDATED: dict[tuple, weakref.ref] = {}
+
+
 def check_cu_seqlens(cu_seqlens: torch.Tensor | None, total: int, device, *, op: str = "moba_attn") -> None:
-    """int32 1-D, starts at 0, non-decreasing, ends at ``total`` tokens, on the inputs' device."""
+    """int32 1-D, starts at 0, non-decreasing, ends at ``total`` tokens, on the inputs' device.
+    The value checks run once per tensor object and version (see ``_VALIDATED``)."""
     if cu_seqlens is None:
         return
     if not isinstance(cu_seqlens, torch.Tensor):
@@ -89,6 +98,10 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, total: int, device, *, op:
             f"{op}: cu_seqlens is on {cu_seqlens.device} but q is on {device}. "
             f"Fix: cu_seqlens.to(q.device)."
         )
+    key = (id(cu_seqlens), cu_seqlens._version, total)
+    hit = _VALIDATED.get(key)
+    if hit is not None and hit() is cu_seqlens:
+        return  # values already checked (this tensor object, unmodified): no host sync again
     cu = cu_seqlens.tolist()
     if cu[0] != 0:
         raise ValueError(f"{op}: cu_seqlens[0] = {cu[0]}; it must be 0 (offsets start at the first token).")
@@ -103,3 +116,6 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor | None, total: int, device, *, op:
             f"{op}: cu_seqlens[-1] = {cu[-1]} but q holds T={total} tokens; the last offset must "
             f"equal T. Fix: build it as cumsum of the document lengths with a leading 0."
         )
+    _VALIDATED[key] = weakref.ref(cu_seqlens)
+    while len(_VALIDATED) > 16:
+        _VALIDATED.pop(next(iter(_VALIDATED)))

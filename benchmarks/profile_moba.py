@@ -1,0 +1,165 @@
+"""Where a MoBA call's time goes: per-kernel CUDA times, host enqueue time, syncs, GPU idle.
+
+Usage (GPU):
+    PYTHONPATH=$PWD python benchmarks/profile_moba.py --at flashmoba:8192,paper-b512:8192
+
+Per setting: median fwd and fwd+bwd time (CUDA events, like ``bench_moba.py``), the host time
+to *enqueue* one call (no sync; when it is close to the event time the call is host-bound),
+then ``torch.profiler`` over a few fwd+bwd calls: the kernels by total CUDA time, the sum of
+kernel time per call against the call's wall time (the difference is GPU idle: launch gaps
+and host syncs), and the count of sync-like runtime calls per call.
+``--sweep`` also times forward/backward tile configs at the same shape (one line each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_moba import SUITES, timed  # noqa: E402
+
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaMemcpyAsync", "cudaEventSynchronize")
+
+
+def make(name, s):
+    b, hq, hkv, d, block, topk, _ = SUITES[name]
+    t = b * s
+    cu = torch.arange(0, t + 1, s, dtype=torch.int32, device="cuda")
+    q = torch.randn(t, hq, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(t, hkv, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(t, hkv, d, device="cuda", dtype=torch.bfloat16)
+    do = torch.randn(t, hq, d, device="cuda", dtype=torch.bfloat16)
+    return dict(q=q, k=k, v=v, do=do, cu=cu, block=block, topk=topk, scale=d ** -0.5, hkv=hkv)
+
+
+def calls(x):
+    from moba_cp.ops.moba import triton_backend as tb
+
+    kw = dict(block_size=x["block"], cu_seqlens=x["cu"], softmax_scale=x["scale"])
+    qg, kg, vg = (x[n].detach().requires_grad_() for n in ("q", "k", "v"))
+
+    def fwd():
+        with torch.no_grad():
+            return tb.moba_attn(x["q"], x["k"], x["v"], topk=x["topk"], **kw)
+
+    def fwd_bwd():
+        o, _ = tb.moba_attn(qg, kg, vg, topk=x["topk"], **kw)
+        return torch.autograd.grad(o, (qg, kg, vg), x["do"])
+
+    return fwd, fwd_bwd
+
+
+def enqueue_ms(fn, n=10):
+    out = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(out)
+
+
+def profile(label, fn, iters=5, rows=22):
+    from torch.profiler import ProfilerActivity, profile as prof_ctx
+
+    fn()
+    torch.cuda.synchronize()
+    with prof_ctx(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+            torch.cuda.synchronize()
+    ev = prof.key_averages()
+    kern, syncs, launches = 0.0, {}, 0
+    for e in ev:
+        dev_us = getattr(e, "self_device_time_total", None)
+        if dev_us is None:
+            dev_us = getattr(e, "self_cuda_time_total", 0.0)
+        if e.key in SYNC_CALLS:
+            syncs[e.key] = e.count / iters
+        if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC"):
+            launches += e.count / iters
+        kern += dev_us
+    print(f"[{label}] kernels {kern / iters / 1e3:.3f} ms per call; launches/call {launches:.0f}; "
+          f"sync-like calls/call {syncs}", flush=True)
+    for key in ("self_device_time_total", "self_cuda_time_total"):
+        try:
+            print(ev.table(sort_by=key, row_limit=rows, max_name_column_width=70), flush=True)
+            break
+        except Exception:  # older/newer key names
+            continue
+
+
+def sweep(x, name):
+    """Forward/backward tile configs at this shape (attention only, on fixed indices)."""
+    from moba_cp.ops.moba import triton_attn_bwd as bwd_mod
+    from moba_cp.ops.moba import triton_attn_fwd as fwd_mod
+    from moba_cp.ops.moba import triton_backend as tb
+    from moba_cp.ops.moba.triton_common import build_gather_index, doc_tables
+
+    q, k, v, do, cu, block = x["q"], x["k"], x["v"], x["do"], x["cu"], x["block"]
+    blocks, qpos, base, _ = doc_tables(q.shape[0], cu, block, "cuda")
+    idx = tb.select_blocks(q, k, block_size=block, topk=x["topk"], cu_seqlens=cu)
+    w = idx.shape[-1]
+
+    def run(label, conf, cfgs, fn):
+        saved = dict(conf)
+        for cfg in cfgs:
+            conf.update(cfg)
+            try:
+                ms = timed(fn, 2, 20)[0]
+                print(f"sweep {name} {label} {cfg}: {ms:.3f} ms", flush=True)
+            except Exception as e:  # e.g. out of shared memory
+                print(f"sweep {name} {label} {cfg}: failed {type(e).__name__}: {str(e)[:120]}", flush=True)
+            conf.clear()
+            conf.update(saved)
+
+    def fwd():
+        gi = build_gather_index(idx, base, blocks.n, x["hkv"], fwd_mod.CONFIG["chunk"])
+        return fwd_mod.sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, x["scale"], block)
+
+    print(f"sweep {name} gather index: {timed(lambda: build_gather_index(idx, base, blocks.n, x['hkv'], 256), 2, 20)[0]:.3f} ms")
+    run("fwd", fwd_mod.CONFIG, [
+        {}, {"bn": 128}, {"bn": 128, "num_warps": 8}, {"bm": 128, "bn": 128, "num_warps": 8},
+        {"bm": 128, "bn": 64, "num_warps": 8}, {"chunk": 512}, {"chunk": 128}, {"num_stages": 3},
+        {"bn": 128, "num_stages": 3}, {"bn": 128, "chunk": 512},
+    ], fwd)
+    gi = build_gather_index(idx, base, blocks.n, x["hkv"], fwd_mod.CONFIG["chunk"])
+    o, lse = fwd_mod.sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, x["scale"], block)
+    run("bwd", bwd_mod.CONFIG, [
+        {}, {"bm": 32}, {"bm": 128}, {"num_stages": 3}, {"bnb": 64}, {"bnb": 64, "num_warps": 4},
+        {"num_warps": 4, "bm": 64}, {"fuse_dq": False}, {"trans": False},
+    ], lambda: bwd_mod.sparse_attn_bwd(do, q, k, v, o, lse, qpos, blocks, gi, w, x["scale"], block,
+                                       kv_grad_dtype=k.dtype, dq_dtype=q.dtype))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--at", default="flashmoba:8192,paper-b512:8192", help="suite:seq list")
+    ap.add_argument("--sweep", action="store_true", help="also time tile configs")
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--label", default="")
+    args = ap.parse_args()
+    for item in args.at.split(","):
+        name, s = item.split(":")
+        x = make(name, int(s))
+        fwd, fwd_bwd = calls(x)
+        f = timed(fwd, 3, 30)[0]
+        fb = timed(fwd_bwd, 3, 30)[0]
+        print(f"{args.label} {name} S={s}: fwd {f:.3f} ms (enqueue {enqueue_ms(fwd):.3f} ms), "
+              f"fwd+bwd {fb:.3f} ms (enqueue {enqueue_ms(fwd_bwd):.3f} ms)", flush=True)
+        if not args.no_profile:
+            profile(f"{args.label} {name} S={s} fwd+bwd", fwd_bwd)
+        if args.sweep:
+            sweep(x, f"{name}:{s}")
+        del x
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
