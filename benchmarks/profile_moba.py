@@ -14,6 +14,7 @@ and host syncs), and the count of sync-like runtime calls per call.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -95,7 +96,12 @@ def profile(label, fn, iters=5, rows=22):
             continue
 
 
-def sweep(x, name):
+FWD_CFGS = [{}, {"bn": 128}, {"bm": 128, "bn": 128, "num_warps": 8}, {"bm": 128, "bn": 64, "num_warps": 8},
+            {"chunk": 512}, {"num_stages": 3}]
+BWD_CFGS = [{}, {"bm": 32}, {"num_stages": 3}, {"bnb": 64}, {"bnb": 64, "num_warps": 4}, {"fuse_dq": False}]
+
+
+def sweep(x, name, fwd_cfgs=FWD_CFGS, bwd_cfgs=BWD_CFGS):
     """Forward/backward tile configs at this shape (attention only, on fixed indices)."""
     from moba_cp.ops.moba import triton_attn_bwd as bwd_mod
     from moba_cp.ops.moba import triton_attn_fwd as fwd_mod
@@ -124,24 +130,20 @@ def sweep(x, name):
         return fwd_mod.sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, x["scale"], block)
 
     print(f"sweep {name} gather index: {timed(lambda: build_gather_index(idx, base, blocks.n, x['hkv'], 256), 2, 20)[0]:.3f} ms")
-    run("fwd", fwd_mod.CONFIG, [
-        {}, {"bn": 128}, {"bn": 128, "num_warps": 8}, {"bm": 128, "bn": 128, "num_warps": 8},
-        {"bm": 128, "bn": 64, "num_warps": 8}, {"chunk": 512}, {"chunk": 128}, {"num_stages": 3},
-        {"bn": 128, "num_stages": 3}, {"bn": 128, "chunk": 512},
-    ], fwd)
+    run("fwd", fwd_mod.CONFIG, fwd_cfgs, fwd)
     gi = build_gather_index(idx, base, blocks.n, x["hkv"], fwd_mod.CONFIG["chunk"])
     o, lse = fwd_mod.sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, x["scale"], block)
-    run("bwd", bwd_mod.CONFIG, [
-        {}, {"bm": 32}, {"bm": 128}, {"num_stages": 3}, {"bnb": 64}, {"bnb": 64, "num_warps": 4},
-        {"num_warps": 4, "bm": 64}, {"fuse_dq": False}, {"trans": False},
-    ], lambda: bwd_mod.sparse_attn_bwd(do, q, k, v, o, lse, qpos, blocks, gi, w, x["scale"], block,
-                                       kv_grad_dtype=k.dtype, dq_dtype=q.dtype))
+    run("bwd", bwd_mod.CONFIG, bwd_cfgs,
+        lambda: bwd_mod.sparse_attn_bwd(do, q, k, v, o, lse, qpos, blocks, gi, w, x["scale"], block,
+                                        kv_grad_dtype=k.dtype, dq_dtype=q.dtype))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--at", default="flashmoba:8192,paper-b512:8192", help="suite:seq list")
     ap.add_argument("--sweep", action="store_true", help="also time tile configs")
+    ap.add_argument("--fwd-cfgs", default=None, help="JSON list of forward CONFIG overrides to sweep")
+    ap.add_argument("--bwd-cfgs", default=None, help="JSON list of backward CONFIG overrides to sweep")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--label", default="")
     args = ap.parse_args()
@@ -156,7 +158,8 @@ def main():
         if not args.no_profile:
             profile(f"{args.label} {name} S={s} fwd+bwd", fwd_bwd)
         if args.sweep:
-            sweep(x, f"{name}:{s}")
+            sweep(x, f"{name}:{s}", json.loads(args.fwd_cfgs) if args.fwd_cfgs else FWD_CFGS,
+                  json.loads(args.bwd_cfgs) if args.bwd_cfgs else BWD_CFGS)
         del x
         torch.cuda.empty_cache()
 
