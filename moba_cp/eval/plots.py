@@ -193,7 +193,8 @@ def plot_needle_heatmaps(results: Mapping[str, dict], out_path: str, *, kinds: S
         for r in results.values():
             kinds += [k for k in r["kinds"] if k not in kinds]
     nr, nc = max(1, len(kinds)), max(1, len(labels))
-    fig, axes = plt.subplots(nr, nc, figsize=(3.6 * nc + 1.2, 3.0 * nr + 0.6), squeeze=False)
+    # constrained layout keeps each row's title clear of the x labels above it, and places the shared colorbar
+    fig, axes = plt.subplots(nr, nc, figsize=(3.6 * nc + 1.2, 3.2 * nr + 0.6), squeeze=False, layout="constrained")
     im = None
     for ri, kind in enumerate(kinds):
         for ci, label in enumerate(labels):
@@ -214,12 +215,12 @@ def plot_needle_heatmaps(results: Mapping[str, dict], out_path: str, *, kinds: S
                     for li in range(len(r["lengths"])):
                         ax.text(li, di, f"{mat[di][li]:.2f}", ha="center", va="center", fontsize=6)
             ax.set_title(f"{label}: {kind} (mean {r['kinds'][kind]['mean']:.2f})", fontsize=9)
-            ax.set_xlabel("context length", fontsize=8)
+            if ri == nr - 1:
+                ax.set_xlabel("context length", fontsize=8)
             if ci == 0:
                 ax.set_ylabel("needle depth", fontsize=8)
     if im is not None:
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy")
-    # bbox_inches="tight" rather than tight_layout(), which does not handle a colorbar shared by many axes
     os.makedirs(os.path.dirname(os.path.abspath(out_path)) or ".", exist_ok=True)
     fig.savefig(out_path, dpi=120, bbox_inches="tight")
     plt.close(fig)
