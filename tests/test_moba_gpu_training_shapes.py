@@ -16,7 +16,7 @@ from tests.test_moba_triton import _check, _inputs
 
 tb = pytest.importorskip("moba_cp.ops.moba.triton_backend")
 
-T = 16384
+T = 8192  # the fp64 oracle is O(T^2) in memory: 16K ran out of an 80 GB H100
 
 
 @pytest.mark.gpu
