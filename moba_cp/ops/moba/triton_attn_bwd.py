@@ -57,7 +57,12 @@ def _delta_kernel(DO, O, DELTA, n_rows, stride_dot, stride_doh, stride_ot, strid
     tl.store(DELTA + r, tl.sum(a.to(tl.float32) * b.to(tl.float32), axis=1), mask=m)
 
 
-@triton.jit
+# Head-chunk offsets and counts are not specialized: Triton would otherwise compile a variant
+# per chunk pattern (e.g. HK0 = 4 is not a multiple of 16, HKVC = 1 is specialized), and a
+# large call's first backward paid those compiles (run 5: FlashMoBA 512K's single timed
+# fwd+bwd, compiled only on a small input, took 3.4 s against 0.45 s warm; compiles are the
+# likely cause, not verified on the GPU).
+@triton.jit(do_not_specialize=["HK0", "HKVC"])
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, QPOS, ENT, OFFS, ORDER, KSTART, KPOS, KLEN, DQ, DK, DV,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
@@ -131,7 +136,7 @@ def _dkdv_kernel(
     tl.store(DV + (out_rows * HKV + hk) * D + d[None, :], dv.to(DV.dtype.element_ty), mask=kmask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H0", "HC"])
 def _dq_kernel(
     Q, K, V, DO, LSE, DELTA, QPOS, ENT, OFFS, TEND, TILE_B, TILE_START, KSTART, KPOS, KLEN, DQ,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
