@@ -257,3 +257,61 @@ def test_multinode_launcher_two_agents_meet_through_c10d(tmp_path, cache_dir):
     assert all(n.returncode == 0 for n in nodes), "\n".join(outs)
     log = "\n".join(outs)
     assert "world 2 = tp 1 x cp 2 x dp 1" in log and "step      2/2" in log
+
+
+_FAKE_SRUN = """#!/usr/bin/env bash
+# Test stand-in for SLURM's srun: one copy of the command per node (SLURM_NNODES), all on this
+# machine, each with its SLURM_PROCID / SLURM_NODEID; exits non-zero if any copy failed.
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NNODES; i++)); do
+  SLURM_PROCID=$i SLURM_NODEID=$i "$@" &
+  pids+=($!)
+done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+exit $rc
+"""
+
+_FAKE_SCONTROL = """#!/usr/bin/env bash
+# Test stand-in for `scontrol show hostnames NODELIST`: every node is this machine.
+[[ "$1 $2" == "show hostnames" ]] || { echo "fake scontrol: unsupported $*" >&2; exit 2; }
+for ((i = 0; i < SLURM_NNODES; i++)); do echo 127.0.0.1; done
+"""
+
+
+def test_slurm_sbatch_script_runs_two_nodes_under_fake_srun(tmp_path, cache_dir):
+    """launch/slurm.sbatch executed as SLURM would (its environment, srun, scontrol), with stand-ins
+    that put both 'nodes' on this machine: the job trains CP=2 across them through multinode.sh."""
+    import socket
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", _FAKE_SRUN), ("scontrol", _FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(_env(), PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_NNODES="2", SLURM_JOB_ID=f"4{port}",
+               SLURM_JOB_NODELIST="node[0-1]", SLURM_SUBMIT_DIR=str(ROOT), NGPU="1", MASTER_PORT=str(port),
+               PYTHON=sys.executable)
+    args = ["recipes/quickstart.yaml", *SMALL, "--train.steps=2", "--parallel.cp=2",
+            f"--logging.dir={tmp_path}/run", f"--data.cache_dir={cache_dir}"]
+    # sbatch runs a copy of the script from its spool directory, so it must find the repo through
+    # SLURM_SUBMIT_DIR, not through its own location: run it the same way.
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    script = spool / "slurm_script"
+    script.write_text((ROOT / "launch" / "slurm.sbatch").read_text())
+    proc = subprocess.run(["bash", str(script), *args], cwd=spool, env=env, capture_output=True,
+                          text=True, timeout=300, start_new_session=True)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log
+    assert "world 2 = tp 1 x cp 2 x dp 1" in log and "step      2/2" in log
+
+    # Outside an allocation the script refuses with a clear message instead of guessing.
+    env.pop("SLURM_NNODES")
+    proc = subprocess.run(["bash", str(script), *args], cwd=spool, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode != 0 and "run under sbatch" in proc.stderr
