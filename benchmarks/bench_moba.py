@@ -1,7 +1,23 @@
-"""MoBA Triton kernels vs PyTorch SDPA full causal attention (cuDNN, flash), one table.
+"""MoBA Triton kernels vs its peers in the same run: PyTorch SDPA full causal attention (cuDNN,
+flash), FlexAttention MoBA and FLA's NSA selected attention (``benchmarks/peers.py``), one table.
 
 Usage (GPU):
     PYTHONPATH=$PWD python benchmarks/bench_moba.py --suite all --out benchmarks/results/moba_h100.md
+    # FLA peer: carry .whl/fla_core-0.6.0-py3-none-any.whl (einops is on the GPU image) and
+    # install it, e.g. pip install --no-deps --target /tmp/site .whl/*.whl (.gpucmd.sh does)
+CPU smoke (tiny shape; Triton interpreter; every column's code path, timings meaningless):
+    PYTHONPATH=$PWD python benchmarks/bench_moba.py --smoke
+
+Peers (``--peers``, default all available):
+- ``sdpa``: full causal attention (backends from ``--sdpa``).
+- ``flex``: FlexAttention (``torch.compile``d) with a MoBA ``mask_mod`` on our selection and a
+  BlockMask of per-query-tile KV-tile unions. Its times *include our gate* (Triton
+  ``select_blocks``) and the BlockMask build, so they compare with the MoBA fwd / fwd+bwd
+  columns; the build alone is the "flex mask ms" column. Skipped above ``--flex-max-seq``.
+- ``fla``: FLA's NSA selected attention (fla-core 0.6.0), attention only on given indices (no
+  gate), at ``Hkv = Hq / 16`` (its kernel needs a GQA group that is a power of 2 >= 16) with
+  indices shared per group (the first query head's selection); beside it our ``block_attn`` on
+  the same inputs and indices ("ours same-idx"), so that pair compares like with like.
 
 Per setting it prints forward and forward+backward time (CUDA events around each call,
 after warm-up, median), the achieved TFLOP/s on the work MoBA must do, peak memory, and the
@@ -19,11 +35,19 @@ import argparse
 import datetime
 import json
 import math
+import os
 import statistics
 import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peers  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+DT = torch.bfloat16 if CUDA else torch.float32  # CPU smoke: fp32 (interpreter, flex on CPU)
 
 SUITES = {
     # name: (batch, Hq, Hkv, d, block, topk, [seq lens])
@@ -31,6 +55,33 @@ SUITES = {
     "paper-b512": (1, 32, 8, 128, 512, 3, [8192, 32768]),
     "paper-b4096": (1, 32, 8, 128, 4096, 12, [131072, 524288, 1048576]),
 }
+SMOKE = {"smoke": (1, 16, 4, 16, 16, 3, [72])}  # CPU smoke: T not a multiple of the block
+
+
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+class _Timer:
+    """CUDA events on a GPU, perf_counter on CPU (smoke only)."""
+
+    def __init__(self):
+        if CUDA:
+            self.s, self.e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def start(self):
+        if CUDA:
+            self.s.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self):
+        if CUDA:
+            self.e.record()
+            torch.cuda.synchronize()
+            return self.s.elapsed_time(self.e)
+        return (time.perf_counter() - self.t0) * 1e3
 
 
 def moba_flops(b, s, hq, d, block, topk):
@@ -45,17 +96,15 @@ def moba_flops(b, s, hq, d, block, topk):
 def timed(fn, warmup, reps, budget_ms=None):
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    _sync()
     times = []
     n = reps
     i = 0
     while i < n:
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
+        tm = _Timer()
+        tm.start()
         fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
+        times.append(tm.stop())
         if i == 0 and budget_ms is not None:  # adapt the repeat count to the call's length
             n = max(1, min(reps, int(budget_ms / max(times[0], 1e-3))))
         i += 1
@@ -63,6 +112,8 @@ def timed(fn, warmup, reps, budget_ms=None):
 
 
 def peak_of(fn):
+    if not CUDA:
+        return None
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -73,6 +124,11 @@ def peak_of(fn):
 
 def timed_peak(fn):
     """One call: CUDA-event time and peak memory of that same call (for rows of seconds)."""
+    if not CUDA:
+        tm = _Timer()
+        tm.start()
+        fn()
+        return tm.stop(), None
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -84,17 +140,22 @@ def timed_peak(fn):
     return s.elapsed_time(e), torch.cuda.max_memory_allocated() / 2**30
 
 
+def _empty_cache():
+    if CUDA:
+        torch.cuda.empty_cache()
+
+
 def bench_moba(b, s, hq, hkv, d, block, topk, budget_ms, big=False):
     from moba_cp.ops.moba import triton_backend as tb
 
     if big:  # compile every kernel on a small input first, so the single timed calls hold none
         bench_moba(b, min(s, max(16 * block, 8192)), hq, hkv, d, block, topk, 1.0)
     t = b * s
-    cu = torch.arange(0, t + 1, s, dtype=torch.int32, device="cuda")
-    q = torch.randn(t, hq, d, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(t, hkv, d, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(t, hkv, d, device="cuda", dtype=torch.bfloat16)
-    do = torch.randn(t, hq, d, device="cuda", dtype=torch.bfloat16)
+    cu = torch.arange(0, t + 1, s, dtype=torch.int32, device=DEV)
+    q = torch.randn(t, hq, d, device=DEV, dtype=DT)
+    k = torch.randn(t, hkv, d, device=DEV, dtype=DT)
+    v = torch.randn(t, hkv, d, device=DEV, dtype=DT)
+    do = torch.randn(t, hq, d, device=DEV, dtype=DT)
     scale = d ** -0.5
     kw = dict(block_size=block, cu_seqlens=cu, softmax_scale=scale)
 
@@ -130,7 +191,108 @@ def bench_moba(b, s, hq, hkv, d, block, topk, budget_ms, big=False):
     if not big:
         r["peak"] = peak_of(fwd_bwd)
     del q, k, v, do, qg, kg, vg, idx
-    torch.cuda.empty_cache()
+    _empty_cache()
+    return r
+
+
+def bench_flex(b, s, hq, hkv, d, block, topk, budget_ms, big=False):
+    """FlexAttention MoBA: our gate + BlockMask build + compiled flex_attention (fwd, fwd+bwd)."""
+    from moba_cp.ops.moba import triton_backend as tb
+
+    t = b * s
+    cu = torch.arange(0, t + 1, s, dtype=torch.int32, device=DEV)
+    q = torch.randn(t, hq, d, device=DEV, dtype=DT)
+    k = torch.randn(t, hkv, d, device=DEV, dtype=DT)
+    v = torch.randn(t, hkv, d, device=DEV, dtype=DT)
+    do4 = peers.to_bhsd(torch.randn(t, hq, d, device=DEV, dtype=DT))
+    q4, k4, v4 = (peers.to_bhsd(x) for x in (q, k, v))
+    scale = d ** -0.5
+
+    def build():
+        with torch.no_grad():
+            idx = tb.select_blocks(q, k, block_size=block, topk=topk, cu_seqlens=cu)
+            return peers.flex_moba_block_mask(idx, cu, block)
+
+    def fwd():
+        with torch.no_grad():
+            return peers.flex_moba_attn(q4, k4, v4, build(), softmax_scale=scale)
+
+    qg, kg, vg = (x.detach().requires_grad_() for x in (q4, k4, v4))
+
+    def fwd_bwd():
+        o = peers.flex_moba_attn(qg, kg, vg, build(), softmax_scale=scale)
+        return torch.autograd.grad(o, (qg, kg, vg), do4)
+
+    warm, reps = (1, 1) if big else (1, 20)
+    r = {}
+    r["mask"], _ = timed(build, 1, 5, budget_ms / 3)
+    r["fwd"], r["n_fwd"] = timed(fwd, warm, reps, budget_ms)
+    if CUDA:  # flex has no backward on CPU
+        r["fwdbwd"], r["n_fwdbwd"] = timed(fwd_bwd, warm, reps, budget_ms)
+        r["peak"] = peak_of(fwd_bwd)
+    del q, k, v, q4, k4, v4, qg, kg, vg, do4
+    _empty_cache()
+    return r
+
+
+def bench_fla(b, s, hq, d, block, topk, budget_ms, big=False):
+    """FLA NSA selected attention vs our block_attn, same inputs and group-shared indices.
+
+    Shape: ``Hkv = Hq / 16`` (FLA's minimum group); q ``[b, s, Hq, d]``, k/v ``[b, s, Hkv, d]``
+    (our kernels see the same memory as packed ``[b*s, H, d]`` with one document per row).
+    """
+    from moba_cp.ops.moba import triton_backend as tb
+
+    hkv = max(1, hq // peers.FLA_MIN_GROUP)
+    why = peers.fla_shape_reason(hq, hkv, d, block)
+    if why is not None:
+        return {"skip": f"n/a: {why}"}
+    t = b * s
+    cu = torch.arange(0, t + 1, s, dtype=torch.int32, device=DEV)
+    q = torch.randn(b, s, hq, d, device=DEV, dtype=DT)
+    k = torch.randn(b, s, hkv, d, device=DEV, dtype=DT)
+    v = torch.randn(b, s, hkv, d, device=DEV, dtype=DT)
+    do = torch.randn(b, s, hq, d, device=DEV, dtype=DT)
+    qt, kt, vt, dot = (x.view(t, x.shape[2], d) for x in (q, k, v, do))
+    scale = d ** -0.5
+    with torch.no_grad():
+        idx = tb.select_blocks(qt, kt, block_size=block, topk=topk, cu_seqlens=cu)
+    bi = peers.fla_group_indices(idx, hkv, b)
+    shared = idx[:, :: hq // hkv].repeat_interleave(hq // hkv, dim=1).contiguous()  # same blocks, unpadded
+    del idx
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+
+    def fla_fwd():
+        with torch.no_grad():
+            return peers.fla_nsa_attn(q, k, v, bi, block_size=block, softmax_scale=scale)
+
+    def fla_fwd_bwd():
+        o = peers.fla_nsa_attn(*leaves, bi, block_size=block, softmax_scale=scale)
+        return torch.autograd.grad(o, leaves, do)
+
+    tleaves = [x.view(t, x.shape[2], d) for x in leaves]
+
+    def ours_fwd():
+        with torch.no_grad():
+            return tb.block_attn(qt, kt, vt, shared, block_size=block, cu_seqlens=cu, softmax_scale=scale)
+
+    def ours_fwd_bwd():
+        o, _ = tb.block_attn(*tleaves, shared, block_size=block, cu_seqlens=cu, softmax_scale=scale)
+        return torch.autograd.grad(o, leaves, dot)
+
+    warm, reps = (1, 1) if big else (1, 20)
+    r = {"hkv": hkv, "slots": bi.shape[-1]}
+    for key, fn in (("fwd", fla_fwd), ("fwdbwd", fla_fwd_bwd), ("ours_fwd", ours_fwd), ("ours_fwdbwd", ours_fwd_bwd)):
+        try:
+            r[key], _ = timed(fn, warm, reps, budget_ms)
+        except torch.OutOfMemoryError:
+            r[key] = "OOM"
+            _empty_cache()
+        except Exception as e:  # e.g. a block too large for FLA's [G, BS] tile
+            r[key] = f"failed: {type(e).__name__}"
+            print(f"FLA peer S={s} {key}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    del q, k, v, do, qt, kt, vt, dot, leaves, tleaves, bi, shared
+    _empty_cache()
     return r
 
 
@@ -139,10 +301,10 @@ def bench_sdpa(b, s, hq, hkv, d, backend, big, budget_ms):
     import torch.nn.functional as F
 
     be = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
-    q = torch.randn(b, hq, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(b, hkv, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(b, hkv, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    do = torch.randn(b, hq, s, d, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(b, hq, s, d, device=DEV, dtype=DT, requires_grad=True)
+    k = torch.randn(b, hkv, s, d, device=DEV, dtype=DT, requires_grad=True)
+    v = torch.randn(b, hkv, s, d, device=DEV, dtype=DT, requires_grad=True)
+    do = torch.randn(b, hq, s, d, device=DEV, dtype=DT)
     gqa = hq != hkv
     note = ""
     kk, vv = k, v
@@ -179,7 +341,7 @@ def bench_sdpa(b, s, hq, hkv, d, backend, big, budget_ms):
         r["fwdbwd"], r["n_fwdbwd"] = timed(fwd_bwd, warm, reps, budget_ms)
         r["peak"] = peak_of(fwd_bwd)
     del q, k, v, kk, vv, do
-    torch.cuda.empty_cache()
+    _empty_cache()
     return r
 
 
@@ -283,7 +445,29 @@ def main():
     ap.add_argument("--json", default=None, help="write raw numbers here")
     ap.add_argument("--pick-onepass", default=None, help="suite:seq: pick the one-pass forward config there first")
     ap.add_argument("--tune", default=None, help="suite:seq, e.g. flashmoba:32768: time pieces and tile configs, then exit")
+    ap.add_argument("--peers", default="all",
+                    help="comma list of sdpa, flex, fla (or 'all': every one available, or 'none')")
+    ap.add_argument("--flex-max-seq", type=int, default=131072, help="no FlexAttention peer above this S")
+    ap.add_argument("--fla-max-seq", type=int, default=1 << 21, help="no FLA peer above this S")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU smoke: tiny shape, Triton interpreter, every column's code path (times meaningless)")
     args = ap.parse_args()
+    known = ("sdpa", "flex", "fla")
+    want = list(known) if args.peers == "all" else ([] if args.peers == "none" else args.peers.split(","))
+    bad = [x for x in want if x not in known]
+    if bad:
+        ap.error(f"--peers: unknown {bad}; choose from {', '.join(known)}, 'all' or 'none'")
+    fla_why = peers.fla_unavailable_reason() if "fla" in want else None
+    if fla_why is None and "fla" in want and not CUDA:
+        peers.fla_interpreter_shims()  # CPU smoke: FLA under the Triton interpreter
+    suite_table = SUITES
+    if args.smoke:
+        if CUDA:
+            ap.error("--smoke is the CPU smoke mode; on a GPU run a real suite with --max-seq")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            ap.error("--smoke needs TRITON_INTERPRET=1 in the environment (Triton on CPU)")
+        suite_table, args.suite, args.budget_ms = SMOKE, "smoke", 1.0
+        want = [x for x in want if x != "sdpa"]  # cuDNN / flash SDPA do not run on CPU
     if args.tune:
         name, seq = args.tune.split(":")
         b, hq, hkv, d, block, topk, _ = SUITES[name]
@@ -294,19 +478,23 @@ def main():
         name, seq = args.pick_onepass.split(":")
         b, hq, hkv, d, block, topk, _ = SUITES[name]
         pick_onepass(b, int(seq), hq, hkv, d, block, topk)
-    suites = list(SUITES) if args.suite == "all" else args.suite.split(",")
-    dev = torch.cuda.get_device_name()
+    suites = list(suite_table) if args.suite == "all" else args.suite.split(",")
+    dev = torch.cuda.get_device_name() if CUDA else "CPU (smoke: Triton interpreter)"
     hdr = (
         "| setting | S | MoBA fwd ms | MoBA fwd+bwd ms | gate ms | attn fwd ms | TFLOP/s fwd | TFLOP/s f+b "
         "| peak GiB | cuDNN fwd ms | cuDNN f+b ms | flash fwd ms | flash f+b ms | SDPA peak GiB "
-        "| x cuDNN fwd | x cuDNN f+b | x flash fwd | x flash f+b |"
+        "| x cuDNN fwd | x cuDNN f+b | x flash fwd | x flash f+b "
+        "| flex fwd ms (incl. our gate + mask) | flex f+b ms (incl. our gate + mask) | flex mask ms | flex peak GiB "
+        "| x flex fwd | x flex f+b "
+        "| FLA NSA fwd ms (Hkv=Hq/16, no gate) | FLA NSA f+b ms | ours same-idx fwd ms | ours same-idx f+b ms "
+        "| x FLA fwd | x FLA f+b |"
     )
     lines = [hdr, "|" + "|".join(["---"] * (hdr.count("|") - 1)) + "|"]
     print(hdr, flush=True)
     print(lines[1], flush=True)
     raw = []
     for name in suites:
-        b, hq, hkv, d, block, topk, seqs = SUITES[name]
+        b, hq, hkv, d, block, topk, seqs = suite_table[name]
         for s in seqs:
             if s > args.max_seq or s < args.min_seq or str(s) in args.skip_seq.split(","):
                 continue
@@ -317,9 +505,9 @@ def main():
                 m = bench_moba(b, s, hq, hkv, d, block, topk, args.budget_ms, big=big)
             except torch.OutOfMemoryError as e:  # noqa: F841
                 m = None
-                torch.cuda.empty_cache()
+                _empty_cache()
             sd = {}
-            backends = [] if args.sdpa == "none" else args.sdpa.split(",")
+            backends = [] if (args.sdpa == "none" or "sdpa" not in want) else args.sdpa.split(",")
             if big:
                 backends = [x for x in backends if x in args.sdpa_big.split(",")]
             for be in backends:
@@ -327,13 +515,13 @@ def main():
                     sd[be] = bench_sdpa(b, s, hq, hkv, d, be, big, args.budget_ms)
                 except torch.OutOfMemoryError:
                     sd[be] = {"oom": True}
-                    torch.cuda.empty_cache()
+                    _empty_cache()
             causal = 4 * d * s * s / 2 * hq * b
             f = lambda x, spec=".1f": ("-" if x is None else format(x, spec))  # noqa: E731
             g = lambda be, key: sd.get(be, {}).get(key)  # noqa: E731
             sdpa_peak = max([x.get("peak", 0) for x in sd.values()] + [0]) or None
             row = [
-                f"{name} (B={b}, H={hq}/{hkv}, d={d}, block {block}, top-k {topk})", f"{s // 1024}K",
+                f"{name} (B={b}, H={hq}/{hkv}, d={d}, block {block}, top-k {topk})", f"{s // 1024}K" if s >= 1024 else str(s),
                 f(m and m["fwd"], ".2f"), f(m and m["fwdbwd"], ".2f"), f(m and m["gate"], ".2f"), f(m and m["attn_fwd"], ".2f"),
                 f(m and (gate_f + attn_f) / m["fwd"] / 1e9, ".0f"),
                 f(m and (gate_f + 3.5 * attn_f) / m["fwdbwd"] / 1e9, ".0f"),
@@ -353,16 +541,62 @@ def main():
                 for key in ("fwd", "fwdbwd"):
                     x = g(be, key)
                     row.append(f(m and x and x / m[key], ".1f"))
+            fx = None
+            if "flex" not in want:
+                row += ["-"] * 6
+            elif s > args.flex_max_seq:
+                row += [f"skipped: S > {args.flex_max_seq}"] + ["-"] * 5
+            else:
+                try:
+                    fx = bench_flex(b, s, hq, hkv, d, block, topk, args.budget_ms, big=big)
+                except torch.OutOfMemoryError:
+                    fx = {"oom": True}
+                    _empty_cache()
+                except Exception as e:  # a compile failure is reported in the table, the run goes on
+                    fx = {"err": f"failed: {type(e).__name__}"}
+                    print(f"flex peer S={s}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                if fx.get("oom") or fx.get("err"):
+                    row += [fx.get("err", "OOM")] + ["-"] * 5
+                else:
+                    row += [f(fx["fwd"], ".2f"), f(fx.get("fwdbwd"), ".2f") if CUDA else "n/a (no flex bwd on CPU)",
+                            f(fx["mask"], ".2f"), f(fx.get("peak"), ".1f")]
+                    row += [f(m and fx.get(key) and fx[key] / m[key], ".1f") for key in ("fwd", "fwdbwd")]
+            fl = None
+            if "fla" not in want:
+                row += ["-"] * 6
+            elif fla_why is not None:
+                row += [f"skipped: {fla_why}"] + ["-"] * 5
+            elif s > args.fla_max_seq:
+                row += [f"skipped: S > {args.fla_max_seq}"] + ["-"] * 5
+            else:
+                fl = bench_fla(b, s, hq, d, block, topk, args.budget_ms, big=big)
+                if "skip" in fl:
+                    row += [fl["skip"]] + ["-"] * 5
+                else:
+                    cell = lambda x: x if isinstance(x, str) else f(x, ".2f")  # noqa: E731
+                    row += [cell(fl[key]) for key in ("fwd", "fwdbwd", "ours_fwd", "ours_fwdbwd")]
+                    for key in ("fwd", "fwdbwd"):
+                        a, o = fl[key], fl["ours_" + key]
+                        row.append(f(a / o, ".1f") if isinstance(a, float) and isinstance(o, float) else "-")
             line = "| " + " | ".join(row) + " |"
             lines.append(line)
             print(line, flush=True)
-            raw.append({"suite": name, "S": s, "moba": m, "sdpa": sd, "gate_flop": gate_f, "attn_flop": attn_f,
+            raw.append({"suite": name, "S": s, "moba": m, "sdpa": sd, "flex": fx, "fla": fl,
+                        "gate_flop": gate_f, "attn_flop": attn_f,
                         "causal_flop": causal, "wall_s": time.time() - t0})
     foot = (
-        f"\nDevice: {dev}; torch {torch.__version__}; date {datetime.date.today()}; bf16; "
+        f"\nDevice: {dev}; torch {torch.__version__}; date {datetime.date.today()}; {str(DT).split('.')[-1]}; "
         f"command: `{' '.join(sys.argv)}`. TFLOP/s count MoBA's required work (gate + selected "
         f"keys, backward = 2.5 x attention forward). At S >= 512K: SDPA one call each, no warm-up; "
-        f"MoBA fwd+bwd one call after compiling on a small input, and peak memory is that call's."
+        f"MoBA fwd+bwd one call after compiling on a small input, and peak memory is that call's. "
+        f"Peers: {','.join(want) or 'none'}. flex = torch.compile(flex_attention) with a MoBA mask_mod on "
+        f"our selection and a BlockMask of per-query-tile KV-tile unions (tile {peers.TILE}); its fwd and "
+        f"f+b times include our Triton gate (select_blocks) and the BlockMask build ('flex mask ms' = "
+        f"gate + build); 'x flex' = flex time / MoBA time. FLA = fla-core NSA parallel_nsa selected "
+        f"attention only (indices given, no gate), run at Hkv = Hq/16 (its kernel needs a GQA group that "
+        f"is a power of 2 >= 16) with each group sharing its first query head's selection, slots padded "
+        f"to a power of 2 with -1; 'ours same-idx' = our block_attn on the same inputs and blocks; "
+        f"'x FLA' = FLA time / ours same-idx."
     )
     print(foot)
     if args.out:

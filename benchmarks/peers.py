@@ -286,6 +286,47 @@ def fla_shared_to_heads(block_indices: torch.Tensor, hq: int) -> torch.Tensor:
     return block_indices.reshape(b * s, hkv, s2).repeat_interleave(hq // hkv, dim=1).contiguous()
 
 
+def fla_interpreter_shims():
+    """Let FLA's NSA kernels run under the Triton interpreter (CPU tests and ``--smoke`` only).
+
+    Two patches: every FLA autotuner keeps its first config (the interpreter has no
+    benchmarker to autotune with), and interpreter scalars (1-element arrays) get an
+    ``__index__`` numpy 2 accepts (``for i in range(NS)`` with a loaded ``NS``). Call after
+    importing ``fla.ops.nsa.parallel``. Returns a function that undoes both.
+    """
+    import sys
+
+    from triton.runtime import interpreter
+    from triton.runtime.autotuner import Autotuner
+
+    undo = []
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith("fla"):
+            continue
+        for obj in list(vars(mod).values()):
+            for _ in range(4):  # heuristics / autotune / jit wrappers
+                if isinstance(obj, Autotuner) and len(obj.configs) > 1:
+                    undo.append((obj, "configs", obj.configs))
+                    obj.configs = obj.configs[:1]
+                obj = getattr(obj, "fn", None)
+                if obj is None:
+                    break
+    orig = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    undo.append((interpreter, "_patch_lang_tensor", orig))
+    interpreter._patch_lang_tensor = patched
+
+    def restore():
+        for obj, attr, val in reversed(undo):
+            setattr(obj, attr, val)
+
+    return restore
+
+
 def fla_nsa_attn(q, k, v, block_indices, *, block_size: int, softmax_scale: float):
     """FLA's selected attention: ``q [B, S, Hq, D]``, ``k, v [B, S, Hkv, D]``,
     ``block_indices [B, S, Hkv, S2]`` (:func:`fla_group_indices`) -> ``o [B, S, Hq, D]``.

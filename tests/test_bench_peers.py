@@ -11,8 +11,9 @@ awkward shapes (T not a multiple of the block or of the flex tile, two documents
   and runs flex's eager (math) backward, which checks the mask construction's gradients, not
   flex's GPU backward kernel.
 - FLA NSA (``fla.ops.nsa.parallel``, fla-core 0.6.0): runs under the Triton interpreter with two
-  test-only shims (one autotune config, since the interpreter has no benchmarker; and
-  ``__index__`` of interpreter scalars under numpy 2), compared with group-shared indices.
+  shims (``peers.fla_interpreter_shims``: one autotune config, since the interpreter has no
+  benchmarker; ``__index__`` of interpreter scalars under numpy 2), compared with group-shared
+  indices, output and gradients.
   Skipped when fla-core (or its dependency einops) is not importable.
 """
 
@@ -157,31 +158,14 @@ def fla_interpreted(monkeypatch):
     if reason is not None:
         pytest.skip(f"skipped: {reason} (pip install .whl/fla_core-0.6.0-py3-none-any.whl einops)")
     if torch.cuda.is_available():
+        yield
         return
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no GPU and TRITON_INTERPRET is not 1")
-    from triton.runtime import interpreter
-    from triton.runtime.autotuner import Autotuner
-
-    # 1) The interpreter has no benchmarker: give every FLA autotuner a single config.
-    for name, mod in list(sys.modules.items()):
-        if not name.startswith("fla"):
-            continue
-        for obj in list(vars(mod).values()):
-            seen = 0
-            while obj is not None and seen < 4:
-                if isinstance(obj, Autotuner) and len(obj.configs) > 1:
-                    monkeypatch.setattr(obj, "configs", obj.configs[:1])
-                obj, seen = getattr(obj, "fn", None), seen + 1
-    # 2) Interpreter scalars are 1-element arrays; numpy 2 refuses int() of those
-    #    (``for i in range(NS)`` with a loaded NS).
-    orig = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
+    importlib.import_module("fla.ops.nsa.parallel")
+    restore = peers.fla_interpreter_shims()
+    yield
+    restore()
 
 
 @pytest.mark.parametrize("batch,s", [(1, 50), (2, 40)])
