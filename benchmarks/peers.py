@@ -202,6 +202,13 @@ def flex_fn(compiled: bool = True):
     if not compiled:
         return flex_attention
     if "fa" not in _compiled:
+        # One compile per shape and grad mode: a whole suite passes dynamo's default limit of 8,
+        # after which it would fall back to eager flex (a dense [T, T] mask).
+        import torch._dynamo
+
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
         _compiled["fa"] = torch.compile(flex_attention, dynamic=False)
     return _compiled["fa"]
 
