@@ -4,7 +4,9 @@ flash), FlexAttention MoBA and FLA's NSA selected attention (``benchmarks/peers.
 Usage (GPU):
     PYTHONPATH=$PWD python benchmarks/bench_moba.py --suite all --out benchmarks/results/moba_h100.md
     # FLA peer: carry .whl/fla_core-0.6.0-py3-none-any.whl (einops is on the GPU image) and
-    # install it, e.g. pip install --no-deps --target /tmp/site .whl/*.whl (.gpucmd.sh does)
+    # install it, e.g. pip install --no-deps --target /tmp/site .whl/*.whl (.gpucmd.sh does).
+    # Fetch the wheel once (pure Python):
+    #   python3 -m pip download --no-deps --only-binary=:all: -d .whl fla-core==0.6.0
 CPU smoke (tiny shape; Triton interpreter; every column's code path, timings meaningless):
     PYTHONPATH=$PWD python benchmarks/bench_moba.py --smoke
 
