@@ -109,7 +109,7 @@ def _cmd_plot(args, rest) -> int:
     if args.sweep:
         import yaml
 
-        from moba_cp.experiments.plots import plot_sweep
+        from moba_cp.experiments.plots import plot_sweep, sweep_table
         from moba_cp.experiments.sweep import collect_results
 
         for sweep_dir in args.run_dirs:
@@ -123,7 +123,11 @@ def _cmd_plot(args, rest) -> int:
                 print(f"moba-cp plot --sweep: no finished points in {sweep_dir}", file=sys.stderr)
                 return 2
             out = Path(args.out) / f"{spec['name']}_{spec['kind']}.png"
-            print(plot_sweep(spec["kind"], rows, spec.get("metric", "loss"), str(out)))
+            metric = spec.get("metric", "loss")
+            print(plot_sweep(spec["kind"], rows, metric, str(out)))
+            table = sweep_table(rows, metric)  # the numbers behind the chart, mean +- std over seeds
+            out.with_suffix(".md").write_text(f"# {spec['name']} ({spec['kind']}), {metric}\n\n{table}\n")
+            print(table)
         return 0
     return plots.run(args)
 

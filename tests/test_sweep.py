@@ -130,6 +130,42 @@ def test_sweep_charts_are_valid_images(tmp_path):
                         str(tmp_path / "h.png")))
 
 
+def test_seed_replicates_expand_and_average(tmp_path):
+    """`seeds:` runs every point once per seed; charts and tables show the mean +- std per point."""
+    from moba_cp.experiments.plots import aggregate_seeds, sweep_table
+
+    f = tmp_path / "seeds.yaml"
+    f.write_text(yaml_dump(dict(name="sd", kind="hybrid", base="recipes/quickstart.yaml", metric="loss", seeds=[1, 2],
+                                eval_needle={"lengths": "1024", "kinds": "passkey", "only": ["full"]},
+                                points=[{"name": "moba", "overrides": ["--attention.pattern=moba"]},
+                                        {"name": "full", "overrides": ["--attention.pattern=full"]}])))
+    spec = load_sweep(f)
+    assert [p.name for p in spec.points] == ["moba-seed1", "moba-seed2", "full-seed1", "full-seed2"]
+    assert spec.points[1].overrides[-1] == "--train.seed=2" and spec.points[1].labels == {"seed": "2"}
+    assert {p.group for p in spec.points} == {"moba", "full"}  # eval_needle.only may name the group
+    for bad in ([], [1, 1], ["a"], 3):
+        f.write_text(yaml_dump(dict(name="sd", kind="hybrid", base="recipes/quickstart.yaml", seeds=bad,
+                                    points=[{"name": "moba"}])))
+        with pytest.raises(SweepError, match="seeds="):
+            load_sweep(f)
+
+    rows = [dict(name=f"{g}-seed{i}", group=g, labels={"method": pat, "seed": str(i)}, pattern=pat,
+                 train_flops=1e15 * (2 if pat == "full" else 1), loss=v, full_layers=0, n_blocks=8, topk=2,
+                 trailing_loss=v)
+            for g, pat, vals in (("moba", "moba", (2.0, 2.2, 2.4)), ("full", "full", (1.9, 1.9, 1.9)))
+            for i, v in enumerate(vals)]
+    agg = {r["name"]: r for r in aggregate_seeds(rows, "loss")}
+    assert agg["moba"]["loss"] == pytest.approx(2.2) and agg["moba"]["loss_std"] == pytest.approx(0.2)
+    assert agg["moba"]["n"] == 3 and agg["full"]["loss_std"] == pytest.approx(0, abs=1e-12) and "seed" not in agg["moba"]["labels"]
+    table = sweep_table(rows, "loss")
+    assert "| moba | 1.00 | 2.2000 +- 0.2000 | 3 |" in table and "| full | 2.00 | 1.9000 +- 0.0000 | 3 |" in table
+    hyb = rows + [dict(rows[0], name=f"h-seed{i}", group="h", pattern="hybrid", full_layers=1, trailing_loss=1.8 + i / 10)
+                  for i in range(3)]
+    _png_ok(plot_hybrid(hyb, "trailing_loss", str(tmp_path / "h.png")))
+    _png_ok(plot_scaling(rows + [dict(r, name=r["name"] + "b", group=r["group"] + "b", train_flops=4e15, loss=r["loss"] - .3)
+                                 for r in rows], "loss", str(tmp_path / "s.png"))[0])
+
+
 def _toy_sweep_file(tmp_path, name, extra_common=(), steps=3, evals=False):
     cache = tmp_path / "cache"
     common = ["--parallel.cp=1", "--model.num_layers=1", f"--model.seq_length={512 if evals else 256}", "--moba.block_size=32",

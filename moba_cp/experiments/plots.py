@@ -7,13 +7,64 @@ from collections import defaultdict
 from moba_cp.eval.plots import _plt, _save  # one headless-matplotlib setup for every chart
 from moba_cp.experiments.fit import fit_power_law, pflops_days
 
-__all__ = ["plot_scaling", "plot_granularity", "plot_hybrid", "plot_sweep"]
+__all__ = ["plot_scaling", "plot_granularity", "plot_hybrid", "plot_sweep", "aggregate_seeds", "sweep_table"]
 
 _YLABEL = {"loss": "LM loss (last steps)", "valid_loss": "validation LM loss", "trailing_loss": "trailing LM loss"}
 
 
 def _method(row: dict) -> str:
     return row["labels"].get("method") or row["pattern"]
+
+
+def aggregate_seeds(rows: list[dict], metric: str) -> list[dict]:
+    """One row per point group (seed replicates of one configuration) with the metric's mean.
+
+    Each returned row is the group's first row with ``metric`` = mean over the replicates that
+    have it, ``metric + "_std"`` = their sample standard deviation (0 for one replicate), ``n`` =
+    their count, and ``name`` = the group. Rows of sweeps without seeds are their own group.
+    """
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[r.get("group") or r["name"]].append(r)
+    out = []
+    for g, rs in groups.items():
+        vals = [r[metric] for r in rs if r.get(metric) is not None]
+        row = dict(rs[0], name=g, n=len(vals), labels={k: v for k, v in rs[0]["labels"].items() if k != "seed"})
+        if vals:
+            mean = sum(vals) / len(vals)
+            var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else 0.0
+            row[metric], row[metric + "_std"] = mean, var ** 0.5
+        else:
+            row[metric], row[metric + "_std"] = None, None
+        out.append(row)
+    return out
+
+
+def sweep_table(rows: list[dict], metric: str) -> str:
+    """Markdown table of a sweep's points: compute, the metric (mean +- std over seeds) and n."""
+    lines = [f"| point | compute (PFLOP) | {metric} | seeds |", "|---|---|---|---|"]
+    for r in sorted(aggregate_seeds(rows, metric), key=lambda r: r["name"]):
+        v, sd = r.get(metric), r.get(metric + "_std")
+        cell = "-" if v is None else (f"{v:.4f} +- {sd:.4f}" if r["n"] > 1 else f"{v:.4f}")
+        lines.append(f"| {r['name']} | {r['train_flops'] / 1e15:.2f} | {cell} | {r['n']} |")
+    return "\n".join(lines)
+
+
+def _reference(ax, rows, metric, name, style):
+    """A horizontal reference line at the rows' mean, shaded +-1 std when seeds give one."""
+    if not rows:
+        return
+    mean = sum(r[metric] for r in rows) / len(rows)
+    sd = max((r.get(metric + "_std") or 0.0) for r in rows)
+    ax.axhline(mean, color="k", ls=style, label=f"{name} ({mean:.3f}" + (f" +- {sd:.3f})" if sd else ")"))
+    if sd:
+        ax.axhspan(mean - sd, mean + sd, color="k", alpha=0.08)
+
+
+def _errorbar(ax, xs, rows, metric, **kw):
+    """Points with +-1 std error bars where a point has several seeds."""
+    err = [r.get(metric + "_std") or 0.0 for r in rows]
+    ax.errorbar(xs, [r[metric] for r in rows], yerr=err if any(err) else None, capsize=3, **kw)
 
 
 def plot_scaling(rows: list[dict], metric: str, out_path: str) -> tuple[str, dict]:
@@ -24,15 +75,15 @@ def plot_scaling(rows: list[dict], metric: str, out_path: str) -> tuple[str, dic
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     by = defaultdict(list)
-    for r in rows:
+    for r in aggregate_seeds(rows, metric):
         if r.get(metric) is not None:
-            by[_method(r)].append((pflops_days(r["train_flops"]), r[metric]))
+            by[_method(r)].append((pflops_days(r["train_flops"]), r[metric], r))
     fits = {}
     for i, (method, pts) in enumerate(sorted(by.items())):
-        pts.sort()
+        pts.sort(key=lambda p: p[0])
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         color = f"C{i}"
-        ax.scatter(xs, ys, color=color, zorder=3)
+        _errorbar(ax, xs, [p[2] for p in pts], metric, color=color, ls="none", marker="o", zorder=3)
         label = method
         if len(set(xs)) >= 2:
             fit = fit_power_law(xs, ys)
@@ -55,14 +106,14 @@ def plot_granularity(rows: list[dict], metric: str, out_path: str) -> str:
     """Loss against MoBA block granularity (top-k / #blocks at fixed sparsity), full attention as a line."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    rows = aggregate_seeds(rows, metric)
     moba = sorted((r for r in rows if r["pattern"] != "full" and r.get(metric) is not None), key=lambda r: r["n_blocks"])
-    full = [r[metric] for r in rows if r["pattern"] == "full" and r.get(metric) is not None]
+    full = [r for r in rows if r["pattern"] == "full" and r.get(metric) is not None]
     labels = [f"{r['topk']}/{r['n_blocks']}" for r in moba]
-    ax.plot(range(len(moba)), [r[metric] for r in moba], marker="o", label="MoBA")
+    _errorbar(ax, list(range(len(moba))), moba, metric, marker="o", label="MoBA")
     for x, r in enumerate(moba):
         ax.annotate(f"{r[metric]:.3f}", (x, r[metric]), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
-    if full:
-        ax.axhline(sum(full) / len(full), color="k", ls="--", label=f"full attention ({sum(full) / len(full):.3f})")
+    _reference(ax, full, metric, "full attention", "--")
     ax.set_xticks(range(len(moba)), labels)
     ax.set_xlabel("top-k / #blocks")
     ax.set_ylabel(_YLABEL.get(metric, metric))
@@ -76,12 +127,12 @@ def plot_hybrid(rows: list[dict], metric: str, out_path: str) -> str:
     """Trailing loss against the number of full-attention layers; MoBA and full as references."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    rows = aggregate_seeds(rows, metric)
     hyb = sorted((r for r in rows if r["pattern"] == "hybrid" and r.get(metric) is not None), key=lambda r: r["full_layers"])
-    ax.plot([r["full_layers"] for r in hyb], [r[metric] for r in hyb], marker="o", label="layer-wise hybrid")
+    _errorbar(ax, [r["full_layers"] for r in hyb], hyb, metric, marker="o", label="layer-wise hybrid")
     for name, pattern, style in (("MoBA", "moba", ":"), ("full attention", "full", "--")):
-        vals = [r[metric] for r in rows if r["pattern"] == pattern and r.get(metric) is not None]
-        if vals:
-            ax.axhline(sum(vals) / len(vals), color="k", ls=style, label=f"{name} ({sum(vals) / len(vals):.3f})")
+        _reference(ax, [r for r in rows if r["pattern"] == pattern and r.get(metric) is not None], metric, name, style)
+    ax.xaxis.get_major_locator().set_params(integer=True)  # layer counts
     ax.set_xlabel("number of last layers with full attention")
     ax.set_ylabel(_YLABEL.get(metric, metric))
     ax.set_title("Layer-wise hybrid")

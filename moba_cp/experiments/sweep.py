@@ -17,6 +17,7 @@ A sweep file::
         s1: ["--model.num_layers=2"]
         s2: ["--model.num_layers=4"]
     common: ["--train.steps=200"]   # optional overrides for every point
+    seeds: [1, 2, 3]         # optional: every point once per seed (<name>-seed<N>); charts show mean +- std
 
 Each point trains into ``out_dir/<point>`` with ``moba-cp train`` (so an interrupted point resumes
 from its own checkpoint), optionally evaluates, and writes ``sweep_point.json`` last; a point
@@ -50,6 +51,10 @@ class SweepPoint:
     name: str
     overrides: list[str]
     labels: dict[str, str]
+    group: str = ""  # the point this is a seed replicate of ("" = itself); charts average a group
+
+    def __post_init__(self):
+        self.group = self.group or self.name
 
 
 @dataclass
@@ -75,7 +80,7 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> SweepSpec:
     if not isinstance(data, dict):
         raise SweepError(f"{p}: the top level must be a mapping.")
     allowed = {"name", "kind", "base", "out_dir", "nproc", "metric", "eval_loss", "eval_needle", "grid", "points",
-               "common"}
+               "common", "seeds"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise SweepError(f"{p}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}.")
@@ -107,6 +112,14 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> SweepSpec:
             raise SweepError(f"{p}: points[{i}] needs a name (and overrides, labels).")
         points.append(SweepPoint(str(pt["name"]), common + [str(x) for x in pt.get("overrides", [])],
                                  {str(k): str(v) for k, v in (pt.get("labels") or {}).items()}))
+    seeds = data.get("seeds")
+    if seeds is not None:
+        if (not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                                for x in seeds) or len(set(seeds)) != len(seeds)):
+            raise SweepError(f"{p}: seeds={seeds!r}; give a list of distinct integers, e.g. seeds: [1, 2, 3].")
+        # Each point becomes one replicate per seed: <name>-seed<N>, averaged again in the charts.
+        points = [SweepPoint(f"{pt.name}-seed{sd}", pt.overrides + [f"--train.seed={sd}"],
+                             dict(pt.labels, seed=str(sd)), group=pt.name) for pt in points for sd in seeds]
     if not points:
         raise SweepError(f"{p}: no points (give a grid or a points list).")
     names = [pt.name for pt in points]
@@ -125,7 +138,7 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> SweepSpec:
         allowed_n = {"lengths", "depths", "kinds", "n_per_cell", "seed", "only"}
         if not isinstance(needle, dict) or set(needle) - allowed_n:
             raise SweepError(f"{p}: eval_needle must be a mapping with keys among {', '.join(sorted(allowed_n))}.")
-        missing = sorted(set(needle.get("only") or []) - set(names))
+        missing = sorted(set(needle.get("only") or []) - set(names) - {pt.group for pt in points})
         if missing:
             raise SweepError(f"{p}: eval_needle.only names unknown point(s) {missing}; points: {names}.")
         _check_needle_lengths(p, needle, load_recipe(data["base"], points[0].overrides))
@@ -171,7 +184,7 @@ def _point_summary(spec: SweepSpec, pt: SweepPoint, run_dir: Path) -> dict:
     kinds = layer_attention_kinds(cfg.model, cfg.attention)
     n_blocks = cfg.model.seq_length // cfg.moba.block_size
     out = {
-        "name": pt.name, "labels": pt.labels, "overrides": pt.overrides,
+        "name": pt.name, "group": pt.group, "labels": pt.labels, "overrides": pt.overrides,
         "train_flops": _flops_per_step(cfg, vocab) * cfg.train.steps,
         "loss": sum(tail) / len(tail) if tail else None,
         "valid_loss": valid[-1]["valid_loss"] if valid else None,
@@ -194,7 +207,7 @@ def _point_commands(spec: SweepSpec, pt: SweepPoint, launcher: list[str], run_di
         cmds.append([*launcher, "-m", "moba_cp.cli", "eval", "loss", str(run_dir), "--seq-len", str(e["seq_len"]),
                      "--last", str(e["last"]), "--num-seqs", str(e.get("num_seqs", 4)), "--out", str(run_dir / "eval")])
     n = spec.eval_needle
-    if n and (not n.get("only") or pt.name in n["only"]):
+    if n and (not n.get("only") or pt.name in n["only"] or pt.group in n["only"]):
         cmd = [*launcher, "-m", "moba_cp.cli", "eval", "needle", str(run_dir), "--out", str(run_dir / "eval"),
                "--label", pt.name]
         for key, flag in (("lengths", "--lengths"), ("depths", "--depths"), ("kinds", "--kinds"),
