@@ -147,17 +147,21 @@ def _empty_cache():
         torch.cuda.empty_cache()
 
 
+def make_inputs(b, s, hq, hkv, d, device=DEV, dtype=DT):
+    """``b`` packed documents of ``s`` tokens: ``cu [b+1]`` int32 and random ``q, do [b*s, hq, d]``,
+    ``k, v [b*s, hkv, d]`` (drawn in that order: q, k, v, do)."""
+    t = b * s
+    cu = torch.arange(0, t + 1, s, dtype=torch.int32, device=device)
+    q, k, v, do = (torch.randn(t, h, d, device=device, dtype=dtype) for h in (hq, hkv, hkv, hq))
+    return cu, q, k, v, do
+
+
 def bench_moba(b, s, hq, hkv, d, block, topk, budget_ms, big=False):
     from moba_cp.ops.moba import triton_backend as tb
 
     if big:  # compile every kernel on a small input first, so the single timed calls hold none
         bench_moba(b, min(s, max(16 * block, 8192)), hq, hkv, d, block, topk, 1.0)
-    t = b * s
-    cu = torch.arange(0, t + 1, s, dtype=torch.int32, device=DEV)
-    q = torch.randn(t, hq, d, device=DEV, dtype=DT)
-    k = torch.randn(t, hkv, d, device=DEV, dtype=DT)
-    v = torch.randn(t, hkv, d, device=DEV, dtype=DT)
-    do = torch.randn(t, hq, d, device=DEV, dtype=DT)
+    cu, q, k, v, do = make_inputs(b, s, hq, hkv, d)
     scale = d ** -0.5
     kw = dict(block_size=block, cu_seqlens=cu, softmax_scale=scale)
 
@@ -201,12 +205,8 @@ def bench_flex(b, s, hq, hkv, d, block, topk, budget_ms, big=False):
     """FlexAttention MoBA: our gate + BlockMask build + compiled flex_attention (fwd, fwd+bwd)."""
     from moba_cp.ops.moba import triton_backend as tb
 
-    t = b * s
-    cu = torch.arange(0, t + 1, s, dtype=torch.int32, device=DEV)
-    q = torch.randn(t, hq, d, device=DEV, dtype=DT)
-    k = torch.randn(t, hkv, d, device=DEV, dtype=DT)
-    v = torch.randn(t, hkv, d, device=DEV, dtype=DT)
-    do4 = peers.to_bhsd(torch.randn(t, hq, d, device=DEV, dtype=DT))
+    cu, q, k, v, do = make_inputs(b, s, hq, hkv, d)
+    do4 = peers.to_bhsd(do)
     q4, k4, v4 = (peers.to_bhsd(x) for x in (q, k, v))
     scale = d ** -0.5
 
@@ -355,11 +355,7 @@ def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0):
     from moba_cp.ops.moba.triton_common import build_gather_index, doc_tables
 
     t = b * s
-    cu = torch.arange(0, t + 1, s, dtype=torch.int32, device="cuda")
-    q = torch.randn(t, hq, d, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(t, hkv, d, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(t, hkv, d, device="cuda", dtype=torch.bfloat16)
-    do = torch.randn(t, hq, d, device="cuda", dtype=torch.bfloat16)
+    cu, q, k, v, do = make_inputs(b, s, hq, hkv, d, "cuda", torch.bfloat16)
     scale = d ** -0.5
     blocks, qpos, base, _ = doc_tables(t, cu, block, "cuda")
     idx = tb.select_blocks(q, k, block_size=block, topk=topk, cu_seqlens=cu)
@@ -408,10 +404,7 @@ def pick_onepass(b, s, hq, hkv, d, block, topk):
     from moba_cp.ops.moba.triton_common import doc_tables
 
     t = b * s
-    cu = torch.arange(0, t + 1, s, dtype=torch.int32, device="cuda")
-    q = torch.randn(t, hq, d, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(t, hkv, d, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(t, hkv, d, device="cuda", dtype=torch.bfloat16)
+    cu, q, k, v, _ = make_inputs(b, s, hq, hkv, d, "cuda", torch.bfloat16)
     blocks, qpos, base, _ = doc_tables(t, cu, block, "cuda")
     idx = tb.select_blocks(q, k, block_size=block, topk=topk, cu_seqlens=cu)
     saved = dict(fwd_mod.ONEPASS)

@@ -22,19 +22,14 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_moba import SUITES, timed  # noqa: E402
+from bench_moba import SUITES, make_inputs, timed  # noqa: E402
 
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaMemcpyAsync", "cudaEventSynchronize")
 
 
 def make(name, s):
     b, hq, hkv, d, block, topk, _ = SUITES[name]
-    t = b * s
-    cu = torch.arange(0, t + 1, s, dtype=torch.int32, device="cuda")
-    q = torch.randn(t, hq, d, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(t, hkv, d, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(t, hkv, d, device="cuda", dtype=torch.bfloat16)
-    do = torch.randn(t, hq, d, device="cuda", dtype=torch.bfloat16)
+    cu, q, k, v, do = make_inputs(b, s, hq, hkv, d, "cuda", torch.bfloat16)
     return dict(q=q, k=k, v=v, do=do, cu=cu, block=block, topk=topk, scale=d ** -0.5, hkv=hkv)
 
 
