@@ -152,21 +152,12 @@ def _resume_from_step3(tmp_path, cache_dir, extra, nproc_ref, nproc_resume):
     return {r["step"]: r["loss"] for r in _metrics(tmp_path / "ref")}, got, second.returncode, out
 
 
-def test_resume_with_another_data_parallel_size(tmp_path, cache_dir):
-    """A dp=2 run's step-3 checkpoint resumed with dp=1: the same global batches, so the same
-    losses (up to the order of the gradient reduction)."""
-    ref, got, rc, out = _resume_from_step3(tmp_path, cache_dir, [], 2, 1)
-    assert rc == 0, out
-    assert "resumed from" in out and "dp 1" in out
-    assert sorted(got) == [4, 5]
-    for step, loss in got.items():
-        assert loss == pytest.approx(ref[step], rel=1e-5), (step, loss, ref[step])
-
-
-def test_distributed_optimizer_resumes_under_another_dp(tmp_path, cache_dir):
-    """The distributed optimizer's (dp-sharded) state of a dp=2 run resumed with dp=1: the same
-    losses as the uninterrupted dp=2 run (up to the order of the gradient reduction)."""
-    ref, got, rc, out = _resume_from_step3(tmp_path, cache_dir, ["--parallel.distributed_optimizer=true"], 2, 1)
+@pytest.mark.parametrize("extra", [[], ["--parallel.distributed_optimizer=true"]], ids=["ddp", "distributed_optimizer"])
+def test_resume_with_another_data_parallel_size(tmp_path, cache_dir, extra):
+    """A dp=2 run's step-3 checkpoint resumed with dp=1, plain DDP and with the distributed
+    optimizer's dp-sharded state: the same global batches, so the same losses as the
+    uninterrupted dp=2 run (up to the order of the gradient reduction)."""
+    ref, got, rc, out = _resume_from_step3(tmp_path, cache_dir, extra, 2, 1)
     assert rc == 0, out
     assert "resumed from" in out and "dp 1" in out
     assert sorted(got) == [4, 5]

@@ -67,6 +67,15 @@ def _errorbar(ax, xs, rows, metric, **kw):
     ax.errorbar(xs, [r[metric] for r in rows], yerr=err if any(err) else None, capsize=3, **kw)
 
 
+def _finish(fig, ax, metric: str, title: str, out_path: str, which: str = "major") -> str:
+    """The axis dressing every sweep chart shares, then save."""
+    ax.set_ylabel(_YLABEL.get(metric, metric))
+    ax.set_title(title)
+    ax.grid(True, which=which, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out_path)
+
+
 def plot_scaling(rows: list[dict], metric: str, out_path: str) -> tuple[str, dict]:
     """Loss against training compute (PFLOP/s-days), log-log, one fitted power law per method.
 
@@ -95,11 +104,7 @@ def plot_scaling(rows: list[dict], metric: str, out_path: str) -> tuple[str, dic
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training compute C (PFLOP/s-days)")
-    ax.set_ylabel(_YLABEL.get(metric, metric))
-    ax.set_title("Scaling: MoBA vs full attention")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, out_path), fits
+    return _finish(fig, ax, metric, "Scaling: MoBA vs full attention", out_path, which="both"), fits
 
 
 def plot_granularity(rows: list[dict], metric: str, out_path: str) -> str:
@@ -116,11 +121,7 @@ def plot_granularity(rows: list[dict], metric: str, out_path: str) -> str:
     _reference(ax, full, metric, "full attention", "--")
     ax.set_xticks(range(len(moba)), labels)
     ax.set_xlabel("top-k / #blocks")
-    ax.set_ylabel(_YLABEL.get(metric, metric))
-    ax.set_title("Block granularity at fixed sparsity")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, out_path)
+    return _finish(fig, ax, metric, "Block granularity at fixed sparsity", out_path)
 
 
 def plot_hybrid(rows: list[dict], metric: str, out_path: str) -> str:
@@ -134,11 +135,7 @@ def plot_hybrid(rows: list[dict], metric: str, out_path: str) -> str:
         _reference(ax, [r for r in rows if r["pattern"] == pattern and r.get(metric) is not None], metric, name, style)
     ax.xaxis.get_major_locator().set_params(integer=True)  # layer counts
     ax.set_xlabel("number of last layers with full attention")
-    ax.set_ylabel(_YLABEL.get(metric, metric))
-    ax.set_title("Layer-wise hybrid")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, out_path)
+    return _finish(fig, ax, metric, "Layer-wise hybrid", out_path)
 
 
 def plot_sweep(kind: str, rows: list[dict], metric: str, out_path: str) -> str:
