@@ -577,6 +577,9 @@ def main():
             line = "| " + " | ".join(row) + " |"
             lines.append(line)
             print(line, flush=True)
+            if args.out:  # rows so far, so a run cut off by a time limit keeps what it measured
+                with open(args.out, "w") as fh:
+                    fh.write("\n".join(lines) + "\n\n(incomplete: the run has not finished)\n")
             raw.append({"suite": name, "S": s, "moba": m, "sdpa": sd, "flex": fx, "fla": fl,
                         "gate_flop": gate_f, "attn_flop": attn_f,
                         "causal_flop": causal, "wall_s": time.time() - t0})
