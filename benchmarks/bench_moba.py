@@ -348,7 +348,7 @@ def bench_sdpa(b, s, hq, hkv, d, backend, big, budget_ms):
     return r
 
 
-def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0):
+def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0, parts=("fwd", "bwd")):
     """Time the pieces and a few tile configurations at one shape (prints one line each)."""
     from moba_cp.ops.moba import triton_attn_bwd as bwd_mod
     from moba_cp.ops.moba import triton_attn_fwd as fwd_mod
@@ -381,10 +381,11 @@ def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0):
         conf.update(saved)
 
     gi = build_gather_index(idx, base, blocks.n, hkv, fwd_mod.CONFIG["chunk"])
-    sweep("fwd two-pass", fwd_mod.CONFIG, [{}, {"diag_pass": 1}, {"diag_pass": 2}, {"diag_pass": 2, "diag_no_atomic": True},
+    if "fwd" in parts:
+        sweep("fwd two-pass", fwd_mod.CONFIG, [{}, {"diag_pass": 1}, {"diag_pass": 2}, {"diag_pass": 2, "diag_no_atomic": True},
                                           {"bm": 128, "bn": 128, "num_warps": 8, "diag_pass": 1}],
-          lambda: fwd_mod.sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, scale, block))
-    if block >= 256:
+              lambda: fwd_mod.sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, scale, block))
+    if block >= 256 and "fwd" in parts:
         sweep("fwd one-pass", fwd_mod.ONEPASS,
               [{}, {"bm": 64, "bn": 64, "num_warps": 4}, {"bm": 128, "bn": 128, "num_warps": 8},
                {"bm": 64, "bn": 128, "num_warps": 8}, {"num_stages": 3}, {"qchunk": 2048}, {"bm": 64, "bn": 64, "num_warps": 4, "num_stages": 3}],
@@ -393,9 +394,13 @@ def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0):
     cfgs = [{}, {"trans": True}, {"trans": True, "num_stages": 3}, {"trans": True, "num_warps": 4, "num_stages": 3},
             {"trans": True, "bm": 64}, {"num_stages": 3}]
     if block >= 256:
-        cfgs += [{"dq_bm": 128, "dq_bn": 32}, {"dq_bm": 128, "dq_bn": 64, "dq_warps": 8}, {"dq_stages": 3}]
-    sweep("bwd", bwd_mod.CONFIG, cfgs,
-          lambda: bwd_mod.sparse_attn_bwd(do, q, k, v, o, lse, qpos, blocks, gi, w, scale, block))
+        cfgs += [{"dq_bm": 128, "dq_bn": 32}, {"dq_bm": 128, "dq_bn": 64, "dq_warps": 8}, {"dq_stages": 3},
+                 # dQ fused into the dK/dV kernel (fp32 atomics per key sub-tile: 5 products, not 7)
+                 {"fuse_dq": True}, {"fuse_dq": True, "bm": 64}, {"fuse_dq": True, "num_stages": 2},
+                 {"fuse_dq": True, "bm": 64, "num_stages": 2}]
+    if "bwd" in parts:
+        sweep("bwd", bwd_mod.CONFIG, cfgs,
+              lambda: bwd_mod.sparse_attn_bwd(do, q, k, v, o, lse, qpos, blocks, gi, w, scale, block))
 
 
 def pick_onepass(b, s, hq, hkv, d, block, topk):
@@ -441,6 +446,7 @@ def main():
     ap.add_argument("--json", default=None, help="write raw numbers here")
     ap.add_argument("--pick-onepass", default=None, help="suite:seq: pick the one-pass forward config there first")
     ap.add_argument("--tune", default=None, help="suite:seq, e.g. flashmoba:32768: time pieces and tile configs, then exit")
+    ap.add_argument("--tune-parts", default="fwd,bwd", help="with --tune: which sweeps (fwd, bwd)")
     ap.add_argument("--peers", default="all",
                     help="comma list of sdpa, flex, fla (or 'all': every one available, or 'none')")
     ap.add_argument("--flex-max-seq", type=int, default=131072, help="no FlexAttention peer above this S")
@@ -467,7 +473,7 @@ def main():
     if args.tune:
         name, seq = args.tune.split(":")
         b, hq, hkv, d, block, topk, _ = SUITES[name]
-        tune(b, int(seq), hq, hkv, d, block, topk)
+        tune(b, int(seq), hq, hkv, d, block, topk, parts=args.tune_parts.split(","))
         return
 
     if args.pick_onepass:

@@ -36,7 +36,7 @@ LOG2E = 1.4426950408889634
 #: ``trans``: compute the transposed products (keys as M). ``dq_*``: the separate dQ kernel.
 #: Defaults from H100 sweeps (benchmarks/results/moba_tune_*.log): transposed products with
 #: 64-row steps win at blocks 128 and 512 (9.4 vs 10.8 ms, 12.0 vs 13.6 ms at 32K); at block
-#: 4096 transposed, 32 rows, 3 stages (1112 vs 1223 ms at 128K).
+#: 4096 transposed, 64 rows, 3 stages (1013 ms at 128K; 32 rows 1129, dQ fused 1228-1493).
 #: ``dq_chunk_bytes``: largest fp32 dQ scratch when dq is returned in a half dtype (the
 #: backward then runs in chunks of KV heads; 2 GiB keeps FlashMoBA 512K under SDPA's peak).
 CONFIG = {"bnb": None, "bm": None, "fuse_dq": None, "num_warps": None, "num_stages": None, "trans": True,
@@ -249,8 +249,10 @@ def sparse_attn_bwd(
     nsub = triton.cdiv(block_size, bnb)
     if fuse_dq is None:
         fuse_dq = CONFIG["fuse_dq"] if CONFIG["fuse_dq"] is not None else nsub <= 2
-    big = block_size >= 2048
-    bm_b = CONFIG["bm"] or (32 if big else 64)
+    # 64 gathered rows per step at every block size: block 4096 at 128K, 1129 -> 1013 ms against
+    # 32 rows (H100, session 3, benchmarks/results/moba_tune_b4096_bwd_2026-11-22.log; the
+    # earlier 32-row choice was measured with 2 stages).
+    bm_b = CONFIG["bm"] or 64
     # 3 stages from block 256 up: paper setting (block 512) at 8K, 4.23 -> 3.50 ms (H100, run 5).
     n_stages = CONFIG["num_stages"] or (3 if block_size >= 256 else 2)
     nw = CONFIG["num_warps"] or (8 if d >= 128 else 4)
