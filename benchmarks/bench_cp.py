@@ -213,7 +213,7 @@ def scaling(args, cp, rank, dev, backend, ring_impls):
         # large S: one timed call (seconds each); warm-up only below --no-warm-seq
         warm, reps = (1 if s < args.no_warm_seq else 0, 1) if big else (1, args.reps)
         for block, topk in args.configs:
-            for structured in (False, True):
+            for structured in ((False, True) if args.structured else (False,)):
                 if over():
                     emit(f"| {s} | {block} / {topk} | {'structured' if structured else 'random'} | "
                          f"skipped: time budget of {args.budget_s:.0f} s spent |" + " |" * 10)
@@ -222,16 +222,24 @@ def scaling(args, cp, rank, dev, backend, ring_impls):
                 q, k, v, do = local_inputs(s, hq, hkv, d, dt, dev, seed=s % 997 + block, cp=cp, rank=rank,
                                            structured=structured, block=block, boost=args.boost, n_hot=args.n_hot)
                 kw = dict(block_size=block, topk=topk, cp_group=dist.group.WORLD, backend=backend)
-                t_keep = timed(fwd_bwd(moba_attn_cp, q, k, v, do, **kw, keep_kv=True), 0 if structured else warm, reps)
+                t_keep = t_ref = p_keep = p_ref = float("nan")
+                if args.keep:
+                    t_keep = timed(fwd_bwd(moba_attn_cp, q, k, v, do, **kw, keep_kv=True), 0 if structured else warm,
+                                   reps)
+                else:  # the default (re-fetch) only: it is the call the ratios below use
+                    t_ref = timed(fwd_bwd(moba_attn_cp, q, k, v, do, **kw, keep_kv=False), 0 if structured else warm,
+                                  reps)
                 st = last_stats().as_dict()
                 recv = allmax(st["kv_bytes_recv"])
                 grad = allmax(st["grad_bytes_sent"])
-                t_ref = p_keep = p_ref = float("nan")
-                if not structured and s < args.no_warm_seq and not over():
+                if args.keep and not structured and s < args.no_warm_seq and not over():
                     t_ref = timed(fwd_bwd(moba_attn_cp, q, k, v, do, **kw, keep_kv=False), 0, 1 if big else reps)
                     if not big:
                         p_keep = peak_gib(fwd_bwd(moba_attn_cp, q, k, v, do, **kw, keep_kv=True))
                         p_ref = peak_gib(fwd_bwd(moba_attn_cp, q, k, v, do, **kw, keep_kv=False))
+                elif not structured and not big:
+                    p_ref = peak_gib(fwd_bwd(moba_attn_cp, q, k, v, do, **kw, keep_kv=False))
+                t_cp = t_keep if args.keep else t_ref
                 del q, k, v, do
                 t_half = t_full = float("nan")
                 if not structured and not over():
@@ -250,7 +258,8 @@ def scaling(args, cp, rank, dev, backend, ring_impls):
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
                 row = dict(S=s, block=block, topk=topk, inputs=kind, cp_keep_ms=t_keep, cp_refetch_ms=t_ref,
-                           single_half_ms=t_half, weak_ratio=t_keep / t_half if t_half == t_half else float("nan"),
+                           single_half_ms=t_half, weak_ratio=t_cp / t_half if t_half == t_half else float("nan"),
+                           cp_ms=t_cp, cp_mode="keep" if args.keep else "refetch",
                            single_full_ms=t_full, kv_recv_bytes=recv, full_ring_bytes=st["full_ring_kv_bytes"],
                            union_blocks=st["global_union_blocks"], n_blocks=st["n_blocks"], grad_bytes=grad,
                            peak_keep_gib=p_keep, peak_refetch_gib=p_ref, kept_kv_bytes=st["kept_kv_bytes"])
@@ -262,7 +271,8 @@ def scaling(args, cp, rank, dev, backend, ring_impls):
                      f"{grad / mib:.1f} | {f(p_keep, 1)} / {f(p_ref, 1)} |")
         # ring attention on the same shapes
         if s <= args.max_ring_seq:
-            for impl in ring_impls:
+            for impl in (ring_impls if s < args.ring_long_seq else
+                         [i for i in ring_impls if i in args.ring_long_impls.split(",")]):
                 if over():
                     ring_rows.append(dict(S=s, impl=impl, ms=None))
                     continue
@@ -278,13 +288,15 @@ def scaling(args, cp, rank, dev, backend, ring_impls):
     emit()
     emit(f"## 3. ring_attn_cp (full causal attention, CP={cp}) vs moba_attn_cp, forward+backward")
     emit()
-    emit("| S | ring impl | ring_attn_cp (ms) | " + " | ".join(f"MoBA B={b} k={t} (ms) | speedup" for b, t in args.configs) + " |")
+    mode = "K/V kept" if args.keep else "K/V re-fetched"
+    emit("| S | ring impl | ring_attn_cp (ms) | "
+         + " | ".join(f"MoBA B={b} k={t}, {mode} (ms) | speedup" for b, t in args.configs) + " |")
     emit("|---|---|---|" + "---|---|" * len(args.configs))
     for rr in ring_rows:
         cells = []
         for b, t in args.configs:
             m = [r for r in rows if r["S"] == rr["S"] and r["block"] == b and r["inputs"] == "random"]
-            ms = m[0]["cp_keep_ms"] if m else float("nan")
+            ms = m[0]["cp_ms"] if m else float("nan")
             sp = rr["ms"] / ms if (rr["ms"] and ms == ms) else float("nan")
             cells.append(f"{ms:.1f} | {sp:.1f}x")
         ring_ms = "skipped (budget)" if rr["ms"] is None else f"{rr['ms']:.1f}"
@@ -292,6 +304,49 @@ def scaling(args, cp, rank, dev, backend, ring_impls):
              + " | ".join(cells) + " |")
     emit()
     return rows, ring_rows
+
+
+def profile_calls(args, cp, rank, dev, backend) -> None:
+    """torch.profiler over one CP fwd+bwd and one single-GPU fwd+bwd on S/2 tokens (warm):
+    the kernels that take the time, as rank 0 sees them (where the weak-scaling gap goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    s, block, topk = (int(x) for x in args.profile.split(":"))
+    hq, hkv, d, dt = args.hq, args.hkv, args.d, args.dtype
+    q, k, v, do = local_inputs(s, hq, hkv, d, dt, dev, seed=3, cp=cp, rank=rank)
+    calls = [(f"moba_attn_cp CP={cp}, S={s}", fwd_bwd(moba_attn_cp, q, k, v, do, block_size=block, topk=topk,
+                                                     cp_group=dist.group.WORLD, backend=backend)),
+             (f"moba_attn one GPU, S/2={s // 2}", fwd_bwd(moba_attn, q, k, v, do, block_size=block, topk=topk,
+                                                          backend=backend))]
+    emit(f"## Profile: B={block}, top-k {topk} (rank 0; one warm fwd+bwd call each; self device time per op)")
+    emit()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    for name, fn in calls:
+        fn()
+        sync()
+        dist.barrier()
+        t0 = time.time()
+        with profile(activities=activities) as prof:
+            fn()
+            sync()
+        wall = (time.time() - t0) * 1e3
+        if rank == 0:
+            ka = prof.key_averages()
+            for key in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
+                try:
+                    table = ka.table(sort_by=key, row_limit=18, max_name_column_width=60)
+                    break
+                except (AttributeError, KeyError, ValueError):
+                    continue
+            emit(f"### {name}: {wall:.0f} ms wall under the profiler")
+            emit()
+            emit("```")
+            emit(table)
+            emit("```")
+            emit()
+    del q, k, v, do, calls
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def plan_only(args) -> None:
@@ -389,6 +444,13 @@ def main():
     p.add_argument("--max-single-full", type=int, default=2097152)
     p.add_argument("--max-ring-seq", type=int, default=1048576)
     p.add_argument("--ring-impls", default="flash,cudnn")
+    p.add_argument("--ring-long-seq", type=int, default=1 << 40, help="from this S on, ring only --ring-long-impls")
+    p.add_argument("--ring-long-impls", default="cudnn")
+    p.add_argument("--no-keep", dest="keep", action="store_false",
+                   help="time only the default K/V re-fetch mode (no keep-vs-refetch comparison)")
+    p.add_argument("--no-structured", dest="structured", action="store_false", help="random inputs only")
+    p.add_argument("--profile", default=None,
+                   help="S:block:topk: torch.profiler on one CP call and one single-GPU S/2 call (rank 0 table)")
     p.add_argument("--eq-seq", type=int, default=8192)
     p.add_argument("--eq-hq", type=int, default=8)
     p.add_argument("--eq-hkv", type=int, default=2)
@@ -438,6 +500,8 @@ def main():
     ring_impls = probe_dense([i for i in args.ring_impls.split(",") if i], dev, args.dtype)
     if not args.skip_eq:
         ring_impls = equality(args, cp, rank, dev, backend, ring_impls)
+    if args.profile and not args.eq_only:
+        profile_calls(args, cp, rank, dev, backend)
     rows, ring_rows = ([], []) if args.eq_only else scaling(args, cp, rank, dev, backend, ring_impls)
     emit(f"_total wall time {time.time() - T0:.0f} s_")
     if rank == 0 and args.out:

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from moba_cp.ops.lse_merge import merge_into
 from moba_cp.ops.moba.api import choose_backend
-from moba_cp.ops.moba.partial import partial_attn_bwd, partial_attn_fwd
+from moba_cp.ops.moba.partial import partial_attn_bwd, partial_attn_fwd, partial_index
 from moba_cp.parallel.exchange import CPStats, RingComm, _record, agree_on_layout, build_plan
 from moba_cp.parallel.gate import gather_centroids, select_global
 from moba_cp.parallel.zigzag import local_chunks, zigzag_positions
@@ -179,8 +179,18 @@ class _MobaCP(torch.autograd.Function):
         want[b * nbc:(b + 1) * nbc] = False
         plan, mask_bytes = build_plan(want, nbc, group, q)
 
-        src_of = plan.source_of_block.to(device=dev, dtype=torch.int32)
-        slot_of = plan.slot_of_block.to(device=dev, dtype=torch.int32)
+        # One slot namespace for the call: local slots [0, 2*nbc), then each ring step's
+        # received blocks in arrival order. The selection is translated once, and its index
+        # (Triton: one gather index) serves every source's partial, forward and backward.
+        n_recv = [t.numel() for t in plan.recv_blocks]
+        src_off = [0] + [2 * nbc + sum(n_recv[1:s]) for s in range(1, cp)]
+        n_slots = 2 * nbc + sum(n_recv[1:])
+        ns_of_block = torch.full((nb + 1,), -1, dtype=torch.int32)  # host; entry 0 for padding -1
+        have = plan.source_of_block >= 0
+        ns_of_block[1:][have] = (torch.tensor(src_off)[plan.source_of_block[have]]
+                                 + plan.slot_of_block[have]).to(torch.int32)
+        sel = ns_of_block.to(dev)[idx.long() + 1]
+        index = partial_index(sel, n_slots, hkv, d, backend=backend)
         send_slots = [t.to(dev) for t in plan.send_slots]
         recv_pos = [(t * B).to(dev) for t in plan.recv_blocks]
         loc_slot_pos = torch.cat([torch.arange(nbc, device=dev) * B + a * chunk,
@@ -208,22 +218,18 @@ class _MobaCP(torch.autograd.Function):
             shape = (2, n_recv * B, hkv, d) if n_recv else None
             return comm.post(pack, s, shape, k.dtype, dev, -s, tag=s)
 
-        def slots_for(s):
-            g = idx.long().clamp(min=0)
-            return torch.where((idx >= 0) & (src_of[g] == s), slot_of[g], -1).to(torch.int32)
+        part = dict(block_size=B, softmax_scale=scale, backend=backend, index=index)
 
         # 4. local partial first (step 1's transfer already in flight), then each arrival.
         pending = post_kv(1) if cp > 1 else None
-        o_acc, lse_acc = partial_attn_fwd(q, q_pos, k, v, loc_slot_pos, slots_for(0), block_size=B,
-                                          softmax_scale=scale, backend=backend)
+        o_acc, lse_acc = partial_attn_fwd(q, q_pos, k, v, loc_slot_pos, sel, **part)
         kept = {}
         for s in range(1, cp):
             buf = comm.wait(pending)
             pending = post_kv(s + 1) if s + 1 < cp else None
             if buf is None:
                 continue
-            o_s, lse_s = partial_attn_fwd(q, q_pos, buf[0], buf[1], recv_pos[s], slots_for(s), block_size=B,
-                                          softmax_scale=scale, backend=backend)
+            o_s, lse_s = partial_attn_fwd(q, q_pos, buf[0], buf[1], recv_pos[s], sel, slot_offset=src_off[s], **part)
             o_acc, lse_acc = merge_into(o_acc, lse_acc, o_s, lse_s)
             if keep_kv:
                 kept[s] = buf
@@ -235,30 +241,28 @@ class _MobaCP(torch.autograd.Function):
 
         o = o_acc.to(q.dtype)
         lse = lse_acc.float()
-        ctx.save_for_backward(q, k, v, o, lse, idx)
+        ctx.save_for_backward(q, k, v, o, lse, sel)
         ctx.kept = kept
-        ctx.meta = (B, scale, backend, keep_kv, group, q_pos, loc_slot_pos, recv_pos, send_slots, plan, src_of,
-                    slot_of, stats)
+        ctx.index = index  # Triton: the gather index when the forward built it (two-pass), kept for backward
+        ctx.meta = (B, scale, backend, keep_kv, group, q_pos, loc_slot_pos, recv_pos, send_slots, plan, src_off,
+                    stats)
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, _dlse):
-        q, k, v, o, lse, idx = ctx.saved_tensors
-        (B, scale, backend, keep_kv, group, q_pos, loc_slot_pos, recv_pos, send_slots, plan, src_of, slot_of,
+        q, k, v, o, lse, sel = ctx.saved_tensors
+        (B, scale, backend, keep_kv, group, q_pos, loc_slot_pos, recv_pos, send_slots, plan, src_off,
          stats) = ctx.meta
-        kept = ctx.kept
+        kept, index = ctx.kept, ctx.index
+        part = dict(block_size=B, softmax_scale=scale, backend=backend, index=index)
         cp = plan.cp_size
         s_loc, hq, d = q.shape
         hkv = k.shape[1]
         dev = q.device
         do = do.contiguous()
         comm = RingComm(group, dev)
-
-        def slots_for(s):
-            g = idx.long().clamp(min=0)
-            return torch.where((idx >= 0) & (src_of[g] == s), slot_of[g], -1).to(torch.int32)
 
         def post_kv(s):  # re-fetch (keep_kv=False): the forward's transfer again
             n_send, n_recv = send_slots[s].numel(), plan.recv_blocks[s].numel()
@@ -270,9 +274,8 @@ class _MobaCP(torch.autograd.Function):
             return comm.post(pack, s, (2, n_recv * B, hkv, d) if n_recv else None, k.dtype, dev, -s, tag=s)
 
         pending_kv = post_kv(1) if (cp > 1 and not keep_kv) else None
-        dq, dk, dv = partial_attn_bwd(do, q, q_pos, k, v, loc_slot_pos, slots_for(0), o, lse, block_size=B,
-                                      softmax_scale=scale, backend=backend)
-        dq, dk, dv = dq.float(), dk.float(), dv.float()
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=dev)  # every source adds its dQ here
+        _, dk, dv = partial_attn_bwd(do, q, q_pos, k, v, loc_slot_pos, sel, o, lse, dq_acc=dq, **part)
         grad_pending = []
         for s in range(1, cp):
             if keep_kv:
@@ -282,10 +285,9 @@ class _MobaCP(torch.autograd.Function):
                 pending_kv = post_kv(s + 1) if s + 1 < cp else None
             gpack = None
             if buf is not None:
-                dq_s, dk_b, dv_b = partial_attn_bwd(do, q, q_pos, buf[0], buf[1], recv_pos[s], slots_for(s), o, lse,
-                                                    block_size=B, softmax_scale=scale, backend=backend)
-                dq += dq_s
-                gpack = torch.stack([dk_b.float(), dv_b.float()])
+                _, dk_b, dv_b = partial_attn_bwd(do, q, q_pos, buf[0], buf[1], recv_pos[s], sel, o, lse,
+                                                 slot_offset=src_off[s], dq_acc=dq, **part)
+                gpack = torch.stack([dk_b, dv_b])
             n_back = send_slots[s].numel()  # the blocks this rank sent to rank + s come back
             stats.grad_bytes_sent += 0 if gpack is None else gpack.numel() * 4
             stats.grad_bytes_recv += n_back * B * hkv * d * 4 * 2
@@ -298,5 +300,5 @@ class _MobaCP(torch.autograd.Function):
                 rows = _rows_of_slots(send_slots[s], B)
                 dk.index_add_(0, rows, g[0])
                 dv.index_add_(0, rows, g[1])
-        ctx.kept = None
+        ctx.kept = ctx.index = None
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None

@@ -155,9 +155,11 @@ def _dq_kernel(
     g = b % NBK
     hk = h // G
     d = tl.arange(0, D)
+    kl = _ld(KLEN + g)
+    if kl == 0:  # a block of another source (CP slot namespace)
+        return
     ks = tl.load(KSTART + g).to(tl.int64)
     kp0 = tl.load(KPOS + g)
-    kl = _ld(KLEN + g)
     for r0 in range(c0, c1, BM):
         rr = r0 + tl.arange(0, BM)
         rmask = rr < c1
@@ -203,6 +205,7 @@ def sparse_attn_bwd(
     fuse_dq: bool | None = None,
     kv_grad_dtype: torch.dtype = torch.float32,
     dq_dtype: torch.dtype = torch.float32,
+    dq_acc: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`triton_attn_fwd.sparse_attn_fwd` given ``o``/``lse`` from outside.
 
@@ -215,6 +218,8 @@ def sparse_attn_bwd(
         dq_dtype: dtype of dq. dQ is summed with fp32 atomics; for a half ``dq_dtype`` the fp32
             scratch exists for one chunk of KV heads at a time (``CONFIG["dq_chunk_bytes"]``)
             and each chunk is cast into dq, so the scratch never costs a whole fp32 ``[Tq, Hq, D]``.
+        dq_acc: optional contiguous fp32 ``[Tq, Hq, D]`` to add dQ into (context parallelism sums
+            the partials of all sources there); returned as dq, ``dq_dtype`` is then ignored.
     Returns:
         ``dq [Tq, Hq, D]`` in ``dq_dtype``, ``dk, dv [Tk, Hkv, D]`` in ``kv_grad_dtype``.
     """
@@ -238,11 +243,20 @@ def sparse_attn_bwd(
     # dk/dv need no zero fill.
     dk = torch.empty(tk, hkv, d, dtype=kv_grad_dtype, device=dev)
     dv = torch.empty(tk, hkv, d, dtype=kv_grad_dtype, device=dev)
+    if dq_acc is not None:
+        if dq_acc.dtype != torch.float32 or dq_acc.shape != q.shape or not dq_acc.is_contiguous():
+            raise ValueError(f"sparse_attn_bwd: dq_acc must be a contiguous fp32 {tuple(q.shape)} tensor, got "
+                             f"{dq_acc.dtype} {tuple(dq_acc.shape)}")
+        dq_dtype = torch.float32
     fp32_dq = dq_dtype == torch.float32
-    dq = torch.zeros(tq, hq, d, dtype=torch.float32, device=dev) if fp32_dq else torch.empty(
-        tq, hq, d, dtype=dq_dtype, device=dev)
+    if dq_acc is not None:
+        dq = dq_acc
+    elif fp32_dq:
+        dq = torch.zeros(tq, hq, d, dtype=torch.float32, device=dev)
+    else:
+        dq = torch.empty(tq, hq, d, dtype=dq_dtype, device=dev)
     if tq == 0 or blocks.n == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return (dq if dq_acc is not None else dq.zero_()), dk.zero_(), dv.zero_()
     # Measured on H100 at d=128, block 128 (benchmarks/NOTES_moba_kernels.md): 128-key
     # programs with 32-row steps beat 64x64 by ~25%.
     bnb = bnb or CONFIG["bnb"] or min(128 if d >= 128 else 64, triton.next_power_of_2(block_size))

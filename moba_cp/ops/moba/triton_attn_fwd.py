@@ -73,9 +73,11 @@ def _fwd_kernel(
     g = b % NBK
     hk = h // G
     d = tl.arange(0, D)
+    kl = _ld(KLEN + g)
+    if kl == 0:  # a block of another source (CP slot namespace): PART stays -inf, adds nothing
+        return
     ks = tl.load(KSTART + g).to(tl.int64)
     kp0 = tl.load(KPOS + g)
-    kl = _ld(KLEN + g)
     nn = tl.arange(0, BN)
     if SINGLE:
         kmask = nn < kl
@@ -252,6 +254,8 @@ def _fwd_onepass_kernel(
         ks = tl.load(KSTART + g).to(tl.int64)
         kp0 = tl.load(KPOS + g)
         kl = _ld(KLEN + g)
+        if kl == 0:  # empty block (padding, or another CP source's slot): its rows keep their state
+            r_hi = r_lo
         for r0 in range(r_lo, r_hi, BM):
             rr = r0 + tl.arange(0, BM)
             rmask = rr < r_hi

@@ -29,6 +29,7 @@ from moba_cp.ops.moba.triton_attn_fwd import ONEPASS, fwd_tile_m, sparse_attn_fw
 from moba_cp.ops.moba.triton_centroids import block_centroids
 from moba_cp.ops.moba.triton_common import (
     GatherIndex,
+    KeyBlocks,
     build_gather_index,
     check_triton_inputs,
     doc_tables,
@@ -36,7 +37,7 @@ from moba_cp.ops.moba.triton_common import (
 )
 from moba_cp.ops.moba.triton_gate import MAX_GATE_WIDTH, gate_topk
 
-__all__ = ["moba_attn", "select_blocks", "block_attn", "partial_attn_fwd", "partial_attn_bwd"]
+__all__ = ["moba_attn", "select_blocks", "block_attn", "partial_index", "partial_attn_fwd", "partial_attn_bwd"]
 
 
 def _c(x: torch.Tensor) -> torch.Tensor:
@@ -187,51 +188,107 @@ def moba_attn(q, k, v, *, block_size: int, topk: int, cu_seqlens=None, softmax_s
 
 
 # ----------------------------------------------------------------------------- CP slot form
-def _partial_setup(q, q_pos, k_buf, slot_pos, slot_idx, block_size):
+class SlotIndex:
+    """The selection of one CP call in one slot namespace, shared by every source's partial.
+
+    ``sel [Tq, Hq, W]`` int32 holds slot ids in ``[0, n_slots)`` (``-1`` = none); each source
+    (local blocks, each ring step's received blocks) owns a contiguous slot range. The gather
+    index over the whole namespace is built once, on first use (the two-pass forward builds it;
+    after a one-pass forward the backward does), and then serves every source's forward and
+    backward: a source's kernels see the other sources' slots as empty blocks and skip them.
+    """
+
+    def __init__(self, sel: torch.Tensor, n_slots: int, hkv: int, head_dim: int):
+        self.sel = sel.to(torch.int32).contiguous()
+        self.n_slots, self.hkv, self.head_dim = int(n_slots), int(hkv), int(head_dim)
+        self._gi: GatherIndex | None = None
+
+    def gather(self) -> GatherIndex:
+        if self._gi is None:
+            self._gi = build_gather_index(self.sel, None, self.n_slots, self.hkv, fwd_tile_m(self.head_dim))
+        return self._gi
+
+
+def partial_index(slot_idx: torch.Tensor, n_slots: int, hkv: int, head_dim: int) -> SlotIndex:
+    """A :class:`SlotIndex` for ``slot_idx [Tq, Hq, W]`` over ``n_slots`` slots of all sources."""
+    return SlotIndex(slot_idx, n_slots, hkv, head_dim)
+
+
+def _source_tables(slot_pos: torch.Tensor, slot_offset: int, n_total: int, block_size: int) -> KeyBlocks:
+    """Key-block table of one source over the whole namespace: its slots
+    ``[slot_offset, slot_offset + n)`` are rows ``[j*B, (j+1)*B)`` of its buffer, every other
+    slot is empty (``klen = 0``)."""
+    n = slot_pos.shape[0]
+    dev = slot_pos.device
+    if n_total == n and slot_offset == 0:
+        return slot_tables(slot_pos, block_size)
+    kstart = torch.zeros(n_total, dtype=torch.int32, device=dev)
+    kpos = torch.zeros(n_total, dtype=torch.int32, device=dev)
+    klen = torch.zeros(n_total, dtype=torch.int32, device=dev)
+    kstart[slot_offset:slot_offset + n] = torch.arange(n, device=dev, dtype=torch.int32) * block_size
+    kpos[slot_offset:slot_offset + n] = slot_pos.to(torch.int32)
+    klen[slot_offset:slot_offset + n] = block_size
+    return KeyBlocks(kstart, kpos, klen)
+
+
+def _partial_setup(q, k_buf, slot_pos, slot_idx, block_size, slot_offset, index):
+    """Checks (no device sync), this source's table and the shared index."""
     check_triton_inputs(q, block_size, "partial attention")
-    if slot_pos.numel() and bool((slot_pos % block_size != 0).any()):
+    n = slot_pos.shape[0]
+    if slot_pos.device.type == "cpu" and n and bool((slot_pos % block_size != 0).any()):  # free on the host
         raise ValueError(
             f"partial attention: slot_pos must be multiples of block_size={block_size} (slots hold "
             f"whole blocks); got {slot_pos.tolist()[:8]}..."
         )
-    if k_buf.shape[0] != slot_pos.shape[0] * block_size:
+    if k_buf.shape[0] != n * block_size:
         raise ValueError(
-            f"partial attention: k_buf has {k_buf.shape[0]} rows but {slot_pos.shape[0]} slots of "
-            f"block_size={block_size} need {slot_pos.shape[0] * block_size}."
+            f"partial attention: k_buf has {k_buf.shape[0]} rows but {n} slots of "
+            f"block_size={block_size} need {n * block_size}."
         )
-    blocks = slot_tables(slot_pos, block_size)
-    gi = build_gather_index(slot_idx.to(torch.int32), None, blocks.n, k_buf.shape[1], fwd_tile_m(q.shape[-1]))
-    return blocks, q_pos.to(torch.int32), gi
+    if index is None:  # a one-off call: this source's slots only, renumbered from 0
+        sel = slot_idx.to(torch.int32)
+        if slot_offset:
+            sel = torch.where((sel >= slot_offset) & (sel < slot_offset + n), sel - slot_offset, -1)
+        index, slot_offset = SlotIndex(sel, n, k_buf.shape[1], q.shape[-1]), 0
+    elif slot_offset + n > index.n_slots:
+        raise ValueError(
+            f"partial attention: slots [{slot_offset}, {slot_offset + n}) exceed the index's {index.n_slots} slots"
+        )
+    return _source_tables(slot_pos, slot_offset, index.n_slots, block_size), index
 
 
-def partial_attn_fwd(q, q_pos, k_buf, v_buf, slot_pos, slot_idx, *, block_size: int, softmax_scale: float):
+def partial_attn_fwd(q, q_pos, k_buf, v_buf, slot_pos, slot_idx, *, block_size: int, softmax_scale: float,
+                     slot_offset: int = 0, index: SlotIndex | None = None):
     """Attention of ``q [Tq, Hq, D]`` over the slots ``slot_idx [Tq, Hq, W]`` it selected in
     ``k_buf, v_buf [n_slots*B, Hkv, D]`` (see ``partial.py``); keys after ``q_pos`` masked.
+    The buffer holds slots ``[slot_offset, slot_offset + n_slots)`` of the namespace of ``index``
+    (:func:`partial_index`, shared by all sources of a call; None: built for this call).
 
     Returns ``o [Tq, Hq, D]`` (q's dtype) and ``lse [Tq, Hq]`` fp32; rows with no visible key
     get ``o = 0``, ``lse = -inf``. No autograd graph.
     """
     q, k_buf, v_buf = _c(q), _c(k_buf), _c(v_buf)
-    if block_size >= ONEPASS["min_block"]:
-        check_triton_inputs(q, block_size, "partial attention")
-        blocks = slot_tables(slot_pos, block_size)
-        with torch.no_grad():
-            return sparse_attn_fwd_onepass(
-                q, k_buf, v_buf, q_pos.to(torch.int32), blocks, slot_idx.to(torch.int32), None, float(softmax_scale)
-            )
-    blocks, qpos, gi = _partial_setup(q, q_pos, k_buf, slot_pos, slot_idx, block_size)
+    blocks, index = _partial_setup(q, k_buf, slot_pos, slot_idx, block_size, slot_offset, index)
+    qpos = q_pos.to(torch.int32)
     with torch.no_grad():
-        return sparse_attn_fwd(q, k_buf, v_buf, qpos, blocks, gi, slot_idx.shape[-1], float(softmax_scale), block_size)
+        if block_size >= ONEPASS["min_block"]:
+            return sparse_attn_fwd_onepass(q, k_buf, v_buf, qpos, blocks, index.sel, None, float(softmax_scale))
+        return sparse_attn_fwd(q, k_buf, v_buf, qpos, blocks, index.gather(), index.sel.shape[-1],
+                               float(softmax_scale), block_size)
 
 
-def partial_attn_bwd(do, q, q_pos, k_buf, v_buf, slot_pos, slot_idx, o, lse, *, block_size: int, softmax_scale: float):
+def partial_attn_bwd(do, q, q_pos, k_buf, v_buf, slot_pos, slot_idx, o, lse, *, block_size: int, softmax_scale: float,
+                     slot_offset: int = 0, index: SlotIndex | None = None, dq_acc: torch.Tensor | None = None):
     """Gradients of this partial given merged ``o [Tq, Hq, D]`` and ``lse [Tq, Hq]`` (no dLSE).
+    ``slot_offset``/``index`` as :func:`partial_attn_fwd`; ``dq_acc``: fp32 ``[Tq, Hq, D]`` to
+    add dQ into (then returned as dq).
 
     Returns ``dq [Tq, Hq, D]``, ``dk_buf, dv_buf [n_slots*B, Hkv, D]``, all fp32.
     """
     q, k_buf, v_buf = _c(q), _c(k_buf), _c(v_buf)
-    blocks, qpos, gi = _partial_setup(q, q_pos, k_buf, slot_pos, slot_idx, block_size)
+    blocks, index = _partial_setup(q, k_buf, slot_pos, slot_idx, block_size, slot_offset, index)
     with torch.no_grad():
         return sparse_attn_bwd(
-            _c(do), q, k_buf, v_buf, o, lse, qpos, blocks, gi, slot_idx.shape[-1], float(softmax_scale), block_size
+            _c(do), q, k_buf, v_buf, o, lse, q_pos.to(torch.int32), blocks, index.gather(), index.sel.shape[-1],
+            float(softmax_scale), block_size, dq_acc=dq_acc,
         )
