@@ -56,6 +56,8 @@ SUITES = {
     "flashmoba": (2, 16, 16, 128, 128, 8, [8192, 32768, 131072, 524288]),
     "paper-b512": (1, 32, 8, 128, 512, 3, [8192, 32768]),
     "paper-b4096": (1, 32, 8, 128, 4096, 12, [131072, 524288, 1048576]),
+    # one CP=2 rank's gate at 1M tokens and block 128 (not in the default table; --tune cp-b128:524288)
+    "cp-b128": (1, 32, 8, 128, 128, 8, [524288]),
 }
 SMOKE = {"smoke": (1, 16, 4, 16, 16, 3, [72])}  # CPU smoke: T not a multiple of the block
 
@@ -380,6 +382,13 @@ def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0, parts=("fwd", "bwd")):
         conf.clear()
         conf.update(saved)
 
+    if "gate" in parts:
+        from moba_cp.ops.moba import triton_gate as gate_mod
+
+        sweep("gate (centroids+gate)", gate_mod.CONFIG,
+              [{}, {"num_warps": 8}, {"bm": 128, "num_warps": 8}, {"bm": 128, "num_warps": 4}, {"bn": 128, "num_warps": 8},
+               {"bm": 128, "bn": 128, "num_warps": 8}, {"bm": 32, "num_warps": 4}, {"bn": 32, "num_warps": 4}],
+              lambda: tb.select_blocks(q, k, block_size=block, topk=topk, cu_seqlens=cu))
     gi = build_gather_index(idx, base, blocks.n, hkv, fwd_mod.CONFIG["chunk"])
     if "fwd" in parts:
         sweep("fwd two-pass", fwd_mod.CONFIG, [{}, {"diag_pass": 1}, {"diag_pass": 2}, {"diag_pass": 2, "diag_no_atomic": True},
@@ -446,7 +455,7 @@ def main():
     ap.add_argument("--json", default=None, help="write raw numbers here")
     ap.add_argument("--pick-onepass", default=None, help="suite:seq: pick the one-pass forward config there first")
     ap.add_argument("--tune", default=None, help="suite:seq, e.g. flashmoba:32768: time pieces and tile configs, then exit")
-    ap.add_argument("--tune-parts", default="fwd,bwd", help="with --tune: which sweeps (fwd, bwd)")
+    ap.add_argument("--tune-parts", default="fwd,bwd", help="with --tune: which sweeps (gate, fwd, bwd)")
     ap.add_argument("--peers", default="all",
                     help="comma list of sdpa, flex, fla (or 'all': every one available, or 'none')")
     ap.add_argument("--flex-max-seq", type=int, default=131072, help="no FlexAttention peer above this S")
@@ -480,7 +489,7 @@ def main():
         name, seq = args.pick_onepass.split(":")
         b, hq, hkv, d, block, topk, _ = SUITES[name]
         pick_onepass(b, int(seq), hq, hkv, d, block, topk)
-    suites = list(suite_table) if args.suite == "all" else args.suite.split(",")
+    suites = [x for x in suite_table if x != "cp-b128"] if args.suite == "all" else args.suite.split(",")
     dev = torch.cuda.get_device_name() if CUDA else "CPU (smoke: Triton interpreter)"
     hdr = (
         "| setting | S | MoBA fwd ms | MoBA fwd+bwd ms | gate ms | attn fwd ms | TFLOP/s fwd | TFLOP/s f+b "

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from moba_cp.ops.lse_merge import merge_into
 from moba_cp.ops.moba.api import choose_backend
+from moba_cp.ops.moba.block_ids import remap_ids, selected_mask
 from moba_cp.ops.moba.partial import partial_attn_bwd, partial_attn_fwd, partial_index
 from moba_cp.parallel.exchange import CPStats, RingComm, _record, agree_on_layout, build_plan
 from moba_cp.parallel.gate import gather_centroids, select_global
@@ -171,9 +172,7 @@ class _MobaCP(torch.autograd.Function):
         idx = select_global(q, q_pos, cent, block_size=B, topk=topk, width=width, backend=backend)
 
         # 3. request bitmask: the remote blocks any local query/head selected.
-        seen = torch.zeros(nb + 1, dtype=torch.bool, device=dev)
-        seen[(idx.flatten().long() + 1)] = True  # -1 padding lands in slot 0, dropped below
-        want = seen[1:]
+        want = selected_mask(idx, nb)
         a, b = local_chunks(r, cp)
         want[a * nbc:(a + 1) * nbc] = False
         want[b * nbc:(b + 1) * nbc] = False
@@ -185,11 +184,11 @@ class _MobaCP(torch.autograd.Function):
         n_recv = [t.numel() for t in plan.recv_blocks]
         src_off = [0] + [2 * nbc + sum(n_recv[1:s]) for s in range(1, cp)]
         n_slots = 2 * nbc + sum(n_recv[1:])
-        ns_of_block = torch.full((nb + 1,), -1, dtype=torch.int32)  # host; entry 0 for padding -1
+        ns_of_block = torch.full((nb,), -1, dtype=torch.int32)  # host
         have = plan.source_of_block >= 0
-        ns_of_block[1:][have] = (torch.tensor(src_off)[plan.source_of_block[have]]
-                                 + plan.slot_of_block[have]).to(torch.int32)
-        sel = ns_of_block.to(dev)[idx.long() + 1]
+        ns_of_block[have] = (torch.tensor(src_off)[plan.source_of_block[have]]
+                             + plan.slot_of_block[have]).to(torch.int32)
+        sel = remap_ids(idx, ns_of_block)
         index = partial_index(sel, n_slots, hkv, d, backend=backend)
         send_slots = [t.to(dev) for t in plan.send_slots]
         recv_pos = [(t * B).to(dev) for t in plan.recv_blocks]
@@ -230,7 +229,9 @@ class _MobaCP(torch.autograd.Function):
             if buf is None:
                 continue
             o_s, lse_s = partial_attn_fwd(q, q_pos, buf[0], buf[1], recv_pos[s], sel, slot_offset=src_off[s], **part)
-            o_acc, lse_acc = merge_into(o_acc, lse_acc, o_s, lse_s)
+            # fp32 between merges; the last one writes q's dtype directly
+            o_acc, lse_acc = merge_into(o_acc, lse_acc, o_s, lse_s,
+                                        out_dtype=q.dtype if s == cp - 1 else torch.float32)
             if keep_kv:
                 kept[s] = buf
         stats.kv_bytes_sent = stats.kv_blocks_sent * stats.block_bytes
