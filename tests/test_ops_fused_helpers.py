@@ -11,6 +11,8 @@ pytest.importorskip("triton")
 from moba_cp.ops.lse_merge import merge_into  # noqa: E402
 from moba_cp.ops.moba.block_ids import remap_ids, selected_mask  # noqa: E402
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter
+
 
 def _partials(shape, d, gen):
     o, o_new = torch.randn(*shape, d, generator=gen), torch.randn(*shape, d, generator=gen)
@@ -18,7 +20,7 @@ def _partials(shape, d, gen):
     lse.view(-1)[0] = float("-inf")  # only the new partial has keys
     lse_new.view(-1)[1] = float("-inf")  # only the old one
     lse.view(-1)[2] = lse_new.view(-1)[2] = float("-inf")  # neither: o = 0, lse = -inf
-    return o, lse, o_new, lse_new
+    return o.to(DEV), lse.to(DEV), o_new.to(DEV), lse_new.to(DEV)
 
 
 @pytest.mark.parametrize("d", [16, 24])  # 24: a head dim that is not a power of two
@@ -44,11 +46,12 @@ def test_selected_mask_and_remap_equal_torch():
     gen = torch.Generator().manual_seed(1)
     idx = torch.randint(-1, 40, (33, 4, 5), generator=gen, dtype=torch.int32)
     idx[:, :, -1] = -1
+    idx = idx.to(DEV)
     want = selected_mask(idx, 45, use_triton=False)
     got = selected_mask(idx, 45, use_triton=True)
     assert got.dtype == torch.bool and torch.equal(got, want)
     assert not bool(want[40:].any()) and int(want.sum()) == int(idx[idx >= 0].unique().numel())
-    table = torch.randperm(45, generator=gen).to(torch.int32)
+    table = torch.randperm(45, generator=gen).to(torch.int32).to(DEV)
     ref = remap_ids(idx, table, use_triton=False)
     out = remap_ids(idx, table, use_triton=True)
     assert out.dtype == torch.int32 and out.shape == idx.shape and torch.equal(out, ref)
