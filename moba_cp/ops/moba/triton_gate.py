@@ -134,7 +134,9 @@ def gate_topk(
     if t == 0:
         return out
     split = q.dtype in (torch.float16, torch.bfloat16)
-    bm = CONFIG["bm"] or (64 if d <= 64 else 32 if kp > 64 else 64)
+    # 128 rows at d=128 with a small top-k: FlashMoBA 512K gate 159 -> 141 ms on H100 (session 3,
+    # benchmarks/results/moba_tune_gate_2026-11-22.log; 8 warps or 32 rows were slower).
+    bm = CONFIG["bm"] or (64 if d <= 64 else 32 if kp > 64 else 128 if kp <= 16 else 64)
     bn = CONFIG["bn"]
     grid = (triton.cdiv(t, bm), hq)
     _gate_topk_kernel[grid](
