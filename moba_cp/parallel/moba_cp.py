@@ -97,6 +97,10 @@ def moba_attn_cp(
             backward), while keeping holds the received blocks (up to (cp-1)/cp of the global
             K/V: 2 GiB per rank per layer at 1M tokens, 8 KV heads, d=128, bf16) from each
             layer's forward until its backward, i.e. times the number of layers. So re-fetch.
+            Memory kept from forward to backward besides q, k, v, o: the selection
+            (int32 ``[S_local, Hq, W]``) and, with the Triton backend at block < 2048, the
+            gather index built from it (another ~``S_local * Hq * W`` int32), as the
+            single-GPU op keeps it.
     Returns:
         ``o`` shaped like ``q`` (q's dtype), and ``lse`` ``[..., S_local, Hq]`` fp32 when
         ``return_lse``. Equal to ``moba_attn`` on the unsharded sequence, then sharded.
@@ -111,7 +115,9 @@ def moba_attn_cp(
            ``s = 1..cp-1`` the requested K/V blocks go to ``rank + s`` and arrive from
            ``rank - s`` (only selected blocks move), step ``s+1`` in flight while attention
            runs on step ``s`` (on CUDA, transfers on a side stream);
-        4. partial attention per source (local first), merged by LSE in fp32.
+        4. partial attention per source (local first), merged by LSE in fp32. All sources
+           share one slot namespace (local slots, then each step's received blocks), so the
+           selection is renamed once and the Triton gather index is built once per call.
         Backward: dQ local; dK/dV of received blocks (fp32) go back to their owners (send to
         ``rank - s``, receive from ``rank + s``) and are added into fp32 accumulators there.
 
