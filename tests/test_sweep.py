@@ -10,7 +10,7 @@ import pytest
 
 from moba_cp.experiments.fit import fit_power_law, pflops_days
 from moba_cp.experiments.plots import plot_granularity, plot_hybrid, plot_scaling
-from moba_cp.experiments.sweep import SweepError, load_sweep
+from moba_cp.experiments.sweep import SweepError, _with_extra, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ out_dir: {tmp_path}/sweep
 nproc: 1
 metric: loss
 common: ["--parallel.cp=1", "--model.num_layers=1", "--model.seq_length=256", "--moba.block_size=32",
-         "--train.steps=3", "--train.warmup_steps=1", "--train.global_batch_size=1", "--logging.tensorboard=false",
+         "--train.steps=10", "--train.warmup_steps=1", "--train.global_batch_size=1", "--logging.tensorboard=false",
          "--eval.interval=0", "--data.cache_dir={cache}", "--logging.interval=1"]
 grid:
   method:
@@ -143,6 +143,10 @@ def test_seed_replicates_expand_and_average(tmp_path):
     assert [p.name for p in spec.points] == ["moba-seed1", "moba-seed2", "full-seed1", "full-seed2"]
     assert spec.points[1].overrides[-1] == "--train.seed=2" and spec.points[1].labels == {"seed": "2"}
     assert {p.group for p in spec.points} == {"moba", "full"}  # eval_needle.only may name the group
+    # Command-line overrides keep the replicate groups (charts average by group).
+    extra = _with_extra(spec, ["--train.steps=10"])
+    assert [(p.name, p.group) for p in extra.points] == [(p.name, p.group) for p in spec.points]
+    assert all(p.overrides[-1] == "--train.steps=10" for p in extra.points)
     for bad in ([], [1, 1], ["a"], 3):
         f.write_text(yaml_dump(dict(name="sd", kind="hybrid", base="recipes/quickstart.yaml", seeds=bad,
                                     points=[{"name": "moba"}])))

@@ -31,7 +31,7 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -259,7 +259,7 @@ def _with_extra(spec: SweepSpec, extra: list[str]) -> SweepSpec:
         return spec
     from moba_cp.config import RecipeError, load_recipe
 
-    points = [SweepPoint(pt.name, pt.overrides + list(extra), pt.labels) for pt in spec.points]
+    points = [replace(pt, overrides=pt.overrides + list(extra)) for pt in spec.points]  # keeps group, labels
     for pt in points:
         try:
             cfg = load_recipe(spec.base, pt.overrides)
