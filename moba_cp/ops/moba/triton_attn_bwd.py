@@ -247,14 +247,12 @@ def sparse_attn_bwd(
         if dq_acc.dtype != torch.float32 or dq_acc.shape != q.shape or not dq_acc.is_contiguous():
             raise ValueError(f"sparse_attn_bwd: dq_acc must be a contiguous fp32 {tuple(q.shape)} tensor, got "
                              f"{dq_acc.dtype} {tuple(dq_acc.shape)}")
-        dq_dtype = torch.float32
-    fp32_dq = dq_dtype == torch.float32
-    if dq_acc is not None:
-        dq = dq_acc
-    elif fp32_dq:
+        dq, dq_dtype = dq_acc, torch.float32
+    elif dq_dtype == torch.float32:
         dq = torch.zeros(tq, hq, d, dtype=torch.float32, device=dev)
     else:
         dq = torch.empty(tq, hq, d, dtype=dq_dtype, device=dev)
+    fp32_dq = dq_dtype == torch.float32
     if tq == 0 or blocks.n == 0:
         return (dq if dq_acc is not None else dq.zero_()), dk.zero_(), dv.zero_()
     # Measured on H100 at d=128, block 128 (benchmarks/NOTES_moba_kernels.md): 128-key

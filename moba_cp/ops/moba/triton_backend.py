@@ -216,19 +216,13 @@ def partial_index(slot_idx: torch.Tensor, n_slots: int, hkv: int, head_dim: int)
 
 def _source_tables(slot_pos: torch.Tensor, slot_offset: int, n_total: int, block_size: int) -> KeyBlocks:
     """Key-block table of one source over the whole namespace: its slots
-    ``[slot_offset, slot_offset + n)`` are rows ``[j*B, (j+1)*B)`` of its buffer, every other
-    slot is empty (``klen = 0``)."""
-    n = slot_pos.shape[0]
-    dev = slot_pos.device
-    if n_total == n and slot_offset == 0:
-        return slot_tables(slot_pos, block_size)
-    kstart = torch.zeros(n_total, dtype=torch.int32, device=dev)
-    kpos = torch.zeros(n_total, dtype=torch.int32, device=dev)
-    klen = torch.zeros(n_total, dtype=torch.int32, device=dev)
-    kstart[slot_offset:slot_offset + n] = torch.arange(n, device=dev, dtype=torch.int32) * block_size
-    kpos[slot_offset:slot_offset + n] = slot_pos.to(torch.int32)
-    klen[slot_offset:slot_offset + n] = block_size
-    return KeyBlocks(kstart, kpos, klen)
+    ``[slot_offset, slot_offset + n)`` are its buffer's table (:func:`slot_tables`), every other
+    slot is empty (zeros, so ``klen = 0``)."""
+    own = slot_tables(slot_pos, block_size)
+    pad = (slot_offset, n_total - slot_offset - slot_pos.shape[0])
+    if pad == (0, 0):
+        return own
+    return KeyBlocks(*(torch.nn.functional.pad(x, pad) for x in (own.kstart, own.kpos, own.klen)))
 
 
 def _partial_setup(q, k_buf, slot_pos, slot_idx, block_size, slot_offset, index):
