@@ -30,6 +30,7 @@ from moba_cp.ops.moba.triton_centroids import block_centroids
 from moba_cp.ops.moba.triton_common import (
     GatherIndex,
     KeyBlocks,
+    block_table_bound,
     build_gather_index,
     check_triton_inputs,
     doc_tables,
@@ -81,18 +82,14 @@ def select_blocks(q, k, *, block_size: int, topk: int, cu_seqlens=None) -> torch
 
 
 # ----------------------------------------------------------------------------- attention
-def _nbk_bound(t: int, cu_seqlens, block_size: int) -> int:
-    """The static block-table size of ``doc_tables`` (known without looking at the data)."""
-    n_docs = 1 if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    return -(-t // block_size) if n_docs == 1 else t // block_size + n_docs
-
-
 def _index_numel(q, k, indices, cu_seqlens, block_size: int) -> int:
     """Length of the saved gather index (0 on the one-pass path: it builds its own)."""
     if block_size >= ONEPASS["min_block"]:
         return 0
     t, hq, w = indices.shape
-    return sum(GatherIndex.sizes(t, hq, w, _nbk_bound(t, cu_seqlens, block_size), k.shape[1], fwd_tile_m(q.shape[-1])))
+    n_docs = 1 if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    nbk = block_table_bound(t, n_docs, block_size)
+    return sum(GatherIndex.sizes(t, hq, w, nbk, k.shape[1], fwd_tile_m(q.shape[-1])))
 
 
 @torch.library.custom_op("moba_cp::triton_block_attn_fwd", mutates_args=())

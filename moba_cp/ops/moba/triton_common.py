@@ -146,6 +146,12 @@ class DocInfo:
         return min(topk, self.max_blocks())
 
 
+def block_table_bound(total: int, n_docs: int, block_size: int) -> int:
+    """Rows of the packed-document key-block table: exact for one document, else the static
+    bound ``T // B + n_docs`` (known without reading the document lengths)."""
+    return -(-total // block_size) if n_docs == 1 else total // block_size + n_docs
+
+
 _TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
 _TABLES_MAX = 8
 
@@ -174,7 +180,7 @@ def doc_tables(total: int, cu_seqlens: torch.Tensor | None, block_size: int, dev
     else:
         cu = cu_seqlens.to(device=dev, dtype=torch.int32)
     n_docs = cu.shape[0] - 1
-    nbk = -(-total // block_size) if n_docs == 1 else total // block_size + n_docs
+    nbk = block_table_bound(total, n_docs, block_size)
     lens = cu[1:] - cu[:-1]
     boff = torch.zeros(n_docs + 1, dtype=torch.int32, device=dev)
     torch.cumsum((lens + block_size - 1) // block_size, 0, out=boff[1:])
