@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moba_cp.ops.moba.kernel_limits import TRITON
+
 __all__ = ["KeyBlocks", "DocInfo", "doc_tables", "slot_tables", "GatherIndex", "build_gather_index", "check_triton_inputs"]
 
 def _fix_interpreter_index() -> None:
@@ -62,8 +64,8 @@ def _ld(ptr):
     return tl.max(tl.load(ptr + tl.arange(0, 1)), axis=0)
 
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_HEAD_DIMS = TRITON.head_dims
+SUPPORTED_DTYPES = tuple(getattr(torch, name) for name in TRITON.dtypes)
 
 
 @dataclass
@@ -380,7 +382,7 @@ def check_triton_inputs(q: torch.Tensor, block_size: int, op: str) -> None:
             f"D in {SUPPORTED_HEAD_DIMS} (a power of two for the tile shapes). Fix: pad the head "
             f"dim to the next supported size, or use backend='naive'."
         )
-    if block_size % 16 != 0:
+    if block_size % TRITON.block_multiple != 0:
         raise ValueError(
             f"{op} (backend='triton'): block_size={block_size} is not a multiple of 16 (the "
             f"tensor-core tile granularity the kernels assume). Fix: choose e.g. "

@@ -25,10 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
+from moba_cp.ops.moba.kernel_limits import TRITON
+
 __all__ = ["gate_topk", "MAX_GATE_WIDTH"]
 
 #: Largest ``min(topk, blocks per document)`` the register-resident top-k supports.
-MAX_GATE_WIDTH = 128
+MAX_GATE_WIDTH = TRITON.max_gate_width
 
 #: Tile shapes: ``bm`` query rows per program (None: by head dim and width), ``bn``
 #: centroids per step.
