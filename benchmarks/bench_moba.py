@@ -58,6 +58,11 @@ SUITES = {
     "paper-b4096": (1, 32, 8, 128, 4096, 12, [131072, 524288, 1048576]),
     # one CP=2 rank's gate at 1M tokens and block 128 (not in the default table; --tune cp-b128:524288)
     "cp-b128": (1, 32, 8, 128, 128, 8, [524288]),
+    # The recipes' head dim 64: the 0.27B model (16/4 heads) at its two training settings, and
+    # the small scaling-experiment model (6/6 heads, micro-batch 4 x 8K).
+    "train-b1024": (1, 16, 4, 64, 1024, 12, [131072]),
+    "train-b512": (1, 16, 4, 64, 512, 3, [32768]),
+    "small-b512": (4, 6, 6, 64, 512, 3, [8192]),
 }
 SMOKE = {"smoke": (1, 16, 4, 16, 16, 3, [72])}  # CPU smoke: T not a multiple of the block
 
@@ -350,96 +355,88 @@ def bench_sdpa(b, s, hq, hkv, d, backend, big, budget_ms):
     return r
 
 
-def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0, parts=("fwd", "bwd")):
-    """Time the pieces and a few tile configurations at one shape (prints one line each)."""
-    from moba_cp.ops.moba import triton_attn_bwd as bwd_mod
-    from moba_cp.ops.moba import triton_attn_fwd as fwd_mod
+#: Forward and backward tilings tried by ``--tune`` (overrides of the shape's default config;
+#: each line names what it changes). ``fwd:`` variants time the forward alone (index build
+#: included, as a call pays it); ``bwd:`` variants time the backward on the default's index.
+TUNE_FWD = [
+    {},
+    {"method": "two_pass", "bm": 64, "bn": 64, "chunk": 256, "num_warps": 4, "num_stages": 2},
+    {"method": "partials", "bm": 128, "bn": 64, "chunk": 128, "num_warps": 8, "num_stages": 3},
+    {"method": "partials", "bm": 128, "bn": 128, "chunk": 128, "num_warps": 8, "num_stages": 3},
+    {"method": "partials", "bm": 64, "bn": 64, "chunk": 128, "num_warps": 4, "num_stages": 3},
+    {"method": "partials", "bm": 128, "bn": 64, "chunk": 128, "num_warps": 4, "num_stages": 3},
+    {"method": "one_pass", "bm": 128, "bn": 64, "chunk": 256, "num_warps": 8, "num_stages": 4},
+]
+TUNE_BWD = [
+    {},
+    {"split_mask": False},
+    {"bnb": 128, "bm": 64, "num_warps": 8, "num_stages": 3},
+    {"bnb": 128, "bm": 32, "num_warps": 4, "num_stages": 3},
+    {"bnb": 64, "bm": 128, "num_warps": 8, "num_stages": 3},
+    {"dq_bm": 128, "dq_bn": 64, "dq_warps": 8, "dq_stages": 3},
+    {"dq_bm": 64, "dq_bn": 128, "dq_warps": 4, "dq_stages": 3},
+    {"fuse_dq": True},
+]
+TUNE_GATE = [{}, {"num_warps": 8}, {"bm": 128, "num_warps": 8}, {"bm": 128, "num_warps": 4}, {"bm": 64, "bn": 128},
+             {"bm": 32, "num_warps": 4}, {"bn": 32, "num_warps": 4}]
+
+
+def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0, parts=("fwd", "bwd"), fwd_variants=None, bwd_variants=None):
+    """Time the pieces and tile configurations at one shape (one line each). Every variant is a
+    :class:`KernelConfig` passed to the kernels; nothing global is changed."""
     from moba_cp.ops.moba import triton_backend as tb
+    from moba_cp.ops.moba.triton_attn_bwd import sparse_attn_bwd
+    from moba_cp.ops.moba.triton_attn_fwd import build_chunk_index, onepass_qchunk, sparse_attn_fwd, sparse_attn_fwd_onepass
     from moba_cp.ops.moba.triton_common import build_gather_index, doc_tables
+    from moba_cp.ops.moba.triton_config import choose_config
 
     t = b * s
     cu, q, k, v, do = make_inputs(b, s, hq, hkv, d, "cuda", torch.bfloat16)
     scale = d ** -0.5
+    base_cfg = choose_config(block, d, hq // hkv, t)
+    print(f"tune S={s} B={block} default config: {base_cfg}", flush=True)
     blocks, qpos, base, _ = doc_tables(t, cu, block, "cuda")
     idx = tb.select_blocks(q, k, block_size=block, topk=topk, cu_seqlens=cu)
     w = idx.shape[-1]
     tm = lambda fn: timed(fn, 1, 10, budget_ms)[0]  # noqa: E731
     pr = lambda name, ms: print(f"tune S={s} B={block} {name}: {ms:.3f} ms", flush=True)  # noqa: E731
     pr("select (centroids+gate)", tm(lambda: tb.select_blocks(q, k, block_size=block, topk=topk, cu_seqlens=cu)))
-    pr("gather index", tm(lambda: build_gather_index(idx, base, blocks.n, hkv, fwd_mod.CONFIG["chunk"])))
-    pr("chunk index", tm(lambda: fwd_mod.build_chunk_index(idx, base, blocks.n, fwd_mod.onepass_qchunk(t, hq, "cuda"))))
+    pr("gather index", tm(lambda: build_gather_index(idx, base, blocks.n, hkv, base_cfg.fwd.chunk)))
+    pr("chunk index", tm(lambda: build_chunk_index(idx, base, blocks.n, onepass_qchunk(t, hq, "cuda", base_cfg.fwd))))
 
-    def sweep(label, conf, cfgs, fn):
-        saved = dict(conf)
-        for cfg in cfgs:
-            conf.clear()
-            conf.update(saved)
-            conf.update(cfg)
-            try:
-                pr(f"{label} {cfg}", tm(fn))
-            except Exception as e:  # a config that does not compile (shared memory) is reported
-                print(f"tune {label} {cfg}: failed {type(e).__name__}: {str(e)[:160]}", flush=True)
-        conf.clear()
-        conf.update(saved)
+    def attempt(label, fn):
+        try:
+            pr(label, tm(fn))
+        except Exception as e:  # a config that does not compile (shared memory) is reported
+            print(f"tune S={s} B={block} {label}: failed {type(e).__name__}: {str(e)[:160]}", flush=True)
+
+    def fwd_call(fc):
+        if fc.method == "one_pass":
+            return sparse_attn_fwd_onepass(q, k, v, qpos, blocks, idx, base, scale, fc)
+        gi = build_gather_index(idx, base, blocks.n, hkv, fc.chunk)
+        return sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, scale, block, fc)
 
     if "gate" in parts:
-        from moba_cp.ops.moba import triton_gate as gate_mod
-
-        sweep("gate (centroids+gate)", gate_mod.CONFIG,
-              [{}, {"num_warps": 8}, {"bm": 128, "num_warps": 8}, {"bm": 128, "num_warps": 4}, {"bn": 128, "num_warps": 8},
-               {"bm": 128, "bn": 128, "num_warps": 8}, {"bm": 32, "num_warps": 4}, {"bn": 32, "num_warps": 4}],
-              lambda: tb.select_blocks(q, k, block_size=block, topk=topk, cu_seqlens=cu))
-    gi = build_gather_index(idx, base, blocks.n, hkv, fwd_mod.CONFIG["chunk"])
+        for change in TUNE_GATE:
+            cfg = base_cfg.replace(gate=change)
+            attempt(f"gate {change}", lambda: tb.select_blocks(q, k, block_size=block, topk=topk, cu_seqlens=cu, config=cfg))
     if "fwd" in parts:
-        sweep("fwd two-pass", fwd_mod.CONFIG, [{}, {"diag_pass": 1}, {"diag_pass": 2}, {"diag_pass": 2, "diag_no_atomic": True},
-                                          {"bm": 128, "bn": 128, "num_warps": 8, "diag_pass": 1}],
-              lambda: fwd_mod.sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, scale, block))
-    if block >= 256 and "fwd" in parts:
-        sweep("fwd one-pass", fwd_mod.ONEPASS,
-              [{}, {"bm": 64, "bn": 64, "num_warps": 4}, {"bm": 128, "bn": 128, "num_warps": 8},
-               {"bm": 64, "bn": 128, "num_warps": 8}, {"num_stages": 3}, {"qchunk": 2048}, {"bm": 64, "bn": 64, "num_warps": 4, "num_stages": 3}],
-              lambda: fwd_mod.sparse_attn_fwd_onepass(q, k, v, qpos, blocks, idx, base, scale))
-    o, lse = fwd_mod.sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, scale, block)
-    cfgs = [{}, {"trans": True}, {"trans": True, "num_stages": 3}, {"trans": True, "num_warps": 4, "num_stages": 3},
-            {"trans": True, "bm": 64}, {"num_stages": 3}]
-    if block >= 256:
-        cfgs += [{"dq_bm": 128, "dq_bn": 32}, {"dq_bm": 128, "dq_bn": 64, "dq_warps": 8}, {"dq_stages": 3},
-                 # dQ fused into the dK/dV kernel (fp32 atomics per key sub-tile: 5 products, not 7)
-                 {"fuse_dq": True}, {"fuse_dq": True, "bm": 64}, {"fuse_dq": True, "num_stages": 2},
-                 {"fuse_dq": True, "bm": 64, "num_stages": 2}]
+        for change in fwd_variants or TUNE_FWD:
+            fc = base_cfg.replace(fwd=change).fwd
+            attempt(f"fwd {change}", lambda: fwd_call(fc))
+        if base_cfg.fwd.method == "two_pass":
+            gi = build_gather_index(idx, base, blocks.n, hkv, base_cfg.fwd.chunk)
+            for diag in ({"diag_pass": 1}, {"diag_pass": 2}, {"diag_pass": 2, "diag_no_atomic": True}):
+                attempt(f"fwd two-pass diagnostic {diag}",
+                        lambda: sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, scale, block, base_cfg.fwd, **diag))
     if "bwd" in parts:
-        sweep("bwd", bwd_mod.CONFIG, cfgs,
-              lambda: bwd_mod.sparse_attn_bwd(do, q, k, v, o, lse, qpos, blocks, gi, w, scale, block))
-
-
-def pick_onepass(b, s, hq, hkv, d, block, topk):
-    """Time a few one-pass forward configs at this shape and keep the fastest (printed)."""
-    from moba_cp.ops.moba import triton_attn_fwd as fwd_mod
-    from moba_cp.ops.moba import triton_backend as tb
-    from moba_cp.ops.moba.triton_common import doc_tables
-
-    t = b * s
-    cu, q, k, v, _ = make_inputs(b, s, hq, hkv, d, "cuda", torch.bfloat16)
-    blocks, qpos, base, _ = doc_tables(t, cu, block, "cuda")
-    idx = tb.select_blocks(q, k, block_size=block, topk=topk, cu_seqlens=cu)
-    saved = dict(fwd_mod.ONEPASS)
-    best = (float("inf"), {})
-    for cfg in ({}, {"qchunk": 8192}, {"qchunk": 16384}, {"qchunk": 32768}, {"qchunk": 32768, "num_stages": 3}):
-        fwd_mod.ONEPASS.update(saved)
-        fwd_mod.ONEPASS.update(cfg)
-        try:
-            ms = timed(lambda: fwd_mod.sparse_attn_fwd_onepass(q, k, v, qpos, blocks, idx, base, d ** -0.5), 1, 3,
-                       budget_ms=2000)[0]
-        except Exception as e:  # e.g. out of shared memory
-            print(f"pick one-pass {cfg}: failed {type(e).__name__}", flush=True)
-            continue
-        print(f"pick one-pass S={s} B={block} {cfg}: {ms:.1f} ms", flush=True)
-        best = min(best, (ms, cfg), key=lambda x: x[0])
-    fwd_mod.ONEPASS.update(saved)
-    fwd_mod.ONEPASS.update(best[1])
-    print(f"one-pass config used: {fwd_mod.ONEPASS}", flush=True)
-    del q, k, v, idx
-    torch.cuda.empty_cache()
+        fc = base_cfg.fwd if base_cfg.fwd.method != "one_pass" else base_cfg.fwd.__class__(chunk=base_cfg.fwd.chunk)
+        gi = build_gather_index(idx, base, blocks.n, hkv, fc.chunk)
+        o, lse = sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, scale, block, fc)
+        for change in bwd_variants or TUNE_BWD:
+            bc = base_cfg.replace(bwd=change).bwd
+            attempt(f"bwd {change}", lambda: sparse_attn_bwd(do, q, k, v, o, lse, qpos, blocks, gi, w, scale, block, bc,
+                                                             kv_grad_dtype=k.dtype, dq_dtype=q.dtype))
 
 
 def main():
@@ -453,9 +450,10 @@ def main():
     ap.add_argument("--budget-ms", type=float, default=1500.0, help="time per measured point (sets the repeats)")
     ap.add_argument("--out", default=None, help="write the markdown table here")
     ap.add_argument("--json", default=None, help="write raw numbers here")
-    ap.add_argument("--pick-onepass", default=None, help="suite:seq: pick the one-pass forward config there first")
     ap.add_argument("--tune", default=None, help="suite:seq, e.g. flashmoba:32768: time pieces and tile configs, then exit")
     ap.add_argument("--tune-parts", default="fwd,bwd", help="with --tune: which sweeps (gate, fwd, bwd)")
+    ap.add_argument("--tune-fwd", default=None, help="with --tune: JSON list of FwdConfig overrides (else TUNE_FWD)")
+    ap.add_argument("--tune-bwd", default=None, help="with --tune: JSON list of BwdConfig overrides (else TUNE_BWD)")
     ap.add_argument("--peers", default="all",
                     help="comma list of sdpa, flex, fla (or 'all': every one available, or 'none')")
     ap.add_argument("--flex-max-seq", type=int, default=131072, help="no FlexAttention peer above this S")
@@ -480,15 +478,15 @@ def main():
         suite_table, args.suite, args.budget_ms = SMOKE, "smoke", 1.0
         want = [x for x in want if x != "sdpa"]  # cuDNN / flash SDPA do not run on CPU
     if args.tune:
-        name, seq = args.tune.split(":")
-        b, hq, hkv, d, block, topk, _ = SUITES[name]
-        tune(b, int(seq), hq, hkv, d, block, topk, parts=args.tune_parts.split(","))
+        for at in args.tune.split(","):
+            name, seq = at.split(":")
+            b, hq, hkv, d, block, topk, _ = SUITES[name]
+            tune(b, int(seq), hq, hkv, d, block, topk, parts=args.tune_parts.split(","),
+                 fwd_variants=args.tune_fwd and json.loads(args.tune_fwd),
+                 bwd_variants=args.tune_bwd and json.loads(args.tune_bwd))
+            _empty_cache()
         return
 
-    if args.pick_onepass:
-        name, seq = args.pick_onepass.split(":")
-        b, hq, hkv, d, block, topk, _ = SUITES[name]
-        pick_onepass(b, int(seq), hq, hkv, d, block, topk)
     suites = [x for x in suite_table if x != "cp-b128"] if args.suite == "all" else args.suite.split(",")
     dev = torch.cuda.get_device_name() if CUDA else "CPU (smoke: Triton interpreter)"
     hdr = (

@@ -8,13 +8,12 @@ to *enqueue* one call (no sync; when it is close to the event time the call is h
 then ``torch.profiler`` over a few fwd+bwd calls: the kernels by total CUDA time, the sum of
 kernel time per call against the call's wall time (the difference is GPU idle: launch gaps
 and host syncs), and the count of sync-like runtime calls per call.
-``--sweep`` also times forward/backward tile configs at the same shape (one line each).
+Tile configurations are swept by ``bench_moba.py --tune``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -91,54 +90,9 @@ def profile(label, fn, iters=5, rows=22):
             continue
 
 
-FWD_CFGS = [{}, {"bn": 128}, {"bm": 128, "bn": 128, "num_warps": 8}, {"bm": 128, "bn": 64, "num_warps": 8},
-            {"chunk": 512}, {"num_stages": 3}]
-BWD_CFGS = [{}, {"bm": 32}, {"num_stages": 3}, {"bnb": 64}, {"bnb": 64, "num_warps": 4}, {"fuse_dq": False}]
-
-
-def sweep(x, name, fwd_cfgs=FWD_CFGS, bwd_cfgs=BWD_CFGS):
-    """Forward/backward tile configs at this shape (attention only, on fixed indices)."""
-    from moba_cp.ops.moba import triton_attn_bwd as bwd_mod
-    from moba_cp.ops.moba import triton_attn_fwd as fwd_mod
-    from moba_cp.ops.moba import triton_backend as tb
-    from moba_cp.ops.moba.triton_common import build_gather_index, doc_tables
-
-    q, k, v, do, cu, block = x["q"], x["k"], x["v"], x["do"], x["cu"], x["block"]
-    blocks, qpos, base, _ = doc_tables(q.shape[0], cu, block, "cuda")
-    idx = tb.select_blocks(q, k, block_size=block, topk=x["topk"], cu_seqlens=cu)
-    w = idx.shape[-1]
-
-    def run(label, conf, cfgs, fn):
-        saved = dict(conf)
-        for cfg in cfgs:
-            conf.update(cfg)
-            try:
-                ms = timed(fn, 2, 20)[0]
-                print(f"sweep {name} {label} {cfg}: {ms:.3f} ms", flush=True)
-            except Exception as e:  # e.g. out of shared memory
-                print(f"sweep {name} {label} {cfg}: failed {type(e).__name__}: {str(e)[:120]}", flush=True)
-            conf.clear()
-            conf.update(saved)
-
-    def fwd():
-        gi = build_gather_index(idx, base, blocks.n, x["hkv"], fwd_mod.CONFIG["chunk"])
-        return fwd_mod.sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, x["scale"], block)
-
-    print(f"sweep {name} gather index: {timed(lambda: build_gather_index(idx, base, blocks.n, x['hkv'], 256), 2, 20)[0]:.3f} ms")
-    run("fwd", fwd_mod.CONFIG, fwd_cfgs, fwd)
-    gi = build_gather_index(idx, base, blocks.n, x["hkv"], fwd_mod.CONFIG["chunk"])
-    o, lse = fwd_mod.sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, x["scale"], block)
-    run("bwd", bwd_mod.CONFIG, bwd_cfgs,
-        lambda: bwd_mod.sparse_attn_bwd(do, q, k, v, o, lse, qpos, blocks, gi, w, x["scale"], block,
-                                        kv_grad_dtype=k.dtype, dq_dtype=q.dtype))
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--at", default="flashmoba:8192,paper-b512:8192", help="suite:seq list")
-    ap.add_argument("--sweep", action="store_true", help="also time tile configs")
-    ap.add_argument("--fwd-cfgs", default=None, help="JSON list of forward CONFIG overrides to sweep")
-    ap.add_argument("--bwd-cfgs", default=None, help="JSON list of backward CONFIG overrides to sweep")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--label", default="")
     args = ap.parse_args()
@@ -152,9 +106,6 @@ def main():
               f"fwd+bwd {fb:.3f} ms (enqueue {enqueue_ms(fwd_bwd):.3f} ms)", flush=True)
         if not args.no_profile:
             profile(f"{args.label} {name} S={s} fwd+bwd", fwd_bwd)
-        if args.sweep:
-            sweep(x, f"{name}:{s}", json.loads(args.fwd_cfgs) if args.fwd_cfgs else FWD_CFGS,
-                  json.loads(args.bwd_cfgs) if args.bwd_cfgs else BWD_CFGS)
         del x
         torch.cuda.empty_cache()
 

@@ -16,6 +16,7 @@ from moba_cp.ops.moba import partial as partial_mod
 
 triton = pytest.importorskip("triton")
 tb = pytest.importorskip("moba_cp.ops.moba.triton_backend")
+from moba_cp.ops.moba.triton_config import BwdConfig, FwdConfig, KernelConfig, choose_config  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -110,7 +111,7 @@ ATTN_CASES = [
 
 
 @pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: f"T{c[0]}-H{c[1]}/{c[2]}-B{c[4]}-k{c[5]}")
-def test_block_attn_fwd_bwd_matches_naive(case):
+def test_block_attn_fwd_bwd_matches_naive(case, config=None):
     t, hq, hkv, d, b, topk, docs = case
     cu = None if docs is None else _cu(docs)
     q, k, v = _inputs(t, hq, hkv, d, torch.float32, seed=3 * t + hq)
@@ -118,50 +119,73 @@ def test_block_attn_fwd_bwd_matches_naive(case):
     idx = naive.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu)
     scale = d ** -0.5
 
-    def run(fn, dtype):
+    def run(fn, dtype, **kw):
         qq, kk, vv = (x.to(dtype).detach().requires_grad_() for x in (q, k, v))
-        o, lse = fn(qq, kk, vv, idx, block_size=b, cu_seqlens=cu, softmax_scale=scale)
+        o, lse = fn(qq, kk, vv, idx, block_size=b, cu_seqlens=cu, softmax_scale=scale, **kw)
         (o.to(dtype) * do.to(dtype)).sum().backward()
         return o, lse, qq.grad, kk.grad, vv.grad
 
     ref = run(naive.block_attn, torch.float64)
     nai = run(naive.block_attn, torch.float32)
-    ker = run(tb.block_attn, torch.float32)
+    ker = run(tb.block_attn, torch.float32, config=config)
     assert ker[0].dtype == torch.float32 and ker[1].dtype == torch.float32
     for name, a, n, r in zip(("o", "lse", "dq", "dk", "dv"), ker, nai, ref):
         _check(name, a, n, r, floor=2e-5)
 
 
-def test_kernel_paths_multi_subtile_chunked_unfused(monkeypatch):
-    """The other code paths: blocks spanning several key sub-tiles (online softmax across
-    them), several row tiles per program chunk, and the separate dQ kernel."""
-    from moba_cp.ops.moba import triton_attn_bwd, triton_attn_fwd
+# Every kernel path on small tiles: several key sub-tiles per block (online softmax across
+# them; unmasked sub-tiles for past blocks, masked ones on the diagonal and at a short last
+# block), several row tiles per program chunk, partials written per head chunk, the separate
+# and the fused dQ, the dK/dV mask branch on and off, and the one-pass forward.
+SMALL = dict(bm=16, bn=16, chunk=32, num_warps=4, num_stages=2)
+PATH_CONFIGS = {
+    "partials": KernelConfig(FwdConfig(method="partials", **SMALL),
+                             BwdConfig(bnb=16, bm=16, fuse_dq=False, dq_bm=16, dq_bn=16)),
+    "partials-head-chunks-fused-dq": KernelConfig(FwdConfig(method="partials", partial_bytes=1, **SMALL),
+                                                  BwdConfig(bnb=16, bm=16, fuse_dq=True)),
+    "two-pass-unfused-no-split": KernelConfig(FwdConfig(method="two_pass", **SMALL),
+                                              BwdConfig(bnb=16, bm=16, fuse_dq=False, split_mask=False, dq_bm=16,
+                                                        dq_bn=16)),
+    "two-pass-untransposed": KernelConfig(FwdConfig(method="two_pass", **SMALL),
+                                          BwdConfig(bnb=32, bm=16, fuse_dq=True, trans=False)),
+    "one-pass": KernelConfig(FwdConfig(method="one_pass", bm=16, bn=16, chunk=32, qchunk=32),
+                             BwdConfig(bnb=16, bm=16, fuse_dq=False, dq_bm=16, dq_bn=16)),
+}
 
-    monkeypatch.setitem(triton_attn_fwd.CONFIG, "bm", 16)
-    monkeypatch.setitem(triton_attn_fwd.CONFIG, "bn", 16)
-    monkeypatch.setitem(triton_attn_fwd.CONFIG, "chunk", 32)
-    monkeypatch.setitem(triton_attn_bwd.CONFIG, "bnb", 16)
-    monkeypatch.setitem(triton_attn_bwd.CONFIG, "bm", 16)
-    monkeypatch.setitem(triton_attn_bwd.CONFIG, "fuse_dq", False)
-    monkeypatch.setitem(triton_attn_bwd.CONFIG, "dq_bm", 16)
-    monkeypatch.setitem(triton_attn_bwd.CONFIG, "dq_bn", 16)
-    test_block_attn_fwd_bwd_matches_naive((130, 4, 2, 16, 48, 3, [20, 110]))
-    monkeypatch.setitem(triton_attn_bwd.CONFIG, "trans", True)  # transposed dK/dV products
-    monkeypatch.setitem(triton_attn_bwd.CONFIG, "fuse_dq", True)
-    test_block_attn_fwd_bwd_matches_naive((130, 4, 2, 16, 48, 3, [20, 110]))
+
+@pytest.mark.parametrize("name", list(PATH_CONFIGS))
+def test_kernel_paths_match_naive(name):
+    """Each path at an awkward shape: GQA, documents not a multiple of the block (48, which is
+    three 16-key sub-tiles), a short document."""
+    test_block_attn_fwd_bwd_matches_naive((130, 4, 2, 16, 48, 3, [20, 110]), config=PATH_CONFIGS[name])
 
 
-def test_onepass_forward_path(monkeypatch):
-    """The one-pass (query-chunk-owned, large-block) forward, on small blocks and chunks,
-    for the packed op and for the slot form."""
-    from moba_cp.ops.moba import triton_attn_fwd
+@pytest.mark.parametrize("name", ["partials", "one-pass"])
+def test_kernel_paths_head_dim_64_and_empty_doc(name):
+    """Head dim 64, an empty document, and top-k larger than a document's blocks."""
+    test_block_attn_fwd_bwd_matches_naive((150, 2, 1, 64, 32, 3, [40, 0, 110]), config=PATH_CONFIGS[name])
 
-    monkeypatch.setitem(triton_attn_fwd.ONEPASS, "min_block", 16)
-    monkeypatch.setitem(triton_attn_fwd.ONEPASS, "qchunk", 32)
-    monkeypatch.setitem(triton_attn_fwd.ONEPASS, "bm", 16)
-    monkeypatch.setitem(triton_attn_fwd.ONEPASS, "bn", 16)
-    test_block_attn_fwd_bwd_matches_naive((150, 4, 2, 32, 32, 3, [40, 0, 110]))
-    test_partial_fwd_bwd_matches_naive()
+
+def test_config_is_immutable_and_round_trips():
+    cfg = choose_config(512, 64, 4, 32768)
+    with pytest.raises(Exception):
+        cfg.fwd.bm = 1  # frozen
+    assert KernelConfig.decode(cfg.encode()) == cfg
+    new = cfg.replace(fwd={"bm": 32, "chunk": 64})
+    assert (new.fwd.bm, new.fwd.chunk, new.fwd.method, new.bwd) == (32, 64, cfg.fwd.method, cfg.bwd)
+    assert cfg == choose_config(512, 64, 4, 32768)  # the original is unchanged
+    with pytest.raises(ValueError, match="multiple of bm"):
+        FwdConfig(bm=64, chunk=96)
+    with pytest.raises(ValueError, match="method"):
+        FwdConfig(method="three_pass")
+
+
+def test_backward_decodes_the_index_with_the_forward_config():
+    """The saved index is cut in the forward config's chunks; the backward of the same call reads
+    it with that config (a chunk other than the default's), and gradients stay right."""
+    cfg = KernelConfig(FwdConfig(method="partials", bm=16, bn=16, chunk=48), BwdConfig(fuse_dq=False, dq_bm=16))
+    assert cfg.fwd.chunk != choose_config(16, 16).fwd.chunk
+    test_block_attn_fwd_bwd_matches_naive((120, 4, 1, 16, 32, 2, [5, 17, 98]), config=cfg)
 
 
 def test_moba_attn_end_to_end_api():
@@ -223,15 +247,11 @@ def test_partial_fwd_bwd_matches_naive():
         assert err < 1e-5, f"{name}: {err:.2e}"
 
 
-@pytest.mark.parametrize("onepass", [False, True])
-def test_partial_sources_share_one_slot_namespace(monkeypatch, onepass):
+@pytest.mark.parametrize("method", ["two_pass", "partials", "one_pass"])
+def test_partial_sources_share_one_slot_namespace(method):
     """Two sources (slots [0, 3) and [3, 5)) of one selection, one shared index: each source's
     o/lse and dk/dv equal the naive op on that source alone, and dQ summed into one fp32
-    buffer equals the sum of the naive dQs. ``onepass`` drives the large-block forward."""
-    from moba_cp.ops.moba import triton_attn_fwd
-
-    if onepass:
-        monkeypatch.setitem(triton_attn_fwd.ONEPASS, "min_block", 16)
+    buffer equals the sum of the naive dQs, for each forward method."""
     b, d, hq, hkv, tq, w = 16, 16, 4, 2, 36, 3
     gen = torch.Generator().manual_seed(5)
     q = torch.randn(tq, hq, d, generator=gen).to(DEV)
@@ -246,6 +266,8 @@ def test_partial_sources_share_one_slot_namespace(monkeypatch, onepass):
     do = torch.randn(tq, hq, d, generator=gen).to(DEV)
     kw = dict(block_size=b, softmax_scale=d ** -0.5)
     index = partial_mod.partial_index(sel, 5, hkv, d, backend="triton")
+    index.config = KernelConfig(FwdConfig(method=method, bm=16, bn=16, chunk=32, qchunk=32),
+                                BwdConfig(bnb=16, bm=16, fuse_dq=False, dq_bm=16, dq_bn=16))
     dq_acc = torch.zeros(tq, hq, d, device=DEV)
     dq_ref = torch.zeros(tq, hq, d, device=DEV)
     for (kb, vb), sp, off in zip(bufs, pos, offs):
@@ -352,36 +374,32 @@ def test_saved_index_equals_a_fresh_build():
     q, k, v = _inputs(sum(docs), hq, hkv, 16, torch.float32, seed=4)
     cu = _cu(docs)
     idx = naive.select_blocks(q, k, block_size=b, topk=3, cu_seqlens=cu)
-    _, _, flat = tb._attn_fwd_op(q, k, v, idx, cu, b, 0.25)
+    cfg = choose_config(b, 16, hq // hkv, sum(docs))
+    _, _, flat = tb._attn_fwd_op(q, k, v, idx, cu, b, 0.25, cfg.encode())
     blocks, _, base, _ = doc_tables(q.shape[0], cu, b, DEV)
-    fresh = torch.cat([x.reshape(-1) for x in vars(build_gather_index(idx, base, blocks.n, hkv, 256)).values()
+    fresh = torch.cat([x.reshape(-1) for x in vars(build_gather_index(idx, base, blocks.n, hkv, cfg.fwd.chunk)).values()
                        if isinstance(x, torch.Tensor)])
     assert torch.equal(flat, fresh)
 
 
 @pytest.mark.parametrize("fuse_dq", [True, False])
-def test_backward_in_kv_head_chunks(monkeypatch, fuse_dq):
+def test_backward_in_kv_head_chunks(fuse_dq):
     """A half-precision dq with a tiny scratch limit runs one KV head per chunk: same dq, dk,
     dv as one chunk (bitwise in the interpreter), and within the naive op's error."""
-    from moba_cp.ops.moba import triton_attn_bwd
-
     t, hq, hkv, d, b = 90, 6, 3, 16, 16
     q, k, v = _inputs(t, hq, hkv, d, torch.float32, seed=8)
     idx = naive.select_blocks(q, k, block_size=b, topk=3)
     do = torch.randn(t, hq, d, generator=torch.Generator().manual_seed(1)).to(DEV)
-    monkeypatch.setitem(triton_attn_bwd.CONFIG, "fuse_dq", fuse_dq)
-    monkeypatch.setitem(triton_attn_bwd.CONFIG, "dq_bn", 16)
-    monkeypatch.setitem(triton_attn_bwd.CONFIG, "dq_bm", 16)
+    cfg = choose_config(b, d, hq // hkv, t).replace(bwd={"fuse_dq": fuse_dq, "dq_bn": 16, "dq_bm": 16})
 
-    def grads(fn, dtype):
+    def grads(fn, dtype, **kw):
         qq, kk, vv = (x.to(dtype).detach().requires_grad_() for x in (q, k, v))
-        o, _ = fn(qq, kk, vv, idx, block_size=b, softmax_scale=d ** -0.5)
+        o, _ = fn(qq, kk, vv, idx, block_size=b, softmax_scale=d ** -0.5, **kw)
         (o * do.to(dtype)).sum().backward()
         return qq.grad, kk.grad, vv.grad
 
-    one = grads(tb.block_attn, torch.float16)
-    monkeypatch.setitem(triton_attn_bwd.CONFIG, "dq_chunk_bytes", 1)
-    chunked = grads(tb.block_attn, torch.float16)
+    one = grads(tb.block_attn, torch.float16, config=cfg)
+    chunked = grads(tb.block_attn, torch.float16, config=cfg.replace(bwd={"dq_chunk_bytes": 1}))
     for a, c in zip(one, chunked):
         assert a.dtype == torch.float16 and (a.float() - c.float()).abs().max().item() <= 1e-3 * a.float().abs().max().item()
     ref, nai = grads(naive.block_attn, torch.float64), grads(naive.block_attn, torch.float16)

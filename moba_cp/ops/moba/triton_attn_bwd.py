@@ -23,25 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
-from moba_cp.ops.moba.triton_common import _ld
-
-from moba_cp.ops.moba.triton_common import GatherIndex, KeyBlocks
+from moba_cp.ops.moba.triton_common import GatherIndex, KeyBlocks, _ld
+from moba_cp.ops.moba.triton_config import BwdConfig
 
 __all__ = ["sparse_attn_bwd"]
 
 LOG2E = 1.4426950408889634
-
-#: dK/dV kernel shapes: ``bnb`` keys per program (None: min(64, B)), ``bm`` gathered rows per
-#: step (None: by head dim), ``fuse_dq`` (None: fuse when a block needs <= 2 key sub-tiles).
-#: ``trans``: compute the transposed products (keys as M). ``dq_*``: the separate dQ kernel.
-#: Defaults from H100 sweeps (benchmarks/results/moba_tune_*.log): transposed products with
-#: 64-row steps win at blocks 128 and 512 (9.4 vs 10.8 ms, 12.0 vs 13.6 ms at 32K); at block
-#: 4096 transposed, 64 rows, 3 stages (1013 ms at 128K; 32 rows 1129, dQ fused 1228-1493).
-#: ``dq_chunk_bytes``: largest fp32 dQ scratch when dq is returned in a half dtype (the
-#: backward then runs in chunks of KV heads; 2 GiB keeps FlashMoBA 512K under SDPA's peak).
-CONFIG = {"bnb": None, "bm": None, "fuse_dq": None, "num_warps": None, "num_stages": None, "trans": True,
-          "dq_bm": 64, "dq_bn": 64, "dq_warps": 4, "dq_stages": 2, "dq_chunk_bytes": 2 << 30}
-
 
 @triton.jit
 def _delta_kernel(DO, O, DELTA, n_rows, stride_dot, stride_doh, stride_ot, stride_oh, H,
@@ -57,6 +44,40 @@ def _delta_kernel(DO, O, DELTA, n_rows, stride_dot, stride_doh, stride_ot, strid
     tl.store(DELTA + r, tl.sum(a.to(tl.float32) * b.to(tl.float32), axis=1), mask=m)
 
 
+@triton.jit
+def _dkdv_step(k, v, q, do, lse2, dl, qp, rmask, kk, kmask, kp0, dk, dv, scale_log2,
+               MASK: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr):
+    """dK/dV of one key sub-tile from one gathered row tile; returns dS for a fused dQ.
+    Without ``MASK`` every row sees every key (rows past the bucket were loaded as zeros
+    with lse = delta = 0, so they add exactly nothing)."""
+    if TRANS:
+        # Keys as the M dimension of every product (M = BNB, e.g. 128), which suits
+        # Hopper's warpgroup MMA better than M = BM gathered rows.
+        st = tl.dot(k, tl.trans(q), input_precision=PREC) * scale_log2
+        if MASK:
+            okt = kmask[:, None] & rmask[None, :] & ((kp0 + kk)[:, None] <= qp[None, :])
+            pt = tl.where(okt, tl.exp2(st - lse2[None, :]), 0.0)
+        else:
+            pt = tl.exp2(st - lse2[None, :])
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+        dst = (pt * (dpt - dl[None, :])).to(q.dtype)
+        dk += tl.dot(dst, q, input_precision=PREC)
+        ds = tl.trans(dst)
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+        if MASK:
+            ok = rmask[:, None] & kmask[None, :] & ((kp0 + kk)[None, :] <= qp[:, None])
+            p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+        else:
+            p = tl.exp2(s - lse2[:, None])
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = (p * (dp - dl[:, None])).to(q.dtype)
+        dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
+    return dk, dv, ds
+
+
 # Head-chunk offsets and counts are not specialized: Triton would otherwise compile a variant
 # per chunk pattern (e.g. HK0 = 4 is not a multiple of 16, HKVC = 1 is specialized), and a
 # large call's first backward paid those compiles (run 5: FlashMoBA 512K's single timed
@@ -68,7 +89,7 @@ def _dkdv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, H, W, NBK, G, HK0, HKVC, scale, scale_log2,
     BM: tl.constexpr, BNB: tl.constexpr, D: tl.constexpr, FUSE_DQ: tl.constexpr, PREC: tl.constexpr,
-    TRANS: tl.constexpr,
+    TRANS: tl.constexpr, SPLIT: tl.constexpr,
 ):
     # KV heads [HK0, HK0 + HKVC) of this launch; the j-th longest blocks of all of them run
     # side by side (programs in decreasing-work order, heads interleaved).
@@ -88,6 +109,9 @@ def _dkdv_kernel(
     v = tl.load(V + (ks + kk)[:, None] * stride_vt + hk * stride_vh + d[None, :], mask=kmask[:, None], other=0.0)
     dk = tl.zeros([BNB, D], dtype=tl.float32)
     dv = tl.zeros([BNB, D], dtype=tl.float32)
+    # A row tile that sees every key of this sub-tile (all rows of a past block) skips the mask.
+    full_keys = n0 + BNB <= kl
+    thr = kp0 + n0 + BNB - 1
     for i in range(G):
         h = hk * G + i
         b = h * NBK + g
@@ -103,26 +127,17 @@ def _dkdv_kernel(
             lse2 = tl.load(LSE + t64 * H + h, mask=rmask, other=0.0) * 1.4426950408889634
             lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
             dl = tl.load(DELTA + t64 * H + h, mask=rmask, other=0.0)
-            qp = tl.load(QPOS + t64, mask=rmask, other=0)
-            if TRANS:
-                # Keys as the M dimension of every product (M = BNB, e.g. 128), which suits
-                # Hopper's warpgroup MMA better than M = BM gathered rows.
-                st = tl.dot(k, tl.trans(q), input_precision=PREC) * scale_log2
-                okt = kmask[:, None] & rmask[None, :] & ((kp0 + kk)[:, None] <= qp[None, :])
-                pt = tl.where(okt, tl.exp2(st - lse2[None, :]), 0.0)
-                dv += tl.dot(pt.to(DO.dtype.element_ty), do, input_precision=PREC)
-                dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-                dst = (pt * (dpt - dl[None, :])).to(Q.dtype.element_ty)
-                dk += tl.dot(dst, q, input_precision=PREC)
-                ds = tl.trans(dst)
+            qp = tl.load(QPOS + t64, mask=rmask, other=2147483647)
+            if SPLIT:
+                if full_keys & (tl.min(qp, axis=0) >= thr):
+                    dk, dv, ds = _dkdv_step(k, v, q, do, lse2, dl, qp, rmask, kk, kmask, kp0, dk, dv, scale_log2,
+                                            False, PREC, TRANS)
+                else:
+                    dk, dv, ds = _dkdv_step(k, v, q, do, lse2, dl, qp, rmask, kk, kmask, kp0, dk, dv, scale_log2,
+                                            True, PREC, TRANS)
             else:
-                s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-                ok = rmask[:, None] & kmask[None, :] & ((kp0 + kk)[None, :] <= qp[:, None])
-                p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-                dv += tl.dot(tl.trans(p.to(DO.dtype.element_ty)), do, input_precision=PREC)
-                dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-                ds = (p * (dp - dl[:, None])).to(Q.dtype.element_ty)
-                dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
+                dk, dv, ds = _dkdv_step(k, v, q, do, lse2, dl, qp, rmask, kk, kmask, kp0, dk, dv, scale_log2,
+                                        True, PREC, TRANS)
             if FUSE_DQ:
                 dq = tl.dot(ds, k, input_precision=PREC) * scale
                 # DQ holds the launch's query heads only (fp32 scratch per head chunk).
@@ -134,6 +149,29 @@ def _dkdv_kernel(
     # directly in the output dtype (no fp32 copy when the caller wants k's dtype).
     tl.store(DK + (out_rows * HKV + hk) * D + d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kmask[:, None])
     tl.store(DV + (out_rows * HKV + hk) * D + d[None, :], dv.to(DV.dtype.element_ty), mask=kmask[:, None])
+
+
+@triton.jit
+def _dq_step(q, do, lse2, dl, qp, rmask, K, V, ks, kk, kl, hk, kp0, stride_kt, stride_kh, stride_vt, stride_vh,
+             dq, scale_log2, D: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
+    """dQ of a gathered row tile from keys ``kk`` of its block (unscaled)."""
+    d = tl.arange(0, D)
+    if MASK:
+        kmask = kk < kl
+        k = tl.load(K + (ks + kk)[:, None] * stride_kt + hk * stride_kh + d[None, :], mask=kmask[:, None], other=0.0)
+        v = tl.load(V + (ks + kk)[:, None] * stride_vt + hk * stride_vh + d[None, :], mask=kmask[:, None], other=0.0)
+    else:
+        k = tl.load(K + (ks + kk)[:, None] * stride_kt + hk * stride_kh + d[None, :])
+        v = tl.load(V + (ks + kk)[:, None] * stride_vt + hk * stride_vh + d[None, :])
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+    if MASK:
+        ok = rmask[:, None] & kmask[None, :] & ((kp0 + kk)[None, :] <= qp[:, None])
+        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+    else:
+        p = tl.exp2(s - lse2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = (p * (dp - dl[:, None])).to(q.dtype)
+    return dq + tl.dot(ds, k, input_precision=PREC)
 
 
 @triton.jit(do_not_specialize=["H0", "HC"])
@@ -172,17 +210,17 @@ def _dq_kernel(
         dl = tl.load(DELTA + t64 * H + h, mask=rmask, other=0.0)
         qp = tl.load(QPOS + t64, mask=rmask, other=0)
         dq = tl.zeros([BM, D], dtype=tl.float32)
-        for n0 in range(0, kl, BN):
-            kk = n0 + tl.arange(0, BN)
-            kmask = kk < kl
-            k = tl.load(K + (ks + kk)[:, None] * stride_kt + hk * stride_kh + d[None, :], mask=kmask[:, None], other=0.0)
-            v = tl.load(V + (ks + kk)[:, None] * stride_vt + hk * stride_vh + d[None, :], mask=kmask[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-            ok = rmask[:, None] & kmask[None, :] & ((kp0 + kk)[None, :] <= qp[:, None])
-            p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            ds = (p * (dp - dl[:, None])).to(Q.dtype.element_ty)
-            dq += tl.dot(ds, k, input_precision=PREC)
+        # Keys [0, n_full) are seen by every row of the tile (no mask); keys from n_hi by none.
+        qp_min = tl.min(tl.where(rmask, qp, 2147483647), axis=0)
+        qp_max = tl.max(tl.where(rmask, qp, -1), axis=0)
+        n_full = (tl.minimum(tl.maximum(qp_min - kp0 + 1, 0), kl) // BN) * BN
+        n_hi = tl.minimum(tl.maximum(qp_max - kp0 + 1, 0), kl)
+        for n0 in range(0, n_full, BN):
+            dq = _dq_step(q, do, lse2, dl, qp, rmask, K, V, ks, n0 + tl.arange(0, BN), kl, hk, kp0,
+                          stride_kt, stride_kh, stride_vt, stride_vh, dq, scale_log2, D, False, PREC)
+        for n0 in range(n_full, n_hi, BN):
+            dq = _dq_step(q, do, lse2, dl, qp, rmask, K, V, ks, n0 + tl.arange(0, BN), kl, hk, kp0,
+                          stride_kt, stride_kh, stride_vt, stride_vh, dq, scale_log2, D, True, PREC)
         tl.atomic_add(DQ + t64[:, None] * stride_dqt + (h - H0) * D + d[None, :], dq * scale, mask=rmask[:, None],
                       sem="relaxed")
 
@@ -200,9 +238,8 @@ def sparse_attn_bwd(
     width: int,
     softmax_scale: float,
     block_size: int,
+    cfg: BwdConfig,
     dlse: torch.Tensor | None = None,
-    bnb: int | None = None,
-    fuse_dq: bool | None = None,
     kv_grad_dtype: torch.dtype = torch.float32,
     dq_dtype: torch.dtype = torch.float32,
     dq_acc: torch.Tensor | None = None,
@@ -212,11 +249,11 @@ def sparse_attn_bwd(
     Args:
         do, o: ``[Tq, Hq, D]``; lse: ``[Tq, Hq]`` fp32 (natural log); dlse: optional gradient
             of ``lse`` (folded into ``delta``; context parallelism passes None).
-        Others as the forward (same gather index and width).
+        Others as the forward (same gather index and width); cfg: the backward's tiling.
         kv_grad_dtype: dtype of dk/dv (fp32 for CP owners that accumulate; k's dtype saves
             memory for the single-device op).
         dq_dtype: dtype of dq. dQ is summed with fp32 atomics; for a half ``dq_dtype`` the fp32
-            scratch exists for one chunk of KV heads at a time (``CONFIG["dq_chunk_bytes"]``)
+            scratch exists for one chunk of KV heads at a time (``cfg.dq_chunk_bytes``)
             and each chunk is cast into dq, so the scratch never costs a whole fp32 ``[Tq, Hq, D]``.
         dq_acc: optional contiguous fp32 ``[Tq, Hq, D]`` to add dQ into (context parallelism sums
             the partials of all sources there); returned as dq, ``dq_dtype`` is then ignored.
@@ -255,26 +292,18 @@ def sparse_attn_bwd(
     fp32_dq = dq_dtype == torch.float32
     if tq == 0 or blocks.n == 0:
         return (dq if dq_acc is not None else dq.zero_()), dk.zero_(), dv.zero_()
-    # Measured on H100 at d=128, block 128 (benchmarks/NOTES_moba_kernels.md): 128-key
-    # programs with 32-row steps beat 64x64 by ~25%.
-    bnb = bnb or CONFIG["bnb"] or min(128 if d >= 128 else 64, triton.next_power_of_2(block_size))
+    bnb = cfg.bnb or min(128 if d >= 128 else 64, triton.next_power_of_2(block_size))
     nsub = triton.cdiv(block_size, bnb)
-    if fuse_dq is None:
-        fuse_dq = CONFIG["fuse_dq"] if CONFIG["fuse_dq"] is not None else nsub <= 2
-    # 64 gathered rows per step at every block size: block 4096 at 128K, 1129 -> 1013 ms against
-    # 32 rows (H100, session 3, benchmarks/results/moba_tune_b4096_bwd_2026-11-22.log; the
-    # earlier 32-row choice was measured with 2 stages).
-    bm_b = CONFIG["bm"] or 64
-    # 3 stages from block 256 up: paper setting (block 512) at 8K, 4.23 -> 3.50 ms (H100, run 5).
-    n_stages = CONFIG["num_stages"] or (3 if block_size >= 256 else 2)
-    nw = CONFIG["num_warps"] or (8 if d >= 128 else 4)
+    fuse_dq = cfg.fuse_dq if cfg.fuse_dq is not None else nsub <= 2
+    n_stages = cfg.num_stages or (3 if block_size >= 256 else 2)
+    nw = cfg.num_warps or (8 if d >= 128 else 4)
+    if not fuse_dq and gi.chunk % cfg.dq_bm:
+        raise ValueError(f"sparse_attn_bwd: dq_bm={cfg.dq_bm} must divide the gather index's chunk {gi.chunk}")
     scale_log2 = softmax_scale * LOG2E
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
     # KV heads per chunk: all at once when dq is fp32 (written in place) or its scratch is small.
-    n_chunks = 1 if fp32_dq else min(hkv, max(1, -(-tq * hq * d * 4 // CONFIG["dq_chunk_bytes"])))
+    n_chunks = 1 if fp32_dq else min(hkv, max(1, -(-tq * hq * d * 4 // cfg.dq_chunk_bytes)))
     hkc = -(-hkv // n_chunks)
-    from moba_cp.ops.moba.triton_attn_fwd import fwd_tile_m
-
     for hk0 in range(0, hkv, hkc):
         nkv = min(hkc, hkv - hk0)
         h0, hc = hk0 * g_sz, nkv * g_sz
@@ -282,18 +311,17 @@ def sparse_attn_bwd(
         _dkdv_kernel[(nkv * blocks.n, nsub)](
             q, k, v, do, lse, delta, qpos, gi.ent, gi.offs, gi.kv_order, blocks.kstart, blocks.kpos, blocks.klen,
             dq_c, dk, dv, *strides, dq_c.stride(0), hq, width, blocks.n, g_sz, hk0, nkv, softmax_scale, scale_log2,
-            BM=bm_b, BNB=bnb, D=d, FUSE_DQ=fuse_dq, PREC=prec, TRANS=CONFIG["trans"], num_warps=nw,
-            num_stages=n_stages,
+            BM=cfg.bm, BNB=bnb, D=d, FUSE_DQ=fuse_dq, PREC=prec, TRANS=cfg.trans, SPLIT=cfg.split_mask,
+            num_warps=nw, num_stages=n_stages,
         )
         if not fuse_dq:
-            chunk = fwd_tile_m(d)
-            n_tiles = tq * hc * width // chunk + hc * blocks.n + 1  # static bound for these heads
+            n_tiles = tq * hc * width // gi.chunk + hc * blocks.n + 1  # static bound for these heads
             _dq_kernel[(n_tiles,)](
                 q, k, v, do, lse, delta, qpos, gi.ent, gi.offs, gi.tend, gi.tile_b, gi.tile_start,
                 blocks.kstart, blocks.kpos, blocks.klen, dq_c, *strides, dq_c.stride(0), hq, width, blocks.n, g_sz,
-                h0, hc, softmax_scale, scale_log2, chunk,
-                BM=CONFIG["dq_bm"], BN=min(CONFIG["dq_bn"], triton.next_power_of_2(block_size)), D=d, PREC=prec,
-                num_warps=CONFIG["dq_warps"], num_stages=CONFIG["dq_stages"],
+                h0, hc, softmax_scale, scale_log2, gi.chunk,
+                BM=cfg.dq_bm, BN=min(cfg.dq_bn, triton.next_power_of_2(block_size)), D=d, PREC=prec,
+                num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
             )
         if not fp32_dq:
             dq[:, h0:h0 + hc].copy_(dq_c)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from moba_cp.ops.moba.triton_attn_bwd import sparse_attn_bwd
-from moba_cp.ops.moba.triton_attn_fwd import ONEPASS, fwd_tile_m, sparse_attn_fwd, sparse_attn_fwd_onepass
+from moba_cp.ops.moba.triton_attn_fwd import sparse_attn_fwd, sparse_attn_fwd_onepass
 from moba_cp.ops.moba.triton_centroids import block_centroids
 from moba_cp.ops.moba.triton_common import (
     GatherIndex,
@@ -36,6 +36,7 @@ from moba_cp.ops.moba.triton_common import (
     doc_tables,
     slot_tables,
 )
+from moba_cp.ops.moba.triton_config import KernelConfig, choose_config
 from moba_cp.ops.moba.triton_gate import MAX_GATE_WIDTH, gate_topk
 
 __all__ = ["moba_attn", "select_blocks", "block_attn", "partial_index", "partial_attn_fwd", "partial_attn_bwd"]
@@ -46,7 +47,14 @@ def _c(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- selection
-def _select_impl(q, k, cu_seqlens, block_size: int, topk: int) -> torch.Tensor:
+def _config(config: str, q: torch.Tensor, k: torch.Tensor, block_size: int) -> KernelConfig:
+    """The call's tiling: decoded from ``config``, or ("") chosen from the shape."""
+    if config:
+        return KernelConfig.decode(config)
+    return choose_config(block_size, q.shape[-1], q.shape[1] // max(k.shape[1], 1), q.shape[0])
+
+
+def _select_impl(q, k, cu_seqlens, block_size: int, topk: int, config: str = "") -> torch.Tensor:
     check_triton_inputs(q, block_size, "select_blocks")
     q, k = _c(q), _c(k)
     blocks, qpos, base, info = doc_tables(q.shape[0], cu_seqlens, block_size, q.device)
@@ -58,16 +66,18 @@ def _select_impl(q, k, cu_seqlens, block_size: int, topk: int) -> torch.Tensor:
             f"topk <= {MAX_GATE_WIDTH}, or a larger block_size, or full attention for this case."
         )
     cent = block_centroids(k, blocks.kstart, blocks.klen, block_size)
-    return gate_topk(q, cent, qpos, base, block_size=block_size, topk=topk, width=width)
+    cfg = _config(config, q, k, block_size)
+    return gate_topk(q, cent, qpos, base, block_size=block_size, topk=topk, width=width, cfg=cfg.gate)
 
 
 @torch.library.custom_op("moba_cp::triton_select_blocks", mutates_args=())
-def _select_op(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor | None, block_size: int, topk: int) -> torch.Tensor:
-    return _select_impl(q, k, cu_seqlens, block_size, topk)
+def _select_op(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor | None, block_size: int, topk: int,
+               config: str = "") -> torch.Tensor:
+    return _select_impl(q, k, cu_seqlens, block_size, topk, config)
 
 
 @_select_op.register_fake
-def _(q, k, cu_seqlens, block_size, topk):
+def _(q, k, cu_seqlens, block_size, topk, config=""):
     if cu_seqlens is None:
         width = min(topk, max(1, -(-q.shape[0] // block_size)))
     else:  # depends on the document lengths (data)
@@ -75,46 +85,48 @@ def _(q, k, cu_seqlens, block_size, topk):
     return q.new_empty((q.shape[0], q.shape[1], width), dtype=torch.int32)
 
 
-def select_blocks(q, k, *, block_size: int, topk: int, cu_seqlens=None) -> torch.Tensor:
+def select_blocks(q, k, *, block_size: int, topk: int, cu_seqlens=None, config: KernelConfig | None = None) -> torch.Tensor:
     """Triton MoBA selection. ``q [T, Hq, D]``, ``k [T, Hkv, D]`` -> ``[T, Hq, W]`` int32
-    document-local block ids, own block included, ascending, ``-1`` padded (see ``naive``)."""
-    return _select_op(q, k, cu_seqlens, block_size, topk)
+    document-local block ids, own block included, ascending, ``-1`` padded (see ``naive``).
+    ``config``: the tiling (None: :func:`choose_config` from the shape)."""
+    return _select_op(q, k, cu_seqlens, block_size, topk, config.encode() if config else "")
 
 
 # ----------------------------------------------------------------------------- attention
-def _index_numel(q, k, indices, cu_seqlens, block_size: int) -> int:
+def _index_numel(q, k, indices, cu_seqlens, block_size: int, cfg: KernelConfig) -> int:
     """Length of the saved gather index (0 on the one-pass path: it builds its own)."""
-    if block_size >= ONEPASS["min_block"]:
+    if cfg.fwd.method == "one_pass":
         return 0
     t, hq, w = indices.shape
     n_docs = 1 if cu_seqlens is None else cu_seqlens.shape[0] - 1
     nbk = block_table_bound(t, n_docs, block_size)
-    return sum(GatherIndex.sizes(t, hq, w, nbk, k.shape[1], fwd_tile_m(q.shape[-1])))
+    return sum(GatherIndex.sizes(t, hq, w, nbk, k.shape[1], cfg.fwd.chunk))
 
 
 @torch.library.custom_op("moba_cp::triton_block_attn_fwd", mutates_args=())
 def _attn_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
-    cu_seqlens: torch.Tensor | None, block_size: int, softmax_scale: float,
+    cu_seqlens: torch.Tensor | None, block_size: int, softmax_scale: float, config: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``o``, ``lse`` and the gather index as one int32 buffer, saved for the backward
     (so it is built once per call; empty on the one-pass path)."""
     check_triton_inputs(q, block_size, "block_attn")
     q, k, v = _c(q), _c(k), _c(v)
+    cfg = _config(config, q, k, block_size)
     blocks, qpos, base, _ = doc_tables(q.shape[0], cu_seqlens, block_size, q.device)
     sel = indices.to(torch.int32)
-    if block_size >= ONEPASS["min_block"]:
-        o, lse = sparse_attn_fwd_onepass(q, k, v, qpos, blocks, sel, base, softmax_scale)
+    if cfg.fwd.method == "one_pass":
+        o, lse = sparse_attn_fwd_onepass(q, k, v, qpos, blocks, sel, base, softmax_scale, cfg.fwd)
         return o, lse, sel.new_empty(0)
-    flat = torch.empty(_index_numel(q, k, indices, cu_seqlens, block_size), dtype=torch.int32, device=q.device)
-    gi = build_gather_index(sel, base, blocks.n, k.shape[1], fwd_tile_m(q.shape[-1]), out=flat)
-    o, lse = sparse_attn_fwd(q, k, v, qpos, blocks, gi, indices.shape[-1], softmax_scale, block_size)
+    flat = torch.empty(_index_numel(q, k, indices, cu_seqlens, block_size, cfg), dtype=torch.int32, device=q.device)
+    gi = build_gather_index(sel, base, blocks.n, k.shape[1], cfg.fwd.chunk, out=flat)
+    o, lse = sparse_attn_fwd(q, k, v, qpos, blocks, gi, indices.shape[-1], softmax_scale, block_size, cfg.fwd)
     return o, lse, flat
 
 
 @_attn_fwd_op.register_fake
-def _(q, k, v, indices, cu_seqlens, block_size, softmax_scale):
-    n = _index_numel(q, k, indices, cu_seqlens, block_size)
+def _(q, k, v, indices, cu_seqlens, block_size, softmax_scale, config=""):
+    n = _index_numel(q, k, indices, cu_seqlens, block_size, _config(config, q, k, block_size))
     return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32), q.new_empty(n, dtype=torch.int32)
 
 
@@ -122,33 +134,35 @@ def _(q, k, v, indices, cu_seqlens, block_size, softmax_scale):
 def _attn_bwd_op(
     do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     o: torch.Tensor, lse: torch.Tensor, indices: torch.Tensor, index: torch.Tensor,
-    cu_seqlens: torch.Tensor | None, block_size: int, softmax_scale: float,
+    cu_seqlens: torch.Tensor | None, block_size: int, softmax_scale: float, config: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = _c(q), _c(k), _c(v)
+    cfg = _config(config, q, k, block_size)
     blocks, qpos, base, _ = doc_tables(q.shape[0], cu_seqlens, block_size, q.device)
     t, hq, w = indices.shape
-    chunk = fwd_tile_m(q.shape[-1])
+    # The saved index was cut in the forward config's chunks: the same config decodes it.
     if index.numel() == 0:  # one-pass forward: build the index now
-        gi = build_gather_index(indices.to(torch.int32), base, blocks.n, k.shape[1], chunk)
+        gi = build_gather_index(indices.to(torch.int32), base, blocks.n, k.shape[1], cfg.fwd.chunk)
     else:
-        gi = GatherIndex.from_flat(index, t, hq, w, blocks.n, k.shape[1], chunk)
+        gi = GatherIndex.from_flat(index, t, hq, w, blocks.n, k.shape[1], cfg.fwd.chunk)
     return sparse_attn_bwd(
-        _c(do), q, k, v, o, lse, qpos, blocks, gi, w, softmax_scale, block_size, dlse=dlse,
+        _c(do), q, k, v, o, lse, qpos, blocks, gi, w, softmax_scale, block_size, cfg.bwd, dlse=dlse,
         kv_grad_dtype=k.dtype, dq_dtype=q.dtype,
     )
 
 
 @_attn_bwd_op.register_fake
-def _(do, dlse, q, k, v, o, lse, indices, index, cu_seqlens, block_size, softmax_scale):
+def _(do, dlse, q, k, v, o, lse, indices, index, cu_seqlens, block_size, softmax_scale, config=""):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, indices, cu_seqlens, block_size, softmax_scale = inputs
+    q, k, v, indices, cu_seqlens, block_size, softmax_scale, config = inputs
     o, lse, index = output
     ctx.save_for_backward(q, k, v, o, lse, indices, index, cu_seqlens)
     ctx.block_size = block_size
     ctx.softmax_scale = softmax_scale
+    ctx.config = config  # the index's chunk travels with it: the backward decodes it with this
     ctx.mark_non_differentiable(index)
 
 
@@ -156,32 +170,42 @@ def _backward(ctx, do, dlse, _dindex):
     q, k, v, o, lse, indices, index, cu_seqlens = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(o)
-    dq, dk, dv = _attn_bwd_op(do, dlse, q, k, v, o, lse, indices, index, cu_seqlens, ctx.block_size, ctx.softmax_scale)
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = _attn_bwd_op(do, dlse, q, k, v, o, lse, indices, index, cu_seqlens, ctx.block_size,
+                              ctx.softmax_scale, ctx.config)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def block_attn(q, k, v, indices, *, block_size: int, cu_seqlens=None, softmax_scale: float):
+def block_attn(q, k, v, indices, *, block_size: int, cu_seqlens=None, softmax_scale: float,
+               config: KernelConfig | None = None):
     """Triton attention over given document-local block ``indices [T, Hq, W]``.
 
     ``q [T, Hq, D]``, ``k, v [T, Hkv, D]`` -> ``o [T, Hq, D]`` (q's dtype), ``lse [T, Hq]``
-    fp32; differentiable in q, k, v (and through ``lse``).
+    fp32; differentiable in q, k, v (and through ``lse``). ``config``: the tiling (None:
+    :func:`choose_config` from the shape; the backward uses the forward's).
     """
-    o, lse, _ = _attn_fwd_op(q, k, v, indices, cu_seqlens, block_size, float(softmax_scale))
+    if config is None:
+        config = choose_config(block_size, q.shape[-1], q.shape[1] // max(k.shape[1], 1), q.shape[0])
+    o, lse, _ = _attn_fwd_op(q, k, v, indices, cu_seqlens, block_size, float(softmax_scale), config.encode())
     return o, lse
 
 
-def moba_attn(q, k, v, *, block_size: int, topk: int, cu_seqlens=None, softmax_scale: float):
+def moba_attn(q, k, v, *, block_size: int, topk: int, cu_seqlens=None, softmax_scale: float,
+              config: KernelConfig | None = None):
     """Triton MoBA: :func:`select_blocks` (no gradient) then :func:`block_attn`.
 
     Example:
         >>> o, lse = moba_attn(q, k, v, block_size=128, topk=8, softmax_scale=q.shape[-1] ** -0.5)
     """
+    if config is None:
+        config = choose_config(block_size, q.shape[-1], q.shape[1] // max(k.shape[1], 1), q.shape[0])
     with torch.no_grad():
-        idx = select_blocks(q.detach(), k.detach(), block_size=block_size, topk=topk, cu_seqlens=cu_seqlens)
-    return block_attn(q, k, v, idx, block_size=block_size, cu_seqlens=cu_seqlens, softmax_scale=softmax_scale)
+        idx = select_blocks(q.detach(), k.detach(), block_size=block_size, topk=topk, cu_seqlens=cu_seqlens,
+                            config=config)
+    return block_attn(q, k, v, idx, block_size=block_size, cu_seqlens=cu_seqlens, softmax_scale=softmax_scale,
+                      config=config)
 
 
 # ----------------------------------------------------------------------------- CP slot form
@@ -190,19 +214,27 @@ class SlotIndex:
 
     ``sel [Tq, Hq, W]`` int32 holds slot ids in ``[0, n_slots)`` (``-1`` = none); each source
     (local blocks, each ring step's received blocks) owns a contiguous slot range. The gather
-    index over the whole namespace is built once, on first use (the two-pass forward builds it;
-    after a one-pass forward the backward does), and then serves every source's forward and
-    backward: a source's kernels see the other sources' slots as empty blocks and skip them.
+    index over the whole namespace is built once, on first use, with the tiling of that call
+    (which it keeps: ``config``), and then serves every source's forward and backward: a
+    source's kernels see the other sources' slots as empty blocks and skip them.
     """
 
     def __init__(self, sel: torch.Tensor, n_slots: int, hkv: int, head_dim: int):
         self.sel = sel.to(torch.int32).contiguous()
         self.n_slots, self.hkv, self.head_dim = int(n_slots), int(hkv), int(head_dim)
+        self.config: KernelConfig | None = None
         self._gi: GatherIndex | None = None
 
-    def gather(self) -> GatherIndex:
+    def tiling(self, block_size: int) -> KernelConfig:
+        """The tiling of this call (chosen from the shape on first use, then fixed)."""
+        if self.config is None:
+            hq = self.sel.shape[1]
+            self.config = choose_config(block_size, self.head_dim, hq // max(self.hkv, 1), self.sel.shape[0])
+        return self.config
+
+    def gather(self, block_size: int) -> GatherIndex:
         if self._gi is None:
-            self._gi = build_gather_index(self.sel, None, self.n_slots, self.hkv, fwd_tile_m(self.head_dim))
+            self._gi = build_gather_index(self.sel, None, self.n_slots, self.hkv, self.tiling(block_size).fwd.chunk)
         return self._gi
 
 
@@ -261,11 +293,12 @@ def partial_attn_fwd(q, q_pos, k_buf, v_buf, slot_pos, slot_idx, *, block_size: 
     q, k_buf, v_buf = _c(q), _c(k_buf), _c(v_buf)
     blocks, index = _partial_setup(q, k_buf, slot_pos, slot_idx, block_size, slot_offset, index)
     qpos = q_pos.to(torch.int32)
+    cfg = index.tiling(block_size)
     with torch.no_grad():
-        if block_size >= ONEPASS["min_block"]:
-            return sparse_attn_fwd_onepass(q, k_buf, v_buf, qpos, blocks, index.sel, None, float(softmax_scale))
-        return sparse_attn_fwd(q, k_buf, v_buf, qpos, blocks, index.gather(), index.sel.shape[-1],
-                               float(softmax_scale), block_size)
+        if cfg.fwd.method == "one_pass":
+            return sparse_attn_fwd_onepass(q, k_buf, v_buf, qpos, blocks, index.sel, None, float(softmax_scale), cfg.fwd)
+        return sparse_attn_fwd(q, k_buf, v_buf, qpos, blocks, index.gather(block_size), index.sel.shape[-1],
+                               float(softmax_scale), block_size, cfg.fwd)
 
 
 def partial_attn_bwd(do, q, q_pos, k_buf, v_buf, slot_pos, slot_idx, o, lse, *, block_size: int, softmax_scale: float,
@@ -280,6 +313,6 @@ def partial_attn_bwd(do, q, q_pos, k_buf, v_buf, slot_pos, slot_idx, o, lse, *, 
     blocks, index = _partial_setup(q, k_buf, slot_pos, slot_idx, block_size, slot_offset, index)
     with torch.no_grad():
         return sparse_attn_bwd(
-            _c(do), q, k_buf, v_buf, o, lse, q_pos.to(torch.int32), blocks, index.gather(), index.sel.shape[-1],
-            float(softmax_scale), block_size, dq_acc=dq_acc,
+            _c(do), q, k_buf, v_buf, o, lse, q_pos.to(torch.int32), blocks, index.gather(block_size),
+            index.sel.shape[-1], float(softmax_scale), block_size, index.tiling(block_size).bwd, dq_acc=dq_acc,
         )

@@ -227,6 +227,8 @@ class GatherIndex:
     upper bound (``E // chunk + Hq*NBK + 1``: no host sync sizes the grid) and surplus tiles
     have ``tile_b = -1`` (their programs exit at once). ``kv_order [Hkv, NBK]`` int32 lists each
     KV head's blocks by decreasing entry count (longest backward programs first).
+    ``chunk``: entries per tile, which every kernel walking the tile list must use (it travels
+    with the index, so a backward reads the forward's saved index as it was built).
     """
 
     ent: torch.Tensor
@@ -236,6 +238,7 @@ class GatherIndex:
     tile_start: torch.Tensor
     kv_order: torch.Tensor
     n_tiles: int
+    chunk: int
 
     @staticmethod
     def sizes(t: int, hq: int, w: int, nbk: int, hkv: int, chunk: int) -> list[int]:
@@ -249,7 +252,7 @@ class GatherIndex:
         """Views of one int32 buffer (how the forward saves the index for the backward)."""
         sz = cls.sizes(t, hq, w, nbk, hkv, chunk)
         ent, offs, tend, tb, ts, kvo = torch.split(flat, sz)
-        return cls(ent, offs, tend, tb, ts, kvo.view(hkv, nbk), sz[3])
+        return cls(ent, offs, tend, tb, ts, kvo.view(hkv, nbk), sz[3], chunk)
 
 
 @triton.jit

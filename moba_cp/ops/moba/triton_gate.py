@@ -26,15 +26,13 @@ import triton
 import triton.language as tl
 
 from moba_cp.ops.moba.kernel_limits import TRITON
+from moba_cp.ops.moba.triton_config import GateConfig
 
 __all__ = ["gate_topk", "MAX_GATE_WIDTH"]
 
 #: Largest ``min(topk, blocks per document)`` the register-resident top-k supports.
 MAX_GATE_WIDTH = TRITON.max_gate_width
 
-#: Tile shapes: ``bm`` query rows per program (None: by head dim and width), ``bn``
-#: centroids per step.
-CONFIG = {"bm": None, "bn": 64, "num_warps": 4}
 
 
 @triton.jit
@@ -115,6 +113,7 @@ def gate_topk(
     block_size: int,
     topk: int,
     width: int,
+    cfg: GateConfig = GateConfig(),
 ) -> torch.Tensor:
     """MoBA selection from centroids, fused gate + running top-k.
 
@@ -125,6 +124,7 @@ def gate_topk(
         base: int32 ``[T]`` global id of block 0 of each query's document.
         block_size: ``B``; topk: blocks per query incl. the own block.
         width: ``W`` columns of the result (``min(topk, max blocks of any document)``).
+        cfg: tiling (``bm`` 0: by head dim and top-k).
     Returns:
         ``[T, Hq, W]`` int32 document-local block ids, ascending, ``-1`` padded at the end.
     """
@@ -138,14 +138,14 @@ def gate_topk(
     split = q.dtype in (torch.float16, torch.bfloat16)
     # 128 rows at d=128 with a small top-k: FlashMoBA 512K gate 159 -> 141 ms on H100 (session 3,
     # benchmarks/results/moba_tune_gate_2026-11-22.log; 8 warps or 32 rows were slower).
-    bm = CONFIG["bm"] or (64 if d <= 64 else 32 if kp > 64 else 128 if kp <= 16 else 64)
-    bn = CONFIG["bn"]
+    bm = cfg.bm or (64 if d <= 64 else 32 if kp > 64 else 128 if kp <= 16 else 64)
+    bn = cfg.bn
     grid = (triton.cdiv(t, bm), hq)
     _gate_topk_kernel[grid](
         q, cent, qpos, base, out,
         t, hq // hkv, block_size, width,
         q.stride(0), q.stride(1), cent.stride(0), cent.stride(1), out.stride(0), out.stride(1),
         K=k_past, KP=kp, BM=bm, BN=bn, D=d, SPLIT=split, PREC="ieee",
-        num_warps=CONFIG["num_warps"],
+        num_warps=cfg.num_warps,
     )
     return out

@@ -1,0 +1,159 @@
+"""Tile configurations of the MoBA Triton kernels: immutable values chosen from the shape.
+
+A :class:`KernelConfig` says how every kernel of one call is tiled. :func:`choose_config`
+picks it from the shape (block size, head dim, GQA group, tokens); callers may pass their own
+(benchmarks sweep configs that way), and nothing in the package mutates a config at run time.
+
+What the backward needs to read the forward's saved gather index (its ``chunk``) travels with
+the index (``GatherIndex.chunk``), never through a module global, so a config change between
+forward and backward cannot misread it.
+
+The table's values come from GPU sweeps; ``benchmarks/NOTES_moba_kernels.md`` and the logs in
+``benchmarks/results/`` hold the measurements behind each row.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field, fields, replace
+
+__all__ = ["FwdConfig", "BwdConfig", "GateConfig", "KernelConfig", "choose_config"]
+
+FWD_METHODS = ("partials", "two_pass", "one_pass")
+
+
+@dataclass(frozen=True)
+class FwdConfig:
+    """Forward attention tiling.
+
+    method:
+        ``partials``: one pass over gathered tiles per (query head, key block); each entry's
+        normalised partial output (fp32) and LSE are written, then merged per row by LSE.
+        Two products per key tile; the fp32 partials exist for one chunk of query heads at a
+        time (at most ``partial_bytes``).
+        ``two_pass``: pass 1 the per-entry LSE, pass 2 the normalised ``P V`` added atomically
+        into fp32 ``o`` (three products per key tile, no partial buffer).
+        ``one_pass``: a program owns ``qchunk`` tokens of one head and walks the key blocks in
+        order, keeping each row's online-softmax state in fp32 scratch (large blocks).
+    bm: gathered rows per tile; bn: keys per sub-tile (0: the whole block, up to 128).
+    chunk: entries per program of the gather index (a multiple of ``bm``; the dQ kernel
+        walks the same chunks).
+    qchunk: ``one_pass`` tokens per program (0: from the shape).
+    """
+
+    method: str = "two_pass"
+    bm: int = 64
+    bn: int = 64
+    chunk: int = 256
+    num_warps: int = 4
+    num_stages: int = 2
+    qchunk: int = 0
+    partial_bytes: int = 1 << 30
+
+    def __post_init__(self):
+        if self.method not in FWD_METHODS:
+            raise ValueError(f"FwdConfig.method={self.method!r}; choose one of {FWD_METHODS}")
+        if self.chunk % self.bm:
+            raise ValueError(f"FwdConfig.chunk={self.chunk} must be a multiple of bm={self.bm}")
+
+
+@dataclass(frozen=True)
+class BwdConfig:
+    """Backward tiling. dK/dV: ``bnb`` keys per program, ``bm`` gathered rows per step
+    (0: ``bnb`` from the head dim); ``fuse_dq`` adds dQ by fp32 atomics in the dK/dV program
+    (None: when a block needs <= 2 key sub-tiles), else the dQ kernel (``dq_bm`` rows,
+    ``dq_bn`` keys per step; ``dq_bm`` divides the index's chunk) does. ``trans``: keys as the
+    M dimension of the dK/dV products. ``split_mask``: a gathered row tile that sees every key
+    of a sub-tile (every row of a past block) takes a branch without the causal mask.
+    ``dq_chunk_bytes``: largest fp32 dQ scratch when dq is
+    returned in a half dtype (the backward then runs in chunks of KV heads)."""
+
+    bnb: int = 0
+    bm: int = 64
+    fuse_dq: bool | None = None
+    trans: bool = True
+    split_mask: bool = True
+    num_warps: int = 0
+    num_stages: int = 0
+    dq_bm: int = 64
+    dq_bn: int = 64
+    dq_warps: int = 4
+    dq_stages: int = 2
+    dq_chunk_bytes: int = 2 << 30
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Gate tiling: ``bm`` query rows per program (0: by head dim and top-k), ``bn``
+    centroids per step."""
+
+    bm: int = 0
+    bn: int = 64
+    num_warps: int = 4
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """The tiling of one MoBA call (gate, forward, backward)."""
+
+    fwd: FwdConfig = field(default_factory=FwdConfig)
+    bwd: BwdConfig = field(default_factory=BwdConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+
+    def replace(self, **parts) -> "KernelConfig":
+        """A copy with some fields changed: ``cfg.replace(fwd={"bm": 128})``."""
+        new = {}
+        for name, change in parts.items():
+            new[name] = replace(getattr(self, name), **change) if isinstance(change, dict) else change
+        return replace(self, **new)
+
+    def encode(self) -> str:
+        """A canonical string (custom ops take strings, not dataclasses). Plain string
+        formatting of constants, so ``torch.compile`` traces it (it cannot trace ``json``)."""
+        parts = []
+        for part in _PARTS:
+            obj = getattr(self, part)
+            parts.append(part + ":" + ";".join(name + "=" + repr(getattr(obj, name)) for name in _FIELDS[part]))
+        return "|".join(parts)
+
+    @staticmethod
+    def decode(text: str) -> "KernelConfig":
+        kw = {}
+        for chunk in text.split("|"):
+            part, body = chunk.split(":", 1)
+            values = dict(item.split("=", 1) for item in body.split(";"))
+            kw[part] = _CLASSES[part](**{k: ast.literal_eval(v) for k, v in values.items()})
+        return KernelConfig(**kw)
+
+
+_PARTS = ("fwd", "bwd", "gate")
+_CLASSES = {"fwd": FwdConfig, "bwd": BwdConfig, "gate": GateConfig}
+_FIELDS = {part: tuple(f.name for f in fields(cls)) for part, cls in _CLASSES.items()}
+
+
+def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int = 0) -> KernelConfig:
+    """The default tiling for a shape.
+
+    Args:
+        block_size: MoBA block ``B``; head_dim: ``D``; group: query heads per KV head;
+        n_tokens: tokens in the call (``T``; 0 when unknown).
+    """
+    del group, n_tokens  # reserved: no row of the table depends on them yet
+    if block_size >= 2048:
+        # Run 4 (H100, 128K, block 4096): one pass with 4 stages 268 ms vs two passes 394 ms.
+        fwd = FwdConfig(method="one_pass", bm=128, bn=64, chunk=256, num_warps=8, num_stages=4)
+    else:
+        # Two passes on 64 x 64 tiles (H100 sweeps at d=128, blocks 128 and 512).
+        fwd = FwdConfig(method="two_pass", bm=64, bn=64 if block_size > 128 else 0, chunk=256)
+    bwd = BwdConfig(
+        bnb=min(128 if head_dim >= 128 else 64, _pow2(block_size)),
+        bm=64,
+        num_warps=8 if head_dim >= 128 else 4,
+        # 3 stages from block 256 up: block 512 at 8K, 4.23 -> 3.50 ms (H100, run 5).
+        num_stages=3 if block_size >= 256 else 2,
+    )
+    return KernelConfig(fwd=fwd, bwd=bwd, gate=GateConfig())
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
