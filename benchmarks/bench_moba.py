@@ -365,17 +365,21 @@ TUNE_FWD = [
     {"method": "partials", "bm": 128, "bn": 128, "chunk": 128, "num_warps": 8, "num_stages": 3},
     {"method": "partials", "bm": 64, "bn": 64, "chunk": 128, "num_warps": 4, "num_stages": 3},
     {"method": "partials", "bm": 128, "bn": 64, "chunk": 128, "num_warps": 4, "num_stages": 3},
+    {"method": "partials", "bm": 128, "bn": 64, "chunk": 128, "num_warps": 4, "num_stages": 4},
+    {"method": "partials", "bm": 128, "bn": 32, "chunk": 128, "num_warps": 4, "num_stages": 3},
     {"method": "one_pass", "bm": 128, "bn": 64, "chunk": 256, "num_warps": 8, "num_stages": 4},
 ]
 TUNE_BWD = [
     {},
-    {"split_mask": False},
     {"bnb": 128, "bm": 64, "num_warps": 8, "num_stages": 3},
     {"bnb": 128, "bm": 32, "num_warps": 4, "num_stages": 3},
-    {"bnb": 64, "bm": 128, "num_warps": 8, "num_stages": 3},
-    {"dq_bm": 128, "dq_bn": 64, "dq_warps": 8, "dq_stages": 3},
-    {"dq_bm": 64, "dq_bn": 128, "dq_warps": 4, "dq_stages": 3},
+    {"bnb": 128, "bm": 64, "num_warps": 4, "num_stages": 2},
+    {"bnb": 64, "bm": 32, "num_warps": 4, "num_stages": 3},
     {"fuse_dq": True},
+    {"fuse_dq": True, "bnb": 128, "bm": 64, "num_warps": 8},
+    {"dq_bm": 128, "dq_bn": 64, "dq_warps": 8, "dq_stages": 3},
+    {"dq_bm": 64, "dq_bn": 64, "dq_warps": 4, "dq_stages": 3},
+    {"split_mask": True},
 ]
 TUNE_GATE = [{}, {"num_warps": 8}, {"bm": 128, "num_warps": 8}, {"bm": 128, "num_warps": 4}, {"bm": 64, "bn": 128},
              {"bm": 32, "num_warps": 4}, {"bn": 32, "num_warps": 4}]

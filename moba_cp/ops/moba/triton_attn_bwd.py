@@ -311,7 +311,7 @@ def sparse_attn_bwd(
         _dkdv_kernel[(nkv * blocks.n, nsub)](
             q, k, v, do, lse, delta, qpos, gi.ent, gi.offs, gi.kv_order, blocks.kstart, blocks.kpos, blocks.klen,
             dq_c, dk, dv, *strides, dq_c.stride(0), hq, width, blocks.n, g_sz, hk0, nkv, softmax_scale, scale_log2,
-            BM=cfg.bm, BNB=bnb, D=d, FUSE_DQ=fuse_dq, PREC=prec, TRANS=cfg.trans, SPLIT=cfg.split_mask,
+            BM=cfg.bm, BNB=bnb, D=d, FUSE_DQ=fuse_dq, PREC=prec, TRANS=cfg.trans, SPLIT=cfg.split_mask and not fuse_dq,
             num_warps=nw, num_stages=n_stages,
         )
         if not fuse_dq:

@@ -72,7 +72,7 @@ class BwdConfig:
     bm: int = 64
     fuse_dq: bool | None = None
     trans: bool = True
-    split_mask: bool = True
+    split_mask: bool = False
     num_warps: int = 0
     num_stages: int = 0
     dq_bm: int = 64
