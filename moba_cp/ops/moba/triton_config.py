@@ -137,22 +137,37 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
     Args:
         block_size: MoBA block ``B``; head_dim: ``D``; group: query heads per KV head;
         n_tokens: tokens in the call (``T``; 0 when unknown).
+
+    Rows measured on one H200, bf16 (``benchmarks/results/moba_tune_h200_2026-12-02_run*.log``;
+    H100 rows in ``benchmarks/NOTES_moba_kernels.md``); a shape between rows takes the nearest.
     """
     del group, n_tokens  # reserved: no row of the table depends on them yet
-    if block_size >= 2048:
-        # Run 4 (H100, 128K, block 4096): one pass with 4 stages 268 ms vs two passes 394 ms.
-        fwd = FwdConfig(method="one_pass", bm=128, bn=64, chunk=256, num_warps=8, num_stages=4)
-    else:
-        # Two passes on 64 x 64 tiles (H100 sweeps at d=128, blocks 128 and 512).
-        fwd = FwdConfig(method="two_pass", bm=64, bn=64 if block_size > 128 else 0, chunk=256)
-    bwd = BwdConfig(
+    bwd_old = BwdConfig(
         bnb=min(128 if head_dim >= 128 else 64, _pow2(block_size)),
         bm=64,
         num_warps=8 if head_dim >= 128 else 4,
         # 3 stages from block 256 up: block 512 at 8K, 4.23 -> 3.50 ms (H100, run 5).
         num_stages=3 if block_size >= 256 else 2,
     )
-    return KernelConfig(fwd=fwd, bwd=bwd, gate=GateConfig())
+    if block_size >= 2048:
+        # H100, 128K, block 4096, d=128: one pass with 4 stages 268 ms vs two passes 394 ms.
+        fwd = FwdConfig(method="one_pass", bm=128, bn=64, chunk=256, num_warps=8, num_stages=4)
+        return KernelConfig(fwd=fwd, bwd=bwd_old)
+    if block_size <= 128:
+        # H200, FlashMoBA 128K (block 128, d=128): partials on 64-row tiles 33.8 ms vs two
+        # passes 36.6 ms; the fused-dQ backward (one sub-tile per block) stays (35.4 ms).
+        fwd = FwdConfig(method="partials", bm=64, bn=0, chunk=128, num_warps=4, num_stages=3)
+        return KernelConfig(fwd=fwd, bwd=bwd_old)
+    if head_dim <= 64:
+        # H200, d=64, 16/4 heads: partials on 128-row tiles, 4 warps, 3 stages: fwd 44.7 -> 22.5 ms
+        # (128K, block 1024, top-k 12), 2.37 -> 1.65 ms (32K, block 512, top-k 3), 1.29 -> 1.06 ms
+        # (4 x 8K, block 512, 6 heads). dK/dV on 128 keys x 32 gathered rows, 4 warps: bwd 106 ->
+        # 84 ms, 4.53 -> 3.98 ms, 1.70 -> 1.41 ms at the same three shapes.
+        fwd = FwdConfig(method="partials", bm=128, bn=64, chunk=128, num_warps=4, num_stages=3)
+        bwd = BwdConfig(bnb=128, bm=32, num_warps=4, num_stages=3, dq_bm=64, dq_bn=64)
+        return KernelConfig(fwd=fwd, bwd=bwd)
+    # d=128, blocks 256-1024: two passes on 64 x 64 tiles (H100 sweeps at blocks 128 and 512).
+    return KernelConfig(fwd=FwdConfig(method="two_pass", bm=64, bn=64, chunk=256), bwd=bwd_old)
 
 
 def _pow2(n: int) -> int:

@@ -1,0 +1,103 @@
+"""Training throughput, MoBA against full attention, one GPU, in the same run: ``moba-cp train``
+at the recipes' shapes, a few steps each, tokens/s (median of the steps after warm-up),
+TFLOP/s per GPU (model FLOPs, MoBA's attention counted as the work it does) and peak memory.
+
+Usage (GPU; megatron-core carried as a wheel, see scripts in README):
+    PYTHONPATH=$PWD python benchmarks/bench_train.py --out benchmarks/results/train_h200.md
+CPU smoke (tiny shapes, gloo, naive kernels; numbers meaningless):
+    PYTHONPATH=$PWD python benchmarks/bench_train.py --smoke
+
+Each (setting, attention) pair is one ``python -m moba_cp.train`` process with its own run
+directory, checkpoints and evaluation off; full attention is SDPA (cuDNN on an H100/H200).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+#: name: (recipe, overrides, steps). The 0.27B model of ``1gpu-32k`` (24 layers, hidden 1024,
+#: 16/4 heads, d=64) at 128K and 32K, and a small model (6 layers, hidden 384, 6 heads) at 8K.
+SETTINGS = {
+    "128K block 1024 top-12 (24 layers, hidden 1024)": (
+        "recipes/1gpu-32k.yaml",
+        ["--model.seq_length=131072", "--moba.block_size=1024", "--moba.topk=12",
+         "--train.global_batch_size=1", "--train.micro_batch_size=1"], 5),
+    "32K block 512 top-3 (24 layers, hidden 1024)": (
+        "recipes/1gpu-32k.yaml", ["--train.global_batch_size=2", "--train.micro_batch_size=1"], 6),
+    "8K block 512 top-3 (6 layers, hidden 384, 6 heads)": (
+        "recipes/1gpu-32k.yaml",
+        ["--model.num_layers=6", "--model.hidden_size=384", "--model.num_attention_heads=6",
+         "--model.num_query_groups=6", "--model.seq_length=8192", "--moba.block_size=512", "--moba.topk=3",
+         "--train.global_batch_size=8", "--train.micro_batch_size=4"], 12),
+}
+SMOKE = {"smoke": ("recipes/tiny.yaml", ["--parallel.cp=1"], 4)}
+COMMON = ["--eval.interval=0", "--checkpoint.save=false", "--logging.interval=1", "--train.warmup_steps=1"]
+
+
+def run_one(recipe, overrides, steps, pattern, workdir, extra):
+    run_dir = os.path.join(workdir, f"{pattern}-{abs(hash((recipe, tuple(overrides)))) % 10**8}")
+    cmd = [sys.executable, "-m", "moba_cp.train", recipe, *overrides, *COMMON, *extra,
+           f"--train.steps={steps}", f"--attention.pattern={pattern}", f"--logging.dir={run_dir}",
+           f"--checkpoint.dir={run_dir}/ckpt"]
+    print("+", " ".join(cmd[1:]), flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr)[-1500:]
+        print(tail, flush=True)
+        return {"error": tail.strip().splitlines()[-1] if tail.strip() else f"exit {proc.returncode}"}
+    recs = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl")) if '"tokens_per_s"' in x]
+    warm = recs[2:] if len(recs) > 3 else recs[-1:]  # the first steps compile kernels
+    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in warm),
+            "tflops": statistics.median(r["tflops_per_gpu"] for r in warm),
+            "mem": max(r["mem_gib"] for r in recs), "steps": len(warm), "loss": recs[-1]["loss"]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=None, help="write the markdown table here (rows added as they finish)")
+    ap.add_argument("--only", default="", help="comma list of setting-name prefixes to run")
+    ap.add_argument("--smoke", action="store_true", help="CPU smoke: the tiny recipe, 4 steps")
+    ap.add_argument("--extra", default="", help="more overrides for every run (space separated)")
+    args = ap.parse_args()
+    settings = SMOKE if args.smoke else SETTINGS
+    extra = args.extra.split()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    head = [f"# Training throughput, MoBA vs full attention ({dev}, {datetime.date.today()}, commit {commit or '?'})",
+            "", f"Command: `python benchmarks/bench_train.py {' '.join(sys.argv[1:])}`; every run adds "
+            f"`{' '.join(COMMON + extra)}`. Median tokens/s over the steps after the first two.", "",
+            "| setting | MoBA tok/s | full tok/s | MoBA / full | MoBA TFLOP/s/GPU | full TFLOP/s/GPU "
+            "| MoBA peak GiB | full peak GiB |", "|---|---|---|---|---|---|---|---|"]
+    lines = list(head)
+    with tempfile.TemporaryDirectory() as work:
+        for name, (recipe, overrides, steps) in settings.items():
+            if args.only and not any(name.startswith(p) for p in args.only.split(",")):
+                continue
+            r = {pat: run_one(recipe, overrides, steps, pat, work, extra) for pat in ("moba", "full")}
+            f = lambda x, spec: format(x, spec) if x is not None else "-"  # noqa: E731
+            m, fl = r["moba"], r["full"]
+            ratio = m.get("tokens_per_s") and fl.get("tokens_per_s") and m["tokens_per_s"] / fl["tokens_per_s"]
+            row = (f"| {name} | {f(m.get('tokens_per_s'), ',.0f')} | {f(fl.get('tokens_per_s'), ',.0f')} | "
+                   f"{f(ratio, '.2f')} | {f(m.get('tflops'), '.0f')} | {f(fl.get('tflops'), '.0f')} | "
+                   f"{f(m.get('mem'), '.1f')} | {f(fl.get('mem'), '.1f')} |")
+            for pat in ("moba", "full"):
+                if "error" in r[pat]:
+                    row += f" {pat} failed: {r[pat]['error'][:200]}"
+            lines.append(row)
+            print(row, flush=True)
+            if args.out:
+                with open(args.out, "w") as fh:
+                    fh.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
