@@ -85,11 +85,14 @@ class BwdConfig:
 @dataclass(frozen=True)
 class GateConfig:
     """Gate tiling: ``bm`` query rows per program (0: by head dim and top-k), ``bn``
-    centroids per step."""
+    centroids per step (<= 256). ``packed``: the running top-k compares scores packed with
+    their column into int64 keys (one reduction per insertion step instead of an argmax and
+    a max); same selection as the float form, ties to the lower block id in both."""
 
     bm: int = 0
     bn: int = 64
     num_warps: int = 4
+    packed: bool = False
 
 
 @dataclass(frozen=True)
