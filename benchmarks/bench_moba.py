@@ -381,8 +381,8 @@ TUNE_BWD = [
     {"dq_bm": 64, "dq_bn": 64, "dq_warps": 4, "dq_stages": 3},
     {"split_mask": True},
 ]
-TUNE_GATE = [{}, {"packed": True}, {"packed": True, "bm": 64}, {"packed": True, "bm": 128}, {"packed": True, "bn": 128},
-             {"packed": True, "bm": 128, "num_warps": 8}, {"packed": True, "bn": 32}]
+TUNE_GATE = [{}, {"num_warps": 8}, {"bm": 128, "num_warps": 8}, {"bm": 128, "num_warps": 4}, {"bm": 64, "bn": 128},
+             {"bm": 32, "num_warps": 4}, {"bn": 32, "num_warps": 4}]
 
 
 def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0, parts=("fwd", "bwd"), fwd_variants=None, bwd_variants=None):

@@ -186,9 +186,9 @@ def block_attn(q, k, v, indices, *, block_size: int, cu_seqlens=None, softmax_sc
     fp32; differentiable in q, k, v (and through ``lse``). ``config``: the tiling (None:
     :func:`choose_config` from the shape; the backward uses the forward's).
     """
-    if config is None:
-        config = choose_config(block_size, q.shape[-1], q.shape[1] // max(k.shape[1], 1), q.shape[0])
-    o, lse, _ = _attn_fwd_op(q, k, v, indices, cu_seqlens, block_size, float(softmax_scale), config.encode())
+    # None travels as "": the op chooses from the shape (torch.compile traces no config here).
+    o, lse, _ = _attn_fwd_op(q, k, v, indices, cu_seqlens, block_size, float(softmax_scale),
+                             config.encode() if config is not None else "")
     return o, lse
 
 
@@ -199,8 +199,6 @@ def moba_attn(q, k, v, *, block_size: int, topk: int, cu_seqlens=None, softmax_s
     Example:
         >>> o, lse = moba_attn(q, k, v, block_size=128, topk=8, softmax_scale=q.shape[-1] ** -0.5)
     """
-    if config is None:
-        config = choose_config(block_size, q.shape[-1], q.shape[1] // max(k.shape[1], 1), q.shape[0])
     with torch.no_grad():
         idx = select_blocks(q.detach(), k.detach(), block_size=block_size, topk=topk, cu_seqlens=cu_seqlens,
                             config=config)

@@ -85,14 +85,11 @@ class BwdConfig:
 @dataclass(frozen=True)
 class GateConfig:
     """Gate tiling: ``bm`` query rows per program (0: by head dim and top-k), ``bn``
-    centroids per step (<= 256). ``packed``: the running top-k compares scores packed with
-    their column into int64 keys (one reduction per insertion step instead of an argmax and
-    a max); same selection as the float form, ties to the lower block id in both."""
+    centroids per step."""
 
     bm: int = 0
     bn: int = 64
     num_warps: int = 4
-    packed: bool = False
 
 
 @dataclass(frozen=True)
@@ -144,7 +141,7 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
     Rows measured on one H200, bf16 (``benchmarks/results/moba_tune_h200_2026-12-02_run*.log``;
     H100 rows in ``benchmarks/NOTES_moba_kernels.md``); a shape between rows takes the nearest.
     """
-    del group, n_tokens  # reserved: no row of the table depends on them yet
+    del group  # reserved: no row of the table depends on it yet
     bwd_old = BwdConfig(
         bnb=min(128 if head_dim >= 128 else 64, _pow2(block_size)),
         bm=64,
@@ -153,8 +150,15 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
         num_stages=3 if block_size >= 256 else 2,
     )
     if block_size >= 2048:
-        # H100, 128K, block 4096, d=128: one pass with 4 stages 268 ms vs two passes 394 ms.
-        fwd = FwdConfig(method="one_pass", bm=128, bn=64, chunk=256, num_warps=8, num_stages=4)
+        if 0 < n_tokens <= 256 * 1024:
+            # H200, 128K, block 4096, d=128, 32/8 heads: partials on 128-row tiles with 8 warps
+            # 220 ms vs one pass 264 ms. Longer calls keep the one pass: one head's fp32
+            # partials (T * topk * D * 4 bytes) would pass 1 GiB there, and the one pass was
+            # measured at 1M (H100: 2686 ms with 32K-token chunks).
+            fwd = FwdConfig(method="partials", bm=128, bn=64, chunk=128, num_warps=8, num_stages=3)
+        else:
+            # H100, 128K, block 4096, d=128: one pass with 4 stages 268 ms vs two passes 394 ms.
+            fwd = FwdConfig(method="one_pass", bm=128, bn=64, chunk=256, num_warps=8, num_stages=4)
         return KernelConfig(fwd=fwd, bwd=bwd_old)
     if block_size <= 128:
         # H200, FlashMoBA 128K (block 128, d=128): partials on 64-row tiles 33.8 ms vs two

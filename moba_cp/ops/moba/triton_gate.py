@@ -41,7 +41,7 @@ def _gate_topk_kernel(
     T, G, block_size, W,
     stride_qt, stride_qh, stride_cg, stride_ch, stride_ot, stride_oh,
     K: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
-    SPLIT: tl.constexpr, PREC: tl.constexpr, PACKED: tl.constexpr,
+    SPLIT: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -62,18 +62,9 @@ def _gate_topk_kernel(
 
     kcol = tl.arange(0, KP)
     ncol = tl.arange(0, BN)
-    if PACKED:
-        # Scores as order-preserving integers with the column in the low 8 bits (int64, so
-        # the fp32 order is kept exactly; ties go to the lower block id): one max reduction
-        # yields a row's best candidate *and* its column, and one masked pass drops it, where
-        # the float form needs an argmax (a two-value reduction) and two passes per step.
-        IMIN: tl.constexpr = -9223372036854775807 - 1
-        IMAX: tl.constexpr = 9223372036854775807
-        topv = tl.where(kcol[None, :] < K, IMIN, IMAX) + tl.zeros([BM, KP], dtype=tl.int64)
-    else:
-        # Slots [0, K) hold the running top-k (-inf = empty); slots >= K are +inf so the
-        # "replace the row minimum" step never picks them.
-        topv = tl.where(kcol[None, :] < K, float("-inf"), float("inf")) + tl.zeros([BM, KP], dtype=tl.float32)
+    # Slots [0, K) hold the running top-k (-inf = empty); slots >= K are +inf so the
+    # "replace the row minimum" step never picks them.
+    topv = tl.where(kcol[None, :] < K, float("-inf"), float("inf")) + tl.zeros([BM, KP], dtype=tl.float32)
     topi = tl.zeros([BM, KP], dtype=tl.int32)
     thr = tl.min(topv, axis=1)
 
@@ -88,43 +79,24 @@ def _gate_topk_kernel(
         else:
             s = tl.dot(q, tl.trans(c), input_precision=PREC)
         ok = (gg[None, :] >= base[:, None]) & (gg[None, :] < g_end_row[:, None]) & rmask[:, None]
-        if PACKED:
-            bits = s.to(tl.int32, bitcast=True)
-            key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-            pk = key.to(tl.int64) * 256 + (255 - ncol)[None, :]
-            cand = tl.where(ok & (pk > thr[:, None]), pk, IMIN)
-            cm = tl.max(cand, axis=1)
-            while tl.max(cm, axis=0) > IMIN:
-                pmin = tl.argmin(topv, axis=1)
-                hit = (kcol[None, :] == pmin[:, None]) & (cm > IMIN)[:, None]
-                topv = tl.where(hit, cm[:, None], topv)
-                topi = tl.where(hit, (g0 + 255 - (cm & 255)).to(tl.int32)[:, None], topi)
-                thr = tl.min(topv, axis=1)
-                cand = tl.where((cand < cm[:, None]) & (cand > thr[:, None]), cand, IMIN)
-                cm = tl.max(cand, axis=1)
-        else:
-            s = tl.where(ok, s, float("-inf"))
-            cand = tl.where(s > thr[:, None], s, float("-inf"))
+        s = tl.where(ok, s, float("-inf"))
+        cand = tl.where(s > thr[:, None], s, float("-inf"))
+        cmax = tl.max(cand, axis=1)
+        while tl.max(cmax, axis=0) > float("-inf"):
+            am = tl.argmax(cand, axis=1)
+            pmin = tl.argmin(topv, axis=1)
+            hit = (kcol[None, :] == pmin[:, None]) & (cmax > float("-inf"))[:, None]
+            topv = tl.where(hit, cmax[:, None], topv)
+            topi = tl.where(hit, (g0 + am)[:, None], topi)
+            thr = tl.min(topv, axis=1)
+            cand = tl.where(ncol[None, :] == am[:, None], float("-inf"), cand)
+            cand = tl.where(cand > thr[:, None], cand, float("-inf"))
             cmax = tl.max(cand, axis=1)
-            while tl.max(cmax, axis=0) > float("-inf"):
-                am = tl.argmax(cand, axis=1)
-                pmin = tl.argmin(topv, axis=1)
-                hit = (kcol[None, :] == pmin[:, None]) & (cmax > float("-inf"))[:, None]
-                topv = tl.where(hit, cmax[:, None], topv)
-                topi = tl.where(hit, (g0 + am)[:, None], topi)
-                thr = tl.min(topv, axis=1)
-                cand = tl.where(ncol[None, :] == am[:, None], float("-inf"), cand)
-                cand = tl.where(cand > thr[:, None], cand, float("-inf"))
-                cmax = tl.max(cand, axis=1)
 
     # Assemble: past blocks as document-local ids, the own block in slot K, the rest "big";
     # an ascending sort then gives the contract's order with padding last.
     BIG: tl.constexpr = 1073741824
-    if PACKED:
-        filled = topv > -9223372036854775807 - 1
-    else:
-        filled = topv > float("-inf")
-    vals = tl.where((kcol[None, :] < K) & filled, topi - base[:, None], BIG)
+    vals = tl.where((kcol[None, :] < K) & (topv > float("-inf")), topi - base[:, None], BIG)
     vals = tl.where(kcol[None, :] == K, own[:, None] + tl.zeros([BM, KP], dtype=tl.int32), vals)
     vals = tl.sort(vals, dim=1)
     vals = tl.where(vals == BIG, -1, vals)
@@ -168,14 +140,12 @@ def gate_topk(
     # benchmarks/results/moba_tune_gate_2026-11-22.log; 8 warps or 32 rows were slower).
     bm = cfg.bm or (64 if d <= 64 else 32 if kp > 64 else 128 if kp <= 16 else 64)
     bn = cfg.bn
-    if cfg.packed and bn > 256:
-        raise ValueError(f"gate_topk: GateConfig.bn={bn} > 256 does not fit the packed column (8 bits)")
     grid = (triton.cdiv(t, bm), hq)
     _gate_topk_kernel[grid](
         q, cent, qpos, base, out,
         t, hq // hkv, block_size, width,
         q.stride(0), q.stride(1), cent.stride(0), cent.stride(1), out.stride(0), out.stride(1),
-        K=k_past, KP=kp, BM=bm, BN=bn, D=d, SPLIT=split, PREC="ieee", PACKED=cfg.packed,
+        K=k_past, KP=kp, BM=bm, BN=bn, D=d, SPLIT=split, PREC="ieee",
         num_warps=cfg.num_warps,
     )
     return out
