@@ -349,9 +349,10 @@ def _sparse_attn_fwd_partials(q, k, v, qpos, blocks: KeyBlocks, gi: GatherIndex,
     lse = torch.empty(tq, hq, dtype=torch.float32, device=dev)
     if tq == 0:
         return o, lse
-    # Heads per chunk: the fp32 partials of a chunk stay under the budget (and never exceed
-    # q's own size by more than one head's worth), so peak memory stays near the inputs'.
-    budget = min(cfg.partial_bytes, max(q.numel() * q.element_size(), 64 << 20))
+    # Heads per chunk: the fp32 partials of a chunk stay under the budget (q's own size, at
+    # least 256 MiB so short calls run in one chunk: fewer launches), so peak memory stays
+    # near the inputs'; one head's partials are the floor.
+    budget = min(cfg.partial_bytes, max(q.numel() * q.element_size(), 256 << 20))
     per_head = tq * w * d * 4
     hc = max(1, min(hq, budget // max(per_head, 1)))
     prec = "ieee" if q.dtype == torch.float32 else "tf32"

@@ -15,6 +15,7 @@ The table's values come from GPU sweeps; ``benchmarks/NOTES_moba_kernels.md`` an
 from __future__ import annotations
 
 import ast
+import functools
 from dataclasses import dataclass, field, fields, replace
 
 __all__ = ["FwdConfig", "BwdConfig", "GateConfig", "KernelConfig", "choose_config"]
@@ -117,7 +118,9 @@ class KernelConfig:
         return "|".join(parts)
 
     @staticmethod
+    @functools.lru_cache(maxsize=64)
     def decode(text: str) -> "KernelConfig":
+        """Inverse of :meth:`encode` (cached: every op call of a layer decodes the same string)."""
         kw = {}
         for chunk in text.split("|"):
             part, body = chunk.split(":", 1)
@@ -131,6 +134,7 @@ _CLASSES = {"fwd": FwdConfig, "bwd": BwdConfig, "gate": GateConfig}
 _FIELDS = {part: tuple(f.name for f in fields(cls)) for part, cls in _CLASSES.items()}
 
 
+@functools.lru_cache(maxsize=256)
 def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int = 0) -> KernelConfig:
     """The default tiling for a shape.
 
@@ -138,7 +142,7 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
         block_size: MoBA block ``B``; head_dim: ``D``; group: query heads per KV head;
         n_tokens: tokens in the call (``T``; 0 when unknown).
 
-    Rows measured on one H200, bf16 (``benchmarks/results/moba_tune_h200_2026-12-02_run*.log``;
+    Cached (configs are immutable, so sharing one object is safe). Rows measured on one H200, bf16 (``benchmarks/results/moba_tune_h200_2026-12-02_run*.log``;
     H100 rows in ``benchmarks/NOTES_moba_kernels.md``); a shape between rows takes the nearest.
     """
     del group  # reserved: no row of the table depends on it yet
