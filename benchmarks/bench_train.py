@@ -72,10 +72,12 @@ def main():
     ap.add_argument("--only", default="", help="comma list of setting-name prefixes to run")
     ap.add_argument("--smoke", action="store_true", help="CPU smoke: the tiny recipe, 4 steps")
     ap.add_argument("--extra", default="", help="more overrides for every run (space separated)")
+    ap.add_argument("--commit", default="", help="the commit measured (default: git rev-parse; a copied tree's .git may be stale)")
     args = ap.parse_args()
     settings = SMOKE if args.smoke else SETTINGS
     extra = args.extra.split()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                           text=True).stdout.strip()
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     head = [f"# Training throughput, MoBA vs full attention ({dev}, {datetime.date.today()}, commit {commit or '?'})",
             "", f"Command: `python benchmarks/bench_train.py {' '.join(sys.argv[1:])}`; every run adds "

@@ -165,9 +165,11 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
             fwd = FwdConfig(method="one_pass", bm=128, bn=64, chunk=256, num_warps=8, num_stages=4)
         return KernelConfig(fwd=fwd, bwd=bwd_old)
     if block_size <= 128:
-        # H200, FlashMoBA 128K (block 128, d=128): partials on 64-row tiles 33.8 ms vs two
-        # passes 36.6 ms; the fused-dQ backward (one sub-tile per block) stays (35.4 ms).
-        fwd = FwdConfig(method="partials", bm=64, bn=0, chunk=128, num_warps=4, num_stages=3)
+        # Two passes, whole blocks of up to 128 keys per sub-tile (H100 sweeps at d=128). The
+        # partials forward on 64-row tiles measured 33.8 vs 36.6 ms with 64-key sub-tiles at
+        # FlashMoBA 128K (forward alone), but with whole-block sub-tiles the full call went
+        # 76 -> 104 ms (H200, benchmarks/results/moba_h200_2026-12-02.md), so this row stays.
+        fwd = FwdConfig(method="two_pass", bm=64, bn=0, chunk=256)
         return KernelConfig(fwd=fwd, bwd=bwd_old)
     if head_dim <= 64:
         # H200, d=64, 16/4 heads: partials on 128-row tiles, 4 warps, 3 stages: fwd 44.7 -> 22.5 ms
