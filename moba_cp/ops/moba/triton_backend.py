@@ -6,8 +6,9 @@ Pipeline of ``moba_attn`` (packed documents, ``shared/DESIGN.md`` section 1):
        score matrix in memory);
     3. ``triton_common.build_gather_index``: invert the selection into per-(head, block)
        lists of query rows (one sort);
-    4. ``triton_attn_fwd``: key-block-major sparse attention on gathered query tiles,
-       two passes (LSE, then normalised ``P V`` with fp32 atomics) -> ``o``, fp32 ``lse``;
+    4. ``triton_attn_fwd``: key-block-major sparse attention on gathered query tiles (per-entry
+       partials merged by LSE, or two passes, or a one-pass walk for large blocks: the
+       tiling is a ``triton_config.KernelConfig`` chosen from the shape) -> ``o``, fp32 ``lse``;
     5. backward ``triton_attn_bwd``: dK/dV per key block (GQA group folded in, no atomics),
        dQ by fp32 atomics; takes ``o``/``lse`` from outside, and the forward's gather index.
 
