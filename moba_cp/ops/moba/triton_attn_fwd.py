@@ -22,3 +22,497 @@ combined in one of three ways (``FwdConfig.method``, chosen from the shape by
 In the partials forward (and the backward's dQ kernel) key sub-tiles that every row of a tile
 sees in full (all of a past block's) skip the causal mask; only the own block's diagonal (and
 a short last block) pays for it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moba_cp.ops.moba.triton_common import GatherIndex, KeyBlocks, _ld
+from moba_cp.ops.moba.triton_config import FwdConfig
+
+__all__ = ["sparse_attn_fwd", "sparse_attn_fwd_onepass", "build_chunk_index"]
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _fwd_rows(Q, QPOS, ENT, LSE, r0, r_end, h, H, W, stride_qt, stride_qh,
+              BM: tl.constexpr, D: tl.constexpr, PASS: tl.constexpr):
+    """Gather BM entries [r0, r0+BM) of a bucket: rows, query tile, positions (and lse).
+    ``ent`` is the flat selection index ``(t * H + h) * W + w``, i.e. also the PART offset."""
+    rr = r0 + tl.arange(0, BM)
+    rmask = rr < r_end
+    ent = tl.load(ENT + rr, mask=rmask, other=0)
+    t64 = (ent // (H * W)).to(tl.int64)
+    d = tl.arange(0, D)
+    q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
+    qp = tl.load(QPOS + t64, mask=rmask, other=0)
+    lse2 = tl.zeros([BM], dtype=tl.float32)
+    if PASS == 2:
+        lse2 = tl.load(LSE + t64 * H + h, mask=rmask, other=0.0) * 1.4426950408889634
+        lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
+    return rmask, t64, ent, q, qp, lse2
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, QPOS, ENT, OFFS, TILE_B, TILE_START, KSTART, KPOS, KLEN, LSE, PART, OACC,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    H, W, NBK, G, scale_log2, CHUNK,
+    PASS: tl.constexpr, SINGLE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+    PREC: tl.constexpr, ATOMIC: tl.constexpr = True,
+):
+    # One program = one chunk of up to CHUNK entries of one bucket (head h, key block g),
+    # walked in BM-row tiles; with SINGLE (block <= BN keys) K/V are loaded once per chunk.
+    pid = tl.program_id(0)
+    b = tl.load(TILE_B + pid)
+    if b < 0:  # the grid is a static upper bound on the tiles; surplus programs stop here
+        return
+    c0 = _ld(TILE_START + pid)
+    c1 = tl.minimum(_ld(OFFS + b + 1), c0 + CHUNK)
+    h = b // NBK
+    g = b % NBK
+    hk = h // G
+    d = tl.arange(0, D)
+    kl = _ld(KLEN + g)
+    if kl == 0:  # a block of another source (CP slot namespace): PART stays -inf, adds nothing
+        return
+    ks = tl.load(KSTART + g).to(tl.int64)
+    kp0 = tl.load(KPOS + g)
+    nn = tl.arange(0, BN)
+    if SINGLE:
+        kmask = nn < kl
+        k = tl.load(K + (ks + nn)[:, None] * stride_kt + hk * stride_kh + d[None, :], mask=kmask[:, None], other=0.0)
+        if PASS == 2:
+            v = tl.load(V + (ks + nn)[:, None] * stride_vt + hk * stride_vh + d[None, :], mask=kmask[:, None], other=0.0)
+        for r0 in range(c0, c1, BM):
+            rmask, t64, ent, q, qp, lse2 = _fwd_rows(Q, QPOS, ENT, LSE, r0, c1, h, H, W, stride_qt, stride_qh, BM, D, PASS)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+            ok = kmask[None, :] & ((kp0 + nn)[None, :] <= qp[:, None])
+            if PASS == 1:
+                s = tl.where(ok, s, float("-inf"))
+                m = tl.max(s, axis=1)
+                m_safe = tl.where(m == float("-inf"), 0.0, m)
+                l = tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+                lse = tl.where(l > 0, (m_safe + tl.log2(tl.where(l > 0, l, 1.0))) * 0.6931471805599453, float("-inf"))
+                tl.store(PART + ent, lse, mask=rmask)
+            else:
+                p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+                acc = tl.dot(p.to(V.dtype.element_ty), v, input_precision=PREC)
+                if ATOMIC:
+                    tl.atomic_add(OACC + (t64[:, None] * H + h) * D + d[None, :], acc, mask=rmask[:, None], sem="relaxed")
+                else:  # diagnostic only (wrong sums): measures what the atomics cost
+                    tl.store(OACC + (t64[:, None] * H + h) * D + d[None, :], acc, mask=rmask[:, None])
+    else:
+        for r0 in range(c0, c1, BM):
+            rmask, t64, ent, q, qp, lse2 = _fwd_rows(Q, QPOS, ENT, LSE, r0, c1, h, H, W, stride_qt, stride_qh, BM, D, PASS)
+            if PASS == 1:
+                m = tl.full([BM], float("-inf"), dtype=tl.float32)
+                l = tl.zeros([BM], dtype=tl.float32)
+                for n0 in range(0, kl, BN):
+                    kk = n0 + nn
+                    kmask = kk < kl
+                    k = tl.load(K + (ks + kk)[:, None] * stride_kt + hk * stride_kh + d[None, :],
+                                mask=kmask[:, None], other=0.0)
+                    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+                    ok = kmask[None, :] & ((kp0 + kk)[None, :] <= qp[:, None])
+                    s = tl.where(ok, s, float("-inf"))
+                    m_new = tl.maximum(m, tl.max(s, axis=1))
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+                    m = m_new
+                lse = tl.where(l > 0, (m + tl.log2(tl.where(l > 0, l, 1.0))) * 0.6931471805599453, float("-inf"))
+                tl.store(PART + ent, lse, mask=rmask)
+            else:
+                acc = tl.zeros([BM, D], dtype=tl.float32)
+                for n0 in range(0, kl, BN):
+                    kk = n0 + nn
+                    kmask = kk < kl
+                    k = tl.load(K + (ks + kk)[:, None] * stride_kt + hk * stride_kh + d[None, :],
+                                mask=kmask[:, None], other=0.0)
+                    v = tl.load(V + (ks + kk)[:, None] * stride_vt + hk * stride_vh + d[None, :],
+                                mask=kmask[:, None], other=0.0)
+                    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+                    ok = kmask[None, :] & ((kp0 + kk)[None, :] <= qp[:, None])
+                    p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+                    acc += tl.dot(p.to(V.dtype.element_ty), v, input_precision=PREC)
+                tl.atomic_add(OACC + (t64[:, None] * H + h) * D + d[None, :], acc, mask=rmask[:, None], sem="relaxed")
+
+
+@triton.jit
+def _lse_kernel(PART, LSE, n_rows, W, BR: tl.constexpr, WP: tl.constexpr):
+    # lse[r] = logsumexp_w part[r, w] in fp32 (all -inf -> -inf): one launch instead of torch's
+    # several for logsumexp.
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    w = tl.arange(0, WP)
+    m2 = (r < n_rows)[:, None] & (w < W)[None, :]
+    x = tl.load(PART + r.to(tl.int64)[:, None] * W + w[None, :], mask=m2, other=float("-inf"))
+    m = tl.max(x, axis=1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
+    tl.store(LSE + r, tl.where(l > 0, m_safe + tl.log(tl.where(l > 0, l, 1.0)), float("-inf")), mask=r < n_rows)
+
+
+def _key_bn(cfg: FwdConfig, block_size: int) -> int:
+    """Keys per sub-tile: ``cfg.bn``, or (0) a whole block of up to 128 keys."""
+    return cfg.bn or min(128, triton.next_power_of_2(block_size))
+
+
+def sparse_attn_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    qpos: torch.Tensor,
+    blocks: KeyBlocks,
+    gi: GatherIndex,
+    width: int,
+    softmax_scale: float,
+    block_size: int,
+    cfg: FwdConfig,
+    diag_pass: int | None = None,
+    diag_no_atomic: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention of ``q`` over the key blocks its entries selected (``two_pass``
+    or ``partials``, by ``cfg.method``).
+
+    Args:
+        q: ``[Tq, Hq, D]``; k, v: ``[Tk, Hkv, D]`` (same dtype; last dim contiguous).
+        qpos: int32 ``[Tq]`` query positions (same space as ``blocks.kpos``).
+        blocks: key-block table; gi: gather index of the selection (built with ``cfg.chunk``).
+        width: ``W`` of the selection the index was built from.
+        diag_pass, diag_no_atomic: timing diagnostics of the two-pass form (benchmarks only:
+            run one pass; store instead of add, which gives wrong sums).
+    Returns:
+        ``o [Tq, Hq, D]`` (q's dtype; 0 for rows without keys) and ``lse [Tq, Hq]`` fp32
+        (``-inf`` for rows without keys).
+    """
+    if gi.chunk != cfg.chunk:
+        raise ValueError(f"sparse_attn_fwd: the gather index was cut in chunks of {gi.chunk}, the config "
+                         f"walks chunks of {cfg.chunk}; build the index with the same config")
+    if cfg.method == "partials":
+        return _sparse_attn_fwd_partials(q, k, v, qpos, blocks, gi, width, softmax_scale, block_size, cfg)
+    tq, hq, d = q.shape
+    hkv = k.shape[1]
+    dev = q.device
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    bn = _key_bn(cfg, block_size)
+    single = block_size <= bn
+    part = torch.full((tq, hq, max(width, 1)), float("-inf"), dtype=torch.float32, device=dev)
+    oacc = torch.zeros(tq, hq, d, dtype=torch.float32, device=dev)
+    scale_log2 = softmax_scale * LOG2E
+    common = (q, k, v, qpos, gi.ent, gi.offs, gi.tile_b, gi.tile_start, blocks.kstart, blocks.kpos, blocks.klen)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+    launch = dict(SINGLE=single, BM=cfg.bm, BN=bn, D=d, PREC=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if gi.n_tiles > 0 and diag_pass in (None, 1):
+        _fwd_kernel[(gi.n_tiles,)](
+            *common, part, part, oacc, *strides, hq, width, blocks.n, hq // hkv, scale_log2, cfg.chunk,
+            PASS=1, **launch,
+        )
+    lse = torch.empty(tq, hq, dtype=torch.float32, device=dev)
+    if tq * hq > 0:
+        wp = triton.next_power_of_2(max(width, 1))
+        _lse_kernel[(triton.cdiv(tq * hq, 128),)](part, lse, tq * hq, max(width, 1), BR=128, WP=wp, num_warps=4)
+    if gi.n_tiles > 0 and diag_pass in (None, 2):
+        _fwd_kernel[(gi.n_tiles,)](
+            *common, lse, part, oacc, *strides, hq, width, blocks.n, hq // hkv, scale_log2, cfg.chunk,
+            PASS=2, ATOMIC=not diag_no_atomic, **launch,
+        )
+    return oacc.to(q.dtype), lse
+
+
+# ----------------------------------------------------------------------------- partials
+# One pass over the same gathered tiles: a program streams its rows over the block's keys with
+# an online softmax (two products per key tile, as a dense flash kernel) and writes, per entry,
+# the normalised partial output (fp32) and its LSE; a merge kernel then combines each row's
+# ``W`` partials by LSE. Key sub-tiles that every row of the tile sees in full (all of them
+# for a past block) run without a mask; only the own block's diagonal pays for one.
+
+
+@triton.jit
+def _attn_step(q, K, V, ks, kk, kl, hk, stride_kt, stride_kh, stride_vt, stride_vh, kp0, qp, m, l, acc,
+               scale_log2, D: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
+    """One online-softmax step of a gathered tile over keys ``kk`` of a block (log2 domain)."""
+    d = tl.arange(0, D)
+    if MASK:
+        kmask = kk < kl
+        k = tl.load(K + (ks + kk)[:, None] * stride_kt + hk * stride_kh + d[None, :], mask=kmask[:, None], other=0.0)
+        v = tl.load(V + (ks + kk)[:, None] * stride_vt + hk * stride_vh + d[None, :], mask=kmask[:, None], other=0.0)
+    else:
+        k = tl.load(K + (ks + kk)[:, None] * stride_kt + hk * stride_kh + d[None, :])
+        v = tl.load(V + (ks + kk)[:, None] * stride_vt + hk * stride_vh + d[None, :])
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+    if MASK:
+        ok = kmask[None, :] & ((kp0 + kk)[None, :] <= qp[:, None])
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = m_new
+    alpha = tl.exp2(m - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), v, input_precision=PREC)
+    return m_new, l, acc
+
+
+@triton.jit(do_not_specialize=["H0", "HC"])
+def _fwd_partial_kernel(
+    Q, K, V, QPOS, ENT, OFFS, TEND, TILE_B, TILE_START, KSTART, KPOS, KLEN, PO, PL,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    H, W, NBK, G, H0, HC, scale_log2, CHUNK,
+    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+):
+    # Query heads [H0, H0 + HC): their tiles are one contiguous run of the tile list.
+    t_lo = tl.load(TEND + H0 * NBK - 1, mask=H0 > 0, other=0)
+    pid = t_lo + tl.program_id(0)
+    if pid >= _ld(TEND + (H0 + HC) * NBK - 1):
+        return
+    b = tl.load(TILE_B + pid)
+    c0 = _ld(TILE_START + pid)
+    c1 = tl.minimum(_ld(OFFS + b + 1), c0 + CHUNK)
+    h = b // NBK
+    g = b % NBK
+    hk = h // G
+    kl = _ld(KLEN + g)
+    if kl == 0:  # a block of another source (CP slot namespace): PL stays -inf
+        return
+    ks = tl.load(KSTART + g).to(tl.int64)
+    kp0 = tl.load(KPOS + g)
+    d = tl.arange(0, D)
+    nn = tl.arange(0, BN)
+    for r0 in range(c0, c1, BM):
+        rr = r0 + tl.arange(0, BM)
+        rmask = rr < c1
+        ent = tl.load(ENT + rr, mask=rmask, other=0)
+        t64 = (ent // (H * W)).to(tl.int64)
+        q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
+        qp = tl.load(QPOS + t64, mask=rmask, other=0)
+        # Keys [0, n_full) are seen by every row (whole sub-tiles); keys from n_hi by none.
+        qp_min = tl.min(tl.where(rmask, qp, 2147483647), axis=0)
+        qp_max = tl.max(tl.where(rmask, qp, -1), axis=0)
+        n_full = (tl.minimum(tl.maximum(qp_min - kp0 + 1, 0), kl) // BN) * BN
+        n_hi = tl.minimum(tl.maximum(qp_max - kp0 + 1, 0), kl)
+        m = tl.full([BM], float("-inf"), dtype=tl.float32)
+        l = tl.zeros([BM], dtype=tl.float32)
+        acc = tl.zeros([BM, D], dtype=tl.float32)
+        for n0 in range(0, n_full, BN):
+            m, l, acc = _attn_step(q, K, V, ks, n0 + nn, kl, hk, stride_kt, stride_kh, stride_vt, stride_vh,
+                                   kp0, qp, m, l, acc, scale_log2, D, False, PREC)
+        for n0 in range(n_full, n_hi, BN):
+            m, l, acc = _attn_step(q, K, V, ks, n0 + nn, kl, hk, stride_kt, stride_kh, stride_vt, stride_vh,
+                                   kp0, qp, m, l, acc, scale_log2, D, True, PREC)
+        has = l > 0
+        lse = tl.where(has, (m + tl.log2(tl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
+        o = acc / tl.where(has, l, 1.0)[:, None]
+        # Partial slot of entry (t, h, w) inside this head chunk: (t * HC + h - H0) * W + w.
+        slot = (t64 * HC + (h - H0)) * W + (ent % W)
+        tl.store(PL + slot, lse, mask=rmask)
+        tl.store(PO + slot[:, None] * D + d[None, :], o, mask=rmask[:, None])
+
+
+@triton.jit(do_not_specialize=["H0", "HC"])
+def _merge_kernel(PO, PL, O, LSE, n_rows, H, H0, HC, W, stride_ot, stride_oh,
+                  BR: tl.constexpr, WP: tl.constexpr, D: tl.constexpr):
+    # Rows r = t * HC + (h - H0) of one head chunk: o = sum_w exp(lse_w - lse) o_w, in fp32.
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    rm = r < n_rows
+    r64 = r.to(tl.int64)
+    w = tl.arange(0, WP)
+    pl = tl.load(PL + r64[:, None] * W + w[None, :], mask=rm[:, None] & (w < W)[None, :], other=float("-inf"))
+    m = tl.max(pl, axis=1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    lsum = tl.sum(tl.exp(pl - m_safe[:, None]), axis=1)
+    lse = tl.where(lsum > 0, m_safe + tl.log(tl.where(lsum > 0, lsum, 1.0)), float("-inf"))
+    lse_safe = tl.where(lsum > 0, lse, 0.0)
+    d = tl.arange(0, D)
+    acc = tl.zeros([BR, D], dtype=tl.float32)
+    for j in range(0, W):
+        pj = tl.load(PL + r64 * W + j, mask=rm, other=float("-inf"))
+        live = pj > float("-inf")
+        wt = tl.where(live, tl.exp(pj - lse_safe), 0.0)
+        po = tl.load(PO + (r64 * W + j)[:, None] * D + d[None, :], mask=(rm & live)[:, None], other=0.0)
+        acc += wt[:, None] * po
+    t = r64 // HC
+    h = H0 + r % HC
+    tl.store(O + (t * stride_ot + h * stride_oh)[:, None] + d[None, :], acc.to(O.dtype.element_ty), mask=rm[:, None])
+    tl.store(LSE + t * H + h, lse, mask=rm)
+
+
+def _sparse_attn_fwd_partials(q, k, v, qpos, blocks: KeyBlocks, gi: GatherIndex, width: int, softmax_scale: float,
+                              block_size: int, cfg: FwdConfig):
+    """``partials`` forward (see :class:`FwdConfig`): per chunk of query heads, one pass of the
+    tile kernel writing fp32 partials ``[T, HC, W, D]`` and their LSE, then one merge."""
+    tq, hq, d = q.shape
+    hkv = k.shape[1]
+    dev = q.device
+    w = max(width, 1)
+    o = torch.empty_like(q)
+    lse = torch.empty(tq, hq, dtype=torch.float32, device=dev)
+    if tq == 0:
+        return o, lse
+    # Heads per chunk: the fp32 partials of a chunk stay under the budget (q's own size, at
+    # least 256 MiB so short calls run in one chunk: fewer launches), so peak memory stays
+    # near the inputs'; one head's partials are the floor.
+    budget = min(cfg.partial_bytes, max(q.numel() * q.element_size(), 256 << 20))
+    per_head = tq * w * d * 4
+    hc = max(1, min(hq, budget // max(per_head, 1)))
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    bn = _key_bn(cfg, block_size)
+    scale_log2 = softmax_scale * LOG2E
+    po = torch.empty(tq * hc * w * d, dtype=torch.float32, device=dev)
+    pl = torch.empty(tq * hc * w, dtype=torch.float32, device=dev)
+    for h0 in range(0, hq, hc):
+        n = min(hc, hq - h0)
+        pl[: tq * n * w].fill_(float("-inf"))
+        n_tiles = tq * n * w // cfg.chunk + n * blocks.n + 1  # static bound for these heads
+        if blocks.n > 0:
+            _fwd_partial_kernel[(n_tiles,)](
+                q, k, v, qpos, gi.ent, gi.offs, gi.tend, gi.tile_b, gi.tile_start, blocks.kstart, blocks.kpos,
+                blocks.klen, po, pl, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                hq, w, blocks.n, hq // hkv, h0, n, scale_log2, cfg.chunk,
+                BM=cfg.bm, BN=bn, D=d, PREC=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+        rows = tq * n
+        _merge_kernel[(triton.cdiv(rows, 64),)](
+            po, pl, o, lse, rows, hq, h0, n, w, o.stride(0), o.stride(1),
+            BR=64, WP=triton.next_power_of_2(w), D=d, num_warps=4,
+        )
+    return o, lse
+
+
+# ----------------------------------------------------------------------------- one pass
+# For large blocks (hundreds to thousands of keys) a FlashMoBA-like layout wins: a program
+# owns one chunk of ``QC`` consecutive query tokens of one head, walks the key blocks in
+# order and, per block, gathers the chunk's entries that selected it; the online-softmax
+# state (m, l, acc) of those rows lives in fp32 scratch and is read/updated/written once per
+# entry and block. One program owns each row, so no atomics, and one pass (two products per
+# key tile instead of three). The state traffic (~1 KB per entry and block) is negligible
+# next to a large block's ``B * D * 4`` flops, but not for B=128, which keeps the two passes.
+
+
+@triton.jit
+def _fwd_onepass_kernel(
+    Q, K, V, QPOS, ENT, OFFS, KSTART, KPOS, KLEN, M, L, ACC,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    H, W, NBK, NQC, G, scale_log2,
+    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = pid % H
+    qc = NQC - 1 - pid // H  # late chunks (the most past blocks) start first
+    hk = h // G
+    b0 = (h * NQC + qc) * NBK
+    d = tl.arange(0, D)
+    nn = tl.arange(0, BN)
+    for g in range(0, NBK):
+        r_lo = _ld(OFFS + b0 + g)
+        r_hi = _ld(OFFS + b0 + g + 1)
+        ks = tl.load(KSTART + g).to(tl.int64)
+        kp0 = tl.load(KPOS + g)
+        kl = _ld(KLEN + g)
+        if kl == 0:  # empty block (padding, or another CP source's slot): its rows keep their state
+            r_hi = r_lo
+        for r0 in range(r_lo, r_hi, BM):
+            rr = r0 + tl.arange(0, BM)
+            rmask = rr < r_hi
+            ent = tl.load(ENT + rr, mask=rmask, other=0)
+            t64 = (ent // (H * W)).to(tl.int64)
+            q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
+            qp = tl.load(QPOS + t64, mask=rmask, other=0)
+            st = t64 * H + h
+            m = tl.load(M + st, mask=rmask, other=float("-inf"))
+            l = tl.load(L + st, mask=rmask, other=0.0)
+            acc = tl.load(ACC + st[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
+            for n0 in range(0, kl, BN):
+                kk = n0 + nn
+                kmask = kk < kl
+                k = tl.load(K + (ks + kk)[:, None] * stride_kt + hk * stride_kh + d[None, :],
+                            mask=kmask[:, None], other=0.0)
+                v = tl.load(V + (ks + kk)[:, None] * stride_vt + hk * stride_vh + d[None, :],
+                            mask=kmask[:, None], other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+                ok = kmask[None, :] & ((kp0 + kk)[None, :] <= qp[:, None])
+                s = tl.where(ok, s, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m - m_safe)
+                p = tl.exp2(s - m_safe[:, None])
+                l = l * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), v, input_precision=PREC)
+                m = m_new
+            tl.store(M + st, m, mask=rmask)
+            tl.store(L + st, l, mask=rmask)
+            tl.store(ACC + st[:, None] * D + d[None, :], acc, mask=rmask[:, None])
+        # The next block's rows overlap this block's rows, possibly in other threads.
+        tl.debug_barrier()
+
+
+def onepass_qchunk(t: int, hq: int, device, cfg: FwdConfig) -> int:
+    """Tokens per one-pass program: 4096, doubled (up to 32768) while the doubled chunk still
+    leaves >= 6 programs per SM. Why: a program's rows for one key block are ~``qchunk * (topk-1)
+    / past blocks``, cut in 128-row tiles; at 1M tokens and block 4096 a 4096-token chunk gives
+    ~177 rows per block, i.e. 2 tiles 69% full. Measured on H100 (1M, block 4096, top-k 12):
+    4096 -> 3014 ms, 8192 -> 2783, 16384 -> 2722, 32768 -> 2686 ms; at 128K 4096 stays."""
+    if cfg.qchunk:
+        return cfg.qchunk
+    dev = torch.device(device)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
+    qc = 4096
+    while qc < 32768 and t * hq // (2 * qc) >= 6 * sms:
+        qc *= 2
+    return qc
+
+
+def build_chunk_index(sel: torch.Tensor, base: torch.Tensor | None, nbk: int, qchunk: int):
+    """CSR of entries keyed by (head, query chunk ``t // qchunk``, key block).
+
+    Returns ``ent [E]`` int32 (flat selection index ``(t * Hq + h) * W + w``), ``offs
+    [H * NQC * NBK + 1]`` int32, ``NQC``. One stable sort, bucket starts by binary search
+    (no host sync).
+    """
+    t, hq, w = sel.shape
+    dev = sel.device
+    nqc = max(1, -(-t // qchunk))
+    g = sel if base is None else sel + base[:, None, None]
+    qc = (torch.arange(t, device=dev, dtype=torch.int32) // qchunk)[:, None, None]
+    hh = torch.arange(hq, device=dev, dtype=torch.int32)[None, :, None]
+    n_b = hq * nqc * nbk
+    key = torch.where(sel >= 0, (hh * nqc + qc) * nbk + g, n_b).to(torch.int32).reshape(-1)
+    skey, perm = torch.sort(key, stable=True)
+    del key
+    ent = perm.to(torch.int32)
+    del perm
+    offs = torch.searchsorted(skey, torch.arange(n_b + 1, device=dev, dtype=torch.int32), out_int32=True)
+    return ent, offs, nqc
+
+
+def sparse_attn_fwd_onepass(q, k, v, qpos, blocks: KeyBlocks, sel, base, softmax_scale: float, cfg: FwdConfig):
+    """One-pass forward for large blocks; same contract as :func:`sparse_attn_fwd`, but
+    takes the selection ``sel [Tq, Hq, W]`` (+ ``base``) and builds its own chunk index.
+    Measured on H100 (benchmarks/NOTES_moba_kernels.md): at block 4096 one pass with 4 stages
+    268 ms vs two passes 394 ms (128K, 32 heads); at block 512 two passes won (5.4 vs 6.5 ms
+    at 32K)."""
+    tq, hq, d = q.shape
+    hkv = k.shape[1]
+    dev = q.device
+    ent, offs, nqc = build_chunk_index(sel, base, blocks.n, onepass_qchunk(tq, hq, dev, cfg))
+    m = torch.full((tq, hq), float("-inf"), dtype=torch.float32, device=dev)
+    l = torch.zeros(tq, hq, dtype=torch.float32, device=dev)
+    acc = torch.zeros(tq, hq, d, dtype=torch.float32, device=dev)
+    if tq > 0 and blocks.n > 0:
+        _fwd_onepass_kernel[(hq * nqc,)](
+            q, k, v, qpos, ent, offs, blocks.kstart, blocks.kpos, blocks.klen, m, l, acc,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            hq, sel.shape[-1], blocks.n, nqc, hq // hkv, softmax_scale * LOG2E,
+            BM=cfg.bm, BN=cfg.bn or 64, D=d, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    has = l > 0
+    lse = torch.where(has, (m + torch.log2(torch.where(has, l, torch.ones_like(l)))) * LN2, float("-inf"))
+    acc.div_(torch.where(has, l, torch.ones_like(l))[..., None])
+    return acc.to(q.dtype), lse
