@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moba_cp.ops.moba.triton_common import GatherIndex, KeyBlocks, _ld
+from moba_cp.ops.moba.triton_common import GatherIndex, KeyBlocks, _head_chunk_pid, _key_span, _ld, _load_kv, _tile_rows
 from moba_cp.ops.moba.triton_config import BwdConfig
 
 __all__ = ["sparse_attn_bwd"]
@@ -155,17 +155,10 @@ def _dkdv_kernel(
 def _dq_step(q, do, lse2, dl, qp, rmask, K, V, ks, kk, kl, hk, kp0, stride_kt, stride_kh, stride_vt, stride_vh,
              dq, scale_log2, D: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
     """dQ of a gathered row tile from keys ``kk`` of its block (unscaled)."""
-    d = tl.arange(0, D)
-    if MASK:
-        kmask = kk < kl
-        k = tl.load(K + (ks + kk)[:, None] * stride_kt + hk * stride_kh + d[None, :], mask=kmask[:, None], other=0.0)
-        v = tl.load(V + (ks + kk)[:, None] * stride_vt + hk * stride_vh + d[None, :], mask=kmask[:, None], other=0.0)
-    else:
-        k = tl.load(K + (ks + kk)[:, None] * stride_kt + hk * stride_kh + d[None, :])
-        v = tl.load(V + (ks + kk)[:, None] * stride_vt + hk * stride_vh + d[None, :])
+    k, v = _load_kv(K, V, ks, kk, kl, hk, stride_kt, stride_kh, stride_vt, stride_vh, D, MASK)
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
     if MASK:
-        ok = rmask[:, None] & kmask[None, :] & ((kp0 + kk)[None, :] <= qp[:, None])
+        ok = rmask[:, None] & (kk < kl)[None, :] & ((kp0 + kk)[None, :] <= qp[:, None])
         p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
     else:
         p = tl.exp2(s - lse2[:, None])
@@ -181,14 +174,10 @@ def _dq_kernel(
     stride_dqt, H, W, NBK, G, H0, HC, scale, scale_log2, CHUNK,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
 ):
-    # Query heads [H0, H0 + HC): their tiles are one contiguous run of the tile list.
-    t_lo = tl.load(TEND + H0 * NBK - 1, mask=H0 > 0, other=0)
-    pid = t_lo + tl.program_id(0)
-    if pid >= _ld(TEND + (H0 + HC) * NBK - 1):
+    pid, live = _head_chunk_pid(TEND, H0, HC, NBK)
+    if not live:
         return
-    b = tl.load(TILE_B + pid)
-    c0 = _ld(TILE_START + pid)
-    c1 = tl.minimum(_ld(OFFS + b + 1), c0 + CHUNK)
+    b, c0, c1 = _tile_rows(TILE_B, TILE_START, OFFS, pid, CHUNK)
     h = b // NBK
     g = b % NBK
     hk = h // G
@@ -210,11 +199,7 @@ def _dq_kernel(
         dl = tl.load(DELTA + t64 * H + h, mask=rmask, other=0.0)
         qp = tl.load(QPOS + t64, mask=rmask, other=0)
         dq = tl.zeros([BM, D], dtype=tl.float32)
-        # Keys [0, n_full) are seen by every row of the tile (no mask); keys from n_hi by none.
-        qp_min = tl.min(tl.where(rmask, qp, 2147483647), axis=0)
-        qp_max = tl.max(tl.where(rmask, qp, -1), axis=0)
-        n_full = (tl.minimum(tl.maximum(qp_min - kp0 + 1, 0), kl) // BN) * BN
-        n_hi = tl.minimum(tl.maximum(qp_max - kp0 + 1, 0), kl)
+        n_full, n_hi = _key_span(qp, rmask, kp0, kl, BN)
         for n0 in range(0, n_full, BN):
             dq = _dq_step(q, do, lse2, dl, qp, rmask, K, V, ks, n0 + tl.arange(0, BN), kl, hk, kp0,
                           stride_kt, stride_kh, stride_vt, stride_vh, dq, scale_log2, D, False, PREC)

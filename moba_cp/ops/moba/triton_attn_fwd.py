@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moba_cp.ops.moba.triton_common import GatherIndex, KeyBlocks, _ld
+from moba_cp.ops.moba.triton_common import GatherIndex, KeyBlocks, _head_chunk_pid, _key_span, _ld, _load_kv, _tile_rows
 from moba_cp.ops.moba.triton_config import FwdConfig
 
 __all__ = ["sparse_attn_fwd", "sparse_attn_fwd_onepass", "build_chunk_index"]
@@ -69,11 +69,9 @@ def _fwd_kernel(
     # One program = one chunk of up to CHUNK entries of one bucket (head h, key block g),
     # walked in BM-row tiles; with SINGLE (block <= BN keys) K/V are loaded once per chunk.
     pid = tl.program_id(0)
-    b = tl.load(TILE_B + pid)
-    if b < 0:  # the grid is a static upper bound on the tiles; surplus programs stop here
+    if tl.load(TILE_B + pid) < 0:  # the grid is a static upper bound on the tiles; surplus programs stop here
         return
-    c0 = _ld(TILE_START + pid)
-    c1 = tl.minimum(_ld(OFFS + b + 1), c0 + CHUNK)
+    b, c0, c1 = _tile_rows(TILE_B, TILE_START, OFFS, pid, CHUNK)
     h = b // NBK
     g = b % NBK
     hk = h // G
@@ -236,17 +234,10 @@ def sparse_attn_fwd(
 def _attn_step(q, K, V, ks, kk, kl, hk, stride_kt, stride_kh, stride_vt, stride_vh, kp0, qp, m, l, acc,
                scale_log2, D: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
     """One online-softmax step of a gathered tile over keys ``kk`` of a block (log2 domain)."""
-    d = tl.arange(0, D)
-    if MASK:
-        kmask = kk < kl
-        k = tl.load(K + (ks + kk)[:, None] * stride_kt + hk * stride_kh + d[None, :], mask=kmask[:, None], other=0.0)
-        v = tl.load(V + (ks + kk)[:, None] * stride_vt + hk * stride_vh + d[None, :], mask=kmask[:, None], other=0.0)
-    else:
-        k = tl.load(K + (ks + kk)[:, None] * stride_kt + hk * stride_kh + d[None, :])
-        v = tl.load(V + (ks + kk)[:, None] * stride_vt + hk * stride_vh + d[None, :])
+    k, v = _load_kv(K, V, ks, kk, kl, hk, stride_kt, stride_kh, stride_vt, stride_vh, D, MASK)
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
     if MASK:
-        ok = kmask[None, :] & ((kp0 + kk)[None, :] <= qp[:, None])
+        ok = (kk < kl)[None, :] & ((kp0 + kk)[None, :] <= qp[:, None])
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -267,14 +258,10 @@ def _fwd_partial_kernel(
     H, W, NBK, G, H0, HC, scale_log2, CHUNK,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
 ):
-    # Query heads [H0, H0 + HC): their tiles are one contiguous run of the tile list.
-    t_lo = tl.load(TEND + H0 * NBK - 1, mask=H0 > 0, other=0)
-    pid = t_lo + tl.program_id(0)
-    if pid >= _ld(TEND + (H0 + HC) * NBK - 1):
+    pid, live = _head_chunk_pid(TEND, H0, HC, NBK)
+    if not live:
         return
-    b = tl.load(TILE_B + pid)
-    c0 = _ld(TILE_START + pid)
-    c1 = tl.minimum(_ld(OFFS + b + 1), c0 + CHUNK)
+    b, c0, c1 = _tile_rows(TILE_B, TILE_START, OFFS, pid, CHUNK)
     h = b // NBK
     g = b % NBK
     hk = h // G
@@ -292,11 +279,7 @@ def _fwd_partial_kernel(
         t64 = (ent // (H * W)).to(tl.int64)
         q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
         qp = tl.load(QPOS + t64, mask=rmask, other=0)
-        # Keys [0, n_full) are seen by every row (whole sub-tiles); keys from n_hi by none.
-        qp_min = tl.min(tl.where(rmask, qp, 2147483647), axis=0)
-        qp_max = tl.max(tl.where(rmask, qp, -1), axis=0)
-        n_full = (tl.minimum(tl.maximum(qp_min - kp0 + 1, 0), kl) // BN) * BN
-        n_hi = tl.minimum(tl.maximum(qp_max - kp0 + 1, 0), kl)
+        n_full, n_hi = _key_span(qp, rmask, kp0, kl, BN)
         m = tl.full([BM], float("-inf"), dtype=tl.float32)
         l = tl.zeros([BM], dtype=tl.float32)
         acc = tl.zeros([BM, D], dtype=tl.float32)

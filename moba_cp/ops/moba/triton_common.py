@@ -64,6 +64,50 @@ def _ld(ptr):
     return tl.max(tl.load(ptr + tl.arange(0, 1)), axis=0)
 
 
+@triton.jit
+def _head_chunk_pid(TEND, H0, HC, NBK):
+    """This program's index in the tile list when a launch covers query heads ``[H0, H0 + HC)``
+    (their tiles are one contiguous run of the list), and whether it has a tile."""
+    t_lo = tl.load(TEND + H0 * NBK - 1, mask=H0 > 0, other=0)
+    pid = t_lo + tl.program_id(0)
+    return pid, pid < _ld(TEND + (H0 + HC) * NBK - 1)
+
+
+@triton.jit
+def _tile_rows(TILE_B, TILE_START, OFFS, pid, CHUNK):
+    """Tile ``pid``: its bucket and its entries ``[c0, c1)`` (at most ``CHUNK``)."""
+    b = tl.load(TILE_B + pid)
+    c0 = _ld(TILE_START + pid)
+    c1 = tl.minimum(_ld(OFFS + b + 1), c0 + CHUNK)
+    return b, c0, c1
+
+
+@triton.jit
+def _key_span(qp, rmask, kp0, kl, BN: tl.constexpr):
+    """Keys of a block seen by a gathered row tile: ``[0, n_full)`` (whole ``BN`` sub-tiles)
+    by every row, none from ``n_hi`` on (key ``j`` is seen by a row at ``qp`` iff
+    ``kp0 + j <= qp``)."""
+    qp_min = tl.min(tl.where(rmask, qp, 2147483647), axis=0)
+    qp_max = tl.max(tl.where(rmask, qp, -1), axis=0)
+    n_full = (tl.minimum(tl.maximum(qp_min - kp0 + 1, 0), kl) // BN) * BN
+    n_hi = tl.minimum(tl.maximum(qp_max - kp0 + 1, 0), kl)
+    return n_full, n_hi
+
+
+@triton.jit
+def _load_kv(K, V, ks, kk, kl, hk, stride_kt, stride_kh, stride_vt, stride_vh, D: tl.constexpr, MASK: tl.constexpr):
+    """K and V rows ``ks + kk`` of KV head ``hk``; ``MASK`` guards keys past the block end."""
+    d = tl.arange(0, D)
+    if MASK:
+        kmask = kk < kl
+        k = tl.load(K + (ks + kk)[:, None] * stride_kt + hk * stride_kh + d[None, :], mask=kmask[:, None], other=0.0)
+        v = tl.load(V + (ks + kk)[:, None] * stride_vt + hk * stride_vh + d[None, :], mask=kmask[:, None], other=0.0)
+    else:
+        k = tl.load(K + (ks + kk)[:, None] * stride_kt + hk * stride_kh + d[None, :])
+        v = tl.load(V + (ks + kk)[:, None] * stride_vt + hk * stride_vh + d[None, :])
+    return k, v
+
+
 SUPPORTED_HEAD_DIMS = TRITON.head_dims
 SUPPORTED_DTYPES = tuple(getattr(torch, name) for name in TRITON.dtypes)
 
