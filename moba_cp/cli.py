@@ -51,7 +51,7 @@ def _cmd_train(args, overrides) -> int:
     if args.dry_run:
         from moba_cp.train.dry_run import dry_run
 
-        return dry_run(cfg, world_size=args.world_size)
+        return dry_run(cfg, world_size=args.world_size, link_gbps=args.link_gbps, selection=args.selection)
     from moba_cp.data.datasets import DataConfigError
     from moba_cp.data.tokenizers import TokenizerError
     from moba_cp.train.loop import train
@@ -182,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validate the recipe without GPUs and print layout, memory, FLOPs and KV traffic")
     p.add_argument("--world-size", type=int, default=None,
                    help="with --dry-run: the world size to plan for (default tp*cp*dp, dp defaulting to 1)")
+    p.add_argument("--link-gbps", default=None, metavar="GBPS[,GBPS]",
+                   help="with --dry-run: link speed per direction for the CP comm times, one number or "
+                        "INTRA,INTER (NVLink, InfiniBand); default 3600,400")
+    p.add_argument("--selection", default=None, metavar="SELECTION.json",
+                   help="with --dry-run: remote-block union measured by `moba-cp analyze selection` (default 100%%)")
     p.set_defaults(func=_cmd_train)
 
     from moba_cp.data import prepare
