@@ -58,8 +58,8 @@ def test_dry_run_bytes_per_comm_type_and_link_speed(tmp_path, capsys):
         parse_link_gbps("fast")
     # a measured selection lowers the ring's bytes (and only the ring's)
     sel = tmp_path / "selection.json"
-    sel.write_text(json.dumps({"layers": [{"cp": {"4": {"union_causal_fraction_mean": 0.25}}},
-                                          {"cp": {"4": {"union_causal_fraction_mean": 0.5}}}]}))
+    sel.write_text(json.dumps({"layers": [{"cp": {"4": {"union_causal_fraction_max": 0.25}}},
+                                          {"cp": {"4": {"union_causal_fraction_max": 0.5}}}]}))
     assert dry_run(cfg, selection=str(sel)) == 0
     assert "union 50%" in capsys.readouterr().out
     half, full = comm_plan(cfg, union=0.5), comm_plan(cfg)

@@ -144,8 +144,8 @@ def parse_link_gbps(text: str | None) -> tuple[float, float]:
 
 
 def selection_union(path: str | None, cp: int) -> tuple[float, str]:
-    """The remote-block union to assume at ``cp``: the largest per-layer mean over ranks of the
-    causal-past fraction in an ``analyze selection`` JSON, else 1.0 (what trained models showed)."""
+    """The remote-block union to assume at ``cp``: the largest per-rank causal-past fraction of any
+    layer in an ``analyze selection`` JSON, else 1.0 (what trained models showed)."""
     if not path:
         return 1.0, "assumed 100% (trained models select every remote past block; measure yours with " \
                     "`moba-cp analyze selection`)"
@@ -154,11 +154,11 @@ def selection_union(path: str | None, cp: int) -> tuple[float, str]:
 
     try:
         data = json.loads(Path(path).read_text())
-        rows = [layer["cp"][str(cp)]["union_causal_fraction_mean"] for layer in data["layers"]]
+        rows = [layer["cp"][str(cp)]["union_causal_fraction_max"] for layer in data["layers"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise RecipeError(f"--selection {path}: not an `analyze selection` JSON with cp={cp} ({e}). Fix: run "
                           f"moba-cp analyze selection RUN_DIR --seq-len S --cp {cp}") from None
-    return max(rows), f"measured in {path} (largest layer)"
+    return max(rows), f"measured in {path} (busiest rank of the largest layer)"
 
 
 def comm_plan(cfg: RecipeConfig, *, union: float = 1.0, intra_gbps: float = DEFAULT_INTRA_GBPS,
