@@ -26,11 +26,14 @@ import logging
 import torch
 import torch.distributed as dist
 
+from moba_cp.ops.moba.validate import check_qkv
 from moba_cp.parallel.failure import wait_all, watch_stream
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "DTYPE_CODES",
+    "shard_problem",
     "Tag",
     "RankSet",
     "CPStats",
@@ -155,6 +158,33 @@ def last_stats(op: str = "moba_attn_cp") -> CPStats | None:
 
 def _record(stats: CPStats) -> None:
     _LAST[stats.op] = stats
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks shared by the CP ops
+# --------------------------------------------------------------------------------------------
+DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}  # for the handshake
+
+
+def shard_problem(q, k, v, op: str) -> str | None:
+    """What is wrong with one rank's ``[S_local, H, D]`` / ``[batch, S_local, H, D]`` shards
+    (None if nothing): types and ranks here, the rest by ``moba_cp.ops.moba.validate.check_qkv``
+    on one batch row, so the CP ops and the single-device op share their rules and messages."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() not in (3, 4):
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            return f"{name} is {shape}; expected a tensor [S_local, H, D] or [batch, S_local, H, D]"
+    if not (q.dim() == k.dim() == v.dim()) or q.shape[:-3] != k.shape[:-3] or k.shape != v.shape:
+        return f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} differ in batch or k/v shape"
+    row = (lambda x: x[0]) if q.dim() == 4 else (lambda x: x)  # noqa: E731 - one row, [S_local, H, D]
+    try:
+        check_qkv(row(q), row(k), row(v), op=op)
+    except (TypeError, ValueError) as e:
+        return str(e)
+    if q.shape[-3] == 0 or q.shape[-3] % 2:
+        return (f"the local shard has S_local={q.shape[-3]} tokens; a zigzag shard is 2 equal chunks, so "
+                f"S_local must be even and > 0")
+    return None
 
 
 # --------------------------------------------------------------------------------------------

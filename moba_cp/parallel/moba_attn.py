@@ -19,9 +19,9 @@ from moba_cp.ops.lse_merge import merge_into
 from moba_cp.ops.moba.api import choose_backend, moba_attn
 from moba_cp.ops.moba.block_ids import remap_ids, selected_mask
 from moba_cp.ops.moba.partial import partial_attn_bwd, partial_attn_fwd, partial_index
-from moba_cp.ops.moba.validate import check_block_args, check_qkv
+from moba_cp.ops.moba.validate import check_block_args
 from moba_cp.parallel.exchange import (
-    CPStats, ExchangePlan, RankSet, RingComm, Tag, _record, agree_on_layout, build_plan,
+    DTYPE_CODES, CPStats, ExchangePlan, RankSet, RingComm, Tag, _record, agree_on_layout, build_plan, shard_problem,
 )
 from moba_cp.parallel.failure import report_failure
 from moba_cp.parallel.gate import gather_centroids, select_global
@@ -32,37 +32,25 @@ log = logging.getLogger(__name__)
 
 __all__ = ["moba_attn_cp", "ring_forward", "ring_backward"]
 
-_DTYPES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
 _LAYOUT_NAMES = ["ndim", "batch", "S_local", "Hq", "Hkv", "D", "dtype", "block_size", "topk", "keep_kv", "comm",
                  "a2a_size"]
 
 
 def _local_problem(q, k, v, block_size, topk, comm, a2a_size, cp) -> str | None:
     """What is wrong with this rank's inputs on their own (None if nothing)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() not in (3, 4):
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            return f"{name} is {shape}; expected a tensor [S_local, H, D] or [batch, S_local, H, D]"
-    if not (q.dim() == k.dim() == v.dim()):
-        return f"q, k, v have {q.dim()}, {k.dim()}, {v.dim()} dims; they must match"
-    if q.shape[:-3] != k.shape[:-3] or k.shape != v.shape:
-        return f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} differ in batch or k/v shape"
-    row = (lambda x: x[0]) if q.dim() == 4 else (lambda x: x)  # noqa: E731 - one row, [S_local, H, D]
+    problem = shard_problem(q, k, v, "moba_attn_cp")
+    if problem:
+        return problem
     try:
-        check_qkv(row(q), row(k), row(v), op="moba_attn_cp")
         check_block_args(block_size, topk, op="moba_attn_cp")
-    except (TypeError, ValueError) as e:
+    except ValueError as e:
         return str(e)
     problem = comm_problem(comm, a2a_size, cp, q.shape[-2], k.shape[-2])
     if problem:
         return problem
-    s_local = q.shape[-3]
-    if s_local == 0 or s_local % 2:
-        return (f"the local shard has S_local={s_local} tokens; a zigzag shard is 2 equal chunks, so "
-                f"S_local must be even and > 0")
-    chunk = s_local // 2
+    chunk = q.shape[-3] // 2
     if comm != "a2a" and chunk % block_size:
-        return (f"a zigzag chunk holds {chunk} tokens (S_local={s_local} / 2), which is not a multiple "
+        return (f"a zigzag chunk holds {chunk} tokens (S_local={2 * chunk} / 2), which is not a multiple "
                 f"of block_size={block_size}; every chunk must hold whole MoBA blocks. Fix: make the "
                 f"global length a multiple of 2*cp*block_size (pad), or pick a block_size dividing {chunk}")
     return None
@@ -139,7 +127,7 @@ def moba_attn_cp(
     problem = _local_problem(q, k, v, block_size, topk, comm, a2a_size, cp)
     if problem is None:
         batch = q.shape[0] if q.dim() == 4 else 1
-        values = [q.dim(), batch, q.shape[-3], q.shape[-2], k.shape[-2], q.shape[-1], _DTYPES[q.dtype],
+        values = [q.dim(), batch, q.shape[-3], q.shape[-2], k.shape[-2], q.shape[-1], DTYPE_CODES[q.dtype],
                   block_size, topk, int(bool(keep_kv)), COMM_TYPES.index(comm), int(a2a_size or 0)]
     else:
         values = [0] * len(_LAYOUT_NAMES)

@@ -28,8 +28,9 @@ import torch.distributed as dist
 
 from moba_cp.ops.lse_merge import merge_into
 from moba_cp.ops.moba import naive
-from moba_cp.ops.moba.validate import check_qkv
-from moba_cp.parallel.exchange import CPStats, RankSet, RingComm, Tag, _record, agree_on_layout
+from moba_cp.parallel.exchange import (
+    DTYPE_CODES, CPStats, RankSet, RingComm, Tag, _record, agree_on_layout, shard_problem,
+)
 from moba_cp.parallel.failure import report_failure
 from moba_cp.parallel.head_parallel import COMM_TYPES, comm_layout, comm_problem, head_parallel_attention
 from moba_cp.parallel.zigzag import fold_batch, unfold_batch, zigzag_positions
@@ -37,7 +38,6 @@ from moba_cp.parallel.zigzag import fold_batch, unfold_batch, zigzag_positions
 __all__ = ["ring_attn_cp", "dense_fwd", "dense_bwd"]
 
 _NAMES = ["ndim", "batch", "S_local", "Hq", "Hkv", "D", "dtype", "impl", "comm", "a2a_size"]
-_DTYPES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
 _IMPLS = ("math", "flash", "cudnn")
 _ALL = 1 << 40  # a "block size" that puts every key in block 0: the oracle then is full attention
 
@@ -127,22 +127,14 @@ def _resolve_impl(impl: str, device: torch.device) -> str:
 
 def _local_problem(q, k, v, impl, comm, a2a_size, cp) -> tuple[str | None, str]:
     """(what is wrong with this rank's inputs or None, the resolved impl)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() not in (3, 4):
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            return f"{name} is {shape}; expected a tensor [S_local, H, D] or [batch, S_local, H, D]", "math"
-    if not (q.dim() == k.dim() == v.dim()) or q.shape[:-3] != k.shape[:-3] or k.shape != v.shape:
-        return f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match", "math"
-    row = (lambda x: x[0]) if q.dim() == 4 else (lambda x: x)  # noqa: E731 - one row, [S_local, H, D]
+    problem = shard_problem(q, k, v, "ring_attn_cp")
+    if problem:
+        return problem, "math"
     try:
-        check_qkv(row(q), row(k), row(v), op="ring_attn_cp")
         impl_name = _resolve_impl(impl, q.device)
-    except (TypeError, ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError) as e:
         return str(e), "math"
-    problem = comm_problem(comm, a2a_size, cp, q.shape[-2], k.shape[-2])
-    if problem is None and (q.shape[-3] == 0 or q.shape[-3] % 2):
-        problem = f"S_local={q.shape[-3]} must be even and > 0 (a zigzag shard is 2 equal chunks)"
-    return problem, impl_name
+    return comm_problem(comm, a2a_size, cp, q.shape[-2], k.shape[-2]), impl_name
 
 
 def ring_attn_cp(
@@ -192,7 +184,7 @@ def ring_attn_cp(
     problem, impl_name = _local_problem(q, k, v, impl, comm, a2a_size, cp)
     values = [0] * len(_NAMES) if problem else [
         q.dim(), q.shape[0] if q.dim() == 4 else 1, q.shape[-3], q.shape[-2], k.shape[-2], q.shape[-1],
-        _DTYPES[q.dtype], _IMPLS.index(impl_name), COMM_TYPES.index(comm), int(a2a_size or 0)]
+        DTYPE_CODES[q.dtype], _IMPLS.index(impl_name), COMM_TYPES.index(comm), int(a2a_size or 0)]
     agree_on_layout("ring_attn_cp", values, problem, _NAMES, cp_group, like=q if isinstance(q, torch.Tensor) else None)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     layout = comm_layout(comm, a2a_size, cp_group)
