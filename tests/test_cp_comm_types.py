@@ -124,3 +124,24 @@ def test_bad_comm_combinations_fail_on_every_rank():
     for rank, per_case in enumerate(msgs):
         for case, match in expect.items():
             assert per_case[case] is not None and match in per_case[case], f"rank {rank} {case}: {per_case[case]!r}"
+
+
+def _triton_comm_worker(rank, ws):
+    """The all-to-all forms with the Triton kernels (interpreter on CPU): the local op is the
+    single-device Triton MoBA ('a2a') or the Triton partial kernels of the ring ('a2a+ring')."""
+    s, block, topk = 2 * ws * 32, 16, 3
+    q, k, v, do = _inputs(5, s, 2, 1, d=16, dtype=torch.float32)
+    ref = _reference(q.double(), k.double(), v.double(), do.double(), block, topk)
+    out = {}
+    for comm, size in (("a2a", None), ("a2a+ring", 2)):
+        got = _run_cp(rank, ws, moba_attn_cp, q, k, v, do, 0, block_size=block, topk=topk, backend="triton",
+                      comm=comm, a2a_size=size)
+        out[comm] = _errors(rank, ws, got, ref, 0)
+    return out
+
+
+def test_all_to_all_forms_with_triton_kernels():
+    pytest.importorskip("moba_cp.ops.moba.triton_backend")
+    for rank, per_comm in enumerate(run_distributed(_triton_comm_worker, 2)):
+        for comm, errs in per_comm.items():
+            assert all(e <= 1e-4 for e in errs.values()), f"rank {rank} comm={comm}: {errs}"  # fp32 kernels

@@ -96,3 +96,45 @@ def test_failing_rank_brings_the_group_down_within_the_bound(tmp_path, ws, faili
         assert f"CP rank {failing} (global rank {failing}) failed in moba_attn_cp" in res["message"], res["message"]
         assert "RuntimeError: CUDA out of memory" in res["message"], res["message"]
         assert res["t"] - failed["t"] <= BOUND_S + SLACK_S, (r, res["t"] - failed["t"])
+
+
+# ----------------------------------------------------------------------------- the CUDA watchdog
+class _StuckEvent:
+    """Stands in for the CUDA event after a stream wait on a transfer that never completes."""
+
+    def query(self):
+        return False
+
+
+def _watchdog_worker(port, case):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), MOBA_CP_EXCHANGE_TIMEOUT_S="1")
+    import torch.distributed as dist
+
+    from moba_cp.parallel import failure
+
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    group = dist.group.WORLD
+    if case == "stuck":  # a transfer the stream never gets past
+        failure._Watchdog.get().add(_StuckEvent(), group, "moba_attn_cp ring (tag 1)")
+    else:  # a peer published its failure; this rank's stream is not stuck
+        failure._Watchdog.get().add(type("Done", (), {"query": lambda self: True})(), group, "all-gather")
+        failure._publish(group, "CP rank 3 (global rank 3) failed in moba_attn_cp: RuntimeError: boom")
+    time.sleep(60)  # the host runs ahead; only the watchdog can end the process
+
+
+@pytest.mark.parametrize("case,match", [
+    ("stuck", "moba_attn_cp ring (tag 1) did not complete within 1 s"),
+    ("peer", "CP rank 3 (global rank 3) failed in moba_attn_cp: RuntimeError: boom"),
+])
+def test_cuda_watchdog_ends_a_process_whose_peer_failed(tmp_path, case, match):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = f"from tests.test_cp_failure import _watchdog_worker; _watchdog_worker({_free_port()}, {case!r})"
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=90,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "moba_cp: ending this process: " in proc.stdout and match in proc.stdout, proc.stdout
+    assert time.monotonic() - t0 < 45  # not the 60 s sleep: the watchdog ended it

@@ -202,7 +202,7 @@ class _Watchdog(threading.Thread):
             self.pending.append((time.monotonic(), event, group, what))
             self.groups[_key(group)] = group
 
-    def run(self):  # pragma: no cover - exercised on GPUs only
+    def run(self):
         while True:
             time.sleep(STORE_POLL_S)
             now, bound = time.monotonic(), exchange_timeout()
@@ -226,7 +226,7 @@ class _Watchdog(threading.Thread):
 _own_failures: dict[str, float] = {}  # group key -> when this rank published its failure
 
 
-def _die(msg):  # pragma: no cover - GPUs only
+def _die(msg):
     log.critical("moba_cp: ending this process: %s", msg)
     print(f"moba_cp: ending this process: {msg}", flush=True)
     os._exit(1)
