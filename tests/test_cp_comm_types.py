@@ -140,6 +140,7 @@ def _triton_comm_worker(rank, ws):
     return out
 
 
+@pytest.mark.slow  # ~70 s of Triton interpreter; the forms are tested with the naive kernels above
 def test_all_to_all_forms_with_triton_kernels():
     pytest.importorskip("moba_cp.ops.moba.triton_backend")
     for rank, per_comm in enumerate(run_distributed(_triton_comm_worker, 2)):

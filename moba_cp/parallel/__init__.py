@@ -5,6 +5,7 @@
 - :mod:`.exchange`: shape handshake, request bitmasks, the symmetric P2P ring, byte accounting.
 - :mod:`.head_parallel`: the all-to-all of the ``"a2a"`` and ``"a2a+ring"`` comm types.
 - :mod:`.failure`: bounded waits; a failing rank brings its CP group down with one message.
+- :mod:`.traffic`: the bytes each comm type moves (arithmetic for the dry run and the analysis).
 - :mod:`.moba_attn`: ``moba_attn_cp`` (``comm="ring"``: only the selected K/V blocks travel).
 - :mod:`.ring_attn`: ``ring_attn_cp``, full causal attention on the same layout.
 """

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from moba_cp.parallel.exchange import CPStats, RankSet, Tag
-from moba_cp.parallel.failure import wait_all, watch_stream
+from moba_cp.parallel.failure import report_failure, wait_all, watch_stream
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,8 @@ class _AllToAll(torch.autograd.Function):
     def backward(ctx, *grads):
         spec = ctx.spec
         # each received piece came from one member; its gradient goes back to that member
-        return (None, *_exchange(spec, grads, Tag.A2A_GRAD, spec.backward_fields))
+        with report_failure(f"{spec.what} backward", spec.ranks.group):
+            return (None, *_exchange(spec, grads, Tag.A2A_GRAD, spec.backward_fields))
 
 
 def _all_to_all(spec: _ExchangeSpec, per_kind: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
