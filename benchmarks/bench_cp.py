@@ -151,7 +151,8 @@ def equality(args, cp, rank, dev, backend, ring_impls):
             o1 = moba_attn(q1, k1, v1, block_size=block, topk=topk, backend=backend)
             single = [o1.detach(), *torch.autograd.grad(o1, (q1, k1, v1), do)]
         ql, kl, vl = (zigzag_shard(x, rank, cp).requires_grad_() for x in (q, k, v))
-        ol = moba_attn_cp(ql, kl, vl, block_size=block, topk=topk, cp_group=dist.group.WORLD, backend=backend)
+        ol = moba_attn_cp(ql, kl, vl, block_size=block, topk=topk, cp_group=dist.group.WORLD, backend=backend,
+                          comm=args.comm, a2a_size=args.a2a_size)
         grads = torch.autograd.grad(ol, (ql, kl, vl), zigzag_shard(do, rank, cp))
         cpres = [gather_unshard(x, cp) for x in (ol.detach(), *grads)]
         if rank == 0:
@@ -160,7 +161,7 @@ def equality(args, cp, rank, dev, backend, ring_impls):
             e_x = [rel(a, b) for a, b in zip(cpres, single)]
             fmt = lambda es: " | ".join(f"{e:.2e}" for e in es)  # noqa: E731
             emit(f"| moba_attn 1 GPU ({backend}) | B={block} topk={topk} | {fmt(e_1)} |")
-            emit(f"| moba_attn_cp CP={cp} ({backend}) | B={block} topk={topk} | {fmt(e_cp)} |")
+            emit(f"| moba_attn_cp CP={cp} ({backend}, comm={args.comm}) | B={block} topk={topk} | {fmt(e_cp)} |")
             emit(f"| CP vs 1 GPU (not vs fp64) | B={block} topk={topk} | {fmt(e_x)} |")
         dist.barrier()
     # ring attention vs fp64 causal attention
@@ -182,11 +183,11 @@ def equality(args, cp, rank, dev, backend, ring_impls):
                  + " | ".join(f"{rel(a, b):.2e}" for a, b in zip(single, ref)) + " |")
     for impl in ring_impls:
         ql, kl, vl = (zigzag_shard(x, rank, cp).requires_grad_() for x in (q, k, v))
-        ol = ring_attn_cp(ql, kl, vl, cp_group=dist.group.WORLD, impl=impl)
+        ol = ring_attn_cp(ql, kl, vl, cp_group=dist.group.WORLD, impl=impl, comm=args.comm, a2a_size=args.a2a_size)
         grads = torch.autograd.grad(ol, (ql, kl, vl), zigzag_shard(do, rank, cp))
         cpres = [gather_unshard(x, cp) for x in (ol.detach(), *grads)]
         if rank == 0:
-            emit(f"| ring_attn_cp CP={cp} ({impl}) | causal full | "
+            emit(f"| ring_attn_cp CP={cp} ({impl}, comm={args.comm}) | causal full | "
                  + " | ".join(f"{rel(a, b):.2e}" for a, b in zip(cpres, ref)) + " |")
     emit()
     return ring_impls
@@ -221,7 +222,8 @@ def scaling(args, cp, rank, dev, backend, ring_impls):
                 kind = "structured" if structured else "random"
                 q, k, v, do = local_inputs(s, hq, hkv, d, dt, dev, seed=s % 997 + block, cp=cp, rank=rank,
                                            structured=structured, block=block, boost=args.boost, n_hot=args.n_hot)
-                kw = dict(block_size=block, topk=topk, cp_group=dist.group.WORLD, backend=backend)
+                kw = dict(block_size=block, topk=topk, cp_group=dist.group.WORLD, backend=backend, comm=args.comm,
+                          a2a_size=args.a2a_size)
                 p_keep = p_ref = float("nan")
                 # The mode the ratios below use: keep (then re-fetch is compared), or re-fetch only.
                 t_cp = timed(fwd_bwd(moba_attn_cp, q, k, v, do, **kw, keep_kv=args.keep), 0 if structured else warm,
@@ -430,6 +432,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true", help="CPU/gloo, naive kernels, tiny shapes")
+    p.add_argument("--comm", default="ring", choices=["ring", "a2a", "a2a+ring"],
+                   help="CP comm type of moba_attn_cp / ring_attn_cp (sections 1 and 2)")
+    p.add_argument("--a2a-size", type=int, default=None, help="with --comm a2a+ring: ranks per all-to-all group")
     p.add_argument("--seqs", default="262144,1048576,2097152")
     p.add_argument("--configs", default="4096:12,128:8", help="block:topk,...")
     p.add_argument("--hq", type=int, default=32)

@@ -9,6 +9,7 @@
     moba-cp sweep SWEEP.yaml... [--gpus 0,1,2,3] [--deadline-min M] [--dry-run]; moba-cp plot --sweep SWEEP_OUT_DIR
     moba-cp eval loss CHECKPOINT --seq-len 32768 --last 2048
     moba-cp eval needle CHECKPOINT --lengths 4k,8k --depths 0,10,...,100
+    moba-cp analyze selection RUN_DIR --seq-len 32768 [--cp 2,4,8,16] [--num-seqs N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def _cmd_train(args, overrides) -> int:
     if args.dry_run:
         from moba_cp.train.dry_run import dry_run
 
-        return dry_run(cfg, world_size=args.world_size)
+        return dry_run(cfg, world_size=args.world_size, link_gbps=args.link_gbps, selection=args.selection)
     from moba_cp.data.datasets import DataConfigError
     from moba_cp.data.tokenizers import TokenizerError
     from moba_cp.train.loop import train
@@ -93,6 +94,18 @@ def _cmd_eval(args, overrides) -> int:
     finally:
         shutdown_distributed()
     return 0
+
+
+def _cmd_analyze(args, overrides) -> int:
+    from moba_cp.analysis import selection
+    from moba_cp.config import RecipeError
+
+    args.overrides = overrides
+    try:
+        return selection.run(args)
+    except (FileNotFoundError, RecipeError, ValueError) as e:
+        print(f"moba-cp analyze selection: {e}", file=sys.stderr)
+        return 2
 
 
 def _cmd_prepare_data(args, rest) -> int:
@@ -182,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validate the recipe without GPUs and print layout, memory, FLOPs and KV traffic")
     p.add_argument("--world-size", type=int, default=None,
                    help="with --dry-run: the world size to plan for (default tp*cp*dp, dp defaulting to 1)")
+    p.add_argument("--link-gbps", default=None, metavar="GBPS[,GBPS]",
+                   help="with --dry-run: link speed per direction for the CP comm times, one number or "
+                        "INTRA,INTER (NVLink, InfiniBand); default 3600,400")
+    p.add_argument("--selection", default=None, metavar="SELECTION.json",
+                   help="with --dry-run: remote-block union measured by `moba-cp analyze selection` (default 100%%)")
     p.set_defaults(func=_cmd_train)
 
     from moba_cp.data import prepare
@@ -232,6 +250,19 @@ def build_parser() -> argparse.ArgumentParser:
     for q in (pl, pn):
         q.add_argument("--label", default=None, help="name in plots (default: the recipe name)")
         q.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("analyze", help="analyses of a checkpoint: what CP traffic its block selection implies",
+                       description="Analyse a trained checkpoint (run dir, checkpoints dir or iter_* dir); runs "
+                                   "under torchrun with tp processes like `eval`; recipe overrides may follow.")
+    asub = p.add_subparsers(dest="kind", metavar="KIND", required=True)
+    pa = asub.add_parser("selection", help="union of selected remote blocks per simulated CP rank, selection "
+                                           "distances, bytes per comm type (JSON + plot)")
+    pa.add_argument("checkpoint", help="run directory, checkpoints directory or one iter_* folder")
+    pa.add_argument("--seq-len", type=int, required=True, help="held-out sequence length S (e.g. 32768)")
+    pa.add_argument("--cp", default="2,4,8,16", help="simulated CP sizes, comma-separated (default 2,4,8,16)")
+    pa.add_argument("--num-seqs", type=int, default=4, help="held-out sequences to analyse (default 4)")
+    pa.add_argument("--out", default=None, help="output folder (default RUN_DIR/analysis)")
+    pa.set_defaults(func=_cmd_analyze)
 
     p = sub.add_parser("selfcheck", help="run MoBA on random data with each backend against the fp64 oracle")
     from moba_cp import selfcheck

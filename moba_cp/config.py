@@ -21,6 +21,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from moba_cp.parallel.head_parallel import comm_problem
+
 __all__ = [
     "ModelConfig", "MoBAConfig", "AttentionConfig", "ParallelConfig", "TrainConfig", "DataConfig",
     "EvalConfig", "LoggingConfig", "CheckpointConfig", "RecipeConfig", "RecipeError",
@@ -94,6 +96,16 @@ class ParallelConfig:
     dp: Optional[int] = _f(None, "Data-parallel size; None = world_size / (tp * cp).")
     distributed_optimizer: bool = _f(False, "Shard optimizer state over data-parallel ranks.")
     sequence_parallel: bool = _f(False, "Megatron sequence parallelism for norms/dropout (needs tp > 1).")
+    cp_comm: Literal["ring", "a2a", "a2a+ring"] = _f(
+        "ring", "How CP ranks exchange attention inputs: 'ring' (K/V blocks ring-style; per-rank traffic about "
+        "the whole K/V whatever cp is), 'a2a' (head-parallel all-to-all, traffic falls as 1/cp; needs query "
+        "and KV heads per tp rank divisible by cp, or cp a multiple of the KV heads), 'a2a+ring' (all-to-all "
+        "inside groups of a2a_size ranks of one node, ring across groups: multi-node). `moba-cp train "
+        "--dry-run` prints the bytes of each.")
+    a2a_size: Optional[int] = _f(
+        None, "With cp_comm=a2a+ring: consecutive CP ranks per all-to-all group (one node's GPUs); must "
+        "divide cp and be <= gpus_per_node.")
+    gpus_per_node: int = _f(8, "GPUs per node (an a2a+ring all-to-all group must fit in one node).")
 
 
 @dataclass
@@ -379,6 +391,7 @@ def validate(cfg: RecipeConfig, world_size: int | None = None) -> None:
                     f"(each tensor-parallel rank needs whole KV heads).")
     if p.sequence_parallel and p.tp == 1:
         errs.append("parallel.sequence_parallel=true needs parallel.tp > 1.")
+    errs += _cp_comm_errors(m, p, a)
     kinds_ok = True
     if a.pattern == "hybrid" and not (0 <= a.full_last_n <= m.num_layers):
         errs.append(f"attention.full_last_n={a.full_last_n} must be within [0, model.num_layers={m.num_layers}].")
@@ -432,6 +445,32 @@ def validate(cfg: RecipeConfig, world_size: int | None = None) -> None:
                     f"{t.micro_batch_size}*{dp}.")
     if errs:
         raise RecipeError("invalid recipe:\n  " + "\n  ".join(errs))
+
+
+def _cp_comm_errors(m: ModelConfig, p: ParallelConfig, a: AttentionConfig) -> list[str]:
+    """parallel.cp_comm / a2a_size against cp, the heads per tensor-parallel rank and the node size."""
+    if p.a2a_size is not None and p.cp_comm != "a2a+ring":
+        return [f"parallel.a2a_size={p.a2a_size} is set but parallel.cp_comm={p.cp_comm!r}; it is only used with "
+                f"cp_comm=a2a+ring. Fix: remove a2a_size or set cp_comm=a2a+ring."]
+    if p.cp_comm == "ring":
+        return []
+    errs = []
+    if p.cp_comm == "a2a+ring" and p.a2a_size is None:
+        return [f"parallel.cp_comm=a2a+ring needs parallel.a2a_size (CP ranks per all-to-all group, one node's "
+                f"GPUs, e.g. {min(p.cp, p.gpus_per_node)})."]
+    if p.cp_comm == "a2a+ring" and p.a2a_size > p.gpus_per_node:
+        errs.append(f"parallel.a2a_size={p.a2a_size} exceeds parallel.gpus_per_node={p.gpus_per_node}; an "
+                    f"all-to-all group must stay inside one node. Fix: a2a_size <= {p.gpus_per_node}.")
+    if m.num_attention_heads % p.tp == 0 and m.num_query_groups % p.tp == 0:
+        problem = comm_problem(p.cp_comm, p.a2a_size, p.cp, m.num_attention_heads // p.tp,
+                               m.num_query_groups // p.tp)
+        if problem:
+            errs.append(f"parallel.cp_comm={p.cp_comm!r} with parallel.cp={p.cp}, tp={p.tp}: {problem}.")
+    if a.full_backend == "te":
+        errs.append(f"parallel.cp_comm={p.cp_comm!r} is moba_cp's own CP; attention.full_backend=te runs Transformer "
+                    f"Engine's CP for full layers, which needs Megatron's hierarchical CP groups. Fix: "
+                    f"attention.full_backend=torch, or parallel.cp_comm=ring.")
+    return errs
 
 
 def dump(cfg) -> str:

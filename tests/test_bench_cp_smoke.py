@@ -22,7 +22,7 @@ def test_bench_cp_smoke_prints_every_section(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = out.read_text()
     # 1. equality: CP against one process, errors at fp32 rounding
-    errs = [float(x) for x in re.findall(r"\| moba_attn_cp CP=2 \(naive\) \| [^|]+ \| ([0-9.e+-]+) \|", text)]
+    errs = [float(x) for x in re.findall(r"\| moba_attn_cp CP=2 \(naive, comm=ring\) \| [^|]+ \| ([0-9.e+-]+) \|", text)]
     assert len(errs) == 2 and max(errs) < 1e-5
     # profile: one table per call
     assert text.count("### moba_attn_cp CP=2, S=512") == 1 and text.count("### moba_attn one GPU, S/2=256") == 1
@@ -34,3 +34,16 @@ def test_bench_cp_smoke_prints_every_section(tmp_path):
     # 3. ring table compares against the re-fetch time
     assert "K/V re-fetched (ms)" in text
     assert len(re.findall(r"^\| (256|512) \| (math|flash) \| [0-9.]+ \|", text, flags=re.M)) == 4
+
+
+def test_bench_cp_equality_section_with_the_all_to_all(tmp_path):
+    out = tmp_path / "cp_a2a.md"
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "benchmarks/bench_cp.py", "--smoke", "--eq-only", "--comm", "a2a", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    errs = [float(x) for x in re.findall(r"\| moba_attn_cp CP=2 \(naive, comm=a2a\) \| [^|]+ \| ([0-9.e+-]+) \|", text)]
+    assert len(errs) == 2 and max(errs) < 1e-5
+    assert "ring_attn_cp CP=2 (math, comm=a2a)" in text or "ring_attn_cp CP=2 (flash, comm=a2a)" in text

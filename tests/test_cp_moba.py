@@ -190,7 +190,7 @@ def _bad_layout_worker(rank, ws, case):
 @pytest.mark.parametrize("case,match", [
     ("partial_blocks", "must hold whole MoBA blocks"),
     ("length_mismatch", "disagree on S_local"),
-    ("one_rank_bad_dtype", "rank 0: q, k, v dtypes differ"),
+    ("one_rank_bad_dtype", "rank 0: moba_attn_cp: q, k, v dtypes differ"),
     ("ring_heads_mismatch", "disagree on Hkv"),
 ])
 def test_bad_layouts_fail_on_every_rank(case, match):

@@ -36,13 +36,22 @@ def _patterns():
 
 
 def _w_equal(rank, world_size, tp, cp, cases):
-    """``cases``: ``[(pattern, sequence_parallel), ...]``, all run in this one set of processes."""
+    """``cases``: ``[(pattern, sequence_parallel[, cp_comm, a2a_size]), ...]``, all run in this one set
+    of processes (cp_comm defaults to the ring)."""
     from megatron.core import parallel_state as ps
+
+    from moba_cp.config import ParallelConfig
+    from moba_cp.megatron.model import transformer_config_from_recipe
 
     tokens = batch(2, S)
     mcfg = tiny_model_cfg(seq_length=S)
     results = {}
-    for pattern, sequence_parallel in cases:
+    for pattern, sequence_parallel, *comm in cases:
+        cp_comm, a2a_size = comm or ("ring", None)
+        extra = {}
+        if cp_comm != "ring":  # the recipe's parallel.cp_comm reaches core attention through the config
+            pcfg = ParallelConfig(tp=tp, cp=cp, cp_comm=cp_comm, a2a_size=a2a_size)
+            extra["config"] = transformer_config_from_recipe(mcfg, pcfg)
         acfg = attention_cfg(pattern)
         # reference: the unsplit model on the whole sequence
         ref, _ = build(mcfg, moba_cfg(BLOCK, TOPK), acfg)
@@ -51,7 +60,11 @@ def _w_equal(rank, world_size, tp, cp, cases):
         ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
         ref_state = {n: p.detach().clone() for n, p in ref.named_parameters()}
 
-        model, _ = build(mcfg, moba_cfg(BLOCK, TOPK), acfg, tp=tp, cp=cp, sequence_parallel=sequence_parallel)
+        model, _ = build(mcfg, moba_cfg(BLOCK, TOPK), acfg, tp=tp, cp=cp, sequence_parallel=sequence_parallel,
+                         **extra)
+        if cp_comm != "ring":
+            seen = {m.cp_comm for m in model.modules() if hasattr(m, "cp_comm")}
+            assert seen == {cp_comm}, seen
         tp_rank, tp_group, cp_group = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_group(), \
             ps.get_context_parallel_group()
         layout = tp_layout(model)
@@ -71,7 +84,8 @@ def _w_equal(rank, world_size, tp, cp, cases):
                 dist.all_reduce(g, group=tp_group)  # norms see a TP slice of the tokens under SP
             dim, glu = layout[n]
             errs[n] = max_rel(unshard_from_tp(g, dim, glu, tp_group), ref_grads[n])
-        results[f"{pattern}{'+sp' if sequence_parallel else ''}"] = (ref_loss.item(), total.item(), errs)
+        name = f"{pattern}{'+sp' if sequence_parallel else ''}{'' if cp_comm == 'ring' else '+' + cp_comm}"
+        results[name] = (ref_loss.item(), total.item(), errs)
     return results
 
 
@@ -88,6 +102,16 @@ def _check(results, loss_rtol=2e-6, grad_rtol=5e-5):
 @pytest.mark.parametrize("cp", [2, 4])
 def test_gpt_cp_loss_and_grads_equal_cp1(cp):
     _check(run_distributed(_w_equal, cp, args=(1, cp, [(p, False) for p in _patterns()])))
+
+
+@pytest.mark.skipif(_missing_moba is not None, reason=f"CP MoBA op missing: {_missing_moba}")
+def test_gpt_cp4_each_comm_type_equals_cp1():
+    # 4 query / 2 KV heads at cp=4: 'a2a' gives each rank 1 query head and replicates each KV head
+    # on 2 ranks; 'a2a+ring' all-to-alls in 2 groups of 2 and rings across them
+    cases = [(p, False, comm, size) for comm, size in (("a2a", None), ("a2a+ring", 2)) for p in _patterns()]
+    results = run_distributed(_w_equal, 4, args=(1, 4, cases))
+    assert {"moba+a2a", "moba+a2a+ring"} <= set(results[0])
+    _check(results)
 
 
 @pytest.mark.skipif(_missing_moba is not None, reason=f"CP MoBA op missing: {_missing_moba}")

@@ -57,6 +57,26 @@ __all__ = ["MoBACoreAttention", "FullCoreAttention", "te_available", "MODES"]
 
 MODES = ("moba", "full")
 FULL_BACKENDS = ("auto", "torch", "te")
+#: Megatron's ``cp_comm_type`` names -> moba_cp's ``comm=`` (moba_cp's own names map to themselves)
+CP_COMM_FROM_MEGATRON = {"p2p": "ring", "a2a": "a2a", "a2a+p2p": "a2a+ring", "ring": "ring", "a2a+ring": "a2a+ring"}
+#: the recipe's ``parallel.cp_comm`` -> Megatron's ``TransformerConfig.cp_comm_type``
+MEGATRON_CP_COMM = {"ring": "p2p", "a2a": "a2a", "a2a+ring": "a2a+p2p"}
+
+
+def _cp_comm(cp_comm_type, config) -> tuple[str, int | None]:
+    """moba_cp's ``(comm, a2a_size)`` for a Megatron ``cp_comm_type`` and config."""
+    comm = CP_COMM_FROM_MEGATRON.get(cp_comm_type or "p2p")
+    if comm is None:
+        raise ValueError(
+            f"cp_comm_type={cp_comm_type!r} is not supported by moba_cp's attention; choose one of "
+            f"{', '.join(sorted(CP_COMM_FROM_MEGATRON))} (recipe: parallel.cp_comm = ring | a2a | a2a+ring).")
+    sizes = getattr(config, "hierarchical_context_parallel_sizes", None)
+    if comm != "a2a+ring":
+        return comm, None
+    if not sizes:
+        raise ValueError(f"cp_comm_type={cp_comm_type!r} needs config.hierarchical_context_parallel_sizes = "
+                         f"[a2a_size, cp // a2a_size] (recipe: parallel.a2a_size).")
+    return comm, int(sizes[0])
 
 
 def te_available() -> bool:
@@ -91,8 +111,10 @@ class _CoreAttentionBase(MegatronModule):
         attention_type: ``'self'`` (cross attention is not supported).
         attention_dropout: overrides ``config.attention_dropout``; must be 0.
         softmax_scale: default ``1/sqrt(kv_channels)``.
-        cp_comm_type: accepted and ignored (moba_cp does its own CP communication), except that
-            the TE full backend forwards it (default ``'p2p'``).
+        cp_comm_type: the CP comm type of moba_cp's ops (:data:`CP_COMM_FROM_MEGATRON`): Megatron's
+            ``'p2p'`` / ``'a2a'`` / ``'a2a+p2p'`` (= moba_cp's ``'ring'`` / ``'a2a'`` / ``'a2a+ring'``,
+            which are accepted too; ``a2a_size`` from ``config.hierarchical_context_parallel_sizes[0]``);
+            None = ``'ring'``. The TE full backend forwards it (default ``'p2p'``).
         pg_collection: process groups; ``.tp`` and ``.cp`` are read when present.
     Keyword args from the spec's ``params``:
         full_backend: ``'auto'`` (= ``'torch'``), ``'torch'`` or ``'te'``.
@@ -144,6 +166,7 @@ class _CoreAttentionBase(MegatronModule):
         if cp_group is None and config.context_parallel_size > 1:
             cp_group = parallel_state.get_context_parallel_group()
         self.cp_group = cp_group
+        self.cp_comm, self.a2a_size = _cp_comm(cp_comm_type, config)
         self.cp_size = cp_group.size() if cp_group is not None else 1
         if self.cp_size != config.context_parallel_size:
             raise ValueError(
@@ -191,7 +214,7 @@ class _CoreAttentionBase(MegatronModule):
         self.attention_mode = mode
 
     def extra_repr(self) -> str:
-        s = f"mode={self.attention_mode}, cp={self.cp_size}, full_backend={self.full_backend}"
+        s = f"mode={self.attention_mode}, cp={self.cp_size}, cp_comm={self.cp_comm}, full_backend={self.full_backend}"
         if self.base_kind == "moba":
             s += f", block_size={self.moba_block_size}, topk={self.moba_topk}, backend={self.moba_backend}"
         return s
@@ -273,12 +296,13 @@ class _CoreAttentionBase(MegatronModule):
 
     def _attend_cp(self, q, k, v):
         """Zigzag-sharded ``[S_local, H, D]`` or ``[b, S_local, H, D]`` under CP."""
+        comm = dict(comm=self.cp_comm, a2a_size=self.a2a_size)
         if self.attention_mode == "moba":
             return _cp_op("moba_attn_cp")(
                 q, k, v, block_size=self.moba_block_size, topk=self.moba_topk, cp_group=self.cp_group,
-                softmax_scale=self.softmax_scale, backend=self.moba_backend,
+                softmax_scale=self.softmax_scale, backend=self.moba_backend, **comm,
             )
-        return _cp_op("ring_attn_cp")(q, k, v, cp_group=self.cp_group, softmax_scale=self.softmax_scale)
+        return _cp_op("ring_attn_cp")(q, k, v, cp_group=self.cp_group, softmax_scale=self.softmax_scale, **comm)
 
     def _forward_thd(self, q, k, v, packed_seq_params):
         """``[t, h, d]`` packed documents in, ``[t, h*d]`` out."""

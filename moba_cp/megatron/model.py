@@ -40,6 +40,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from moba_cp.config import layer_attention_kinds
 from moba_cp.megatron import compat_cpu
+from moba_cp.megatron.core_attention import MEGATRON_CP_COMM
 from moba_cp.megatron.specs import gpt_block_spec
 
 __all__ = [
@@ -117,6 +118,11 @@ def transformer_config_from_recipe(
         gradient_accumulation_fusion=False,  # needs apex/TE fused kernels
         tensor_model_parallel_size=parallel_cfg.tp,
         context_parallel_size=parallel_cfg.cp,
+        # moba_cp's attention reads the CP comm type from here (Megatron passes it to core attention)
+        cp_comm_type=MEGATRON_CP_COMM[parallel_cfg.cp_comm],
+        hierarchical_context_parallel_sizes=(
+            [parallel_cfg.a2a_size, parallel_cfg.cp // parallel_cfg.a2a_size]
+            if parallel_cfg.cp_comm == "a2a+ring" else None),
         pipeline_model_parallel_size=1,
         sequence_parallel=bool(parallel_cfg.sequence_parallel and parallel_cfg.tp > 1),
         use_cpu_initialization=not on_gpu,

@@ -2,9 +2,15 @@
 symmetric pairwise P2P ring, and byte accounting.
 
 Everything that talks to ``torch.distributed`` for the CP ops lives in ``moba_cp.parallel``;
-the collectives of this file are the only ones the ops use.
+the collectives of this file (and the head-parallel exchange of :mod:`.head_parallel`) are the
+only ones the ops use. Every wait is bounded (:mod:`.failure`).
 
-Ring convention (``shared/DESIGN.md`` section 2): at step ``s = 1 .. cp-1`` rank ``r`` sends
+A ring runs over a :class:`RankSet`: all ranks of the CP group (``comm="ring"``) or one rank of
+each all-to-all group (``comm="a2a+ring"``: the ranks at the same place in every group).
+Collectives always run over the whole CP group (every rank calls the op at the same time) and
+a ring keeps its members' rows, so no extra process group is ever created.
+
+Ring convention: at step ``s = 1 .. cp-1`` rank ``r`` sends
 to ``(r + s) % cp`` and receives from ``(r - s) % cp``; gradients go back the reverse way
 (send to ``r - s``, receive from ``r + s``). Every rank knows every count before anything is
 posted (the request matrix is all-gathered), so a send is always matched by a receive of the
@@ -14,14 +20,22 @@ same size and no rank can wait on a message that is never sent.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 
 import torch
 import torch.distributed as dist
 
+from moba_cp.ops.moba.validate import check_qkv
+from moba_cp.parallel.failure import wait_all, watch_stream
+
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "DTYPE_CODES",
+    "shard_problem",
+    "Tag",
+    "RankSet",
     "CPStats",
     "last_stats",
     "agree_on_layout",
@@ -30,6 +44,60 @@ __all__ = [
     "ExchangePlan",
     "build_plan",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# Message tags and ring members
+# --------------------------------------------------------------------------------------------
+class Tag(enum.IntEnum):
+    """Message kinds between the same two ranks (gloo matches a receive on source and tag)."""
+
+    KV = 0  # + ring step s: K/V (blocks) from rank - s
+    GRAD = 1000  # + ring step s: fp32 dK/dV back to their owner
+    A2A = 2000  # + tensor number: head-parallel exchange (q, k, v; o back; lse)
+    A2A_GRAD = 3000  # + tensor number: the backward of that exchange
+
+    @staticmethod
+    def kv(step: int) -> int:
+        return Tag.KV + step
+
+    @staticmethod
+    def grad(step: int) -> int:
+        return Tag.GRAD + step
+
+
+@dataclasses.dataclass(frozen=True)
+class RankSet:
+    """Ranks of a CP group that exchange with each other, in ring (or all-to-all) order.
+
+    ``members`` are ranks *within* ``group``; this process is ``members[index]``.
+    """
+
+    group: object
+    members: tuple[int, ...]
+    index: int
+
+    @staticmethod
+    def whole(group) -> "RankSet":
+        """Every rank of ``group``."""
+        return RankSet(group, tuple(range(dist.get_world_size(group))), dist.get_rank(group))
+
+    @staticmethod
+    def of(group, members) -> "RankSet":
+        members = tuple(int(m) for m in members)
+        return RankSet(group, members, members.index(dist.get_rank(group)))
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+    def global_rank(self, i: int) -> int:
+        """Global rank of member ``i`` (mod size)."""
+        return dist.get_global_rank(self.group, self.members[i % self.size])
+
+    def peer(self, offset: int) -> int:
+        """Global rank of the member ``offset`` places after this one."""
+        return self.global_rank(self.index + offset)
 
 
 # --------------------------------------------------------------------------------------------
@@ -42,11 +110,22 @@ class CPStats:
 
     ``full_ring_*`` are what a full-KV ring (every rank's K/V visits every rank, as in
     ring attention) moves for the same call, so benchmarks can print the ratio.
+
+    ``comm`` is the call's comm type. ``a2a_*`` count the head-parallel all-to-all (q, k, v out
+    and o back, plus lse when returned; ``a2a_grad_*`` its backward). With ``"a2a+ring"`` the
+    ring fields describe the ring level: ``cp / a2a_size`` ranks, ``heads / a2a_size`` heads.
     """
 
     op: str = ""
+    comm: str = "ring"
+    a2a_size: int = 1
     cp_size: int = 1
     cp_rank: int = 0
+    a2a_bytes_sent: int = 0
+    a2a_bytes_recv: int = 0
+    a2a_grad_bytes_sent: int = 0
+    a2a_grad_bytes_recv: int = 0
+    kv_heads_replicated: int = 1  # ranks sharing one KV head after the all-to-all (cp > Hkv)
     n_blocks: int = 0  # global blocks of the sequence (MoBA) / chunks (ring)
     block_bytes: int = 0  # K+V bytes of one block, all heads
     kv_blocks_sent: int = 0
@@ -82,6 +161,33 @@ def _record(stats: CPStats) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Input checks shared by the CP ops
+# --------------------------------------------------------------------------------------------
+DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}  # for the handshake
+
+
+def shard_problem(q, k, v, op: str) -> str | None:
+    """What is wrong with one rank's ``[S_local, H, D]`` / ``[batch, S_local, H, D]`` shards
+    (None if nothing): types and ranks here, the rest by ``moba_cp.ops.moba.validate.check_qkv``
+    on one batch row, so the CP ops and the single-device op share their rules and messages."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() not in (3, 4):
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            return f"{name} is {shape}; expected a tensor [S_local, H, D] or [batch, S_local, H, D]"
+    if not (q.dim() == k.dim() == v.dim()) or q.shape[:-3] != k.shape[:-3] or k.shape != v.shape:
+        return f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} differ in batch or k/v shape"
+    row = (lambda x: x[0]) if q.dim() == 4 else (lambda x: x)  # noqa: E731 - one row, [S_local, H, D]
+    try:
+        check_qkv(row(q), row(k), row(v), op=op)
+    except (TypeError, ValueError) as e:
+        return str(e)
+    if q.shape[-3] == 0 or q.shape[-3] % 2:
+        return (f"the local shard has S_local={q.shape[-3]} tokens; a zigzag shard is 2 equal chunks, so "
+                f"S_local must be even and > 0")
+    return None
+
+
+# --------------------------------------------------------------------------------------------
 # Small collectives
 # --------------------------------------------------------------------------------------------
 def _comm_device(group, like: torch.Tensor | None) -> torch.device:
@@ -92,11 +198,21 @@ def _comm_device(group, like: torch.Tensor | None) -> torch.device:
     return torch.device("cpu")
 
 
-def all_gather_equal(t: torch.Tensor, group) -> list[torch.Tensor]:
-    """All-gather a tensor of the same shape on every rank (shapes are agreed beforehand)."""
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(out, t.contiguous(), group=group)
-    return out
+def all_gather_equal(t: torch.Tensor, ranks, what: str = "all-gather") -> list[torch.Tensor]:
+    """All-gather a tensor of the same shape on every rank (shapes are agreed beforehand).
+
+    ``ranks``: a process group (all its rows) or a :class:`RankSet` (its members' rows, in its
+    order; the gather itself runs over the whole group, which calls it at the same time).
+    """
+    rs = ranks if isinstance(ranks, RankSet) else RankSet.whole(ranks)
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size(rs.group))]
+    work = dist.all_gather(out, t.contiguous(), group=rs.group, async_op=True)
+    if t.is_cuda:
+        work.wait()  # the stream waits; the watchdog bounds it
+        watch_stream(rs.group, what)
+    else:
+        wait_all([work], group=rs.group, what=what)
+    return [out[m] for m in rs.members]
 
 
 def agree_on_layout(op: str, values: list[int], local_error: str | None, names: list[str], group, like=None) -> None:
@@ -111,7 +227,7 @@ def agree_on_layout(op: str, values: list[int], local_error: str | None, names: 
     """
     dev = _comm_device(group, like)
     vec = torch.tensor([0 if local_error else 1, *[int(x) for x in values]], dtype=torch.int64, device=dev)
-    rows = torch.stack(all_gather_equal(vec, group)).cpu()
+    rows = torch.stack(all_gather_equal(vec, group, what=f"{op} (layout handshake)")).cpu()
     world = rows.shape[0]
     if not bool(rows[:, 0].all()):
         msgs: list = [None] * world
@@ -134,8 +250,8 @@ def agree_on_layout(op: str, values: list[int], local_error: str | None, names: 
 # The pairwise P2P ring, with a side stream on CUDA
 # --------------------------------------------------------------------------------------------
 class _Pending:
-    def __init__(self, works, recv, keep_alive):
-        self.works, self.recv, self.keep_alive = works, recv, keep_alive
+    def __init__(self, works, recv, keep_alive, peers=(), tag=0):
+        self.works, self.recv, self.keep_alive, self.peers, self.tag = works, recv, keep_alive, peers, tag
 
 
 class RingComm:
@@ -146,16 +262,18 @@ class RingComm:
     makes the compute stream wait for the transfer only when its result is needed.
     """
 
-    def __init__(self, group, device: torch.device):
-        self.group = group
-        self.rank = dist.get_rank(group)
-        self.size = dist.get_world_size(group)
+    def __init__(self, ranks: RankSet, device: torch.device, op: str = "ring"):
+        self.ranks = ranks
+        self.group = ranks.group
+        self.rank = ranks.index
+        self.size = ranks.size
+        self.op = op
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device=device) if self.cuda else None
 
     def peer(self, offset: int) -> int:
-        """Global rank of the group member ``offset`` places after this one on the ring."""
-        return dist.get_global_rank(self.group, (self.rank + offset) % self.size)
+        """Global rank of the ring member ``offset`` places after this one."""
+        return self.ranks.peer(offset)
 
     def post(self, pack, dst_off: int, recv_shape, recv_dtype, recv_device, src_off: int, tag: int = 0) -> _Pending:
         """Send ``pack()`` (a callable building the send tensor, or None for nothing) to
@@ -176,13 +294,20 @@ class RingComm:
             if recv is not None:
                 ops.append(dist.P2POp(dist.irecv, recv, self.peer(src_off), self.group, tag))
             works = dist.batch_isend_irecv(ops) if ops else []
-        return _Pending(works, recv, send)
+        peers = [self.ranks.members[(self.rank + o) % self.size] for o, t in ((dst_off, send), (src_off, recv))
+                 if t is not None]
+        return _Pending(works, recv, send, peers, tag)
 
     def wait(self, p: _Pending) -> torch.Tensor | None:
         """Block (the host on CPU, the compute stream on CUDA) until ``p`` completed; returns the
         received tensor."""
-        for w in p.works:
-            w.wait()
+        if self.cuda:
+            for w in p.works:
+                w.wait()  # the compute stream waits (the watchdog bounds it), not the host
+            if p.works:
+                watch_stream(self.group, f"{self.op} (tag {p.tag})")
+        else:
+            wait_all(p.works, group=self.group, what=f"{self.op} (tag {p.tag})", peers=p.peers)
         if self.cuda:
             cur = torch.cuda.current_stream()
             cur.wait_stream(self.stream)
@@ -237,7 +362,7 @@ def block_owner_and_slot(nb: int, nbc: int, cp_size: int) -> tuple[torch.Tensor,
     return owner, slot
 
 
-def build_plan(want_local: torch.Tensor, nbc: int, group, like: torch.Tensor) -> tuple[ExchangePlan, int]:
+def build_plan(want_local: torch.Tensor, nbc: int, ranks: RankSet, like: torch.Tensor) -> tuple[ExchangePlan, int]:
     """All-gather the request bitmasks and derive every send/receive of the call.
 
     Args:
@@ -251,10 +376,10 @@ def build_plan(want_local: torch.Tensor, nbc: int, group, like: torch.Tensor) ->
     this rank owns that ``rank + s`` requested are sent, the blocks this rank requested that
     ``rank - s`` owns are received: both derived from the same matrix, so counts always match.
     """
-    cp, r = dist.get_world_size(group), dist.get_rank(group)
+    cp, r = ranks.size, ranks.index
     nb = want_local.numel()
-    dev = _comm_device(group, like)
-    rows = all_gather_equal(want_local.to(device=dev, dtype=torch.uint8), group)
+    dev = _comm_device(ranks.group, like)
+    rows = all_gather_equal(want_local.to(device=dev, dtype=torch.uint8), ranks, what="moba_attn_cp (requests)")
     want = torch.stack(rows).cpu().bool()  # [cp, NB]
     owner, slot = block_owner_and_slot(nb, nbc, cp)
     send_slots, recv_blocks = [torch.empty(0, dtype=torch.long)], [torch.empty(0, dtype=torch.long)]

@@ -1,48 +1,40 @@
 """The MoBA gate under context parallelism: centroid all-gather and local top-k selection.
 
-Steps 1-2 of ``shared/DESIGN.md`` section 2. No rank ever sees a remote key here: only the
+Steps 1-2 of the MoBA CP protocol (see :mod:`moba_cp.parallel.moba_attn`). No rank ever sees a remote key here: only the
 ``[n_blocks, Hkv, D]`` fp32 centroids travel.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 
 import torch
 
-from moba_cp.ops.moba import naive
-from moba_cp.parallel.exchange import all_gather_equal
+from moba_cp.ops.moba import naive, triton_centroids, triton_gate
+from moba_cp.parallel.exchange import RankSet, all_gather_equal
 
 log = logging.getLogger(__name__)
 
 __all__ = ["gather_centroids", "select_global"]
 
 
-def _triton_module(name: str):
-    """A module of the Triton backend, or None when this build has no Triton backend."""
-    if importlib.util.find_spec(f"moba_cp.ops.moba.{name}") is None:
-        return None
-    return importlib.import_module(f"moba_cp.ops.moba.{name}")
-
-
 def local_centroids(k_local: torch.Tensor, block_size: int, backend: str) -> torch.Tensor:
     """``[n // B, Hkv, D]`` fp32 centroids of this shard's blocks, computed by the same code
     as the single-device op of ``backend`` (so CP and single-device scores agree bit for bit)."""
-    mod = _triton_module("triton_centroids") if backend == "triton" else None
-    if mod is None:
+    if backend != "triton":
         return naive.block_centroids(k_local, block_size)
     n = k_local.shape[0] // block_size
     kstart = torch.arange(n, device=k_local.device, dtype=torch.int32) * block_size
     klen = torch.full((n,), block_size, device=k_local.device, dtype=torch.int32)
-    return mod.block_centroids(k_local.contiguous(), kstart, klen, block_size)
+    return triton_centroids.block_centroids(k_local.contiguous(), kstart, klen, block_size)
 
 
-def gather_centroids(k_local: torch.Tensor, block_size: int, cp_size: int, group, backend: str = "naive") -> torch.Tensor:
-    """Global centroids from every rank's local complete blocks.
+def gather_centroids(k_local: torch.Tensor, block_size: int, ranks: RankSet, backend: str = "naive") -> torch.Tensor:
+    """Global centroids from every ring member's local complete blocks.
 
     Args:
         k_local: ``[2*C, Hkv, D]`` this rank's zigzag shard of the keys (``C % B == 0``).
+        ranks: the ring (``cp = ranks.size`` zigzag shards make the sequence).
     Returns:
         ``[NB, Hkv, D]`` fp32 (fp64 for fp64 keys), row ``g`` = mean of the keys of global
         block ``g``, ``NB = 2 * cp * C / B``.
@@ -54,7 +46,8 @@ def gather_centroids(k_local: torch.Tensor, block_size: int, cp_size: int, group
     """
     cent = local_centroids(k_local, block_size, backend)  # [2*nbc, Hkv, D]
     nbc = cent.shape[0] // 2
-    parts = all_gather_equal(cent, group)
+    cp_size = ranks.size
+    parts = all_gather_equal(cent, ranks, what="moba_attn_cp (centroids)")
     chunks = [parts[c][:nbc] if c < cp_size else parts[2 * cp_size - 1 - c][nbc:] for c in range(2 * cp_size)]
     return torch.cat(chunks, dim=0)
 
@@ -88,12 +81,11 @@ def select_global(
     under ``mem_budget_bytes`` and the causal half of the work is skipped.
     """
     if backend == "triton":
-        mod = _triton_module("triton_gate")
-        if mod is not None and width <= mod.MAX_GATE_WIDTH:
+        if width <= triton_gate.MAX_GATE_WIDTH:
             base = torch.zeros(q.shape[0], dtype=torch.int32, device=q.device)
-            return mod.gate_topk(q.contiguous(), centroids.float().contiguous(), q_pos.to(torch.int32), base,
+            return triton_gate.gate_topk(q.contiguous(), centroids.float().contiguous(), q_pos.to(torch.int32), base,
                                  block_size=block_size, topk=topk, width=width)
-        log.warning("moba_attn_cp: Triton gate unavailable (or width %d too large); using the torch gate", width)
+        log.warning("moba_attn_cp: gate width %d exceeds the Triton gate's limit; using the torch gate", width)
     tq, hq, _ = q.shape
     out = torch.empty(tq, hq, width, dtype=torch.int32, device=q.device)
     nb = centroids.shape[0]

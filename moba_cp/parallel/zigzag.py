@@ -19,6 +19,8 @@ __all__ = [
     "zigzag_positions",
     "chunk_owner",
     "local_chunks",
+    "fold_batch",
+    "unfold_batch",
 ]
 
 
@@ -115,3 +117,15 @@ def zigzag_positions(n_local: int, cp_rank: int, cp_size: int, device=None) -> t
     a, b = local_chunks(cp_rank, cp_size)
     ar = torch.arange(c, device=device)
     return torch.cat([ar + a * c, ar + b * c])
+
+
+def fold_batch(x: torch.Tensor) -> torch.Tensor:
+    """``[b, S, H, ...]`` -> ``[S, b*H, ...]``: batch rows become heads (row ``i``, head ``h`` ->
+    head ``i*H + h``), so GQA stays exact (query head ``i*Hq + h`` -> KV head ``i*Hkv + h // g``)
+    and one CP exchange serves every row."""
+    return x.transpose(0, 1).reshape(x.shape[1], x.shape[0] * x.shape[2], *x.shape[3:])
+
+
+def unfold_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """Inverse of :func:`fold_batch`: ``[S, b*H, ...]`` -> ``[b, S, H, ...]``."""
+    return x.reshape(x.shape[0], batch, x.shape[1] // batch, *x.shape[2:]).transpose(0, 1)

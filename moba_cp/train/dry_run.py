@@ -11,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moba_cp.config import RecipeConfig, RecipeError, layer_attention_kinds, validate
+from moba_cp.parallel.traffic import DEFAULT_INTER_GBPS, DEFAULT_INTRA_GBPS, candidate_comms, comm_traffic
 
-__all__ = ["dry_run", "MemoryEstimate", "estimate_memory", "kv_traffic_per_layer", "param_count"]
+__all__ = ["dry_run", "MemoryEstimate", "estimate_memory", "kv_traffic_per_layer", "param_count", "comm_plan",
+           "parse_link_gbps", "selection_union"]
 
 GIB = 2**30
 
@@ -127,7 +129,67 @@ def kv_traffic_per_layer(cfg: RecipeConfig) -> dict:
     return {"full_ring": full, "moba_worst": worst, "moba_shared": shared}
 
 
-def dry_run(cfg: RecipeConfig, world_size: int | None = None) -> int:
+def parse_link_gbps(text: str | None) -> tuple[float, float]:
+    """``--link-gbps``: one number for every link, or ``INTRA,INTER`` (NVLink, InfiniBand) in Gb/s."""
+    if not text:
+        return DEFAULT_INTRA_GBPS, DEFAULT_INTER_GBPS
+    parts = [p for p in str(text).split(",") if p.strip()]
+    try:
+        vals = [float(p) for p in parts]
+    except ValueError:
+        raise RecipeError(f"--link-gbps {text!r}: expected a number or INTRA,INTER in Gb/s (e.g. 3600,400)") from None
+    if len(vals) not in (1, 2) or min(vals) <= 0:
+        raise RecipeError(f"--link-gbps {text!r}: expected one or two positive numbers (Gb/s), e.g. 400 or 3600,400")
+    return (vals[0], vals[0]) if len(vals) == 1 else (vals[0], vals[1])
+
+
+def selection_union(path: str | None, cp: int) -> tuple[float, str]:
+    """The remote-block union to assume at ``cp``: the largest per-rank causal-past fraction of any
+    layer in an ``analyze selection`` JSON, else 1.0 (what trained models showed)."""
+    if not path:
+        return 1.0, "assumed 100% (trained models select every remote past block; measure yours with " \
+                    "`moba-cp analyze selection`)"
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text())
+        rows = [layer["cp"][str(cp)]["union_causal_fraction_max"] for layer in data["layers"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RecipeError(f"--selection {path}: not an `analyze selection` JSON with cp={cp} ({e}). Fix: run "
+                          f"moba-cp analyze selection RUN_DIR --seq-len S --cp {cp}") from None
+    return max(rows), f"measured in {path} (busiest rank of the largest layer)"
+
+
+def comm_plan(cfg: RecipeConfig, *, union: float = 1.0, intra_gbps: float = DEFAULT_INTRA_GBPS,
+              inter_gbps: float = DEFAULT_INTER_GBPS) -> list:
+    """``CommTraffic`` of every valid comm type for the recipe, cheapest (fwd+bwd time) first."""
+    m, p = cfg.model, cfg.parallel
+    hq, hkv = m.num_attention_heads // p.tp, m.num_query_groups // p.tp
+    per_node = max(1, p.gpus_per_node // p.tp)  # Megatron puts CP ranks next to each other after TP
+    kw = dict(seq_len=m.seq_length, cp=p.cp, hq=hq, hkv=hkv, head_dim=m.hidden_size // m.num_attention_heads,
+              elem_bytes=2 if cfg.train.precision == "bf16" else 4, union=union, cp_ranks_per_node=per_node)
+    plans = [comm_traffic(c, a2a_size=a, **kw) for c, a in candidate_comms(p.cp, hq, hkv, per_node)]
+    return sorted(plans, key=lambda t: t.seconds(intra_gbps, inter_gbps))
+
+
+def _print_comm_plan(cfg: RecipeConfig, link_gbps: str | None, selection: str | None) -> None:
+    intra, inter = parse_link_gbps(link_gbps)
+    union, source = selection_union(selection, cfg.parallel.cp)
+    plans = comm_plan(cfg, union=union, intra_gbps=intra, inter_gbps=inter)
+    print(f"  CP comm     per attention layer per rank per sequence, fwd + bwd bytes and time at {intra:g} Gb/s "
+          f"inside a node / {inter:g} Gb/s between nodes; remote-block union {union:.0%}, {source}:")
+    for t in sorted(plans, key=lambda t: t.name):
+        print(f"                {t.name:<24} fwd {_b(t.fwd):>10}  bwd {_b(t.bwd):>10}  (inter-node "
+              f"{_b(t.inter_fwd + t.inter_bwd)})  {t.seconds(intra, inter) * 1e3:8.2f} ms")
+    best = plans[0]
+    p = cfg.parallel
+    chosen = f"{p.cp_comm}" + (f"(a2a_size={p.a2a_size})" if p.cp_comm == "a2a+ring" else "")
+    print(f"              would pick {best.name} (fastest transfer); the recipe uses parallel.cp_comm={chosen}")
+
+
+def dry_run(cfg: RecipeConfig, world_size: int | None = None, *, link_gbps: str | None = None,
+            selection: str | None = None) -> int:
     """Validate and print the plan for ``world_size`` GPUs (default ``tp*cp*(dp or 1)``)."""
     from moba_cp.train.flops import attended_keys
     from moba_cp.train.loop import _flops_per_step
@@ -166,6 +228,11 @@ def dry_run(cfg: RecipeConfig, world_size: int | None = None) -> int:
         print(f"  KV traffic  per MoBA layer per rank per sequence (forward): full-KV ring {_b(traffic['full_ring'])}; "
               f"MoBA worst case {_b(traffic['moba_worst'])}, concentrated selection {_b(traffic['moba_shared'])} "
               f"(backward sends the same amount of dK/dV back)")
+        try:
+            _print_comm_plan(cfg, link_gbps, selection)
+        except RecipeError as e:
+            print(f"moba-cp train --dry-run: {e}")
+            return 2
     else:
         print("  KV traffic  none (cp=1)")
     print("dry run OK: the recipe is valid for this world size")

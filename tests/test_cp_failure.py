@@ -1,0 +1,140 @@
+"""A failing CP rank never hangs the others (CPU, gloo).
+
+One rank raises inside a CP call (an injected "out of memory" in a ring step, or in the local
+attention between the all-to-alls); every other rank must exit non-zero within the exchange bound
+(``MOBA_CP_EXCHANGE_TIMEOUT_S``), with an error naming the failing rank and its message.
+
+The processes are spawned here (not through ``run_distributed``, which catches exceptions) so
+that the exit codes are the real ones. The failing rank is never rank 0: in these tests rank 0
+hosts the c10d store (under torchrun the launcher's agent does).
+"""
+
+import json
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.distributed_harness import _free_port
+
+BOUND_S = 4.0
+SLACK_S = 20.0  # process teardown on a shared 2-core machine
+
+
+def _worker(rank, ws, port, out_dir, failing, comm, linger):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(ws),
+                      MOBA_CP_EXCHANGE_TIMEOUT_S=str(BOUND_S))
+    import torch
+    import torch.distributed as dist
+
+    import moba_cp.parallel.moba_attn as moba_attn_module
+    from moba_cp.parallel import moba_attn_cp, zigzag_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=ws)
+    if rank == failing:
+        def oom(*args, **kwargs):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
+        if comm == "ring":  # the partial attention of a received source: inside ring step 1
+            real = moba_attn_module.partial_attn_fwd
+            moba_attn_module.partial_attn_fwd = lambda *a, **kw: oom() if kw.get("slot_offset") else real(*a, **kw)
+        else:  # the single-device MoBA between the two all-to-alls
+            moba_attn_module.moba_attn = oom
+    g = torch.Generator().manual_seed(0)
+    s = 2 * ws * 16
+    q, k, v = (torch.randn(s, 4, 16, generator=g) for _ in range(3))
+    result = {"rank": rank}
+    try:
+        for _ in range(2):
+            ql, kl, vl = (zigzag_shard(x, rank, ws).requires_grad_() for x in (q, k, v))
+            o = moba_attn_cp(ql, kl, vl, block_size=8, topk=3, cp_group=dist.group.WORLD, backend="naive", comm=comm)
+            o.sum().backward()
+        result.update(status="finished")
+    except Exception as e:  # noqa: BLE001 - record, then exit non-zero as a training script would
+        result.update(status="error", type=type(e).__name__, message=str(e), t=time.time())
+        Path(out_dir, f"{rank}.json").write_text(json.dumps(result))
+        if linger and rank == failing:
+            time.sleep(3 * BOUND_S + SLACK_S)  # a failing rank that does not exit (stuck in teardown)
+        raise
+    Path(out_dir, f"{rank}.json").write_text(json.dumps(result))
+
+
+@pytest.mark.parametrize("ws,failing,comm,linger", [
+    (4, 2, "ring", False),  # the failing process exits: peers see the transfer fail at once
+    (2, 1, "a2a", True),  # it stays alive: peers give up at the bound, naming it from the store
+])
+def test_failing_rank_brings_the_group_down_within_the_bound(tmp_path, ws, failing, comm, linger):
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, ws, port, str(tmp_path), failing, comm, linger)) for r in range(ws)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + 180
+    others = [r for r in range(ws) if r != failing]
+    try:
+        for r in others:
+            procs[r].join(timeout=max(1.0, deadline - time.monotonic()))
+        hung = [r for r in others if procs[r].is_alive()]
+        assert not hung, f"ranks {hung} still running: a failing rank hung its peers"
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join()
+    results = {r: json.loads((tmp_path / f"{r}.json").read_text()) for r in range(ws)}
+    failed = results[failing]
+    assert failed["status"] == "error" and "injected" in failed["message"]
+    if not linger:
+        assert procs[failing].exitcode not in (0, None)
+    for r in others:
+        res = results[r]
+        assert procs[r].exitcode not in (0, None), f"rank {r} exit code {procs[r].exitcode}"
+        assert res["status"] == "error" and res["type"] == "CPGroupFailure", res
+        # one message naming the failing rank and its own error
+        assert f"CP rank {failing} (global rank {failing}) failed in moba_attn_cp" in res["message"], res["message"]
+        assert "RuntimeError: CUDA out of memory" in res["message"], res["message"]
+        assert res["t"] - failed["t"] <= BOUND_S + SLACK_S, (r, res["t"] - failed["t"])
+
+
+# ----------------------------------------------------------------------------- the CUDA watchdog
+class _StuckEvent:
+    """Stands in for the CUDA event after a stream wait on a transfer that never completes."""
+
+    def query(self):
+        return False
+
+
+def _watchdog_worker(port, case):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), MOBA_CP_EXCHANGE_TIMEOUT_S="1")
+    import torch.distributed as dist
+
+    from moba_cp.parallel import failure
+
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    group = dist.group.WORLD
+    if case == "stuck":  # a transfer the stream never gets past
+        failure._Watchdog.get().add(_StuckEvent(), group, "moba_attn_cp ring (tag 1)")
+    else:  # a peer published its failure; this rank's stream is not stuck
+        failure._Watchdog.get().add(type("Done", (), {"query": lambda self: True})(), group, "all-gather")
+        failure._publish(group, "CP rank 3 (global rank 3) failed in moba_attn_cp: RuntimeError: boom")
+    time.sleep(60)  # the host runs ahead; only the watchdog can end the process
+
+
+@pytest.mark.parametrize("case,match", [
+    ("stuck", "moba_attn_cp ring (tag 1) did not complete within 1 s"),
+    ("peer", "CP rank 3 (global rank 3) failed in moba_attn_cp: RuntimeError: boom"),
+])
+def test_cuda_watchdog_ends_a_process_whose_peer_failed(tmp_path, case, match):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = f"from tests.test_cp_failure import _watchdog_worker; _watchdog_worker({_free_port()}, {case!r})"
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=90,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "moba_cp: ending this process: " in proc.stdout and match in proc.stdout, proc.stdout
+    assert time.monotonic() - t0 < 45  # not the 60 s sleep: the watchdog ended it
