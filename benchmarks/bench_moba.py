@@ -395,18 +395,18 @@ def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0, parts=("fwd", "bwd"), 
     from moba_cp.ops.moba.triton_config import choose_config
 
     t = b * s
-    cu, q, k, v, do = make_inputs(b, s, hq, hkv, d, "cuda", torch.bfloat16)
+    cu, q, k, v, do = make_inputs(b, s, hq, hkv, d, DEV, DT)
     scale = d ** -0.5
     base_cfg = choose_config(block, d, hq // hkv, t)
     print(f"tune S={s} B={block} default config: {base_cfg}", flush=True)
-    blocks, qpos, base, _ = doc_tables(t, cu, block, "cuda")
+    blocks, qpos, base, _ = doc_tables(t, cu, block, DEV)
     idx = tb.select_blocks(q, k, block_size=block, topk=topk, cu_seqlens=cu)
     w = idx.shape[-1]
-    tm = lambda fn: timed(fn, 1, 10, budget_ms)[0]  # noqa: E731
+    tm = lambda fn: timed(fn, 1, 10 if CUDA else 1, budget_ms)[0]  # noqa: E731
     pr = lambda name, ms: print(f"tune S={s} B={block} {name}: {ms:.3f} ms", flush=True)  # noqa: E731
     pr("select (centroids+gate)", tm(lambda: tb.select_blocks(q, k, block_size=block, topk=topk, cu_seqlens=cu)))
     pr("gather index", tm(lambda: build_gather_index(idx, base, blocks.n, hkv, base_cfg.fwd.chunk)))
-    pr("chunk index", tm(lambda: build_chunk_index(idx, base, blocks.n, onepass_qchunk(t, hq, "cuda", base_cfg.fwd))))
+    pr("chunk index", tm(lambda: build_chunk_index(idx, base, blocks.n, onepass_qchunk(t, hq, DEV, base_cfg.fwd))))
 
     def attempt(label, fn):
         try:
@@ -484,7 +484,7 @@ def main():
     if args.tune:
         for at in args.tune.split(","):
             name, seq = at.split(":")
-            b, hq, hkv, d, block, topk, _ = SUITES[name]
+            b, hq, hkv, d, block, topk, _ = suite_table[name]
             tune(b, int(seq), hq, hkv, d, block, topk, parts=args.tune_parts.split(","),
                  fwd_variants=args.tune_fwd and json.loads(args.tune_fwd),
                  bwd_variants=args.tune_bwd and json.loads(args.tune_bwd))
