@@ -21,6 +21,19 @@ from pathlib import Path
 import moba_cp
 
 
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun job (or a plain process): the one that prints user errors."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _report(cmd: str, error: BaseException) -> None:
+    """One readable message on stderr from rank 0; the other ranks stay silent (same error)."""
+    if _is_main_process():
+        print(f"moba-cp {cmd}: {error}", file=sys.stderr, flush=True)
+
+
 def _load_or_report(args, overrides, cmd: str):
     """The validated recipe, or None after printing the error (exit code 2 for the caller)."""
     from moba_cp.config import RecipeError, load_recipe
@@ -28,7 +41,7 @@ def _load_or_report(args, overrides, cmd: str):
     try:
         return load_recipe(args.recipe, overrides)
     except RecipeError as e:
-        print(f"moba-cp {cmd}: {e}", file=sys.stderr)
+        _report(cmd, e)
         return None
 
 
@@ -42,9 +55,17 @@ def _cmd_config(args, overrides) -> int:
     return 0
 
 
-def _cmd_train(args, overrides) -> int:
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input (recipe, data, run directory): exit 2, no traceback."""
     from moba_cp.config import RecipeError
+    from moba_cp.data.datasets import DataConfigError
+    from moba_cp.data.tokenizers import TokenizerError
+    from moba_cp.train.run_dir import RunDirError
 
+    return RecipeError, DataConfigError, TokenizerError, RunDirError
+
+
+def _cmd_train(args, overrides) -> int:
     cfg = _load_or_report(args, overrides, "train")
     if cfg is None:
         return 2
@@ -52,15 +73,17 @@ def _cmd_train(args, overrides) -> int:
         from moba_cp.train.dry_run import dry_run
 
         return dry_run(cfg, world_size=args.world_size)
-    from moba_cp.data.datasets import DataConfigError
-    from moba_cp.data.tokenizers import TokenizerError
-    from moba_cp.train.loop import train
+    from moba_cp.train.checkpoint import CheckpointError
+    from moba_cp.train.loop import TrainingError, train
 
     try:
         train(cfg)
-    except (RecipeError, DataConfigError, TokenizerError) as e:  # raised before training starts
-        print(f"moba-cp train: {e}", file=sys.stderr)
+    except user_errors() as e:  # raised before training starts
+        _report("train", e)
         return 2
+    except (CheckpointError, TrainingError) as e:  # the same on every rank: said once
+        _report("train", e)
+        return 1
     return 0
 
 
