@@ -71,6 +71,28 @@ def check_before_spawn(args) -> int | None:
     return None
 
 
+def _end_remaining_workers(sig) -> None:
+    """After torchrun's agent was interrupted: workers still running got a second signal while
+    they saved (a second Ctrl-C). Pass it on, so they abort as they would under a terminal,
+    and kill whatever is left (e.g. Megatron's writer service) after a few seconds."""
+    import psutil
+
+    procs = [p for p in psutil.Process().children(recursive=True) if p.is_running()]
+    if not procs:
+        return
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=5)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -89,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except SignalException as e:  # the workers stopped (and saved) on it and said so
+        _end_remaining_workers(e.sigval)
         return 128 + int(e.sigval)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()

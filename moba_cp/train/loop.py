@@ -53,8 +53,12 @@ class _StopRequest:
 
     Arrival times come from a thread reading the signal wakeup fd, not from the Python handler
     (which runs only when the main thread returns from a long C++ call). A SIGINT within
-    ``SAME_INTERRUPT_S`` of the first counts as the same Ctrl-C: the terminal signals every
-    process of the job, and torchrun forwards the one it got to its workers a moment later.
+    ``SAME_INTERRUPT_S`` of the first counts as the same Ctrl-C: a launcher may deliver one
+    key press twice (the terminal signals its process group, and the launcher forwards).
+
+    A worker whose launcher died (torchrun killed with SIGKILL: its workers run in their own
+    sessions and would train on, writing into the run directory a relaunch then uses) stops the
+    same way: its parent process changed.
     """
 
     SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
@@ -67,6 +71,7 @@ class _StopRequest:
 
         self.received: str | None = None
         self.device = torch.device("cpu")
+        self._parent = os.getppid()
         self.on_abort = on_abort  # printed (rank 0) when a second Ctrl-C aborts
         self._first_interrupt: float | None = None
         self._previous = {}
@@ -121,6 +126,10 @@ class _StopRequest:
     def agreed(self) -> bool:
         import torch.distributed as dist
 
+        import os
+
+        if self.received is None and os.getppid() != self._parent:
+            self.received = "the launcher (parent process) exited"
         flag = torch.tensor([1.0 if self.received else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
