@@ -195,6 +195,32 @@ def test_needle_grid_is_checked_before_any_sample(tmp_path):
     check_needle_grid(TOK, [2048], [0, 100], ["multikey"], 4, 0)  # long enough: no error
 
 
+def test_eval_cli_checks_needle_lengths_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    """`moba-cp eval needle --lengths 512,1k` on a multikey grid: refused at once (no process
+    group, no model, nothing written), naming the lengths; a length beyond the trained
+    seq_length gets a notice (and the loss flags are checked the same way)."""
+    import torch.distributed as dist
+
+    from moba_cp.cli import _eval_checks
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    run = tmp_path / "run"
+    _fake_checkpoint(run, 4, _cfg(tmp_path, "--train.steps=8"))
+    out = tmp_path / "needle"
+    assert cli_main(["eval", "needle", str(run), "--lengths", "200,1k", "--kinds", "passkey,multikey",
+                     "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "'multikey' needs at least" in err and "too short: length=200" in err, err
+    assert not dist.is_initialized() and not out.exists()
+    parsed = argparse.Namespace(checkpoint=str(run), kind="needle", lengths="1k,2k", depths="0,100",
+                                kinds="passkey", n_per_cell=1, seed=0)
+    _, trained, meta, longest = _eval_checks(parsed, [])
+    assert longest == 2048 and meta["step"] == 4 and trained.model.seq_length == 1024
+    assert "length(s) 2048 exceed the trained model.seq_length=1024" in capsys.readouterr().err
+    assert cli_main(["eval", "loss", str(run), "--seq-len", "100", "--last", "200"]) == 2
+    assert "--last=200 must be within [1, --seq-len=100]" in capsys.readouterr().err
+
+
 def test_interrupted_needle_eval_resumes(tmp_path):
     """A grid interrupted after 3 cells keeps them; the rerun runs only the other cells and its
     result equals an uninterrupted run's."""

@@ -229,6 +229,7 @@ def test_failed_save_stops_every_rank_and_the_last_checkpoint_resumes(tmp_path, 
     out, _ = resumed.communicate(timeout=400)
     assert resumed.returncode == 0, out
     assert f"resuming from {run}/checkpoints/iter_0000002 (step 2) with changed settings: train.steps: 4 -> 5" in out
+    assert "FutureWarning" not in out, out  # Megatron's known load deprecations are silenced at the load
     assert [r["step"] for r in _metrics(run)] == [1, 2, 3, 4, 5]
     assert (run / "checkpoints" / "iter_0000005" / "meta.json").is_file()
     assert "steps: 5" in (run / "recipe.yaml").read_text()
@@ -251,6 +252,25 @@ def test_user_errors_under_torchrun_are_printed_once_without_traceback(tmp_path,
     assert out.count("gives the valid split no documents") == 1, out
     assert "Traceback" not in out and "ChildFailedError" not in out, out
     assert "first rank" in out and "its message is above" in out
+
+
+def test_workers_whose_launcher_died_save_and_stop(tmp_path, cache_dir):
+    """torchrun SIGKILLed alone: its workers (in their own sessions) would train on into the run
+    directory; they notice their launcher is gone, save at the step boundary and stop."""
+    import psutil
+
+    run = tmp_path / "run"
+    victim = _torchrun(2, ["recipes/quickstart.yaml", *KILL_COMMON, "--checkpoint.interval=100",
+                           f"--data.cache_dir={cache_dir}", f"--logging.dir={run}"])
+    _wait_for(lambda: (run / "metrics.jsonl").exists() and any(r["step"] >= 2 for r in _metrics(run)), victim)
+    workers = psutil.Process(victim.pid).children()
+    os.kill(victim.pid, signal.SIGKILL)
+    out, _ = victim.communicate(timeout=120)  # the pipe closes when the workers are gone too
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    assert "the launcher (parent process) exited: stopped after step" in out, out
+    stopped = int(out.split("stopped after step ")[1].split(",")[0])
+    saved = sorted(int(p.name[5:]) for p in (run / "checkpoints").glob("iter_???????") if (p / "meta.json").exists())
+    assert saved == [stopped] and stopped < 8, (saved, out)
 
 
 def _resume_from_step3(tmp_path, cache_dir, extra, nproc_ref, nproc_resume):
