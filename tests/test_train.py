@@ -176,32 +176,34 @@ def test_ctrl_c_saves_and_resumes_exactly(tmp_path, cache_dir, reference_8_steps
     _resume_and_compare(run, cache_dir, reference_8_steps, after_step=stopped, extra=no_interval)
 
 
-_BREAK_SAVE = """# Test stand-in for a broken checkpoint writer: in the worker of rank $MOBA_TEST_BREAK_RANK, writing
-# a checkpoint whose path contains $MOBA_TEST_BREAK_SAVE fails as Megatron's writer does without
-# psutil (RuntimeError before the worker reports back: what left the trainer waiting forever).
+_BREAK_SAVE = """# Test stand-in for a failing disk: in the worker of rank $MOBA_TEST_BREAK_RANK, psutil is
+# missing (Megatron's writer then hung before moba_cp wrote shards itself), and writing a
+# checkpoint whose path contains $MOBA_TEST_BREAK_SAVE fails with ENOSPC.
+import errno
+import functools
 import os
 
 if os.environ.get("MOBA_TEST_BREAK_SAVE") and os.environ.get("RANK") == os.environ.get("MOBA_TEST_BREAK_RANK"):
     from megatron.core.dist_checkpointing.strategies import filesystem_async as _fa
 
-    _write = _fa.FileSystemWriterAsync.write_preloaded_data
+    _fa.HAVE_PSUTIL = False
+    _write_item = _fa._write_item
 
-    def _broken(transform_list, local_proc_idx, write_bucket, *args, **kwargs):
-        if os.environ["MOBA_TEST_BREAK_SAVE"] in str(write_bucket[0]):
-            _fa.HAVE_PSUTIL = False
-        try:
-            return _write(transform_list, local_proc_idx, write_bucket, *args, **kwargs)
-        finally:
-            _fa.HAVE_PSUTIL = True
+    @functools.wraps(_write_item)  # Megatron inspects its signature
+    def _disk_full(*args, **kwargs):
+        stream = next(a for a in args if hasattr(a, "name"))
+        if os.environ["MOBA_TEST_BREAK_SAVE"] in str(stream.name):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return _write_item(*args, **kwargs)
 
-    _fa.FileSystemWriterAsync.write_preloaded_data = staticmethod(_broken)
+    _fa._write_item = _disk_full
 """
 
 
 def test_failed_save_stops_every_rank_and_the_last_checkpoint_resumes(tmp_path, cache_dir):
-    """The step-4 save fails on rank 0 (its writer raises, as without psutil): both ranks stop
-    within seconds, exit non-zero, one message names the cause and the last good checkpoint
-    (step 2), nothing of the failed save is left. Rerun with more steps (an allowed change), the
+    """Rank 0 has no psutil (its step-2 save still works) and its disk is full at the step-4 save:
+    both ranks stop within seconds, exit non-zero, one message names the cause and the last good
+    checkpoint (step 2), nothing of the failed save is left. Rerun with more steps (an allowed change), the
     run resumes from step 2 and finishes with one metrics row per step."""
     site = tmp_path / "site"
     site.mkdir()
@@ -221,7 +223,7 @@ def test_failed_save_stops_every_rank_and_the_last_checkpoint_resumes(tmp_path, 
     assert proc.returncode == 1, out
     assert elapsed < 20, f"took {elapsed:.0f}s to stop after the failed save:\n{out}"
     assert out.count("saving checkpoint step 4") == 1, out
-    assert "rank 0: RuntimeError: psutil is not installed" in out
+    assert "rank 0: OSError: [Errno 28] No space left on device" in out
     assert f"The last good checkpoint, {run}/checkpoints/iter_0000002, is intact" in out
     assert "Traceback" not in out, out
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter_0000002", "latest"]

@@ -17,7 +17,8 @@ that hold ``meta.json``. Old checkpoints are deleted only after a newer one is c
 (``moba_cp.train.run_dir``) and ``moba-cp eval`` read.
 
 Why a failed save never hangs: this rank's shards are written in this process (Megatron's
-forked/threaded writer waited forever for a worker that died early, e.g. without psutil), and
+forked/threaded writer waited forever for a worker that died early, e.g. without psutil, which
+the writes here do not need), and
 after each local step that may fail (directory set-up, shard writes, publishing) the ranks agree
 on the outcome, so a failure on any rank raises the same :class:`CheckpointError` on all of them
 within seconds, with the cause and the last good checkpoint, and the partial save is removed.
@@ -175,6 +176,16 @@ def _start_writer_service_immune_to_stop_signals() -> None:
             signal.signal(sig, handler)
 
 
+def _mcore_writer_kwargs() -> dict:
+    """megatron-core 0.19 picks nvidia-resiliency-ext's writer when installed; ask for its own,
+    whose bucket writer :func:`_write_shards` calls (0.16 has only its own: no argument)."""
+    import inspect
+
+    from megatron.core import dist_checkpointing
+
+    return {"async_strategy": "mcore"} if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters else {}
+
+
 class _Inbox(list):
     """Stands in for the writer's result queue when a bucket is written in this process."""
 
@@ -217,15 +228,34 @@ def _write_shards(request) -> None:
     transform_list, use_msc = fn.args[:2]
     _, buckets, results_queue = args
     results = {}
-    for i, bucket in enumerate(buckets):
-        inbox = _Inbox()
-        FileSystemWriterAsync.write_preloaded_data(transform_list, i, bucket, inbox, _NoCount(), True,
-                                                   **({"use_msc": use_msc} if use_msc else {}))
-        (idx, written), = inbox
-        if isinstance(written, BaseException):
-            raise written
-        results[idx] = written
+    with _memory_probe_without_psutil():
+        for i, bucket in enumerate(buckets):
+            inbox = _Inbox()
+            FileSystemWriterAsync.write_preloaded_data(transform_list, i, bucket, inbox, _NoCount(), True,
+                                                       **({"use_msc": use_msc} if use_msc else {}))
+            (idx, written), = inbox
+            if isinstance(written, BaseException):
+                raise written
+            results[idx] = written
     results_queue.put(results)  # what Megatron's finalize step reads back
+
+
+@contextlib.contextmanager
+def _memory_probe_without_psutil():
+    """Megatron's bucket writer measures its memory with psutil for a debug log line only, and
+    raises before writing anything when psutil is missing. Without psutil, report 0 bytes for
+    the duration of our writes, so saving does not depend on a logging aid."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "HAVE_PSUTIL", True) or not hasattr(filesystem_async, "_process_memory"):
+        yield
+        return
+    probe = filesystem_async._process_memory
+    filesystem_async._process_memory = lambda: 0
+    try:
+        yield
+    finally:
+        filesystem_async._process_memory = probe
 
 
 def _collective_device() -> torch.device:
@@ -323,10 +353,11 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, scheduler
     _agree(_run_local(lambda: _prepare_tmp(root, tmp)) if rank == 0 else None, what, last_good)
     _agree(_run_local(lambda: _probe_writable(tmp, rank)), what, last_good, cleanup=tmp)
     _start_writer_service_immune_to_stop_signals()
+    writer = _mcore_writer_kwargs()
     try:
         with compat_cpu.cuda_to_cpu():  # the reshardable optimizer state gathers on 'cuda' (no-op on GPUs)
             request = dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, is_loading=False),
-                                              str(tmp), async_sharded_save=True)
+                                              str(tmp), async_sharded_save=True, **writer)
     except Exception as e:  # noqa: BLE001
         _abort(e, what, last_good)
 

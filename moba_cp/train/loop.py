@@ -252,17 +252,18 @@ def _flops_per_step(cfg: RecipeConfig, vocab_size: int) -> float:
 
 def preflight(cfg: RecipeConfig, world_size: int, device: str):
     """Every check that needs no process group, in the order a user should hear about them:
-    the recipe (for ``world_size`` processes on ``device``), data paths and tokenizer, and the
-    run directory. Returns ``(tokenizer, RunDirState)``; raises the first error (RecipeError,
-    DataConfigError, TokenizerError, RunDirError). Writes nothing but ``data.cache_dir``."""
+    the recipe (for ``world_size`` processes on ``device``), the run directory, data paths and
+    tokenizer. Returns ``(tokenizer, RunDirState)``; raises the first error (RecipeError,
+    RunDirError, DataConfigError, TokenizerError). Writes nothing but ``data.cache_dir``, and
+    that only when the run may go ahead."""
     from moba_cp.data.datasets import validate_data_paths
     from moba_cp.data.tokenizers import build_tokenizer
     from moba_cp.train.run_dir import inspect_run_dir
 
     validate(cfg, world_size=world_size, device=device)
+    state = inspect_run_dir(cfg)
     validate_data_paths(cfg.data)
-    tokenizer = build_tokenizer(cfg.data.tokenizer)
-    return tokenizer, inspect_run_dir(cfg)
+    return build_tokenizer(cfg.data.tokenizer), state
 
 
 def complete_message(cfg: RecipeConfig, state) -> str:
