@@ -15,11 +15,25 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
 
 import moba_cp
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun job (or a plain process): the one that prints user errors."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _report(cmd: str, error: BaseException) -> None:
+    """One readable message on stderr from rank 0; the other ranks stay silent (same error)."""
+    if _is_main_process():
+        print(f"moba-cp {cmd}: {error}", file=sys.stderr, flush=True)
 
 
 def _load_or_report(args, overrides, cmd: str):
@@ -29,7 +43,7 @@ def _load_or_report(args, overrides, cmd: str):
     try:
         return load_recipe(args.recipe, overrides)
     except RecipeError as e:
-        print(f"moba-cp {cmd}: {e}", file=sys.stderr)
+        _report(cmd, e)
         return None
 
 
@@ -43,9 +57,17 @@ def _cmd_config(args, overrides) -> int:
     return 0
 
 
-def _cmd_train(args, overrides) -> int:
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input (recipe, data, run directory): exit 2, no traceback."""
     from moba_cp.config import RecipeError
+    from moba_cp.data.datasets import DataConfigError
+    from moba_cp.data.tokenizers import TokenizerError
+    from moba_cp.train.run_dir import RunDirError
 
+    return RecipeError, DataConfigError, TokenizerError, RunDirError
+
+
+def _cmd_train(args, overrides) -> int:
     cfg = _load_or_report(args, overrides, "train")
     if cfg is None:
         return 2
@@ -53,44 +75,78 @@ def _cmd_train(args, overrides) -> int:
         from moba_cp.train.dry_run import dry_run
 
         return dry_run(cfg, world_size=args.world_size, link_gbps=args.link_gbps, selection=args.selection)
-    from moba_cp.data.datasets import DataConfigError
-    from moba_cp.data.tokenizers import TokenizerError
-    from moba_cp.train.loop import train
+    from moba_cp.train.checkpoint import CheckpointError
+    from moba_cp.train.loop import TrainingError, train
 
     try:
         train(cfg)
-    except (RecipeError, DataConfigError, TokenizerError) as e:  # raised before training starts
-        print(f"moba-cp train: {e}", file=sys.stderr)
+    except user_errors() as e:  # raised before training starts
+        _report("train", e)
         return 2
+    except (CheckpointError, TrainingError) as e:  # the same on every rank: said once
+        _report("train", e)
+        return 1
     return 0
 
 
+def _eval_checks(args, overrides):
+    """Everything ``moba-cp eval`` can check before a process group or model exists.
+
+    Returns ``(checkpoint, trained recipe, meta, longest length)``; prints (rank 0) a notice for
+    each length beyond the trained ``model.seq_length``. Raises ValueError / FileNotFoundError /
+    a user error with the fix.
+    """
+    from moba_cp.data.tokenizers import build_tokenizer
+    from moba_cp.eval import cli as eval_cli
+    from moba_cp.eval.model_runner import read_trained_recipe
+    from moba_cp.eval.needle import check_needle_grid
+
+    ckpt, trained, meta = read_trained_recipe(args.checkpoint, overrides)
+    if args.kind == "loss":
+        eval_cli.check_loss_arguments(args)
+        lengths = [args.seq_len]
+    else:
+        lengths, depths, kinds = eval_cli.needle_grid_of(args)
+        check_needle_grid(build_tokenizer(trained.data.tokenizer), lengths, depths, kinds, args.n_per_cell, args.seed)
+    longer = [n for n in lengths if n > trained.model.seq_length]
+    if longer and _is_main_process():
+        print(f"moba-cp eval: notice: length(s) {', '.join(map(str, longer))} exceed the trained "
+              f"model.seq_length={trained.model.seq_length} of {ckpt}: results there measure length "
+              f"extrapolation (RoPE base {trained.model.rotary_base}).", file=sys.stderr, flush=True)
+    return ckpt, trained, meta, max(lengths)
+
+
 def _cmd_eval(args, overrides) -> int:
-    from moba_cp.config import RecipeError
     from moba_cp.eval import cli as eval_cli
     from moba_cp.eval.model_runner import load_eval_model
-    from moba_cp.eval.needle import parse_lengths
     from moba_cp.train.distributed import shutdown_distributed
 
-    if args.kind == "loss":
-        max_len = args.seq_len
-    else:
-        max_len = max(parse_lengths(args.lengths))
     try:
-        em = load_eval_model(args.checkpoint, max_len, overrides)
-    except (FileNotFoundError, RecipeError) as e:
-        print(f"moba-cp eval: {e}", file=sys.stderr)
-        return 2
-    try:
-        label = args.label or em.cfg.name
+        ckpt, trained, meta, max_len = _eval_checks(args, overrides)
+        seqs = None
         if args.kind == "loss":
             from moba_cp.data.datasets import heldout_sequences
 
-            seqs = heldout_sequences(em.cfg.data, seq_length=args.seq_len, num_sequences=args.num_seqs,
-                                     tokenizer=em.tokenizer, builtin_budget_bytes=em.cfg.data.builtin_budget_bytes)
-            eval_cli.run_loss_eval(args, em.loss_fn, seqs, label=label, write=em.env.is_main)
+            seqs = heldout_sequences(trained.data, seq_length=args.seq_len, num_sequences=args.num_seqs,
+                                     builtin_budget_bytes=trained.data.builtin_budget_bytes)
+        em = load_eval_model(args.checkpoint, max_len, overrides)
+    except (FileNotFoundError, ValueError, *user_errors()) as e:
+        _report("eval", e)
+        shutdown_distributed()
+        return 2
+    source = {"checkpoint": str(ckpt.resolve()), "step": meta.get("step")}
+    kept = os.path.join(args.out, eval_cli.LOSS_PARTIAL_FILE if args.kind == "loss" else eval_cli.NEEDLE_PARTIAL_FILE)
+    try:
+        label = args.label or em.cfg.name
+        if args.kind == "loss":
+            eval_cli.run_loss_eval(args, em.loss_fn, seqs, label=label, write=em.env.is_main, source=source,
+                                   share=em.share)
         else:
-            eval_cli.run_needle_eval(args, em.logits_fn, em.tokenizer, label=label, write=em.env.is_main)
+            eval_cli.run_needle_eval(args, em.logits_fn, em.tokenizer, label=label, write=em.env.is_main,
+                                     source=source, share=em.share)
+    except KeyboardInterrupt:
+        _report("eval", f"interrupted; finished work is kept in {kept}: rerun the same command to resume.")
+        return 130
     finally:
         shutdown_distributed()
     return 0

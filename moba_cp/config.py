@@ -26,7 +26,7 @@ from moba_cp.parallel.head_parallel import comm_problem
 __all__ = [
     "ModelConfig", "MoBAConfig", "AttentionConfig", "ParallelConfig", "TrainConfig", "DataConfig",
     "EvalConfig", "LoggingConfig", "CheckpointConfig", "RecipeConfig", "RecipeError",
-    "load_recipe", "from_dict", "apply_overrides", "validate", "dump", "to_dict", "field_help",
+    "load_recipe", "from_dict", "apply_overrides", "validate", "kernel_limit_errors", "dump", "to_dict", "field_help",
     "layer_attention_kinds",
 ]
 
@@ -62,7 +62,7 @@ class ModelConfig:
 
 @dataclass
 class MoBAConfig:
-    """Mixture of Block Attention parameters (shared/DESIGN.md section 1)."""
+    """Mixture of Block Attention parameters (docs/design.md)."""
 
     block_size: int = _f(128, "Tokens per MoBA block B.")
     topk: int = _f(4, "Blocks per query, counting its own block (topk >= blocks = full attention).")
@@ -358,8 +358,51 @@ def layer_attention_kinds(model: ModelConfig, attention: AttentionConfig) -> lis
     return list(attention.layers or [])
 
 
-def validate(cfg: RecipeConfig, world_size: int | None = None) -> None:
-    """Cross-field rules, checked before any process group exists. Raises :class:`RecipeError`."""
+def kernel_limit_errors(cfg: RecipeConfig, device: str | None = None) -> list[str]:
+    """What the recipe's MoBA backend would reject at the first step, as messages (empty = fine).
+
+    ``moba.backend=triton`` is checked always; ``auto`` against the Triton limits when the run is
+    on CUDA (``device="cuda"``), where it picks Triton, and not at all on CPU (the naive oracle
+    takes any shape). Recipes without MoBA layers are never checked.
+    """
+    from moba_cp.ops.moba.kernel_limits import LIMITS
+
+    m, mb = cfg.model, cfg.moba
+    backend = "triton" if mb.backend == "auto" and device == "cuda" else mb.backend
+    lim = LIMITS.get(backend)
+    if lim is None or "moba" not in layer_attention_kinds(m, cfg.attention):
+        return []
+    why = f"moba.backend={mb.backend}" + (" (Triton on CUDA)" if mb.backend == "auto" else "")
+    errs = []
+    head_dim = m.hidden_size // m.num_attention_heads
+    if lim.head_dims is not None and head_dim not in lim.head_dims:
+        ok = [d * m.num_attention_heads for d in lim.head_dims]
+        errs.append(f"head dim model.hidden_size / model.num_attention_heads = {m.hidden_size}/"
+                    f"{m.num_attention_heads} = {head_dim}: {why} takes head dims {list(lim.head_dims)}. Fix: "
+                    f"model.hidden_size in {ok} for {m.num_attention_heads} heads, or moba.backend=naive.")
+    if mb.block_size % lim.block_multiple:
+        lo = max(lim.block_multiple, mb.block_size // lim.block_multiple * lim.block_multiple)
+        errs.append(f"moba.block_size={mb.block_size}: {why} needs a multiple of {lim.block_multiple}. Fix: "
+                    f"moba.block_size={lo} or {lo + lim.block_multiple} (keep model.seq_length a multiple "
+                    f"of 2 * parallel.cp * block_size), or moba.backend=naive.")
+    width = min(mb.topk, max(1, m.seq_length // mb.block_size))
+    if lim.max_gate_width is not None and width > lim.max_gate_width:
+        errs.append(f"min(moba.topk={mb.topk}, blocks per sequence={m.seq_length // mb.block_size}) = {width}: "
+                    f"{why} selects at most {lim.max_gate_width} blocks per query. Fix: "
+                    f"moba.topk<={lim.max_gate_width}, or a larger moba.block_size.")
+    dtype = "bfloat16" if cfg.train.precision == "bf16" and device != "cpu" else "float32"
+    if dtype not in lim.dtypes:
+        errs.append(f"train.precision={cfg.train.precision} ({dtype}): {why} takes {', '.join(lim.dtypes)}.")
+    return errs
+
+
+def validate(cfg: RecipeConfig, world_size: int | None = None, device: str | None = None) -> None:
+    """Cross-field rules, checked before any process group exists. Raises :class:`RecipeError`.
+
+    ``world_size``: the planned number of processes (checked against tp x cp x dp); ``device``:
+    ``"cuda"`` or ``"cpu"`` where the run will execute (selects the kernel limits of
+    ``moba.backend=auto``; None = unknown, only an explicit backend's limits are checked).
+    """
     m, a, p, t, mb = cfg.model, cfg.attention, cfg.parallel, cfg.train, cfg.moba
     errs: list[str] = []
 
@@ -434,7 +477,8 @@ def validate(cfg: RecipeConfig, world_size: int | None = None) -> None:
     dp = p.dp
     if world_size is not None:
         if world_size % (p.tp * p.cp):
-            errs.append(f"world size {world_size} is not divisible by parallel.tp * parallel.cp = {p.tp * p.cp}.")
+            errs.append(f"world size {world_size} is not divisible by parallel.tp * parallel.cp = {p.tp * p.cp}. "
+                        f"Fix: {_world_size_fix(world_size, p.tp, p.cp)}.")
         elif dp is not None and dp * p.tp * p.cp != world_size:
             errs.append(f"parallel.tp*cp*dp = {p.tp}*{p.cp}*{dp} = {p.tp * p.cp * dp} but the world size is "
                         f"{world_size}. Fix: set parallel.dp={world_size // (p.tp * p.cp)} or leave it null.")
@@ -443,6 +487,8 @@ def validate(cfg: RecipeConfig, world_size: int | None = None) -> None:
     if dp is not None and dp >= 1 and t.global_batch_size % (t.micro_batch_size * dp):
         errs.append(f"train.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size*dp = "
                     f"{t.micro_batch_size}*{dp}.")
+    if kinds_ok and not errs:
+        errs += kernel_limit_errors(cfg, device)
     if errs:
         raise RecipeError("invalid recipe:\n  " + "\n  ".join(errs))
 
@@ -471,6 +517,16 @@ def _cp_comm_errors(m: ModelConfig, p: ParallelConfig, a: AttentionConfig) -> li
                     f"Engine's CP for full layers, which needs Megatron's hierarchical CP groups. Fix: "
                     f"attention.full_backend=torch, or parallel.cp_comm=ring.")
     return errs
+
+
+def _world_size_fix(world_size: int, tp: int, cp: int) -> str:
+    """The process counts, or the ``parallel.cp`` values, that make a world of tp x cp x dp."""
+    per = [n * tp * cp for n in (1, 2, 4)]
+    cps = [c for c in range(1, world_size + 1) if world_size % (tp * c) == 0]
+    fix = f"launch a multiple of {tp * cp} processes (--nproc_per_node / NGPU = {', '.join(map(str, per))}, ...)"
+    if cps:
+        fix += f", or set --parallel.cp to one of {cps} for {world_size} processes"
+    return fix
 
 
 def dump(cfg) -> str:

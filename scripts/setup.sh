@@ -20,7 +20,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 pip() { .venv/bin/python -m pip "$@"; }
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  pip install -q "torch==2.13.0"
+  # numpy with torch: torch imported without numpy warns "Failed to initialize NumPy".
+  pip install -q "torch==2.13.0" numpy
 fi
 # Pin triton to the GPU machines' 3.6.0 where torch has no CUDA (CPU test machines: the
 # interpreter then sees the GPU's language). A CUDA torch keeps the triton it was built with.

@@ -83,6 +83,19 @@ def reference_8_steps(tmp_path_factory, cache_dir):
     return {r["step"]: r for r in _metrics(run)}
 
 
+def _kill_tree(proc):
+    """SIGKILL a launcher and every process below it (a crash: nobody gets to save)."""
+    import psutil
+
+    procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
 def _wait_for(path_fn, proc, timeout=300):
     deadline = time.time() + timeout
     while not path_fn():
@@ -97,7 +110,9 @@ def _resume_and_compare(run, cache_dir, ref_by_step, after_step, extra=()):
     out, _ = resumed.communicate(timeout=400)
     assert resumed.returncode == 0, out
     assert "resumed from" in out
-    got_by_step = {r["step"]: r for r in _metrics(run) if r["step"] > after_step}  # the resumed part wins
+    steps = [r["step"] for r in _metrics(run)]
+    assert steps == list(range(1, 9)), steps  # one row per step: the interrupted run's extra rows are gone
+    got_by_step = {r["step"]: r for r in _metrics(run) if r["step"] > after_step}  # the resumed part
     assert sorted(got_by_step) == list(range(after_step + 1, 9))
     for step in got_by_step:
         assert got_by_step[step]["loss"] == ref_by_step[step]["loss"], step
@@ -110,7 +125,7 @@ def test_killed_run_resumes_exactly(tmp_path, cache_dir, reference_8_steps):
     run = tmp_path / "run"
     victim = _torchrun(2, ["recipes/quickstart.yaml", *KILL_COMMON, f"--data.cache_dir={cache_dir}", f"--logging.dir={run}"])
     _wait_for(lambda: (run / "checkpoints" / "iter_0000003" / "meta.json").exists(), victim)
-    os.killpg(victim.pid, signal.SIGKILL)
+    _kill_tree(victim)  # torchrun's workers run in their own sessions: a process-group kill misses them
     victim.wait()
     assert not (run / "checkpoints" / "iter_0000008").exists(), "the run finished before the kill"
     _resume_and_compare(run, cache_dir, reference_8_steps, after_step=3)
@@ -132,6 +147,132 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_resumes_exactly(tmp_
     saved = sorted(int(p.name[5:]) for p in (run / "checkpoints").glob("iter_???????") if (p / "meta.json").exists())
     assert saved == [stopped] and 2 <= stopped < 8, (saved, stopped)
     _resume_and_compare(run, cache_dir, reference_8_steps, after_step=stopped, extra=no_interval)
+
+
+def _launch(nproc, args, env=None):
+    """launch/torchrun.sh (moba_cp.train.launch) in its own process group, as a user runs it."""
+    env = dict(env or _env(), NGPU=str(nproc), PYTHON=sys.executable)
+    return subprocess.Popen(["bash", "launch/torchrun.sh", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def test_ctrl_c_saves_and_resumes_exactly(tmp_path, cache_dir, reference_8_steps):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it; torchrun forwards a
+    second copy to its workers): every rank finishes its step and saves, one line names the
+    checkpoint, no traceback; the rerun continues bitwise equal to the uninterrupted run."""
+    run = tmp_path / "run"
+    no_interval = ["--checkpoint.interval=100"]
+    victim = _launch(2, ["recipes/quickstart.yaml", *KILL_COMMON, *no_interval, f"--data.cache_dir={cache_dir}",
+                         f"--logging.dir={run}"])
+    _wait_for(lambda: (run / "metrics.jsonl").exists() and any(r["step"] >= 2 for r in _metrics(run)), victim)
+    os.killpg(victim.pid, signal.SIGINT)
+    out, _ = victim.communicate(timeout=120)
+    assert victim.returncode == 128 + signal.SIGINT, out
+    assert out.count("SIGINT: stopped after step") == 1 and "Traceback" not in out and "KeyboardInterrupt" not in out, out
+    stopped = int(out.split("SIGINT: stopped after step ")[1].split(",")[0])
+    assert f"checkpoint saved in {run}/checkpoints/iter_{stopped:07d}; rerun the same command to resume" in out
+    saved = sorted(int(p.name[5:]) for p in (run / "checkpoints").glob("iter_???????") if (p / "meta.json").exists())
+    assert saved == [stopped] and 2 <= stopped < 8, (saved, stopped)
+    _resume_and_compare(run, cache_dir, reference_8_steps, after_step=stopped, extra=no_interval)
+
+
+_BREAK_SAVE = """# Test stand-in for a failing disk: in the worker of rank $MOBA_TEST_BREAK_RANK, psutil is
+# missing (Megatron's writer then hung before moba_cp wrote shards itself), and writing a
+# checkpoint whose path contains $MOBA_TEST_BREAK_SAVE fails with ENOSPC.
+import errno
+import functools
+import os
+
+if os.environ.get("MOBA_TEST_BREAK_SAVE") and os.environ.get("RANK") == os.environ.get("MOBA_TEST_BREAK_RANK"):
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as _fa
+
+    _fa.HAVE_PSUTIL = False
+    _write_item = _fa._write_item
+
+    @functools.wraps(_write_item)  # Megatron inspects its signature
+    def _disk_full(*args, **kwargs):
+        stream = next(a for a in args if hasattr(a, "name"))
+        if os.environ["MOBA_TEST_BREAK_SAVE"] in str(stream.name):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return _write_item(*args, **kwargs)
+
+    _fa._write_item = _disk_full
+"""
+
+
+def test_failed_save_stops_every_rank_and_the_last_checkpoint_resumes(tmp_path, cache_dir):
+    """Rank 0 has no psutil (its step-2 save still works) and its disk is full at the step-4 save:
+    both ranks stop within seconds, exit non-zero, one message names the cause and the last good
+    checkpoint (step 2), nothing of the failed save is left. Rerun with more steps (an allowed change), the
+    run resumes from step 2 and finishes with one metrics row per step."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_BREAK_SAVE)
+    run = tmp_path / "run"
+    common = ["recipes/quickstart.yaml", *SMALL, "--parallel.cp=2", "--checkpoint.interval=2",
+              f"--data.cache_dir={cache_dir}", f"--logging.dir={run}"]
+    env = dict(_env(), PYTHONPATH=f"{site}:{ROOT}", MOBA_TEST_BREAK_SAVE="iter_0000004", MOBA_TEST_BREAK_RANK="0")
+    proc = _launch(2, [*common, "--train.steps=4"], env=env)
+    lines, t_step4 = [], None
+    for line in proc.stdout:  # time from the last step to the exit
+        lines.append(line)
+        if "step      4/4" in line:
+            t_step4 = time.monotonic()
+    proc.wait(timeout=60)
+    out, elapsed = "".join(lines), time.monotonic() - t_step4
+    assert proc.returncode == 1, out
+    assert elapsed < 20, f"took {elapsed:.0f}s to stop after the failed save:\n{out}"
+    assert out.count("saving checkpoint step 4") == 1, out
+    assert "rank 0: OSError: [Errno 28] No space left on device" in out
+    assert f"The last good checkpoint, {run}/checkpoints/iter_0000002, is intact" in out
+    assert "Traceback" not in out, out
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter_0000002", "latest"]
+    resumed = _launch(2, [*common, "--train.steps=5"])
+    out, _ = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, out
+    assert f"resuming from {run}/checkpoints/iter_0000002 (step 2) with changed settings: train.steps: 4 -> 5" in out
+    assert "FutureWarning" not in out, out  # Megatron's known load deprecations are silenced at the load
+    assert [r["step"] for r in _metrics(run)] == [1, 2, 3, 4, 5]
+    assert (run / "checkpoints" / "iter_0000005" / "meta.json").is_file()
+    assert "steps: 5" in (run / "recipe.yaml").read_text()
+
+
+def test_user_errors_under_torchrun_are_printed_once_without_traceback(tmp_path, cache_dir):
+    """A bad world size is refused by the launcher before any worker starts; a data error found by
+    the workers (2 ranks) is printed once, by rank 0. No traceback, exit code 2."""
+    t0 = time.monotonic()
+    proc = _launch(2, ["recipes/quickstart.yaml", "--parallel.cp=4", f"--logging.dir={tmp_path}/a"])
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    assert out.count("world size 2 is not divisible by parallel.tp * parallel.cp = 4") == 1, out
+    assert "--parallel.cp to one of [1, 2]" in out and "Traceback" not in out and "rank" not in out, out
+    assert not (tmp_path / "a").exists() and time.monotonic() - t0 < 60
+    proc = _launch(2, ["recipes/quickstart.yaml", *SMALL, "--train.steps=2", "--parallel.cp=2", "--eval.interval=1",
+                       "--data.split=100,0,0", f"--data.cache_dir={cache_dir}", f"--logging.dir={tmp_path}/b"])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out
+    assert out.count("gives the valid split no documents") == 1, out
+    assert "Traceback" not in out and "ChildFailedError" not in out, out
+    assert "first rank" in out and "its message is above" in out
+
+
+def test_workers_whose_launcher_died_save_and_stop(tmp_path, cache_dir):
+    """torchrun SIGKILLed alone: its workers (in their own sessions) would train on into the run
+    directory; they notice their launcher is gone, save at the step boundary and stop."""
+    import psutil
+
+    run = tmp_path / "run"
+    victim = _torchrun(2, ["recipes/quickstart.yaml", *KILL_COMMON, "--checkpoint.interval=100",
+                           f"--data.cache_dir={cache_dir}", f"--logging.dir={run}"])
+    _wait_for(lambda: (run / "metrics.jsonl").exists() and any(r["step"] >= 2 for r in _metrics(run)), victim)
+    workers = psutil.Process(victim.pid).children()
+    os.kill(victim.pid, signal.SIGKILL)
+    out, _ = victim.communicate(timeout=120)  # the pipe closes when the workers are gone too
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    assert "the launcher (parent process) exited: stopped after step" in out, out
+    stopped = int(out.split("stopped after step ")[1].split(",")[0])
+    saved = sorted(int(p.name[5:]) for p in (run / "checkpoints").glob("iter_???????") if (p / "meta.json").exists())
+    assert saved == [stopped] and stopped < 8, (saved, out)
 
 
 def _resume_from_step3(tmp_path, cache_dir, extra, nproc_ref, nproc_resume):

@@ -15,18 +15,24 @@ Only the main rank should write: pass ``write=False`` on the others (all ranks m
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 from typing import Callable, Iterable
 
+import torch
+
 from . import plots
 from .lm_loss import trailing_and_positional_loss
-from .needle import KINDS, parse_lengths, run_needle_grid, write_json
+from .needle import KINDS, cell_key, check_needle_grid, parse_lengths, run_needle_grid, write_json
 
 __all__ = ["add_needle_arguments", "run_needle_eval", "add_loss_arguments", "run_loss_eval",
-           "NEEDLE_FILE", "LOSS_FILE", "parse_depths"]
+           "NEEDLE_FILE", "LOSS_FILE", "parse_depths", "needle_grid_of", "check_loss_arguments"]
 
 NEEDLE_FILE = "needle.json"
+NEEDLE_PARTIAL_FILE = "needle.partial.json"  # finished cells of a run in progress (or interrupted)
 LOSS_FILE = "eval_loss.json"
+LOSS_PARTIAL_FILE = "eval_loss.partial.jsonl"  # per-sequence losses of a run in progress
 
 
 def parse_depths(spec: str) -> list[float]:
@@ -62,26 +68,87 @@ def add_needle_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     return parser
 
 
+def _identity(args_settings: dict, source: dict | None) -> dict:
+    return {"settings": args_settings, "source": source or {}}
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def needle_grid_of(args: argparse.Namespace) -> tuple[list[int], list[float], list[str]]:
+    """``(lengths, depths, kinds)`` of the needle flags (``ValueError`` naming a bad flag)."""
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ValueError(f"--kinds: unknown {bad}; choose from {', '.join(KINDS)}.")
+    try:
+        lengths = parse_lengths(args.lengths)
+    except ValueError:
+        raise ValueError(f"--lengths {args.lengths!r}: expected comma-separated token counts such as 4k,8k,32768.") from None
+    if not lengths or min(lengths) < 1:
+        raise ValueError(f"--lengths {args.lengths!r}: expected positive token counts such as 4k,8k.")
+    return lengths, parse_depths(args.depths), kinds
+
+
 def run_needle_eval(args: argparse.Namespace, logits_fn: Callable, tokenizer, *, label: str = "model",
-                    write: bool = True, progress: Callable[[str], None] | None = print) -> dict:
+                    write: bool = True, progress: Callable[[str], None] | None = print,
+                    source: dict | None = None, share: Callable | None = None) -> dict:
     """Run the needle grid described by ``args`` and write ``OUT/needle.json`` and ``OUT/needle_heatmap.png``.
+
+    Every (kind, length) is checked before the first sample. Each finished cell is saved at once
+    to ``OUT/needle.partial.json``; a rerun with the same grid settings and ``source`` (the
+    checkpoint) takes the saved cells and runs only the rest, so an interrupted evaluation loses
+    at most the cell in progress.
 
     Args:
         logits_fn: ``tokens LongTensor[1, S] -> logits [1, S, V]`` (S = each length in ``--lengths``).
         tokenizer: the model's tokenizer.
         label: title of the heatmap.
+        source: what is evaluated (e.g. checkpoint path and step); saved cells of another source
+            are not reused.
+        share: ``obj -> obj`` of the writing rank on every rank (all ranks must skip the same
+            cells); None in a single process.
     Returns:
         the result dict of :func:`moba_cp.eval.needle.run_needle_grid` (plus ``"label"``).
     """
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in KINDS]
-    if bad:
-        raise ValueError(f"--kinds: unknown {bad}; choose from {', '.join(KINDS)}.")
-    res = run_needle_grid(logits_fn, tokenizer, parse_lengths(args.lengths), parse_depths(args.depths), kinds,
-                          args.n_per_cell, args.seed, progress=progress if write else None)
-    res["label"] = label
+    lengths, depths, kinds = needle_grid_of(args)
+    check_needle_grid(tokenizer, lengths, depths, kinds, args.n_per_cell, args.seed)
+    final_path = os.path.join(args.out, NEEDLE_FILE)
+    partial_path = os.path.join(args.out, NEEDLE_PARTIAL_FILE)
+    ident = _identity({"n_per_cell": args.n_per_cell, "seed": args.seed}, source)
+    done: dict = {}
     if write:
-        write_json(res, os.path.join(args.out, NEEDLE_FILE))
+        for path in (partial_path, final_path):
+            saved = _read_json(path)
+            if saved and saved.get("identity") == ident:
+                done = {cell_key(c["kind"], c["length"], c["depth"]): c for c in saved.get("cells", [])}
+                break
+        wanted = {cell_key(k, L, d) for k in kinds for L in lengths for d in depths}
+        done = {k: c for k, c in done.items() if k in wanted}
+        if done and progress:
+            progress(f"needle: resuming: {len(done)} of {len(wanted)} cells already done in {args.out}")
+    if share is not None:
+        done = share(done)
+    finished = dict(done)
+
+    def save_cell(cell):
+        finished[cell_key(cell["kind"], cell["length"], cell["depth"])] = cell
+        if write:
+            write_json({"identity": ident, "cells": list(finished.values())}, partial_path)
+
+    res = run_needle_grid(logits_fn, tokenizer, lengths, depths, kinds, args.n_per_cell, args.seed,
+                          progress=progress if write else None, done=done, on_cell=save_cell)
+    res["label"] = label
+    res["identity"] = ident
+    if write:
+        write_json(res, final_path)
+        if os.path.exists(partial_path):
+            os.remove(partial_path)
         plots.plot_needle_heatmaps({label: res}, os.path.join(args.out, "needle_heatmap.png"))
     return res
 
@@ -96,18 +163,76 @@ def add_loss_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
+def check_loss_arguments(args: argparse.Namespace) -> None:
+    """``ValueError`` naming a bad ``eval loss`` flag (checked before the model loads)."""
+    if args.seq_len < 2:
+        raise ValueError(f"--seq-len={args.seq_len} must be >= 2.")
+    if not 1 <= args.last <= args.seq_len:
+        raise ValueError(f"--last={args.last} must be within [1, --seq-len={args.seq_len}].")
+    if args.num_seqs < 1:
+        raise ValueError(f"--num-seqs={args.num_seqs} must be >= 1.")
+    if args.buckets < 1:
+        raise ValueError(f"--buckets={args.buckets} must be >= 1.")
+
+
+def _sequence_key(tokens: torch.Tensor, labels: torch.Tensor) -> str:
+    h = hashlib.sha1(tokens.cpu().long().numpy().tobytes())
+    h.update(labels.cpu().long().numpy().tobytes())
+    return h.hexdigest()
+
+
 def run_loss_eval(args: argparse.Namespace, loss_fn: Callable, sequences: Iterable, *, label: str = "model",
-                  write: bool = True) -> dict:
+                  write: bool = True, source: dict | None = None, share: Callable | None = None) -> dict:
     """Trailing and position-wise loss over ``sequences``; writes ``OUT/eval_loss.json`` and a plot.
+
+    Each sequence's per-token losses are saved as they finish (``OUT/eval_loss.partial.jsonl``);
+    a rerun with the same ``--seq-len`` and ``source`` reuses them and evaluates only the rest
+    (the result is the same as an uninterrupted run's).
 
     Args:
         loss_fn: ``(tokens [S], labels [S]) -> per-token losses [S]`` (see :mod:`moba_cp.eval.lm_loss`).
         sequences: e.g. :func:`moba_cp.data.datasets.heldout_sequences` (``S + 1`` tokens each).
+        source, share: as for :func:`run_needle_eval`.
     """
-    res = trailing_and_positional_loss(loss_fn, sequences, args.last, args.buckets, max_sequences=args.num_seqs)
+    check_loss_arguments(args)
+    partial_path = os.path.join(args.out, LOSS_PARTIAL_FILE)
+    ident = _identity({"seq_len": args.seq_len}, source)
+    cache: dict[str, list[float]] = {}
+    if write and os.path.exists(partial_path):
+        with open(partial_path) as f:
+            lines = f.read().splitlines()
+        try:
+            if lines and json.loads(lines[0]) == {"identity": ident}:
+                for line in lines[1:]:
+                    row = json.loads(line)
+                    cache[row["key"]] = row["losses"]
+        except ValueError:  # a line cut short by a kill: keep what parsed
+            pass
+        if cache:
+            print(f"eval loss: resuming: {len(cache)} sequence(s) already done in {args.out}")
+    if share is not None:
+        cache = share(cache)
+    if write:
+        os.makedirs(args.out, exist_ok=True)
+        with open(partial_path, "w") as f:  # rewritten whole: drops a torn last line
+            f.write(json.dumps({"identity": ident}) + "\n")
+            f.writelines(json.dumps({"key": k, "losses": v}) + "\n" for k, v in cache.items())
+
+    def cached_loss_fn(tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        key = _sequence_key(tokens, labels)
+        if key in cache:
+            return torch.tensor(cache[key], dtype=torch.float64)
+        losses = loss_fn(tokens, labels).detach().double().cpu().reshape(-1)
+        if write:
+            with open(partial_path, "a") as f:
+                f.write(json.dumps({"key": key, "losses": losses.tolist()}) + "\n")
+        return losses
+
+    res = trailing_and_positional_loss(cached_loss_fn, sequences, args.last, args.buckets, max_sequences=args.num_seqs)
     res["label"] = label
     if write:
         write_json(res, os.path.join(args.out, LOSS_FILE))
+        os.remove(partial_path)
         plots.plot_positional_loss({label: res}, os.path.join(args.out, "positional_loss.png"))
         print(f"trailing loss (last {res['last_n']} of {res['seq_length']} tokens, {res['num_sequences']} "
               f"sequences): {res['trailing_loss']:.4f}")

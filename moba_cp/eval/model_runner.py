@@ -15,20 +15,26 @@ is cut off again.
 
 from __future__ import annotations
 
+import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from moba_cp.config import RecipeConfig, load_recipe, validate
+from moba_cp.config import RecipeConfig, RecipeError, apply_overrides, from_dict, load_recipe, to_dict, validate
 from moba_cp.train.distributed import DistEnv, init_distributed, world_size_from_env
 
-__all__ = ["EvalModel", "resolve_checkpoint", "load_eval_model"]
+__all__ = ["EvalModel", "resolve_checkpoint", "read_trained_recipe", "load_eval_model"]
 
 
-def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
-    """``(checkpoint_dir, recipe_yaml)`` from a run dir, a checkpoints dir or one ``iter_*`` dir."""
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
+    """``(checkpoint_dir, recipe_yaml)`` from a run dir, a checkpoints dir or one ``iter_*`` dir.
+
+    ``recipe_yaml`` is the run's ``recipe.yaml`` (None when there is none; checkpoints that hold
+    their recipe in ``meta.json`` do not need it).
+    """
     from moba_cp.train.checkpoint import latest_checkpoint
 
     p = Path(path)
@@ -44,7 +50,28 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     for parent in [ckpt, *ckpt.parents]:
         if (parent / "recipe.yaml").is_file():
             return ckpt, parent / "recipe.yaml"
-    raise FileNotFoundError(f"no recipe.yaml beside or above {str(ckpt)!r} (training writes it to the run dir).")
+    return ckpt, None
+
+
+def read_trained_recipe(checkpoint: str | Path, overrides: list[str] | None = None) -> tuple[Path, RecipeConfig, dict]:
+    """``(checkpoint_dir, recipe, meta)``: the recipe the checkpoint was trained with, plus overrides.
+
+    The recipe comes from the checkpoint's own ``meta.json`` (so a later run that rewrote the run
+    directory's ``recipe.yaml`` cannot change what is evaluated), else from ``recipe.yaml``.
+    No process group is needed.
+    """
+    ckpt, recipe_yaml = resolve_checkpoint(checkpoint)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    if isinstance(meta.get("config"), dict):
+        data = apply_overrides(copy.deepcopy(meta["config"]), list(overrides or []))
+        cfg = from_dict(RecipeConfig, data)
+        validate(cfg)
+    elif recipe_yaml is not None:
+        cfg = load_recipe(recipe_yaml, list(overrides or []))
+    else:
+        raise FileNotFoundError(f"no recipe for {str(ckpt)!r}: neither its meta.json nor a recipe.yaml beside "
+                                f"or above it (training writes both).")
+    return ckpt, cfg, meta
 
 
 @dataclass
@@ -54,6 +81,15 @@ class EvalModel:
     model: torch.nn.Module
     tokenizer: object
     unit: int  # sequence lengths are padded to a multiple of this
+    checkpoint: Path | None = None
+
+    def share(self, obj):
+        """``obj`` of rank 0 on every rank (e.g. which cells an interrupted run finished)."""
+        if self.env.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def _pad(self, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
         s = tokens.shape[-1]
@@ -114,27 +150,28 @@ def load_eval_model(checkpoint: str | Path, seq_length: int, overrides: list[str
 
     from moba_cp.data.tokenizers import build_tokenizer
     from moba_cp.megatron import model as mm
+    from moba_cp.train.checkpoint import quiet_known_load_warnings
 
-    ckpt, recipe = resolve_checkpoint(checkpoint)
-    base = load_recipe(recipe, list(overrides or []))
+    ckpt, base, _ = read_trained_recipe(checkpoint, overrides)
     p = base.parallel
     unit = 2 * p.cp * base.moba.block_size if p.cp > 1 else 1
     padded = -(-seq_length // unit) * unit
-    cfg = load_recipe(recipe, list(overrides or []) + [
+    cfg = from_dict(RecipeConfig, apply_overrides(to_dict(base), [
         f"--model.seq_length={padded}", "--train.global_batch_size=1", "--train.micro_batch_size=1",
         "--parallel.dp=null", "--train.recompute=none",
-    ])
-    validate(cfg, world_size=world_size_from_env())
+    ]))
+    validate(cfg, world_size=world_size_from_env(), device="cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     env = init_distributed(cfg.parallel, cfg.train.seed)
     if env.dp != 1:
-        raise ValueError(f"eval runs with dp=1: launch tp*cp = {p.tp * p.cp} processes, not {env.world_size}.")
+        raise RecipeError(f"eval runs with dp=1: launch tp*cp = {p.tp * p.cp} processes, not {env.world_size} "
+                          f"(or set --parallel.cp={env.world_size // p.tp}).")
     model = mm.build_gpt_model(cfg.model, cfg.moba, cfg.attention, cfg.parallel, vocab_size=tokenizer.vocab_size,
                                precision=cfg.train.precision)
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt))
+    with quiet_known_load_warnings():
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt))
     model.load_state_dict(state["model"])
     model.eval()
     if env.is_main:
-        print(f"eval: loaded {ckpt} (recipe {recipe}); tp {env.tp} x cp {env.cp}; sequences padded to "
-              f"multiples of {unit}", flush=True)
-    return EvalModel(cfg=cfg, env=env, model=model, tokenizer=tokenizer, unit=unit)
+        print(f"eval: loaded {ckpt}; tp {env.tp} x cp {env.cp}; sequences padded to multiples of {unit}", flush=True)
+    return EvalModel(cfg=cfg, env=env, model=model, tokenizer=tokenizer, unit=unit, checkpoint=ckpt)

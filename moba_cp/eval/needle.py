@@ -40,7 +40,8 @@ from typing import Callable, Sequence
 import torch
 
 __all__ = ["NeedleSample", "make_needle_sample", "score_needle", "run_needle_grid", "write_json",
-           "KINDS", "PASSKEY_FILLER", "parse_lengths", "fixed_tokens"]
+           "KINDS", "PASSKEY_FILLER", "parse_lengths", "fixed_tokens", "check_needle_grid", "cell_key",
+           "sample_seed"]
 
 KINDS = ("passkey", "single", "multikey", "multivalue")
 
@@ -138,6 +139,60 @@ def _needles(kind: str, rng: random.Random, n_distractors: int, n_values: int):
     raise ValueError(f"unknown needle kind {kind!r}; choose one of {KINDS}")
 
 
+def _plan(tokenizer, length: int, depth: float, kind: str, seed: int, n_distractors: int, n_values: int):
+    """The seeded generator and the encoded fixed parts of a sample (everything but the haystack).
+
+    Returns ``(rng, (target, others, question, answer_text, key, values), intro, answer_len, fixed)``
+    with token lists and ``fixed`` = their total length; ``rng`` continues where the sample needs it.
+    """
+    if not 0 <= depth <= 100:
+        raise ValueError(f"depth={depth} must be within [0, 100] (percent).")
+    rng = random.Random(f"{seed}|{kind}|{length}|{depth}")
+    target, others, question, answer_text, key, values = _needles(kind, rng, n_distractors, n_values)
+    enc = tokenizer.encode
+    intro_t, target_t, question_t = enc(INTRO), enc(target), enc("\n" + question)
+    others_t = [enc(o) for o in others]
+    if kind == "multivalue":
+        # Answer length is known before placement: every value has 7 digits.
+        answer_len = len(enc(", ".join(values)))
+    else:
+        answer_len = len(enc(answer_text))
+    fixed = len(intro_t) + len(target_t) + sum(map(len, others_t)) + len(question_t) + answer_len
+    return rng, (target_t, others_t, question_t, answer_text, key, values), intro_t, answer_len, fixed
+
+
+def sample_seed(seed: int, j: int) -> int:
+    """The generator seed of sample ``j`` of a grid cell (see :func:`run_needle_grid`)."""
+    return seed * 1_000_003 + j
+
+
+def check_needle_grid(tokenizer, lengths: Sequence[int], depths: Sequence[float], kinds: Sequence[str],
+                      n_per_cell: int, seed: int) -> None:
+    """Raise ``ValueError`` naming every (kind, length) whose samples cannot be built, before any runs.
+
+    Generates only the fixed parts of every sample of the grid (no haystack, no model), so a
+    grid that would fail at its 45th cell fails here, at once, with the lengths that would work.
+    """
+    bad_kinds = [k for k in kinds if k not in KINDS]
+    if bad_kinds:
+        raise ValueError(f"--kinds: unknown {bad_kinds}; choose from {', '.join(KINDS)}.")
+    if n_per_cell < 1:
+        raise ValueError(f"--n-per-cell={n_per_cell} must be >= 1.")
+    if any(d < 0 or d > 100 for d in depths):
+        raise ValueError(f"--depths {list(depths)}: every depth must be a percent in [0, 100].")
+    problems = []
+    for kind in kinds:
+        need = {L: max(_plan(tokenizer, L, d, kind, sample_seed(seed, j), 3, 4)[-1]
+                       for d in depths for j in range(n_per_cell)) for L in lengths}
+        short = [L for L in lengths if L < need[L]]
+        if short:
+            problems.append(f"{kind!r} needs at least {max(need.values())} tokens of fixed text (intro, needles, "
+                            f"question, answer); too short: {', '.join(f'length={L}' for L in short)}")
+    if problems:
+        raise ValueError("needle grid: " + "; ".join(problems) + ". Fix: raise --lengths above those sizes, "
+                         "or drop those kinds from --kinds.")
+
+
 def make_needle_sample(tokenizer, length: int, depth: float, kind: str = "single", seed: int = 0, *,
                        filler_tokens: Sequence[int] | None = None, n_distractors: int = 3,
                        n_values: int = 4) -> NeedleSample:
@@ -161,19 +216,9 @@ def make_needle_sample(tokenizer, length: int, depth: float, kind: str = "single
     Raises:
         ValueError: ``length`` too short for the fixed parts, bad depth or kind.
     """
-    if not 0 <= depth <= 100:
-        raise ValueError(f"depth={depth} must be within [0, 100] (percent).")
-    rng = random.Random(f"{seed}|{kind}|{length}|{depth}")
-    target, others, question, answer_text, key, values = _needles(kind, rng, n_distractors, n_values)
+    rng, (target_t, others_t, question_t, answer_text, key, values), intro_t, answer_len, fixed = _plan(
+        tokenizer, length, depth, kind, seed, n_distractors, n_values)
     enc = tokenizer.encode
-    intro_t, target_t, question_t = enc(INTRO), enc(target), enc("\n" + question)
-    others_t = [enc(o) for o in others]
-    if kind == "multivalue":
-        # Answer length is known before placement: every value has 7 digits.
-        answer_len = len(enc(", ".join(values)))
-    else:
-        answer_len = len(enc(answer_text))
-    fixed = len(intro_t) + len(target_t) + sum(map(len, others_t)) + len(question_t) + answer_len
     H = length - fixed
     if H < 0:
         raise ValueError(f"length={length} is too short for a {kind!r} sample: its fixed parts take {fixed} tokens.")
@@ -256,10 +301,16 @@ def score_needle(logits_fn: LogitsFn, sample: NeedleSample, device: str | torch.
     return {"correct": all(hits), "token_accuracy": sum(hits) / n, "predicted": pred}
 
 
+def cell_key(kind: str, length: int, depth: float) -> str:
+    """The name of a grid cell in saved results (``"passkey|4096|50"``)."""
+    return f"{kind}|{int(length)}|{float(depth):g}"
+
+
 def run_needle_grid(logits_fn: LogitsFn, tokenizer, lengths: Sequence[int], depths: Sequence[float],
                     kinds: Sequence[str] = ("single",), n_per_cell: int = 1, seed: int = 0, *,
                     filler_tokens: Sequence[int] | None = None, device: str | torch.device = "cpu",
-                    progress: Callable[[str], None] | None = None) -> dict:
+                    progress: Callable[[str], None] | None = None, done: dict | None = None,
+                    on_cell: Callable[[dict], None] | None = None) -> dict:
     """Accuracy per (kind, length, depth) cell.
 
     Args:
@@ -268,6 +319,9 @@ def run_needle_grid(logits_fn: LogitsFn, tokenizer, lengths: Sequence[int], dept
         kinds: subset of :data:`KINDS`.
         n_per_cell: samples per cell (sample ``j`` uses seed ``seed * 1_000_003 + j``).
         progress: called with one line per finished cell (e.g. ``print``).
+        done: cells finished earlier (``{cell_key: cell}``, e.g. from an interrupted run): taken
+            as they are, not run again.
+        on_cell: called with each newly finished cell (e.g. to save progress).
 
     Returns:
         ``{"lengths": [...], "depths": [...], "n_per_cell": n, "seed": s,
@@ -276,23 +330,29 @@ def run_needle_grid(logits_fn: LogitsFn, tokenizer, lengths: Sequence[int], dept
         JSON-serialisable (see :func:`write_json`); the heatmap plot reads ``kinds[k]["accuracy"]``.
     """
     lengths, depths = [int(x) for x in lengths], [float(d) for d in depths]
+    done = dict(done or {})
     res = {"lengths": lengths, "depths": depths, "n_per_cell": n_per_cell, "seed": seed, "kinds": {}, "cells": []}
     for kind in kinds:
         acc = [[0.0] * len(depths) for _ in lengths]
         tacc = [[0.0] * len(depths) for _ in lengths]
         for li, L in enumerate(lengths):
             for di, d in enumerate(depths):
-                c = t = 0.0
-                for j in range(n_per_cell):
-                    s = make_needle_sample(tokenizer, L, d, kind, seed * 1_000_003 + j, filler_tokens=filler_tokens)
-                    r = score_needle(logits_fn, s, device)
-                    c += r["correct"]
-                    t += r["token_accuracy"]
-                acc[li][di], tacc[li][di] = c / n_per_cell, t / n_per_cell
-                res["cells"].append({"kind": kind, "length": L, "depth": d, "accuracy": acc[li][di],
-                                     "token_accuracy": tacc[li][di], "n": n_per_cell})
-                if progress:
-                    progress(f"needle {kind} length={L} depth={d:g}: accuracy {acc[li][di]:.2f}")
+                cell = done.get(cell_key(kind, L, d))
+                if cell is None:
+                    c = t = 0.0
+                    for j in range(n_per_cell):
+                        s = make_needle_sample(tokenizer, L, d, kind, sample_seed(seed, j), filler_tokens=filler_tokens)
+                        r = score_needle(logits_fn, s, device)
+                        c += r["correct"]
+                        t += r["token_accuracy"]
+                    cell = {"kind": kind, "length": L, "depth": d, "accuracy": c / n_per_cell,
+                            "token_accuracy": t / n_per_cell, "n": n_per_cell}
+                    if on_cell:
+                        on_cell(cell)
+                    if progress:
+                        progress(f"needle {kind} length={L} depth={d:g}: accuracy {cell['accuracy']:.2f}")
+                acc[li][di], tacc[li][di] = cell["accuracy"], cell["token_accuracy"]
+                res["cells"].append(cell)
         flat = [x for row in acc for x in row]
         res["kinds"][kind] = {"accuracy": acc, "token_accuracy": tacc, "mean": sum(flat) / len(flat)}
     return res

@@ -1,6 +1,7 @@
 """``moba-cp train RECIPE --dry-run``: plan a run without GPUs.
 
-Validates the recipe for the planned world size and prints the parallel layout, a per-GPU
+Makes every check of a real launch for the planned world size on GPUs (recipe, kernel limits of
+the MoBA backend, data paths and tokenizer, the run directory) and prints the parallel layout, a per-GPU
 memory estimate, FLOPs per step, and the K/V traffic per MoBA layer that context parallelism
 implies. The estimates are arithmetic from the recipe (stated assumptions below), not
 measurements; they tell whether a recipe is in the right range before anyone books GPUs.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moba_cp.config import RecipeConfig, RecipeError, layer_attention_kinds, validate
+from moba_cp.config import RecipeConfig, RecipeError, layer_attention_kinds
 from moba_cp.parallel.traffic import DEFAULT_INTER_GBPS, DEFAULT_INTRA_GBPS, candidate_comms, comm_traffic
 
 __all__ = ["dry_run", "MemoryEstimate", "estimate_memory", "kv_traffic_per_layer", "param_count", "comm_plan",
@@ -188,17 +189,37 @@ def _print_comm_plan(cfg: RecipeConfig, link_gbps: str | None, selection: str | 
     print(f"              would pick {best.name} (fastest transfer); the recipe uses parallel.cp_comm={chosen}")
 
 
+def _kernel_line(cfg: RecipeConfig) -> str:
+    """Which MoBA kernels a GPU run uses and the limits they were checked against."""
+    from moba_cp.ops.moba.kernel_limits import LIMITS
+
+    if "moba" not in layer_attention_kinds(cfg.model, cfg.attention):
+        return "no MoBA layers"
+    backend = "triton" if cfg.moba.backend == "auto" else cfg.moba.backend
+    lim = LIMITS.get(backend)
+    head = f"moba.backend={cfg.moba.backend}" + (" -> Triton on GPU (naive oracle on CPU)" if cfg.moba.backend == "auto" else "")
+    if lim is None:
+        return f"{head}: no recipe-level limits known"
+    return (f"{head}: within its limits (head dim {cfg.model.hidden_size // cfg.model.num_attention_heads} "
+            f"in {list(lim.head_dims or [])}, block {cfg.moba.block_size} a multiple of {lim.block_multiple}"
+            + (f", gate width <= {lim.max_gate_width}" if lim.max_gate_width else "") + ")")
+
+
 def dry_run(cfg: RecipeConfig, world_size: int | None = None, *, link_gbps: str | None = None,
             selection: str | None = None) -> int:
     """Validate and print the plan for ``world_size`` GPUs (default ``tp*cp*(dp or 1)``)."""
     from moba_cp.train.flops import attended_keys
     from moba_cp.train.loop import _flops_per_step
 
+    from moba_cp.cli import user_errors
+    from moba_cp.train.loop import preflight
+    from moba_cp.train.run_dir import describe
+
     p, m, t = cfg.parallel, cfg.model, cfg.train
     ws = world_size or p.tp * p.cp * (p.dp or 1)
-    try:
-        validate(cfg, world_size=ws)
-    except RecipeError as e:
+    try:  # the checks a real launch makes, for GPUs (auto -> the Triton kernels' limits)
+        _, state = preflight(cfg, ws, "cuda")
+    except user_errors() as e:
         print(f"moba-cp train --dry-run: {e}")
         return 2
     dp = ws // (p.tp * p.cp)
@@ -235,5 +256,7 @@ def dry_run(cfg: RecipeConfig, world_size: int | None = None, *, link_gbps: str 
             return 2
     else:
         print("  KV traffic  none (cp=1)")
+    print(f"  kernels     {_kernel_line(cfg)}")
+    print(f"  run dir     {'complete: nothing to train' if state.complete else describe(state, cfg)}")
     print("dry run OK: the recipe is valid for this world size")
     return 0

@@ -14,16 +14,17 @@ global token count).
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from moba_cp.config import RecipeConfig, dump, layer_attention_kinds, validate
+from moba_cp.config import RecipeConfig, dump, layer_attention_kinds, to_dict, validate
 from moba_cp.train.distributed import DistEnv, init_distributed, shutdown_distributed, world_size_from_env
 
-__all__ = ["train", "TrainResult"]
+__all__ = ["train", "preflight", "TrainResult", "TrainingError"]
 
 _BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
@@ -35,44 +36,112 @@ class TrainResult:
     last_step: int
     losses: list[float]  # per logged step, in order
     run_dir: str
+    complete: bool = False  # the run directory already held the finished run: nothing ran
+    stopped: bool = False  # a signal stopped the run before train.steps
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message says why and what is intact."""
 
 
 class _StopRequest:
-    """SIGTERM / SIGUSR1 (preemption, SLURM's --signal) -> finish the step, save, exit cleanly.
+    """SIGTERM / SIGUSR1 (preemption, SLURM's --signal) and a first SIGINT (Ctrl-C) -> finish the
+    step, save, exit cleanly; a second SIGINT aborts at once, without saving.
 
-    The handler only sets a flag; at each step boundary the ranks agree (one all-reduce of a
-    flag), so every rank saves the same step even when only some received the signal.
+    The handlers only record the signal; at each step boundary the ranks agree (one all-reduce
+    of a flag), so every rank saves the same step even when only some received the signal.
+
+    Arrival times come from a thread reading the signal wakeup fd, not from the Python handler
+    (which runs only when the main thread returns from a long C++ call). A SIGINT within
+    ``SAME_INTERRUPT_S`` of the first counts as the same Ctrl-C: a launcher may deliver one
+    key press twice (the terminal signals its process group, and the launcher forwards).
+
+    A worker whose launcher died (torchrun killed with SIGKILL: its workers run in their own
+    sessions and would train on, writing into the run directory a relaunch then uses) stops the
+    same way: its parent process changed.
     """
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+    SAME_INTERRUPT_S = 1.0
 
-    def __init__(self, device: torch.device):
+    def __init__(self, on_abort: str = ""):
+        import os
         import signal
+        import threading
 
         self.received: str | None = None
-        self.device = device
+        self.device = torch.device("cpu")
+        self._parent = os.getppid()
+        self.on_abort = on_abort  # printed (rank 0) when a second Ctrl-C aborts
+        self._first_interrupt: float | None = None
         self._previous = {}
         for name in self.SIGNALS:
             sig = getattr(signal, name)
             self._previous[sig] = signal.signal(sig, self._handle)
+        self._rfd, wfd = os.pipe()
+        os.set_blocking(wfd, False)
+        self._wfd = wfd
+        self._old_wakeup = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, name="moba-cp-signals", daemon=True).start()
 
-    def _handle(self, signum, frame):
+    def _handle(self, signum, frame):  # the watcher thread does the work
+        pass
+
+    def _watch(self):
+        import os
         import signal
 
-        self.received = signal.Signals(signum).name
+        while True:
+            try:
+                data = os.read(self._rfd, 64)
+            except OSError:
+                return
+            if not data:  # restore() closed the write end
+                os.close(self._rfd)
+                return
+            now = time.monotonic()
+            for signum in data:
+                try:
+                    name = signal.Signals(signum).name
+                except ValueError:
+                    continue
+                if name not in self.SIGNALS:
+                    continue
+                if name == "SIGINT":
+                    if self._first_interrupt is None:
+                        self._first_interrupt = now
+                    elif now - self._first_interrupt > self.SAME_INTERRUPT_S:
+                        self._abort()
+                self.received = self.received or name
+
+    def _abort(self):
+        import os
+        import sys
+
+        if os.environ.get("RANK", "0") == "0":
+            print(f"moba-cp train: second Ctrl-C: aborting now, without saving. {self.on_abort}",
+                  file=sys.stderr, flush=True)
+        os._exit(130)
 
     def agreed(self) -> bool:
         import torch.distributed as dist
 
+        import os
+
+        if self.received is None and os.getppid() != self._parent:
+            self.received = "the launcher (parent process) exited"
         flag = torch.tensor([1.0 if self.received else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
     def restore(self) -> None:
+        import os
         import signal
 
+        signal.set_wakeup_fd(self._old_wakeup)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        os.close(self._wfd)  # the watcher's read returns empty and it ends
 
 
 def _microbatch_indices(step: int, gbs: int, mbs: int, dp: int, dp_rank: int) -> list[list[int]]:
@@ -158,6 +227,9 @@ def _build(cfg: RecipeConfig, env: DistEnv, tokenizer):
         optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.warmup_steps,
         lr_decay_steps=max(t.steps, t.warmup_steps + 1), lr_decay_style=t.lr_decay_style,
         start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=t.steps, wd_incr_style="constant",
+        # The run-directory check already refused every schedule change except train.steps (the
+        # decay end); let the recipe's values win over the checkpoint's so that one may change.
+        override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False,
     )
     mm.attach_training_hooks(ddp, optimizer)
     return gpt, ddp, optimizer, scheduler
@@ -178,67 +250,115 @@ def _flops_per_step(cfg: RecipeConfig, vocab_size: int) -> float:
     return f.total * cfg.train.global_batch_size
 
 
-def train(cfg: RecipeConfig) -> TrainResult:
-    """Run the recipe's training to ``train.steps`` (resuming from its checkpoint if present)."""
-    from moba_cp.data.datasets import DataConfigError, build_train_valid_datasets, validate_data_paths
+def preflight(cfg: RecipeConfig, world_size: int, device: str):
+    """Every check that needs no process group, in the order a user should hear about them:
+    the recipe (for ``world_size`` processes on ``device``), the run directory, data paths and
+    tokenizer. Returns ``(tokenizer, RunDirState)``; raises the first error (RecipeError,
+    RunDirError, DataConfigError, TokenizerError). Writes nothing but ``data.cache_dir``, and
+    that only when the run may go ahead."""
+    from moba_cp.data.datasets import validate_data_paths
     from moba_cp.data.tokenizers import build_tokenizer
+    from moba_cp.train.run_dir import inspect_run_dir
+
+    validate(cfg, world_size=world_size, device=device)
+    state = inspect_run_dir(cfg)
+    validate_data_paths(cfg.data)
+    return build_tokenizer(cfg.data.tokenizer), state
+
+
+def complete_message(cfg: RecipeConfig, state) -> str:
+    return (f"moba-cp train: {cfg.logging.dir} is complete: {state.checkpoint} is at step {state.step} "
+            f"(train.steps={cfg.train.steps}); nothing to do, nothing changed. To train longer, raise "
+            f"--train.steps; to start over, use a new --logging.dir.")
+
+
+def train(cfg: RecipeConfig) -> TrainResult:
+    """Run the recipe's training to ``train.steps`` (resuming from its checkpoint if present).
+
+    Before any process group exists: the recipe, data and run directory are checked
+    (:func:`preflight`); a finished run returns at once without touching anything.
+    """
+    from moba_cp.train.run_dir import checkpoint_dir_of
+
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    tokenizer, state = preflight(cfg, world_size_from_env(), "cuda" if torch.cuda.is_available() else "cpu")
+    run_dir = Path(cfg.logging.dir)
+    ckpt_dir = checkpoint_dir_of(cfg)
+    if state.complete:
+        if main_rank:
+            print(complete_message(cfg, state), flush=True)
+        return TrainResult(last_step=state.step, losses=[], run_dir=str(run_dir), complete=True)
+    stop = _StopRequest(on_abort=f"Checkpoints in {ckpt_dir} are intact; rerun the same command to resume "
+                                 f"from the newest.")
+    try:
+        env = init_distributed(cfg.parallel, cfg.train.seed)
+        stop.device = env.device
+        return _train(cfg, env, tokenizer, state, stop, run_dir, ckpt_dir)
+    finally:
+        stop.restore()
+        shutdown_distributed()
+
+
+def _train(cfg, env, tokenizer, state, stop, run_dir, ckpt_dir) -> TrainResult:
+    from moba_cp.data.datasets import DataConfigError, build_train_valid_datasets
     from moba_cp.megatron import compat_cpu
     from moba_cp.megatron.hybrid_switch import set_attention_mode, switch_step
     from moba_cp.train import checkpoint as ckpt
     from moba_cp.train.metrics import MetricsLogger, format_eta, peak_memory_gib
+    from moba_cp.train.run_dir import describe
 
-    validate(cfg, world_size=world_size_from_env())  # before any process group exists
-    validate_data_paths(cfg.data)
-    tokenizer = build_tokenizer(cfg.data.tokenizer)
-    env = init_distributed(cfg.parallel, cfg.train.seed)
-    try:
-        t = cfg.train
-        run_dir = Path(cfg.logging.dir)
-        ckpt_dir = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
+    t = cfg.train
+    if env.is_main:
+        print(f"moba-cp train: world {env.world_size} = tp {env.tp} x cp {env.cp} x dp {env.dp} "
+              f"on {env.device.type}; {describe(state, cfg)}; resolved recipe:\n{dump(cfg)}", flush=True)
+    train_ds, valid_ds = build_train_valid_datasets(
+        cfg.data, seq_length=cfg.model.seq_length, seed=t.seed,
+        num_train_samples=t.steps * t.global_batch_size,
+        num_valid_samples=cfg.eval.iters * t.global_batch_size if cfg.eval.interval else 0,
+        tokenizer=tokenizer, builtin_budget_bytes=cfg.data.builtin_budget_bytes,
+    )
+    if cfg.eval.interval and valid_ds is None:
+        raise DataConfigError(f"eval.interval={cfg.eval.interval} asks for validation, but data.split="
+                              f"{cfg.data.split!r} gives no validation documents. Fix: give the split a "
+                              f"validation share (e.g. 98,2,0) or set eval.interval=0.")
+    gpt, ddp, optimizer, scheduler = _build(cfg, env, tokenizer)
+    start_step = 0
+    if state.checkpoint is not None:
+        meta = ckpt.load_checkpoint(state.checkpoint, ddp, optimizer, scheduler)
+        start_step = int(meta["step"])
         if env.is_main:
-            print(f"moba-cp train: world {env.world_size} = tp {env.tp} x cp {env.cp} x dp {env.dp} "
-                  f"on {env.device.type}; resolved recipe:\n{dump(cfg)}", flush=True)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "recipe.yaml").write_text(dump(cfg))
-        train_ds, valid_ds = build_train_valid_datasets(
-            cfg.data, seq_length=cfg.model.seq_length, seed=t.seed,
-            num_train_samples=t.steps * t.global_batch_size,
-            num_valid_samples=cfg.eval.iters * t.global_batch_size if cfg.eval.interval else 0,
-            tokenizer=tokenizer, builtin_budget_bytes=cfg.data.builtin_budget_bytes,
-        )
-        if cfg.eval.interval and valid_ds is None:
-            raise DataConfigError(f"eval.interval={cfg.eval.interval} asks for validation, but data.split="
-                                  f"{cfg.data.split!r} gives no validation documents. Fix: give the split a "
-                                  f"validation share (e.g. 98,2,0) or set eval.interval=0.")
-        gpt, ddp, optimizer, scheduler = _build(cfg, env, tokenizer)
-        start_step = 0
-        latest = ckpt.latest_checkpoint(ckpt_dir) if cfg.checkpoint.resume else None
-        if latest is not None:
-            meta = ckpt.load_checkpoint(latest, ddp, optimizer, scheduler)
-            start_step = int(meta["step"])
-            if env.is_main:
-                print(f"moba-cp train: resumed from {latest} (step {start_step})", flush=True)
-        logger = MetricsLogger(run_dir, enabled=env.is_main, tensorboard=cfg.logging.tensorboard,
-                               resume=start_step > 0)
-        switch_at = switch_step(t.steps, cfg.attention.switch_to_full_at)
-        flops_step = _flops_per_step(cfg, tokenizer.vocab_size)
-        tokens_step = t.global_batch_size * cfg.model.seq_length
-        mbs, gbs = t.micro_batch_size, t.global_batch_size
-        losses: list[float] = []
-        step_times: list[float] = []
-        if env.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(env.device)
+            print(f"moba-cp train: resumed from {state.checkpoint} (step {start_step})", flush=True)
+    if env.is_main:  # only now: the check passed and the checkpoint (if any) loaded
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(dump(cfg))
+    logger = MetricsLogger(run_dir, enabled=env.is_main, tensorboard=cfg.logging.tensorboard,
+                           resume_step=start_step)
+    switch_at = switch_step(t.steps, cfg.attention.switch_to_full_at)
+    flops_step = _flops_per_step(cfg, tokenizer.vocab_size)
+    tokens_step = t.global_batch_size * cfg.model.seq_length
+    mbs, gbs = t.micro_batch_size, t.global_batch_size
+    losses: list[float] = []
+    step_times: list[float] = []
+    if env.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(env.device)
 
-        def save(step):
-            ckpt.save_checkpoint(ckpt_dir, step, ddp, optimizer, scheduler, consumed_samples=step * gbs,
-                                 meta={"recipe": cfg.name, "tp": env.tp, "cp": env.cp, "dp": env.dp,
-                                       "distributed_optimizer": cfg.parallel.distributed_optimizer},
-                                 keep_last=cfg.checkpoint.keep_last)
+    def save(step) -> Path:
+        return ckpt.save_checkpoint(
+            ckpt_dir, step, ddp, optimizer, scheduler, consumed_samples=step * gbs,
+            meta={"recipe": cfg.name, "tp": env.tp, "cp": env.cp, "dp": env.dp,
+                  "distributed_optimizer": cfg.parallel.distributed_optimizer, "config": to_dict(cfg)},
+            keep_last=cfg.checkpoint.keep_last)
 
-        switched = False
-        stop = _StopRequest(env.device)
-        last_done = start_step
+    switched = False
+    last_done = start_step
+    try:
         for step in range(start_step, t.steps):
+            if step == start_step and stop.agreed():  # interrupted while starting up: nothing new to save
+                if env.is_main:
+                    print(f"moba-cp train: {stop.received or 'a stop signal on another rank'} before the first "
+                          f"step: stopped; nothing new to save" + (f" ({state.checkpoint} is intact)"
+                                                                  if state.checkpoint else ""), flush=True)
+                return TrainResult(last_step=last_done, losses=losses, run_dir=str(run_dir), stopped=True)
             if switch_at is not None and step >= switch_at and not switched:
                 switched = True  # also right after a resume past the switch point
                 n = set_attention_mode(ddp, "full")
@@ -264,8 +384,8 @@ def train(cfg: RecipeConfig) -> TrainResult:
             step_times.append(dt)
             done = step + 1
             if not math.isfinite(loss):
-                raise FloatingPointError(f"moba-cp train: loss is {loss} at step {done}; stopping "
-                                         f"(last checkpoint in {ckpt_dir} is intact).")
+                raise TrainingError(f"loss is {loss} at step {done}; stopping without saving "
+                                    f"(the last checkpoint in {ckpt_dir} is intact).")
             if done % cfg.logging.interval == 0 or done == t.steps:
                 recent = step_times[-10:]
                 avg = sum(recent) / len(recent)
@@ -282,24 +402,22 @@ def train(cfg: RecipeConfig) -> TrainResult:
                 vloss = evaluate(ddp, valid_ds, cfg, env)
                 logger.log({"step": done, "valid_loss": vloss}, f"step {done:>6} | valid loss {vloss:.4f}")
             last_done = done
-            if stop.agreed() and done < t.steps:
-                if cfg.checkpoint.save:
-                    save(done)
+            if done < t.steps and stop.agreed():
+                saved = save(done) if cfg.checkpoint.save else None
                 if env.is_main:
                     print(f"moba-cp train: {stop.received or 'a stop signal on another rank'}: stopped after step "
-                          f"{done}" + (f", checkpoint saved in {ckpt_dir}; rerun the same command to resume"
-                                       if cfg.checkpoint.save else " (checkpoint.save=false: nothing saved)"),
-                          flush=True)
-                break
+                          f"{done}" + (f", checkpoint saved in {saved}; rerun the same command to resume"
+                                       if saved else " (checkpoint.save=false: nothing saved)"), flush=True)
+                return TrainResult(last_step=last_done, losses=losses, run_dir=str(run_dir), stopped=True)
             if cfg.checkpoint.save and cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0 and done < t.steps:
                 save(done)
-        stop.restore()
-        if cfg.checkpoint.save and start_step < t.steps and last_done == t.steps:
-            save(t.steps)
-        logger.close()
+        if cfg.checkpoint.save and last_done == t.steps:
+            saved = save(t.steps)
+            if env.is_main:
+                print(f"moba-cp train: done: step {t.steps}/{t.steps}, checkpoint {saved}", flush=True)
         return TrainResult(last_step=last_done, losses=losses, run_dir=str(run_dir))
     finally:
-        shutdown_distributed()
+        logger.close()
 
 
 def evaluate(ddp, valid_ds, cfg: RecipeConfig, env: DistEnv) -> float:

@@ -26,13 +26,31 @@ def format_eta(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep the rows of ``path`` (JSONL) with ``row["step"] <= step``; atomic replace."""
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            keep.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in keep))
+    tmp.replace(path)
+
+
 class MetricsLogger:
     """Writes ``metrics.jsonl`` and TensorBoard events under ``run_dir`` and prints a line per step.
 
     Only the main rank writes; other ranks' calls are no-ops.
     """
 
-    def __init__(self, run_dir: str | Path, *, enabled: bool, tensorboard: bool, resume: bool):
+    def __init__(self, run_dir: str | Path, *, enabled: bool, tensorboard: bool, resume_step: int = 0):
+        """``resume_step``: the step the run resumes from (0 = a new run). Rows of later steps,
+        written by the interrupted run after its last checkpoint, are dropped (the resumed run
+        writes them again), and TensorBoard purges its events past that step."""
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self._tb = None
@@ -40,12 +58,18 @@ class MetricsLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a" if resume else "w")
+        path = self.run_dir / "metrics.jsonl"
+        if resume_step > 0 and path.is_file():
+            _truncate_after(path, resume_step)
+            self._jsonl = open(path, "a")
+        else:
+            self._jsonl = open(path, "w")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"),
+                                         purge_step=resume_step + 1 if resume_step > 0 else None)
             except ImportError:
                 print("logging: tensorboard is not installed; TensorBoard events are off "
                       "(pip install tensorboard, or set logging.tensorboard=false to silence this)")
