@@ -385,7 +385,8 @@ TUNE_GATE = [{}, {"num_warps": 8}, {"bm": 128, "num_warps": 8}, {"bm": 128, "num
              {"bm": 32, "num_warps": 4}, {"bn": 32, "num_warps": 4}]
 
 
-def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0, parts=("fwd", "bwd"), fwd_variants=None, bwd_variants=None):
+def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0, parts=("fwd", "bwd"), fwd_variants=None, bwd_variants=None,
+         gate_variants=None):
     """Time the pieces and tile configurations at one shape (one line each). Every variant is a
     :class:`KernelConfig` passed to the kernels; nothing global is changed."""
     from moba_cp.ops.moba import triton_backend as tb
@@ -421,7 +422,7 @@ def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0, parts=("fwd", "bwd"), 
         return sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, scale, block, fc)
 
     if "gate" in parts:
-        for change in TUNE_GATE:
+        for change in gate_variants or TUNE_GATE:
             cfg = base_cfg.replace(gate=change)
             attempt(f"gate {change}", lambda: tb.select_blocks(q, k, block_size=block, topk=topk, cu_seqlens=cu, config=cfg))
     if "fwd" in parts:
@@ -458,6 +459,7 @@ def main():
     ap.add_argument("--tune-parts", default="fwd,bwd", help="with --tune: which sweeps (gate, fwd, bwd)")
     ap.add_argument("--tune-fwd", default=None, help="with --tune: JSON list of FwdConfig overrides (else TUNE_FWD)")
     ap.add_argument("--tune-bwd", default=None, help="with --tune: JSON list of BwdConfig overrides (else TUNE_BWD)")
+    ap.add_argument("--tune-gate", default=None, help="with --tune: JSON list of GateConfig overrides (else TUNE_GATE)")
     ap.add_argument("--peers", default="all",
                     help="comma list of sdpa, flex, fla (or 'all': every one available, or 'none')")
     ap.add_argument("--flex-max-seq", type=int, default=131072, help="no FlexAttention peer above this S")
@@ -487,7 +489,8 @@ def main():
             b, hq, hkv, d, block, topk, _ = suite_table[name]
             tune(b, int(seq), hq, hkv, d, block, topk, parts=args.tune_parts.split(","),
                  fwd_variants=args.tune_fwd and json.loads(args.tune_fwd),
-                 bwd_variants=args.tune_bwd and json.loads(args.tune_bwd))
+                 bwd_variants=args.tune_bwd and json.loads(args.tune_bwd),
+                 gate_variants=args.tune_gate and json.loads(args.tune_gate))
             _empty_cache()
         return
 
