@@ -60,7 +60,7 @@ class ModelConfig:
 
 @dataclass
 class MoBAConfig:
-    """Mixture of Block Attention parameters (shared/DESIGN.md section 1)."""
+    """Mixture of Block Attention parameters (docs/design.md section 1)."""
 
     block_size: int = _f(128, "Tokens per MoBA block B.")
     topk: int = _f(4, "Blocks per query, counting its own block (topk >= blocks = full attention).")

@@ -1,7 +1,7 @@
 """Run Megatron-Core on a machine without a GPU (CPU + gloo), for tests and the quickstart.
 
 Everything moba_cp does to get Megatron-Core past its CUDA assumptions lives in this one
-file (``shared/notes/megatron-cpu.md`` lists the obstacles). Nothing here is ever active where
+file (``docs/design.md`` section 4 lists the obstacles). Nothing here is ever active where
 a GPU is present: :func:`activate` returns ``False`` and changes nothing when
 ``torch.cuda.is_available()``, and :func:`cuda_to_cpu` is then a no-op context.
 

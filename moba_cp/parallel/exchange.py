@@ -4,7 +4,7 @@ symmetric pairwise P2P ring, and byte accounting.
 Everything that talks to ``torch.distributed`` for the CP ops lives in ``moba_cp.parallel``;
 the collectives of this file are the only ones the ops use.
 
-Ring convention (``shared/DESIGN.md`` section 2): at step ``s = 1 .. cp-1`` rank ``r`` sends
+Ring convention (``docs/design.md`` section 2): at step ``s = 1 .. cp-1`` rank ``r`` sends
 to ``(r + s) % cp`` and receives from ``(r - s) % cp``; gradients go back the reverse way
 (send to ``r - s``, receive from ``r + s``). Every rank knows every count before anything is
 posted (the request matrix is all-gathered), so a send is always matched by a receive of the

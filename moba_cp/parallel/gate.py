@@ -1,6 +1,6 @@
 """The MoBA gate under context parallelism: centroid all-gather and local top-k selection.
 
-Steps 1-2 of ``shared/DESIGN.md`` section 2. No rank ever sees a remote key here: only the
+Steps 1-2 of ``docs/design.md`` section 2. No rank ever sees a remote key here: only the
 ``[n_blocks, Hkv, D]`` fp32 centroids travel.
 """
 

@@ -1,6 +1,6 @@
 """Context-parallel MoBA: centroids all-gathered, only the selected K/V blocks exchanged.
 
-The protocol of ``shared/DESIGN.md`` section 2, as one autograd Function over the local zigzag
+The protocol of ``docs/design.md`` section 2, as one autograd Function over the local zigzag
 shard. See :func:`moba_attn_cp`.
 """
 

@@ -102,7 +102,7 @@ def moba_attn(
     Returns:
         ``o [T, Hq, D]`` in q's dtype, and ``lse [T, Hq]`` fp32 when ``return_lse``.
 
-    Algorithm (``shared/DESIGN.md`` section 1):
+    Algorithm (``docs/design.md`` section 1):
         1. centroid of each complete block = mean of its keys (fp32);
         2. gate: ``q_i . centroid_j`` for complete past blocks ``j < i // B`` (no gradient);
         3. select the own block plus the ``topk - 1`` best past blocks, per token and head;
