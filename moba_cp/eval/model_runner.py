@@ -77,7 +77,7 @@ class EvalModel:
         return zigzag_unshard(parts, seq_dim=1)
 
     def _shard(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
-        from moba_cp.megatron.model import shard_batch_for_cp
+        from moba_cp.megatron.cp_batch import shard_batch_for_cp
 
         s = tokens.shape[-1]
         batch = {"tokens": tokens, "position_ids": torch.arange(s)[None].expand_as(tokens).contiguous()}
@@ -113,7 +113,7 @@ def load_eval_model(checkpoint: str | Path, seq_length: int, overrides: list[str
     from megatron.core import dist_checkpointing
 
     from moba_cp.data.tokenizers import build_tokenizer
-    from moba_cp.megatron import model as mm
+    from moba_cp.megatron.model import build_gpt_model
 
     ckpt, recipe = resolve_checkpoint(checkpoint)
     base = load_recipe(recipe, list(overrides or []))
@@ -129,8 +129,8 @@ def load_eval_model(checkpoint: str | Path, seq_length: int, overrides: list[str
     env = init_distributed(cfg.parallel, cfg.train.seed)
     if env.dp != 1:
         raise ValueError(f"eval runs with dp=1: launch tp*cp = {p.tp * p.cp} processes, not {env.world_size}.")
-    model = mm.build_gpt_model(cfg.model, cfg.moba, cfg.attention, cfg.parallel, vocab_size=tokenizer.vocab_size,
-                               precision=cfg.train.precision)
+    model = build_gpt_model(cfg.model, cfg.moba, cfg.attention, cfg.parallel, vocab_size=tokenizer.vocab_size,
+                            precision=cfg.train.precision)
     state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt))
     model.load_state_dict(state["model"])
     model.eval()
