@@ -43,7 +43,7 @@ class MetricsLogger:
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a" if resume else "w")
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional at run time: events off without it
 
                 self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
             except ImportError:
