@@ -222,12 +222,12 @@ def _run(cmd: list[str], log: Path, env: dict | None = None, procs: dict | None 
         # Own process group: a deadline stops the whole torchrun tree with one signal.
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         if procs is not None:
-            procs[id(proc)] = proc
+            procs[proc.pid] = proc  # live children by pid, so a deadline can stop them
         try:
             rc = proc.wait()
         finally:
             if procs is not None:
-                procs.pop(id(proc), None)
+                procs.pop(proc.pid, None)
     if rc != 0:
         raise SweepError(f"command failed with exit code {rc}: {' '.join(cmd)} (log: {log})")
 
