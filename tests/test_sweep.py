@@ -227,7 +227,9 @@ def test_parallel_scheduler_deadline_stops_and_resumes(tmp_path):
     assert not (run / "sweep_point.json").exists() and len(saved) == 1
     step = int(saved[0].name.split("_")[1])
     assert step > 0
-    proc = _cli("sweep", str(a), "--gpus", "1", "--deadline-min", "0.3")
+    # 36 s: enough for the resumed process to start and load the checkpoint on a busy 2-core machine
+    # (18 s was not: the run was stopped before it had imported torch and Megatron-Core).
+    proc = _cli("sweep", str(a), "--gpus", "1", "--deadline-min", "0.6")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"resumed from {saved[0]} (step {step})" in (run / "sweep.log").read_text()
 
