@@ -35,17 +35,18 @@ from moba_cp.config import AttentionConfig, ModelConfig, MoBAConfig, ParallelCon
 def build(mcfg, moba, attn, cp, precision, seed=1234):
     from megatron.core import parallel_state
 
-    from moba_cp.megatron import model as mm
+    from moba_cp.megatron.model import build_gpt_model
+    from moba_cp.megatron.parallel_init import init_parallel
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     pcfg = ParallelConfig(tp=1, cp=cp)
-    mm.init_parallel(pcfg, seed=seed)
-    return mm.build_gpt_model(mcfg, moba, attn, pcfg, vocab_size=mcfg.vocab_size, precision=precision)
+    init_parallel(pcfg, seed=seed)
+    return build_gpt_model(mcfg, moba, attn, pcfg, vocab_size=mcfg.vocab_size, precision=precision)
 
 
 def shard(x):
-    from moba_cp.megatron.model import shard_batch_for_cp
+    from moba_cp.megatron.cp_batch import shard_batch_for_cp
 
     return shard_batch_for_cp({"t": x})["t"]
 

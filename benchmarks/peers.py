@@ -2,7 +2,7 @@
 
 Both take the *same* block selection as our kernels: ``idx [T, Hq, W]`` int32 document-local
 block ids from ``moba_cp.ops.moba.api.select_blocks`` (own block included, ascending, ``-1``
-padded; ``shared/DESIGN.md`` section 1). Packed ("THD") inputs: ``q [T, Hq, D]``,
+padded; ``docs/design.md`` section 1). Packed ("THD") inputs: ``q [T, Hq, D]``,
 ``k, v [T, Hkv, D]``, ``cu_seqlens`` int32 ``[n_docs + 1]`` or None.
 
 1. FlexAttention (``torch.nn.attention.flex_attention``): MoBA written the way a PyTorch user

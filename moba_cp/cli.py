@@ -178,7 +178,7 @@ def _cmd_plot(args, rest) -> int:
     if args.sweep:
         import yaml
 
-        from moba_cp.experiments.plots import plot_sweep, sweep_table
+        from moba_cp.experiments.sweep_plots import plot_sweep, sweep_table
         from moba_cp.experiments.sweep import collect_results
 
         for sweep_dir in args.run_dirs:

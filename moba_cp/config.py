@@ -62,11 +62,11 @@ class ModelConfig:
 
 @dataclass
 class MoBAConfig:
-    """Mixture of Block Attention parameters (docs/design.md)."""
+    """Mixture of Block Attention parameters (docs/design.md section 1)."""
 
     block_size: int = _f(128, "Tokens per MoBA block B.")
     topk: int = _f(4, "Blocks per query, counting its own block (topk >= blocks = full attention).")
-    backend: Literal["auto", "naive", "triton", "flash"] = _f(
+    backend: Literal["auto", "naive", "triton"] = _f(
         "auto", "Kernel backend; 'auto' picks Triton on GPU and the naive oracle on CPU.")
 
 

@@ -6,24 +6,12 @@ Everything Megatron happens in spawned worker processes, so the CPU compat patch
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 import torch.distributed as dist
 
 from moba_cp.config import AttentionConfig, ModelConfig, MoBAConfig, ParallelConfig
 
 VOCAB = 256
-
-
-def cp_ops_missing(*names: str) -> str | None:
-    """Why CP tests must skip (``moba_cp.parallel`` lacks an op), or None when all are there."""
-    try:
-        mod = importlib.import_module("moba_cp.parallel")
-    except ImportError as e:
-        return f"moba_cp.parallel is not importable yet ({e})"
-    missing = [n for n in names if not hasattr(mod, n)]
-    return f"moba_cp.parallel lacks {', '.join(missing)} (not landed yet)" if missing else None
 
 
 def tiny_model_cfg(seq_length: int = 256, num_layers: int = 2, **kw) -> ModelConfig:
@@ -46,14 +34,15 @@ def build(model_cfg, moba_cfg, attn_cfg, tp=1, cp=1, seed=1234, sequence_paralle
     """(Re)initialise Megatron parallel state for tp x cp and build a seeded GPTModel."""
     from megatron.core import parallel_state
 
-    from moba_cp.megatron import model as mm
+    from moba_cp.megatron.model import build_gpt_model
+    from moba_cp.megatron.parallel_init import init_parallel
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     pcfg = ParallelConfig(tp=tp, cp=cp, sequence_parallel=sequence_parallel,
                           distributed_optimizer=distributed_optimizer)
-    mm.init_parallel(pcfg, seed=seed)
-    return mm.build_gpt_model(model_cfg, moba_cfg, attn_cfg, pcfg, vocab_size=VOCAB, **kw), pcfg
+    init_parallel(pcfg, seed=seed)
+    return build_gpt_model(model_cfg, moba_cfg, attn_cfg, pcfg, vocab_size=VOCAB, **kw), pcfg
 
 
 def batch(b: int, s: int, seed: int = 7) -> torch.Tensor:
@@ -63,7 +52,7 @@ def batch(b: int, s: int, seed: int = 7) -> torch.Tensor:
 
 def cp_shard(x: torch.Tensor) -> torch.Tensor:
     """This rank's zigzag shard of ``[b, S]`` token ids (Megatron's get_batch_on_this_cp_rank layout)."""
-    from moba_cp.megatron.model import shard_batch_for_cp
+    from moba_cp.megatron.cp_batch import shard_batch_for_cp
 
     return shard_batch_for_cp({"t": x})["t"]
 

@@ -10,8 +10,8 @@ import torch
 
 from moba_cp.data.tokenizers import ByteTokenizer
 from moba_cp.eval.lm_loss import per_token_loss_from_logits, trailing_and_positional_loss
-from moba_cp.eval.needle import (INTRO, KINDS, make_needle_sample, parse_lengths, run_needle_grid, score_needle,
-                                 write_json)
+from moba_cp.data.retrieval_docs import INTRO, KINDS, make_needle_sample, parse_lengths
+from moba_cp.eval.needle import run_needle_grid, score_needle, write_json
 from moba_cp.eval import plots
 
 TOK = ByteTokenizer()

@@ -19,20 +19,18 @@ pytest.importorskip("megatron.core")
 
 from tests.distributed_harness import run_distributed  # noqa: E402
 from tests.megatron_util import (  # noqa: E402
-    attention_cfg, batch, build, cp_ops_missing, loss_on_this_rank, max_rel, moba_cfg, shard_for_tp,
+    attention_cfg, batch, build, loss_on_this_rank, max_rel, moba_cfg, shard_for_tp,
     tiny_model_cfg, tp_layout, unshard_from_tp,
 )
 
 S = 256          # global sequence; cp=4 -> 8 zigzag chunks of 32 tokens = 2 MoBA blocks of 16
 BLOCK, TOPK = 16, 3
 
-_missing_moba = cp_ops_missing("moba_attn_cp")
-_missing_ring = cp_ops_missing("ring_attn_cp")
 
 
 def _patterns():
-    """MoBA-only always; hybrid (MoBA + full layers) needs ring_attn_cp for the full layer."""
-    return ["moba"] + ([] if _missing_ring else ["hybrid"])
+    """MoBA-only, and hybrid (MoBA + full layers: ring_attn_cp for the full layer)."""
+    return ["moba", "hybrid"]
 
 
 def _w_equal(rank, world_size, tp, cp, cases):
@@ -98,13 +96,11 @@ def _check(results, loss_rtol=2e-6, grad_rtol=5e-5):
             assert len(errs) >= 10  # every parameter was compared (2 layers x 5 + embedding, norm, output)
 
 
-@pytest.mark.skipif(_missing_moba is not None, reason=f"CP MoBA op missing: {_missing_moba}")
 @pytest.mark.parametrize("cp", [2, 4])
 def test_gpt_cp_loss_and_grads_equal_cp1(cp):
     _check(run_distributed(_w_equal, cp, args=(1, cp, [(p, False) for p in _patterns()])))
 
 
-@pytest.mark.skipif(_missing_moba is not None, reason=f"CP MoBA op missing: {_missing_moba}")
 def test_gpt_cp4_each_comm_type_equals_cp1():
     # 4 query / 2 KV heads at cp=4: 'a2a' gives each rank 1 query head and replicates each KV head
     # on 2 ranks; 'a2a+ring' all-to-alls in 2 groups of 2 and rings across them
@@ -114,7 +110,6 @@ def test_gpt_cp4_each_comm_type_equals_cp1():
     _check(results)
 
 
-@pytest.mark.skipif(_missing_moba is not None, reason=f"CP MoBA op missing: {_missing_moba}")
 def test_gpt_tp2_cp2_equals_tp1_cp1():
     # the last case adds Megatron sequence parallelism (norms and dropout on s/tp tokens)
     results = run_distributed(_w_equal, 4, args=(2, 2, [(p, False) for p in _patterns()] + [("moba", True)]))
@@ -138,8 +133,9 @@ def _w_train(rank, world_size, cp, variants):
 
     from moba_cp.config import ParallelConfig
     from moba_cp.megatron import compat_cpu
-    from moba_cp.megatron import model as mm
-    from moba_cp.megatron.model import transformer_config_from_recipe
+    from moba_cp.megatron.optimizer import build_optimizer, wrap_ddp
+    from moba_cp.megatron.training_hooks import attach_training_hooks
+    from moba_cp.megatron.transformer_config import transformer_config_from_recipe
     from tests.megatron_util import cp_shard
 
     steps = [batch(2, S, seed=10 + i) for i in range(2)]
@@ -151,12 +147,11 @@ def _w_train(rank, world_size, cp, variants):
         if per_token:
             extra["config"] = transformer_config_from_recipe(mcfg, ParallelConfig(cp=cp_size),
                                                              calculate_per_token_loss=True)
-        model, pcfg = build(mcfg, moba_cfg(BLOCK, TOPK), attention_cfg("hybrid" if not _missing_ring else "moba"),
+        model, pcfg = build(mcfg, moba_cfg(BLOCK, TOPK), attention_cfg("hybrid"),
                             cp=cp_size, distributed_optimizer=dist_opt, **extra)
-        ddp = mm.wrap_ddp(model, pcfg)
-        opt = mm.build_optimizer(ddp, lr=3e-3, weight_decay=0.01, clip_grad=1.0,
-                                 distributed_optimizer=dist_opt)
-        mm.attach_training_hooks(ddp, opt)
+        ddp = wrap_ddp(model, pcfg)
+        opt = build_optimizer(ddp, lr=3e-3, weight_decay=0.01, clip_grad=1.0, distributed_optimizer=dist_opt)
+        attach_training_hooks(ddp, opt)
         fwd_bwd = get_forward_backward_func()
 
         def forward_step(data_iterator, m):
@@ -205,7 +200,6 @@ def _w_train(rank, world_size, cp, variants):
     return out
 
 
-@pytest.mark.skipif(_missing_moba is not None, reason=f"CP MoBA op missing: {_missing_moba}")
 def test_ddp_optimizer_two_steps_cp2_equals_cp1():
     variants = [(False, False), (True, False), (False, True)]
     results = run_distributed(_w_train, 2, args=(2, variants))

@@ -65,7 +65,7 @@ def _w_core_attention(rank, world_size):
     from megatron.core.transformer.enums import AttnMaskType
 
     from moba_cp.megatron.core_attention import FullCoreAttention, MoBACoreAttention
-    from moba_cp.megatron.model import transformer_config_from_recipe
+    from moba_cp.megatron.transformer_config import transformer_config_from_recipe
     from moba_cp.config import ParallelConfig
     from moba_cp.ops.moba.api import moba_attn
 
@@ -117,6 +117,9 @@ def _w_core_attention(rank, world_size):
         "full->moba": lambda: full.set_mode("moba"),
         "dropout": lambda: MoBACoreAttention(**mk, attention_dropout=0.1, moba_block_size=16, moba_topk=2),
         "no moba params": lambda: MoBACoreAttention(**mk),
+        "bad heads": lambda: moba(q[:, :, :3], k, v, None, attn_mask_type=AttnMaskType.causal),
+        "bad heads thd": lambda: moba(qt, kt[:30], vt[:30], None, attn_mask_type=AttnMaskType.padding_causal,
+                                      packed_seq_params=psp),
     }.items():
         try:
             fn()
@@ -132,6 +135,28 @@ def test_core_attention_contract():
         assert err < 1e-5, f"{name}: max rel err {err:.2e}"
     for name, msg in errors.items():
         assert msg, f"{name} was accepted; it must raise"
+    # the op's own input rules (moba_cp.ops.moba.validate), in Megatron's layouts
+    assert "MoBACoreAttention: Hq=3 query heads is not divisible by Hkv=2" in errors["bad heads"]
+    assert "MoBACoreAttention: q has 96 tokens but k/v have 30" in errors["bad heads thd"]
+    assert "MoBACoreAttention spec params: block_size=None is invalid" in errors["no moba params"]
+
+
+def test_cuda_to_cpu_does_not_switch_the_compat_on():
+    """The CPU compat is switched on only by init_parallel (docs/design.md section 4): the
+    context manager refuses to run half-patched instead of activating it on the side. (The
+    pytest process itself is never patched: Megatron runs in worker processes.)"""
+    import torch
+
+    from moba_cp.megatron import compat_cpu
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine cuda_to_cpu is a no-op")
+    assert not compat_cpu.is_active()
+    with pytest.raises(RuntimeError, match="Fix: initialise the parallel state first with "
+                                           "moba_cp.megatron.parallel_init.init_parallel"):
+        with compat_cpu.cuda_to_cpu():
+            pass
+    assert not compat_cpu.is_active()
 
 
 # ----------------------------------------------------------------------------- topk >= n_blocks == full
@@ -162,15 +187,15 @@ def test_moba_with_topk_covering_all_blocks_equals_full_attention():
 
 def _w_switch(rank, world_size):
     from moba_cp.megatron import compat_cpu
-    from moba_cp.megatron import model as mm
+    from moba_cp.megatron.optimizer import build_optimizer, wrap_ddp
     from moba_cp.megatron.hybrid_switch import attention_modes, set_attention_mode
 
     s = 256
     tokens = [batch(2, s, seed=i) for i in range(4)]
     cfg = tiny_model_cfg(seq_length=s)
     model, pcfg = build(cfg, moba_cfg(16, 2), attention_cfg("hybrid"))
-    ddp = mm.wrap_ddp(model, pcfg)
-    opt = mm.build_optimizer(ddp, lr=1e-2, weight_decay=0.0, clip_grad=1.0)
+    ddp = wrap_ddp(model, pcfg)
+    opt = build_optimizer(ddp, lr=1e-2, weight_decay=0.0, clip_grad=1.0)
     log = {"modes": [attention_modes(ddp)]}
 
     def train_step(tok):
@@ -251,7 +276,7 @@ def _w_bf16(rank, world_size):
     """A bf16 model (config forced to bf16: on CPU the recipe's precision is ignored) has every
     parameter in bf16, norms included, and its loss is the fp32 model's within bf16 rounding."""
     from moba_cp.config import ParallelConfig
-    from moba_cp.megatron.model import transformer_config_from_recipe
+    from moba_cp.megatron.transformer_config import transformer_config_from_recipe
 
     s = 256
     tokens = batch(1, s)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from moba_cp.experiments.fit import fit_power_law, pflops_days
-from moba_cp.experiments.plots import plot_granularity, plot_hybrid, plot_scaling
+from moba_cp.experiments.sweep_plots import plot_granularity, plot_hybrid, plot_scaling
 from moba_cp.experiments.sweep import SweepError, _with_extra, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +132,7 @@ def test_sweep_charts_are_valid_images(tmp_path):
 
 def test_seed_replicates_expand_and_average(tmp_path):
     """`seeds:` runs every point once per seed; charts and tables show the mean +- std per point."""
-    from moba_cp.experiments.plots import aggregate_seeds, sweep_table
+    from moba_cp.experiments.sweep_plots import aggregate_seeds, sweep_table
 
     f = tmp_path / "seeds.yaml"
     f.write_text(yaml_dump(dict(name="sd", kind="hybrid", base="recipes/quickstart.yaml", metric="loss", seeds=[1, 2],
@@ -227,7 +227,9 @@ def test_parallel_scheduler_deadline_stops_and_resumes(tmp_path):
     assert not (run / "sweep_point.json").exists() and len(saved) == 1
     step = int(saved[0].name.split("_")[1])
     assert step > 0
-    proc = _cli("sweep", str(a), "--gpus", "1", "--deadline-min", "0.3")
+    # 36 s: enough for the resumed process to start and load the checkpoint on a busy 2-core machine
+    # (18 s was not: the run was stopped before it had imported torch and Megatron-Core).
+    proc = _cli("sweep", str(a), "--gpus", "1", "--deadline-min", "0.6")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"resumed from {saved[0]} (step {step})" in (run / "sweep.log").read_text()
 

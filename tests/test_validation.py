@@ -1,9 +1,15 @@
 """Every validation error of the public op is reached, and names the value and the rule."""
 
+import gc
+import logging
+import re
+
 import pytest
 import torch
 
 from moba_cp import moba_attn, moba_attn_bshd
+from moba_cp.config import RecipeError, load_recipe
+from moba_cp.ops.moba import api, validate
 from moba_cp.ops.moba.api import choose_backend
 
 
@@ -55,10 +61,56 @@ def test_topk_larger_than_blocks_is_valid():
     assert call(q, k, v, topk=1000).shape == q.shape
 
 
-def test_explicit_unavailable_backend_is_an_error_not_a_fallback():
+def test_explicit_unavailable_backend_is_an_error_not_a_fallback(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v = _qkv()
-    with pytest.raises(RuntimeError, match="backend='flash' was requested but is unavailable"):
+    with pytest.raises(RuntimeError, match="backend='triton' was requested but is unavailable"):
+        call(q, k, v, backend="triton")
+
+
+def test_no_flash_backend_is_offered():
+    """There is no flash-attn MoBA backend: neither the op nor the recipe schema accepts one."""
+    assert api.BACKENDS == ("naive", "triton")
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="backend='flash' is unknown; choose one of 'naive', 'triton' or 'auto'"):
         call(q, k, v, backend="flash")
+    with pytest.raises(RecipeError, match="moba.backend"):
+        load_recipe("recipes/quickstart.yaml", ["--moba.backend=flash"])
+
+
+def test_cu_seqlens_value_check_is_cached_per_tensor_object():
+    """The host-side value check runs once per tensor and version, keyed by the tensor itself
+    (not its id(), which a later tensor may reuse): the entry dies with the tensor."""
+    q, k, v = _qkv()
+    before = len(validate._VALIDATED)
+    cu = torch.tensor([0, 16, 32], dtype=torch.int32)
+    call(q, k, v, cu_seqlens=cu)
+    assert cu in validate._VALIDATED and len(validate._VALIDATED) == before + 1
+    cu[1] = 40  # modified in place: the cached verdict no longer holds, the values are read again
+    with pytest.raises(ValueError, match="decreases at index 2"):
+        call(q, k, v, cu_seqlens=cu)
+    del cu
+    gc.collect()
+    assert len(validate._VALIDATED) == before
+
+
+@pytest.mark.parametrize("layouts,q_shape,kv_shape,pattern", [
+    (("[s, b, H, D]",), (8, 2, 4, 16), (8, 2, 3, 16), "Hq=4 query heads is not divisible by Hkv=3"),
+    (("[s, b, H, D]",), (8, 2, 4, 16), (8, 1, 2, 16), r"q has leading dims \(8, 2\) but k/v have \(8, 1\)"),
+    (("[s, b, H, D]",), (8, 4, 16), (8, 2, 16), r"expected 4 dims \[s, b, H, D\]. Fix: pass"),
+    (("[S, H, D]", "[b, S, H, D]"), (2, 8, 4, 16), (2, 8, 2, 8), "head dim 16 differs from k/v head dim 8"),
+])
+def test_qkv_rules_for_other_layouts(layouts, q_shape, kv_shape, pattern):
+    """The same rules serve callers with other layouts (Megatron's [s, b, H, D], batched CP)."""
+    q, k = torch.randn(q_shape), torch.randn(kv_shape)
+    err = validate.qkv_error(q, k, k.clone(), op="caller", layouts=layouts)
+    assert isinstance(err, ValueError) and re.search(pattern, str(err)), err
+    assert str(err).startswith("caller: ")
+    with pytest.raises(ValueError, match=pattern):
+        validate.check_qkv(q, k, k.clone(), op="caller", layouts=layouts)
+    q_ok = torch.randn(8, 2, 4, 16) if q.dim() == 3 else q  # every case's layouts take 4-D tensors
+    k_ok = torch.randn(*q_ok.shape[:-2], 2, q_ok.shape[-1])
+    assert validate.qkv_error(q_ok, k_ok, k_ok, layouts=layouts) is None
 
 
 def test_triton_backend_refused_on_cpu_without_interpreter(monkeypatch):
@@ -67,15 +119,12 @@ def test_triton_backend_refused_on_cpu_without_interpreter(monkeypatch):
         choose_backend("triton", torch.device("cpu"))
 
 
-def test_auto_picks_naive_on_cpu_and_says_so(caplog):
-    import logging
-
-    from moba_cp.ops.moba import api
-
+def test_auto_picks_naive_on_cpu_and_says_so_once(caplog):
     api._announced.clear()
     with caplog.at_level(logging.INFO, logger="moba_cp.ops.moba.api"):
         assert choose_backend("auto", torch.device("cpu")) == "naive"
-    assert "chose 'naive'" in caplog.text
+        assert choose_backend("auto", torch.device("cpu")) == "naive"
+    assert caplog.text.count("chose 'naive'") == 1
 
 
 def test_bshd_wrapper_errors():

@@ -41,8 +41,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .prepare import encode_document, write_indexed_dataset
-from .tokenizers import build_tokenizer, tokenizer_fingerprint
+from moba_cp.data.prepare import encode_document, write_indexed_dataset
+from moba_cp.data.tokenizers import build_tokenizer, tokenizer_fingerprint
 
 __all__ = ["CorpusDocument", "collect_documents", "select_documents", "ensure_builtin_corpus", "corpus_hash",
            "DEFAULT_BUDGET_BYTES", "stdlib_dir"]

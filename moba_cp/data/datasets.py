@@ -1,5 +1,5 @@
 """Train/valid datasets on Megatron-Core (``GPTDataset``, blends, ``MockGPTDataset``), the retrieval
-mixture, a resumable data-parallel sampler, and up-front validation of data paths.
+mixture, and up-front validation of data paths.
 
 Items (all datasets here) are dicts of tensors of length ``seq_length``:
 ``tokens`` int64, ``labels`` int64 (``tokens`` shifted by one), ``loss_mask`` float32,
@@ -19,8 +19,7 @@ Example (the training loop)::
         cfg.data, seq_length=cfg.model.seq_length, seed=cfg.train.seed,
         num_train_samples=cfg.train.steps * cfg.train.global_batch_size,
         num_valid_samples=n_evals * cfg.eval.iters * cfg.train.global_batch_size, tokenizer=tok)
-    sampler = PretrainingSampler(len(train_ds), consumed_samples, micro_batch_size, dp_rank, dp_size)
-    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler)
+    sample = train_ds[step * cfg.train.global_batch_size + i]   # the order is a function of the step
 """
 
 from __future__ import annotations
@@ -29,15 +28,23 @@ import contextlib
 import hashlib
 import os
 import struct
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from .builtin_corpus import DEFAULT_BUDGET_BYTES, _FileLock, ensure_builtin_corpus
-from .tokenizers import TokenizerError, build_tokenizer
+from moba_cp.data.builtin_corpus import (DEFAULT_BUDGET_BYTES, _FileLock, collect_documents, ensure_builtin_corpus,
+                                         select_documents)
+from moba_cp.data.prepare import encode_document
+from moba_cp.data.retrieval_docs import fixed_tokens, make_needle_sample
+from moba_cp.data.tokenizers import TokenizerError, build_tokenizer
 
 __all__ = ["DataConfigError", "parse_blend", "validate_data_paths", "build_train_valid_datasets",
-           "RetrievalMixtureDataset", "PretrainingSampler", "gpt_dataset_config", "heldout_sequences"]
+           "RetrievalMixtureDataset", "gpt_dataset_config", "heldout_sequences"]
 
 
 class DataConfigError(ValueError):
@@ -140,7 +147,6 @@ def gpt_dataset_config(*, seq_length: int, seed: int, tokenizer, blend=None, spl
                        path_to_cache: Optional[str] = None, reset_position_ids: bool = False,
                        eod_mask_loss: bool = False):
     """A Megatron-Core 0.16 ``GPTDatasetConfig`` with moba_cp's defaults (no attention mask tensor)."""
-    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
     return GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=blend, split=split, path_to_cache=path_to_cache,
@@ -183,8 +189,6 @@ def build_train_valid_datasets(data_cfg, *, seq_length: int, seed: int, num_trai
     Raises:
         DataConfigError: bad paths/config (checked first), or too little data for the split.
     """
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
 
     validate_data_paths(data_cfg)
     tok = tokenizer if tokenizer is not None else build_tokenizer(data_cfg.tokenizer)
@@ -239,8 +243,6 @@ def _check_split_has_tokens(prefixes: Sequence[str], split: str, need_valid: boo
     Drawn splits: train; valid when validation samples are wanted; and with weighted ``data.paths``
     every split of nonzero weight (Megatron then samples each, even with size 0).
     """
-    from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     weights = parse_and_normalize_split(split)
     bounds = [0.0]
@@ -314,7 +316,7 @@ class RetrievalMixtureDataset(torch.utils.data.Dataset):
     """Replaces a fraction of a dataset's samples with synthetic retrieval documents.
 
     Sample ``idx`` is replaced iff ``hash(seed, idx) / 2**64 < fraction`` (deterministic, independent
-    of access order and worker count). A replaced sample is a :func:`moba_cp.eval.needle.make_needle_sample`
+    of access order and worker count). A replaced sample is a :func:`moba_cp.data.retrieval_docs.make_needle_sample`
     of ``seq_length + 1`` tokens (kind and depth 0..100 also drawn from the hash), whose haystack is the
     original sample's own text (EOD/pad tokens removed), so the model reads real text with a needle in
     it, not the same filler every time; the item is then shifted into ``tokens``/``labels`` like any
@@ -330,7 +332,7 @@ class RetrievalMixtureDataset(torch.utils.data.Dataset):
         tokenizer: the training tokenizer.
         fraction: share of samples replaced, in [0, 1].
         seq_length, seed: as for the base dataset.
-        kinds: needle kinds to draw from (see :data:`moba_cp.eval.needle.KINDS`); those too long for
+        kinds: needle kinds to draw from (see :data:`moba_cp.data.retrieval_docs.KINDS`); those too long for
             ``seq_length`` are left out (``self.kinds`` says which remain; none left raises).
         loss_on: ``"all"`` or ``"answer"`` (see above).
 
@@ -344,8 +346,6 @@ class RetrievalMixtureDataset(torch.utils.data.Dataset):
             raise ValueError(f"retrieval fraction {fraction} must be in [0, 1].")
         if loss_on not in ("all", "answer"):
             raise ValueError(f"loss_on={loss_on!r}: choose 'all' or 'answer'.")
-        from moba_cp.eval.needle import fixed_tokens
-
         self.base, self.tok, self.fraction = base, tokenizer, float(fraction)
         self.seq_length, self.seed, self.loss_on = int(seq_length), int(seed), loss_on
         # Keep the kinds whose fixed parts leave room for a haystack (>= 64 tokens, + 32 for key-length spread).
@@ -368,8 +368,6 @@ class RetrievalMixtureDataset(torch.utils.data.Dataset):
         item = self.base[idx]
         if not self.is_retrieval(idx):
             return item
-        from moba_cp.eval.needle import make_needle_sample
-
         h = _unit(self.seed, idx, "needle")
         kind = self.kinds[h % len(self.kinds)]
         depth = (h >> 8) % 101
@@ -386,37 +384,6 @@ class RetrievalMixtureDataset(torch.utils.data.Dataset):
             loss_mask[s.answer_start - 1:] = 1.0  # labels[j] = seq[j + 1]: the answer is labels[answer_start-1:]
         return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
                 "position_ids": torch.arange(self.seq_length, dtype=torch.long)}
-
-
-class PretrainingSampler(torch.utils.data.Sampler):
-    """Batch sampler over ``[consumed_samples, total)`` in order, split across data-parallel ranks.
-
-    Each global step consumes ``micro_batch_size * dp_size`` consecutive indices per micro-batch;
-    rank ``r`` takes its contiguous slice. Resuming with ``consumed_samples`` from a checkpoint
-    continues exactly where the run stopped, for any ``dp_size`` (the shuffle lives in the dataset,
-    so the order of samples does not depend on the layout). Incomplete last batches are dropped.
-
-    Yields:
-        lists of ``micro_batch_size`` dataset indices.
-    """
-
-    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
-                 dp_rank: int = 0, dp_size: int = 1):
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size}).")
-        if micro_batch_size < 1 or total_samples < 1:
-            raise ValueError(f"micro_batch_size={micro_batch_size} and total_samples={total_samples} must be >= 1.")
-        self.total, self.consumed, self.mbs = int(total_samples), int(consumed_samples), int(micro_batch_size)
-        self.rank, self.dp = int(dp_rank), int(dp_size)
-
-    def __len__(self) -> int:
-        return (self.total - self.consumed) // (self.mbs * self.dp)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        step = self.mbs * self.dp
-        for start in range(self.consumed, self.total - step + 1, step):
-            lo = start + self.rank * self.mbs
-            yield list(range(lo, lo + self.mbs))
 
 
 def heldout_sequences(data_cfg, *, seq_length: int, num_sequences: int, tokenizer=None, seed: int = 0,
@@ -443,8 +410,6 @@ def heldout_sequences(data_cfg, *, seq_length: int, num_sequences: int, tokenize
     Raises:
         DataConfigError: no held-out document has ``S + 1`` tokens (the message gives the longest).
     """
-    import numpy as np
-
     tok = tokenizer if tokenizer is not None else build_tokenizer(data_cfg.tokenizer)
     need = seq_length + 1
     out: list[torch.Tensor] = []
@@ -453,9 +418,6 @@ def heldout_sequences(data_cfg, *, seq_length: int, num_sequences: int, tokenize
         g = torch.Generator().manual_seed(seed)
         return [torch.randint(0, tok.vocab_size, (need,), generator=g) for _ in range(num_sequences)]
     if data_cfg.source == "builtin":
-        from .builtin_corpus import collect_documents, select_documents
-        from .prepare import encode_document
-
         docs = collect_documents()
         chosen = {d.name for d in select_documents(docs, builtin_budget_bytes)}
         rest = sorted((d for d in docs if d.name not in chosen),
@@ -469,9 +431,6 @@ def heldout_sequences(data_cfg, *, seq_length: int, num_sequences: int, tokenize
             if len(arr) >= need:
                 out.append(torch.from_numpy(np.asarray(arr[:need], dtype=np.int64)))
     else:
-        from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
         validate_data_paths(data_cfg)
         prefix = parse_blend(data_cfg.paths)[0][0]
         ds = IndexedDataset(prefix)

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-from .tokenizers import ByteTokenizer, TokenizerError, build_tokenizer
+from moba_cp.data.tokenizers import ByteTokenizer, TokenizerError, build_tokenizer
 
 __all__ = ["prepare_data", "write_indexed_dataset", "expand_inputs", "encode_document", "token_dtype",
            "PrepareStats", "DataPrepError", "add_arguments", "run", "main"]
@@ -124,8 +125,6 @@ def write_indexed_dataset(docs: Iterable[np.ndarray], output_prefix: str, vocab_
     Returns:
         ``(documents, tokens)`` written.
     """
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(out_dir, exist_ok=True)
     tmp = f"{output_prefix}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -184,9 +183,6 @@ def prepare_data(inputs: Sequence[str], output_prefix: str, tokenizer="byte", *,
     """
     tok = build_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     paths = expand_inputs(inputs, extensions)
-    # Import Megatron (seconds) before the clock starts, so the printed throughput is the build's own.
-    import megatron.core.datasets.indexed_dataset  # noqa: F401
-
     stats = PrepareStats(output_prefix, files=len(paths), documents=0, tokens=0, bytes_read=0, seconds=0.0)
     prog = _Progress(f"prepare-data {os.path.basename(output_prefix)}", progress_every, stream)
     t0 = time.perf_counter()

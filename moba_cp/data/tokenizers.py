@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections import OrderedDict
 from typing import Sequence
@@ -199,6 +200,4 @@ def build_tokenizer(spec: str):
 
 def tokenizer_fingerprint(tok) -> str:
     """A short stable string naming the tokenizer (for content hashes of built datasets)."""
-    import json
-
     return hashlib.sha256(json.dumps(tok.unique_identifiers, sort_keys=True).encode()).hexdigest()[:16]

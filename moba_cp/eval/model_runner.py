@@ -113,7 +113,7 @@ class EvalModel:
         return zigzag_unshard(parts, seq_dim=1)
 
     def _shard(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
-        from moba_cp.megatron.model import shard_batch_for_cp
+        from moba_cp.megatron.cp_batch import shard_batch_for_cp
 
         s = tokens.shape[-1]
         batch = {"tokens": tokens, "position_ids": torch.arange(s)[None].expand_as(tokens).contiguous()}
@@ -149,7 +149,7 @@ def load_eval_model(checkpoint: str | Path, seq_length: int, overrides: list[str
     from megatron.core import dist_checkpointing
 
     from moba_cp.data.tokenizers import build_tokenizer
-    from moba_cp.megatron import model as mm
+    from moba_cp.megatron.model import build_gpt_model
     from moba_cp.train.checkpoint import quiet_known_load_warnings
 
     ckpt, base, _ = read_trained_recipe(checkpoint, overrides)
@@ -166,8 +166,8 @@ def load_eval_model(checkpoint: str | Path, seq_length: int, overrides: list[str
     if env.dp != 1:
         raise RecipeError(f"eval runs with dp=1: launch tp*cp = {p.tp * p.cp} processes, not {env.world_size} "
                           f"(or set --parallel.cp={env.world_size // p.tp}).")
-    model = mm.build_gpt_model(cfg.model, cfg.moba, cfg.attention, cfg.parallel, vocab_size=tokenizer.vocab_size,
-                               precision=cfg.train.precision)
+    model = build_gpt_model(cfg.model, cfg.moba, cfg.attention, cfg.parallel, vocab_size=tokenizer.vocab_size,
+                            precision=cfg.train.precision)
     with quiet_known_load_warnings():
         state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt))
     model.load_state_dict(state["model"])

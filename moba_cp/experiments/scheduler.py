@@ -25,8 +25,8 @@ from pathlib import Path
 
 import yaml
 
-from .sweep import (SweepError, SweepPoint, SweepSpec, _finish_point, _point_commands, _run, _with_extra,
-                    collect_results, point_cost)
+from moba_cp.experiments.sweep import (SweepError, SweepPoint, SweepSpec, _finish_point, _point_commands, _run,
+                                       _with_extra, collect_results, point_cost)
 
 __all__ = ["run_sweeps_parallel", "parse_gpus"]
 

@@ -36,6 +36,12 @@ from pathlib import Path
 
 import yaml
 
+from moba_cp.config import RecipeError, layer_attention_kinds, load_recipe
+from moba_cp.data.retrieval_docs import KINDS as NEEDLE_KINDS
+from moba_cp.data.retrieval_docs import fixed_tokens, parse_lengths
+from moba_cp.data.tokenizers import build_tokenizer
+from moba_cp.train.flops import flops_per_step
+
 __all__ = ["SweepSpec", "SweepPoint", "load_sweep", "run_sweep", "collect_results", "SweepError"]
 
 KINDS = ("scaling", "granularity", "hybrid")
@@ -126,8 +132,6 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> SweepSpec:
     if len(set(names)) != len(names):
         raise SweepError(f"{p}: duplicate point names {sorted({n for n in names if names.count(n) > 1})}.")
     # Every point's recipe must validate now, not an hour into the sweep.
-    from moba_cp.config import RecipeError, load_recipe
-
     for pt in points:
         try:
             load_recipe(data["base"], pt.overrides)
@@ -150,17 +154,14 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> SweepSpec:
 
 def _check_needle_lengths(p: Path, needle: dict, cfg) -> None:
     """Every needle length must hold each kind's fixed text; found now, not after the training."""
-    from moba_cp.data.tokenizers import build_tokenizer
-    from moba_cp.eval.needle import KINDS, fixed_tokens, parse_lengths
-
     try:
         lengths = parse_lengths(str(needle.get("lengths", "4k,8k")))
     except ValueError as e:
         raise SweepError(f"{p}: eval_needle.lengths: {e}") from None
-    kinds = [k.strip() for k in str(needle.get("kinds", ",".join(KINDS))).split(",") if k.strip()]
-    bad = [k for k in kinds if k not in KINDS]
+    kinds = [k.strip() for k in str(needle.get("kinds", ",".join(NEEDLE_KINDS))).split(",") if k.strip()]
+    bad = [k for k in kinds if k not in NEEDLE_KINDS]
     if bad:
-        raise SweepError(f"{p}: eval_needle.kinds has {bad}; choose among {', '.join(KINDS)}.")
+        raise SweepError(f"{p}: eval_needle.kinds has {bad}; choose among {', '.join(NEEDLE_KINDS)}.")
     tok = build_tokenizer(cfg.data.tokenizer)
     for k in kinds:
         need = fixed_tokens(tok, k)
@@ -171,10 +172,6 @@ def _check_needle_lengths(p: Path, needle: dict, cfg) -> None:
 
 def _point_summary(spec: SweepSpec, pt: SweepPoint, run_dir: Path) -> dict:
     """What the charts need of a finished point: its labels, compute, attention shape, metrics."""
-    from moba_cp.config import layer_attention_kinds, load_recipe
-    from moba_cp.data.tokenizers import build_tokenizer
-    from moba_cp.train.loop import _flops_per_step
-
     cfg = load_recipe(spec.base, pt.overrides)
     vocab = build_tokenizer(cfg.data.tokenizer).vocab_size
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -185,7 +182,7 @@ def _point_summary(spec: SweepSpec, pt: SweepPoint, run_dir: Path) -> dict:
     n_blocks = cfg.model.seq_length // cfg.moba.block_size
     out = {
         "name": pt.name, "group": pt.group, "labels": pt.labels, "overrides": pt.overrides,
-        "train_flops": _flops_per_step(cfg, vocab) * cfg.train.steps,
+        "train_flops": flops_per_step(cfg, vocab) * cfg.train.steps,
         "loss": sum(tail) / len(tail) if tail else None,
         "valid_loss": valid[-1]["valid_loss"] if valid else None,
         "pattern": cfg.attention.pattern, "full_layers": kinds.count("full"), "num_layers": len(kinds),
@@ -225,12 +222,12 @@ def _run(cmd: list[str], log: Path, env: dict | None = None, procs: dict | None 
         # Own process group: a deadline stops the whole torchrun tree with one signal.
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         if procs is not None:
-            procs[id(proc)] = proc
+            procs[proc.pid] = proc  # live children by pid, so a deadline can stop them
         try:
             rc = proc.wait()
         finally:
             if procs is not None:
-                procs.pop(id(proc), None)
+                procs.pop(proc.pid, None)
     if rc != 0:
         raise SweepError(f"command failed with exit code {rc}: {' '.join(cmd)} (log: {log})")
 
@@ -245,20 +242,14 @@ def _finish_point(spec: SweepSpec, pt: SweepPoint, run_dir: Path) -> dict:
 
 def point_cost(spec: SweepSpec, pt: SweepPoint) -> float:
     """Training FLOPs of a point: what the parallel scheduler balances and predicts time from."""
-    from moba_cp.config import load_recipe
-    from moba_cp.data.tokenizers import build_tokenizer
-    from moba_cp.train.loop import _flops_per_step
-
     cfg = load_recipe(spec.base, pt.overrides)
-    return float(_flops_per_step(cfg, build_tokenizer(cfg.data.tokenizer).vocab_size) * cfg.train.steps)
+    return float(flops_per_step(cfg, build_tokenizer(cfg.data.tokenizer).vocab_size) * cfg.train.steps)
 
 
 def _with_extra(spec: SweepSpec, extra: list[str]) -> SweepSpec:
     """The spec with command-line overrides appended to every point (they win over the file's)."""
     if not extra:
         return spec
-    from moba_cp.config import RecipeError, load_recipe
-
     points = [replace(pt, overrides=pt.overrides + list(extra)) for pt in spec.points]  # keeps group, labels
     for pt in points:
         try:

@@ -1,45 +1,46 @@
 """Run Megatron-Core on a machine without a GPU (CPU + gloo), for tests and the quickstart.
 
 Everything moba_cp does to get Megatron-Core past its CUDA assumptions lives in this one
-file (``shared/notes/megatron-cpu.md`` lists the obstacles). Nothing here is ever active where
-a GPU is present: :func:`activate` returns ``False`` and changes nothing when
-``torch.cuda.is_available()``, and :func:`cuda_to_cpu` is then a no-op context.
+file (``docs/design.md`` section 4). Nothing here is ever active where a GPU is present:
+:func:`activate` returns ``False`` and changes nothing when ``torch.cuda.is_available()``, and
+:func:`cuda_to_cpu` is then a no-op context.
 
 Two layers:
 
-1. :func:`activate` (idempotent, call once per process, before building the model): patches
-   that are cheap and safe for the whole process.
+1. :func:`activate` (idempotent): patches that are cheap and safe for the whole process. It is
+   called in exactly one place, :func:`moba_cp.megatron.parallel_init.init_parallel`, which
+   every use of Megatron-Core goes through first.
 
-   - ``torch.cuda.current_device()`` returns ``torch.device('cpu')`` (obstacles 2-4: RoPE's
-     ``inv_freq`` move, ``GlobalMemoryBuffer``, DDP's param/grad buffers all allocate on
-     "the current CUDA device"); ``torch.cuda.current_stream/default_stream`` return a null
-     stream (obstacle 7, 0.19's DDP ``start_grad_sync``); ``torch.cuda.synchronize`` is a no-op.
-   - A CPU RNG tracker replaces Megatron's ``CudaRNGStatesTracker`` (obstacle 1): its named
-     states are CPU generator states, and ``fork()`` swaps the CPU default generator, so
-     "model-parallel" dropout/initialisation streams behave as on GPU.
-   - ``get_pos_emb_on_this_cp_rank`` (RoPE under CP) without ``pin_memory().cuda()``
-     (obstacle 3).
+   - ``torch.cuda.current_device()`` returns ``torch.device('cpu')`` (RoPE's ``inv_freq``
+     move, ``GlobalMemoryBuffer``, DDP's param/grad buffers all allocate on "the current CUDA
+     device"); ``torch.cuda.current_stream/default_stream`` return a null stream (0.19's DDP
+     ``start_grad_sync``); ``torch.cuda.synchronize`` is a no-op.
+   - A CPU RNG tracker replaces Megatron's ``CudaRNGStatesTracker`` (``model_parallel_cuda_
+     manual_seed`` reads CUDA RNG states): its named states are CPU generator states, and
+     ``fork()`` swaps the CPU default generator, so "model-parallel" dropout/initialisation
+     streams behave as on GPU.
+   - ``get_pos_emb_on_this_cp_rank`` (RoPE under CP) without ``pin_memory().cuda()``.
 
 2. :func:`cuda_to_cpu` (a context manager): a ``TorchFunctionMode`` that rewrites CUDA device
    arguments to CPU, makes ``Tensor.cuda()``/``pin_memory()`` identity and reports CPU float
-   tensors as ``torch.cuda.*Tensor`` from a no-argument ``Tensor.type()`` (obstacle 6: the
-   optimizer, grad scaler, ``clip_grads`` and ``schedules.py`` hard-code ``device='cuda'`` and
-   check tensor type names). It dispatches every torch call through Python, so wrap only the
-   calls that need it: ``get_megatron_optimizer``, ``optimizer.step()`` and the
-   ``forward_backward_func`` call (which counts tokens on ``device='cuda'``).
+   tensors as ``torch.cuda.*Tensor`` from a no-argument ``Tensor.type()`` (the optimizer, grad
+   scaler, ``clip_grads`` and ``schedules.py`` hard-code ``device='cuda'`` and check tensor type
+   names). It dispatches every torch call through Python, so wrap only the calls that need it:
+   ``get_megatron_optimizer``, ``optimizer.step()``, the ``forward_backward_func`` call (which
+   counts tokens on ``device='cuda'``) and checkpoint save/load. It activates nothing: used on
+   a GPU-less machine before :func:`activate`, it raises.
 
-Not patched, handled by the model builder instead: ``use_cpu_initialization=True`` (obstacle 2,
-set by :func:`moba_cp.megatron.model.transformer_config_from_recipe` when there is no GPU),
-``get_default_causal_mask`` (obstacle 5: moba_cp's core attentions never call it) and
-0.16.1's per-layer ``cp_comm_type`` list bug (obstacle 8, not CPU-specific: moba_cp leaves
-``cp_comm_type`` unset, its attentions do their own CP communication, and
+Not patched, handled by the model build instead: ``use_cpu_initialization=True`` (set by
+:func:`moba_cp.megatron.transformer_config.transformer_config_from_recipe` when there is no
+GPU), ``get_default_causal_mask`` (hard-codes ``device='cuda'``; moba_cp's core attentions
+never call it) and 0.16.1's per-layer ``cp_comm_type`` list bug (not CPU-specific: moba_cp
+leaves ``cp_comm_type`` unset, its attentions do their own CP communication, and
 ``transformer_config_from_recipe`` refuses a per-layer list on megatron-core < 0.19).
 
 Example (the training loop on CPU)::
 
-    from moba_cp.megatron import compat_cpu
-    compat_cpu.activate()                       # no-op on GPU machines
-    ... initialize_model_parallel, model_parallel_cuda_manual_seed, build model, DDP ...
+    init_parallel(cfg.parallel, seed=...)      # switches the compat on (no-op on GPU machines)
+    ... build model, DDP ...
     with compat_cpu.cuda_to_cpu():
         optimizer = get_megatron_optimizer(opt_cfg, [model])
     with compat_cpu.cuda_to_cpu():
@@ -50,9 +51,11 @@ Example (the training loop on CPU)::
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 
 import torch
+from megatron.core.tensor_parallel import random as mrandom
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["activate", "is_active", "cuda_to_cpu", "CpuRNGStatesTracker", "NullStream"]
@@ -96,55 +99,43 @@ class NullStream:
 
 # ----------------------------------------------------------------------------- RNG tracker
 
-def _cpu_tracker_class():
-    from megatron.core.tensor_parallel import random as mrandom
+class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
+    """Megatron's named-RNG-state tracker, on the CPU default generator.
 
-    class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
-        """Megatron's named-RNG-state tracker, on the CPU default generator.
+    ``add(name, seed)`` records a CPU generator state seeded with ``seed``;
+    ``fork(name)`` installs it as the CPU default generator's state for the block and
+    saves the advanced state back on exit (what the CUDA tracker does with CUDA states).
+    """
 
-        ``add(name, seed)`` records a CPU generator state seeded with ``seed``;
-        ``fork(name)`` installs it as the CPU default generator's state for the block and
-        saves the advanced state back on exit (what the CUDA tracker does with CUDA states).
-        """
+    def __init__(self, *args, **kwargs):
+        kwargs.pop("use_cudagraphable_rng", None)  # CUDA graphs do not exist on CPU
+        super().__init__(*args, **kwargs)
 
-        def __init__(self, *args, **kwargs):
-            kwargs.pop("use_cudagraphable_rng", None)  # CUDA graphs do not exist on CPU
-            super().__init__(*args, **kwargs)
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        self.seeds_.add(seed)
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(seed)
+        self.states_[name] = gen.get_state()
 
-        def add(self, name, seed):
-            self._is_initialized = True
-            if seed in self.seeds_:
-                raise Exception(f"seed {seed} already exists")
-            self.seeds_.add(seed)
-            if name in self.states_:
-                raise Exception(f"rng state {name} already exists")
-            gen = torch.Generator(device="cpu")
-            gen.manual_seed(seed)
-            self.states_[name] = gen.get_state()
-
-        @contextlib.contextmanager
-        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
-            if name not in self.states_:
-                raise Exception(f"rng state {name} is not added")
-            orig = torch.get_rng_state()
-            torch.set_rng_state(self.states_[name])
-            try:
-                yield
-            finally:
-                self.states_[name] = torch.get_rng_state()
-                torch.set_rng_state(orig)
-
-    return CpuRNGStatesTracker
-
-
-CpuRNGStatesTracker = None  # the class, created by activate() (it subclasses a Megatron class)
+    @contextlib.contextmanager
+    def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        orig = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
 
 
 def _install_rng_tracker():
-    global CpuRNGStatesTracker
-    from megatron.core.tensor_parallel import random as mrandom
-
-    CpuRNGStatesTracker = _cpu_tracker_class()
     original_init = mrandom.initialize_rng_tracker
 
     def initialize_rng_tracker(*args, **kwargs):
@@ -180,8 +171,7 @@ def _get_pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
 
 
 def _patch_rope():
-    import importlib
-
+    # By name: the function moved between megatron-core versions.
     for name in ("megatron.core.models.common.embeddings.rope_utils",
                  "megatron.core.models.common.embeddings.rotary_pos_embedding",
                  "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding"):
@@ -198,8 +188,9 @@ def _patch_rope():
 def activate() -> bool:
     """Patch this process so Megatron-Core runs on CPU; returns True when active.
 
-    Does nothing (returns False) when a GPU is available. Idempotent. Call it before building
-    the model; it may be called before or after ``initialize_model_parallel``.
+    Does nothing (returns False) when a GPU is available. Idempotent. Called by
+    :func:`moba_cp.megatron.parallel_init.init_parallel` (the one place), before the parallel
+    state is built.
     """
     global _ACTIVE
     if _ACTIVE:
@@ -264,10 +255,19 @@ def cuda_to_cpu():
     """Context in which CUDA device requests become CPU ones (no-op where a GPU is present).
 
     Wrap Megatron calls that hard-code ``device='cuda'``: ``get_megatron_optimizer``,
-    ``optimizer.step()``, ``forward_backward_func(...)``. Activates the process patches too.
+    ``optimizer.step()``, ``forward_backward_func(...)``, checkpoint save/load.
+
+    Raises:
+        RuntimeError: no GPU and :func:`activate` has not run in this process.
     """
-    if not activate():
-        yield
-        return
+    if not _ACTIVE:
+        if torch.cuda.is_available():
+            yield
+            return
+        raise RuntimeError(
+            "compat_cpu.cuda_to_cpu: Megatron-Core's CPU compat is not active in this GPU-less "
+            "process, so Megatron's CUDA-only code would fail. Fix: initialise the parallel state "
+            "first with moba_cp.megatron.parallel_init.init_parallel (it calls compat_cpu.activate())."
+        )
     with _CudaToCpuMode():
         yield

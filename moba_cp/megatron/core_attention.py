@@ -42,16 +42,18 @@ error at construction (moba_cp's model builder sets ``attention_dropout=0``).
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-
 from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+
+from moba_cp.ops.moba.api import moba_attn
+from moba_cp.ops.moba.validate import check_block_args, check_qkv
+from moba_cp.parallel import moba_attn_cp, ring_attn_cp
 
 __all__ = ["MoBACoreAttention", "FullCoreAttention", "te_available", "MODES"]
 
@@ -81,24 +83,12 @@ def _cp_comm(cp_comm_type, config) -> tuple[str, int | None]:
 
 def te_available() -> bool:
     """Whether Megatron's Transformer Engine attention can be built here."""
-    try:
+    try:  # optional dependency: transformer-engine
         from megatron.core.extensions.transformer_engine import TEDotProductAttention  # noqa: F401
         import transformer_engine  # noqa: F401
     except Exception:  # noqa: BLE001 - ImportError, or TE failing to load its CUDA libraries
         return False
     return True
-
-
-def _cp_op(name: str):
-    """``moba_cp.parallel.<name>`` (imported lazily: only CP runs need it)."""
-    try:
-        mod = importlib.import_module("moba_cp.parallel")
-        return getattr(mod, name)
-    except (ImportError, AttributeError) as e:
-        raise RuntimeError(
-            f"context parallelism needs moba_cp.parallel.{name}, which this build of moba_cp "
-            f"lacks ({e}). Fix: run with parallel.cp=1, or update moba_cp."
-        ) from e
 
 
 class _CoreAttentionBase(MegatronModule):
@@ -185,7 +175,7 @@ class _CoreAttentionBase(MegatronModule):
                     "transformer-engine is not installed (or fails to load). Fix: pip install "
                     "'moba-cp[te]', or set attention.full_backend=torch (SDPA / moba_cp ring attention)."
                 )
-            from megatron.core.extensions.transformer_engine import TEDotProductAttention
+            from megatron.core.extensions.transformer_engine import TEDotProductAttention  # optional: TE
 
             # A submodule without parameters: TE's fused attention (and its own CP) for full mode.
             self._te = TEDotProductAttention(
@@ -254,17 +244,9 @@ class _CoreAttentionBase(MegatronModule):
             return self._forward_thd(query, key, value, packed_seq_params)
         return self._forward_sbhd(query, key, value)
 
-    @staticmethod
-    def _check_heads(q, k, v):
-        if k.shape != v.shape or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
-            raise ValueError(f"core attention: q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)} do not agree.")
-        if q.shape[-2] % k.shape[-2]:
-            raise ValueError(f"core attention: {q.shape[-2]} query heads are not a multiple of "
-                             f"{k.shape[-2]} key/value heads (GQA).")
-
     def _forward_sbhd(self, q, k, v):
         """``[s, b, h, d]`` in, ``[s, b, h*d]`` out."""
-        self._check_heads(q, k, v)
+        check_qkv(q, k, v, op=type(self).__name__, layouts=("[s, b, H, D]",))
         s, b, hq, d = q.shape
         if self.cp_size > 1:
             # The CP ops take this rank's zigzag shard of the sequences.
@@ -274,8 +256,6 @@ class _CoreAttentionBase(MegatronModule):
                 # both CP ops also take a batch, [b, S_local, H, D]: one exchange for all rows
                 o = self._attend_cp(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)).transpose(0, 1)
         elif self.attention_mode == "moba":
-            from moba_cp.ops.moba.api import moba_attn
-
             kw = dict(block_size=self.moba_block_size, topk=self.moba_topk,
                       softmax_scale=self.softmax_scale, backend=self.moba_backend)
             if b == 1:
@@ -298,17 +278,17 @@ class _CoreAttentionBase(MegatronModule):
         """Zigzag-sharded ``[S_local, H, D]`` or ``[b, S_local, H, D]`` under CP."""
         comm = dict(comm=self.cp_comm, a2a_size=self.a2a_size)
         if self.attention_mode == "moba":
-            return _cp_op("moba_attn_cp")(
+            return moba_attn_cp(
                 q, k, v, block_size=self.moba_block_size, topk=self.moba_topk, cp_group=self.cp_group,
                 softmax_scale=self.softmax_scale, backend=self.moba_backend, **comm,
             )
-        return _cp_op("ring_attn_cp")(q, k, v, cp_group=self.cp_group, softmax_scale=self.softmax_scale, **comm)
+        return ring_attn_cp(q, k, v, cp_group=self.cp_group, softmax_scale=self.softmax_scale, **comm)
 
     def _forward_thd(self, q, k, v, packed_seq_params):
         """``[t, h, d]`` packed documents in, ``[t, h*d]`` out."""
         if q.dim() == 4:  # Megatron squeezes the dummy batch dim before core attention; be lenient
             q, k, v = q.squeeze(1), k.squeeze(1), v.squeeze(1)
-        self._check_heads(q, k, v)
+        check_qkv(q, k, v, op=type(self).__name__, layouts=("[t, H, D]",))
         if self.cp_size > 1:
             raise NotImplementedError(
                 "THD (packed documents) under context parallelism is not supported by moba_cp's "
@@ -321,8 +301,6 @@ class _CoreAttentionBase(MegatronModule):
         cu = cu.to(device=q.device, dtype=torch.int32)
         t, hq, d = q.shape
         if self.attention_mode == "moba":
-            from moba_cp.ops.moba.api import moba_attn
-
             o = moba_attn(q, k, v, block_size=self.moba_block_size, topk=self.moba_topk, cu_seqlens=cu,
                           softmax_scale=self.softmax_scale, backend=self.moba_backend)
         else:
@@ -356,12 +334,8 @@ class MoBACoreAttention(_CoreAttentionBase):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        bs, topk = self.moba_block_size, self.moba_topk
-        if not isinstance(bs, int) or not isinstance(topk, int) or bs < 1 or topk < 1:
-            raise ValueError(
-                f"MoBACoreAttention needs positive integer moba_block_size and moba_topk in its spec "
-                f"params, got block_size={bs!r}, topk={topk!r}."
-            )
+        # the spec's params moba_block_size / moba_topk, by the op's own rule
+        check_block_args(self.moba_block_size, self.moba_topk, op="MoBACoreAttention spec params")
 
 
 class FullCoreAttention(_CoreAttentionBase):

@@ -22,7 +22,9 @@ from typing import Sequence
 
 import torch
 
+from megatron.core.models.gpt import gpt_layer_specs as gls
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from moba_cp.megatron.core_attention import FullCoreAttention, MoBACoreAttention, te_available
@@ -85,20 +87,14 @@ class TorchNorm:
 
 
 def _base_layer_spec(impl: str, normalization: str, qk_layernorm: bool):
-    from megatron.core.models.gpt import gpt_layer_specs as gls
-
     if impl == "te":
         return gls.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     return gls.get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
 
 
 def _final_norm(impl: str, normalization: str):
-    from megatron.core.models.gpt import gpt_layer_specs as gls
-
     if impl == "te":
         return gls.TENorm
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
     if normalization == "RMSNorm" or gls.LNImpl is WrappedTorchNorm:
         return TorchNorm  # (apex's FusedLayerNorm is LayerNorm only)
     return gls.LNImpl
@@ -134,8 +130,6 @@ def gpt_block_spec(
     impl = resolve_transformer_impl(transformer_impl)
     base = _base_layer_spec(impl, normalization, qk_layernorm)
     if impl == "local":
-        from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
         for name in ("input_layernorm", "pre_mlp_layernorm"):
             if getattr(base.submodules, name, None) is WrappedTorchNorm:
                 setattr(base.submodules, name, TorchNorm)  # same norm, and SP-capable

@@ -10,7 +10,7 @@ each all-to-all group (``comm="a2a+ring"``: the ranks at the same place in every
 Collectives always run over the whole CP group (every rank calls the op at the same time) and
 a ring keeps its members' rows, so no extra process group is ever created.
 
-Ring convention: at step ``s = 1 .. cp-1`` rank ``r`` sends
+Ring convention (``docs/design.md`` section 2): at step ``s = 1 .. cp-1`` rank ``r`` sends
 to ``(r + s) % cp`` and receives from ``(r - s) % cp``; gradients go back the reverse way
 (send to ``r - s``, receive from ``r + s``). Every rank knows every count before anything is
 posted (the request matrix is all-gathered), so a send is always matched by a receive of the

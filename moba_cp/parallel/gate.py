@@ -1,6 +1,6 @@
 """The MoBA gate under context parallelism: centroid all-gather and local top-k selection.
 
-Steps 1-2 of the MoBA CP protocol (see :mod:`moba_cp.parallel.moba_attn`). No rank ever sees a remote key here: only the
+Steps 1-2 of the MoBA CP protocol (``docs/design.md`` section 2; :mod:`moba_cp.parallel.moba_attn`). No rank ever sees a remote key here: only the
 ``[n_blocks, Hkv, D]`` fp32 centroids travel.
 """
 

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from moba_cp.config import ParallelConfig
+from moba_cp.megatron.parallel_init import init_parallel
 
 __all__ = ["DistEnv", "init_distributed", "shutdown_distributed", "world_size_from_env"]
 
@@ -49,13 +51,9 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> DistEnv:
     """Initialise torch.distributed (NCCL on GPU, gloo on CPU) and Megatron's parallel state.
 
     Works under torchrun (single or multi node) and as a plain single process. On a machine
-    without a GPU it activates moba_cp's Megatron CPU compat layer first.
+    without a GPU, :func:`~moba_cp.megatron.parallel_init.init_parallel` switches on moba_cp's
+    Megatron CPU compat.
     """
-    from megatron.core import parallel_state
-
-    from moba_cp.megatron import compat_cpu
-    from moba_cp.megatron.model import init_parallel
-
     if "RANK" not in os.environ:  # plain `python -m moba_cp.train`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
@@ -66,7 +64,6 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> DistEnv:
         torch.cuda.set_device(local_rank)  # before NCCL init; init_parallel keeps the same device
         device = torch.device("cuda", local_rank)
     else:
-        compat_cpu.activate()
         device = torch.device("cpu")
         # Several ranks share a few CPU cores: more threads per rank only thrash.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))))
@@ -84,8 +81,6 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> DistEnv:
 
 def shutdown_distributed() -> None:
     """Tear down Megatron's groups and the default process group (safe to call twice)."""
-    from megatron.core import parallel_state
-
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moba_cp.config import RecipeConfig, RecipeError, layer_attention_kinds
+from moba_cp.model_sizes import default_ffn_hidden_size
 from moba_cp.parallel.traffic import DEFAULT_INTER_GBPS, DEFAULT_INTRA_GBPS, candidate_comms, comm_traffic
+from moba_cp.train.flops import attended_keys, flops_per_step
 
 __all__ = ["dry_run", "MemoryEstimate", "estimate_memory", "kv_traffic_per_layer", "param_count", "comm_plan",
            "parse_link_gbps", "selection_union"]
@@ -20,7 +22,7 @@ __all__ = ["dry_run", "MemoryEstimate", "estimate_memory", "kv_traffic_per_layer
 GIB = 2**30
 
 
-def _b(x: float) -> str:
+def _bytes_str(x: float) -> str:
     """Bytes in the largest binary unit that keeps the number >= 1."""
     for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if x >= size:
@@ -28,7 +30,8 @@ def _b(x: float) -> str:
     return f"{x:,.0f} B"
 
 
-def _f(x: float) -> str:
+def _flop_str(x: float) -> str:
+    """FLOPs in the largest decimal unit that keeps the number >= 1."""
     for unit, size in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
         if x >= size:
             return f"{x / size:,.2f} {unit}"
@@ -37,8 +40,6 @@ def _f(x: float) -> str:
 
 def param_count(cfg: RecipeConfig, vocab_size: int) -> int:
     """Parameters of the GPT (embedding counted once if tied)."""
-    from moba_cp.megatron.model import default_ffn_hidden_size
-
     m = cfg.model
     h = m.hidden_size
     d = h // m.num_attention_heads
@@ -86,8 +87,6 @@ def estimate_memory(cfg: RecipeConfig, vocab_size: int, dp: int) -> MemoryEstima
     h = m.hidden_size
     d = h // m.num_attention_heads
     kv = m.num_query_groups * d
-    from moba_cp.megatron.model import default_ffn_hidden_size
-
     ffn = m.ffn_hidden_size or default_ffn_hidden_size(h, m.swiglu)
     tokens = t.micro_batch_size * m.seq_length / p.cp
     per_token_layer = 2 * (10 * h + 4 * kv + 4 * ffn) / p.tp
@@ -181,8 +180,8 @@ def _print_comm_plan(cfg: RecipeConfig, link_gbps: str | None, selection: str | 
     print(f"  CP comm     per attention layer per rank per sequence, fwd + bwd bytes and time at {intra:g} Gb/s "
           f"inside a node / {inter:g} Gb/s between nodes; remote-block union {union:.0%}, {source}:")
     for t in sorted(plans, key=lambda t: t.name):
-        print(f"                {t.name:<24} fwd {_b(t.fwd):>10}  bwd {_b(t.bwd):>10}  (inter-node "
-              f"{_b(t.inter_fwd + t.inter_bwd)})  {t.seconds(intra, inter) * 1e3:8.2f} ms")
+        print(f"                {t.name:<24} fwd {_bytes_str(t.fwd):>10}  bwd {_bytes_str(t.bwd):>10}  (inter-node "
+              f"{_bytes_str(t.inter_fwd + t.inter_bwd)})  {t.seconds(intra, inter) * 1e3:8.2f} ms")
     best = plans[0]
     p = cfg.parallel
     chosen = f"{p.cp_comm}" + (f"(a2a_size={p.a2a_size})" if p.cp_comm == "a2a+ring" else "")
@@ -208,9 +207,7 @@ def _kernel_line(cfg: RecipeConfig) -> str:
 def dry_run(cfg: RecipeConfig, world_size: int | None = None, *, link_gbps: str | None = None,
             selection: str | None = None) -> int:
     """Validate and print the plan for ``world_size`` GPUs (default ``tp*cp*(dp or 1)``)."""
-    from moba_cp.train.flops import attended_keys
-    from moba_cp.train.loop import _flops_per_step
-
+    # Imported here: the launch checks live above this module (cli, the training loop).
     from moba_cp.cli import user_errors
     from moba_cp.train.loop import preflight
     from moba_cp.train.run_dir import describe
@@ -225,7 +222,7 @@ def dry_run(cfg: RecipeConfig, world_size: int | None = None, *, link_gbps: str 
     dp = ws // (p.tp * p.cp)
     vocab = m.vocab_size or 256 + 128  # the byte tokenizer's padded vocabulary when unset
     kinds = layer_attention_kinds(m, cfg.attention)
-    flops = _flops_per_step(cfg, vocab)
+    flops = flops_per_step(cfg, vocab)
     mem = estimate_memory(cfg, vocab, dp)
     traffic = kv_traffic_per_layer(cfg)
     dense_keys = attended_keys(m.seq_length)
@@ -241,13 +238,13 @@ def dry_run(cfg: RecipeConfig, world_size: int | None = None, *, link_gbps: str 
           f"{cfg.moba.block_size}, top-k {cfg.moba.topk} -> attends {moba_keys / dense_keys:.1%} of causal keys")
     print(f"  batch       global {t.global_batch_size} x micro {t.micro_batch_size}; "
           f"{t.global_batch_size * m.seq_length:,} tokens/step; {t.steps} steps")
-    print(f"  FLOPs/step  {_f(flops)} (MoBA attention counted as attended keys only); {_f(flops / ws)} per GPU")
-    print(f"  memory/GPU  ~{_b(mem.total)} = weights+grads {_b(mem.weights_and_grads)} + "
-          f"optimizer {_b(mem.optimizer)} + activations {_b(mem.activations)} "
-          f"(recompute={t.recompute}) + logits {_b(mem.logits)} + MoBA idx/KV {_b(mem.moba_extra)}")
+    print(f"  FLOPs/step  {_flop_str(flops)} (MoBA attention counted as attended keys only); {_flop_str(flops / ws)} per GPU")
+    print(f"  memory/GPU  ~{_bytes_str(mem.total)} = weights+grads {_bytes_str(mem.weights_and_grads)} + "
+          f"optimizer {_bytes_str(mem.optimizer)} + activations {_bytes_str(mem.activations)} "
+          f"(recompute={t.recompute}) + logits {_bytes_str(mem.logits)} + MoBA idx/KV {_bytes_str(mem.moba_extra)}")
     if p.cp > 1:
-        print(f"  KV traffic  per MoBA layer per rank per sequence (forward): full-KV ring {_b(traffic['full_ring'])}; "
-              f"MoBA worst case {_b(traffic['moba_worst'])}, concentrated selection {_b(traffic['moba_shared'])} "
+        print(f"  KV traffic  per MoBA layer per rank per sequence (forward): full-KV ring {_bytes_str(traffic['full_ring'])}; "
+              f"MoBA worst case {_bytes_str(traffic['moba_worst'])}, concentrated selection {_bytes_str(traffic['moba_shared'])} "
               f"(backward sends the same amount of dK/dV back)")
         try:
             _print_comm_plan(cfg, link_gbps, selection)

@@ -1,7 +1,8 @@
 """FLOPs accounting that counts MoBA's attention as the work it really does.
 
 Used for the TFLOP/s in the training logs, ``--dry-run`` estimates and the scaling axis of
-sweeps (PFLOP/s-days). Conventions (stated, so figures are comparable):
+sweeps (PFLOP/s-days); plain arithmetic, no Megatron-Core import. Conventions (stated, so
+figures are comparable):
 
 - a multiply-add is 2 FLOPs; training = forward + backward = 3x the forward matmul FLOPs;
 - attention per query and head: ``4 * d * n_keys`` forward (QK^T and PV over the keys it sees);
@@ -14,7 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["attended_keys", "gate_candidates", "ModelFlops", "model_flops_per_sequence"]
+from moba_cp.config import RecipeConfig, layer_attention_kinds
+from moba_cp.model_sizes import default_ffn_hidden_size, padded_vocab_size
+
+__all__ = ["attended_keys", "gate_candidates", "ModelFlops", "model_flops_per_sequence", "flops_per_step"]
 
 
 def attended_keys(seq_len: int, block_size: int | None = None, topk: int | None = None) -> int:
@@ -83,3 +87,21 @@ def model_flops_per_sequence(
         else:
             attn_fwd += 4 * d * num_attention_heads * attended_keys(s)
     return ModelFlops(dense=3.0 * dense_fwd, attention=3.0 * attn_fwd, gate=float(gate))
+
+
+def flops_per_step(cfg: RecipeConfig, vocab_size: int) -> float:
+    """Training FLOPs of one optimizer step of recipe ``cfg`` (``global_batch_size`` sequences).
+
+    ``vocab_size`` is the tokenizer's; it is padded as the model pads it
+    (:func:`moba_cp.model_sizes.padded_vocab_size`), and an unset MLP width takes the model's
+    default (:func:`moba_cp.model_sizes.default_ffn_hidden_size`).
+    """
+    m = cfg.model
+    f = model_flops_per_sequence(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_hidden_size or default_ffn_hidden_size(m.hidden_size, m.swiglu),
+        vocab_size=padded_vocab_size(vocab_size, cfg.parallel.tp), seq_length=m.seq_length, swiglu=m.swiglu,
+        layer_kinds=layer_attention_kinds(m, cfg.attention), block_size=cfg.moba.block_size, topk=cfg.moba.topk,
+    )
+    return f.total * cfg.train.global_batch_size

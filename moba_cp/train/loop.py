@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from moba_cp.config import RecipeConfig, dump, layer_attention_kinds, to_dict, validate
+from moba_cp.config import RecipeConfig, dump, to_dict, validate
 from moba_cp.train.distributed import DistEnv, init_distributed, shutdown_distributed, world_size_from_env
+from moba_cp.train.flops import flops_per_step
 
 __all__ = ["train", "preflight", "TrainResult", "TrainingError"]
 
@@ -156,7 +157,7 @@ def _microbatch_indices(step: int, gbs: int, mbs: int, dp: int, dp_rank: int) ->
 
 
 def _to_batch(dataset, indices: list[int], device: torch.device) -> dict:
-    from moba_cp.megatron.model import shard_batch_for_cp
+    from moba_cp.megatron.cp_batch import shard_batch_for_cp
 
     items = [dataset[i] for i in indices]
     batch = {}
@@ -210,16 +211,19 @@ def _run_steps(model, batches: list[dict], *, forward_only: bool, env: DistEnv, 
 def _build(cfg: RecipeConfig, env: DistEnv, tokenizer):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from moba_cp.megatron import model as mm
+    from moba_cp.megatron.model import build_gpt_model
+    from moba_cp.megatron.optimizer import build_optimizer, wrap_ddp
+    from moba_cp.megatron.training_hooks import attach_training_hooks
+    from moba_cp.megatron.transformer_config import transformer_config_from_recipe
 
     t = cfg.train
-    config = mm.transformer_config_from_recipe(
+    config = transformer_config_from_recipe(
         cfg.model, cfg.parallel, precision=t.precision, recompute=t.recompute, calculate_per_token_loss=True
     )
-    gpt = mm.build_gpt_model(cfg.model, cfg.moba, cfg.attention, cfg.parallel,
-                             vocab_size=tokenizer.vocab_size, config=config)
-    ddp = mm.wrap_ddp(gpt, cfg.parallel)
-    optimizer = mm.build_optimizer(
+    gpt = build_gpt_model(cfg.model, cfg.moba, cfg.attention, cfg.parallel,
+                          vocab_size=tokenizer.vocab_size, config=config)
+    ddp = wrap_ddp(gpt, cfg.parallel)
+    optimizer = build_optimizer(
         ddp, lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
         adam_beta2=t.adam_beta2, clip_grad=t.clip_grad, distributed_optimizer=cfg.parallel.distributed_optimizer,
     )
@@ -231,23 +235,8 @@ def _build(cfg: RecipeConfig, env: DistEnv, tokenizer):
         # decay end); let the recipe's values win over the checkpoint's so that one may change.
         override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False,
     )
-    mm.attach_training_hooks(ddp, optimizer)
+    attach_training_hooks(ddp, optimizer)
     return gpt, ddp, optimizer, scheduler
-
-
-def _flops_per_step(cfg: RecipeConfig, vocab_size: int) -> float:
-    from moba_cp.megatron.model import default_ffn_hidden_size, padded_vocab_size
-    from moba_cp.train.flops import model_flops_per_sequence
-
-    m = cfg.model
-    f = model_flops_per_sequence(
-        num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
-        num_query_groups=m.num_query_groups,
-        ffn_hidden_size=m.ffn_hidden_size or default_ffn_hidden_size(m.hidden_size, m.swiglu),
-        vocab_size=padded_vocab_size(vocab_size, cfg.parallel.tp), seq_length=m.seq_length, swiglu=m.swiglu,
-        layer_kinds=layer_attention_kinds(m, cfg.attention), block_size=cfg.moba.block_size, topk=cfg.moba.topk,
-    )
-    return f.total * cfg.train.global_batch_size
 
 
 def preflight(cfg: RecipeConfig, world_size: int, device: str):
@@ -334,7 +323,7 @@ def _train(cfg, env, tokenizer, state, stop, run_dir, ckpt_dir) -> TrainResult:
     logger = MetricsLogger(run_dir, enabled=env.is_main, tensorboard=cfg.logging.tensorboard,
                            resume_step=start_step)
     switch_at = switch_step(t.steps, cfg.attention.switch_to_full_at)
-    flops_step = _flops_per_step(cfg, tokenizer.vocab_size)
+    flops_step = flops_per_step(cfg, tokenizer.vocab_size)
     tokens_step = t.global_batch_size * cfg.model.seq_length
     mbs, gbs = t.micro_batch_size, t.global_batch_size
     losses: list[float] = []

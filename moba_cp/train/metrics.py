@@ -66,7 +66,7 @@ class MetricsLogger:
             self._jsonl = open(path, "w")
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional at run time: events off without it
 
                 self._tb = SummaryWriter(str(self.run_dir / "tensorboard"),
                                          purge_step=resume_step + 1 if resume_step > 0 else None)

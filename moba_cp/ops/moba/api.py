@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 import os
 
@@ -12,9 +10,15 @@ import torch
 from moba_cp.ops.moba import naive
 from moba_cp.ops.moba.validate import check_block_args, check_cu_seqlens, check_qkv
 
+try:  # the one place a missing triton is handled: 'naive' then serves every call ('auto' picks it)
+    from moba_cp.ops.moba import triton_backend
+except ImportError as e:
+    triton_backend = None
+    _TRITON_MISSING = f"the Triton backend cannot be imported ({e}). Fix: pip install triton"
+
 log = logging.getLogger(__name__)
 
-BACKENDS = ("naive", "triton", "flash")
+BACKENDS = ("naive", "triton")
 _announced: set[tuple[str, str]] = set()
 
 
@@ -24,21 +28,15 @@ def backend_unavailable_reason(name: str, device: torch.device) -> str | None:
     if name == "naive":
         return None
     if name == "triton":
-        if importlib.util.find_spec("triton") is None:
-            return "the 'triton' package is not installed (pip install triton)"
+        if triton_backend is None:
+            return _TRITON_MISSING
         interpreted = os.environ.get("TRITON_INTERPRET") == "1"
         if device.type != "cuda" and not (interpreted and device.type == "cpu"):
             return (
                 f"Triton kernels need a CUDA device (got {device}); on CPU they run only in the "
                 f"interpreter (TRITON_INTERPRET=1)"
             )
-        if importlib.util.find_spec("moba_cp.ops.moba.triton_backend") is None:
-            return "the Triton backend is not part of this build of moba_cp"
         return None
-    if name == "flash":
-        if importlib.util.find_spec("flash_attn") is None:
-            return "flash-attn is not installed (pip install 'moba-cp[flash]')"
-        return "moba_cp has no flash-attn MoBA backend yet"
     return f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'"
 
 
@@ -69,12 +67,6 @@ def choose_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _backend_module(name: str):
-    if name == "triton":
-        return importlib.import_module("moba_cp.ops.moba.triton_backend")
-    raise AssertionError(name)
-
-
 def moba_attn(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -98,11 +90,11 @@ def moba_attn(
             None means one document.
         softmax_scale: default ``D ** -0.5``.
         return_lse: also return the fp32 natural-log LSE ``[T, Hq]``.
-        backend: "naive", "triton", "flash" or "auto" (see :func:`choose_backend`).
+        backend: "naive", "triton" or "auto" (see :func:`choose_backend`).
     Returns:
         ``o [T, Hq, D]`` in q's dtype, and ``lse [T, Hq]`` fp32 when ``return_lse``.
 
-    Algorithm (``shared/DESIGN.md`` section 1):
+    Algorithm (``docs/design.md`` section 1):
         1. centroid of each complete block = mean of its keys (fp32);
         2. gate: ``q_i . centroid_j`` for complete past blocks ``j < i // B`` (no gradient);
         3. select the own block plus the ``topk - 1`` best past blocks, per token and head;
@@ -122,7 +114,7 @@ def moba_attn(
             q, k, v, block_size=block_size, topk=topk, cu_seqlens=cu_seqlens, softmax_scale=scale
         )
     else:
-        o, lse = _backend_module(name).moba_attn(
+        o, lse = triton_backend.moba_attn(
             q, k, v, block_size=block_size, topk=topk, cu_seqlens=cu_seqlens, softmax_scale=scale
         )
     return (o, lse) if return_lse else o
@@ -167,7 +159,7 @@ def select_blocks(q, k, *, block_size: int, topk: int, cu_seqlens=None, backend:
     name = choose_backend(backend, q.device)
     if name == "naive":
         return naive.select_blocks(q, k, block_size=block_size, topk=topk, cu_seqlens=cu_seqlens)
-    return _backend_module(name).select_blocks(q, k, block_size=block_size, topk=topk, cu_seqlens=cu_seqlens)
+    return triton_backend.select_blocks(q, k, block_size=block_size, topk=topk, cu_seqlens=cu_seqlens)
 
 
 def block_attn(q, k, v, indices, *, block_size: int, cu_seqlens=None, softmax_scale=None, backend: str = "auto"):
@@ -184,6 +176,6 @@ def block_attn(q, k, v, indices, *, block_size: int, cu_seqlens=None, softmax_sc
     name = choose_backend(backend, q.device)
     if name == "naive":
         return naive.block_attn(q, k, v, indices, block_size=block_size, cu_seqlens=cu_seqlens, softmax_scale=scale)
-    return _backend_module(name).block_attn(
+    return triton_backend.block_attn(
         q, k, v, indices, block_size=block_size, cu_seqlens=cu_seqlens, softmax_scale=scale
     )

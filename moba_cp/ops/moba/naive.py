@@ -1,6 +1,6 @@
 """Pure-torch MoBA oracle: short, readable, fp32 math inside, runs on CPU.
 
-This file *is* the contract of ``shared/DESIGN.md`` section 1 written as code. Every fast
+This file *is* the contract of ``docs/design.md`` section 1 written as code. Every fast
 backend (Triton, context-parallel) is tested against it. It materialises dense
 ``[T, H, T]`` masks, so it is meant for small shapes and tests, not for speed.
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from moba_cp.ops.moba import naive
+from moba_cp.ops.moba import naive, triton_backend
 
 __all__ = ["partial_index", "partial_attn_fwd", "partial_attn_bwd"]
 
@@ -37,8 +37,6 @@ def partial_index(slot_idx: torch.Tensor, n_slots: int, hkv: int, head_dim: int,
     repeated partial calls; pass the result as ``index=`` (with ``slot_idx`` the same tensor).
     Returns an opaque object for "triton" (its gather index, built once), None for "naive"."""
     if backend == "triton":
-        from moba_cp.ops.moba import triton_backend
-
         return triton_backend.partial_index(slot_idx, n_slots, hkv, head_dim)
     return None
 
@@ -85,8 +83,6 @@ def partial_attn_fwd(
     Returns ``o [Tq, Hq, D]`` (q's dtype) and ``lse [Tq, Hq]`` fp32; no autograd graph.
     """
     if backend == "triton":
-        from moba_cp.ops.moba import triton_backend
-
         return triton_backend.partial_attn_fwd(
             q, q_pos, k_buf, v_buf, slot_pos, slot_idx, block_size=block_size, softmax_scale=softmax_scale,
             slot_offset=slot_offset, index=index,
@@ -126,8 +122,6 @@ def partial_attn_bwd(
     Returns ``dq [Tq, Hq, D]``, ``dk_buf``, ``dv_buf [n_slots * B, Hkv, D]``, all fp32.
     """
     if backend == "triton":
-        from moba_cp.ops.moba import triton_backend
-
         return triton_backend.partial_attn_bwd(
             do, q, q_pos, k_buf, v_buf, slot_pos, slot_idx, o, lse,
             block_size=block_size, softmax_scale=softmax_scale, slot_offset=slot_offset, index=index, dq_acc=dq_acc,

@@ -1,6 +1,6 @@
 """MoBA Triton backend: the entry points ``api.py`` and ``partial.py`` call.
 
-Pipeline of ``moba_attn`` (packed documents, ``shared/DESIGN.md`` section 1):
+Pipeline of ``moba_attn`` (packed documents, ``docs/design.md`` section 1):
     1. ``triton_centroids``: mean key of every block of every document (fp32);
     2. ``triton_gate``: fused gate + running top-k -> ``indices [T, Hq, W]`` (no ``T x n``
        score matrix in memory);
