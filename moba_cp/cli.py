@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 
 import moba_cp
+from moba_cp.train.user_errors import user_errors
 
 
 def _is_main_process() -> bool:
@@ -55,16 +56,6 @@ def _cmd_config(args, overrides) -> int:
         return 2
     print(dump(cfg), end="")
     return 0
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input (recipe, data, run directory): exit 2, no traceback."""
-    from moba_cp.config import RecipeError
-    from moba_cp.data.datasets import DataConfigError
-    from moba_cp.data.tokenizers import TokenizerError
-    from moba_cp.train.run_dir import RunDirError
-
-    return RecipeError, DataConfigError, TokenizerError, RunDirError
 
 
 def _cmd_train(args, overrides) -> int:

@@ -207,10 +207,10 @@ def _kernel_line(cfg: RecipeConfig) -> str:
 def dry_run(cfg: RecipeConfig, world_size: int | None = None, *, link_gbps: str | None = None,
             selection: str | None = None) -> int:
     """Validate and print the plan for ``world_size`` GPUs (default ``tp*cp*(dp or 1)``)."""
-    # Imported here: the launch checks live above this module (cli, the training loop).
-    from moba_cp.cli import user_errors
+    # Imported here: the training loop imports Megatron-Core, which a dry run otherwise avoids.
     from moba_cp.train.loop import preflight
     from moba_cp.train.run_dir import describe
+    from moba_cp.train.user_errors import user_errors
 
     p, m, t = cfg.parallel, cfg.model, cfg.train
     ws = world_size or p.tp * p.cp * (p.dp or 1)

@@ -48,7 +48,8 @@ def check_before_spawn(args) -> int | None:
     train_args = _train_args(args)
     if train_args is None:
         return None
-    from moba_cp.cli import build_parser, user_errors
+    from moba_cp.cli import build_parser  # the launcher parses exactly what `moba-cp train` parses
+    from moba_cp.train.user_errors import user_errors
     from moba_cp.config import load_recipe
 
     parsed, overrides = build_parser().parse_known_args(["train", *train_args])
