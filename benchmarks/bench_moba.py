@@ -435,7 +435,8 @@ def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0, parts=("fwd", "bwd"), 
                 attempt(f"fwd two-pass diagnostic {diag}",
                         lambda: sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, scale, block, base_cfg.fwd, **diag))
     if "bwd" in parts:
-        fc = base_cfg.fwd if base_cfg.fwd.method != "one_pass" else base_cfg.fwd.__class__(chunk=base_cfg.fwd.chunk)
+        # the backward reads a gather index: the one-pass forward has none, so take its two-pass twin
+        fc = base_cfg.fwd if base_cfg.fwd.method != "one_pass" else base_cfg.replace(fwd={"method": "two_pass"}).fwd
         gi = build_gather_index(idx, base, blocks.n, hkv, fc.chunk)
         o, lse = sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, scale, block, fc)
         for change in bwd_variants or TUNE_BWD:
