@@ -8,12 +8,16 @@ to *enqueue* one call (no sync; when it is close to the event time the call is h
 then ``torch.profiler`` over a few fwd+bwd calls: the kernels by total CUDA time, the sum of
 kernel time per call against the call's wall time (the difference is GPU idle: launch gaps
 and host syncs), and the count of sync-like runtime calls per call.
+``--host`` adds a cProfile of the host side (which Python functions the enqueue time is spent in).
 Tile configurations are swept by ``bench_moba.py --tune``.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import statistics
 import sys
 import time
@@ -90,11 +94,30 @@ def profile(label, fn, iters=5, rows=22):
             continue
 
 
+def host_profile(label, fn, iters=50, rows=30):
+    """cProfile of the host side of ``iters`` calls (no sync inside): where the enqueue time goes
+    when a call is host-bound (Python wrappers, custom-op dispatch, Triton's launcher)."""
+    fn()
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(iters):
+        fn()
+    pr.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    st = pstats.Stats(pr, stream=buf).sort_stats("tottime")
+    st.print_stats(rows)
+    print(f"[{label}] host profile, {iters} calls (times are totals over the calls)", flush=True)
+    print(buf.getvalue(), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--at", default="flashmoba:8192,paper-b512:8192", help="suite:seq list")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--label", default="")
+    ap.add_argument("--host", action="store_true", help="also cProfile the host side of fwd+bwd")
     args = ap.parse_args()
     for item in args.at.split(","):
         name, s = item.split(":")
@@ -106,6 +129,8 @@ def main():
               f"fwd+bwd {fb:.3f} ms (enqueue {enqueue_ms(fwd_bwd):.3f} ms)", flush=True)
         if not args.no_profile:
             profile(f"{args.label} {name} S={s} fwd+bwd", fwd_bwd)
+        if args.host:
+            host_profile(f"{args.label} {name} S={s} fwd+bwd", fwd_bwd)
         del x
         torch.cuda.empty_cache()
 

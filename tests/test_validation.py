@@ -94,6 +94,34 @@ def test_cu_seqlens_value_check_is_cached_per_tensor_object():
     assert len(validate._VALIDATED) == before
 
 
+def test_batched_calls_share_one_offsets_tensor_so_the_host_reads_it_once():
+    """The batched forms (``moba_attn_bshd``, Megatron's ``[s, b, h, d]`` with b > 1, CP on whole
+    sequences) pack rows as documents. A fresh offsets tensor per call would be value-checked on
+    the host (a device sync) in every layer; one cached tensor per shape is checked once."""
+    cpu = torch.device("cpu")
+    cu = api.batch_cu_seqlens(3, 16, cpu)
+    assert cu is api.batch_cu_seqlens(3, 16, cpu) and cu.tolist() == [0, 16, 32, 48]
+    q = torch.randn(3, 16, 4, 8)
+    kv = torch.randn(3, 16, 2, 8)
+    moba_attn_bshd(q, kv, kv, block_size=4, topk=2, backend="naive")
+    assert validate._VALIDATED.get(cu) == (cu._version, 48)
+    reads = []
+    orig = torch.Tensor.tolist
+
+    def counting_tolist(t):
+        if t is cu:
+            reads.append(1)
+        return orig(t)
+
+    torch.Tensor.tolist = counting_tolist
+    try:
+        for _ in range(3):  # what every later layer's call does before its kernels
+            validate.check_cu_seqlens(api.batch_cu_seqlens(3, 16, cpu), 48, cpu)
+    finally:
+        torch.Tensor.tolist = orig
+    assert reads == [], "the cached offsets were read on the host again"
+
+
 @pytest.mark.parametrize("layouts,q_shape,kv_shape,pattern", [
     (("[s, b, H, D]",), (8, 2, 4, 16), (8, 2, 3, 16), "Hq=4 query heads is not divisible by Hkv=3"),
     (("[s, b, H, D]",), (8, 2, 4, 16), (8, 1, 2, 16), r"q has leading dims \(8, 2\) but k/v have \(8, 1\)"),

@@ -51,13 +51,14 @@ from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-from moba_cp.ops.moba.api import moba_attn
+from moba_cp.ops.moba.api import batch_cu_seqlens, moba_attn
 from moba_cp.ops.moba.validate import check_block_args, check_qkv
 from moba_cp.parallel import moba_attn_cp, ring_attn_cp
 
 __all__ = ["MoBACoreAttention", "FullCoreAttention", "te_available", "MODES"]
 
 MODES = ("moba", "full")
+
 FULL_BACKENDS = ("auto", "torch", "te")
 #: Megatron's ``cp_comm_type`` names -> moba_cp's ``comm=`` (moba_cp's own names map to themselves)
 CP_COMM_FROM_MEGATRON = {"p2p": "ring", "a2a": "a2a", "a2a+p2p": "a2a+ring", "ring": "ring", "a2a+ring": "a2a+ring"}
@@ -262,7 +263,7 @@ class _CoreAttentionBase(MegatronModule):
                 o = moba_attn(q[:, 0], k[:, 0], v[:, 0], **kw).unsqueeze(1)
             else:
                 # batch rows as documents of one packed call: [s, b, h, d] -> [b*s, h, d]
-                cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=q.device)
+                cu = batch_cu_seqlens(b, s, q.device)
                 pack = lambda t: t.transpose(0, 1).reshape(b * s, t.shape[2], d)  # noqa: E731
                 o = moba_attn(pack(q), pack(k), pack(v), cu_seqlens=cu, **kw)
                 o = o.view(b, s, hq, d).transpose(0, 1)

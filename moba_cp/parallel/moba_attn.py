@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from moba_cp.ops.lse_merge import merge_into
-from moba_cp.ops.moba.api import choose_backend, moba_attn
+from moba_cp.ops.moba.api import batch_cu_seqlens, choose_backend, moba_attn
 from moba_cp.ops.moba.block_ids import remap_ids, selected_mask
 from moba_cp.ops.moba.partial import partial_attn_bwd, partial_attn_fwd, partial_index
 from moba_cp.ops.moba.validate import check_block_args
@@ -169,7 +169,7 @@ def _ring_on_shard(q, k, v, params, ranks: RankSet, stats):
 def _whole_sequences(q, k, v, params):
     """Single-device MoBA on ``[b, S, h, D]`` whole sequences (rows as documents of one packed call)."""
     b, s, hq, d = q.shape
-    cu = None if b == 1 else torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=q.device)
+    cu = None if b == 1 else batch_cu_seqlens(b, s, q.device)  # one tensor per shape: no sync per call
     pack = lambda x: x.reshape(b * s, x.shape[2], d)  # noqa: E731
     o, lse = moba_attn(pack(q), pack(k), pack(v), block_size=params.block_size, topk=params.topk, cu_seqlens=cu,
                        softmax_scale=params.scale, return_lse=True, backend=params.backend)

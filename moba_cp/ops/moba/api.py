@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -120,6 +121,18 @@ def moba_attn(
     return (o, lse) if return_lse else o
 
 
+@functools.lru_cache(maxsize=16)
+def batch_cu_seqlens(b: int, s: int, device: torch.device) -> torch.Tensor:
+    """``[b + 1]`` int32 offsets of ``b`` rows of ``s`` tokens packed as documents (read-only).
+
+    One tensor per (b, s, device), reused by every call: ``check_cu_seqlens`` reads a new
+    tensor's values on the host (a device sync) and the Triton backend caches its block tables
+    per tensor, so a fresh tensor in every layer would stall the stream and rebuild the tables
+    each time. Callers must not write to it.
+    """
+    return torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=device)
+
+
 def moba_attn_bshd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, return_lse: bool = False, **kwargs
 ):
@@ -141,7 +154,7 @@ def moba_attn_bshd(
             f"moba_attn_bshd: batch/sequence dims differ: q{tuple(q.shape[:2])}, "
             f"k{tuple(k.shape[:2])}, v{tuple(v.shape[:2])}; they must match."
         )
-    cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=q.device)
+    cu = batch_cu_seqlens(b, s, q.device)
     out = moba_attn(
         q.reshape(b * s, *q.shape[2:]), k.reshape(b * s, *k.shape[2:]), v.reshape(b * s, *v.shape[2:]),
         cu_seqlens=cu, return_lse=True, **kwargs,
