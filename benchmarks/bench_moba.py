@@ -156,9 +156,13 @@ def _empty_cache():
 
 def make_inputs(b, s, hq, hkv, d, device=DEV, dtype=DT):
     """``b`` packed documents of ``s`` tokens: ``cu [b+1]`` int32 and random ``q, do [b*s, hq, d]``,
-    ``k, v [b*s, hkv, d]`` (drawn in that order: q, k, v, do)."""
+    ``k, v [b*s, hkv, d]`` (drawn in that order: q, k, v, do). ``cu`` is the lasting offsets
+    tensor the Megatron path passes for a batch (``batch_cu_seqlens``), so short calls take the
+    CUDA-graph path as they do in training."""
+    from moba_cp.ops.moba.api import batch_cu_seqlens
+
     t = b * s
-    cu = torch.arange(0, t + 1, s, dtype=torch.int32, device=device)
+    cu = batch_cu_seqlens(b, s, torch.device(device))
     q, k, v, do = (torch.randn(t, h, d, device=device, dtype=dtype) for h in (hq, hkv, hkv, hq))
     return cu, q, k, v, do
 

@@ -493,3 +493,55 @@ def test_gpu_no_host_sync_on_the_common_path():
         torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_cuda_graphs_only_for_short_cuda_calls_with_lasting_offsets(monkeypatch):
+    """The graphed path's rules (its replay itself is the GPU test below): CUDA only, not while
+    torch.compile traces, at most GRAPH_MAX_TOKEN_HEADS rows x heads, and offsets that live as
+    long as a graph (None, or ``batch_cu_seqlens``'s), never a per-batch tensor."""
+    from moba_cp.ops.moba import api, cuda_graphs
+
+    assert not cuda_graphs.graphs_enabled(torch.zeros(64, 2, 16), None)  # CPU tensor
+    cpu = torch.device("cpu")
+    lasting = api.batch_cu_seqlens(2, 32, cpu)
+    assert cuda_graphs._STATIC_OFFSETS.get(id(lasting)) is lasting
+    fresh = torch.tensor([0, 32, 64], dtype=torch.int32)
+    assert cuda_graphs._STATIC_OFFSETS.get(id(fresh)) is not fresh
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batched", [False, True])
+def test_gpu_cuda_graph_path_equals_eager(batched, monkeypatch):
+    """Short calls replay CUDA graphs (a shape's first call eager, the second captures, later
+    ones replay), on fresh inputs every call: o, lse, dq, dk, dv as the eager kernels give them
+    (to bf16 rounding: some kernels accumulate with fp32 atomics), outputs of an earlier call untouched by
+    later replays, and a call whose lse is used (dLSE) falls back to the eager backward."""
+    from moba_cp.ops.moba import api
+
+    b, s, hq, hkv, d, blk, topk = (3, 2048, 4, 2, 64, 256, 3) if batched else (1, 4096, 4, 2, 128, 256, 3)
+    cu = api.batch_cu_seqlens(b, s, torch.device("cuda")) if batched else None
+    tb._FWD_GRAPHS.clear()
+    tb._BWD_GRAPHS.clear()
+    kept = None
+    for call in range(4):
+        q, k, v = _inputs(b * s, hq, hkv, d, torch.bfloat16, seed=10 + call, device="cuda")
+        do = torch.randn_like(q)
+        dl = torch.randn(b * s, hq, device="cuda") if call == 3 else None
+        res = {}
+        for graphs in ("1", "0"):
+            monkeypatch.setenv("MOBA_CP_CUDA_GRAPHS", graphs)
+            xs = [x.clone().requires_grad_() for x in (q, k, v)]
+            o, lse = tb.moba_attn(*xs, block_size=blk, topk=topk, cu_seqlens=cu, softmax_scale=d ** -0.5)
+            loss = (o.float() * do.float()).sum()
+            if dl is not None:
+                loss = loss + (lse * dl).sum()
+            loss.backward()
+            res[graphs] = [o.detach(), lse.detach()] + [x.grad for x in xs]
+        for name, a, e in zip(("o", "lse", "dq", "dk", "dv"), res["1"], res["0"]):
+            # the forward may accumulate with fp32 atomics too: one bf16 ulp apart at most
+            tol = dict(atol=1e-4, rtol=1e-4) if name == "lse" else dict(atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(a, e, **tol, msg=lambda m: f"call {call} {name}: {m}")
+        if kept is not None:
+            assert torch.equal(kept[0], kept[1]), "a later replay overwrote an earlier call's output"
+        kept = (res["1"][0], res["1"][0].clone())
+    assert len(tb._FWD_GRAPHS._graphs) == 1 and len(tb._BWD_GRAPHS._graphs) == 1

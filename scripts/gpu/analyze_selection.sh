@@ -34,9 +34,10 @@ STEPS="${TRAIN_STEPS:-500}"
   --logging.dir="$OUT/run" --logging.tensorboard=false --checkpoint.interval=0 --checkpoint.keep_last=1 \
   --data.cache_dir="$OUT/cache" 2>&1 | tee "$OUT/train.log"
 
-"$PY" -m moba_cp.cli analyze selection "$OUT/run" --seq-len 32768 --cp 2,4,8,16 --num-seqs 4 \
+"$PY" -m moba_cp.cli analyze selection "$OUT/run" --seq-len 32768 --cp 2,4,8,16,32 --num-seqs 4 \
   --out "$OUT/analysis" --data.cache_dir="$OUT/cache" 2>&1 | tee "$OUT/analyze.log"
 
+# --cp above covers these recipes' cp (16 and 32): the dry run reads the union at its own cp
 for r in 64gpu-4m 128gpu-10m; do
   "$PY" -m moba_cp.cli train "recipes/$r.yaml" --dry-run --selection "$OUT/analysis/selection.json" \
     2>&1 | tee "$OUT/dry_run_$r.log"

@@ -9,6 +9,7 @@ import os
 import torch
 
 from moba_cp.ops.moba import naive
+from moba_cp.ops.moba.cuda_graphs import static_offsets
 from moba_cp.ops.moba.validate import check_block_args, check_cu_seqlens, check_qkv
 
 try:  # the one place a missing triton is handled: 'naive' then serves every call ('auto' picks it)
@@ -130,7 +131,8 @@ def batch_cu_seqlens(b: int, s: int, device: torch.device) -> torch.Tensor:
     per tensor, so a fresh tensor in every layer would stall the stream and rebuild the tables
     each time. Callers must not write to it.
     """
-    return torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=device)
+    # process-lifetime and never written: a CUDA graph may read it by address (cuda_graphs)
+    return static_offsets(torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=device))
 
 
 def moba_attn_bshd(

@@ -17,7 +17,9 @@ cached per ``cu_seqlens`` tensor), so one call is ~20 launches enqueued back to 
 
 ``select_blocks``, ``block_attn`` and ``moba_attn`` are ``torch.library.custom_op``s with fake
 implementations (``moba_cp::triton_*``), so ``torch.compile`` traces around them; autograd
-of ``block_attn`` goes through the registered backward op. ``partial_attn_fwd/bwd`` are the
+of ``block_attn`` goes through the registered backward op. Eager calls skip the custom-op
+machinery (same implementations through a plain ``autograd.Function``: less host time per
+call), and short CUDA calls replay CUDA graphs (``cuda_graphs``). ``partial_attn_fwd/bwd`` are the
 slot-buffer form for context parallelism (plain functions, called inside its own autograd).
 """
 
@@ -37,6 +39,7 @@ from moba_cp.ops.moba.triton_common import (
     doc_tables,
     slot_tables,
 )
+from moba_cp.ops.moba.cuda_graphs import GraphedCall, graphs_enabled
 from moba_cp.ops.moba.triton_config import KernelConfig, choose_config
 from moba_cp.ops.moba.triton_gate import MAX_GATE_WIDTH, gate_topk
 
@@ -90,7 +93,9 @@ def select_blocks(q, k, *, block_size: int, topk: int, cu_seqlens=None, config: 
     """Triton MoBA selection. ``q [T, Hq, D]``, ``k [T, Hkv, D]`` -> ``[T, Hq, W]`` int32
     document-local block ids, own block included, ascending, ``-1`` padded (see ``naive``).
     ``config``: the tiling (None: :func:`choose_config` from the shape)."""
-    return _select_op(q, k, cu_seqlens, block_size, topk, config.encode() if config else "")
+    if torch.compiler.is_compiling():
+        return _select_op(q, k, cu_seqlens, block_size, topk, config.encode() if config else "")
+    return _select_impl(q, k, cu_seqlens, block_size, topk, config.encode() if config else "")
 
 
 # ----------------------------------------------------------------------------- attention
@@ -104,11 +109,7 @@ def _index_numel(q, k, indices, cu_seqlens, block_size: int, cfg: KernelConfig) 
     return sum(GatherIndex.sizes(t, hq, w, nbk, k.shape[1], cfg.fwd.chunk))
 
 
-@torch.library.custom_op("moba_cp::triton_block_attn_fwd", mutates_args=())
-def _attn_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
-    cu_seqlens: torch.Tensor | None, block_size: int, softmax_scale: float, config: str = "",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attn_fwd_impl(q, k, v, indices, cu_seqlens, block_size: int, softmax_scale: float, config: str = ""):
     """Returns ``o``, ``lse`` and the gather index as one int32 buffer, saved for the backward
     (so it is built once per call; empty on the one-pass path)."""
     check_triton_inputs(q, block_size, "block_attn")
@@ -125,18 +126,22 @@ def _attn_fwd_op(
     return o, lse, flat
 
 
+@torch.library.custom_op("moba_cp::triton_block_attn_fwd", mutates_args=())
+def _attn_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
+    cu_seqlens: torch.Tensor | None, block_size: int, softmax_scale: float, config: str = "",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attn_fwd_impl(q, k, v, indices, cu_seqlens, block_size, softmax_scale, config)
+
+
 @_attn_fwd_op.register_fake
 def _(q, k, v, indices, cu_seqlens, block_size, softmax_scale, config=""):
     n = _index_numel(q, k, indices, cu_seqlens, block_size, _config(config, q, k, block_size))
     return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32), q.new_empty(n, dtype=torch.int32)
 
 
-@torch.library.custom_op("moba_cp::triton_block_attn_bwd", mutates_args=())
-def _attn_bwd_op(
-    do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    o: torch.Tensor, lse: torch.Tensor, indices: torch.Tensor, index: torch.Tensor,
-    cu_seqlens: torch.Tensor | None, block_size: int, softmax_scale: float, config: str = "",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attn_bwd_impl(do, dlse, q, k, v, o, lse, indices, index, cu_seqlens, block_size: int, softmax_scale: float,
+                   config: str = ""):
     q, k, v = _c(q), _c(k), _c(v)
     cfg = _config(config, q, k, block_size)
     blocks, qpos, base, _ = doc_tables(q.shape[0], cu_seqlens, block_size, q.device)
@@ -150,6 +155,15 @@ def _attn_bwd_op(
         _c(do), q, k, v, o, lse, qpos, blocks, gi, w, softmax_scale, block_size, cfg.bwd, dlse=dlse,
         kv_grad_dtype=k.dtype, dq_dtype=q.dtype,
     )
+
+
+@torch.library.custom_op("moba_cp::triton_block_attn_bwd", mutates_args=())
+def _attn_bwd_op(
+    do: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    o: torch.Tensor, lse: torch.Tensor, indices: torch.Tensor, index: torch.Tensor,
+    cu_seqlens: torch.Tensor | None, block_size: int, softmax_scale: float, config: str = "",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attn_bwd_impl(do, dlse, q, k, v, o, lse, indices, index, cu_seqlens, block_size, softmax_scale, config)
 
 
 @_attn_bwd_op.register_fake
@@ -179,6 +193,34 @@ def _backward(ctx, do, dlse, _dindex):
 _attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _BlockAttnEager(torch.autograd.Function):
+    """The same forward and backward as the custom ops, for eager calls.
+
+    A custom op's call passes the dispatcher, its autograd wrapper, a dynamo guard and an
+    aliasing check, twice per step (forward and backward): on short sequences the host spent
+    longer enqueuing a MoBA call than the GPU ran it (4 x 8K tokens, 6 heads: 2.3 ms host,
+    1.6 ms of kernels; ``benchmarks/profile_moba.py --host``). ``torch.compile`` keeps tracing
+    the custom ops (``block_attn`` picks them while compiling).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, indices, cu_seqlens, block_size, softmax_scale, config):
+        o, lse, index = _attn_fwd_impl(q, k, v, indices, cu_seqlens, block_size, softmax_scale, config)
+        ctx.save_for_backward(q, k, v, o, lse, indices, index, cu_seqlens)
+        ctx.block_size, ctx.softmax_scale, ctx.config = block_size, softmax_scale, config
+        ctx.set_materialize_grads(False)  # an unused lse gets no dLSE (the kernels skip that term)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse, indices, index, cu_seqlens = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(o)
+        dq, dk, dv = _attn_bwd_impl(do, dlse, q, k, v, o, lse, indices, index, cu_seqlens, ctx.block_size,
+                                    ctx.softmax_scale, ctx.config)
+        return dq, dk, dv, None, None, None, None, None
+
+
 def block_attn(q, k, v, indices, *, block_size: int, cu_seqlens=None, softmax_scale: float,
                config: KernelConfig | None = None):
     """Triton attention over given document-local block ``indices [T, Hq, W]``.
@@ -188,9 +230,57 @@ def block_attn(q, k, v, indices, *, block_size: int, cu_seqlens=None, softmax_sc
     :func:`choose_config` from the shape; the backward uses the forward's).
     """
     # None travels as "": the op chooses from the shape (torch.compile traces no config here).
-    o, lse, _ = _attn_fwd_op(q, k, v, indices, cu_seqlens, block_size, float(softmax_scale),
-                             config.encode() if config is not None else "")
-    return o, lse
+    cfg = config.encode() if config is not None else ""
+    if torch.compiler.is_compiling():
+        o, lse, _ = _attn_fwd_op(q, k, v, indices, cu_seqlens, block_size, float(softmax_scale), cfg)
+        return o, lse
+    return _BlockAttnEager.apply(q, k, v, indices, cu_seqlens, block_size, float(softmax_scale), cfg)
+
+
+_FWD_GRAPHS = GraphedCall("moba forward")
+_BWD_GRAPHS = GraphedCall("moba backward")
+
+
+class _MobaGraphed(torch.autograd.Function):
+    """Selection + attention forward as one CUDA graph per shape, the backward as another
+    (``cuda_graphs``: short calls, where enqueuing ~30 operations took longer than running
+    them). Same kernels, same results as the eager path; a call that needs dLSE runs its
+    backward eagerly (the graph holds the common case, lse unused)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, block_size, topk, softmax_scale, config):
+        key = (tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, k.dtype, q.device,
+               None if cu_seqlens is None else id(cu_seqlens), block_size, topk, softmax_scale, config)
+        tables = doc_tables(q.shape[0], cu_seqlens, block_size, q.device)  # read by address: kept
+        tables[3].width(topk)  # may read the offsets on the host once: never inside a capture
+
+        def fwd(q, k, v):
+            idx = _select_impl(q, k, cu_seqlens, block_size, topk, config)
+            o, lse, index = _attn_fwd_impl(q, k, v, idx, cu_seqlens, block_size, softmax_scale, config)
+            return o, lse, idx, index
+
+        o, lse, idx, index = _FWD_GRAPHS(key, fwd, (q, k, v), keep=(tables, cu_seqlens))
+        ctx.save_for_backward(q, k, v, o, lse, idx, index)
+        ctx.key, ctx.keep = key, (tables, cu_seqlens)
+        ctx.args = (cu_seqlens, block_size, softmax_scale, config)
+        ctx.set_materialize_grads(False)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse, idx, index = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(o)
+        if dlse is not None:
+            dq, dk, dv = _attn_bwd_impl(do, dlse, q, k, v, o, lse, idx, index, *ctx.args)
+        else:
+            args = ctx.args
+
+            def bwd(do, q, k, v, o, lse, idx, index):
+                return _attn_bwd_impl(do, None, q, k, v, o, lse, idx, index, *args)
+
+            dq, dk, dv = _BWD_GRAPHS(ctx.key + (do.dtype,), bwd, (do, q, k, v, o, lse, idx, index), keep=ctx.keep)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def moba_attn(q, k, v, *, block_size: int, topk: int, cu_seqlens=None, softmax_scale: float,
@@ -200,6 +290,9 @@ def moba_attn(q, k, v, *, block_size: int, topk: int, cu_seqlens=None, softmax_s
     Example:
         >>> o, lse = moba_attn(q, k, v, block_size=128, topk=8, softmax_scale=q.shape[-1] ** -0.5)
     """
+    if graphs_enabled(q, cu_seqlens):
+        return _MobaGraphed.apply(q, k, v, cu_seqlens, block_size, topk, float(softmax_scale),
+                                  config.encode() if config is not None else "")
     with torch.no_grad():
         idx = select_blocks(q.detach(), k.detach(), block_size=block_size, topk=topk, cu_seqlens=cu_seqlens,
                             config=config)

@@ -1,0 +1,117 @@
+"""CUDA graphs for short MoBA calls: one replay instead of ~30 enqueued operations.
+
+Why: on short sequences the host takes longer to *enqueue* a MoBA forward+backward (Python
+around ~11 Triton launches and ~15 torch ops) than the GPU takes to run it (4 x 8K tokens, 6
+heads, d=64, H200: 2.3 ms of host time against 1.6 ms of kernels, ``benchmarks/profile_moba.py
+--host``), so the GPU idles between kernels and MoBA lost to a single cuDNN call. A graph
+replays the same kernels with one launch.
+
+How: :class:`GraphedCall` wraps a function of CUDA tensors whose every allocation and launch
+depends only on the shapes (true of the Triton backend: no host syncs, tables sized by static
+bounds). A shape's first call runs eagerly (it compiles the kernels and is the warm-up); its
+second call captures a graph on static input buffers; later calls copy their inputs into those
+buffers, replay, and *clone* the outputs (several layers call before any backward, so a replay
+must not overwrite what an earlier call returned). Each captured shape keeps a private memory
+pool for its intermediates and a reference to everything it reads outside its inputs.
+
+Which calls: see :func:`graphs_enabled` (CUDA, not while ``torch.compile`` traces, up to
+``GRAPH_MAX_TOKEN_HEADS`` query rows x heads, offsets that live as long as the graph). Turn
+them off with ``MOBA_CP_CUDA_GRAPHS=0``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Callable, Sequence
+
+import torch
+
+__all__ = ["GraphedCall", "graphs_enabled", "GRAPH_MAX_TOKEN_HEADS", "static_offsets"]
+
+#: Largest ``T * Hq`` a call is graphed at. Above it a call's kernels run long enough that the
+#: enqueue time hides behind them, and a graph's private pool would hold large intermediates.
+GRAPH_MAX_TOKEN_HEADS = 1 << 19
+
+#: Graphs kept per :class:`GraphedCall` (least recently used dropped; a dropped graph frees its pool).
+MAX_GRAPHS = 8
+
+#: ``cu_seqlens`` tensors that live for the whole process and are never written
+#: (``api.batch_cu_seqlens``): a graph may read them by address. Keyed by ``id``; the tensors
+#: are held here, so an id is never reused.
+_STATIC_OFFSETS: dict[int, torch.Tensor] = {}
+
+
+def static_offsets(cu: torch.Tensor) -> torch.Tensor:
+    """Mark ``cu`` as process-lifetime, read-only offsets (graphs may read it); returns it."""
+    _STATIC_OFFSETS[id(cu)] = cu
+    return cu
+
+
+def graphs_enabled(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> bool:
+    """Whether a call on ``q [T, Hq, D]`` with ``cu_seqlens`` takes the graphed path."""
+    if not q.is_cuda or os.environ.get("MOBA_CP_CUDA_GRAPHS", "1") == "0":
+        return False
+    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        return False
+    if q.shape[0] * q.shape[1] > GRAPH_MAX_TOKEN_HEADS:
+        return False
+    return cu_seqlens is None or _STATIC_OFFSETS.get(id(cu_seqlens)) is cu_seqlens
+
+
+class _Captured:
+    """One shape's graph: static inputs, static outputs, the objects it reads."""
+
+    def __init__(self, fn: Callable, inputs: Sequence[torch.Tensor], keep: object):
+        # contiguous static buffers: copy_ takes any source layout (an expanded gradient too)
+        self.inputs = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in inputs]
+        for s, x in zip(self.inputs, inputs):
+            s.copy_(x)
+        self.keep = keep  # tables and offsets the graph reads by address stay alive with it
+        # one run on the static buffers on a side stream first: any kernel specialisation these
+        # buffers need is compiled and loaded before the capture (loading is not capturable)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: the backward's capture runs on the autograd engine's thread
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.outputs = fn(*self.inputs)
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        for s, x in zip(self.inputs, inputs):
+            s.copy_(x)
+        self.graph.replay()
+        return tuple(o.clone() for o in self.outputs)
+
+
+class GraphedCall:
+    """``fn(*tensors) -> tuple of tensors`` run eagerly on a key's first call, captured on its
+    second, replayed after. ``key`` must determine every shape, dtype and constant ``fn``
+    depends on (the caller builds it), and ``fn``'s result must not depend on its inputs'
+    strides (the graph sees contiguous copies); ``keep`` is held with the graph."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._seen: set = set()
+        self._graphs: "OrderedDict[tuple, _Captured]" = OrderedDict()
+
+    def __call__(self, key: tuple, fn: Callable, inputs: Sequence[torch.Tensor], keep: object = None):
+        g = self._graphs.get(key)
+        if g is not None:
+            self._graphs.move_to_end(key)
+            return g(inputs)
+        if key not in self._seen:  # first sighting: eager (compiles kernels, warms the allocator)
+            self._seen.add(key)
+            return fn(*inputs)
+        g = _Captured(fn, inputs, keep)
+        self._graphs[key] = g
+        while len(self._graphs) > MAX_GRAPHS:
+            self._graphs.popitem(last=False)
+        return g(inputs)
+
+    def clear(self) -> None:
+        self._seen.clear()
+        self._graphs.clear()
