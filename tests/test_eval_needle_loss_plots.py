@@ -248,10 +248,10 @@ def test_plots_written_and_valid(tmp_path):
 
 # ----------------------------------------------------------------------------- CLI runners
 
-def test_eval_cli_runners(tmp_path):
+def test_eval_command_runners(tmp_path):
     import argparse
 
-    from moba_cp.eval import cli
+    from moba_cp.eval import eval_command as cli
 
     assert cli.parse_depths("0,10,...,100") == [float(x) for x in range(0, 101, 10)]
     assert cli.parse_depths("0, 50,100") == [0.0, 50.0, 100.0]

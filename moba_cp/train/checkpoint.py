@@ -155,7 +155,7 @@ def _start_writer_service_immune_to_stop_signals() -> None:
     started at the first save. Preemption (SLURM, a ``kill`` of the process group) and Ctrl-C
     signal every process, and a dead Manager makes the very save meant to preserve the run fail.
     Ignored signals stay ignored across the Manager's spawn, so it survives; the trainer itself
-    handles SIGTERM and SIGINT by saving (see ``moba_cp.train.loop``).
+    handles SIGTERM and SIGINT by saving (see ``moba_cp.train.stop_request``).
     """
     import signal
 
