@@ -31,39 +31,19 @@ from moba_cp.data.tokenizers import build_tokenizer
 from moba_cp.eval import plots
 from moba_cp.eval.lm_loss import trailing_and_positional_loss
 from moba_cp.eval.model_runner import load_eval_model, read_trained_recipe
-from moba_cp.eval.needle import KINDS, cell_key, check_needle_grid, parse_lengths, run_needle_grid, write_json
+from moba_cp.eval.needle import (KINDS, cell_key, check_needle_grid, parse_depths, parse_kinds, parse_lengths,
+                                 run_needle_grid, write_json)
 from moba_cp.train.distributed import shutdown_distributed
 from moba_cp.train.user_errors import is_main_process, report, user_errors
 
 __all__ = ["add_needle_arguments", "run_needle_eval", "add_loss_arguments", "run_loss_eval",
-           "NEEDLE_FILE", "LOSS_FILE", "parse_depths", "needle_grid_of", "check_loss_arguments",
+           "NEEDLE_FILE", "LOSS_FILE", "needle_grid_of", "check_loss_arguments",
            "check_eval_inputs", "run_eval_command"]
 
 NEEDLE_FILE = "needle.json"
 NEEDLE_PARTIAL_FILE = "needle.partial.json"  # finished cells of a run in progress (or interrupted)
 LOSS_FILE = "eval_loss.json"
 LOSS_PARTIAL_FILE = "eval_loss.partial.jsonl"  # per-sequence losses of a run in progress
-
-
-def parse_depths(spec: str) -> list[float]:
-    """``"0,10,...,100"`` -> ``[0, 10, 20, ..., 100]``; ``"0,25,50"`` -> as listed; percent values."""
-    parts = [p.strip() for p in spec.split(",") if p.strip()]
-    if "..." in parts:
-        i = parts.index("...")
-        if i < 2 or i != len(parts) - 2:
-            raise ValueError(f"depths {spec!r}: write 'a,b,...,z' (step b - a).")
-        a, b, z = float(parts[0]), float(parts[1]), float(parts[-1])
-        step, out, x = b - a, [], a
-        if step <= 0:
-            raise ValueError(f"depths {spec!r}: the step must be positive.")
-        while x <= z + 1e-9:
-            out.append(round(x, 6))
-            x += step
-        return out
-    vals = [float(p) for p in parts]
-    if not vals or any(not 0 <= v <= 100 for v in vals):
-        raise ValueError(f"depths {spec!r}: expected percents in [0, 100].")
-    return vals
 
 
 def add_needle_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -92,16 +72,14 @@ def _read_json(path: str):
 
 def needle_grid_of(args: argparse.Namespace) -> tuple[list[int], list[float], list[str]]:
     """``(lengths, depths, kinds)`` of the needle flags (``ValueError`` naming a bad flag)."""
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in KINDS]
-    if bad:
-        raise ValueError(f"--kinds: unknown {bad}; choose from {', '.join(KINDS)}.")
+    try:
+        kinds = parse_kinds(args.kinds)
+    except ValueError as e:
+        raise ValueError(f"--kinds: {e}") from None
     try:
         lengths = parse_lengths(args.lengths)
-    except ValueError:
-        raise ValueError(f"--lengths {args.lengths!r}: expected comma-separated token counts such as 4k,8k,32768.") from None
-    if not lengths or min(lengths) < 1:
-        raise ValueError(f"--lengths {args.lengths!r}: expected positive token counts such as 4k,8k.")
+    except ValueError as e:
+        raise ValueError(f"--lengths: {e}") from None
     return lengths, parse_depths(args.depths), kinds
 
 
