@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from moba_cp.ops.moba.kernel_limits import LIMITS
 from moba_cp.parallel.head_parallel import comm_problem
 
 __all__ = [
@@ -365,8 +366,6 @@ def kernel_limit_errors(cfg: RecipeConfig, device: str | None = None) -> list[st
     on CUDA (``device="cuda"``), where it picks Triton, and not at all on CPU (the naive oracle
     takes any shape). Recipes without MoBA layers are never checked.
     """
-    from moba_cp.ops.moba.kernel_limits import LIMITS
-
     m, mb = cfg.model, cfg.moba
     backend = "triton" if mb.backend == "auto" and device == "cuda" else mb.backend
     lim = LIMITS.get(backend)
