@@ -330,6 +330,23 @@ def test_device_doc_tables_match_host_reference(docs, b):
         assert doc_tables(total, cu2, b, DEV)[0].kstart[:n].tolist() == r_ks
 
 
+def test_doc_table_cache_is_keyed_by_an_identity_no_other_tensor_gets():
+    """id() is reused once a tensor is freed; the table cache's key never is, and its entries
+    die with their tensors."""
+    from moba_cp.ops.moba import triton_common as tc
+
+    seen, ids = set(), set()
+    for _ in range(50):
+        cu = torch.tensor([0, 8, 16], dtype=torch.int32)
+        ids.add(id(cu))
+        ident = tc._identity(cu)
+        assert ident not in seen and tc._identity(cu) == ident
+        seen.add(ident)
+        del cu  # the next tensor may well get the same id()
+    assert len(ids) < 50, "CPython reused an id(): the case this key guards against"
+    assert len(tc._IDENTITIES) < 50
+
+
 def test_gather_index_is_the_inverse_of_the_selection():
     """Every selected (token, head, slot) sits once in its bucket, in token order; tiles cover
     each bucket in chunk steps; surplus tiles are marked -1."""

@@ -20,7 +20,8 @@ so a call enqueues its kernels back to back and the host runs ahead of the GPU.
 
 from __future__ import annotations
 
-import weakref
+import itertools
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 
 from moba_cp.ops.moba.kernel_limits import TRITON
 
@@ -37,8 +39,6 @@ def _fix_interpreter_index() -> None:
     """Triton 3.6's interpreter turns a scalar into an int with ``int(array_of_shape_1)``,
     which NumPy >= 2.4 rejects; loop bounds loaded from memory then fail on CPU. Patch that
     one conversion (interpreter only; compiled kernels are untouched)."""
-    import os
-
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
     from triton.runtime import interpreter as _interp
@@ -198,8 +198,20 @@ def block_table_bound(total: int, n_docs: int, block_size: int) -> int:
     return -(-total // block_size) if n_docs == 1 else total // block_size + n_docs
 
 
+#: The last few tables built, by (cu_seqlens identity, its version, T, B, device).
 _TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
 _TABLES_MAX = 8
+#: A number per cu_seqlens tensor that no other tensor ever gets (``id()`` is reused once a
+#: tensor is freed). Keyed by the tensor object weakly: the entry dies with its tensor.
+_IDENTITIES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_NEXT_IDENTITY = itertools.count()
+
+
+def _identity(t: torch.Tensor) -> int:
+    ident = _IDENTITIES.get(t)
+    if ident is None:
+        ident = _IDENTITIES[t] = next(_NEXT_IDENTITY)
+    return ident
 
 
 def doc_tables(total: int, cu_seqlens: torch.Tensor | None, block_size: int, device):
@@ -210,17 +222,17 @@ def doc_tables(total: int, cu_seqlens: torch.Tensor | None, block_size: int, dev
     with empty blocks), ``qpos [T]`` int32 document-local positions, ``base [T]`` int32
     global id of block 0 of each token's document, and a :class:`DocInfo`.
 
-    Cached per ``cu_seqlens`` tensor object and version (a weak reference, so a new batch's
-    tensor never hits an old entry): selection, forward and backward of one call, and every
-    layer of a model that shares one ``cu_seqlens``, build the tables once.
+    Cached per ``cu_seqlens`` tensor object and version (by an identity never reused, so a new
+    batch's tensor never hits an old entry): selection, forward and backward of one call, and
+    every layer of a model that shares one ``cu_seqlens``, build the tables once.
     """
     dev = torch.device(device)
-    key = (None if cu_seqlens is None else id(cu_seqlens),
+    key = (None if cu_seqlens is None else _identity(cu_seqlens),
            None if cu_seqlens is None else cu_seqlens._version, total, block_size, str(dev))
     hit = _TABLES.get(key)
-    if hit is not None and (cu_seqlens is None or hit[0]() is cu_seqlens):
+    if hit is not None:
         _TABLES.move_to_end(key)
-        return hit[1]
+        return hit
     if cu_seqlens is None:
         cu = torch.arange(2, device=dev, dtype=torch.int32) * total
     else:
@@ -240,8 +252,7 @@ def doc_tables(total: int, cu_seqlens: torch.Tensor | None, block_size: int, dev
             max(1, n_docs).bit_length() + 1, BLOCK=1024,
         )
     out = (blocks, qpos, base, DocInfo(total, cu, block_size))
-    ref = (lambda: None) if cu_seqlens is None else weakref.ref(cu_seqlens)
-    _TABLES[key] = (ref, out)
+    _TABLES[key] = out
     while len(_TABLES) > _TABLES_MAX:
         _TABLES.popitem(last=False)
     return out
