@@ -103,3 +103,35 @@ def test_cpu_compat_is_switched_on_in_exactly_one_place():
                     and name != "moba_cp.megatron.compat_cpu":
                 calls.append(name)
     assert calls == ["moba_cp.megatron.parallel_init"], calls
+
+
+#: The only imports allowed inside a function (docs/design.md section 3), each an optional
+#: dependency or a headless set-up: (importing module, imported module).
+LAZY_IMPORTS = {
+    ("moba_cp.megatron.core_attention", "megatron.core.extensions.transformer_engine"),  # optional: TE
+    ("moba_cp.megatron.core_attention", "transformer_engine"),  # optional: TE
+    ("moba_cp.data.tokenizers", "tokenizers"),  # optional: HuggingFace tokenizers
+    ("moba_cp.train.metrics", "torch.utils.tensorboard"),  # optional at run time: events off without it
+    ("moba_cp.eval.plots", "matplotlib"),  # headless: Agg is selected before pyplot is imported
+    ("moba_cp.eval.plots", "matplotlib.pyplot"),
+    ("moba_cp.ops.moba.triton_common", "triton.runtime"),  # the interpreter patch, only under TRITON_INTERPRET=1
+}
+
+
+def test_imports_are_at_the_top():
+    """Every dependency shows in a module's header; an import inside a function is an optional
+    dependency listed in LAZY_IMPORTS, never one of moba_cp's own modules."""
+    found = []
+    for name, path in _modules():
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import):
+                    targets = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    targets = ["." * node.level + (node.module or "")]
+                else:
+                    continue
+                found += [f"{name}:{node.lineno}: {t}" for t in targets if (name, t) not in LAZY_IMPORTS]
+    assert not found, f"imports inside functions (move them to the top, docs/design.md section 3): {found}"
