@@ -295,7 +295,7 @@ def test_partial_sources_share_one_slot_namespace(method):
 
 # ------------------------------------------------------------------------------- device tables, index
 def _doc_tables_reference(total, docs, b):
-    """The per-document cut of DESIGN.md section 1, on the host (the old implementation)."""
+    """The per-document cut of docs/design.md section 1, on the host (the old implementation)."""
     qpos, base, kstart, kpos, klen, g, s = [0] * total, [0] * total, [], [], [], 0, 0
     for n in docs:
         nb = -(-n // b)

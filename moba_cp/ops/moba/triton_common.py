@@ -298,9 +298,9 @@ class GatherIndex:
     @staticmethod
     def sizes(t: int, hq: int, w: int, nbk: int, hkv: int, chunk: int) -> list[int]:
         """Lengths of (ent, offs, tend, tile_b, tile_start, kv_order): all static."""
-        e, n_b = t * hq * w, hq * nbk
-        nt = e // chunk + n_b + 1
-        return [e, n_b + 1, n_b, nt, nt, hkv * nbk]
+        e, n_buckets = t * hq * w, hq * nbk
+        nt = e // chunk + n_buckets + 1
+        return [e, n_buckets + 1, n_buckets, nt, nt, hkv * nbk]
 
     @classmethod
     def from_flat(cls, flat: torch.Tensor, t, hq, w, nbk, hkv, chunk) -> "GatherIndex":
@@ -363,20 +363,20 @@ def _scan_kernel(OFFS, TEND, KVC, NB, NKV, NBK, G, CHUNK, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _tiles_kernel(OFFS, TEND, TILE_B, TILE_START, n_b, n_tiles, CHUNK, STEPS, BLOCK: tl.constexpr):
+def _tiles_kernel(OFFS, TEND, TILE_B, TILE_START, n_buckets, n_tiles, CHUNK, STEPS, BLOCK: tl.constexpr):
     # Tile i belongs to the first bucket whose inclusive tile count exceeds i.
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < n_tiles
     lo = tl.zeros([BLOCK], dtype=tl.int32)
-    hi = tl.zeros([BLOCK], dtype=tl.int32) + n_b
+    hi = tl.zeros([BLOCK], dtype=tl.int32) + n_buckets
     for _ in range(STEPS):
         act = lo < hi
         mid = (lo + hi) // 2
         right = tl.load(TEND + mid, mask=act, other=0) <= i
         lo = tl.where(act & right, mid + 1, lo)
         hi = tl.where(act & ~right, mid, hi)
-    valid = m & (i < _ld(TEND + n_b - 1))
-    b = tl.minimum(lo, n_b - 1)
+    valid = m & (i < _ld(TEND + n_buckets - 1))
+    b = tl.minimum(lo, n_buckets - 1)
     first = tl.load(TEND + b - 1, mask=valid & (b > 0), other=0)
     start = tl.load(OFFS + b, mask=valid, other=0) + (i - first) * CHUNK
     tl.store(TILE_B + i, tl.where(valid, b, -1), mask=m)
@@ -397,7 +397,7 @@ def build_gather_index(
     """
     t, hq, w = sel.shape
     dev = sel.device
-    n_b = hq * nbk
+    n_buckets = hq * nbk
     e = t * hq * w
     if e >= 2**31:
         raise ValueError(
@@ -408,7 +408,7 @@ def build_gather_index(
     if out is None:
         out = torch.empty(sum(sz), dtype=torch.int32, device=dev)
     gi = GatherIndex.from_flat(out, t, hq, w, nbk, hkv, chunk)
-    if n_b == 0 or e == 0:
+    if n_buckets == 0 or e == 0:
         gi.offs.zero_()
         gi.tend.zero_()
         gi.tile_b.fill_(-1)
@@ -416,16 +416,16 @@ def build_gather_index(
     sel = sel.to(torch.int32).contiguous()
     key = torch.empty(e, dtype=torch.int32, device=dev)
     _keys_kernel[(triton.cdiv(e, 1024),)](
-        sel, sel if base is None else base, key, e, hq * w, w, nbk, n_b, HAS_BASE=base is not None, BLOCK=1024
+        sel, sel if base is None else base, key, e, hq * w, w, nbk, n_buckets, HAS_BASE=base is not None, BLOCK=1024
     )
     skey, perm = torch.sort(key, stable=True)
     del key
-    _finish_kernel[(triton.cdiv(max(e, n_b + 1), 1024),)](skey, perm, gi.ent, gi.offs, e, n_b, e.bit_length() + 1, BLOCK=1024)
+    _finish_kernel[(triton.cdiv(max(e, n_buckets + 1), 1024),)](skey, perm, gi.ent, gi.offs, e, n_buckets, e.bit_length() + 1, BLOCK=1024)
     del skey, perm
     kv_counts = torch.empty(hkv, nbk, dtype=torch.int32, device=dev)
-    _scan_kernel[(1,)](gi.offs, gi.tend, kv_counts, n_b, hkv * nbk, nbk, hq // hkv, chunk, BLOCK=1024)
+    _scan_kernel[(1,)](gi.offs, gi.tend, kv_counts, n_buckets, hkv * nbk, nbk, hq // hkv, chunk, BLOCK=1024)
     _tiles_kernel[(triton.cdiv(gi.n_tiles, 1024),)](
-        gi.offs, gi.tend, gi.tile_b, gi.tile_start, n_b, gi.n_tiles, chunk, n_b.bit_length() + 1, BLOCK=1024
+        gi.offs, gi.tend, gi.tile_b, gi.tile_start, n_buckets, gi.n_tiles, chunk, n_buckets.bit_length() + 1, BLOCK=1024
     )
     gi.kv_order.copy_(torch.argsort(kv_counts, dim=1, descending=True))
     return gi
