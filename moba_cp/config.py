@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from moba_cp.ops.moba.kernel_limits import LIMITS
 from moba_cp.parallel.head_parallel import comm_problem
 
 __all__ = [
@@ -35,7 +36,9 @@ class RecipeError(ValueError):
     """A recipe is malformed: the message names the key path, the rule and the fix."""
 
 
-def _f(default=dataclasses.MISSING, help: str = "", default_factory=dataclasses.MISSING):  # noqa: A002
+def _option(default=dataclasses.MISSING, help: str = "", default_factory=dataclasses.MISSING):  # noqa: A002
+    """A recipe option: a dataclass field with its default and its help text (kept in the field's
+    metadata, read back by :func:`field_help`)."""
     kw = {"metadata": {"help": help}}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, **kw)
@@ -46,27 +49,27 @@ def _f(default=dataclasses.MISSING, help: str = "", default_factory=dataclasses.
 class ModelConfig:
     """Shape of the GPT model (Megatron-Core ``TransformerConfig`` fields)."""
 
-    num_layers: int = _f(4, "Transformer layers.")
-    hidden_size: int = _f(128, "Model width (residual stream size).")
-    num_attention_heads: int = _f(4, "Query heads.")
-    num_query_groups: int = _f(2, "Key/value heads (GQA groups); must divide num_attention_heads.")
-    ffn_hidden_size: Optional[int] = _f(None, "MLP inner size; None = 4 * hidden_size (SwiGLU: 8/3 rounded).")
-    seq_length: int = _f(1024, "Training sequence length in tokens (the global, unsharded length).")
-    vocab_size: Optional[int] = _f(None, "Vocabulary size; None = taken from the tokenizer.")
-    rotary_base: int = _f(10000, "RoPE base (raise it for long contexts, e.g. 500000).")
-    normalization: Literal["RMSNorm", "LayerNorm"] = _f("RMSNorm", "Norm layer kind.")
-    swiglu: bool = _f(True, "Gated SiLU MLP (Llama-style) instead of GeLU.")
-    init_method_std: float = _f(0.02, "Std of the normal weight init.")
-    share_embeddings: bool = _f(True, "Tie input embedding and output projection.")
+    num_layers: int = _option(4, "Transformer layers.")
+    hidden_size: int = _option(128, "Model width (residual stream size).")
+    num_attention_heads: int = _option(4, "Query heads.")
+    num_query_groups: int = _option(2, "Key/value heads (GQA groups); must divide num_attention_heads.")
+    ffn_hidden_size: Optional[int] = _option(None, "MLP inner size; None = 4 * hidden_size (SwiGLU: 8/3 rounded).")
+    seq_length: int = _option(1024, "Training sequence length in tokens (the global, unsharded length).")
+    vocab_size: Optional[int] = _option(None, "Vocabulary size; None = taken from the tokenizer.")
+    rotary_base: int = _option(10000, "RoPE base (raise it for long contexts, e.g. 500000).")
+    normalization: Literal["RMSNorm", "LayerNorm"] = _option("RMSNorm", "Norm layer kind.")
+    swiglu: bool = _option(True, "Gated SiLU MLP (Llama-style) instead of GeLU.")
+    init_method_std: float = _option(0.02, "Std of the normal weight init.")
+    share_embeddings: bool = _option(True, "Tie input embedding and output projection.")
 
 
 @dataclass
 class MoBAConfig:
     """Mixture of Block Attention parameters (docs/design.md section 1)."""
 
-    block_size: int = _f(128, "Tokens per MoBA block B.")
-    topk: int = _f(4, "Blocks per query, counting its own block (topk >= blocks = full attention).")
-    backend: Literal["auto", "naive", "triton"] = _f(
+    block_size: int = _option(128, "Tokens per MoBA block B.")
+    topk: int = _option(4, "Blocks per query, counting its own block (topk >= blocks = full attention).")
+    backend: Literal["auto", "naive", "triton"] = _option(
         "auto", "Kernel backend; 'auto' picks Triton on GPU and the naive oracle on CPU.")
 
 
@@ -74,15 +77,15 @@ class MoBAConfig:
 class AttentionConfig:
     """Which layers use MoBA and which full attention."""
 
-    pattern: Literal["moba", "full", "hybrid", "explicit"] = _f(
+    pattern: Literal["moba", "full", "hybrid", "explicit"] = _option(
         "moba", "'moba': all layers MoBA; 'full': all full; 'hybrid': the last full_last_n layers full; "
         "'explicit': per-layer list in `layers`.")
-    full_last_n: int = _f(0, "With pattern=hybrid: how many final layers use full attention.")
-    layers: Optional[list[str]] = _f(None, "With pattern=explicit: one of 'moba'/'full' per layer.")
-    full_backend: Literal["auto", "torch", "te"] = _f(
+    full_last_n: int = _option(0, "With pattern=hybrid: how many final layers use full attention.")
+    layers: Optional[list[str]] = _option(None, "With pattern=explicit: one of 'moba'/'full' per layer.")
+    full_backend: Literal["auto", "torch", "te"] = _option(
         "auto", "Full-attention layers: 'torch' (SDPA / ring attention), 'te' (Transformer Engine, must "
         "be installed), 'auto' (torch).")
-    switch_to_full_at: Optional[float] = _f(
+    switch_to_full_at: Optional[float] = _option(
         None, "Two-stage schedule: after this fraction of training steps (e.g. 0.9) every MoBA layer "
         "switches to full attention in place. None = never.")
 
@@ -91,41 +94,41 @@ class AttentionConfig:
 class ParallelConfig:
     """Parallel layout: world size = tp * cp * dp (pipeline parallelism is not supported yet)."""
 
-    tp: int = _f(1, "Tensor-parallel size.")
-    cp: int = _f(1, "Context-parallel size (sequence split in 2*cp zigzag chunks).")
-    dp: Optional[int] = _f(None, "Data-parallel size; None = world_size / (tp * cp).")
-    distributed_optimizer: bool = _f(False, "Shard optimizer state over data-parallel ranks.")
-    sequence_parallel: bool = _f(False, "Megatron sequence parallelism for norms/dropout (needs tp > 1).")
-    cp_comm: Literal["ring", "a2a", "a2a+ring"] = _f(
+    tp: int = _option(1, "Tensor-parallel size.")
+    cp: int = _option(1, "Context-parallel size (sequence split in 2*cp zigzag chunks).")
+    dp: Optional[int] = _option(None, "Data-parallel size; None = world_size / (tp * cp).")
+    distributed_optimizer: bool = _option(False, "Shard optimizer state over data-parallel ranks.")
+    sequence_parallel: bool = _option(False, "Megatron sequence parallelism for norms/dropout (needs tp > 1).")
+    cp_comm: Literal["ring", "a2a", "a2a+ring"] = _option(
         "ring", "How CP ranks exchange attention inputs: 'ring' (K/V blocks ring-style; per-rank traffic about "
         "the whole K/V whatever cp is), 'a2a' (head-parallel all-to-all, traffic falls as 1/cp; needs query "
         "and KV heads per tp rank divisible by cp, or cp a multiple of the KV heads), 'a2a+ring' (all-to-all "
         "inside groups of a2a_size ranks of one node, ring across groups: multi-node). `moba-cp train "
         "--dry-run` prints the bytes of each.")
-    a2a_size: Optional[int] = _f(
+    a2a_size: Optional[int] = _option(
         None, "With cp_comm=a2a+ring: consecutive CP ranks per all-to-all group (one node's GPUs); must "
         "divide cp and be <= gpus_per_node.")
-    gpus_per_node: int = _f(8, "GPUs per node (an a2a+ring all-to-all group must fit in one node).")
+    gpus_per_node: int = _option(8, "GPUs per node (an a2a+ring all-to-all group must fit in one node).")
 
 
 @dataclass
 class TrainConfig:
     """Optimisation and schedule."""
 
-    steps: int = _f(100, "Optimizer steps to train.")
-    micro_batch_size: int = _f(1, "Sequences per micro-batch per data-parallel rank.")
-    global_batch_size: int = _f(1, "Sequences per optimizer step (multiple of micro_batch_size * dp).")
-    lr: float = _f(3e-4, "Peak learning rate.")
-    min_lr: float = _f(3e-5, "Final learning rate after decay.")
-    warmup_steps: int = _f(10, "Linear warm-up steps.")
-    lr_decay_style: Literal["cosine", "linear", "constant"] = _f("cosine", "Decay after warm-up.")
-    weight_decay: float = _f(0.1, "AdamW weight decay.")
-    adam_beta1: float = _f(0.9, "AdamW beta1.")
-    adam_beta2: float = _f(0.95, "AdamW beta2.")
-    clip_grad: float = _f(1.0, "Global gradient-norm clip (0 = off).")
-    seed: int = _f(1234, "Random seed (model init, data order).")
-    precision: Literal["fp32", "bf16"] = _f("bf16", "Training precision on GPU (CPU always runs fp32).")
-    recompute: Literal["none", "selective", "full"] = _f(
+    steps: int = _option(100, "Optimizer steps to train.")
+    micro_batch_size: int = _option(1, "Sequences per micro-batch per data-parallel rank.")
+    global_batch_size: int = _option(1, "Sequences per optimizer step (multiple of micro_batch_size * dp).")
+    lr: float = _option(3e-4, "Peak learning rate.")
+    min_lr: float = _option(3e-5, "Final learning rate after decay.")
+    warmup_steps: int = _option(10, "Linear warm-up steps.")
+    lr_decay_style: Literal["cosine", "linear", "constant"] = _option("cosine", "Decay after warm-up.")
+    weight_decay: float = _option(0.1, "AdamW weight decay.")
+    adam_beta1: float = _option(0.9, "AdamW beta1.")
+    adam_beta2: float = _option(0.95, "AdamW beta2.")
+    clip_grad: float = _option(1.0, "Global gradient-norm clip (0 = off).")
+    seed: int = _option(1234, "Random seed (model init, data order).")
+    precision: Literal["fp32", "bf16"] = _option("bf16", "Training precision on GPU (CPU always runs fp32).")
+    recompute: Literal["none", "selective", "full"] = _option(
         "none", "Activation recomputation: 'selective' (core attention), 'full' (whole layers).")
 
 
@@ -133,64 +136,64 @@ class TrainConfig:
 class DataConfig:
     """Training data."""
 
-    source: Literal["builtin", "indexed", "mock"] = _f(
+    source: Literal["builtin", "indexed", "mock"] = _option(
         "builtin", "'builtin': the embedded corpus (built locally, no network); 'indexed': Megatron "
         ".bin/.idx prefixes in `paths`; 'mock': random tokens.")
-    paths: Optional[list[str]] = _f(None, "Indexed dataset prefixes, optionally weighted: ['0.7', 'a', '0.3', 'b'].")
-    tokenizer: str = _f("byte", "'byte' (built-in byte-level) or a path to a HuggingFace tokenizers JSON.")
-    cache_dir: str = _f("data_cache", "Where built datasets and index caches are written.")
-    split: str = _f("98,2,0", "Train/valid/test split weights of each dataset.")
-    retrieval_fraction: float = _f(0.0, "Fraction of training samples replaced by synthetic retrieval documents.")
-    retrieval_kinds: list[str] = _f(
+    paths: Optional[list[str]] = _option(None, "Indexed dataset prefixes, optionally weighted: ['0.7', 'a', '0.3', 'b'].")
+    tokenizer: str = _option("byte", "'byte' (built-in byte-level) or a path to a HuggingFace tokenizers JSON.")
+    cache_dir: str = _option("data_cache", "Where built datasets and index caches are written.")
+    split: str = _option("98,2,0", "Train/valid/test split weights of each dataset.")
+    retrieval_fraction: float = _option(0.0, "Fraction of training samples replaced by synthetic retrieval documents.")
+    retrieval_kinds: list[str] = _option(
         default_factory=lambda: ["passkey", "single", "multikey", "multivalue"],
         help="Retrieval document kinds mixed in (subset of passkey, single, multikey, multivalue).")
-    retrieval_loss_on: Literal["all", "answer"] = _f(
+    retrieval_loss_on: Literal["all", "answer"] = _option(
         "all", "Loss on retrieval samples: every token ('all') or only the answer tokens ('answer').")
-    builtin_budget_bytes: int = _f(4_000_000, "Size of the embedded corpus (source=builtin), in bytes of text.")
+    builtin_budget_bytes: int = _option(4_000_000, "Size of the embedded corpus (source=builtin), in bytes of text.")
 
 
 @dataclass
 class EvalConfig:
     """Validation during training (long-context evaluation after training: ``moba-cp eval``)."""
 
-    interval: int = _f(0, "Validation loss every N steps (0 = off).")
-    iters: int = _f(2, "Validation batches per evaluation.")
+    interval: int = _option(0, "Validation loss every N steps (0 = off).")
+    iters: int = _option(2, "Validation batches per evaluation.")
 
 
 @dataclass
 class LoggingConfig:
     """Console, JSONL and TensorBoard logging."""
 
-    dir: str = _f("runs/default", "Run directory: metrics.jsonl, TensorBoard events, resolved recipe.")
-    interval: int = _f(1, "Log every N steps.")
-    tensorboard: bool = _f(True, "Write TensorBoard events.")
+    dir: str = _option("runs/default", "Run directory: metrics.jsonl, TensorBoard events, resolved recipe.")
+    interval: int = _option(1, "Log every N steps.")
+    tensorboard: bool = _option(True, "Write TensorBoard events.")
 
 
 @dataclass
 class CheckpointConfig:
     """Distributed checkpointing."""
 
-    save: bool = _f(True, "Write checkpoints at all (false for benchmarks and smoke runs).")
-    dir: Optional[str] = _f(None, "Checkpoint directory; None = <logging.dir>/checkpoints.")
-    interval: int = _f(0, "Save every N steps (0 = only at the end).")
-    resume: bool = _f(True, "Resume from the latest complete checkpoint in `dir` when present.")
-    keep_last: int = _f(2, "Complete checkpoints kept (older ones deleted after a successful save).")
+    save: bool = _option(True, "Write checkpoints at all (false for benchmarks and smoke runs).")
+    dir: Optional[str] = _option(None, "Checkpoint directory; None = <logging.dir>/checkpoints.")
+    interval: int = _option(0, "Save every N steps (0 = only at the end).")
+    resume: bool = _option(True, "Resume from the latest complete checkpoint in `dir` when present.")
+    keep_last: int = _option(2, "Complete checkpoints kept (older ones deleted after a successful save).")
 
 
 @dataclass
 class RecipeConfig:
     """A whole recipe."""
 
-    name: str = _f("unnamed", "Recipe name (for logs).")
-    model: ModelConfig = _f(default_factory=ModelConfig, help="Model shape.")
-    moba: MoBAConfig = _f(default_factory=MoBAConfig, help="MoBA block size, top-k and backend.")
-    attention: AttentionConfig = _f(default_factory=AttentionConfig, help="MoBA / full / hybrid layer pattern.")
-    parallel: ParallelConfig = _f(default_factory=ParallelConfig, help="tp, cp, dp.")
-    train: TrainConfig = _f(default_factory=TrainConfig, help="Optimisation and schedule.")
-    data: DataConfig = _f(default_factory=DataConfig, help="Training data.")
-    eval: EvalConfig = _f(default_factory=EvalConfig, help="Evaluation.")
-    logging: LoggingConfig = _f(default_factory=LoggingConfig, help="Logging.")
-    checkpoint: CheckpointConfig = _f(default_factory=CheckpointConfig, help="Checkpoints.")
+    name: str = _option("unnamed", "Recipe name (for logs).")
+    model: ModelConfig = _option(default_factory=ModelConfig, help="Model shape.")
+    moba: MoBAConfig = _option(default_factory=MoBAConfig, help="MoBA block size, top-k and backend.")
+    attention: AttentionConfig = _option(default_factory=AttentionConfig, help="MoBA / full / hybrid layer pattern.")
+    parallel: ParallelConfig = _option(default_factory=ParallelConfig, help="tp, cp, dp.")
+    train: TrainConfig = _option(default_factory=TrainConfig, help="Optimisation and schedule.")
+    data: DataConfig = _option(default_factory=DataConfig, help="Training data.")
+    eval: EvalConfig = _option(default_factory=EvalConfig, help="Evaluation.")
+    logging: LoggingConfig = _option(default_factory=LoggingConfig, help="Logging.")
+    checkpoint: CheckpointConfig = _option(default_factory=CheckpointConfig, help="Checkpoints.")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -365,8 +368,6 @@ def kernel_limit_errors(cfg: RecipeConfig, device: str | None = None) -> list[st
     on CUDA (``device="cuda"``), where it picks Triton, and not at all on CPU (the naive oracle
     takes any shape). Recipes without MoBA layers are never checked.
     """
-    from moba_cp.ops.moba.kernel_limits import LIMITS
-
     m, mb = cfg.model, cfg.moba
     backend = "triton" if mb.backend == "auto" and device == "cuda" else mb.backend
     lim = LIMITS.get(backend)

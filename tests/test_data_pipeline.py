@@ -335,15 +335,15 @@ def test_bad_paths_fail_clearly(tmp_path, small_corpus):
 def test_training_sample_order_resume_and_dp():
     """The loop's sampler: sample indices are a function of the step (so a resumed run continues
     exactly), split into contiguous micro-batches per data-parallel rank."""
-    from moba_cp.train.loop import _microbatch_indices
+    from moba_cp.train.batches import microbatch_indices
 
     # global batch 4, micro-batch 2, one dp rank: two micro-batches per step, in order
-    full = [mb for step in range(5) for mb in _microbatch_indices(step, 4, 2, 1, 0)]
+    full = [mb for step in range(5) for mb in microbatch_indices(step, 4, 2, 1, 0)]
     assert full[0] == [0, 1] and len(full) == 10
     assert [x for mb in full for x in mb] == list(range(20))
     # resume at step 1 with dp=2: each rank one micro-batch per step, ranks interleaved
-    r0 = [mb for step in range(1, 5) for mb in _microbatch_indices(step, 4, 2, 2, 0)]
-    r1 = [mb for step in range(1, 5) for mb in _microbatch_indices(step, 4, 2, 2, 1)]
+    r0 = [mb for step in range(1, 5) for mb in microbatch_indices(step, 4, 2, 2, 0)]
+    r1 = [mb for step in range(1, 5) for mb in microbatch_indices(step, 4, 2, 2, 1)]
     assert r0[0] == [4, 5] and r1[0] == [6, 7] and len(r0) == len(r1) == 4
     assert sorted(x for b in r0 + r1 for x in b) == list(range(4, 20))
 

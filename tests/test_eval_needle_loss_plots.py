@@ -10,7 +10,8 @@ import torch
 
 from moba_cp.data.tokenizers import ByteTokenizer
 from moba_cp.eval.lm_loss import per_token_loss_from_logits, trailing_and_positional_loss
-from moba_cp.data.retrieval_docs import INTRO, KINDS, make_needle_sample, parse_lengths
+from moba_cp.data.retrieval_docs import INTRO, KINDS, make_needle_sample
+from moba_cp.eval.needle import parse_depths, parse_kinds, parse_lengths
 from moba_cp.eval.needle import run_needle_grid, score_needle, write_json
 from moba_cp.eval import plots
 
@@ -69,6 +70,13 @@ def test_generator_edges_and_kinds():
     with pytest.raises(ValueError, match="depth"):
         make_needle_sample(TOK, 1000, 120, "single")
     assert parse_lengths("4k, 8K,1000,1m") == [4096, 8192, 1000, 1048576]
+    with pytest.raises(ValueError, match="'4q' is not a token count"):
+        parse_lengths("4k,4q")
+    with pytest.raises(ValueError, match="positive token counts"):
+        parse_lengths("0")
+    assert parse_kinds(" passkey,single ") == ["passkey", "single"]
+    with pytest.raises(ValueError, match=r"unknown \['needle'\]; choose from passkey"):
+        parse_kinds("passkey,needle")
 
 
 # ----------------------------------------------------------------------------- scoring on known models
@@ -248,15 +256,15 @@ def test_plots_written_and_valid(tmp_path):
 
 # ----------------------------------------------------------------------------- CLI runners
 
-def test_eval_cli_runners(tmp_path):
+def test_eval_command_runners(tmp_path):
     import argparse
 
-    from moba_cp.eval import cli
+    from moba_cp.eval import eval_command as cli
 
-    assert cli.parse_depths("0,10,...,100") == [float(x) for x in range(0, 101, 10)]
-    assert cli.parse_depths("0, 50,100") == [0.0, 50.0, 100.0]
+    assert parse_depths("0,10,...,100") == [float(x) for x in range(0, 101, 10)]
+    assert parse_depths("0, 50,100") == [0.0, 50.0, 100.0]
     with pytest.raises(ValueError):
-        cli.parse_depths("0,120")
+        parse_depths("0,120")
     out = str(tmp_path / "run" / "eval")
     args = cli.add_needle_arguments(argparse.ArgumentParser()).parse_args(
         ["--lengths", "1k", "--depths", "0,100", "--kinds", "single,passkey", "--n-per-cell", "1", "--out", out])

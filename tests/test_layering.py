@@ -8,15 +8,12 @@ PKG = Path(__file__).resolve().parent.parent / "moba_cp"
 
 #: docs/design.md section 3: a part may import parts of a lower or equal rank, never a higher one.
 #: data/ sits beside megatron/ (rank 3) but neither may import the other.
-RANK = {"config": 0, "model_sizes": 0, "__init__": 1, "ops": 1, "selfcheck": 1, "parallel": 2,
+RANK = {"config": 0, "model_sizes": 0, "import_notices": 0, "__init__": 1, "ops": 1, "selfcheck": 1, "parallel": 2,
         "megatron": 3, "data": 3, "train": 4, "eval": 5, "analysis": 5, "experiments": 6, "cli": 7}
 
-#: Known arrows still running up, in files of the "runs never lie" issue; the second pass of the
-#: "newcomer" issue removes them. Nothing may be added here.
+#: The deliberate exceptions, each with its reason (docs/design.md section 3). Nothing may be added
+#: here without one.
 KNOWN_UPWARD = {
-    ("moba_cp.train.__main__", "moba_cp.cli"),
-    # the torchrun wrapper parses exactly what `moba-cp train` parses (it is a command-line entry)
-    ("moba_cp.train.launch", "moba_cp.cli"),
     # recipe validation reads the kernels' input limits (plain data) and the all-to-all's head
     # rules, so a recipe is refused before any process starts for what the GPU would refuse
     ("moba_cp.config", "moba_cp.ops"),
@@ -83,11 +80,9 @@ def test_data_does_not_import_evaluation_or_megatron_glue():
 
 def test_no_lookup_of_own_modules_by_name():
     """moba_cp imports its own modules; it never looks them up with importlib (the graph would be
-    invisible to readers and tools). parallel/gate.py is being fixed by its owner."""
+    invisible to readers and tools)."""
     offenders = []
     for name, path in _modules():
-        if name == "moba_cp.parallel.gate":
-            continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
                     and node.func.attr in ("import_module", "find_spec") and node.args:
@@ -106,3 +101,35 @@ def test_cpu_compat_is_switched_on_in_exactly_one_place():
                     and name != "moba_cp.megatron.compat_cpu":
                 calls.append(name)
     assert calls == ["moba_cp.megatron.parallel_init"], calls
+
+
+#: The only imports allowed inside a function (docs/design.md section 3), each an optional
+#: dependency or a headless set-up: (importing module, imported module).
+LAZY_IMPORTS = {
+    ("moba_cp.megatron.core_attention", "megatron.core.extensions.transformer_engine"),  # optional: TE
+    ("moba_cp.megatron.core_attention", "transformer_engine"),  # optional: TE
+    ("moba_cp.data.tokenizers", "tokenizers"),  # optional: HuggingFace tokenizers
+    ("moba_cp.train.metrics", "torch.utils.tensorboard"),  # optional at run time: events off without it
+    ("moba_cp.eval.plots", "matplotlib"),  # headless: Agg is selected before pyplot is imported
+    ("moba_cp.eval.plots", "matplotlib.pyplot"),
+    ("moba_cp.ops.moba.triton_common", "triton.runtime"),  # the interpreter patch, only under TRITON_INTERPRET=1
+}
+
+
+def test_imports_are_at_the_top():
+    """Every dependency shows in a module's header; an import inside a function is an optional
+    dependency listed in LAZY_IMPORTS, never one of moba_cp's own modules."""
+    found = []
+    for name, path in _modules():
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import):
+                    targets = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    targets = ["." * node.level + (node.module or "")]
+                else:
+                    continue
+                found += [f"{name}:{node.lineno}: {t}" for t in targets if (name, t) not in LAZY_IMPORTS]
+    assert not found, f"imports inside functions (move them to the top, docs/design.md section 3): {found}"

@@ -11,7 +11,7 @@ from moba_cp.ops.moba import naive
 
 
 def dense_moba_reference(q, k, v, block_size, topk, cu_seqlens=None, scale=None):
-    """MoBA written from DESIGN.md section 1 without sharing code with naive.py (fp64, loops over docs).
+    """MoBA written from docs/design.md section 1 without sharing code with naive.py (fp64, loops over docs).
 
     Centroids by scatter-add (not reshape-mean), selection by a full argsort, attention by an
     explicit [H, T, T] mask.

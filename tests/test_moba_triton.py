@@ -295,7 +295,7 @@ def test_partial_sources_share_one_slot_namespace(method):
 
 # ------------------------------------------------------------------------------- device tables, index
 def _doc_tables_reference(total, docs, b):
-    """The per-document cut of DESIGN.md section 1, on the host (the old implementation)."""
+    """The per-document cut of docs/design.md section 1, on the host (the old implementation)."""
     qpos, base, kstart, kpos, klen, g, s = [0] * total, [0] * total, [], [], [], 0, 0
     for n in docs:
         nb = -(-n // b)
@@ -328,6 +328,23 @@ def test_device_doc_tables_match_host_reference(docs, b):
         assert doc_tables(total, cu2, b, DEV)[1] is not qpos
         cu2.add_(0)  # an in-place op bumps the version: the cache must not answer
         assert doc_tables(total, cu2, b, DEV)[0].kstart[:n].tolist() == r_ks
+
+
+def test_doc_table_cache_is_keyed_by_an_identity_no_other_tensor_gets():
+    """id() is reused once a tensor is freed; the table cache's key never is, and its entries
+    die with their tensors."""
+    from moba_cp.ops.moba import triton_common as tc
+
+    seen, ids = set(), set()
+    for _ in range(50):
+        cu = torch.tensor([0, 8, 16], dtype=torch.int32)
+        ids.add(id(cu))
+        ident = tc._identity(cu)
+        assert ident not in seen and tc._identity(cu) == ident
+        seen.add(ident)
+        del cu  # the next tensor may well get the same id()
+    assert len(ids) < 50, "CPython reused an id(): the case this key guards against"
+    assert len(tc._IDENTITIES) < 50
 
 
 def test_gather_index_is_the_inverse_of_the_selection():

@@ -165,9 +165,9 @@ TOK = ByteTokenizer()
 
 
 def _needle_args(out, lengths="700,900", kinds="passkey,single"):
-    from moba_cp.eval import cli as eval_cli
+    from moba_cp.eval import eval_command
 
-    return eval_cli.add_needle_arguments(argparse.ArgumentParser()).parse_args(
+    return eval_command.add_needle_arguments(argparse.ArgumentParser()).parse_args(
         ["--lengths", lengths, "--depths", "0,50,100", "--kinds", kinds, "--n-per-cell", "2", "--out", str(out)])
 
 
@@ -183,13 +183,13 @@ def _copier(calls):
 
 
 def test_needle_grid_is_checked_before_any_sample(tmp_path):
-    from moba_cp.eval import cli as eval_cli
+    from moba_cp.eval import eval_command
     from moba_cp.eval.needle import check_needle_grid
 
     calls = []
     with pytest.raises(ValueError, match=r"'multikey' needs at least \d+ tokens .*too short: length=150.*"
                                          r"Fix: raise --lengths"):
-        eval_cli.run_needle_eval(_needle_args(tmp_path, "2k,150", "passkey,multikey"), _copier(calls), TOK,
+        eval_command.run_needle_eval(_needle_args(tmp_path, "2k,150", "passkey,multikey"), _copier(calls), TOK,
                                  progress=None)
     assert calls == [] and not list(tmp_path.iterdir())  # no sample ran, nothing written
     check_needle_grid(TOK, [2048], [0, 100], ["multikey"], 4, 0)  # long enough: no error
@@ -201,7 +201,7 @@ def test_eval_cli_checks_needle_lengths_before_loading_the_model(tmp_path, monke
     seq_length gets a notice (and the loss flags are checked the same way)."""
     import torch.distributed as dist
 
-    from moba_cp.cli import _eval_checks
+    from moba_cp.eval.eval_command import check_eval_inputs
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     run = tmp_path / "run"
@@ -214,7 +214,7 @@ def test_eval_cli_checks_needle_lengths_before_loading_the_model(tmp_path, monke
     assert not dist.is_initialized() and not out.exists()
     parsed = argparse.Namespace(checkpoint=str(run), kind="needle", lengths="1k,2k", depths="0,100",
                                 kinds="passkey", n_per_cell=1, seed=0)
-    _, trained, meta, longest = _eval_checks(parsed, [])
+    _, trained, meta, longest = check_eval_inputs(parsed, [])
     assert longest == 2048 and meta["step"] == 4 and trained.model.seq_length == 1024
     assert "length(s) 2048 exceed the trained model.seq_length=1024" in capsys.readouterr().err
     assert cli_main(["eval", "loss", str(run), "--seq-len", "100", "--last", "200"]) == 2
@@ -224,11 +224,11 @@ def test_eval_cli_checks_needle_lengths_before_loading_the_model(tmp_path, monke
 def test_interrupted_needle_eval_resumes(tmp_path):
     """A grid interrupted after 3 cells keeps them; the rerun runs only the other cells and its
     result equals an uninterrupted run's."""
-    from moba_cp.eval import cli as eval_cli
+    from moba_cp.eval import eval_command
 
     source = {"checkpoint": "ckpt/iter_0000004", "step": 4}
     calls = []
-    full = eval_cli.run_needle_eval(_needle_args(tmp_path / "ref"), _copier(calls), TOK, progress=None, source=source)
+    full = eval_command.run_needle_eval(_needle_args(tmp_path / "ref"), _copier(calls), TOK, progress=None, source=source)
     n_cells = 2 * 2 * 3
     assert len(calls) == n_cells * 2 and len(full["cells"]) == n_cells
 
@@ -240,30 +240,30 @@ def test_interrupted_needle_eval_resumes(tmp_path):
 
     out = tmp_path / "eval"
     with pytest.raises(KeyboardInterrupt):
-        eval_cli.run_needle_eval(_needle_args(out), interrupted, TOK, progress=None, source=source)
+        eval_command.run_needle_eval(_needle_args(out), interrupted, TOK, progress=None, source=source)
     partial = json.loads((out / "needle.partial.json").read_text())
     assert len(partial["cells"]) == 3 and not (out / "needle.json").exists()
     calls = []
-    again = eval_cli.run_needle_eval(_needle_args(out), _copier(calls), TOK, progress=None, source=source)
+    again = eval_command.run_needle_eval(_needle_args(out), _copier(calls), TOK, progress=None, source=source)
     assert len(calls) == (n_cells - 3) * 2
     assert again["kinds"] == full["kinds"] and again["cells"] == full["cells"]
     assert (out / "needle.json").is_file() and not (out / "needle.partial.json").exists()
     # Another checkpoint's saved cells are never reused.
     calls = []
-    eval_cli.run_needle_eval(_needle_args(out), _copier(calls), TOK, progress=None, source=dict(source, step=5))
+    eval_command.run_needle_eval(_needle_args(out), _copier(calls), TOK, progress=None, source=dict(source, step=5))
     assert len(calls) == n_cells * 2
 
 
 def test_interrupted_loss_eval_resumes(tmp_path):
-    from moba_cp.eval import cli as eval_cli
+    from moba_cp.eval import eval_command
     from moba_cp.eval.lm_loss import per_token_loss_from_logits
 
-    args = eval_cli.add_loss_arguments(argparse.ArgumentParser()).parse_args(
+    args = eval_command.add_loss_arguments(argparse.ArgumentParser()).parse_args(
         ["--seq-len", "32", "--last", "8", "--num-seqs", "3", "--buckets", "4", "--out", str(tmp_path)])
     seqs = [torch.randint(0, 200, (33,), generator=torch.Generator().manual_seed(i)) for i in range(3)]
     calls = []
     loss_fn = per_token_loss_from_logits(_copier(calls))
-    ref = eval_cli.run_loss_eval(args, loss_fn, seqs, source={"step": 1})
+    ref = eval_command.run_loss_eval(args, loss_fn, seqs, source={"step": 1})
 
     def dies_on_third(tokens, labels, n=[]):  # noqa: B006
         n.append(1)
@@ -273,10 +273,10 @@ def test_interrupted_loss_eval_resumes(tmp_path):
 
     (tmp_path / "eval_loss.json").unlink()
     with pytest.raises(KeyboardInterrupt):
-        eval_cli.run_loss_eval(args, dies_on_third, seqs, source={"step": 1})
+        eval_command.run_loss_eval(args, dies_on_third, seqs, source={"step": 1})
     calls.clear()
-    again = eval_cli.run_loss_eval(args, loss_fn, seqs, source={"step": 1})
+    again = eval_command.run_loss_eval(args, loss_fn, seqs, source={"step": 1})
     assert len(calls) == 1  # only the sequence the interruption lost
     assert again == ref and not math.isnan(again["trailing_loss"])
     with pytest.raises(ValueError, match="--last=40 must be within"):
-        eval_cli.run_loss_eval(argparse.Namespace(**{**vars(args), "last": 40}), loss_fn, seqs)
+        eval_command.run_loss_eval(argparse.Namespace(**{**vars(args), "last": 40}), loss_fn, seqs)

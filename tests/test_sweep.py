@@ -240,6 +240,9 @@ def test_sweep_cli_errors(tmp_path):
     bad.write_text(Path(_toy_sweep_file(tmp_path, "n", evals=True)).read_text().replace("384,512", "128,512"))
     with pytest.raises(SweepError, match="a 'passkey' sample needs more than .* every length must exceed"):
         load_sweep(bad)
+    bad.write_text(Path(_toy_sweep_file(tmp_path, "k", evals=True)).read_text().replace("kinds: passkey", "kinds: haystack"))
+    with pytest.raises(SweepError, match=r"eval_needle.kinds: 'haystack': unknown \['haystack'\]; choose from passkey"):
+        load_sweep(bad)
     proc = _cli("sweep", str(a), "--gpus", "0,0")
     assert proc.returncode == 2 and "distinct device numbers" in proc.stderr
     proc = _cli("sweep", str(a), "--deadline-min", "3")

@@ -161,3 +161,24 @@ def test_bshd_wrapper_errors():
         moba_attn_bshd(q, k, v, block_size=8, topk=2)
     with pytest.raises(ValueError, match="cu_seqlens is built from the batch"):
         moba_attn_bshd(q[None], k[None], v[None], block_size=8, topk=2, cu_seqlens=None)
+
+
+@pytest.mark.parametrize("make,pattern", [
+    (lambda q, k, v: (q, k.double(), v), r"^moba_attn_cp: q, k, v dtypes differ"),
+    (lambda q, k, v: (q[0], k, v), r"^moba_attn_cp: q, k, v have 3, 4, 4 dims"),
+    (lambda q, k, v: (q[0, :, 0], k, v),
+     r"^moba_attn_cp: q has shape \(8, 16\) \(2 dims\); expected 3 or 4 dims \[S_local, H, D\] or \[batch, S_local"),
+    (lambda q, k, v: (q, k[:1], v[:1]), r"^moba_attn_cp: q has leading dims \(2, 8\) but k/v have \(1, 8\)"),
+    (lambda q, k, v: (q, torch.randn(2, 8, 3, 16), torch.randn(2, 8, 3, 16)),
+     r"^moba_attn_cp: Hq=4 query heads is not divisible by Hkv=3"),
+    (lambda q, k, v: (q[:, :7], k[:, :7], v[:, :7]), r"^the local shard has S_local=7 tokens"),
+])
+def test_cp_shard_checks_are_the_ops_rules(make, pattern):
+    """The CP ops check a rank's shard with the op's own rules (validate.qkv_error), worded the
+    same, for one sequence [S_local, H, D] and a batch [batch, S_local, H, D]."""
+    from moba_cp.parallel.exchange import shard_problem
+
+    q, k, v = torch.randn(2, 8, 4, 16), torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16)
+    assert shard_problem(q, k, v, "moba_attn_cp") is None and shard_problem(q[0], k[0], v[0], "moba_attn_cp") is None
+    msg = shard_problem(*make(q, k, v), "moba_attn_cp")
+    assert msg is not None and re.search(pattern, msg), msg

@@ -26,11 +26,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
+from moba_cp.data.datasets import heldout_sequences
+from moba_cp.eval.model_runner import load_eval_model, resolve_checkpoint
+from moba_cp.eval.plots import pyplot, save_figure
 from moba_cp.megatron.core_attention import MoBACoreAttention
 from moba_cp.ops.moba.api import select_blocks
 from moba_cp.parallel.traffic import candidate_comms, comm_traffic
 from moba_cp.parallel.zigzag import chunk_owner
+from moba_cp.train.distributed import shutdown_distributed
 
 __all__ = ["run", "selection_counts", "layer_report", "SELECTION_FILE"]
 
@@ -207,11 +212,7 @@ def _combine_tp(counts: dict[int, list[dict]], tp_group) -> None:
 
 def plot_selection(report: dict, out_path: str) -> str:
     """Three panels: causal union per layer and cp; distance histogram; bytes per comm type vs cp."""
-    import matplotlib  # noqa: PLC0415 - plotting is optional for the counting functions
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
+    plt = pyplot()
     layers = report["layers"]
     cps = [int(c) for c in layers[0]["cp"]] if layers else []
     fig, ax = plt.subplots(1, 3, figsize=(17, 4.5))
@@ -243,21 +244,11 @@ def plot_selection(report: dict, out_path: str) -> str:
     ax[2].set(xscale="log", yscale="log", xlabel="cp", ylabel="MiB per layer per rank (fwd+bwd)",
               title="CP traffic per comm type (measured union)")
     ax[2].legend(fontsize=7)
-    fig.tight_layout()
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path)
 
 
 def run(args) -> int:
     """The ``analyze selection`` command (every TP rank calls it; rank 0 writes)."""
-    from megatron.core import parallel_state  # noqa: PLC0415 - Megatron loads only for this command
-
-    from moba_cp.data.datasets import heldout_sequences
-    from moba_cp.eval.model_runner import load_eval_model, resolve_checkpoint
-    from moba_cp.train.distributed import shutdown_distributed
-
     cps = _parse_cps(args.cp)
     em = load_eval_model(args.checkpoint, args.seq_len, list(args.overrides) + ["--parallel.cp=1"])
     try:

@@ -34,7 +34,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
-__all__ = ["NeedleSample", "make_needle_sample", "check_needle_grid", "sample_seed", "fixed_tokens", "parse_lengths", "KINDS",
+__all__ = ["NeedleSample", "make_needle_sample", "check_needle_grid", "sample_seed", "fixed_tokens", "KINDS",
            "PASSKEY_FILLER", "INTRO"]
 
 KINDS = ("passkey", "single", "multikey", "multivalue")
@@ -83,20 +83,6 @@ class NeedleSample:
     depth: float
     key: str
     values: list[str] = field(default_factory=list)
-
-
-def parse_lengths(spec: str | Sequence[int]) -> list[int]:
-    """``"4k,8k,32768,1m"`` -> ``[4096, 8192, 32768, 1048576]`` (k = 1024, m = 1024**2)."""
-    if not isinstance(spec, str):
-        return [int(x) for x in spec]
-    out = []
-    for part in spec.split(","):
-        p = part.strip().lower()
-        if not p:
-            continue
-        mult = 1024 if p.endswith("k") else 1024 ** 2 if p.endswith("m") else 1
-        out.append(int(float(p.rstrip("km")) * mult))
-    return out
 
 
 def _needles(kind: str, rng: random.Random, n_distractors: int, n_values: int):

@@ -12,7 +12,7 @@ Position ``i`` of the position-wise curve is that index (so position 0 predicts 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F

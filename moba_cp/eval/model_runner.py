@@ -22,8 +22,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 
 from moba_cp.config import RecipeConfig, RecipeError, apply_overrides, from_dict, load_recipe, to_dict, validate
+from moba_cp.data.tokenizers import build_tokenizer
+from moba_cp.megatron.cp_batch import shard_batch_for_cp
+from moba_cp.megatron.model import build_gpt_model
+from moba_cp.parallel.zigzag import zigzag_unshard
+from moba_cp.train.checkpoint import latest_checkpoint, quiet_known_load_warnings
 from moba_cp.train.distributed import DistEnv, init_distributed, world_size_from_env
 
 __all__ = ["EvalModel", "resolve_checkpoint", "read_trained_recipe", "load_eval_model"]
@@ -35,8 +41,6 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     ``recipe_yaml`` is the run's ``recipe.yaml`` (None when there is none; checkpoints that hold
     their recipe in ``meta.json`` do not need it).
     """
-    from moba_cp.train.checkpoint import latest_checkpoint
-
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint path {str(p)!r} does not exist. Fix: pass a run directory "
@@ -101,10 +105,6 @@ class EvalModel:
 
     def _gather_sequence(self, local: torch.Tensor) -> torch.Tensor:
         """All-gather ``[b, s_local, ...]`` zigzag shards over CP into ``[b, S, ...]`` on every rank."""
-        from megatron.core import parallel_state
-
-        from moba_cp.parallel.zigzag import zigzag_unshard
-
         if self.env.cp == 1:
             return local
         group = parallel_state.get_context_parallel_group()
@@ -113,8 +113,6 @@ class EvalModel:
         return zigzag_unshard(parts, seq_dim=1)
 
     def _shard(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
-        from moba_cp.megatron.cp_batch import shard_batch_for_cp
-
         s = tokens.shape[-1]
         batch = {"tokens": tokens, "position_ids": torch.arange(s)[None].expand_as(tokens).contiguous()}
         if labels is not None:
@@ -125,8 +123,6 @@ class EvalModel:
     @torch.no_grad()
     def logits_fn(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens [1, S]`` -> fp32 logits ``[1, S, vocab]`` on CPU (collective over tp x cp)."""
-        from megatron.core import tensor_parallel
-
         tokens, s = self._pad(tokens.long().cpu())
         b = self._shard(tokens)
         logits = self.model(b["tokens"], b["position_ids"], None)  # [b, s_local, V/tp]
@@ -146,12 +142,6 @@ class EvalModel:
 
 def load_eval_model(checkpoint: str | Path, seq_length: int, overrides: list[str] | None = None) -> EvalModel:
     """Build the recipe's model for sequences up to ``seq_length`` and load the checkpoint's weights."""
-    from megatron.core import dist_checkpointing
-
-    from moba_cp.data.tokenizers import build_tokenizer
-    from moba_cp.megatron.model import build_gpt_model
-    from moba_cp.train.checkpoint import quiet_known_load_warnings
-
     ckpt, base, _ = read_trained_recipe(checkpoint, overrides)
     p = base.parallel
     unit = 2 * p.cp * base.moba.block_size if p.cp > 1 else 1

@@ -17,12 +17,65 @@ from typing import Callable, Sequence
 
 import torch
 
-from moba_cp.data.retrieval_docs import NeedleSample, check_needle_grid, make_needle_sample, sample_seed
-from moba_cp.data.retrieval_docs import KINDS, parse_lengths  # noqa: F401 - still imported from here by eval/cli.py and cli.py
+from moba_cp.data.retrieval_docs import KINDS, NeedleSample, check_needle_grid, make_needle_sample, sample_seed
 
-__all__ = ["score_needle", "run_needle_grid", "write_json", "cell_key", "check_needle_grid", "sample_seed"]
+__all__ = ["score_needle", "run_needle_grid", "write_json", "cell_key", "check_needle_grid", "sample_seed",
+           "parse_lengths", "parse_depths", "parse_kinds", "KINDS"]
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+# The grid as a user writes it (``moba-cp eval needle`` flags, a sweep's ``eval_needle``). Each
+# parser raises ValueError naming the value and the rule; callers prefix the flag or key.
+def parse_lengths(spec: str | Sequence[int]) -> list[int]:
+    """``"4k,8k,32768,1m"`` -> ``[4096, 8192, 32768, 1048576]`` (k = 1024, m = 1024**2)."""
+    if not isinstance(spec, str):
+        return [int(x) for x in spec]
+    out = []
+    for part in spec.split(","):
+        p = part.strip().lower()
+        if not p:
+            continue
+        mult = 1024 if p.endswith("k") else 1024 ** 2 if p.endswith("m") else 1
+        try:
+            out.append(int(float(p.rstrip("km")) * mult))
+        except ValueError:
+            raise ValueError(f"{spec!r}: {part.strip()!r} is not a token count; expected comma-separated "
+                             f"counts such as 4k,8k,32768.") from None
+    if not out or min(out) < 1:
+        raise ValueError(f"{spec!r}: expected positive token counts such as 4k,8k.")
+    return out
+
+
+def parse_depths(spec: str) -> list[float]:
+    """``"0,10,...,100"`` -> ``[0, 10, 20, ..., 100]``; ``"0,25,50"`` -> as listed; percent values."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if "..." in parts:
+        i = parts.index("...")
+        if i < 2 or i != len(parts) - 2:
+            raise ValueError(f"depths {spec!r}: write 'a,b,...,z' (step b - a).")
+        a, b, z = float(parts[0]), float(parts[1]), float(parts[-1])
+        step, out, x = b - a, [], a
+        if step <= 0:
+            raise ValueError(f"depths {spec!r}: the step must be positive.")
+        while x <= z + 1e-9:
+            out.append(round(x, 6))
+            x += step
+        return out
+    vals = [float(p) for p in parts]
+    if not vals or any(not 0 <= v <= 100 for v in vals):
+        raise ValueError(f"depths {spec!r}: expected percents in [0, 100].")
+    return vals
+
+
+def parse_kinds(spec: str) -> list[str]:
+    """``"passkey,single"`` -> ``["passkey", "single"]``, each one of :data:`KINDS`."""
+    kinds = [k.strip() for k in spec.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        what = f"unknown {bad}" if bad else "no kind given"
+        raise ValueError(f"{spec!r}: {what}; choose from {', '.join(KINDS)}.")
+    return kinds
 
 
 @torch.no_grad()

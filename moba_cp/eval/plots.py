@@ -20,11 +20,16 @@ import os
 import sys
 from typing import Mapping, Sequence
 
-__all__ = ["load_metrics", "find_eval_results", "plot_loss_curves", "plot_positional_loss",
+__all__ = ["pyplot", "save_figure", "load_metrics", "find_eval_results", "plot_loss_curves", "plot_positional_loss",
            "plot_trailing_loss", "plot_needle_heatmaps", "plot_runs", "add_arguments", "run"]
 
 
-def _plt():
+def pyplot():
+    """``matplotlib.pyplot`` on the headless Agg backend (every chart of moba_cp draws through it).
+
+    Imported on first use, not at the top: matplotlib is only needed by the commands that draw,
+    and a headless process must select Agg before pyplot is imported.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=True)  # headless: never needs a display
@@ -33,11 +38,12 @@ def _plt():
     return plt
 
 
-def _save(fig, out_path: str) -> str:
+def save_figure(fig, out_path: str) -> str:
+    """Lay out ``fig``, write it as a PNG to ``out_path`` (creating folders), close it; returns the path."""
     os.makedirs(os.path.dirname(os.path.abspath(out_path)) or ".", exist_ok=True)
     fig.tight_layout()
     fig.savefig(out_path, dpi=120)
-    _plt().close(fig)
+    pyplot().close(fig)
     return out_path
 
 
@@ -107,7 +113,7 @@ def plot_loss_curves(runs: Mapping[str, Sequence[dict]] | Sequence[str], out_pat
     """
     if not isinstance(runs, Mapping):
         runs = {os.path.basename(os.path.normpath(d)): load_metrics(d) for d in runs}
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (label, recs) in enumerate(runs.items()):
         color = f"C{i}"
@@ -128,12 +134,12 @@ def plot_loss_curves(runs: Mapping[str, Sequence[dict]] | Sequence[str], out_pat
     ax.grid(alpha=0.3)
     if runs:
         ax.legend(fontsize=8)
-    return _save(fig, out_path)
+    return save_figure(fig, out_path)
 
 
 def plot_positional_loss(results: Mapping[str, dict], out_path: str, *, title: str = "Position-wise loss") -> str:
     """Mean loss per position bucket, one line per run (``results``: label -> loss result)."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, r in results.items():
         b = r["buckets"]
@@ -146,12 +152,12 @@ def plot_positional_loss(results: Mapping[str, dict], out_path: str, *, title: s
     ax.grid(alpha=0.3)
     if results:
         ax.legend(fontsize=8)
-    return _save(fig, out_path)
+    return save_figure(fig, out_path)
 
 
 def plot_trailing_loss(results: Mapping[str, dict | float], out_path: str, *, title: str | None = None) -> str:
     """Bars of trailing loss per run (``results``: label -> loss result or a plain float)."""
-    plt = _plt()
+    plt = pyplot()
     labels = list(results)
     vals = [float(v["trailing_loss"]) if isinstance(v, dict) else float(v) for v in results.values()]
     fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(labels) + 2), 4.5))
@@ -172,7 +178,7 @@ def plot_trailing_loss(results: Mapping[str, dict | float], out_path: str, *, ti
         pad = max(0.05 * (hi - lo), 0.02 * hi, 1e-3)
         ax.set_ylim(max(0.0, lo - 4 * pad), hi + 2 * pad)
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, out_path)
+    return save_figure(fig, out_path)
 
 
 def _fmt_len(n: int) -> str:
@@ -186,7 +192,7 @@ def plot_needle_heatmaps(results: Mapping[str, dict], out_path: str, *, kinds: S
         results: label -> result of :func:`moba_cp.eval.needle.run_needle_grid`.
         kinds: which kinds (rows); default: every kind found in any result.
     """
-    plt = _plt()
+    plt = pyplot()
     labels = list(results)
     if kinds is None:
         kinds = []

@@ -38,8 +38,9 @@ import yaml
 
 from moba_cp.config import RecipeError, layer_attention_kinds, load_recipe
 from moba_cp.data.retrieval_docs import KINDS as NEEDLE_KINDS
-from moba_cp.data.retrieval_docs import fixed_tokens, parse_lengths
+from moba_cp.data.retrieval_docs import fixed_tokens
 from moba_cp.data.tokenizers import build_tokenizer
+from moba_cp.eval.needle import parse_kinds, parse_lengths
 from moba_cp.train.flops import flops_per_step
 
 __all__ = ["SweepSpec", "SweepPoint", "load_sweep", "run_sweep", "collect_results", "SweepError"]
@@ -158,10 +159,10 @@ def _check_needle_lengths(p: Path, needle: dict, cfg) -> None:
         lengths = parse_lengths(str(needle.get("lengths", "4k,8k")))
     except ValueError as e:
         raise SweepError(f"{p}: eval_needle.lengths: {e}") from None
-    kinds = [k.strip() for k in str(needle.get("kinds", ",".join(NEEDLE_KINDS))).split(",") if k.strip()]
-    bad = [k for k in kinds if k not in NEEDLE_KINDS]
-    if bad:
-        raise SweepError(f"{p}: eval_needle.kinds has {bad}; choose among {', '.join(NEEDLE_KINDS)}.")
+    try:
+        kinds = parse_kinds(str(needle.get("kinds", ",".join(NEEDLE_KINDS))))
+    except ValueError as e:
+        raise SweepError(f"{p}: eval_needle.kinds: {e}") from None
     tok = build_tokenizer(cfg.data.tokenizer)
     for k in kinds:
         need = fixed_tokens(tok, k)

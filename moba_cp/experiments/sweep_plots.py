@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
-from moba_cp.eval.plots import _plt, _save  # one headless-matplotlib setup for every chart
+import yaml
+
+from moba_cp.eval.plots import pyplot, save_figure  # one headless-matplotlib setup for every chart
 from moba_cp.experiments.fit import fit_power_law, pflops_days
+from moba_cp.experiments.sweep import SweepError, collect_results
 
-__all__ = ["plot_scaling", "plot_granularity", "plot_hybrid", "plot_sweep", "aggregate_seeds", "sweep_table"]
+__all__ = ["plot_scaling", "plot_granularity", "plot_hybrid", "plot_sweep", "aggregate_seeds", "sweep_table",
+           "plot_sweep_dir"]
 
 _YLABEL = {"loss": "LM loss (last steps)", "valid_loss": "validation LM loss", "trailing_loss": "trailing LM loss"}
 
@@ -73,7 +78,7 @@ def _finish(fig, ax, metric: str, title: str, out_path: str, which: str = "major
     ax.set_title(title)
     ax.grid(True, which=which, alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, out_path)
+    return save_figure(fig, out_path)
 
 
 def plot_scaling(rows: list[dict], metric: str, out_path: str) -> tuple[str, dict]:
@@ -81,7 +86,7 @@ def plot_scaling(rows: list[dict], metric: str, out_path: str) -> tuple[str, dic
 
     Returns ``(path, {method: PowerLaw})``; the fitted formulas are in the legend.
     """
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     by = defaultdict(list)
     for r in aggregate_seeds(rows, metric):
@@ -109,7 +114,7 @@ def plot_scaling(rows: list[dict], metric: str, out_path: str) -> tuple[str, dic
 
 def plot_granularity(rows: list[dict], metric: str, out_path: str) -> str:
     """Loss against MoBA block granularity (top-k / #blocks at fixed sparsity), full attention as a line."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     rows = aggregate_seeds(rows, metric)
     moba = sorted((r for r in rows if r["pattern"] != "full" and r.get(metric) is not None), key=lambda r: r["n_blocks"])
@@ -126,7 +131,7 @@ def plot_granularity(rows: list[dict], metric: str, out_path: str) -> str:
 
 def plot_hybrid(rows: list[dict], metric: str, out_path: str) -> str:
     """Trailing loss against the number of full-attention layers; MoBA and full as references."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     rows = aggregate_seeds(rows, metric)
     hyb = sorted((r for r in rows if r["pattern"] == "hybrid" and r.get(metric) is not None), key=lambda r: r["full_layers"])
@@ -149,3 +154,26 @@ def plot_sweep(kind: str, rows: list[dict], metric: str, out_path: str) -> str:
     if kind == "hybrid":
         return plot_hybrid(rows, metric, out_path)
     raise ValueError(f"unknown sweep kind {kind!r}")
+
+
+def plot_sweep_dir(sweep_dir: str | Path, out_dir: str | Path) -> tuple[str, str]:
+    """The chart of a sweep's output folder (``moba-cp plot --sweep``) and the table behind it.
+
+    Reads ``SWEEP_DIR/sweep.yaml`` (written by ``moba-cp sweep``) and the finished points; writes
+    ``OUT_DIR/NAME_KIND.png`` and ``OUT_DIR/NAME_KIND.md`` (the numbers, mean +- std over seeds).
+    Returns ``(png path, table)``; raises :class:`SweepError` when the folder holds no sweep or
+    no finished point.
+    """
+    spec_file = Path(sweep_dir) / "sweep.yaml"
+    if not spec_file.is_file():
+        raise SweepError(f"{spec_file} not found (run `moba-cp sweep` first)")
+    spec = yaml.safe_load(spec_file.read_text())
+    rows = collect_results(sweep_dir)
+    if not rows:
+        raise SweepError(f"no finished points in {sweep_dir}")
+    out = Path(out_dir) / f"{spec['name']}_{spec['kind']}.png"
+    metric = spec.get("metric", "loss")
+    png = plot_sweep(spec["kind"], rows, metric, str(out))
+    table = sweep_table(rows, metric)
+    out.with_suffix(".md").write_text(f"# {spec['name']} ({spec['kind']}), {metric}\n\n{table}\n")
+    return png, table

@@ -26,7 +26,7 @@ import logging
 import torch
 import torch.distributed as dist
 
-from moba_cp.ops.moba.validate import check_qkv
+from moba_cp.ops.moba.validate import qkv_error
 from moba_cp.parallel.failure import wait_all, watch_stream
 
 log = logging.getLogger(__name__)
@@ -166,21 +166,18 @@ def _record(stats: CPStats) -> None:
 DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}  # for the handshake
 
 
+#: the shard layouts the CP ops take: one sequence's zigzag shard, or a batch of them
+SHARD_LAYOUTS = ("[S_local, H, D]", "[batch, S_local, H, D]")
+
+
 def shard_problem(q, k, v, op: str) -> str | None:
     """What is wrong with one rank's ``[S_local, H, D]`` / ``[batch, S_local, H, D]`` shards
-    (None if nothing): types and ranks here, the rest by ``moba_cp.ops.moba.validate.check_qkv``
-    on one batch row, so the CP ops and the single-device op share their rules and messages."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() not in (3, 4):
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            return f"{name} is {shape}; expected a tensor [S_local, H, D] or [batch, S_local, H, D]"
-    if not (q.dim() == k.dim() == v.dim()) or q.shape[:-3] != k.shape[:-3] or k.shape != v.shape:
-        return f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} differ in batch or k/v shape"
-    row = (lambda x: x[0]) if q.dim() == 4 else (lambda x: x)  # noqa: E731 - one row, [S_local, H, D]
-    try:
-        check_qkv(row(q), row(k), row(v), op=op)
-    except (TypeError, ValueError) as e:
-        return str(e)
+    (None if nothing): the op's input rules, defined once in
+    :func:`moba_cp.ops.moba.validate.qkv_error` (the single-device op and the core-attention
+    modules use the same rules and messages), plus the zigzag rule that a shard is two chunks."""
+    err = qkv_error(q, k, v, op=op, layouts=SHARD_LAYOUTS)
+    if err is not None:
+        return str(err)
     if q.shape[-3] == 0 or q.shape[-3] % 2:
         return (f"the local shard has S_local={q.shape[-3]} tokens; a zigzag shard is 2 equal chunks, so "
                 f"S_local must be even and > 0")

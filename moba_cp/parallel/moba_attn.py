@@ -19,7 +19,7 @@ from moba_cp.ops.lse_merge import merge_into
 from moba_cp.ops.moba.api import batch_cu_seqlens, choose_backend, moba_attn
 from moba_cp.ops.moba.block_ids import remap_ids, selected_mask
 from moba_cp.ops.moba.partial import partial_attn_bwd, partial_attn_fwd, partial_index
-from moba_cp.ops.moba.validate import check_block_args
+from moba_cp.ops.moba.validate import block_args_error
 from moba_cp.parallel.exchange import (
     DTYPE_CODES, CPStats, ExchangePlan, RankSet, RingComm, Tag, _record, agree_on_layout, build_plan, shard_problem,
 )
@@ -41,10 +41,9 @@ def _local_problem(q, k, v, block_size, topk, comm, a2a_size, cp) -> str | None:
     problem = shard_problem(q, k, v, "moba_attn_cp")
     if problem:
         return problem
-    try:
-        check_block_args(block_size, topk, op="moba_attn_cp")
-    except ValueError as e:
-        return str(e)
+    err = block_args_error(block_size, topk, op="moba_attn_cp")
+    if err is not None:
+        return str(err)
     problem = comm_problem(comm, a2a_size, cp, q.shape[-2], k.shape[-2])
     if problem:
         return problem

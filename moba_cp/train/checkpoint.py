@@ -31,18 +31,27 @@ dp=2 -> dp=1 gives the uninterrupted run's losses).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import re
 import shutil
+import signal
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
 
 from moba_cp.megatron import compat_cpu
+
+try:  # Megatron's async checkpoint writer; its module layout is not a public API across versions
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+except ImportError:  # pragma: no cover - another megatron-core layout: its own writer is used
+    filesystem_async = None
 
 __all__ = ["latest_checkpoint", "checkpoint_step", "save_checkpoint", "load_checkpoint", "CheckpointError",
            "quiet_known_load_warnings"]
@@ -131,8 +140,6 @@ def _restore_adam_steps(optimizer) -> None:
 
 
 def _rng_state() -> dict:
-    from megatron.core import tensor_parallel
-
     state = {"torch": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -140,8 +147,6 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    from megatron.core import tensor_parallel
-
     torch.set_rng_state(state["torch"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
@@ -155,13 +160,9 @@ def _start_writer_service_immune_to_stop_signals() -> None:
     started at the first save. Preemption (SLURM, a ``kill`` of the process group) and Ctrl-C
     signal every process, and a dead Manager makes the very save meant to preserve the run fail.
     Ignored signals stay ignored across the Manager's spawn, so it survives; the trainer itself
-    handles SIGTERM and SIGINT by saving (see ``moba_cp.train.loop``).
+    handles SIGTERM and SIGINT by saving (see ``moba_cp.train.stop_request``).
     """
-    import signal
-
-    try:
-        from megatron.core.dist_checkpointing.strategies import filesystem_async
-    except ImportError:  # pragma: no cover - layout of another megatron-core version
+    if filesystem_async is None:
         return
     # megatron-core 0.16 names it _get_write_results_queue, 0.19 get_write_results_queue.
     start = getattr(filesystem_async, "_get_write_results_queue", None) or getattr(
@@ -179,10 +180,6 @@ def _start_writer_service_immune_to_stop_signals() -> None:
 def _mcore_writer_kwargs() -> dict:
     """megatron-core 0.19 picks nvidia-resiliency-ext's writer when installed; ask for its own,
     whose bucket writer :func:`_write_shards` calls (0.16 has only its own: no argument)."""
-    import inspect
-
-    from megatron.core import dist_checkpointing
-
     return {"async_strategy": "mcore"} if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters else {}
 
 
@@ -211,10 +208,6 @@ def _write_shards(request) -> None:
     killed by the OOM killer) left the trainer waiting forever. Writing the buckets here, one
     after another, turns every such failure into an exception of this call.
     """
-    from functools import partial
-
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
-
     fn = request.async_fn
     if fn is None:  # nothing to write on this rank
         return
@@ -231,8 +224,8 @@ def _write_shards(request) -> None:
     with _memory_probe_without_psutil():
         for i, bucket in enumerate(buckets):
             inbox = _Inbox()
-            FileSystemWriterAsync.write_preloaded_data(transform_list, i, bucket, inbox, _NoCount(), True,
-                                                       **({"use_msc": use_msc} if use_msc else {}))
+            filesystem_async.FileSystemWriterAsync.write_preloaded_data(
+                transform_list, i, bucket, inbox, _NoCount(), True, **({"use_msc": use_msc} if use_msc else {}))
             (idx, written), = inbox
             if isinstance(written, BaseException):
                 raise written
@@ -245,8 +238,6 @@ def _memory_probe_without_psutil():
     """Megatron's bucket writer measures its memory with psutil for a debug log line only, and
     raises before writing anything when psutil is missing. Without psutil, report 0 bytes for
     the duration of our writes, so saving does not depend on a logging aid."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
     if getattr(filesystem_async, "HAVE_PSUTIL", True) or not hasattr(filesystem_async, "_process_memory"):
         yield
         return
@@ -342,8 +333,6 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, scheduler
     is left waiting in a collective; a failure inside Megatron's collective planning ends the
     failing process instead (see :func:`_abort`).
     """
-    from megatron.core import dist_checkpointing
-
     root = Path(ckpt_dir)
     final = root / f"iter_{step:07d}"
     tmp = root / f"iter_{step:07d}.tmp"
@@ -416,8 +405,6 @@ def quiet_known_load_warnings():
 
 def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
     """Load a complete checkpoint into model/optimizer/scheduler (collective). Returns meta.json."""
-    from megatron.core import dist_checkpointing
-
     path = Path(path)
     meta_file = path / "meta.json"
     if not meta_file.is_file():

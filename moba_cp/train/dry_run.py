@@ -9,12 +9,18 @@ measurements; they tell whether a recipe is in the right range before anyone boo
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from moba_cp.config import RecipeConfig, RecipeError, layer_attention_kinds
 from moba_cp.model_sizes import default_ffn_hidden_size
+from moba_cp.ops.moba.kernel_limits import LIMITS
 from moba_cp.parallel.traffic import DEFAULT_INTER_GBPS, DEFAULT_INTRA_GBPS, candidate_comms, comm_traffic
 from moba_cp.train.flops import attended_keys, flops_per_step
+from moba_cp.train.preflight import preflight
+from moba_cp.train.run_dir import describe
+from moba_cp.train.user_errors import user_errors
 
 __all__ = ["dry_run", "MemoryEstimate", "estimate_memory", "kv_traffic_per_layer", "param_count", "comm_plan",
            "parse_link_gbps", "selection_union"]
@@ -149,9 +155,6 @@ def selection_union(path: str | None, cp: int) -> tuple[float, str]:
     if not path:
         return 1.0, "assumed 100% (trained models select every remote past block; measure yours with " \
                     "`moba-cp analyze selection`)"
-    import json
-    from pathlib import Path
-
     try:
         data = json.loads(Path(path).read_text())
         rows = [layer["cp"][str(cp)]["union_causal_fraction_max"] for layer in data["layers"]]
@@ -190,8 +193,6 @@ def _print_comm_plan(cfg: RecipeConfig, link_gbps: str | None, selection: str | 
 
 def _kernel_line(cfg: RecipeConfig) -> str:
     """Which MoBA kernels a GPU run uses and the limits they were checked against."""
-    from moba_cp.ops.moba.kernel_limits import LIMITS
-
     if "moba" not in layer_attention_kinds(cfg.model, cfg.attention):
         return "no MoBA layers"
     backend = "triton" if cfg.moba.backend == "auto" else cfg.moba.backend
@@ -207,11 +208,6 @@ def _kernel_line(cfg: RecipeConfig) -> str:
 def dry_run(cfg: RecipeConfig, world_size: int | None = None, *, link_gbps: str | None = None,
             selection: str | None = None) -> int:
     """Validate and print the plan for ``world_size`` GPUs (default ``tp*cp*(dp or 1)``)."""
-    # Imported here: the training loop imports Megatron-Core, which a dry run otherwise avoids.
-    from moba_cp.train.loop import preflight
-    from moba_cp.train.run_dir import describe
-    from moba_cp.train.user_errors import user_errors
-
     p, m, t = cfg.parallel, cfg.model, cfg.train
     ws = world_size or p.tp * p.cp * (p.dp or 1)
     try:  # the checks a real launch makes, for GPUs (auto -> the Triton kernels' limits)

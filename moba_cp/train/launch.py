@@ -7,7 +7,7 @@ Takes exactly torchrun's arguments (``torch.distributed.run``) and adds:
 
 - **checks before any worker starts** (training only): the recipe for this world size
   (``nnodes x nproc_per_node``) and device, data paths, tokenizer, kernel limits and the run
-  directory (:func:`moba_cp.train.loop.preflight`). A bad input is printed once, with its fix,
+  directory (:func:`moba_cp.train.preflight.preflight`). A bad input is printed once, with its fix,
   and nothing is spawned (exit 2); a finished run says so and exits 0.
 - **no launcher tracebacks**: a requested stop (Ctrl-C, SIGTERM) ends after the workers saved,
   with exit code ``128 + signal``; failed workers end in one line naming the first failing rank
@@ -21,6 +21,22 @@ from __future__ import annotations
 
 import os
 import sys
+
+from moba_cp.import_notices import hide_megatron_import_notices
+
+hide_megatron_import_notices()  # before the imports below reach Megatron-Core
+
+# (the imports below follow that call: a warnings filter set after the import comes too late)
+import psutil  # noqa: E402
+import torch  # noqa: E402
+from torch.distributed.elastic.multiprocessing.api import SignalException  # noqa: E402
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # noqa: E402
+from torch.distributed.run import get_args_parser, run  # noqa: E402
+
+from moba_cp.config import load_recipe  # noqa: E402
+from moba_cp.train.preflight import complete_message, preflight  # noqa: E402
+from moba_cp.train.train_command import build_train_parser  # noqa: E402
+from moba_cp.train.user_errors import user_errors  # noqa: E402
 
 __all__ = ["main"]
 
@@ -48,17 +64,9 @@ def check_before_spawn(args) -> int | None:
     train_args = _train_args(args)
     if train_args is None:
         return None
-    from moba_cp.cli import build_parser  # the launcher parses exactly what `moba-cp train` parses
-    from moba_cp.train.user_errors import user_errors
-    from moba_cp.config import load_recipe
-
-    parsed, overrides = build_parser().parse_known_args(["train", *train_args])
+    parsed, overrides = build_train_parser().parse_known_args(train_args)  # exactly what the workers parse
     if parsed.dry_run:
         return None  # the workers plan it (and print it) themselves
-    import torch
-
-    from moba_cp.train.loop import complete_message, preflight
-
     try:
         cfg = load_recipe(parsed.recipe, overrides)
         _, state = preflight(cfg, _world_size(args.nnodes, args.nproc_per_node),
@@ -76,8 +84,6 @@ def _end_remaining_workers(sig) -> None:
     """After torchrun's agent was interrupted: workers still running got a second signal while
     they saved (a second Ctrl-C). Pass it on, so they abort as they would under a terminal,
     and kill whatever is left (e.g. Megatron's writer service) after a few seconds."""
-    import psutil
-
     procs = [p for p in psutil.Process().children(recursive=True) if p.is_running()]
     if not procs:
         return
@@ -95,10 +101,6 @@ def _end_remaining_workers(sig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
     args = get_args_parser().parse_args(argv)
     rc = check_before_spawn(args)
     if rc is not None:

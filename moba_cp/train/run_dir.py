@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from moba_cp.config import RecipeConfig, to_dict
+from moba_cp.train.checkpoint import checkpoint_step, latest_checkpoint
 
 __all__ = ["RunDirError", "RunDirState", "inspect_run_dir", "checkpoint_dir_of", "describe", "MAY_CHANGE", "flatten"]
 
@@ -113,8 +114,6 @@ def _saved_recipe(ckpt: Path, run_dir: Path) -> dict | None:
 
 
 def _latest(ckpt_dir: Path) -> tuple[Path | None, int]:
-    from moba_cp.train.checkpoint import checkpoint_step, latest_checkpoint
-
     latest = latest_checkpoint(ckpt_dir)
     return latest, (checkpoint_step(latest) if latest is not None else 0)
 

@@ -20,7 +20,8 @@ so a call enqueues its kernels back to back and the host runs ahead of the GPU.
 
 from __future__ import annotations
 
-import weakref
+import itertools
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 
 from moba_cp.ops.moba.kernel_limits import TRITON
 
@@ -37,8 +39,6 @@ def _fix_interpreter_index() -> None:
     """Triton 3.6's interpreter turns a scalar into an int with ``int(array_of_shape_1)``,
     which NumPy >= 2.4 rejects; loop bounds loaded from memory then fail on CPU. Patch that
     one conversion (interpreter only; compiled kernels are untouched)."""
-    import os
-
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
     from triton.runtime import interpreter as _interp
@@ -198,8 +198,20 @@ def block_table_bound(total: int, n_docs: int, block_size: int) -> int:
     return -(-total // block_size) if n_docs == 1 else total // block_size + n_docs
 
 
+#: The last few tables built, by (cu_seqlens identity, its version, T, B, device).
 _TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
 _TABLES_MAX = 8
+#: A number per cu_seqlens tensor that no other tensor ever gets (``id()`` is reused once a
+#: tensor is freed). Keyed by the tensor object weakly: the entry dies with its tensor.
+_IDENTITIES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_NEXT_IDENTITY = itertools.count()
+
+
+def _identity(t: torch.Tensor) -> int:
+    ident = _IDENTITIES.get(t)
+    if ident is None:
+        ident = _IDENTITIES[t] = next(_NEXT_IDENTITY)
+    return ident
 
 
 def doc_tables(total: int, cu_seqlens: torch.Tensor | None, block_size: int, device):
@@ -210,17 +222,17 @@ def doc_tables(total: int, cu_seqlens: torch.Tensor | None, block_size: int, dev
     with empty blocks), ``qpos [T]`` int32 document-local positions, ``base [T]`` int32
     global id of block 0 of each token's document, and a :class:`DocInfo`.
 
-    Cached per ``cu_seqlens`` tensor object and version (a weak reference, so a new batch's
-    tensor never hits an old entry): selection, forward and backward of one call, and every
-    layer of a model that shares one ``cu_seqlens``, build the tables once.
+    Cached per ``cu_seqlens`` tensor object and version (by an identity never reused, so a new
+    batch's tensor never hits an old entry): selection, forward and backward of one call, and
+    every layer of a model that shares one ``cu_seqlens``, build the tables once.
     """
     dev = torch.device(device)
-    key = (None if cu_seqlens is None else id(cu_seqlens),
+    key = (None if cu_seqlens is None else _identity(cu_seqlens),
            None if cu_seqlens is None else cu_seqlens._version, total, block_size, str(dev))
     hit = _TABLES.get(key)
-    if hit is not None and (cu_seqlens is None or hit[0]() is cu_seqlens):
+    if hit is not None:
         _TABLES.move_to_end(key)
-        return hit[1]
+        return hit
     if cu_seqlens is None:
         cu = torch.arange(2, device=dev, dtype=torch.int32) * total
     else:
@@ -240,8 +252,7 @@ def doc_tables(total: int, cu_seqlens: torch.Tensor | None, block_size: int, dev
             max(1, n_docs).bit_length() + 1, BLOCK=1024,
         )
     out = (blocks, qpos, base, DocInfo(total, cu, block_size))
-    ref = (lambda: None) if cu_seqlens is None else weakref.ref(cu_seqlens)
-    _TABLES[key] = (ref, out)
+    _TABLES[key] = out
     while len(_TABLES) > _TABLES_MAX:
         _TABLES.popitem(last=False)
     return out
@@ -287,9 +298,9 @@ class GatherIndex:
     @staticmethod
     def sizes(t: int, hq: int, w: int, nbk: int, hkv: int, chunk: int) -> list[int]:
         """Lengths of (ent, offs, tend, tile_b, tile_start, kv_order): all static."""
-        e, n_b = t * hq * w, hq * nbk
-        nt = e // chunk + n_b + 1
-        return [e, n_b + 1, n_b, nt, nt, hkv * nbk]
+        e, n_buckets = t * hq * w, hq * nbk
+        nt = e // chunk + n_buckets + 1
+        return [e, n_buckets + 1, n_buckets, nt, nt, hkv * nbk]
 
     @classmethod
     def from_flat(cls, flat: torch.Tensor, t, hq, w, nbk, hkv, chunk) -> "GatherIndex":
@@ -352,20 +363,20 @@ def _scan_kernel(OFFS, TEND, KVC, NB, NKV, NBK, G, CHUNK, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _tiles_kernel(OFFS, TEND, TILE_B, TILE_START, n_b, n_tiles, CHUNK, STEPS, BLOCK: tl.constexpr):
+def _tiles_kernel(OFFS, TEND, TILE_B, TILE_START, n_buckets, n_tiles, CHUNK, STEPS, BLOCK: tl.constexpr):
     # Tile i belongs to the first bucket whose inclusive tile count exceeds i.
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < n_tiles
     lo = tl.zeros([BLOCK], dtype=tl.int32)
-    hi = tl.zeros([BLOCK], dtype=tl.int32) + n_b
+    hi = tl.zeros([BLOCK], dtype=tl.int32) + n_buckets
     for _ in range(STEPS):
         act = lo < hi
         mid = (lo + hi) // 2
         right = tl.load(TEND + mid, mask=act, other=0) <= i
         lo = tl.where(act & right, mid + 1, lo)
         hi = tl.where(act & ~right, mid, hi)
-    valid = m & (i < _ld(TEND + n_b - 1))
-    b = tl.minimum(lo, n_b - 1)
+    valid = m & (i < _ld(TEND + n_buckets - 1))
+    b = tl.minimum(lo, n_buckets - 1)
     first = tl.load(TEND + b - 1, mask=valid & (b > 0), other=0)
     start = tl.load(OFFS + b, mask=valid, other=0) + (i - first) * CHUNK
     tl.store(TILE_B + i, tl.where(valid, b, -1), mask=m)
@@ -386,7 +397,7 @@ def build_gather_index(
     """
     t, hq, w = sel.shape
     dev = sel.device
-    n_b = hq * nbk
+    n_buckets = hq * nbk
     e = t * hq * w
     if e >= 2**31:
         raise ValueError(
@@ -397,7 +408,7 @@ def build_gather_index(
     if out is None:
         out = torch.empty(sum(sz), dtype=torch.int32, device=dev)
     gi = GatherIndex.from_flat(out, t, hq, w, nbk, hkv, chunk)
-    if n_b == 0 or e == 0:
+    if n_buckets == 0 or e == 0:
         gi.offs.zero_()
         gi.tend.zero_()
         gi.tile_b.fill_(-1)
@@ -405,16 +416,16 @@ def build_gather_index(
     sel = sel.to(torch.int32).contiguous()
     key = torch.empty(e, dtype=torch.int32, device=dev)
     _keys_kernel[(triton.cdiv(e, 1024),)](
-        sel, sel if base is None else base, key, e, hq * w, w, nbk, n_b, HAS_BASE=base is not None, BLOCK=1024
+        sel, sel if base is None else base, key, e, hq * w, w, nbk, n_buckets, HAS_BASE=base is not None, BLOCK=1024
     )
     skey, perm = torch.sort(key, stable=True)
     del key
-    _finish_kernel[(triton.cdiv(max(e, n_b + 1), 1024),)](skey, perm, gi.ent, gi.offs, e, n_b, e.bit_length() + 1, BLOCK=1024)
+    _finish_kernel[(triton.cdiv(max(e, n_buckets + 1), 1024),)](skey, perm, gi.ent, gi.offs, e, n_buckets, e.bit_length() + 1, BLOCK=1024)
     del skey, perm
     kv_counts = torch.empty(hkv, nbk, dtype=torch.int32, device=dev)
-    _scan_kernel[(1,)](gi.offs, gi.tend, kv_counts, n_b, hkv * nbk, nbk, hq // hkv, chunk, BLOCK=1024)
+    _scan_kernel[(1,)](gi.offs, gi.tend, kv_counts, n_buckets, hkv * nbk, nbk, hq // hkv, chunk, BLOCK=1024)
     _tiles_kernel[(triton.cdiv(gi.n_tiles, 1024),)](
-        gi.offs, gi.tend, gi.tile_b, gi.tile_start, n_b, gi.n_tiles, chunk, n_b.bit_length() + 1, BLOCK=1024
+        gi.offs, gi.tend, gi.tile_b, gi.tile_start, n_buckets, gi.n_tiles, chunk, n_buckets.bit_length() + 1, BLOCK=1024
     )
     gi.kv_order.copy_(torch.argsort(kv_counts, dim=1, descending=True))
     return gi

@@ -1,15 +1,17 @@
-"""Argument sets and runners for ``moba-cp eval needle``, ``moba-cp eval loss`` and ``moba-cp plot``.
+"""``moba-cp eval loss|needle CHECKPOINT ...``: the flags, the checks made before a model loads,
+and the resumable runners that write each result and its figure into ``--out`` (where
+``moba-cp plot`` finds them).
 
-The model side (loading a checkpoint, building a possibly context-parallel forward) belongs to the
-training code; these runners take it as a callable, parse the shared flags, run the evaluation,
-and write the JSON result plus its figure into ``--out`` (which ``moba-cp plot`` then finds):
+The model side (loading a checkpoint, building a possibly context-parallel forward) is
+:mod:`moba_cp.eval.model_runner`; the runners take it as a callable:
 
     parser = argparse.ArgumentParser(); add_needle_arguments(parser); args = parser.parse_args(argv)
     results = run_needle_eval(args, logits_fn, tokenizer)          # writes OUT/needle.json + .png
     results = run_loss_eval(args, loss_fn, sequences)              # writes OUT/eval_loss.json + .png
 
 Only the main rank should write: pass ``write=False`` on the others (all ranks must still call
-``logits_fn`` together when it is context-parallel).
+``logits_fn`` together when it is context-parallel). :func:`run_eval_command` is the whole
+command (checks, model, run, clean-up), as ``moba-cp eval`` dispatches it.
 """
 
 from __future__ import annotations
@@ -18,42 +20,30 @@ import argparse
 import hashlib
 import json
 import os
+import sys
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
-from . import plots
-from .lm_loss import trailing_and_positional_loss
-from .needle import KINDS, cell_key, check_needle_grid, parse_lengths, run_needle_grid, write_json
+from moba_cp.data.datasets import heldout_sequences
+from moba_cp.data.tokenizers import build_tokenizer
+from moba_cp.eval import plots
+from moba_cp.eval.lm_loss import trailing_and_positional_loss
+from moba_cp.eval.model_runner import load_eval_model, read_trained_recipe
+from moba_cp.eval.needle import (KINDS, cell_key, check_needle_grid, parse_depths, parse_kinds, parse_lengths,
+                                 run_needle_grid, write_json)
+from moba_cp.train.distributed import shutdown_distributed
+from moba_cp.train.user_errors import is_main_process, report, user_errors
 
 __all__ = ["add_needle_arguments", "run_needle_eval", "add_loss_arguments", "run_loss_eval",
-           "NEEDLE_FILE", "LOSS_FILE", "parse_depths", "needle_grid_of", "check_loss_arguments"]
+           "NEEDLE_FILE", "LOSS_FILE", "needle_grid_of", "check_loss_arguments",
+           "check_eval_inputs", "run_eval_command"]
 
 NEEDLE_FILE = "needle.json"
 NEEDLE_PARTIAL_FILE = "needle.partial.json"  # finished cells of a run in progress (or interrupted)
 LOSS_FILE = "eval_loss.json"
 LOSS_PARTIAL_FILE = "eval_loss.partial.jsonl"  # per-sequence losses of a run in progress
-
-
-def parse_depths(spec: str) -> list[float]:
-    """``"0,10,...,100"`` -> ``[0, 10, 20, ..., 100]``; ``"0,25,50"`` -> as listed; percent values."""
-    parts = [p.strip() for p in spec.split(",") if p.strip()]
-    if "..." in parts:
-        i = parts.index("...")
-        if i < 2 or i != len(parts) - 2:
-            raise ValueError(f"depths {spec!r}: write 'a,b,...,z' (step b - a).")
-        a, b, z = float(parts[0]), float(parts[1]), float(parts[-1])
-        step, out, x = b - a, [], a
-        if step <= 0:
-            raise ValueError(f"depths {spec!r}: the step must be positive.")
-        while x <= z + 1e-9:
-            out.append(round(x, 6))
-            x += step
-        return out
-    vals = [float(p) for p in parts]
-    if not vals or any(not 0 <= v <= 100 for v in vals):
-        raise ValueError(f"depths {spec!r}: expected percents in [0, 100].")
-    return vals
 
 
 def add_needle_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -82,16 +72,14 @@ def _read_json(path: str):
 
 def needle_grid_of(args: argparse.Namespace) -> tuple[list[int], list[float], list[str]]:
     """``(lengths, depths, kinds)`` of the needle flags (``ValueError`` naming a bad flag)."""
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in KINDS]
-    if bad:
-        raise ValueError(f"--kinds: unknown {bad}; choose from {', '.join(KINDS)}.")
+    try:
+        kinds = parse_kinds(args.kinds)
+    except ValueError as e:
+        raise ValueError(f"--kinds: {e}") from None
     try:
         lengths = parse_lengths(args.lengths)
-    except ValueError:
-        raise ValueError(f"--lengths {args.lengths!r}: expected comma-separated token counts such as 4k,8k,32768.") from None
-    if not lengths or min(lengths) < 1:
-        raise ValueError(f"--lengths {args.lengths!r}: expected positive token counts such as 4k,8k.")
+    except ValueError as e:
+        raise ValueError(f"--lengths: {e}") from None
     return lengths, parse_depths(args.depths), kinds
 
 
@@ -237,3 +225,56 @@ def run_loss_eval(args: argparse.Namespace, loss_fn: Callable, sequences: Iterab
         print(f"trailing loss (last {res['last_n']} of {res['seq_length']} tokens, {res['num_sequences']} "
               f"sequences): {res['trailing_loss']:.4f}")
     return res
+
+
+def check_eval_inputs(args: argparse.Namespace, overrides: list[str]):
+    """Everything ``moba-cp eval`` can check before a process group or model exists.
+
+    Returns ``(checkpoint, trained recipe, meta, longest length)``; prints (rank 0) a notice for
+    each length beyond the trained ``model.seq_length``. Raises ValueError / FileNotFoundError /
+    a user error with the fix.
+    """
+    ckpt, trained, meta = read_trained_recipe(args.checkpoint, overrides)
+    if args.kind == "loss":
+        check_loss_arguments(args)
+        lengths = [args.seq_len]
+    else:
+        lengths, depths, kinds = needle_grid_of(args)
+        check_needle_grid(build_tokenizer(trained.data.tokenizer), lengths, depths, kinds, args.n_per_cell, args.seed)
+    longer = [n for n in lengths if n > trained.model.seq_length]
+    if longer and is_main_process():
+        print(f"moba-cp eval: notice: length(s) {', '.join(map(str, longer))} exceed the trained "
+              f"model.seq_length={trained.model.seq_length} of {ckpt}: results there measure length "
+              f"extrapolation (RoPE base {trained.model.rotary_base}).", file=sys.stderr, flush=True)
+    return ckpt, trained, meta, max(lengths)
+
+
+def run_eval_command(args: argparse.Namespace, overrides: list[str]) -> int:
+    """``moba-cp eval loss|needle``: check, load the model (joining the process group), run, and
+    always leave the process group; the exit code (2: bad input, 130: interrupted, work kept)."""
+    try:
+        ckpt, trained, meta, max_len = check_eval_inputs(args, overrides)
+        seqs = None
+        if args.kind == "loss":
+            seqs = heldout_sequences(trained.data, seq_length=args.seq_len, num_sequences=args.num_seqs,
+                                     builtin_budget_bytes=trained.data.builtin_budget_bytes)
+        em = load_eval_model(args.checkpoint, max_len, overrides)
+    except (FileNotFoundError, ValueError, *user_errors()) as e:
+        report("eval", e)
+        shutdown_distributed()
+        return 2
+    source = {"checkpoint": str(Path(ckpt).resolve()), "step": meta.get("step")}
+    kept = os.path.join(args.out, LOSS_PARTIAL_FILE if args.kind == "loss" else NEEDLE_PARTIAL_FILE)
+    try:
+        label = args.label or em.cfg.name
+        if args.kind == "loss":
+            run_loss_eval(args, em.loss_fn, seqs, label=label, write=em.env.is_main, source=source, share=em.share)
+        else:
+            run_needle_eval(args, em.logits_fn, em.tokenizer, label=label, write=em.env.is_main,
+                            source=source, share=em.share)
+    except KeyboardInterrupt:
+        report("eval", f"interrupted; finished work is kept in {kept}: rerun the same command to resume.")
+        return 130
+    finally:
+        shutdown_distributed()
+    return 0
