@@ -68,6 +68,9 @@ class MoBAConfig:
     topk: int = _f(4, "Blocks per query, counting its own block (topk >= blocks = full attention).")
     backend: Literal["auto", "naive", "triton"] = _f(
         "auto", "Kernel backend; 'auto' picks Triton on GPU and the naive oracle on CPU.")
+    key_conv: int = _f(
+        0, "Key convolution width (FlashMoBA's routing fix): 0 = off, 3 or 5 = a learned causal depthwise "
+        "convolution over each MoBA layer's keys, used by the gate and the attention (docs/design.md).")
 
 
 @dataclass
@@ -452,6 +455,7 @@ def validate(cfg: RecipeConfig, world_size: int | None = None, device: str | Non
     if a.switch_to_full_at is not None and not (0.0 <= a.switch_to_full_at <= 1.0):
         errs.append(f"attention.switch_to_full_at={a.switch_to_full_at} must be a fraction in [0, 1].")
     has_moba = kinds_ok and "moba" in layer_attention_kinds(m, a)
+    errs += _key_conv_errors(mb, m, p, has_moba, kinds_ok)
     if has_moba or p.cp > 1:
         unit = 2 * p.cp * mb.block_size if has_moba and p.cp > 1 else (2 * p.cp if p.cp > 1 else 1)
         if m.seq_length % unit:
@@ -491,6 +495,25 @@ def validate(cfg: RecipeConfig, world_size: int | None = None, device: str | Non
         errs += kernel_limit_errors(cfg, device)
     if errs:
         raise RecipeError("invalid recipe:\n  " + "\n  ".join(errs))
+
+
+def _key_conv_errors(mb: MoBAConfig, m: ModelConfig, p: ParallelConfig, has_moba: bool, kinds_ok: bool) -> list[str]:
+    """moba.key_conv: an allowed width, MoBA layers to apply to, zigzag chunks long enough for its halo."""
+    from moba_cp.ops.key_conv import KEY_CONV_WIDTHS
+
+    w = mb.key_conv
+    if w == 0:
+        return []
+    if w not in KEY_CONV_WIDTHS:
+        return [f"moba.key_conv={w}: choose one of {', '.join(map(str, KEY_CONV_WIDTHS))} (0 = no key convolution)."]
+    if kinds_ok and not has_moba:
+        return [f"moba.key_conv={w} convolves the keys of MoBA layers, but the attention pattern has none (all "
+                f"layers full attention). Fix: moba.key_conv=0, or a pattern with MoBA layers."]
+    chunk = m.seq_length // (2 * p.cp)
+    if p.cp > 1 and chunk < w - 1:
+        return [f"moba.key_conv={w} needs {w - 1} keys before each zigzag chunk, but chunks hold "
+                f"model.seq_length / (2 * parallel.cp) = {chunk} tokens. Fix: a longer seq_length or a smaller cp."]
+    return []
 
 
 def _cp_comm_errors(m: ModelConfig, p: ParallelConfig, a: AttentionConfig) -> list[str]:
