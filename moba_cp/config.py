@@ -149,7 +149,15 @@ class DataConfig:
         help="Retrieval document kinds mixed in (subset of passkey, single, multikey, multivalue).")
     retrieval_loss_on: Literal["all", "answer"] = _f(
         "all", "Loss on retrieval samples: every token ('all') or only the answer tokens ('answer').")
-    builtin_budget_bytes: int = _f(4_000_000, "Size of the embedded corpus (source=builtin), in bytes of text.")
+    builtin_budget_bytes: int = _f(4_000_000, "Size of the embedded corpus (source=builtin with builtin_corpus="
+                                   "stdlib), in bytes of text.")
+    builtin_corpus: Literal["stdlib", "large"] = _f(
+        "stdlib", "With source=builtin: 'stdlib' (default; the standard library within builtin_budget_bytes, quick "
+        "to build) or 'large' (the standard library plus every installed package's .py/.txt/.md/.rst files, "
+        "deduplicated, with a held-out split by document hash used for validation and evaluation; ~100+ MB, "
+        "for experiments that must not repeat data).")
+    builtin_heldout_fraction: float = _f(
+        0.05, "With builtin_corpus=large: share of documents held out (chosen by the hash of their text).")
 
 
 @dataclass
@@ -476,6 +484,8 @@ def validate(cfg: RecipeConfig, world_size: int | None = None, device: str | Non
     if bad_kinds or not cfg.data.retrieval_kinds:
         errs.append(f"data.retrieval_kinds={cfg.data.retrieval_kinds}: choose a non-empty subset of passkey, "
                     f"single, multikey, multivalue.")
+    if not (0.0 < cfg.data.builtin_heldout_fraction < 1.0):
+        errs.append(f"data.builtin_heldout_fraction={cfg.data.builtin_heldout_fraction} must be in (0, 1).")
     if cfg.data.source == "indexed" and not cfg.data.paths:
         errs.append("data.source=indexed needs data.paths (Megatron .bin/.idx prefixes).")
     dp = p.dp
