@@ -18,10 +18,15 @@ A sweep file::
         s2: ["--model.num_layers=4"]
     common: ["--train.steps=200"]   # optional overrides for every point
     seeds: [1, 2, 3]         # optional: every point once per seed (<name>-seed<N>); charts show mean +- std
+    reference: full          # optional: paired differences of every point against this method, per seed
 
 Each point trains into ``out_dir/<point>`` with ``moba-cp train`` (so an interrupted point resumes
 from its own checkpoint), optionally evaluates, and writes ``sweep_point.json`` last; a point
-with that file is skipped. ``out_dir/results.jsonl`` collects every finished point.
+with that file is skipped. ``out_dir/results.jsonl`` collects every finished point; with a
+``reference``, ``out_dir/paired.md`` / ``paired.json`` hold the paired-seed differences
+(:mod:`moba_cp.experiments.paired`). A point's summary records its corpus (name, sizes, the epochs
+it drew: :func:`moba_cp.data.datasets.corpus_record`) and, with ``eval_loss``, the held-out set's
+size, per-sequence losses and standard error.
 """
 
 from __future__ import annotations
@@ -37,9 +42,11 @@ from pathlib import Path
 import yaml
 
 from moba_cp.config import RecipeError, layer_attention_kinds, load_recipe
+from moba_cp.data.datasets import corpus_record
 from moba_cp.data.retrieval_docs import KINDS as NEEDLE_KINDS
 from moba_cp.data.retrieval_docs import fixed_tokens, parse_lengths
 from moba_cp.data.tokenizers import build_tokenizer
+from moba_cp.experiments.paired import method_of, paired_table, write_paired_report
 from moba_cp.train.flops import flops_per_step
 
 __all__ = ["SweepSpec", "SweepPoint", "load_sweep", "run_sweep", "collect_results", "SweepError"]
@@ -74,6 +81,7 @@ class SweepSpec:
     points: list[SweepPoint]
     eval_loss: dict | None = None
     eval_needle: dict | None = None
+    reference: str | None = None
     source: dict = field(default_factory=dict)
 
 
@@ -86,7 +94,7 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> SweepSpec:
     if not isinstance(data, dict):
         raise SweepError(f"{p}: the top level must be a mapping.")
     allowed = {"name", "kind", "base", "out_dir", "nproc", "metric", "eval_loss", "eval_needle", "grid", "points",
-               "common", "seeds"}
+               "common", "seeds", "reference"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise SweepError(f"{p}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}.")
@@ -137,6 +145,13 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> SweepSpec:
             load_recipe(data["base"], pt.overrides)
         except RecipeError as e:
             raise SweepError(f"{p}: point {pt.name!r}: {e}") from None
+    reference = data.get("reference")
+    if reference is not None:
+        methods = sorted({method_of(dict(labels=pt.labels, group=pt.group, name=pt.name)) for pt in points})
+        if not isinstance(reference, str) or reference not in methods:
+            raise SweepError(f"{p}: reference={reference!r} is not a method of this sweep; choose one of {methods} "
+                             f"(a point's `method` label, else its name).")
+    _check_eval_loss(p, data.get("eval_loss"))
     needle = data.get("eval_needle")
     if needle is not None:
         allowed_n = {"lengths", "depths", "kinds", "n_per_cell", "seed", "only"}
@@ -149,7 +164,22 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> SweepSpec:
     return SweepSpec(name=str(data["name"]), kind=data["kind"], base=data["base"],
                      out_dir=out_dir or data.get("out_dir") or f"runs/sweeps/{data['name']}",
                      nproc=int(data.get("nproc", 1)), metric=metric, points=points,
-                     eval_loss=data.get("eval_loss"), eval_needle=needle, source=data)
+                     eval_loss=data.get("eval_loss"), eval_needle=needle, reference=reference, source=data)
+
+
+def _check_eval_loss(p: Path, e) -> None:
+    """``eval_loss: {seq_len, last, num_seqs}``: integers with 1 <= last <= seq_len, num_seqs >= 2."""
+    if e is None:
+        return
+    keys = {"seq_len", "last", "num_seqs"}
+    if not isinstance(e, dict) or set(e) - keys or not {"seq_len", "last"} <= set(e):
+        raise SweepError(f"{p}: eval_loss must be a mapping with seq_len, last and optionally num_seqs; got {e!r}.")
+    vals = {k: e.get(k, 4) for k in keys}
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in vals.values()):
+        raise SweepError(f"{p}: eval_loss values must be integers; got {e!r}.")
+    if not 1 <= vals["last"] <= vals["seq_len"] or vals["num_seqs"] < 2:
+        raise SweepError(f"{p}: eval_loss={e!r}: need 1 <= last <= seq_len and num_seqs >= 2 (a standard error "
+                         f"needs at least two held-out sequences).")
 
 
 def _check_needle_lengths(p: Path, needle: dict, cfg) -> None:
@@ -191,7 +221,22 @@ def _point_summary(spec: SweepSpec, pt: SweepPoint, run_dir: Path) -> dict:
     }
     ev = run_dir / "eval" / "eval_loss.json"
     if ev.is_file():
-        out["trailing_loss"] = json.loads(ev.read_text())["trailing_loss"]
+        e = json.loads(ev.read_text())
+        per_seq = [x for x in e.get("per_sequence_trailing", []) if x is not None]
+        out["trailing_loss"] = e["trailing_loss"]
+        out["trailing_loss_per_seq"] = per_seq  # same held-out sequences for every point: paired per sequence
+        out["eval_sequences"], out["eval_tokens"] = e.get("num_sequences"), e.get("trailing_tokens")
+        if len(per_seq) > 1:
+            m = sum(per_seq) / len(per_seq)
+            out["trailing_loss_se"] = (sum((x - m) ** 2 for x in per_seq) / (len(per_seq) - 1) / len(per_seq)) ** 0.5
+    if valid:
+        out["valid_tokens"] = cfg.eval.iters * cfg.train.global_batch_size * cfg.model.seq_length
+    try:  # what it trained on: corpus, sizes, epochs drawn (cached builds: nothing is rebuilt)
+        out["data"] = corpus_record(cfg.data, seq_length=cfg.model.seq_length,
+                                    num_train_samples=cfg.train.steps * cfg.train.global_batch_size,
+                                    builtin_budget_bytes=cfg.data.builtin_budget_bytes)
+    except Exception as e:  # noqa: BLE001 - the record must not lose a finished point
+        out["data"] = {"error": f"{type(e).__name__}: {e}"}
     return out
 
 
@@ -291,14 +336,22 @@ def run_sweep(spec: SweepSpec, *, dry_run: bool = False, print_fn=print, extra: 
         eta = elapsed / (i + 1) * (len(todo) - i - 1)
         print_fn(f"[{i + 1}/{len(todo)}] {pt.name}: {spec.metric}={summary.get(spec.metric)} "
                  f"in {time.time() - t0:.0f}s; sweep ETA {eta / 60:.1f} min")
-    return collect_results(out) if out.is_dir() else []
+    rows = collect_results(out) if out.is_dir() else []
+    if rows and spec.reference:
+        print_fn(paired_table(json.loads((out / "paired.json").read_text())["points"], spec.metric, spec.reference))
+    return rows
 
 
 def collect_results(out_dir: str | Path) -> list[dict]:
-    """Finished points' summaries (``out_dir/*/sweep_point.json``); also writes ``results.jsonl``."""
+    """Finished points' summaries (``out_dir/*/sweep_point.json``); also writes ``results.jsonl``, and
+    ``paired.md`` / ``paired.json`` when the sweep (``out_dir/sweep.yaml``) names a ``reference``."""
     out = Path(out_dir)
     rows = [json.loads(p.read_text()) for p in sorted(out.glob("*/sweep_point.json"))]
     with open(out / "results.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
+    spec_file = out / "sweep.yaml"
+    spec = yaml.safe_load(spec_file.read_text()) if spec_file.is_file() else None
+    if isinstance(spec, dict) and spec.get("reference"):
+        write_paired_report(out, rows, spec.get("metric", "loss"), spec["reference"])
     return rows
