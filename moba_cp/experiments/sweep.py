@@ -3,11 +3,11 @@
 A sweep file::
 
     name: scaling-small
-    kind: scaling            # scaling | granularity | hybrid: which chart `moba-cp plot --sweep` draws
+    kind: scaling            # scaling | granularity | hybrid | retrieval: which chart `moba-cp plot --sweep` draws
     base: recipes/experiments/small-base.yaml
     out_dir: runs/sweeps/scaling-small
     nproc: 1                 # processes per point (torchrun --standalone); the base recipe's tp*cp*dp
-    metric: loss             # y value: final training 'loss', 'valid_loss' or 'trailing_loss'
+    metric: loss             # y value: final training 'loss', 'valid_loss', 'trailing_loss' or 'needle_accuracy'
     eval_loss: {seq_len: 2048, last: 256, num_seqs: 4}   # optional: trailing loss after training
     grid:                    # cartesian product of named override sets (or an explicit `points` list)
       method:
@@ -51,8 +51,8 @@ from moba_cp.train.flops import flops_per_step
 
 __all__ = ["SweepSpec", "SweepPoint", "load_sweep", "run_sweep", "collect_results", "SweepError"]
 
-KINDS = ("scaling", "granularity", "hybrid")
-METRICS = ("loss", "valid_loss", "trailing_loss")
+KINDS = ("scaling", "granularity", "hybrid", "retrieval")
+METRICS = ("loss", "valid_loss", "trailing_loss", "needle_accuracy")
 
 
 class SweepError(ValueError):
@@ -108,6 +108,9 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> SweepSpec:
         raise SweepError(f"{p}: metric={metric!r}; choose one of {', '.join(METRICS)}.")
     if metric == "trailing_loss" and not data.get("eval_loss"):
         raise SweepError(f"{p}: metric=trailing_loss needs an eval_loss section (seq_len, last, num_seqs).")
+    if metric == "needle_accuracy" and (not data.get("eval_needle") or (data["eval_needle"] or {}).get("only")):
+        raise SweepError(f"{p}: metric=needle_accuracy needs an eval_needle section that scores every point "
+                         f"(no `only`).")
     if not Path(data["base"]).is_file():
         raise SweepError(f"{p}: base recipe {data['base']!r} does not exist.")
     common = [str(x) for x in data.get("common", [])]
@@ -229,6 +232,13 @@ def _point_summary(spec: SweepSpec, pt: SweepPoint, run_dir: Path) -> dict:
         if len(per_seq) > 1:
             m = sum(per_seq) / len(per_seq)
             out["trailing_loss_se"] = (sum((x - m) ** 2 for x in per_seq) / (len(per_seq) - 1) / len(per_seq)) ** 0.5
+    nd = run_dir / "eval" / "needle.json"
+    if nd.is_file():  # exact-match accuracy: mean over kinds, per kind, and per (kind, length, depth) cell
+        kinds = json.loads(nd.read_text()).get("kinds", {})
+        if kinds:
+            out["needle"] = {k: v.get("mean") for k, v in kinds.items()}
+            out["needle_accuracy"] = sum(out["needle"].values()) / len(kinds)
+            out["needle_accuracy_per_seq"] = [a for v in kinds.values() for row in v.get("accuracy", []) for a in row]
     if valid:
         out["valid_tokens"] = cfg.eval.iters * cfg.train.global_batch_size * cfg.model.seq_length
     try:  # what it trained on: corpus, sizes, epochs drawn (cached builds: nothing is rebuilt)
