@@ -26,20 +26,8 @@ FINDING="$1"
 shift
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
-PY="${PYTHON:-python3}"
-if ! "$PY" -c "import megatron.core" 2>/dev/null; then
-  if ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-  else
-    echo "megatron-core is not importable and there is no .whl/ to install it from" >&2
-    exit 2
-  fi
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export NCCL_NVLS_ENABLE=0
+source scripts/gpu/_gpu_env.sh
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-"$PY" -c "import torch; assert torch.cuda.is_available(), 'no GPU'; print(torch.cuda.get_device_name(0))"
 
 rc=0
 "$PY" -m moba_cp.cli sweep "recipes/experiments/$SWEEP.yaml" --gpus 1 --deadline-min "${DEADLINE_MIN:-8}" "$@" \
