@@ -118,11 +118,17 @@ def test_key_conv_cp_refuses_chunks_shorter_than_the_halo():
 
 # ----------------------------------------------------------------------------- Megatron GPT, CP=2 vs CP=1
 
-def _w_gpt(rank, world_size):
+def _w_gpt(rank, world_size, tp, cp, ckpt_dir):
+    import os
+
+    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
+    from moba_cp.megatron import compat_cpu
+
     from moba_cp.config import MoBAConfig
-    from tests.megatron_util import attention_cfg, batch, build, loss_on_this_rank, max_rel, tiny_model_cfg
+    from tests.megatron_util import (attention_cfg, batch, build, loss_on_this_rank, max_rel, shard_for_tp,
+                                     tiny_model_cfg, tp_layout, unshard_from_tp)
 
     s = 256
     mcfg, mb = tiny_model_cfg(seq_length=s), MoBAConfig(block_size=16, topk=3, backend="naive", key_conv=3)
@@ -139,34 +145,59 @@ def _w_gpt(rank, world_size):
     ref_loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
     state = {n: p.detach().clone() for n, p in ref.named_parameters()}
-    model, _ = build(mcfg, mb, attention_cfg("hybrid"), cp=world_size)
+    model, _ = build(mcfg, mb, attention_cfg("hybrid"), tp=tp, cp=cp)
+    layout = tp_layout(model)
+    assert layout[convs[0]][0] == 0  # TP-sharded by KV head, like the key projection
+    tp_rank, tp_group, cp_group = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_group(), \
+        ps.get_context_parallel_group()
     with torch.no_grad():
         for n, p in model.named_parameters():
-            p.copy_(state[n])
+            p.copy_(shard_for_tp(state[n], *layout[n], tp_rank, tp))
     loss = loss_on_this_rank(model, tokens)
     loss.backward()
     total = loss.detach().clone()
-    dist.all_reduce(total, group=ps.get_context_parallel_group())
+    dist.all_reduce(total, group=cp_group)
     errs = {}
     for n, p in model.named_parameters():
         gr = p.grad.clone()
-        dist.all_reduce(gr, group=ps.get_context_parallel_group())
-        errs[n] = max_rel(gr, ref_grads[n])
+        dist.all_reduce(gr, group=cp_group)
+        errs[n] = max_rel(unshard_from_tp(gr, *layout[n], tp_group), ref_grads[n])
+    sharded = model.sharded_state_dict()  # the checkpoint view: the key-conv weight is a TP shard
+    key = next(k for k in sharded if "key_conv" in k)
+    assert sharded[key].key.endswith("key_conv.weight.layer1")
+    shard = (tuple(sharded[key].global_shape), tuple(sharded[key].global_offset))
+    # checkpoint round trip (Megatron's distributed checkpointing) into a fresh model (zero key conv)
+    if rank == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+    dist.barrier()
+    with compat_cpu.cuda_to_cpu():
+        dist_checkpointing.save(model.sharded_state_dict(), ckpt_dir)
+    fresh, _ = build(mcfg, mb, attention_cfg("hybrid"), tp=tp, cp=cp)
+    with compat_cpu.cuda_to_cpu(), torch.no_grad():
+        fresh.load_state_dict(dist_checkpointing.load(fresh.sharded_state_dict(), ckpt_dir))
+    trained = dict(model.named_parameters())
+    restored = max(float((p - trained[n]).abs().max()) for n, p in fresh.named_parameters())
     plain, _ = build(mcfg, MoBAConfig(block_size=16, topk=3, backend="naive"), attention_cfg("hybrid"))
     with torch.no_grad():
         for n, p in plain.named_parameters():
             p.copy_(state[n])
     plain_loss = loss_on_this_rank(plain, tokens).item()  # same weights without the convolution
-    return ref_loss.item(), total.item(), errs, convs[0], plain_loss
+    return ref_loss.item(), total.item(), errs, convs[0], plain_loss, shard, tp_rank, restored
 
 
-def test_gpt_with_key_conv_cp2_equals_cp1():
-    for ref_loss, loss, errs, conv, plain_loss in run_distributed(_w_gpt, 2):
+@pytest.mark.parametrize("tp,cp", [(1, 2), (2, 1)])
+def test_gpt_with_key_conv_under_cp_or_tp_equals_unsplit(tp, cp, tmp_path):
+    """Loss and every gradient against the unsplit model; the hybrid model's key convolution (in its
+    MoBA layer only) survives a distributed-checkpoint round trip, TP-sharded by KV head."""
+    results = run_distributed(_w_gpt, 2, args=(tp, cp, str(tmp_path / "ckpt")))
+    for ref_loss, loss, errs, conv, plain_loss, shard, tp_rank, restored in results:
         assert abs(loss - ref_loss) <= 2e-6 * abs(ref_loss), (loss, ref_loss)
         worst = max(errs, key=errs.get)
         assert errs[worst] < 5e-5, (worst, errs[worst])
         assert errs[conv] < 5e-5 and len(errs) >= 11
         assert abs(plain_loss - ref_loss) > 1e-4  # the convolution changed the model
+        assert shard == ((2, 16, 3), (tp_rank if tp == 2 else 0, 0, 0))  # own key per layer, no layer axis
+        assert restored == 0.0
 
 
 def test_recipe_validation_of_key_conv():

@@ -340,7 +340,8 @@ class MoBACoreAttention(_CoreAttentionBase):
         # the spec's params moba_block_size / moba_topk, by the op's own rule
         check_block_args(self.moba_block_size, self.moba_topk, op="MoBACoreAttention spec params")
         # moba.key_conv: the keys of this layer (gate and attention, either mode) are convolved first
-        self.key_conv = KeyConv(self.config, int(moba_key_conv), self.tp_group) if moba_key_conv else None
+        self.key_conv = (KeyConv(self.config, int(moba_key_conv), self.tp_group, self.layer_number)
+                         if moba_key_conv else None)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, **kwargs):

@@ -10,6 +10,11 @@ Parameter: ``weight [kv_heads_per_tp, head_dim, W]``, zero at init (the layer st
 MoBA), TP-sharded on dim 0 like the key projection's heads (Megatron's
 ``tensor_model_parallel`` attributes, and a TP-sharded tensor in distributed checkpoints),
 replicated over CP and DP (its gradient is reduced with the others by Megatron's DDP).
+
+Checkpoints: Megatron stacks a parameter of every layer into one tensor with a layer axis, which
+needs the parameter in every layer; a hybrid model has key convolutions in its MoBA layers only,
+so each layer's weight is saved under its own key (``...key_conv.weight.layer<N>``, N the global
+1-based layer number) without the layer axis.
 """
 
 from __future__ import annotations
@@ -33,9 +38,10 @@ class KeyConv(MegatronModule):
         config: the layer's ``TransformerConfig`` (``num_query_groups``, ``kv_channels``, dtype).
         width: ``W`` in :data:`moba_cp.ops.key_conv.KEY_CONV_WIDTHS` minus 0.
         tp_group: the tensor-parallel group (None = Megatron's parallel state).
+        layer_number: the layer's global 1-based number (names its checkpoint tensor).
     """
 
-    def __init__(self, config, width: int, tp_group=None):
+    def __init__(self, config, width: int, tp_group=None, layer_number: int = 1):
         super().__init__(config=config)
         if width not in KEY_CONV_WIDTHS or width == 0:
             allowed = ", ".join(str(x) for x in KEY_CONV_WIDTHS if x)
@@ -45,7 +51,7 @@ class KeyConv(MegatronModule):
         groups = config.num_query_groups or config.num_attention_heads
         head_dim = config.kv_channels or config.hidden_size // config.num_attention_heads
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-        self.width = width
+        self.width, self.layer_number = width, int(layer_number)
         self.weight = torch.nn.Parameter(torch.zeros(groups // tp, head_dim, width, device=device,
                                                      dtype=config.params_dtype))
         set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=0, stride=1)
@@ -66,11 +72,15 @@ class KeyConv(MegatronModule):
         return out.transpose(0, 1)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
-        """The weight as a TP-sharded tensor (dim 0: KV heads), as Megatron's column-parallel linears."""
+        """The weight as a TP-sharded tensor (dim 0: KV heads) under a key of its own layer.
+
+        ``sharded_offsets`` (the block's layer axis) are not applied: see the module docstring."""
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         state = self.state_dict(prefix="", keep_vars=True)
-        return make_sharded_tensors_for_checkpoint(state, prefix, {"weight": 0}, sharded_offsets,
-                                                   tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
+        out = make_sharded_tensors_for_checkpoint(state, prefix, {"weight": 0}, (),
+                                                  tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
+        out[f"{prefix}weight"].key = f"{prefix}weight.layer{self.layer_number}"
+        return out
 
     def extra_repr(self) -> str:
-        return f"width={self.width}, weight={tuple(self.weight.shape)}"
+        return f"width={self.width}, weight={tuple(self.weight.shape)}, layer={self.layer_number}"
