@@ -127,12 +127,24 @@ def paired_table(stats: list[dict], metric: str, reference: str) -> str:
     return "\n".join(lines)
 
 
-def write_paired_report(out_dir: str | Path, rows: list[dict], metric: str, reference: str) -> list[dict]:
-    """Write ``paired.md`` and ``paired.json`` into ``out_dir``; returns the statistics."""
+def write_paired_report(out_dir: str | Path, rows: list[dict], metric: str, reference: str,
+                        also: tuple[str, ...] = ()) -> list[dict]:
+    """Write ``paired.md`` and ``paired.json`` into ``out_dir``; returns the statistics of ``metric``.
+
+    ``also``: further metrics to pair when the rows have them (e.g. the needle accuracy of a sweep
+    whose metric is a loss); each gets its own table after the main one, and ``paired.json`` holds
+    them under ``by_metric``.
+    """
     out = Path(out_dir)
     stats = paired_differences(rows, metric, reference)
-    (out / "paired.md").write_text(paired_table(stats, metric, reference) + "\n")
-    (out / "paired.json").write_text(json.dumps({"metric": metric, "reference": reference, "points": stats}, indent=1))
+    by_metric = {metric: stats}
+    for m in also:
+        if m != metric and any(r.get(m) is not None for r in rows):
+            by_metric[m] = paired_differences(rows, m, reference)
+    text = "\n\n".join(paired_table(st, m, reference) for m, st in by_metric.items())
+    (out / "paired.md").write_text(text + "\n")
+    (out / "paired.json").write_text(json.dumps({"metric": metric, "reference": reference, "points": stats,
+                                                 "by_metric": by_metric}, indent=1))
     return stats
 
 
