@@ -93,3 +93,14 @@ def test_sweep_reference_key_and_report_files(tmp_path):
     assert report["reference"] == "full" and report["points"][0]["mean"] == pytest.approx(-0.075)
     assert "2/2 below" in (out / "paired.md").read_text()
     assert paired_main([str(out)]) == 0
+
+
+def test_retrieval_sweep_chart(tmp_path):
+    from moba_cp.experiments.sweep_plots import plot_sweep
+
+    rows = [{"name": f"{m}-seed{sd}", "group": m, "labels": {"method": m, "seed": sd},
+             "needle": {"passkey": acc, "single": acc / 2}, "needle_accuracy": 0.75 * acc}
+            for m, acc in (("full", 0.9), ("moba", 0.6), ("moba-kconv3", 0.8)) for sd in ("1", "2")]
+    path = plot_sweep("retrieval", rows, "needle_accuracy", str(tmp_path / "r.png"))
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
