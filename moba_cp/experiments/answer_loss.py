@@ -27,7 +27,10 @@ from typing import Callable, Sequence
 
 import torch
 
+from moba_cp.data.datasets import heldout_sequences
 from moba_cp.data.retrieval_docs import KINDS, fixed_tokens, make_needle_sample
+from moba_cp.eval.model_runner import load_eval_model, read_trained_recipe
+from moba_cp.train.distributed import shutdown_distributed
 
 __all__ = ["answer_losses", "main", "ANSWER_LOSS_FILE"]
 
@@ -84,10 +87,6 @@ def _parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from moba_cp.data.datasets import heldout_sequences
-    from moba_cp.eval.model_runner import load_eval_model, read_trained_recipe
-    from moba_cp.train.distributed import shutdown_distributed
-
     args = _parse_args(argv)
     depths = [float(x) for x in args.depths.split(",") if x.strip()]
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]

@@ -44,7 +44,6 @@ from pathlib import Path
 import yaml
 
 from moba_cp.config import RecipeError, layer_attention_kinds, load_recipe
-from moba_cp.data.datasets import corpus_record
 from moba_cp.data.retrieval_docs import KINDS as NEEDLE_KINDS
 from moba_cp.data.retrieval_docs import fixed_tokens, parse_lengths
 from moba_cp.data.tokenizers import build_tokenizer
@@ -275,6 +274,10 @@ def _point_summary(spec: SweepSpec, pt: SweepPoint, run_dir: Path) -> dict:
             out["needle_accuracy_per_seq"] = [a for v in kinds.values() for row in v.get("accuracy", []) for a in row]
     if valid:
         out["valid_tokens"] = cfg.eval.iters * cfg.train.global_batch_size * cfg.model.seq_length
+    # Imported here, not at the top: planning a sweep (load_sweep, point_cost, --dry-run) must not
+    # import Megatron-Core, which the datasets module does.
+    from moba_cp.data.datasets import corpus_record
+
     try:  # what it trained on: corpus, sizes, epochs drawn (cached builds: nothing is rebuilt)
         out["data"] = corpus_record(cfg.data, seq_length=cfg.model.seq_length,
                                     num_train_samples=cfg.train.steps * cfg.train.global_batch_size,
