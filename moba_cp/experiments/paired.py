@@ -30,7 +30,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["paired_differences", "paired_table", "method_of", "write_paired_report", "main"]
+__all__ = ["paired_differences", "paired_table", "method_of", "mean_std", "write_paired_report", "main"]
 
 
 def method_of(row: dict) -> str:
@@ -46,7 +46,8 @@ def _seed(row: dict) -> str:
     return str(row.get("labels", {}).get("seed", ""))
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for one value)."""
     m = sum(xs) / len(xs)
     return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
 
@@ -55,7 +56,7 @@ def _eval_se(a: list | None, b: list | None) -> float | None:
     """Standard error of the mean per-sequence difference (same held-out sequences, in order)."""
     if not a or not b or len(a) != len(b) or len(a) < 2 or any(x is None for x in a + b):
         return None
-    return _mean_std([x - y for x, y in zip(a, b)])[1] / math.sqrt(len(a))
+    return mean_std([x - y for x, y in zip(a, b)])[1] / math.sqrt(len(a))
 
 
 def paired_differences(rows: list[dict], metric: str, reference: str) -> list[dict]:
@@ -87,13 +88,13 @@ def paired_differences(rows: list[dict], metric: str, reference: str) -> list[di
         if not pairs:
             continue
         diffs = [r[metric] - ref[metric] for r, ref in pairs]
-        mean, std = _mean_std(diffs)
+        mean, std = mean_std(diffs)
         se = std / math.sqrt(len(diffs)) if len(diffs) > 1 else None
         sign = (mean > 0) - (mean < 0)
         eval_ses = [s for r, ref in pairs
                     if (s := _eval_se(r.get(f"{metric}_per_seq"), ref.get(f"{metric}_per_seq"))) is not None]
-        pm, ps = _mean_std([r[metric] for r, _ in pairs])
-        rm, rs = _mean_std([ref[metric] for _, ref in pairs])
+        pm, ps = mean_std([r[metric] for r, _ in pairs])
+        rm, rs = mean_std([ref[metric] for _, ref in pairs])
         out.append({
             "group": g, "method": method_of(pairs[0][0]), "context": dict(_context(pairs[0][0])),
             "reference": pairs[0][1].get("group") or pairs[0][1]["name"], "seeds": [_seed(r) for r, _ in pairs],

@@ -9,14 +9,9 @@ from __future__ import annotations
 from collections import defaultdict
 
 from moba_cp.eval.plots import _plt, _save
-from moba_cp.experiments.paired import method_of
+from moba_cp.experiments.paired import mean_std, method_of
 
 __all__ = ["plot_retrieval"]
-
-
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    return m, ((sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0)
 
 
 def plot_retrieval(rows: list[dict], metric: str, out_path: str) -> str:
@@ -39,7 +34,7 @@ def plot_retrieval(rows: list[dict], metric: str, out_path: str) -> str:
         means, errs = [], []
         for m in methods:
             vals = [v for r in by_method[m] if (v := get(r)) is not None]
-            mean, std = _mean_std(vals) if vals else (0.0, 0.0)
+            mean, std = mean_std(vals) if vals else (0.0, 0.0)
             means.append(mean)
             errs.append(std)
         xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(methods))]

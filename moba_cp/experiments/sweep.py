@@ -47,7 +47,7 @@ from moba_cp.config import RecipeError, layer_attention_kinds, load_recipe
 from moba_cp.data.retrieval_docs import KINDS as NEEDLE_KINDS
 from moba_cp.data.retrieval_docs import fixed_tokens, parse_lengths
 from moba_cp.data.tokenizers import build_tokenizer
-from moba_cp.experiments.paired import method_of, write_paired_report
+from moba_cp.experiments.paired import mean_std, method_of, write_paired_report
 from moba_cp.train.flops import flops_per_step
 
 __all__ = ["SweepSpec", "SweepPoint", "load_sweep", "run_sweep", "collect_results", "SweepError"]
@@ -258,8 +258,7 @@ def _point_summary(spec: SweepSpec, pt: SweepPoint, run_dir: Path) -> dict:
         out["trailing_loss_per_seq"] = per_seq  # same held-out sequences for every point: paired per sequence
         out["eval_sequences"], out["eval_tokens"] = e.get("num_sequences"), e.get("trailing_tokens")
         if len(per_seq) > 1:
-            m = sum(per_seq) / len(per_seq)
-            out["trailing_loss_se"] = (sum((x - m) ** 2 for x in per_seq) / (len(per_seq) - 1) / len(per_seq)) ** 0.5
+            out["trailing_loss_se"] = mean_std(per_seq)[1] / len(per_seq) ** 0.5
     al = run_dir / "eval" / "answer_loss.json"
     if al.is_file():
         a = json.loads(al.read_text())
