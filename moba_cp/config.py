@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from moba_cp.ops.key_conv import KEY_CONV_WIDTHS
 from moba_cp.ops.moba.kernel_limits import LIMITS
 from moba_cp.parallel.head_parallel import comm_problem
 
@@ -71,6 +72,9 @@ class MoBAConfig:
     topk: int = _option(4, "Blocks per query, counting its own block (topk >= blocks = full attention).")
     backend: Literal["auto", "naive", "triton"] = _option(
         "auto", "Kernel backend; 'auto' picks Triton on GPU and the naive oracle on CPU.")
+    key_conv: int = _option(
+        0, "Key convolution width (FlashMoBA's routing fix): 0 = off, 3 or 5 = a learned causal depthwise "
+        "convolution over each MoBA layer's keys, used by the gate and the attention (docs/design.md).")
 
 
 @dataclass
@@ -149,7 +153,15 @@ class DataConfig:
         help="Retrieval document kinds mixed in (subset of passkey, single, multikey, multivalue).")
     retrieval_loss_on: Literal["all", "answer"] = _option(
         "all", "Loss on retrieval samples: every token ('all') or only the answer tokens ('answer').")
-    builtin_budget_bytes: int = _option(4_000_000, "Size of the embedded corpus (source=builtin), in bytes of text.")
+    builtin_budget_bytes: int = _option(4_000_000, "Size of the embedded corpus (source=builtin with builtin_corpus="
+                                   "stdlib), in bytes of text.")
+    builtin_corpus: Literal["stdlib", "large"] = _option(
+        "stdlib", "With source=builtin: 'stdlib' (default; the standard library within builtin_budget_bytes, quick "
+        "to build) or 'large' (the standard library plus every installed package's .py/.txt/.md/.rst files, "
+        "deduplicated, with a held-out split by document hash used for validation and evaluation; ~100+ MB, "
+        "for experiments that must not repeat data).")
+    builtin_heldout_fraction: float = _option(
+        0.05, "With builtin_corpus=large: share of documents held out (chosen by the hash of their text).")
 
 
 @dataclass
@@ -453,6 +465,7 @@ def validate(cfg: RecipeConfig, world_size: int | None = None, device: str | Non
     if a.switch_to_full_at is not None and not (0.0 <= a.switch_to_full_at <= 1.0):
         errs.append(f"attention.switch_to_full_at={a.switch_to_full_at} must be a fraction in [0, 1].")
     has_moba = kinds_ok and "moba" in layer_attention_kinds(m, a)
+    errs += _key_conv_errors(mb, m, p, has_moba, kinds_ok)
     if has_moba or p.cp > 1:
         unit = 2 * p.cp * mb.block_size if has_moba and p.cp > 1 else (2 * p.cp if p.cp > 1 else 1)
         if m.seq_length % unit:
@@ -473,6 +486,8 @@ def validate(cfg: RecipeConfig, world_size: int | None = None, device: str | Non
     if bad_kinds or not cfg.data.retrieval_kinds:
         errs.append(f"data.retrieval_kinds={cfg.data.retrieval_kinds}: choose a non-empty subset of passkey, "
                     f"single, multikey, multivalue.")
+    if not (0.0 < cfg.data.builtin_heldout_fraction < 1.0):
+        errs.append(f"data.builtin_heldout_fraction={cfg.data.builtin_heldout_fraction} must be in (0, 1).")
     if cfg.data.source == "indexed" and not cfg.data.paths:
         errs.append("data.source=indexed needs data.paths (Megatron .bin/.idx prefixes).")
     dp = p.dp
@@ -492,6 +507,23 @@ def validate(cfg: RecipeConfig, world_size: int | None = None, device: str | Non
         errs += kernel_limit_errors(cfg, device)
     if errs:
         raise RecipeError("invalid recipe:\n  " + "\n  ".join(errs))
+
+
+def _key_conv_errors(mb: MoBAConfig, m: ModelConfig, p: ParallelConfig, has_moba: bool, kinds_ok: bool) -> list[str]:
+    """moba.key_conv: an allowed width, MoBA layers to apply to, zigzag chunks long enough for its halo."""
+    w = mb.key_conv
+    if w == 0:
+        return []
+    if w not in KEY_CONV_WIDTHS:
+        return [f"moba.key_conv={w}: choose one of {', '.join(map(str, KEY_CONV_WIDTHS))} (0 = no key convolution)."]
+    if kinds_ok and not has_moba:
+        return [f"moba.key_conv={w} convolves the keys of MoBA layers, but the attention pattern has none (all "
+                f"layers full attention). Fix: moba.key_conv=0, or a pattern with MoBA layers."]
+    chunk = m.seq_length // (2 * p.cp)
+    if p.cp > 1 and chunk < w - 1:
+        return [f"moba.key_conv={w} needs {w - 1} keys before each zigzag chunk, but chunks hold "
+                f"model.seq_length / (2 * parallel.cp) = {chunk} tokens. Fix: a longer seq_length or a smaller cp."]
+    return []
 
 
 def _cp_comm_errors(m: ModelConfig, p: ParallelConfig, a: AttentionConfig) -> list[str]:

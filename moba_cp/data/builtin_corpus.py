@@ -44,7 +44,7 @@ import numpy as np
 from moba_cp.data.prepare import encode_document, write_indexed_dataset
 from moba_cp.data.tokenizers import build_tokenizer, tokenizer_fingerprint
 
-__all__ = ["CorpusDocument", "collect_documents", "select_documents", "ensure_builtin_corpus", "corpus_hash",
+__all__ = ["CorpusDocument", "collect_documents", "group_documents", "select_documents", "ensure_builtin_corpus", "corpus_hash",
            "DEFAULT_BUDGET_BYTES", "stdlib_dir"]
 
 FORMAT_VERSION = 1
@@ -116,10 +116,20 @@ def collect_documents(root: str | None = None, *, min_doc_bytes: int = MIN_DOC_B
     See the module docstring for the grouping rules. Deterministic for a given directory content.
     """
     root = root or stdlib_dir()
-    files = _candidate_files(root)
-    texts = {rel: t for rel in files if (t := _read(root, rel)) is not None and t.strip()}
+    texts = {rel: t for rel in _candidate_files(root) if (t := _read(root, rel)) is not None and t.strip()}
+    return group_documents(texts, min_doc_bytes=min_doc_bytes, max_doc_bytes=max_doc_bytes)
+
+
+def group_documents(texts: dict[str, str], *, min_doc_bytes: int = MIN_DOC_BYTES,
+                    max_doc_bytes: int = MAX_DOC_BYTES, prefix: str = "") -> list[CorpusDocument]:
+    """Files (``{relative path: text}``) -> documents by the module docstring's rules, in name order.
+
+    A top-level directory (a package) becomes one document cut at file boundaries into parts of at
+    most ``max_doc_bytes``; top-level files of at least ``min_doc_bytes`` stay alone, smaller ones
+    are concatenated in path order. ``prefix`` is put before every document name.
+    """
     groups: dict[str, list[str]] = {}
-    for rel in texts:
+    for rel in sorted(texts):
         top = rel.split("/", 1)[0] if "/" in rel else ""
         groups.setdefault(top, []).append(rel)
 
@@ -134,12 +144,12 @@ def collect_documents(root: str | None = None, *, min_doc_bytes: int = MIN_DOC_B
             for piece in pieces:
                 pn = len(piece.encode("utf-8"))
                 if part and size + pn > max_doc_bytes:
-                    docs.append(CorpusDocument(f"{pkg}/#{idx}", "\n".join(part)))
+                    docs.append(CorpusDocument(f"{prefix}{pkg}/#{idx}", "\n".join(part)))
                     part, size, idx = [], 0, idx + 1
                 part.append(piece)
                 size += pn
         if part:
-            docs.append(CorpusDocument(f"{pkg}/#{idx}", "\n".join(part)))
+            docs.append(CorpusDocument(f"{prefix}{pkg}/#{idx}", "\n".join(part)))
     # Top-level modules: big ones alone, small ones merged in sorted order.
     pending, psize, first = [], 0, None
     for rel in groups.get("", []):
@@ -148,17 +158,17 @@ def collect_documents(root: str | None = None, *, min_doc_bytes: int = MIN_DOC_B
         if n >= min_doc_bytes:
             pieces = [chunk] if n <= max_doc_bytes else _split_lines(chunk, max_doc_bytes)
             for i, piece in enumerate(pieces):
-                docs.append(CorpusDocument(rel if len(pieces) == 1 else f"{rel}#{i}", piece))
+                docs.append(CorpusDocument(f"{prefix}{rel}" if len(pieces) == 1 else f"{prefix}{rel}#{i}", piece))
             continue
         if not pending:
             first = rel
         pending.append(chunk)
         psize += n
         if psize >= min_doc_bytes:
-            docs.append(CorpusDocument(f"{first}+{len(pending) - 1}", "\n".join(pending)))
+            docs.append(CorpusDocument(f"{prefix}{first}+{len(pending) - 1}", "\n".join(pending)))
             pending, psize = [], 0
     if pending:
-        docs.append(CorpusDocument(f"{first}+{len(pending) - 1}", "\n".join(pending)))
+        docs.append(CorpusDocument(f"{prefix}{first}+{len(pending) - 1}", "\n".join(pending)))
     return sorted(docs, key=lambda d: d.name)
 
 

@@ -39,12 +39,13 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from moba_cp.data.builtin_corpus import (DEFAULT_BUDGET_BYTES, _FileLock, collect_documents, ensure_builtin_corpus,
                                          select_documents)
+from moba_cp.data.large_corpus import DEFAULT_HELDOUT_FRACTION, ensure_large_corpus
 from moba_cp.data.prepare import encode_document
 from moba_cp.data.retrieval_docs import fixed_tokens, make_needle_sample
 from moba_cp.data.tokenizers import TokenizerError, build_tokenizer
 
 __all__ = ["DataConfigError", "parse_blend", "validate_data_paths", "build_train_valid_datasets",
-           "RetrievalMixtureDataset", "gpt_dataset_config", "heldout_sequences"]
+           "RetrievalMixtureDataset", "gpt_dataset_config", "heldout_sequences", "corpus_record"]
 
 
 class DataConfigError(ValueError):
@@ -145,11 +146,16 @@ def validate_data_paths(data_cfg) -> None:
 
 def gpt_dataset_config(*, seq_length: int, seed: int, tokenizer, blend=None, split: str = "98,2,0",
                        path_to_cache: Optional[str] = None, reset_position_ids: bool = False,
-                       eod_mask_loss: bool = False):
-    """A Megatron-Core 0.16 ``GPTDatasetConfig`` with moba_cp's defaults (no attention mask tensor)."""
+                       eod_mask_loss: bool = False, blend_per_split=None):
+    """A Megatron-Core 0.16 ``GPTDatasetConfig`` with moba_cp's defaults (no attention mask tensor).
 
+    ``blend_per_split`` (``[train, valid, test]`` blends) replaces ``blend`` and ``split``."""
+
+    if blend_per_split is not None:
+        blend, split = None, None
     return GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=blend, split=split, path_to_cache=path_to_cache,
+        blend_per_split=blend_per_split,
         tokenizer=tokenizer, reset_position_ids=reset_position_ids, reset_attention_mask=False,
         eod_mask_loss=eod_mask_loss, create_attention_mask=False, mmap_bin_files=True)
 
@@ -192,10 +198,17 @@ def build_train_valid_datasets(data_cfg, *, seq_length: int, seed: int, num_trai
 
     validate_data_paths(data_cfg)
     tok = tokenizer if tokenizer is not None else build_tokenizer(data_cfg.tokenizer)
+    per_split = None
     if data_cfg.source == "mock":
         blend, cls, split, cache = None, MockGPTDataset, None, None
     else:
-        if data_cfg.source == "builtin":
+        if _is_large(data_cfg):
+            # The large corpus carries its own held-out split: validation reads it, not a share of training.
+            corpus = ensure_large_corpus(data_cfg.cache_dir, tok, heldout_fraction=_heldout_fraction(data_cfg))
+            prefixes, weights = [corpus.train_prefix], None
+            per_split = [([os.path.abspath(corpus.train_prefix)], None),
+                         ([os.path.abspath(corpus.heldout_prefix)], None) if num_valid_samples else None, None]
+        elif data_cfg.source == "builtin":
             # Every rank calls this; one builds under a file lock (and prints), the others wait and reuse it.
             prefixes, weights = [ensure_builtin_corpus(data_cfg.cache_dir, tok, budget_bytes=builtin_budget_bytes)], None
         else:
@@ -203,11 +216,11 @@ def build_train_valid_datasets(data_cfg, *, seq_length: int, seed: int, num_trai
         blend = ([os.path.abspath(p) for p in prefixes], weights)
         cls, split = GPTDataset, data_cfg.split
         cache = os.path.join(data_cfg.cache_dir, "index_cache")
-    if blend is not None:
+    if blend is not None and per_split is None:
         _check_split_has_tokens(blend[0], data_cfg.split, need_valid=bool(num_valid_samples),
                                 weighted=blend[1] is not None)
     cfg = gpt_dataset_config(seq_length=seq_length, seed=seed, tokenizer=tok, blend=blend,
-                             split=split or "98,2,0", path_to_cache=cache,
+                             split=split or "98,2,0", path_to_cache=cache, blend_per_split=per_split,
                              reset_position_ids=reset_position_ids, eod_mask_loss=eod_mask_loss)
     sizes = [int(num_train_samples), int(num_valid_samples) if num_valid_samples else None, None]
     if blend is not None and blend[1] is not None:
@@ -228,10 +241,74 @@ def build_train_valid_datasets(data_cfg, *, seq_length: int, seed: int, num_trai
             f"small for one sample. Add data or lower model.seq_length.")
     if not num_valid_samples or valid is None or len(valid) == 0:
         valid = None
+    if _is_rank0():
+        rec = corpus_record(data_cfg, tokenizer=tok, builtin_budget_bytes=builtin_budget_bytes, seq_length=seq_length,
+                            num_train_samples=num_train_samples)
+        if rec:
+            print(f"[data] {rec['summary']}", flush=True)
     if data_cfg.retrieval_fraction > 0:
         train = RetrievalMixtureDataset(train, tok, data_cfg.retrieval_fraction, seq_length, seed,
                                         kinds=tuple(data_cfg.retrieval_kinds), loss_on=data_cfg.retrieval_loss_on)
     return train, valid
+
+
+def _is_large(data_cfg) -> bool:
+    return data_cfg.source == "builtin" and getattr(data_cfg, "builtin_corpus", "stdlib") == "large"
+
+
+def _heldout_fraction(data_cfg) -> float:
+    return float(getattr(data_cfg, "builtin_heldout_fraction", DEFAULT_HELDOUT_FRACTION))
+
+
+def _is_rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def corpus_record(data_cfg, *, tokenizer=None, builtin_budget_bytes: int = DEFAULT_BUDGET_BYTES,
+                  seq_length: int | None = None, num_train_samples: int | None = None) -> dict | None:
+    """What a run trains on, for its log and its metadata: corpus name, sizes and the epochs drawn.
+
+    Builds nothing new when the corpus is cached (the builders are cached by content). Returns
+    None for ``source=mock``. Keys: ``corpus``, ``train_tokens`` (tokens of the training documents;
+    for a split corpus the train share of ``data.split``), ``heldout_tokens`` / ``heldout_documents``
+    (the large corpus's held-out split, else None), ``run_tokens`` (samples x (seq_length + 1) when
+    given), ``epochs`` (run_tokens / train_tokens) and a one-line ``summary``.
+    """
+    if data_cfg.source == "mock":
+        return None
+    tok = tokenizer if tokenizer is not None else build_tokenizer(data_cfg.tokenizer)
+    rec: dict = {"source": data_cfg.source, "heldout_tokens": None, "heldout_documents": None}
+    if _is_large(data_cfg):
+        corpus = ensure_large_corpus(data_cfg.cache_dir, tok, heldout_fraction=_heldout_fraction(data_cfg),
+                                     verbose=False)
+        man = corpus.manifest
+        rec.update(corpus=corpus.name, train_tokens=man["train"]["tokens"], train_documents=man["train"]["documents"],
+                   heldout_tokens=man["heldout"]["tokens"], heldout_documents=man["heldout"]["documents"],
+                   duplicates_dropped=man["duplicates"])
+    else:
+        if data_cfg.source == "builtin":
+            prefixes = [ensure_builtin_corpus(data_cfg.cache_dir, tok, budget_bytes=builtin_budget_bytes, verbose=False)]
+        else:
+            prefixes = parse_blend(data_cfg.paths)[0]
+        share = parse_and_normalize_split(data_cfg.split)[0]
+        total = docs = 0
+        for p in prefixes:
+            ds = IndexedDataset(p)
+            total += int(ds.sequence_lengths.sum())
+            docs += len(ds.sequence_lengths)
+            del ds
+        rec.update(corpus=", ".join(os.path.basename(p) for p in prefixes), train_tokens=int(total * share),
+                   train_documents=int(round(docs * share)))
+    run = None if seq_length is None or num_train_samples is None else int(num_train_samples) * (int(seq_length) + 1)
+    rec["run_tokens"] = run
+    rec["epochs"] = run / rec["train_tokens"] if run and rec["train_tokens"] else None
+    held = (f"; held out {rec['heldout_documents']} documents, {rec['heldout_tokens']:,} tokens"
+            if rec["heldout_tokens"] is not None else "")
+    draws = f"; this run draws {run:,} tokens = {rec['epochs']:.2f} epochs" if rec["epochs"] is not None else ""
+    rec["summary"] = (f"corpus {rec['corpus']}: train {rec['train_documents']} documents, {rec['train_tokens']:,} "
+                      f"tokens{held}{draws}" + (" (data repeats: use data.builtin_corpus=large or fewer tokens)"
+                                                if (rec["epochs"] or 0) > 1 else ""))
+    return rec
 
 
 def _check_split_has_tokens(prefixes: Sequence[str], split: str, need_valid: bool, weighted: bool) -> None:
@@ -393,8 +470,10 @@ def heldout_sequences(data_cfg, *, seq_length: int, num_sequences: int, tokenize
     Packed training samples cross document boundaries, which would blur a position-wise loss
     curve; these are the first ``seq_length + 1`` tokens of single documents at least that long.
 
-    - ``source=builtin``: standard-library documents that the byte budget left *out* of the training
-      corpus (never trained on), in the same fixed order the corpus uses.
+    - ``source=builtin``, ``builtin_corpus=large``: the corpus's held-out documents (by text hash), in
+      their stored order.
+    - ``source=builtin`` (stdlib): standard-library documents that the byte budget left *out* of the
+      training corpus (never trained on), in the same fixed order the corpus uses.
     - ``source=indexed``: documents of the validation split range (``data.split``) of the first prefix.
     - ``source=mock``: seeded random tokens (for plumbing tests only).
 
@@ -417,7 +496,18 @@ def heldout_sequences(data_cfg, *, seq_length: int, num_sequences: int, tokenize
     if data_cfg.source == "mock":
         g = torch.Generator().manual_seed(seed)
         return [torch.randint(0, tok.vocab_size, (need,), generator=g) for _ in range(num_sequences)]
-    if data_cfg.source == "builtin":
+    if _is_large(data_cfg):
+        corpus = ensure_large_corpus(data_cfg.cache_dir, tok, heldout_fraction=_heldout_fraction(data_cfg))
+        ds = IndexedDataset(corpus.heldout_prefix)
+        where = f"the {len(ds.sequence_lengths)} held-out documents of the large corpus {corpus.name}"
+        for i, n in enumerate(ds.sequence_lengths.tolist()):
+            if len(out) >= num_sequences:
+                break
+            longest = max(longest, n - 1)
+            if n - 1 >= need:  # the stored document ends with EOD
+                out.append(torch.from_numpy(np.array(ds.get(i, 0, need), dtype=np.int64)))
+        del ds
+    elif data_cfg.source == "builtin":
         docs = collect_documents()
         chosen = {d.name for d in select_documents(docs, builtin_budget_bytes)}
         rest = sorted((d for d in docs if d.name not in chosen),

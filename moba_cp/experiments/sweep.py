@@ -3,12 +3,14 @@
 A sweep file::
 
     name: scaling-small
-    kind: scaling            # scaling | granularity | hybrid: which chart `moba-cp plot --sweep` draws
+    kind: scaling            # scaling | granularity | hybrid | retrieval: which chart `moba-cp plot --sweep` draws
     base: recipes/experiments/small-base.yaml
     out_dir: runs/sweeps/scaling-small
     nproc: 1                 # processes per point (torchrun --standalone); the base recipe's tp*cp*dp
-    metric: loss             # y value: final training 'loss', 'valid_loss' or 'trailing_loss'
+    metric: loss             # y value: 'loss' (training), 'valid_loss', 'trailing_loss', 'needle_accuracy', 'answer_loss'
     eval_loss: {seq_len: 2048, last: 256, num_seqs: 4}   # optional: trailing loss after training
+    eval_answer_loss: {seq_len: 2048, num_samples: 32, depths: "0,25,50", kinds: "passkey,single"}
+                             # optional: loss on answers far from their evidence (experiments/answer_loss.py)
     grid:                    # cartesian product of named override sets (or an explicit `points` list)
       method:
         moba: ["--attention.pattern=moba"]
@@ -18,10 +20,15 @@ A sweep file::
         s2: ["--model.num_layers=4"]
     common: ["--train.steps=200"]   # optional overrides for every point
     seeds: [1, 2, 3]         # optional: every point once per seed (<name>-seed<N>); charts show mean +- std
+    reference: full          # optional: paired differences of every point against this method, per seed
 
 Each point trains into ``out_dir/<point>`` with ``moba-cp train`` (so an interrupted point resumes
 from its own checkpoint), optionally evaluates, and writes ``sweep_point.json`` last; a point
-with that file is skipped. ``out_dir/results.jsonl`` collects every finished point.
+with that file is skipped. ``out_dir/results.jsonl`` collects every finished point; with a
+``reference``, ``out_dir/paired.md`` / ``paired.json`` hold the paired-seed differences
+(:mod:`moba_cp.experiments.paired`). A point's summary records its corpus (name, sizes, the epochs
+it drew: the run's ``data.json``, written by training) and, with ``eval_loss``, the held-out set's
+size, per-sequence losses and standard error.
 """
 
 from __future__ import annotations
@@ -41,12 +48,13 @@ from moba_cp.data.retrieval_docs import KINDS as NEEDLE_KINDS
 from moba_cp.data.retrieval_docs import fixed_tokens
 from moba_cp.data.tokenizers import build_tokenizer
 from moba_cp.eval.needle import parse_kinds, parse_lengths
+from moba_cp.experiments.paired import mean_std, method_of, write_paired_report
 from moba_cp.train.flops import flops_per_step
 
 __all__ = ["SweepSpec", "SweepPoint", "load_sweep", "run_sweep", "collect_results", "SweepError"]
 
-KINDS = ("scaling", "granularity", "hybrid")
-METRICS = ("loss", "valid_loss", "trailing_loss")
+KINDS = ("scaling", "granularity", "hybrid", "retrieval")
+METRICS = ("loss", "valid_loss", "trailing_loss", "needle_accuracy", "answer_loss")
 
 
 class SweepError(ValueError):
@@ -75,6 +83,8 @@ class SweepSpec:
     points: list[SweepPoint]
     eval_loss: dict | None = None
     eval_needle: dict | None = None
+    eval_answer_loss: dict | None = None
+    reference: str | None = None
     source: dict = field(default_factory=dict)
 
 
@@ -86,8 +96,8 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> SweepSpec:
     data = yaml.safe_load(p.read_text()) or {}
     if not isinstance(data, dict):
         raise SweepError(f"{p}: the top level must be a mapping.")
-    allowed = {"name", "kind", "base", "out_dir", "nproc", "metric", "eval_loss", "eval_needle", "grid", "points",
-               "common", "seeds"}
+    allowed = {"name", "kind", "base", "out_dir", "nproc", "metric", "eval_loss", "eval_needle", "eval_answer_loss",
+               "grid", "points", "common", "seeds", "reference"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise SweepError(f"{p}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}.")
@@ -101,6 +111,12 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> SweepSpec:
         raise SweepError(f"{p}: metric={metric!r}; choose one of {', '.join(METRICS)}.")
     if metric == "trailing_loss" and not data.get("eval_loss"):
         raise SweepError(f"{p}: metric=trailing_loss needs an eval_loss section (seq_len, last, num_seqs).")
+    if metric == "answer_loss" and not data.get("eval_answer_loss"):
+        raise SweepError(f"{p}: metric=answer_loss needs an eval_answer_loss section (seq_len, num_samples, depths, "
+                         f"kinds).")
+    if metric == "needle_accuracy" and (not data.get("eval_needle") or (data["eval_needle"] or {}).get("only")):
+        raise SweepError(f"{p}: metric=needle_accuracy needs an eval_needle section that scores every point "
+                         f"(no `only`).")
     if not Path(data["base"]).is_file():
         raise SweepError(f"{p}: base recipe {data['base']!r} does not exist.")
     common = [str(x) for x in data.get("common", [])]
@@ -138,6 +154,14 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> SweepSpec:
             load_recipe(data["base"], pt.overrides)
         except RecipeError as e:
             raise SweepError(f"{p}: point {pt.name!r}: {e}") from None
+    reference = data.get("reference")
+    if reference is not None:
+        methods = sorted({method_of(dict(labels=pt.labels, group=pt.group, name=pt.name)) for pt in points})
+        if not isinstance(reference, str) or reference not in methods:
+            raise SweepError(f"{p}: reference={reference!r} is not a method of this sweep; choose one of {methods} "
+                             f"(a point's `method` label, else its name).")
+    _check_eval_loss(p, data.get("eval_loss"))
+    _check_answer_loss(p, data.get("eval_answer_loss"))
     needle = data.get("eval_needle")
     if needle is not None:
         allowed_n = {"lengths", "depths", "kinds", "n_per_cell", "seed", "only"}
@@ -150,7 +174,44 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> SweepSpec:
     return SweepSpec(name=str(data["name"]), kind=data["kind"], base=data["base"],
                      out_dir=out_dir or data.get("out_dir") or f"runs/sweeps/{data['name']}",
                      nproc=int(data.get("nproc", 1)), metric=metric, points=points,
-                     eval_loss=data.get("eval_loss"), eval_needle=needle, source=data)
+                     eval_loss=data.get("eval_loss"), eval_needle=needle, eval_answer_loss=data.get("eval_answer_loss"),
+                     reference=reference, source=data)
+
+
+def _check_eval_loss(p: Path, e) -> None:
+    """``eval_loss: {seq_len, last, num_seqs}``: integers with 1 <= last <= seq_len, num_seqs >= 2."""
+    if e is None:
+        return
+    keys = {"seq_len", "last", "num_seqs"}
+    if not isinstance(e, dict) or set(e) - keys or not {"seq_len", "last"} <= set(e):
+        raise SweepError(f"{p}: eval_loss must be a mapping with seq_len, last and optionally num_seqs; got {e!r}.")
+    vals = {k: e.get(k, 4) for k in keys}
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in vals.values()):
+        raise SweepError(f"{p}: eval_loss values must be integers; got {e!r}.")
+    if not 1 <= vals["last"] <= vals["seq_len"] or vals["num_seqs"] < 2:
+        raise SweepError(f"{p}: eval_loss={e!r}: need 1 <= last <= seq_len and num_seqs >= 2 (a standard error "
+                         f"needs at least two held-out sequences).")
+
+
+def _check_answer_loss(p: Path, e) -> None:
+    """``eval_answer_loss: {seq_len, num_samples, depths, kinds}`` (the last three optional)."""
+    if e is None:
+        return
+    keys = {"seq_len", "num_samples", "depths", "kinds"}
+    if not isinstance(e, dict) or set(e) - keys or "seq_len" not in e:
+        raise SweepError(f"{p}: eval_answer_loss must be a mapping with seq_len and optionally num_samples, depths, "
+                         f"kinds; got {e!r}.")
+    n = e.get("num_samples", 32)
+    if not isinstance(e["seq_len"], int) or not isinstance(n, int) or n < 2:
+        raise SweepError(f"{p}: eval_answer_loss: seq_len and num_samples must be integers, num_samples >= 2.")
+    try:
+        depths = [float(x) for x in str(e.get("depths", "0,25,50")).split(",") if x.strip()]
+    except ValueError:
+        depths = []
+    kinds = [k.strip() for k in str(e.get("kinds", "passkey,single")).split(",") if k.strip()]
+    if not depths or any(not 0 <= d <= 100 for d in depths) or not kinds or set(kinds) - set(NEEDLE_KINDS):
+        raise SweepError(f"{p}: eval_answer_loss: depths are percents in [0, 100] and kinds among "
+                         f"{', '.join(NEEDLE_KINDS)}; got {e!r}.")
 
 
 def _check_needle_lengths(p: Path, needle: dict, cfg) -> None:
@@ -192,7 +253,33 @@ def _point_summary(spec: SweepSpec, pt: SweepPoint, run_dir: Path) -> dict:
     }
     ev = run_dir / "eval" / "eval_loss.json"
     if ev.is_file():
-        out["trailing_loss"] = json.loads(ev.read_text())["trailing_loss"]
+        e = json.loads(ev.read_text())
+        per_seq = [x for x in e.get("per_sequence_trailing", []) if x is not None]
+        out["trailing_loss"] = e["trailing_loss"]
+        out["trailing_loss_per_seq"] = per_seq  # same held-out sequences for every point: paired per sequence
+        out["eval_sequences"], out["eval_tokens"] = e.get("num_sequences"), e.get("trailing_tokens")
+        if len(per_seq) > 1:
+            out["trailing_loss_se"] = mean_std(per_seq)[1] / len(per_seq) ** 0.5
+    al = run_dir / "eval" / "answer_loss.json"
+    if al.is_file():
+        a = json.loads(al.read_text())
+        out["answer_loss"], out["answer_loss_per_seq"], out["answer_loss_se"] = a["answer_loss"], a["per_sample"], a["se"]
+        out["answer_samples"], out["answer_tokens"] = a["num_samples"], a["answer_tokens"]
+    nd = run_dir / "eval" / "needle.json"
+    if nd.is_file():  # exact-match accuracy: mean over kinds, per kind, and per (kind, length, depth) cell
+        kinds = json.loads(nd.read_text()).get("kinds", {})
+        if kinds:
+            out["needle"] = {k: v.get("mean") for k, v in kinds.items()}
+            out["needle_accuracy"] = sum(out["needle"].values()) / len(kinds)
+            out["needle_accuracy_per_seq"] = [a for v in kinds.values() for row in v.get("accuracy", []) for a in row]
+    if valid:
+        out["valid_tokens"] = cfg.eval.iters * cfg.train.global_batch_size * cfg.model.seq_length
+    # What it trained on (corpus, sizes, epochs drawn): the training run's own record
+    rec = run_dir / "data.json"
+    try:
+        out["data"] = json.loads(rec.read_text())
+    except (OSError, ValueError) as e:  # the record must not lose a finished point
+        out["data"] = {"error": f"{rec}: {type(e).__name__}: {e}"}
     return out
 
 
@@ -204,6 +291,11 @@ def _point_commands(spec: SweepSpec, pt: SweepPoint, launcher: list[str], run_di
         e = spec.eval_loss
         cmds.append([*launcher, "-m", "moba_cp.cli", "eval", "loss", str(run_dir), "--seq-len", str(e["seq_len"]),
                      "--last", str(e["last"]), "--num-seqs", str(e.get("num_seqs", 4)), "--out", str(run_dir / "eval")])
+    a = spec.eval_answer_loss
+    if a:
+        cmds.append([*launcher, "-m", "moba_cp.experiments.answer_loss", str(run_dir), "--seq-len", str(a["seq_len"]),
+                     "--num-samples", str(a.get("num_samples", 32)), "--depths", str(a.get("depths", "0,25,50")),
+                     "--kinds", str(a.get("kinds", "passkey,single")), "--out", str(run_dir / "eval")])
     n = spec.eval_needle
     if n and (not n.get("only") or pt.name in n["only"] or pt.group in n["only"]):
         cmd = [*launcher, "-m", "moba_cp.cli", "eval", "needle", str(run_dir), "--out", str(run_dir / "eval"),
@@ -257,8 +349,8 @@ def _with_extra(spec: SweepSpec, extra: list[str]) -> SweepSpec:
             cfg = load_recipe(spec.base, pt.overrides)
         except RecipeError as e:
             raise SweepError(f"sweep {spec.name!r}, point {pt.name!r} with {' '.join(extra)}: {e}") from None
-        if (spec.eval_loss or spec.eval_needle) and not cfg.checkpoint.save:
-            raise SweepError(f"sweep {spec.name!r} evaluates checkpoints (eval_loss/eval_needle), but "
+        if (spec.eval_loss or spec.eval_needle or spec.eval_answer_loss) and not cfg.checkpoint.save:
+            raise SweepError(f"sweep {spec.name!r} evaluates checkpoints (eval_loss/eval_needle/eval_answer_loss), but "
                              f"checkpoint.save=false; drop that override.")
     return SweepSpec(**{**spec.__dict__, "points": points})
 
@@ -292,14 +384,22 @@ def run_sweep(spec: SweepSpec, *, dry_run: bool = False, print_fn=print, extra: 
         eta = elapsed / (i + 1) * (len(todo) - i - 1)
         print_fn(f"[{i + 1}/{len(todo)}] {pt.name}: {spec.metric}={summary.get(spec.metric)} "
                  f"in {time.time() - t0:.0f}s; sweep ETA {eta / 60:.1f} min")
-    return collect_results(out) if out.is_dir() else []
+    rows = collect_results(out) if out.is_dir() else []
+    if rows and spec.reference:
+        print_fn((out / "paired.md").read_text().rstrip())
+    return rows
 
 
 def collect_results(out_dir: str | Path) -> list[dict]:
-    """Finished points' summaries (``out_dir/*/sweep_point.json``); also writes ``results.jsonl``."""
+    """Finished points' summaries (``out_dir/*/sweep_point.json``); also writes ``results.jsonl``, and
+    ``paired.md`` / ``paired.json`` when the sweep (``out_dir/sweep.yaml``) names a ``reference``."""
     out = Path(out_dir)
     rows = [json.loads(p.read_text()) for p in sorted(out.glob("*/sweep_point.json"))]
     with open(out / "results.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
+    spec_file = out / "sweep.yaml"
+    spec = yaml.safe_load(spec_file.read_text()) if spec_file.is_file() else None
+    if isinstance(spec, dict) and spec.get("reference"):
+        write_paired_report(out, rows, spec.get("metric", "loss"), spec["reference"], also=METRICS)
     return rows

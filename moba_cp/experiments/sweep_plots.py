@@ -9,6 +9,7 @@ import yaml
 
 from moba_cp.eval.plots import pyplot, save_figure  # one headless-matplotlib setup for every chart
 from moba_cp.experiments.fit import fit_power_law, pflops_days
+from moba_cp.experiments.retrieval_chart import plot_retrieval
 from moba_cp.experiments.sweep import SweepError, collect_results
 
 __all__ = ["plot_scaling", "plot_granularity", "plot_hybrid", "plot_sweep", "aggregate_seeds", "sweep_table",
@@ -153,6 +154,8 @@ def plot_sweep(kind: str, rows: list[dict], metric: str, out_path: str) -> str:
         return plot_granularity(rows, metric, out_path)
     if kind == "hybrid":
         return plot_hybrid(rows, metric, out_path)
+    if kind == "retrieval":
+        return plot_retrieval(rows, metric, out_path)
     raise ValueError(f"unknown sweep kind {kind!r}")
 
 

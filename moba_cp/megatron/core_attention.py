@@ -51,6 +51,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
+from moba_cp.megatron.key_conv import KeyConv
 from moba_cp.ops.moba.api import batch_cu_seqlens, moba_attn
 from moba_cp.ops.moba.validate import check_block_args, check_qkv
 from moba_cp.parallel import moba_attn_cp, ring_attn_cp
@@ -110,6 +111,8 @@ class _CoreAttentionBase(MegatronModule):
     Keyword args from the spec's ``params``:
         full_backend: ``'auto'`` (= ``'torch'``), ``'torch'`` or ``'te'``.
         moba_block_size, moba_topk, moba_backend: the MoBA parameters (MoBA layers only).
+        moba_key_conv: width of the key convolution (:mod:`moba_cp.megatron.key_conv`; MoBA layers
+            only, 0 = none).
         mode: the initial ``attention_mode``.
     """
 
@@ -333,10 +336,25 @@ class MoBACoreAttention(_CoreAttentionBase):
 
     base_kind = "moba"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, moba_key_conv: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         # the spec's params moba_block_size / moba_topk, by the op's own rule
         check_block_args(self.moba_block_size, self.moba_topk, op="MoBACoreAttention spec params")
+        # moba.key_conv: the keys of this layer (gate and attention, either mode) are convolved first
+        self.key_conv = (KeyConv(self.config, int(moba_key_conv), self.tp_group, self.layer_number)
+                         if moba_key_conv else None)
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None, **kwargs):
+        if self.key_conv is not None:
+            thd = packed_seq_params is not None and getattr(packed_seq_params, "qkv_format", "thd") == "thd"
+            cu = None
+            if thd:
+                cu = getattr(packed_seq_params, "cu_seqlens_q_padded", None)
+                cu = packed_seq_params.cu_seqlens_q if cu is None else cu
+            key = self.key_conv(key, cp_group=self.cp_group if self.cp_size > 1 else None, cu_seqlens=cu)
+        return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                               attention_bias=attention_bias, packed_seq_params=packed_seq_params, **kwargs)
 
 
 class FullCoreAttention(_CoreAttentionBase):

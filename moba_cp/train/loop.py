@@ -17,6 +17,7 @@ global token count).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -30,7 +31,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from moba_cp.config import RecipeConfig, dump, to_dict
-from moba_cp.data.datasets import DataConfigError, build_train_valid_datasets
+from moba_cp.data.datasets import DataConfigError, build_train_valid_datasets, corpus_record
 from moba_cp.megatron import compat_cpu
 from moba_cp.megatron.hybrid_switch import set_attention_mode, switch_step
 from moba_cp.megatron.model import build_gpt_model
@@ -139,6 +140,7 @@ def train(cfg: RecipeConfig) -> TrainResult:
         start_step = _resume(state, model, env)
         if env.is_main:  # only now: the checks passed and the checkpoint (if any) loaded
             _write_recipe(cfg)
+            _write_data_record(cfg, tokenizer)
         logger = MetricsLogger(cfg.logging.dir, enabled=env.is_main, tensorboard=cfg.logging.tensorboard,
                                resume_step=start_step)
         if env.device.type == "cuda":
@@ -210,6 +212,14 @@ def _write_recipe(cfg: RecipeConfig) -> None:
     run_dir = Path(cfg.logging.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(dump(cfg))
+
+
+def _write_data_record(cfg: RecipeConfig, tokenizer) -> None:
+    """``RUN_DIR/data.json``: what the run trains on (corpus, sizes, epochs drawn; sweeps read it)."""
+    t = cfg.train
+    rec = corpus_record(cfg.data, tokenizer=tokenizer, builtin_budget_bytes=cfg.data.builtin_budget_bytes,
+                        seq_length=cfg.model.seq_length, num_train_samples=t.steps * t.global_batch_size)
+    (Path(cfg.logging.dir) / "data.json").write_text(json.dumps(rec, indent=1) + "\n")
 
 
 def _train_steps(run: _Run, start_step: int, state: RunDirState) -> TrainResult:

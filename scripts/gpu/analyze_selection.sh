@@ -14,20 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
-PY="${PYTHON:-python3}"
-if ! "$PY" -c "import megatron.core" 2>/dev/null; then
-  if ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-  else
-    echo "megatron-core is not importable and there is no .whl/ to install it from" >&2
-    exit 2
-  fi
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export NCCL_NVLS_ENABLE=0
+source scripts/gpu/_gpu_env.sh
 STEPS="${TRAIN_STEPS:-500}"
-"$PY" -c "import torch; assert torch.cuda.is_available(), 'no GPU'; print(torch.cuda.get_device_name(0))"
 
 "$PY" -m moba_cp.cli train recipes/1gpu-32k.yaml --model.num_layers=8 --train.steps="$STEPS" \
   --train.warmup_steps=30 --train.global_batch_size=2 --train.micro_batch_size=1 --train.recompute=none \

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Issue 17, deliverable 5, on ONE GPU (H200): run one finding's sweep of recipes/experiments/findings-*.yaml
+# within a deadline, then copy every finished point's small files (no checkpoints) to $OUT.
+#
+#   OUT=/some/dir bash scripts/gpu/run_findings.sh FINDING [--a.b=value overrides for every point]
+#
+# FINDING: scaling (findings-scaling-8k), trailing32k (findings-scaling-trailing-32k), granularity
+# (findings-granularity-32k), hybrid (findings-hybrid-32k) or retrieval (findings-retrieval-32k).
+# DEADLINE_MIN (default 8): the sweep starts no point predicted to pass it and stops running ones at
+# it (they save a checkpoint); run the same command again to continue: finished points are skipped,
+# a stopped one resumes while the machine still holds runs/ (else it starts again).
+# Writes under $OUT: FINDING.log, and runs/sweeps/<sweep>/ with results.jsonl, paired.md/.json and
+# per point sweep_point.json, metrics.jsonl, recipe.yaml, eval/*.json, sweep.log. Commit those under
+# docs/results/<date>/. Needs no network: megatron-core comes from ./.whl when it is not installed.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+case "${1:-}" in
+  scaling) SWEEP=findings-scaling-8k ;;
+  trailing32k) SWEEP=findings-scaling-trailing-32k ;;
+  granularity) SWEEP=findings-granularity-32k ;;
+  hybrid) SWEEP=findings-hybrid-32k ;;
+  retrieval) SWEEP=findings-retrieval-32k ;;
+  *) echo "usage: $0 scaling|trailing32k|granularity|hybrid|retrieval [--a.b=value ...]" >&2; exit 2 ;;
+esac
+FINDING="$1"
+shift
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+source scripts/gpu/_gpu_env.sh
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+
+rc=0
+"$PY" -m moba_cp.cli sweep "recipes/experiments/$SWEEP.yaml" --gpus 1 --deadline-min "${DEADLINE_MIN:-8}" "$@" \
+  2>&1 | tee -a "$OUT/$FINDING.log" || rc=$?
+# The numbers of every finished point travel back; checkpoints and data caches stay on the machine.
+if [[ -d "runs/sweeps/$SWEEP" ]]; then
+  (cd runs/sweeps && find "$SWEEP" -name checkpoints -prune -o -type f \
+     \( -name '*.json' -o -name '*.jsonl' -o -name '*.yaml' -o -name '*.md' -o -name '*.log' -o -name '*.png' \) \
+     -print0 | xargs -0 -r cp --parents -t "$OUT/")
+  mkdir -p "$OUT/runs/sweeps" && rm -rf "$OUT/runs/sweeps/$SWEEP" && mv "$OUT/$SWEEP" "$OUT/runs/sweeps/"
+fi
+exit "$rc"
