@@ -9,6 +9,7 @@
     moba-cp sweep SWEEP.yaml... [--gpus 0,1,2,3] [--deadline-min M] [--dry-run]; moba-cp plot --sweep SWEEP_OUT_DIR
     moba-cp eval loss CHECKPOINT --seq-len 32768 --last 2048
     moba-cp eval needle CHECKPOINT --lengths 4k,8k --depths 0,10,...,100
+    moba-cp export hf RUN_DIR --out DIR              a transformers-loadable directory (moba_cp/hf/)
     moba-cp analyze selection RUN_DIR --seq-len 32768 [--cp 2,4,8,16] [--num-seqs N] [--out DIR]
 """
 
@@ -297,6 +298,16 @@ def build_parser() -> argparse.ArgumentParser:
     for q in (pl, pn):
         q.add_argument("--label", default=None, help="name in plots (default: the recipe name)")
         q.set_defaults(func=_cmd_eval)
+
+    from moba_cp.hf import export as hf_export  # (issue 19) moba-cp export hf: logic in moba_cp/hf/export.py
+
+    p = sub.add_parser("export", help="export a trained checkpoint (e.g. to a transformers directory)")
+    xsub = p.add_subparsers(dest="kind", metavar="FORMAT", required=True)
+    px = xsub.add_parser("hf", help="a transformers-loadable directory (config, safetensors, tokenizer, modeling "
+                                    "file); its logits are checked against moba_cp's forward",
+                         description="Export RUN_DIR's latest checkpoint (any tp/cp) to a transformers directory.")
+    hf_export.add_arguments(px)
+    px.set_defaults(func=hf_export.run)
 
     p = sub.add_parser("analyze", help="analyses of a checkpoint: what CP traffic its block selection implies",
                        description="Analyse a trained checkpoint (run dir, checkpoints dir or iter_* dir); runs "
