@@ -109,6 +109,10 @@ def _eval_checks(args, overrides):
 
 
 def _cmd_eval(args, overrides) -> int:
+    if args.kind == "needle" and args.generate:  # (issue 19)
+        from moba_cp.hf import needle_generate
+
+        return needle_generate.run(args, overrides)
     from moba_cp.eval import cli as eval_cli
     from moba_cp.eval.model_runner import load_eval_model
     from moba_cp.train.distributed import shutdown_distributed
@@ -295,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     pn = esub.add_parser("needle", help="needle-in-a-haystack retrieval accuracy per (length, depth)")
     pn.add_argument("checkpoint")
     eval_cli.add_needle_arguments(pn)
+    pn.add_argument("--generate", action="store_true",  # (issue 19) logic in moba_cp/hf/needle_generate.py
+                    help="decode the answers with the KV cache (exact match on the decoded string) instead of "
+                         "teacher forcing; one process; CHECKPOINT may also be a `moba-cp export hf` directory")
     for q in (pl, pn):
         q.add_argument("--label", default=None, help="name in plots (default: the recipe name)")
         q.set_defaults(func=_cmd_eval)

@@ -35,11 +35,11 @@ import torch
 
 from moba_cp.config import layer_attention_kinds
 from moba_cp.eval.model_runner import load_eval_model, read_trained_recipe
-from moba_cp.hf.configuration_moba import MoBAConfig
 from moba_cp.hf.tokenizer_files import write_tokenizer_files
 from moba_cp.model_sizes import default_ffn_hidden_size
+from moba_cp.train.distributed import world_size_from_env
 
-__all__ = ["add_arguments", "run", "export_hf", "hf_config_from_recipe", "hf_state_dict_from_megatron",
+__all__ = ["add_arguments", "run", "export_hf", "hf_model_from_checkpoint", "load_single_process", "hf_config_from_recipe", "hf_state_dict_from_megatron",
            "EXPORT_FILE", "ExportError"]
 
 HERE = Path(__file__).resolve().parent
@@ -56,6 +56,8 @@ class ExportError(RuntimeError):
 
 def hf_config_from_recipe(cfg, vocab_size: int, tokenizer) -> MoBAConfig:
     """The :class:`MoBAConfig` of a recipe's model (``vocab_size``: the tokenizer's, unpadded)."""
+    from moba_cp.hf.configuration_moba import MoBAConfig  # optional dependency: transformers ('export' extra)
+
     m = cfg.model
     pad = getattr(tokenizer, "pad", None)
     return MoBAConfig(
@@ -131,6 +133,29 @@ def hf_state_dict_from_megatron(sd: dict[str, torch.Tensor], config: MoBAConfig)
     return {k: t.detach().contiguous().clone() for k, t in out.items()}
 
 
+def load_single_process(checkpoint: str | Path, overrides: list[str] | None = None, seq_length: int | None = None):
+    """The checkpoint's Megatron model in this process (tp = cp = 1; Megatron reshards the load)."""
+    if world_size_from_env() != 1:
+        raise ExportError(f"this runs in one process (tp = cp = 1, whatever the checkpoint was trained with); it "
+                          f"was launched with WORLD_SIZE={world_size_from_env()}. Fix: run it without torchrun.")
+    _, trained, _ = read_trained_recipe(checkpoint, overrides)
+    single = ["--parallel.tp=1", "--parallel.cp=1", "--parallel.cp_comm=ring", "--parallel.a2a_size=null",
+              "--parallel.sequence_parallel=false", "--parallel.distributed_optimizer=false"]
+    return load_eval_model(checkpoint, seq_length or trained.model.seq_length, [*(overrides or []), *single])
+
+
+def hf_model_from_checkpoint(checkpoint: str | Path, overrides: list[str] | None = None):
+    """``(MoBAForCausalLM, moba_cp tokenizer, EvalModel)``: the exported model built in memory (no files)."""
+    from moba_cp.hf.modeling_moba import MoBAForCausalLM  # optional dependency: transformers ('export' extra)
+
+    em = load_single_process(checkpoint, overrides)
+    config = hf_config_from_recipe(em.cfg, em.tokenizer.vocab_size, em.tokenizer)
+    model = MoBAForCausalLM(config)
+    model.load_state_dict(hf_state_dict_from_megatron(em.model.state_dict(), config))
+    dtype = next(em.model.parameters()).dtype
+    return model.to(em.env.device, dtype).eval(), em.tokenizer, em
+
+
 def _export_dtype(name: str, trained: str) -> torch.dtype:
     choice = trained if name == "auto" else name
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[choice]
@@ -168,9 +193,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "auto", o
         raise ExportError(f"--out {str(out)!r} exists and is not an earlier moba-cp export; nothing was written. "
                           f"Fix: choose an empty or new folder.")
     ckpt, trained, meta = read_trained_recipe(checkpoint, overrides)
-    single = ["--parallel.tp=1", "--parallel.cp=1", "--parallel.cp_comm=ring", "--parallel.a2a_size=null",
-              "--parallel.sequence_parallel=false", "--parallel.distributed_optimizer=false"]
-    em = load_eval_model(checkpoint, trained.model.seq_length, [*(overrides or []), *single])
+    em = load_single_process(checkpoint, overrides)
     tokenizer = em.tokenizer
     config = hf_config_from_recipe(em.cfg, tokenizer.vocab_size, tokenizer)
     tdtype = _export_dtype(dtype, trained.train.precision)
