@@ -10,6 +10,7 @@
     moba-cp eval loss CHECKPOINT --seq-len 32768 --last 2048
     moba-cp eval needle CHECKPOINT --lengths 4k,8k --depths 0,10,...,100
     moba-cp export hf RUN_DIR --out DIR              a transformers-loadable directory (moba_cp/hf/)
+    moba-cp export needle-task EXPORT_DIR --out DIR  needle grid as an lm-evaluation-harness task
     moba-cp analyze selection RUN_DIR --seq-len 32768 [--cp 2,4,8,16] [--num-seqs N] [--out DIR]
 """
 
@@ -307,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.set_defaults(func=_cmd_eval)
 
     from moba_cp.hf import export as hf_export  # (issue 19) moba-cp export hf: logic in moba_cp/hf/export.py
+    from moba_cp.hf import lm_eval_task as hf_lm_eval_task  # (issue 19) moba-cp export needle-task
 
     p = sub.add_parser("export", help="export a trained checkpoint (e.g. to a transformers directory)")
     xsub = p.add_subparsers(dest="kind", metavar="FORMAT", required=True)
@@ -315,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Export RUN_DIR's latest checkpoint (any tp/cp) to a transformers directory.")
     hf_export.add_arguments(px)
     px.set_defaults(func=hf_export.run)
+    px = xsub.add_parser("needle-task", help="the needle grid as an offline lm-evaluation-harness task (for the hf "
+                                             "model type on an exported directory)")
+    hf_lm_eval_task.add_arguments(px)
+    px.set_defaults(func=hf_lm_eval_task.run)
 
     p = sub.add_parser("analyze", help="analyses of a checkpoint: what CP traffic its block selection implies",
                        description="Analyse a trained checkpoint (run dir, checkpoints dir or iter_* dir); runs "

@@ -189,3 +189,31 @@ def test_export_refuses_a_foreign_output_folder(exported, tmp_path):
                            str(tmp_path)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=200)
     assert proc.returncode == 2 and "is not an earlier moba-cp export" in proc.stderr
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_lm_eval_harness_needle_task_matches_generate_scoring(exported, model, tmp_path):
+    """`moba-cp export needle-task` + lm-evaluation-harness's `hf` model on the exported directory,
+    offline: every sample's generation is what `eval needle --generate` decodes."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (scripts/test.sh installs it)")
+    task = tmp_path / "task"
+    grid = ["--lengths", "400", "--depths", "0,50,100", "--kinds", "passkey,single", "--n-per-cell", "1"]
+    _run(["-m", "moba_cp.cli", "export", "needle-task", str(exported / "hf"), "--out", str(task), *grid])
+    env = {**ENV, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+           f"pretrained={exported / 'hf'},trust_remote_code=True,dtype=float32", "--include_path", str(task),
+           "--tasks", "moba_needle", "--batch_size", "1", "--device", "cpu", "--output_path", str(tmp_path / "out"),
+           "--log_samples"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    samples = [json.loads(line) for f in (tmp_path / "out").rglob("samples_moba_needle_*.jsonl")
+               for line in f.read_text().splitlines()]
+    assert len(samples) == 6
+    tok = ByteTokenizer()
+    scorer = generate_scorer(model, tok)
+    for s in samples:
+        doc = s["doc"]
+        sample = make_needle_sample(tok, doc["length"], doc["depth"], doc["kind"], 0)  # sample_seed(0, 0) == 0
+        assert doc["context"] == tok.decode(sample.tokens[:sample.answer_start])
+        mine = scorer(sample)
+        assert s["resps"][0][0][: len(doc["answer"])] == mine["text"]
+        assert s["exact_match"] == float(mine["correct"])
