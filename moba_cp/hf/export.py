@@ -175,8 +175,11 @@ def _check_logits(em, out_dir: Path, dtype: torch.dtype, n_tokens: int, seed: in
         got = model(tokens.to(em.env.device), use_cache=False).logits[0].float().cpu()
     diff = float((got - ref).abs().max())
     scale = float(ref.abs().max())
+    # the coarser of the two models' dtypes sets the tolerance (a bf16-trained Megatron model on GPU
+    # against an fp32 export differs by bf16 rounding)
+    coarse = torch.bfloat16 if torch.bfloat16 in (dtype, next(em.model.parameters()).dtype) else torch.float32
     return {"tokens": n_tokens, "max_abs_diff": diff, "max_abs_logit": scale, "dtype": str(dtype).split(".")[-1],
-            "ok": diff <= TOLERANCE[dtype] * max(scale, 1.0)}
+            "ok": diff <= TOLERANCE[coarse] * max(scale, 1.0)}
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "auto", overrides: list[str] | None = None,
