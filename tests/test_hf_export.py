@@ -129,7 +129,7 @@ def test_generate_greedy_and_sampled(model):
 
 
 def test_auto_tokenizer_is_the_byte_tokenizer(exported):
-    tok, ref = AutoTokenizer.from_pretrained(str(exported / "hf")), ByteTokenizer()
+    tok, ref = AutoTokenizer.from_pretrained(str(exported / "hf"), trust_remote_code=True), ByteTokenizer()
     assert len(tok) == ref.vocab_size and tok.eos_token_id == ref.eod and tok.pad_token_id == ref.pad
     for text in ["The passkey is 71432. Remember it.", "  héllo ✓ 日本\n\tend", ""]:
         ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -196,11 +196,13 @@ def test_lm_eval_harness_needle_task_matches_generate_scoring(exported, model, t
     offline: every sample's generation is what `eval needle --generate` decodes."""
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (scripts/test.sh installs it)")
     task = tmp_path / "task"
-    grid = ["--lengths", "400", "--depths", "0,50,100", "--kinds", "passkey,single", "--n-per-cell", "1"]
-    _run(["-m", "moba_cp.cli", "export", "needle-task", str(exported / "hf"), "--out", str(task), *grid])
+    grid = ["--lengths", "505", "--depths", "0,50,100", "--kinds", "passkey,single", "--n-per-cell", "1"]
+    printed = _run(["-m", "moba_cp.cli", "export", "needle-task", str(exported / "hf"), "--out", str(task),
+                    *grid]).stdout
+    assert "max_length=512 " in printed  # 505 + the single kind's 7-digit answer
     env = {**ENV, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
     cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-           f"pretrained={exported / 'hf'},trust_remote_code=True,dtype=float32", "--include_path", str(task),
+           f"pretrained={exported / 'hf'},trust_remote_code=True,dtype=float32,max_length=512", "--include_path", str(task),
            "--tasks", "moba_needle", "--batch_size", "1", "--device", "cpu", "--output_path", str(tmp_path / "out"),
            "--log_samples"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

@@ -12,10 +12,12 @@ model, so the prompt of each line is exactly the sample's tokens before its answ
 harness's ``hf`` model on the exported directory (no network: the data is a local JSON file)::
 
     HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval --model hf \\
-        --model_args pretrained=DIR,trust_remote_code=True,dtype=float32 \\
+        --model_args pretrained=DIR,trust_remote_code=True,dtype=float32,max_length=L \\
         --include_path TASK_DIR --tasks moba_needle --batch_size 1 --device cpu
 
-A sample is correct iff greedy decoding reproduces the answer's text, which is what
+``L`` (printed) is the longest prompt plus the generation: without it the harness cuts prompts
+longer than the model's ``max_position_embeddings`` (the training length) minus the generation
+from the left. A sample is correct iff greedy decoding reproduces the answer's text, which is what
 ``moba-cp eval needle --generate`` counts (for a byte-tokenizer model the two see the same tokens;
 a BPE model's prompt is re-tokenized from its text by the harness).
 """
@@ -47,7 +49,12 @@ def process_results(doc, results):
 
 def write_needle_task(out: str | Path, tokenizer, lengths, depths, kinds, n_per_cell: int, seed: int,
                       task_name: str = TASK_NAME) -> dict:
-    """Write the task files (see the module docstring); returns ``{"samples": n, "max_answer_tokens": m}``."""
+    """Write the task files (see the module docstring).
+
+    Returns:
+        ``{"samples": n, "max_answer_tokens": m, "max_length": L}``: pass ``max_length=L`` (or more) in
+        the harness's ``--model_args``, else it cuts the longest prompts from the left.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     check_needle_grid(tokenizer, lengths, depths, kinds, n_per_cell, seed)
@@ -88,7 +95,9 @@ def write_needle_task(out: str | Path, tokenizer, lengths, depths, kinds, n_per_
         "  version: 1.0",
         "",
     ]))
-    return {"samples": len(rows), "max_answer_tokens": longest}
+    # the harness cuts prompts to max_length - max_gen_toks from the left: give it room for the
+    # longest prompt plus the generation (the config's max_position_embeddings is the training length)
+    return {"samples": len(rows), "max_answer_tokens": longest, "max_length": max(lengths) + longest}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -114,6 +123,6 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
         return 2
     print(f"needle-task: {info['samples']} samples in {args.out}/needle.jsonl; run with\n"
           f"  HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval --model hf --model_args "
-          f"pretrained={args.export_dir},trust_remote_code=True,dtype=float32 --include_path {args.out} "
-          f"--tasks {TASK_NAME} --batch_size 1")
+          f"pretrained={args.export_dir},trust_remote_code=True,dtype=float32,max_length={info['max_length']} "
+          f"--include_path {args.out} --tasks {TASK_NAME} --batch_size 1")
     return 0
