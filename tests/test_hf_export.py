@@ -1,6 +1,6 @@
-"""`moba-cp export hf` on a checkpoint trained with `moba-cp train` (cp=2, hybrid MoBA + full layers):
+"""`moba-cp export hf` on a checkpoint trained with `moba-cp train` (tp=2, hybrid MoBA + full layers):
 the directory loads in transformers (AutoModelForCausalLM / AutoTokenizer, trust_remote_code) without
-Megatron-Core, its logits equal moba_cp's own context-parallel forward, KV-cache decoding equals the
+Megatron-Core, its logits equal moba_cp's own forward (tensor-parallel as trained, and context-parallel), KV-cache decoding equals the
 full forward at every position, `generate` works greedy and sampled, and `eval needle --generate`
 scores like the teacher-forced `eval needle`."""
 
@@ -24,7 +24,7 @@ from moba_cp.hf.needle_generate import generate_scorer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
-    "--model.num_layers=3", "--model.hidden_size=64", "--model.num_attention_heads=4",
+    "--parallel.tp=2", "--parallel.cp=1", "--model.num_layers=3", "--model.hidden_size=64", "--model.num_attention_heads=4",
     "--model.num_query_groups=2", "--model.seq_length=512", "--moba.block_size=32", "--moba.topk=3",
     "--attention.pattern=hybrid", "--attention.full_last_n=1", "--train.precision=fp32",
     "--logging.tensorboard=false", "--train.steps=3", "--train.warmup_steps=1", "--train.lr=3e-2",
@@ -73,15 +73,18 @@ def test_export_directory_and_its_self_check(exported):
     assert report["logits_check"]["max_abs_diff"] < 1e-4
 
 
-def test_logits_equal_moba_cp_context_parallel_forward(exported, model, tmp_path):
-    """The reference is the checkpoint under its training layout (cp=2, two processes)."""
+@pytest.mark.parametrize("layout", [["--parallel.tp=2", "--parallel.cp=1"], ["--parallel.tp=1", "--parallel.cp=2"]],
+                         ids=["tp2-as-trained", "cp2"])
+def test_logits_equal_moba_cp_parallel_forward(exported, model, tmp_path, layout):
+    """The reference is moba_cp's own forward of the checkpoint in two processes: tensor-parallel
+    as it was trained, and context-parallel."""
     tokens = _tokens(150, seed=1)
     torch.save(tokens, tmp_path / "tokens.pt")
     script = tmp_path / "ref.py"
     script.write_text(
         "import sys, torch\n"
         "from moba_cp.eval.model_runner import load_eval_model\n"
-        f"em = load_eval_model({str(exported / 'run')!r}, 150)\n"
+        f"em = load_eval_model({str(exported / 'run')!r}, 150, {layout!r})\n"
         f"logits = em.logits_fn(torch.load({str(tmp_path / 'tokens.pt')!r}))\n"
         f"if em.env.is_main: torch.save(logits, {str(tmp_path / 'ref.pt')!r})\n")
     _run([str(script)], nproc=2)
@@ -169,8 +172,7 @@ def test_generation_scoring_agrees_with_teacher_forcing(model):
 def test_eval_needle_generate_scores_like_teacher_forced_eval(exported):
     grid = ["--lengths", "400", "--depths", "0,100", "--kinds", "passkey", "--n-per-cell", "1"]
     run = str(exported / "run")
-    _run(["-m", "moba_cp.cli", "eval", "needle", run, *grid, "--out", str(exported / "tf"), "--parallel.cp=1"],
-         nproc=1)
+    _run(["-m", "moba_cp.cli", "eval", "needle", run, *grid, "--out", str(exported / "tf")], nproc=2)  # tp=2
     _run(["-m", "moba_cp.cli", "eval", "needle", run, "--generate", *grid, "--out", str(exported / "gen")])
     _run(["-m", "moba_cp.cli", "eval", "needle", str(exported / "hf"), "--generate", *grid,
           "--out", str(exported / "gen_hf")])
@@ -219,3 +221,33 @@ def test_lm_eval_harness_needle_task_matches_generate_scoring(exported, model, t
         mine = scorer(sample)
         assert s["resps"][0][0][: len(doc["answer"])] == mine["text"]
         assert s["exact_match"] == float(mine["correct"])
+
+
+def test_a_bf16_checkpoint_exports_on_cpu(exported, tmp_path):
+    """Trained in bf16 on GPUs, exported on a CPU machine: the bf16 tensors load into the fp32 CPU
+    model, the export is bf16 (the training precision) and its logits check passes."""
+    run = tmp_path / "bf16run"
+    script = tmp_path / "to_bf16.py"
+    script.write_text(
+        "import json\n"
+        "from pathlib import Path\n"
+        "from megatron.core import dist_checkpointing\n"
+        "from moba_cp.eval.model_runner import load_eval_model\n"
+        "if __name__ == '__main__':  # Megatron's checkpoint writer spawns processes that import this file\n"
+        f"    em = load_eval_model({str(exported / 'run')!r}, 512, ['--parallel.tp=1'])\n"
+        "    em.model.bfloat16()\n"
+        f"    dst = Path({str(run)!r}) / 'checkpoints' / 'iter_0000003'\n"
+        "    dst.mkdir(parents=True)\n"
+        "    dist_checkpointing.save({'model': em.model.sharded_state_dict()}, str(dst))\n"
+        f"    meta = json.loads((Path({str(exported / 'run')!r}) / 'checkpoints/iter_0000003/meta.json').read_text())\n"
+        "    meta['config']['train']['precision'] = 'bf16'\n"
+        "    (dst / 'meta.json').write_text(json.dumps(meta))\n")
+    _run([str(script)])
+    proc = _run(["-m", "moba_cp.cli", "export", "hf", str(run), "--out", str(tmp_path / "hf")])
+    assert "bfloat16; logits match" in proc.stdout
+    report = json.loads((tmp_path / "hf" / "moba_cp_export.json").read_text())
+    assert report["dtype"] == "bfloat16" and report["logits_check"]["ok"]
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
