@@ -71,6 +71,7 @@ def test_cached_decoding_follows_the_full_forward_in_bf16(exported):
 
 
 def test_eval_needle_generate_on_gpu(exported):
+    pytest.importorskip("matplotlib", reason="the needle heatmap needs matplotlib")
     out = exported / "needle_gen"
     _run(["-m", "moba_cp.cli", "eval", "needle", str(exported / "hf"), "--generate", "--lengths", "1k,2k",
           "--depths", "0,50,100", "--kinds", "passkey", "--n-per-cell", "1", "--out", str(out)])
