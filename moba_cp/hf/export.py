@@ -48,6 +48,8 @@ EXPORT_FILE = "moba_cp_export.json"
 #: largest |logit difference| accepted between the exported model and Megatron's, per dtype,
 #: relative to the largest |logit| (fp32: rounding; bf16: the kernels' error).
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
+#: longest default logits check on CPU (--check-tokens overrides)
+_CPU_CHECK_TOKENS = 4096
 
 
 class ExportError(RuntimeError):
@@ -215,7 +217,9 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, dtype: str = "auto", o
         {"eos_token_id": tokenizer.eod, "pad_token_id": config.pad_token_id, "do_sample": False}, indent=1))
     write_tokenizer_files(tokenizer, tmp, trained.data.tokenizer)
     bs = config.moba_block_size
-    n_check = check_tokens or min(trained.model.seq_length, 3 * bs + bs // 2 + 1)
+    n_check = check_tokens or min(trained.model.seq_length, 3 * bs + bs // 2 + 1,
+                                  # the CPU forward (naive MoBA) is dense in T^2: keep it small there
+                                  _CPU_CHECK_TOKENS if em.env.device.type == "cpu" else 1 << 30)
     check = _check_logits(em, tmp, tdtype, n_check)
     report = {"checkpoint": str(ckpt.resolve()), "step": meta.get("step"), "recipe": meta.get("config"),
               "dtype": str(tdtype).split(".")[-1], "logits_check": check}
@@ -240,7 +244,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                    help="weight dtype (default: the training precision)")
     p.add_argument("--check-tokens", type=int, default=None,
-                   help="length of the logits check against Megatron (default 3.5 MoBA blocks, at most seq_length)")
+                   help="length of the logits check against Megatron (default 3.5 MoBA blocks, at most seq_length, "
+                        f"and at most {_CPU_CHECK_TOKENS} on CPU)")
     return p
 
 

@@ -103,6 +103,9 @@ def write_needle_task(out: str | Path, tokenizer, lengths, depths, kinds, n_per_
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("export_dir", metavar="EXPORT_DIR", help="a directory written by `moba-cp export hf` (its tokenizer)")
     eval_cli.add_needle_arguments(p)
+    for action in p._actions:
+        if action.dest == "out":  # the needle flags' --out names eval outputs; here it is the task folder
+            action.help = "folder for the task files (moba_needle.yaml, utils.py, needle.jsonl); required"
     p.set_defaults(out=None)
     return p
 
