@@ -106,3 +106,17 @@ def test_cpu_compat_is_switched_on_in_exactly_one_place():
                     and name != "moba_cp.megatron.compat_cpu":
                 calls.append(name)
     assert calls == ["moba_cp.megatron.parallel_init"], calls
+
+
+def test_the_exported_modeling_files_import_only_the_ops():
+    """moba_cp/hf/{modeling,configuration}_moba.py are copied into every exported model: they may
+    use moba_cp's single-device ops, never Megatron-Core or the training code."""
+    for name in ("modeling_moba", "configuration_moba"):
+        path = PKG / "hf" / f"{name}.py"
+        targets = {t for t, _ in _imports(f"moba_cp.hf.{name}", path)}
+        assert all(t.startswith("moba_cp.ops.") or t == "moba_cp.hf.configuration_moba" for t in targets), targets
+        tops = {a.name.split(".")[0] for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Import)
+                for a in n.names}
+        tops |= {(n.module or "").split(".")[0] for n in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(n, ast.ImportFrom) and not n.level}
+        assert tops <= {"__future__", "weakref", "torch", "transformers", "moba_cp"}, (name, tops)
