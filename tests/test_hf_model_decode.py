@@ -85,3 +85,26 @@ def test_sampled_generation_with_and_without_cache_agree():
     torch.manual_seed(5)
     b = model.generate(prompt, attention_mask=mask, use_cache=False, **kw)
     assert torch.equal(a, b) and a.shape == (1, 60)
+
+
+def test_a_cropped_cache_decodes_a_new_continuation_like_the_full_forward():
+    """Assisted decoding rolls the cache back: crop 55 -> 35 (blocks 2 and 3 of 16 tokens are cut), then
+    decode another continuation; the running centroids follow."""
+    model = _model(["moba", "moba"])
+    g = torch.Generator().manual_seed(6)
+    first, second = torch.randint(0, 300, (1, 55), generator=g), torch.randint(0, 300, (1, 70), generator=g)
+    second[:, :35] = first[:, :35]
+    with torch.no_grad():
+        out = model(first[:, :20], use_cache=True)
+        cache = _cache_of(out)
+        name = "cache" if hasattr(out, "cache") else "past_key_values"
+        for t in range(20, 55):
+            model(first[:, t:t + 1], use_cache=True, **{name: cache})
+        try:  # transformers < 5.2x: crop(n) keeps n tokens; later: crop(-r) removes r
+            cache.crop(35)
+        except ValueError:
+            cache.crop(35 - cache.get_seq_length())
+        assert cache.get_seq_length() == 35
+        dec = [model(second[:, t:t + 1], use_cache=True, **{name: cache}).logits for t in range(35, 70)]
+        full = model(second, use_cache=False).logits[:, 35:]
+    torch.testing.assert_close(torch.cat(dec, 1), full, rtol=1e-4, atol=1e-4)

@@ -78,6 +78,19 @@ def test_centroids_are_the_oracles_and_follow_a_cropped_cache():
     torch.testing.assert_close(c[0], naive.block_centroids(k[0, :13], 4), rtol=0, atol=0)
 
 
+def test_a_cache_cropped_and_refilled_gets_fresh_centroids():
+    """Rolled back from 12 keys to 7, then other keys at 7..11: blocks 1 and 2 are recomputed."""
+    _, k, _ = _qkv(1, 12, 2, 2, 4, seed=6)
+    _, other, _ = _qkv(1, 12, 2, 2, 4, seed=7)
+    cent = BlockCentroids(4)
+    cent.update(k)
+    refilled = torch.cat([k[:, :7], other[:, 7:]], dim=1)
+    c = cent.update(refilled[:, :8], unchanged_upto=7)
+    torch.testing.assert_close(c[0], naive.block_centroids(refilled[0, :8], 4), rtol=0, atol=0)
+    c = cent.update(refilled, unchanged_upto=8)
+    torch.testing.assert_close(c[0], naive.block_centroids(refilled[0], 4), rtol=0, atol=0)
+
+
 def test_causal_decode_equals_causal_sdpa():
     q, k, v = _qkv(2, 21, 4, 2, 8, seed=4)
     ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,

@@ -129,7 +129,8 @@ class MoBAAttention(nn.Module):
         if q_start == 0:
             o = self._attend_whole(q, k_all, v_all)
         elif self.kind == "moba":
-            cent = _centroids(cache, self.layer_idx, self.block_size).update(k_all) if cache is not None else None
+            cent = None if cache is None else _centroids(cache, self.layer_idx, self.block_size).update(
+                k_all, unchanged_upto=q_start)  # the cache may have been cropped since the last step
             o = moba_decode_attn(q, k_all, v_all, q_start=q_start, block_size=self.block_size, topk=self.topk,
                                  centroids=cent, softmax_scale=self.scale)
         else:

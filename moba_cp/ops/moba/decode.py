@@ -38,14 +38,17 @@ _GATHER_BUDGET = 1 << 24
 class BlockCentroids:
     """Running centroids of the complete blocks of one layer's cached keys.
 
-    The cache only grows (or is cropped back): call :meth:`update` with the layer's whole cached
-    keys after each append; blocks completed since the last call get their centroid (the mean of
-    their keys in fp32, by :func:`~moba_cp.ops.moba.naive.block_centroids`, so the numbers are
-    the full forward's), older ones are kept. A cache cropped below a stored block drops it.
+    Call :meth:`update` with the layer's whole cached keys after each append, passing the cache
+    length before the appended tokens (``unchanged_upto``). Blocks completed since the last call
+    get their centroid (the mean of their keys in fp32, by
+    :func:`~moba_cp.ops.moba.naive.block_centroids`, so the numbers are the full forward's);
+    older ones are kept. A cache cropped and refilled (a rolled-back speculation, a reused cache)
+    shows as ``unchanged_upto`` below the length seen last time: blocks reaching past it are
+    computed again.
 
     Example:
         >>> cent = BlockCentroids(block_size=64)
-        >>> c = cent.update(k_cache)          # k_cache [b, Tk, Hkv, D] -> [b, Tk // 64, Hkv, D] fp32
+        >>> c = cent.update(k_cache, unchanged_upto=k_cache.shape[1] - 1)   # [b, Tk // 64, Hkv, D] fp32
     """
 
     def __init__(self, block_size: int) -> None:
@@ -53,21 +56,24 @@ class BlockCentroids:
         self.block_size = int(block_size)
         self.centroids: torch.Tensor | None = None  # [b, n_blocks, Hkv, D] fp32
 
-    def update(self, keys: torch.Tensor) -> torch.Tensor:
-        """``keys [b, Tk, Hkv, D]`` (the whole cache) -> centroids ``[b, Tk // B, Hkv, D]`` fp32."""
+    def update(self, keys: torch.Tensor, unchanged_upto: int | None = None) -> torch.Tensor:
+        """``keys [b, Tk, Hkv, D]`` (the whole cache) -> centroids ``[b, Tk // B, Hkv, D]`` fp32.
+
+        ``unchanged_upto``: keys at positions below it are the ones of the previous call (default:
+        all of them); at most the blocks inside that prefix are reused.
+        """
         b, tk, hkv, d = keys.shape
         n = tk // self.block_size
-        have = 0 if self.centroids is None else self.centroids.shape[1]
-        if self.centroids is not None and self.centroids.shape[0] != b:
-            have = 0  # another batch (a new sequence in a reused object): start over
-        have = min(have, n)
-        if have == n and self.centroids is not None:
+        have = 0 if self.centroids is None or self.centroids.shape[0] != b else self.centroids.shape[1]
+        keep = tk if unchanged_upto is None else int(unchanged_upto)
+        have = min(have, n, keep // self.block_size)
+        if self.centroids is not None and have == n:
             self.centroids = self.centroids[:, :n]
             return self.centroids
         start = have * self.block_size
         new = torch.stack([block_centroids(keys[i, start: n * self.block_size], self.block_size) for i in range(b)])
-        old = self.centroids[:, :have] if have else new[:, :0]
-        self.centroids = torch.cat([old.to(new.dtype), new], dim=1)
+        old = self.centroids[:, :have].to(new.dtype) if have else new[:, :0]
+        self.centroids = torch.cat([old, new], dim=1)
         return self.centroids
 
 
