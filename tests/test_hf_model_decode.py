@@ -64,9 +64,11 @@ def test_triton_prefill_then_cached_decoding_equals_the_naive_full_forward():
 
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     naive, triton = _model(["moba", "full"], backend="naive"), _model(["moba", "full"], backend="triton")
     triton.load_state_dict(naive.state_dict())
-    tokens = torch.randint(0, 300, (1, 60), generator=torch.Generator().manual_seed(3))
+    naive, triton = naive.to(dev), triton.to(dev)
+    tokens = torch.randint(0, 300, (1, 60), generator=torch.Generator().manual_seed(3)).to(dev)
     with torch.no_grad():
         ref = naive(tokens, use_cache=False).logits
         whole = triton(tokens, use_cache=False).logits
