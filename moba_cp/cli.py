@@ -9,11 +9,14 @@
     moba-cp sweep SWEEP.yaml... [--gpus 0,1,2,3] [--deadline-min M] [--dry-run]; moba-cp plot --sweep SWEEP_OUT_DIR
     moba-cp eval loss CHECKPOINT --seq-len 32768 --last 2048
     moba-cp eval needle CHECKPOINT --lengths 4k,8k --depths 0,10,...,100
+    moba-cp export hf RUN_DIR --out DIR              a transformers-loadable directory (moba_cp/hf/)
+    moba-cp export needle-task EXPORT_DIR --out DIR  needle grid as an lm-evaluation-harness task
     moba-cp analyze selection RUN_DIR --seq-len 32768 [--cp 2,4,8,16] [--num-seqs N] [--out DIR]
 
 Each subcommand lives with its part: ``train/train_command.py`` (train, config),
 ``eval/eval_command.py`` (eval), ``eval/plots.py`` (plot), ``experiments/sweep_command.py``
-(sweep, plot --sweep), ``analysis/selection.py``, ``data/prepare.py``, ``selfcheck.py``.
+(sweep, plot --sweep), ``hf/export.py`` and ``hf/lm_eval_task.py`` (export), ``hf/needle_generate.py``
+(eval needle --generate), ``analysis/selection.py``, ``data/prepare.py``, ``selfcheck.py``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from moba_cp.data import prepare  # noqa: E402
 from moba_cp.eval import plots  # noqa: E402
 from moba_cp.eval.eval_command import add_loss_arguments, add_needle_arguments, run_eval_command  # noqa: E402
 from moba_cp.experiments.sweep_command import add_sweep_arguments, run_sweep_command, run_sweep_plots  # noqa: E402
+from moba_cp.hf import export as hf_export  # noqa: E402
+from moba_cp.hf import lm_eval_task as hf_lm_eval_task  # noqa: E402
+from moba_cp.hf import needle_generate  # noqa: E402
 from moba_cp.train.train_command import add_train_arguments, run_config_command, run_train_command  # noqa: E402
 
 __all__ = ["build_parser", "main"]
@@ -42,6 +48,13 @@ __all__ = ["build_parser", "main"]
 def _no_extra(rest: list[str], cmd: str) -> None:
     if rest:
         raise SystemExit(f"moba-cp {cmd}: unexpected arguments {rest}")
+
+
+def _cmd_eval_needle(args, overrides) -> int:
+    """``eval needle``: teacher-forced scoring, or with ``--generate`` KV-cache decoding (hf/)."""
+    if args.generate:
+        return needle_generate.run(args, overrides)
+    return run_eval_command(args, overrides)
 
 
 def _cmd_analyze(args, overrides) -> int:
@@ -119,9 +132,25 @@ def build_parser() -> argparse.ArgumentParser:
     pn = esub.add_parser("needle", help="needle-in-a-haystack retrieval accuracy per (length, depth)")
     pn.add_argument("checkpoint")
     add_needle_arguments(pn)
+    pn.add_argument("--generate", action="store_true",
+                    help="decode the answers with the KV cache (exact match on the decoded string) instead of "
+                         "teacher forcing; one process; CHECKPOINT may also be a `moba-cp export hf` directory")
     for q in (pl, pn):
         q.add_argument("--label", default=None, help="name in plots (default: the recipe name)")
         q.set_defaults(func=run_eval_command)
+    pn.set_defaults(func=_cmd_eval_needle)
+
+    p = sub.add_parser("export", help="export a trained checkpoint (e.g. to a transformers directory)")
+    xsub = p.add_subparsers(dest="kind", metavar="FORMAT", required=True)
+    px = xsub.add_parser("hf", help="a transformers-loadable directory (config, safetensors, tokenizer, modeling "
+                                    "file); its logits are checked against moba_cp's forward",
+                         description="Export RUN_DIR's latest checkpoint (any tp/cp) to a transformers directory.")
+    hf_export.add_arguments(px)
+    px.set_defaults(func=hf_export.run)
+    px = xsub.add_parser("needle-task", help="the needle grid as an offline lm-evaluation-harness task (for the hf "
+                                             "model type on an exported directory)")
+    hf_lm_eval_task.add_arguments(px)
+    px.set_defaults(func=hf_lm_eval_task.run)
 
     p = sub.add_parser("analyze", help="analyses of a checkpoint: what CP traffic its block selection implies",
                        description="Analyse a trained checkpoint (run dir, checkpoints dir or iter_* dir); runs "

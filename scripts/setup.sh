@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create ./.venv with moba_cp and its test dependencies. Safe to re-run.
+# Create ./.venv with moba_cp, its test dependencies and the HF export extra. Safe to re-run.
 #
 # - On a machine whose python3 already has torch (a GPU cluster), the venv sees the system
 #   site-packages and keeps that torch: nothing pulls another build.
@@ -28,5 +28,5 @@ fi
 if .venv/bin/python -c "import sys, torch; sys.exit(0 if torch.version.cuda is None else 1)"; then
   pip install -q "triton==3.6.0" || echo "setup: triton 3.6.0 is not installable here; Triton tests will fail"
 fi
-pip install -q -e ".[test]"
+pip install -q -e ".[test,export]"
 .venv/bin/python -c "import torch, megatron.core, moba_cp; print(f'setup: torch {torch.__version__}, megatron-core {megatron.core.__version__}, moba_cp {moba_cp.__version__}')" 2>&1 | grep -v Warn | grep -v warnings.warn

@@ -213,3 +213,27 @@ def test_moba_cp_with_triton_kernels():
     results = run_distributed(_triton_worker, 2)
     for rank, errs in enumerate(results):
         assert all(e <= 1e-4 for e in errs.values()), f"rank {rank}: {errs}"  # fp32 kernels
+
+
+def test_gate_fallback_is_logged_once_per_width_not_per_call(caplog):
+    """A gate wider than the Triton gate's limit falls back to the torch gate; the fallback is
+    said once per process and width (it would otherwise repeat in every layer of every step),
+    and the fallback's selection is the contract's."""
+    from moba_cp.ops.moba import triton_gate
+    from moba_cp.parallel import gate
+
+    width = triton_gate.MAX_GATE_WIDTH + 2
+    nb, bs, hq, d = width, 2, 2, 16
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(4, hq, d, generator=g)
+    q_pos = torch.arange(nb * bs - 4, nb * bs)
+    cents = torch.randn(nb, hq, d, generator=g)
+    gate._WARNED_WIDTHS.discard(width)
+    with caplog.at_level("WARNING", logger=gate.__name__):
+        outs = [gate.select_global(q, q_pos, cents, block_size=bs, topk=width, width=width, backend="triton")
+                for _ in range(3)]
+    said = [r for r in caplog.records if "exceeds the Triton gate" in r.getMessage()]
+    assert len(said) == 1 and str(width) in said[0].getMessage()
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    ref = gate.select_global(q, q_pos, cents, block_size=bs, topk=width, width=width, backend="naive")
+    assert torch.equal(outs[0], ref)

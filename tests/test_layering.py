@@ -9,7 +9,7 @@ PKG = Path(__file__).resolve().parent.parent / "moba_cp"
 #: docs/design.md section 3: a part may import parts of a lower or equal rank, never a higher one.
 #: data/ sits beside megatron/ (rank 3) but neither may import the other.
 RANK = {"config": 0, "model_sizes": 0, "import_notices": 0, "__init__": 1, "ops": 1, "selfcheck": 1, "parallel": 2,
-        "megatron": 3, "data": 3, "train": 4, "eval": 5, "analysis": 5, "experiments": 6, "cli": 7}
+        "megatron": 3, "data": 3, "train": 4, "eval": 5, "analysis": 5, "hf": 6, "experiments": 7, "cli": 8}
 
 #: The deliberate exceptions, each with its reason (docs/design.md section 3). Nothing may be added
 #: here without one.
@@ -113,6 +113,13 @@ LAZY_IMPORTS = {
     ("moba_cp.eval.plots", "matplotlib"),  # headless: Agg is selected before pyplot is imported
     ("moba_cp.eval.plots", "matplotlib.pyplot"),
     ("moba_cp.ops.moba.triton_common", "triton.runtime"),  # the interpreter patch, only under TRITON_INTERPRET=1
+    # the 'export' extra (transformers, safetensors): `moba-cp export` and `eval needle --generate` need it,
+    # nothing else does; the exported modeling files import transformers at their top
+    ("moba_cp.hf.export", "moba_cp.hf.configuration_moba"),
+    ("moba_cp.hf.export", "moba_cp.hf.modeling_moba"),
+    ("moba_cp.hf.export", "transformers"),
+    ("moba_cp.hf.export", "safetensors.torch"),
+    ("moba_cp.hf.needle_generate", "transformers"),
 }
 
 
@@ -133,3 +140,17 @@ def test_imports_are_at_the_top():
                     continue
                 found += [f"{name}:{node.lineno}: {t}" for t in targets if (name, t) not in LAZY_IMPORTS]
     assert not found, f"imports inside functions (move them to the top, docs/design.md section 3): {found}"
+
+
+def test_the_exported_modeling_files_import_only_the_ops():
+    """moba_cp/hf/{modeling,configuration}_moba.py are copied into every exported model: they may
+    use moba_cp's single-device ops, never Megatron-Core or the training code."""
+    for name in ("modeling_moba", "configuration_moba"):
+        path = PKG / "hf" / f"{name}.py"
+        targets = {t for t, _ in _imports(f"moba_cp.hf.{name}", path)}
+        assert all(t.startswith("moba_cp.ops.") or t == "moba_cp.hf.configuration_moba" for t in targets), targets
+        tops = {a.name.split(".")[0] for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Import)
+                for a in n.names}
+        tops |= {(n.module or "").split(".")[0] for n in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(n, ast.ImportFrom) and not n.level}
+        assert tops <= {"__future__", "weakref", "torch", "transformers", "moba_cp"}, (name, tops)

@@ -339,8 +339,8 @@ def test_doc_table_cache_is_keyed_by_an_identity_no_other_tensor_gets():
     for _ in range(50):
         cu = torch.tensor([0, 8, 16], dtype=torch.int32)
         ids.add(id(cu))
-        ident = tc._identity(cu)
-        assert ident not in seen and tc._identity(cu) == ident
+        ident = tc.tensor_identity(cu)
+        assert ident not in seen and tc.tensor_identity(cu) == ident
         seen.add(ident)
         del cu  # the next tensor may well get the same id()
     assert len(ids) < 50, "CPython reused an id(): the case this key guards against"

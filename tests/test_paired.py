@@ -75,6 +75,8 @@ def test_sweep_reference_key_and_report_files(tmp_path):
                                           {"name": "full", "overrides": ["--attention.pattern=full"]}])
     f.write_text(yaml.safe_dump(spec))
     assert load_sweep(f).reference == "full"
+    # the reference runs first within each seed, so a sweep stopped early has whole pairs
+    assert [p.name for p in load_sweep(f).points] == ["full-seed1", "moba-seed1", "full-seed2", "moba-seed2"]
     f.write_text(yaml.safe_dump(dict(spec, reference="dense")))
     with pytest.raises(SweepError, match=r"reference='dense' is not a method of this sweep; choose one of \['full', 'moba'\]"):
         load_sweep(f)

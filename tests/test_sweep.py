@@ -140,8 +140,9 @@ def test_seed_replicates_expand_and_average(tmp_path):
                                 points=[{"name": "moba", "overrides": ["--attention.pattern=moba"]},
                                         {"name": "full", "overrides": ["--attention.pattern=full"]}])))
     spec = load_sweep(f)
-    assert [p.name for p in spec.points] == ["moba-seed1", "moba-seed2", "full-seed1", "full-seed2"]
-    assert spec.points[1].overrides[-1] == "--train.seed=2" and spec.points[1].labels == {"seed": "2"}
+    # seed-major: a sweep cut short by its deadline has finished whole seeds
+    assert [p.name for p in spec.points] == ["moba-seed1", "full-seed1", "moba-seed2", "full-seed2"]
+    assert spec.points[2].overrides[-1] == "--train.seed=2" and spec.points[2].labels == {"seed": "2"}
     assert {p.group for p in spec.points} == {"moba", "full"}  # eval_needle.only may name the group
     # Command-line overrides keep the replicate groups (charts average by group).
     extra = _with_extra(spec, ["--train.steps=10"])

@@ -85,7 +85,8 @@ def needle_grid_of(args: argparse.Namespace) -> tuple[list[int], list[float], li
 
 def run_needle_eval(args: argparse.Namespace, logits_fn: Callable, tokenizer, *, label: str = "model",
                     write: bool = True, progress: Callable[[str], None] | None = print,
-                    source: dict | None = None, share: Callable | None = None) -> dict:
+                    source: dict | None = None, share: Callable | None = None,
+                    scorer: Callable | None = None) -> dict:
     """Run the needle grid described by ``args`` and write ``OUT/needle.json`` and ``OUT/needle_heatmap.png``.
 
     Every (kind, length) is checked before the first sample. Each finished cell is saved at once
@@ -101,6 +102,7 @@ def run_needle_eval(args: argparse.Namespace, logits_fn: Callable, tokenizer, *,
             are not reused.
         share: ``obj -> obj`` of the writing rank on every rank (all ranks must skip the same
             cells); None in a single process.
+        scorer: per-sample scoring instead of teacher forcing (see :func:`run_needle_grid`).
     Returns:
         the result dict of :func:`moba_cp.eval.needle.run_needle_grid` (plus ``"label"``).
     """
@@ -130,7 +132,7 @@ def run_needle_eval(args: argparse.Namespace, logits_fn: Callable, tokenizer, *,
             write_json({"identity": ident, "cells": list(finished.values())}, partial_path)
 
     res = run_needle_grid(logits_fn, tokenizer, lengths, depths, kinds, args.n_per_cell, args.seed,
-                          progress=progress if write else None, done=done, on_cell=save_cell)
+                          progress=progress if write else None, done=done, on_cell=save_cell, scorer=scorer)
     res["label"] = label
     res["identity"] = ident
     if write:

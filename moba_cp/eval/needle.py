@@ -113,7 +113,8 @@ def run_needle_grid(logits_fn: LogitsFn, tokenizer, lengths: Sequence[int], dept
                     kinds: Sequence[str] = ("single",), n_per_cell: int = 1, seed: int = 0, *,
                     filler_tokens: Sequence[int] | None = None, device: str | torch.device = "cpu",
                     progress: Callable[[str], None] | None = None, done: dict | None = None,
-                    on_cell: Callable[[dict], None] | None = None) -> dict:
+                    on_cell: Callable[[dict], None] | None = None,
+                    scorer: Callable[[NeedleSample], dict] | None = None) -> dict:
     """Accuracy per (kind, length, depth) cell.
 
     Args:
@@ -125,6 +126,8 @@ def run_needle_grid(logits_fn: LogitsFn, tokenizer, lengths: Sequence[int], dept
         done: cells finished earlier (``{cell_key: cell}``, e.g. from an interrupted run): taken
             as they are, not run again.
         on_cell: called with each newly finished cell (e.g. to save progress).
+        scorer: ``sample -> {"correct", "token_accuracy", ...}`` instead of teacher-forced
+            :func:`score_needle` (e.g. generation: ``moba_cp.hf.needle_generate``).
 
     Returns:
         ``{"lengths": [...], "depths": [...], "n_per_cell": n, "seed": s,
@@ -145,7 +148,7 @@ def run_needle_grid(logits_fn: LogitsFn, tokenizer, lengths: Sequence[int], dept
                     c = t = 0.0
                     for j in range(n_per_cell):
                         s = make_needle_sample(tokenizer, L, d, kind, sample_seed(seed, j), filler_tokens=filler_tokens)
-                        r = score_needle(logits_fn, s, device)
+                        r = scorer(s) if scorer is not None else score_needle(logits_fn, s, device)
                         c += r["correct"]
                         t += r["token_accuracy"]
                     cell = {"kind": kind, "length": L, "depth": d, "accuracy": c / n_per_cell,

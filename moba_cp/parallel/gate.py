@@ -14,6 +14,8 @@ from moba_cp.ops.moba import naive, triton_centroids, triton_gate
 from moba_cp.parallel.exchange import RankSet, all_gather_equal
 
 log = logging.getLogger(__name__)
+#: Gate widths whose fallback to the torch gate was already logged.
+_WARNED_WIDTHS: set[int] = set()
 
 __all__ = ["gather_centroids", "select_global"]
 
@@ -85,7 +87,10 @@ def select_global(
             base = torch.zeros(q.shape[0], dtype=torch.int32, device=q.device)
             return triton_gate.gate_topk(q.contiguous(), centroids.float().contiguous(), q_pos.to(torch.int32), base,
                                  block_size=block_size, topk=topk, width=width)
-        log.warning("moba_attn_cp: gate width %d exceeds the Triton gate's limit; using the torch gate", width)
+        if width not in _WARNED_WIDTHS:  # once per process and width, not in every layer and step
+            _WARNED_WIDTHS.add(width)
+            log.warning("moba_attn_cp: gate width %d exceeds the Triton gate's limit (%d); using the torch gate",
+                        width, triton_gate.MAX_GATE_WIDTH)
     tq, hq, _ = q.shape
     out = torch.empty(tq, hq, width, dtype=torch.int32, device=q.device)
     nb = centroids.shape[0]

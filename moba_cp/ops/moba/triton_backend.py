@@ -38,6 +38,7 @@ from moba_cp.ops.moba.triton_common import (
     check_triton_inputs,
     doc_tables,
     slot_tables,
+    tensor_identity,
 )
 from moba_cp.ops.moba.cuda_graphs import GraphedCall, graphs_enabled
 from moba_cp.ops.moba.triton_config import KernelConfig, choose_config
@@ -250,7 +251,7 @@ class _MobaGraphed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, block_size, topk, softmax_scale, config):
         key = (tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, k.dtype, q.device,
-               None if cu_seqlens is None else id(cu_seqlens), block_size, topk, softmax_scale, config)
+               None if cu_seqlens is None else tensor_identity(cu_seqlens), block_size, topk, softmax_scale, config)
         tables = doc_tables(q.shape[0], cu_seqlens, block_size, q.device)  # read by address: kept
         tables[3].width(topk)  # may read the offsets on the host once: never inside a capture
 

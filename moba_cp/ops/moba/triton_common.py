@@ -33,7 +33,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from moba_cp.ops.moba.kernel_limits import TRITON
 
-__all__ = ["KeyBlocks", "DocInfo", "doc_tables", "slot_tables", "GatherIndex", "build_gather_index", "check_triton_inputs"]
+__all__ = ["KeyBlocks", "DocInfo", "doc_tables", "slot_tables", "GatherIndex", "build_gather_index", "check_triton_inputs",
+           "tensor_identity"]
 
 def _fix_interpreter_index() -> None:
     """Triton 3.6's interpreter turns a scalar into an int with ``int(array_of_shape_1)``,
@@ -207,7 +208,8 @@ _IDENTITIES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _NEXT_IDENTITY = itertools.count()
 
 
-def _identity(t: torch.Tensor) -> int:
+def tensor_identity(t: torch.Tensor) -> int:
+    """A number for ``t`` that no other tensor object of this process ever gets."""
     ident = _IDENTITIES.get(t)
     if ident is None:
         ident = _IDENTITIES[t] = next(_NEXT_IDENTITY)
@@ -227,7 +229,7 @@ def doc_tables(total: int, cu_seqlens: torch.Tensor | None, block_size: int, dev
     every layer of a model that shares one ``cu_seqlens``, build the tables once.
     """
     dev = torch.device(device)
-    key = (None if cu_seqlens is None else _identity(cu_seqlens),
+    key = (None if cu_seqlens is None else tensor_identity(cu_seqlens),
            None if cu_seqlens is None else cu_seqlens._version, total, block_size, str(dev))
     hit = _TABLES.get(key)
     if hit is not None:
