@@ -106,3 +106,26 @@ def test_retrieval_sweep_chart(tmp_path):
     path = plot_sweep("retrieval", rows, "needle_accuracy", str(tmp_path / "r.png"))
     data = open(path, "rb").read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_scheduler_runs_a_paired_sweep_seed_by_seed(tmp_path):
+    """Largest points first, but within each seed of a sweep with a reference: a deadline that cuts
+    the run leaves whole (point, reference) pairs, not every full-attention run and no MoBA one."""
+    from moba_cp.experiments.scheduler import run_sweeps_parallel
+
+    f = tmp_path / "s.yaml"
+    spec = dict(name="p", kind="hybrid", base="recipes/quickstart.yaml", metric="loss", seeds=[1, 2],
+                reference="full", out_dir=str(tmp_path / "out"),
+                points=[{"name": "moba", "overrides": ["--attention.pattern=moba"]},
+                        {"name": "full", "overrides": ["--attention.pattern=full"]}])
+    f.write_text(yaml.safe_dump(spec))
+    lines = []
+    run_sweeps_parallel([load_sweep(f)], ["0"], dry_run=True, print_fn=lines.append)
+    order = [ln.split("logging.dir=")[1].split("/")[-1] for ln in lines if "moba_cp.train" in ln]
+    assert order == ["full-seed1", "moba-seed1", "full-seed2", "moba-seed2"]
+    # without a reference: largest first across seeds (full attention costs more)
+    f.write_text(yaml.safe_dump({k: v for k, v in spec.items() if k != "reference"}))
+    lines.clear()
+    run_sweeps_parallel([load_sweep(f)], ["0"], dry_run=True, print_fn=lines.append)
+    order = [ln.split("logging.dir=")[1].split("/")[-1] for ln in lines if "moba_cp.train" in ln]
+    assert order[:2] == ["full-seed1", "full-seed2"]

@@ -42,6 +42,16 @@ class _Job:
         return f"{self.spec.name}/{self.point.name}"
 
 
+def _pair_round(job: _Job) -> int:
+    """0, 1, ...: the position of the job's seed in its sweep's ``seeds`` when the sweep has a
+    ``reference`` (paired differences need both sides of a seed), else 0."""
+    seeds = job.spec.source.get("seeds") or []
+    seed = job.point.labels.get("seed")
+    if not job.spec.reference or seed is None or int(seed) not in seeds:
+        return 0
+    return seeds.index(int(seed))
+
+
 def parse_gpus(text: str) -> list[str]:
     """``"0,1,2,3"`` or ``"4"`` (meaning 0..3) -> device ids for CUDA_VISIBLE_DEVICES."""
     text = str(text).strip()
@@ -76,8 +86,11 @@ def run_sweeps_parallel(specs: list[SweepSpec], gpus: list[str], *, deadline_s: 
         todo = [pt for pt in s.points if not (out / pt.name / "sweep_point.json").is_file()]
         print_fn(f"sweep {s.name!r}: {len(s.points)} points, {done} already finished, {len(todo)} to run -> {out}")
         jobs += [_Job(s, pt, point_cost(s, pt)) for pt in todo]
-    jobs.sort(key=lambda j: -j.cost)
+    # Largest first, but a sweep with a reference and seeds runs seed by seed (its points are listed
+    # seed-major), so a deadline that cuts the run leaves whole pairs rather than one side of each.
+    jobs.sort(key=lambda j: (_pair_round(j), -j.cost))
     print_fn(f"{len(jobs)} points on GPUs {','.join(gpus)}, largest first"
+             + (" within each seed of a paired sweep" if any(_pair_round(j) for j in jobs) else "")
              + (f"; deadline {deadline_s / 60:.1f} min" if deadline_s else ""))
     if dry_run:
         for j in jobs:
