@@ -464,13 +464,13 @@ def build_chunk_index(sel: torch.Tensor, base: torch.Tensor | None, nbk: int, qc
     g = sel if base is None else sel + base[:, None, None]
     qc = (torch.arange(t, device=dev, dtype=torch.int32) // qchunk)[:, None, None]
     hh = torch.arange(hq, device=dev, dtype=torch.int32)[None, :, None]
-    n_b = hq * nqc * nbk
-    key = torch.where(sel >= 0, (hh * nqc + qc) * nbk + g, n_b).to(torch.int32).reshape(-1)
+    n_buckets = hq * nqc * nbk
+    key = torch.where(sel >= 0, (hh * nqc + qc) * nbk + g, n_buckets).to(torch.int32).reshape(-1)
     skey, perm = torch.sort(key, stable=True)
     del key
     ent = perm.to(torch.int32)
     del perm
-    offs = torch.searchsorted(skey, torch.arange(n_b + 1, device=dev, dtype=torch.int32), out_int32=True)
+    offs = torch.searchsorted(skey, torch.arange(n_buckets + 1, device=dev, dtype=torch.int32), out_int32=True)
     return ent, offs, nqc
 
 
