@@ -34,7 +34,6 @@ import contextlib
 import inspect
 import json
 import os
-import re
 import shutil
 import signal
 import sys
@@ -47,6 +46,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
 from moba_cp.megatron import compat_cpu
+from moba_cp.train.checkpoint_dirs import CheckpointError, checkpoint_step, complete_checkpoints, latest_checkpoint
 
 try:  # Megatron's async checkpoint writer; its module layout is not a public API across versions
     from megatron.core.dist_checkpointing.strategies import filesystem_async
@@ -56,31 +56,12 @@ except ImportError:  # pragma: no cover - another megatron-core layout: its own 
 __all__ = ["latest_checkpoint", "checkpoint_step", "save_checkpoint", "load_checkpoint", "CheckpointError",
            "quiet_known_load_warnings"]
 
-_DIR_RE = re.compile(r"^iter_(\d{7})$")
 # The distributed optimizer's state format. With torch's Adam (no apex/TE, our case everywhere),
 # Megatron 0.16's other formats break: "fully_reshardable" fails to load (KeyError 'step') and
 # "fully_sharded_model_space" fails to save. "dp_reshardable" loads under the same or another dp
 # size; its wrong Adam step count after a load is repaired by _restore_adam_steps (it was what
 # made resumed losses differ, with the same dp as with another).
 _OPT_META = {"distrib_optim_sharding_type": "dp_reshardable"}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be read or written; the message names the path and the cause."""
-
-
-def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
-    """The newest *complete* checkpoint directory (one with meta.json), or None."""
-    root = Path(ckpt_dir)
-    if not root.is_dir():
-        return None
-    best = None
-    for p in root.iterdir():
-        m = _DIR_RE.match(p.name)
-        if m and (p / "meta.json").is_file():
-            if best is None or int(m.group(1)) > int(_DIR_RE.match(best.name).group(1)):
-                best = p
-    return best
 
 
 def _sharded_state(model, optimizer, scheduler, is_loading: bool):
@@ -314,14 +295,6 @@ def _probe_writable(tmp: Path, rank: int) -> None:
     probe.unlink()
 
 
-def checkpoint_step(path: str | Path) -> int:
-    """The step of a checkpoint directory ``iter_0000100`` (-> 100)."""
-    m = _DIR_RE.match(Path(path).name)
-    if m is None:
-        raise CheckpointError(f"{path} is not a checkpoint directory (expected iter_NNNNNNN).")
-    return int(m.group(1))
-
-
 def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, scheduler, *,
                     consumed_samples: int, meta: dict, keep_last: int = 2) -> Path:
     """Save a complete checkpoint of ``step`` (collective: every rank must call it).
@@ -376,7 +349,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model, optimizer, scheduler
         latest_tmp = root / "latest.tmp"
         latest_tmp.write_text(f"{step}\n")
         os.replace(latest_tmp, root / "latest")
-        complete = sorted(p for p in root.iterdir() if _DIR_RE.match(p.name) and (p / "meta.json").is_file())
+        complete = complete_checkpoints(root)
         for old in complete[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         for stale in root.glob("iter_*.tmp"):

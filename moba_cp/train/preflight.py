@@ -4,7 +4,7 @@ wrapper and ``--dry-run`` make the same ones), and the message for a run that is
 from __future__ import annotations
 
 from moba_cp.config import RecipeConfig, validate
-from moba_cp.data.datasets import validate_data_paths
+from moba_cp.data.checks import validate_data_paths
 from moba_cp.data.tokenizers import build_tokenizer
 from moba_cp.train.run_dir import RunDirState, inspect_run_dir
 

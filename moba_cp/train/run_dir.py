@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from moba_cp.config import RecipeConfig, to_dict
-from moba_cp.train.checkpoint import checkpoint_step, latest_checkpoint
+from moba_cp.train.checkpoint_dirs import checkpoint_step, latest_checkpoint
 
 __all__ = ["RunDirError", "RunDirState", "inspect_run_dir", "checkpoint_dir_of", "describe", "MAY_CHANGE", "flatten"]
 

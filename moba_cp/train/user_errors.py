@@ -8,7 +8,7 @@ import os
 import sys
 
 from moba_cp.config import RecipeError
-from moba_cp.data.datasets import DataConfigError
+from moba_cp.data.checks import DataConfigError
 from moba_cp.data.tokenizers import TokenizerError
 from moba_cp.train.run_dir import RunDirError
 
