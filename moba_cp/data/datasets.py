@@ -74,7 +74,8 @@ def build_train_valid_datasets(data_cfg, *, seq_length: int, seed: int, num_trai
                                num_valid_samples: int, tokenizer=None,
                                is_built_on_rank: Callable[[], bool] | None = None,
                                builtin_budget_bytes: int = DEFAULT_BUDGET_BYTES,
-                               reset_position_ids: bool = False, eod_mask_loss: bool = False):
+                               reset_position_ids: bool = False, eod_mask_loss: bool = False,
+                               announce: bool = True):
     """Build the train and validation datasets of a recipe.
 
     Args:
@@ -89,6 +90,8 @@ def build_train_valid_datasets(data_cfg, *, seq_length: int, seed: int, num_trai
         is_built_on_rank: Megatron's callable; default: every rank.
         builtin_budget_bytes: size of the embedded corpus (source=builtin).
         reset_position_ids, eod_mask_loss: Megatron ``GPTDatasetConfig`` options (off by default).
+        announce: print the :func:`corpus_record` summary (first rank); the training loop says it
+            itself, with the run's record file.
 
     Returns:
         ``(train, valid)``: indexable datasets of dicts (``tokens``, ``labels``, ``loss_mask``,
@@ -145,7 +148,7 @@ def build_train_valid_datasets(data_cfg, *, seq_length: int, seed: int, num_trai
             f"small for one sample. Add data or lower model.seq_length.")
     if not num_valid_samples or valid is None or len(valid) == 0:
         valid = None
-    if _is_rank0():
+    if announce and _is_rank0():
         rec = corpus_record(data_cfg, tokenizer=tok, builtin_budget_bytes=builtin_budget_bytes, seq_length=seq_length,
                             num_train_samples=num_train_samples)
         if rec:

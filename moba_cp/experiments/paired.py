@@ -108,7 +108,7 @@ def paired_differences(rows: list[dict], metric: str, reference: str) -> list[di
     return out
 
 
-def _f(x, fmt="{:+.4f}") -> str:
+def _or_dash(x, fmt="{:+.4f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
@@ -123,8 +123,9 @@ def paired_table(stats: list[dict], metric: str, reference: str) -> str:
         below = "below" if s["mean"] < 0 else "above" if s["mean"] > 0 else "equal"
         lines.append(
             f"| {s['group']} | {s['reference']} | {s['n']} | {s['point_mean']:.4f} +- {s['point_std']:.4f} | "
-            f"{s['ref_mean']:.4f} +- {s['ref_std']:.4f} | {s['mean']:+.4f} +- {s['std']:.4f} | {_f(s['se'], '{:.4f}')} | "
-            f"{_f(s['t'], '{:+.1f}')} | {s['agree']}/{s['n']} {below} | {_f(s['eval_se'], '{:.4f}')} |")
+            f"{s['ref_mean']:.4f} +- {s['ref_std']:.4f} | {s['mean']:+.4f} +- {s['std']:.4f} | "
+            f"{_or_dash(s['se'], '{:.4f}')} | "
+            f"{_or_dash(s['t'], '{:+.1f}')} | {s['agree']}/{s['n']} {below} | {_or_dash(s['eval_se'], '{:.4f}')} |")
     if not stats:
         lines.append(f"| (no point has a `{reference}` run of the same seed yet) | | | | | | | | | |")
     return "\n".join(lines)

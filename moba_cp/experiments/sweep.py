@@ -135,18 +135,28 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> SweepSpec:
             raise SweepError(f"{p}: points[{i}] needs a name (and overrides, labels).")
         points.append(SweepPoint(str(pt["name"]), common + [str(x) for x in pt.get("overrides", [])],
                                  {str(k): str(v) for k, v in (pt.get("labels") or {}).items()}))
+    if not points:
+        raise SweepError(f"{p}: no points (give a grid or a points list).")
+    reference = data.get("reference")
+    if reference is not None:
+        def method(pt: SweepPoint) -> str:
+            return method_of(dict(labels=pt.labels, group=pt.group, name=pt.name))
+
+        methods = sorted({method(pt) for pt in points})
+        if not isinstance(reference, str) or reference not in methods:
+            raise SweepError(f"{p}: reference={reference!r} is not a method of this sweep; choose one of {methods} "
+                             f"(a point's `method` label, else its name).")
+        points.sort(key=lambda pt: method(pt) != reference)  # the reference first (stable otherwise)
     seeds = data.get("seeds")
     if seeds is not None:
         if (not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool)
                                                                 for x in seeds) or len(set(seeds)) != len(seeds)):
             raise SweepError(f"{p}: seeds={seeds!r}; give a list of distinct integers, e.g. seeds: [1, 2, 3].")
         # Each point becomes one replicate per seed: <name>-seed<N>, averaged again in the charts.
-        # Seed-major order (every point of seed 1, then of seed 2, ...) with the reference method
-        # first (below): a sweep cut short by its deadline has finished whole pairs.
+        # Seed-major order (every point of seed 1, the reference first, then of seed 2, ...): a
+        # sweep cut short by its deadline has finished whole pairs.
         points = [SweepPoint(f"{pt.name}-seed{sd}", pt.overrides + [f"--train.seed={sd}"],
                              dict(pt.labels, seed=str(sd)), group=pt.name) for sd in seeds for pt in points]
-    if not points:
-        raise SweepError(f"{p}: no points (give a grid or a points list).")
     names = [pt.name for pt in points]
     if len(set(names)) != len(names):
         raise SweepError(f"{p}: duplicate point names {sorted({n for n in names if names.count(n) > 1})}.")
@@ -156,15 +166,6 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> SweepSpec:
             load_recipe(data["base"], pt.overrides)
         except RecipeError as e:
             raise SweepError(f"{p}: point {pt.name!r}: {e}") from None
-    reference = data.get("reference")
-    if reference is not None:
-        methods = sorted({method_of(dict(labels=pt.labels, group=pt.group, name=pt.name)) for pt in points})
-        if not isinstance(reference, str) or reference not in methods:
-            raise SweepError(f"{p}: reference={reference!r} is not a method of this sweep; choose one of {methods} "
-                             f"(a point's `method` label, else its name).")
-        seed_of = {sd: i for i, sd in enumerate(seeds or [])}
-        points.sort(key=lambda pt: (seed_of.get(int(pt.labels["seed"]), 0) if "seed" in pt.labels and seeds else 0,
-                                    method_of(dict(labels=pt.labels, group=pt.group, name=pt.name)) != reference))
     _check_eval_loss(p, data.get("eval_loss"))
     _check_answer_loss(p, data.get("eval_answer_loss"))
     needle = data.get("eval_needle")

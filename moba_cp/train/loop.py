@@ -162,7 +162,7 @@ def _build_datasets(cfg: RecipeConfig, tokenizer):
         cfg.data, seq_length=cfg.model.seq_length, seed=t.seed,
         num_train_samples=t.steps * t.global_batch_size,
         num_valid_samples=cfg.eval.iters * t.global_batch_size if cfg.eval.interval else 0,
-        tokenizer=tokenizer, builtin_budget_bytes=cfg.data.builtin_budget_bytes,
+        tokenizer=tokenizer, builtin_budget_bytes=cfg.data.builtin_budget_bytes, announce=False,
     )
     if cfg.eval.interval and valid_ds is None:
         raise DataConfigError(f"eval.interval={cfg.eval.interval} asks for validation, but data.split="
@@ -215,10 +215,13 @@ def _write_recipe(cfg: RecipeConfig) -> None:
 
 
 def _write_data_record(cfg: RecipeConfig, tokenizer) -> None:
-    """``RUN_DIR/data.json``: what the run trains on (corpus, sizes, epochs drawn; sweeps read it)."""
+    """``RUN_DIR/data.json`` and one printed line: what the run trains on (corpus, sizes, epochs
+    drawn; sweeps read the file). Computed once, here (the dataset builder is told not to)."""
     t = cfg.train
     rec = corpus_record(cfg.data, tokenizer=tokenizer, builtin_budget_bytes=cfg.data.builtin_budget_bytes,
                         seq_length=cfg.model.seq_length, num_train_samples=t.steps * t.global_batch_size)
+    if rec:
+        print(f"[data] {rec['summary']}", flush=True)
     (Path(cfg.logging.dir) / "data.json").write_text(json.dumps(rec, indent=1) + "\n")
 
 

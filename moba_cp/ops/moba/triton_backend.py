@@ -172,23 +172,33 @@ def _(do, dlse, q, k, v, o, lse, indices, index, cu_seqlens, block_size, softmax
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _setup_context(ctx, inputs, output):
+def _save_for_backward(ctx, inputs, o, lse, index) -> None:
+    """What the backward needs, for the custom op's autograd and the eager Function alike."""
     q, k, v, indices, cu_seqlens, block_size, softmax_scale, config = inputs
-    o, lse, index = output
     ctx.save_for_backward(q, k, v, o, lse, indices, index, cu_seqlens)
     ctx.block_size = block_size
     ctx.softmax_scale = softmax_scale
     ctx.config = config  # the index's chunk travels with it: the backward decodes it with this
+
+
+def _grads(ctx, do, dlse, attn_bwd) -> tuple:
+    """``(dq, dk, dv, None x 5)`` from the saved state; ``attn_bwd`` is the op or its implementation."""
+    q, k, v, o, lse, indices, index, cu_seqlens = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(o)
+    dq, dk, dv = attn_bwd(do, dlse, q, k, v, o, lse, indices, index, cu_seqlens, ctx.block_size,
+                          ctx.softmax_scale, ctx.config)
+    return dq, dk, dv, None, None, None, None, None
+
+
+def _setup_context(ctx, inputs, output):
+    o, lse, index = output
+    _save_for_backward(ctx, inputs, o, lse, index)
     ctx.mark_non_differentiable(index)
 
 
 def _backward(ctx, do, dlse, _dindex):
-    q, k, v, o, lse, indices, index, cu_seqlens = ctx.saved_tensors
-    if do is None:
-        do = torch.zeros_like(o)
-    dq, dk, dv = _attn_bwd_op(do, dlse, q, k, v, o, lse, indices, index, cu_seqlens, ctx.block_size,
-                              ctx.softmax_scale, ctx.config)
-    return dq, dk, dv, None, None, None, None, None
+    return _grads(ctx, do, dlse, _attn_bwd_op)
 
 
 _attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -207,19 +217,13 @@ class _BlockAttnEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, indices, cu_seqlens, block_size, softmax_scale, config):
         o, lse, index = _attn_fwd_impl(q, k, v, indices, cu_seqlens, block_size, softmax_scale, config)
-        ctx.save_for_backward(q, k, v, o, lse, indices, index, cu_seqlens)
-        ctx.block_size, ctx.softmax_scale, ctx.config = block_size, softmax_scale, config
+        _save_for_backward(ctx, (q, k, v, indices, cu_seqlens, block_size, softmax_scale, config), o, lse, index)
         ctx.set_materialize_grads(False)  # an unused lse gets no dLSE (the kernels skip that term)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse, indices, index, cu_seqlens = ctx.saved_tensors
-        if do is None:
-            do = torch.zeros_like(o)
-        dq, dk, dv = _attn_bwd_impl(do, dlse, q, k, v, o, lse, indices, index, cu_seqlens, ctx.block_size,
-                                    ctx.softmax_scale, ctx.config)
-        return dq, dk, dv, None, None, None, None, None
+        return _grads(ctx, do, dlse, _attn_bwd_impl)
 
 
 def block_attn(q, k, v, indices, *, block_size: int, cu_seqlens=None, softmax_scale: float,
