@@ -446,7 +446,8 @@ def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0, parts=("fwd", "bwd"), 
         for change in bwd_variants or TUNE_BWD:
             bc = base_cfg.replace(bwd=change).bwd
             attempt(f"bwd {change}", lambda: sparse_attn_bwd(do, q, k, v, o, lse, qpos, blocks, gi, w, scale, block, bc,
-                                                             kv_grad_dtype=k.dtype, dq_dtype=q.dtype))
+                                                             kv_grad_dtype=k.dtype, dq_dtype=q.dtype,
+                                                             sorted_positions=True))
 
 
 def main():

@@ -46,8 +46,8 @@ ALLOC_CONF = "expandable_segments:True"
 COMMON = ["--eval.interval=0", "--checkpoint.save=false", "--logging.interval=1", "--train.warmup_steps=1"]
 
 
-def run_one(recipe, overrides, steps, pattern, workdir, extra):
-    run_dir = os.path.join(workdir, f"{pattern}-{abs(hash((recipe, tuple(overrides)))) % 10**8}")
+def run_one(recipe, overrides, steps, pattern, workdir, extra, tag=""):
+    run_dir = os.path.join(workdir, f"{pattern}-{abs(hash((recipe, tuple(overrides)))) % 10**8}{tag}")
     cmd = [sys.executable, "-m", "moba_cp.train", recipe, *overrides, *COMMON, *extra,
            f"--train.steps={steps}", f"--attention.pattern={pattern}", f"--logging.dir={run_dir}",
            f"--checkpoint.dir={run_dir}/ckpt"]
@@ -63,7 +63,20 @@ def run_one(recipe, overrides, steps, pattern, workdir, extra):
     warm = recs[2:] if len(recs) > 3 else recs[-1:]  # the first steps compile kernels
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in warm),
             "tflops": statistics.median(r["tflops_per_gpu"] for r in warm),
-            "mem": max(r["mem_gib"] for r in recs), "steps": len(warm), "loss": recs[-1]["loss"]}
+            "mem": max(r["mem_gib"] for r in recs), "steps": len(warm), "loss": recs[-1]["loss"],
+            "warm_steps": [(r["tokens_per_s"], r["tflops_per_gpu"]) for r in warm]}
+
+
+def pool(runs: list[dict]) -> dict:
+    """One attention's runs of a setting: medians over the warm steps of all of them, the peak
+    memory of any, and each run's own median (the spread between processes)."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[0]
+    steps = [s for r in ok for s in r["warm_steps"]]
+    return {"tokens_per_s": statistics.median(s[0] for s in steps), "tflops": statistics.median(s[1] for s in steps),
+            "mem": max(r["mem"] for r in ok), "per_run": [r["tokens_per_s"] for r in ok],
+            **({"error": next(r["error"] for r in runs if "error" in r)} if len(ok) < len(runs) else {})}
 
 
 def main():
@@ -72,6 +85,9 @@ def main():
     ap.add_argument("--only", default="", help="comma list of setting-name prefixes to run")
     ap.add_argument("--smoke", action="store_true", help="CPU smoke: the tiny recipe, 4 steps")
     ap.add_argument("--extra", default="", help="more overrides for every run (space separated)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run MoBA and full attention alternately this many times each (MoBA, full, MoBA, ...): "
+                         "medians over all their warm steps, and each pair's ratio in the last column")
     ap.add_argument("--commit", default="", help="the commit measured (default: git rev-parse; a copied tree's .git may be stale)")
     args = ap.parse_args()
     settings = SMOKE if args.smoke else SETTINGS
@@ -82,21 +98,29 @@ def main():
     head = [f"# Training throughput, MoBA vs full attention ({dev}, {datetime.date.today()}, commit {commit or '?'})",
             "", f"Command: `python benchmarks/bench_train.py {' '.join(sys.argv[1:])}`; every run adds "
             f"`{' '.join(COMMON + extra)}`, with PYTORCH_CUDA_ALLOC_CONF="
-            f"{os.environ.get('PYTORCH_CUDA_ALLOC_CONF', ALLOC_CONF)}. Median tokens/s over the steps after the first two.", "",
+            f"{os.environ.get('PYTORCH_CUDA_ALLOC_CONF', ALLOC_CONF)}. Median tokens/s over the steps after the first two"
+            f" of {args.repeats} process(es) per attention, run alternately; the last column is each MoBA/full pair's "
+            f"ratio of medians.", "",
             "| setting | MoBA tok/s | full tok/s | MoBA / full | MoBA TFLOP/s/GPU | full TFLOP/s/GPU "
-            "| MoBA peak GiB | full peak GiB |", "|---|---|---|---|---|---|---|---|"]
+            "| MoBA peak GiB | full peak GiB | per pair |", "|---|---|---|---|---|---|---|---|---|"]
     lines = list(head)
     with tempfile.TemporaryDirectory() as work:
         for name, (recipe, overrides, steps) in settings.items():
             if args.only and not any(name.startswith(p) for p in args.only.split(",")):
                 continue
-            r = {pat: run_one(recipe, overrides, steps, pat, work, extra) for pat in ("moba", "full")}
+            runs = {"moba": [], "full": []}
+            for rep in range(args.repeats):
+                for pat in ("moba", "full"):
+                    runs[pat].append(run_one(recipe, overrides, steps, pat, work, extra, tag=str(rep)))
+            r = {pat: pool(rs) for pat, rs in runs.items()}
+            pairs = [f"{a / b:.2f}" if a and b else "-" for a, b in
+                     zip(r["moba"].get("per_run", []), r["full"].get("per_run", []))]
             f = lambda x, spec: format(x, spec) if x is not None else "-"  # noqa: E731
             m, fl = r["moba"], r["full"]
             ratio = m.get("tokens_per_s") and fl.get("tokens_per_s") and m["tokens_per_s"] / fl["tokens_per_s"]
             row = (f"| {name} | {f(m.get('tokens_per_s'), ',.0f')} | {f(fl.get('tokens_per_s'), ',.0f')} | "
                    f"{f(ratio, '.2f')} | {f(m.get('tflops'), '.0f')} | {f(fl.get('tflops'), '.0f')} | "
-                   f"{f(m.get('mem'), '.1f')} | {f(fl.get('mem'), '.1f')} |")
+                   f"{f(m.get('mem'), '.1f')} | {f(fl.get('mem'), '.1f')} | {', '.join(pairs) or '-'} |")
             for pat in ("moba", "full"):
                 if "error" in r[pat]:
                     row += f" {pat} failed: {r[pat]['error'][:200]}"

@@ -29,7 +29,7 @@ __all__ = [
     "ModelConfig", "MoBAConfig", "AttentionConfig", "ParallelConfig", "TrainConfig", "DataConfig",
     "EvalConfig", "LoggingConfig", "CheckpointConfig", "RecipeConfig", "RecipeError",
     "load_recipe", "from_dict", "apply_overrides", "validate", "kernel_limit_errors", "dump", "to_dict", "field_help",
-    "layer_attention_kinds",
+    "layer_attention_kinds", "parse_profile_steps",
 ]
 
 
@@ -179,6 +179,9 @@ class LoggingConfig:
     dir: str = _option("runs/default", "Run directory: metrics.jsonl, TensorBoard events, resolved recipe.")
     interval: int = _option(1, "Log every N steps.")
     tensorboard: bool = _option(True, "Write TensorBoard events.")
+    profile: Optional[list[int]] = _option(
+        None, "Profile steps [A, B] (1-based, inclusive) with torch.profiler: RUN_DIR/profile/ gets a trace and "
+              "a table of kernels by device time per rank. None = off.")
 
 
 @dataclass
@@ -409,6 +412,19 @@ def kernel_limit_errors(cfg: RecipeConfig, device: str | None = None) -> list[st
     return errs
 
 
+def parse_profile_steps(spec: Optional[list[int]]) -> tuple[int, int] | None:
+    """``logging.profile``: ``[A, B]`` (or ``[A]``) -> ``(A, B)``, 1-based and inclusive; None / ``[]`` -> None.
+
+    Raises ValueError naming the rule when the list is not a range of positive step numbers.
+    """
+    if not spec:
+        return None
+    if len(spec) > 2 or spec[0] < 1 or spec[-1] < spec[0]:
+        raise ValueError(f"logging.profile={list(spec)}: expected [A, B] with 1 <= A <= B (the first and last "
+                         f"step to profile, 1-based), e.g. [5, 7], or one step [A].")
+    return spec[0], spec[-1]
+
+
 def validate(cfg: RecipeConfig, world_size: int | None = None, device: str | None = None) -> None:
     """Cross-field rules, checked before any process group exists. Raises :class:`RecipeError`.
 
@@ -478,6 +494,14 @@ def validate(cfg: RecipeConfig, world_size: int | None = None, device: str | Non
                     f"train.micro_batch_size={t.micro_batch_size}.")
     if t.warmup_steps < 0 or t.warmup_steps > t.steps:
         errs.append(f"train.warmup_steps={t.warmup_steps} must be within [0, train.steps={t.steps}].")
+    try:
+        prof = parse_profile_steps(cfg.logging.profile)
+    except ValueError as e:
+        errs.append(str(e))
+    else:
+        if prof is not None and prof[1] > t.steps:
+            errs.append(f"logging.profile={list(cfg.logging.profile)} ends after train.steps={t.steps}. Fix: profile "
+                        f"steps within 1..{t.steps}.")
     if t.min_lr > t.lr:
         errs.append(f"train.min_lr={t.min_lr} exceeds train.lr={t.lr}.")
     if not (0.0 <= cfg.data.retrieval_fraction <= 1.0):

@@ -64,6 +64,7 @@ def _w_core_attention(rank, world_size):
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer.enums import AttnMaskType
 
+    from moba_cp.megatron import core_attention
     from moba_cp.megatron.core_attention import FullCoreAttention, MoBACoreAttention
     from moba_cp.megatron.transformer_config import transformer_config_from_recipe
     from moba_cp.config import ParallelConfig
@@ -81,11 +82,31 @@ def _w_core_attention(rank, world_size):
     full = FullCoreAttention(**mk)
     res = {}
 
-    # [s, b, h, d] -> [s, b, h*d], each batch row on its own
-    o = moba(q, k, v, None, attn_mask_type=AttnMaskType.causal)
-    ref = torch.stack([moba_attn(q[:, i], k[:, i], v[:, i], block_size=16, topk=2, softmax_scale=scale,
+    # [s, b, h, d] -> [s, b, h*d], each batch row on its own (outputs and gradients)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    seen = []
+    real_moba_attn = core_attention.moba_attn
+
+    def spy(q_, k_, v_, **kw):
+        seen.append((q_.data_ptr(), k_.data_ptr(), v_.data_ptr()))
+        return real_moba_attn(q_, k_, v_, **kw)
+
+    core_attention.moba_attn = spy
+    try:
+        o = moba(qg, kg, vg, None, attn_mask_type=AttnMaskType.causal)
+    finally:
+        core_attention.moba_attn = real_moba_attn
+    # batch rows folded into heads are views: the op reads q/k/v where Megatron left them
+    res["moba_sbhd_no_copy"] = 0.0 if seen == [(qg.data_ptr(), kg.data_ptr(), vg.data_ptr())] else 1.0
+    go = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (qg, kg, vg), go)
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref = torch.stack([moba_attn(qr[:, i], kr[:, i], vr[:, i], block_size=16, topk=2, softmax_scale=scale,
                                  backend="naive") for i in range(b)], dim=1).reshape(s, b, hq * d)
+    ref_grads = torch.autograd.grad(ref, (qr, kr, vr), go)
     res["moba_sbhd"] = max_rel(o, ref)
+    for name, g, gr in zip(("dq", "dk", "dv"), grads, ref_grads):
+        res[f"moba_sbhd_{name}"] = max_rel(g, gr)
 
     # full attention: dense causal reference with GQA expanded, scale honoured
     kk, vv = k.repeat_interleave(hq // hkv, dim=2), v.repeat_interleave(hq // hkv, dim=2)

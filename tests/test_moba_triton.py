@@ -146,6 +146,8 @@ PATH_CONFIGS = {
     "two-pass-unfused-split-mask": KernelConfig(FwdConfig(method="two_pass", **SMALL),
                                                 BwdConfig(bnb=16, bm=16, fuse_dq=False, split_mask=True, dq_bm=16,
                                                           dq_bn=16)),
+    "partials-fused-dq-split-mask": KernelConfig(FwdConfig(method="partials", **SMALL),
+                                                 BwdConfig(bnb=16, bm=16, fuse_dq=True, split_mask=True)),
     "two-pass-untransposed": KernelConfig(FwdConfig(method="two_pass", **SMALL),
                                           BwdConfig(bnb=32, bm=16, fuse_dq=True, trans=False)),
     "one-pass": KernelConfig(FwdConfig(method="one_pass", bm=16, bn=16, chunk=32, qchunk=32),
@@ -160,7 +162,7 @@ def test_kernel_paths_match_naive(name):
     test_block_attn_fwd_bwd_matches_naive((130, 4, 2, 16, 48, 3, [20, 110]), config=PATH_CONFIGS[name])
 
 
-@pytest.mark.parametrize("name", ["partials", "one-pass"])
+@pytest.mark.parametrize("name", ["partials", "one-pass", "two-pass-unfused-split-mask"])
 def test_kernel_paths_head_dim_64_and_empty_doc(name):
     """Head dim 64, an empty document, and top-k larger than a document's blocks."""
     test_block_attn_fwd_bwd_matches_naive((150, 2, 1, 64, 32, 3, [40, 0, 110]), config=PATH_CONFIGS[name])

@@ -324,15 +324,24 @@ def test_tensor_parallel_training_matches_tp1(tmp_path, cache_dir):
 
 
 def test_two_stage_schedule_switches_moba_layers_to_full(tmp_path, cache_dir):
-    """attention.switch_to_full_at=0.5: MoBA for the first half of the steps, full attention after."""
+    """attention.switch_to_full_at=0.5: MoBA for the first half of the steps, full attention after.
+    The same run profiles steps 2-3 (logging.profile): each rank writes a trace and a table."""
     proc = _torchrun(2, ["recipes/quickstart.yaml", *SMALL, "--train.steps=4", "--parallel.cp=2",
-                         "--attention.switch_to_full_at=0.5", "--checkpoint.save=false",
+                         "--attention.switch_to_full_at=0.5", "--checkpoint.save=false", "--logging.profile=[2,3]",
                          f"--data.cache_dir={cache_dir}", f"--logging.dir={tmp_path}/run"])
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out
     assert "step 2: MoBA layers switched to full attention" in out
     assert out.count("switched to full attention") == 1  # once, not every step
     assert "step      4/4" in out
+    prof = tmp_path / "run" / "profile"
+    assert out.count("profile of steps 2-3") == 1 and str(prof / "rank0_steps2-3.kernels.txt") in out
+    for rank in (0, 1):
+        table = (prof / f"rank{rank}_steps2-3.kernels.txt").read_text()
+        assert table.startswith(f"steps 2-3 (2 steps) on rank {rank}: ")
+        assert "aten::" in table  # the operators the steps ran, with their times
+        trace = json.loads((prof / f"rank{rank}_steps2-3.trace.json").read_text())
+        assert any(e.get("name", "").startswith("aten::") for e in trace["traceEvents"])
 
 
 @pytest.mark.parametrize("args,message", [
@@ -341,6 +350,9 @@ def test_two_stage_schedule_switches_moba_layers_to_full(tmp_path, cache_dir):
     (["--moba.topk=-1"], "moba.topk=-1 must be >= 1"),
     (["--data.tokenizer=/no/tokenizer.json"], "tokenizer"),
     (["--parallel.cp=4"], "world size 2 is not divisible by parallel.tp * parallel.cp = 4"),
+    (["--logging.profile=[3,2]"], "logging.profile=[3, 2]: expected [A, B] with 1 <= A <= B"),
+    (["--logging.profile=five"], "logging.profile: expected a list"),
+    (["--train.steps=4", "--logging.profile=[3,9]"], "logging.profile=[3, 9] ends after train.steps=4"),
 ])
 def test_bad_recipe_or_data_fails_before_training(tmp_path, args, message, monkeypatch, capsys):
     """Checked before any process group exists (as a torchrun worker of a 2-process world)."""

@@ -52,7 +52,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from moba_cp.megatron.key_conv import KeyConv
-from moba_cp.ops.moba.api import batch_cu_seqlens, moba_attn
+from moba_cp.ops.moba.api import moba_attn
 from moba_cp.ops.moba.validate import check_block_args, check_qkv
 from moba_cp.parallel import moba_attn_cp, ring_attn_cp
 
@@ -260,16 +260,15 @@ class _CoreAttentionBase(MegatronModule):
                 # both CP ops also take a batch, [b, S_local, H, D]: one exchange for all rows
                 o = self._attend_cp(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)).transpose(0, 1)
         elif self.attention_mode == "moba":
-            kw = dict(block_size=self.moba_block_size, topk=self.moba_topk,
-                      softmax_scale=self.softmax_scale, backend=self.moba_backend)
-            if b == 1:
-                o = moba_attn(q[:, 0], k[:, 0], v[:, 0], **kw).unsqueeze(1)
-            else:
-                # batch rows as documents of one packed call: [s, b, h, d] -> [b*s, h, d]
-                cu = batch_cu_seqlens(b, s, q.device)
-                pack = lambda t: t.transpose(0, 1).reshape(b * s, t.shape[2], d)  # noqa: E731
-                o = moba_attn(pack(q), pack(k), pack(v), cu_seqlens=cu, **kw)
-                o = o.view(b, s, hq, d).transpose(0, 1)
+            # Batch rows as heads: [s, b, h, d] -> [s, b*h, d] (row i, head h -> head i*h + h, so
+            # query head i*Hq + h still reads KV head i*Hkv + h // g). It is a view of Megatron's
+            # layout (also of the k/v slices of its fused QKV output), where packing rows as
+            # documents ([b*s, h, d]) copied q, k, v and o in every layer and their gradients back
+            # (one H200, 4 x 8K rows, 6 layers: ~8 ms of copies per step, the whole gap between
+            # MoBA and full attention's step there).
+            fold = lambda t: t.reshape(s, b * t.shape[2], d)  # noqa: E731
+            o = moba_attn(fold(q), fold(k), fold(v), block_size=self.moba_block_size, topk=self.moba_topk,
+                          softmax_scale=self.softmax_scale, backend=self.moba_backend)
         else:
             # SDPA wants [b, h, s, d]; GQA through enable_gqa (no expanded copies of k/v).
             o = F.scaled_dot_product_attention(

@@ -30,7 +30,7 @@ from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from moba_cp.config import RecipeConfig, dump, to_dict
+from moba_cp.config import RecipeConfig, dump, parse_profile_steps, to_dict
 from moba_cp.data.datasets import DataConfigError, build_train_valid_datasets, corpus_record
 from moba_cp.megatron import compat_cpu
 from moba_cp.megatron.hybrid_switch import set_attention_mode, switch_step
@@ -45,6 +45,7 @@ from moba_cp.train.flops import flops_per_step
 from moba_cp.train.metrics import MetricsLogger, format_eta, peak_memory_gib
 from moba_cp.train.preflight import complete_message, preflight
 from moba_cp.train.run_dir import RunDirState, checkpoint_dir_of, describe
+from moba_cp.train.step_profiler import StepProfiler
 from moba_cp.train.stop_request import StopRequest
 
 __all__ = ["train", "evaluate", "TrainResult", "TrainingError"]
@@ -229,6 +230,8 @@ def _train_steps(run: _Run, start_step: int, state: RunDirState) -> TrainResult:
     """Steps ``start_step .. train.steps - 1``; stops (saving) when any rank is asked to."""
     cfg, steps = run.cfg, run.cfg.train.steps
     switch_at = switch_step(steps, cfg.attention.switch_to_full_at)
+    profiler = StepProfiler(parse_profile_steps(cfg.logging.profile), Path(cfg.logging.dir) / "profile",
+                            run.env.rank, run.env.device)
     for step in range(start_step, steps):
         if step == start_step and run.stop.agreed():  # interrupted while starting up: nothing new to save
             intact = f" ({state.checkpoint} is intact)" if state.checkpoint else ""
@@ -237,7 +240,11 @@ def _train_steps(run: _Run, start_step: int, state: RunDirState) -> TrainResult:
         if switch_at is not None and step == max(start_step, switch_at):  # also right after a resume past it
             _switch_to_full_attention(run, step)
         done = step + 1
+        profiler.before_step(done)
         stats = _train_step(run, step)
+        table = profiler.after_step(done)
+        if table is not None:
+            run.say(f"profile of steps {profiler.steps[0]}-{profiler.steps[1]}: {table} (and the trace beside it)")
         if not math.isfinite(stats.loss):
             raise TrainingError(f"loss is {stats.loss} at step {done}; stopping without saving "
                                 f"(the last checkpoint in {run.ckpt_dir} is intact).")

@@ -78,6 +78,49 @@ def _dkdv_step(k, v, q, do, lse2, dl, qp, rmask, kk, kmask, kp0, dk, dv, scale_l
     return dk, dv, ds
 
 
+@triton.jit
+def _first_row_at(ENT, QPOS, r_lo, r_hi, thr, HW):
+    """First index in ``[r_lo, r_hi]`` whose entry's query position is ``>= thr`` (binary search;
+    the rows' positions are nondecreasing)."""
+    lo = r_lo
+    hi = r_hi
+    while lo < hi:
+        mid = (lo + hi) // 2
+        p = tl.load(QPOS + tl.load(ENT + mid) // HW)
+        if p >= thr:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+@triton.jit
+def _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, r0, r_hi, h, H, W, H0, k, v, kk, kmask, kp0, dk, dv,
+               stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, scale, scale_log2,
+               BM: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr, FUSE_DQ: tl.constexpr, PREC: tl.constexpr,
+               TRANS: tl.constexpr):
+    """Loads gathered rows ``[r0, r0 + BM)`` of one bucket and adds their dK/dV (and, with
+    ``FUSE_DQ``, their dQ by fp32 atomics into the launch's head chunk starting at ``H0``)."""
+    d = tl.arange(0, D)
+    rr = r0 + tl.arange(0, BM)
+    rmask = rr < r_hi
+    ent = tl.load(ENT + rr, mask=rmask, other=0)
+    t64 = (ent // (H * W)).to(tl.int64)
+    q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
+    do = tl.load(DO + t64[:, None] * stride_dot + h * stride_doh + d[None, :], mask=rmask[:, None], other=0.0)
+    lse2 = tl.load(LSE + t64 * H + h, mask=rmask, other=0.0) * 1.4426950408889634
+    lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
+    dl = tl.load(DELTA + t64 * H + h, mask=rmask, other=0.0)
+    qp = tl.load(QPOS + t64, mask=rmask, other=2147483647)
+    dk, dv, ds = _dkdv_step(k, v, q, do, lse2, dl, qp, rmask, kk, kmask, kp0, dk, dv, scale_log2, MASK, PREC, TRANS)
+    if FUSE_DQ:
+        dq = tl.dot(ds, k, input_precision=PREC) * scale
+        # DQ holds the launch's query heads only (fp32 scratch per head chunk).
+        tl.atomic_add(DQ + t64[:, None] * stride_dqt + (h - H0) * D + d[None, :], dq, mask=rmask[:, None],
+                      sem="relaxed")
+    return dk, dv
+
+
 # Head-chunk offsets and counts are not specialized: Triton would otherwise compile a variant
 # per chunk pattern (e.g. HK0 = 4 is not a multiple of 16, HKVC = 1 is specialized), and a
 # large call's first backward paid those compiles (run 5: FlashMoBA 512K's single timed
@@ -109,40 +152,32 @@ def _dkdv_kernel(
     v = tl.load(V + (ks + kk)[:, None] * stride_vt + hk * stride_vh + d[None, :], mask=kmask[:, None], other=0.0)
     dk = tl.zeros([BNB, D], dtype=tl.float32)
     dv = tl.zeros([BNB, D], dtype=tl.float32)
-    # A row tile that sees every key of this sub-tile (all rows of a past block) skips the mask.
-    full_keys = n0 + BNB <= kl
+    # A row at position >= thr sees every key of this sub-tile (keys past the block end are
+    # loaded as zeros and their dK/dV rows are never stored, so they need no mask either).
     thr = kp0 + n0 + BNB - 1
     for i in range(G):
         h = hk * G + i
         b = h * NBK + g
         r_lo = _ld(OFFS + b)
         r_hi = _ld(OFFS + b + 1)
-        for r0 in range(r_lo, r_hi, BM):
-            rr = r0 + tl.arange(0, BM)
-            rmask = rr < r_hi
-            ent = tl.load(ENT + rr, mask=rmask, other=0)
-            t64 = (ent // (H * W)).to(tl.int64)
-            q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
-            do = tl.load(DO + t64[:, None] * stride_dot + h * stride_doh + d[None, :], mask=rmask[:, None], other=0.0)
-            lse2 = tl.load(LSE + t64 * H + h, mask=rmask, other=0.0) * 1.4426950408889634
-            lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
-            dl = tl.load(DELTA + t64 * H + h, mask=rmask, other=0.0)
-            qp = tl.load(QPOS + t64, mask=rmask, other=2147483647)
-            if SPLIT:
-                if full_keys & (tl.min(qp, axis=0) >= thr):
-                    dk, dv, ds = _dkdv_step(k, v, q, do, lse2, dl, qp, rmask, kk, kmask, kp0, dk, dv, scale_log2,
-                                            False, PREC, TRANS)
-                else:
-                    dk, dv, ds = _dkdv_step(k, v, q, do, lse2, dl, qp, rmask, kk, kmask, kp0, dk, dv, scale_log2,
-                                            True, PREC, TRANS)
-            else:
-                dk, dv, ds = _dkdv_step(k, v, q, do, lse2, dl, qp, rmask, kk, kmask, kp0, dk, dv, scale_log2,
-                                        True, PREC, TRANS)
-            if FUSE_DQ:
-                dq = tl.dot(ds, k, input_precision=PREC) * scale
-                # DQ holds the launch's query heads only (fp32 scratch per head chunk).
-                tl.atomic_add(DQ + t64[:, None] * stride_dqt + (h - HK0 * G) * D + d[None, :], dq,
-                              mask=rmask[:, None], sem="relaxed")
+        r_mid = r_lo
+        if SPLIT:
+            # A bucket's rows are in token order, so by position (qpos is nondecreasing in
+            # token order within a document, and in a CP rank's zigzag order): the rows that
+            # need the causal mask come first. Two loops, each pipelined on its own; a branch
+            # per tile inside one loop measured 2x slower (it breaks the pipelining).
+            r_mid = _first_row_at(ENT, QPOS, r_lo, r_hi, thr, H * W)
+            r_mid = r_lo + tl.cdiv(r_mid - r_lo, BM) * BM
+        r_mask_end = r_mid if SPLIT else r_hi
+        for r0 in range(r_lo, r_mask_end, BM):
+            dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, r0, r_hi, h, H, W, HK0 * G, k, v, kk, kmask, kp0,
+                                dk, dv, stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, scale, scale_log2,
+                                BM, D, True, FUSE_DQ, PREC, TRANS)
+        if SPLIT:
+            for r0 in range(r_mid, r_hi, BM):
+                dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, r0, r_hi, h, H, W, HK0 * G, k, v, kk, kmask,
+                                    kp0, dk, dv, stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, scale,
+                                    scale_log2, BM, D, False, FUSE_DQ, PREC, TRANS)
     out_rows = (ks + kk)[:, None]  # rows of the contiguous fp32 [Tk, Hkv, D] grads
     HKV = H // G
     # Each (kv head, key rows) is owned by exactly one program, so dK/dV are written once,
@@ -228,6 +263,7 @@ def sparse_attn_bwd(
     kv_grad_dtype: torch.dtype = torch.float32,
     dq_dtype: torch.dtype = torch.float32,
     dq_acc: torch.Tensor | None = None,
+    sorted_positions: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`triton_attn_fwd.sparse_attn_fwd` given ``o``/``lse`` from outside.
 
@@ -242,6 +278,9 @@ def sparse_attn_bwd(
             and each chunk is cast into dq, so the scratch never costs a whole fp32 ``[Tq, Hq, D]``.
         dq_acc: optional contiguous fp32 ``[Tq, Hq, D]`` to add dQ into (context parallelism sums
             the partials of all sources there); returned as dq, ``dq_dtype`` is then ignored.
+        sorted_positions: the caller guarantees ``qpos`` is nondecreasing over the tokens of each
+            bucket (true of document positions); only then may ``cfg.split_mask`` take the
+            unmasked loop for the rows that see a whole key sub-tile.
     Returns:
         ``dq [Tq, Hq, D]`` in ``dq_dtype``, ``dk, dv [Tk, Hkv, D]`` in ``kv_grad_dtype``.
     """
@@ -296,7 +335,7 @@ def sparse_attn_bwd(
         _dkdv_kernel[(nkv * blocks.n, nsub)](
             q, k, v, do, lse, delta, qpos, gi.ent, gi.offs, gi.kv_order, blocks.kstart, blocks.kpos, blocks.klen,
             dq_c, dk, dv, *strides, dq_c.stride(0), hq, width, blocks.n, g_sz, hk0, nkv, softmax_scale, scale_log2,
-            BM=cfg.bm, BNB=bnb, D=d, FUSE_DQ=fuse_dq, PREC=prec, TRANS=cfg.trans, SPLIT=cfg.split_mask and not fuse_dq,
+            BM=cfg.bm, BNB=bnb, D=d, FUSE_DQ=fuse_dq, PREC=prec, TRANS=cfg.trans, SPLIT=cfg.split_mask and sorted_positions,
             num_warps=nw, num_stages=n_stages,
         )
         if not fuse_dq:

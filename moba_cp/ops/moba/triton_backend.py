@@ -154,7 +154,7 @@ def _attn_bwd_impl(do, dlse, q, k, v, o, lse, indices, index, cu_seqlens, block_
         gi = GatherIndex.from_flat(index, t, hq, w, blocks.n, k.shape[1], cfg.fwd.chunk)
     return sparse_attn_bwd(
         _c(do), q, k, v, o, lse, qpos, blocks, gi, w, softmax_scale, block_size, cfg.bwd, dlse=dlse,
-        kv_grad_dtype=k.dtype, dq_dtype=q.dtype,
+        kv_grad_dtype=k.dtype, dq_dtype=q.dtype, sorted_positions=True,  # document positions
     )
 
 

@@ -64,8 +64,9 @@ class BwdConfig:
     (0: ``bnb`` from the head dim); ``fuse_dq`` adds dQ by fp32 atomics in the dK/dV program
     (None: when a block needs <= 2 key sub-tiles), else the dQ kernel (``dq_bm`` rows,
     ``dq_bn`` keys per step; ``dq_bm`` divides the index's chunk) does. ``trans``: keys as the
-    M dimension of the dK/dV products. ``split_mask``: a gathered row tile that sees every key
-    of a sub-tile (every row of a past block) takes a branch without the causal mask.
+    M dimension of the dK/dV products. ``split_mask``: the rows of a bucket that see every key
+    of a sub-tile (rows of later blocks; found by a binary search on their positions) run in a
+    second loop without the causal mask (only where positions are sorted: the single-device op).
     ``dq_chunk_bytes``: largest fp32 dQ scratch when dq is
     returned in a half dtype (the backward then runs in chunks of KV heads)."""
 
@@ -175,9 +176,11 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
         # H200, d=64, 16/4 heads: partials on 128-row tiles, 4 warps, 3 stages: fwd 44.7 -> 22.5 ms
         # (128K, block 1024, top-k 12), 2.37 -> 1.65 ms (32K, block 512, top-k 3), 1.29 -> 1.06 ms
         # (4 x 8K, block 512, 6 heads). dK/dV on 128 keys x 32 gathered rows, 4 warps: bwd 106 ->
-        # 84 ms, 4.53 -> 3.98 ms, 1.70 -> 1.41 ms at the same three shapes.
+        # 84 ms, 4.53 -> 3.98 ms, 1.70 -> 1.41 ms at the same three shapes. The rows of later blocks
+        # in their own unmasked loop (split_mask): 85.5 -> 81.9, 4.06 -> 3.95, 1.33 -> 1.29 ms
+        # (moba_tune_h200_2026-12-03_bwd_split.log).
         fwd = FwdConfig(method="partials", bm=128, bn=64, chunk=128, num_warps=4, num_stages=3)
-        bwd = BwdConfig(bnb=128, bm=32, num_warps=4, num_stages=3, dq_bm=64, dq_bn=64)
+        bwd = BwdConfig(bnb=128, bm=32, split_mask=True, num_warps=4, num_stages=3, dq_bm=64, dq_bn=64)
         return KernelConfig(fwd=fwd, bwd=bwd)
     # d=128, blocks 256-1024: two passes on 64 x 64 tiles (H100 sweeps at blocks 128 and 512).
     return KernelConfig(fwd=FwdConfig(method="two_pass", bm=64, bn=64, chunk=256), bwd=bwd_old)

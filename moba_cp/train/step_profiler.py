@@ -1,0 +1,77 @@
+"""``logging.profile``: torch.profiler over a range of training steps.
+
+    moba-cp train RECIPE.yaml --logging.profile=[5,7]
+
+profiles steps 5, 6 and 7 (1-based, as the console counts them) on every rank and writes, under
+``RUN_DIR/profile/``:
+
+* ``rank{R}_steps{A}-{B}.trace.json``: a Chrome / Perfetto trace (open it in ui.perfetto.dev);
+* ``rank{R}_steps{A}-{B}.kernels.txt``: the operators and kernels sorted by their own device time
+  (CPU time on a CPU run), with the profiled wall time per step on top, so "where does a step's
+  time go" is a file to read, not a trace to click through.
+
+Steps outside the range run without the profiler (it costs host time while it records). The
+range is checked with the recipe (:func:`moba_cp.config.parse_profile_steps`), before any work starts.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+__all__ = ["StepProfiler"]
+
+
+class StepProfiler:
+    """Starts torch.profiler before step ``A`` and writes its results after step ``B``.
+
+    Args:
+        steps: ``(A, B)`` from :func:`moba_cp.config.parse_profile_steps`, or None (then every call is a no-op).
+        out_dir: where the files go (``RUN_DIR/profile``).
+        rank: this process's global rank (one pair of files per rank).
+        device: the training device (CUDA activity is recorded only on a GPU).
+    """
+
+    def __init__(self, steps: tuple[int, int] | None, out_dir: Path, rank: int, device: torch.device):
+        self.steps = steps
+        self.out_dir = Path(out_dir)
+        self.rank = rank
+        self.cuda = device.type == "cuda"
+        self._prof = None
+        self._t0 = 0.0
+
+    def before_step(self, done: int) -> None:
+        """Call before the step that will be number ``done`` (1-based)."""
+        if self.steps is None or done != self.steps[0]:
+            return
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        if self.cuda:
+            torch.cuda.synchronize()
+        self._prof = profile(activities=acts, record_shapes=False)
+        self._prof.__enter__()
+        self._t0 = time.perf_counter()
+
+    def after_step(self, done: int) -> Path | None:
+        """Call after step ``done``; after the last profiled step, writes the files and returns the table's path."""
+        if self._prof is None or done != self.steps[1]:
+            return None
+        if self.cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self._t0
+        self._prof.__exit__(None, None, None)
+        prof, self._prof = self._prof, None
+        a, b = self.steps
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        stem = self.out_dir / f"rank{self.rank}_steps{a}-{b}"
+        prof.export_chrome_trace(str(stem) + ".trace.json")
+        sort = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
+        n = b - a + 1
+        head = (f"steps {a}-{b} ({n} step{'s' if n > 1 else ''}) on rank {self.rank}: "
+                f"{wall * 1e3 / n:.2f} ms per step (wall, with the profiler on); sorted by {sort}\n\n")
+        table = prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=90)
+        path = Path(str(stem) + ".kernels.txt")
+        path.write_text(head + table + "\n")
+        return path
