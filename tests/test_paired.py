@@ -129,3 +129,25 @@ def test_scheduler_runs_a_paired_sweep_seed_by_seed(tmp_path):
     run_sweeps_parallel([load_sweep(f)], ["0"], dry_run=True, print_fn=lines.append)
     order = [ln.split("logging.dir=")[1].split("/")[-1] for ln in lines if "moba_cp.train" in ln]
     assert order[:2] == ["full-seed1", "full-seed2"]
+
+
+def test_deadline_prediction_uses_the_same_points_other_seeds(tmp_path):
+    """A full-attention point is predicted from its own finished seeds, not from the median over
+    MoBA points (whose fixed costs make their seconds per FLOP ~3x larger): the measured 32K case
+    (full 126 s for 18.9 PFLOP, MoBA 94 s for 4.3 PFLOP) predicted full at 7 min instead of 2.1."""
+    from moba_cp.experiments.scheduler import _Job, predict_seconds
+
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(dict(name="p", kind="scaling", base="recipes/quickstart.yaml", metric="loss",
+                                     seeds=[1, 2], reference="full", out_dir=str(tmp_path / "out"),
+                                     points=[{"name": "moba", "overrides": ["--attention.pattern=moba"]},
+                                             {"name": "full", "overrides": ["--attention.pattern=full"]}])))
+    spec = load_sweep(f)
+    pt = {p.name: p for p in spec.points}
+    full2, moba2 = _Job(spec, pt["full-seed2"], 18.9e15), _Job(spec, pt["moba-seed2"], 4.3e15)
+    assert predict_seconds(full2, {}) is None
+    rates = {("p", "full"): [126 / 18.9e15], ("p", "moba"): [94 / 4.3e15]}
+    assert abs(predict_seconds(full2, rates) - 126) < 1e-6 and abs(predict_seconds(moba2, rates) - 94) < 1e-6
+    # a group with no finished seed yet falls back to the median over all finished points
+    only_moba = {("p", "moba"): [94 / 4.3e15]}
+    assert abs(predict_seconds(full2, only_moba) - 18.9e15 * 94 / 4.3e15) < 1e-3

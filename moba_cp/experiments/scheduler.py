@@ -7,7 +7,8 @@ picks a free port, so jobs never meet). Data caches are shared safely: the built
 Megatron's index caches are built under file locks (``moba_cp.data``).
 
 ``deadline_s`` bounds the whole run (a lease, a SLURM allocation): a point is not started when the
-time it is predicted to take (its FLOPs at the median rate of the points finished so far) would pass the deadline,
+time it is predicted to take (:func:`predict_seconds`: its FLOPs at the rate of finished seeds of the
+same point, else at the median rate of all finished points) would pass the deadline,
 and at the deadline running points get SIGTERM: training finishes its step, saves a checkpoint
 (when ``checkpoint.save``) and stops, so a later ``moba-cp sweep`` resumes it. Finished points are
 exactly those with ``sweep_point.json``, as in the sequential runner.
@@ -28,7 +29,7 @@ import yaml
 from moba_cp.experiments.sweep import (SweepError, SweepPoint, SweepSpec, _finish_point, _point_commands, _run,
                                        _with_extra, collect_results, point_cost)
 
-__all__ = ["run_sweeps_parallel", "parse_gpus"]
+__all__ = ["run_sweeps_parallel", "parse_gpus", "predict_seconds"]
 
 
 @dataclass
@@ -50,6 +51,23 @@ def _pair_round(job: _Job) -> int:
     if not job.spec.reference or seed is None or int(seed) not in seeds:
         return 0
     return seeds.index(int(seed))
+
+
+def predict_seconds(job: _Job, rates: dict[tuple[str, str], list[float]]) -> float | None:
+    """Seconds ``job`` should take from the seconds per training FLOP of finished points, keyed by
+    (sweep, group): the median over the same group (the point's other seeds: same model, same
+    cost) when any finished, else over every finished point, else None (nothing to go by).
+
+    One rate for all points mispredicts: a MoBA point's fixed costs (start-up, evaluations) are a
+    larger share of its time than a full-attention point's, so after a MoBA point finished the
+    median predicted a full-attention point of a 32K sweep at 7 min where it took 2.1, and the
+    deadline skipped it while time was left.
+    """
+    same = rates.get((job.spec.name, job.point.group))
+    pool = same or [r for rs in rates.values() for r in rs]
+    if not pool:
+        return None
+    return job.cost * sorted(pool)[len(pool) // 2]
 
 
 def parse_gpus(text: str) -> list[str]:
@@ -103,7 +121,7 @@ def run_sweeps_parallel(specs: list[SweepSpec], gpus: list[str], *, deadline_s: 
     cond = threading.Condition()
     procs: dict = {}
     failures: list[str] = []
-    rates: list[float] = []  # seconds per training FLOP of finished points (train + evals)
+    rates: dict[tuple[str, str], list[float]] = {}  # (sweep, group) -> seconds per training FLOP (train + evals)
     print_lock = threading.Lock()
 
     def say(msg: str) -> None:
@@ -121,7 +139,7 @@ def run_sweeps_parallel(specs: list[SweepSpec], gpus: list[str], *, deadline_s: 
             summary = _finish_point(job.spec, job.point, run_dir)
             took = time.time() - start
             with cond:
-                rates.append(took / max(job.cost, 1.0))
+                rates.setdefault((job.spec.name, job.point.group), []).append(took / max(job.cost, 1.0))
             say(f"done {job.label} on GPU {','.join(ids)}: {job.spec.metric}={summary.get(job.spec.metric)} "
                 f"in {took:.0f}s ({job.cost / 1e15 / took * 1e3:.0f} TFLOP/s incl. start-up and evals)")
         except Exception as e:  # noqa: BLE001 - one point's failure must not stop the others
@@ -149,7 +167,7 @@ def run_sweeps_parallel(specs: list[SweepSpec], gpus: list[str], *, deadline_s: 
             while len(free) < job.spec.nproc:
                 cond.wait()
             elapsed = time.time() - t0
-            predicted = job.cost * sorted(rates)[len(rates) // 2] if rates else None  # median rate
+            predicted = predict_seconds(job, rates)
             if deadline_s and (elapsed >= deadline_s or (predicted and elapsed + predicted > deadline_s)):
                 skipped.append(job.label)
                 continue
