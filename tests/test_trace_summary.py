@@ -1,0 +1,37 @@
+"""benchmarks/trace_summary.py: busy/idle as the union of device intervals, kinds, and the diff."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import trace_summary  # noqa: E402
+
+
+def _trace(path, events):
+    path.write_text(json.dumps({"traceEvents": events}))
+    return str(path)
+
+
+def test_busy_is_the_union_of_overlapping_intervals_and_the_diff_names_the_kernels(tmp_path):
+    k = lambda name, ts, dur, cat="kernel": {"name": name, "cat": cat, "ts": ts, "dur": dur}  # noqa: E731
+    a = _trace(tmp_path / "a.json", [
+        k("_dkdv_kernel", 0, 100), k("_dq_kernel", 50, 100),  # overlap: 150 us busy, not 200
+        k("Memcpy DtoD", 300, 50, "gpu_memcpy"), k("ampere_gemm", 400, 100),
+        {"name": "aten::mm", "cat": "cpu_op", "ts": 0, "dur": 999},  # host events are not device time
+    ])
+    b = _trace(tmp_path / "b.json", [k("cudnn_fprop", 0, 200), k("ampere_gemm", 250, 100)])
+    span, busy, idle = trace_summary.busy_idle_ms(trace_summary.gpu_events(a))
+    assert (span, busy, idle) == (0.5, 0.3, 0.2)
+    kinds = [trace_summary.kind(e) for e in trace_summary.gpu_events(a)]
+    assert kinds == ["moba_cp triton", "moba_cp triton", "memcpy", "other"]
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/trace_summary.py"), a, b], capture_output=True,
+                         text=True, check=True).stdout
+    assert "span 0.5 ms, GPU busy 0.3 ms, idle 0.2 ms" in out
+    lines = out.splitlines()
+    diff = lines[lines.index(next(x for x in lines if x.startswith("kernels by total time"))) + 1:]
+    assert diff[0].split()[0] == "-0.20" and diff[0].endswith("cudnn_fprop")  # largest |difference| first
+    assert any(x.split()[0] == "+0.00" and x.endswith("ampere_gemm") for x in diff)
