@@ -384,6 +384,9 @@ TUNE_BWD = [
     {"dq_bm": 128, "dq_bn": 64, "dq_warps": 8, "dq_stages": 3},
     {"dq_bm": 64, "dq_bn": 64, "dq_warps": 4, "dq_stages": 3},
     {"split_mask": True},
+    {"split_mask": True, "gather_rows": True},
+    {"split_mask": True, "gather_rows": True, "bm": 64, "num_warps": 8},
+    {"split_mask": True, "gather_rows": True, "num_stages": 4},
 ]
 TUNE_GATE = [{}, {"num_warps": 8}, {"bm": 128, "num_warps": 8}, {"bm": 128, "num_warps": 4}, {"bm": 64, "bn": 128},
              {"bm": 32, "num_warps": 4}, {"bn": 32, "num_warps": 4}]

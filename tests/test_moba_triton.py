@@ -136,7 +136,8 @@ def test_block_attn_fwd_bwd_matches_naive(case, config=None):
 # Every kernel path on small tiles: several key sub-tiles per block (online softmax across
 # them; unmasked sub-tiles for past blocks, masked ones on the diagonal and at a short last
 # block), several row tiles per program chunk, partials written per head chunk, the separate
-# and the fused dQ, the dK/dV mask branch on and off, and the one-pass forward.
+# and the fused dQ, the dK/dV mask split on and off, rows read through the index or from their
+# copy in bucket order (one KV head per chunk), and the one-pass forward.
 SMALL = dict(bm=16, bn=16, chunk=32, num_warps=4, num_stages=2)
 PATH_CONFIGS = {
     "partials": KernelConfig(FwdConfig(method="partials", **SMALL),
@@ -148,6 +149,11 @@ PATH_CONFIGS = {
                                                           dq_bn=16)),
     "partials-fused-dq-split-mask": KernelConfig(FwdConfig(method="partials", **SMALL),
                                                  BwdConfig(bnb=16, bm=16, fuse_dq=True, split_mask=True)),
+    "gathered-rows-split-kv-chunks": KernelConfig(FwdConfig(method="partials", **SMALL),
+                                                  BwdConfig(bnb=16, bm=16, fuse_dq=False, split_mask=True,
+                                                            gather_rows=True, dq_chunk_bytes=1, dq_bm=16, dq_bn=16)),
+    "gathered-rows-fused-dq": KernelConfig(FwdConfig(method="two_pass", **SMALL),
+                                           BwdConfig(bnb=16, bm=16, fuse_dq=True, gather_rows=True)),
     "two-pass-untransposed": KernelConfig(FwdConfig(method="two_pass", **SMALL),
                                           BwdConfig(bnb=32, bm=16, fuse_dq=True, trans=False)),
     "one-pass": KernelConfig(FwdConfig(method="one_pass", bm=16, bn=16, chunk=32, qchunk=32),
@@ -162,7 +168,7 @@ def test_kernel_paths_match_naive(name):
     test_block_attn_fwd_bwd_matches_naive((130, 4, 2, 16, 48, 3, [20, 110]), config=PATH_CONFIGS[name])
 
 
-@pytest.mark.parametrize("name", ["partials", "one-pass", "two-pass-unfused-split-mask"])
+@pytest.mark.parametrize("name", ["partials", "one-pass", "two-pass-unfused-split-mask", "gathered-rows-split-kv-chunks"])
 def test_kernel_paths_head_dim_64_and_empty_doc(name):
     """Head dim 64, an empty document, and top-k larger than a document's blocks."""
     test_block_attn_fwd_bwd_matches_naive((150, 2, 1, 64, 32, 3, [40, 0, 110]), config=PATH_CONFIGS[name])

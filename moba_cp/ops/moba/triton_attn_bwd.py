@@ -45,6 +45,35 @@ def _delta_kernel(DO, O, DELTA, n_rows, stride_dot, stride_doh, stride_ot, strid
 
 
 @triton.jit
+def _gather_rows_kernel(Q, DO, LSE, DELTA, QPOS, ENT, OFFS, QG, DOG, LSE2G, DLG, QPG,
+                        stride_qt, stride_qh, stride_dot, stride_doh, H, W, B0, B1,
+                        BR: tl.constexpr, D: tl.constexpr):
+    # The rows of buckets [B0, B1) (one chunk of KV heads) in bucket order, so the dK/dV loop
+    # reads contiguous tiles: q and do rows, lse * log2(e) (-inf -> 0), delta and the position.
+    e0 = _ld(OFFS + B0)
+    e1 = _ld(OFFS + B1)
+    if e0 + tl.program_id(0) * BR >= e1:
+        return
+    i = tl.program_id(0) * BR + tl.arange(0, BR)
+    r = e0 + i
+    m = r < e1
+    ent = tl.load(ENT + r, mask=m, other=0)
+    t64 = (ent // (H * W)).to(tl.int64)
+    h = (ent // W) % H
+    d = tl.arange(0, D)
+    q = tl.load(Q + t64[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :], mask=m[:, None], other=0.0)
+    do = tl.load(DO + t64[:, None] * stride_dot + h[:, None] * stride_doh + d[None, :], mask=m[:, None], other=0.0)
+    lse2 = tl.load(LSE + t64 * H + h, mask=m, other=0.0) * 1.4426950408889634
+    lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
+    i64 = i.to(tl.int64)
+    tl.store(QG + i64[:, None] * D + d[None, :], q, mask=m[:, None])
+    tl.store(DOG + i64[:, None] * D + d[None, :], do, mask=m[:, None])
+    tl.store(LSE2G + i64, lse2, mask=m)
+    tl.store(DLG + i64, tl.load(DELTA + t64 * H + h, mask=m, other=0.0), mask=m)
+    tl.store(QPG + i64, tl.load(QPOS + t64, mask=m, other=0), mask=m)
+
+
+@triton.jit
 def _dkdv_step(k, v, q, do, lse2, dl, qp, rmask, kk, kmask, kp0, dk, dv, scale_log2,
                MASK: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr):
     """dK/dV of one key sub-tile from one gathered row tile; returns dS for a fused dQ.
@@ -79,14 +108,17 @@ def _dkdv_step(k, v, q, do, lse2, dl, qp, rmask, kk, kmask, kp0, dk, dv, scale_l
 
 
 @triton.jit
-def _first_row_at(ENT, QPOS, r_lo, r_hi, thr, HW):
+def _first_row_at(ENT, QPOS, QPG, e0, r_lo, r_hi, thr, HW, GATHERED: tl.constexpr):
     """First index in ``[r_lo, r_hi]`` whose entry's query position is ``>= thr`` (binary search;
-    the rows' positions are nondecreasing)."""
+    the rows' positions are nondecreasing). ``GATHERED``: positions read from ``QPG[r - e0]``."""
     lo = r_lo
     hi = r_hi
     while lo < hi:
         mid = (lo + hi) // 2
-        p = tl.load(QPOS + tl.load(ENT + mid) // HW)
+        if GATHERED:
+            p = tl.load(QPG + (mid - e0))
+        else:
+            p = tl.load(QPOS + tl.load(ENT + mid) // HW)
         if p >= thr:
             hi = mid
         else:
@@ -95,25 +127,37 @@ def _first_row_at(ENT, QPOS, r_lo, r_hi, thr, HW):
 
 
 @triton.jit
-def _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, r0, r_hi, h, H, W, H0, k, v, kk, kmask, kp0, dk, dv,
-               stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, scale, scale_log2,
+def _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, LSE2G, DLG, QPG, e0, r0, r_hi, h, H, W, H0, k, v, kk,
+               kmask, kp0, dk, dv, stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, scale, scale_log2,
                BM: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr, FUSE_DQ: tl.constexpr, PREC: tl.constexpr,
-               TRANS: tl.constexpr):
+               TRANS: tl.constexpr, GATHERED: tl.constexpr):
     """Loads gathered rows ``[r0, r0 + BM)`` of one bucket and adds their dK/dV (and, with
-    ``FUSE_DQ``, their dQ by fp32 atomics into the launch's head chunk starting at ``H0``)."""
+    ``FUSE_DQ``, their dQ by fp32 atomics into the launch's head chunk starting at ``H0``).
+    ``GATHERED``: the rows were copied in bucket order (``_gather_rows_kernel``; row ``r`` at
+    ``r - e0``), so the loads are contiguous tiles with no index lookup in the loop."""
     d = tl.arange(0, D)
     rr = r0 + tl.arange(0, BM)
     rmask = rr < r_hi
-    ent = tl.load(ENT + rr, mask=rmask, other=0)
-    t64 = (ent // (H * W)).to(tl.int64)
-    q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
-    do = tl.load(DO + t64[:, None] * stride_dot + h * stride_doh + d[None, :], mask=rmask[:, None], other=0.0)
-    lse2 = tl.load(LSE + t64 * H + h, mask=rmask, other=0.0) * 1.4426950408889634
-    lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
-    dl = tl.load(DELTA + t64 * H + h, mask=rmask, other=0.0)
-    qp = tl.load(QPOS + t64, mask=rmask, other=2147483647)
+    if GATHERED:
+        lr = (rr - e0).to(tl.int64)
+        q = tl.load(QG + lr[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
+        do = tl.load(DOG + lr[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
+        lse2 = tl.load(LSE2G + lr, mask=rmask, other=0.0)
+        dl = tl.load(DLG + lr, mask=rmask, other=0.0)
+        qp = tl.load(QPG + lr, mask=rmask, other=2147483647)
+    else:
+        ent = tl.load(ENT + rr, mask=rmask, other=0)
+        t64 = (ent // (H * W)).to(tl.int64)
+        q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
+        do = tl.load(DO + t64[:, None] * stride_dot + h * stride_doh + d[None, :], mask=rmask[:, None], other=0.0)
+        lse2 = tl.load(LSE + t64 * H + h, mask=rmask, other=0.0) * 1.4426950408889634
+        lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
+        dl = tl.load(DELTA + t64 * H + h, mask=rmask, other=0.0)
+        qp = tl.load(QPOS + t64, mask=rmask, other=2147483647)
     dk, dv, ds = _dkdv_step(k, v, q, do, lse2, dl, qp, rmask, kk, kmask, kp0, dk, dv, scale_log2, MASK, PREC, TRANS)
     if FUSE_DQ:
+        if GATHERED:
+            t64 = (tl.load(ENT + rr, mask=rmask, other=0) // (H * W)).to(tl.int64)
         dq = tl.dot(ds, k, input_precision=PREC) * scale
         # DQ holds the launch's query heads only (fp32 scratch per head chunk).
         tl.atomic_add(DQ + t64[:, None] * stride_dqt + (h - H0) * D + d[None, :], dq, mask=rmask[:, None],
@@ -128,11 +172,11 @@ def _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, r0, r_hi, h, H, W, H0, k, v, kk
 # likely cause, not verified on the GPU).
 @triton.jit(do_not_specialize=["HK0", "HKVC"])
 def _dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, QPOS, ENT, OFFS, ORDER, KSTART, KPOS, KLEN, DQ, DK, DV,
+    Q, K, V, DO, LSE, DELTA, QPOS, ENT, OFFS, ORDER, KSTART, KPOS, KLEN, DQ, DK, DV, QG, DOG, LSE2G, DLG, QPG,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, H, W, NBK, G, HK0, HKVC, scale, scale_log2,
     BM: tl.constexpr, BNB: tl.constexpr, D: tl.constexpr, FUSE_DQ: tl.constexpr, PREC: tl.constexpr,
-    TRANS: tl.constexpr, SPLIT: tl.constexpr,
+    TRANS: tl.constexpr, SPLIT: tl.constexpr, GATHERED: tl.constexpr,
 ):
     # KV heads [HK0, HK0 + HKVC) of this launch; the j-th longest blocks of all of them run
     # side by side (programs in decreasing-work order, heads interleaved).
@@ -152,6 +196,7 @@ def _dkdv_kernel(
     v = tl.load(V + (ks + kk)[:, None] * stride_vt + hk * stride_vh + d[None, :], mask=kmask[:, None], other=0.0)
     dk = tl.zeros([BNB, D], dtype=tl.float32)
     dv = tl.zeros([BNB, D], dtype=tl.float32)
+    e0 = _ld(OFFS + HK0 * G * NBK)  # first row of this launch's buckets (row 0 of the gathered copy)
     # A row at position >= thr sees every key of this sub-tile (keys past the block end are
     # loaded as zeros and their dK/dV rows are never stored, so they need no mask either).
     thr = kp0 + n0 + BNB - 1
@@ -166,18 +211,19 @@ def _dkdv_kernel(
             # token order within a document, and in a CP rank's zigzag order): the rows that
             # need the causal mask come first. Two loops, each pipelined on its own; a branch
             # per tile inside one loop measured 2x slower (it breaks the pipelining).
-            r_mid = _first_row_at(ENT, QPOS, r_lo, r_hi, thr, H * W)
+            r_mid = _first_row_at(ENT, QPOS, QPG, e0, r_lo, r_hi, thr, H * W, GATHERED)
             r_mid = r_lo + tl.cdiv(r_mid - r_lo, BM) * BM
         r_mask_end = r_mid if SPLIT else r_hi
         for r0 in range(r_lo, r_mask_end, BM):
-            dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, r0, r_hi, h, H, W, HK0 * G, k, v, kk, kmask, kp0,
-                                dk, dv, stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, scale, scale_log2,
-                                BM, D, True, FUSE_DQ, PREC, TRANS)
+            dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, LSE2G, DLG, QPG, e0, r0, r_hi, h, H, W,
+                                HK0 * G, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh, stride_dot, stride_doh,
+                                stride_dqt, scale, scale_log2, BM, D, True, FUSE_DQ, PREC, TRANS, GATHERED)
         if SPLIT:
             for r0 in range(r_mid, r_hi, BM):
-                dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, r0, r_hi, h, H, W, HK0 * G, k, v, kk, kmask,
-                                    kp0, dk, dv, stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, scale,
-                                    scale_log2, BM, D, False, FUSE_DQ, PREC, TRANS)
+                dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, LSE2G, DLG, QPG, e0, r0, r_hi, h, H,
+                                    W, HK0 * G, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh, stride_dot,
+                                    stride_doh, stride_dqt, scale, scale_log2, BM, D, False, FUSE_DQ, PREC, TRANS,
+                                    GATHERED)
     out_rows = (ks + kk)[:, None]  # rows of the contiguous fp32 [Tk, Hkv, D] grads
     HKV = H // G
     # Each (kv head, key rows) is owned by exactly one program, so dK/dV are written once,
@@ -243,6 +289,25 @@ def _dq_kernel(
                           stride_kt, stride_kh, stride_vt, stride_vh, dq, scale_log2, D, True, PREC)
         tl.atomic_add(DQ + t64[:, None] * stride_dqt + (h - H0) * D + d[None, :], dq * scale, mask=rmask[:, None],
                       sem="relaxed")
+
+
+def _gathered_rows(q, do, lse, delta, qpos, gi: GatherIndex, hq: int, width: int, nbk: int, h0: int, hc: int,
+                   n_rows: int, d: int):
+    """Copies of the rows of query heads ``[h0, h0 + hc)`` in bucket order (see
+    ``_gather_rows_kernel``): ``(qg, dog [n_rows, D], lse2g, dlg [n_rows] fp32, qpg [n_rows] int32)``,
+    ``n_rows`` a static bound (the used prefix is ``offs[(h0 + hc) * nbk] - offs[h0 * nbk]``)."""
+    dev = q.device
+    qg = torch.empty(n_rows, d, dtype=q.dtype, device=dev)
+    dog = torch.empty(n_rows, d, dtype=do.dtype, device=dev)
+    lse2g = torch.empty(n_rows, dtype=torch.float32, device=dev)
+    dlg = torch.empty(n_rows, dtype=torch.float32, device=dev)
+    qpg = torch.empty(n_rows, dtype=torch.int32, device=dev)
+    br = 64
+    _gather_rows_kernel[(triton.cdiv(n_rows, br),)](
+        q, do, lse, delta, qpos, gi.ent, gi.offs, qg, dog, lse2g, dlg, qpg, q.stride(0), q.stride(1), do.stride(0),
+        do.stride(1), hq, width, h0 * nbk, (h0 + hc) * nbk, BR=br, D=d, num_warps=4,
+    )
+    return qg, dog, lse2g, dlg, qpg
 
 
 def sparse_attn_bwd(
@@ -325,19 +390,27 @@ def sparse_attn_bwd(
         raise ValueError(f"sparse_attn_bwd: dq_bm={cfg.dq_bm} must divide the gather index's chunk {gi.chunk}")
     scale_log2 = softmax_scale * LOG2E
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
-    # KV heads per chunk: all at once when dq is fp32 (written in place) or its scratch is small.
+    # KV heads per chunk: all at once when dq is fp32 (written in place) or its scratch is small,
+    # and (gather_rows) few enough that one chunk's copied rows fit the same bound.
     n_chunks = 1 if fp32_dq else min(hkv, max(1, -(-tq * hq * d * 4 // cfg.dq_chunk_bytes)))
+    rows_per_kv = tq * g_sz * width  # static bound on one KV head's gathered rows
+    row_bytes = 2 * d * q.element_size() + 12
+    if cfg.gather_rows:
+        n_chunks = max(n_chunks, min(hkv, max(1, -(-rows_per_kv * hkv * row_bytes // cfg.dq_chunk_bytes))))
     hkc = -(-hkv // n_chunks)
     for hk0 in range(0, hkv, hkc):
         nkv = min(hkc, hkv - hk0)
         h0, hc = hk0 * g_sz, nkv * g_sz
         dq_c = dq[:, h0:h0 + hc] if fp32_dq else torch.zeros(tq, hc, d, dtype=torch.float32, device=dev)
+        rows = _gathered_rows(q, do, lse, delta, qpos, gi, hq, width, blocks.n, h0, hc, rows_per_kv * nkv, d) \
+            if cfg.gather_rows else (q, q, lse, lse, qpos)  # unused stand-ins when not gathered
         _dkdv_kernel[(nkv * blocks.n, nsub)](
             q, k, v, do, lse, delta, qpos, gi.ent, gi.offs, gi.kv_order, blocks.kstart, blocks.kpos, blocks.klen,
-            dq_c, dk, dv, *strides, dq_c.stride(0), hq, width, blocks.n, g_sz, hk0, nkv, softmax_scale, scale_log2,
-            BM=cfg.bm, BNB=bnb, D=d, FUSE_DQ=fuse_dq, PREC=prec, TRANS=cfg.trans, SPLIT=cfg.split_mask and sorted_positions,
-            num_warps=nw, num_stages=n_stages,
+            dq_c, dk, dv, *rows, *strides, dq_c.stride(0), hq, width, blocks.n, g_sz, hk0, nkv, softmax_scale,
+            scale_log2, BM=cfg.bm, BNB=bnb, D=d, FUSE_DQ=fuse_dq, PREC=prec, TRANS=cfg.trans,
+            SPLIT=cfg.split_mask and sorted_positions, GATHERED=cfg.gather_rows, num_warps=nw, num_stages=n_stages,
         )
+        del rows
         if not fuse_dq:
             n_tiles = tq * hc * width // gi.chunk + hc * blocks.n + 1  # static bound for these heads
             _dq_kernel[(n_tiles,)](

@@ -67,6 +67,9 @@ class BwdConfig:
     M dimension of the dK/dV products. ``split_mask``: the rows of a bucket that see every key
     of a sub-tile (rows of later blocks; found by a binary search on their positions) run in a
     second loop without the causal mask (only where positions are sorted: the single-device op).
+    ``gather_rows``: before the dK/dV kernel, copy each KV-head chunk's rows (q, do, lse, delta,
+    position) in bucket order, so its loop loads contiguous tiles instead of looking up every
+    row through the index (the chunk's copy counts against ``dq_chunk_bytes`` too).
     ``dq_chunk_bytes``: largest fp32 dQ scratch when dq is
     returned in a half dtype (the backward then runs in chunks of KV heads)."""
 
@@ -75,6 +78,7 @@ class BwdConfig:
     fuse_dq: bool | None = None
     trans: bool = True
     split_mask: bool = False
+    gather_rows: bool = False
     num_warps: int = 0
     num_stages: int = 0
     dq_bm: int = 64
