@@ -11,7 +11,10 @@ Kernels, both over the same gather index as the forward:
   block, so dK/dV of a sub-tile live in registers and are stored once, without atomics and
   without repeating K/V per query head. Programs are ordered by decreasing entry count
   (longest first). With ``FUSE_DQ`` (the block fits in a few sub-tiles) the same program also
-  adds ``dS K`` into an fp32 dQ buffer with atomics.
+  adds ``dS K`` into an fp32 dQ buffer with atomics. ``SPLIT``: the rows that see the whole
+  sub-tile (found by a binary search on sorted positions) run in a second loop without the
+  causal mask. ``GATHERED``: the rows are read from a copy in bucket order
+  (``_gather_rows_kernel``, one chunk of KV heads at a time) instead of through the index.
 * ``_dq_kernel`` (large blocks): one program per forward tile (``BM`` entries of one bucket),
   looping over the block's key sub-tiles and adding one dQ row per entry atomically, so a
   4096-key block costs one atomic row per entry instead of 4096/BNB.
@@ -207,9 +210,9 @@ def _dkdv_kernel(
         r_hi = _ld(OFFS + b + 1)
         r_mid = r_lo
         if SPLIT:
-            # A bucket's rows are in token order, so by position (qpos is nondecreasing in
-            # token order within a document, and in a CP rank's zigzag order): the rows that
-            # need the causal mask come first. Two loops, each pipelined on its own; a branch
+            # A bucket's rows are in token order, so by position where the caller says
+            # positions are sorted (sorted_positions: documents): the rows that need the
+            # causal mask come first. Two loops, each pipelined on its own; a branch
             # per tile inside one loop measured 2x slower (it breaks the pipelining).
             r_mid = _first_row_at(ENT, QPOS, QPG, e0, r_lo, r_hi, thr, H * W, GATHERED)
             r_mid = r_lo + tl.cdiv(r_mid - r_lo, BM) * BM
