@@ -111,6 +111,22 @@ def _dkdv_step(k, v, q, do, lse2, dl, qp, rmask, kk, kmask, kp0, dk, dv, scale_l
 
 
 @triton.jit
+def _load_rows(Q, DO, LSE, DELTA, QPOS, ENT, rr, rmask, h, H, W, stride_qt, stride_qh, stride_dot, stride_doh,
+               D: tl.constexpr):
+    """Gathered rows ``rr`` of query head ``h`` through the index: ``(t, q, do, lse * log2 e
+    (-inf -> 0), delta, position)``; masked rows read zeros (position: int32 max)."""
+    d = tl.arange(0, D)
+    t64 = (tl.load(ENT + rr, mask=rmask, other=0) // (H * W)).to(tl.int64)
+    q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
+    do = tl.load(DO + t64[:, None] * stride_dot + h * stride_doh + d[None, :], mask=rmask[:, None], other=0.0)
+    lse2 = tl.load(LSE + t64 * H + h, mask=rmask, other=0.0) * 1.4426950408889634
+    lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
+    dl = tl.load(DELTA + t64 * H + h, mask=rmask, other=0.0)
+    qp = tl.load(QPOS + t64, mask=rmask, other=2147483647)
+    return t64, q, do, lse2, dl, qp
+
+
+@triton.jit
 def _first_row_at(ENT, QPOS, QPG, e0, r_lo, r_hi, thr, HW, GATHERED: tl.constexpr):
     """First index in ``[r_lo, r_hi]`` whose entry's query position is ``>= thr`` (binary search;
     the rows' positions are nondecreasing). ``GATHERED``: positions read from ``QPG[r - e0]``."""
@@ -149,14 +165,8 @@ def _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, LSE2G, DLG, QPG, e0, r
         dl = tl.load(DLG + lr, mask=rmask, other=0.0)
         qp = tl.load(QPG + lr, mask=rmask, other=2147483647)
     else:
-        ent = tl.load(ENT + rr, mask=rmask, other=0)
-        t64 = (ent // (H * W)).to(tl.int64)
-        q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
-        do = tl.load(DO + t64[:, None] * stride_dot + h * stride_doh + d[None, :], mask=rmask[:, None], other=0.0)
-        lse2 = tl.load(LSE + t64 * H + h, mask=rmask, other=0.0) * 1.4426950408889634
-        lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
-        dl = tl.load(DELTA + t64 * H + h, mask=rmask, other=0.0)
-        qp = tl.load(QPOS + t64, mask=rmask, other=2147483647)
+        t64, q, do, lse2, dl, qp = _load_rows(Q, DO, LSE, DELTA, QPOS, ENT, rr, rmask, h, H, W, stride_qt, stride_qh,
+                                              stride_dot, stride_doh, D)
     dk, dv, ds = _dkdv_step(k, v, q, do, lse2, dl, qp, rmask, kk, kmask, kp0, dk, dv, scale_log2, MASK, PREC, TRANS)
     if FUSE_DQ:
         if GATHERED:
@@ -274,14 +284,8 @@ def _dq_kernel(
     for r0 in range(c0, c1, BM):
         rr = r0 + tl.arange(0, BM)
         rmask = rr < c1
-        ent = tl.load(ENT + rr, mask=rmask, other=0)
-        t64 = (ent // (H * W)).to(tl.int64)
-        q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
-        do = tl.load(DO + t64[:, None] * stride_dot + h * stride_doh + d[None, :], mask=rmask[:, None], other=0.0)
-        lse2 = tl.load(LSE + t64 * H + h, mask=rmask, other=0.0) * 1.4426950408889634
-        lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
-        dl = tl.load(DELTA + t64 * H + h, mask=rmask, other=0.0)
-        qp = tl.load(QPOS + t64, mask=rmask, other=0)
+        t64, q, do, lse2, dl, qp = _load_rows(Q, DO, LSE, DELTA, QPOS, ENT, rr, rmask, h, H, W, stride_qt, stride_qh,
+                                              stride_dot, stride_doh, D)
         dq = tl.zeros([BM, D], dtype=tl.float32)
         n_full, n_hi = _key_span(qp, rmask, kp0, kl, BN)
         for n0 in range(0, n_full, BN):
