@@ -235,7 +235,19 @@ def test_parallel_scheduler_deadline_stops_and_resumes(tmp_path):
     assert f"resumed from {saved[0]} (step {step})" in (run / "sweep.log").read_text()
 
 
-def test_sweep_cli_errors(tmp_path):
+def _cli_in_process(capsys, *args):
+    """``moba-cp ARGS`` in this process: (exit code, stderr)."""
+    from moba_cp.cli import main
+
+    capsys.readouterr()
+    try:
+        code, extra = main(list(args)), ""
+    except SystemExit as e:  # argparse errors (a code), or a message the interpreter would print, exit 1
+        code, extra = (e.code, "") if isinstance(e.code, int) else (1, str(e.code))
+    return code, capsys.readouterr().err + extra
+
+
+def test_sweep_cli_errors(tmp_path, capsys):
     a = _toy_sweep_file(tmp_path, "e")
     bad = tmp_path / "bad.yaml"
     bad.write_text(Path(_toy_sweep_file(tmp_path, "n", evals=True)).read_text().replace("384,512", "128,512"))
@@ -244,11 +256,10 @@ def test_sweep_cli_errors(tmp_path):
     bad.write_text(Path(_toy_sweep_file(tmp_path, "k", evals=True)).read_text().replace("kinds: passkey", "kinds: haystack"))
     with pytest.raises(SweepError, match=r"eval_needle.kinds: 'haystack': unknown \['haystack'\]; choose from passkey"):
         load_sweep(bad)
-    proc = _cli("sweep", str(a), "--gpus", "0,0")
-    assert proc.returncode == 2 and "distinct device numbers" in proc.stderr
-    proc = _cli("sweep", str(a), "--deadline-min", "3")
-    assert proc.returncode == 2 and "--deadline-min needs --gpus" in proc.stderr
-    proc = _cli("sweep", str(a), "stray.yaml")
-    assert proc.returncode == 2 and "sweep file 'stray.yaml' does not exist" in proc.stderr
-    proc = _cli("sweep", str(a), "--stray")
-    assert proc.returncode != 0 and "unexpected arguments ['--stray']" in proc.stderr
+    # the command's argument errors, in this process (each a subprocess cost ~6 s of imports)
+    for args, message, want in [(["--gpus", "0,0"], "distinct device numbers", 2),
+                                (["--deadline-min", "3"], "--deadline-min needs --gpus", 2),
+                                (["stray.yaml"], "sweep file 'stray.yaml' does not exist", 2),
+                                (["--stray"], "unexpected arguments ['--stray']", 1)]:
+        code, err = _cli_in_process(capsys, "sweep", str(a), *args)
+        assert code == want and message in err, (args, code, err)
