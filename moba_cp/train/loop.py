@@ -242,9 +242,7 @@ def _train_steps(run: _Run, start_step: int, state: RunDirState) -> TrainResult:
         done = step + 1
         profiler.before_step(done)
         stats = _train_step(run, step)
-        table = profiler.after_step(done)
-        if table is not None:
-            run.say(f"profile of steps {profiler.steps[0]}-{profiler.steps[1]}: {table} (and the trace beside it)")
+        _say_profile(run, profiler, done, profiler.after_step(done))
         if not math.isfinite(stats.loss):
             raise TrainingError(f"loss is {stats.loss} at step {done}; stopping without saving "
                                 f"(the last checkpoint in {run.ckpt_dir} is intact).")
@@ -253,6 +251,7 @@ def _train_steps(run: _Run, start_step: int, state: RunDirState) -> TrainResult:
         if cfg.eval.interval and done % cfg.eval.interval == 0:
             _log_validation(run, done)
         if done < steps and run.stop.agreed():
+            _say_profile(run, profiler, done, profiler.after_step(done, stopping=True))  # the steps it profiled
             _stop_after(run, done)
             return run.result(done, stopped=True)
         if cfg.checkpoint.save and cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0 and done < steps:
@@ -325,6 +324,11 @@ def _save(run: _Run, step: int) -> Path:
         meta={"recipe": cfg.name, "tp": env.tp, "cp": env.cp, "dp": env.dp,
               "distributed_optimizer": cfg.parallel.distributed_optimizer, "config": to_dict(cfg)},
         keep_last=cfg.checkpoint.keep_last)
+
+
+def _say_profile(run: _Run, profiler: StepProfiler, done: int, table: Path | None) -> None:
+    if table is not None:
+        run.say(f"profile of steps {profiler.steps[0]}-{done}: {table} (and the trace beside it)")
 
 
 def _stop_after(run: _Run, done: int) -> None:

@@ -54,16 +54,18 @@ class StepProfiler:
         self._prof.__enter__()
         self._t0 = time.perf_counter()
 
-    def after_step(self, done: int) -> Path | None:
-        """Call after step ``done``; after the last profiled step, writes the files and returns the table's path."""
-        if self._prof is None or done != self.steps[1]:
+    def after_step(self, done: int, stopping: bool = False) -> Path | None:
+        """Call after step ``done``; after the last profiled step (or the last step before a
+        requested stop, so a stopped run keeps the steps it profiled), writes the files and
+        returns the table's path."""
+        if self._prof is None or (done != self.steps[1] and not stopping):
             return None
         if self.cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - self._t0
         self._prof.__exit__(None, None, None)
         prof, self._prof = self._prof, None
-        a, b = self.steps
+        a, b = self.steps[0], done
         self.out_dir.mkdir(parents=True, exist_ok=True)
         stem = self.out_dir / f"rank{self.rank}_steps{a}-{b}"
         prof.export_chrome_trace(str(stem) + ".trace.json")
