@@ -26,3 +26,25 @@ def test_gpu_bf16_granularity_shapes(block):
     q, k, v = _inputs(T, 6, 6, 64, torch.bfloat16, seed=block, device="cuda")
     idx = naive.select_blocks(q, k, block_size=block, topk=topk)
     check_bf16_fwd_bwd(q, k, v, idx, block_size=block, cu_seqlens=None, softmax_scale=0.125)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gather_rows", [False, True])
+def test_gpu_bf16_training_shape_backward_variants(gather_rows):
+    """The recipes' head shape (d=64, 16/4 heads, block 512, top-k 3, two documents) through the
+    shape's default tiling with the dK/dV mask split, and with the rows copied in bucket order
+    (``gather_rows``, one KV head per chunk), against the naive oracle at bf16."""
+    from moba_cp.ops.moba.triton_config import choose_config
+
+    docs = [2500, 1596]
+    cu = torch.tensor([0, docs[0], sum(docs)], dtype=torch.int32, device="cuda")
+    q, k, v = _inputs(sum(docs), 16, 4, 64, torch.bfloat16, seed=7, device="cuda")
+    idx = naive.select_blocks(q, k, block_size=512, topk=3, cu_seqlens=cu)
+    cfg = choose_config(512, 64, 4, sum(docs))
+    assert cfg.bwd.split_mask
+    cfg = cfg.replace(bwd={"gather_rows": gather_rows, "dq_chunk_bytes": 1})
+
+    def block_attn(*args, **kw):
+        return tb.block_attn(*args, config=cfg, **kw)
+
+    check_bf16_fwd_bwd(q, k, v, idx, block_size=512, cu_seqlens=cu, softmax_scale=0.125, fn=block_attn)

@@ -482,9 +482,10 @@ def test_gpu_bf16_real_sizes(d, hq, hkv, b, topk):
     check_bf16_fwd_bwd(q, k, v, idx_n, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5)
 
 
-def check_bf16_fwd_bwd(q, k, v, idx, *, block_size, cu_seqlens, softmax_scale):
-    """o, lse, dq, dk, dv of the Triton kernels at bf16 against the naive op on the same block
-    indices, within twice the naive op's own bf16 error against its fp64 run (+ 2e-3)."""
+def check_bf16_fwd_bwd(q, k, v, idx, *, block_size, cu_seqlens, softmax_scale, fn=None):
+    """o, lse, dq, dk, dv of the Triton kernels (``fn``, default ``tb.block_attn``) at bf16 against
+    the naive op on the same block indices, within twice the naive op's own bf16 error against its
+    fp64 run (+ 2e-3)."""
     do = torch.randn_like(q)
 
     def run(fn, dtype):
@@ -495,7 +496,7 @@ def check_bf16_fwd_bwd(q, k, v, idx, *, block_size, cu_seqlens, softmax_scale):
 
     ref = run(naive.block_attn, torch.float64)
     nai = run(naive.block_attn, torch.bfloat16)
-    ker = run(tb.block_attn, torch.bfloat16)
+    ker = run(fn or tb.block_attn, torch.bfloat16)
     for name, a, n, r in zip(("o", "lse", "dq", "dk", "dv"), ker, nai, ref):
         _check(name, a, n, r, floor=2e-3)
 
