@@ -533,11 +533,18 @@ def test_cuda_graphs_only_for_short_cuda_calls_with_lasting_offsets(monkeypatch)
     assert cuda_graphs._STATIC_OFFSETS.get(id(lasting)) is lasting
     fresh = torch.tensor([0, 32, 64], dtype=torch.int32)
     assert cuda_graphs._STATIC_OFFSETS.get(id(fresh)) is not fresh
+    for value, mode in (("0", "off"), ("1", "call"), ("index", "index")):
+        monkeypatch.setenv("MOBA_CP_CUDA_GRAPHS", value)
+        assert cuda_graphs.graph_mode() == mode
+    monkeypatch.setenv("MOBA_CP_CUDA_GRAPHS", "yes")
+    with pytest.raises(ValueError, match="MOBA_CP_CUDA_GRAPHS='yes': choose 0 .* 1 .* or index"):
+        cuda_graphs.graph_mode()
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["1", "index"])
 @pytest.mark.parametrize("batched", [False, True])
-def test_gpu_cuda_graph_path_equals_eager(batched, monkeypatch):
+def test_gpu_cuda_graph_path_equals_eager(batched, mode, monkeypatch):
     """Short calls replay CUDA graphs (a shape's first call eager, the second captures, later
     ones replay), on fresh inputs every call: o, lse, dq, dk, dv as the eager kernels give them
     (to bf16 rounding: some kernels accumulate with fp32 atomics), outputs of an earlier call untouched by
@@ -548,13 +555,14 @@ def test_gpu_cuda_graph_path_equals_eager(batched, monkeypatch):
     cu = api.batch_cu_seqlens(b, s, torch.device("cuda")) if batched else None
     tb._FWD_GRAPHS.clear()
     tb._BWD_GRAPHS.clear()
+    tb._INDEX_GRAPHS.clear()
     kept = None
     for call in range(4):
         q, k, v = _inputs(b * s, hq, hkv, d, torch.bfloat16, seed=10 + call, device="cuda")
         do = torch.randn_like(q)
         dl = torch.randn(b * s, hq, device="cuda") if call == 3 else None
         res = {}
-        for graphs in ("1", "0"):
+        for graphs in (mode, "0"):
             monkeypatch.setenv("MOBA_CP_CUDA_GRAPHS", graphs)
             xs = [x.clone().requires_grad_() for x in (q, k, v)]
             o, lse = tb.moba_attn(*xs, block_size=blk, topk=topk, cu_seqlens=cu, softmax_scale=d ** -0.5)
@@ -563,11 +571,12 @@ def test_gpu_cuda_graph_path_equals_eager(batched, monkeypatch):
                 loss = loss + (lse * dl).sum()
             loss.backward()
             res[graphs] = [o.detach(), lse.detach()] + [x.grad for x in xs]
-        for name, a, e in zip(("o", "lse", "dq", "dk", "dv"), res["1"], res["0"]):
+        for name, a, e in zip(("o", "lse", "dq", "dk", "dv"), res[mode], res["0"]):
             # the forward may accumulate with fp32 atomics too: one bf16 ulp apart at most
             tol = dict(atol=1e-4, rtol=1e-4) if name == "lse" else dict(atol=2e-2, rtol=2e-2)
             torch.testing.assert_close(a, e, **tol, msg=lambda m: f"call {call} {name}: {m}")
         if kept is not None:
             assert torch.equal(kept[0], kept[1]), "a later replay overwrote an earlier call's output"
-        kept = (res["1"][0], res["1"][0].clone())
-    assert len(tb._FWD_GRAPHS._graphs) == 1 and len(tb._BWD_GRAPHS._graphs) == 1
+        kept = (res[mode][0], res[mode][0].clone())
+    graphs = {"1": (1, 1, 0), "index": (0, 0, 1)}[mode]
+    assert (len(tb._FWD_GRAPHS._graphs), len(tb._BWD_GRAPHS._graphs), len(tb._INDEX_GRAPHS._graphs)) == graphs

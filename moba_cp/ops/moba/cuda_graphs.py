@@ -16,7 +16,8 @@ pool for its intermediates and a reference to everything it reads outside its in
 
 Which calls: see :func:`graphs_enabled` (CUDA, not while ``torch.compile`` traces, up to
 ``GRAPH_MAX_TOKEN_HEADS`` query rows x heads, offsets that live as long as the graph). Turn
-them off with ``MOBA_CP_CUDA_GRAPHS=0``.
+them off with ``MOBA_CP_CUDA_GRAPHS=0``; ``MOBA_CP_CUDA_GRAPHS=index`` graphs only the selection
+and its index (:data:`GRAPH_MODES`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["GraphedCall", "graphs_enabled", "GRAPH_MAX_TOKEN_HEADS", "static_offsets"]
+__all__ = ["GraphedCall", "graphs_enabled", "graph_mode", "GRAPH_MODES", "GRAPH_MAX_TOKEN_HEADS", "static_offsets"]
 
 #: Largest ``T * Hq`` a call is graphed at. Above it a call's kernels run long enough that the
 #: enqueue time hides behind them, and a graph's private pool would hold large intermediates.
@@ -48,9 +49,26 @@ def static_offsets(cu: torch.Tensor) -> torch.Tensor:
     return cu
 
 
+#: ``MOBA_CP_CUDA_GRAPHS`` values: ``0`` no graphs; ``1`` (default) the whole forward and the whole
+#: backward, each one graph; ``index`` only the selection and the gather index (the ~20 small
+#: operations) in a graph, the attention kernels eager. ``index`` copies q and k into the graph
+#: instead of q, k, v (forward) and do, q, k, v, o (backward), and clones no o, dq, dk, dv.
+GRAPH_MODES = {"0": "off", "1": "call", "index": "index"}
+
+
+def graph_mode() -> str:
+    """``'off'``, ``'call'`` or ``'index'`` from ``MOBA_CP_CUDA_GRAPHS`` (see :data:`GRAPH_MODES`)."""
+    value = os.environ.get("MOBA_CP_CUDA_GRAPHS", "1")
+    mode = GRAPH_MODES.get(value)
+    if mode is None:
+        raise ValueError(f"MOBA_CP_CUDA_GRAPHS={value!r}: choose 0 (no CUDA graphs), 1 (the whole MoBA call, "
+                         f"the default) or index (only the selection and its index).")
+    return mode
+
+
 def graphs_enabled(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> bool:
-    """Whether a call on ``q [T, Hq, D]`` with ``cu_seqlens`` takes the graphed path."""
-    if not q.is_cuda or os.environ.get("MOBA_CP_CUDA_GRAPHS", "1") == "0":
+    """Whether a call on ``q [T, Hq, D]`` with ``cu_seqlens`` takes a graphed path."""
+    if not q.is_cuda or graph_mode() == "off":
         return False
     if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
         return False

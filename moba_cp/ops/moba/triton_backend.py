@@ -40,7 +40,7 @@ from moba_cp.ops.moba.triton_common import (
     slot_tables,
     tensor_identity,
 )
-from moba_cp.ops.moba.cuda_graphs import GraphedCall, graphs_enabled
+from moba_cp.ops.moba.cuda_graphs import GraphedCall, graph_mode, graphs_enabled
 from moba_cp.ops.moba.triton_config import KernelConfig, choose_config
 from moba_cp.ops.moba.triton_gate import MAX_GATE_WIDTH, gate_topk
 
@@ -114,17 +114,34 @@ def _attn_fwd_impl(q, k, v, indices, cu_seqlens, block_size: int, softmax_scale:
     """Returns ``o``, ``lse`` and the gather index as one int32 buffer, saved for the backward
     (so it is built once per call; empty on the one-pass path)."""
     check_triton_inputs(q, block_size, "block_attn")
+    flat = _index_impl(q, k, indices, cu_seqlens, block_size, config)
+    o, lse = _attn_fwd_from_index(q, k, v, indices, flat, cu_seqlens, block_size, softmax_scale, config)
+    return o, lse, flat
+
+
+def _index_impl(q, k, indices, cu_seqlens, block_size: int, config: str = "") -> torch.Tensor:
+    """The gather index of ``indices`` as one int32 buffer (empty on the one-pass path, which
+    builds its own)."""
+    cfg = _config(config, q, k, block_size)
+    if cfg.fwd.method == "one_pass":
+        return indices.new_empty(0, dtype=torch.int32)
+    blocks, _, base, _ = doc_tables(q.shape[0], cu_seqlens, block_size, q.device)
+    flat = torch.empty(_index_numel(q, k, indices, cu_seqlens, block_size, cfg), dtype=torch.int32, device=q.device)
+    build_gather_index(indices.to(torch.int32), base, blocks.n, k.shape[1], cfg.fwd.chunk, out=flat)
+    return flat
+
+
+def _attn_fwd_from_index(q, k, v, indices, flat, cu_seqlens, block_size: int, softmax_scale: float,
+                         config: str = ""):
+    """The attention forward over a gather index from :func:`_index_impl`: ``o``, ``lse``."""
     q, k, v = _c(q), _c(k), _c(v)
     cfg = _config(config, q, k, block_size)
     blocks, qpos, base, _ = doc_tables(q.shape[0], cu_seqlens, block_size, q.device)
-    sel = indices.to(torch.int32)
     if cfg.fwd.method == "one_pass":
-        o, lse = sparse_attn_fwd_onepass(q, k, v, qpos, blocks, sel, base, softmax_scale, cfg.fwd)
-        return o, lse, sel.new_empty(0)
-    flat = torch.empty(_index_numel(q, k, indices, cu_seqlens, block_size, cfg), dtype=torch.int32, device=q.device)
-    gi = build_gather_index(sel, base, blocks.n, k.shape[1], cfg.fwd.chunk, out=flat)
-    o, lse = sparse_attn_fwd(q, k, v, qpos, blocks, gi, indices.shape[-1], softmax_scale, block_size, cfg.fwd)
-    return o, lse, flat
+        return sparse_attn_fwd_onepass(q, k, v, qpos, blocks, indices.to(torch.int32), base, softmax_scale, cfg.fwd)
+    t, hq, w = indices.shape
+    gi = GatherIndex.from_flat(flat, t, hq, w, blocks.n, k.shape[1], cfg.fwd.chunk)
+    return sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, softmax_scale, block_size, cfg.fwd)
 
 
 @torch.library.custom_op("moba_cp::triton_block_attn_fwd", mutates_args=())
@@ -244,13 +261,17 @@ def block_attn(q, k, v, indices, *, block_size: int, cu_seqlens=None, softmax_sc
 
 _FWD_GRAPHS = GraphedCall("moba forward")
 _BWD_GRAPHS = GraphedCall("moba backward")
+_INDEX_GRAPHS = GraphedCall("moba selection and index")
 
 
 class _MobaGraphed(torch.autograd.Function):
     """Selection + attention forward as one CUDA graph per shape, the backward as another
     (``cuda_graphs``: short calls, where enqueuing ~30 operations took longer than running
     them). Same kernels, same results as the eager path; a call that needs dLSE runs its
-    backward eagerly (the graph holds the common case, lse unused)."""
+    backward eagerly (the graph holds the common case, lse unused). With
+    ``MOBA_CP_CUDA_GRAPHS=index`` only the selection and the gather index are a graph; the
+    attention forward and the backward run eagerly on the caller's tensors (no copies of v, o,
+    do, no clones of o, dq, dk, dv)."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, block_size, topk, softmax_scale, config):
@@ -259,12 +280,21 @@ class _MobaGraphed(torch.autograd.Function):
         tables = doc_tables(q.shape[0], cu_seqlens, block_size, q.device)  # read by address: kept
         tables[3].width(topk)  # may read the offsets on the host once: never inside a capture
 
-        def fwd(q, k, v):
-            idx = _select_impl(q, k, cu_seqlens, block_size, topk, config)
-            o, lse, index = _attn_fwd_impl(q, k, v, idx, cu_seqlens, block_size, softmax_scale, config)
-            return o, lse, idx, index
+        ctx.mode = graph_mode()
+        if ctx.mode == "index":  # the small operations in a graph, the attention kernels eager
+            def sel_index(q, k):
+                idx = _select_impl(q, k, cu_seqlens, block_size, topk, config)
+                return idx, _index_impl(q, k, idx, cu_seqlens, block_size, config)
 
-        o, lse, idx, index = _FWD_GRAPHS(key, fwd, (q, k, v), keep=(tables, cu_seqlens))
+            idx, index = _INDEX_GRAPHS(key, sel_index, (q, k), keep=(tables, cu_seqlens))
+            o, lse = _attn_fwd_from_index(q, k, v, idx, index, cu_seqlens, block_size, softmax_scale, config)
+        else:
+            def fwd(q, k, v):
+                idx = _select_impl(q, k, cu_seqlens, block_size, topk, config)
+                o, lse, index = _attn_fwd_impl(q, k, v, idx, cu_seqlens, block_size, softmax_scale, config)
+                return o, lse, idx, index
+
+            o, lse, idx, index = _FWD_GRAPHS(key, fwd, (q, k, v), keep=(tables, cu_seqlens))
         ctx.save_for_backward(q, k, v, o, lse, idx, index)
         ctx.key, ctx.keep = key, (tables, cu_seqlens)
         ctx.args = (cu_seqlens, block_size, softmax_scale, config)
@@ -276,7 +306,7 @@ class _MobaGraphed(torch.autograd.Function):
         q, k, v, o, lse, idx, index = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(o)
-        if dlse is not None:
+        if dlse is not None or ctx.mode == "index":
             dq, dk, dv = _attn_bwd_impl(do, dlse, q, k, v, o, lse, idx, index, *ctx.args)
         else:
             args = ctx.args
