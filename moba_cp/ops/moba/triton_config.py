@@ -182,9 +182,14 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
         # (4 x 8K, block 512, 6 heads). dK/dV on 128 keys x 32 gathered rows, 4 warps: bwd 106 ->
         # 84 ms, 4.53 -> 3.98 ms, 1.70 -> 1.41 ms at the same three shapes. The rows of later blocks
         # in their own unmasked loop (split_mask): 85.5 -> 81.9, 4.06 -> 3.95, 1.33 -> 1.29 ms
-        # (moba_tune_h200_2026-12-03_bwd_split.log).
+        # (moba_tune_h200_2026-12-03_bwd_split.log). Rows copied in bucket order before the dK/dV
+        # loop (gather_rows) instead of looked up through the index: 81.4 -> 69.5, 3.93 -> 2.87,
+        # 1.42 -> 1.20 ms; 4 stages then help short calls only (8K 1.20 -> 1.08, 32K 2.87 -> 2.84,
+        # 128K 69.5 -> 70.1 ms) (moba_tune_h200_2026-12-03_gather_rows.log).
         fwd = FwdConfig(method="partials", bm=128, bn=64, chunk=128, num_warps=4, num_stages=3)
-        bwd = BwdConfig(bnb=128, bm=32, split_mask=True, num_warps=4, num_stages=3, dq_bm=64, dq_bn=64)
+        stages = 4 if 0 < n_tokens <= 32 * 1024 else 3
+        bwd = BwdConfig(bnb=128, bm=32, split_mask=True, gather_rows=True, num_warps=4, num_stages=stages,
+                        dq_bm=64, dq_bn=64)
         return KernelConfig(fwd=fwd, bwd=bwd)
     # d=128, blocks 256-1024: two passes on 64 x 64 tiles (H100 sweeps at blocks 128 and 512).
     return KernelConfig(fwd=FwdConfig(method="two_pass", bm=64, bn=64, chunk=256), bwd=bwd_old)
