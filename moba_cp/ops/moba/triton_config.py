@@ -185,11 +185,14 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
         # (moba_tune_h200_2026-12-03_bwd_split.log). Rows copied in bucket order before the dK/dV
         # loop (gather_rows) instead of looked up through the index: 81.4 -> 69.5, 3.93 -> 2.87,
         # 1.42 -> 1.20 ms; 4 stages then help short calls only (8K 1.20 -> 1.08, 32K 2.87 -> 2.84,
-        # 128K 69.5 -> 70.1 ms) (moba_tune_h200_2026-12-03_gather_rows.log).
-        fwd = FwdConfig(method="partials", bm=128, bn=64, chunk=128, num_warps=4, num_stages=3)
+        # 128K 69.5 -> 70.1 ms) (moba_tune_h200_2026-12-03_gather_rows.log), and so in the forward
+        # (32K 1.27 -> 1.24 and 1.37 -> 1.32, 4 x 8K 0.94 -> 0.73 and 0.91 -> 0.73, 128K 22.5 -> 22.6 and
+        # 22.6 -> 22.7 ms in two runs); 3 stages in the dQ kernel: 69.1 -> 68.5 and 69.4 -> 68.5, 2.93 ->
+        # 2.84 and 2.94 -> 2.88 ms (moba_tune_h200_2026-12-03_session8.log).
         stages = 4 if 0 < n_tokens <= 32 * 1024 else 3
+        fwd = FwdConfig(method="partials", bm=128, bn=64, chunk=128, num_warps=4, num_stages=stages)
         bwd = BwdConfig(bnb=128, bm=32, split_mask=True, gather_rows=True, num_warps=4, num_stages=stages,
-                        dq_bm=64, dq_bn=64)
+                        dq_bm=64, dq_bn=64, dq_stages=3)
         return KernelConfig(fwd=fwd, bwd=bwd)
     # d=128, blocks 256-1024: two passes on 64 x 64 tiles (H100 sweeps at blocks 128 and 512).
     return KernelConfig(fwd=FwdConfig(method="two_pass", bm=64, bn=64, chunk=256), bwd=bwd_old)
