@@ -213,8 +213,11 @@ def test_parallel_scheduler_runs_two_sweeps_at_once(tmp_path):
     assert tb["trailing_loss"] > 0  # the sweep's eval_loss ran and its result was collected
     needle = json.loads((tmp_path / "tb" / "moba" / "eval" / "needle.json").read_text())
     assert needle["lengths"] == [384, 512] and 0 <= needle["kinds"]["passkey"]["mean"] <= 1
-    proc = _cli("sweep", str(a), str(b), "--gpus", "0,1")
+    proc = _cli("sweep", str(a), str(b), "--gpus", "0,1", "--train.seed=3")
     assert proc.returncode == 0 and "0 points on GPUs" in proc.stdout and "] start " not in proc.stdout
+    # without the override the finished points are not what the sweep would train now: refused
+    proc = _cli("sweep", str(a), str(b), "--gpus", "0,1")
+    assert proc.returncode == 2 and "moba: trained with train.seed=3 (the sweep now gives 1234)" in proc.stderr, proc.stderr
 
 
 def test_parallel_scheduler_deadline_stops_and_resumes(tmp_path):
@@ -263,3 +266,61 @@ def test_sweep_cli_errors(tmp_path, capsys):
                                 (["--stray"], "unexpected arguments ['--stray']", 1)]:
         code, err = _cli_in_process(capsys, "sweep", str(a), *args)
         assert code == want and message in err, (args, code, err)
+
+
+def _finish_fake_point(spec, pt, overrides=(), corpus="large-abc", drop_key=None):
+    """A finished point as a sweep leaves it (recipe.yaml, data.json, sweep_point.json), without training."""
+    import yaml
+
+    from moba_cp.config import dump, load_recipe
+
+    run_dir = Path(spec.out_dir) / pt.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recipe = yaml.safe_load(dump(load_recipe(spec.base, [*pt.overrides, *overrides, f"--logging.dir={run_dir}"])))
+    if drop_key:
+        section, key = drop_key.split(".")
+        del recipe[section][key]
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    (run_dir / "data.json").write_text(json.dumps({"corpus": corpus}))
+    (run_dir / "sweep_point.json").write_text(json.dumps({"name": pt.name, "group": pt.group, "labels": pt.labels,
+                                                          "loss": 2.0, "data": {"corpus": corpus}}))
+
+
+def test_finished_points_must_match_the_sweep(tmp_path):
+    """A sweep continued in another call, folder or commit counts a finished point only while it trained with
+    the recipe the sweep gives it now (paths aside; an option added later counts as its default) and on the
+    same corpus as the other finished points; otherwise it refuses, naming the point and the key."""
+    from moba_cp.experiments.sweep import check_finished_points, collect_results, run_sweep
+
+    spec = _with_extra(load_sweep(_toy_sweep(tmp_path)), [])
+    a, b = spec.points
+    _finish_fake_point(spec, a, drop_key="logging.profile")  # an older run: the option did not exist yet
+    check_finished_points(spec)
+    lines = []
+    run_sweep(spec, dry_run=True, print_fn=lines.append)
+    assert "1 already finished, 1 to run" in lines[0]
+
+    # the same folder under another sweep setting: the extra override changes what b would train
+    longer = _with_extra(load_sweep(_toy_sweep(tmp_path)), ["--train.steps=11"])
+    with pytest.raises(SweepError, match=r"moba-a: trained with train.steps=10 \(the sweep now gives 11\)"):
+        run_sweep(longer, dry_run=True, print_fn=lines.append)
+
+    # a finished point trained with another option than its recipe now gives
+    _finish_fake_point(spec, b, overrides=["--moba.topk=1"])
+    with pytest.raises(SweepError, match=r"(?s)1 finished point\(s\).*moba-b: trained with moba.topk=1 .*Fix: move"):
+        check_finished_points(spec)
+
+    # matching recipes but another corpus: data would mix
+    _finish_fake_point(spec, b, corpus="large-def")
+    with pytest.raises(SweepError, match="different corpora: large-abc: moba-a; large-def: moba-b"):
+        check_finished_points(spec)
+    with pytest.raises(SweepError, match="different corpora"):
+        collect_results(spec.out_dir)
+    _finish_fake_point(spec, b)
+    check_finished_points(spec)
+    assert len(collect_results(spec.out_dir)) == 2
+
+    # a finished marker without a recipe: what it trained with is unknown
+    (Path(spec.out_dir) / b.name / "recipe.yaml").unlink()
+    with pytest.raises(SweepError, match="moba-b: finished .* has no recipe.yaml"):
+        check_finished_points(spec)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from moba_cp.experiments.sweep import (SweepError, SweepPoint, SweepSpec, _finish_point, _point_commands, _run,
+from moba_cp.experiments.sweep import (SweepError, SweepPoint, SweepSpec, check_finished_points, _finish_point, _point_commands, _run,
                                        _with_extra, collect_results, point_cost)
 
 __all__ = ["run_sweeps_parallel", "parse_gpus", "predict_seconds"]
@@ -91,6 +91,8 @@ def run_sweeps_parallel(specs: list[SweepSpec], gpus: list[str], *, deadline_s: 
     Raises SweepError after all jobs ended if any point failed (the others still ran to the end).
     """
     specs = [_with_extra(s, extra or []) for s in specs]
+    for s in specs:
+        check_finished_points(s)
     for s in specs:
         if s.nproc > len(gpus):
             raise SweepError(f"sweep {s.name!r} needs nproc={s.nproc} GPUs per point, but --gpus gives {len(gpus)}.")

@@ -29,6 +29,12 @@ with that file is skipped. ``out_dir/results.jsonl`` collects every finished poi
 (:mod:`moba_cp.experiments.paired`). A point's summary records its corpus (name, sizes, the epochs
 it drew: the run's ``data.json``, written by training) and, with ``eval_loss``, the held-out set's
 size, per-sequence losses and standard error.
+
+A finished point counts only while it matches the sweep: before running, every finished point's
+``recipe.yaml`` (what it trained with) is compared with the recipe the sweep gives it now (paths
+aside), and the finished points' corpora with each other; a mismatch stops the sweep with the point
+and the differing keys named, so a sweep continued across calls, machines or commits never mixes
+models, recipes or data. ``collect_results`` refuses points of different corpora the same way.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from pathlib import Path
 
 import yaml
 
-from moba_cp.config import RecipeError, layer_attention_kinds, load_recipe
+from moba_cp.config import RecipeConfig, RecipeError, dump, layer_attention_kinds, load_recipe
 from moba_cp.data.retrieval_docs import KINDS as NEEDLE_KINDS
 from moba_cp.data.retrieval_docs import fixed_tokens
 from moba_cp.data.tokenizers import build_tokenizer
@@ -51,7 +57,7 @@ from moba_cp.eval.needle import parse_kinds, parse_lengths
 from moba_cp.experiments.paired import mean_std, method_of, write_paired_report
 from moba_cp.train.flops import flops_per_step
 
-__all__ = ["SweepSpec", "SweepPoint", "load_sweep", "run_sweep", "collect_results", "SweepError"]
+__all__ = ["SweepSpec", "SweepPoint", "load_sweep", "run_sweep", "collect_results", "check_finished_points", "SweepError"]
 
 KINDS = ("scaling", "granularity", "hybrid", "retrieval")
 METRICS = ("loss", "valid_loss", "trailing_loss", "needle_accuracy", "answer_loss")
@@ -361,10 +367,88 @@ def _with_extra(spec: SweepSpec, extra: list[str]) -> SweepSpec:
     return SweepSpec(**{**spec.__dict__, "points": points})
 
 
+# Where a run wrote its files: a sweep folder may be moved or copied (e.g. into docs/results/)
+# and continued there, so these may differ between a finished point and the sweep now.
+_PATH_KEYS = frozenset({"logging.dir", "checkpoint.dir", "checkpoint.load"})
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _corpus(row: dict) -> str | None:
+    data = row.get("data")
+    return data.get("corpus") if isinstance(data, dict) else None
+
+
+def _corpus_errors(rows: list[dict]) -> list[str]:
+    by_corpus: dict[str, list[str]] = {}
+    for r in rows:
+        if _corpus(r):
+            by_corpus.setdefault(_corpus(r), []).append(r.get("name", "?"))
+    if len(by_corpus) < 2:
+        return []
+    return ["the finished points trained on different corpora: "
+            + "; ".join(f"{c}: {', '.join(sorted(names))}" for c, names in sorted(by_corpus.items()))]
+
+
+def finished_point_errors(spec: SweepSpec, out: Path) -> list[str]:
+    """Why finished points under ``out`` may not count for ``spec``: one line per mismatch (empty if none).
+
+    A point's ``recipe.yaml`` must equal the recipe the sweep resolves for it now (base recipe, the
+    point's overrides and seed, the command line's extra overrides), except the paths in ``_PATH_KEYS``;
+    an option absent from an older ``recipe.yaml`` counts as its default; the finished points'
+    ``data.json`` corpora must agree.
+    """
+    errors, rows = [], []
+    defaults = _flat(yaml.safe_load(dump(RecipeConfig())))
+    for pt in spec.points:
+        run_dir = out / pt.name
+        if not (run_dir / "sweep_point.json").is_file():
+            continue
+        recipe_file = run_dir / "recipe.yaml"
+        if not recipe_file.is_file():
+            errors.append(f"{pt.name}: finished (sweep_point.json) but has no recipe.yaml, so what it trained with is unknown")
+            continue
+        recorded = _flat(yaml.safe_load(recipe_file.read_text()) or {})
+        expected = _flat(yaml.safe_load(dump(load_recipe(spec.base, pt.overrides))))
+        # An option added after the point ran is absent from its recipe; it ran as the option's default.
+        recorded.update({k: v for k, v in defaults.items() if k not in recorded})
+        diffs = [f"{k}={recorded.get(k, '<absent>')!r} (the sweep now gives {expected.get(k, '<absent>')!r})"
+                 for k in sorted(set(recorded) | set(expected))
+                 if k not in _PATH_KEYS and recorded.get(k, KeyError) != expected.get(k, KeyError)]
+        if diffs:
+            errors.append(f"{pt.name}: trained with " + ", ".join(diffs[:4]) + (f" and {len(diffs) - 4} more" if len(diffs) > 4 else ""))
+        try:
+            rows.append({"name": pt.name, "data": json.loads((run_dir / "data.json").read_text())})
+        except (OSError, ValueError):
+            pass  # no record of its corpus (older runs): nothing to compare
+    return errors + _corpus_errors(rows)
+
+
+def check_finished_points(spec: SweepSpec) -> None:
+    """Raise SweepError if a finished point of ``spec`` would mix another recipe or corpus into its results."""
+    out = Path(spec.out_dir)
+    errors = finished_point_errors(spec, out) if out.is_dir() else []
+    if errors:
+        raise SweepError(
+            f"sweep {spec.name!r}: {len(errors)} finished point(s) in {out} do not match this sweep, so their results "
+            "would mix with the new points':\n  " + "\n  ".join(errors)
+            + f"\nFix: move those point folders out of {out} (they then run again), or run the sweep file and "
+            "overrides they ran with.")
+
+
 def run_sweep(spec: SweepSpec, *, dry_run: bool = False, print_fn=print, extra: list[str] | None = None) -> list[dict]:
     """Run the unfinished points in order, one after another; returns every finished point's summary."""
     spec = _with_extra(spec, extra or [])
     out = Path(spec.out_dir)
+    check_finished_points(spec)
     if not dry_run:
         out.mkdir(parents=True, exist_ok=True)
         (out / "sweep.yaml").write_text(yaml.safe_dump(dict(spec.source, out_dir=str(out)), sort_keys=False))
@@ -401,6 +485,10 @@ def collect_results(out_dir: str | Path) -> list[dict]:
     ``paired.md`` / ``paired.json`` when the sweep (``out_dir/sweep.yaml``) names a ``reference``."""
     out = Path(out_dir)
     rows = [json.loads(p.read_text()) for p in sorted(out.glob("*/sweep_point.json"))]
+    mixed = _corpus_errors(rows)
+    if mixed:
+        raise SweepError(f"{out}: {mixed[0]}; results of different data are not compared. Fix: rerun the points "
+                         "of one corpus (move the others out of the folder).")
     with open(out / "results.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")

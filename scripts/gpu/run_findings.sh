@@ -8,7 +8,10 @@
 # (findings-granularity-32k), hybrid (findings-hybrid-32k) or retrieval (findings-retrieval-32k).
 # DEADLINE_MIN (default 8): the sweep starts no point predicted to pass it and stops running ones at
 # it (they save a checkpoint); run the same command again to continue: finished points are skipped,
-# a stopped one resumes while the machine still holds runs/ (else it starts again).
+# a stopped one resumes while the machine still holds runs/ (else it starts again). A lent machine is
+# fresh on every call, so RESUME_FROM=DIR (a committed results folder of this finding, e.g.
+# docs/results/<date>/<finding>, holding finished points' folders) copies those points into the
+# sweep folder first: the sweep skips them after checking they match its recipe and corpus.
 # Writes under $OUT: FINDING.log, and runs/sweeps/<sweep>/ with results.jsonl, paired.md/.json and
 # per point sweep_point.json, metrics.jsonl, recipe.yaml, eval/*.json, sweep.log. Commit those under
 # docs/results/<date>/. Needs no network: megatron-core comes from ./.whl when it is not installed.
@@ -28,6 +31,18 @@ OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
 source scripts/gpu/_gpu_env.sh
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+
+if [[ -n "${RESUME_FROM:-}" ]]; then
+  [[ -d "$RESUME_FROM" ]] || { echo "RESUME_FROM=$RESUME_FROM is not a folder" >&2; exit 2; }
+  mkdir -p "runs/sweeps/$SWEEP"
+  for point in "$RESUME_FROM"/*/; do
+    name=$(basename "$point")
+    if [[ -f "$point/sweep_point.json" && ! -e "runs/sweeps/$SWEEP/$name" ]]; then
+      cp -r "$point" "runs/sweeps/$SWEEP/$name"
+      echo "resume: $name finished in $RESUME_FROM"
+    fi
+  done
+fi
 
 rc=0
 "$PY" -m moba_cp.cli sweep "recipes/experiments/$SWEEP.yaml" --gpus 1 --deadline-min "${DEADLINE_MIN:-8}" "$@" \
