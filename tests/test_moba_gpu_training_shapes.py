@@ -29,11 +29,13 @@ def test_gpu_bf16_granularity_shapes(block):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gather_rows", [False, True])
-def test_gpu_bf16_training_shape_backward_variants(gather_rows):
+@pytest.mark.parametrize("variant", [{"gather_rows": False}, {"gather_rows": True}, {"gather_rows": True, "tma": True}],
+                         ids=["index-rows", "gathered-rows", "gathered-rows-tma"])
+def test_gpu_bf16_training_shape_backward_variants(variant):
     """The recipes' head shape (d=64, 16/4 heads, block 512, top-k 3, two documents) through the
-    shape's default tiling with the dK/dV mask split, and with the rows copied in bucket order
-    (``gather_rows``, one KV head per chunk), against the naive oracle at bf16."""
+    shape's default tiling with the dK/dV mask split: rows looked up through the index, copied in
+    bucket order (``gather_rows``, one KV head per chunk), and those copies read through tensor
+    descriptors (``tma``), against the naive oracle at bf16."""
     from moba_cp.ops.moba.triton_config import choose_config
 
     docs = [2500, 1596]
@@ -42,7 +44,7 @@ def test_gpu_bf16_training_shape_backward_variants(gather_rows):
     idx = naive.select_blocks(q, k, block_size=512, topk=3, cu_seqlens=cu)
     cfg = choose_config(512, 64, 4, sum(docs))
     assert cfg.bwd.split_mask
-    cfg = cfg.replace(bwd={"gather_rows": gather_rows, "dq_chunk_bytes": 1})
+    cfg = cfg.replace(bwd={"tma": False, **variant, "dq_chunk_bytes": 1})
 
     def block_attn(*args, **kw):
         return tb.block_attn(*args, config=cfg, **kw)

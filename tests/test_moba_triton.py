@@ -137,7 +137,8 @@ def test_block_attn_fwd_bwd_matches_naive(case, config=None):
 # them; unmasked sub-tiles for past blocks, masked ones on the diagonal and at a short last
 # block), several row tiles per program chunk, partials written per head chunk, the separate
 # and the fused dQ, the dK/dV mask split on and off, rows read through the index or from their
-# copy in bucket order (one KV head per chunk), and the one-pass forward.
+# copy in bucket order (one KV head per chunk; plain loads or tensor descriptors), and the
+# one-pass forward.
 SMALL = dict(bm=16, bn=16, chunk=32, num_warps=4, num_stages=2)
 PATH_CONFIGS = {
     "partials": KernelConfig(FwdConfig(method="partials", **SMALL),
@@ -154,6 +155,9 @@ PATH_CONFIGS = {
                                                             gather_rows=True, dq_chunk_bytes=1, dq_bm=16, dq_bn=16)),
     "gathered-rows-fused-dq": KernelConfig(FwdConfig(method="two_pass", **SMALL),
                                            BwdConfig(bnb=16, bm=16, fuse_dq=True, gather_rows=True)),
+    "gathered-rows-tma-split": KernelConfig(FwdConfig(method="partials", **SMALL),
+                                            BwdConfig(bnb=16, bm=16, fuse_dq=False, split_mask=True, gather_rows=True,
+                                                      tma=True, dq_chunk_bytes=1, dq_bm=16, dq_bn=16)),
     "two-pass-untransposed": KernelConfig(FwdConfig(method="two_pass", **SMALL),
                                           BwdConfig(bnb=32, bm=16, fuse_dq=True, trans=False)),
     "one-pass": KernelConfig(FwdConfig(method="one_pass", bm=16, bn=16, chunk=32, qchunk=32),
@@ -168,7 +172,8 @@ def test_kernel_paths_match_naive(name):
     test_block_attn_fwd_bwd_matches_naive((130, 4, 2, 16, 48, 3, [20, 110]), config=PATH_CONFIGS[name])
 
 
-@pytest.mark.parametrize("name", ["partials", "one-pass", "two-pass-unfused-split-mask", "gathered-rows-split-kv-chunks"])
+@pytest.mark.parametrize("name", ["partials", "one-pass", "two-pass-unfused-split-mask", "gathered-rows-split-kv-chunks",
+                                  "gathered-rows-tma-split"])
 def test_kernel_paths_head_dim_64_and_empty_doc(name):
     """Head dim 64, an empty document, and top-k larger than a document's blocks."""
     test_block_attn_fwd_bwd_matches_naive((150, 2, 1, 64, 32, 3, [40, 0, 110]), config=PATH_CONFIGS[name])

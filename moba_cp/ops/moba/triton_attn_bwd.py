@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from triton.tools.tensor_descriptor import TensorDescriptor
+
 from moba_cp.ops.moba.triton_common import GatherIndex, KeyBlocks, _head_chunk_pid, _key_span, _ld, _load_kv, _tile_rows
 from moba_cp.ops.moba.triton_config import BwdConfig
 
@@ -49,17 +51,21 @@ def _delta_kernel(DO, O, DELTA, n_rows, stride_dot, stride_doh, stride_ot, strid
 
 @triton.jit
 def _gather_rows_kernel(Q, DO, LSE, DELTA, QPOS, ENT, OFFS, QG, DOG, LSE2G, DLG, QPG,
-                        stride_qt, stride_qh, stride_dot, stride_doh, H, W, B0, B1,
-                        BR: tl.constexpr, D: tl.constexpr):
+                        stride_qt, stride_qh, stride_dot, stride_doh, H, W, B0, B1, NR,
+                        BR: tl.constexpr, D: tl.constexpr, PAD: tl.constexpr):
     # The rows of buckets [B0, B1) (one chunk of KV heads) in bucket order, so the dK/dV loop
     # reads contiguous tiles: q and do rows, lse * log2(e) (-inf -> 0), delta and the position.
+    # PAD rows after the last (up to NR, the buffers' length) get zero q and do: a tile read
+    # through a tensor descriptor has no row mask and may run past the last bucket, into
+    # memory that was never written.
     e0 = _ld(OFFS + B0)
     e1 = _ld(OFFS + B1)
-    if e0 + tl.program_id(0) * BR >= e1:
+    if e0 + tl.program_id(0) * BR >= e1 + PAD:
         return
     i = tl.program_id(0) * BR + tl.arange(0, BR)
     r = e0 + i
     m = r < e1
+    mz = m | ((r < e1 + PAD) & (i < NR))
     ent = tl.load(ENT + r, mask=m, other=0)
     t64 = (ent // (H * W)).to(tl.int64)
     h = (ent // W) % H
@@ -69,8 +75,8 @@ def _gather_rows_kernel(Q, DO, LSE, DELTA, QPOS, ENT, OFFS, QG, DOG, LSE2G, DLG,
     lse2 = tl.load(LSE + t64 * H + h, mask=m, other=0.0) * 1.4426950408889634
     lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
     i64 = i.to(tl.int64)
-    tl.store(QG + i64[:, None] * D + d[None, :], q, mask=m[:, None])
-    tl.store(DOG + i64[:, None] * D + d[None, :], do, mask=m[:, None])
+    tl.store(QG + i64[:, None] * D + d[None, :], q, mask=mz[:, None])
+    tl.store(DOG + i64[:, None] * D + d[None, :], do, mask=mz[:, None])
     tl.store(LSE2G + i64, lse2, mask=m)
     tl.store(DLG + i64, tl.load(DELTA + t64 * H + h, mask=m, other=0.0), mask=m)
     tl.store(QPG + i64, tl.load(QPOS + t64, mask=m, other=0), mask=m)
@@ -146,22 +152,30 @@ def _first_row_at(ENT, QPOS, QPG, e0, r_lo, r_hi, thr, HW, GATHERED: tl.constexp
 
 
 @triton.jit
-def _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, LSE2G, DLG, QPG, e0, r0, r_hi, h, H, W, H0, k, v, kk,
-               kmask, kp0, dk, dv, stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, scale, scale_log2,
+def _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG, QPG, e0, r0, r_hi, h, H, W, H0, k,
+               v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, scale, scale_log2,
                BM: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr, FUSE_DQ: tl.constexpr, PREC: tl.constexpr,
-               TRANS: tl.constexpr, GATHERED: tl.constexpr):
+               TRANS: tl.constexpr, GATHERED: tl.constexpr, TMA: tl.constexpr):
     """Loads gathered rows ``[r0, r0 + BM)`` of one bucket and adds their dK/dV (and, with
     ``FUSE_DQ``, their dQ by fp32 atomics into the launch's head chunk starting at ``H0``).
     ``GATHERED``: the rows were copied in bucket order (``_gather_rows_kernel``; row ``r`` at
-    ``r - e0``), so the loads are contiguous tiles with no index lookup in the loop."""
+    ``r - e0``), so the loads are contiguous tiles with no index lookup in the loop. ``TMA``:
+    q and dO tiles through the descriptors ``QGD``/``DOGD``, unmasked: rows past the bucket
+    hold the next bucket's rows (or the zeroed pad) and get lse = +inf, so P = 0 there and
+    they add exactly nothing."""
     d = tl.arange(0, D)
     rr = r0 + tl.arange(0, BM)
     rmask = rr < r_hi
     if GATHERED:
         lr = (rr - e0).to(tl.int64)
-        q = tl.load(QG + lr[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
-        do = tl.load(DOG + lr[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
-        lse2 = tl.load(LSE2G + lr, mask=rmask, other=0.0)
+        if TMA:
+            q = QGD.load([(r0 - e0).to(tl.int32), 0])
+            do = DOGD.load([(r0 - e0).to(tl.int32), 0])
+            lse2 = tl.load(LSE2G + lr, mask=rmask, other=float("inf"))
+        else:
+            q = tl.load(QG + lr[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
+            do = tl.load(DOG + lr[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
+            lse2 = tl.load(LSE2G + lr, mask=rmask, other=0.0)
         dl = tl.load(DLG + lr, mask=rmask, other=0.0)
         qp = tl.load(QPG + lr, mask=rmask, other=2147483647)
     else:
@@ -185,11 +199,11 @@ def _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, LSE2G, DLG, QPG, e0, r
 # likely cause, not verified on the GPU).
 @triton.jit(do_not_specialize=["HK0", "HKVC"])
 def _dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, QPOS, ENT, OFFS, ORDER, KSTART, KPOS, KLEN, DQ, DK, DV, QG, DOG, LSE2G, DLG, QPG,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    Q, K, V, DO, LSE, DELTA, QPOS, ENT, OFFS, ORDER, KSTART, KPOS, KLEN, DQ, DK, DV, QG, DOG, QGD, DOGD, LSE2G, DLG,
+    QPG, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, H, W, NBK, G, HK0, HKVC, scale, scale_log2,
     BM: tl.constexpr, BNB: tl.constexpr, D: tl.constexpr, FUSE_DQ: tl.constexpr, PREC: tl.constexpr,
-    TRANS: tl.constexpr, SPLIT: tl.constexpr, GATHERED: tl.constexpr,
+    TRANS: tl.constexpr, SPLIT: tl.constexpr, GATHERED: tl.constexpr, TMA: tl.constexpr,
 ):
     # KV heads [HK0, HK0 + HKVC) of this launch; the j-th longest blocks of all of them run
     # side by side (programs in decreasing-work order, heads interleaved).
@@ -228,15 +242,16 @@ def _dkdv_kernel(
             r_mid = r_lo + tl.cdiv(r_mid - r_lo, BM) * BM
         r_mask_end = r_mid if SPLIT else r_hi
         for r0 in range(r_lo, r_mask_end, BM):
-            dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, LSE2G, DLG, QPG, e0, r0, r_hi, h, H, W,
-                                HK0 * G, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh, stride_dot, stride_doh,
-                                stride_dqt, scale, scale_log2, BM, D, True, FUSE_DQ, PREC, TRANS, GATHERED)
+            dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG, QPG, e0, r0, r_hi,
+                                h, H, W, HK0 * G, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh, stride_dot,
+                                stride_doh, stride_dqt, scale, scale_log2, BM, D, True, FUSE_DQ, PREC, TRANS, GATHERED,
+                                TMA)
         if SPLIT:
             for r0 in range(r_mid, r_hi, BM):
-                dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, LSE2G, DLG, QPG, e0, r0, r_hi, h, H,
-                                    W, HK0 * G, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh, stride_dot,
-                                    stride_doh, stride_dqt, scale, scale_log2, BM, D, False, FUSE_DQ, PREC, TRANS,
-                                    GATHERED)
+                dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG, QPG, e0, r0,
+                                    r_hi, h, H, W, HK0 * G, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh,
+                                    stride_dot, stride_doh, stride_dqt, scale, scale_log2, BM, D, False, FUSE_DQ, PREC,
+                                    TRANS, GATHERED, TMA)
     out_rows = (ks + kk)[:, None]  # rows of the contiguous fp32 [Tk, Hkv, D] grads
     HKV = H // G
     # Each (kv head, key rows) is owned by exactly one program, so dK/dV are written once,
@@ -299,10 +314,12 @@ def _dq_kernel(
 
 
 def _gathered_rows(q, do, lse, delta, qpos, gi: GatherIndex, hq: int, width: int, nbk: int, h0: int, hc: int,
-                   n_rows: int, d: int):
+                   n_rows: int, d: int, tma_rows: int = 0):
     """Copies of the rows of query heads ``[h0, h0 + hc)`` in bucket order (see
-    ``_gather_rows_kernel``): ``(qg, dog [n_rows, D], lse2g, dlg [n_rows] fp32, qpg [n_rows] int32)``,
-    ``n_rows`` a static bound (the used prefix is ``offs[(h0 + hc) * nbk] - offs[h0 * nbk]``)."""
+    ``_gather_rows_kernel``): ``(qg, dog [n_rows, D], qgd, dogd, lse2g, dlg [n_rows] fp32, qpg [n_rows]
+    int32)``, ``n_rows`` a static bound (the used prefix is ``offs[(h0 + hc) * nbk] - offs[h0 * nbk]``).
+    ``tma_rows`` > 0: ``qgd``/``dogd`` are tensor descriptors of ``tma_rows``-row tiles of qg/dog and
+    the ``tma_rows`` rows after the used prefix are zeroed; else they are qg/dog themselves (unused)."""
     dev = q.device
     qg = torch.empty(n_rows, d, dtype=q.dtype, device=dev)
     dog = torch.empty(n_rows, d, dtype=do.dtype, device=dev)
@@ -312,9 +329,12 @@ def _gathered_rows(q, do, lse, delta, qpos, gi: GatherIndex, hq: int, width: int
     br = 64
     _gather_rows_kernel[(triton.cdiv(n_rows, br),)](
         q, do, lse, delta, qpos, gi.ent, gi.offs, qg, dog, lse2g, dlg, qpg, q.stride(0), q.stride(1), do.stride(0),
-        do.stride(1), hq, width, h0 * nbk, (h0 + hc) * nbk, BR=br, D=d, num_warps=4,
+        do.stride(1), hq, width, h0 * nbk, (h0 + hc) * nbk, n_rows, BR=br, D=d, PAD=tma_rows, num_warps=4,
     )
-    return qg, dog, lse2g, dlg, qpg
+    if tma_rows:
+        return (qg, dog, TensorDescriptor.from_tensor(qg, [tma_rows, d]), TensorDescriptor.from_tensor(dog, [tma_rows, d]),
+                lse2g, dlg, qpg)
+    return qg, dog, qg, dog, lse2g, dlg, qpg
 
 
 def sparse_attn_bwd(
@@ -409,13 +429,15 @@ def sparse_attn_bwd(
         nkv = min(hkc, hkv - hk0)
         h0, hc = hk0 * g_sz, nkv * g_sz
         dq_c = dq[:, h0:h0 + hc] if fp32_dq else torch.zeros(tq, hc, d, dtype=torch.float32, device=dev)
-        rows = _gathered_rows(q, do, lse, delta, qpos, gi, hq, width, blocks.n, h0, hc, rows_per_kv * nkv, d) \
-            if cfg.gather_rows else (q, q, lse, lse, qpos)  # unused stand-ins when not gathered
+        rows = _gathered_rows(q, do, lse, delta, qpos, gi, hq, width, blocks.n, h0, hc, rows_per_kv * nkv, d,
+                              cfg.bm if cfg.tma else 0) \
+            if cfg.gather_rows else (q, q, q, q, lse, lse, qpos)  # unused stand-ins when not gathered
         _dkdv_kernel[(nkv * blocks.n, nsub)](
             q, k, v, do, lse, delta, qpos, gi.ent, gi.offs, gi.kv_order, blocks.kstart, blocks.kpos, blocks.klen,
             dq_c, dk, dv, *rows, *strides, dq_c.stride(0), hq, width, blocks.n, g_sz, hk0, nkv, softmax_scale,
             scale_log2, BM=cfg.bm, BNB=bnb, D=d, FUSE_DQ=fuse_dq, PREC=prec, TRANS=cfg.trans,
-            SPLIT=cfg.split_mask and sorted_positions, GATHERED=cfg.gather_rows, num_warps=nw, num_stages=n_stages,
+            SPLIT=cfg.split_mask and sorted_positions, GATHERED=cfg.gather_rows, TMA=cfg.tma, num_warps=nw,
+            num_stages=n_stages,
         )
         del rows
         if not fuse_dq:

@@ -69,7 +69,9 @@ class BwdConfig:
     second loop without the causal mask (only where positions are sorted: the single-device op).
     ``gather_rows``: before the dK/dV kernel, copy each KV-head chunk's rows (q, do, lse, delta,
     position) in bucket order, so its loop loads contiguous tiles instead of looking up every
-    row through the index (the chunk's copy counts against ``dq_chunk_bytes`` too).
+    row through the index (the chunk's copy counts against ``dq_chunk_bytes`` too). ``tma`` (with
+    ``gather_rows``): those tiles of q and dO are read through tensor descriptors (TMA on Hopper:
+    asynchronous copies straight to shared memory, no per-element addresses in registers).
     ``dq_chunk_bytes``: largest fp32 dQ scratch when dq is
     returned in a half dtype (the backward then runs in chunks of KV heads)."""
 
@@ -79,6 +81,7 @@ class BwdConfig:
     trans: bool = True
     split_mask: bool = False
     gather_rows: bool = False
+    tma: bool = False
     num_warps: int = 0
     num_stages: int = 0
     dq_bm: int = 64
@@ -86,6 +89,11 @@ class BwdConfig:
     dq_warps: int = 4
     dq_stages: int = 2
     dq_chunk_bytes: int = 2 << 30
+
+    def __post_init__(self):
+        if self.tma and not self.gather_rows:
+            raise ValueError("BwdConfig.tma=True reads the rows copied in bucket order through tensor descriptors; "
+                             "it needs gather_rows=True")
 
 
 @dataclass(frozen=True)
