@@ -6,7 +6,7 @@
     moba-cp train RECIPE.yaml [--dry-run] [--a.b=value ...]
     moba-cp prepare-data INPUTS... --output PREFIX [--tokenizer byte|tokenizer.json]
     moba-cp plot RUN_DIR... [--out DIR]
-    moba-cp sweep SWEEP.yaml... [--gpus 0,1,2,3] [--deadline-min M] [--dry-run]; moba-cp plot --sweep SWEEP_OUT_DIR
+    moba-cp sweep SWEEP.yaml... [--gpus 0,1,2,3] [--points-per-gpu N] [--deadline-min M] [--dry-run]; moba-cp plot --sweep SWEEP_OUT_DIR
     moba-cp eval loss CHECKPOINT --seq-len 32768 --last 2048
     moba-cp eval needle CHECKPOINT --lengths 4k,8k --depths 0,10,...,100
     moba-cp export hf RUN_DIR --out DIR              a transformers-loadable directory (moba_cp/hf/)

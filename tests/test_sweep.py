@@ -324,3 +324,23 @@ def test_finished_points_must_match_the_sweep(tmp_path):
     (Path(spec.out_dir) / b.name / "recipe.yaml").unlink()
     with pytest.raises(SweepError, match="moba-b: finished .* has no recipe.yaml"):
         check_finished_points(spec)
+
+
+def test_points_per_gpu_slots_and_errors(tmp_path):
+    """--points-per-gpu N: each GPU is N slots, filled across GPUs first; only for one-process sweeps."""
+    from moba_cp.experiments.scheduler import gpu_slots, run_sweeps_parallel
+
+    one = load_sweep(_toy_sweep_file(tmp_path, "one"))
+    assert gpu_slots(["0", "1"], 2, [one]) == ["0", "1", "0", "1"]
+    assert gpu_slots(["3"], 1, [one]) == ["3"]
+    with pytest.raises(SweepError, match="--points-per-gpu=0: give 1"):
+        gpu_slots(["0"], 0, [one])
+    two = load_sweep(_toy_sweep_file(tmp_path, "two"))
+    two.nproc = 2
+    with pytest.raises(SweepError, match=r"'two' \(nproc=2\) run several processes per point"):
+        gpu_slots(["0", "1"], 2, [one, two])
+    lines = []
+    run_sweeps_parallel([one], ["0"], dry_run=True, print_fn=lines.append, points_per_gpu=3)
+    assert any("on GPUs 0 (3 at a time on each)" in ln for ln in lines)
+    proc = _cli("sweep", str(_toy_sweep_file(tmp_path, "three")), "--points-per-gpu", "2")
+    assert proc.returncode == 2 and "--points-per-gpu needs --gpus" in proc.stderr

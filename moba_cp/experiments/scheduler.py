@@ -12,6 +12,11 @@ same point, else at the median rate of all finished points) would pass the deadl
 and at the deadline running points get SIGTERM: training finishes its step, saves a checkpoint
 (when ``checkpoint.save``) and stops, so a later ``moba-cp sweep`` resumes it. Finished points are
 exactly those with ``sweep_point.json``, as in the sequential runner.
+
+``points_per_gpu`` > 1 shares each GPU between that many one-process points (slots are filled
+across GPUs first). Small models leave a large GPU idle most of a step (host time per step, process
+start, evaluations), so two or three of them on one GPU finish sooner together; losses do not
+depend on it, throughput figures of such points do (their logs say how many shared the GPU).
 """
 
 from __future__ import annotations
@@ -84,8 +89,22 @@ def parse_gpus(text: str) -> list[str]:
     return ids
 
 
+def gpu_slots(gpus: list[str], points_per_gpu: int, specs: list[SweepSpec]) -> list[str]:
+    """The scheduler's slots: each GPU id ``points_per_gpu`` times, across GPUs first (``0,1,0,1``)."""
+    if points_per_gpu < 1:
+        raise SweepError(f"--points-per-gpu={points_per_gpu}: give 1 (a GPU per point) or more.")
+    if points_per_gpu > 1:
+        multi = [f"{s.name!r} (nproc={s.nproc})" for s in specs if s.nproc > 1]
+        if multi:
+            raise SweepError(f"--points-per-gpu={points_per_gpu} shares a GPU between one-process points, but "
+                             f"{', '.join(multi)} run several processes per point. Fix: drop --points-per-gpu "
+                             f"for those sweeps.")
+    return [g for _ in range(points_per_gpu) for g in gpus]
+
+
 def run_sweeps_parallel(specs: list[SweepSpec], gpus: list[str], *, deadline_s: float | None = None,
-                        extra: list[str] | None = None, dry_run: bool = False, print_fn=print) -> dict[str, list[dict]]:
+                        extra: list[str] | None = None, dry_run: bool = False, print_fn=print,
+                        points_per_gpu: int = 1) -> dict[str, list[dict]]:
     """Run every unfinished point of ``specs`` on ``gpus``; returns ``{sweep name: finished summaries}``.
 
     Raises SweepError after all jobs ended if any point failed (the others still ran to the end).
@@ -96,6 +115,7 @@ def run_sweeps_parallel(specs: list[SweepSpec], gpus: list[str], *, deadline_s: 
     for s in specs:
         if s.nproc > len(gpus):
             raise SweepError(f"sweep {s.name!r} needs nproc={s.nproc} GPUs per point, but --gpus gives {len(gpus)}.")
+    slots = gpu_slots(gpus, points_per_gpu, specs)
     jobs: list[_Job] = []
     for s in specs:
         out = Path(s.out_dir)
@@ -109,7 +129,8 @@ def run_sweeps_parallel(specs: list[SweepSpec], gpus: list[str], *, deadline_s: 
     # Largest first, but a sweep with a reference and seeds runs seed by seed (its points are listed
     # seed-major), so a deadline that cuts the run leaves whole pairs rather than one side of each.
     jobs.sort(key=lambda j: (_pair_round(j), -j.cost))
-    print_fn(f"{len(jobs)} points on GPUs {','.join(gpus)}, largest first"
+    print_fn(f"{len(jobs)} points on GPUs {','.join(gpus)}"
+             + (f" ({points_per_gpu} at a time on each)" if points_per_gpu > 1 else "") + ", largest first"
              + (" within each seed of a paired sweep" if any(_pair_round(j) for j in jobs) else "")
              + (f"; deadline {deadline_s / 60:.1f} min" if deadline_s else ""))
     if dry_run:
@@ -119,7 +140,7 @@ def run_sweeps_parallel(specs: list[SweepSpec], gpus: list[str], *, deadline_s: 
         return {}
 
     t0 = time.time()
-    free = list(gpus)
+    free = list(slots)
     cond = threading.Condition()
     procs: dict = {}
     failures: list[str] = []

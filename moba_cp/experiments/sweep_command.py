@@ -24,6 +24,9 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--deadline-min", type=float, default=None,
                         help="with --gpus: start no point predicted to end after this many minutes, and stop "
                              "running points there (they save and resume on the next run)")
+    parser.add_argument("--points-per-gpu", type=int, default=1,
+                        help="with --gpus: run this many one-process points at once on each GPU (small models "
+                             "leave a large GPU mostly idle)")
     parser.add_argument("--dry-run", action="store_true", help="validate every point and print the commands")
     return parser
 
@@ -41,10 +44,13 @@ def run_sweep_command(args: argparse.Namespace, overrides: list[str]) -> int:
         if args.gpus is None:
             if args.deadline_min is not None:
                 raise SweepError("--deadline-min needs --gpus (the parallel scheduler).")
+            if args.points_per_gpu != 1:
+                raise SweepError("--points-per-gpu needs --gpus (the parallel scheduler).")
             results = {s.name: run_sweep(s, dry_run=args.dry_run, extra=overrides) for s in specs}
         else:
             results = run_sweeps_parallel(specs, parse_gpus(args.gpus), extra=overrides, dry_run=args.dry_run,
-                                          deadline_s=args.deadline_min * 60 if args.deadline_min else None)
+                                          deadline_s=args.deadline_min * 60 if args.deadline_min else None,
+                                          points_per_gpu=args.points_per_gpu)
     except SweepError as e:
         print(f"moba-cp sweep: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@
 # fresh on every call, so RESUME_FROM=DIR (a committed results folder of this finding, e.g.
 # docs/results/<date>/<finding>, holding finished points' folders) copies those points into the
 # sweep folder first: the sweep skips them after checking they match its recipe and corpus.
+# POINTS_PER_GPU=2 runs two points at once on the GPU (small models leave it mostly idle).
 # Writes under $OUT: FINDING.log, and runs/sweeps/<sweep>/ with results.jsonl, paired.md/.json and
 # per point sweep_point.json, metrics.jsonl, recipe.yaml, eval/*.json, sweep.log. Commit those under
 # docs/results/<date>/. Needs no network: megatron-core comes from ./.whl when it is not installed.
@@ -45,7 +46,8 @@ if [[ -n "${RESUME_FROM:-}" ]]; then
 fi
 
 rc=0
-"$PY" -m moba_cp.cli sweep "recipes/experiments/$SWEEP.yaml" --gpus 1 --deadline-min "${DEADLINE_MIN:-8}" "$@" \
+"$PY" -m moba_cp.cli sweep "recipes/experiments/$SWEEP.yaml" --gpus 1 --points-per-gpu "${POINTS_PER_GPU:-1}" \
+  --deadline-min "${DEADLINE_MIN:-8}" "$@" \
   2>&1 | tee -a "$OUT/$FINDING.log" || rc=$?
 # The numbers of every finished point travel back; checkpoints and data caches stay on the machine.
 if [[ -d "runs/sweeps/$SWEEP" ]]; then
