@@ -16,7 +16,8 @@ exactly those with ``sweep_point.json``, as in the sequential runner.
 ``points_per_gpu`` > 1 shares each GPU between that many one-process points (slots are filled
 across GPUs first). Small models leave a large GPU idle most of a step (host time per step, process
 start, evaluations), so two or three of them on one GPU finish sooner together; losses do not
-depend on it, throughput figures of such points do (their logs say how many shared the GPU).
+depend on it, throughput figures of such points do (the scheduler's start and done lines show which
+points shared a GPU).
 """
 
 from __future__ import annotations
