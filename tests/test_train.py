@@ -293,7 +293,10 @@ def _resume_from_step3(tmp_path, cache_dir, extra, nproc_ref, nproc_resume):
     return {r["step"]: r["loss"] for r in _metrics(tmp_path / "ref")}, got, second.returncode, out
 
 
-@pytest.mark.parametrize("extra", [[], ["--parallel.distributed_optimizer=true"]], ids=["ddp", "distributed_optimizer"])
+# The ddp variant is slow-marked (~40 s): the distributed-optimizer variant runs the same resume with
+# a dp-sharded optimizer state, the harder case.
+@pytest.mark.parametrize("extra", [pytest.param([], marks=pytest.mark.slow), ["--parallel.distributed_optimizer=true"]],
+                         ids=["ddp", "distributed_optimizer"])
 def test_resume_with_another_data_parallel_size(tmp_path, cache_dir, extra):
     """A dp=2 run's step-3 checkpoint resumed with dp=1, plain DDP and with the distributed
     optimizer's dp-sharded state: the same global batches, so the same losses as the
@@ -376,6 +379,7 @@ def test_every_shipped_recipe_passes_dry_run(recipe, capsys):
     assert "dry run OK" in out and "memory/GPU" in out and "FLOPs/step" in out
 
 
+@pytest.mark.slow  # ~30 s; the SLURM test below runs launch/multinode.sh the same way, under sbatch
 def test_multinode_launcher_two_agents_meet_through_c10d(tmp_path, cache_dir):
     """launch/multinode.sh for real: two torchrun agents (two 'nodes' of one process each) on
     localhost, c10d rendezvous, gloo, CP=2 across the 'nodes'."""
