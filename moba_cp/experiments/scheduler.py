@@ -17,8 +17,8 @@ exactly those with ``sweep_point.json``, as in the sequential runner.
 across GPUs first). Small models leave a large GPU idle for much of a point (host time per step:
 a third of a profiled 8K step of the 6-layer model on an H200; process start; evaluations), which
 another point can fill; whether they finish sooner together is for the driver log's times to show.
-Losses do not depend on it, throughput figures of such points do (the scheduler's start and done lines show which
-points shared a GPU).
+Losses do not depend on it, throughput figures of such points do (the scheduler's start and done
+lines show which points shared a GPU).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from pathlib import Path
 
 import yaml
 
-from moba_cp.experiments.sweep import (SweepError, SweepPoint, SweepSpec, check_finished_points, _finish_point, _point_commands, _run,
-                                       _with_extra, collect_results, point_cost)
+from moba_cp.experiments.sweep import (SweepError, SweepPoint, SweepSpec, _finish_point, _point_commands, _run,
+                                       _with_extra, check_finished_points, collect_results, point_cost)
 
 __all__ = ["run_sweeps_parallel", "parse_gpus", "predict_seconds"]
 

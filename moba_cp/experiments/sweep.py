@@ -49,13 +49,14 @@ from pathlib import Path
 
 import yaml
 
-from moba_cp.config import RecipeConfig, RecipeError, dump, layer_attention_kinds, load_recipe
+from moba_cp.config import RecipeConfig, RecipeError, layer_attention_kinds, load_recipe, to_dict
 from moba_cp.data.retrieval_docs import KINDS as NEEDLE_KINDS
 from moba_cp.data.retrieval_docs import fixed_tokens
 from moba_cp.data.tokenizers import build_tokenizer
 from moba_cp.eval.needle import parse_kinds, parse_lengths
 from moba_cp.experiments.paired import mean_std, method_of, write_paired_report
 from moba_cp.train.flops import flops_per_step
+from moba_cp.train.run_dir import flatten
 
 __all__ = ["SweepSpec", "SweepPoint", "load_sweep", "run_sweep", "collect_results", "check_finished_points", "SweepError"]
 
@@ -372,16 +373,6 @@ def _with_extra(spec: SweepSpec, extra: list[str]) -> SweepSpec:
 _PATH_KEYS = frozenset({"logging.dir", "checkpoint.dir", "checkpoint.load"})
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _corpus(row: dict) -> str | None:
     data = row.get("data")
     return data.get("corpus") if isinstance(data, dict) else None
@@ -407,7 +398,7 @@ def finished_point_errors(spec: SweepSpec, out: Path) -> list[str]:
     ``data.json`` corpora must agree.
     """
     errors, rows = [], []
-    defaults = _flat(yaml.safe_load(dump(RecipeConfig())))
+    defaults = flatten(to_dict(RecipeConfig()))
     for pt in spec.points:
         run_dir = out / pt.name
         if not (run_dir / "sweep_point.json").is_file():
@@ -416,8 +407,8 @@ def finished_point_errors(spec: SweepSpec, out: Path) -> list[str]:
         if not recipe_file.is_file():
             errors.append(f"{pt.name}: finished (sweep_point.json) but has no recipe.yaml, so what it trained with is unknown")
             continue
-        recorded = _flat(yaml.safe_load(recipe_file.read_text()) or {})
-        expected = _flat(yaml.safe_load(dump(load_recipe(spec.base, pt.overrides))))
+        recorded = flatten(yaml.safe_load(recipe_file.read_text()) or {})
+        expected = flatten(to_dict(load_recipe(spec.base, pt.overrides)))
         # An option added after the point ran is absent from its recipe; it ran as the option's default.
         recorded.update({k: v for k, v in defaults.items() if k not in recorded})
         diffs = [f"{k}={recorded.get(k, '<absent>')!r} (the sweep now gives {expected.get(k, '<absent>')!r})"
