@@ -31,8 +31,12 @@ import torch
 __all__ = ["GraphedCall", "graphs_enabled", "graph_mode", "GRAPH_MODES", "GRAPH_MAX_TOKEN_HEADS", "static_offsets"]
 
 #: Largest ``T * Hq`` a call is graphed at. Above it a call's kernels run long enough that the
-#: enqueue time hides behind them, and a graph's private pool would hold large intermediates.
-GRAPH_MAX_TOKEN_HEADS = 1 << 19
+#: enqueue time hides behind them, while the graph's input copies and output clones grow with the
+#: call (and its private pool holds large intermediates). Measured in training on one H200
+#: (``benchmarks/bench_train.py``, 2026-12-03, 2 alternating pairs each): 32K tokens x 16 heads
+#: (2^19) trains 3% faster eager (114.8K vs 111.2K tok/s), 4 x 8K tokens x 6 heads (~2^17.6)
+#: needs the graph (eager 0.87x full attention, graphed 1.02-1.03x).
+GRAPH_MAX_TOKEN_HEADS = 1 << 18
 
 #: Graphs kept per :class:`GraphedCall` (least recently used dropped; a dropped graph frees its pool).
 MAX_GRAPHS = 8
