@@ -6,6 +6,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import yaml
+from matplotlib import ticker
 
 from moba_cp.eval.plots import pyplot, save_figure  # one headless-matplotlib setup for every chart
 from moba_cp.experiments.fit import fit_power_law, pflops_days
@@ -109,6 +110,11 @@ def plot_scaling(rows: list[dict], metric: str, out_path: str) -> tuple[str, dic
         ax.plot([], [], color=color, marker="o", label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    # a loss axis spans less than a decade: plain numbers, and no labels on the compute axis's minor
+    # ticks (they overlapped the major ones)
+    ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.2f"))
+    ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%.2f"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_xlabel("training compute C (PFLOP/s-days)")
     return _finish(fig, ax, metric, "Scaling: MoBA vs full attention", out_path, which="both"), fits
 
