@@ -71,7 +71,9 @@ class BwdConfig:
     position) in bucket order, so its loop loads contiguous tiles instead of looking up every
     row through the index (the chunk's copy counts against ``dq_chunk_bytes`` too). ``tma`` (with
     ``gather_rows``): those tiles of q and dO are read through tensor descriptors (TMA on Hopper:
-    asynchronous copies straight to shared memory, no per-element addresses in registers).
+    asynchronous copies straight to shared memory, no per-element addresses in registers); off:
+    measured 2-5% slower than the masked loads at the 128K, 32K and 4 x 8K training shapes
+    (``benchmarks/results/moba_tune_h200_2026-12-03_session9_tma.log``).
     ``dq_chunk_bytes``: largest fp32 dQ scratch when dq is
     returned in a half dtype (the backward then runs in chunks of KV heads)."""
 
