@@ -134,6 +134,10 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = _option("bf16", "Training precision on GPU (CPU always runs fp32).")
     recompute: Literal["none", "selective", "full"] = _option(
         "none", "Activation recomputation: 'selective' (core attention), 'full' (whole layers).")
+    loss_normalization: Literal["token", "sample"] = _option(
+        "token", "Training loss over the global batch: the mean over loss tokens ('token', Megatron's), or "
+        "the mean over samples of each sample's token mean ('sample': a retrieval document with its loss on "
+        "a few answer tokens weighs as much as a text sample). Validation loss is always per token.")
 
 
 @dataclass

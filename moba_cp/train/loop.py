@@ -22,6 +22,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,6 +43,7 @@ from moba_cp.train.batches import collate, microbatch_indices
 from moba_cp.train.checkpoint import load_checkpoint, save_checkpoint
 from moba_cp.train.distributed import DistEnv, init_distributed, shutdown_distributed, world_size_from_env
 from moba_cp.train.flops import flops_per_step
+from moba_cp.train.loss import masked_loss_sums
 from moba_cp.train.metrics import MetricsLogger, format_eta, peak_memory_gib
 from moba_cp.train.preflight import complete_message, preflight
 from moba_cp.train.run_dir import RunDirState, checkpoint_dir_of, describe
@@ -342,25 +344,28 @@ def _stop_after(run: _Run, done: int) -> None:
 # --------------------------------------------------------------------------------------------
 # Forward / backward through Megatron's schedule
 # --------------------------------------------------------------------------------------------
-def _loss_step(data_iterator, model):
-    """Megatron's ``forward_step_func``: one micro-batch's per-token losses and their reduction."""
+def _loss_step(data_iterator, model, normalization: str = "token"):
+    """Megatron's ``forward_step_func``: one micro-batch's per-token losses and their reduction
+    (``train.loss_normalization``: per token or per sample, :mod:`moba_cp.train.loss`)."""
     batch = next(data_iterator)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
 
     def loss_func(per_token_loss: torch.Tensor):
-        mask = batch["loss_mask"].float()
-        loss_sum = (per_token_loss.float() * mask).sum()
-        count = mask.sum()
-        return loss_sum, count.to(torch.int), {"lm loss": torch.stack([loss_sum.detach(), count])}
+        cp_group = parallel_state.get_context_parallel_group() if normalization == "sample" else None
+        loss_sum, count = masked_loss_sums(per_token_loss, batch["loss_mask"], normalization, cp_group)
+        return loss_sum, count, {"lm loss": torch.stack([loss_sum.detach(), count.float()])}
 
     return output, loss_func
 
 
 def _forward_backward(ddp, batches: list[dict], *, forward_only: bool, cfg: RecipeConfig, env: DistEnv):
-    """Megatron's forward-backward schedule over ``batches`` (the micro-batches of one step)."""
+    """Megatron's forward-backward schedule over ``batches`` (the micro-batches of one step).
+    Training reduces its loss as ``train.loss_normalization`` says; validation always per token,
+    so a validation loss means the same thing whatever a run trained with."""
+    normalization = "token" if forward_only else cfg.train.loss_normalization
     with compat_cpu.cuda_to_cpu():
         return get_forward_backward_func()(
-            forward_step_func=_loss_step, data_iterator=iter(batches), model=[ddp],
+            forward_step_func=partial(_loss_step, normalization=normalization), data_iterator=iter(batches), model=[ddp],
             num_microbatches=len(batches), seq_length=cfg.model.seq_length // env.cp,
             micro_batch_size=cfg.train.micro_batch_size, forward_only=forward_only,
         )
