@@ -454,6 +454,28 @@ def test_clear_errors_for_unsupported_inputs():
         tb.select_blocks(q.double(), k.double(), block_size=16, topk=2)
 
 
+def test_backward_keeps_no_copy_of_the_selection_when_the_index_is_saved():
+    """The backward decodes the forward's saved gather index, so the [T, Hq, W] selection is
+    saved as a zero-stride stand-in (memory when core attention is not recomputed); the
+    gradients are the oracle test's above."""
+    t, hq, hkv, d, b, topk = 150, 4, 2, 32, 16, 3
+    q, k, v = (x.requires_grad_() for x in _inputs(t, hq, hkv, d, torch.float32, seed=5))
+    idx = naive.select_blocks(q, k, block_size=b, topk=topk)
+    saved = []
+
+    def pack(x):
+        saved.append(x)
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        o, _ = tb.block_attn(q, k, v, idx, block_size=b, softmax_scale=d ** -0.5)
+    stand_in = [x for x in saved if x.shape == idx.shape]
+    assert len(stand_in) == 1 and stand_in[0].stride() == (0, 0, 0), [(x.shape, x.stride()) for x in saved]
+    assert not any(x.data_ptr() == idx.data_ptr() for x in saved)
+    o.sum().backward()  # and the backward runs from what was saved
+    assert torch.isfinite(q.grad).all() and k.grad.abs().sum() > 0
+
+
 def test_custom_op_traces_under_torch_compile():
     """block_attn is a custom op with fake impl + autograd: a fullgraph compile traces it."""
     q, k, v = _inputs(48, 2, 1, 16, torch.float32, seed=2)
