@@ -49,8 +49,7 @@ def masked_loss_sums(per_token_loss: torch.Tensor, mask: torch.Tensor, normaliza
     counts = mask.sum(dim=1)  # this rank's loss tokens per sample
     split = cp_group is not None and dist.get_world_size(cp_group) > 1
     if split:
-        counts = counts.clone()
-        dist.all_reduce(counts, group=cp_group)  # the whole sample's count
+        dist.all_reduce(counts, group=cp_group)  # the whole sample's count (counts is a fresh tensor)
     has_loss = counts > 0
     loss_sum = (weighted.sum(dim=1) / counts.clamp_min(1.0)).sum()
     first = not split or dist.get_rank(cp_group) == 0
