@@ -55,3 +55,14 @@ def test_needle_eval_writes_grid_and_heatmap(trained_run):
     cells = json.dumps(res)
     assert "400" in cells and "512" in cells
     assert (out_dir / "needle_heatmap.png").stat().st_size > 1000
+
+
+def test_needle_eval_on_heldout_haystacks(trained_run):
+    """--haystack heldout draws each sample's haystack from the run's held-out documents (one process)."""
+    out_dir = trained_run / "needle_heldout"
+    _run(1, ["eval", "needle", str(trained_run / "run"), "--lengths", "512", "--depths", "50", "--kinds", "passkey",
+             "--n-per-cell", "2", "--haystack", "heldout", "--out", str(out_dir), "--parallel.cp=1",
+             f"--data.cache_dir={trained_run / 'cache'}"], trained_run)
+    res = json.loads((out_dir / "needle.json").read_text())
+    assert res["haystack"] == "heldout" and res["identity"]["settings"]["haystack"] == "heldout"
+    assert res["cells"][0]["n"] == 2

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from moba_cp.eval.needle import parse_depths, parse_kinds, parse_lengths
 from moba_cp.eval.needle import run_needle_grid, score_needle, write_json
 from moba_cp.eval import plots
 
+ROOT = Path(__file__).resolve().parents[1]
 TOK = ByteTokenizer()
 V = TOK.vocab_size
 
@@ -279,3 +281,68 @@ def test_eval_command_runners(tmp_path):
     # the run folder is now plottable
     written = plots.plot_runs([str(tmp_path / "run")], str(tmp_path / "figs"))
     assert {os.path.basename(p) for p in written} == {"positional_loss.png", "trailing_loss.png", "needle_heatmaps.png"}
+
+
+def test_heldout_haystack_per_sample_and_never_mixed(tmp_path):
+    """--haystack heldout: sample j of every cell sits in haystack j; a saved grid of one haystack is never
+    resumed under the other; fillers and the flag must agree."""
+    import argparse
+
+    from moba_cp.eval import eval_command as cli
+
+    fillers = [TOK.encode("alpha beta gamma. " * 8), TOK.encode("delta epsilon zeta. " * 8)]
+    seen = []
+
+    def recording(tokens):
+        seen.append(TOK.decode(tokens[0].tolist()))
+        return oracle_retriever(tokens)
+
+    res = run_needle_grid(recording, TOK, [512], [0, 100], ("passkey",), n_per_cell=3, seed=1, fillers=fillers)
+    assert res["kinds"]["passkey"]["mean"] == 1.0 and len(seen) == 6
+    for cell in range(2):  # samples 0, 1, 2 of each cell: haystacks 0, 1, 0 (cycled); no passkey filler
+        texts = seen[3 * cell:3 * cell + 3]
+        assert [("alpha" in t, "delta" in t) for t in texts] == [(True, False), (False, True), (True, False)]
+        assert not any("The grass is green" in t for t in texts)
+
+    def parse(*flags):
+        return cli.add_needle_arguments(argparse.ArgumentParser()).parse_args(
+            ["--lengths", "512", "--depths", "0,100", "--kinds", "passkey", "--n-per-cell", "2",
+             "--out", str(tmp_path / "eval"), *flags])
+
+    calls = []
+
+    def counting(tokens):
+        calls.append(1)
+        return oracle_retriever(tokens)
+
+    held = cli.run_needle_eval(parse("--haystack", "heldout"), counting, TOK, progress=None, fillers=fillers)
+    saved = json.load(open(tmp_path / "eval" / "needle.json"))
+    assert held["haystack"] == saved["haystack"] == "heldout" and saved["identity"]["settings"]["haystack"] == "heldout"
+    assert len(calls) == 4
+    cli.run_needle_eval(parse("--haystack", "heldout"), counting, TOK, progress=None, fillers=fillers)
+    assert len(calls) == 4  # same haystack and source: every cell taken from the saved grid
+    plain = cli.run_needle_eval(parse(), counting, TOK, progress=None)
+    assert len(calls) == 8 and plain["haystack"] == "passkey"  # the other haystack is measured anew
+    with pytest.raises(ValueError, match="--haystack heldout needs held-out haystacks"):
+        cli.run_needle_eval(parse("--haystack", "heldout"), counting, TOK, progress=None)
+    with pytest.raises(ValueError, match="--haystack passkey needs no fillers"):
+        cli.run_needle_eval(parse(), counting, TOK, progress=None, fillers=fillers)
+    with pytest.raises(SystemExit):
+        parse("--haystack", "essays")
+
+
+def test_heldout_haystacks_are_heldout_documents_without_eod():
+    from moba_cp.config import load_recipe
+    from moba_cp.data.datasets import heldout_sequences
+    from moba_cp.data.tokenizers import build_tokenizer
+    from moba_cp.eval.eval_command import heldout_haystacks
+
+    data = load_recipe(str(ROOT / "recipes" / "quickstart.yaml")).data
+    tok = build_tokenizer(data.tokenizer)
+    hay = heldout_haystacks(data, tok, 600, 3)
+    docs = heldout_sequences(data, seq_length=600, num_sequences=3, tokenizer=tok,
+                             builtin_budget_bytes=data.builtin_budget_bytes)
+    assert len(hay) == 3 and len({tuple(h) for h in hay}) == 3
+    for h, d in zip(hay, docs):
+        assert int(tok.eod) not in h and h == [int(t) for t in d.tolist() if int(t) != int(tok.eod)]
+        assert len(h) >= 500

@@ -254,3 +254,22 @@ def test_a_bf16_checkpoint_exports_on_cpu(exported, tmp_path):
 
     weights = load_file(str(tmp_path / "hf" / "model.safetensors"))
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+
+
+def test_generate_and_exported_task_refuse_heldout_haystacks(tmp_path, capsys):
+    """Held-out haystacks need the run's corpus: decoding and the exported lm-eval task say so instead of
+    silently scoring the passkey haystack."""
+    import argparse
+
+    from moba_cp.eval import eval_command
+    from moba_cp.hf import lm_eval_task, needle_generate
+
+    args = eval_command.add_needle_arguments(argparse.ArgumentParser()).parse_args(
+        ["--lengths", "400", "--haystack", "heldout", "--out", str(tmp_path / "o")])
+    args.checkpoint, args.label, args.generate = str(tmp_path / "missing"), None, True
+    assert needle_generate.run(args, []) == 2
+    assert "--haystack heldout is for teacher-forced scoring of a run directory" in capsys.readouterr().err
+    targs = lm_eval_task.add_arguments(argparse.ArgumentParser()).parse_args(
+        [str(tmp_path / "export"), "--out", str(tmp_path / "task"), "--haystack", "heldout"])
+    assert lm_eval_task.run(targs, []) == 2
+    assert "the exported task has no training corpus" in capsys.readouterr().err

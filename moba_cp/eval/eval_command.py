@@ -31,16 +31,17 @@ from moba_cp.data.tokenizers import build_tokenizer
 from moba_cp.eval import plots
 from moba_cp.eval.lm_loss import trailing_and_positional_loss
 from moba_cp.eval.model_runner import load_eval_model, read_trained_recipe
-from moba_cp.eval.needle import (KINDS, cell_key, check_needle_grid, parse_depths, parse_kinds, parse_lengths,
+from moba_cp.eval.needle import (HAYSTACKS, KINDS, cell_key, check_needle_grid, parse_depths, parse_kinds, parse_lengths,
                                  run_needle_grid, write_json)
 from moba_cp.train.distributed import shutdown_distributed
 from moba_cp.train.user_errors import is_main_process, report, user_errors
 
-__all__ = ["add_needle_arguments", "run_needle_eval", "add_loss_arguments", "run_loss_eval",
+__all__ = ["add_needle_arguments", "run_needle_eval", "heldout_haystacks", "HAYSTACKS", "add_loss_arguments", "run_loss_eval",
            "NEEDLE_FILE", "LOSS_FILE", "needle_grid_of", "check_loss_arguments",
            "check_eval_inputs", "run_eval_command"]
 
 NEEDLE_FILE = "needle.json"
+
 NEEDLE_PARTIAL_FILE = "needle.partial.json"  # finished cells of a run in progress (or interrupted)
 LOSS_FILE = "eval_loss.json"
 LOSS_PARTIAL_FILE = "eval_loss.partial.jsonl"  # per-sequence losses of a run in progress
@@ -54,8 +55,27 @@ def add_needle_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         help=f"comma-separated subset of {','.join(KINDS)}")
     parser.add_argument("--n-per-cell", type=int, default=4, help="samples per (length, depth) cell")
     parser.add_argument("--seed", type=int, default=0, help="generator seed")
+    parser.add_argument("--haystack", choices=HAYSTACKS, default="passkey",
+                        help="haystack text: 'passkey' = the passkey paper's repeated sentences (default); 'heldout' = "
+                             "held-out documents of the run's training corpus, one per sample (the text a model trained "
+                             "with data.retrieval_fraction saw around its needles)")
     parser.add_argument("--out", default="eval", help="output folder (needle.json, needle_heatmap.png)")
     return parser
+
+
+def heldout_haystacks(data_cfg, tokenizer, length: int, num: int) -> list[list[int]]:
+    """``num`` held-out documents of the run's corpus as haystack token lists (EOD and padding dropped).
+
+    Args:
+        data_cfg: the trained recipe's ``DataConfig``.
+        length: the longest needle length; each haystack has ``length + 1`` tokens before dropping.
+    Raises:
+        DataConfigError: no held-out document is that long (the message gives the longest).
+    """
+    drop = {int(tokenizer.eod)} | ({int(tokenizer.pad)} if getattr(tokenizer, "pad", None) is not None else set())
+    seqs = heldout_sequences(data_cfg, seq_length=length, num_sequences=num, tokenizer=tokenizer,
+                             builtin_budget_bytes=data_cfg.builtin_budget_bytes)
+    return [[int(t) for t in x.tolist() if int(t) not in drop] for x in seqs]
 
 
 def _identity(args_settings: dict, source: dict | None) -> dict:
@@ -86,7 +106,7 @@ def needle_grid_of(args: argparse.Namespace) -> tuple[list[int], list[float], li
 def run_needle_eval(args: argparse.Namespace, logits_fn: Callable, tokenizer, *, label: str = "model",
                     write: bool = True, progress: Callable[[str], None] | None = print,
                     source: dict | None = None, share: Callable | None = None,
-                    scorer: Callable | None = None) -> dict:
+                    scorer: Callable | None = None, fillers: list[list[int]] | None = None) -> dict:
     """Run the needle grid described by ``args`` and write ``OUT/needle.json`` and ``OUT/needle_heatmap.png``.
 
     Every (kind, length) is checked before the first sample. Each finished cell is saved at once
@@ -103,14 +123,21 @@ def run_needle_eval(args: argparse.Namespace, logits_fn: Callable, tokenizer, *,
         share: ``obj -> obj`` of the writing rank on every rank (all ranks must skip the same
             cells); None in a single process.
         scorer: per-sample scoring instead of teacher forcing (see :func:`run_needle_grid`).
+        fillers: the per-sample haystacks that ``--haystack heldout`` asks for (:func:`heldout_haystacks`);
+            must be None for ``--haystack passkey``.
     Returns:
-        the result dict of :func:`moba_cp.eval.needle.run_needle_grid` (plus ``"label"``).
+        the result dict of :func:`moba_cp.eval.needle.run_needle_grid` (plus ``"label"``, ``"haystack"``).
     """
+    haystack = getattr(args, "haystack", "passkey")
+    if (haystack == "heldout") != (fillers is not None):
+        raise ValueError(f"--haystack {haystack} needs {'held-out haystacks' if fillers is None else 'no fillers'}: "
+                         f"pass fillers=heldout_haystacks(...) exactly when --haystack heldout.")
     lengths, depths, kinds = needle_grid_of(args)
     check_needle_grid(tokenizer, lengths, depths, kinds, args.n_per_cell, args.seed)
     final_path = os.path.join(args.out, NEEDLE_FILE)
     partial_path = os.path.join(args.out, NEEDLE_PARTIAL_FILE)
-    ident = _identity({"n_per_cell": args.n_per_cell, "seed": args.seed}, source)
+    # The haystack is part of what is measured: cells of another haystack are never reused.
+    ident = _identity({"n_per_cell": args.n_per_cell, "seed": args.seed, "haystack": haystack}, source)
     done: dict = {}
     if write:
         for path in (partial_path, final_path):
@@ -132,8 +159,10 @@ def run_needle_eval(args: argparse.Namespace, logits_fn: Callable, tokenizer, *,
             write_json({"identity": ident, "cells": list(finished.values())}, partial_path)
 
     res = run_needle_grid(logits_fn, tokenizer, lengths, depths, kinds, args.n_per_cell, args.seed,
-                          progress=progress if write else None, done=done, on_cell=save_cell, scorer=scorer)
+                          progress=progress if write else None, done=done, on_cell=save_cell, scorer=scorer,
+                          fillers=fillers)
     res["label"] = label
+    res["haystack"] = haystack
     res["identity"] = ident
     if write:
         write_json(res, final_path)
@@ -256,10 +285,12 @@ def run_eval_command(args: argparse.Namespace, overrides: list[str]) -> int:
     always leave the process group; the exit code (2: bad input, 130: interrupted, work kept)."""
     try:
         ckpt, trained, meta, max_len = check_eval_inputs(args, overrides)
-        seqs = None
+        seqs = fillers = None
         if args.kind == "loss":
             seqs = heldout_sequences(trained.data, seq_length=args.seq_len, num_sequences=args.num_seqs,
                                      builtin_budget_bytes=trained.data.builtin_budget_bytes)
+        elif args.haystack == "heldout":
+            fillers = heldout_haystacks(trained.data, build_tokenizer(trained.data.tokenizer), max_len, args.n_per_cell)
         em = load_eval_model(args.checkpoint, max_len, overrides)
     except (FileNotFoundError, ValueError, *user_errors()) as e:
         report("eval", e)
@@ -273,7 +304,7 @@ def run_eval_command(args: argparse.Namespace, overrides: list[str]) -> int:
             run_loss_eval(args, em.loss_fn, seqs, label=label, write=em.env.is_main, source=source, share=em.share)
         else:
             run_needle_eval(args, em.logits_fn, em.tokenizer, label=label, write=em.env.is_main,
-                            source=source, share=em.share)
+                            source=source, share=em.share, fillers=fillers)
     except KeyboardInterrupt:
         report("eval", f"interrupted; finished work is kept in {kept}: rerun the same command to resume.")
         return 130

@@ -118,6 +118,9 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
     try:
         if not args.out:
             raise ValueError("--out TASK_DIR is required (the folder for the task files).")
+        if args.haystack != "passkey":
+            raise ValueError(f"--haystack {args.haystack}: the exported task has no training corpus to draw held-out "
+                             f"haystacks from; it uses the passkey haystack (leave --haystack out).")
         tokenizer = moba_tokenizer_of(args.export_dir)
         lengths, depths, kinds = eval_command.needle_grid_of(args)
         info = write_needle_task(args.out, tokenizer, lengths, depths, kinds, args.n_per_cell, args.seed)

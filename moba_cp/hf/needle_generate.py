@@ -84,6 +84,10 @@ def run(args, overrides: list[str]) -> int:
     """``moba-cp eval needle --generate CHECKPOINT|EXPORT_DIR ...``: one process; writes ``OUT/needle.json``."""
 
     try:
+        if getattr(args, "haystack", "passkey") != "passkey":
+            raise ValueError(f"--haystack {args.haystack} is for teacher-forced scoring of a run directory "
+                             f"(`moba-cp eval needle RUN --haystack {args.haystack}`, without --generate); decoding "
+                             f"uses the passkey haystack.")
         tokenizer, source = _describe(args.checkpoint, overrides)
         lengths, depths, kinds = eval_command.needle_grid_of(args)
         check_needle_grid(tokenizer, lengths, depths, kinds, args.n_per_cell, args.seed)  # before the model loads
