@@ -73,7 +73,10 @@ def _cmd_prepare_data(args, rest) -> int:
 
 def _cmd_plot(args, rest) -> int:
     _no_extra(rest, "plot")
-    return run_sweep_plots(args.run_dirs, args.out) if args.sweep else plots.run(args)
+    if not args.sweep and (args.kind or args.metric):
+        print("moba-cp plot: --kind and --metric choose a sweep chart; add --sweep.", file=sys.stderr)
+        return 2
+    return run_sweep_plots(args.run_dirs, args.out, args.kind, args.metric) if args.sweep else plots.run(args)
 
 
 def _cmd_selfcheck(args, rest) -> int:
@@ -111,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="store_true",
                    help="the directories are sweep output folders: draw each sweep's chart (scaling fits, "
                         "granularity, hybrid) in the style of the MoBA paper")
+    p.add_argument("--kind", default=None, help="with --sweep: draw this chart kind (scaling, granularity, hybrid, "
+                                                "retrieval) instead of the sweep's own")
+    p.add_argument("--metric", default=None, help="with --sweep: plot this metric instead of the sweep's own")
     p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("sweep", help="run every point of experiment sweeps (skips finished points)",

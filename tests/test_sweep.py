@@ -344,3 +344,58 @@ def test_points_per_gpu_slots_and_errors(tmp_path):
     assert any("on GPUs 0 (3 at a time on each)" in ln for ln in lines)
     proc = _cli("sweep", str(_toy_sweep_file(tmp_path, "three")), "--points-per-gpu", "2")
     assert proc.returncode == 2 and "--points-per-gpu needs --gpus" in proc.stderr
+
+
+def test_needle_haystack_reaches_the_eval_command(tmp_path):
+    """eval_needle.haystack is checked when the sweep loads and handed to `moba-cp eval needle`."""
+    from moba_cp.experiments.sweep import _point_commands
+
+    path = _toy_sweep_file(tmp_path, "hs", evals=True)
+    path.write_text(path.read_text().replace("n_per_cell: 1", "n_per_cell: 1\n  haystack: heldout"))
+    spec = load_sweep(path)
+    cmds = _point_commands(spec, spec.points[0], [sys.executable], tmp_path / "run")
+    needle = next(c for c in cmds if "needle" in c)
+    assert needle[needle.index("--haystack") + 1] == "heldout"
+    path.write_text(path.read_text().replace("haystack: heldout", "haystack: essays"))
+    with pytest.raises(SweepError, match="eval_needle.haystack='essays' must be one of passkey, heldout"):
+        load_sweep(path)
+
+
+def test_plot_another_kind_of_the_same_points(tmp_path, monkeypatch, capsys):
+    """`moba-cp plot --sweep DIR --kind hybrid --metric answer_loss` on a retrieval sweep's points: the hybrid
+    chart, with key-convolution points kept out of its MoBA reference; unknown kinds and absent metrics refuse."""
+    from moba_cp.experiments import sweep_plots
+
+    d = tmp_path / "rh"
+    d.mkdir()
+    (d / "sweep.yaml").write_text(yaml_dump(dict(name="rh", kind="retrieval", metric="needle_accuracy",
+                                                 base="recipes/quickstart.yaml", points=[])))
+    spec = [("full", "full", 6, 0, 0.10), ("moba", "moba", 0, 0, 1.30), ("moba-kconv3", "moba", 0, 3, 0.50),
+            ("hybrid-1", "hybrid", 1, 0, 0.90), ("hybrid-3", "hybrid", 3, 0, 0.40)]
+    for group, pattern, full_layers, key_conv, loss in spec:
+        for seed in (1, 2):
+            pd = d / f"{group}-seed{seed}"
+            pd.mkdir()
+            (pd / "sweep_point.json").write_text(json.dumps(dict(
+                name=pd.name, group=group, labels={"method": group, "seed": str(seed)}, pattern=pattern,
+                full_layers=full_layers, key_conv=key_conv, answer_loss=loss + seed / 100, needle_accuracy=1 - loss / 2,
+                needle={"passkey": 1 - loss / 2}, train_flops=1e15, n_blocks=16, topk=3)))
+    seen = []
+    real = sweep_plots._reference
+    monkeypatch.setattr(sweep_plots, "_reference", lambda ax, rows, metric, name, style: (
+        seen.append((name, sorted(r["name"] for r in rows))), real(ax, rows, metric, name, style)))
+    png, table = sweep_plots.plot_sweep_dir(d, tmp_path / "out", kind="hybrid", metric="answer_loss")
+    assert png.endswith("rh_hybrid.png") and "| hybrid-3 |" in table
+    _png_ok(png)
+    assert dict(seen) == {"MoBA": ["moba"], "full attention": ["full"]}  # moba-kconv3 left out
+    png, _ = sweep_plots.plot_sweep_dir(d, tmp_path / "out")  # the sweep's own chart
+    assert png.endswith("rh_retrieval.png")
+    with pytest.raises(SweepError, match="the kind must be one of"):
+        sweep_plots.plot_sweep_dir(d, tmp_path / "out", kind="hybrids")
+    with pytest.raises(SweepError, match="has 'trailing_loss'"):
+        sweep_plots.plot_sweep_dir(d, tmp_path / "out", kind="hybrid", metric="trailing_loss")
+    code, err = _cli_in_process(capsys, "plot", str(d), "--kind", "hybrid")
+    assert code == 2 and "--kind and --metric choose a sweep chart; add --sweep" in err
+    code, _ = _cli_in_process(capsys, "plot", "--sweep", str(d), "--kind", "hybrid", "--metric", "answer_loss",
+                              "--out", str(tmp_path / "cli"))
+    assert code == 0 and (tmp_path / "cli" / "rh_hybrid.png").is_file()

@@ -53,7 +53,7 @@ from moba_cp.config import RecipeConfig, RecipeError, layer_attention_kinds, loa
 from moba_cp.data.retrieval_docs import KINDS as NEEDLE_KINDS
 from moba_cp.data.retrieval_docs import fixed_tokens
 from moba_cp.data.tokenizers import build_tokenizer
-from moba_cp.eval.needle import parse_kinds, parse_lengths
+from moba_cp.eval.needle import HAYSTACKS, parse_kinds, parse_lengths
 from moba_cp.experiments.paired import mean_std, method_of, write_paired_report
 from moba_cp.train.flops import flops_per_step
 from moba_cp.train.run_dir import flatten
@@ -177,9 +177,11 @@ def load_sweep(path: str | Path, out_dir: str | None = None) -> SweepSpec:
     _check_answer_loss(p, data.get("eval_answer_loss"))
     needle = data.get("eval_needle")
     if needle is not None:
-        allowed_n = {"lengths", "depths", "kinds", "n_per_cell", "seed", "only"}
+        allowed_n = {"lengths", "depths", "kinds", "n_per_cell", "seed", "haystack", "only"}
         if not isinstance(needle, dict) or set(needle) - allowed_n:
             raise SweepError(f"{p}: eval_needle must be a mapping with keys among {', '.join(sorted(allowed_n))}.")
+        if needle.get("haystack", "passkey") not in HAYSTACKS:
+            raise SweepError(f"{p}: eval_needle.haystack={needle['haystack']!r} must be one of {', '.join(HAYSTACKS)}.")
         missing = sorted(set(needle.get("only") or []) - set(names) - {pt.group for pt in points})
         if missing:
             raise SweepError(f"{p}: eval_needle.only names unknown point(s) {missing}; points: {names}.")
@@ -261,7 +263,7 @@ def _point_summary(spec: SweepSpec, pt: SweepPoint, run_dir: Path) -> dict:
         "loss": sum(tail) / len(tail) if tail else None,
         "valid_loss": valid[-1]["valid_loss"] if valid else None,
         "pattern": cfg.attention.pattern, "full_layers": kinds.count("full"), "num_layers": len(kinds),
-        "block_size": cfg.moba.block_size, "topk": cfg.moba.topk, "n_blocks": n_blocks,
+        "block_size": cfg.moba.block_size, "topk": cfg.moba.topk, "n_blocks": n_blocks, "key_conv": cfg.moba.key_conv,
         "seq_length": cfg.model.seq_length,
     }
     ev = run_dir / "eval" / "eval_loss.json"
@@ -314,7 +316,7 @@ def _point_commands(spec: SweepSpec, pt: SweepPoint, launcher: list[str], run_di
         cmd = [*launcher, "-m", "moba_cp.cli", "eval", "needle", str(run_dir), "--out", str(run_dir / "eval"),
                "--label", pt.name]
         for key, flag in (("lengths", "--lengths"), ("depths", "--depths"), ("kinds", "--kinds"),
-                          ("n_per_cell", "--n-per-cell"), ("seed", "--seed")):
+                          ("n_per_cell", "--n-per-cell"), ("seed", "--seed"), ("haystack", "--haystack")):
             if key in n:
                 cmd += [flag, str(n[key])]
         cmds.append(cmd)

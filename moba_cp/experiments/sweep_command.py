@@ -62,11 +62,11 @@ def run_sweep_command(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def run_sweep_plots(sweep_dirs: list[str], out_dir: str) -> int:
-    """``moba-cp plot --sweep``: each sweep folder's chart and table (printed); exit code."""
+def run_sweep_plots(sweep_dirs: list[str], out_dir: str, kind: str | None = None, metric: str | None = None) -> int:
+    """``moba-cp plot --sweep [--kind K] [--metric M]``: each sweep folder's chart and table (printed); exit code."""
     for sweep_dir in sweep_dirs:
         try:
-            png, table = plot_sweep_dir(sweep_dir, out_dir)
+            png, table = plot_sweep_dir(sweep_dir, out_dir, kind, metric)
         except SweepError as e:
             print(f"moba-cp plot --sweep: {e}", file=sys.stderr)
             return 2

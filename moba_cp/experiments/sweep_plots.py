@@ -11,7 +11,7 @@ from matplotlib import ticker
 from moba_cp.eval.plots import pyplot, save_figure  # one headless-matplotlib setup for every chart
 from moba_cp.experiments.fit import fit_power_law, pflops_days
 from moba_cp.experiments.retrieval_chart import plot_retrieval
-from moba_cp.experiments.sweep import SweepError, collect_results
+from moba_cp.experiments.sweep import KINDS, METRICS, SweepError, collect_results
 
 __all__ = ["plot_scaling", "plot_granularity", "plot_hybrid", "plot_sweep", "aggregate_seeds", "sweep_table",
            "plot_sweep_dir"]
@@ -137,10 +137,13 @@ def plot_granularity(rows: list[dict], metric: str, out_path: str) -> str:
 
 
 def plot_hybrid(rows: list[dict], metric: str, out_path: str) -> str:
-    """Trailing loss against the number of full-attention layers; MoBA and full as references."""
+    """Trailing loss against the number of full-attention layers; MoBA and full as references.
+
+    Only plain MoBA layers count here: points with a key convolution (``key_conv`` > 0, e.g. a retrieval
+    sweep's variant) are left out of the chart (their numbers stay in the sweep's tables)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    rows = aggregate_seeds(rows, metric)
+    rows = [r for r in aggregate_seeds(rows, metric) if not r.get("key_conv")]
     hyb = sorted((r for r in rows if r["pattern"] == "hybrid" and r.get(metric) is not None), key=lambda r: r["full_layers"])
     _errorbar(ax, [r["full_layers"] for r in hyb], hyb, metric, marker="o", label="layer-wise hybrid")
     for name, pattern, style in (("MoBA", "moba", ":"), ("full attention", "full", "--")):
@@ -165,13 +168,15 @@ def plot_sweep(kind: str, rows: list[dict], metric: str, out_path: str) -> str:
     raise ValueError(f"unknown sweep kind {kind!r}")
 
 
-def plot_sweep_dir(sweep_dir: str | Path, out_dir: str | Path) -> tuple[str, str]:
+def plot_sweep_dir(sweep_dir: str | Path, out_dir: str | Path, kind: str | None = None,
+                   metric: str | None = None) -> tuple[str, str]:
     """The chart of a sweep's output folder (``moba-cp plot --sweep``) and the table behind it.
 
     Reads ``SWEEP_DIR/sweep.yaml`` (written by ``moba-cp sweep``) and the finished points; writes
     ``OUT_DIR/NAME_KIND.png`` and ``OUT_DIR/NAME_KIND.md`` (the numbers, mean +- std over seeds).
-    Returns ``(png path, table)``; raises :class:`SweepError` when the folder holds no sweep or
-    no finished point.
+    ``kind`` and ``metric`` draw another chart of the same points than the sweep's own (e.g. the
+    hybrid chart of a retrieval sweep that also trained hybrids). Returns ``(png path, table)``;
+    raises :class:`SweepError` when the folder holds no sweep or no finished point.
     """
     spec_file = Path(sweep_dir) / "sweep.yaml"
     if not spec_file.is_file():
@@ -180,9 +185,14 @@ def plot_sweep_dir(sweep_dir: str | Path, out_dir: str | Path) -> tuple[str, str
     rows = collect_results(sweep_dir)
     if not rows:
         raise SweepError(f"no finished points in {sweep_dir}")
-    out = Path(out_dir) / f"{spec['name']}_{spec['kind']}.png"
-    metric = spec.get("metric", "loss")
-    png = plot_sweep(spec["kind"], rows, metric, str(out))
+    kind, metric = kind or spec["kind"], metric or spec.get("metric", "loss")
+    if kind not in KINDS or metric not in METRICS:
+        raise SweepError(f"--kind {kind} / --metric {metric}: the kind must be one of {', '.join(KINDS)} and the "
+                         f"metric one of {', '.join(METRICS)}.")
+    if not any(r.get(metric) is not None for r in rows):
+        raise SweepError(f"no finished point in {sweep_dir} has {metric!r} (was it evaluated?)")
+    out = Path(out_dir) / f"{spec['name']}_{kind}.png"
+    png = plot_sweep(kind, rows, metric, str(out))
     table = sweep_table(rows, metric)
-    out.with_suffix(".md").write_text(f"# {spec['name']} ({spec['kind']}), {metric}\n\n{table}\n")
+    out.with_suffix(".md").write_text(f"# {spec['name']} ({kind}), {metric}\n\n{table}\n")
     return png, table
