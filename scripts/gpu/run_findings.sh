@@ -5,7 +5,8 @@
 #   OUT=/some/dir bash scripts/gpu/run_findings.sh FINDING [--a.b=value overrides for every point]
 #
 # FINDING: scaling (findings-scaling-8k), trailing32k (findings-scaling-trailing-32k), granularity
-# (findings-granularity-32k), hybrid (findings-hybrid-32k) or retrieval (findings-retrieval-32k).
+# (findings-granularity-32k), or retrieval (findings-retrieval-hybrid-8k: retrieval and the layer-wise
+# hybrid from the same models; `hybrid` is the same sweep).
 # DEADLINE_MIN (default 8): the sweep starts no point predicted to pass it and stops running ones at
 # it (they save a checkpoint); run the same command again to continue: finished points are skipped,
 # a stopped one resumes while the machine still holds runs/ (else it starts again). A lent machine is
@@ -22,8 +23,7 @@ case "${1:-}" in
   scaling) SWEEP=findings-scaling-8k ;;
   trailing32k) SWEEP=findings-scaling-trailing-32k ;;
   granularity) SWEEP=findings-granularity-32k ;;
-  hybrid) SWEEP=findings-hybrid-32k ;;
-  retrieval) SWEEP=findings-retrieval-32k ;;
+  hybrid|retrieval) SWEEP=findings-retrieval-hybrid-8k ;;
   *) echo "usage: $0 scaling|trailing32k|granularity|hybrid|retrieval [--a.b=value ...]" >&2; exit 2 ;;
 esac
 FINDING="$1"
