@@ -4,7 +4,7 @@ Usage in a test::
 
     from tests.distributed_harness import run_distributed
 
-    def _worker(rank, world_size, arg):      # module-level, so it pickles under 'spawn'
+    def _worker(rank, world_size, arg):      # module-level, so it pickles (see mp_context)
         ...                                   # torch.distributed is initialised (gloo)
         return something_picklable            # e.g. tensors
 
@@ -13,6 +13,12 @@ Usage in a test::
 A worker that raises makes ``run_distributed`` raise ``WorkerError`` with every failing
 rank's traceback; a run that exceeds ``timeout`` (a hang) kills all processes and fails,
 so a broken protocol shows up as a failed test, never as a stuck CI job.
+
+Workers are forked from a fork server that imported torch, Megatron-Core and moba_cp once
+(:mod:`tests.distributed_preload`), not spawned afresh: each spawned process spent ~9 s of CPU on
+those imports. A worker still starts from a fresh interpreter's state (the server does nothing but
+import), sees the caller's environment and working directory of the moment, and its output (fds 1
+and 2) is replayed into the calling test's captured stderr when it ends.
 """
 
 from __future__ import annotations
@@ -22,12 +28,16 @@ import os
 import pickle
 import queue
 import socket
+import sys
 import tempfile
 import time
 import traceback
 
 
-__all__ = ["run_distributed", "WorkerError"]
+__all__ = ["run_distributed", "WorkerError", "mp_context"]
+
+#: What the fork server imports before it forks the first worker.
+PRELOAD = ["tests.distributed_preload"]
 
 
 class WorkerError(RuntimeError):
@@ -40,10 +50,61 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank, world_size, port, args, kwargs, out_q):
+def mp_context():
+    """The multiprocessing context of every test worker: 'forkserver' with :data:`PRELOAD`.
+
+    The server starts with the first worker, from a fresh interpreter (not a fork of the threaded
+    pytest process), and lives until pytest exits. Targets must be module-level functions (they
+    are pickled, as under 'spawn').
+    """
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)  # no effect once the server runs: the list never changes
+    return ctx
+
+
+def worker_setup(env: dict, log_path: str | None) -> None:
+    """In a forked worker: the caller's environment of the moment (the server's is the one it
+    started with), and fds 1 and 2 into ``log_path`` for :func:`replay_output` (the server's are
+    the capture files of whichever test started it)."""
+    os.environ.clear()
+    os.environ.update(env)
+    if log_path is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+
+
+def log_file(tag: str) -> str:
+    """A fresh, empty file for one worker's output."""
+    fd, path = tempfile.mkstemp(prefix=f"moba_cp_{tag}_", suffix=".log")
+    os.close(fd)
+    return path
+
+
+def replay_output(log_paths: list[str]) -> None:
+    """Write the workers' output into this process's stderr (a test's capture), rank by rank."""
+    for rank, path in enumerate(log_paths):
+        try:
+            with open(path, errors="replace") as f:
+                text = f.read()
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        if text:
+            sys.stderr.write(f"--- rank {rank} output ---\n{text}")
+            if not text.endswith("\n"):
+                sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def _entry(fn, rank, world_size, port, args, kwargs, out_q, env, log_path):
     import torch
     import torch.distributed as dist
 
+    worker_setup(env, log_path)
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
         WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
@@ -63,6 +124,8 @@ def _entry(fn, rank, world_size, port, args, kwargs, out_q):
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001
                 pass
+        sys.stdout.flush()
+        sys.stderr.flush()
 
 
 def run_distributed(fn, world_size: int, args: tuple = (), kwargs: dict | None = None, timeout: float = 240.0):
@@ -71,11 +134,14 @@ def run_distributed(fn, world_size: int, args: tuple = (), kwargs: dict | None =
     Returns the list of per-rank return values. Raises ``WorkerError`` if any rank raised,
     ``TimeoutError`` if the processes did not all finish within ``timeout`` seconds.
     """
-    ctx = mp.get_context("spawn")
+    ctx = mp_context()
     out_q = ctx.Queue()
     port = _free_port()
+    env = dict(os.environ)
+    logs = [log_file(f"rank{r}") for r in range(world_size)]
     procs = [
-        ctx.Process(target=_entry, args=(fn, r, world_size, port, args, kwargs or {}, out_q), daemon=False)
+        ctx.Process(target=_entry, args=(fn, r, world_size, port, args, kwargs or {}, out_q, env, logs[r]),
+                    daemon=False)
         for r in range(world_size)
     ]
     for p in procs:
@@ -105,6 +171,7 @@ def run_distributed(fn, world_size: int, args: tuple = (), kwargs: dict | None =
             if p.is_alive():
                 p.kill()
                 p.join()
+        replay_output(logs)
     errors = {r: payload for r, (status, payload) in results.items() if status == "error"}
     if errors:
         msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))

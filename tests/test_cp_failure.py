@@ -10,14 +10,13 @@ hosts the c10d store (under torchrun the launcher's agent does).
 """
 
 import json
-import multiprocessing as mp
 import os
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.distributed_harness import _free_port
+from tests.distributed_harness import _free_port, mp_context
 
 BOUND_S = 4.0
 SLACK_S = 20.0  # process teardown on a shared 2-core machine
@@ -66,7 +65,7 @@ def _worker(rank, ws, port, out_dir, failing, comm, linger):
     (2, 1, "a2a", True),  # it stays alive: peers give up at the bound, naming it from the store
 ])
 def test_failing_rank_brings_the_group_down_within_the_bound(tmp_path, ws, failing, comm, linger):
-    ctx = mp.get_context("spawn")
+    ctx = mp_context()  # the harness's: forked from a server that imported torch and moba_cp once
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, ws, port, str(tmp_path), failing, comm, linger)) for r in range(ws)]
     for p in procs:
