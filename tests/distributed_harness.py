@@ -34,7 +34,7 @@ import time
 import traceback
 
 
-__all__ = ["run_distributed", "WorkerError", "mp_context"]
+__all__ = ["run_distributed", "run_cli", "WorkerError", "mp_context"]
 
 #: What the fork server imports before it forks the first worker.
 PRELOAD = ["tests.distributed_preload"]
@@ -177,6 +177,93 @@ def run_distributed(fn, world_size: int, args: tuple = (), kwargs: dict | None =
         msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
         raise WorkerError(f"{len(errors)} rank(s) failed:\n{msg}")
     return [pickle.loads(results[r][1]) for r in range(world_size)]
+
+
+def _cli_entry(argv, env, cwd, out_path, err_path):
+    """One process of ``python -m moba_cp.cli ARGV``: exits with main's code, as the interpreter would."""
+    import torch
+
+    from moba_cp.cli import main
+
+    worker_setup(env, None)
+    os.chdir(cwd)
+    # what OMP_NUM_THREADS does to a fresh interpreter's torch (this one imported torch without it)
+    if env.get("OMP_NUM_THREADS", "").isdigit():
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd, path in ((1, out_path), (2, err_path)):
+        f = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        os.dup2(f, fd)
+        os.close(f)
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse (an int), or a message the interpreter prints and exits 1 on
+        code = e.code if isinstance(e.code, int) or e.code is None else 1
+        if not (isinstance(e.code, int) or e.code is None):
+            print(e.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - an uncaught exception: traceback on stderr, exit 1
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code or 0)
+
+
+def run_cli(argv: list[str], *, nproc: int | None = None, env: dict | None = None, cwd: str | None = None,
+            timeout: float = 400.0):
+    """``moba-cp ARGV`` as ``python -m moba_cp.cli ARGV`` (``nproc=None``) or ``torchrun
+    --nproc_per_node NPROC -m moba_cp.cli ARGV`` runs it, in workers forked from the preloaded
+    server instead of fresh interpreters (~10 s of imports each); returns a
+    ``subprocess.CompletedProcess``.
+
+    Each process gets exactly ``env`` (default: this process's environment) and ``cwd``; under
+    ``nproc`` also the variables torchrun gives its workers that moba_cp and ``init_process_group``
+    read (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT). stdout and
+    stderr are the ranks' outputs one after another; the return code is the first non-zero one.
+    For the computation behind a command; tests of the launchers themselves start real processes.
+    """
+    import subprocess
+
+    ctx = mp_context()
+    base = dict(os.environ if env is None else env)
+    ranks = 1 if nproc is None else nproc
+    port = _free_port()
+    logs = [(log_file(f"cli{r}_out"), log_file(f"cli{r}_err")) for r in range(ranks)]
+    procs = []
+    for r in range(ranks):
+        e = dict(base)
+        if nproc is not None:
+            e.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(ctx.Process(target=_cli_entry, args=(list(argv), e, cwd or os.getcwd(), *logs[r]), daemon=False))
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    timed_out = False
+    try:
+        for p in procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+            timed_out = timed_out or p.is_alive()
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        outs = []
+        for paths in logs:
+            texts = []
+            for path in paths:
+                with open(path, errors="replace") as f:
+                    texts.append(f.read())
+                os.unlink(path)
+            outs.append(texts)
+    stdout, stderr = "".join(o for o, _ in outs), "".join(e for _, e in outs)
+    cmd = ["moba-cp", *argv] if nproc is None else ["torchrun", f"--nproc_per_node={nproc}", "-m", "moba_cp.cli", *argv]
+    if timed_out:
+        raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr)
+    code = next((p.exitcode for p in procs if p.exitcode), 0)
+    return subprocess.CompletedProcess(cmd, code, stdout, stderr)
 
 
 def tmp_dir() -> str:
