@@ -275,33 +275,54 @@ def test_workers_whose_launcher_died_save_and_stop(tmp_path, cache_dir):
     assert saved == [stopped] and stopped < 8, (saved, out)
 
 
-def _resume_from_step3(tmp_path, cache_dir, extra, nproc_ref, nproc_resume):
-    """Run 5 steps with nproc_ref processes (checkpoint at 3), then resume a copy of the step-3
-    checkpoint with nproc_resume processes; returns (reference losses, resumed losses, output)."""
+def _step3_common(cache_dir, extra):
+    return SMALL + ["--train.steps=5", "--parallel.cp=1", "--train.global_batch_size=2",
+                    f"--data.cache_dir={cache_dir}", "--checkpoint.interval=3", "--checkpoint.keep_last=5", *extra]
+
+
+@pytest.fixture(scope="module")
+def reference_5_steps(tmp_path_factory, cache_dir):
+    """``ref(extra)``: the run directory of an uninterrupted 2-process run of 5 steps (checkpoint at
+    step 3) with ``extra`` overrides; one run per ``extra`` for the whole module (the dp-resume and
+    the distributed-optimizer tests resume from the same reference)."""
+    runs = {}
+
+    def ref(extra):
+        key = tuple(extra)
+        if key not in runs:
+            run = tmp_path_factory.mktemp("ref5") / "ref"
+            proc = _torchrun(2, ["recipes/quickstart.yaml", *_step3_common(cache_dir, extra), f"--logging.dir={run}"])
+            out, _ = proc.communicate(timeout=400)
+            assert proc.returncode == 0, out
+            runs[key] = run
+        return runs[key]
+
+    return ref
+
+
+def _resume_from_step3(tmp_path, cache_dir, reference_5_steps, extra, nproc_resume):
+    """Resume a copy of the 2-process reference run's step-3 checkpoint with nproc_resume processes;
+    returns (reference losses, resumed losses, exit code, output)."""
     import shutil
 
-    common = SMALL + ["--train.steps=5", "--parallel.cp=1", "--train.global_batch_size=2",
-                      f"--data.cache_dir={cache_dir}", "--checkpoint.interval=3", "--checkpoint.keep_last=5", *extra]
-    ref = _torchrun(nproc_ref, ["recipes/quickstart.yaml", *common, f"--logging.dir={tmp_path}/ref"])
-    out, _ = ref.communicate(timeout=400)
-    assert ref.returncode == 0, out
+    ref = reference_5_steps(extra)
     run = tmp_path / "run"
-    shutil.copytree(tmp_path / "ref" / "checkpoints" / "iter_0000003", run / "checkpoints" / "iter_0000003")
-    second = _torchrun(nproc_resume, ["recipes/quickstart.yaml", *common, f"--logging.dir={run}"])
+    shutil.copytree(ref / "checkpoints" / "iter_0000003", run / "checkpoints" / "iter_0000003")
+    second = _torchrun(nproc_resume, ["recipes/quickstart.yaml", *_step3_common(cache_dir, extra), f"--logging.dir={run}"])
     out, _ = second.communicate(timeout=400)
     got = {r["step"]: r["loss"] for r in _metrics(run)} if (run / "metrics.jsonl").exists() else {}
-    return {r["step"]: r["loss"] for r in _metrics(tmp_path / "ref")}, got, second.returncode, out
+    return {r["step"]: r["loss"] for r in _metrics(ref)}, got, second.returncode, out
 
 
 # The ddp variant is slow-marked (~40 s): the distributed-optimizer variant runs the same resume with
 # a dp-sharded optimizer state, the harder case.
 @pytest.mark.parametrize("extra", [pytest.param([], marks=pytest.mark.slow), ["--parallel.distributed_optimizer=true"]],
                          ids=["ddp", "distributed_optimizer"])
-def test_resume_with_another_data_parallel_size(tmp_path, cache_dir, extra):
+def test_resume_with_another_data_parallel_size(tmp_path, cache_dir, reference_5_steps, extra):
     """A dp=2 run's step-3 checkpoint resumed with dp=1, plain DDP and with the distributed
     optimizer's dp-sharded state: the same global batches, so the same losses as the
     uninterrupted dp=2 run (up to the order of the gradient reduction)."""
-    ref, got, rc, out = _resume_from_step3(tmp_path, cache_dir, extra, 2, 1)
+    ref, got, rc, out = _resume_from_step3(tmp_path, cache_dir, reference_5_steps, extra, 1)
     assert rc == 0, out
     assert "resumed from" in out and "dp 1" in out
     assert sorted(got) == [4, 5]
@@ -309,8 +330,8 @@ def test_resume_with_another_data_parallel_size(tmp_path, cache_dir, extra):
         assert loss == pytest.approx(ref[step], rel=1e-5), (step, loss, ref[step])
 
 
-def test_distributed_optimizer_resumes_exactly(tmp_path, cache_dir):
-    ref, got, rc, out = _resume_from_step3(tmp_path, cache_dir, ["--parallel.distributed_optimizer=true"], 2, 2)
+def test_distributed_optimizer_resumes_exactly(tmp_path, cache_dir, reference_5_steps):
+    ref, got, rc, out = _resume_from_step3(tmp_path, cache_dir, reference_5_steps, ["--parallel.distributed_optimizer=true"], 2)
     assert rc == 0, out
     assert sorted(got) == [4, 5] and all(got[s] == ref[s] for s in got), (got, ref)
 
