@@ -298,9 +298,7 @@ def reference_5_steps(tmp_path_factory, cache_dir):
         key = tuple(extra)
         if key not in runs:
             run = tmp_path_factory.mktemp("ref5") / "ref"
-            proc = _torchrun(2, ["recipes/quickstart.yaml", *_step3_common(cache_dir, extra), f"--logging.dir={run}"])
-            out, _ = proc.communicate(timeout=400)
-            assert proc.returncode == 0, out
+            _train_in_workers(2, ["recipes/quickstart.yaml", *_step3_common(cache_dir, extra), f"--logging.dir={run}"])
             runs[key] = run
         return runs[key]
 
@@ -308,17 +306,18 @@ def reference_5_steps(tmp_path_factory, cache_dir):
 
 
 def _resume_from_step3(tmp_path, cache_dir, reference_5_steps, extra, nproc_resume):
-    """Resume a copy of the 2-process reference run's step-3 checkpoint with nproc_resume processes;
+    """Resume a copy of the 2-process reference run's step-3 checkpoint with nproc_resume processes
+    (both runs through run_cli, as torchrun's workers: what is tested is the resume, not the launcher);
     returns (reference losses, resumed losses, exit code, output)."""
     import shutil
 
     ref = reference_5_steps(extra)
     run = tmp_path / "run"
     shutil.copytree(ref / "checkpoints" / "iter_0000003", run / "checkpoints" / "iter_0000003")
-    second = _torchrun(nproc_resume, ["recipes/quickstart.yaml", *_step3_common(cache_dir, extra), f"--logging.dir={run}"])
-    out, _ = second.communicate(timeout=400)
+    second = run_cli(["train", "recipes/quickstart.yaml", *_step3_common(cache_dir, extra), f"--logging.dir={run}"],
+                     nproc=nproc_resume, env=_env(), cwd=str(ROOT), timeout=400)
     got = {r["step"]: r["loss"] for r in _metrics(run)} if (run / "metrics.jsonl").exists() else {}
-    return {r["step"]: r["loss"] for r in _metrics(ref)}, got, second.returncode, out
+    return {r["step"]: r["loss"] for r in _metrics(ref)}, got, second.returncode, second.stdout + second.stderr
 
 
 # The ddp variant is slow-marked (~40 s): the distributed-optimizer variant runs the same resume with
