@@ -28,6 +28,7 @@ import os
 import pickle
 import queue
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -198,10 +199,12 @@ def _cli_entry(argv, env, cwd, out_path, err_path):
         os.close(f)
     try:
         code = main(argv)
-    except SystemExit as e:  # argparse (an int), or a message the interpreter prints and exits 1 on
-        code = e.code if isinstance(e.code, int) or e.code is None else 1
-        if not (isinstance(e.code, int) or e.code is None):
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):  # argparse, or an explicit exit code
+            code = e.code
+        else:  # a message: the interpreter prints it and exits 1
             print(e.code, file=sys.stderr)
+            code = 1
     except BaseException:  # noqa: BLE001 - an uncaught exception: traceback on stderr, exit 1
         traceback.print_exc()
         code = 1
@@ -220,11 +223,10 @@ def run_cli(argv: list[str], *, nproc: int | None = None, env: dict | None = Non
     Each process gets exactly ``env`` (default: this process's environment) and ``cwd``; under
     ``nproc`` also the variables torchrun gives its workers that moba_cp and ``init_process_group``
     read (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT). stdout and
-    stderr are the ranks' outputs one after another; the return code is the first non-zero one.
-    For the computation behind a command; tests of the launchers themselves start real processes.
+    stderr are the ranks' outputs one after another; the return code is the first failed rank's, and
+    as under torchrun a failed rank ends the others (SIGTERM, then SIGKILL after 30 s). For the
+    computation behind a command; tests of the launchers themselves start real processes.
     """
-    import subprocess
-
     ctx = mp_context()
     base = dict(os.environ if env is None else env)
     ranks = 1 if nproc is None else nproc
@@ -240,11 +242,21 @@ def run_cli(argv: list[str], *, nproc: int | None = None, env: dict | None = Non
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout
-    timed_out = False
+    timed_out, code = False, 0
     try:
-        for p in procs:
-            p.join(timeout=max(0.0, deadline - time.monotonic()))
-            timed_out = timed_out or p.is_alive()
+        while any(p.is_alive() for p in procs):
+            if time.monotonic() > deadline:
+                timed_out = True
+                break
+            code = next((p.exitcode for p in procs if p.exitcode), 0)
+            if code:  # a rank failed: its peers would wait on it
+                for p in procs:
+                    if p.is_alive():
+                        p.terminate()
+                for p in procs:
+                    p.join(timeout=30)
+                break
+            time.sleep(0.1)
     finally:
         for p in procs:
             if p.is_alive():
@@ -262,7 +274,7 @@ def run_cli(argv: list[str], *, nproc: int | None = None, env: dict | None = Non
     cmd = ["moba-cp", *argv] if nproc is None else ["torchrun", f"--nproc_per_node={nproc}", "-m", "moba_cp.cli", *argv]
     if timed_out:
         raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr)
-    code = next((p.exitcode for p in procs if p.exitcode), 0)
+    code = code or next((p.exitcode for p in procs if p.exitcode), 0)
     return subprocess.CompletedProcess(cmd, code, stdout, stderr)
 
 

@@ -23,4 +23,5 @@ import moba_cp.megatron.parallel_init  # noqa: E402,F401
 import moba_cp.train.loop  # noqa: E402,F401
 import moba_cp.eval.model_runner  # noqa: E402,F401
 import moba_cp.cli  # noqa: E402,F401 - every command, for run_cli
+import tests.distributed_harness  # noqa: E402,F401 - every worker's entry point
 import tests.megatron_util  # noqa: E402,F401
