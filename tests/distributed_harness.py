@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import traceback
+from multiprocessing import forkserver
 
 
 __all__ = ["run_distributed", "run_cli", "WorkerError", "mp_context"]
@@ -61,6 +62,12 @@ def mp_context():
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)  # no effect once the server runs: the list never changes
     return ctx
+
+
+def start_server() -> None:
+    """Start the fork server now (its imports run in the background until the first worker)."""
+    mp_context()
+    forkserver.ensure_running()
 
 
 def worker_setup(env: dict, log_path: str | None) -> None:
