@@ -4,7 +4,7 @@ One rank raises inside a CP call (an injected "out of memory" in a ring step, or
 attention between the all-to-alls); every other rank must exit non-zero within the exchange bound
 (``MOBA_CP_EXCHANGE_TIMEOUT_S``), with an error naming the failing rank and its message.
 
-The processes are spawned here (not through ``run_distributed``, which catches exceptions) so
+The processes are started here (not through ``run_distributed``, which catches exceptions) so
 that the exit codes are the real ones. The failing rank is never rank 0: in these tests rank 0
 hosts the c10d store (under torchrun the launcher's agent does).
 """
