@@ -10,6 +10,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_sessionstart(session):
+    # The distributed harness's fork server imports torch, Megatron-Core and moba_cp (~10 s) on the
+    # other core while this process collects (~10 s); the first distributed test then finds it ready.
+    if not session.config.option.collectonly:
+        from tests.distributed_harness import start_server
+
+        start_server()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

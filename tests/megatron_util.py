@@ -1,6 +1,6 @@
 """Helpers shared by the Megatron-Core tests (run inside ``run_distributed`` workers).
 
-Everything Megatron happens in spawned worker processes, so the CPU compat patches
+Everything Megatron happens in worker processes (run_distributed), so the CPU compat patches
 (``moba_cp.megatron.compat_cpu``) never touch the pytest process itself.
 """
 

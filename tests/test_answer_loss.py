@@ -4,8 +4,6 @@ and a one-point CPU sweep that trains, evaluates it and records it (with its per
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ import yaml
 from moba_cp.data.retrieval_docs import make_needle_sample
 from moba_cp.data.tokenizers import ByteTokenizer
 from moba_cp.experiments.answer_loss import answer_losses, summarise
+from tests.distributed_harness import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,8 +53,8 @@ def test_sweep_with_answer_loss_records_it(tmp_path):
     f = tmp_path / "al.yaml"
     f.write_text(yaml.safe_dump(spec))
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-m", "moba_cp.cli", "sweep", str(f)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    # `python -m moba_cp.cli sweep` in a process forked from the preloaded server (its point runs under torchrun)
+    proc = run_cli(["sweep", str(f)], env=env, cwd=str(ROOT), timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     point = json.loads((tmp_path / "out" / "moba" / "sweep_point.json").read_text())
     assert point["answer_samples"] == 2 and len(point["answer_loss_per_seq"]) == 2 and point["answer_loss"] > 0

@@ -4,20 +4,19 @@ One rank raises inside a CP call (an injected "out of memory" in a ring step, or
 attention between the all-to-alls); every other rank must exit non-zero within the exchange bound
 (``MOBA_CP_EXCHANGE_TIMEOUT_S``), with an error naming the failing rank and its message.
 
-The processes are spawned here (not through ``run_distributed``, which catches exceptions) so
+The processes are started here (not through ``run_distributed``, which catches exceptions) so
 that the exit codes are the real ones. The failing rank is never rank 0: in these tests rank 0
 hosts the c10d store (under torchrun the launcher's agent does).
 """
 
 import json
-import multiprocessing as mp
 import os
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.distributed_harness import _free_port
+from tests.distributed_harness import _free_port, mp_context
 
 BOUND_S = 4.0
 SLACK_S = 20.0  # process teardown on a shared 2-core machine
@@ -66,7 +65,7 @@ def _worker(rank, ws, port, out_dir, failing, comm, linger):
     (2, 1, "a2a", True),  # it stays alive: peers give up at the bound, naming it from the store
 ])
 def test_failing_rank_brings_the_group_down_within_the_bound(tmp_path, ws, failing, comm, linger):
-    ctx = mp.get_context("spawn")
+    ctx = mp_context()  # the harness's: forked from a server that imported torch and moba_cp once
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, ws, port, str(tmp_path), failing, comm, linger)) for r in range(ws)]
     for p in procs:

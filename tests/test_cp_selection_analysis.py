@@ -2,13 +2,11 @@
 brute-force count (Python sets over the naive oracle's selection) written here."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.distributed_harness import run_distributed
+from tests.distributed_harness import run_cli, run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -20,9 +18,9 @@ SEQ, CPS, NSEQ, B = 512, (2, 4, 8), 2, 32
 
 
 def _cli(args, cwd):
+    """``python -m moba_cp.cli ARGS``, in a process forked from the preloaded server (run_cli)."""
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-m", "moba_cp.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = run_cli(args, env=env, cwd=str(cwd), timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 

@@ -2,11 +2,11 @@
 and the needle grid and loss results land where `moba-cp plot` finds them."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.distributed_harness import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -17,10 +17,11 @@ SMALL = [
 
 
 def _run(nproc, args, tmp_path):
+    """``torchrun --nproc_per_node NPROC -m moba_cp.cli ARGS``, in workers forked from the preloaded
+    server (run_cli: the same command without ~10 s of imports per process; test_train launches
+    the real torchrun)."""
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "moba_cp.cli", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    proc = run_cli(args, nproc=nproc, env=env, cwd=str(ROOT), timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 

@@ -21,6 +21,7 @@ from moba_cp.data.retrieval_docs import make_needle_sample  # noqa: E402
 from moba_cp.data.tokenizers import ByteTokenizer  # noqa: E402
 from moba_cp.eval.needle import score_needle  # noqa: E402
 from moba_cp.hf.needle_generate import generate_scorer  # noqa: E402
+from tests.distributed_harness import run_cli, run_distributed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -32,10 +33,17 @@ SMALL = [
 ENV = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
 
 
-def _run(args, nproc=None, timeout=400):
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc \
-        else [sys.executable]
-    proc = subprocess.run([*launch, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+def _run(args, timeout=400):
+    """``python ARGS`` in a fresh interpreter."""
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _cli(args, nproc=None, timeout=400):
+    """``python -m moba_cp.cli ARGS`` (``torchrun --nproc_per_node NPROC -m moba_cp.cli ARGS``), in
+    workers forked from the preloaded server (run_cli: ~10 s of imports less per process)."""
+    proc = run_cli(args, nproc=nproc, env=ENV, cwd=str(ROOT), timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -43,9 +51,9 @@ def _run(args, nproc=None, timeout=400):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hfexport")
-    _run(["-m", "moba_cp.cli", "train", "recipes/quickstart.yaml", *SMALL, f"--logging.dir={tmp}/run",
-          f"--data.cache_dir={tmp}/cache"], nproc=2)
-    proc = _run(["-m", "moba_cp.cli", "export", "hf", str(tmp / "run"), "--out", str(tmp / "hf")])
+    _cli(["train", "recipes/quickstart.yaml", *SMALL, f"--logging.dir={tmp}/run", f"--data.cache_dir={tmp}/cache"],
+         nproc=2)
+    proc = _cli(["export", "hf", str(tmp / "run"), "--out", str(tmp / "hf")])
     assert "logits match moba_cp's forward" in proc.stdout
     return tmp
 
@@ -73,25 +81,23 @@ def test_export_directory_and_its_self_check(exported):
     assert report["logits_check"]["max_abs_diff"] < 1e-4
 
 
+def _w_ref_logits(rank, world_size, run, layout, tokens):
+    from moba_cp.eval.model_runner import load_eval_model
+    from moba_cp.train.distributed import shutdown_distributed
+
+    em = load_eval_model(run, 150, layout)
+    logits = em.logits_fn(tokens)
+    shutdown_distributed()
+    return logits if em.env.is_main else None
+
+
 @pytest.mark.parametrize("layout", [["--parallel.tp=2", "--parallel.cp=1"], ["--parallel.tp=1", "--parallel.cp=2"]],
                          ids=["tp2-as-trained", "cp2"])
 def test_logits_equal_moba_cp_parallel_forward(exported, model, tmp_path, layout):
     """The reference is moba_cp's own forward of the checkpoint in two processes: tensor-parallel
     as it was trained, and context-parallel."""
     tokens = _tokens(150, seed=1)
-    torch.save(tokens, tmp_path / "tokens.pt")
-    script = tmp_path / "ref.py"
-    script.write_text(
-        "import sys, torch\n"
-        "from moba_cp.eval.model_runner import load_eval_model\n"
-        f"em = load_eval_model({str(exported / 'run')!r}, 150, {layout!r})\n"
-        f"logits = em.logits_fn(torch.load({str(tmp_path / 'tokens.pt')!r}))\n"
-        f"if em.env.is_main: torch.save(logits, {str(tmp_path / 'ref.pt')!r})\n"
-        # process groups torn down before exit (gloo's threads otherwise race the interpreter's exit)
-        "from moba_cp.train.distributed import shutdown_distributed\n"
-        "shutdown_distributed()\n")
-    _run([str(script)], nproc=2)
-    ref = torch.load(tmp_path / "ref.pt")
+    ref = run_distributed(_w_ref_logits, 2, args=(str(exported / "run"), layout, tokens), timeout=400)[0]
     with torch.no_grad():
         got = model(tokens, use_cache=False).logits
     assert got.shape == ref.shape == (1, 150, 384)
@@ -175,10 +181,9 @@ def test_generation_scoring_agrees_with_teacher_forcing(model):
 def test_eval_needle_generate_scores_like_teacher_forced_eval(exported):
     grid = ["--lengths", "400", "--depths", "0,100", "--kinds", "passkey", "--n-per-cell", "1"]
     run = str(exported / "run")
-    _run(["-m", "moba_cp.cli", "eval", "needle", run, *grid, "--out", str(exported / "tf")], nproc=2)  # tp=2
-    _run(["-m", "moba_cp.cli", "eval", "needle", run, "--generate", *grid, "--out", str(exported / "gen")])
-    _run(["-m", "moba_cp.cli", "eval", "needle", str(exported / "hf"), "--generate", *grid,
-          "--out", str(exported / "gen_hf")])
+    _cli(["eval", "needle", run, *grid, "--out", str(exported / "tf")], nproc=2)  # tp=2
+    _cli(["eval", "needle", run, "--generate", *grid, "--out", str(exported / "gen")])
+    _cli(["eval", "needle", str(exported / "hf"), "--generate", *grid, "--out", str(exported / "gen_hf")])
     tf = json.loads((exported / "tf" / "needle.json").read_text())
     for out in ("gen", "gen_hf"):
         gen = json.loads((exported / out / "needle.json").read_text())
@@ -190,8 +195,7 @@ def test_eval_needle_generate_scores_like_teacher_forced_eval(exported):
 
 def test_export_refuses_a_foreign_output_folder(exported, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    proc = subprocess.run([sys.executable, "-m", "moba_cp.cli", "export", "hf", str(exported / "run"), "--out",
-                           str(tmp_path)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=200)
+    proc = run_cli(["export", "hf", str(exported / "run"), "--out", str(tmp_path)], env=ENV, cwd=str(ROOT), timeout=200)
     assert proc.returncode == 2 and "is not an earlier moba-cp export" in proc.stderr
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
@@ -202,8 +206,7 @@ def test_lm_eval_harness_needle_task_matches_generate_scoring(exported, model, t
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (scripts/test.sh installs it)")
     task = tmp_path / "task"
     grid = ["--lengths", "505", "--depths", "0,50,100", "--kinds", "passkey,single", "--n-per-cell", "1"]
-    printed = _run(["-m", "moba_cp.cli", "export", "needle-task", str(exported / "hf"), "--out", str(task),
-                    *grid]).stdout
+    printed = _cli(["export", "needle-task", str(exported / "hf"), "--out", str(task), *grid]).stdout
     assert "max_length=512 " in printed  # 505 + the single kind's 7-digit answer
     env = {**ENV, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
     cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
@@ -226,27 +229,28 @@ def test_lm_eval_harness_needle_task_matches_generate_scoring(exported, model, t
         assert s["exact_match"] == float(mine["correct"])
 
 
+def _w_to_bf16(rank, world_size, src, run):
+    """Rewrite the fp32 checkpoint of ``src`` as a bf16 one in ``run`` (what GPU training leaves)."""
+    from megatron.core import dist_checkpointing
+
+    from moba_cp.eval.model_runner import load_eval_model
+
+    em = load_eval_model(src, 512, ["--parallel.tp=1"])
+    em.model.bfloat16()
+    dst = Path(run) / "checkpoints" / "iter_0000003"
+    dst.mkdir(parents=True)
+    dist_checkpointing.save({"model": em.model.sharded_state_dict()}, str(dst))
+    meta = json.loads((Path(src) / "checkpoints/iter_0000003/meta.json").read_text())
+    meta["config"]["train"]["precision"] = "bf16"
+    (dst / "meta.json").write_text(json.dumps(meta))
+
+
 def test_a_bf16_checkpoint_exports_on_cpu(exported, tmp_path):
     """Trained in bf16 on GPUs, exported on a CPU machine: the bf16 tensors load into the fp32 CPU
     model, the export is bf16 (the training precision) and its logits check passes."""
     run = tmp_path / "bf16run"
-    script = tmp_path / "to_bf16.py"
-    script.write_text(
-        "import json\n"
-        "from pathlib import Path\n"
-        "from megatron.core import dist_checkpointing\n"
-        "from moba_cp.eval.model_runner import load_eval_model\n"
-        "if __name__ == '__main__':  # Megatron's checkpoint writer spawns processes that import this file\n"
-        f"    em = load_eval_model({str(exported / 'run')!r}, 512, ['--parallel.tp=1'])\n"
-        "    em.model.bfloat16()\n"
-        f"    dst = Path({str(run)!r}) / 'checkpoints' / 'iter_0000003'\n"
-        "    dst.mkdir(parents=True)\n"
-        "    dist_checkpointing.save({'model': em.model.sharded_state_dict()}, str(dst))\n"
-        f"    meta = json.loads((Path({str(exported / 'run')!r}) / 'checkpoints/iter_0000003/meta.json').read_text())\n"
-        "    meta['config']['train']['precision'] = 'bf16'\n"
-        "    (dst / 'meta.json').write_text(json.dumps(meta))\n")
-    _run([str(script)])
-    proc = _run(["-m", "moba_cp.cli", "export", "hf", str(run), "--out", str(tmp_path / "hf")])
+    run_distributed(_w_to_bf16, 1, args=(str(exported / "run"), str(run)), timeout=400)
+    proc = _cli(["export", "hf", str(run), "--out", str(tmp_path / "hf")])
     assert "bfloat16; logits match" in proc.stdout
     report = json.loads((tmp_path / "hf" / "moba_cp_export.json").read_text())
     assert report["dtype"] == "bfloat16" and report["logits_check"]["ok"]

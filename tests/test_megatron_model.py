@@ -1,6 +1,6 @@
 """Megatron-Core GPTModel with MoBA / full / hybrid attention on one process (CPU, gloo).
 
-Each test runs its Megatron work in a spawned worker (``run_distributed(..., world_size=1)``),
+Each test runs its Megatron work in a worker process (``run_distributed(..., world_size=1)``),
 so the CPU compat patches never leak into the pytest process.
 """
 

@@ -11,6 +11,7 @@ import pytest
 from moba_cp.experiments.fit import fit_power_law, pflops_days
 from moba_cp.experiments.sweep_plots import plot_granularity, plot_hybrid, plot_scaling
 from moba_cp.experiments.sweep import SweepError, _with_extra, load_sweep
+from tests.distributed_harness import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,15 +49,24 @@ grid:
     return path
 
 
-def _cli(*args):
-    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-m", "moba_cp.cli", *args], cwd=ROOT, env=env, capture_output=True,
+ENV = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+
+
+def _cli_process(*args):
+    """``python -m moba_cp.cli ARGS`` in a fresh interpreter, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "moba_cp.cli", *args], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=600)
+
+
+def _cli(*args):
+    """The same command in a process forked from the preloaded server (run_cli: ~10 s of imports less);
+    the sweep's points are still real torchrun processes."""
+    return run_cli(list(args), env=ENV, cwd=str(ROOT), timeout=600)
 
 
 def test_two_point_sweep_runs_resumes_and_plots(tmp_path):
     sweep = _toy_sweep(tmp_path)
-    proc = _cli("sweep", str(sweep))
+    proc = _cli_process("sweep", str(sweep))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 to run" in proc.stdout
     out = tmp_path / "sweep"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from moba_cp.config import load_recipe
-from tests.distributed_harness import run_distributed
+from tests.distributed_harness import run_cli, run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +43,16 @@ def _torchrun(nproc, args, **kw):
            "-m", "moba_cp.train", *args]
     return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True, **kw)
+
+
+def _train_in_workers(nproc, args, timeout=400):
+    """What ``_torchrun(nproc, args)`` computes, as ``moba-cp train ARGS`` in workers forked from the
+    harness's preloaded server (run_cli: ~10 s of imports less per process); for the runs whose
+    launcher is not what a test is about. Returns stdout and stderr together, as torchrun's pipe."""
+    proc = run_cli(["train", *args], nproc=nproc, env=_env(), cwd=str(ROOT), timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    return out
 
 
 def _metrics(run_dir):
@@ -77,9 +87,7 @@ KILL_COMMON = SMALL + ["--train.steps=8", "--parallel.cp=2", "--checkpoint.inter
 def reference_8_steps(tmp_path_factory, cache_dir):
     """An uninterrupted CP=2 run of 8 steps: what interrupted runs must reproduce."""
     run = tmp_path_factory.mktemp("ref8") / "ref"
-    ref = _torchrun(2, ["recipes/quickstart.yaml", *KILL_COMMON, f"--data.cache_dir={cache_dir}", f"--logging.dir={run}"])
-    out, _ = ref.communicate(timeout=400)
-    assert ref.returncode == 0, out
+    _train_in_workers(2, ["recipes/quickstart.yaml", *KILL_COMMON, f"--data.cache_dir={cache_dir}", f"--logging.dir={run}"])
     return {r["step"]: r for r in _metrics(run)}
 
 
@@ -105,10 +113,9 @@ def _wait_for(path_fn, proc, timeout=300):
 
 
 def _resume_and_compare(run, cache_dir, ref_by_step, after_step, extra=()):
-    resumed = _torchrun(2, ["recipes/quickstart.yaml", *KILL_COMMON, *extra, f"--data.cache_dir={cache_dir}",
-                            f"--logging.dir={run}"])
-    out, _ = resumed.communicate(timeout=400)
-    assert resumed.returncode == 0, out
+    """The interrupted run continued (its launcher is not under test here: _train_in_workers)."""
+    out = _train_in_workers(2, ["recipes/quickstart.yaml", *KILL_COMMON, *extra, f"--data.cache_dir={cache_dir}",
+                                f"--logging.dir={run}"])
     assert "resumed from" in out
     steps = [r["step"] for r in _metrics(run)]
     assert steps == list(range(1, 9)), steps  # one row per step: the interrupted run's extra rows are gone
@@ -227,9 +234,7 @@ def test_failed_save_stops_every_rank_and_the_last_checkpoint_resumes(tmp_path, 
     assert f"The last good checkpoint, {run}/checkpoints/iter_0000002, is intact" in out
     assert "Traceback" not in out, out
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter_0000002", "latest"]
-    resumed = _launch(2, [*common, "--train.steps=5"])
-    out, _ = resumed.communicate(timeout=400)
-    assert resumed.returncode == 0, out
+    out = _train_in_workers(2, [*common, "--train.steps=5"])  # the rerun (its launcher is tested above)
     assert f"resuming from {run}/checkpoints/iter_0000002 (step 2) with changed settings: train.steps: 4 -> 5" in out
     assert "FutureWarning" not in out, out  # Megatron's known load deprecations are silenced at the load
     assert [r["step"] for r in _metrics(run)] == [1, 2, 3, 4, 5]
@@ -275,33 +280,53 @@ def test_workers_whose_launcher_died_save_and_stop(tmp_path, cache_dir):
     assert saved == [stopped] and stopped < 8, (saved, out)
 
 
-def _resume_from_step3(tmp_path, cache_dir, extra, nproc_ref, nproc_resume):
-    """Run 5 steps with nproc_ref processes (checkpoint at 3), then resume a copy of the step-3
-    checkpoint with nproc_resume processes; returns (reference losses, resumed losses, output)."""
+def _step3_common(cache_dir, extra):
+    return SMALL + ["--train.steps=5", "--parallel.cp=1", "--train.global_batch_size=2",
+                    f"--data.cache_dir={cache_dir}", "--checkpoint.interval=3", "--checkpoint.keep_last=5", *extra]
+
+
+@pytest.fixture(scope="module")
+def reference_5_steps(tmp_path_factory, cache_dir):
+    """``ref(extra)``: the run directory of an uninterrupted 2-process run of 5 steps (checkpoint at
+    step 3) with ``extra`` overrides; one run per ``extra`` for the whole module (the dp-resume and
+    the distributed-optimizer tests resume from the same reference)."""
+    runs = {}
+
+    def ref(extra):
+        key = tuple(extra)
+        if key not in runs:
+            run = tmp_path_factory.mktemp("ref5") / "ref"
+            _train_in_workers(2, ["recipes/quickstart.yaml", *_step3_common(cache_dir, extra), f"--logging.dir={run}"])
+            runs[key] = run
+        return runs[key]
+
+    return ref
+
+
+def _resume_from_step3(tmp_path, cache_dir, reference_5_steps, extra, nproc_resume):
+    """Resume a copy of the 2-process reference run's step-3 checkpoint with nproc_resume processes
+    (both runs through run_cli, as torchrun's workers: what is tested is the resume, not the launcher);
+    returns (reference losses, resumed losses, exit code, output)."""
     import shutil
 
-    common = SMALL + ["--train.steps=5", "--parallel.cp=1", "--train.global_batch_size=2",
-                      f"--data.cache_dir={cache_dir}", "--checkpoint.interval=3", "--checkpoint.keep_last=5", *extra]
-    ref = _torchrun(nproc_ref, ["recipes/quickstart.yaml", *common, f"--logging.dir={tmp_path}/ref"])
-    out, _ = ref.communicate(timeout=400)
-    assert ref.returncode == 0, out
+    ref = reference_5_steps(extra)
     run = tmp_path / "run"
-    shutil.copytree(tmp_path / "ref" / "checkpoints" / "iter_0000003", run / "checkpoints" / "iter_0000003")
-    second = _torchrun(nproc_resume, ["recipes/quickstart.yaml", *common, f"--logging.dir={run}"])
-    out, _ = second.communicate(timeout=400)
+    shutil.copytree(ref / "checkpoints" / "iter_0000003", run / "checkpoints" / "iter_0000003")
+    second = run_cli(["train", "recipes/quickstart.yaml", *_step3_common(cache_dir, extra), f"--logging.dir={run}"],
+                     nproc=nproc_resume, env=_env(), cwd=str(ROOT), timeout=400)
     got = {r["step"]: r["loss"] for r in _metrics(run)} if (run / "metrics.jsonl").exists() else {}
-    return {r["step"]: r["loss"] for r in _metrics(tmp_path / "ref")}, got, second.returncode, out
+    return {r["step"]: r["loss"] for r in _metrics(ref)}, got, second.returncode, second.stdout + second.stderr
 
 
 # The ddp variant is slow-marked (~40 s): the distributed-optimizer variant runs the same resume with
 # a dp-sharded optimizer state, the harder case.
 @pytest.mark.parametrize("extra", [pytest.param([], marks=pytest.mark.slow), ["--parallel.distributed_optimizer=true"]],
                          ids=["ddp", "distributed_optimizer"])
-def test_resume_with_another_data_parallel_size(tmp_path, cache_dir, extra):
+def test_resume_with_another_data_parallel_size(tmp_path, cache_dir, reference_5_steps, extra):
     """A dp=2 run's step-3 checkpoint resumed with dp=1, plain DDP and with the distributed
     optimizer's dp-sharded state: the same global batches, so the same losses as the
     uninterrupted dp=2 run (up to the order of the gradient reduction)."""
-    ref, got, rc, out = _resume_from_step3(tmp_path, cache_dir, extra, 2, 1)
+    ref, got, rc, out = _resume_from_step3(tmp_path, cache_dir, reference_5_steps, extra, 1)
     assert rc == 0, out
     assert "resumed from" in out and "dp 1" in out
     assert sorted(got) == [4, 5]
@@ -309,8 +334,8 @@ def test_resume_with_another_data_parallel_size(tmp_path, cache_dir, extra):
         assert loss == pytest.approx(ref[step], rel=1e-5), (step, loss, ref[step])
 
 
-def test_distributed_optimizer_resumes_exactly(tmp_path, cache_dir):
-    ref, got, rc, out = _resume_from_step3(tmp_path, cache_dir, ["--parallel.distributed_optimizer=true"], 2, 2)
+def test_distributed_optimizer_resumes_exactly(tmp_path, cache_dir, reference_5_steps):
+    ref, got, rc, out = _resume_from_step3(tmp_path, cache_dir, reference_5_steps, ["--parallel.distributed_optimizer=true"], 2)
     assert rc == 0, out
     assert sorted(got) == [4, 5] and all(got[s] == ref[s] for s in got), (got, ref)
 
@@ -329,11 +354,9 @@ def test_tensor_parallel_training_matches_tp1(tmp_path, cache_dir):
 def test_two_stage_schedule_switches_moba_layers_to_full(tmp_path, cache_dir):
     """attention.switch_to_full_at=0.5: MoBA for the first half of the steps, full attention after.
     The same run profiles steps 2-3 (logging.profile): each rank writes a trace and a table."""
-    proc = _torchrun(2, ["recipes/quickstart.yaml", *SMALL, "--train.steps=4", "--parallel.cp=2",
-                         "--attention.switch_to_full_at=0.5", "--checkpoint.save=false", "--logging.profile=[2,3]",
-                         f"--data.cache_dir={cache_dir}", f"--logging.dir={tmp_path}/run"])
-    out, _ = proc.communicate(timeout=400)
-    assert proc.returncode == 0, out
+    out = _train_in_workers(2, ["recipes/quickstart.yaml", *SMALL, "--train.steps=4", "--parallel.cp=2",
+                                "--attention.switch_to_full_at=0.5", "--checkpoint.save=false", "--logging.profile=[2,3]",
+                                f"--data.cache_dir={cache_dir}", f"--logging.dir={tmp_path}/run"])
     assert "step 2: MoBA layers switched to full attention" in out
     assert out.count("switched to full attention") == 1  # once, not every step
     assert "step      4/4" in out
