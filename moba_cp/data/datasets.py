@@ -41,7 +41,7 @@ from moba_cp.data.builtin_corpus import (DEFAULT_BUDGET_BYTES, _FileLock, collec
                                          select_documents)
 from moba_cp.data.large_corpus import DEFAULT_HELDOUT_FRACTION, ensure_large_corpus
 from moba_cp.data.prepare import encode_document
-from moba_cp.data.retrieval_docs import fixed_tokens, make_needle_sample
+from moba_cp.data.retrieval_docs import fixed_tokens, haystack_tokens, make_needle_sample
 from moba_cp.data.tokenizers import build_tokenizer
 
 __all__ = ["DataConfigError", "parse_blend", "validate_data_paths", "build_train_valid_datasets",
@@ -339,7 +339,6 @@ class RetrievalMixtureDataset(torch.utils.data.Dataset):
             raise DataConfigError(
                 f"seq_length={seq_length} is too short for retrieval documents ({', '.join(f'{k} needs {n}' for k, n in need.items())} "
                 f"tokens). Fix: raise model.seq_length or set data.retrieval_fraction=0.")
-        self._drop = {int(tokenizer.eod)} | ({int(tokenizer.pad)} if getattr(tokenizer, "pad", None) is not None else set())
 
     def __len__(self) -> int:
         return len(self.base)
@@ -355,7 +354,7 @@ class RetrievalMixtureDataset(torch.utils.data.Dataset):
         h = _unit(self.seed, idx, "needle")
         kind = self.kinds[h % len(self.kinds)]
         depth = (h >> 8) % 101
-        filler = [t for t in item["tokens"].tolist() if t not in self._drop]
+        filler = haystack_tokens(self.tok, item["tokens"].tolist())
         if len(filler) < 64:  # (near-)empty sample: fall back to the passkey filler
             filler = None
         s = make_needle_sample(self.tok, self.seq_length + 1, depth, kind, seed=h >> 16, filler_tokens=filler)

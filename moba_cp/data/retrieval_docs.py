@@ -34,7 +34,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
-__all__ = ["NeedleSample", "make_needle_sample", "check_needle_grid", "sample_seed", "fixed_tokens", "KINDS",
+__all__ = ["NeedleSample", "make_needle_sample", "haystack_tokens", "check_needle_grid", "sample_seed", "fixed_tokens", "KINDS",
            "PASSKEY_FILLER", "INTRO"]
 
 KINDS = ("passkey", "single", "multikey", "multivalue")
@@ -239,6 +239,13 @@ def make_needle_sample(tokenizer, length: int, depth: float, kind: str = "single
     return NeedleSample(tokens=tokens, answer_start=answer_start, answer=answer_t, needle_pos=pos_of[0],
                         needle_positions=positions, needle_len=lens, haystack_len=H, depth_tokens=cut, kind=kind, length=length,
                         depth=float(depth), key=key, values=values)
+
+
+def haystack_tokens(tokenizer, tokens) -> list[int]:
+    """A token sequence as haystack text: its ids without the tokenizer's EOD and padding (a needle
+    sample is one document, so document boundaries and padding of the source must not show in it)."""
+    drop = {int(tokenizer.eod)} | ({int(tokenizer.pad)} if getattr(tokenizer, "pad", None) is not None else set())
+    return [int(t) for t in tokens if int(t) not in drop]
 
 
 def fixed_tokens(tokenizer, kind: str, n_seeds: int = 16) -> int:

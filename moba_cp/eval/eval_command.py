@@ -27,6 +27,7 @@ from typing import Callable, Iterable
 import torch
 
 from moba_cp.data.datasets import heldout_sequences
+from moba_cp.data.retrieval_docs import haystack_tokens
 from moba_cp.data.tokenizers import build_tokenizer
 from moba_cp.eval import plots
 from moba_cp.eval.lm_loss import trailing_and_positional_loss
@@ -41,7 +42,6 @@ __all__ = ["add_needle_arguments", "run_needle_eval", "heldout_haystacks", "HAYS
            "check_eval_inputs", "run_eval_command"]
 
 NEEDLE_FILE = "needle.json"
-
 NEEDLE_PARTIAL_FILE = "needle.partial.json"  # finished cells of a run in progress (or interrupted)
 LOSS_FILE = "eval_loss.json"
 LOSS_PARTIAL_FILE = "eval_loss.partial.jsonl"  # per-sequence losses of a run in progress
@@ -72,10 +72,9 @@ def heldout_haystacks(data_cfg, tokenizer, length: int, num: int) -> list[list[i
     Raises:
         DataConfigError: no held-out document is that long (the message gives the longest).
     """
-    drop = {int(tokenizer.eod)} | ({int(tokenizer.pad)} if getattr(tokenizer, "pad", None) is not None else set())
     seqs = heldout_sequences(data_cfg, seq_length=length, num_sequences=num, tokenizer=tokenizer,
                              builtin_budget_bytes=data_cfg.builtin_budget_bytes)
-    return [[int(t) for t in x.tolist() if int(t) not in drop] for x in seqs]
+    return [haystack_tokens(tokenizer, x.tolist()) for x in seqs]
 
 
 def _identity(args_settings: dict, source: dict | None) -> dict:

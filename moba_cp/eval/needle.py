@@ -115,8 +115,7 @@ def cell_key(kind: str, length: int, depth: float) -> str:
 
 def run_needle_grid(logits_fn: LogitsFn, tokenizer, lengths: Sequence[int], depths: Sequence[float],
                     kinds: Sequence[str] = ("single",), n_per_cell: int = 1, seed: int = 0, *,
-                    filler_tokens: Sequence[int] | None = None, fillers: Sequence[Sequence[int]] | None = None,
-                    device: str | torch.device = "cpu",
+                    fillers: Sequence[Sequence[int]] | None = None, device: str | torch.device = "cpu",
                     progress: Callable[[str], None] | None = None, done: dict | None = None,
                     on_cell: Callable[[dict], None] | None = None,
                     scorer: Callable[[NeedleSample], dict] | None = None) -> dict:
@@ -127,10 +126,9 @@ def run_needle_grid(logits_fn: LogitsFn, tokenizer, lengths: Sequence[int], dept
         lengths, depths: the grid (tokens; percent).
         kinds: subset of :data:`KINDS`.
         n_per_cell: samples per cell (sample ``j`` uses seed ``seed * 1_000_003 + j``).
-        filler_tokens: one haystack token source for every sample (default: the passkey filler).
-        fillers: per-sample haystacks instead: sample ``j`` of every cell uses ``fillers[j % len(fillers)]``
+        fillers: per-sample haystacks: sample ``j`` of every cell uses ``fillers[j % len(fillers)]``
             (e.g. held-out documents of the training corpus, so each sample has its own text and every
-            cell the same texts).
+            cell the same texts); None: the passkey filler for every sample.
         progress: called with one line per finished cell (e.g. ``print``).
         done: cells finished earlier (``{cell_key: cell}``, e.g. from an interrupted run): taken
             as they are, not run again.
@@ -156,7 +154,7 @@ def run_needle_grid(logits_fn: LogitsFn, tokenizer, lengths: Sequence[int], dept
                 if cell is None:
                     c = t = 0.0
                     for j in range(n_per_cell):
-                        filler = fillers[j % len(fillers)] if fillers else filler_tokens
+                        filler = fillers[j % len(fillers)] if fillers else None
                         s = make_needle_sample(tokenizer, L, d, kind, sample_seed(seed, j), filler_tokens=filler)
                         r = scorer(s) if scorer is not None else score_needle(logits_fn, s, device)
                         c += r["correct"]

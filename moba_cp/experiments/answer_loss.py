@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 
 from moba_cp.data.datasets import heldout_sequences
-from moba_cp.data.retrieval_docs import KINDS, fixed_tokens, make_needle_sample
+from moba_cp.data.retrieval_docs import KINDS, fixed_tokens, haystack_tokens, make_needle_sample
 from moba_cp.eval.model_runner import load_eval_model, read_trained_recipe
 from moba_cp.train.distributed import shutdown_distributed
 
@@ -51,11 +51,10 @@ def answer_losses(loss_fn: Callable, tokenizer, haystacks: Sequence, seq_len: in
         per sample ``{"kind", "depth", "distance", "answer_tokens", "loss"}``; ``distance`` is the number
         of tokens from the needle's start to the answer's.
     """
-    drop = {int(tokenizer.eod)} | ({int(tokenizer.pad)} if getattr(tokenizer, "pad", None) is not None else set())
     out = []
     for i, hay in enumerate(haystacks):
         kind, depth = kinds[i % len(kinds)], float(depths[i % len(depths)])
-        filler = [int(t) for t in torch.as_tensor(hay).tolist() if int(t) not in drop]
+        filler = haystack_tokens(tokenizer, torch.as_tensor(hay).tolist())
         s = make_needle_sample(tokenizer, seq_len + 1, depth, kind, seed=i, filler_tokens=filler)
         seq = torch.tensor(s.tokens, dtype=torch.long)
         losses = loss_fn(seq[:-1], seq[1:]).double().reshape(-1)

@@ -84,7 +84,7 @@ def run(args, overrides: list[str]) -> int:
     """``moba-cp eval needle --generate CHECKPOINT|EXPORT_DIR ...``: one process; writes ``OUT/needle.json``."""
 
     try:
-        if getattr(args, "haystack", "passkey") != "passkey":
+        if args.haystack != "passkey":
             raise ValueError(f"--haystack {args.haystack} is for teacher-forced scoring of a run directory "
                              f"(`moba-cp eval needle RUN --haystack {args.haystack}`, without --generate); decoding "
                              f"uses the passkey haystack.")
