@@ -5,10 +5,13 @@ attention between the all-to-alls); every other rank must exit non-zero within t
 (``MOBA_CP_EXCHANGE_TIMEOUT_S``), with an error naming the failing rank and its message.
 
 The processes are started here (not through ``run_distributed``, which catches exceptions) so
-that the exit codes are the real ones. The failing rank is never rank 0: in these tests rank 0
-hosts the c10d store (under torchrun the launcher's agent does).
+that the exit codes are the real ones. The test process hosts the c10d store, as torchrun's agent
+does: when rank 0 hosted it, a rank 0 that read the failure and exited took the store with it, and
+a slower peer could no longer read the failing rank's message (it then named the rank it waited
+for instead; seen once on a loaded 2-core machine).
 """
 
+import datetime
 import json
 import os
 import time
@@ -23,8 +26,7 @@ SLACK_S = 20.0  # process teardown on a shared 2-core machine
 
 
 def _worker(rank, ws, port, out_dir, failing, comm, linger):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(ws),
-                      MOBA_CP_EXCHANGE_TIMEOUT_S=str(BOUND_S))
+    os.environ.update(MOBA_CP_EXCHANGE_TIMEOUT_S=str(BOUND_S))
     import torch
     import torch.distributed as dist
 
@@ -32,7 +34,8 @@ def _worker(rank, ws, port, out_dir, failing, comm, linger):
     from moba_cp.parallel import moba_attn_cp, zigzag_shard
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=ws)
+    store = dist.TCPStore("127.0.0.1", port, ws, is_master=False, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", rank=rank, world_size=ws, store=store)
     if rank == failing:
         def oom(*args, **kwargs):
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
@@ -65,8 +68,13 @@ def _worker(rank, ws, port, out_dir, failing, comm, linger):
     (2, 1, "a2a", True),  # it stays alive: peers give up at the bound, naming it from the store
 ])
 def test_failing_rank_brings_the_group_down_within_the_bound(tmp_path, ws, failing, comm, linger):
+    import torch.distributed as dist
+
     ctx = mp_context()  # the harness's: forked from a server that imported torch and moba_cp once
     port = _free_port()
+    # the job's store lives outside the ranks (torchrun: the agent), so it outlives every rank
+    store = dist.TCPStore("127.0.0.1", port, ws, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=60))
     procs = [ctx.Process(target=_worker, args=(r, ws, port, str(tmp_path), failing, comm, linger)) for r in range(ws)]
     for p in procs:
         p.start()
@@ -82,6 +90,7 @@ def test_failing_rank_brings_the_group_down_within_the_bound(tmp_path, ws, faili
             if p.is_alive():
                 p.kill()
             p.join()
+        del store  # only now: every rank has exited
     results = {r: json.loads((tmp_path / f"{r}.json").read_text()) for r in range(ws)}
     failed = results[failing]
     assert failed["status"] == "error" and "injected" in failed["message"]
