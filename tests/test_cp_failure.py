@@ -6,9 +6,10 @@ attention between the all-to-alls); every other rank must exit non-zero within t
 
 The processes are started here (not through ``run_distributed``, which catches exceptions) so
 that the exit codes are the real ones. The test process hosts the c10d store, as torchrun's agent
-does: when rank 0 hosted it, a rank 0 that read the failure and exited took the store with it, and
-a slower peer could no longer read the failing rank's message (it then named the rank it waited
-for instead; seen once on a loaded 2-core machine).
+does. With rank 0 hosting it, the test failed once in the full suite on a 2-core machine: rank 1
+named the ranks it waited for instead of the failing rank's published message, which rank 0 had
+read. The likely cause: rank 0 read it, exited, and took the store with it before rank 1 looked
+(not reproduced in six reruns under CPU load).
 """
 
 import datetime
