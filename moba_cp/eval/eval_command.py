@@ -57,8 +57,8 @@ def add_needle_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--seed", type=int, default=0, help="generator seed")
     parser.add_argument("--haystack", choices=HAYSTACKS, default="passkey",
                         help="haystack text: 'passkey' = the passkey paper's repeated sentences (default); 'heldout' = "
-                             "held-out documents of the run's training corpus, one per sample (the text a model trained "
-                             "with data.retrieval_fraction saw around its needles)")
+                             "held-out text of the run's training corpus, --n-per-cell sequences, sample j of every cell in "
+                             "sequence j (the text a model trained with data.retrieval_fraction saw around its needles)")
     parser.add_argument("--out", default="eval", help="output folder (needle.json, needle_heatmap.png)")
     return parser
 
