@@ -8,6 +8,8 @@ against its fp64 run: ``err(kernel) <= 2 * err(naive) + floor``.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -137,8 +139,8 @@ def test_block_attn_fwd_bwd_matches_naive(case, config=None):
 # them; unmasked sub-tiles for past blocks, masked ones on the diagonal and at a short last
 # block), several row tiles per program chunk, partials written per head chunk, the separate
 # and the fused dQ, the dK/dV mask split on and off, rows read through the index or from their
-# copy in bucket order (one KV head per chunk; plain loads or tensor descriptors), and the
-# one-pass forward.
+# copy in bucket order (one KV head per chunk; plain loads or tensor descriptors), the dK/dV
+# grid with a block's sub-tiles adjacent (sub_major), and the one-pass forward.
 SMALL = dict(bm=16, bn=16, chunk=32, num_warps=4, num_stages=2)
 PATH_CONFIGS = {
     "partials": KernelConfig(FwdConfig(method="partials", **SMALL),
@@ -158,6 +160,18 @@ PATH_CONFIGS = {
     "gathered-rows-tma-split": KernelConfig(FwdConfig(method="partials", **SMALL),
                                             BwdConfig(bnb=16, bm=16, fuse_dq=False, split_mask=True, gather_rows=True,
                                                       tma=True, dq_chunk_bytes=1, dq_bm=16, dq_bn=16)),
+    "gathered-rows-sub-major-fused-dq-split": KernelConfig(FwdConfig(method="partials", **SMALL),
+                                                           BwdConfig(bnb=16, bm=16, fuse_dq=True, split_mask=True,
+                                                                     gather_rows=True, sub_major=True,
+                                                                     dq_chunk_bytes=1)),
+    "sub-major-unfused": KernelConfig(FwdConfig(method="two_pass", **SMALL),
+                                      BwdConfig(bnb=16, bm=16, fuse_dq=False, sub_major=True, dq_bm=16, dq_bn=16)),
+    "dq-rows-split-kv-chunks": KernelConfig(FwdConfig(method="partials", **SMALL),
+                                            BwdConfig(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True,
+                                                      dq_chunk_bytes=1)),
+    "dq-rows-sub-major-untransposed": KernelConfig(FwdConfig(method="two_pass", **SMALL),
+                                                   BwdConfig(bnb=16, bm=16, trans=False, gather_rows=True,
+                                                             dq_rows=True, sub_major=True)),
     "two-pass-untransposed": KernelConfig(FwdConfig(method="two_pass", **SMALL),
                                           BwdConfig(bnb=32, bm=16, fuse_dq=True, trans=False)),
     "one-pass": KernelConfig(FwdConfig(method="one_pass", bm=16, bn=16, chunk=32, qchunk=32),
@@ -173,7 +187,8 @@ def test_kernel_paths_match_naive(name):
 
 
 @pytest.mark.parametrize("name", ["partials", "one-pass", "two-pass-unfused-split-mask", "gathered-rows-split-kv-chunks",
-                                  "gathered-rows-tma-split"])
+                                  "gathered-rows-tma-split", "gathered-rows-sub-major-fused-dq-split",
+                                  "dq-rows-split-kv-chunks"])
 def test_kernel_paths_head_dim_64_and_empty_doc(name):
     """Head dim 64, an empty document, and top-k larger than a document's blocks."""
     test_block_attn_fwd_bwd_matches_naive((150, 2, 1, 64, 32, 3, [40, 0, 110]), config=PATH_CONFIGS[name])
@@ -191,6 +206,23 @@ def test_config_is_immutable_and_round_trips():
         FwdConfig(bm=64, chunk=96)
     with pytest.raises(ValueError, match="method"):
         FwdConfig(method="three_pass")
+    with pytest.raises(ValueError, match="dq_rows=True .* needs gather_rows=True"):
+        BwdConfig(dq_rows=True)
+    with pytest.raises(ValueError, match="fuse_dq=False"):
+        BwdConfig(dq_rows=True, gather_rows=True, fuse_dq=False)
+    with pytest.raises(ValueError, match="tma_dq=True .* needs dq_rows=True"):
+        BwdConfig(tma_dq=True, gather_rows=True)
+
+
+def test_tma_dq_off_the_gpu_is_a_clear_error():
+    q, k, v = _inputs(64, 2, 1, 16, torch.float32, seed=1)
+    idx = naive.select_blocks(q, k, block_size=16, topk=2)
+    cfg = KernelConfig(FwdConfig(method="partials", **SMALL),
+                       BwdConfig(bnb=16, bm=16, gather_rows=True, dq_rows=True, tma_dq=True))
+    q.requires_grad_()
+    o, _ = tb.block_attn(q, k, v, idx, block_size=16, softmax_scale=0.25, config=cfg)
+    with pytest.raises(ValueError, match="tma_dq=True .* need a CUDA GPU .* Fix: tma_dq=False"):
+        o.sum().backward()
 
 
 def test_backward_decodes_the_index_with_the_forward_config():
@@ -260,11 +292,20 @@ def test_partial_fwd_bwd_matches_naive():
         assert err < 1e-5, f"{name}: {err:.2e}"
 
 
-@pytest.mark.parametrize("method", ["two_pass", "partials", "one_pass"])
-def test_partial_sources_share_one_slot_namespace(method):
+PARTIAL_BWD = {
+    "dq-kernel": BwdConfig(bnb=16, bm=16, fuse_dq=False, dq_bm=16, dq_bn=16),
+    # dQ tiles into the gathered rows' copy, then summed per token and added to dq_acc
+    "dq-rows": BwdConfig(bnb=16, bm=16, gather_rows=True, dq_rows=True, sub_major=True),
+}
+
+
+@pytest.mark.parametrize("method,bwd", [("two_pass", "dq-kernel"), ("partials", "dq-kernel"), ("one_pass", "dq-kernel"),
+                                        ("partials", "dq-rows")])
+def test_partial_sources_share_one_slot_namespace(method, bwd):
     """Two sources (slots [0, 3) and [3, 5)) of one selection, one shared index: each source's
     o/lse and dk/dv equal the naive op on that source alone, and dQ summed into one fp32
-    buffer equals the sum of the naive dQs, for each forward method."""
+    buffer equals the sum of the naive dQs, for each forward method (and a backward that
+    adds dQ per token from the gathered rows' copy)."""
     b, d, hq, hkv, tq, w = 16, 16, 4, 2, 36, 3
     gen = torch.Generator().manual_seed(5)
     q = torch.randn(tq, hq, d, generator=gen).to(DEV)
@@ -279,8 +320,7 @@ def test_partial_sources_share_one_slot_namespace(method):
     do = torch.randn(tq, hq, d, generator=gen).to(DEV)
     kw = dict(block_size=b, softmax_scale=d ** -0.5)
     index = partial_mod.partial_index(sel, 5, hkv, d, backend="triton")
-    index.config = KernelConfig(FwdConfig(method=method, bm=16, bn=16, chunk=32, qchunk=32),
-                                BwdConfig(bnb=16, bm=16, fuse_dq=False, dq_bm=16, dq_bn=16))
+    index.config = KernelConfig(FwdConfig(method=method, bm=16, bn=16, chunk=32, qchunk=32), PARTIAL_BWD[bwd])
     dq_acc = torch.zeros(tq, hq, d, device=DEV)
     dq_ref = torch.zeros(tq, hq, d, device=DEV)
     for (kb, vb), sp, off in zip(bufs, pos, offs):
@@ -419,15 +459,18 @@ def test_saved_index_equals_a_fresh_build():
     assert torch.equal(flat, fresh)
 
 
-@pytest.mark.parametrize("fuse_dq", [True, False])
-def test_backward_in_kv_head_chunks(fuse_dq):
+@pytest.mark.parametrize("dq_path", ["fused", "dq-kernel", "dq-rows"])
+def test_backward_in_kv_head_chunks(dq_path):
     """A half-precision dq with a tiny scratch limit runs one KV head per chunk: same dq, dk,
-    dv as one chunk (bitwise in the interpreter), and within the naive op's error."""
+    dv as one chunk (to fp16 rounding: the fp32 atomics' order may differ), and within the naive
+    op's error. ``dq-rows`` writes the half dq straight from its per-token sum."""
     t, hq, hkv, d, b = 90, 6, 3, 16, 16
     q, k, v = _inputs(t, hq, hkv, d, torch.float32, seed=8)
     idx = naive.select_blocks(q, k, block_size=b, topk=3)
     do = torch.randn(t, hq, d, generator=torch.Generator().manual_seed(1)).to(DEV)
-    cfg = choose_config(b, d, hq // hkv, t).replace(bwd={"fuse_dq": fuse_dq, "dq_bn": 16, "dq_bm": 16})
+    bwd = {"fused": {"fuse_dq": True}, "dq-kernel": {"fuse_dq": False},
+           "dq-rows": {"fuse_dq": None, "gather_rows": True, "dq_rows": True}}[dq_path]
+    cfg = choose_config(b, d, hq // hkv, t).replace(bwd={**bwd, "dq_bn": 16, "dq_bm": 16})
 
     def grads(fn, dtype, **kw):
         qq, kk, vv = (x.to(dtype).detach().requires_grad_() for x in (q, k, v))
@@ -514,6 +557,24 @@ def test_gpu_bf16_real_sizes(d, hq, hkv, b, topk):
     idx_t = tb.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu)
     _assert_same_selection(idx_t, idx_n, q, k, b, cu, rtol=1e-4, max_frac=0.002)
     check_bf16_fwd_bwd(q, k, v, idx_n, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bwd", [{"sub_major": True}, {"dq_rows": True, "fuse_dq": None},
+                                 {"dq_rows": True, "fuse_dq": None, "sub_major": True, "tma_dq": True},
+                                 {"dq_rows": True, "fuse_dq": None, "tma_dq": True, "tma": True}])
+@pytest.mark.parametrize("d,b", [(64, 512), (64, 1024), (128, 512)])
+def test_gpu_bf16_backward_variants(d, b, bwd):
+    """The backward options under measurement (grid order, dQ summed from the gathered rows'
+    copy, by atomics or TMA bulk reductions) at bf16 on the GPU: two documents, GQA 4."""
+    t_docs = [3000, 2 * b + 100]
+    cu = _cu(t_docs, "cuda")
+    q, k, v = _inputs(sum(t_docs), 8, 2, d, torch.bfloat16, seed=d + b, device="cuda")
+    idx = naive.select_blocks(q, k, block_size=b, topk=3, cu_seqlens=cu)
+    base = choose_config(b, d, 4, sum(t_docs))
+    cfg = base.replace(bwd={"gather_rows": True, **bwd})
+    check_bf16_fwd_bwd(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
+                       fn=functools.partial(tb.block_attn, config=cfg))
 
 
 def check_bf16_fwd_bwd(q, k, v, idx, *, block_size, cu_seqlens, softmax_scale, fn=None):

@@ -10,8 +10,10 @@ Kernels, both over the same gather index as the forward:
   loops over the gathered entries of every query head of the GQA group that selected the
   block, so dK/dV of a sub-tile live in registers and are stored once, without atomics and
   without repeating K/V per query head. Programs are ordered by decreasing entry count
-  (longest first). With ``FUSE_DQ`` (the block fits in a few sub-tiles) the same program also
-  adds ``dS K`` into an fp32 dQ buffer with atomics. ``SPLIT``: the rows that see the whole
+  (longest first); with ``SUB_MAJOR`` a block's sub-tiles are adjacent in a 1-D grid, so
+  they run together and share its rows in L2. With ``FUSE_DQ`` (by default where the block
+  fits in a few sub-tiles) the same program also adds ``dS K`` into an fp32 dQ buffer with
+  atomics. ``SPLIT``: the rows that see the whole
   sub-tile (found by a binary search on sorted positions) run in a second loop without the
   causal mask. ``GATHERED``: the rows are read from a copy in bucket order
   (``_gather_rows_kernel``, one chunk of KV heads at a time) instead of through the index.
@@ -50,14 +52,15 @@ def _delta_kernel(DO, O, DELTA, n_rows, stride_dot, stride_doh, stride_ot, strid
 
 
 @triton.jit
-def _gather_rows_kernel(Q, DO, LSE, DELTA, QPOS, ENT, OFFS, QG, DOG, LSE2G, DLG, QPG,
-                        stride_qt, stride_qh, stride_dot, stride_doh, H, W, B0, B1, NR,
-                        BR: tl.constexpr, D: tl.constexpr, PAD: tl.constexpr):
+def _gather_rows_kernel(Q, DO, LSE, DELTA, QPOS, ENT, OFFS, QG, DOG, LSE2G, DLG, QPG, INV,
+                        stride_qt, stride_qh, stride_dot, stride_doh, H, W, B0, B1, NR, H0, HC,
+                        BR: tl.constexpr, D: tl.constexpr, PAD: tl.constexpr, WRITE_INV: tl.constexpr):
     # The rows of buckets [B0, B1) (one chunk of KV heads) in bucket order, so the dK/dV loop
     # reads contiguous tiles: q and do rows, lse * log2(e) (-inf -> 0), delta and the position.
     # PAD rows after the last (up to NR, the buffers' length) get zero q and do: a tile read
     # through a tensor descriptor has no row mask and may run past the last bucket, into
-    # memory that was never written.
+    # memory that was never written. WRITE_INV: INV[(t, h - H0, w)] = the entry's row in the copy
+    # (slots nobody selected keep the caller's -1), for the pass that sums dQ rows per token.
     e0 = _ld(OFFS + B0)
     e1 = _ld(OFFS + B1)
     if e0 + tl.program_id(0) * BR >= e1 + PAD:
@@ -80,6 +83,8 @@ def _gather_rows_kernel(Q, DO, LSE, DELTA, QPOS, ENT, OFFS, QG, DOG, LSE2G, DLG,
     tl.store(LSE2G + i64, lse2, mask=m)
     tl.store(DLG + i64, tl.load(DELTA + t64 * H + h, mask=m, other=0.0), mask=m)
     tl.store(QPG + i64, tl.load(QPOS + t64, mask=m, other=0), mask=m)
+    if WRITE_INV:
+        tl.store(INV + (t64 * HC + (h - H0)) * W + ent % W, i, mask=m)
 
 
 @triton.jit
@@ -152,17 +157,21 @@ def _first_row_at(ENT, QPOS, QPG, e0, r_lo, r_hi, thr, HW, GATHERED: tl.constexp
 
 
 @triton.jit
-def _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG, QPG, e0, r0, r_hi, h, H, W, H0, k,
-               v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, scale, scale_log2,
-               BM: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr, FUSE_DQ: tl.constexpr, PREC: tl.constexpr,
-               TRANS: tl.constexpr, GATHERED: tl.constexpr, TMA: tl.constexpr):
+def _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG, QPG, DQG, DQGD, e0, r0, r_hi, h, H,
+               W, H0, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, scale,
+               scale_log2, BM: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr, FUSE_DQ: tl.constexpr,
+               PREC: tl.constexpr, TRANS: tl.constexpr, GATHERED: tl.constexpr, TMA: tl.constexpr,
+               DQ_ROWS: tl.constexpr, TMA_DQ: tl.constexpr):
     """Loads gathered rows ``[r0, r0 + BM)`` of one bucket and adds their dK/dV (and, with
     ``FUSE_DQ``, their dQ by fp32 atomics into the launch's head chunk starting at ``H0``).
     ``GATHERED``: the rows were copied in bucket order (``_gather_rows_kernel``; row ``r`` at
     ``r - e0``), so the loads are contiguous tiles with no index lookup in the loop. ``TMA``:
     q and dO tiles through the descriptors ``QGD``/``DOGD``, unmasked: rows past the bucket
     hold the next bucket's rows (or the zeroed pad) and get lse = +inf, so P = 0 there and
-    they add exactly nothing."""
+    they add exactly nothing. ``DQ_ROWS`` (with ``GATHERED``): the fused dQ goes to ``DQG``, an fp32
+    copy in the same bucket order (contiguous tiles, no index lookup); ``TMA_DQ``: as one
+    asynchronous bulk reduction per tile through the descriptor ``DQGD`` (unmasked: the rows
+    past the bucket have dS = 0, so they add zeros, and rows past the buffer are clipped)."""
     d = tl.arange(0, D)
     rr = r0 + tl.arange(0, BM)
     rmask = rr < r_hi
@@ -183,12 +192,18 @@ def _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG,
                                               stride_dot, stride_doh, D)
     dk, dv, ds = _dkdv_step(k, v, q, do, lse2, dl, qp, rmask, kk, kmask, kp0, dk, dv, scale_log2, MASK, PREC, TRANS)
     if FUSE_DQ:
-        if GATHERED:
-            t64 = (tl.load(ENT + rr, mask=rmask, other=0) // (H * W)).to(tl.int64)
         dq = tl.dot(ds, k, input_precision=PREC) * scale
-        # DQ holds the launch's query heads only (fp32 scratch per head chunk).
-        tl.atomic_add(DQ + t64[:, None] * stride_dqt + (h - H0) * D + d[None, :], dq, mask=rmask[:, None],
-                      sem="relaxed")
+        if DQ_ROWS:
+            if TMA_DQ:
+                DQGD.atomic_add([(r0 - e0).to(tl.int32), 0], dq)
+            else:
+                tl.atomic_add(DQG + lr[:, None] * D + d[None, :], dq, mask=rmask[:, None], sem="relaxed")
+        else:
+            if GATHERED:
+                t64 = (tl.load(ENT + rr, mask=rmask, other=0) // (H * W)).to(tl.int64)
+            # DQ holds the launch's query heads only (fp32 scratch per head chunk).
+            tl.atomic_add(DQ + t64[:, None] * stride_dqt + (h - H0) * D + d[None, :], dq, mask=rmask[:, None],
+                          sem="relaxed")
     return dk, dv
 
 
@@ -197,20 +212,30 @@ def _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG,
 # large call's first backward paid those compiles (run 5: FlashMoBA 512K's single timed
 # fwd+bwd, compiled only on a small input, took 3.4 s against 0.45 s warm; compiles are the
 # likely cause, not verified on the GPU).
-@triton.jit(do_not_specialize=["HK0", "HKVC"])
+@triton.jit(do_not_specialize=["HK0", "HKVC", "NSUB"])
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, QPOS, ENT, OFFS, ORDER, KSTART, KPOS, KLEN, DQ, DK, DV, QG, DOG, QGD, DOGD, LSE2G, DLG,
-    QPG, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dqt, H, W, NBK, G, HK0, HKVC, scale, scale_log2,
+    QPG, DQG, DQGD, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dqt, H, W, NBK, G, HK0, HKVC, NSUB, scale, scale_log2,
     BM: tl.constexpr, BNB: tl.constexpr, D: tl.constexpr, FUSE_DQ: tl.constexpr, PREC: tl.constexpr,
     TRANS: tl.constexpr, SPLIT: tl.constexpr, GATHERED: tl.constexpr, TMA: tl.constexpr,
+    SUB_MAJOR: tl.constexpr, DQ_ROWS: tl.constexpr, TMA_DQ: tl.constexpr,
 ):
     # KV heads [HK0, HK0 + HKVC) of this launch; the j-th longest blocks of all of them run
     # side by side (programs in decreasing-work order, heads interleaved).
-    j = tl.program_id(0) // HKVC
-    hk = HK0 + tl.program_id(0) % HKVC
+    if SUB_MAJOR:
+        # One 1-D grid with the key sub-tiles of a block adjacent: the NSUB programs that read
+        # the same gathered rows (and, with FUSE_DQ, add into the same dQ rows) run at the same
+        # time, so those rows are shared in L2 instead of fetched NSUB times from memory.
+        pj = tl.program_id(0) // NSUB
+        sub = tl.program_id(0) % NSUB
+    else:
+        pj = tl.program_id(0)
+        sub = tl.program_id(1)
+    j = pj // HKVC
+    hk = HK0 + pj % HKVC
     g = tl.load(ORDER + hk * NBK + j)
-    n0 = tl.program_id(1) * BNB
+    n0 = sub * BNB
     kl = _ld(KLEN + g)
     if n0 >= kl:
         return
@@ -242,16 +267,16 @@ def _dkdv_kernel(
             r_mid = r_lo + tl.cdiv(r_mid - r_lo, BM) * BM
         r_mask_end = r_mid if SPLIT else r_hi
         for r0 in range(r_lo, r_mask_end, BM):
-            dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG, QPG, e0, r0, r_hi,
-                                h, H, W, HK0 * G, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh, stride_dot,
-                                stride_doh, stride_dqt, scale, scale_log2, BM, D, True, FUSE_DQ, PREC, TRANS, GATHERED,
-                                TMA)
+            dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG, QPG, DQG, DQGD, e0,
+                                r0, r_hi, h, H, W, HK0 * G, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh,
+                                stride_dot, stride_doh, stride_dqt, scale, scale_log2, BM, D, True, FUSE_DQ, PREC,
+                                TRANS, GATHERED, TMA, DQ_ROWS, TMA_DQ)
         if SPLIT:
             for r0 in range(r_mid, r_hi, BM):
-                dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG, QPG, e0, r0,
-                                    r_hi, h, H, W, HK0 * G, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh,
+                dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG, QPG, DQG, DQGD,
+                                    e0, r0, r_hi, h, H, W, HK0 * G, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh,
                                     stride_dot, stride_doh, stride_dqt, scale, scale_log2, BM, D, False, FUSE_DQ, PREC,
-                                    TRANS, GATHERED, TMA)
+                                    TRANS, GATHERED, TMA, DQ_ROWS, TMA_DQ)
     out_rows = (ks + kk)[:, None]  # rows of the contiguous fp32 [Tk, Hkv, D] grads
     HKV = H // G
     # Each (kv head, key rows) is owned by exactly one program, so dK/dV are written once,
@@ -313,13 +338,33 @@ def _dq_kernel(
                       sem="relaxed")
 
 
+@triton.jit(do_not_specialize=["H0", "HC"])
+def _dq_rows_sum_kernel(INV, DQG, DQ, n_rows, stride_dqt, stride_dqh, H0, HC, W,
+                        BR: tl.constexpr, D: tl.constexpr, ADD: tl.constexpr):
+    # dq[t, H0 + hl] (+)= sum over the W slots of its rows in the bucket-order copy DQG, found
+    # through INV [(t, hl, w)] (-1: slot not selected). One store per row, in dq's dtype.
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    m = r < n_rows
+    r64 = r.to(tl.int64)
+    d = tl.arange(0, D)
+    acc = tl.zeros([BR, D], dtype=tl.float32)
+    for w in range(W):
+        p = tl.load(INV + r64 * W + w, mask=m, other=-1)
+        acc += tl.load(DQG + p.to(tl.int64)[:, None] * D + d[None, :], mask=(p >= 0)[:, None], other=0.0)
+    ptr = DQ + (r64 // HC)[:, None] * stride_dqt + (H0 + r % HC)[:, None] * stride_dqh + d[None, :]
+    if ADD:
+        acc += tl.load(ptr, mask=m[:, None], other=0.0)
+    tl.store(ptr, acc.to(DQ.dtype.element_ty), mask=m[:, None])
+
+
 def _gathered_rows(q, do, lse, delta, qpos, gi: GatherIndex, hq: int, width: int, nbk: int, h0: int, hc: int,
-                   n_rows: int, d: int, tma_rows: int = 0):
+                   n_rows: int, d: int, tma_rows: int = 0, inv: torch.Tensor | None = None):
     """Copies of the rows of query heads ``[h0, h0 + hc)`` in bucket order (see
     ``_gather_rows_kernel``): ``(qg, dog [n_rows, D], qgd, dogd, lse2g, dlg [n_rows] fp32, qpg [n_rows]
     int32)``, ``n_rows`` a static bound (the used prefix is ``offs[(h0 + hc) * nbk] - offs[h0 * nbk]``).
     ``tma_rows`` > 0: ``qgd``/``dogd`` are tensor descriptors of ``tma_rows``-row tiles of qg/dog and
-    the ``tma_rows`` rows after the used prefix are zeroed; else they are qg/dog themselves (unused)."""
+    the ``tma_rows`` rows after the used prefix are zeroed; else they are qg/dog themselves (unused).
+    ``inv``: an int32 ``[Tq, hc, W]`` filled with -1, given each selected entry's row in the copy."""
     dev = q.device
     qg = torch.empty(n_rows, d, dtype=q.dtype, device=dev)
     dog = torch.empty(n_rows, d, dtype=do.dtype, device=dev)
@@ -328,8 +373,9 @@ def _gathered_rows(q, do, lse, delta, qpos, gi: GatherIndex, hq: int, width: int
     qpg = torch.empty(n_rows, dtype=torch.int32, device=dev)
     br = 64
     _gather_rows_kernel[(triton.cdiv(n_rows, br),)](
-        q, do, lse, delta, qpos, gi.ent, gi.offs, qg, dog, lse2g, dlg, qpg, q.stride(0), q.stride(1), do.stride(0),
-        do.stride(1), hq, width, h0 * nbk, (h0 + hc) * nbk, n_rows, BR=br, D=d, PAD=tma_rows, num_warps=4,
+        q, do, lse, delta, qpos, gi.ent, gi.offs, qg, dog, lse2g, dlg, qpg, qpg if inv is None else inv, q.stride(0),
+        q.stride(1), do.stride(0), do.stride(1), hq, width, h0 * nbk, (h0 + hc) * nbk, n_rows, h0, hc, BR=br, D=d,
+        PAD=tma_rows, WRITE_INV=inv is not None, num_warps=4,
     )
     if tma_rows:
         return (qg, dog, TensorDescriptor.from_tensor(qg, [tma_rows, d]), TensorDescriptor.from_tensor(dog, [tma_rows, d]),
@@ -402,7 +448,8 @@ def sparse_attn_bwd(
                              f"{dq_acc.dtype} {tuple(dq_acc.shape)}")
         dq, dq_dtype = dq_acc, torch.float32
     elif dq_dtype == torch.float32:
-        dq = torch.zeros(tq, hq, d, dtype=torch.float32, device=dev)
+        # dq_rows writes every row of dq once (its sum pass); the atomics need zeros.
+        dq = (torch.empty if cfg.dq_rows else torch.zeros)(tq, hq, d, dtype=torch.float32, device=dev)
     else:
         dq = torch.empty(tq, hq, d, dtype=dq_dtype, device=dev)
     fp32_dq = dq_dtype == torch.float32
@@ -410,7 +457,11 @@ def sparse_attn_bwd(
         return (dq if dq_acc is not None else dq.zero_()), dk.zero_(), dv.zero_()
     bnb = cfg.bnb or min(128 if d >= 128 else 64, triton.next_power_of_2(block_size))
     nsub = triton.cdiv(block_size, bnb)
-    fuse_dq = cfg.fuse_dq if cfg.fuse_dq is not None else nsub <= 2
+    fuse_dq = cfg.fuse_dq if cfg.fuse_dq is not None else (cfg.dq_rows or nsub <= 2)
+    if cfg.tma_dq and dev.type != "cuda":
+        raise ValueError(f"sparse_attn_bwd: BwdConfig.tma_dq=True adds dQ tiles by TMA bulk reductions, which need a "
+                         f"CUDA GPU (Hopper or newer); the tensors are on {dev} (the Triton interpreter has no "
+                         f"descriptor reductions). Fix: tma_dq=False (dq_rows=True alone uses plain atomics).")
     n_stages = cfg.num_stages or (3 if block_size >= 256 else 2)
     nw = cfg.num_warps or (8 if d >= 128 else 4)
     if not fuse_dq and gi.chunk % cfg.dq_bm:
@@ -421,25 +472,44 @@ def sparse_attn_bwd(
     # and (gather_rows) few enough that one chunk's copied rows fit the same bound.
     n_chunks = 1 if fp32_dq else min(hkv, max(1, -(-tq * hq * d * 4 // cfg.dq_chunk_bytes)))
     rows_per_kv = tq * g_sz * width  # static bound on one KV head's gathered rows
-    row_bytes = 2 * d * q.element_size() + 12
+    row_bytes = 2 * d * q.element_size() + 12 + (4 * d if cfg.dq_rows else 0)
     if cfg.gather_rows:
         n_chunks = max(n_chunks, min(hkv, max(1, -(-rows_per_kv * hkv * row_bytes // cfg.dq_chunk_bytes))))
     hkc = -(-hkv // n_chunks)
     for hk0 in range(0, hkv, hkc):
         nkv = min(hkc, hkv - hk0)
         h0, hc = hk0 * g_sz, nkv * g_sz
-        dq_c = dq[:, h0:h0 + hc] if fp32_dq else torch.zeros(tq, hc, d, dtype=torch.float32, device=dev)
-        rows = _gathered_rows(q, do, lse, delta, qpos, gi, hq, width, blocks.n, h0, hc, rows_per_kv * nkv, d,
-                              cfg.bm if cfg.tma else 0) \
+        n_rows = rows_per_kv * nkv
+        if cfg.dq_rows:
+            # dQ summed per row of the bucket-order copy, then per token: no fp32 [Tq, hc, D] scratch.
+            dq_c = dq
+            inv = torch.full((tq, hc, width), -1, dtype=torch.int32, device=dev)
+            dqg = torch.zeros(n_rows, d, dtype=torch.float32, device=dev)
+            dq_rows = (dqg, TensorDescriptor.from_tensor(dqg, [cfg.bm, d]) if cfg.tma_dq else dqg)
+        else:
+            dq_c = dq[:, h0:h0 + hc] if fp32_dq else torch.zeros(tq, hc, d, dtype=torch.float32, device=dev)
+            inv = None
+            dq_rows = (dq_c, dq_c)  # unused stand-ins
+        rows = _gathered_rows(q, do, lse, delta, qpos, gi, hq, width, blocks.n, h0, hc, n_rows, d,
+                              cfg.bm if cfg.tma else 0, inv) \
             if cfg.gather_rows else (q, q, q, q, lse, lse, qpos)  # unused stand-ins when not gathered
-        _dkdv_kernel[(nkv * blocks.n, nsub)](
+        grid = (nkv * blocks.n * nsub,) if cfg.sub_major else (nkv * blocks.n, nsub)
+        _dkdv_kernel[grid](
             q, k, v, do, lse, delta, qpos, gi.ent, gi.offs, gi.kv_order, blocks.kstart, blocks.kpos, blocks.klen,
-            dq_c, dk, dv, *rows, *strides, dq_c.stride(0), hq, width, blocks.n, g_sz, hk0, nkv, softmax_scale,
+            dq_c, dk, dv, *rows, *dq_rows, *strides, dq_c.stride(0), hq, width, blocks.n, g_sz, hk0, nkv, nsub, softmax_scale,
             scale_log2, BM=cfg.bm, BNB=bnb, D=d, FUSE_DQ=fuse_dq, PREC=prec, TRANS=cfg.trans,
-            SPLIT=cfg.split_mask and sorted_positions, GATHERED=cfg.gather_rows, TMA=cfg.tma, num_warps=nw,
-            num_stages=n_stages,
+            SPLIT=cfg.split_mask and sorted_positions, GATHERED=cfg.gather_rows, TMA=cfg.tma,
+            SUB_MAJOR=cfg.sub_major, DQ_ROWS=cfg.dq_rows, TMA_DQ=cfg.tma_dq, num_warps=nw, num_stages=n_stages,
         )
         del rows
+        if cfg.dq_rows:
+            br = 32
+            _dq_rows_sum_kernel[(triton.cdiv(tq * hc, br),)](
+                inv, dq_rows[0], dq, tq * hc, dq.stride(0), dq.stride(1), h0, hc, width, BR=br, D=d,
+                ADD=dq_acc is not None, num_warps=4,
+            )
+            del inv, dq_rows
+            continue
         if not fuse_dq:
             n_tiles = tq * hc * width // gi.chunk + hc * blocks.n + 1  # static bound for these heads
             _dq_kernel[(n_tiles,)](

@@ -74,6 +74,18 @@ class BwdConfig:
     asynchronous copies straight to shared memory, no per-element addresses in registers); off:
     measured 2-5% slower than the masked loads at the 128K, 32K and 4 x 8K training shapes
     (``benchmarks/results/moba_tune_h200_2026-12-03_session9_tma.log``).
+    ``sub_major``: the dK/dV grid puts a block's key sub-tiles side by side (one 1-D grid), so the
+    programs that share a block's gathered rows (and, with ``fuse_dq``, its dQ rows) run together
+    and find them in L2; off: the sub-tile is the grid's second axis, so the sub-tiles of one
+    block start (KV heads x blocks) programs apart, at 128K often a wave or more.
+    ``dq_rows`` (with ``gather_rows``; implies the fused dQ): the dK/dV program adds its dQ tiles
+    into an fp32 copy in the same bucket order (contiguous tiles; its key sub-tiles add into the
+    same rows), then one pass sums each token's W rows into dq, written once in dq's dtype: no
+    separate dQ kernel and no recomputed ``QK^T`` / ``dO V^T``, and no fp32 ``[Tq, Hq, D]``
+    scratch; the copy costs ``4 D`` bytes per gathered row (counted in ``dq_chunk_bytes``).
+    ``tma_dq`` (with ``dq_rows``, CUDA only): those adds as TMA bulk reductions, one
+    asynchronous ``cp.reduce.async.bulk`` per tile (how FlashAttention-3 accumulates dQ) instead
+    of per-element atomics.
     ``dq_chunk_bytes``: largest fp32 dQ scratch when dq is
     returned in a half dtype (the backward then runs in chunks of KV heads)."""
 
@@ -84,6 +96,9 @@ class BwdConfig:
     split_mask: bool = False
     gather_rows: bool = False
     tma: bool = False
+    sub_major: bool = False
+    dq_rows: bool = False
+    tma_dq: bool = False
     num_warps: int = 0
     num_stages: int = 0
     dq_bm: int = 64
@@ -96,6 +111,12 @@ class BwdConfig:
         if self.tma and not self.gather_rows:
             raise ValueError("BwdConfig.tma=True reads the rows copied in bucket order through tensor descriptors; "
                              "it needs gather_rows=True")
+        if self.dq_rows and (not self.gather_rows or self.fuse_dq is False):
+            raise ValueError(f"BwdConfig.dq_rows=True adds the fused dQ into a copy in the gathered rows' order; it "
+                             f"needs gather_rows=True and fuse_dq True or None (got gather_rows={self.gather_rows}, "
+                             f"fuse_dq={self.fuse_dq})")
+        if self.tma_dq and not self.dq_rows:
+            raise ValueError("BwdConfig.tma_dq=True reduces dQ tiles into the bucket-order copy; it needs dq_rows=True")
 
 
 @dataclass(frozen=True)

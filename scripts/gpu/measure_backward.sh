@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Issue 13, on ONE GPU (H100/H200): check and time the backward options that sum dQ without the
+# separate dQ kernel, against the default, at the training shapes (one call, ~6 minutes).
+#
+#   OUT=/some/dir bash scripts/gpu/measure_backward.sh        # (the device tool sets $OUT)
+#
+# 1. The GPU tests of those options (bf16 against the naive op) -> $OUT/gpu_tests.log.
+# 2. `bench_moba.py --tune` of the whole backward (delta, row copy, dK/dV, dQ, casts) at
+#    train-b1024 128K, train-b512 32K and small-b512 4 x 8K, every variant in the same process
+#    -> $OUT/tune_bwd.log. Variants: the default; a block's key sub-tiles adjacent in the grid
+#    (sub_major); the fused dQ added per element into dq (fuse_dq, as measured in session 9) with
+#    sub_major; dQ summed in the gathered rows' copy (dq_rows) by atomics or by TMA bulk reductions
+#    (tma_dq), with and without sub_major.
+# Needs no network: megatron-core comes from ./.whl when it is not installed.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+source scripts/gpu/_gpu_env.sh
+git rev-parse HEAD 2>/dev/null > "$OUT/commit.txt" || true
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/gpu.txt" || true
+
+"$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_moba_triton.py -k "variants or real_sizes" 2>&1 \
+  | tee "$OUT/gpu_tests.log" || true
+
+VARIANTS='[{}, {"sub_major": true}, {"fuse_dq": true, "sub_major": true},
+ {"dq_rows": true}, {"dq_rows": true, "sub_major": true},
+ {"dq_rows": true, "tma_dq": true}, {"dq_rows": true, "tma_dq": true, "sub_major": true}, {}]'
+"$PY" benchmarks/bench_moba.py --tune train-b1024:131072,train-b512:32768,small-b512:8192 --tune-parts bwd \
+  --tune-bwd "$VARIANTS" 2>&1 | tee "$OUT/tune_bwd.log"
