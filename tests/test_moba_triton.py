@@ -18,7 +18,7 @@ from moba_cp.ops.moba import partial as partial_mod
 
 triton = pytest.importorskip("triton")
 tb = pytest.importorskip("moba_cp.ops.moba.triton_backend")
-from moba_cp.ops.moba.triton_config import BwdConfig, FwdConfig, KernelConfig, choose_config  # noqa: E402
+from moba_cp.ops.moba.triton_config import BwdConfig, FwdConfig, GateConfig, KernelConfig, choose_config  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -101,6 +101,29 @@ def test_select_matches_naive_fp32(case):
     cu = None if docs is None else _cu(docs)
     idx_n = naive.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu)
     idx_t = tb.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu)
+    _assert_same_selection(idx_t, idx_n, q, k, b, cu, rtol=1e-5, max_frac=0.01)
+
+
+GATE_VARIANTS = {
+    "split-edges": GateConfig(bm=16, bn=16, split_edges=True),
+    "no-prefilter": GateConfig(bm=16, bn=16, prefilter=False),
+    "split-edges-no-prefilter": GateConfig(bm=32, bn=16, split_edges=True, prefilter=False),
+}
+
+
+@pytest.mark.parametrize("variant", list(GATE_VARIANTS))
+@pytest.mark.parametrize("case", [(600, 2, 1, 16, 16, 5, [37, 563]), (300, 2, 2, 32, 16, 4, None),
+                                  (150, 4, 2, 32, 16, 3, [40, 0, 110])], ids=lambda c: f"T{c[0]}-k{c[5]}")
+def test_gate_variants_select_as_naive(case, variant):
+    """The gate's loop options, at lengths where programs have unmasked middle tiles (rows far
+    past the first 16-block tiles of their document) as well as masked edges, and documents
+    that begin inside a program's rows."""
+    t, hq, hkv, d, b, topk, docs = case
+    q, k, _ = _inputs(t, hq, hkv, d, torch.float32, seed=t + topk + 1)
+    cu = None if docs is None else _cu(docs)
+    cfg = choose_config(b, d, hq // hkv, t).replace(gate=GATE_VARIANTS[variant])
+    idx_n = naive.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu)
+    idx_t = tb.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu, config=cfg)
     _assert_same_selection(idx_t, idx_n, q, k, b, cu, rtol=1e-5, max_frac=0.01)
 
 
@@ -575,6 +598,20 @@ def test_gpu_bf16_backward_variants(d, b, bwd):
     cfg = base.replace(bwd={"gather_rows": True, **bwd})
     check_bf16_fwd_bwd(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
                        fn=functools.partial(tb.block_attn, config=cfg))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate", [{"split_edges": True}, {"prefilter": False}, {"split_edges": True, "prefilter": False}])
+@pytest.mark.parametrize("d,b,topk", [(128, 128, 8), (64, 512, 3)])
+def test_gpu_bf16_gate_variants(d, b, topk, gate):
+    """The gate's loop options at bf16 (hi/lo centroid products) on the GPU, two documents."""
+    t_docs = [9000, 3288]
+    cu = _cu(t_docs, "cuda")
+    q, k, _ = _inputs(sum(t_docs), 8, 2, d, torch.bfloat16, seed=d + topk, device="cuda")
+    cfg = choose_config(b, d, 4, sum(t_docs)).replace(gate=gate)
+    idx_n = naive.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu)
+    idx_t = tb.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu, config=cfg)
+    _assert_same_selection(idx_t, idx_n, q, k, b, cu, rtol=1e-4, max_frac=0.002)
 
 
 def check_bf16_fwd_bwd(q, k, v, idx, *, block_size, cu_seqlens, softmax_scale, fn=None):

@@ -122,11 +122,18 @@ class BwdConfig:
 @dataclass(frozen=True)
 class GateConfig:
     """Gate tiling: ``bm`` query rows per program (0: by head dim and top-k), ``bn``
-    centroids per step."""
+    centroids per step. ``split_edges``: the centroid tiles that are candidates of every row of
+    the program (past blocks of its rows' document that all of them see) run in their own loop
+    without the mask. ``prefilter``: each tile's scores not above the row's k-th best are set to
+    -inf before the insertion loop (off: the loop compares each row's best remaining score with
+    its k-th best instead; same selection, one fewer pass over the tile). Both measured
+    against the default with ``bench_moba.py --tune ... --tune-parts gate``."""
 
     bm: int = 0
     bn: int = 64
     num_warps: int = 4
+    split_edges: bool = False
+    prefilter: bool = True
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ scores a block enters the top-k with probability ``~K / n``), so rather than sor
 tile we insert candidates one at a time, and only those above the row's current k-th best
 value: each loop step moves every row's best remaining candidate into the slot holding its
 row minimum. The loop runs as many steps as the busiest row of the tile needs (``K`` steps on
-the first tile, usually 0-3 later), so the cost stays close to the matrix product.
+the first tile, usually 0-3 later). Measured, the loop and the mask, not the products, are
+what the gate's time goes to (H100/H200: 145 ms at FlashMoBA 512K against ~16 ms of products
+at tensor-core rate); ``GateConfig.split_edges`` and ``prefilter`` trim that per-tile work.
 
 Precision: the contract computes scores in fp32. For half inputs the fp32 centroid is split
 into ``hi + lo`` half-precision parts and scored with two tensor-core products (q is exact in
@@ -36,12 +38,65 @@ MAX_GATE_WIDTH = TRITON.max_gate_width
 
 
 @triton.jit
+def _gate_tile(q, CENT, g0, g_hi, hk, stride_cg, stride_ch, base, g_end_row, rmask, topv, topi, thr, kcol, ncol,
+               Q_DTYPE: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+               MASK: tl.constexpr, PREFILTER: tl.constexpr):
+    """Scores of centroids ``[g0, g0 + BN)`` folded into the running top-k ``(topv, topi)``.
+    Without ``MASK`` the caller guarantees every row of the tile may pick every column (its rows
+    past ``T`` score 0 and are never stored). ``PREFILTER``: candidates not above the row's k-th
+    best are set to -inf first; without it the insertion loop tests each row's best remaining
+    score against its k-th best instead (a row whose best is not above it takes nothing, now or
+    later, since its k-th best only grows): the same result with one fewer pass over the tile."""
+    d = tl.arange(0, D)
+    gg = g0 + ncol
+    c = tl.load(CENT + gg.to(tl.int64)[:, None] * stride_cg + hk * stride_ch + d[None, :],
+                mask=(gg < g_hi)[:, None], other=0.0)
+    if SPLIT:
+        c_hi = c.to(Q_DTYPE)
+        c_lo = (c - c_hi.to(tl.float32)).to(Q_DTYPE)
+        s = tl.dot(q, tl.trans(c_hi)) + tl.dot(q, tl.trans(c_lo))
+    else:
+        s = tl.dot(q, tl.trans(c), input_precision=PREC)
+    if MASK:
+        ok = (gg[None, :] >= base[:, None]) & (gg[None, :] < g_end_row[:, None]) & rmask[:, None]
+        s = tl.where(ok, s, float("-inf"))
+    if PREFILTER:
+        cand = tl.where(s > thr[:, None], s, float("-inf"))
+        cmax = tl.max(cand, axis=1)
+        while tl.max(cmax, axis=0) > float("-inf"):
+            am = tl.argmax(cand, axis=1)
+            pmin = tl.argmin(topv, axis=1)
+            hit = (kcol[None, :] == pmin[:, None]) & (cmax > float("-inf"))[:, None]
+            topv = tl.where(hit, cmax[:, None], topv)
+            topi = tl.where(hit, (g0 + am)[:, None], topi)
+            thr = tl.min(topv, axis=1)
+            cand = tl.where(ncol[None, :] == am[:, None], float("-inf"), cand)
+            cand = tl.where(cand > thr[:, None], cand, float("-inf"))
+            cmax = tl.max(cand, axis=1)
+    else:
+        cand = s
+        cmax = tl.max(cand, axis=1)
+        take = cmax > thr
+        while tl.max(take.to(tl.int32), axis=0) > 0:
+            am = tl.argmax(cand, axis=1)
+            pmin = tl.argmin(topv, axis=1)
+            hit = (kcol[None, :] == pmin[:, None]) & take[:, None]
+            topv = tl.where(hit, cmax[:, None], topv)
+            topi = tl.where(hit, (g0 + am)[:, None], topi)
+            thr = tl.min(topv, axis=1)
+            cand = tl.where(ncol[None, :] == am[:, None], float("-inf"), cand)
+            cmax = tl.max(cand, axis=1)
+            take = cmax > thr
+    return topv, topi, thr
+
+
+@triton.jit
 def _gate_topk_kernel(
     Q, CENT, QPOS, BASE, OUT,
     T, G, block_size, W,
     stride_qt, stride_qh, stride_cg, stride_ch, stride_ot, stride_oh,
     K: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
-    SPLIT: tl.constexpr, PREC: tl.constexpr,
+    SPLIT: tl.constexpr, PREC: tl.constexpr, SPLIT_EDGES: tl.constexpr, PREFILTER: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -68,30 +123,25 @@ def _gate_topk_kernel(
     topi = tl.zeros([BM, KP], dtype=tl.int32)
     thr = tl.min(topv, axis=1)
 
-    for g0 in range(g_lo, g_hi, BN):
-        gg = g0 + ncol
-        c = tl.load(CENT + gg.to(tl.int64)[:, None] * stride_cg + hk * stride_ch + d[None, :],
-                    mask=(gg < g_hi)[:, None], other=0.0)
-        if SPLIT:
-            c_hi = c.to(Q.dtype.element_ty)
-            c_lo = (c - c_hi.to(tl.float32)).to(Q.dtype.element_ty)
-            s = tl.dot(q, tl.trans(c_hi)) + tl.dot(q, tl.trans(c_lo))
-        else:
-            s = tl.dot(q, tl.trans(c), input_precision=PREC)
-        ok = (gg[None, :] >= base[:, None]) & (gg[None, :] < g_end_row[:, None]) & rmask[:, None]
-        s = tl.where(ok, s, float("-inf"))
-        cand = tl.where(s > thr[:, None], s, float("-inf"))
-        cmax = tl.max(cand, axis=1)
-        while tl.max(cmax, axis=0) > float("-inf"):
-            am = tl.argmax(cand, axis=1)
-            pmin = tl.argmin(topv, axis=1)
-            hit = (kcol[None, :] == pmin[:, None]) & (cmax > float("-inf"))[:, None]
-            topv = tl.where(hit, cmax[:, None], topv)
-            topi = tl.where(hit, (g0 + am)[:, None], topi)
-            thr = tl.min(topv, axis=1)
-            cand = tl.where(ncol[None, :] == am[:, None], float("-inf"), cand)
-            cand = tl.where(cand > thr[:, None], cand, float("-inf"))
-            cmax = tl.max(cand, axis=1)
+    # SPLIT_EDGES: the tiles inside [max base, min row end) of the live rows are candidates of
+    # every live row and run without the mask, in their own loop (a branch per tile inside one
+    # loop would stop its pipelining); the masked tiles before and after them keep the mask.
+    g_mid_lo = g_lo
+    g_mid_hi = g_lo
+    if SPLIT_EDGES:
+        in_lo = tl.max(tl.where(rmask, base, 0), axis=0)
+        in_hi = tl.min(tl.where(rmask, g_end_row, 2147483647), axis=0)
+        g_mid_lo = g_lo + tl.cdiv(in_lo - g_lo, BN) * BN
+        g_mid_hi = g_mid_lo + tl.maximum(in_hi - g_mid_lo, 0) // BN * BN
+    for g0 in range(g_lo, g_mid_lo, BN):
+        topv, topi, thr = _gate_tile(q, CENT, g0, g_hi, hk, stride_cg, stride_ch, base, g_end_row, rmask, topv, topi,
+                                     thr, kcol, ncol, Q.dtype.element_ty, D, SPLIT, PREC, True, PREFILTER)
+    for g0 in range(g_mid_lo, g_mid_hi, BN):
+        topv, topi, thr = _gate_tile(q, CENT, g0, g_hi, hk, stride_cg, stride_ch, base, g_end_row, rmask, topv, topi,
+                                     thr, kcol, ncol, Q.dtype.element_ty, D, SPLIT, PREC, False, PREFILTER)
+    for g0 in range(g_mid_hi, g_hi, BN):
+        topv, topi, thr = _gate_tile(q, CENT, g0, g_hi, hk, stride_cg, stride_ch, base, g_end_row, rmask, topv, topi,
+                                     thr, kcol, ncol, Q.dtype.element_ty, D, SPLIT, PREC, True, PREFILTER)
 
     # Assemble: past blocks as document-local ids, the own block in slot K, the rest "big";
     # an ascending sort then gives the contract's order with padding last.
@@ -145,7 +195,7 @@ def gate_topk(
         q, cent, qpos, base, out,
         t, hq // hkv, block_size, width,
         q.stride(0), q.stride(1), cent.stride(0), cent.stride(1), out.stride(0), out.stride(1),
-        K=k_past, KP=kp, BM=bm, BN=bn, D=d, SPLIT=split, PREC="ieee",
-        num_warps=cfg.num_warps,
+        K=k_past, KP=kp, BM=bm, BN=bn, D=d, SPLIT=split, PREC="ieee", SPLIT_EDGES=cfg.split_edges,
+        PREFILTER=cfg.prefilter, num_warps=cfg.num_warps,
     )
     return out

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Issue 13, on ONE GPU (H100/H200): check and time the backward options that sum dQ without the
-# separate dQ kernel, against the default, at the training shapes (one call, ~6 minutes).
+# Issue 13, on ONE GPU (H100/H200): check and time the kernel options that are off until measured,
+# against the defaults in the same process (one call, ~6 minutes).
 #
-#   OUT=/some/dir bash scripts/gpu/measure_backward.sh        # (the device tool sets $OUT)
+#   OUT=/some/dir bash scripts/gpu/measure_kernel_options.sh        # (the device tool sets $OUT)
 #
 # 1. The GPU tests of those options (bf16 against the naive op) -> $OUT/gpu_tests.log.
 # 2. `bench_moba.py --tune` of the whole backward (delta, row copy, dK/dV, dQ, casts) at
@@ -11,6 +11,8 @@
 #    (sub_major); the fused dQ added per element into dq (fuse_dq, as measured in session 9) with
 #    sub_major; dQ summed in the gathered rows' copy (dq_rows) by atomics or by TMA bulk reductions
 #    (tma_dq), with and without sub_major.
+# 3. The gate's loop options (split_edges: unmasked middle tiles; prefilter off) at FlashMoBA 512K
+#    (the gate target's shape) and train-b1024 128K -> $OUT/tune_gate.log.
 # Needs no network: megatron-core comes from ./.whl when it is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -28,3 +30,7 @@ VARIANTS='[{}, {"sub_major": true}, {"fuse_dq": true, "sub_major": true},
  {"dq_rows": true, "tma_dq": true}, {"dq_rows": true, "tma_dq": true, "sub_major": true}, {}]'
 "$PY" benchmarks/bench_moba.py --tune train-b1024:131072,train-b512:32768,small-b512:8192 --tune-parts bwd \
   --tune-bwd "$VARIANTS" 2>&1 | tee "$OUT/tune_bwd.log"
+
+GATES='[{}, {"split_edges": true}, {"prefilter": false}, {"split_edges": true, "prefilter": false}, {}]'
+"$PY" benchmarks/bench_moba.py --tune flashmoba:524288,train-b1024:131072 --tune-parts gate \
+  --tune-gate "$GATES" 2>&1 | tee "$OUT/tune_gate.log"
