@@ -12,9 +12,10 @@ scores a block enters the top-k with probability ``~K / n``), so rather than sor
 tile we insert candidates one at a time, and only those above the row's current k-th best
 value: each loop step moves every row's best remaining candidate into the slot holding its
 row minimum. The loop runs as many steps as the busiest row of the tile needs (``K`` steps on
-the first tile, usually 0-3 later). Measured, the loop and the mask, not the products, are
-what the gate's time goes to (H100/H200: 145 ms at FlashMoBA 512K against ~16 ms of products
-at tensor-core rate); ``GateConfig.split_edges`` and ``prefilter`` trim that per-tile work.
+the first tile, usually 0-3 later). At FlashMoBA 512K the gate measured 145 ms while its
+products would take ~16 ms at tensor-core rate, so most of its time is the per-tile mask and
+loop work (inferred from those two numbers, not profiled); ``GateConfig.split_edges`` and
+``prefilter`` trim that work.
 
 Precision: the contract computes scores in fp32. For half inputs the fp32 centroid is split
 into ``hi + lo`` half-precision parts and scored with two tensor-core products (q is exact in
