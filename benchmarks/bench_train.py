@@ -9,6 +9,9 @@ CPU smoke (tiny shapes, gloo, naive kernels; numbers meaningless):
 
 Each (setting, attention) pair is one ``python -m moba_cp.train`` process with its own run
 directory, checkpoints and evaluation off; full attention is SDPA (cuDNN on an H100/H200).
+``--moba-kernel 'bwd.dq_rows=true;bwd.sub_major=true'`` adds MoBA runs with those tiling overrides
+(``moba.kernel``; ``;`` separates variants) to each repeat, so kernel options are compared in
+training against the default MoBA and full attention of the same call; each variant gets its own row.
 """
 
 from __future__ import annotations
@@ -79,6 +82,20 @@ def pool(runs: list[dict]) -> dict:
             **({"error": next(r["error"] for r in runs if "error" in r)} if len(ok) < len(runs) else {})}
 
 
+def _row(name: str, m: dict, fl: dict, label: str) -> str:
+    """One table row: a MoBA run set (``label``) against the full-attention runs of the same call."""
+    pairs = [f"{a / b:.2f}" if a and b else "-" for a, b in zip(m.get("per_run", []), fl.get("per_run", []))]
+    f = lambda x, spec: format(x, spec) if x is not None else "-"  # noqa: E731
+    ratio = m.get("tokens_per_s") and fl.get("tokens_per_s") and m["tokens_per_s"] / fl["tokens_per_s"]
+    row = (f"| {name} | {f(m.get('tokens_per_s'), ',.0f')} | {f(fl.get('tokens_per_s'), ',.0f')} | "
+           f"{f(ratio, '.2f')} | {f(m.get('tflops'), '.0f')} | {f(fl.get('tflops'), '.0f')} | "
+           f"{f(m.get('mem'), '.1f')} | {f(fl.get('mem'), '.1f')} | {', '.join(pairs) or '-'} |")
+    for who, res in ((label, m), ("full", fl)):
+        if "error" in res:
+            row += f" {who} failed: {res['error'][:200]}"
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="write the markdown table here (rows added as they finish)")
@@ -88,10 +105,13 @@ def main():
     ap.add_argument("--repeats", type=int, default=1,
                     help="run MoBA and full attention alternately this many times each (MoBA, full, MoBA, ...): "
                          "medians over all their warm steps, and each pair's ratio in the last column")
+    ap.add_argument("--moba-kernel", default="",
+                    help="';'-separated moba.kernel overrides: each adds a MoBA variant run per repeat and a row")
     ap.add_argument("--commit", default="", help="the commit measured (default: git rev-parse; a copied tree's .git may be stale)")
     args = ap.parse_args()
     settings = SMOKE if args.smoke else SETTINGS
     extra = args.extra.split()
+    variants = [v.strip() for v in args.moba_kernel.split(";") if v.strip()]
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                            text=True).stdout.strip()
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
@@ -108,24 +128,18 @@ def main():
         for name, (recipe, overrides, steps) in settings.items():
             if args.only and not any(name.startswith(p) for p in args.only.split(",")):
                 continue
-            runs = {"moba": [], "full": []}
+            # MoBA, its kernel variants, then full attention, alternately per repeat
+            kinds = [("moba", "moba", [])] + [(f"moba {v}", "moba", [f"--moba.kernel={v}"]) for v in variants] \
+                + [("full", "full", [])]
+            runs = {label: [] for label, _, _ in kinds}
             for rep in range(args.repeats):
-                for pat in ("moba", "full"):
-                    runs[pat].append(run_one(recipe, overrides, steps, pat, work, extra, tag=str(rep)))
-            r = {pat: pool(rs) for pat, rs in runs.items()}
-            pairs = [f"{a / b:.2f}" if a and b else "-" for a, b in
-                     zip(r["moba"].get("per_run", []), r["full"].get("per_run", []))]
-            f = lambda x, spec: format(x, spec) if x is not None else "-"  # noqa: E731
-            m, fl = r["moba"], r["full"]
-            ratio = m.get("tokens_per_s") and fl.get("tokens_per_s") and m["tokens_per_s"] / fl["tokens_per_s"]
-            row = (f"| {name} | {f(m.get('tokens_per_s'), ',.0f')} | {f(fl.get('tokens_per_s'), ',.0f')} | "
-                   f"{f(ratio, '.2f')} | {f(m.get('tflops'), '.0f')} | {f(fl.get('tflops'), '.0f')} | "
-                   f"{f(m.get('mem'), '.1f')} | {f(fl.get('mem'), '.1f')} | {', '.join(pairs) or '-'} |")
-            for pat in ("moba", "full"):
-                if "error" in r[pat]:
-                    row += f" {pat} failed: {r[pat]['error'][:200]}"
-            lines.append(row)
-            print(row, flush=True)
+                for i, (label, pat, more) in enumerate(kinds):
+                    runs[label].append(run_one(recipe, overrides + more, steps, pat, work, extra, tag=f"{rep}-{i}"))
+            r = {label: pool(rs) for label, rs in runs.items()}
+            for label, _, _ in kinds[:-1]:
+                row = _row(name if label == "moba" else f"{name}, moba.kernel={label[5:]}", r[label], r["full"], label)
+                lines.append(row)
+                print(row, flush=True)
             if args.out:
                 with open(args.out, "w") as fh:
                     fh.write("\n".join(lines) + "\n")

@@ -23,6 +23,8 @@ import yaml
 
 from moba_cp.ops.key_conv import KEY_CONV_WIDTHS
 from moba_cp.ops.moba.kernel_limits import LIMITS
+from moba_cp.ops.moba.triton_config import apply_overrides as apply_kernel_overrides
+from moba_cp.ops.moba.triton_config import choose_config, parse_overrides
 from moba_cp.parallel.head_parallel import comm_problem
 
 __all__ = [
@@ -75,6 +77,10 @@ class MoBAConfig:
     key_conv: int = _option(
         0, "Key convolution width (FlashMoBA's routing fix): 0 = off, 3 or 5 = a learned causal depthwise "
         "convolution over each MoBA layer's keys, used by the gate and the attention (docs/design.md).")
+    kernel: str = _option(
+        "", "Triton tiling overrides on top of each shape's default, comma-separated part.field=value, e.g. "
+        "'bwd.dq_rows=true,gate.split_edges=true' (fields: moba_cp/ops/moba/triton_config.py). For "
+        "measuring kernel options in training; the Triton backend at cp=1 only. '' = the defaults.")
 
 
 @dataclass
@@ -416,6 +422,36 @@ def kernel_limit_errors(cfg: RecipeConfig, device: str | None = None) -> list[st
     return errs
 
 
+def _kernel_override_errors(cfg: RecipeConfig, has_moba: bool, device: str | None) -> list[str]:
+    """moba.kernel: well formed, meant for the Triton kernels of a cp=1 run, and valid on the
+    recipe's shape (the overrides meet the default tiling of its MoBA calls: T = seq_length,
+    micro-batch rows fold into heads)."""
+    m, mb, text = cfg.model, cfg.moba, cfg.moba.kernel
+    if not text:
+        return []
+    try:
+        parse_overrides(text)
+    except ValueError as e:
+        return [f"moba.kernel: {e}"]
+    if not has_moba:
+        return [f"moba.kernel={text!r} tiles the MoBA kernels, but the attention pattern has no MoBA layers. "
+                f"Fix: moba.kernel=''."]
+    if mb.backend == "naive" or (mb.backend == "auto" and device == "cpu"):
+        return [f"moba.kernel={text!r} sets the Triton kernels' tiling, but moba.backend={mb.backend} runs the "
+                f"naive oracle{' on CPU' if mb.backend == 'auto' else ''}, which has none. Fix: moba.kernel='', or "
+                f"moba.backend=triton (a CUDA GPU, or TRITON_INTERPRET=1 on CPU)."]
+    if cfg.parallel.cp > 1:
+        return [f"moba.kernel={text!r}: overrides apply to cp=1 runs; under context parallelism each call "
+                f"chooses its tiling from its own slot buffers. Fix: moba.kernel='' or parallel.cp=1."]
+    head_dim = m.hidden_size // max(m.num_attention_heads, 1)
+    group = m.num_attention_heads // max(m.num_query_groups, 1)
+    try:
+        apply_kernel_overrides(choose_config(mb.block_size, head_dim, group, m.seq_length), text)
+    except ValueError as e:
+        return [f"moba.kernel: {e}"]
+    return []
+
+
 def parse_profile_steps(spec: Optional[list[int]]) -> tuple[int, int] | None:
     """``logging.profile``: ``[A, B]`` (or ``[A]``) -> ``(A, B)``, 1-based and inclusive; None / ``[]`` -> None.
 
@@ -486,6 +522,7 @@ def validate(cfg: RecipeConfig, world_size: int | None = None, device: str | Non
         errs.append(f"attention.switch_to_full_at={a.switch_to_full_at} must be a fraction in [0, 1].")
     has_moba = kinds_ok and "moba" in layer_attention_kinds(m, a)
     errs += _key_conv_errors(mb, m, p, has_moba, kinds_ok)
+    errs += _kernel_override_errors(cfg, has_moba, device)
     if has_moba or p.cp > 1:
         unit = 2 * p.cp * mb.block_size if has_moba and p.cp > 1 else (2 * p.cp if p.cp > 1 else 1)
         if m.seq_length % unit:

@@ -44,7 +44,7 @@ def test_int_accepted_for_float_but_not_str_for_int(tmp_path):
 @pytest.mark.parametrize(
     "yaml_text,overrides,pattern",
     [
-        ("moba: {topkk: 3}\n", [], r"moba: unknown key\(s\) topkk; valid keys are backend, block_size, key_conv, topk"),
+        ("moba: {topkk: 3}\n", [], r"moba: unknown key\(s\) topkk; valid keys are backend, block_size, kernel, key_conv, topk"),
         ("modle: {}\n", [], r"recipe: unknown key\(s\) modle"),
         ("", ["--moba.nope=1"], "override --moba.nope: moba has no key 'nope'"),
         ("", ["--nope.x=1"], "override --nope.x: recipe has no key 'nope'"),
@@ -104,7 +104,7 @@ def test_world_size_rules():
 
 def test_components_receive_only_their_sub_config():
     cfg = C.load_recipe(None)
-    assert dataclasses.is_dataclass(cfg.moba) and set(C.field_help(C.MoBAConfig)) == {"block_size", "topk", "backend", "key_conv"}
+    assert dataclasses.is_dataclass(cfg.moba) and set(C.field_help(C.MoBAConfig)) == {"block_size", "topk", "backend", "key_conv", "kernel"}
 
 
 def test_dump_round_trips(tmp_path):

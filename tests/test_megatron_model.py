@@ -138,6 +138,10 @@ def _w_core_attention(rank, world_size):
         "full->moba": lambda: full.set_mode("moba"),
         "dropout": lambda: MoBACoreAttention(**mk, attention_dropout=0.1, moba_block_size=16, moba_topk=2),
         "no moba params": lambda: MoBACoreAttention(**mk),
+        # moba.kernel reaches the op, which refuses it on the naive backend (no tiling there)
+        "kernel on naive": lambda: MoBACoreAttention(**mk, moba_block_size=16, moba_topk=2, moba_backend="naive",
+                                                     moba_kernel="bwd.sub_major=true")(
+            q, k, v, None, attn_mask_type=AttnMaskType.causal),
         "bad heads": lambda: moba(q[:, :, :3], k, v, None, attn_mask_type=AttnMaskType.causal),
         "bad heads thd": lambda: moba(qt, kt[:30], vt[:30], None, attn_mask_type=AttnMaskType.padding_causal,
                                       packed_seq_params=psp),
@@ -160,6 +164,7 @@ def test_core_attention_contract():
     assert "MoBACoreAttention: Hq=3 query heads is not divisible by Hkv=2" in errors["bad heads"]
     assert "MoBACoreAttention: q has 96 tokens but k/v have 30" in errors["bad heads thd"]
     assert "MoBACoreAttention spec params: block_size=None is invalid" in errors["no moba params"]
+    assert "kernel='bwd.sub_major=true' sets the Triton kernels' tiling" in errors["kernel on naive"]
 
 
 def test_cuda_to_cpu_does_not_switch_the_compat_on():

@@ -113,6 +113,7 @@ class _CoreAttentionBase(MegatronModule):
         moba_block_size, moba_topk, moba_backend: the MoBA parameters (MoBA layers only).
         moba_key_conv: width of the key convolution (:mod:`moba_cp.megatron.key_conv`; MoBA layers
             only, 0 = none).
+        moba_kernel: Triton tiling overrides (``moba.kernel``; cp=1 only, '' = the defaults).
         mode: the initial ``attention_mode``.
     """
 
@@ -134,6 +135,7 @@ class _CoreAttentionBase(MegatronModule):
         moba_block_size: Optional[int] = None,
         moba_topk: Optional[int] = None,
         moba_backend: str = "auto",
+        moba_kernel: str = "",
         mode: Optional[str] = None,
         model_comm_pgs=None,  # older megatron-core name of pg_collection
         **unused_kwargs,  # future DotProductAttention arguments: accepted, documented as ignored
@@ -191,6 +193,10 @@ class _CoreAttentionBase(MegatronModule):
         self.moba_block_size = moba_block_size
         self.moba_topk = moba_topk
         self.moba_backend = moba_backend
+        self.moba_kernel = moba_kernel
+        if moba_kernel and self.cp_size > 1:
+            raise ValueError(f"{type(self).__name__}: moba_kernel={moba_kernel!r} applies to cp=1; under context "
+                             f"parallelism each call chooses its tiling. Fix: moba_kernel='' or cp=1.")
         self.attention_mode = mode or self.base_kind
         self.set_mode(self.attention_mode)
 
@@ -268,7 +274,7 @@ class _CoreAttentionBase(MegatronModule):
             # MoBA and full attention's step there).
             fold = lambda t: t.reshape(s, b * t.shape[2], d)  # noqa: E731
             o = moba_attn(fold(q), fold(k), fold(v), block_size=self.moba_block_size, topk=self.moba_topk,
-                          softmax_scale=self.softmax_scale, backend=self.moba_backend)
+                          softmax_scale=self.softmax_scale, backend=self.moba_backend, kernel=self.moba_kernel)
         else:
             # SDPA wants [b, h, s, d]; GQA through enable_gqa (no expanded copies of k/v).
             o = F.scaled_dot_product_attention(
@@ -305,7 +311,7 @@ class _CoreAttentionBase(MegatronModule):
         t, hq, d = q.shape
         if self.attention_mode == "moba":
             o = moba_attn(q, k, v, block_size=self.moba_block_size, topk=self.moba_topk, cu_seqlens=cu,
-                          softmax_scale=self.softmax_scale, backend=self.moba_backend)
+                          softmax_scale=self.softmax_scale, backend=self.moba_backend, kernel=self.moba_kernel)
         else:
             o = torch.empty_like(q)
             bounds = cu.tolist()

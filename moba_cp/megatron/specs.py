@@ -56,6 +56,7 @@ def core_attention_spec(kind: str, moba_cfg, attention_cfg) -> ModuleSpec:
             "moba_block_size": int(moba_cfg.block_size), "moba_topk": int(moba_cfg.topk),
             "moba_backend": moba_cfg.backend, "full_backend": full_backend,
             "moba_key_conv": int(getattr(moba_cfg, "key_conv", 0) or 0),
+            "moba_kernel": str(getattr(moba_cfg, "kernel", "") or ""),
         })
     if kind == "full":
         return ModuleSpec(module=FullCoreAttention, params={"full_backend": full_backend})

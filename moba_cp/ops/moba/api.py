@@ -10,6 +10,7 @@ import torch
 
 from moba_cp.ops.moba import naive
 from moba_cp.ops.moba.cuda_graphs import static_offsets
+from moba_cp.ops.moba.triton_config import apply_overrides, choose_config, parse_overrides
 from moba_cp.ops.moba.validate import check_block_args, check_cu_seqlens, check_qkv
 
 try:  # the one place a missing triton is handled: 'naive' then serves every call ('auto' picks it)
@@ -80,6 +81,7 @@ def moba_attn(
     softmax_scale: float | None = None,
     return_lse: bool = False,
     backend: str = "auto",
+    kernel: str = "",
 ):
     """Mixture of Block Attention over packed documents.
 
@@ -93,6 +95,9 @@ def moba_attn(
         softmax_scale: default ``D ** -0.5``.
         return_lse: also return the fp32 natural-log LSE ``[T, Hq]``.
         backend: "naive", "triton" or "auto" (see :func:`choose_backend`).
+        kernel: Triton tiling overrides on top of the shape's default, e.g.
+            ``"bwd.dq_rows=true,gate.split_edges=true"`` (``triton_config.parse_overrides``);
+            an error with the naive backend, which has no tiling.
     Returns:
         ``o [T, Hq, D]`` in q's dtype, and ``lse [T, Hq]`` fp32 when ``return_lse``.
 
@@ -111,13 +116,24 @@ def moba_attn(
     check_cu_seqlens(cu_seqlens, q.shape[0], q.device)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     name = choose_backend(backend, q.device)
+    if kernel:
+        parse_overrides(kernel)  # malformed overrides are an error whatever the backend
     if name == "naive":
+        if kernel:
+            raise ValueError(
+                f"moba_attn: kernel={kernel!r} sets the Triton kernels' tiling, but backend={backend!r} runs the "
+                f"naive oracle on {q.device.type}, which has none. Fix: drop kernel, or use backend='triton' "
+                f"(a CUDA GPU, or TRITON_INTERPRET=1 on CPU)."
+            )
         o, lse = naive.moba_attn_naive(
             q, k, v, block_size=block_size, topk=topk, cu_seqlens=cu_seqlens, softmax_scale=scale
         )
     else:
+        config = None
+        if kernel:
+            config = apply_overrides(choose_config(block_size, q.shape[-1], q.shape[1] // k.shape[1], q.shape[0]), kernel)
         o, lse = triton_backend.moba_attn(
-            q, k, v, block_size=block_size, topk=topk, cu_seqlens=cu_seqlens, softmax_scale=scale
+            q, k, v, block_size=block_size, topk=topk, cu_seqlens=cu_seqlens, softmax_scale=scale, config=config
         )
     return (o, lse) if return_lse else o
 

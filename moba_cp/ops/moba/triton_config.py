@@ -18,7 +18,8 @@ import ast
 import functools
 from dataclasses import dataclass, field, fields, replace
 
-__all__ = ["FwdConfig", "BwdConfig", "GateConfig", "KernelConfig", "choose_config"]
+__all__ = ["FwdConfig", "BwdConfig", "GateConfig", "KernelConfig", "choose_config", "parse_overrides",
+           "apply_overrides"]
 
 FWD_METHODS = ("partials", "two_pass", "one_pass")
 
@@ -175,6 +176,66 @@ class KernelConfig:
 _PARTS = ("fwd", "bwd", "gate")
 _CLASSES = {"fwd": FwdConfig, "bwd": BwdConfig, "gate": GateConfig}
 _FIELDS = {part: tuple(f.name for f in fields(cls)) for part, cls in _CLASSES.items()}
+# Field types as annotated (strings: this module uses postponed annotations).
+_TYPES = {part: {f.name: f.type for f in fields(cls)} for part, cls in _CLASSES.items()}
+
+
+@functools.lru_cache(maxsize=64)
+def parse_overrides(text: str) -> tuple[tuple[str, tuple[tuple[str, object], ...]], ...]:
+    """Tiling overrides from a recipe or a command line: ``"bwd.dq_rows=true,gate.split_edges=true"``
+    (comma-separated ``part.field=value``; values are Python or YAML-style literals: ``true``,
+    ``false``, ``none``, numbers, quoted strings). Returns them as a hashable tuple of
+    ``(part, ((field, value), ...))``, for ``KernelConfig.replace(**dict(...))`` after converting
+    each inner tuple to a dict (see :func:`apply_overrides`). Raises ``ValueError`` naming the
+    item, the rule and the valid names; the combined config's own rules (e.g. ``dq_rows`` needs
+    ``gather_rows``) are checked where the override meets a shape's default."""
+    words = {"true": True, "false": False, "none": None, "null": None}
+    parts: dict[str, dict[str, object]] = {}
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        key, eq, raw = item.partition("=")
+        part, dot, name = key.strip().partition(".")
+        if not eq or not dot:
+            raise ValueError(f"kernel override {item!r}: write part.field=value, e.g. bwd.dq_rows=true "
+                             f"(parts: {', '.join(_PARTS)}).")
+        if part not in _CLASSES:
+            raise ValueError(f"kernel override {item!r}: no part {part!r}; choose one of {', '.join(_PARTS)}.")
+        if name not in _FIELDS[part]:
+            raise ValueError(f"kernel override {item!r}: {part} has no field {name!r}; its fields: "
+                             f"{', '.join(_FIELDS[part])}.")
+        raw = raw.strip()
+        if raw.lower() in words:
+            value = words[raw.lower()]
+        else:
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                if _TYPES[part][name] == "str" and raw:
+                    value = raw  # a bare word for a text field: fwd.method=partials
+                    parts.setdefault(part, {})[name] = value
+                    continue
+                raise ValueError(f"kernel override {item!r}: {raw!r} is not a literal (true, false, none, a "
+                                 f"number or a quoted string).") from None
+        kind = _TYPES[part][name]
+        ok = {"bool": isinstance(value, bool), "bool | None": value is None or isinstance(value, bool),
+              "int": isinstance(value, int) and not isinstance(value, bool), "str": isinstance(value, str)}[kind]
+        if not ok:
+            raise ValueError(f"kernel override {item!r}: {part}.{name} takes {kind}, got {value!r}.")
+        parts.setdefault(part, {})[name] = value
+    return tuple((part, tuple(sorted(fields_.items()))) for part, fields_ in sorted(parts.items()))
+
+
+def apply_overrides(cfg: KernelConfig, text: str) -> KernelConfig:
+    """``cfg`` with the overrides of :func:`parse_overrides` applied (``text`` empty: ``cfg``).
+    A combination a config class rejects raises its ``ValueError``, prefixed with ``text``."""
+    if not text:
+        return cfg
+    changes = {part: dict(items) for part, items in parse_overrides(text)}
+    try:
+        return cfg.replace(**changes)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"kernel overrides {text!r} on the shape's default tiling: {e}") from None
 
 
 @functools.lru_cache(maxsize=256)

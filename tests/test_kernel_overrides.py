@@ -1,0 +1,125 @@
+"""``moba.kernel``: Triton tiling overrides from a recipe or the API, checked before work starts
+and applied on top of each shape's default tiling."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from moba_cp.config import AttentionConfig, MoBAConfig, RecipeError, load_recipe
+from moba_cp.ops.moba import api
+from moba_cp.ops.moba.triton_config import apply_overrides, choose_config, parse_overrides
+
+
+def test_parse_overrides_reads_part_field_value_items():
+    assert parse_overrides("bwd.dq_rows=true, bwd.sub_major=True,gate.bn=32, fwd.method=partials, bwd.fuse_dq=none") == (
+        ("bwd", (("dq_rows", True), ("fuse_dq", None), ("sub_major", True))),
+        ("fwd", (("method", "partials"),)),
+        ("gate", (("bn", 32),)),
+    )
+    assert parse_overrides("") == () and parse_overrides(" , ") == ()
+    base = choose_config(1024, 64, 4, 131072)
+    new = apply_overrides(base, "bwd.dq_rows=true,bwd.sub_major=true")
+    assert new.bwd.dq_rows and new.bwd.sub_major and new.fwd == base.fwd and new.gate == base.gate
+    assert new.bwd.bnb == base.bwd.bnb and new.bwd.gather_rows  # the rest of the shape's default stays
+    assert apply_overrides(base, "") is base
+
+
+@pytest.mark.parametrize("text,match", [
+    ("bwd.dq_rows", r"write part\.field=value"),
+    ("dq_rows=true", r"write part\.field=value"),
+    ("bw.bm=32", r"no part 'bw'; choose one of fwd, bwd, gate"),
+    ("bwd.rows=true", r"bwd has no field 'rows'; its fields: bnb, bm, "),
+    ("bwd.bm=true", r"bwd\.bm takes int, got True"),
+    ("bwd.dq_rows=1", r"bwd\.dq_rows takes bool, got 1"),
+    ("gate.bn=[1]", r"gate\.bn takes int"),
+    ("bwd.bm=abc", r"'abc' is not a literal"),
+])
+def test_malformed_overrides_name_the_item_and_the_rule(text, match):
+    with pytest.raises(ValueError, match=match):
+        parse_overrides(text)
+
+
+def test_an_override_the_shape_cannot_take_names_the_rule():
+    # d=128 at block 512: the default does not copy rows in bucket order, which dq_rows needs
+    with pytest.raises(ValueError, match=r"kernel overrides 'bwd.dq_rows=true' on the shape's default tiling: "
+                                         r".*needs gather_rows=True"):
+        apply_overrides(choose_config(512, 128, 4, 32768), "bwd.dq_rows=true")
+    assert apply_overrides(choose_config(512, 128, 4, 32768), "bwd.gather_rows=true,bwd.dq_rows=true").bwd.dq_rows
+
+
+def test_the_op_refuses_overrides_it_cannot_use():
+    q, k, v = torch.randn(64, 2, 16), torch.randn(64, 1, 16), torch.randn(64, 1, 16)
+    with pytest.raises(ValueError, match=r"kernel='bwd.sub_major=true' sets the Triton kernels' tiling, but "
+                                         r"backend='naive' runs the naive oracle on cpu"):
+        api.moba_attn(q, k, v, block_size=16, topk=2, backend="naive", kernel="bwd.sub_major=true")
+    with pytest.raises(ValueError, match="no part 'bw'"):
+        api.moba_attn(q, k, v, block_size=16, topk=2, backend="naive", kernel="bw.bm=1")
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="the Triton backend needs a GPU or TRITON_INTERPRET=1")
+def test_the_op_applies_overrides_on_the_shape_default(monkeypatch):
+    """The Triton backend gets the shape's default with the overrides applied, and computes the
+    same attention (the grid order changes nothing but the schedule)."""
+    from moba_cp.ops.moba import triton_backend
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(96, h, 16, generator=g).to(dev) for h in (4, 2, 2))
+    seen = []
+    real = triton_backend.moba_attn
+
+    def spy(*a, config=None, **kw):
+        seen.append(config)
+        return real(*a, config=config, **kw)
+
+    monkeypatch.setattr(triton_backend, "moba_attn", spy)
+    qs = [x.clone().requires_grad_() for x in (q, k, v)]
+    qd = [x.clone().requires_grad_() for x in (q, k, v)]
+    o_s = api.moba_attn(*qs, block_size=16, topk=3, backend="triton", kernel="bwd.sub_major=true,bwd.bnb=16")
+    o_d = api.moba_attn(*qd, block_size=16, topk=3, backend="triton")
+    base = choose_config(16, 16, 2, 96)
+    assert seen == [base.replace(bwd={"sub_major": True, "bnb": 16}), None]
+    torch.testing.assert_close(o_s, o_d)
+    go = torch.randn_like(o_s)
+    for a, b in zip(torch.autograd.grad(o_s, qs, go), torch.autograd.grad(o_d, qd, go)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _recipe(*overrides):
+    return load_recipe("recipes/quickstart.yaml", ["--parallel.cp=1", *overrides])
+
+
+def test_recipe_checks_moba_kernel_before_work_starts():
+    assert _recipe("--moba.kernel=bwd.sub_major=true", "--moba.backend=triton").moba.kernel == "bwd.sub_major=true"
+    cases = {
+        ("--moba.kernel=bwd.rows=true", "--moba.backend=triton"): "moba.kernel: kernel override 'bwd.rows=true': bwd "
+                                                                 "has no field 'rows'",
+        ("--moba.kernel=bwd.sub_major=true", "--moba.backend=naive"): "moba.backend=naive runs the naive oracle, "
+                                                                      "which has none. Fix: moba.kernel=''",
+        ("--moba.kernel=bwd.sub_major=true", "--attention.pattern=full"): "the attention pattern has no MoBA layers",
+        ("--moba.kernel=bwd.sub_major=true", "--moba.backend=triton", "--parallel.cp=2"): "overrides apply to cp=1 "
+                                                                                          "runs",
+    }
+    for overrides, msg in cases.items():
+        with pytest.raises(RecipeError, match="moba.kernel") as e:
+            load_recipe("recipes/quickstart.yaml", ["--parallel.cp=1", *overrides])
+        assert msg in str(e.value), (overrides, str(e.value))
+    # auto resolves to the naive oracle on CPU: refused there, accepted for a CUDA run
+    from moba_cp.config import validate
+
+    cfg = load_recipe("recipes/1gpu-32k.yaml", ["--moba.kernel=bwd.dq_rows=true,bwd.sub_major=true"])
+    validate(cfg, device="cuda")
+    with pytest.raises(RecipeError, match="moba.backend=auto runs the naive oracle on CPU"):
+        validate(cfg, device="cpu")
+
+
+def test_the_layer_spec_carries_moba_kernel():
+    from moba_cp.megatron.specs import core_attention_spec
+
+    spec = core_attention_spec("moba", MoBAConfig(kernel="gate.split_edges=true"), AttentionConfig())
+    assert spec.params["moba_kernel"] == "gate.split_edges=true"
+    assert core_attention_spec("moba", MoBAConfig(), AttentionConfig()).params["moba_kernel"] == ""
