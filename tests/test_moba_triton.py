@@ -195,6 +195,11 @@ PATH_CONFIGS = {
     "dq-rows-sub-major-untransposed": KernelConfig(FwdConfig(method="two_pass", **SMALL),
                                                    BwdConfig(bnb=16, bm=16, trans=False, gather_rows=True,
                                                              dq_rows=True, sub_major=True)),
+    "dq-rows-dq-trans-split": KernelConfig(FwdConfig(method="partials", **SMALL),
+                                           BwdConfig(bnb=32, bm=16, split_mask=True, gather_rows=True, dq_rows=True,
+                                                     dq_trans=True)),
+    "fused-dq-trans": KernelConfig(FwdConfig(method="two_pass", **SMALL),
+                                   BwdConfig(bnb=16, bm=16, fuse_dq=True, dq_trans=True)),
     "two-pass-untransposed": KernelConfig(FwdConfig(method="two_pass", **SMALL),
                                           BwdConfig(bnb=32, bm=16, fuse_dq=True, trans=False)),
     "one-pass": KernelConfig(FwdConfig(method="one_pass", bm=16, bn=16, chunk=32, qchunk=32),
@@ -584,6 +589,7 @@ def test_gpu_bf16_real_sizes(d, hq, hkv, b, topk):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bwd", [{"sub_major": True}, {"dq_rows": True, "fuse_dq": None},
+                                 {"dq_rows": True, "fuse_dq": None, "sub_major": True, "dq_trans": True},
                                  {"dq_rows": True, "fuse_dq": None, "sub_major": True, "tma_dq": True},
                                  {"dq_rows": True, "fuse_dq": None, "tma_dq": True, "tma": True}])
 @pytest.mark.parametrize("d,b", [(64, 512), (64, 1024), (128, 512)])

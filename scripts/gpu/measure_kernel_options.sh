@@ -10,7 +10,8 @@
 #    -> $OUT/tune_bwd.log. Variants: the default; a block's key sub-tiles adjacent in the grid
 #    (sub_major); the fused dQ added per element into dq (fuse_dq, as measured in session 9) with
 #    sub_major; dQ summed in the gathered rows' copy (dq_rows) by atomics or by TMA bulk reductions
-#    (tma_dq), with and without sub_major.
+#    (tma_dq), with and without sub_major, and dQ as (K^T dS^T)^T (dq_trans). The default runs first
+#    and last, so the drift within the call shows.
 # 3. The gate's loop options (split_edges: unmasked middle tiles; prefilter off) at FlashMoBA 512K
 #    (the gate target's shape) and train-b1024 128K -> $OUT/tune_gate.log.
 # Needs no network: megatron-core comes from ./.whl when it is not installed.
@@ -26,8 +27,9 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/gpu.txt
   | tee "$OUT/gpu_tests.log" || true
 
 VARIANTS='[{}, {"sub_major": true}, {"fuse_dq": true, "sub_major": true},
- {"dq_rows": true}, {"dq_rows": true, "sub_major": true},
- {"dq_rows": true, "tma_dq": true}, {"dq_rows": true, "tma_dq": true, "sub_major": true}, {}]'
+ {"dq_rows": true}, {"dq_rows": true, "sub_major": true}, {"dq_rows": true, "sub_major": true, "dq_trans": true},
+ {"dq_rows": true, "tma_dq": true}, {"dq_rows": true, "tma_dq": true, "sub_major": true},
+ {"dq_rows": true, "tma_dq": true, "sub_major": true, "dq_trans": true}, {}]'
 "$PY" benchmarks/bench_moba.py --tune train-b1024:131072,train-b512:32768,small-b512:8192 --tune-parts bwd \
   --tune-bwd "$VARIANTS" 2>&1 | tee "$OUT/tune_bwd.log"
 

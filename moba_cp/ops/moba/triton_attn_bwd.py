@@ -161,7 +161,7 @@ def _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG,
                W, H0, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, scale,
                scale_log2, BM: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr, FUSE_DQ: tl.constexpr,
                PREC: tl.constexpr, TRANS: tl.constexpr, GATHERED: tl.constexpr, TMA: tl.constexpr,
-               DQ_ROWS: tl.constexpr, TMA_DQ: tl.constexpr):
+               DQ_ROWS: tl.constexpr, TMA_DQ: tl.constexpr, DQ_TRANS: tl.constexpr):
     """Loads gathered rows ``[r0, r0 + BM)`` of one bucket and adds their dK/dV (and, with
     ``FUSE_DQ``, their dQ by fp32 atomics into the launch's head chunk starting at ``H0``).
     ``GATHERED``: the rows were copied in bucket order (``_gather_rows_kernel``; row ``r`` at
@@ -192,7 +192,12 @@ def _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG,
                                               stride_dot, stride_doh, D)
     dk, dv, ds = _dkdv_step(k, v, q, do, lse2, dl, qp, rmask, kk, kmask, kp0, dk, dv, scale_log2, MASK, PREC, TRANS)
     if FUSE_DQ:
-        dq = tl.dot(ds, k, input_precision=PREC) * scale
+        if DQ_TRANS:
+            # dQ^T = K^T dS^T: the product's M is the head dim (a whole Hopper warpgroup MMA)
+            # instead of the BM gathered rows (32 at d=64, below the warpgroup's 64).
+            dq = tl.trans(tl.dot(tl.trans(k), tl.trans(ds), input_precision=PREC)) * scale
+        else:
+            dq = tl.dot(ds, k, input_precision=PREC) * scale
         if DQ_ROWS:
             if TMA_DQ:
                 DQGD.atomic_add([(r0 - e0).to(tl.int32), 0], dq)
@@ -219,7 +224,7 @@ def _dkdv_kernel(
     stride_dqt, H, W, NBK, G, HK0, HKVC, NSUB, scale, scale_log2,
     BM: tl.constexpr, BNB: tl.constexpr, D: tl.constexpr, FUSE_DQ: tl.constexpr, PREC: tl.constexpr,
     TRANS: tl.constexpr, SPLIT: tl.constexpr, GATHERED: tl.constexpr, TMA: tl.constexpr,
-    SUB_MAJOR: tl.constexpr, DQ_ROWS: tl.constexpr, TMA_DQ: tl.constexpr,
+    SUB_MAJOR: tl.constexpr, DQ_ROWS: tl.constexpr, TMA_DQ: tl.constexpr, DQ_TRANS: tl.constexpr,
 ):
     # KV heads [HK0, HK0 + HKVC) of this launch; the j-th longest blocks of all of them run
     # side by side (programs in decreasing-work order, heads interleaved).
@@ -270,13 +275,13 @@ def _dkdv_kernel(
             dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG, QPG, DQG, DQGD, e0,
                                 r0, r_hi, h, H, W, HK0 * G, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh,
                                 stride_dot, stride_doh, stride_dqt, scale, scale_log2, BM, D, True, FUSE_DQ, PREC,
-                                TRANS, GATHERED, TMA, DQ_ROWS, TMA_DQ)
+                                TRANS, GATHERED, TMA, DQ_ROWS, TMA_DQ, DQ_TRANS)
         if SPLIT:
             for r0 in range(r_mid, r_hi, BM):
                 dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG, QPG, DQG, DQGD,
                                     e0, r0, r_hi, h, H, W, HK0 * G, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh,
                                     stride_dot, stride_doh, stride_dqt, scale, scale_log2, BM, D, False, FUSE_DQ, PREC,
-                                    TRANS, GATHERED, TMA, DQ_ROWS, TMA_DQ)
+                                    TRANS, GATHERED, TMA, DQ_ROWS, TMA_DQ, DQ_TRANS)
     out_rows = (ks + kk)[:, None]  # rows of the contiguous fp32 [Tk, Hkv, D] grads
     HKV = H // G
     # Each (kv head, key rows) is owned by exactly one program, so dK/dV are written once,
@@ -499,7 +504,8 @@ def sparse_attn_bwd(
             dq_c, dk, dv, *rows, *dq_rows, *strides, dq_c.stride(0), hq, width, blocks.n, g_sz, hk0, nkv, nsub, softmax_scale,
             scale_log2, BM=cfg.bm, BNB=bnb, D=d, FUSE_DQ=fuse_dq, PREC=prec, TRANS=cfg.trans,
             SPLIT=cfg.split_mask and sorted_positions, GATHERED=cfg.gather_rows, TMA=cfg.tma,
-            SUB_MAJOR=cfg.sub_major, DQ_ROWS=cfg.dq_rows, TMA_DQ=cfg.tma_dq, num_warps=nw, num_stages=n_stages,
+            SUB_MAJOR=cfg.sub_major, DQ_ROWS=cfg.dq_rows, TMA_DQ=cfg.tma_dq, DQ_TRANS=cfg.dq_trans, num_warps=nw,
+            num_stages=n_stages,
         )
         del rows
         if cfg.dq_rows:

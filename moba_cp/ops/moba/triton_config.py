@@ -87,6 +87,8 @@ class BwdConfig:
     ``tma_dq`` (with ``dq_rows``, CUDA only): those adds as TMA bulk reductions, one
     asynchronous ``cp.reduce.async.bulk`` per tile (how FlashAttention-3 accumulates dQ) instead
     of per-element atomics.
+    ``dq_trans`` (fused dQ): computed as ``(K^T dS^T)^T``, so the product's M is the head dim
+    (a whole Hopper warpgroup MMA) rather than ``bm`` gathered rows (32 at d=64).
     ``dq_chunk_bytes``: largest fp32 dQ scratch when dq is
     returned in a half dtype (the backward then runs in chunks of KV heads)."""
 
@@ -100,6 +102,7 @@ class BwdConfig:
     sub_major: bool = False
     dq_rows: bool = False
     tma_dq: bool = False
+    dq_trans: bool = False
     num_warps: int = 0
     num_stages: int = 0
     dq_bm: int = 64
