@@ -2,7 +2,8 @@
 # Issue 13, on ONE GPU (H100/H200): time and check the kernel options that are off until measured,
 # against the defaults in the same process. Each part writes its log as it runs, so a call cut
 # short keeps what finished; PARTS picks the parts (default: bwd,tests,gate, in that order; every
-# new tiling compiles its kernels first, ~10-30 s each, so all three may not fit one 10-minute call).
+# new tiling compiles its kernels first (tens of seconds each, a guess: not timed), so all three may
+# not fit one 10-minute call).
 #
 #   OUT=/some/dir bash scripts/gpu/measure_kernel_options.sh        # (the device tool sets $OUT)
 #   OUT=/some/dir PARTS=gate bash scripts/gpu/measure_kernel_options.sh
