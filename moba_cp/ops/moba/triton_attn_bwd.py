@@ -419,6 +419,8 @@ def sparse_attn_bwd(
         dq_dtype: dtype of dq. dQ is summed with fp32 atomics; for a half ``dq_dtype`` the fp32
             scratch exists for one chunk of KV heads at a time (``cfg.dq_chunk_bytes``)
             and each chunk is cast into dq, so the scratch never costs a whole fp32 ``[Tq, Hq, D]``.
+            With ``cfg.dq_rows`` the fp32 sums live in the gathered rows' copy instead, and dq is
+            written once per chunk of KV heads by the per-token sum, in ``dq_dtype``.
         dq_acc: optional contiguous fp32 ``[Tq, Hq, D]`` to add dQ into (context parallelism sums
             the partials of all sources there); returned as dq, ``dq_dtype`` is then ignored.
         sorted_positions: the caller guarantees ``qpos`` is nondecreasing over the tokens of each
