@@ -80,7 +80,7 @@ class MoBAConfig:
     kernel: str = _option(
         "", "Triton tiling overrides on top of each shape's default, comma-separated part.field=value, e.g. "
         "'bwd.dq_rows=true,gate.split_edges=true' (fields: moba_cp/ops/moba/triton_config.py). For "
-        "measuring kernel options in training; the Triton backend at cp=1 only. '' = the defaults.")
+        "measuring kernel options in training; the Triton backend only. '' = the defaults.")
 
 
 @dataclass
@@ -423,9 +423,8 @@ def kernel_limit_errors(cfg: RecipeConfig, device: str | None = None) -> list[st
 
 
 def _kernel_override_errors(cfg: RecipeConfig, has_moba: bool, device: str | None) -> list[str]:
-    """moba.kernel: well formed, meant for the Triton kernels of a cp=1 run, and valid on the
-    recipe's shape (the overrides meet the default tiling of its MoBA calls: T = seq_length,
-    micro-batch rows fold into heads)."""
+    """moba.kernel: well formed, meant for the Triton kernels, and valid on the recipe's shapes
+    (the overrides meet the default tiling of each size of MoBA call the run makes)."""
     m, mb, text = cfg.model, cfg.moba, cfg.moba.kernel
     if not text:
         return []
@@ -440,15 +439,16 @@ def _kernel_override_errors(cfg: RecipeConfig, has_moba: bool, device: str | Non
         return [f"moba.kernel={text!r} sets the Triton kernels' tiling, but moba.backend={mb.backend} runs the "
                 f"naive oracle{' on CPU' if mb.backend == 'auto' else ''}, which has none. Fix: moba.kernel='', or "
                 f"moba.backend=triton (a CUDA GPU, or TRITON_INTERPRET=1 on CPU)."]
-    if cfg.parallel.cp > 1:
-        return [f"moba.kernel={text!r}: overrides apply to cp=1 runs; under context parallelism each call "
-                f"chooses its tiling from its own slot buffers. Fix: moba.kernel='' or parallel.cp=1."]
     head_dim = m.hidden_size // max(m.num_attention_heads, 1)
     group = m.num_attention_heads // max(m.num_query_groups, 1)
-    try:
-        apply_kernel_overrides(choose_config(mb.block_size, head_dim, group, m.seq_length), text)
-    except ValueError as e:
-        return [f"moba.kernel: {e}"]
+    # the tokens of the calls the run makes: a whole sequence (cp=1; micro-batch rows fold into
+    # heads), a CP shard (the ring), or a micro-batch of whole sequences (the all-to-all)
+    cp = max(cfg.parallel.cp, 1)
+    for tokens in sorted({m.seq_length, m.seq_length // cp, m.seq_length * cfg.train.micro_batch_size}):
+        try:
+            apply_kernel_overrides(choose_config(mb.block_size, head_dim, group, tokens), text)
+        except ValueError as e:
+            return [f"moba.kernel: {e}"]
     return []
 
 

@@ -199,20 +199,38 @@ def test_bad_layouts_fail_on_every_rank(case, match):
         assert m is not None and match in m, f"rank {rank}: {m!r}"
 
 
+# Tiling overrides that change every kernel of a CP call: the gate's loop, the gathered rows'
+# copy with dQ summed there, the sub-tile order and sizes of dK/dV.
+KERNEL = "gate.split_edges=true,gate.bm=16,gate.bn=16,bwd.bnb=16,bwd.bm=16,bwd.gather_rows=true,bwd.dq_rows=true," \
+         "bwd.sub_major=true"
+
+
 def _triton_worker(rank, ws):
-    """The CP protocol with the Triton partial kernels and gate (interpreter on CPU)."""
+    """The CP protocol with the Triton partial kernels and gate (interpreter on CPU), with the
+    default tiling and with overrides (ring and all-to-all)."""
     s, block, topk = 2 * ws * 32, 16, 3
     q, k, v, do = _inputs(5, s, 2, 1, d=16, dtype=torch.float32)
     ref = _reference(q.double(), k.double(), v.double(), do.double(), block, topk)
-    got = _run_cp(rank, ws, moba_attn_cp, q, k, v, do, 0, block_size=block, topk=topk, backend="triton")
-    return _errors(rank, ws, got, ref, 0)
+    out = {}
+    for name, kw in {"default": {}, "kernel ring": {"kernel": KERNEL}, "kernel a2a": {"kernel": KERNEL, "comm": "a2a"}}.items():
+        got = _run_cp(rank, ws, moba_attn_cp, q, k, v, do, 0, block_size=block, topk=topk, backend="triton", **kw)
+        out[name] = _errors(rank, ws, got, ref, 0)
+    try:  # refused on every rank before any exchange: the naive backend has no tiling
+        moba_attn_cp(q[:s // ws], k[:s // ws], v[:s // ws], block_size=block, topk=topk, cp_group=dist.group.WORLD,
+                     backend="naive", kernel="bwd.bnb=16")
+        out["naive refusal"] = None
+    except ValueError as e:
+        out["naive refusal"] = str(e)
+    return out
 
 
 def test_moba_cp_with_triton_kernels():
     pytest.importorskip("moba_cp.ops.moba.triton_backend")
     results = run_distributed(_triton_worker, 2)
-    for rank, errs in enumerate(results):
-        assert all(e <= 1e-4 for e in errs.values()), f"rank {rank}: {errs}"  # fp32 kernels
+    for rank, res in enumerate(results):
+        assert "kernel='bwd.bnb=16' sets the Triton kernels' tiling" in (res.pop("naive refusal") or ""), rank
+        for name, errs in res.items():
+            assert all(e <= 1e-4 for e in errs.values()), f"rank {rank} {name}: {errs}"  # fp32 kernels
 
 
 def test_gate_fallback_is_logged_once_per_width_not_per_call(caplog):

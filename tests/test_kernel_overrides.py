@@ -95,14 +95,14 @@ def _recipe(*overrides):
 
 def test_recipe_checks_moba_kernel_before_work_starts():
     assert _recipe("--moba.kernel=bwd.sub_major=true", "--moba.backend=triton").moba.kernel == "bwd.sub_major=true"
+    cp2 = load_recipe("recipes/quickstart.yaml", ["--parallel.cp=2", "--moba.backend=triton", "--moba.kernel=bwd.bnb=16"])
+    assert cp2.moba.kernel == "bwd.bnb=16"  # context parallelism takes overrides too
     cases = {
         ("--moba.kernel=bwd.rows=true", "--moba.backend=triton"): "moba.kernel: kernel override 'bwd.rows=true': bwd "
                                                                  "has no field 'rows'",
         ("--moba.kernel=bwd.sub_major=true", "--moba.backend=naive"): "moba.backend=naive runs the naive oracle, "
                                                                       "which has none. Fix: moba.kernel=''",
         ("--moba.kernel=bwd.sub_major=true", "--attention.pattern=full"): "the attention pattern has no MoBA layers",
-        ("--moba.kernel=bwd.sub_major=true", "--moba.backend=triton", "--parallel.cp=2"): "overrides apply to cp=1 "
-                                                                                          "runs",
     }
     for overrides, msg in cases.items():
         with pytest.raises(RecipeError, match="moba.kernel") as e:
@@ -123,3 +123,25 @@ def test_the_layer_spec_carries_moba_kernel():
     spec = core_attention_spec("moba", MoBAConfig(kernel="gate.split_edges=true"), AttentionConfig())
     assert spec.params["moba_kernel"] == "gate.split_edges=true"
     assert core_attention_spec("moba", MoBAConfig(), AttentionConfig()).params["moba_kernel"] == ""
+
+
+def test_context_parallel_pieces_take_the_overrides(monkeypatch):
+    """Under CP the ring's slot index tiles with the overrides, and the gate gets its part."""
+    pytest.importorskip("moba_cp.ops.moba.triton_backend")
+    from moba_cp.ops.moba import partial, triton_gate
+    from moba_cp.ops.moba.triton_config import GateConfig
+    from moba_cp.parallel import gate
+
+    sel = torch.zeros(64, 2, 3, dtype=torch.int32)
+    index = partial.partial_index(sel, 8, 1, 16, backend="triton", kernel="bwd.bnb=16,bwd.sub_major=true")
+    cfg = index.tiling(16)
+    assert cfg == choose_config(16, 16, 2, 64).replace(bwd={"bnb": 16, "sub_major": True})
+    assert partial.partial_index(sel, 8, 1, 16, backend="triton").tiling(16) == choose_config(16, 16, 2, 64)
+
+    seen = []
+    monkeypatch.setattr(triton_gate, "gate_topk", lambda *a, **kw: seen.append(kw.get("cfg")) or torch.zeros(1))
+    q, cent = torch.randn(64, 2, 16), torch.randn(4, 1, 16)
+    pos = torch.arange(64)
+    for want in (GateConfig(bm=16, split_edges=True), None):
+        gate.select_global(q, pos, cent, block_size=16, topk=3, width=3, backend="triton", gate_cfg=want)
+    assert seen == [GateConfig(bm=16, split_edges=True), None]

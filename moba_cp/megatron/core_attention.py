@@ -113,7 +113,7 @@ class _CoreAttentionBase(MegatronModule):
         moba_block_size, moba_topk, moba_backend: the MoBA parameters (MoBA layers only).
         moba_key_conv: width of the key convolution (:mod:`moba_cp.megatron.key_conv`; MoBA layers
             only, 0 = none).
-        moba_kernel: Triton tiling overrides (``moba.kernel``; cp=1 only, '' = the defaults).
+        moba_kernel: Triton tiling overrides (``moba.kernel``; '' = the defaults).
         mode: the initial ``attention_mode``.
     """
 
@@ -194,9 +194,6 @@ class _CoreAttentionBase(MegatronModule):
         self.moba_topk = moba_topk
         self.moba_backend = moba_backend
         self.moba_kernel = moba_kernel
-        if moba_kernel and self.cp_size > 1:
-            raise ValueError(f"{type(self).__name__}: moba_kernel={moba_kernel!r} applies to cp=1; under context "
-                             f"parallelism each call chooses its tiling. Fix: moba_kernel='' or cp=1.")
         self.attention_mode = mode or self.base_kind
         self.set_mode(self.attention_mode)
 
@@ -289,7 +286,7 @@ class _CoreAttentionBase(MegatronModule):
         if self.attention_mode == "moba":
             return moba_attn_cp(
                 q, k, v, block_size=self.moba_block_size, topk=self.moba_topk, cp_group=self.cp_group,
-                softmax_scale=self.softmax_scale, backend=self.moba_backend, **comm,
+                softmax_scale=self.softmax_scale, backend=self.moba_backend, kernel=self.moba_kernel, **comm,
             )
         return ring_attn_cp(q, k, v, cp_group=self.cp_group, softmax_scale=self.softmax_scale, **comm)
 

@@ -64,6 +64,7 @@ def select_global(
     width: int,
     backend: str,
     mem_budget_bytes: int = 1 << 30,
+    gate_cfg=None,
 ) -> torch.Tensor:
     """Top-k block selection for local queries against the global causal candidate set.
 
@@ -74,6 +75,7 @@ def select_global(
         backend: "triton" runs the Triton backend's fused gate + running top-k (no score
             matrix in memory; one document, ``base = 0``, positions global), else the torch path.
         mem_budget_bytes: cap on the fp32 score tile of the torch path.
+        gate_cfg: the Triton gate's tiling (``triton_config.GateConfig``; None: the default).
     Returns:
         ``[Tq, Hq, width]`` int32 global block ids, ascending, own block included, -1 padded.
 
@@ -85,8 +87,9 @@ def select_global(
     if backend == "triton":
         if width <= triton_gate.MAX_GATE_WIDTH:
             base = torch.zeros(q.shape[0], dtype=torch.int32, device=q.device)
+            kw = {} if gate_cfg is None else {"cfg": gate_cfg}
             return triton_gate.gate_topk(q.contiguous(), centroids.float().contiguous(), q_pos.to(torch.int32), base,
-                                 block_size=block_size, topk=topk, width=width)
+                                         block_size=block_size, topk=topk, width=width, **kw)
         if width not in _WARNED_WIDTHS:  # once per process and width, not in every layer and step
             _WARNED_WIDTHS.add(width)
             log.warning("moba_attn_cp: gate width %d exceeds the Triton gate's limit (%d); using the torch gate",

@@ -19,6 +19,7 @@ from moba_cp.ops.lse_merge import merge_into
 from moba_cp.ops.moba.api import batch_cu_seqlens, choose_backend, moba_attn
 from moba_cp.ops.moba.block_ids import remap_ids, selected_mask
 from moba_cp.ops.moba.partial import partial_attn_bwd, partial_attn_fwd, partial_index
+from moba_cp.ops.moba.triton_config import apply_overrides, choose_config
 from moba_cp.ops.moba.validate import block_args_error
 from moba_cp.parallel.exchange import (
     DTYPE_CODES, CPStats, ExchangePlan, RankSet, RingComm, Tag, _record, agree_on_layout, build_plan, shard_problem,
@@ -36,7 +37,28 @@ _LAYOUT_NAMES = ["ndim", "batch", "S_local", "Hq", "Hkv", "D", "dtype", "block_s
                  "a2a_size"]
 
 
-def _local_problem(q, k, v, block_size, topk, comm, a2a_size, cp) -> str | None:
+def _kernel_problem(kernel: str, backend: str, q, k, block_size: int, cp: int) -> str | None:
+    """Tiling overrides the call cannot take: malformed, for the naive backend (no tiling), or
+    rejected on the default tiling of the calls this op makes (the ring's slot form over the
+    local shard; the all-to-all's whole sequences)."""
+    if not kernel:
+        return None
+    naive_run = backend == "naive" or (backend == "auto" and q.device.type != "cuda")
+    if naive_run:
+        return (f"kernel={kernel!r} sets the Triton kernels' tiling, but backend={backend!r} runs the naive "
+                f"oracle on {q.device.type}, which has none. Fix: drop kernel, or use backend='triton' (a CUDA "
+                f"GPU, or TRITON_INTERPRET=1 on CPU)")
+    d, group, s_loc = q.shape[-1], q.shape[-2] // max(k.shape[-2], 1), q.shape[-3]
+    batch = q.shape[0] if q.dim() == 4 else 1
+    try:
+        for tokens in (s_loc, s_loc * cp * batch):
+            apply_overrides(choose_config(block_size, d, group, tokens), kernel)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _local_problem(q, k, v, block_size, topk, comm, a2a_size, cp, kernel="", backend="auto") -> str | None:
     """What is wrong with this rank's inputs on their own (None if nothing)."""
     problem = shard_problem(q, k, v, "moba_attn_cp")
     if problem:
@@ -52,7 +74,7 @@ def _local_problem(q, k, v, block_size, topk, comm, a2a_size, cp) -> str | None:
         return (f"a zigzag chunk holds {chunk} tokens (S_local={2 * chunk} / 2), which is not a multiple "
                 f"of block_size={block_size}; every chunk must hold whole MoBA blocks. Fix: make the "
                 f"global length a multiple of 2*cp*block_size (pad), or pick a block_size dividing {chunk}")
-    return None
+    return _kernel_problem(kernel, backend, q, k, block_size, cp)
 
 
 def moba_attn_cp(
@@ -69,6 +91,7 @@ def moba_attn_cp(
     keep_kv: bool = False,
     comm: str = "ring",
     a2a_size: int | None = None,
+    kernel: str = "",
 ):
     """MoBA over a sequence sharded across a context-parallel group (zigzag layout).
 
@@ -94,6 +117,9 @@ def moba_attn_cp(
             replicating KV heads) or ``"a2a+ring"`` (all-to-all inside groups of ``a2a_size``
             consecutive ranks, the ring across groups; the head rules with ``a2a_size``).
         a2a_size: ranks per all-to-all group for ``"a2a+ring"`` (must divide cp; a node's GPUs).
+        kernel: Triton tiling overrides on each call's default (``"bwd.dq_rows=true"``; see
+            ``triton_config.parse_overrides``): the gate, the ring's partial kernels and the
+            all-to-all's single-device calls take them; an error with the naive backend.
     Returns:
         ``o`` shaped like ``q`` (q's dtype), and ``lse`` ``[..., S_local, Hq]`` fp32 when
         ``return_lse``. Equal to ``moba_attn`` on the unsharded sequence, then sharded, for
@@ -123,7 +149,7 @@ def moba_attn_cp(
         >>> o = moba_attn_cp(ql, kl, vl, block_size=512, topk=3, cp_group=group, comm="a2a+ring", a2a_size=2)
     """
     cp = dist.get_world_size(cp_group)
-    problem = _local_problem(q, k, v, block_size, topk, comm, a2a_size, cp)
+    problem = _local_problem(q, k, v, block_size, topk, comm, a2a_size, cp, kernel, backend)
     if problem is None:
         batch = q.shape[0] if q.dim() == 4 else 1
         values = [q.dim(), batch, q.shape[-3], q.shape[-2], k.shape[-2], q.shape[-1], DTYPE_CODES[q.dtype],
@@ -133,7 +159,7 @@ def moba_attn_cp(
     like = q if isinstance(q, torch.Tensor) else None
     agree_on_layout("moba_attn_cp", values, problem, _LAYOUT_NAMES, cp_group, like=like)
     params = MobaParams(block_size, topk, q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale),
-                        choose_backend(backend, q.device), bool(keep_kv))
+                        choose_backend(backend, q.device), bool(keep_kv), kernel)
     layout = comm_layout(comm, a2a_size, cp_group)
     stats = CPStats(op="moba_attn_cp", comm=comm, a2a_size=layout.a2a_size, cp_size=cp, cp_rank=dist.get_rank(cp_group))
     with report_failure("moba_attn_cp", cp_group):
@@ -171,7 +197,7 @@ def _whole_sequences(q, k, v, params):
     cu = None if b == 1 else batch_cu_seqlens(b, s, q.device)  # one tensor per shape: no sync per call
     pack = lambda x: x.reshape(b * s, x.shape[2], d)  # noqa: E731
     o, lse = moba_attn(pack(q), pack(k), pack(v), block_size=params.block_size, topk=params.topk, cu_seqlens=cu,
-                       softmax_scale=params.scale, return_lse=True, backend=params.backend)
+                       softmax_scale=params.scale, return_lse=True, backend=params.backend, kernel=params.kernel)
     return o.view(b, s, hq, d), lse.view(b, s, hq)
 
 
@@ -187,6 +213,7 @@ class MobaParams:
     scale: float
     backend: str
     keep_kv: bool
+    kernel: str = ""  # Triton tiling overrides ('' = each call's default)
 
 
 @dataclasses.dataclass
@@ -234,8 +261,9 @@ def ring_forward(q, k, v, params: MobaParams, ranks: RankSet, stats: CPStats):
 
     # 1-2. centroids all-gathered; gate over global causal candidates.
     cent = gather_centroids(k, B, ranks, params.backend)
+    gate_cfg = apply_overrides(choose_config(B, d, hq // hkv, s_loc), params.kernel).gate if params.kernel else None
     idx = select_global(q, q_pos, cent, block_size=B, topk=params.topk, width=min(params.topk, nb),
-                        backend=params.backend)
+                        backend=params.backend, gate_cfg=gate_cfg)
 
     # 3. request bitmask: the remote blocks any local query/head selected.
     want = selected_mask(idx, nb)
@@ -258,7 +286,8 @@ def ring_forward(q, k, v, params: MobaParams, ranks: RankSet, stats: CPStats):
         local_slot_pos=torch.cat([torch.arange(nbc, device=dev) * B + a * chunk,
                                   torch.arange(nbc, device=dev) * B + b * chunk]),
         recv_pos=[(t * B).to(dev) for t in plan.recv_blocks], send_slots=[t.to(dev) for t in plan.send_slots],
-        src_off=src_off, index=partial_index(sel, 2 * nbc + sum(n_recv[1:]), hkv, d, backend=params.backend),
+        src_off=src_off, index=partial_index(sel, 2 * nbc + sum(n_recv[1:]), hkv, d, backend=params.backend,
+                                             kernel=params.kernel),
         kept={},
     )
     elem = k.element_size()

@@ -32,12 +32,14 @@ from moba_cp.ops.moba import naive, triton_backend
 __all__ = ["partial_index", "partial_attn_fwd", "partial_attn_bwd"]
 
 
-def partial_index(slot_idx: torch.Tensor, n_slots: int, hkv: int, head_dim: int, *, backend: str = "naive"):
+def partial_index(slot_idx: torch.Tensor, n_slots: int, hkv: int, head_dim: int, *, backend: str = "naive",
+                  kernel: str = ""):
     """Prepare ``slot_idx [Tq, Hq, W]`` (ids in ``[0, n_slots)`` over all sources of a call) for
     repeated partial calls; pass the result as ``index=`` (with ``slot_idx`` the same tensor).
-    Returns an opaque object for "triton" (its gather index, built once), None for "naive"."""
+    Returns an opaque object for "triton" (its gather index, built once, with ``kernel``'s tiling
+    overrides), None for "naive" (which takes no overrides: the caller refuses them)."""
     if backend == "triton":
-        return triton_backend.partial_index(slot_idx, n_slots, hkv, head_dim)
+        return triton_backend.partial_index(slot_idx, n_slots, hkv, head_dim, kernel)
     return None
 
 

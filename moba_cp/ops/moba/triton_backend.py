@@ -41,7 +41,7 @@ from moba_cp.ops.moba.triton_common import (
     tensor_identity,
 )
 from moba_cp.ops.moba.cuda_graphs import GraphedCall, graph_mode, graphs_enabled
-from moba_cp.ops.moba.triton_config import KernelConfig, choose_config
+from moba_cp.ops.moba.triton_config import KernelConfig, apply_overrides, choose_config
 from moba_cp.ops.moba.triton_gate import MAX_GATE_WIDTH, gate_topk
 
 __all__ = ["moba_attn", "select_blocks", "block_attn", "partial_index", "partial_attn_fwd", "partial_attn_bwd"]
@@ -348,12 +348,14 @@ class SlotIndex:
     (local blocks, each ring step's received blocks) owns a contiguous slot range. The gather
     index over the whole namespace is built once, on first use, with the tiling of that call
     (which it keeps: ``config``), and then serves every source's forward and backward: a
-    source's kernels see the other sources' slots as empty blocks and skip them.
+    source's kernels see the other sources' slots as empty blocks and skip them. ``kernel``:
+    tiling overrides (``triton_config.parse_overrides``) applied to the shape's default.
     """
 
-    def __init__(self, sel: torch.Tensor, n_slots: int, hkv: int, head_dim: int):
+    def __init__(self, sel: torch.Tensor, n_slots: int, hkv: int, head_dim: int, kernel: str = ""):
         self.sel = sel.to(torch.int32).contiguous()
         self.n_slots, self.hkv, self.head_dim = int(n_slots), int(hkv), int(head_dim)
+        self.kernel = kernel
         self.config: KernelConfig | None = None
         self._gi: GatherIndex | None = None
 
@@ -361,7 +363,8 @@ class SlotIndex:
         """The tiling of this call (chosen from the shape on first use, then fixed)."""
         if self.config is None:
             hq = self.sel.shape[1]
-            self.config = choose_config(block_size, self.head_dim, hq // max(self.hkv, 1), self.sel.shape[0])
+            self.config = apply_overrides(
+                choose_config(block_size, self.head_dim, hq // max(self.hkv, 1), self.sel.shape[0]), self.kernel)
         return self.config
 
     def gather(self, block_size: int) -> GatherIndex:
@@ -370,9 +373,10 @@ class SlotIndex:
         return self._gi
 
 
-def partial_index(slot_idx: torch.Tensor, n_slots: int, hkv: int, head_dim: int) -> SlotIndex:
-    """A :class:`SlotIndex` for ``slot_idx [Tq, Hq, W]`` over ``n_slots`` slots of all sources."""
-    return SlotIndex(slot_idx, n_slots, hkv, head_dim)
+def partial_index(slot_idx: torch.Tensor, n_slots: int, hkv: int, head_dim: int, kernel: str = "") -> SlotIndex:
+    """A :class:`SlotIndex` for ``slot_idx [Tq, Hq, W]`` over ``n_slots`` slots of all sources
+    (``kernel``: tiling overrides on the shape's default)."""
+    return SlotIndex(slot_idx, n_slots, hkv, head_dim, kernel)
 
 
 def _source_tables(slot_pos: torch.Tensor, slot_offset: int, n_total: int, block_size: int) -> KeyBlocks:
