@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from moba_cp.ops.lse_merge import merge_into
-from moba_cp.ops.moba.api import batch_cu_seqlens, choose_backend, moba_attn
+from moba_cp.ops.moba.api import batch_cu_seqlens, choose_backend, kernel_on_naive_problem, moba_attn
 from moba_cp.ops.moba.block_ids import remap_ids, selected_mask
 from moba_cp.ops.moba.partial import partial_attn_bwd, partial_attn_fwd, partial_index
 from moba_cp.ops.moba.triton_config import apply_overrides, choose_config
@@ -43,11 +43,8 @@ def _kernel_problem(kernel: str, backend: str, q, k, block_size: int, cp: int) -
     local shard; the all-to-all's whole sequences)."""
     if not kernel:
         return None
-    naive_run = backend == "naive" or (backend == "auto" and q.device.type != "cuda")
-    if naive_run:
-        return (f"kernel={kernel!r} sets the Triton kernels' tiling, but backend={backend!r} runs the naive "
-                f"oracle on {q.device.type}, which has none. Fix: drop kernel, or use backend='triton' (a CUDA "
-                f"GPU, or TRITON_INTERPRET=1 on CPU)")
+    if backend == "naive" or (backend == "auto" and q.device.type != "cuda"):  # as choose_backend resolves
+        return kernel_on_naive_problem(kernel, backend, q.device.type)
     d, group, s_loc = q.shape[-1], q.shape[-2] // max(k.shape[-2], 1), q.shape[-3]
     batch = q.shape[0] if q.dim() == 4 else 1
     try:

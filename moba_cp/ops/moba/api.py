@@ -10,7 +10,7 @@ import torch
 
 from moba_cp.ops.moba import naive
 from moba_cp.ops.moba.cuda_graphs import static_offsets
-from moba_cp.ops.moba.triton_config import apply_overrides, choose_config, parse_overrides
+from moba_cp.ops.moba.triton_config import parse_overrides
 from moba_cp.ops.moba.validate import check_block_args, check_cu_seqlens, check_qkv
 
 try:  # the one place a missing triton is handled: 'naive' then serves every call ('auto' picks it)
@@ -41,6 +41,13 @@ def backend_unavailable_reason(name: str, device: torch.device) -> str | None:
             )
         return None
     return f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or 'auto'"
+
+
+def kernel_on_naive_problem(kernel: str, backend: str, device_type: str) -> str:
+    """The refusal of tiling overrides (``kernel``) for a call that runs the naive oracle."""
+    return (f"kernel={kernel!r} sets the Triton kernels' tiling, but backend={backend!r} runs the naive oracle "
+            f"on {device_type}, which has none. Fix: drop kernel, or use backend='triton' (a CUDA GPU, or "
+            f"TRITON_INTERPRET=1 on CPU)")
 
 
 def choose_backend(backend: str, device: torch.device) -> str:
@@ -120,18 +127,12 @@ def moba_attn(
         parse_overrides(kernel)  # malformed overrides are an error whatever the backend
     if name == "naive":
         if kernel:
-            raise ValueError(
-                f"moba_attn: kernel={kernel!r} sets the Triton kernels' tiling, but backend={backend!r} runs the "
-                f"naive oracle on {q.device.type}, which has none. Fix: drop kernel, or use backend='triton' "
-                f"(a CUDA GPU, or TRITON_INTERPRET=1 on CPU)."
-            )
+            raise ValueError(f"moba_attn: {kernel_on_naive_problem(kernel, backend, q.device.type)}.")
         o, lse = naive.moba_attn_naive(
             q, k, v, block_size=block_size, topk=topk, cu_seqlens=cu_seqlens, softmax_scale=scale
         )
     else:
-        config = None
-        if kernel:
-            config = apply_overrides(choose_config(block_size, q.shape[-1], q.shape[1] // k.shape[1], q.shape[0]), kernel)
+        config = triton_backend.call_config(q, k, block_size, kernel) if kernel else None
         o, lse = triton_backend.moba_attn(
             q, k, v, block_size=block_size, topk=topk, cu_seqlens=cu_seqlens, softmax_scale=scale, config=config
         )

@@ -52,11 +52,17 @@ def _c(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- selection
+def call_config(q: torch.Tensor, k: torch.Tensor, block_size: int, kernel: str = "") -> KernelConfig:
+    """The tiling :func:`choose_config` picks for a call on ``q [T, Hq, D]``, ``k [T, Hkv, D]``,
+    with ``kernel``'s overrides (``triton_config.parse_overrides``) applied."""
+    return apply_overrides(choose_config(block_size, q.shape[-1], q.shape[1] // max(k.shape[1], 1), q.shape[0]), kernel)
+
+
 def _config(config: str, q: torch.Tensor, k: torch.Tensor, block_size: int) -> KernelConfig:
     """The call's tiling: decoded from ``config``, or ("") chosen from the shape."""
     if config:
         return KernelConfig.decode(config)
-    return choose_config(block_size, q.shape[-1], q.shape[1] // max(k.shape[1], 1), q.shape[0])
+    return call_config(q, k, block_size)
 
 
 def _select_impl(q, k, cu_seqlens, block_size: int, topk: int, config: str = "") -> torch.Tensor:

@@ -207,20 +207,17 @@ def parse_overrides(text: str) -> tuple[tuple[str, tuple[tuple[str, object], ...
         if name not in _FIELDS[part]:
             raise ValueError(f"kernel override {item!r}: {part} has no field {name!r}; its fields: "
                              f"{', '.join(_FIELDS[part])}.")
-        raw = raw.strip()
+        raw, kind = raw.strip(), _TYPES[part][name]
         if raw.lower() in words:
             value = words[raw.lower()]
         else:
             try:
                 value = ast.literal_eval(raw)
             except (ValueError, SyntaxError):
-                if _TYPES[part][name] == "str" and raw:
-                    value = raw  # a bare word for a text field: fwd.method=partials
-                    parts.setdefault(part, {})[name] = value
-                    continue
-                raise ValueError(f"kernel override {item!r}: {raw!r} is not a literal (true, false, none, a "
-                                 f"number or a quoted string).") from None
-        kind = _TYPES[part][name]
+                if kind != "str" or not raw:
+                    raise ValueError(f"kernel override {item!r}: {raw!r} is not a literal (true, false, none, a "
+                                     f"number or a quoted string).") from None
+                value = raw  # a bare word for a text field: fwd.method=partials
         ok = {"bool": isinstance(value, bool), "bool | None": value is None or isinstance(value, bool),
               "int": isinstance(value, int) and not isinstance(value, bool), "str": isinstance(value, str)}[kind]
         if not ok:
@@ -229,9 +226,11 @@ def parse_overrides(text: str) -> tuple[tuple[str, tuple[tuple[str, object], ...
     return tuple((part, tuple(sorted(fields_.items()))) for part, fields_ in sorted(parts.items()))
 
 
+@functools.lru_cache(maxsize=256)
 def apply_overrides(cfg: KernelConfig, text: str) -> KernelConfig:
     """``cfg`` with the overrides of :func:`parse_overrides` applied (``text`` empty: ``cfg``).
-    A combination a config class rejects raises its ``ValueError``, prefixed with ``text``."""
+    A combination a config class rejects raises its ``ValueError``, prefixed with ``text``.
+    Cached (configs are immutable): every layer's call of a shape gets the same object."""
     if not text:
         return cfg
     changes = {part: dict(items) for part, items in parse_overrides(text)}
