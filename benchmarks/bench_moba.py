@@ -400,12 +400,12 @@ def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0, parts=("fwd", "bwd"), 
     from moba_cp.ops.moba.triton_attn_bwd import sparse_attn_bwd
     from moba_cp.ops.moba.triton_attn_fwd import build_chunk_index, onepass_qchunk, sparse_attn_fwd, sparse_attn_fwd_onepass
     from moba_cp.ops.moba.triton_common import build_gather_index, doc_tables
-    from moba_cp.ops.moba.triton_config import choose_config
+    from moba_cp.ops.moba.triton_config import choose_config, device_has_tma
 
     t = b * s
     cu, q, k, v, do = make_inputs(b, s, hq, hkv, d, DEV, DT)
     scale = d ** -0.5
-    base_cfg = choose_config(block, d, hq // hkv, t)
+    base_cfg = choose_config(block, d, hq // hkv, t, device_has_tma(q.device))
     print(f"tune S={s} B={block} default config: {base_cfg}", flush=True)
     blocks, qpos, base, _ = doc_tables(t, cu, block, DEV)
     idx = tb.select_blocks(q, k, block_size=block, topk=topk, cu_seqlens=cu)

@@ -444,11 +444,14 @@ def _kernel_override_errors(cfg: RecipeConfig, has_moba: bool, device: str | Non
     # the tokens of the calls the run makes: a whole sequence (cp=1; micro-batch rows fold into
     # heads), a CP shard (the ring), or a micro-batch of whole sequences (the all-to-all)
     cp = max(cfg.parallel.cp, 1)
+    # and the defaults of a GPU with TMA and of one without (the recipe does not say which it gets)
+    tmas = (False,) if device == "cpu" else (False, True)
     for tokens in sorted({m.seq_length, m.seq_length // cp, m.seq_length * cfg.train.micro_batch_size}):
-        try:
-            apply_kernel_overrides(choose_config(mb.block_size, head_dim, group, tokens), text)
-        except ValueError as e:
-            return [f"moba.kernel: {e}"]
+        for tma in tmas:
+            try:
+                apply_kernel_overrides(choose_config(mb.block_size, head_dim, group, tokens, tma), text)
+            except ValueError as e:
+                return [f"moba.kernel: {e}" + (" (the default tiling on a GPU with TMA)" if tma else "")]
     return []
 
 

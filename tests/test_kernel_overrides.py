@@ -117,6 +117,41 @@ def test_recipe_checks_moba_kernel_before_work_starts():
         validate(cfg, device="cpu")
 
 
+def test_recipe_overrides_are_checked_against_the_tma_default_too():
+    """A CUDA run may land on a GPU with TMA, whose default adds dQ by TMA bulk reductions
+    (tma_dq needs dq_rows): turning dq_rows off alone is refused before work starts, with the fix."""
+    from moba_cp.config import validate
+
+    with pytest.raises(RecipeError, match=r"tma_dq=True .* needs dq_rows=True\. Fix: set both off .*GPU with TMA"):
+        load_recipe("recipes/1gpu-32k.yaml", ["--moba.kernel=bwd.dq_rows=false"])
+    validate(load_recipe("recipes/1gpu-32k.yaml", ["--moba.kernel=bwd.dq_rows=false,bwd.tma_dq=false"]), device="cuda")
+
+
+def test_default_tiling_follows_the_measured_rows():
+    """d=64 (the recipes' head dim): a block's key sub-tiles adjacent in the dK/dV grid everywhere;
+    with TMA also dQ fused into the bucket-order copy by bulk reductions, computed transposed.
+    Other head dims keep their rows (no rows copied in bucket order, so no dq_rows). The gate
+    runs its unmasked middle tiles apart, without the prefilter pass."""
+    for tokens in (8192, 32768, 131072):
+        plain, tma = choose_config(1024, 64, 4, tokens), choose_config(1024, 64, 4, tokens, True)
+        assert plain.bwd.sub_major and not (plain.bwd.dq_rows or plain.bwd.tma_dq or plain.bwd.dq_trans)
+        assert tma.bwd.sub_major and tma.bwd.dq_rows and tma.bwd.tma_dq and tma.bwd.dq_trans
+        assert tma.fwd == plain.fwd and tma.gate == plain.gate
+    for block, d in ((128, 128), (512, 128), (4096, 128)):
+        assert choose_config(block, d, 4, 131072, True) == choose_config(block, d, 4, 131072)
+        assert not choose_config(block, d, 4, 131072, True).bwd.dq_rows
+    gate = choose_config(128, 128, 1, 524288).gate
+    assert gate.split_edges and not gate.prefilter
+
+
+def test_device_has_tma_only_on_a_cuda_gpu_of_compute_capability_9():
+    from moba_cp.ops.moba.triton_config import device_has_tma
+
+    assert not device_has_tma("cpu") and not device_has_tma(torch.device("cpu"))
+    if torch.cuda.is_available():
+        assert device_has_tma("cuda") == (torch.cuda.get_device_capability() >= (9, 0))
+
+
 def test_the_layer_spec_carries_moba_kernel():
     from moba_cp.megatron.specs import core_attention_spec
 

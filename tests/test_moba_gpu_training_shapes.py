@@ -50,3 +50,26 @@ def test_gpu_bf16_training_shape_backward_variants(variant):
         return tb.block_attn(*args, config=cfg, **kw)
 
     check_bf16_fwd_bwd(q, k, v, idx, block_size=512, cu_seqlens=cu, softmax_scale=0.125, fn=block_attn)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["one-chunk", "kv-head-chunks"])
+def test_gpu_bf16_training_shape_default_tiling(chunk_bytes):
+    """The tiling a training call gets on this GPU (with TMA: dQ fused by bulk reductions into
+    the bucket-order copy, computed transposed; the sub-tiles adjacent in the grid), whole and in
+    chunks of one KV head, at the recipes' head shape against the naive oracle at bf16."""
+    from moba_cp.ops.moba.triton_config import device_has_tma
+
+    docs = [2500, 1596]
+    cu = torch.tensor([0, docs[0], sum(docs)], dtype=torch.int32, device="cuda")
+    q, k, v = _inputs(sum(docs), 16, 4, 64, torch.bfloat16, seed=11, device="cuda")
+    idx = naive.select_blocks(q, k, block_size=512, topk=3, cu_seqlens=cu)
+    cfg = tb.call_config(q, k, 512)
+    assert cfg.bwd.sub_major and cfg.bwd.tma_dq == cfg.bwd.dq_rows == device_has_tma(q.device)
+    if chunk_bytes:
+        cfg = cfg.replace(bwd={"dq_chunk_bytes": chunk_bytes})
+
+    def block_attn(*args, **kw):
+        return tb.block_attn(*args, config=cfg, **kw)
+
+    check_bf16_fwd_bwd(q, k, v, idx, block_size=512, cu_seqlens=cu, softmax_scale=0.125, fn=block_attn)

@@ -105,6 +105,7 @@ def test_select_matches_naive_fp32(case):
 
 
 GATE_VARIANTS = {
+    "masked-prefilter": GateConfig(bm=16, bn=16, split_edges=False, prefilter=True),  # the loop before session 13
     "split-edges": GateConfig(bm=16, bn=16, split_edges=True),
     "no-prefilter": GateConfig(bm=16, bn=16, prefilter=False),
     "split-edges-no-prefilter": GateConfig(bm=32, bn=16, split_edges=True, prefilter=False),
@@ -607,7 +608,8 @@ def test_gpu_bf16_backward_variants(d, b, bwd):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gate", [{"split_edges": True}, {"prefilter": False}, {"split_edges": True, "prefilter": False}])
+@pytest.mark.parametrize("gate", [{"split_edges": True, "prefilter": True}, {"split_edges": False, "prefilter": False},
+                                  {"split_edges": True, "prefilter": False}, {"split_edges": False, "prefilter": True}])
 @pytest.mark.parametrize("d,b,topk", [(128, 128, 8), (64, 512, 3)])
 def test_gpu_bf16_gate_variants(d, b, topk, gate):
     """The gate's loop options at bf16 (hi/lo centroid products) on the GPU, two documents."""

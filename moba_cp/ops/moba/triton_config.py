@@ -18,8 +18,10 @@ import ast
 import functools
 from dataclasses import dataclass, field, fields, replace
 
-__all__ = ["FwdConfig", "BwdConfig", "GateConfig", "KernelConfig", "choose_config", "parse_overrides",
-           "apply_overrides"]
+import torch
+
+__all__ = ["FwdConfig", "BwdConfig", "GateConfig", "KernelConfig", "choose_config", "device_has_tma",
+           "parse_overrides", "apply_overrides"]
 
 FWD_METHODS = ("partials", "two_pass", "one_pass")
 
@@ -120,7 +122,8 @@ class BwdConfig:
                              f"needs gather_rows=True and fuse_dq True or None (got gather_rows={self.gather_rows}, "
                              f"fuse_dq={self.fuse_dq})")
         if self.tma_dq and not self.dq_rows:
-            raise ValueError("BwdConfig.tma_dq=True reduces dQ tiles into the bucket-order copy; it needs dq_rows=True")
+            raise ValueError("BwdConfig.tma_dq=True reduces dQ tiles into the bucket-order copy; it needs dq_rows=True. "
+                             "Fix: set both off (bwd.dq_rows=false,bwd.tma_dq=false) or both on")
 
 
 @dataclass(frozen=True)
@@ -130,14 +133,16 @@ class GateConfig:
     the program (past blocks of its rows' document that all of them see) run in their own loop
     without the mask. ``prefilter``: each tile's scores not above the row's k-th best are set to
     -inf before the insertion loop (off: the loop compares each row's best remaining score with
-    its k-th best instead; same selection, one fewer pass over the tile). Both measured
-    against the default with ``bench_moba.py --tune ... --tune-parts gate``."""
+    its k-th best instead; same selection, one fewer pass over the tile). Both on by default:
+    together they took the gate from 145.1 to 121.5 ms at FlashMoBA 512K (block 128, d=128) and
+    from 2.17 to 1.90 ms at 128K (block 1024, d=64) on one H200, the old loop timed before and after
+    in the same process (``benchmarks/results/moba_tune_h200_2026-12-03_session13_gate.log``)."""
 
     bm: int = 0
     bn: int = 64
     num_warps: int = 4
-    split_edges: bool = False
-    prefilter: bool = True
+    split_edges: bool = True
+    prefilter: bool = False
 
 
 @dataclass(frozen=True)
@@ -240,13 +245,28 @@ def apply_overrides(cfg: KernelConfig, text: str) -> KernelConfig:
         raise ValueError(f"kernel overrides {text!r} on the shape's default tiling: {e}") from None
 
 
+def device_has_tma(device: torch.device | str) -> bool:
+    """Whether ``device`` is a CUDA GPU with Hopper's tensor memory accelerator (compute
+    capability 9.0 or newer): the TMA bulk reductions of ``BwdConfig.tma_dq`` need one."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 @functools.lru_cache(maxsize=256)
-def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int = 0) -> KernelConfig:
+def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int = 0, tma: bool = False) -> KernelConfig:
     """The default tiling for a shape.
 
     Args:
         block_size: MoBA block ``B``; head_dim: ``D``; group: query heads per KV head;
-        n_tokens: tokens in the call (``T``; 0 when unknown).
+        n_tokens: tokens in the call (``T``; 0 when unknown); tma: the device has Hopper's TMA
+        (:func:`device_has_tma`; the backward's dQ reductions use it).
 
     Cached (configs are immutable, so sharing one object is safe). Rows measured on one H200, bf16 (``benchmarks/results/moba_tune_h200_2026-12-02_run*.log``;
     H100 rows in ``benchmarks/NOTES_moba_kernels.md``); a shape between rows takes the nearest.
@@ -290,10 +310,16 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
         # (32K 1.27 -> 1.24 and 1.37 -> 1.32, 4 x 8K 0.94 -> 0.73 and 0.91 -> 0.73, 128K 22.5 -> 22.6 and
         # 22.6 -> 22.7 ms in two runs); 3 stages in the dQ kernel: 69.1 -> 68.5 and 69.4 -> 68.5, 2.93 ->
         # 2.84 and 2.94 -> 2.88 ms (moba_tune_h200_2026-12-03_session8.log).
+        # Session 13 (moba_tune_h200_2026-12-03_session13_bwd.log, default timed first and last):
+        # a block's key sub-tiles adjacent in the grid (sub_major): 69.7/69.6 -> 57.3 ms at 128K,
+        # 3.09/2.90 -> 2.63 ms at 32K, 1.02/1.10 -> 1.06 ms at 4 x 8K. With TMA, dQ fused into the
+        # dK/dV program, added by bulk reductions into the bucket-order copy and computed as
+        # (K^T dS^T)^T (dq_rows, tma_dq, dq_trans): 56.0 and 2.35 ms; without TMA that trio with
+        # plain atomics measured 59.3 and 2.51 ms, so there sub_major stays alone.
         stages = 4 if 0 < n_tokens <= 32 * 1024 else 3
         fwd = FwdConfig(method="partials", bm=128, bn=64, chunk=128, num_warps=4, num_stages=stages)
         bwd = BwdConfig(bnb=128, bm=32, split_mask=True, gather_rows=True, num_warps=4, num_stages=stages,
-                        dq_bm=64, dq_bn=64, dq_stages=3)
+                        dq_bm=64, dq_bn=64, dq_stages=3, sub_major=True, dq_rows=tma, tma_dq=tma, dq_trans=tma)
         return KernelConfig(fwd=fwd, bwd=bwd)
     # d=128, blocks 256-1024: two passes on 64 x 64 tiles (H100 sweeps at blocks 128 and 512).
     return KernelConfig(fwd=FwdConfig(method="two_pass", bm=64, bn=64, chunk=256), bwd=bwd_old)
