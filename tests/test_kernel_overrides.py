@@ -129,7 +129,8 @@ def test_recipe_overrides_are_checked_against_the_tma_default_too():
 
 def test_default_tiling_follows_the_measured_rows():
     """d=64 (the recipes' head dim): a block's key sub-tiles adjacent in the dK/dV grid everywhere;
-    with TMA also dQ fused into the bucket-order copy by bulk reductions, computed transposed.
+    with TMA also dQ fused into the bucket-order copy by bulk reductions, computed transposed
+    under GQA only.
     Other head dims keep their rows (no rows copied in bucket order, so no dq_rows). The gate
     runs its unmasked middle tiles apart, without the prefilter pass."""
     for tokens in (8192, 32768, 131072):
@@ -137,6 +138,8 @@ def test_default_tiling_follows_the_measured_rows():
         assert plain.bwd.sub_major and not (plain.bwd.dq_rows or plain.bwd.tma_dq or plain.bwd.dq_trans)
         assert tma.bwd.sub_major and tma.bwd.dq_rows and tma.bwd.tma_dq and tma.bwd.dq_trans
         assert tma.fwd == plain.fwd and tma.gate == plain.gate
+        mha = choose_config(1024, 64, 1, tokens, True)
+        assert mha.bwd.dq_rows and mha.bwd.tma_dq and not mha.bwd.dq_trans
     for block, d in ((128, 128), (512, 128), (4096, 128)):
         assert choose_config(block, d, 4, 131072, True) == choose_config(block, d, 4, 131072)
         assert not choose_config(block, d, 4, 131072, True).bwd.dq_rows

@@ -271,7 +271,6 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
     Cached (configs are immutable, so sharing one object is safe). Rows measured on one H200, bf16 (``benchmarks/results/moba_tune_h200_2026-12-02_run*.log``;
     H100 rows in ``benchmarks/NOTES_moba_kernels.md``); a shape between rows takes the nearest.
     """
-    del group  # reserved: no row of the table depends on it yet
     bwd_old = BwdConfig(
         bnb=min(128 if head_dim >= 128 else 64, _pow2(block_size)),
         bm=64,
@@ -315,11 +314,15 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
         # 3.09/2.90 -> 2.63 ms at 32K, 1.02/1.10 -> 1.06 ms at 4 x 8K. With TMA, dQ fused into the
         # dK/dV program, added by bulk reductions into the bucket-order copy and computed as
         # (K^T dS^T)^T (dq_rows, tma_dq, dq_trans): 56.0 and 2.35 ms; without TMA that trio with
-        # plain atomics measured 59.3 and 2.51 ms, so there sub_major stays alone.
+        # plain atomics measured 59.3 and 2.51 ms, so there sub_major stays alone. The transposed
+        # product only with GQA: at 4 x 8K with 6/6 heads it lost in both calls (1.22 vs 1.05 ms;
+        # 1.14/1.20 vs 0.94 ms), at 32K with 16/4 heads it tied (2.39 vs 2.39 ms)
+        # (moba_tune_h200_2026-12-03_session13_small.log).
         stages = 4 if 0 < n_tokens <= 32 * 1024 else 3
         fwd = FwdConfig(method="partials", bm=128, bn=64, chunk=128, num_warps=4, num_stages=stages)
         bwd = BwdConfig(bnb=128, bm=32, split_mask=True, gather_rows=True, num_warps=4, num_stages=stages,
-                        dq_bm=64, dq_bn=64, dq_stages=3, sub_major=True, dq_rows=tma, tma_dq=tma, dq_trans=tma)
+                        dq_bm=64, dq_bn=64, dq_stages=3, sub_major=True, dq_rows=tma, tma_dq=tma,
+                        dq_trans=tma and group > 1)
         return KernelConfig(fwd=fwd, bwd=bwd)
     # d=128, blocks 256-1024: two passes on 64 x 64 tiles (H100 sweeps at blocks 128 and 512).
     return KernelConfig(fwd=FwdConfig(method="two_pass", bm=64, bn=64, chunk=256), bwd=bwd_old)
