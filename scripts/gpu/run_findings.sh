@@ -14,7 +14,7 @@
 # docs/results/<date>/<finding>, holding finished points' folders) copies those points into the
 # sweep folder first: the sweep skips them after checking they match its recipe and corpus.
 # POINTS_PER_GPU=2 runs two points at once on the GPU (small models leave it mostly idle).
-# Writes under $OUT: FINDING.log, and runs/sweeps/<sweep>/ with results.jsonl, paired.md/.json and
+# Writes under $OUT: FINDING.log, <sweep>.tgz (the folder below as one archive), and runs/sweeps/<sweep>/ with results.jsonl, paired.md/.json and
 # per point sweep_point.json, metrics.jsonl, recipe.yaml, eval/*.json, sweep.log. Commit those under
 # docs/results/<date>/. Needs no network: megatron-core comes from ./.whl when it is not installed.
 set -euo pipefail
@@ -55,5 +55,8 @@ if [[ -d "runs/sweeps/$SWEEP" ]]; then
      \( -name '*.json' -o -name '*.jsonl' -o -name '*.yaml' -o -name '*.md' -o -name '*.log' -o -name '*.png' \) \
      -print0 | xargs -0 -r cp --parents -t "$OUT/")
   mkdir -p "$OUT/runs/sweeps" && rm -rf "$OUT/runs/sweeps/$SWEEP" && mv "$OUT/$SWEEP" "$OUT/runs/sweeps/"
+  # the same files as one archive: a transfer that leaves out deep folders still brings this back
+  # (session 13's device call returned "runs/sweeps/<sweep> (depth)" and none of the tree)
+  tar czf "$OUT/$SWEEP.tgz" -C "$OUT/runs/sweeps" "$SWEEP"
 fi
 exit "$rc"
