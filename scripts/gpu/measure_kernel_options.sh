@@ -16,8 +16,11 @@
 #    (tma_dq), with and without sub_major, and dQ as (K^T dS^T)^T (dq_trans). The default runs first
 #    and last, so the drift within the call shows.
 # 2. The GPU tests of those options (bf16 against the naive op) -> $OUT/gpu_tests.log (part tests).
-# 3. The gate's loop options (split_edges: unmasked middle tiles; prefilter off) at FlashMoBA 512K
-#    (the gate target's shape) and train-b1024 128K -> $OUT/tune_gate.log (part gate).
+# 3. The gate's loop options (split_edges: unmasked middle tiles; prefilter off; both the default
+#    since session 13) at FlashMoBA 512K (the gate target's shape) and train-b1024 128K, the loop
+#    before session 13 first and last -> $OUT/tune_gate.log (part gate).
+# 4.-5. Not in the default PARTS: `table` (bench_moba's table with cuDNN) and `d128` (backward and
+#    forward variants at d=128); next session: PARTS=table,d128.
 # Needs no network: megatron-core comes from ./.whl when it is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -30,10 +33,13 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/gpu.txt
 PARTS="${PARTS:-bwd,tests,gate}"
 has() { [[ ",$PARTS," == *",$1,"* ]]; }
 
-VARIANTS='[{}, {"sub_major": true}, {"fuse_dq": true, "sub_major": true},
- {"dq_rows": true}, {"dq_rows": true, "sub_major": true}, {"dq_rows": true, "sub_major": true, "dq_trans": true},
- {"dq_rows": true, "tma_dq": true}, {"dq_rows": true, "tma_dq": true, "sub_major": true},
- {"dq_rows": true, "tma_dq": true, "sub_major": true, "dq_trans": true}, {}]'
+# (session 12's list, written against the tiling before session 13; on today's default (sub_major,
+# and with TMA dq_rows + tma_dq, dq_trans under GQA) each variant sets every one of those fields)
+OLD='"sub_major": false, "dq_rows": false, "tma_dq": false, "dq_trans": false'
+VARIANTS="[{$OLD}, {}, {\"sub_major\": true, \"dq_rows\": false, \"tma_dq\": false, \"dq_trans\": false},
+ {\"sub_major\": true, \"dq_rows\": true, \"tma_dq\": true, \"dq_trans\": false},
+ {\"sub_major\": true, \"dq_rows\": true, \"tma_dq\": true, \"dq_trans\": true},
+ {\"sub_major\": true, \"dq_rows\": true, \"tma_dq\": false, \"dq_trans\": true}, {$OLD}]"
 if has bwd; then
   "$PY" benchmarks/bench_moba.py --tune train-b1024:131072,train-b512:32768,small-b512:8192 --tune-parts bwd \
     --tune-bwd "$VARIANTS" 2>&1 | tee "$OUT/tune_bwd.log" || true
@@ -44,8 +50,33 @@ if has tests; then
     | tee "$OUT/gpu_tests.log" || true
 fi
 
-GATES='[{}, {"split_edges": true}, {"prefilter": false}, {"split_edges": true, "prefilter": false}, {}]'
+GATES='[{"split_edges": false, "prefilter": true}, {"split_edges": true, "prefilter": true},
+ {"split_edges": false, "prefilter": false}, {}, {"split_edges": false, "prefilter": true}]'
 if has gate; then
   "$PY" benchmarks/bench_moba.py --tune flashmoba:524288,train-b1024:131072 --tune-parts gate \
     --tune-gate "$GATES" 2>&1 | tee "$OUT/tune_gate.log" || true
+fi
+
+# 4. (part table) the kernel table with cuDNN in the same process at the training shapes (d=64) and
+#    the paper's block-512 shapes (d=128): TFLOP/s on MoBA's required work against cuDNN's.
+if has table; then
+  "$PY" benchmarks/bench_moba.py --suite train-b1024,train-b512,small-b512,paper-b512 --peers sdpa --sdpa cudnn \
+    --out "$OUT/kernels.md" 2>&1 | tee "$OUT/kernels.log" || true
+fi
+
+# 5. (part d128) d=128 at blocks 512 and 4096 has never had the d=64 backward's row copy, adjacent
+#    sub-tiles or fused dQ measured: the backward variants at paper-b512 32K and paper-b4096 128K,
+#    and the forward on 128-row partials, each against the shape's default in the same process.
+D128_BWD='[{}, {"gather_rows": true, "split_mask": true}, {"gather_rows": true, "split_mask": true, "sub_major": true},
+ {"gather_rows": true, "split_mask": true, "sub_major": true, "dq_rows": true, "tma_dq": true},
+ {"gather_rows": true, "split_mask": true, "sub_major": true, "dq_rows": true, "tma_dq": true, "dq_trans": true},
+ {"gather_rows": true, "split_mask": true, "sub_major": true, "bm": 32, "dq_rows": true, "tma_dq": true},
+ {"gather_rows": true, "split_mask": true, "sub_major": true, "bm": 32, "num_warps": 4, "dq_rows": true, "tma_dq": true},
+ {}]'
+D128_FWD='[{}, {"method": "partials", "bm": 128, "bn": 64, "chunk": 128, "num_warps": 8, "num_stages": 3},
+ {"method": "partials", "bm": 128, "bn": 64, "chunk": 128, "num_warps": 8, "num_stages": 2},
+ {"method": "partials", "bm": 64, "bn": 64, "chunk": 128, "num_warps": 4, "num_stages": 3}, {}]'
+if has d128; then
+  "$PY" benchmarks/bench_moba.py --tune paper-b512:32768,paper-b4096:131072 --tune-parts fwd,bwd \
+    --tune-fwd "$D128_FWD" --tune-bwd "$D128_BWD" 2>&1 | tee "$OUT/tune_d128.log" || true
 fi
