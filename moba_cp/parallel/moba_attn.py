@@ -19,7 +19,7 @@ from moba_cp.ops.lse_merge import merge_into
 from moba_cp.ops.moba.api import batch_cu_seqlens, choose_backend, kernel_on_naive_problem, moba_attn
 from moba_cp.ops.moba.block_ids import remap_ids, selected_mask
 from moba_cp.ops.moba.partial import partial_attn_bwd, partial_attn_fwd, partial_index
-from moba_cp.ops.moba.triton_config import apply_overrides, choose_config, device_has_tma
+from moba_cp.ops.moba.triton_config import tiling_for
 from moba_cp.ops.moba.validate import block_args_error
 from moba_cp.parallel.exchange import (
     DTYPE_CODES, CPStats, ExchangePlan, RankSet, RingComm, Tag, _record, agree_on_layout, build_plan, shard_problem,
@@ -49,7 +49,7 @@ def _kernel_problem(kernel: str, backend: str, q, k, block_size: int, cp: int) -
     batch = q.shape[0] if q.dim() == 4 else 1
     try:
         for tokens in (s_loc, s_loc * cp * batch):
-            apply_overrides(choose_config(block_size, d, group, tokens, device_has_tma(q.device)), kernel)
+            tiling_for(block_size, d, group, tokens, q.device, kernel)
     except ValueError as e:
         return str(e)
     return None
@@ -258,8 +258,7 @@ def ring_forward(q, k, v, params: MobaParams, ranks: RankSet, stats: CPStats):
 
     # 1-2. centroids all-gathered; gate over global causal candidates.
     cent = gather_centroids(k, B, ranks, params.backend)
-    gate_cfg = (apply_overrides(choose_config(B, d, hq // hkv, s_loc, device_has_tma(dev)), params.kernel).gate
-                if params.kernel else None)
+    gate_cfg = tiling_for(B, d, hq // hkv, s_loc, dev, params.kernel).gate if params.kernel else None
     idx = select_global(q, q_pos, cent, block_size=B, topk=params.topk, width=min(params.topk, nb),
                         backend=params.backend, gate_cfg=gate_cfg)
 

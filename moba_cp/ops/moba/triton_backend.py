@@ -41,7 +41,7 @@ from moba_cp.ops.moba.triton_common import (
     tensor_identity,
 )
 from moba_cp.ops.moba.cuda_graphs import GraphedCall, graph_mode, graphs_enabled
-from moba_cp.ops.moba.triton_config import KernelConfig, apply_overrides, choose_config, device_has_tma
+from moba_cp.ops.moba.triton_config import KernelConfig, tiling_for
 from moba_cp.ops.moba.triton_gate import MAX_GATE_WIDTH, gate_topk
 
 __all__ = ["moba_attn", "select_blocks", "block_attn", "partial_index", "partial_attn_fwd", "partial_attn_bwd"]
@@ -55,8 +55,7 @@ def _c(x: torch.Tensor) -> torch.Tensor:
 def call_config(q: torch.Tensor, k: torch.Tensor, block_size: int, kernel: str = "") -> KernelConfig:
     """The tiling :func:`choose_config` picks for a call on ``q [T, Hq, D]``, ``k [T, Hkv, D]``,
     with ``kernel``'s overrides (``triton_config.parse_overrides``) applied."""
-    return apply_overrides(choose_config(block_size, q.shape[-1], q.shape[1] // max(k.shape[1], 1), q.shape[0],
-                                         device_has_tma(q.device)), kernel)
+    return tiling_for(block_size, q.shape[-1], q.shape[1] // max(k.shape[1], 1), q.shape[0], q.device, kernel)
 
 
 def _config(config: str, q: torch.Tensor, k: torch.Tensor, block_size: int) -> KernelConfig:
@@ -370,9 +369,8 @@ class SlotIndex:
         """The tiling of this call (chosen from the shape on first use, then fixed)."""
         if self.config is None:
             hq = self.sel.shape[1]
-            self.config = apply_overrides(
-                choose_config(block_size, self.head_dim, hq // max(self.hkv, 1), self.sel.shape[0],
-                              device_has_tma(self.sel.device)), self.kernel)
+            self.config = tiling_for(block_size, self.head_dim, hq // max(self.hkv, 1), self.sel.shape[0],
+                                     self.sel.device, self.kernel)
         return self.config
 
     def gather(self, block_size: int) -> GatherIndex:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-__all__ = ["FwdConfig", "BwdConfig", "GateConfig", "KernelConfig", "choose_config", "device_has_tma",
+__all__ = ["FwdConfig", "BwdConfig", "GateConfig", "KernelConfig", "choose_config", "tiling_for", "device_has_tma",
            "parse_overrides", "apply_overrides"]
 
 FWD_METHODS = ("partials", "two_pass", "one_pass")
@@ -122,8 +122,8 @@ class BwdConfig:
                              f"needs gather_rows=True and fuse_dq True or None (got gather_rows={self.gather_rows}, "
                              f"fuse_dq={self.fuse_dq})")
         if self.tma_dq and not self.dq_rows:
-            raise ValueError("BwdConfig.tma_dq=True reduces dQ tiles into the bucket-order copy; it needs dq_rows=True. "
-                             "Fix: set both off (bwd.dq_rows=false,bwd.tma_dq=false) or both on")
+            raise ValueError("BwdConfig.tma_dq=True reduces dQ tiles into the bucket-order copy; it needs "
+                             "dq_rows=True. Fix: set both off (bwd.dq_rows=false,bwd.tma_dq=false) or both on")
 
 
 @dataclass(frozen=True)
@@ -133,10 +133,10 @@ class GateConfig:
     the program (past blocks of its rows' document that all of them see) run in their own loop
     without the mask. ``prefilter``: each tile's scores not above the row's k-th best are set to
     -inf before the insertion loop (off: the loop compares each row's best remaining score with
-    its k-th best instead; same selection, one fewer pass over the tile). Both on by default:
-    together they took the gate from 145.1 to 121.5 ms at FlashMoBA 512K (block 128, d=128) and
-    from 2.17 to 1.90 ms at 128K (block 1024, d=64) on one H200, the old loop timed before and after
-    in the same process (``benchmarks/results/moba_tune_h200_2026-12-03_session13_gate.log``)."""
+    its k-th best instead; same selection, one fewer pass over the tile). The default is
+    ``split_edges`` on and ``prefilter`` off: together they took the gate from 145.1 to 121.5 ms
+    at FlashMoBA 512K (block 128, d=128) and from 2.17 to 1.90 ms at 128K (block 1024, d=64) on
+    one H200, the old loop timed before and after in the same process (``benchmarks/results/moba_tune_h200_2026-12-03_session13_gate.log``)."""
 
     bm: int = 0
     bn: int = 64
@@ -243,6 +243,13 @@ def apply_overrides(cfg: KernelConfig, text: str) -> KernelConfig:
         return cfg.replace(**changes)
     except (TypeError, ValueError) as e:
         raise ValueError(f"kernel overrides {text!r} on the shape's default tiling: {e}") from None
+
+
+def tiling_for(block_size: int, head_dim: int, group: int, n_tokens: int, device: torch.device | str,
+               kernel: str = "") -> KernelConfig:
+    """The tiling of one call on ``device``: :func:`choose_config` with the device's TMA, then
+    ``kernel``'s overrides (:func:`parse_overrides`)."""
+    return apply_overrides(choose_config(block_size, head_dim, group, n_tokens, device_has_tma(device)), kernel)
 
 
 def device_has_tma(device: torch.device | str) -> bool:
