@@ -550,6 +550,56 @@ def test_backward_keeps_no_copy_of_the_selection_when_the_index_is_saved():
     assert torch.isfinite(q.grad).all() and k.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("path", ["eager", "custom-op"])
+def test_keep_index_off_saves_the_compact_selection_and_rebuilds_the_index(path):
+    """``bwd.keep_index=False``: the backward keeps the selection in int8 (the call has at most
+    ceil(T / B) <= 128 blocks) and no gather index, builds the index again, and gets the same
+    gradients as the saved index (bitwise where atomics run in order: the CPU interpreter)."""
+    docs, b, hq, hkv, d = [50, 0, 77], 16, 4, 2, 16
+    q, k, v = _inputs(sum(docs), hq, hkv, d, torch.float32, seed=6)
+    cu = _cu(docs)
+    idx = naive.select_blocks(q, k, block_size=b, topk=3, cu_seqlens=cu)
+    do = torch.randn(sum(docs), hq, d, generator=torch.Generator().manual_seed(2)).to(DEV)
+    cfg = choose_config(b, d, hq // hkv, sum(docs))
+
+    def run(config):
+        qq, kk, vv = (x.detach().clone().requires_grad_() for x in (q, k, v))
+        saved = []
+
+        def pack(x):
+            saved.append(x)
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            if path == "eager":
+                o, _ = tb.block_attn(qq, kk, vv, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5, config=config)
+            else:
+                o, _, _ = tb._attn_fwd_op(qq, kk, vv, idx, cu, b, d ** -0.5, config.encode())
+        (o * do).sum().backward()
+        return saved, o, (qq.grad, kk.grad, vv.grad)
+
+    saved_keep, o_keep, g_keep = run(cfg)
+    saved_drop, o_drop, g_drop = run(cfg.replace(bwd={"keep_index": False}))
+    kept = [x for x in saved_drop if x.shape == idx.shape]
+    assert len(kept) == 1 and kept[0].dtype == torch.int8 and torch.equal(kept[0].long(), idx.long())
+    int32 = lambda xs: sum(x.numel() * 4 for x in xs if x.dtype == torch.int32 and x.stride() != (0,) * x.dim())  # noqa: E731
+    assert int32(saved_keep) > idx.numel() * 4 and int32(saved_drop) <= 4 * (len(docs) + 1), (int32(saved_keep), int32(saved_drop))
+    assert torch.equal(o_keep, o_drop)
+    exact = DEV == "cpu"
+    for name, a, c in zip(("dq", "dk", "dv"), g_keep, g_drop):
+        assert torch.equal(a, c) if exact else torch.allclose(a, c, rtol=1e-5, atol=1e-6), name
+
+
+def test_compact_selection_picks_the_smallest_type_from_a_static_bound():
+    sel = lambda t: torch.full((t, 1, 1), -1, dtype=torch.int32)  # noqa: E731
+    assert tb.compact_selection(sel(128 * 16), 16).dtype == torch.int8
+    assert tb.compact_selection(sel(128 * 16 + 1), 16).dtype == torch.int16  # 129 blocks: id 128 needs int16
+    assert tb.compact_selection(sel(32768 * 2), 2).dtype == torch.int16
+    assert tb.compact_selection(sel(32768 * 2 + 1), 2).dtype == torch.int32
+    ids = torch.tensor([[[127, -1]]], dtype=torch.int32)
+    assert torch.equal(tb.compact_selection(ids.expand(128, 1, 2), 1).long(), ids.expand(128, 1, 2).long())
+
+
 def test_custom_op_traces_under_torch_compile():
     """block_attn is a custom op with fake impl + autograd: a fullgraph compile traces it."""
     q, k, v = _inputs(48, 2, 1, 16, torch.float32, seed=2)

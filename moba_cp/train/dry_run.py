@@ -16,6 +16,7 @@ from pathlib import Path
 from moba_cp.config import RecipeConfig, RecipeError, layer_attention_kinds
 from moba_cp.model_sizes import default_ffn_hidden_size
 from moba_cp.ops.moba.kernel_limits import LIMITS
+from moba_cp.ops.moba.triton_config import parse_overrides as parse_kernel_overrides
 from moba_cp.parallel.traffic import DEFAULT_INTER_GBPS, DEFAULT_INTRA_GBPS, candidate_comms, comm_traffic
 from moba_cp.train.flops import attended_keys, flops_per_step
 from moba_cp.train.preflight import preflight
@@ -82,7 +83,7 @@ def estimate_memory(cfg: RecipeConfig, vocab_size: int, dp: int) -> MemoryEstima
     2gpu-128k at micro-batch 1 peaked at 69.7 GiB (estimate 71.1), 2gpu-1m at 55.6 GiB
     (estimate 52.6)), ``2h`` per token with full recomputation (divided
     by tp under sequence parallelism) plus one layer's working set; fp32 logits of the local tokens for the loss; MoBA's per-layer
-    indices (int32, ``topk`` per query head) and the largest received K/V buffer (all remote
+    indices (int32, ``topk`` per query head; 1-2 bytes with ``bwd.keep_index=false``) and the largest received K/V buffer (all remote
     past blocks, the worst case).
     """
     m, p, t = cfg.model, cfg.parallel, cfg.train
@@ -106,9 +107,20 @@ def estimate_memory(cfg: RecipeConfig, vocab_size: int, dp: int) -> MemoryEstima
     logits = tokens * vocab_size / p.tp * 4 * 2  # fp32 logits and their gradient
     kinds = layer_attention_kinds(m, cfg.attention)
     moba_layers = kinds.count("moba") if t.recompute != "full" else min(1, kinds.count("moba"))
-    idx = tokens * m.num_attention_heads / p.tp * cfg.moba.topk * 4 * moba_layers
+    idx = tokens * m.num_attention_heads / p.tp * cfg.moba.topk * _saved_id_bytes(cfg, tokens) * moba_layers
     recv = (m.seq_length - m.seq_length / p.cp) * 2 * kv / p.tp * bpe if p.cp > 1 else 0.0
     return MemoryEstimate(weights, opt, act, logits, idx + recv)
+
+
+def _saved_id_bytes(cfg: RecipeConfig, tokens: float) -> int:
+    """Bytes per selected block that a MoBA layer keeps for its backward: the gather index
+    (int32), or with ``moba.kernel: bwd.keep_index=false`` on one device the compacted selection
+    (int8 up to 128 blocks per call, int16 up to 32768; ``triton_backend.compact_selection``)."""
+    keep = dict(dict(parse_kernel_overrides(cfg.moba.kernel or "")).get("bwd", ())).get("keep_index", True)
+    if keep or cfg.parallel.cp > 1:
+        return 4
+    n_blocks = -(-int(tokens) // cfg.moba.block_size)
+    return 1 if n_blocks <= 128 else 2 if n_blocks <= 32768 else 4
 
 
 def kv_traffic_per_layer(cfg: RecipeConfig) -> dict:

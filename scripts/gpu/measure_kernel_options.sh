@@ -7,6 +7,8 @@
 #
 #   OUT=/some/dir bash scripts/gpu/measure_kernel_options.sh        # (the device tool sets $OUT)
 #   OUT=/some/dir PARTS=gate bash scripts/gpu/measure_kernel_options.sh
+#   OUT=/some/dir PARTS=nore COMMIT=<sha> bash scripts/gpu/measure_kernel_options.sh  # COMMIT: the training table's
+#     commit line (a tree copied to the GPU machine may carry no .git)
 #
 # 1. `bench_moba.py --tune` of the whole backward (delta, row copy, dK/dV, dQ, casts) at
 #    train-b1024 128K, train-b512 32K and small-b512 4 x 8K, every variant in the same process
@@ -19,8 +21,10 @@
 # 3. The gate's loop options (split_edges: unmasked middle tiles; prefilter off; both the default
 #    since session 13) at FlashMoBA 512K (the gate target's shape) and train-b1024 128K, the loop
 #    before session 13 first and last -> $OUT/tune_gate.log (part gate).
-# 4.-5. Not in the default PARTS: `table` (bench_moba's table with cuDNN) and `d128` (backward and
-#    forward variants at d=128); next session: PARTS=table,d128.
+# 4.-7. Not in the default PARTS: `table` (bench_moba's table with cuDNN), `d128` (backward and
+#    forward variants at d=128), `rows64` (larger gathered-row tiles for today's fused-dQ backward at
+#    d=64) and `nore` (training without recomputation at 128K and 32K: MoBA keeping its gather index,
+#    MoBA with bwd.keep_index=false, full attention); next session: PARTS=nore,table,rows64,d128.
 # Needs no network: megatron-core comes from ./.whl when it is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -79,4 +83,24 @@ D128_FWD='[{}, {"method": "partials", "bm": 128, "bn": 64, "chunk": 128, "num_wa
 if has d128; then
   "$PY" benchmarks/bench_moba.py --tune paper-b512:32768,paper-b4096:131072 --tune-parts fwd,bwd \
     --tune-fwd "$D128_FWD" --tune-bwd "$D128_BWD" 2>&1 | tee "$OUT/tune_d128.log" || true
+fi
+
+# 6. (part rows64) the d=64 backward's gathered-row tile (bm=32) was chosen before dQ was fused
+#    into the dK/dV program (session 8); with dq_rows + tma_dq each row tile also costs a TMA
+#    reduction, so larger tiles (fewer reductions, larger products) may now win. Today's default
+#    first and last.
+ROWS64='[{}, {"bm": 64}, {"bm": 64, "num_warps": 8}, {"bm": 64, "num_stages": 2}, {"bm": 16}, {}]'
+if has rows64; then
+  "$PY" benchmarks/bench_moba.py --tune train-b1024:131072,train-b512:32768,small-b512:8192 --tune-parts bwd \
+    --tune-bwd "$ROWS64" 2>&1 | tee "$OUT/tune_rows64.log" || true
+fi
+
+# 7. (part nore) training without recomputing core attention (both attentions), where MoBA ran
+#    out of memory at 128K in session 10 while full attention ran 22% faster than with selective
+#    recomputation: MoBA with its default (gather index kept), MoBA keeping only the int8 selection
+#    (bwd.keep_index=false), full attention; peak memory in the table.
+if has nore; then
+  "$PY" benchmarks/bench_train.py --only 128K,32K --extra=--train.recompute=none --moba-kernel "bwd.keep_index=false" \
+    --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" --out "$OUT/train_norecompute.md" 2>&1 \
+    | tee "$OUT/train_norecompute.log" || true
 fi

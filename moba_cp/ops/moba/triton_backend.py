@@ -171,7 +171,7 @@ def _attn_bwd_impl(do, dlse, q, k, v, o, lse, indices, index, cu_seqlens, block_
     blocks, qpos, base, _ = doc_tables(q.shape[0], cu_seqlens, block_size, q.device)
     t, hq, w = indices.shape
     # The saved index was cut in the forward config's chunks: the same config decodes it.
-    if index.numel() == 0:  # one-pass forward: build the index now
+    if index.numel() == 0:  # one-pass forward, or keep_index off: build the index now
         gi = build_gather_index(indices.to(torch.int32), base, blocks.n, k.shape[1], cfg.fwd.chunk)
     else:
         gi = GatherIndex.from_flat(index, t, hq, w, blocks.n, k.shape[1], cfg.fwd.chunk)
@@ -195,14 +195,30 @@ def _(do, dlse, q, k, v, o, lse, indices, index, cu_seqlens, block_size, softmax
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+def compact_selection(indices: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``indices [T, Hq, W]`` (document-local block ids, ``-1`` = none) in the smallest signed
+    integer type that holds every id a ``T``-token call can have (a document has at most
+    ``ceil(T / block_size)`` blocks): int8 up to 128 blocks, int16 up to 32768, else int32.
+    A static bound, so no device sync; what the backward keeps instead of the gather index
+    when ``BwdConfig.keep_index`` is off."""
+    n_blocks = -(-indices.shape[0] // block_size)
+    dtype = torch.int8 if n_blocks <= 128 else torch.int16 if n_blocks <= 32768 else torch.int32
+    return indices.to(dtype)
+
+
 def _save_for_backward(ctx, inputs, o, lse, index) -> None:
     """What the backward needs, for the custom op's autograd and the eager Function alike."""
     q, k, v, indices, cu_seqlens, block_size, softmax_scale, config = inputs
-    if index.numel() > 0:
+    if index.numel() > 0 and not _config(config, q, k, block_size).bwd.keep_index:
+        # Only the selection, compacted; the backward builds the index again (``keep_index``).
+        indices, index = compact_selection(indices, block_size), index.new_empty(0)
+    elif index.numel() > 0:
         # The backward decodes the saved gather index and reads only the selection's shape: keep a
         # zero-stride stand-in, not [T, Hq, W] int32 per layer (0.1 GB at 128K x 16 heads x 13,
         # 2.4 GB over 24 layers when core attention is not recomputed).
         indices = indices.new_zeros(()).expand(indices.shape)
+    else:  # the one-pass forward builds no index: the backward builds it from the selection
+        indices = compact_selection(indices, block_size)
     ctx.save_for_backward(q, k, v, o, lse, indices, index, cu_seqlens)
     ctx.block_size = block_size
     ctx.softmax_scale = softmax_scale

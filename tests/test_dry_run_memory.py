@@ -1,0 +1,25 @@
+"""The dry run's memory estimate of what MoBA layers keep for their backward."""
+
+from moba_cp.config import load_recipe
+from moba_cp.train.dry_run import estimate_memory
+
+_128K = ["--model.seq_length=131072", "--moba.block_size=1024", "--moba.topk=12", "--train.recompute=none"]
+
+
+def test_keep_index_off_shrinks_the_saved_moba_state_to_one_byte_per_id():
+    keep = estimate_memory(load_recipe("recipes/1gpu-32k.yaml", _128K), vocab_size=50304, dp=1)
+    drop = estimate_memory(load_recipe("recipes/1gpu-32k.yaml", _128K + ["--moba.kernel=bwd.keep_index=false"]),
+                           vocab_size=50304, dp=1)
+    # 131072 tokens x 16 heads x top-12 x 24 layers: int32 ids (4 bytes) against int8 (128 blocks per call)
+    assert keep.moba_extra == 131072 * 16 * 12 * 4 * 24
+    assert drop.moba_extra == keep.moba_extra / 4
+    assert drop.activations == keep.activations and drop.total < keep.total
+
+
+def test_keep_index_off_uses_int16_past_128_blocks_and_nothing_changes_under_cp():
+    cfg = load_recipe("recipes/1gpu-32k.yaml", _128K + ["--moba.block_size=512", "--moba.kernel=bwd.keep_index=false"])
+    assert estimate_memory(cfg, vocab_size=50304, dp=1).moba_extra == 131072 * 16 * 12 * 2 * 24  # 256 blocks
+    cp = load_recipe("recipes/2gpu-128k.yaml", ["--moba.kernel=bwd.keep_index=false"])
+    ref = load_recipe("recipes/2gpu-128k.yaml")
+    # the CP slot form keeps its index whatever keep_index says (the option is the single-device op's)
+    assert estimate_memory(cp, 50304, 1).moba_extra == estimate_memory(ref, 50304, 1).moba_extra
