@@ -509,11 +509,68 @@ def test_backward_in_kv_head_chunks(dq_path):
 
     one = grads(tb.block_attn, torch.float16, config=cfg)
     chunked = grads(tb.block_attn, torch.float16, config=cfg.replace(bwd={"dq_chunk_bytes": 1}))
-    for a, c in zip(one, chunked):
+    # split_group: one query head per launch, dK/dV summed over the group's launches in fp32
+    per_head = grads(tb.block_attn, torch.float16, config=cfg.replace(bwd={"dq_chunk_bytes": 1, "split_group": True}))
+    for a, c, p in zip(one, chunked, per_head):
         assert a.dtype == torch.float16 and (a.float() - c.float()).abs().max().item() <= 1e-3 * a.float().abs().max().item()
+        assert p.dtype == torch.float16 and (a.float() - p.float()).abs().max().item() <= 1e-3 * a.float().abs().max().item()
     ref, nai = grads(naive.block_attn, torch.float64), grads(naive.block_attn, torch.float16)
     for name, a, n, r in zip(("dq", "dk", "dv"), chunked, nai, ref):
         _check(name, a, n, r, floor=2e-3)
+    for name, a, n, r in zip(("dq", "dk", "dv"), per_head, nai, ref):
+        _check(name, a, n, r, floor=2e-3)
+
+
+@pytest.mark.parametrize("dq_path", ["dq-kernel", "dq-rows"])
+def test_split_group_with_uneven_head_chunks_and_documents(dq_path):
+    """GQA group of 3 split 2 + 1 (``split_group``, a limit of two query heads' scratch), with
+    documents and the unmasked split loop: fp32 gradients equal the unsplit backward's to fp32
+    rounding (the dK/dV sums only regroup), and the naive op's to its error."""
+    from moba_cp.ops.moba.triton_attn_bwd import _head_chunks
+
+    docs, hq, hkv, d, b = [70, 0, 61], 6, 2, 16, 16
+    t = sum(docs)
+    q, k, v = _inputs(t, hq, hkv, d, torch.float32, seed=9)
+    cu = _cu(docs)
+    idx = naive.select_blocks(q, k, block_size=b, topk=3, cu_seqlens=cu)
+    do = torch.randn(t, hq, d, generator=torch.Generator().manual_seed(3)).to(DEV)
+    bwd = {"dq-kernel": {"fuse_dq": False, "gather_rows": True},
+           "dq-rows": {"fuse_dq": None, "gather_rows": True, "dq_rows": True}}[dq_path]
+    cfg = choose_config(b, d, hq // hkv, t).replace(bwd={**bwd, "dq_bn": 16, "dq_bm": 16, "split_mask": True})
+    w = idx.shape[-1]
+    # fp32 dq is written in place (no scratch): the bound is on the rows copied in bucket order
+    per_qh = t * w * (2 * d * 4 + 12 + (4 * d if cfg.bwd.dq_rows else 0))
+    split = cfg.replace(bwd={"split_group": True, "dq_chunk_bytes": 2 * per_qh})
+    assert _head_chunks(t, hkv, 3, w, d, 4, True, split.bwd) == [
+        (0, 1, 0, 2, False), (0, 1, 2, 1, True), (1, 1, 3, 2, False), (1, 1, 5, 1, True)]
+
+    def grads(fn, dtype, **kw):
+        qq, kk, vv = (x.to(dtype).detach().requires_grad_() for x in (q, k, v))
+        o, _ = fn(qq, kk, vv, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5, **kw)
+        (o * do.to(dtype)).sum().backward()
+        return qq.grad, kk.grad, vv.grad
+
+    whole, parts = grads(tb.block_attn, torch.float32, config=cfg), grads(tb.block_attn, torch.float32, config=split)
+    for name, a, p in zip(("dq", "dk", "dv"), whole, parts):
+        assert torch.allclose(a, p, rtol=1e-5, atol=1e-5), name
+    ref, nai = grads(naive.block_attn, torch.float64), grads(naive.block_attn, torch.float32)
+    for name, a, n, r in zip(("dq", "dk", "dv"), parts, nai, ref):
+        _check(name, a, n, r, floor=1e-5)
+
+
+def test_head_chunks_plan_matches_the_scratch_bound():
+    from moba_cp.ops.moba.triton_attn_bwd import _head_chunks
+
+    base = BwdConfig(bnb=64, gather_rows=True, dq_rows=True)
+    # 128K tokens, 16/4 heads, W=13, d=64, bf16: 3.6 GB of rows per KV head over a 2 GiB bound
+    row = 2 * 64 * 2 + 12 + 4 * 64
+    assert _head_chunks(131072, 4, 4, 13, 64, 2, False, base) == [(h, 1, 4 * h, 4, False) for h in range(4)]
+    plan = _head_chunks(131072, 4, 4, 13, 64, 2, False, BwdConfig(**{**vars(base), "split_group": True}))
+    assert plan == [(h, 1, 4 * h + i, 2, i > 0) for h in range(4) for i in (0, 2)]
+    assert all(131072 * 13 * row * hc <= 2 << 30 for *_, hc, _ in plan)
+    # small calls stay one launch, split_group or not
+    small = BwdConfig(**{**vars(base), "split_group": True})
+    assert _head_chunks(8192, 6, 1, 3, 64, 2, True, small) == [(0, 6, 0, 6, False)]
 
 
 # ------------------------------------------------------------------------------- errors, compile
@@ -642,7 +699,9 @@ def test_gpu_bf16_real_sizes(d, hq, hkv, b, topk):
 @pytest.mark.parametrize("bwd", [{"sub_major": True}, {"dq_rows": True, "fuse_dq": None},
                                  {"dq_rows": True, "fuse_dq": None, "sub_major": True, "dq_trans": True},
                                  {"dq_rows": True, "fuse_dq": None, "sub_major": True, "tma_dq": True},
-                                 {"dq_rows": True, "fuse_dq": None, "tma_dq": True, "tma": True}])
+                                 {"dq_rows": True, "fuse_dq": None, "tma_dq": True, "tma": True},
+                                 {"dq_rows": True, "fuse_dq": None, "sub_major": True, "tma_dq": True,
+                                  "split_group": True, "dq_chunk_bytes": 1}])
 @pytest.mark.parametrize("d,b", [(64, 512), (64, 1024), (128, 512)])
 def test_gpu_bf16_backward_variants(d, b, bwd):
     """The backward options under measurement (grid order, dQ summed from the gathered rows'

@@ -87,9 +87,11 @@ fi
 
 # 6. (part rows64) the d=64 backward's gathered-row tile (bm=32) was chosen before dQ was fused
 #    into the dK/dV program (session 8); with dq_rows + tma_dq each row tile also costs a TMA
-#    reduction, so larger tiles (fewer reductions, larger products) may now win. Today's default
-#    first and last.
-ROWS64='[{}, {"bm": 64}, {"bm": 64, "num_warps": 8}, {"bm": 64, "num_stages": 2}, {"bm": 16}, {}]'
+#    reduction, so larger tiles (fewer reductions, larger products) may now win. Also split_group
+#    with a 1 GiB bound (one query head per launch at 128K: ~0.9 GB of rows instead of ~3.6 GB,
+#    the time it costs). Today's default first and last.
+ROWS64='[{}, {"bm": 64}, {"bm": 64, "num_warps": 8}, {"bm": 64, "num_stages": 2}, {"bm": 16},
+ {"split_group": true, "dq_chunk_bytes": 1073741824}, {}]'
 if has rows64; then
   "$PY" benchmarks/bench_moba.py --tune train-b1024:131072,train-b512:32768,small-b512:8192 --tune-parts bwd \
     --tune-bwd "$ROWS64" 2>&1 | tee "$OUT/tune_rows64.log" || true

@@ -217,17 +217,21 @@ def _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG,
 # large call's first backward paid those compiles (run 5: FlashMoBA 512K's single timed
 # fwd+bwd, compiled only on a small input, took 3.4 s against 0.45 s warm; compiles are the
 # likely cause, not verified on the GPU).
-@triton.jit(do_not_specialize=["HK0", "HKVC", "NSUB"])
+@triton.jit(do_not_specialize=["HK0", "HKVC", "NSUB", "QH0", "QHC"])
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, QPOS, ENT, OFFS, ORDER, KSTART, KPOS, KLEN, DQ, DK, DV, QG, DOG, QGD, DOGD, LSE2G, DLG,
     QPG, DQG, DQGD, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dqt, H, W, NBK, G, HK0, HKVC, NSUB, scale, scale_log2,
+    stride_dqt, H, W, NBK, G, HK0, HKVC, NSUB, QH0, QHC, scale, scale_log2,
     BM: tl.constexpr, BNB: tl.constexpr, D: tl.constexpr, FUSE_DQ: tl.constexpr, PREC: tl.constexpr,
     TRANS: tl.constexpr, SPLIT: tl.constexpr, GATHERED: tl.constexpr, TMA: tl.constexpr,
     SUB_MAJOR: tl.constexpr, DQ_ROWS: tl.constexpr, TMA_DQ: tl.constexpr, DQ_TRANS: tl.constexpr,
+    ACC_KV: tl.constexpr,
 ):
-    # KV heads [HK0, HK0 + HKVC) of this launch; the j-th longest blocks of all of them run
-    # side by side (programs in decreasing-work order, heads interleaved).
+    # KV heads [HK0, HK0 + HKVC) of this launch, and of their query heads those in
+    # [QH0, QH0 + QHC) (all of them unless the launch splits a GQA group: split_group); the j-th
+    # longest blocks of all the KV heads run side by side (decreasing-work order, heads
+    # interleaved). ACC_KV: dK/dV are added to what an earlier launch of the same KV head stored
+    # (fp32; each key row still has one program per launch, so plain loads and stores suffice).
     if SUB_MAJOR:
         # One 1-D grid with the key sub-tiles of a block adjacent: the NSUB programs that read
         # the same gathered rows (and, with FUSE_DQ, add into the same dQ rows) run at the same
@@ -253,11 +257,11 @@ def _dkdv_kernel(
     v = tl.load(V + (ks + kk)[:, None] * stride_vt + hk * stride_vh + d[None, :], mask=kmask[:, None], other=0.0)
     dk = tl.zeros([BNB, D], dtype=tl.float32)
     dv = tl.zeros([BNB, D], dtype=tl.float32)
-    e0 = _ld(OFFS + HK0 * G * NBK)  # first row of this launch's buckets (row 0 of the gathered copy)
+    e0 = _ld(OFFS + QH0 * NBK)  # first row of this launch's buckets (row 0 of the gathered copy)
     # A row at position >= thr sees every key of this sub-tile (keys past the block end are
     # loaded as zeros and their dK/dV rows are never stored, so they need no mask either).
     thr = kp0 + n0 + BNB - 1
-    for i in range(G):
+    for i in range(tl.maximum(QH0 - hk * G, 0), tl.minimum(QH0 + QHC - hk * G, G)):
         h = hk * G + i
         b = h * NBK + g
         r_lo = _ld(OFFS + b)
@@ -273,21 +277,28 @@ def _dkdv_kernel(
         r_mask_end = r_mid if SPLIT else r_hi
         for r0 in range(r_lo, r_mask_end, BM):
             dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG, QPG, DQG, DQGD, e0,
-                                r0, r_hi, h, H, W, HK0 * G, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh,
+                                r0, r_hi, h, H, W, QH0, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh,
                                 stride_dot, stride_doh, stride_dqt, scale, scale_log2, BM, D, True, FUSE_DQ, PREC,
                                 TRANS, GATHERED, TMA, DQ_ROWS, TMA_DQ, DQ_TRANS)
         if SPLIT:
             for r0 in range(r_mid, r_hi, BM):
                 dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG, QPG, DQG, DQGD,
-                                    e0, r0, r_hi, h, H, W, HK0 * G, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh,
+                                    e0, r0, r_hi, h, H, W, QH0, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh,
                                     stride_dot, stride_doh, stride_dqt, scale, scale_log2, BM, D, False, FUSE_DQ, PREC,
                                     TRANS, GATHERED, TMA, DQ_ROWS, TMA_DQ, DQ_TRANS)
     out_rows = (ks + kk)[:, None]  # rows of the contiguous fp32 [Tk, Hkv, D] grads
     HKV = H // G
-    # Each (kv head, key rows) is owned by exactly one program, so dK/dV are written once,
-    # directly in the output dtype (no fp32 copy when the caller wants k's dtype).
-    tl.store(DK + (out_rows * HKV + hk) * D + d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kmask[:, None])
-    tl.store(DV + (out_rows * HKV + hk) * D + d[None, :], dv.to(DV.dtype.element_ty), mask=kmask[:, None])
+    # Each (kv head, key rows) is owned by exactly one program of a launch, so dK/dV are written
+    # once, directly in the output dtype (no fp32 copy when the caller wants k's dtype), or,
+    # when the launch holds only part of the GQA group, added to the earlier launches' fp32 sums.
+    dk_ptr = DK + (out_rows * HKV + hk) * D + d[None, :]
+    dv_ptr = DV + (out_rows * HKV + hk) * D + d[None, :]
+    dk = dk * scale
+    if ACC_KV:
+        dk += tl.load(dk_ptr, mask=kmask[:, None], other=0.0)
+        dv += tl.load(dv_ptr, mask=kmask[:, None], other=0.0)
+    tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=kmask[:, None])
+    tl.store(dv_ptr, dv.to(DV.dtype.element_ty), mask=kmask[:, None])
 
 
 @triton.jit
@@ -475,18 +486,14 @@ def sparse_attn_bwd(
         raise ValueError(f"sparse_attn_bwd: dq_bm={cfg.dq_bm} must divide the gather index's chunk {gi.chunk}")
     scale_log2 = softmax_scale * LOG2E
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
-    # KV heads per chunk: all at once when dq is fp32 (written in place) or its scratch is small,
-    # and (gather_rows) few enough that one chunk's copied rows fit the same bound.
-    n_chunks = 1 if fp32_dq else min(hkv, max(1, -(-tq * hq * d * 4 // cfg.dq_chunk_bytes)))
-    rows_per_kv = tq * g_sz * width  # static bound on one KV head's gathered rows
-    row_bytes = 2 * d * q.element_size() + 12 + (4 * d if cfg.dq_rows else 0)
-    if cfg.gather_rows:
-        n_chunks = max(n_chunks, min(hkv, max(1, -(-rows_per_kv * hkv * row_bytes // cfg.dq_chunk_bytes))))
-    hkc = -(-hkv // n_chunks)
-    for hk0 in range(0, hkv, hkc):
-        nkv = min(hkc, hkv - hk0)
-        h0, hc = hk0 * g_sz, nkv * g_sz
-        n_rows = rows_per_kv * nkv
+    chunks = _head_chunks(tq, hkv, g_sz, width, d, q.element_size(), fp32_dq, cfg)
+    split = any(hc < g_sz for _, _, _, hc, _ in chunks)
+    # A split GQA group sums its launches' dK/dV in fp32 (then cast once); else written once.
+    dk_out, dv_out = dk, dv
+    if split and kv_grad_dtype != torch.float32:
+        dk, dv = (torch.empty(tk, hkv, d, dtype=torch.float32, device=dev) for _ in range(2))
+    for hk0, nkv, h0, hc, acc_kv in chunks:
+        n_rows = tq * width * hc  # static bound on the chunk's gathered rows
         if cfg.dq_rows:
             # dQ summed per row of the bucket-order copy, then per token: no fp32 [Tq, hc, D] scratch.
             dq_c = dq
@@ -503,11 +510,11 @@ def sparse_attn_bwd(
         grid = (nkv * blocks.n * nsub,) if cfg.sub_major else (nkv * blocks.n, nsub)
         _dkdv_kernel[grid](
             q, k, v, do, lse, delta, qpos, gi.ent, gi.offs, gi.kv_order, blocks.kstart, blocks.kpos, blocks.klen,
-            dq_c, dk, dv, *rows, *dq_rows, *strides, dq_c.stride(0), hq, width, blocks.n, g_sz, hk0, nkv, nsub, softmax_scale,
-            scale_log2, BM=cfg.bm, BNB=bnb, D=d, FUSE_DQ=fuse_dq, PREC=prec, TRANS=cfg.trans,
+            dq_c, dk, dv, *rows, *dq_rows, *strides, dq_c.stride(0), hq, width, blocks.n, g_sz, hk0, nkv, nsub, h0, hc,
+            softmax_scale, scale_log2, BM=cfg.bm, BNB=bnb, D=d, FUSE_DQ=fuse_dq, PREC=prec, TRANS=cfg.trans,
             SPLIT=cfg.split_mask and sorted_positions, GATHERED=cfg.gather_rows, TMA=cfg.tma,
-            SUB_MAJOR=cfg.sub_major, DQ_ROWS=cfg.dq_rows, TMA_DQ=cfg.tma_dq, DQ_TRANS=cfg.dq_trans, num_warps=nw,
-            num_stages=n_stages,
+            SUB_MAJOR=cfg.sub_major, DQ_ROWS=cfg.dq_rows, TMA_DQ=cfg.tma_dq, DQ_TRANS=cfg.dq_trans, ACC_KV=acc_kv,
+            num_warps=nw, num_stages=n_stages,
         )
         del rows
         if cfg.dq_rows:
@@ -530,4 +537,32 @@ def sparse_attn_bwd(
         if not fp32_dq:
             dq[:, h0:h0 + hc].copy_(dq_c)
             del dq_c
-    return dq, dk, dv
+    if dk is not dk_out:
+        dk_out.copy_(dk)
+        dv_out.copy_(dv)
+    return dq, dk_out, dv_out
+
+
+def _head_chunks(tq: int, hkv: int, g: int, width: int, d: int, elem: int, fp32_dq: bool,
+                 cfg: BwdConfig) -> list[tuple[int, int, int, int, bool]]:
+    """The backward's launches as ``(hk0, nkv, h0, hc, acc_kv)``: KV heads ``[hk0, hk0 + nkv)``,
+    query heads ``[h0, h0 + hc)``, and whether dK/dV add to an earlier launch's. As many KV heads
+    per launch as keep its scratch within ``cfg.dq_chunk_bytes``: a half dq's fp32 scratch
+    (``4 D`` bytes per token and query head) and, with ``gather_rows``, the rows copied in bucket
+    order (q, dO, lse, delta, position, and with ``dq_rows`` an fp32 dQ row: ``row_bytes`` per
+    token, query head and slot). One KV head is the smallest launch unless ``cfg.split_group``,
+    which then splits its GQA group into launches of fewer query heads."""
+    scratch_qh = 0 if fp32_dq else tq * d * 4  # bytes per query head
+    row_bytes = 2 * d * elem + 12 + (4 * d if cfg.dq_rows else 0)
+    rows_qh = tq * width * row_bytes if cfg.gather_rows else 0
+    per_qh = max(scratch_qh, rows_qh)
+    limit = max(cfg.dq_chunk_bytes, 1)
+    if cfg.split_group and g > 1 and per_qh * g > limit:
+        qc = max(1, min(g, limit // max(per_qh, 1)))
+        return [(hk, 1, hk * g + i0, min(qc, g - i0), i0 > 0) for hk in range(hkv) for i0 in range(0, g, qc)]
+    # the chunk count of each scratch separately (as before split_group): the larger decides
+    n_chunks = 1 if fp32_dq else min(hkv, max(1, -(-scratch_qh * g * hkv // limit)))
+    if cfg.gather_rows:
+        n_chunks = max(n_chunks, min(hkv, max(1, -(-rows_qh * g * hkv // limit))))
+    hkc = -(-hkv // n_chunks)
+    return [(hk0, min(hkc, hkv - hk0), hk0 * g, min(hkc, hkv - hk0) * g, False) for hk0 in range(0, hkv, hkc)]

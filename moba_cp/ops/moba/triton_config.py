@@ -93,6 +93,11 @@ class BwdConfig:
     (a whole Hopper warpgroup MMA) rather than ``bm`` gathered rows (32 at d=64).
     ``dq_chunk_bytes``: largest fp32 dQ scratch when dq is
     returned in a half dtype (the backward then runs in chunks of KV heads).
+    ``split_group``: a chunk may hold fewer than one KV head's G query heads (its dK/dV then sum
+    over the chunks in fp32, ``8 D`` bytes per key row and KV head, cast once at the end), so
+    ``dq_chunk_bytes`` can bound the transient memory below one KV head's rows (at 128K, 16/4
+    heads, top-12, ``dq_rows``: ~3.6 GB per KV head, ~0.9 GB per query head); off: one KV head
+    is the smallest chunk. Not yet timed on a GPU.
     ``keep_index`` (the single-device op, not the CP slot form): the forward's gather index is
     saved for the backward (True), or only the selection, in the smallest integer type that holds
     its block ids, and the backward builds the index again (False). At 128K tokens, 16 query
@@ -119,6 +124,7 @@ class BwdConfig:
     dq_warps: int = 4
     dq_stages: int = 2
     dq_chunk_bytes: int = 2 << 30
+    split_group: bool = False
     keep_index: bool = True
 
     def __post_init__(self):
