@@ -128,6 +128,24 @@ def test_gate_variants_select_as_naive(case, variant):
     _assert_same_selection(idx_t, idx_n, q, k, b, cu, rtol=1e-5, max_frac=0.01)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    DEV == "cpu", reason="the Triton 3.6 interpreter's bf16 gate products disagree with the oracle whichever way the "
+    "centroids are split (both paths matched it on about half the slots); bf16 runs on the GPU"))])
+def test_gate_presplit_selects_bit_for_bit_as_the_in_kernel_split(dtype):
+    """``presplit``: the centroids' hi + lo parts made once per call are the parts each program
+    made, so the selection is identical (documents, GQA, masked edges and unmasked middles)."""
+    docs, b, hq, hkv, d, topk = [37, 563], 16, 4, 2, 16, 5
+    q, k, _ = _inputs(sum(docs), hq, hkv, d, torch.float32, seed=11)
+    q, k = q.to(dtype), k.to(dtype)
+    cu = _cu(docs)
+    base = choose_config(b, d, hq // hkv, sum(docs)).replace(gate={"bm": 16, "bn": 16})
+    on = tb.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu, config=base.replace(gate={"presplit": True}))
+    off = tb.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu, config=base)
+    assert torch.equal(on, off)
+    idx_n = naive.select_blocks(q.float(), k.float(), block_size=b, topk=topk, cu_seqlens=cu)
+    _assert_same_selection(on, idx_n, q.float(), k.float(), b, cu, rtol=1e-4, max_frac=0.01)
+
+
 # ------------------------------------------------------------------------------- attention
 ATTN_CASES = [
     (150, 4, 2, 32, 16, 3, [40, 0, 110]),  # GQA, empty doc, T not a multiple of B
@@ -718,7 +736,8 @@ def test_gpu_bf16_backward_variants(d, b, bwd):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("gate", [{"split_edges": True, "prefilter": True}, {"split_edges": False, "prefilter": False},
-                                  {"split_edges": True, "prefilter": False}, {"split_edges": False, "prefilter": True}])
+                                  {"split_edges": True, "prefilter": False}, {"split_edges": False, "prefilter": True},
+                                  {"presplit": True}])
 @pytest.mark.parametrize("d,b,topk", [(128, 128, 8), (64, 512, 3)])
 def test_gpu_bf16_gate_variants(d, b, topk, gate):
     """The gate's loop options at bf16 (hi/lo centroid products) on the GPU, two documents."""

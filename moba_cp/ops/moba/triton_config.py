@@ -150,13 +150,18 @@ class GateConfig:
     its k-th best instead; same selection, one fewer pass over the tile). The default is
     ``split_edges`` on and ``prefilter`` off: together they took the gate from 145.1 to 121.5 ms
     at FlashMoBA 512K (block 128, d=128) and from 2.17 to 1.90 ms at 128K (block 1024, d=64) on
-    one H200, the old loop timed before and after in the same process (``benchmarks/results/moba_tune_h200_2026-12-03_session13_gate.log``)."""
+    one H200, the old loop timed before and after in the same process (``benchmarks/results/moba_tune_h200_2026-12-03_session13_gate.log``).
+    ``presplit`` (half inputs): the fp32 centroids are split into their half-precision hi + lo
+    parts once per call, instead of in every program for every tile it reads (at FlashMoBA 512K
+    each centroid tile is split by ~16K programs); the same parts, so the same scores and
+    selection bit for bit. Not yet timed on a GPU."""
 
     bm: int = 0
     bn: int = 64
     num_warps: int = 4
     split_edges: bool = True
     prefilter: bool = False
+    presplit: bool = False
 
 
 @dataclass(frozen=True)

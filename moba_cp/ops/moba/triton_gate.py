@@ -39,24 +39,31 @@ MAX_GATE_WIDTH = TRITON.max_gate_width
 
 
 @triton.jit
-def _gate_tile(q, CENT, g0, g_hi, hk, stride_cg, stride_ch, base, g_end_row, rmask, topv, topi, thr, kcol, ncol,
-               Q_DTYPE: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
-               MASK: tl.constexpr, PREFILTER: tl.constexpr):
+def _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end_row, rmask, topv, topi, thr, kcol,
+               ncol, Q_DTYPE: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+               MASK: tl.constexpr, PREFILTER: tl.constexpr, PRESPLIT: tl.constexpr):
     """Scores of centroids ``[g0, g0 + BN)`` folded into the running top-k ``(topv, topi)``.
     Without ``MASK`` the caller guarantees every row of the tile may pick every column (its rows
     past ``T`` score 0 and are never stored). ``PREFILTER``: candidates not above the row's k-th
     best are set to -inf first; without it the insertion loop tests each row's best remaining
     score against its k-th best instead (a row whose best is not above it takes nothing, now or
-    later, since its k-th best only grows): the same result with one fewer pass over the tile."""
+    later, since its k-th best only grows): the same result with one fewer pass over the tile.
+    ``PRESPLIT`` (with ``SPLIT``): ``CENT``/``CENT_LO`` hold the centroids' hi and lo parts, split
+    once per call, instead of every program splitting every fp32 tile it reads."""
     d = tl.arange(0, D)
     gg = g0 + ncol
-    c = tl.load(CENT + gg.to(tl.int64)[:, None] * stride_cg + hk * stride_ch + d[None, :],
-                mask=(gg < g_hi)[:, None], other=0.0)
-    if SPLIT:
+    c_ptr = gg.to(tl.int64)[:, None] * stride_cg + hk * stride_ch + d[None, :]
+    if PRESPLIT:
+        c_hi = tl.load(CENT + c_ptr, mask=(gg < g_hi)[:, None], other=0.0)
+        c_lo = tl.load(CENT_LO + c_ptr, mask=(gg < g_hi)[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(c_hi)) + tl.dot(q, tl.trans(c_lo))
+    elif SPLIT:
+        c = tl.load(CENT + c_ptr, mask=(gg < g_hi)[:, None], other=0.0)
         c_hi = c.to(Q_DTYPE)
         c_lo = (c - c_hi.to(tl.float32)).to(Q_DTYPE)
         s = tl.dot(q, tl.trans(c_hi)) + tl.dot(q, tl.trans(c_lo))
     else:
+        c = tl.load(CENT + c_ptr, mask=(gg < g_hi)[:, None], other=0.0)
         s = tl.dot(q, tl.trans(c), input_precision=PREC)
     if MASK:
         ok = (gg[None, :] >= base[:, None]) & (gg[None, :] < g_end_row[:, None]) & rmask[:, None]
@@ -93,11 +100,12 @@ def _gate_tile(q, CENT, g0, g_hi, hk, stride_cg, stride_ch, base, g_end_row, rma
 
 @triton.jit
 def _gate_topk_kernel(
-    Q, CENT, QPOS, BASE, OUT,
+    Q, CENT, CENT_LO, QPOS, BASE, OUT,
     T, G, block_size, W,
     stride_qt, stride_qh, stride_cg, stride_ch, stride_ot, stride_oh,
     K: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
     SPLIT: tl.constexpr, PREC: tl.constexpr, SPLIT_EDGES: tl.constexpr, PREFILTER: tl.constexpr,
+    PRESPLIT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -135,14 +143,17 @@ def _gate_topk_kernel(
         g_mid_lo = g_lo + tl.cdiv(in_lo - g_lo, BN) * BN
         g_mid_hi = g_mid_lo + tl.maximum(in_hi - g_mid_lo, 0) // BN * BN
     for g0 in range(g_lo, g_mid_lo, BN):
-        topv, topi, thr = _gate_tile(q, CENT, g0, g_hi, hk, stride_cg, stride_ch, base, g_end_row, rmask, topv, topi,
-                                     thr, kcol, ncol, Q.dtype.element_ty, D, SPLIT, PREC, True, PREFILTER)
+        topv, topi, thr = _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end_row, rmask, topv,
+                                     topi, thr, kcol, ncol, Q.dtype.element_ty, D, SPLIT, PREC, True, PREFILTER,
+                                     PRESPLIT)
     for g0 in range(g_mid_lo, g_mid_hi, BN):
-        topv, topi, thr = _gate_tile(q, CENT, g0, g_hi, hk, stride_cg, stride_ch, base, g_end_row, rmask, topv, topi,
-                                     thr, kcol, ncol, Q.dtype.element_ty, D, SPLIT, PREC, False, PREFILTER)
+        topv, topi, thr = _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end_row, rmask, topv,
+                                     topi, thr, kcol, ncol, Q.dtype.element_ty, D, SPLIT, PREC, False, PREFILTER,
+                                     PRESPLIT)
     for g0 in range(g_mid_hi, g_hi, BN):
-        topv, topi, thr = _gate_tile(q, CENT, g0, g_hi, hk, stride_cg, stride_ch, base, g_end_row, rmask, topv, topi,
-                                     thr, kcol, ncol, Q.dtype.element_ty, D, SPLIT, PREC, True, PREFILTER)
+        topv, topi, thr = _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end_row, rmask, topv,
+                                     topi, thr, kcol, ncol, Q.dtype.element_ty, D, SPLIT, PREC, True, PREFILTER,
+                                     PRESPLIT)
 
     # Assemble: past blocks as document-local ids, the own block in slot K, the rest "big";
     # an ascending sort then gives the contract's order with padding last.
@@ -192,11 +203,17 @@ def gate_topk(
     bm = cfg.bm or (64 if d <= 64 else 32 if kp > 64 else 128 if kp <= 16 else 64)
     bn = cfg.bn
     grid = (triton.cdiv(t, bm), hq)
+    presplit = split and cfg.presplit
+    c_hi = c_lo = cent
+    if presplit:
+        # The same hi + lo parts the kernel would make (round to nearest even both ways), once.
+        c_hi = cent.to(q.dtype).contiguous()
+        c_lo = (cent - c_hi.float()).to(q.dtype).contiguous()
     _gate_topk_kernel[grid](
-        q, cent, qpos, base, out,
+        q, c_hi, c_lo, qpos, base, out,
         t, hq // hkv, block_size, width,
-        q.stride(0), q.stride(1), cent.stride(0), cent.stride(1), out.stride(0), out.stride(1),
+        q.stride(0), q.stride(1), c_hi.stride(0), c_hi.stride(1), out.stride(0), out.stride(1),
         K=k_past, KP=kp, BM=bm, BN=bn, D=d, SPLIT=split, PREC="ieee", SPLIT_EDGES=cfg.split_edges,
-        PREFILTER=cfg.prefilter, num_warps=cfg.num_warps,
+        PREFILTER=cfg.prefilter, PRESPLIT=presplit, num_warps=cfg.num_warps,
     )
     return out
