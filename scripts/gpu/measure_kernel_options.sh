@@ -20,7 +20,8 @@
 # 2. The GPU tests of those options (bf16 against the naive op) -> $OUT/gpu_tests.log (part tests).
 # 3. The gate at FlashMoBA 512K (the gate target's shape) and train-b1024 128K: today's default
 #    (split_edges, no prefilter) first and last, centroids split into hi + lo once per call
-#    (presplit) twice, and the loop before session 13 -> $OUT/tune_gate.log (part gate).
+#    (presplit) twice, with 128- and 32-centroid tiles, and the loop before session 13
+#    -> $OUT/tune_gate.log (part gate).
 # 4.-7. Not in the default PARTS: `table` (bench_moba's table with cuDNN), `d128` (backward and
 #    forward variants at d=128), `rows64` (larger gathered-row tiles for today's fused-dQ backward at
 #    d=64) and `nore` (training without recomputation at 128K and 32K: MoBA keeping its gather index,
@@ -54,7 +55,8 @@ if has tests; then
     | tee "$OUT/gpu_tests.log" || true
 fi
 
-GATES='[{}, {"presplit": true}, {"split_edges": false, "prefilter": true}, {"presplit": true}, {}]'
+GATES='[{}, {"presplit": true}, {"split_edges": false, "prefilter": true}, {"presplit": true, "bn": 128},
+ {"presplit": true, "bn": 32}, {"presplit": true}, {}]'
 if has gate; then
   "$PY" benchmarks/bench_moba.py --tune flashmoba:524288,train-b1024:131072 --tune-parts gate \
     --tune-gate "$GATES" 2>&1 | tee "$OUT/tune_gate.log" || true
