@@ -305,6 +305,29 @@ def test_half_precision_interpreter_or_gpu():
     _check("lse fp16", ker[1], nai[1], ref[1], floor=1e-4)
 
 
+def test_half_partials_stay_within_the_half_precision_error():
+    """``fwd.half_partials``: fp16 partial outputs (merged in fp32): o within the fp16 naive op's
+    error, the LSE bit for bit the fp32-partials path's (it never passes through the partials),
+    and gradients through the same backward."""
+    docs, b, hq, hkv, d = [70, 0, 61], 16, 4, 2, 32
+    q, k, v = _inputs(sum(docs), hq, hkv, d, torch.float32, seed=12)
+    cu = _cu(docs)
+    idx = naive.select_blocks(q, k, block_size=b, topk=4, cu_seqlens=cu)
+    cfg = choose_config(b, d, hq // hkv, sum(docs)).replace(fwd={"method": "partials", "bm": 16, "bn": 16,
+                                                                 "chunk": 32})
+    ref = naive.block_attn(q.double(), k.double(), v.double(), idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5)
+    h = [x.half().requires_grad_() for x in (q, k, v)]
+    nai = naive.block_attn(*h, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5)
+    fp32_parts = tb.block_attn(*h, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5, config=cfg)
+    half = tb.block_attn(*h, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
+                         config=cfg.replace(fwd={"half_partials": True}))
+    assert half[0].dtype == torch.float16 and torch.equal(half[1], fp32_parts[1])
+    assert not torch.equal(half[0], fp32_parts[0])  # the partials did pass through fp16
+    _check("o fp16, half partials", half[0], nai[0], ref[0], floor=1e-3)
+    half[0].float().sum().backward()
+    assert all(torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0 for x in h)
+
+
 # ------------------------------------------------------------------------------- CP slot form
 def test_partial_fwd_bwd_matches_naive():
     """Slot buffer with unordered slots, a slot in some queries' future, queries with no slot."""
@@ -730,6 +753,21 @@ def test_gpu_bf16_backward_variants(d, b, bwd):
     idx = naive.select_blocks(q, k, block_size=b, topk=3, cu_seqlens=cu)
     base = choose_config(b, d, 4, sum(t_docs))
     cfg = base.replace(bwd={"gather_rows": True, **bwd})
+    check_bf16_fwd_bwd(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
+                       fn=functools.partial(tb.block_attn, config=cfg))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,b", [(64, 512), (64, 1024), (128, 512)])
+def test_gpu_bf16_half_partials(d, b):
+    """``fwd.half_partials`` at bf16 on the GPU (two documents, GQA 4): within twice the naive
+    bf16 op's error, like every path."""
+    t_docs = [3000, 2 * b + 100]
+    cu = _cu(t_docs, "cuda")
+    q, k, v = _inputs(sum(t_docs), 8, 2, d, torch.bfloat16, seed=d + b + 1, device="cuda")
+    idx = naive.select_blocks(q, k, block_size=b, topk=3, cu_seqlens=cu)
+    cfg = choose_config(b, d, 4, sum(t_docs)).replace(
+        fwd={"method": "partials", "bm": 128, "bn": 64, "chunk": 128, "half_partials": True})
     check_bf16_fwd_bwd(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
                        fn=functools.partial(tb.block_attn, config=cfg))
 

@@ -51,7 +51,7 @@ if has bwd; then
 fi
 
 if has tests; then
-  "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_moba_triton.py -k "variants or real_sizes" 2>&1 \
+  "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_moba_triton.py -k "variants or real_sizes or half_partials" 2>&1 \
     | tee "$OUT/gpu_tests.log" || true
 fi
 
@@ -93,9 +93,11 @@ fi
 #    the time it costs). Today's default first and last.
 ROWS64='[{}, {"bm": 64}, {"bm": 64, "num_warps": 8}, {"bm": 64, "num_stages": 2}, {"bm": 16},
  {"split_group": true, "dq_chunk_bytes": 1073741824}, {}]'
+# and the forward's partial outputs in bf16 (half_partials: half the bytes the merge reads).
+FWD64='[{}, {"half_partials": true}, {}]'
 if has rows64; then
-  "$PY" benchmarks/bench_moba.py --tune train-b1024:131072,train-b512:32768,small-b512:8192 --tune-parts bwd \
-    --tune-bwd "$ROWS64" 2>&1 | tee "$OUT/tune_rows64.log" || true
+  "$PY" benchmarks/bench_moba.py --tune train-b1024:131072,train-b512:32768,small-b512:8192 --tune-parts fwd,bwd \
+    --tune-fwd "$FWD64" --tune-bwd "$ROWS64" 2>&1 | tee "$OUT/tune_rows64.log" || true
 fi
 
 # 7. (part nore) training without recomputing core attention (both attentions), where MoBA ran

@@ -295,7 +295,7 @@ def _fwd_partial_kernel(
         # Partial slot of entry (t, h, w) inside this head chunk: (t * HC + h - H0) * W + w.
         slot = (t64 * HC + (h - H0)) * W + (ent % W)
         tl.store(PL + slot, lse, mask=rmask)
-        tl.store(PO + slot[:, None] * D + d[None, :], o, mask=rmask[:, None])
+        tl.store(PO + slot[:, None] * D + d[None, :], o.to(PO.dtype.element_ty), mask=rmask[:, None])
 
 
 @triton.jit(do_not_specialize=["H0", "HC"])
@@ -319,7 +319,7 @@ def _merge_kernel(PO, PL, O, LSE, n_rows, H, H0, HC, W, stride_ot, stride_oh,
         live = pj > float("-inf")
         wt = tl.where(live, tl.exp(pj - lse_safe), 0.0)
         po = tl.load(PO + (r64 * W + j)[:, None] * D + d[None, :], mask=(rm & live)[:, None], other=0.0)
-        acc += wt[:, None] * po
+        acc += wt[:, None] * po.to(tl.float32)
     t = r64 // HC
     h = H0 + r % HC
     tl.store(O + (t * stride_ot + h * stride_oh)[:, None] + d[None, :], acc.to(O.dtype.element_ty), mask=rm[:, None])
@@ -329,7 +329,8 @@ def _merge_kernel(PO, PL, O, LSE, n_rows, H, H0, HC, W, stride_ot, stride_oh,
 def _sparse_attn_fwd_partials(q, k, v, qpos, blocks: KeyBlocks, gi: GatherIndex, width: int, softmax_scale: float,
                               block_size: int, cfg: FwdConfig):
     """``partials`` forward (see :class:`FwdConfig`): per chunk of query heads, one pass of the
-    tile kernel writing fp32 partials ``[T, HC, W, D]`` and their LSE, then one merge."""
+    tile kernel writing partials ``[T, HC, W, D]`` (fp32, or q's half dtype with
+    ``cfg.half_partials``) and their fp32 LSE, then one merge in fp32."""
     tq, hq, d = q.shape
     hkv = k.shape[1]
     dev = q.device
@@ -342,12 +343,13 @@ def _sparse_attn_fwd_partials(q, k, v, qpos, blocks: KeyBlocks, gi: GatherIndex,
     # least 256 MiB so short calls run in one chunk: fewer launches), so peak memory stays
     # near the inputs'; one head's partials are the floor.
     budget = min(cfg.partial_bytes, max(q.numel() * q.element_size(), 256 << 20))
-    per_head = tq * w * d * 4
+    part_dtype = q.dtype if cfg.half_partials and q.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    per_head = tq * w * d * part_dtype.itemsize
     hc = max(1, min(hq, budget // max(per_head, 1)))
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     bn = _key_bn(cfg, block_size)
     scale_log2 = softmax_scale * LOG2E
-    po = torch.empty(tq * hc * w * d, dtype=torch.float32, device=dev)
+    po = torch.empty(tq * hc * w * d, dtype=part_dtype, device=dev)
     pl = torch.empty(tq * hc * w, dtype=torch.float32, device=dev)
     for h0 in range(0, hq, hc):
         n = min(hc, hq - h0)

@@ -43,6 +43,11 @@ class FwdConfig:
     chunk: entries per program of the gather index (a multiple of ``bm``; the dQ kernel
         walks the same chunks).
     qchunk: ``one_pass`` tokens per program (0: from the shape).
+    half_partials (``partials``, half inputs): the normalised partial outputs are stored in q's
+        dtype instead of fp32 (half the bytes written and read back by the merge: ~7 of ~14 GB
+        at 128K, 16 heads, top-12, d=64); the merge still sums in fp32. Each partial is rounded
+        once (relative 2^-9 in bf16), so o carries about twice the rounding of the fp32 path
+        before its own final rounding. Not yet timed on a GPU.
     """
 
     method: str = "two_pass"
@@ -53,6 +58,7 @@ class FwdConfig:
     num_stages: int = 2
     qchunk: int = 0
     partial_bytes: int = 1 << 30
+    half_partials: bool = False
 
     def __post_init__(self):
         if self.method not in FWD_METHODS:
@@ -153,7 +159,7 @@ class GateConfig:
     one H200, the old loop timed before and after in the same process (``benchmarks/results/moba_tune_h200_2026-12-03_session13_gate.log``).
     ``presplit`` (half inputs): the fp32 centroids are split into their half-precision hi + lo
     parts once per call, instead of in every program for every tile it reads (at FlashMoBA 512K
-    each centroid tile is split by ~16K programs); the same parts, so the same scores and
+    ~8K programs per head each split every tile they read); the same parts, so the same scores and
     selection bit for bit. Not yet timed on a GPU."""
 
     bm: int = 0
