@@ -14,6 +14,12 @@ def test_keep_index_off_shrinks_the_saved_moba_state_to_one_byte_per_id():
     assert keep.moba_extra == 131072 * 16 * 12 * 4 * 24
     assert drop.moba_extra == keep.moba_extra / 4
     assert drop.activations == keep.activations and drop.total < keep.total
+    # micro-batch rows fold into heads: a call still holds one 128-block sequence, so still int8
+    two = estimate_memory(load_recipe("recipes/1gpu-32k.yaml", _128K + ["--moba.kernel=bwd.keep_index=false",
+                                                                        "--train.micro_batch_size=2",
+                                                                        "--train.global_batch_size=2"]),
+                          vocab_size=50304, dp=1)
+    assert two.moba_extra == 2 * drop.moba_extra
 
 
 def test_keep_index_off_uses_int16_past_128_blocks_and_nothing_changes_under_cp():

@@ -107,19 +107,20 @@ def estimate_memory(cfg: RecipeConfig, vocab_size: int, dp: int) -> MemoryEstima
     logits = tokens * vocab_size / p.tp * 4 * 2  # fp32 logits and their gradient
     kinds = layer_attention_kinds(m, cfg.attention)
     moba_layers = kinds.count("moba") if t.recompute != "full" else min(1, kinds.count("moba"))
-    idx = tokens * m.num_attention_heads / p.tp * cfg.moba.topk * _saved_id_bytes(cfg, tokens) * moba_layers
+    idx = tokens * m.num_attention_heads / p.tp * cfg.moba.topk * _saved_id_bytes(cfg) * moba_layers
     recv = (m.seq_length - m.seq_length / p.cp) * 2 * kv / p.tp * bpe if p.cp > 1 else 0.0
     return MemoryEstimate(weights, opt, act, logits, idx + recv)
 
 
-def _saved_id_bytes(cfg: RecipeConfig, tokens: float) -> int:
+def _saved_id_bytes(cfg: RecipeConfig) -> int:
     """Bytes per selected block that a MoBA layer keeps for its backward: the gather index
     (int32), or with ``moba.kernel: bwd.keep_index=false`` on one device the compacted selection
-    (int8 up to 128 blocks per call, int16 up to 32768; ``triton_backend.compact_selection``)."""
+    (int8 up to 128 blocks per call, int16 up to 32768; ``triton_backend.compact_selection``).
+    A call holds one sequence (micro-batch rows fold into heads), so the bound is per sequence."""
     keep = dict(dict(parse_kernel_overrides(cfg.moba.kernel or "")).get("bwd", ())).get("keep_index", True)
     if keep or cfg.parallel.cp > 1:
         return 4
-    n_blocks = -(-int(tokens) // cfg.moba.block_size)
+    n_blocks = -(-cfg.model.seq_length // cfg.moba.block_size)
     return 1 if n_blocks <= 128 else 2 if n_blocks <= 32768 else 4
 
 

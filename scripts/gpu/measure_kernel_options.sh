@@ -25,7 +25,8 @@
 # 4.-7. Not in the default PARTS: `table` (bench_moba's table with cuDNN), `d128` (backward and
 #    forward variants at d=128), `rows64` (larger gathered-row tiles for today's fused-dQ backward at
 #    d=64) and `nore` (training without recomputation at 128K and 32K: MoBA keeping its gather index,
-#    MoBA with bwd.keep_index=false, full attention); next session: PARTS=nore,table,rows64,d128.
+#    MoBA with bwd.keep_index=false, full attention). One call each: PARTS=nore,
+#    PARTS=tests,gate,rows64, PARTS=table,d128.
 # Needs no network: megatron-core comes from ./.whl when it is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -565,4 +565,5 @@ def _head_chunks(tq: int, hkv: int, g: int, width: int, d: int, elem: int, fp32_
     if cfg.gather_rows:
         n_chunks = max(n_chunks, min(hkv, max(1, -(-rows_qh * g * hkv // limit))))
     hkc = -(-hkv // n_chunks)
-    return [(hk0, min(hkc, hkv - hk0), hk0 * g, min(hkc, hkv - hk0) * g, False) for hk0 in range(0, hkv, hkc)]
+    spans = [(hk0, min(hkc, hkv - hk0)) for hk0 in range(0, hkv, hkc)]
+    return [(hk0, nkv, hk0 * g, nkv * g, False) for hk0, nkv in spans]
