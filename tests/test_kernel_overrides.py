@@ -132,7 +132,8 @@ def test_default_tiling_follows_the_measured_rows():
     with TMA also dQ fused into the bucket-order copy by bulk reductions, computed transposed
     under GQA only.
     Other head dims keep their rows (no rows copied in bucket order, so no dq_rows). The gate
-    runs its unmasked middle tiles apart, without the prefilter pass."""
+    runs its unmasked middle tiles apart, without the prefilter pass, and with blocks <= 128 on
+    centroids split once per call."""
     for tokens in (8192, 32768, 131072):
         plain, tma = choose_config(1024, 64, 4, tokens), choose_config(1024, 64, 4, tokens, True)
         assert plain.bwd.sub_major and not (plain.bwd.dq_rows or plain.bwd.tma_dq or plain.bwd.dq_trans)
@@ -140,11 +141,17 @@ def test_default_tiling_follows_the_measured_rows():
         assert tma.fwd == plain.fwd and tma.gate == plain.gate
         mha = choose_config(1024, 64, 1, tokens, True)
         assert mha.bwd.dq_rows and mha.bwd.tma_dq and not mha.bwd.dq_trans
+        # a GQA group may split over launches of at most 1 GiB of bucket-order rows (session 15)
+        assert plain.bwd.split_group and tma.bwd.split_group and tma.bwd.dq_chunk_bytes == 1 << 30
+        assert not plain.gate.presplit
     for block, d in ((128, 128), (512, 128), (4096, 128)):
         assert choose_config(block, d, 4, 131072, True) == choose_config(block, d, 4, 131072)
         assert not choose_config(block, d, 4, 131072, True).bwd.dq_rows
     gate = choose_config(128, 128, 1, 524288).gate
     assert gate.split_edges and not gate.prefilter
+    # thousands of centroids per head: their hi + lo parts made once per call (session 15)
+    assert gate.presplit and not choose_config(1024, 64, 4, 131072).gate.presplit
+    assert not choose_config(512, 128, 4, 131072).bwd.split_group  # rows not copied: nothing to split
 
 
 def test_device_has_tma_only_on_a_cuda_gpu_of_compute_capability_9():

@@ -138,7 +138,7 @@ def test_gate_presplit_selects_bit_for_bit_as_the_in_kernel_split(dtype):
     q, k, _ = _inputs(sum(docs), hq, hkv, d, torch.float32, seed=11)
     q, k = q.to(dtype), k.to(dtype)
     cu = _cu(docs)
-    base = choose_config(b, d, hq // hkv, sum(docs)).replace(gate={"bm": 16, "bn": 16})
+    base = choose_config(b, d, hq // hkv, sum(docs)).replace(gate={"bm": 16, "bn": 16, "presplit": False})
     on = tb.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu, config=base.replace(gate={"presplit": True}))
     off = tb.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu, config=base)
     assert torch.equal(on, off)
@@ -549,7 +549,7 @@ def test_backward_in_kv_head_chunks(dq_path):
         return qq.grad, kk.grad, vv.grad
 
     one = grads(tb.block_attn, torch.float16, config=cfg)
-    chunked = grads(tb.block_attn, torch.float16, config=cfg.replace(bwd={"dq_chunk_bytes": 1}))
+    chunked = grads(tb.block_attn, torch.float16, config=cfg.replace(bwd={"dq_chunk_bytes": 1, "split_group": False}))
     # split_group: one query head per launch, dK/dV summed over the group's launches in fp32
     per_head = grads(tb.block_attn, torch.float16, config=cfg.replace(bwd={"dq_chunk_bytes": 1, "split_group": True}))
     for a, c, p in zip(one, chunked, per_head):

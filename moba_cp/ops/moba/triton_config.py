@@ -47,7 +47,9 @@ class FwdConfig:
         dtype instead of fp32 (half the bytes written and read back by the merge: ~7 of ~14 GB
         at 128K, 16 heads, top-12, d=64); the merge still sums in fp32. Each partial is rounded
         once (relative 2^-9 in bf16), so o carries about twice the rounding of the fp32 path
-        before its own final rounding. Not yet timed on a GPU.
+        before its own final rounding. Off: on one H200 it changed nothing measurable (128K, block
+        1024, top-12: 22.47 against 22.67/22.62 ms; 32K and 4 x 8K within the default's own drift;
+        ``moba_tune_h200_2026-12-04_session15_rows64.log``): the merge is not where the time goes.
     """
 
     method: str = "two_pass"
@@ -103,14 +105,18 @@ class BwdConfig:
     over the chunks in fp32, ``8 D`` bytes per key row and KV head, cast once at the end), so
     ``dq_chunk_bytes`` can bound the transient memory below one KV head's rows (at 128K, 16/4
     heads, top-12, ``dq_rows``: ~3.6 GB per KV head, ~0.9 GB per query head); off: one KV head
-    is the smallest chunk. Not yet timed on a GPU.
+    is the smallest chunk. On by default at d<=64 with a 1 GiB bound (see :func:`choose_config`).
     ``keep_index`` (the single-device op, not the CP slot form): the forward's gather index is
     saved for the backward (True), or only the selection, in the smallest integer type that holds
     its block ids, and the backward builds the index again (False). At 128K tokens, 16 query
     heads, top-12 and block 1024 that is ~27 MB instead of ~110 MB per layer, for one more index
     build (1.4 ms on an H200) in each backward. It pays only where the saved state outlives the
     forward (``train.recompute=none``) and memory is tight; under recomputation the state lives
-    from the recomputed forward to its backward only."""
+    from the recomputed forward to its backward only. On one H200 (session 15,
+    ``train_h200_2026-12-04_session15_norecompute.md``) 128K training without recomputation ran
+    out of memory keeping the index and trained with False (2.85x full attention's tokens/s,
+    135.6 GiB peak); at 32K it cost 2% (2.43x -> 2.38x). So True stays the default, and
+    ``moba.kernel: bwd.keep_index=false`` is the setting for memory-bound runs without recomputation."""
 
     bnb: int = 0
     bm: int = 64
@@ -160,7 +166,10 @@ class GateConfig:
     ``presplit`` (half inputs): the fp32 centroids are split into their half-precision hi + lo
     parts once per call, instead of in every program for every tile it reads (at FlashMoBA 512K
     ~8K programs per head each split every tile they read); the same parts, so the same scores and
-    selection bit for bit. Not yet timed on a GPU."""
+    selection bit for bit. On by default for blocks <= 128 (thousands of centroids per head):
+    122.5/122.3 -> 117.2/117.1 ms at FlashMoBA 512K on one H200; at 128K, block 1024 (128
+    centroids) it did not help (1.74/1.92 -> 1.85/2.01 ms), so larger blocks keep it off
+    (``moba_tune_h200_2026-12-04_session15_gate.log``)."""
 
     bm: int = 0
     bn: int = 64
@@ -327,7 +336,9 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
         # FlashMoBA 128K (forward alone), but with whole-block sub-tiles the full call went
         # 76 -> 104 ms (H200, benchmarks/results/moba_h200_2026-12-02.md), so this row stays.
         fwd = FwdConfig(method="two_pass", bm=64, bn=0, chunk=256)
-        return KernelConfig(fwd=fwd, bwd=bwd_old)
+        # Centroid hi + lo parts made once per call (presplit): gate 122.4 -> 117.1 ms at FlashMoBA
+        # 512K, block 128, d=128 (H200, two runs each; moba_tune_h200_2026-12-04_session15_gate.log).
+        return KernelConfig(fwd=fwd, bwd=bwd_old, gate=GateConfig(presplit=True))
     if head_dim <= 64:
         # H200, d=64, 16/4 heads: partials on 128-row tiles, 4 warps, 3 stages: fwd 44.7 -> 22.5 ms
         # (128K, block 1024, top-k 12), 2.37 -> 1.65 ms (32K, block 512, top-k 3), 1.29 -> 1.06 ms
@@ -350,11 +361,17 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
         # product only with GQA: at 4 x 8K with 6/6 heads it lost in both calls (1.22 vs 1.05 ms;
         # 1.14/1.20 vs 0.94 ms), at 32K with 16/4 heads it tied (2.39 vs 2.39 ms)
         # (moba_tune_h200_2026-12-03_session13_small.log).
+        # Session 15 (moba_tune_h200_2026-12-04_session15_rows64.log, default first and last): a GQA
+        # group split over launches of at most 1 GiB of bucket-order rows (split_group): 55.7 against
+        # 56.5/58.0 ms at 128K (one query head per launch: ~0.9 GB of rows instead of ~3.6 GB),
+        # 2.41 against 2.57/2.35 ms at 32K, 1.00 against 1.01/0.99 ms at 4 x 8K: no time measured,
+        # ~2.7 GB less transient memory at 128K. Larger row tiles lost: bm=64 with 4 warps spills
+        # (308 ms at 128K), with 8 warps 59.7 ms; bm=16 63.0 ms.
         stages = 4 if 0 < n_tokens <= 32 * 1024 else 3
         fwd = FwdConfig(method="partials", bm=128, bn=64, chunk=128, num_warps=4, num_stages=stages)
         bwd = BwdConfig(bnb=128, bm=32, split_mask=True, gather_rows=True, num_warps=4, num_stages=stages,
                         dq_bm=64, dq_bn=64, dq_stages=3, sub_major=True, dq_rows=tma, tma_dq=tma,
-                        dq_trans=tma and group > 1)
+                        dq_trans=tma and group > 1, split_group=True, dq_chunk_bytes=1 << 30)
         return KernelConfig(fwd=fwd, bwd=bwd)
     # d=128, blocks 256-1024: two passes on 64 x 64 tiles (H100 sweeps at blocks 128 and 512).
     return KernelConfig(fwd=FwdConfig(method="two_pass", bm=64, bn=64, chunk=256), bwd=bwd_old)
