@@ -9,11 +9,15 @@ recipe before it spawns any worker.
 from __future__ import annotations
 
 import argparse
+import sys
+
+import torch
 
 from moba_cp.config import RecipeConfig, RecipeError, dump, load_recipe
 from moba_cp.train.checkpoint import CheckpointError
 from moba_cp.train.dry_run import dry_run
 from moba_cp.train.loop import TrainingError, train
+from moba_cp.train.oom_hints import oom_message
 from moba_cp.train.user_errors import report, user_errors
 
 __all__ = ["add_train_arguments", "build_train_parser", "load_recipe_or_report", "run_train_command",
@@ -66,6 +70,12 @@ def run_train_command(args: argparse.Namespace, overrides: list[str]) -> int:
     except (CheckpointError, TrainingError) as e:  # the same on every rank: said once
         report("train", e)
         return 1
+    except torch.OutOfMemoryError:
+        # The allocator's message names the allocation, not the setting that would make the run
+        # fit: say which overrides would, from the rank that failed (it may be the only one),
+        # then let the traceback through as for any crash.
+        print(f"moba-cp train: {oom_message(cfg, args.recipe)}", file=sys.stderr, flush=True)
+        raise
     return 0
 
 

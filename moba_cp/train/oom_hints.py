@@ -1,0 +1,65 @@
+"""What to change when a training run runs out of device memory: the recipe's own levers, most
+specific first, each as the override to paste.
+
+A CUDA out-of-memory error names the allocation that failed, not the setting that would make
+the run fit; this turns the recipe into that list. Pure (no device, no torch.distributed), so
+it is tested on CPU.
+"""
+
+from __future__ import annotations
+
+from moba_cp.config import RecipeConfig, layer_attention_kinds
+from moba_cp.ops.moba.triton_config import parse_overrides as parse_kernel_overrides
+
+__all__ = ["oom_hints", "oom_message"]
+
+
+def _keeps_index(cfg: RecipeConfig) -> bool:
+    """Whether the recipe's MoBA layers keep the forward's gather index (the default)."""
+    bwd = dict(dict(parse_kernel_overrides(cfg.moba.kernel or "")).get("bwd", ()))
+    return bwd.get("keep_index", True)
+
+
+def _with_kernel(cfg: RecipeConfig, override: str) -> str:
+    """``--moba.kernel=...`` with ``override`` added to the recipe's own overrides."""
+    own = (cfg.moba.kernel or "").strip()
+    return f"--moba.kernel={own + ',' if own else ''}{override}"
+
+
+def oom_hints(cfg: RecipeConfig) -> list[str]:
+    """The overrides that lower this recipe's peak memory, most specific first.
+
+    Each item is one line: the override, then what it trades. Levers that the recipe already
+    uses at their limit are left out (e.g. no micro-batch advice at micro-batch 1)."""
+    t, p = cfg.train, cfg.parallel
+    moba_layers = layer_attention_kinds(cfg.model, cfg.attention).count("moba")
+    hints = []
+    if t.recompute == "none" and moba_layers and p.cp == 1 and _keeps_index(cfg):
+        # Measured on one H200 at 128K without recomputation: the default ran out of memory,
+        # this trained (the index is ~4x the selection; the backward builds it again).
+        hints.append(f"{_with_kernel(cfg, 'bwd.keep_index=false')}: MoBA layers keep their int8/int16 block "
+                     "selection for the backward instead of the int32 gather index, which the backward then "
+                     "builds again (~2% slower at 32K)")
+    if t.micro_batch_size > 1:
+        hints.append(f"--train.micro_batch_size={max(1, t.micro_batch_size // 2)}: fewer sequences per "
+                     "forward; the global batch stays (more gradient accumulation)")
+    if t.recompute == "none":
+        hints.append("--train.recompute=selective: core attention's forward runs again in the backward "
+                     "instead of its activations being kept")
+    if t.recompute in ("none", "selective"):
+        hints.append("--train.recompute=full: whole layers run again in the backward (the most memory saved, "
+                     "about a third more compute)")
+    hints.append(f"--parallel.cp={max(2, 2 * p.cp)} (with as many more GPUs): each GPU holds "
+                 f"1/{max(2, 2 * p.cp)} of the sequence")
+    if not p.distributed_optimizer and (p.dp or 1) > 1:
+        hints.append("--parallel.distributed_optimizer=true: optimizer state sharded over data-parallel ranks")
+    return hints
+
+
+def oom_message(cfg: RecipeConfig, recipe: str | None = None) -> str:
+    """The lines printed after an out-of-memory error: the hints and the dry run that sizes them."""
+    lines = ["the run ran out of device memory; settings that lower the peak, most specific first:"]
+    lines += [f"  {h}" for h in oom_hints(cfg)]
+    where = recipe or "RECIPE.yaml"
+    lines.append(f"  (`moba-cp train {where} --dry-run` with the same overrides prints the memory estimate)")
+    return "\n".join(lines)

@@ -1,0 +1,63 @@
+"""Out-of-memory advice: the recipe's levers as pasteable overrides, most specific first, and the
+train command printing them before the error goes through."""
+
+import argparse
+
+import pytest
+import torch
+
+from moba_cp.config import load_recipe
+from moba_cp.train import train_command
+from moba_cp.train.oom_hints import oom_hints, oom_message
+
+RECIPE = "recipes/1gpu-32k.yaml"
+
+
+def _cfg(*overrides):
+    return load_recipe(RECIPE, list(overrides))
+
+
+def test_moba_without_recomputation_is_told_to_keep_the_selection_first():
+    hints = oom_hints(_cfg("--train.recompute=none", "--train.micro_batch_size=1", "--train.global_batch_size=2"))
+    assert hints[0].startswith("--moba.kernel=bwd.keep_index=false:")
+    assert not any(h.startswith("--train.micro_batch_size") for h in hints)  # already 1
+    assert any(h.startswith("--train.recompute=selective") for h in hints)
+    assert any(h.startswith("--train.recompute=full") for h in hints)
+    assert any(h.startswith("--parallel.cp=2 ") for h in hints)
+
+
+def test_the_recipes_own_kernel_overrides_are_kept_in_the_advice():
+    hints = oom_hints(_cfg("--train.recompute=none", "--moba.kernel=gate.presplit=true"))
+    assert hints[0].startswith("--moba.kernel=gate.presplit=true,bwd.keep_index=false:")
+
+
+@pytest.mark.parametrize("overrides", [
+    ("--train.recompute=none", "--moba.kernel=bwd.keep_index=false"),  # already set
+    ("--train.recompute=selective",),  # the index lives only from the recomputed forward on
+    ("--train.recompute=none", "--attention.pattern=full"),  # no MoBA layer
+])
+def test_no_keep_index_advice_where_it_cannot_help(overrides):
+    assert not any("keep_index" in h for h in oom_hints(_cfg(*overrides)))
+
+
+def test_levers_already_at_their_limit_are_left_out():
+    hints = oom_hints(_cfg("--train.recompute=full", "--train.micro_batch_size=4", "--train.global_batch_size=8",
+                           "--parallel.cp=2"))
+    assert not any(h.startswith("--train.recompute") for h in hints)
+    assert hints[0].startswith("--train.micro_batch_size=2:")
+    assert any(h.startswith("--parallel.cp=4 ") for h in hints)
+
+
+def test_train_command_prints_the_advice_and_lets_the_error_through(monkeypatch, capsys):
+    def fake_train(cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 688.00 MiB.")
+
+    monkeypatch.setattr(train_command, "train", fake_train)
+    args = argparse.Namespace(recipe=RECIPE, dry_run=False, world_size=None, link_gbps=None, selection=None)
+    with pytest.raises(torch.OutOfMemoryError):
+        train_command.run_train_command(args, ["--train.recompute=none"])
+    err = capsys.readouterr().err
+    assert err.startswith("moba-cp train: the run ran out of device memory")
+    assert "--moba.kernel=bwd.keep_index=false" in err and f"moba-cp train {RECIPE} --dry-run" in err
+    assert err.strip().splitlines()[1:] == [line for line in oom_message(
+        _cfg("--train.recompute=none"), RECIPE).splitlines()[1:]]
