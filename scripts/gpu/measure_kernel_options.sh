@@ -25,8 +25,8 @@
 # 4.-7. Not in the default PARTS: `table` (bench_moba's table with cuDNN), `d128` (backward and
 #    forward variants at d=128), `rows64` (larger gathered-row tiles for today's fused-dQ backward at
 #    d=64) and `nore` (training without recomputation at 128K and 32K: MoBA keeping its gather index,
-#    MoBA with bwd.keep_index=false, full attention). One call each: PARTS=nore,
-#    PARTS=tests,gate,rows64, PARTS=table,d128.
+#    MoBA with bwd.keep_index=false, full attention). Session 15 ran nore, tests, rows64 and gate
+#    (benchmarks/results/*2026-12-04_session15*); still to run: PARTS=table,d128 (one call).
 # Needs no network: megatron-core comes from ./.whl when it is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
