@@ -399,8 +399,10 @@ def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0, parts=("fwd", "bwd"), 
     from moba_cp.ops.moba import triton_backend as tb
     from moba_cp.ops.moba.triton_attn_bwd import sparse_attn_bwd
     from moba_cp.ops.moba.triton_attn_fwd import build_chunk_index, onepass_qchunk, sparse_attn_fwd, sparse_attn_fwd_onepass
+    from moba_cp.ops.moba.triton_centroids import block_centroids
     from moba_cp.ops.moba.triton_common import build_gather_index, doc_tables
     from moba_cp.ops.moba.triton_config import choose_config, device_has_tma
+    from moba_cp.ops.moba.triton_gate import gate_topk
 
     t = b * s
     cu, q, k, v, do = make_inputs(b, s, hq, hkv, d, DEV, DT)
@@ -429,6 +431,15 @@ def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0, parts=("fwd", "bwd"), 
         return sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, scale, block, fc)
 
     if "gate" in parts:
+        # The selection's pieces at the default tiling: centroids, the gate kernel, and the same
+        # kernel without its running top-k (products and masks only), so the loop's share is the
+        # difference of the last two (a diagnostic: that call's output is not a selection).
+        cent = block_centroids(k, blocks.kstart, blocks.klen, block)
+        gate_args = dict(block_size=block, topk=topk, width=w, cfg=base_cfg.gate)
+        attempt("gate pieces: centroids", lambda: block_centroids(k, blocks.kstart, blocks.klen, block))
+        attempt("gate pieces: gate kernel", lambda: gate_topk(q, cent, qpos, base, **gate_args))
+        attempt("gate pieces: gate kernel, scores only (diag)", lambda: gate_topk(q, cent, qpos, base, diag="scores",
+                                                                                  **gate_args))
         for change in gate_variants or TUNE_GATE:
             cfg = base_cfg.replace(gate=change)
             attempt(f"gate {change}", lambda: tb.select_blocks(q, k, block_size=block, topk=topk, cu_seqlens=cu, config=cfg))

@@ -31,7 +31,8 @@ def test_tune_smoke_every_variant_runs():
     lines = [x for x in proc.stdout.splitlines() if x.startswith("tune ")]
     assert not [x for x in lines if "failed" in x], out[-3000:]
     assert any("default config: KernelConfig(" in x for x in lines)
-    for piece in ("select (centroids+gate)", "gather index", "chunk index"):
+    for piece in ("select (centroids+gate)", "gather index", "chunk index", "gate pieces: centroids",
+                  "gate pieces: gate kernel:", "gate pieces: gate kernel, scores only (diag)"):
         assert any(piece in x for x in lines), piece
     assert sum(" gate {" in x for x in lines) == len(gate)
     assert sum(" fwd {" in x for x in lines) == len(fwd)

@@ -146,6 +146,29 @@ def test_gate_presplit_selects_bit_for_bit_as_the_in_kernel_split(dtype):
     _assert_same_selection(on, idx_n, q.float(), k.float(), b, cu, rtol=1e-4, max_frac=0.01)
 
 
+def test_gate_scores_only_diagnostic_runs_the_same_programs_and_refuses_unknown_names():
+    """``gate_topk(diag="scores")`` (the benchmark's split of the gate's time) runs the kernel
+    without its running top-k: it compiles, writes every slot, and leaves the real path as it was."""
+    from moba_cp.ops.moba.triton_centroids import block_centroids
+    from moba_cp.ops.moba.triton_common import doc_tables
+    from moba_cp.ops.moba.triton_gate import gate_topk
+
+    docs, b, hq, hkv, d, topk = [37, 163], 16, 4, 2, 16, 4
+    t = sum(docs)
+    q, k, _ = _inputs(t, hq, hkv, d, torch.float32, seed=12)
+    cu = _cu(docs)
+    blocks, qpos, base, info = doc_tables(t, cu, b, DEV)
+    cent = block_centroids(k, blocks.kstart, blocks.klen, b)
+    gate = choose_config(b, d, hq // hkv, t).gate
+    args = dict(block_size=b, topk=topk, width=info.width(topk), cfg=gate)
+    real = gate_topk(q, cent, qpos, base, **args)
+    assert torch.equal(real, tb.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu))
+    diag = gate_topk(q, cent, qpos, base, diag="scores", **args)
+    assert diag.shape == real.shape and diag.dtype == torch.int32
+    with pytest.raises(ValueError, match=r"diag='loop' is not one of None, 'scores'"):
+        gate_topk(q, cent, qpos, base, diag="loop", **args)
+
+
 # ------------------------------------------------------------------------------- attention
 ATTN_CASES = [
     (150, 4, 2, 32, 16, 3, [40, 0, 110]),  # GQA, empty doc, T not a multiple of B

@@ -41,7 +41,7 @@ MAX_GATE_WIDTH = TRITON.max_gate_width
 @triton.jit
 def _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end_row, rmask, topv, topi, thr, kcol,
                ncol, Q_DTYPE: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
-               MASK: tl.constexpr, PREFILTER: tl.constexpr, PRESPLIT: tl.constexpr):
+               MASK: tl.constexpr, PREFILTER: tl.constexpr, PRESPLIT: tl.constexpr, FOLD: tl.constexpr):
     """Scores of centroids ``[g0, g0 + BN)`` folded into the running top-k ``(topv, topi)``.
     Without ``MASK`` the caller guarantees every row of the tile may pick every column (its rows
     past ``T`` score 0 and are never stored). ``PREFILTER``: candidates not above the row's k-th
@@ -49,7 +49,9 @@ def _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end
     score against its k-th best instead (a row whose best is not above it takes nothing, now or
     later, since its k-th best only grows): the same result with one fewer pass over the tile.
     ``PRESPLIT`` (with ``SPLIT``): ``CENT``/``CENT_LO`` hold the centroids' hi and lo parts, split
-    once per call, instead of every program splitting every fp32 tile it reads."""
+    once per call, instead of every program splitting every fp32 tile it reads. Without ``FOLD``
+    (a timing diagnostic) the tile only raises every slot to the row's tile maximum: the products
+    and the mask run, the running top-k does not, and the result is not a selection."""
     d = tl.arange(0, D)
     gg = g0 + ncol
     c_ptr = gg.to(tl.int64)[:, None] * stride_cg + hk * stride_ch + d[None, :]
@@ -68,7 +70,9 @@ def _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end
     if MASK:
         ok = (gg[None, :] >= base[:, None]) & (gg[None, :] < g_end_row[:, None]) & rmask[:, None]
         s = tl.where(ok, s, float("-inf"))
-    if PREFILTER:
+    if not FOLD:
+        topv = tl.maximum(topv, tl.max(s, axis=1)[:, None])
+    elif PREFILTER:
         cand = tl.where(s > thr[:, None], s, float("-inf"))
         cmax = tl.max(cand, axis=1)
         while tl.max(cmax, axis=0) > float("-inf"):
@@ -105,7 +109,7 @@ def _gate_topk_kernel(
     stride_qt, stride_qh, stride_cg, stride_ch, stride_ot, stride_oh,
     K: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
     SPLIT: tl.constexpr, PREC: tl.constexpr, SPLIT_EDGES: tl.constexpr, PREFILTER: tl.constexpr,
-    PRESPLIT: tl.constexpr,
+    PRESPLIT: tl.constexpr, FOLD: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -145,15 +149,15 @@ def _gate_topk_kernel(
     for g0 in range(g_lo, g_mid_lo, BN):
         topv, topi, thr = _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end_row, rmask, topv,
                                      topi, thr, kcol, ncol, Q.dtype.element_ty, D, SPLIT, PREC, True, PREFILTER,
-                                     PRESPLIT)
+                                     PRESPLIT, FOLD)
     for g0 in range(g_mid_lo, g_mid_hi, BN):
         topv, topi, thr = _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end_row, rmask, topv,
                                      topi, thr, kcol, ncol, Q.dtype.element_ty, D, SPLIT, PREC, False, PREFILTER,
-                                     PRESPLIT)
+                                     PRESPLIT, FOLD)
     for g0 in range(g_mid_hi, g_hi, BN):
         topv, topi, thr = _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end_row, rmask, topv,
                                      topi, thr, kcol, ncol, Q.dtype.element_ty, D, SPLIT, PREC, True, PREFILTER,
-                                     PRESPLIT)
+                                     PRESPLIT, FOLD)
 
     # Assemble: past blocks as document-local ids, the own block in slot K, the rest "big";
     # an ascending sort then gives the contract's order with padding last.
@@ -176,6 +180,7 @@ def gate_topk(
     topk: int,
     width: int,
     cfg: GateConfig = GateConfig(),
+    diag: str | None = None,
 ) -> torch.Tensor:
     """MoBA selection from centroids, fused gate + running top-k.
 
@@ -187,9 +192,14 @@ def gate_topk(
         block_size: ``B``; topk: blocks per query incl. the own block.
         width: ``W`` columns of the result (``min(topk, max blocks of any document)``).
         cfg: tiling (``bm`` 0: by head dim and top-k).
+        diag: ``"scores"`` is a timing diagnostic (benchmarks only: the result is not a
+            selection): the same programs, products and masks without the running top-k, so
+            the full call minus this one is the insertion loop's time.
     Returns:
         ``[T, Hq, W]`` int32 document-local block ids, ascending, ``-1`` padded at the end.
     """
+    if diag not in (None, "scores"):
+        raise ValueError(f"gate_topk: diag={diag!r} is not one of None, 'scores'")
     t, hq, d = q.shape
     hkv = cent.shape[1]
     k_past = max(0, min(topk, width) - 1)  # a row never has more than width-1 past blocks
@@ -214,6 +224,6 @@ def gate_topk(
         t, hq // hkv, block_size, width,
         q.stride(0), q.stride(1), c_hi.stride(0), c_hi.stride(1), out.stride(0), out.stride(1),
         K=k_past, KP=kp, BM=bm, BN=bn, D=d, SPLIT=split, PREC="ieee", SPLIT_EDGES=cfg.split_edges,
-        PREFILTER=cfg.prefilter, PRESPLIT=presplit, num_warps=cfg.num_warps,
+        PREFILTER=cfg.prefilter, PRESPLIT=presplit, FOLD=diag is None, num_warps=cfg.num_warps,
     )
     return out
