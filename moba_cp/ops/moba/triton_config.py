@@ -364,7 +364,7 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
         # Session 15 (moba_tune_h200_2026-12-04_session15_rows64.log, default first and last): a GQA
         # group split over launches of at most 1 GiB of bucket-order rows (split_group): 55.7 against
         # 56.5/58.0 ms at 128K (one query head per launch: ~0.9 GB of rows instead of ~3.6 GB),
-        # 2.41 against 2.57/2.35 ms at 32K, 1.00 against 1.01/0.99 ms at 4 x 8K: no time measured,
+        # 2.41 against 2.57/2.35 ms at 32K, 1.00 against 1.01/0.99 ms at 4 x 8K: no measurable time cost,
         # ~2.7 GB less transient memory at 128K. Larger row tiles lost: bm=64 with 4 warps spills
         # (308 ms at 128K), with 8 warps 59.7 ms; bm=16 63.0 ms.
         stages = 4 if 0 < n_tokens <= 32 * 1024 else 3
