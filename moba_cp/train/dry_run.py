@@ -16,7 +16,7 @@ from pathlib import Path
 from moba_cp.config import RecipeConfig, RecipeError, layer_attention_kinds
 from moba_cp.model_sizes import default_ffn_hidden_size
 from moba_cp.ops.moba.kernel_limits import LIMITS
-from moba_cp.ops.moba.triton_config import parse_overrides as parse_kernel_overrides
+from moba_cp.ops.moba.triton_config import compact_selection_dtype, parse_overrides as parse_kernel_overrides
 from moba_cp.parallel.traffic import DEFAULT_INTER_GBPS, DEFAULT_INTRA_GBPS, candidate_comms, comm_traffic
 from moba_cp.train.flops import attended_keys, flops_per_step
 from moba_cp.train.preflight import preflight
@@ -112,16 +112,21 @@ def estimate_memory(cfg: RecipeConfig, vocab_size: int, dp: int) -> MemoryEstima
     return MemoryEstimate(weights, opt, act, logits, idx + recv)
 
 
+def keeps_gather_index(cfg: RecipeConfig) -> bool:
+    """The recipe's ``bwd.keep_index`` (``moba.kernel`` overrides; True unless set off): whether
+    its single-device MoBA layers save the gather index for the backward. The CP slot form
+    always does."""
+    return dict(dict(parse_kernel_overrides(cfg.moba.kernel or "")).get("bwd", ())).get("keep_index", True)
+
+
 def _saved_id_bytes(cfg: RecipeConfig) -> int:
     """Bytes per selected block that a MoBA layer keeps for its backward: the gather index
     (int32), or with ``moba.kernel: bwd.keep_index=false`` on one device the compacted selection
-    (int8 up to 128 blocks per call, int16 up to 32768; ``triton_backend.compact_selection``).
-    A call holds one sequence (micro-batch rows fold into heads), so the bound is per sequence."""
-    keep = dict(dict(parse_kernel_overrides(cfg.moba.kernel or "")).get("bwd", ())).get("keep_index", True)
-    if keep or cfg.parallel.cp > 1:
+    (:func:`compact_selection_dtype`). A call holds one sequence (micro-batch rows fold into
+    heads), so the bound is per sequence."""
+    if keeps_gather_index(cfg) or cfg.parallel.cp > 1:
         return 4
-    n_blocks = -(-cfg.model.seq_length // cfg.moba.block_size)
-    return 1 if n_blocks <= 128 else 2 if n_blocks <= 32768 else 4
+    return compact_selection_dtype(cfg.model.seq_length, cfg.moba.block_size).itemsize
 
 
 def kv_traffic_per_layer(cfg: RecipeConfig) -> dict:

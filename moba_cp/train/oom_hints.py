@@ -9,15 +9,9 @@ it is tested on CPU.
 from __future__ import annotations
 
 from moba_cp.config import RecipeConfig, layer_attention_kinds
-from moba_cp.ops.moba.triton_config import parse_overrides as parse_kernel_overrides
+from moba_cp.train.dry_run import keeps_gather_index
 
 __all__ = ["oom_hints", "oom_message"]
-
-
-def _keeps_index(cfg: RecipeConfig) -> bool:
-    """Whether the recipe's MoBA layers keep the forward's gather index (the default)."""
-    bwd = dict(dict(parse_kernel_overrides(cfg.moba.kernel or "")).get("bwd", ()))
-    return bwd.get("keep_index", True)
 
 
 def _with_kernel(cfg: RecipeConfig, override: str) -> str:
@@ -34,7 +28,7 @@ def oom_hints(cfg: RecipeConfig) -> list[str]:
     t, p = cfg.train, cfg.parallel
     moba_layers = layer_attention_kinds(cfg.model, cfg.attention).count("moba")
     hints = []
-    if t.recompute == "none" and moba_layers and p.cp == 1 and _keeps_index(cfg):
+    if t.recompute == "none" and moba_layers and p.cp == 1 and keeps_gather_index(cfg):
         # Measured on one H200 at 128K without recomputation: the default ran out of memory,
         # this trained (the index is ~4x the selection; the backward builds it again).
         hints.append(f"{_with_kernel(cfg, 'bwd.keep_index=false')}: MoBA layers keep their int8/int16 block "
@@ -49,8 +43,8 @@ def oom_hints(cfg: RecipeConfig) -> list[str]:
     if t.recompute in ("none", "selective"):
         hints.append("--train.recompute=full: whole layers run again in the backward (the most memory saved, "
                      "about a third more compute)")
-    hints.append(f"--parallel.cp={max(2, 2 * p.cp)} (with as many more GPUs): each GPU holds "
-                 f"1/{max(2, 2 * p.cp)} of the sequence")
+    cp = 2 * p.cp
+    hints.append(f"--parallel.cp={cp} (with as many more GPUs): each GPU holds 1/{cp} of the sequence")
     if not p.distributed_optimizer and (p.dp or 1) > 1:
         hints.append("--parallel.distributed_optimizer=true: optimizer state sharded over data-parallel ranks")
     return hints

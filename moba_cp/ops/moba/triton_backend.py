@@ -41,7 +41,7 @@ from moba_cp.ops.moba.triton_common import (
     tensor_identity,
 )
 from moba_cp.ops.moba.cuda_graphs import GraphedCall, graph_mode, graphs_enabled
-from moba_cp.ops.moba.triton_config import KernelConfig, tiling_for
+from moba_cp.ops.moba.triton_config import KernelConfig, compact_selection_dtype, tiling_for
 from moba_cp.ops.moba.triton_gate import MAX_GATE_WIDTH, gate_topk
 
 __all__ = ["moba_attn", "select_blocks", "block_attn", "partial_index", "partial_attn_fwd", "partial_attn_bwd"]
@@ -197,13 +197,9 @@ def _(do, dlse, q, k, v, o, lse, indices, index, cu_seqlens, block_size, softmax
 
 def compact_selection(indices: torch.Tensor, block_size: int) -> torch.Tensor:
     """``indices [T, Hq, W]`` (document-local block ids, ``-1`` = none) in the smallest signed
-    integer type that holds every id a ``T``-token call can have (a document has at most
-    ``ceil(T / block_size)`` blocks): int8 up to 128 blocks, int16 up to 32768, else int32.
-    A static bound, so no device sync; what the backward keeps instead of the gather index
-    when ``BwdConfig.keep_index`` is off."""
-    n_blocks = -(-indices.shape[0] // block_size)
-    dtype = torch.int8 if n_blocks <= 128 else torch.int16 if n_blocks <= 32768 else torch.int32
-    return indices.to(dtype)
+    integer type that holds every id a ``T``-token call can have (:func:`compact_selection_dtype`):
+    what the backward keeps instead of the gather index when ``BwdConfig.keep_index`` is off."""
+    return indices.to(compact_selection_dtype(indices.shape[0], block_size))
 
 
 def _save_for_backward(ctx, inputs, o, lse, index) -> None:

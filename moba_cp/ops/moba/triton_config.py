@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 __all__ = ["FwdConfig", "BwdConfig", "GateConfig", "KernelConfig", "choose_config", "tiling_for", "device_has_tma",
-           "parse_overrides", "apply_overrides"]
+           "parse_overrides", "apply_overrides", "compact_selection_dtype"]
 
 FWD_METHODS = ("partials", "two_pass", "one_pass")
 
@@ -220,6 +220,14 @@ _CLASSES = {"fwd": FwdConfig, "bwd": BwdConfig, "gate": GateConfig}
 _FIELDS = {part: tuple(f.name for f in fields(cls)) for part, cls in _CLASSES.items()}
 # Field types as annotated (strings: this module uses postponed annotations).
 _TYPES = {part: {f.name: f.type for f in fields(cls)} for part, cls in _CLASSES.items()}
+
+
+def compact_selection_dtype(n_tokens: int, block_size: int) -> torch.dtype:
+    """The smallest signed integer type for the block ids of an ``n_tokens`` call (a document has
+    at most ``ceil(n_tokens / block_size)`` blocks): int8 up to 128 blocks, int16 up to 32768,
+    else int32. What ``BwdConfig.keep_index=False`` keeps; a static bound, so no device sync."""
+    n_blocks = -(-n_tokens // block_size)
+    return torch.int8 if n_blocks <= 128 else torch.int16 if n_blocks <= 32768 else torch.int32
 
 
 @functools.lru_cache(maxsize=64)
