@@ -109,6 +109,9 @@ GATE_VARIANTS = {
     "split-edges": GateConfig(bm=16, bn=16, split_edges=True),
     "no-prefilter": GateConfig(bm=16, bn=16, prefilter=False),
     "split-edges-no-prefilter": GateConfig(bm=32, bn=16, split_edges=True, prefilter=False),
+    "counted": GateConfig(bm=16, bn=16, loop="counted"),
+    "counted-8-slots": GateConfig(bm=32, bn=16, loop="counted", slots=8),
+    "keys-8-slots": GateConfig(bm=16, bn=16, loop="keys", slots=8),  # fp32 inputs: runs counted
 }
 
 
@@ -144,6 +147,32 @@ def test_gate_presplit_selects_bit_for_bit_as_the_in_kernel_split(dtype):
     assert torch.equal(on, off)
     idx_n = naive.select_blocks(q.float(), k.float(), block_size=b, topk=topk, cu_seqlens=cu)
     _assert_same_selection(on, idx_n, q.float(), k.float(), b, cu, rtol=1e-4, max_frac=0.01)
+
+
+@pytest.mark.parametrize("loop,slots", [("keys", 16), ("keys", 8), ("counted", 8)])
+@pytest.mark.parametrize("case", [(600, 2, 1, 16, 16, 5, [37, 563]), (97, 2, 1, 16, 16, 100, None),
+                                  (130, 3, 3, 16, 32, 1, [1, 129])], ids=lambda c: f"T{c[0]}-k{c[5]}")
+def test_gate_loops_at_half_precision_select_as_naive(case, loop, slots):
+    """The counted and int32-key loops at fp16 (hi + lo products; keys order the scores to
+    ~2^-17, so a disagreement must be a near-tie): documents, GQA, top-k 1 and top-k above the
+    blocks, unmasked middles and masked edges."""
+    t, hq, hkv, d, b, topk, docs = case
+    q, k, _ = _inputs(t, hq, hkv, d, torch.float32, seed=t + topk + 2)
+    q, k = q.half(), k.half()
+    cu = None if docs is None else _cu(docs)
+    cfg = choose_config(b, d, hq // hkv, t).replace(gate=GateConfig(bm=16, bn=16, loop=loop, slots=slots))
+    idx_n = naive.select_blocks(q.float(), k.float(), block_size=b, topk=topk, cu_seqlens=cu)
+    idx_t = tb.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu, config=cfg)
+    _assert_same_selection(idx_t, idx_n, q.float(), k.float(), b, cu, rtol=1e-4, max_frac=0.01)
+
+
+def test_gate_config_refuses_unknown_loops_bad_slots_and_prefilter_outside_the_while_loop():
+    with pytest.raises(ValueError, match=r"GateConfig.loop='heap'; choose one of \('while', 'counted', 'keys'\)"):
+        GateConfig(loop="heap")
+    with pytest.raises(ValueError, match=r"GateConfig.slots=12 must be a power of two"):
+        GateConfig(slots=12)
+    with pytest.raises(ValueError, match=r"prefilter=True belongs to loop='while'.*Fix: gate.prefilter=false"):
+        GateConfig(loop="keys", prefilter=True)
 
 
 def test_gate_scores_only_diagnostic_runs_the_same_programs_and_refuses_unknown_names():
@@ -798,7 +827,8 @@ def test_gpu_bf16_half_partials(d, b):
 @pytest.mark.gpu
 @pytest.mark.parametrize("gate", [{"split_edges": True, "prefilter": True}, {"split_edges": False, "prefilter": False},
                                   {"split_edges": True, "prefilter": False}, {"split_edges": False, "prefilter": True},
-                                  {"presplit": True}])
+                                  {"presplit": True}, {"loop": "counted"}, {"loop": "keys"},
+                                  {"loop": "keys", "slots": 8}, {"loop": "counted", "slots": 8}])
 @pytest.mark.parametrize("d,b,topk", [(128, 128, 8), (64, 512, 3)])
 def test_gpu_bf16_gate_variants(d, b, topk, gate):
     """The gate's loop options at bf16 (hi/lo centroid products) on the GPU, two documents."""

@@ -17,7 +17,8 @@
 #    sub_major; dQ summed in the gathered rows' copy (dq_rows) by atomics or by TMA bulk reductions
 #    (tma_dq), with and without sub_major, and dQ as (K^T dS^T)^T (dq_trans). The default runs first
 #    and last, so the drift within the call shows.
-# 2. The GPU tests of those options (bf16 against the naive op) -> $OUT/gpu_tests.log (part tests).
+# 2. The GPU tests of those options (bf16 against the naive op) -> $OUT/gpu_tests.log (part tests;
+#    TESTS_K narrows them, e.g. TESTS_K=gate_variants).
 # 3. The gate at FlashMoBA 512K (the gate target's shape) and train-b1024 128K: today's default
 #    (split_edges, no prefilter) first and last, centroids split into hi + lo once per call
 #    (presplit) twice, with 128- and 32-centroid tiles, and the loop before session 13; first the
@@ -54,12 +55,15 @@ if has bwd; then
 fi
 
 if has tests; then
-  "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_moba_triton.py -k "variants or real_sizes or half_partials" 2>&1 \
+  "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_moba_triton.py -k "${TESTS_K:-variants or real_sizes or half_partials}" 2>&1 \
     | tee "$OUT/gpu_tests.log" || true
 fi
 
-GATES='[{}, {"presplit": true}, {"split_edges": false, "prefilter": true}, {"presplit": true, "bn": 128},
- {"presplit": true, "bn": 32}, {"presplit": true}, {}]'
+# (session 16: the loops that fold a tile into the running top-k, and the running top-k's width;
+# session 15's list was presplit, bn 128 / 32 and the loop before session 13)
+GATES='[{}, {"loop": "counted"}, {"loop": "keys"}, {"loop": "keys", "slots": 8}, {"loop": "counted", "slots": 8},
+ {"loop": "keys", "slots": 8, "bn": 128}, {"loop": "keys", "slots": 8, "bn": 32},
+ {"loop": "keys", "slots": 8, "num_warps": 8}, {}]'
 if has gate; then
   "$PY" benchmarks/bench_moba.py --tune flashmoba:524288,train-b1024:131072 --tune-parts gate \
     --tune-gate "$GATES" 2>&1 | tee "$OUT/tune_gate.log" || true

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 __all__ = ["FwdConfig", "BwdConfig", "GateConfig", "KernelConfig", "choose_config", "tiling_for", "device_has_tma",
-           "parse_overrides", "apply_overrides", "compact_selection_dtype"]
+           "parse_overrides", "apply_overrides", "compact_selection_dtype", "GATE_LOOPS"]
 
 FWD_METHODS = ("partials", "two_pass", "one_pass")
+GATE_LOOPS = ("while", "counted", "keys")
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,17 @@ class GateConfig:
     selection bit for bit. On by default for blocks <= 128 (thousands of centroids per head):
     122.5/122.3 -> 117.2/117.1 ms at FlashMoBA 512K on one H200; at 128K, block 1024 (128
     centroids) it did not help (1.74/1.92 -> 1.85/2.01 ms), so larger blocks keep it off
-    (``moba_tune_h200_2026-12-04_session15_gate.log``)."""
+    (``moba_tune_h200_2026-12-04_session15_gate.log``).
+
+    ``loop``: how a tile is folded into the running top-k. ``while`` (each step asks whether any
+    row of the program still has a candidate: a block-wide reduction per step); ``counted`` (the
+    step count fixed once per tile, a row's best and its column in one reduction: the same
+    selection); ``keys`` (``counted`` on int32 keys that carry the score's order bits and the
+    column, so a step is one plain max; scores within ~2^-17 relative may order either way, the
+    grade of the half-input gate's hi + lo scores; fp32 inputs run ``counted``). At FlashMoBA
+    512K the default's products and masks alone took 36.6 of its 114.7 ms
+    (``moba_tune_h200_2026-12-04_session16_gate.log``): the loop is the rest. ``slots``: register
+    columns of the running top-k (at least the next power of two above top-k)."""
 
     bm: int = 0
     bn: int = 64
@@ -177,6 +188,18 @@ class GateConfig:
     split_edges: bool = True
     prefilter: bool = False
     presplit: bool = False
+    loop: str = "while"
+    slots: int = 16
+
+    def __post_init__(self):
+        if self.loop not in GATE_LOOPS:
+            raise ValueError(f"GateConfig.loop={self.loop!r}; choose one of {GATE_LOOPS}")
+        if self.slots < 2 or self.slots & (self.slots - 1):
+            raise ValueError(f"GateConfig.slots={self.slots} must be a power of two >= 2 (the running top-k's "
+                             f"register columns; it grows to the next power of two above top-k by itself)")
+        if self.loop != "while" and self.prefilter:
+            raise ValueError(f"GateConfig.prefilter=True belongs to loop='while'; loop={self.loop!r} counts each "
+                             f"tile's candidates itself. Fix: gate.prefilter=false or gate.loop=while")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from moba_cp.ops.moba.kernel_limits import TRITON
-from moba_cp.ops.moba.triton_config import GateConfig
+from moba_cp.ops.moba.triton_config import GATE_LOOPS, GateConfig
 
 __all__ = ["gate_topk", "MAX_GATE_WIDTH"]
 
@@ -39,9 +39,10 @@ MAX_GATE_WIDTH = TRITON.max_gate_width
 
 
 @triton.jit
-def _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end_row, rmask, topv, topi, thr, kcol,
-               ncol, Q_DTYPE: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
-               MASK: tl.constexpr, PREFILTER: tl.constexpr, PRESPLIT: tl.constexpr, FOLD: tl.constexpr):
+def _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end_row, rmask, topv, topi, thr, pmin,
+               kcol, ncol, K: tl.constexpr, BN: tl.constexpr, Q_DTYPE: tl.constexpr, D: tl.constexpr,
+               SPLIT: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr, PREFILTER: tl.constexpr,
+               PRESPLIT: tl.constexpr, FOLD: tl.constexpr, LOOP: tl.constexpr):
     """Scores of centroids ``[g0, g0 + BN)`` folded into the running top-k ``(topv, topi)``.
     Without ``MASK`` the caller guarantees every row of the tile may pick every column (its rows
     past ``T`` score 0 and are never stored). ``PREFILTER``: candidates not above the row's k-th
@@ -51,7 +52,16 @@ def _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end
     ``PRESPLIT`` (with ``SPLIT``): ``CENT``/``CENT_LO`` hold the centroids' hi and lo parts, split
     once per call, instead of every program splitting every fp32 tile it reads. Without ``FOLD``
     (a timing diagnostic) the tile only raises every slot to the row's tile maximum: the products
-    and the mask run, the running top-k does not, and the result is not a selection."""
+    and the mask run, the running top-k does not, and the result is not a selection.
+
+    ``LOOP`` (``GateConfig.loop``): 0 ``while``, each step tests whether any row still has a
+    candidate (a block-wide reduction per step). 1 ``counted``: the tile's step count is fixed
+    first, the most any row can take (``min(#scores above its k-th best, K)``, one block-wide
+    reduction per tile), and each step finds a row's best with its column in one reduction and
+    the slot to replace with the new k-th best in another. 2 ``keys``: as ``counted`` on int32
+    keys, the score's order-preserving bits with the low ``log2(BN)`` bits replaced by the
+    column, so a step is one plain max and one compare-select over the tile (``topv`` holds keys,
+    ``INT_MIN`` = empty)."""
     d = tl.arange(0, D)
     gg = g0 + ncol
     c_ptr = gg.to(tl.int64)[:, None] * stride_cg + hk * stride_ch + d[None, :]
@@ -67,11 +77,41 @@ def _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end
     else:
         c = tl.load(CENT + c_ptr, mask=(gg < g_hi)[:, None], other=0.0)
         s = tl.dot(q, tl.trans(c), input_precision=PREC)
+    if LOOP == 2 and FOLD:
+        # Order-preserving int32 of the fp32 score (negative floats: flip the magnitude bits),
+        # its low bits replaced by (BN - 1 - column): one max finds a row's best and its column,
+        # the lowest column on a tie. Scores closer than 2^-(23 - log2 BN) relative may order
+        # either way (the half-input gate's scores are ~2^-17-grade to begin with).
+        b = s.to(tl.int32, bitcast=True)
+        key = tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
+        key = (key & (-BN)) | (BN - 1 - ncol)[None, :]
+        if MASK:
+            ok = (gg[None, :] >= base[:, None]) & (gg[None, :] < g_end_row[:, None]) & rmask[:, None]
+            key = tl.where(ok, key, -2147483648)
+        cnt = tl.sum((key > thr[:, None]).to(tl.int32), axis=1)
+        for _ in range(tl.max(tl.minimum(cnt, K), axis=0)):
+            kmax = tl.max(key, axis=1)
+            hit = (kcol[None, :] == pmin[:, None]) & (kmax > thr)[:, None]
+            topv = tl.where(hit, kmax[:, None], topv)
+            topi = tl.where(hit, (g0 + BN - 1 - (kmax & (BN - 1)))[:, None], topi)
+            thr, pmin = tl.min(topv, axis=1, return_indices=True)
+            key = tl.where(key == kmax[:, None], -2147483648, key)
+        return topv, topi, thr, pmin
     if MASK:
         ok = (gg[None, :] >= base[:, None]) & (gg[None, :] < g_end_row[:, None]) & rmask[:, None]
         s = tl.where(ok, s, float("-inf"))
     if not FOLD:
         topv = tl.maximum(topv, tl.max(s, axis=1)[:, None])
+    elif LOOP == 1:
+        cand = s
+        cnt = tl.sum((cand > thr[:, None]).to(tl.int32), axis=1)
+        for _ in range(tl.max(tl.minimum(cnt, K), axis=0)):
+            cmax, am = tl.max(cand, axis=1, return_indices=True)
+            hit = (kcol[None, :] == pmin[:, None]) & (cmax > thr)[:, None]
+            topv = tl.where(hit, cmax[:, None], topv)
+            topi = tl.where(hit, (g0 + am)[:, None], topi)
+            thr, pmin = tl.min(topv, axis=1, return_indices=True)
+            cand = tl.where(ncol[None, :] == am[:, None], float("-inf"), cand)
     elif PREFILTER:
         cand = tl.where(s > thr[:, None], s, float("-inf"))
         cmax = tl.max(cand, axis=1)
@@ -99,7 +139,7 @@ def _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end
             cand = tl.where(ncol[None, :] == am[:, None], float("-inf"), cand)
             cmax = tl.max(cand, axis=1)
             take = cmax > thr
-    return topv, topi, thr
+    return topv, topi, thr, pmin
 
 
 @triton.jit
@@ -109,7 +149,7 @@ def _gate_topk_kernel(
     stride_qt, stride_qh, stride_cg, stride_ch, stride_ot, stride_oh,
     K: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
     SPLIT: tl.constexpr, PREC: tl.constexpr, SPLIT_EDGES: tl.constexpr, PREFILTER: tl.constexpr,
-    PRESPLIT: tl.constexpr, FOLD: tl.constexpr,
+    PRESPLIT: tl.constexpr, FOLD: tl.constexpr, LOOP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -132,9 +172,12 @@ def _gate_topk_kernel(
     ncol = tl.arange(0, BN)
     # Slots [0, K) hold the running top-k (-inf = empty); slots >= K are +inf so the
     # "replace the row minimum" step never picks them.
-    topv = tl.where(kcol[None, :] < K, float("-inf"), float("inf")) + tl.zeros([BM, KP], dtype=tl.float32)
+    if LOOP == 2 and FOLD:
+        topv = tl.where(kcol[None, :] < K, -2147483648, 2147483647) + tl.zeros([BM, KP], dtype=tl.int32)
+    else:
+        topv = tl.where(kcol[None, :] < K, float("-inf"), float("inf")) + tl.zeros([BM, KP], dtype=tl.float32)
     topi = tl.zeros([BM, KP], dtype=tl.int32)
-    thr = tl.min(topv, axis=1)
+    thr, pmin = tl.min(topv, axis=1, return_indices=True)
 
     # SPLIT_EDGES: the tiles inside [max base, min row end) of the live rows are candidates of
     # every live row and run without the mask, in their own loop (a branch per tile inside one
@@ -147,22 +190,26 @@ def _gate_topk_kernel(
         g_mid_lo = g_lo + tl.cdiv(in_lo - g_lo, BN) * BN
         g_mid_hi = g_mid_lo + tl.maximum(in_hi - g_mid_lo, 0) // BN * BN
     for g0 in range(g_lo, g_mid_lo, BN):
-        topv, topi, thr = _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end_row, rmask, topv,
-                                     topi, thr, kcol, ncol, Q.dtype.element_ty, D, SPLIT, PREC, True, PREFILTER,
-                                     PRESPLIT, FOLD)
+        topv, topi, thr, pmin = _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end_row, rmask,
+                                           topv, topi, thr, pmin, kcol, ncol, K, BN, Q.dtype.element_ty, D, SPLIT, PREC,
+                                           True, PREFILTER, PRESPLIT, FOLD, LOOP)
     for g0 in range(g_mid_lo, g_mid_hi, BN):
-        topv, topi, thr = _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end_row, rmask, topv,
-                                     topi, thr, kcol, ncol, Q.dtype.element_ty, D, SPLIT, PREC, False, PREFILTER,
-                                     PRESPLIT, FOLD)
+        topv, topi, thr, pmin = _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end_row, rmask,
+                                           topv, topi, thr, pmin, kcol, ncol, K, BN, Q.dtype.element_ty, D, SPLIT, PREC,
+                                           False, PREFILTER, PRESPLIT, FOLD, LOOP)
     for g0 in range(g_mid_hi, g_hi, BN):
-        topv, topi, thr = _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end_row, rmask, topv,
-                                     topi, thr, kcol, ncol, Q.dtype.element_ty, D, SPLIT, PREC, True, PREFILTER,
-                                     PRESPLIT, FOLD)
+        topv, topi, thr, pmin = _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end_row, rmask,
+                                           topv, topi, thr, pmin, kcol, ncol, K, BN, Q.dtype.element_ty, D, SPLIT, PREC,
+                                           True, PREFILTER, PRESPLIT, FOLD, LOOP)
 
     # Assemble: past blocks as document-local ids, the own block in slot K, the rest "big";
     # an ascending sort then gives the contract's order with padding last.
     BIG: tl.constexpr = 1073741824
-    vals = tl.where((kcol[None, :] < K) & (topv > float("-inf")), topi - base[:, None], BIG)
+    if LOOP == 2 and FOLD:
+        filled = topv > -2147483648
+    else:
+        filled = topv > float("-inf")
+    vals = tl.where((kcol[None, :] < K) & filled, topi - base[:, None], BIG)
     vals = tl.where(kcol[None, :] == K, own[:, None] + tl.zeros([BM, KP], dtype=tl.int32), vals)
     vals = tl.sort(vals, dim=1)
     vals = tl.where(vals == BIG, -1, vals)
@@ -203,7 +250,7 @@ def gate_topk(
     t, hq, d = q.shape
     hkv = cent.shape[1]
     k_past = max(0, min(topk, width) - 1)  # a row never has more than width-1 past blocks
-    kp = max(16, triton.next_power_of_2(k_past + 1))
+    kp = max(cfg.slots, triton.next_power_of_2(k_past + 1))
     out = torch.empty(t, hq, width, dtype=torch.int32, device=q.device)
     if t == 0:
         return out
@@ -214,6 +261,9 @@ def gate_topk(
     bn = cfg.bn
     grid = (triton.cdiv(t, bm), hq)
     presplit = split and cfg.presplit
+    # Keys order scores to ~2^-17 relative, the grade of the half-input gate's hi + lo scores;
+    # fp32 inputs are scored in IEEE fp32, so they keep the exact counted loop.
+    loop = "counted" if cfg.loop == "keys" and not split else cfg.loop
     c_hi = c_lo = cent
     if presplit:
         # The same hi + lo parts the kernel would make (round to nearest even both ways), once.
@@ -224,6 +274,7 @@ def gate_topk(
         t, hq // hkv, block_size, width,
         q.stride(0), q.stride(1), c_hi.stride(0), c_hi.stride(1), out.stride(0), out.stride(1),
         K=k_past, KP=kp, BM=bm, BN=bn, D=d, SPLIT=split, PREC="ieee", SPLIT_EDGES=cfg.split_edges,
-        PREFILTER=cfg.prefilter, PRESPLIT=presplit, FOLD=diag is None, num_warps=cfg.num_warps,
+        PREFILTER=cfg.prefilter, PRESPLIT=presplit, FOLD=diag is None, LOOP=GATE_LOOPS.index(loop),
+        num_warps=cfg.num_warps,
     )
     return out
