@@ -20,16 +20,15 @@
 # 2. The GPU tests of those options (bf16 against the naive op) -> $OUT/gpu_tests.log (part tests;
 #    TESTS_K narrows them, e.g. TESTS_K=gate_variants).
 # 3. The gate at FlashMoBA 512K (the gate target's shape) and train-b1024 128K: today's default
-#    (split_edges, no prefilter) first and last, centroids split into hi + lo once per call
-#    (presplit) twice, with 128- and 32-centroid tiles, and the loop before session 13; first the
-#    default's pieces: centroids, the gate kernel, and that kernel without its running top-k
+#    first and last, the counted and int32-key loops (GateConfig.loop) with 16 or 8 top-k slots,
+#    the key loop with 128- and 32-centroid tiles and with 8 warps; first the default's pieces: centroids, the gate kernel, and that kernel without its running top-k
 #    (products and masks only: the loop's time is the difference) -> $OUT/tune_gate.log (part gate).
 # 4.-7. Not in the default PARTS: `table` (bench_moba's table with cuDNN), `d128` (backward and
 #    forward variants at d=128), `rows64` (larger gathered-row tiles for today's fused-dQ backward at
 #    d=64) and `nore` (training without recomputation at 128K and 32K: MoBA keeping its gather index,
 #    MoBA with bwd.keep_index=false, full attention). Session 15 ran nore, tests, rows64 and gate
-#    (benchmarks/results/*2026-12-04_session15*); still to run: PARTS=table,d128 (one call), and
-#    PARTS=gate again for the gate's pieces (added after session 15's call).
+#    (benchmarks/results/*2026-12-04_session15*); session 16 gate (its pieces) and table, then
+#    tests (TESTS_K=gate_variants), gate (the loops) and d128.
 # Needs no network: megatron-core comes from ./.whl when it is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
