@@ -43,11 +43,11 @@ def test_malformed_overrides_name_the_item_and_the_rule(text, match):
 
 
 def test_an_override_the_shape_cannot_take_names_the_rule():
-    # d=128 at block 512: the default does not copy rows in bucket order, which dq_rows needs
+    # d=128 at block 128: the default does not copy rows in bucket order, which dq_rows needs
     with pytest.raises(ValueError, match=r"kernel overrides 'bwd.dq_rows=true' on the shape's default tiling: "
                                          r".*needs gather_rows=True"):
-        apply_overrides(choose_config(512, 128, 4, 32768), "bwd.dq_rows=true")
-    assert apply_overrides(choose_config(512, 128, 4, 32768), "bwd.gather_rows=true,bwd.dq_rows=true").bwd.dq_rows
+        apply_overrides(choose_config(128, 128, 4, 32768), "bwd.dq_rows=true")
+    assert apply_overrides(choose_config(128, 128, 4, 32768), "bwd.gather_rows=true,bwd.dq_rows=true").bwd.dq_rows
 
 
 def test_the_op_refuses_overrides_it_cannot_use():
@@ -131,7 +131,8 @@ def test_default_tiling_follows_the_measured_rows():
     """d=64 (the recipes' head dim): a block's key sub-tiles adjacent in the dK/dV grid everywhere;
     with TMA also dQ fused into the bucket-order copy by bulk reductions, computed transposed
     under GQA only.
-    Other head dims keep their rows (no rows copied in bucket order, so no dq_rows). The gate
+    d=128 at blocks 256-4096 (up to 256K tokens) copies rows in bucket order too (session 16), with the
+    same TMA rules; block 128 and longer block-4096 calls keep their old backward. The gate
     runs its unmasked middle tiles apart, without the prefilter pass, and with blocks <= 128 on
     centroids split once per call."""
     for tokens in (8192, 32768, 131072):
@@ -144,14 +145,20 @@ def test_default_tiling_follows_the_measured_rows():
         # a GQA group may split over launches of at most 1 GiB of bucket-order rows (session 15)
         assert plain.bwd.split_group and tma.bwd.split_group and tma.bwd.dq_chunk_bytes == 1 << 30
         assert not plain.gate.presplit
-    for block, d in ((128, 128), (512, 128), (4096, 128)):
-        assert choose_config(block, d, 4, 131072, True) == choose_config(block, d, 4, 131072)
-        assert not choose_config(block, d, 4, 131072, True).bwd.dq_rows
+    for block, tokens in ((128, 131072), (4096, 524288)):
+        assert choose_config(block, 128, 4, tokens, True) == choose_config(block, 128, 4, tokens)
+        assert not choose_config(block, 128, 4, tokens, True).bwd.gather_rows
+    for block, tokens in ((512, 32768), (4096, 131072)):
+        plain, tma = choose_config(block, 128, 4, tokens), choose_config(block, 128, 4, tokens, True)
+        assert plain.bwd.gather_rows and plain.bwd.sub_major and not plain.bwd.dq_rows
+        assert tma.bwd.dq_rows and tma.bwd.tma_dq and tma.bwd.dq_trans and tma.bwd.split_group
+        assert not choose_config(block, 128, 1, tokens, True).bwd.dq_trans
+    assert choose_config(512, 128, 4, 32768).fwd.method == "partials"
     gate = choose_config(128, 128, 1, 524288).gate
     assert gate.split_edges and not gate.prefilter
     # thousands of centroids per head: their hi + lo parts made once per call (session 15)
     assert gate.presplit and not choose_config(1024, 64, 4, 131072).gate.presplit
-    assert not choose_config(512, 128, 4, 131072).bwd.split_group  # rows not copied: nothing to split
+    assert not choose_config(128, 128, 4, 131072).bwd.split_group  # rows not copied: nothing to split
 
 
 def test_device_has_tma_only_on_a_cuda_gpu_of_compute_capability_9():

@@ -350,6 +350,16 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
         # 3 stages from block 256 up: block 512 at 8K, 4.23 -> 3.50 ms (H100, run 5).
         num_stages=3 if block_size >= 256 else 2,
     )
+    # d=128 (H200, bf16, 32/8 heads; moba_tune_h200_2026-12-04_session16_d128.log, the old default
+    # first and last): the d=64 backward's structure (rows copied in bucket order, the later blocks'
+    # rows unmasked, a block's key sub-tiles adjacent, with TMA dQ fused and reduced into the row
+    # copy as (K^T dS^T)^T) took 128K, block 4096, top-12 from 956.5/956.9 to 563.9 ms and 32K,
+    # block 512, top-3 from 11.27/11.12 to 7.68 ms; without TMA the measured step is sub_major on
+    # the row copy (634.4 and 8.93 ms). 32-row tiles lost (733 ms; 1729 with 4 warps). GQA groups
+    # split over launches of at most 1 GiB of rows, as at d=64 (one query head's rows are ~1.7 GB
+    # at 128K, top-12: a whole group's would be ~7 GB).
+    bwd_d128 = replace(bwd_old, gather_rows=True, split_mask=True, sub_major=True, dq_rows=tma, tma_dq=tma,
+                       dq_trans=tma and group > 1, split_group=True, dq_chunk_bytes=1 << 30)
     if block_size >= 2048:
         if 0 < n_tokens <= 256 * 1024:
             # H200, 128K, block 4096, d=128, 32/8 heads: partials on 128-row tiles with 8 warps
@@ -357,8 +367,11 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
             # partials (T * topk * D * 4 bytes) would pass 1 GiB there, and the one pass was
             # measured at 1M (H100: 2686 ms with 32K-token chunks).
             fwd = FwdConfig(method="partials", bm=128, bn=64, chunk=128, num_warps=8, num_stages=3)
+            return KernelConfig(fwd=fwd, bwd=bwd_d128 if head_dim > 64 else bwd_old)
         else:
             # H100, 128K, block 4096, d=128: one pass with 4 stages 268 ms vs two passes 394 ms.
+            # The backward keeps its old tiling here: the row copy of bwd_d128 grows with T and
+            # was not measured past 128K.
             fwd = FwdConfig(method="one_pass", bm=128, bn=64, chunk=256, num_warps=8, num_stages=4)
         return KernelConfig(fwd=fwd, bwd=bwd_old)
     if block_size <= 128:
@@ -404,8 +417,11 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
                         dq_bm=64, dq_bn=64, dq_stages=3, sub_major=True, dq_rows=tma, tma_dq=tma,
                         dq_trans=tma and group > 1, split_group=True, dq_chunk_bytes=1 << 30)
         return KernelConfig(fwd=fwd, bwd=bwd)
-    # d=128, blocks 256-1024: two passes on 64 x 64 tiles (H100 sweeps at blocks 128 and 512).
-    return KernelConfig(fwd=FwdConfig(method="two_pass", bm=64, bn=64, chunk=256), bwd=bwd_old)
+    # d=128, blocks 256-1024: the forward as partials on 64-row tiles, 4 warps, 3 stages: 5.05 ms
+    # against two passes' 5.58/5.75 at 32K, block 512, top-3 (128-row tiles with 8 warps: 5.39);
+    # the backward as above.
+    fwd = FwdConfig(method="partials", bm=64, bn=64, chunk=128, num_warps=4, num_stages=3)
+    return KernelConfig(fwd=fwd, bwd=bwd_d128)
 
 
 def _pow2(n: int) -> int:

@@ -33,6 +33,9 @@ from moba_cp.ops.moba.triton_config import GATE_LOOPS, GateConfig
 
 __all__ = ["gate_topk", "MAX_GATE_WIDTH"]
 
+#: The ``keys`` loop's empty slot and masked score: below every key of a real score (even -inf's).
+_KEY_EMPTY = tl.constexpr(-(2**31))
+
 #: Largest ``min(topk, blocks per document)`` the register-resident top-k supports.
 MAX_GATE_WIDTH = TRITON.max_gate_width
 
@@ -87,7 +90,7 @@ def _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end
         key = (key & (-BN)) | (BN - 1 - ncol)[None, :]
         if MASK:
             ok = (gg[None, :] >= base[:, None]) & (gg[None, :] < g_end_row[:, None]) & rmask[:, None]
-            key = tl.where(ok, key, -2147483648)
+            key = tl.where(ok, key, _KEY_EMPTY)
         cnt = tl.sum((key > thr[:, None]).to(tl.int32), axis=1)
         for _ in range(tl.max(tl.minimum(cnt, K), axis=0)):
             kmax = tl.max(key, axis=1)
@@ -95,50 +98,50 @@ def _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end
             topv = tl.where(hit, kmax[:, None], topv)
             topi = tl.where(hit, (g0 + BN - 1 - (kmax & (BN - 1)))[:, None], topi)
             thr, pmin = tl.min(topv, axis=1, return_indices=True)
-            key = tl.where(key == kmax[:, None], -2147483648, key)
-        return topv, topi, thr, pmin
-    if MASK:
-        ok = (gg[None, :] >= base[:, None]) & (gg[None, :] < g_end_row[:, None]) & rmask[:, None]
-        s = tl.where(ok, s, float("-inf"))
-    if not FOLD:
-        topv = tl.maximum(topv, tl.max(s, axis=1)[:, None])
-    elif LOOP == 1:
-        cand = s
-        cnt = tl.sum((cand > thr[:, None]).to(tl.int32), axis=1)
-        for _ in range(tl.max(tl.minimum(cnt, K), axis=0)):
-            cmax, am = tl.max(cand, axis=1, return_indices=True)
-            hit = (kcol[None, :] == pmin[:, None]) & (cmax > thr)[:, None]
-            topv = tl.where(hit, cmax[:, None], topv)
-            topi = tl.where(hit, (g0 + am)[:, None], topi)
-            thr, pmin = tl.min(topv, axis=1, return_indices=True)
-            cand = tl.where(ncol[None, :] == am[:, None], float("-inf"), cand)
-    elif PREFILTER:
-        cand = tl.where(s > thr[:, None], s, float("-inf"))
-        cmax = tl.max(cand, axis=1)
-        while tl.max(cmax, axis=0) > float("-inf"):
-            am = tl.argmax(cand, axis=1)
-            pmin = tl.argmin(topv, axis=1)
-            hit = (kcol[None, :] == pmin[:, None]) & (cmax > float("-inf"))[:, None]
-            topv = tl.where(hit, cmax[:, None], topv)
-            topi = tl.where(hit, (g0 + am)[:, None], topi)
-            thr = tl.min(topv, axis=1)
-            cand = tl.where(ncol[None, :] == am[:, None], float("-inf"), cand)
-            cand = tl.where(cand > thr[:, None], cand, float("-inf"))
-            cmax = tl.max(cand, axis=1)
+            key = tl.where(key == kmax[:, None], _KEY_EMPTY, key)
     else:
-        cand = s
-        cmax = tl.max(cand, axis=1)
-        take = cmax > thr
-        while tl.max(take.to(tl.int32), axis=0) > 0:
-            am = tl.argmax(cand, axis=1)
-            pmin = tl.argmin(topv, axis=1)
-            hit = (kcol[None, :] == pmin[:, None]) & take[:, None]
-            topv = tl.where(hit, cmax[:, None], topv)
-            topi = tl.where(hit, (g0 + am)[:, None], topi)
-            thr = tl.min(topv, axis=1)
-            cand = tl.where(ncol[None, :] == am[:, None], float("-inf"), cand)
+        if MASK:
+            ok = (gg[None, :] >= base[:, None]) & (gg[None, :] < g_end_row[:, None]) & rmask[:, None]
+            s = tl.where(ok, s, float("-inf"))
+        if not FOLD:
+            topv = tl.maximum(topv, tl.max(s, axis=1)[:, None])
+        elif LOOP == 1:
+            cand = s
+            cnt = tl.sum((cand > thr[:, None]).to(tl.int32), axis=1)
+            for _ in range(tl.max(tl.minimum(cnt, K), axis=0)):
+                cmax, am = tl.max(cand, axis=1, return_indices=True)
+                hit = (kcol[None, :] == pmin[:, None]) & (cmax > thr)[:, None]
+                topv = tl.where(hit, cmax[:, None], topv)
+                topi = tl.where(hit, (g0 + am)[:, None], topi)
+                thr, pmin = tl.min(topv, axis=1, return_indices=True)
+                cand = tl.where(ncol[None, :] == am[:, None], float("-inf"), cand)
+        elif PREFILTER:
+            cand = tl.where(s > thr[:, None], s, float("-inf"))
+            cmax = tl.max(cand, axis=1)
+            while tl.max(cmax, axis=0) > float("-inf"):
+                am = tl.argmax(cand, axis=1)
+                pmin = tl.argmin(topv, axis=1)
+                hit = (kcol[None, :] == pmin[:, None]) & (cmax > float("-inf"))[:, None]
+                topv = tl.where(hit, cmax[:, None], topv)
+                topi = tl.where(hit, (g0 + am)[:, None], topi)
+                thr = tl.min(topv, axis=1)
+                cand = tl.where(ncol[None, :] == am[:, None], float("-inf"), cand)
+                cand = tl.where(cand > thr[:, None], cand, float("-inf"))
+                cmax = tl.max(cand, axis=1)
+        else:
+            cand = s
             cmax = tl.max(cand, axis=1)
             take = cmax > thr
+            while tl.max(take.to(tl.int32), axis=0) > 0:
+                am = tl.argmax(cand, axis=1)
+                pmin = tl.argmin(topv, axis=1)
+                hit = (kcol[None, :] == pmin[:, None]) & take[:, None]
+                topv = tl.where(hit, cmax[:, None], topv)
+                topi = tl.where(hit, (g0 + am)[:, None], topi)
+                thr = tl.min(topv, axis=1)
+                cand = tl.where(ncol[None, :] == am[:, None], float("-inf"), cand)
+                cmax = tl.max(cand, axis=1)
+                take = cmax > thr
     return topv, topi, thr, pmin
 
 
@@ -173,7 +176,7 @@ def _gate_topk_kernel(
     # Slots [0, K) hold the running top-k (-inf = empty); slots >= K are +inf so the
     # "replace the row minimum" step never picks them.
     if LOOP == 2 and FOLD:
-        topv = tl.where(kcol[None, :] < K, -2147483648, 2147483647) + tl.zeros([BM, KP], dtype=tl.int32)
+        topv = tl.where(kcol[None, :] < K, _KEY_EMPTY, 2147483647) + tl.zeros([BM, KP], dtype=tl.int32)
     else:
         topv = tl.where(kcol[None, :] < K, float("-inf"), float("inf")) + tl.zeros([BM, KP], dtype=tl.float32)
     topi = tl.zeros([BM, KP], dtype=tl.int32)
@@ -206,7 +209,7 @@ def _gate_topk_kernel(
     # an ascending sort then gives the contract's order with padding last.
     BIG: tl.constexpr = 1073741824
     if LOOP == 2 and FOLD:
-        filled = topv > -2147483648
+        filled = topv > _KEY_EMPTY
     else:
         filled = topv > float("-inf")
     vals = tl.where((kcol[None, :] < K) & filled, topi - base[:, None], BIG)
