@@ -105,10 +105,10 @@ def test_select_matches_naive_fp32(case):
 
 
 GATE_VARIANTS = {
-    "masked-prefilter": GateConfig(bm=16, bn=16, split_edges=False, prefilter=True),  # the loop before session 13
-    "split-edges": GateConfig(bm=16, bn=16, split_edges=True),
-    "no-prefilter": GateConfig(bm=16, bn=16, prefilter=False),
-    "split-edges-no-prefilter": GateConfig(bm=32, bn=16, split_edges=True, prefilter=False),
+    "masked-prefilter": GateConfig(bm=16, bn=16, split_edges=False, prefilter=True, loop="while"),  # before session 13
+    "split-edges": GateConfig(bm=16, bn=16, split_edges=True, loop="while"),
+    "no-prefilter": GateConfig(bm=16, bn=16, prefilter=False, loop="while"),
+    "split-edges-no-prefilter": GateConfig(bm=32, bn=16, split_edges=True, prefilter=False, loop="while", slots=16),
     "counted": GateConfig(bm=16, bn=16, loop="counted"),
     "counted-8-slots": GateConfig(bm=32, bn=16, loop="counted", slots=8),
     "keys-8-slots": GateConfig(bm=16, bn=16, loop="keys", slots=8),  # fp32 inputs: runs counted
@@ -825,10 +825,12 @@ def test_gpu_bf16_half_partials(d, b):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gate", [{"split_edges": True, "prefilter": True}, {"split_edges": False, "prefilter": False},
-                                  {"split_edges": True, "prefilter": False}, {"split_edges": False, "prefilter": True},
-                                  {"presplit": True}, {"loop": "counted"}, {"loop": "keys"},
-                                  {"loop": "keys", "slots": 8}, {"loop": "counted", "slots": 8}])
+@pytest.mark.parametrize("gate", [{"split_edges": True, "prefilter": True, "loop": "while"},
+                                  {"split_edges": False, "prefilter": False, "loop": "while"},
+                                  {"split_edges": True, "prefilter": False, "loop": "while", "slots": 16},
+                                  {"split_edges": False, "prefilter": True, "loop": "while"},
+                                  {"presplit": True}, {"loop": "counted"}, {"loop": "keys", "slots": 16},
+                                  {"loop": "keys", "slots": 8, "num_warps": 8}, {"loop": "counted", "slots": 16}])
 @pytest.mark.parametrize("d,b,topk", [(128, 128, 8), (64, 512, 3)])
 def test_gpu_bf16_gate_variants(d, b, topk, gate):
     """The gate's loop options at bf16 (hi/lo centroid products) on the GPU, two documents."""

@@ -178,9 +178,23 @@ class GateConfig:
     selection); ``keys`` (``counted`` on int32 keys that carry the score's order bits and the
     column, so a step is one plain max; scores within ~2^-17 relative may order either way, the
     grade of the half-input gate's hi + lo scores; fp32 inputs run ``counted``). At FlashMoBA
-    512K the default's products and masks alone took 36.6 of its 114.7 ms
-    (``moba_tune_h200_2026-12-04_session16_gate.log``): the loop is the rest. ``slots``: register
-    columns of the running top-k (at least the next power of two above top-k)."""
+    512K the ``while`` loop's products and masks alone took 36.6-37.1 of its 114.7-115.0 ms: the
+    loop was the rest. ``slots``: register columns of the running top-k (at least the next power
+    of two above top-k). Measured on one H200, the old default (``while``, 16 slots) first and
+    last (``moba_tune_h200_2026-12-04_session16_gate.log``):
+
+    ==========================  ==================  =================
+    gate (ms)                   FlashMoBA 512K b128  128K b1024 d=64
+    ==========================  ==================  =================
+    while, 16 slots             116.5 / 116.6        1.87 / 1.92
+    counted, 16 / 8 slots       109.4 / 103.6        1.60 / 1.58
+    keys, 16 / 8 slots          93.1 / 87.7          1.20 / 1.20
+    keys, 8 slots, bn 128       83.8                 1.68
+    keys, 8 slots, 8 warps      80.1                 2.43
+    ==========================  ==================  =================
+
+    So ``keys`` with 8 slots is the default, with 8 warps at blocks <= 128 (thousands of
+    centroids per head)."""
 
     bm: int = 0
     bn: int = 64
@@ -188,8 +202,8 @@ class GateConfig:
     split_edges: bool = True
     prefilter: bool = False
     presplit: bool = False
-    loop: str = "while"
-    slots: int = 16
+    loop: str = "keys"
+    slots: int = 8
 
     def __post_init__(self):
         if self.loop not in GATE_LOOPS:
@@ -382,7 +396,9 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
         fwd = FwdConfig(method="two_pass", bm=64, bn=0, chunk=256)
         # Centroid hi + lo parts made once per call (presplit): gate 122.4 -> 117.1 ms at FlashMoBA
         # 512K, block 128, d=128 (H200, two runs each; moba_tune_h200_2026-12-04_session15_gate.log).
-        return KernelConfig(fwd=fwd, bwd=bwd_old, gate=GateConfig(presplit=True))
+        # The key loop on 8 warps: 87.7 -> 80.1 ms at FlashMoBA 512K (at block 1024, 128
+        # centroids, 8 warps lost: 1.20 -> 2.43 ms; moba_tune_h200_2026-12-04_session16_gate.log).
+        return KernelConfig(fwd=fwd, bwd=bwd_old, gate=GateConfig(presplit=True, num_warps=8))
     if head_dim <= 64:
         # H200, d=64, 16/4 heads: partials on 128-row tiles, 4 warps, 3 stages: fwd 44.7 -> 22.5 ms
         # (128K, block 1024, top-k 12), 2.37 -> 1.65 ms (32K, block 512, top-k 3), 1.29 -> 1.06 ms

@@ -12,10 +12,11 @@ scores a block enters the top-k with probability ``~K / n``), so rather than sor
 tile we insert candidates one at a time, and only those above the row's current k-th best
 value: each loop step moves every row's best remaining candidate into the slot holding its
 row minimum. The loop runs as many steps as the busiest row of the tile needs (``K`` steps on
-the first tile, usually 0-3 later). At FlashMoBA 512K the gate measured 145 ms while its
-products would take ~16 ms at tensor-core rate, so most of its time is the per-tile mask and
-loop work (inferred from those two numbers, not profiled); ``GateConfig.split_edges`` and
-``prefilter`` trim that work.
+the first tile, usually 0-3 later). At FlashMoBA 512K the products and masks alone take ~37 of
+the first loop's ~115 ms (measured with ``diag="scores"``), so ``GateConfig.loop`` offers cheaper
+steps: ``keys`` (the default) packs each score's order bits and its column into one int32, so a
+step is one plain max and one compare-select over the tile, and the tile's step count is fixed
+once instead of asked with a block-wide reduction every step (80 ms on 8 warps).
 
 Precision: the contract computes scores in fp32. For half inputs the fp32 centroid is split
 into ``hi + lo`` half-precision parts and scored with two tensor-core products (q is exact in
