@@ -131,8 +131,8 @@ def test_default_tiling_follows_the_measured_rows():
     """d=64 (the recipes' head dim): a block's key sub-tiles adjacent in the dK/dV grid everywhere;
     with TMA also dQ fused into the bucket-order copy by bulk reductions, computed transposed
     under GQA only.
-    d=128 at blocks 256-4096 (up to 256K tokens) copies rows in bucket order too (session 16), with the
-    same TMA rules; block 128 and longer block-4096 calls keep their old backward. The gate
+    d=128 at blocks 256-4096 copies rows in bucket order too (session 16), with the same TMA rules;
+    block 128 keeps its old backward. The gate
     runs its unmasked middle tiles apart, without the prefilter pass, and with blocks <= 128 on
     centroids split once per call."""
     for tokens in (8192, 32768, 131072):
@@ -145,10 +145,9 @@ def test_default_tiling_follows_the_measured_rows():
         # a GQA group may split over launches of at most 1 GiB of bucket-order rows (session 15)
         assert plain.bwd.split_group and tma.bwd.split_group and tma.bwd.dq_chunk_bytes == 1 << 30
         assert not plain.gate.presplit
-    for block, tokens in ((128, 131072), (4096, 524288)):
-        assert choose_config(block, 128, 4, tokens, True) == choose_config(block, 128, 4, tokens)
-        assert not choose_config(block, 128, 4, tokens, True).bwd.gather_rows
-    for block, tokens in ((512, 32768), (4096, 131072)):
+    assert choose_config(128, 128, 4, 131072, True) == choose_config(128, 128, 4, 131072)
+    assert not choose_config(128, 128, 4, 131072, True).bwd.gather_rows
+    for block, tokens in ((512, 32768), (4096, 131072), (4096, 524288)):
         plain, tma = choose_config(block, 128, 4, tokens), choose_config(block, 128, 4, tokens, True)
         assert plain.bwd.gather_rows and plain.bwd.sub_major and not plain.bwd.dq_rows
         assert tma.bwd.dq_rows and tma.bwd.tma_dq and tma.bwd.dq_trans and tma.bwd.split_group

@@ -384,10 +384,11 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
             return KernelConfig(fwd=fwd, bwd=bwd_d128 if head_dim > 64 else bwd_old)
         else:
             # H100, 128K, block 4096, d=128: one pass with 4 stages 268 ms vs two passes 394 ms.
-            # The backward keeps its old tiling here: the row copy of bwd_d128 grows with T and
-            # was not measured past 128K.
+            # The d=128 backward at 512K: 4488.5 -> 2605.2 ms (moba_tune_h200_2026-12-04_session16_d128_512k.log).
+            # Its row copy grows with T: one query head's rows at 512K, top-12, are ~6.5 GB, inside
+            # the ~10 GiB between this call's peak with the old backward (26.6 GiB) and SDPA's (36.9).
             fwd = FwdConfig(method="one_pass", bm=128, bn=64, chunk=256, num_warps=8, num_stages=4)
-        return KernelConfig(fwd=fwd, bwd=bwd_old)
+        return KernelConfig(fwd=fwd, bwd=bwd_d128 if head_dim > 64 else bwd_old)
     if block_size <= 128:
         # Two passes, whole blocks of up to 128 keys per sub-tile (H100 sweeps at d=128). The
         # partials forward on 64-row tiles measured 33.8 vs 36.6 ms with 64-key sub-tiles at
