@@ -179,7 +179,7 @@ class GateConfig:
     column, so a step is one plain max; scores within ~2^-17 relative may order either way, the
     grade of the half-input gate's hi + lo scores; fp32 inputs run ``counted``). At FlashMoBA
     512K the ``while`` loop's products and masks alone took 36.6-37.1 of its 114.7-115.0 ms: the
-    loop was the rest. ``slots``: register columns of the running top-k (at least the next power
+    loop was the rest (``moba_tune_h200_2026-12-04_session16_gate_pieces.log`` and ``_gate.log``). ``slots``: register columns of the running top-k (at least the next power
     of two above top-k). Measured on one H200, the old default (``while``, 16 slots) first and
     last (``moba_tune_h200_2026-12-04_session16_gate.log``):
 
