@@ -107,6 +107,43 @@ def test_failing_rank_brings_the_group_down_within_the_bound(tmp_path, ws, faili
         assert res["t"] - failed["t"] <= BOUND_S + SLACK_S, (r, res["t"] - failed["t"])
 
 
+def _transport_error_worker(rank, ws):
+    import torch.distributed as dist
+
+    from moba_cp.parallel import failure
+
+    group = dist.group.WORLD
+    seen = {}
+    # no peer failure published: this rank's own error propagates as is, and is published
+    try:
+        with failure.report_failure("ring step", group):
+            raise ValueError("a bad kernel call")
+    except ValueError:
+        seen["own"] = failure.failure_message(group)
+    failure._own_failures.clear()
+    dist.distributed_c10d._get_default_store().set(failure._key(group), "CP rank 3 (global rank 3) failed in ring: "
+                                                   "RuntimeError: CUDA out of memory")
+    # a peer published first: the transport error of starting a transfer to it names the peer
+    try:
+        with failure.report_failure("moba_attn_cp ring", group):
+            raise RuntimeError("[gloo/transport/tcp/pair.cc] Connection closed by peer")
+    except failure.CPGroupFailure as e:
+        seen["peer"] = (str(e), type(e.__cause__).__name__)
+    return seen
+
+
+def test_an_error_after_a_peer_published_its_failure_names_the_peer():
+    """gloo raises when a transfer to a process that already exited is *started* (outside any
+    bounded wait): that error must carry the failing peer's message, not blame this rank."""
+    from tests.distributed_harness import run_distributed
+
+    (seen,) = run_distributed(_transport_error_worker, 1)
+    assert seen["own"] == "CP rank 0 (global rank 0) failed in ring step: ValueError: a bad kernel call"
+    msg, cause = seen["peer"]
+    assert msg == "moba_attn_cp ring: stopping because CP rank 3 (global rank 3) failed in ring: RuntimeError: CUDA out of memory"
+    assert cause == "RuntimeError"
+
+
 # ----------------------------------------------------------------------------- the CUDA watchdog
 class _StuckEvent:
     """Stands in for the CUDA event after a stream wait on a transfer that never completes."""

@@ -124,14 +124,28 @@ def report_failure(op: str, group):
         yield
     except CPGroupFailure:
         raise  # a peer's failure, already published by the peer
-    except BaseException as e:
-        rank = dist.get_rank(group) if dist.is_initialized() else 0
-        message = (f"CP rank {rank} (global rank {dist.get_rank() if dist.is_initialized() else 0}) failed "
-                   f"in {op}: {type(e).__name__}: {str(e)[:500]}")
-        _publish(group, message)
-        _own_failures[_key(group)] = time.monotonic()
-        log.error("%s", message)
+    except Exception as e:
+        # A peer failed first and published why: this exception is the consequence (gloo raises
+        # "connection closed" when *starting* a transfer to a process that has exited, outside any
+        # wait_all), so name the peer's failure rather than publish this rank as the cause.
+        peer = None if _key(group) in _own_failures else failure_message(group)
+        if peer is not None:
+            raise CPGroupFailure(f"{op}: stopping because {peer}") from e
+        _fail(op, group, e)
         raise
+    except BaseException as e:
+        _fail(op, group, e)
+        raise
+
+
+def _fail(op: str, group, e: BaseException) -> None:
+    """Publish this rank as the group's failure (the first one published wins) and log it."""
+    rank = dist.get_rank(group) if dist.is_initialized() else 0
+    message = (f"CP rank {rank} (global rank {dist.get_rank() if dist.is_initialized() else 0}) failed "
+               f"in {op}: {type(e).__name__}: {str(e)[:500]}")
+    _publish(group, message)
+    _own_failures[_key(group)] = time.monotonic()
+    log.error("%s", message)
 
 
 # ------------------------------------------------------------------------------ bounded waits
