@@ -20,9 +20,10 @@
 # 2. The GPU tests of those options (bf16 against the naive op) -> $OUT/gpu_tests.log (part tests;
 #    TESTS_K narrows them, e.g. TESTS_K=gate_variants).
 # 3. The gate at FlashMoBA 512K (the gate target's shape) and train-b1024 128K: today's default
-#    first and last, the counted and int32-key loops (GateConfig.loop) with 16 or 8 top-k slots,
-#    the key loop with 128- and 32-centroid tiles and with 8 warps; first the default's pieces: centroids, the gate kernel, and that kernel without its running top-k
-#    (products and masks only: the loop's time is the difference) -> $OUT/tune_gate.log (part gate).
+#    first and last, the while loop on 16 slots (the default before session 16), the counted loop,
+#    the key loop on 4 and 8 warps; first the default's pieces: centroids, the gate kernel, and that
+#    kernel without its running top-k (products and masks only: the loop's time is the difference)
+#    -> $OUT/tune_gate.log (part gate).
 # 4.-7. Not in the default PARTS: `table` (bench_moba's table with cuDNN), `d128` (backward and
 #    forward variants at d=128), `rows64` (larger gathered-row tiles for today's fused-dQ backward at
 #    d=64) and `nore` (training without recomputation at 128K and 32K: MoBA keeping its gather index,
@@ -58,11 +59,11 @@ if has tests; then
     | tee "$OUT/gpu_tests.log" || true
 fi
 
-# (session 16: the loops that fold a tile into the running top-k, and the running top-k's width;
-# session 15's list was presplit, bn 128 / 32 and the loop before session 13)
-GATES='[{}, {"loop": "counted"}, {"loop": "keys"}, {"loop": "keys", "slots": 8}, {"loop": "counted", "slots": 8},
- {"loop": "keys", "slots": 8, "bn": 128}, {"loop": "keys", "slots": 8, "bn": 32},
- {"loop": "keys", "slots": 8, "num_warps": 8}, {}]'
+# (session 16 measured the loops that fold a tile into the running top-k against the while loop
+# on 16 slots, and made the key loop on 8 slots the default (8 warps at blocks <= 128); this list
+# is today's default against those it replaced)
+GATES='[{}, {"loop": "while", "slots": 16, "num_warps": 4}, {"loop": "counted", "num_warps": 4}, {"num_warps": 4},
+ {"num_warps": 8}, {}]'
 if has gate; then
   "$PY" benchmarks/bench_moba.py --tune flashmoba:524288,train-b1024:131072 --tune-parts gate \
     --tune-gate "$GATES" 2>&1 | tee "$OUT/tune_gate.log" || true
