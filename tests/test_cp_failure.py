@@ -129,12 +129,19 @@ def _transport_error_worker(rank, ws):
             raise RuntimeError("[gloo/transport/tcp/pair.cc] Connection closed by peer")
     except failure.CPGroupFailure as e:
         seen["peer"] = (str(e), type(e.__cause__).__name__)
+    # but this rank's own error (every rank refusing the same bad input) stays its own
+    try:
+        with failure.report_failure("key_conv_cp", group):
+            raise ValueError("chunks too short")
+    except ValueError as e:
+        seen["own_after_peer"] = str(e)
     return seen
 
 
 def test_an_error_after_a_peer_published_its_failure_names_the_peer():
     """gloo raises when a transfer to a process that already exited is *started* (outside any
-    bounded wait): that error must carry the failing peer's message, not blame this rank."""
+    bounded wait): that error must carry the failing peer's message, not blame this rank; an
+    error of this rank's own kind (a ValueError) is not rewritten."""
     from tests.distributed_harness import run_distributed
 
     (seen,) = run_distributed(_transport_error_worker, 1)
@@ -142,6 +149,7 @@ def test_an_error_after_a_peer_published_its_failure_names_the_peer():
     msg, cause = seen["peer"]
     assert msg == "moba_attn_cp ring: stopping because CP rank 3 (global rank 3) failed in ring: RuntimeError: CUDA out of memory"
     assert cause == "RuntimeError"
+    assert seen["own_after_peer"] == "chunks too short"
 
 
 # ----------------------------------------------------------------------------- the CUDA watchdog

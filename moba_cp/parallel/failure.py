@@ -48,6 +48,7 @@ __all__ = [
 
 ENV_TIMEOUT = "MOBA_CP_EXCHANGE_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 60.0
+_DIST_ERRORS = tuple(t for t in (getattr(dist, "DistError", None),) if t is not None)  # torch.distributed's own
 STORE_POLL_S = 0.2  # how often a waiting rank looks for a peer's failure message
 _timeout_override: float | None = None
 
@@ -125,10 +126,13 @@ def report_failure(op: str, group):
     except CPGroupFailure:
         raise  # a peer's failure, already published by the peer
     except Exception as e:
-        # A peer failed first and published why: this exception is the consequence (gloo raises
-        # "connection closed" when *starting* a transfer to a process that has exited, outside any
-        # wait_all), so name the peer's failure rather than publish this rank as the cause.
-        peer = None if _key(group) in _own_failures else failure_message(group)
+        # A transport error after a peer failed and published why is the consequence, not a cause:
+        # gloo raises a plain RuntimeError ("connection closed") when a transfer to a process that
+        # has exited is *started*, outside any wait_all. Name the peer's failure then. This rank's
+        # own errors (a ValueError every rank raises on the same bad input, an out-of-memory: a
+        # RuntimeError subclass) stay what they are.
+        transport = type(e) is RuntimeError or isinstance(e, _DIST_ERRORS)
+        peer = failure_message(group) if transport and _key(group) not in _own_failures else None
         if peer is not None:
             raise CPGroupFailure(f"{op}: stopping because {peer}") from e
         _fail(op, group, e)
