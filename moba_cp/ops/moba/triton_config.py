@@ -381,7 +381,6 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
             # partials (T * topk * D * 4 bytes) would pass 1 GiB there, and the one pass was
             # measured at 1M (H100: 2686 ms with 32K-token chunks).
             fwd = FwdConfig(method="partials", bm=128, bn=64, chunk=128, num_warps=8, num_stages=3)
-            return KernelConfig(fwd=fwd, bwd=bwd_d128 if head_dim > 64 else bwd_old)
         else:
             # H100, 128K, block 4096, d=128: one pass with 4 stages 268 ms vs two passes 394 ms.
             # The d=128 backward at 512K: 4488.5 -> 2605.2 ms (moba_tune_h200_2026-12-04_session16_d128_512k.log).

@@ -81,6 +81,8 @@ def _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end
     else:
         c = tl.load(CENT + c_ptr, mask=(gg < g_hi)[:, None], other=0.0)
         s = tl.dot(q, tl.trans(c), input_precision=PREC)
+    if MASK:
+        ok = (gg[None, :] >= base[:, None]) & (gg[None, :] < g_end_row[:, None]) & rmask[:, None]
     if LOOP == 2 and FOLD:
         # Order-preserving int32 of the fp32 score (negative floats: flip the magnitude bits),
         # its low bits replaced by (BN - 1 - column): one max finds a row's best and its column,
@@ -90,7 +92,6 @@ def _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end
         key = tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
         key = (key & (-BN)) | (BN - 1 - ncol)[None, :]
         if MASK:
-            ok = (gg[None, :] >= base[:, None]) & (gg[None, :] < g_end_row[:, None]) & rmask[:, None]
             key = tl.where(ok, key, _KEY_EMPTY)
         cnt = tl.sum((key > thr[:, None]).to(tl.int32), axis=1)
         for _ in range(tl.max(tl.minimum(cnt, K), axis=0)):
@@ -102,7 +103,6 @@ def _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end
             key = tl.where(key == kmax[:, None], _KEY_EMPTY, key)
     else:
         if MASK:
-            ok = (gg[None, :] >= base[:, None]) & (gg[None, :] < g_end_row[:, None]) & rmask[:, None]
             s = tl.where(ok, s, float("-inf"))
         if not FOLD:
             topv = tl.maximum(topv, tl.max(s, axis=1)[:, None])
