@@ -48,7 +48,6 @@ __all__ = [
 
 ENV_TIMEOUT = "MOBA_CP_EXCHANGE_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 60.0
-_DIST_ERRORS = tuple(t for t in (getattr(dist, "DistError", None),) if t is not None)  # torch.distributed's own
 STORE_POLL_S = 0.2  # how often a waiting rank looks for a peer's failure message
 _timeout_override: float | None = None
 
@@ -125,31 +124,23 @@ def report_failure(op: str, group):
         yield
     except CPGroupFailure:
         raise  # a peer's failure, already published by the peer
-    except Exception as e:
+    except BaseException as e:
         # A transport error after a peer failed and published why is the consequence, not a cause:
         # gloo raises a plain RuntimeError ("connection closed") when a transfer to a process that
         # has exited is *started*, outside any wait_all. Name the peer's failure then. This rank's
         # own errors (a ValueError every rank raises on the same bad input, an out-of-memory: a
         # RuntimeError subclass) stay what they are.
-        transport = type(e) is RuntimeError or isinstance(e, _DIST_ERRORS)
+        transport = type(e) is RuntimeError or isinstance(e, dist.DistError)
         peer = failure_message(group) if transport and _key(group) not in _own_failures else None
         if peer is not None:
             raise CPGroupFailure(f"{op}: stopping because {peer}") from e
-        _fail(op, group, e)
+        rank = dist.get_rank(group) if dist.is_initialized() else 0
+        message = (f"CP rank {rank} (global rank {dist.get_rank() if dist.is_initialized() else 0}) failed "
+                   f"in {op}: {type(e).__name__}: {str(e)[:500]}")
+        _publish(group, message)
+        _own_failures[_key(group)] = time.monotonic()
+        log.error("%s", message)
         raise
-    except BaseException as e:
-        _fail(op, group, e)
-        raise
-
-
-def _fail(op: str, group, e: BaseException) -> None:
-    """Publish this rank as the group's failure (the first one published wins) and log it."""
-    rank = dist.get_rank(group) if dist.is_initialized() else 0
-    message = (f"CP rank {rank} (global rank {dist.get_rank() if dist.is_initialized() else 0}) failed "
-               f"in {op}: {type(e).__name__}: {str(e)[:500]}")
-    _publish(group, message)
-    _own_failures[_key(group)] = time.monotonic()
-    log.error("%s", message)
 
 
 # ------------------------------------------------------------------------------ bounded waits
