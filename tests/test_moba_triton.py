@@ -273,6 +273,10 @@ PATH_CONFIGS = {
                                    BwdConfig(bnb=16, bm=16, fuse_dq=True, dq_trans=True)),
     "two-pass-untransposed": KernelConfig(FwdConfig(method="two_pass", **SMALL),
                                           BwdConfig(bnb=32, bm=16, fuse_dq=True, trans=False)),
+    # the block (48 keys) fits one 64-key sub-tile: K/V loaded once per program, no running rescale
+    "partials-whole-block": KernelConfig(FwdConfig(method="partials", bm=16, bn=64, chunk=32, num_warps=4,
+                                                   num_stages=2),
+                                         BwdConfig(bnb=16, bm=16, fuse_dq=False, dq_bm=16, dq_bn=16)),
     "one-pass": KernelConfig(FwdConfig(method="one_pass", bm=16, bn=16, chunk=32, qchunk=32),
                              BwdConfig(bnb=16, bm=16, fuse_dq=False, dq_bm=16, dq_bn=16)),
 }
@@ -285,7 +289,7 @@ def test_kernel_paths_match_naive(name):
     test_block_attn_fwd_bwd_matches_naive((130, 4, 2, 16, 48, 3, [20, 110]), config=PATH_CONFIGS[name])
 
 
-@pytest.mark.parametrize("name", ["partials", "one-pass", "two-pass-unfused-split-mask", "gathered-rows-split-kv-chunks",
+@pytest.mark.parametrize("name", ["partials", "partials-whole-block", "one-pass", "two-pass-unfused-split-mask", "gathered-rows-split-kv-chunks",
                                   "gathered-rows-tma-split", "gathered-rows-sub-major-fused-dq-split",
                                   "dq-rows-split-kv-chunks"])
 def test_kernel_paths_head_dim_64_and_empty_doc(name):
@@ -820,6 +824,22 @@ def test_gpu_bf16_half_partials(d, b):
     idx = naive.select_blocks(q, k, block_size=b, topk=3, cu_seqlens=cu)
     cfg = choose_config(b, d, 4, sum(t_docs)).replace(
         fwd={"method": "partials", "bm": 128, "bn": 64, "chunk": 128, "half_partials": True})
+    check_bf16_fwd_bwd(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
+                       fn=functools.partial(tb.block_attn, config=cfg))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("half", [False, True])
+@pytest.mark.parametrize("d,b,bm,warps", [(128, 128, 64, 4), (128, 128, 128, 8), (64, 128, 128, 4), (64, 64, 64, 4)])
+def test_gpu_bf16_partials_whole_block(d, b, bm, warps, half):
+    """The partials forward with the whole block in one key sub-tile (K/V loaded once per
+    program) at bf16 on the GPU: two documents, GQA 4, fp32 or half partials."""
+    t_docs = [3000, 2 * b + 100]
+    cu = _cu(t_docs, "cuda")
+    q, k, v = _inputs(sum(t_docs), 8, 2, d, torch.bfloat16, seed=d + b + bm, device="cuda")
+    idx = naive.select_blocks(q, k, block_size=b, topk=8, cu_seqlens=cu)
+    cfg = choose_config(b, d, 4, sum(t_docs)).replace(
+        fwd={"method": "partials", "bm": bm, "bn": 0, "chunk": 2 * bm, "num_warps": warps, "half_partials": half})
     check_bf16_fwd_bwd(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
                        fn=functools.partial(tb.block_attn, config=cfg))
 

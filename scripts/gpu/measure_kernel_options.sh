@@ -116,3 +116,27 @@ if has nore; then
     --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" --out "$OUT/train_norecompute.md" 2>&1 \
     | tee "$OUT/train_norecompute.log" || true
 fi
+
+# 8. (part b128) block 128 (FlashMoBA's setting) ran two passes (three products per tile, fp32 atomic
+#    adds into o); the partials forward now keeps a block that fits one key sub-tile (bn 0: the whole
+#    block) in registers for the program's whole chunk, so a tile is two products and one store.
+#    Forward variants at FlashMoBA 8K, 32K, 128K and 512K, today's default first and last; then the
+#    short d=128 / d=64 block-512 calls' forward tilings at 8K.
+P1='"method": "partials", "bn": 0'
+B128_FWD="[{}, {$P1, \"bm\": 64, \"chunk\": 256, \"num_warps\": 4, \"num_stages\": 2},
+ {$P1, \"bm\": 64, \"chunk\": 256, \"num_warps\": 4, \"num_stages\": 3},
+ {$P1, \"bm\": 64, \"chunk\": 128, \"num_warps\": 4, \"num_stages\": 2},
+ {$P1, \"bm\": 64, \"chunk\": 512, \"num_warps\": 4, \"num_stages\": 2},
+ {$P1, \"bm\": 128, \"chunk\": 256, \"num_warps\": 8, \"num_stages\": 2},
+ {$P1, \"bm\": 64, \"chunk\": 256, \"num_warps\": 4, \"num_stages\": 2, \"half_partials\": true},
+ {$P1, \"bm\": 128, \"chunk\": 256, \"num_warps\": 8, \"num_stages\": 2, \"half_partials\": true},
+ {\"method\": \"partials\", \"bm\": 64, \"bn\": 64, \"chunk\": 256, \"num_warps\": 4, \"num_stages\": 2},
+ {\"method\": \"two_pass\", \"chunk\": 512}, {}]"
+SHORT_FWD='[{}, {"bm": 128, "num_warps": 8, "num_stages": 3, "chunk": 128}, {"num_stages": 4}, {"num_stages": 2},
+ {"chunk": 256}, {"bn": 128, "num_warps": 8}, {"half_partials": true}, {}]'
+if has b128; then
+  "$PY" benchmarks/bench_moba.py --tune flashmoba:8192,flashmoba:32768,flashmoba:131072,flashmoba:524288 \
+    --tune-parts fwd --tune-fwd "$B128_FWD" 2>&1 | tee "$OUT/tune_b128.log" || true
+  "$PY" benchmarks/bench_moba.py --tune paper-b512:8192,small-b512:8192 --tune-parts fwd \
+    --tune-fwd "$SHORT_FWD" 2>&1 | tee "$OUT/tune_short_fwd.log" || true
+fi

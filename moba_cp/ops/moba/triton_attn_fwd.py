@@ -256,8 +256,11 @@ def _fwd_partial_kernel(
     Q, K, V, QPOS, ENT, OFFS, TEND, TILE_B, TILE_START, KSTART, KPOS, KLEN, PO, PL,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     H, W, NBK, G, H0, HC, scale_log2, CHUNK,
-    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, SINGLE: tl.constexpr = False,
 ):
+    # SINGLE (the block fits one BN sub-tile, e.g. 128-key blocks): K and V are loaded once per
+    # program and every row tile of its chunk reuses them; a row's softmax over one sub-tile
+    # needs no running rescale.
     pid, live = _head_chunk_pid(TEND, H0, HC, NBK)
     if not live:
         return
@@ -272,30 +275,53 @@ def _fwd_partial_kernel(
     kp0 = tl.load(KPOS + g)
     d = tl.arange(0, D)
     nn = tl.arange(0, BN)
-    for r0 in range(c0, c1, BM):
-        rr = r0 + tl.arange(0, BM)
-        rmask = rr < c1
-        ent = tl.load(ENT + rr, mask=rmask, other=0)
-        t64 = (ent // (H * W)).to(tl.int64)
-        q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
-        qp = tl.load(QPOS + t64, mask=rmask, other=0)
-        n_full, n_hi = _key_span(qp, rmask, kp0, kl, BN)
-        m = tl.full([BM], float("-inf"), dtype=tl.float32)
-        l = tl.zeros([BM], dtype=tl.float32)
-        acc = tl.zeros([BM, D], dtype=tl.float32)
-        for n0 in range(0, n_full, BN):
-            m, l, acc = _attn_step(q, K, V, ks, n0 + nn, kl, hk, stride_kt, stride_kh, stride_vt, stride_vh,
-                                   kp0, qp, m, l, acc, scale_log2, D, False, PREC)
-        for n0 in range(n_full, n_hi, BN):
-            m, l, acc = _attn_step(q, K, V, ks, n0 + nn, kl, hk, stride_kt, stride_kh, stride_vt, stride_vh,
-                                   kp0, qp, m, l, acc, scale_log2, D, True, PREC)
-        has = l > 0
-        lse = tl.where(has, (m + tl.log2(tl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
-        o = acc / tl.where(has, l, 1.0)[:, None]
-        # Partial slot of entry (t, h, w) inside this head chunk: (t * HC + h - H0) * W + w.
-        slot = (t64 * HC + (h - H0)) * W + (ent % W)
-        tl.store(PL + slot, lse, mask=rmask)
-        tl.store(PO + slot[:, None] * D + d[None, :], o.to(PO.dtype.element_ty), mask=rmask[:, None])
+    if SINGLE:
+        k, v = _load_kv(K, V, ks, nn, kl, hk, stride_kt, stride_kh, stride_vt, stride_vh, D, True)
+        for r0 in range(c0, c1, BM):
+            rr = r0 + tl.arange(0, BM)
+            rmask = rr < c1
+            ent = tl.load(ENT + rr, mask=rmask, other=0)
+            t64 = (ent // (H * W)).to(tl.int64)
+            q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
+            qp = tl.load(QPOS + t64, mask=rmask, other=0)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+            s = tl.where((nn < kl)[None, :] & ((kp0 + nn)[None, :] <= qp[:, None]), s, float("-inf"))
+            m = tl.max(s, axis=1)
+            m_safe = tl.where(m == float("-inf"), 0.0, m)
+            p = tl.exp2(s - m_safe[:, None])
+            l = tl.sum(p, axis=1)
+            acc = tl.dot(p.to(V.dtype.element_ty), v, input_precision=PREC)
+            has = l > 0
+            lse = tl.where(has, (m_safe + tl.log2(tl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
+            o = acc / tl.where(has, l, 1.0)[:, None]
+            slot = (t64 * HC + (h - H0)) * W + (ent % W)
+            tl.store(PL + slot, lse, mask=rmask)
+            tl.store(PO + slot[:, None] * D + d[None, :], o.to(PO.dtype.element_ty), mask=rmask[:, None])
+    else:  # (an if/else, not a return inside the constexpr branch: the compiler refuses that)
+        for r0 in range(c0, c1, BM):
+            rr = r0 + tl.arange(0, BM)
+            rmask = rr < c1
+            ent = tl.load(ENT + rr, mask=rmask, other=0)
+            t64 = (ent // (H * W)).to(tl.int64)
+            q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
+            qp = tl.load(QPOS + t64, mask=rmask, other=0)
+            n_full, n_hi = _key_span(qp, rmask, kp0, kl, BN)
+            m = tl.full([BM], float("-inf"), dtype=tl.float32)
+            l = tl.zeros([BM], dtype=tl.float32)
+            acc = tl.zeros([BM, D], dtype=tl.float32)
+            for n0 in range(0, n_full, BN):
+                m, l, acc = _attn_step(q, K, V, ks, n0 + nn, kl, hk, stride_kt, stride_kh, stride_vt, stride_vh,
+                                       kp0, qp, m, l, acc, scale_log2, D, False, PREC)
+            for n0 in range(n_full, n_hi, BN):
+                m, l, acc = _attn_step(q, K, V, ks, n0 + nn, kl, hk, stride_kt, stride_kh, stride_vt, stride_vh,
+                                       kp0, qp, m, l, acc, scale_log2, D, True, PREC)
+            has = l > 0
+            lse = tl.where(has, (m + tl.log2(tl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
+            o = acc / tl.where(has, l, 1.0)[:, None]
+            # Partial slot of entry (t, h, w) inside this head chunk: (t * HC + h - H0) * W + w.
+            slot = (t64 * HC + (h - H0)) * W + (ent % W)
+            tl.store(PL + slot, lse, mask=rmask)
+            tl.store(PO + slot[:, None] * D + d[None, :], o.to(PO.dtype.element_ty), mask=rmask[:, None])
 
 
 @triton.jit(do_not_specialize=["H0", "HC"])
@@ -360,7 +386,8 @@ def _sparse_attn_fwd_partials(q, k, v, qpos, blocks: KeyBlocks, gi: GatherIndex,
                 q, k, v, qpos, gi.ent, gi.offs, gi.tend, gi.tile_b, gi.tile_start, blocks.kstart, blocks.kpos,
                 blocks.klen, po, pl, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 hq, w, blocks.n, hq // hkv, h0, n, scale_log2, cfg.chunk,
-                BM=cfg.bm, BN=bn, D=d, PREC=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                BM=cfg.bm, BN=bn, D=d, PREC=prec, SINGLE=block_size <= bn, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
             )
         rows = tq * n
         _merge_kernel[(triton.cdiv(rows, 64),)](
