@@ -63,6 +63,8 @@ SUITES = {
     "train-b1024": (1, 16, 4, 64, 1024, 12, [131072]),
     "train-b512": (1, 16, 4, 64, 512, 3, [32768]),
     "small-b512": (4, 6, 6, 64, 512, 3, [8192]),
+    # the 0.27B model with FlashMoBA's block and top-k (not in the default table; --suite train-b128)
+    "train-b128": (1, 16, 4, 64, 128, 8, [131072]),
 }
 SMOKE = {"smoke": (1, 16, 4, 16, 16, 3, [72])}  # CPU smoke: T not a multiple of the block
 
@@ -447,10 +449,14 @@ def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0, parts=("fwd", "bwd"), 
         for change in fwd_variants or TUNE_FWD:
             fc = base_cfg.replace(fwd=change).fwd
             attempt(f"fwd {change}", lambda: fwd_call(fc))
-        if base_cfg.fwd.method == "two_pass":
+        if base_cfg.fwd.method in ("two_pass", "partials"):
+            # the default's pieces: two passes (each; the second storing instead of adding), or the
+            # partials' tile kernel alone (with the fill of the partial LSEs; the merge is the rest: alone
+            # it would read unwritten partials)
             gi = build_gather_index(idx, base, blocks.n, hkv, base_cfg.fwd.chunk)
-            for diag in ({"diag_pass": 1}, {"diag_pass": 2}, {"diag_pass": 2, "diag_no_atomic": True}):
-                attempt(f"fwd two-pass diagnostic {diag}",
+            diags = ({"diag_pass": 1}, {"diag_pass": 2}, {"diag_pass": 2, "diag_no_atomic": True})
+            for diag in diags if base_cfg.fwd.method == "two_pass" else diags[:1]:
+                attempt(f"fwd {base_cfg.fwd.method} diagnostic {diag}",
                         lambda: sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, scale, block, base_cfg.fwd, **diag))
     if "bwd" in parts:
         # the backward reads a gather index: the one-pass forward has none, so take its two-pass twin
@@ -514,7 +520,7 @@ def main():
             _empty_cache()
         return
 
-    suites = [x for x in suite_table if x != "cp-b128"] if args.suite == "all" else args.suite.split(",")
+    suites = [x for x in suite_table if x not in ("cp-b128", "train-b128")] if args.suite == "all" else args.suite.split(",")
     dev = torch.cuda.get_device_name() if CUDA else "CPU (smoke: Triton interpreter)"
     hdr = (
         "| setting | S | MoBA fwd ms | MoBA fwd+bwd ms | gate ms | attn fwd ms | TFLOP/s fwd | TFLOP/s f+b "

@@ -182,8 +182,9 @@ def sparse_attn_fwd(
         qpos: int32 ``[Tq]`` query positions (same space as ``blocks.kpos``).
         blocks: key-block table; gi: gather index of the selection (built with ``cfg.chunk``).
         width: ``W`` of the selection the index was built from.
-        diag_pass, diag_no_atomic: timing diagnostics of the two-pass form (benchmarks only:
-            run one pass; store instead of add, which gives wrong sums).
+        diag_pass, diag_no_atomic: timing diagnostics (benchmarks only): run one pass of the
+            two-pass form (1 or 2), or the partials form's tile kernel alone (1; no merge, so o
+            and lse are not written); store instead of add in the two-pass form's second pass (wrong sums).
     Returns:
         ``o [Tq, Hq, D]`` (q's dtype; 0 for rows without keys) and ``lse [Tq, Hq]`` fp32
         (``-inf`` for rows without keys).
@@ -192,7 +193,7 @@ def sparse_attn_fwd(
         raise ValueError(f"sparse_attn_fwd: the gather index was cut in chunks of {gi.chunk}, the config "
                          f"walks chunks of {cfg.chunk}; build the index with the same config")
     if cfg.method == "partials":
-        return _sparse_attn_fwd_partials(q, k, v, qpos, blocks, gi, width, softmax_scale, block_size, cfg)
+        return _sparse_attn_fwd_partials(q, k, v, qpos, blocks, gi, width, softmax_scale, block_size, cfg, diag_pass)
     tq, hq, d = q.shape
     hkv = k.shape[1]
     dev = q.device
@@ -353,7 +354,7 @@ def _merge_kernel(PO, PL, O, LSE, n_rows, H, H0, HC, W, stride_ot, stride_oh,
 
 
 def _sparse_attn_fwd_partials(q, k, v, qpos, blocks: KeyBlocks, gi: GatherIndex, width: int, softmax_scale: float,
-                              block_size: int, cfg: FwdConfig):
+                              block_size: int, cfg: FwdConfig, diag_pass: int | None = None):
     """``partials`` forward (see :class:`FwdConfig`): per chunk of query heads, one pass of the
     tile kernel writing partials ``[T, HC, W, D]`` (fp32, or q's half dtype with
     ``cfg.half_partials``) and their fp32 LSE, then one merge in fp32."""
@@ -390,6 +391,8 @@ def _sparse_attn_fwd_partials(q, k, v, qpos, blocks: KeyBlocks, gi: GatherIndex,
                 num_stages=cfg.num_stages,
             )
         rows = tq * n
+        if diag_pass == 1:
+            continue
         _merge_kernel[(triton.cdiv(rows, 64),)](
             po, pl, o, lse, rows, hq, h0, n, w, o.stride(0), o.stride(1),
             BR=64, WP=triton.next_power_of_2(w), D=d, num_warps=4,

@@ -48,9 +48,12 @@ class FwdConfig:
         dtype instead of fp32 (half the bytes written and read back by the merge: ~7 of ~14 GB
         at 128K, 16 heads, top-12, d=64); the merge still sums in fp32. Each partial is rounded
         once (relative 2^-9 in bf16), so o carries about twice the rounding of the fp32 path
-        before its own final rounding. Off: on one H200 it changed nothing measurable (128K, block
-        1024, top-12: 22.47 against 22.67/22.62 ms; 32K and 4 x 8K within the default's own drift;
-        ``moba_tune_h200_2026-12-04_session15_rows64.log``): the merge is not where the time goes.
+        before its own final rounding. On by default at blocks <= 128, where a gathered row does
+        only one sub-tile of work per partial written and the partials' bytes bound the forward
+        (FlashMoBA's setting, 128K: 22.9 against 42.4 ms with fp32 partials on the same tiles). Off elsewhere: at
+        block 1024 it changed nothing measurable (128K, top-12: 22.47 against 22.67/22.62 ms; 32K
+        and 4 x 8K within the default's own drift;
+        ``moba_tune_h200_2026-12-04_session15_rows64.log``): many key sub-tiles per partial there.
     """
 
     method: str = "two_pass"
@@ -389,11 +392,14 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
             fwd = FwdConfig(method="one_pass", bm=128, bn=64, chunk=256, num_warps=8, num_stages=4)
         return KernelConfig(fwd=fwd, bwd=bwd_d128 if head_dim > 64 else bwd_old)
     if block_size <= 128:
-        # Two passes, whole blocks of up to 128 keys per sub-tile (H100 sweeps at d=128). The
-        # partials forward on 64-row tiles measured 33.8 vs 36.6 ms with 64-key sub-tiles at
-        # FlashMoBA 128K (forward alone), but with whole-block sub-tiles the full call went
-        # 76 -> 104 ms (H200, benchmarks/results/moba_h200_2026-12-02.md), so this row stays.
-        fwd = FwdConfig(method="two_pass", bm=64, bn=0, chunk=256)
+        # Partials with the whole block in one key sub-tile, loaded once per program (SINGLE), and
+        # the partial outputs in q's half dtype: FlashMoBA's setting (d=128, 16 heads), forward with
+        # its gather index, against two passes (first / last) at 8K, 32K, 128K, 512K: 1.77 vs
+        # 2.34/2.51, 5.95 vs 8.77/8.78, 22.9 vs 36.5/36.5, 93.4 vs 155.7/155.7 ms. With fp32
+        # partials the same tiles lost to two passes (42.4 ms at 128K; 64-key sub-tiles 33.4), and
+        # 128-row tiles on 8 warps lost with either (26.9 ms at 128K with half partials): the
+        # partials' bytes bound this forward (moba_tune_h200_2026-12-04_session17_b128.log).
+        fwd = FwdConfig(method="partials", bm=64, bn=0, chunk=256, num_warps=4, num_stages=2, half_partials=True)
         # Centroid hi + lo parts made once per call (presplit): gate 122.4 -> 117.1 ms at FlashMoBA
         # 512K, block 128, d=128 (H200, two runs each; moba_tune_h200_2026-12-04_session15_gate.log).
         # The key loop on 8 warps: 87.7 -> 80.1 ms at FlashMoBA 512K (at block 1024, 128
