@@ -398,8 +398,13 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
         # 2.34/2.51, 5.95 vs 8.77/8.78, 22.9 vs 36.5/36.5, 93.4 vs 155.7/155.7 ms. With fp32
         # partials the same tiles lost to two passes (42.4 ms at 128K; 64-key sub-tiles 33.4), and
         # 128-row tiles on 8 warps lost with either (26.9 ms at 128K with half partials): the
-        # partials' bytes bound this forward (moba_tune_h200_2026-12-04_session17_b128.log).
-        fwd = FwdConfig(method="partials", bm=64, bn=0, chunk=256, num_warps=4, num_stages=2, half_partials=True)
+        # partials' bytes bound this forward (moba_tune_h200_2026-12-04_session17_b128.log). Then
+        # (..._session17_b128_refine.log, default first / last): 3 stages 20.7 vs 22.9/22.7 ms at
+        # FlashMoBA 128K; at d=64 (16/4 heads, 128K, top-8) 128-row tiles 5.48 vs 6.78/6.77 ms.
+        if head_dim <= 64:
+            fwd = FwdConfig(method="partials", bm=128, bn=0, chunk=256, num_warps=4, num_stages=2, half_partials=True)
+        else:
+            fwd = FwdConfig(method="partials", bm=64, bn=0, chunk=256, num_warps=4, num_stages=3, half_partials=True)
         # Centroid hi + lo parts made once per call (presplit): gate 122.4 -> 117.1 ms at FlashMoBA
         # 512K, block 128, d=128 (H200, two runs each; moba_tune_h200_2026-12-04_session15_gate.log).
         # The key loop on 8 warps: 87.7 -> 80.1 ms at FlashMoBA 512K (at block 1024, 128
