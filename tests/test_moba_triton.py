@@ -328,6 +328,23 @@ def test_tma_dq_off_the_gpu_is_a_clear_error():
         o.sum().backward()
 
 
+def test_unrolled_merge_sums_the_same_partials_in_the_same_order():
+    """``fwd.merge_unroll`` (and other merge tiles) changes how the loads are issued, not the sums:
+    o and lse bit for bit the rolled merge's, with W (3 blocks + the own) not a power of two."""
+    docs, b, hq, hkv, d = [70, 0, 61], 16, 4, 2, 32
+    q, k, v = _inputs(sum(docs), hq, hkv, d, torch.float32, seed=21)
+    cu = _cu(docs)
+    idx = naive.select_blocks(q, k, block_size=b, topk=3, cu_seqlens=cu)
+    assert idx.shape[-1] not in (1, 2, 4, 8)
+    cfg = KernelConfig(FwdConfig(method="partials", **SMALL), BwdConfig(bnb=16, bm=16, fuse_dq=False, dq_bm=16, dq_bn=16))
+    rolled = tb.block_attn(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5, config=cfg)
+    unrolled = tb.block_attn(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
+                             config=cfg.replace(fwd={"merge_unroll": True, "merge_rows": 16, "merge_warps": 2}))
+    assert torch.equal(rolled[0], unrolled[0]) and torch.equal(rolled[1], unrolled[1])
+    with pytest.raises(ValueError, match="merge_rows=48 must be a power of two"):
+        FwdConfig(merge_rows=48)
+
+
 def test_backward_decodes_the_index_with_the_forward_config():
     """The saved index is cut in the forward config's chunks; the backward of the same call reads
     it with that config (a chunk other than the default's), and gradients stay right."""

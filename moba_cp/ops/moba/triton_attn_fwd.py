@@ -327,7 +327,7 @@ def _fwd_partial_kernel(
 
 @triton.jit(do_not_specialize=["H0", "HC"])
 def _merge_kernel(PO, PL, O, LSE, n_rows, H, H0, HC, W, stride_ot, stride_oh,
-                  BR: tl.constexpr, WP: tl.constexpr, D: tl.constexpr):
+                  BR: tl.constexpr, WP: tl.constexpr, D: tl.constexpr, UNROLL: tl.constexpr = False):
     # Rows r = t * HC + (h - H0) of one head chunk: o = sum_w exp(lse_w - lse) o_w, in fp32.
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     rm = r < n_rows
@@ -341,12 +341,20 @@ def _merge_kernel(PO, PL, O, LSE, n_rows, H, H0, HC, W, stride_ot, stride_oh,
     lse_safe = tl.where(lsum > 0, lse, 0.0)
     d = tl.arange(0, D)
     acc = tl.zeros([BR, D], dtype=tl.float32)
-    for j in range(0, W):
-        pj = tl.load(PL + r64 * W + j, mask=rm, other=float("-inf"))
-        live = pj > float("-inf")
-        wt = tl.where(live, tl.exp(pj - lse_safe), 0.0)
-        po = tl.load(PO + (r64 * W + j)[:, None] * D + d[None, :], mask=(rm & live)[:, None], other=0.0)
-        acc += wt[:, None] * po.to(tl.float32)
+    if UNROLL:  # slots past W are masked: they load nothing and add exact zeros
+        for j in tl.static_range(WP):
+            pj = tl.load(PL + r64 * W + j, mask=rm & (j < W), other=float("-inf"))
+            live = pj > float("-inf")
+            wt = tl.where(live, tl.exp(pj - lse_safe), 0.0)
+            po = tl.load(PO + (r64 * W + j)[:, None] * D + d[None, :], mask=(rm & live)[:, None], other=0.0)
+            acc += wt[:, None] * po.to(tl.float32)
+    else:
+        for j in range(0, W):
+            pj = tl.load(PL + r64 * W + j, mask=rm, other=float("-inf"))
+            live = pj > float("-inf")
+            wt = tl.where(live, tl.exp(pj - lse_safe), 0.0)
+            po = tl.load(PO + (r64 * W + j)[:, None] * D + d[None, :], mask=(rm & live)[:, None], other=0.0)
+            acc += wt[:, None] * po.to(tl.float32)
     t = r64 // HC
     h = H0 + r % HC
     tl.store(O + (t * stride_ot + h * stride_oh)[:, None] + d[None, :], acc.to(O.dtype.element_ty), mask=rm[:, None])
@@ -393,9 +401,9 @@ def _sparse_attn_fwd_partials(q, k, v, qpos, blocks: KeyBlocks, gi: GatherIndex,
         rows = tq * n
         if diag_pass == 1:
             continue
-        _merge_kernel[(triton.cdiv(rows, 64),)](
+        _merge_kernel[(triton.cdiv(rows, cfg.merge_rows),)](
             po, pl, o, lse, rows, hq, h0, n, w, o.stride(0), o.stride(1),
-            BR=64, WP=triton.next_power_of_2(w), D=d, num_warps=4,
+            BR=cfg.merge_rows, WP=triton.next_power_of_2(w), D=d, UNROLL=cfg.merge_unroll, num_warps=cfg.merge_warps,
         )
     return o, lse
 

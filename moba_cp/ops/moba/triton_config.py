@@ -54,6 +54,10 @@ class FwdConfig:
         block 1024 it changed nothing measurable (128K, top-12: 22.47 against 22.67/22.62 ms; 32K
         and 4 x 8K within the default's own drift;
         ``moba_tune_h200_2026-12-04_session15_rows64.log``): many key sub-tiles per partial there.
+    merge_rows, merge_warps (``partials``): rows per merge program and its warps; merge_unroll:
+        the merge's loop over a row's ``W`` partials unrolled at compile time (up to the next
+        power of two, the surplus masked), so all of a row's loads are issued before the first
+        is used. Same sums in the same order either way.
     """
 
     method: str = "two_pass"
@@ -65,12 +69,17 @@ class FwdConfig:
     qchunk: int = 0
     partial_bytes: int = 1 << 30
     half_partials: bool = False
+    merge_rows: int = 64
+    merge_warps: int = 4
+    merge_unroll: bool = False
 
     def __post_init__(self):
         if self.method not in FWD_METHODS:
             raise ValueError(f"FwdConfig.method={self.method!r}; choose one of {FWD_METHODS}")
         if self.chunk % self.bm:
             raise ValueError(f"FwdConfig.chunk={self.chunk} must be a multiple of bm={self.bm}")
+        if self.merge_rows < 1 or self.merge_rows & (self.merge_rows - 1):
+            raise ValueError(f"FwdConfig.merge_rows={self.merge_rows} must be a power of two (a Triton block)")
 
 
 @dataclass(frozen=True)
@@ -401,15 +410,23 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
         # partials' bytes bound this forward (moba_tune_h200_2026-12-04_session17_b128.log). Then
         # (..._session17_b128_refine.log, default first / last): 3 stages 20.7 vs 22.9/22.7 ms at
         # FlashMoBA 128K; at d=64 (16/4 heads, 128K, top-8) 128-row tiles 5.48 vs 6.78/6.77 ms.
+        # At d=128 a program's chunk of 512 entries (moba_tune_h200_2026-12-04_session17_b128_fwd3.log):
+        # 5.42 vs 5.60/5.56 ms at FlashMoBA 32K, 79.7 vs 84.4/84.4 at 512K; 8K (16K tokens) 1.87 vs
+        # 1.65/1.90 keeps 256. The backward on 3 stages: 34.5 vs 35.9/36.0 ms at FlashMoBA 128K
+        # (..._session17_b128_bwd.log; 64-key programs, 32-row steps, the separate dQ kernel, the
+        # unmasked later rows and the transposed dQ product all lost there).
         if head_dim <= 64:
             fwd = FwdConfig(method="partials", bm=128, bn=0, chunk=256, num_warps=4, num_stages=2, half_partials=True)
+            bwd = bwd_old
         else:
-            fwd = FwdConfig(method="partials", bm=64, bn=0, chunk=256, num_warps=4, num_stages=3, half_partials=True)
+            fwd = FwdConfig(method="partials", bm=64, bn=0, chunk=512 if n_tokens > 16384 else 256, num_warps=4,
+                            num_stages=3, half_partials=True)
+            bwd = replace(bwd_old, num_stages=3)
         # Centroid hi + lo parts made once per call (presplit): gate 122.4 -> 117.1 ms at FlashMoBA
         # 512K, block 128, d=128 (H200, two runs each; moba_tune_h200_2026-12-04_session15_gate.log).
         # The key loop on 8 warps: 87.7 -> 80.1 ms at FlashMoBA 512K (at block 1024, 128
         # centroids, 8 warps lost: 1.20 -> 2.43 ms; moba_tune_h200_2026-12-04_session16_gate.log).
-        return KernelConfig(fwd=fwd, bwd=bwd_old, gate=GateConfig(presplit=True, num_warps=8))
+        return KernelConfig(fwd=fwd, bwd=bwd, gate=GateConfig(presplit=True, num_warps=8))
     if head_dim <= 64:
         # H200, d=64, 16/4 heads: partials on 128-row tiles, 4 warps, 3 stages: fwd 44.7 -> 22.5 ms
         # (128K, block 1024, top-k 12), 2.37 -> 1.65 ms (32K, block 512, top-k 3), 1.29 -> 1.06 ms
