@@ -57,7 +57,11 @@ class FwdConfig:
     merge_rows, merge_warps (``partials``): rows per merge program and its warps; merge_unroll:
         the merge's loop over a row's ``W`` partials unrolled at compile time (up to the next
         power of two, the surplus masked), so all of a row's loads are issued before the first
-        is used. Same sums in the same order either way.
+        is used. Same sums in the same order either way. One H200
+        (``moba_tune_h200_2026-12-04_session17_merge.log``, FlashMoBA's setting, whole forward with
+        its index, 64 rows first and last): 32 rows 16.0 vs 19.9/19.9 ms at 128K, 63.9 vs 79.5/79.3
+        at 512K; unrolled on 64 rows 46.1 and 184.6 ms (spills), on 32 rows 15.9 and 63.7; at d=64,
+        block 1024, 128K, 32 rows unrolled 21.97 vs 22.72/22.72 (unrolled there: :func:`choose_config`).
     """
 
     method: str = "two_pass"
@@ -69,7 +73,7 @@ class FwdConfig:
     qchunk: int = 0
     partial_bytes: int = 1 << 30
     half_partials: bool = False
-    merge_rows: int = 64
+    merge_rows: int = 32
     merge_warps: int = 4
     merge_unroll: bool = False
 
@@ -456,7 +460,8 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
         # ~2.7 GB less transient memory at 128K. Larger row tiles lost: bm=64 with 4 warps spills
         # (308 ms at 128K), with 8 warps 59.7 ms; bm=16 63.0 ms.
         stages = 4 if 0 < n_tokens <= 32 * 1024 else 3
-        fwd = FwdConfig(method="partials", bm=128, bn=64, chunk=128, num_warps=4, num_stages=stages)
+        fwd = FwdConfig(method="partials", bm=128, bn=64, chunk=128, num_warps=4, num_stages=stages,
+                        merge_unroll=True)
         bwd = BwdConfig(bnb=128, bm=32, split_mask=True, gather_rows=True, num_warps=4, num_stages=stages,
                         dq_bm=64, dq_bn=64, dq_stages=3, sub_major=True, dq_rows=tma, tma_dq=tma,
                         dq_trans=tma and group > 1, split_group=True, dq_chunk_bytes=1 << 30)
