@@ -430,7 +430,10 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
         # 512K, block 128, d=128 (H200, two runs each; moba_tune_h200_2026-12-04_session15_gate.log).
         # The key loop on 8 warps: 87.7 -> 80.1 ms at FlashMoBA 512K (at block 1024, 128
         # centroids, 8 warps lost: 1.20 -> 2.43 ms; moba_tune_h200_2026-12-04_session16_gate.log).
-        return KernelConfig(fwd=fwd, bwd=bwd, gate=GateConfig(presplit=True, num_warps=8))
+        # At d=64 the gate stays on 4 warps: block 128, 16/4 heads, 128K (1024 centroids per head),
+        # 3.30 vs 5.97/6.04 ms on 8 warps; at d=128 (FlashMoBA 128K) 8 warps 7.33/7.31 vs 8.14
+        # (moba_tune_h200_2026-12-04_session17_gate_b128.log).
+        return KernelConfig(fwd=fwd, bwd=bwd, gate=GateConfig(presplit=True, num_warps=8 if head_dim > 64 else 4))
     if head_dim <= 64:
         # H200, d=64, 16/4 heads: partials on 128-row tiles, 4 warps, 3 stages: fwd 44.7 -> 22.5 ms
         # (128K, block 1024, top-k 12), 2.37 -> 1.65 ms (32K, block 512, top-k 3), 1.29 -> 1.06 ms
