@@ -12,7 +12,10 @@ combined in one of three ways (``FwdConfig.method``, chosen from the shape by
 * ``partials``: each program streams its gathered rows over the block's keys with an online
   softmax (two products per key tile, like a dense flash kernel) and writes each entry's
   normalised partial output (fp32) and LSE; a merge kernel combines a row's ``W`` partials by
-  LSE. The partials exist for one chunk of query heads at a time (bounded memory).
+  LSE. The partials exist for one chunk of query heads at a time (bounded memory). A block that
+  fits one key sub-tile (blocks of up to 128 keys with ``bn=0``) stays in registers for the
+  program's whole chunk of rows; there the partials' bytes bound the kernel, so the default
+  writes them in q's half dtype (``half_partials``).
 * ``two_pass``: pass 1 stores each entry's LSE, a small kernel reduces them per row, pass 2
   adds the normalised ``exp(s - lse) @ V`` into an fp32 ``o`` with atomics (three products per
   key tile, no partial buffer).
@@ -415,7 +418,7 @@ def _sparse_attn_fwd_partials(q, k, v, qpos, blocks: KeyBlocks, gi: GatherIndex,
 # state (m, l, acc) of those rows lives in fp32 scratch and is read/updated/written once per
 # entry and block. One program owns each row, so no atomics, and one pass (two products per
 # key tile instead of three). The state traffic (~1 KB per entry and block) is negligible
-# next to a large block's ``B * D * 4`` flops, but not for B=128, which keeps the two passes.
+# next to a large block's ``B * D * 4`` flops, but not for B=128 (whole-block partials there).
 
 
 @triton.jit
