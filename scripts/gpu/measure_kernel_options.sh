@@ -24,12 +24,14 @@
 #    the key loop on 4 and 8 warps; first the default's pieces: centroids, the gate kernel, and that
 #    kernel without its running top-k (products and masks only: the loop's time is the difference)
 #    -> $OUT/tune_gate.log (part gate).
-# 4.-7. Not in the default PARTS: `table` (bench_moba's table with cuDNN), `d128` (backward and
+# 4.-8. Not in the default PARTS: `table` (bench_moba's table with cuDNN), `d128` (backward and
 #    forward variants at d=128), `rows64` (larger gathered-row tiles for today's fused-dQ backward at
-#    d=64) and `nore` (training without recomputation at 128K and 32K: MoBA keeping its gather index,
-#    MoBA with bwd.keep_index=false, full attention). Session 15 ran nore, tests, rows64 and gate
-#    (benchmarks/results/*2026-12-04_session15*); session 16 gate (its pieces) and table, then
-#    tests (TESTS_K=gate_variants), gate (the loops) and d128.
+#    d=64), `nore` (training without recomputation at 128K and 32K: MoBA keeping its gather index,
+#    MoBA with bwd.keep_index=false, full attention) and `b128` (forward tilings for 128-key blocks,
+#    written against the two-pass default that session 17 replaced). Session 15 ran nore, tests,
+#    rows64 and gate (benchmarks/results/*2026-12-04_session15*); session 16 gate (its pieces) and
+#    table, then tests (TESTS_K=gate_variants), gate (the loops) and d128; session 17 tests and b128
+#    (later calls: the lists in the headers of benchmarks/results/*2026-12-04_session17*).
 # Needs no network: megatron-core comes from ./.whl when it is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
