@@ -468,6 +468,15 @@ def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0, parts=("fwd", "bwd"), 
             attempt(f"bwd {change}", lambda: sparse_attn_bwd(do, q, k, v, o, lse, qpos, blocks, gi, w, scale, block, bc,
                                                              kv_grad_dtype=k.dtype, dq_dtype=q.dtype,
                                                              sorted_positions=True))
+        bc = base_cfg.bwd
+        nsub = -(-block // bc.key_tile(block, d))
+        if not bc.dq_rows and not bc.dq_slots and (bc.fuse_dq or (bc.fuse_dq is None and nsub <= 2)):
+            # the default's fused dQ by fp32 atomics: its cost, as the time without it (wrong dq)
+            for diag, what in ((1, "stored, not added"), (2, "left out")):
+                attempt(f"bwd diagnostic: fused dQ {what} (wrong dq)",
+                        lambda: sparse_attn_bwd(do, q, k, v, o, lse, qpos, blocks, gi, w, scale, block, bc,
+                                                kv_grad_dtype=k.dtype, dq_dtype=q.dtype, sorted_positions=True,
+                                                diag_dq=diag))
 
 
 def main():

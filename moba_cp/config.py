@@ -449,7 +449,8 @@ def _kernel_override_errors(cfg: RecipeConfig, has_moba: bool, device: str | Non
     for tokens in sorted({m.seq_length, m.seq_length // cp, m.seq_length * cfg.train.micro_batch_size}):
         for tma in tmas:
             try:
-                apply_kernel_overrides(choose_config(mb.block_size, head_dim, group, tokens, tma), text)
+                tiled = apply_kernel_overrides(choose_config(mb.block_size, head_dim, group, tokens, tma), text)
+                tiled.bwd.check_block(mb.block_size, head_dim)
             except ValueError as e:
                 return [f"moba.kernel: {e}" + (" (the default tiling on a GPU with TMA)" if tma else "")]
     return []

@@ -32,7 +32,10 @@ def test_tune_smoke_every_variant_runs():
     assert not [x for x in lines if "failed" in x], out[-3000:]
     assert any("default config: KernelConfig(" in x for x in lines)
     for piece in ("select (centroids+gate)", "gather index", "chunk index", "gate pieces: centroids",
-                  "gate pieces: gate kernel:", "gate pieces: gate kernel, scores only (diag)"):
+                  "gate pieces: gate kernel:", "gate pieces: gate kernel, scores only (diag)",
+                  # the default (block 16: whole-block partials, dQ fused by atomics) timed in pieces
+                  "fwd partials diagnostic {'diag_pass': 1}", "bwd diagnostic: fused dQ stored, not added",
+                  "bwd diagnostic: fused dQ left out"):
         assert any(piece in x for x in lines), piece
     assert sum(" gate {" in x for x in lines) == len(gate)
     assert sum(" fwd {" in x for x in lines) == len(fwd)

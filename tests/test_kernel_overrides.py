@@ -127,6 +127,17 @@ def test_recipe_overrides_are_checked_against_the_tma_default_too():
     validate(load_recipe("recipes/1gpu-32k.yaml", ["--moba.kernel=bwd.dq_rows=false,bwd.tma_dq=false"]), device="cuda")
 
 
+def test_recipe_checks_the_shape_rules_of_an_override():
+    """``bwd.dq_slots`` needs each block in one key sub-tile of the backward: refused at block 512
+    and head dim 64 before work starts (with the values and the fix); taken at block 64."""
+    with pytest.raises(RecipeError, match=r"moba.kernel: BwdConfig.dq_slots=True needs each block in one key "
+                                          r"sub-tile of the backward: block_size=512 with bnb=128 \(head dim 64\) is "
+                                          r"4 sub-tiles\. Fix: bwd.dq_slots=false"):
+        load_recipe("recipes/1gpu-32k.yaml", ["--moba.block_size=512", "--moba.kernel=bwd.dq_slots=true"])
+    ok = load_recipe("recipes/1gpu-32k.yaml", ["--moba.block_size=64", "--moba.kernel=bwd.dq_slots=true"])
+    assert ok.moba.kernel == "bwd.dq_slots=true"
+
+
 def test_default_tiling_follows_the_measured_rows():
     """d=64 (the recipes' head dim): a block's key sub-tiles adjacent in the dK/dV grid everywhere;
     with TMA also dQ fused into the bucket-order copy by bulk reductions, computed transposed
@@ -161,6 +172,18 @@ def test_default_tiling_follows_the_measured_rows():
     # thousands of centroids per head: their hi + lo parts made once per call (session 15)
     assert gate.presplit and not choose_config(1024, 64, 4, 131072).gate.presplit
     assert not choose_config(128, 128, 4, 131072).bwd.split_group  # rows not copied: nothing to split
+    # blocks <= 128 (session 17): the partials forward with the whole block in one sub-tile and half
+    # partials; d=128 on 64-row tiles, 3 stages, chunks of 512 entries from 16K tokens, a 3-stage
+    # backward, the gate on 8 warps; d=64 on 128-row tiles with the gate on 4 warps
+    b128 = choose_config(128, 128, 1, 131072)
+    assert (b128.fwd.method, b128.fwd.bn, b128.fwd.half_partials) == ("partials", 0, True)
+    assert (b128.fwd.bm, b128.fwd.num_stages, b128.fwd.chunk, b128.bwd.num_stages) == (64, 3, 512, 3)
+    assert choose_config(128, 128, 1, 16384).fwd.chunk == 256
+    d64 = choose_config(128, 64, 4, 131072)
+    assert (d64.fwd.bm, d64.fwd.half_partials, d64.gate.num_warps, d64.bwd.num_stages) == (128, True, 4, 2)
+    # the merge on 32-row programs everywhere, its loop unrolled at d=64 blocks 256-1024 (session 17)
+    assert b128.fwd.merge_rows == 32 and not b128.fwd.merge_unroll
+    assert choose_config(1024, 64, 4, 131072).fwd.merge_unroll and choose_config(512, 64, 4, 32768).fwd.merge_unroll
 
 
 def test_device_has_tma_only_on_a_cuda_gpu_of_compute_capability_9():

@@ -18,6 +18,9 @@ from moba_cp.ops.moba import partial as partial_mod
 
 triton = pytest.importorskip("triton")
 tb = pytest.importorskip("moba_cp.ops.moba.triton_backend")
+from moba_cp.ops.moba.triton_attn_bwd import sparse_attn_bwd  # noqa: E402
+from moba_cp.ops.moba.triton_attn_fwd import sparse_attn_fwd  # noqa: E402
+from moba_cp.ops.moba.triton_common import build_gather_index, doc_tables  # noqa: E402
 from moba_cp.ops.moba.triton_config import BwdConfig, FwdConfig, GateConfig, KernelConfig, choose_config  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -277,6 +280,11 @@ PATH_CONFIGS = {
     "partials-whole-block": KernelConfig(FwdConfig(method="partials", bm=16, bn=64, chunk=32, num_warps=4,
                                                    num_stages=2),
                                          BwdConfig(bnb=16, bm=16, fuse_dq=False, dq_bm=16, dq_bn=16)),
+    # each block (48 keys) in one 64-key dK/dV program: its dQ stored per slot, then summed
+    "dq-slots": KernelConfig(FwdConfig(method="partials", **SMALL), BwdConfig(bnb=64, bm=16, dq_slots=True)),
+    "dq-slots-gathered-split": KernelConfig(FwdConfig(method="two_pass", **SMALL),
+                                            BwdConfig(bnb=64, bm=16, dq_slots=True, gather_rows=True, split_mask=True,
+                                                      dq_chunk_bytes=1)),
     "one-pass": KernelConfig(FwdConfig(method="one_pass", bm=16, bn=16, chunk=32, qchunk=32),
                              BwdConfig(bnb=16, bm=16, fuse_dq=False, dq_bm=16, dq_bn=16)),
 }
@@ -289,7 +297,7 @@ def test_kernel_paths_match_naive(name):
     test_block_attn_fwd_bwd_matches_naive((130, 4, 2, 16, 48, 3, [20, 110]), config=PATH_CONFIGS[name])
 
 
-@pytest.mark.parametrize("name", ["partials", "partials-whole-block", "one-pass", "two-pass-unfused-split-mask", "gathered-rows-split-kv-chunks",
+@pytest.mark.parametrize("name", ["partials", "partials-whole-block", "dq-slots", "one-pass", "two-pass-unfused-split-mask", "gathered-rows-split-kv-chunks",
                                   "gathered-rows-tma-split", "gathered-rows-sub-major-fused-dq-split",
                                   "dq-rows-split-kv-chunks"])
 def test_kernel_paths_head_dim_64_and_empty_doc(name):
@@ -343,6 +351,47 @@ def test_unrolled_merge_sums_the_same_partials_in_the_same_order():
     assert torch.equal(rolled[0], unrolled[0]) and torch.equal(rolled[1], unrolled[1])
     with pytest.raises(ValueError, match="merge_rows=48 must be a power of two"):
         FwdConfig(merge_rows=48)
+
+
+def test_dq_slots_half_precision_and_the_shape_rule():
+    """``bwd.dq_slots`` at fp16 (slots rounded to q's dtype, summed in fp32): dq within the fp16
+    naive op's error, dk/dv bit for bit the atomics path's (the option changes only dQ); into a
+    given fp32 accumulator (the CP form's ``dq_acc``) it adds; a block of several key sub-tiles
+    is refused with the values and the fix, by the kernel call and by the recipe check."""
+    docs, b, hq, hkv, d = [70, 0, 61], 16, 4, 2, 32
+    q, k, v = _inputs(sum(docs), hq, hkv, d, torch.float32, seed=14)
+    cu = _cu(docs)
+    idx = naive.select_blocks(q, k, block_size=b, topk=3, cu_seqlens=cu)
+    base = KernelConfig(FwdConfig(method="partials", **SMALL), BwdConfig(bnb=16, bm=16, fuse_dq=True))
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(2))
+
+    def grads(dtype, cfg):
+        xs = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        fn = naive.block_attn if cfg is None else functools.partial(tb.block_attn, config=cfg)
+        o, _ = fn(*xs, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5)
+        (o * do.to(dtype)).sum().backward()
+        return [x.grad for x in xs]
+
+    ref = grads(torch.float64, None)
+    nai = grads(torch.float16, None)
+    atom = grads(torch.float16, base)
+    slots = grads(torch.float16, base.replace(bwd={"dq_slots": True}))
+    _check("dq fp16, dq slots", slots[0], nai[0], ref[0], floor=1e-3)
+    assert torch.equal(slots[1], atom[1]) and torch.equal(slots[2], atom[2])
+
+    blocks, qpos, bases, _ = doc_tables(q.shape[0], cu, b, DEV)
+    gi = build_gather_index(idx, bases, blocks.n, hkv, SMALL["chunk"])
+    o, lse = sparse_attn_fwd(q, k, v, qpos, blocks, gi, idx.shape[-1], d ** -0.5, b, base.fwd)
+    args = (do, q, k, v, o, lse, qpos, blocks, gi, idx.shape[-1], d ** -0.5, b)
+    plain = sparse_attn_bwd(*args, base.bwd)[0]
+    acc = torch.full_like(q, 0.5)
+    added = sparse_attn_bwd(*args, BwdConfig(bnb=16, bm=16, dq_slots=True), dq_acc=acc)[0]
+    assert added is acc and torch.allclose(added - 0.5, plain, atol=1e-5)
+    with pytest.raises(ValueError, match=r"dq_slots=True needs each block in one key sub-tile.*block_size=16 with "
+                                         r"bnb=8 .* 2 sub-tiles\. Fix: bwd.dq_slots=false"):
+        sparse_attn_bwd(*args, BwdConfig(bnb=8, bm=16, dq_slots=True))
+    with pytest.raises(ValueError, match="dq_slots=True .* replaces dq_rows"):
+        BwdConfig(dq_slots=True, dq_rows=True, gather_rows=True)
 
 
 def test_backward_decodes_the_index_with_the_forward_config():
@@ -857,6 +906,20 @@ def test_gpu_bf16_partials_whole_block(d, b, bm, warps, half):
     idx = naive.select_blocks(q, k, block_size=b, topk=8, cu_seqlens=cu)
     cfg = choose_config(b, d, 4, sum(t_docs)).replace(
         fwd={"method": "partials", "bm": bm, "bn": 0, "chunk": 2 * bm, "num_warps": warps, "half_partials": half})
+    check_bf16_fwd_bwd(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
+                       fn=functools.partial(tb.block_attn, config=cfg))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,b,bwd", [(128, 128, {}), (64, 64, {}), (64, 128, {"bnb": 128})])
+def test_gpu_bf16_dq_slots(d, b, bwd):
+    """``bwd.dq_slots`` at bf16 on the GPU (slots in bf16, summed in fp32): two documents, GQA 4,
+    within twice the naive bf16 op's error like every path."""
+    t_docs = [3000, 2 * b + 100]
+    cu = _cu(t_docs, "cuda")
+    q, k, v = _inputs(sum(t_docs), 8, 2, d, torch.bfloat16, seed=d + b + 7, device="cuda")
+    idx = naive.select_blocks(q, k, block_size=b, topk=8, cu_seqlens=cu)
+    cfg = choose_config(b, d, 4, sum(t_docs)).replace(bwd={"dq_slots": True, **bwd})
     check_bf16_fwd_bwd(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
                        fn=functools.partial(tb.block_attn, config=cfg))
 

@@ -142,3 +142,17 @@ if has b128; then
   "$PY" benchmarks/bench_moba.py --tune paper-b512:8192,small-b512:8192 --tune-parts fwd \
     --tune-fwd "$SHORT_FWD" 2>&1 | tee "$OUT/tune_short_fwd.log" || true
 fi
+
+# 9. (part b128bwd) the backward at block 128 is the largest piece of FlashMoBA's setting (34.5 of
+#    57 ms at 128K after session 17). Each tune line set ends with the default's fused dQ stored
+#    instead of added and left out (wrong dq: what the atomics cost); then bwd.dq_slots (each
+#    block's dQ of a row stored once in bf16 into its own slot, one fp32 sum pass) against the
+#    default, first and last; at d=64 it needs 128-key programs (bnb 128, also timed alone).
+if has b128bwd; then
+  "$PY" benchmarks/bench_moba.py --tune flashmoba:131072,flashmoba:524288 --tune-parts bwd \
+    --tune-bwd '[{}, {"dq_slots": true}, {"dq_slots": true, "num_stages": 2}, {}]' 2>&1 | tee "$OUT/tune_b128_bwd.log" || true
+  "$PY" benchmarks/bench_moba.py --tune train-b128:131072 --tune-parts bwd \
+    --tune-bwd '[{}, {"bnb": 128}, {"bnb": 128, "dq_slots": true}, {"bnb": 128, "dq_slots": true, "num_warps": 8}, {}]' \
+    2>&1 | tee -a "$OUT/tune_b128_bwd.log" || true
+fi
+

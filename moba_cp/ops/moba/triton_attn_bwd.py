@@ -158,10 +158,11 @@ def _first_row_at(ENT, QPOS, QPG, e0, r_lo, r_hi, thr, HW, GATHERED: tl.constexp
 
 @triton.jit
 def _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG, QPG, DQG, DQGD, e0, r0, r_hi, h, H,
-               W, H0, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, scale,
+               W, H0, HC, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, scale,
                scale_log2, BM: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr, FUSE_DQ: tl.constexpr,
                PREC: tl.constexpr, TRANS: tl.constexpr, GATHERED: tl.constexpr, TMA: tl.constexpr,
-               DQ_ROWS: tl.constexpr, TMA_DQ: tl.constexpr, DQ_TRANS: tl.constexpr):
+               DQ_ROWS: tl.constexpr, TMA_DQ: tl.constexpr, DQ_TRANS: tl.constexpr, DQ_SLOTS: tl.constexpr,
+               DQ_DIAG: tl.constexpr):
     """Loads gathered rows ``[r0, r0 + BM)`` of one bucket and adds their dK/dV (and, with
     ``FUSE_DQ``, their dQ by fp32 atomics into the launch's head chunk starting at ``H0``).
     ``GATHERED``: the rows were copied in bucket order (``_gather_rows_kernel``; row ``r`` at
@@ -171,7 +172,11 @@ def _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG,
     they add exactly nothing. ``DQ_ROWS`` (with ``GATHERED``): the fused dQ goes to ``DQG``, an fp32
     copy in the same bucket order (contiguous tiles, no index lookup); ``TMA_DQ``: as one
     asynchronous bulk reduction per tile through the descriptor ``DQGD`` (unmasked: the rows
-    past the bucket have dS = 0, so they add zeros, and rows past the buffer are clipped)."""
+    past the bucket have dS = 0, so they add zeros, and rows past the buffer are clipped).
+    ``DQ_SLOTS``: the block is one key sub-tile, so this tile's dQ is each row's whole dQ from
+    this block: stored (in ``DQ``'s dtype) into the row's slot ``(t * HC + h - H0) * W + w`` of
+    ``DQ``, a zeroed slot buffer, instead of added. ``DQ_DIAG`` (benchmarks only, wrong dq): 1
+    stores the fused dQ instead of adding it, 2 leaves it out."""
     d = tl.arange(0, D)
     rr = r0 + tl.arange(0, BM)
     rmask = rr < r_hi
@@ -203,12 +208,20 @@ def _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG,
                 DQGD.atomic_add([(r0 - e0).to(tl.int32), 0], dq)
             else:
                 tl.atomic_add(DQG + lr[:, None] * D + d[None, :], dq, mask=rmask[:, None], sem="relaxed")
-        else:
+        elif DQ_SLOTS:
+            ent = tl.load(ENT + rr, mask=rmask, other=0)
+            slot = ((ent // (H * W)).to(tl.int64) * HC + (h - H0)) * W + ent % W
+            tl.store(DQ + slot[:, None] * D + d[None, :], dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
+        elif DQ_DIAG == 0:
             if GATHERED:
                 t64 = (tl.load(ENT + rr, mask=rmask, other=0) // (H * W)).to(tl.int64)
             # DQ holds the launch's query heads only (fp32 scratch per head chunk).
             tl.atomic_add(DQ + t64[:, None] * stride_dqt + (h - H0) * D + d[None, :], dq, mask=rmask[:, None],
                           sem="relaxed")
+        elif DQ_DIAG == 1:
+            if GATHERED:
+                t64 = (tl.load(ENT + rr, mask=rmask, other=0) // (H * W)).to(tl.int64)
+            tl.store(DQ + t64[:, None] * stride_dqt + (h - H0) * D + d[None, :], dq, mask=rmask[:, None])
     return dk, dv
 
 
@@ -225,7 +238,7 @@ def _dkdv_kernel(
     BM: tl.constexpr, BNB: tl.constexpr, D: tl.constexpr, FUSE_DQ: tl.constexpr, PREC: tl.constexpr,
     TRANS: tl.constexpr, SPLIT: tl.constexpr, GATHERED: tl.constexpr, TMA: tl.constexpr,
     SUB_MAJOR: tl.constexpr, DQ_ROWS: tl.constexpr, TMA_DQ: tl.constexpr, DQ_TRANS: tl.constexpr,
-    ACC_KV: tl.constexpr,
+    ACC_KV: tl.constexpr, DQ_SLOTS: tl.constexpr = False, DQ_DIAG: tl.constexpr = 0,
 ):
     # KV heads [HK0, HK0 + HKVC) of this launch, and of their query heads those in
     # [QH0, QH0 + QHC) (all of them unless the launch splits a GQA group: split_group); the j-th
@@ -277,15 +290,15 @@ def _dkdv_kernel(
         r_mask_end = r_mid if SPLIT else r_hi
         for r0 in range(r_lo, r_mask_end, BM):
             dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG, QPG, DQG, DQGD, e0,
-                                r0, r_hi, h, H, W, QH0, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh,
+                                r0, r_hi, h, H, W, QH0, QHC, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh,
                                 stride_dot, stride_doh, stride_dqt, scale, scale_log2, BM, D, True, FUSE_DQ, PREC,
-                                TRANS, GATHERED, TMA, DQ_ROWS, TMA_DQ, DQ_TRANS)
+                                TRANS, GATHERED, TMA, DQ_ROWS, TMA_DQ, DQ_TRANS, DQ_SLOTS, DQ_DIAG)
         if SPLIT:
             for r0 in range(r_mid, r_hi, BM):
                 dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG, QPG, DQG, DQGD,
-                                    e0, r0, r_hi, h, H, W, QH0, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh,
+                                    e0, r0, r_hi, h, H, W, QH0, QHC, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh,
                                     stride_dot, stride_doh, stride_dqt, scale, scale_log2, BM, D, False, FUSE_DQ, PREC,
-                                    TRANS, GATHERED, TMA, DQ_ROWS, TMA_DQ, DQ_TRANS)
+                                    TRANS, GATHERED, TMA, DQ_ROWS, TMA_DQ, DQ_TRANS, DQ_SLOTS, DQ_DIAG)
     out_rows = (ks + kk)[:, None]  # rows of the contiguous fp32 [Tk, Hkv, D] grads
     HKV = H // G
     # Each (kv head, key rows) is owned by exactly one program of a launch, so dK/dV are written
@@ -373,6 +386,24 @@ def _dq_rows_sum_kernel(INV, DQG, DQ, n_rows, stride_dqt, stride_dqh, H0, HC, W,
     tl.store(ptr, acc.to(DQ.dtype.element_ty), mask=m[:, None])
 
 
+@triton.jit(do_not_specialize=["H0", "HC"])
+def _dq_slots_sum_kernel(DQS, DQ, n_rows, stride_dqt, stride_dqh, H0, HC, W,
+                         BR: tl.constexpr, D: tl.constexpr, ADD: tl.constexpr):
+    # dq[t, H0 + hl] (+)= sum over the W slots of row r = t * HC + hl of the slot buffer DQS
+    # (unselected slots hold the buffer's zeros), in fp32; one store per row in dq's dtype.
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    m = r < n_rows
+    r64 = r.to(tl.int64)
+    d = tl.arange(0, D)
+    acc = tl.zeros([BR, D], dtype=tl.float32)
+    for w in range(W):
+        acc += tl.load(DQS + (r64 * W + w)[:, None] * D + d[None, :], mask=m[:, None], other=0.0).to(tl.float32)
+    ptr = DQ + (r64 // HC)[:, None] * stride_dqt + (H0 + r % HC)[:, None] * stride_dqh + d[None, :]
+    if ADD:
+        acc += tl.load(ptr, mask=m[:, None], other=0.0)
+    tl.store(ptr, acc.to(DQ.dtype.element_ty), mask=m[:, None])
+
+
 def _gathered_rows(q, do, lse, delta, qpos, gi: GatherIndex, hq: int, width: int, nbk: int, h0: int, hc: int,
                    n_rows: int, d: int, tma_rows: int = 0, inv: torch.Tensor | None = None):
     """Copies of the rows of query heads ``[h0, h0 + hc)`` in bucket order (see
@@ -418,6 +449,7 @@ def sparse_attn_bwd(
     dq_dtype: torch.dtype = torch.float32,
     dq_acc: torch.Tensor | None = None,
     sorted_positions: bool = False,
+    diag_dq: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`triton_attn_fwd.sparse_attn_fwd` given ``o``/``lse`` from outside.
 
@@ -437,6 +469,8 @@ def sparse_attn_bwd(
         sorted_positions: the caller guarantees ``qpos`` is nondecreasing over the tokens of each
             bucket (true of document positions); only then may ``cfg.split_mask`` take the
             unmasked loop for the rows that see a whole key sub-tile.
+        diag_dq: timing diagnostic of the fused dQ by atomics (benchmarks only; dq is then wrong):
+            1 stores each tile's dQ instead of adding it, 2 leaves it out.
     Returns:
         ``dq [Tq, Hq, D]`` in ``dq_dtype``, ``dk, dv [Tk, Hkv, D]`` in ``kv_grad_dtype``.
     """
@@ -466,27 +500,29 @@ def sparse_attn_bwd(
                              f"{dq_acc.dtype} {tuple(dq_acc.shape)}")
         dq, dq_dtype = dq_acc, torch.float32
     elif dq_dtype == torch.float32:
-        # dq_rows writes every row of dq once (its sum pass); the atomics need zeros.
-        dq = (torch.empty if cfg.dq_rows else torch.zeros)(tq, hq, d, dtype=torch.float32, device=dev)
+        # dq_rows / dq_slots write every row of dq once (their sum pass); the atomics need zeros.
+        dq = (torch.empty if cfg.dq_rows or cfg.dq_slots else torch.zeros)(tq, hq, d, dtype=torch.float32, device=dev)
     else:
         dq = torch.empty(tq, hq, d, dtype=dq_dtype, device=dev)
     fp32_dq = dq_dtype == torch.float32
     if tq == 0 or blocks.n == 0:
         return (dq if dq_acc is not None else dq.zero_()), dk.zero_(), dv.zero_()
-    bnb = cfg.bnb or min(128 if d >= 128 else 64, triton.next_power_of_2(block_size))
+    cfg.check_block(block_size, d)
+    bnb = cfg.key_tile(block_size, d)
     nsub = triton.cdiv(block_size, bnb)
     fuse_dq = cfg.fuse_dq if cfg.fuse_dq is not None else (cfg.dq_rows or nsub <= 2)
     if cfg.tma_dq and dev.type != "cuda":
         raise ValueError(f"sparse_attn_bwd: BwdConfig.tma_dq=True adds dQ tiles by TMA bulk reductions, which need a "
                          f"CUDA GPU (Hopper or newer); the tensors are on {dev} (the Triton interpreter has no "
                          f"descriptor reductions). Fix: tma_dq=False (dq_rows=True alone uses plain atomics).")
+    slot_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
     n_stages = cfg.num_stages or (3 if block_size >= 256 else 2)
     nw = cfg.num_warps or (8 if d >= 128 else 4)
     if not fuse_dq and gi.chunk % cfg.dq_bm:
         raise ValueError(f"sparse_attn_bwd: dq_bm={cfg.dq_bm} must divide the gather index's chunk {gi.chunk}")
     scale_log2 = softmax_scale * LOG2E
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
-    chunks = _head_chunks(tq, hkv, g_sz, width, d, q.element_size(), fp32_dq, cfg)
+    chunks = _head_chunks(tq, hkv, g_sz, width, d, q.element_size(), fp32_dq, cfg, slot_dtype.itemsize)
     split = any(hc < g_sz for _, _, _, hc, _ in chunks)
     # A split GQA group sums its launches' dK/dV in fp32 (then cast once); else written once.
     dk_out, dv_out = dk, dv
@@ -500,6 +536,11 @@ def sparse_attn_bwd(
             inv = torch.full((tq, hc, width), -1, dtype=torch.int32, device=dev)
             dqg = torch.zeros(n_rows, d, dtype=torch.float32, device=dev)
             dq_rows = (dqg, TensorDescriptor.from_tensor(dqg, [cfg.bm, d]) if cfg.tma_dq else dqg)
+        elif cfg.dq_slots:
+            # each selected (token, head, slot) gets its block's whole dQ stored once; the rest stay 0
+            dq_c = torch.zeros(tq * hc * width, d, dtype=slot_dtype, device=dev)
+            inv = None
+            dq_rows = (dq_c, dq_c)  # unused stand-ins
         else:
             dq_c = dq[:, h0:h0 + hc] if fp32_dq else torch.zeros(tq, hc, d, dtype=torch.float32, device=dev)
             inv = None
@@ -514,9 +555,17 @@ def sparse_attn_bwd(
             softmax_scale, scale_log2, BM=cfg.bm, BNB=bnb, D=d, FUSE_DQ=fuse_dq, PREC=prec, TRANS=cfg.trans,
             SPLIT=cfg.split_mask and sorted_positions, GATHERED=cfg.gather_rows, TMA=cfg.tma,
             SUB_MAJOR=cfg.sub_major, DQ_ROWS=cfg.dq_rows, TMA_DQ=cfg.tma_dq, DQ_TRANS=cfg.dq_trans, ACC_KV=acc_kv,
-            num_warps=nw, num_stages=n_stages,
+            DQ_SLOTS=cfg.dq_slots, DQ_DIAG=diag_dq, num_warps=nw, num_stages=n_stages,
         )
         del rows
+        if cfg.dq_slots:
+            br = 32
+            _dq_slots_sum_kernel[(triton.cdiv(tq * hc, br),)](
+                dq_c, dq, tq * hc, dq.stride(0), dq.stride(1), h0, hc, width, BR=br, D=d, ADD=dq_acc is not None,
+                num_warps=4,
+            )
+            del dq_c
+            continue
         if cfg.dq_rows:
             br = 32
             _dq_rows_sum_kernel[(triton.cdiv(tq * hc, br),)](
@@ -544,15 +593,18 @@ def sparse_attn_bwd(
 
 
 def _head_chunks(tq: int, hkv: int, g: int, width: int, d: int, elem: int, fp32_dq: bool,
-                 cfg: BwdConfig) -> list[tuple[int, int, int, int, bool]]:
+                 cfg: BwdConfig, slot_elem: int = 4) -> list[tuple[int, int, int, int, bool]]:
     """The backward's launches as ``(hk0, nkv, h0, hc, acc_kv)``: KV heads ``[hk0, hk0 + nkv)``,
     query heads ``[h0, h0 + hc)``, and whether dK/dV add to an earlier launch's. As many KV heads
     per launch as keep its scratch within ``cfg.dq_chunk_bytes``: a half dq's fp32 scratch
     (``4 D`` bytes per token and query head) and, with ``gather_rows``, the rows copied in bucket
     order (q, dO, lse, delta, position, and with ``dq_rows`` an fp32 dQ row: ``row_bytes`` per
-    token, query head and slot). One KV head is the smallest launch unless ``cfg.split_group``,
-    which then splits its GQA group into launches of fewer query heads."""
+    token, query head and slot); with ``dq_slots`` the slot buffer (``slot_elem * D`` bytes per token,
+    query head and slot) replaces the fp32 scratch. One KV head is the smallest launch unless
+    ``cfg.split_group``, which then splits its GQA group into launches of fewer query heads."""
     scratch_qh = 0 if fp32_dq else tq * d * 4  # bytes per query head
+    if cfg.dq_slots:
+        scratch_qh = tq * width * d * slot_elem
     row_bytes = 2 * d * elem + 12 + (4 * d if cfg.dq_rows else 0)
     rows_qh = tq * width * row_bytes if cfg.gather_rows else 0
     per_qh = max(scratch_qh, rows_qh)
@@ -561,7 +613,7 @@ def _head_chunks(tq: int, hkv: int, g: int, width: int, d: int, elem: int, fp32_
         qc = max(1, min(g, limit // max(per_qh, 1)))
         return [(hk, 1, hk * g + i0, min(qc, g - i0), i0 > 0) for hk in range(hkv) for i0 in range(0, g, qc)]
     # the chunk count of each scratch separately (as before split_group): the larger decides
-    n_chunks = 1 if fp32_dq else min(hkv, max(1, -(-scratch_qh * g * hkv // limit)))
+    n_chunks = 1 if not scratch_qh else min(hkv, max(1, -(-scratch_qh * g * hkv // limit)))
     if cfg.gather_rows:
         n_chunks = max(n_chunks, min(hkv, max(1, -(-rows_qh * g * hkv // limit))))
     hkc = -(-hkv // n_chunks)

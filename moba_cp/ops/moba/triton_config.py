@@ -123,6 +123,14 @@ class BwdConfig:
     ``dq_chunk_bytes`` can bound the transient memory below one KV head's rows (at 128K, 16/4
     heads, top-12, ``dq_rows``: ~3.6 GB per KV head, ~0.9 GB per query head); off: one KV head
     is the smallest chunk. On by default at d<=64 with a 1 GiB bound (see :func:`choose_config`).
+    ``dq_slots`` (fused dQ, a block of at most ``bnb`` keys: one key sub-tile per block, so each
+    selected block's dQ of a row is complete in one program): that dQ is stored, not added, in
+    q's dtype into the row's own slot of a zeroed ``[Tq, hc, W, D]`` buffer, and one pass sums each
+    row's ``W`` slots in fp32 into dq. Where the fused dQ's fp32 atomics into ``[Tq, Hq, D]``
+    scratch move ~1 KB of read-modify-write per entry (FlashMoBA's setting at 128K: ~19 GB of
+    atomics), the slots move half the bytes each way; each slot is rounded once to q's dtype
+    (relative 2^-9 in bf16, the grade of the dS tile the product already rounds). Off: built and
+    tested on CPU, not yet timed.
     ``keep_index`` (the single-device op, not the CP slot form): the forward's gather index is
     saved for the backward (True), or only the selection, in the smallest integer type that holds
     its block ids, and the backward builds the index again (False). At 128K tokens, 16 query
@@ -155,6 +163,7 @@ class BwdConfig:
     dq_chunk_bytes: int = 2 << 30
     split_group: bool = False
     keep_index: bool = True
+    dq_slots: bool = False
 
     def __post_init__(self):
         if self.tma and not self.gather_rows:
@@ -167,6 +176,25 @@ class BwdConfig:
         if self.tma_dq and not self.dq_rows:
             raise ValueError("BwdConfig.tma_dq=True reduces dQ tiles into the bucket-order copy; it needs "
                              "dq_rows=True. Fix: set both off (bwd.dq_rows=false,bwd.tma_dq=false) or both on")
+        if self.dq_slots and (self.dq_rows or self.fuse_dq is False):
+            raise ValueError(f"BwdConfig.dq_slots=True stores the fused dQ of each selected block in its own slot; "
+                             f"it replaces dq_rows and needs fuse_dq True or None (got dq_rows={self.dq_rows}, "
+                             f"fuse_dq={self.fuse_dq}). Fix: bwd.dq_rows=false, or bwd.dq_slots=false")
+
+    def key_tile(self, block_size: int, head_dim: int) -> int:
+        """Keys per dK/dV program (``bnb``; 0 means 128 at d >= 128, else 64, at most the block)."""
+        return self.bnb or min(128 if head_dim >= 128 else 64, _pow2(block_size))
+
+    def check_block(self, block_size: int, head_dim: int) -> None:
+        """The rules that depend on the shape; raises ``ValueError`` naming the values and the fix.
+        ``dq_slots`` stores a block's whole dQ of a row from one program: the block must fit one
+        key sub-tile."""
+        bnb = self.key_tile(block_size, head_dim)
+        if self.dq_slots and block_size > bnb:
+            raise ValueError(f"BwdConfig.dq_slots=True needs each block in one key sub-tile of the backward: "
+                             f"block_size={block_size} with bnb={bnb} (head dim {head_dim}) is "
+                             f"{-(-block_size // bnb)} sub-tiles. Fix: bwd.dq_slots=false (it is for blocks of one key "
+                             f"tile, e.g. 128 keys at head dim 128), or bwd.bnb={_pow2(block_size)}")
 
 
 @dataclass(frozen=True)
