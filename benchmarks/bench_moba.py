@@ -469,8 +469,7 @@ def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0, parts=("fwd", "bwd"), 
                                                              kv_grad_dtype=k.dtype, dq_dtype=q.dtype,
                                                              sorted_positions=True))
         bc = base_cfg.bwd
-        nsub = -(-block // bc.key_tile(block, d))
-        if not bc.dq_rows and not bc.dq_slots and (bc.fuse_dq or (bc.fuse_dq is None and nsub <= 2)):
+        if not bc.dq_rows and not bc.dq_slots and bc.fuses_dq(block, d):
             # the default's fused dQ by fp32 atomics: its cost, as the time without it (wrong dq)
             for diag, what in ((1, "stored, not added"), (2, "left out")):
                 attempt(f"bwd diagnostic: fused dQ {what} (wrong dq)",

@@ -369,35 +369,24 @@ def _dq_kernel(
 
 @triton.jit(do_not_specialize=["H0", "HC"])
 def _dq_rows_sum_kernel(INV, DQG, DQ, n_rows, stride_dqt, stride_dqh, H0, HC, W,
-                        BR: tl.constexpr, D: tl.constexpr, ADD: tl.constexpr):
-    # dq[t, H0 + hl] (+)= sum over the W slots of its rows in the bucket-order copy DQG, found
-    # through INV [(t, hl, w)] (-1: slot not selected). One store per row, in dq's dtype.
+                        BR: tl.constexpr, D: tl.constexpr, ADD: tl.constexpr, SLOTS: tl.constexpr = False):
+    # dq[t, H0 + hl] (+)= sum over the W slots of row r = t * HC + hl: their rows in the
+    # bucket-order copy DQG, found through INV [(t, hl, w)] (-1: slot not selected), or with SLOTS
+    # the slot buffer's own rows r * W + w (unselected slots hold its zeros; INV unused). Summed
+    # in fp32, one store per row in dq's dtype.
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     m = r < n_rows
     r64 = r.to(tl.int64)
     d = tl.arange(0, D)
     acc = tl.zeros([BR, D], dtype=tl.float32)
     for w in range(W):
-        p = tl.load(INV + r64 * W + w, mask=m, other=-1)
-        acc += tl.load(DQG + p.to(tl.int64)[:, None] * D + d[None, :], mask=(p >= 0)[:, None], other=0.0)
-    ptr = DQ + (r64 // HC)[:, None] * stride_dqt + (H0 + r % HC)[:, None] * stride_dqh + d[None, :]
-    if ADD:
-        acc += tl.load(ptr, mask=m[:, None], other=0.0)
-    tl.store(ptr, acc.to(DQ.dtype.element_ty), mask=m[:, None])
-
-
-@triton.jit(do_not_specialize=["H0", "HC"])
-def _dq_slots_sum_kernel(DQS, DQ, n_rows, stride_dqt, stride_dqh, H0, HC, W,
-                         BR: tl.constexpr, D: tl.constexpr, ADD: tl.constexpr):
-    # dq[t, H0 + hl] (+)= sum over the W slots of row r = t * HC + hl of the slot buffer DQS
-    # (unselected slots hold the buffer's zeros), in fp32; one store per row in dq's dtype.
-    r = tl.program_id(0) * BR + tl.arange(0, BR)
-    m = r < n_rows
-    r64 = r.to(tl.int64)
-    d = tl.arange(0, D)
-    acc = tl.zeros([BR, D], dtype=tl.float32)
-    for w in range(W):
-        acc += tl.load(DQS + (r64 * W + w)[:, None] * D + d[None, :], mask=m[:, None], other=0.0).to(tl.float32)
+        if SLOTS:
+            p = r64 * W + w
+            live = m
+        else:
+            p = tl.load(INV + r64 * W + w, mask=m, other=-1).to(tl.int64)
+            live = p >= 0
+        acc += tl.load(DQG + p[:, None] * D + d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
     ptr = DQ + (r64 // HC)[:, None] * stride_dqt + (H0 + r % HC)[:, None] * stride_dqh + d[None, :]
     if ADD:
         acc += tl.load(ptr, mask=m[:, None], other=0.0)
@@ -510,7 +499,7 @@ def sparse_attn_bwd(
     cfg.check_block(block_size, d)
     bnb = cfg.key_tile(block_size, d)
     nsub = triton.cdiv(block_size, bnb)
-    fuse_dq = cfg.fuse_dq if cfg.fuse_dq is not None else (cfg.dq_rows or nsub <= 2)
+    fuse_dq = cfg.fuses_dq(block_size, d)
     if cfg.tma_dq and dev.type != "cuda":
         raise ValueError(f"sparse_attn_bwd: BwdConfig.tma_dq=True adds dQ tiles by TMA bulk reductions, which need a "
                          f"CUDA GPU (Hopper or newer); the tensors are on {dev} (the Triton interpreter has no "
@@ -540,7 +529,7 @@ def sparse_attn_bwd(
             # each selected (token, head, slot) gets its block's whole dQ stored once; the rest stay 0
             dq_c = torch.zeros(tq * hc * width, d, dtype=slot_dtype, device=dev)
             inv = None
-            dq_rows = (dq_c, dq_c)  # unused stand-ins
+            dq_rows = (dq_c, dq_c)  # the sum pass reads the slots as its rows; the kernel's stand-ins
         else:
             dq_c = dq[:, h0:h0 + hc] if fp32_dq else torch.zeros(tq, hc, d, dtype=torch.float32, device=dev)
             inv = None
@@ -558,21 +547,14 @@ def sparse_attn_bwd(
             DQ_SLOTS=cfg.dq_slots, DQ_DIAG=diag_dq, num_warps=nw, num_stages=n_stages,
         )
         del rows
-        if cfg.dq_slots:
-            br = 32
-            _dq_slots_sum_kernel[(triton.cdiv(tq * hc, br),)](
-                dq_c, dq, tq * hc, dq.stride(0), dq.stride(1), h0, hc, width, BR=br, D=d, ADD=dq_acc is not None,
-                num_warps=4,
-            )
-            del dq_c
-            continue
-        if cfg.dq_rows:
+        if cfg.dq_rows or cfg.dq_slots:
+            # each token's W dQ rows (bucket-order copy through inv, or its own slots) summed into dq
             br = 32
             _dq_rows_sum_kernel[(triton.cdiv(tq * hc, br),)](
-                inv, dq_rows[0], dq, tq * hc, dq.stride(0), dq.stride(1), h0, hc, width, BR=br, D=d,
-                ADD=dq_acc is not None, num_warps=4,
+                dq_c if inv is None else inv, dq_rows[0], dq, tq * hc, dq.stride(0), dq.stride(1), h0, hc, width,
+                BR=br, D=d, ADD=dq_acc is not None, SLOTS=cfg.dq_slots, num_warps=4,
             )
-            del inv, dq_rows
+            del inv, dq_rows, dq_c
             continue
         if not fuse_dq:
             n_tiles = tq * hc * width // gi.chunk + hc * blocks.n + 1  # static bound for these heads

@@ -255,6 +255,19 @@ def _attn_step(q, K, V, ks, kk, kl, hk, stride_kt, stride_kh, stride_vt, stride_
     return m_new, l, acc
 
 
+@triton.jit
+def _store_partial(PO, PL, t64, ent, rmask, h, H0, HC, W, m, l, acc, D: tl.constexpr):
+    """An entry tile's normalised partial output and LSE (log2-domain max ``m``, sum ``l``) into
+    its slots ``(t * HC + h - H0) * W + w`` of the head chunk's partials."""
+    has = l > 0
+    lse = tl.where(has, (m + tl.log2(tl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
+    o = acc / tl.where(has, l, 1.0)[:, None]
+    slot = (t64 * HC + (h - H0)) * W + (ent % W)
+    d = tl.arange(0, D)
+    tl.store(PL + slot, lse, mask=rmask)
+    tl.store(PO + slot[:, None] * D + d[None, :], o.to(PO.dtype.element_ty), mask=rmask[:, None])
+
+
 @triton.jit(do_not_specialize=["H0", "HC"])
 def _fwd_partial_kernel(
     Q, K, V, QPOS, ENT, OFFS, TEND, TILE_B, TILE_START, KSTART, KPOS, KLEN, PO, PL,
@@ -277,17 +290,11 @@ def _fwd_partial_kernel(
         return
     ks = tl.load(KSTART + g).to(tl.int64)
     kp0 = tl.load(KPOS + g)
-    d = tl.arange(0, D)
     nn = tl.arange(0, BN)
     if SINGLE:
         k, v = _load_kv(K, V, ks, nn, kl, hk, stride_kt, stride_kh, stride_vt, stride_vh, D, True)
         for r0 in range(c0, c1, BM):
-            rr = r0 + tl.arange(0, BM)
-            rmask = rr < c1
-            ent = tl.load(ENT + rr, mask=rmask, other=0)
-            t64 = (ent // (H * W)).to(tl.int64)
-            q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
-            qp = tl.load(QPOS + t64, mask=rmask, other=0)
+            rmask, t64, ent, q, qp, _ = _fwd_rows(Q, QPOS, ENT, PL, r0, c1, h, H, W, stride_qt, stride_qh, BM, D, 1)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
             s = tl.where((nn < kl)[None, :] & ((kp0 + nn)[None, :] <= qp[:, None]), s, float("-inf"))
             m = tl.max(s, axis=1)
@@ -295,20 +302,10 @@ def _fwd_partial_kernel(
             p = tl.exp2(s - m_safe[:, None])
             l = tl.sum(p, axis=1)
             acc = tl.dot(p.to(V.dtype.element_ty), v, input_precision=PREC)
-            has = l > 0
-            lse = tl.where(has, (m_safe + tl.log2(tl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
-            o = acc / tl.where(has, l, 1.0)[:, None]
-            slot = (t64 * HC + (h - H0)) * W + (ent % W)
-            tl.store(PL + slot, lse, mask=rmask)
-            tl.store(PO + slot[:, None] * D + d[None, :], o.to(PO.dtype.element_ty), mask=rmask[:, None])
+            _store_partial(PO, PL, t64, ent, rmask, h, H0, HC, W, m_safe, l, acc, D)
     else:  # (an if/else, not a return inside the constexpr branch: the compiler refuses that)
         for r0 in range(c0, c1, BM):
-            rr = r0 + tl.arange(0, BM)
-            rmask = rr < c1
-            ent = tl.load(ENT + rr, mask=rmask, other=0)
-            t64 = (ent // (H * W)).to(tl.int64)
-            q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
-            qp = tl.load(QPOS + t64, mask=rmask, other=0)
+            rmask, t64, ent, q, qp, _ = _fwd_rows(Q, QPOS, ENT, PL, r0, c1, h, H, W, stride_qt, stride_qh, BM, D, 1)
             n_full, n_hi = _key_span(qp, rmask, kp0, kl, BN)
             m = tl.full([BM], float("-inf"), dtype=tl.float32)
             l = tl.zeros([BM], dtype=tl.float32)
@@ -319,13 +316,7 @@ def _fwd_partial_kernel(
             for n0 in range(n_full, n_hi, BN):
                 m, l, acc = _attn_step(q, K, V, ks, n0 + nn, kl, hk, stride_kt, stride_kh, stride_vt, stride_vh,
                                        kp0, qp, m, l, acc, scale_log2, D, True, PREC)
-            has = l > 0
-            lse = tl.where(has, (m + tl.log2(tl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
-            o = acc / tl.where(has, l, 1.0)[:, None]
-            # Partial slot of entry (t, h, w) inside this head chunk: (t * HC + h - H0) * W + w.
-            slot = (t64 * HC + (h - H0)) * W + (ent % W)
-            tl.store(PL + slot, lse, mask=rmask)
-            tl.store(PO + slot[:, None] * D + d[None, :], o.to(PO.dtype.element_ty), mask=rmask[:, None])
+            _store_partial(PO, PL, t64, ent, rmask, h, H0, HC, W, m, l, acc, D)
 
 
 @triton.jit(do_not_specialize=["H0", "HC"])

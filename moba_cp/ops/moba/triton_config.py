@@ -185,6 +185,13 @@ class BwdConfig:
         """Keys per dK/dV program (``bnb``; 0 means 128 at d >= 128, else 64, at most the block)."""
         return self.bnb or min(128 if head_dim >= 128 else 64, _pow2(block_size))
 
+    def fuses_dq(self, block_size: int, head_dim: int) -> bool:
+        """Whether the dK/dV program adds dQ itself (``fuse_dq``; None: with ``dq_rows`` or
+        ``dq_slots``, or where a block is at most 2 key sub-tiles), else the dQ kernel does."""
+        if self.fuse_dq is not None:
+            return self.fuse_dq
+        return self.dq_rows or self.dq_slots or -(-block_size // self.key_tile(block_size, head_dim)) <= 2
+
     def check_block(self, block_size: int, head_dim: int) -> None:
         """The rules that depend on the shape; raises ``ValueError`` naming the values and the fix.
         ``dq_slots`` stores a block's whole dQ of a row from one program: the block must fit one
