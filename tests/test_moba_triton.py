@@ -734,6 +734,17 @@ def test_head_chunks_plan_matches_the_scratch_bound():
     # small calls stay one launch, split_group or not
     small = BwdConfig(**{**vars(base), "split_group": True})
     assert _head_chunks(8192, 6, 1, 3, 64, 2, True, small) == [(0, 6, 0, 6, False)]
+    # dq_slots (FlashMoBA 128K: 2 x 128K tokens, 16 heads, W=9, d=128, bf16 slots: 604 MB per
+    # head): whole heads up to the bound, never a ceil-divided count that passes it (16 heads
+    # over 5 launches would be 4 heads, 2.4 GB, each)
+    slots = BwdConfig(bnb=128, dq_slots=True)
+    per_head = 262144 * 9 * 128 * 2
+    plan = _head_chunks(262144, 16, 1, 9, 128, 2, False, slots, 2)
+    assert plan == [(h, min(3, 16 - h), h, min(3, 16 - h), False) for h in range(0, 16, 3)]
+    assert all(per_head * nkv <= slots.dq_chunk_bytes for _, nkv, *_ in plan)
+    # a single KV head over the bound still runs (one head per launch)
+    assert _head_chunks(262144, 2, 1, 9, 128, 2, False, BwdConfig(bnb=128, dq_slots=True, dq_chunk_bytes=1 << 20), 2) == [
+        (0, 1, 0, 1, False), (1, 1, 1, 1, False)]
 
 
 # ------------------------------------------------------------------------------- errors, compile

@@ -594,10 +594,9 @@ def _head_chunks(tq: int, hkv: int, g: int, width: int, d: int, elem: int, fp32_
     if cfg.split_group and g > 1 and per_qh * g > limit:
         qc = max(1, min(g, limit // max(per_qh, 1)))
         return [(hk, 1, hk * g + i0, min(qc, g - i0), i0 > 0) for hk in range(hkv) for i0 in range(0, g, qc)]
-    # the chunk count of each scratch separately (as before split_group): the larger decides
-    n_chunks = 1 if not scratch_qh else min(hkv, max(1, -(-scratch_qh * g * hkv // limit)))
-    if cfg.gather_rows:
-        n_chunks = max(n_chunks, min(hkv, max(1, -(-rows_qh * g * hkv // limit))))
-    hkc = -(-hkv // n_chunks)
+    # as many whole KV heads as fit the bound (at least one): a launch never exceeds it unless a
+    # single KV head's group does (a ceil-divided head count could: 5 launches of 16 heads at
+    # 4 heads each hold 4/3.2 of the bound)
+    hkc = hkv if not per_qh else max(1, min(hkv, limit // (per_qh * g)))
     spans = [(hk0, min(hkc, hkv - hk0)) for hk0 in range(0, hkv, hkc)]
     return [(hk0, nkv, hk0 * g, nkv * g, False) for hk0, nkv in spans]
