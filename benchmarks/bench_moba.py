@@ -64,7 +64,7 @@ SUITES = {
     "train-b512": (1, 16, 4, 64, 512, 3, [32768]),
     "small-b512": (4, 6, 6, 64, 512, 3, [8192]),
     # the 0.27B model with FlashMoBA's block and top-k (not in the default table; --suite train-b128)
-    "train-b128": (1, 16, 4, 64, 128, 8, [131072]),
+    "train-b128": (1, 16, 4, 64, 128, 8, [8192, 32768, 131072]),
 }
 SMOKE = {"smoke": (1, 16, 4, 16, 16, 3, [72])}  # CPU smoke: T not a multiple of the block
 

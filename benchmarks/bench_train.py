@@ -34,6 +34,12 @@ SETTINGS = {
         "recipes/1gpu-32k.yaml",
         ["--model.seq_length=131072", "--moba.block_size=1024", "--moba.topk=12",
          "--train.global_batch_size=1", "--train.micro_batch_size=1"], 5),
+    # FlashMoBA's block and top-k on the same model (the full-attention run is the 128K one above:
+    # full attention ignores the moba.* settings, so one process serves both rows of a repeat)
+    "128K block 128 top-8 (24 layers, hidden 1024)": (
+        "recipes/1gpu-32k.yaml",
+        ["--model.seq_length=131072", "--moba.block_size=128", "--moba.topk=8",
+         "--train.global_batch_size=1", "--train.micro_batch_size=1"], 5),
     "32K block 512 top-3 (24 layers, hidden 1024)": (
         "recipes/1gpu-32k.yaml", ["--train.global_batch_size=2", "--train.micro_batch_size=1"], 6),
     "8K block 512 top-3 (6 layers, hidden 384, 6 heads)": (
@@ -82,6 +88,27 @@ def pool(runs: list[dict]) -> dict:
             **({"error": next(r["error"] for r in runs if "error" in r)} if len(ok) < len(runs) else {})}
 
 
+def run_setting(recipe: str, overrides: list[str], steps: int, variants: list[str], repeats: int,
+                full_runs: dict, run) -> tuple[list[tuple[str, str, list[str]]], dict]:
+    """One setting's runs: MoBA, its kernel variants, then full attention, alternately per repeat;
+    ``run(overrides, pattern, tag)`` runs one process. Full attention reads no ``moba.*`` setting,
+    so settings that differ only there share its run: ``full_runs`` maps (recipe, the other
+    overrides, steps, repeat) to it across settings. Returns the kinds and each one's pooled runs."""
+    kinds = [("moba", "moba", [])] + [(f"moba {v}", "moba", [f"--moba.kernel={v}"]) for v in variants] \
+        + [("full", "full", [])]
+    runs = {label: [] for label, _, _ in kinds}
+    for rep in range(repeats):
+        for i, (label, pat, more) in enumerate(kinds):
+            key = (recipe, tuple(o for o in overrides if not o.startswith("--moba.")), steps, rep)
+            if pat == "full" and key in full_runs:
+                runs[label].append(full_runs[key])
+                continue
+            runs[label].append(run(overrides + more, pat, f"{rep}-{i}"))
+            if pat == "full":
+                full_runs[key] = runs[label][-1]
+    return kinds, {label: pool(rs) for label, rs in runs.items()}
+
+
 def _row(name: str, m: dict, fl: dict, label: str) -> str:
     """One table row: a MoBA run set (``label``) against the full-attention runs of the same call."""
     pairs = [f"{a / b:.2f}" if a and b else "-" for a, b in zip(m.get("per_run", []), fl.get("per_run", []))]
@@ -120,22 +147,17 @@ def main():
             f"`{' '.join(COMMON + extra)}`, with PYTORCH_CUDA_ALLOC_CONF="
             f"{os.environ.get('PYTORCH_CUDA_ALLOC_CONF', ALLOC_CONF)}. Median tokens/s over the steps after the first two"
             f" of {args.repeats} process(es) per attention, run alternately; the last column is each MoBA/full pair's "
-            f"ratio of medians.", "",
+            f"ratio of medians. Settings that differ only in moba.* share their full-attention runs.", "",
             "| setting | MoBA tok/s | full tok/s | MoBA / full | MoBA TFLOP/s/GPU | full TFLOP/s/GPU "
             "| MoBA peak GiB | full peak GiB | per pair |", "|---|---|---|---|---|---|---|---|---|"]
     lines = list(head)
+    full_runs = {}  # (recipe, overrides other than moba.*, steps, repeat) -> that full-attention run
     with tempfile.TemporaryDirectory() as work:
         for name, (recipe, overrides, steps) in settings.items():
             if args.only and not any(name.startswith(p) for p in args.only.split(",")):
                 continue
-            # MoBA, its kernel variants, then full attention, alternately per repeat
-            kinds = [("moba", "moba", [])] + [(f"moba {v}", "moba", [f"--moba.kernel={v}"]) for v in variants] \
-                + [("full", "full", [])]
-            runs = {label: [] for label, _, _ in kinds}
-            for rep in range(args.repeats):
-                for i, (label, pat, more) in enumerate(kinds):
-                    runs[label].append(run_one(recipe, overrides + more, steps, pat, work, extra, tag=f"{rep}-{i}"))
-            r = {label: pool(rs) for label, rs in runs.items()}
+            kinds, r = run_setting(recipe, overrides, steps, variants, args.repeats, full_runs,
+                                   lambda o, pat, tag: run_one(recipe, o, steps, pat, work, extra, tag=tag))
             for label, _, _ in kinds[:-1]:
                 row = _row(name if label == "moba" else f"{name}, moba.kernel={label[5:]}", r[label], r["full"], label)
                 lines.append(row)

@@ -47,7 +47,13 @@ def test_an_override_the_shape_cannot_take_names_the_rule():
     with pytest.raises(ValueError, match=r"kernel overrides 'bwd.dq_rows=true' on the shape's default tiling: "
                                          r".*needs gather_rows=True"):
         apply_overrides(choose_config(128, 128, 4, 32768), "bwd.dq_rows=true")
-    assert apply_overrides(choose_config(128, 128, 4, 32768), "bwd.gather_rows=true,bwd.dq_rows=true").bwd.dq_rows
+    # the default stores dQ in per-block slots (dq_slots), which dq_rows replaces: named, with the fix
+    with pytest.raises(ValueError, match=r"kernel overrides 'bwd.gather_rows=true,bwd.dq_rows=true' on the shape's "
+                                         r"default tiling: BwdConfig.dq_slots=True .* replaces dq_rows .* Fix: "
+                                         r"bwd.dq_rows=false, or bwd.dq_slots=false"):
+        apply_overrides(choose_config(128, 128, 4, 32768), "bwd.gather_rows=true,bwd.dq_rows=true")
+    cfg = apply_overrides(choose_config(128, 128, 4, 32768), "bwd.gather_rows=true,bwd.dq_rows=true,bwd.dq_slots=false")
+    assert cfg.bwd.dq_rows and not cfg.bwd.dq_slots
 
 
 def test_the_op_refuses_overrides_it_cannot_use():
@@ -143,7 +149,7 @@ def test_default_tiling_follows_the_measured_rows():
     with TMA also dQ fused into the bucket-order copy by bulk reductions, computed transposed
     under GQA only.
     d=128 at blocks 256-4096 copies rows in bucket order too (session 16), with the same TMA rules;
-    block 128 keeps its old backward. The gate
+    block 128 stores dQ in per-block slots instead (session 18). The gate
     runs its unmasked middle tiles apart, without the prefilter pass, and with blocks <= 128 on
     centroids split once per call."""
     for tokens in (8192, 32768, 131072):
@@ -180,7 +186,17 @@ def test_default_tiling_follows_the_measured_rows():
     assert (b128.fwd.bm, b128.fwd.num_stages, b128.fwd.chunk, b128.bwd.num_stages) == (64, 3, 512, 3)
     assert choose_config(128, 128, 1, 16384).fwd.chunk == 256
     d64 = choose_config(128, 64, 4, 131072)
-    assert (d64.fwd.bm, d64.fwd.half_partials, d64.gate.num_warps, d64.bwd.num_stages) == (128, True, 4, 2)
+    assert (d64.fwd.bm, d64.fwd.half_partials, d64.gate.num_warps) == (128, True, 4)
+    # blocks of 65-128 keys (session 18): each block's dQ of a row stored in its own slot (within
+    # 1 GiB per launch); d=64 on 128-key programs, 32-row steps, 4 warps, 3 stages, and up to 16K
+    # tokens on 64-row steps, 8 warps, the rows copied in bucket order and the later rows unmasked
+    assert b128.bwd.dq_slots and b128.bwd.dq_chunk_bytes == 1 << 30 and b128.bwd.bnb == 128
+    assert (d64.bwd.dq_slots, d64.bwd.bnb, d64.bwd.bm, d64.bwd.num_warps, d64.bwd.num_stages) == (True, 128, 32, 4, 3)
+    assert not d64.bwd.gather_rows and d64.bwd == choose_config(128, 64, 4, 0).bwd
+    short = choose_config(128, 64, 4, 8192).bwd
+    assert (short.dq_slots, short.bm, short.num_warps, short.gather_rows, short.split_mask) == (True, 64, 8, True, True)
+    # blocks of 64 keys or fewer keep the atomics (not measured with slots)
+    assert not choose_config(64, 64, 4, 131072).bwd.dq_slots and not choose_config(64, 128, 4, 131072).bwd.dq_slots
     # the merge on 32-row programs everywhere, its loop unrolled at d=64 blocks 256-1024 (session 17)
     assert b128.fwd.merge_rows == 32 and not b128.fwd.merge_unroll
     assert choose_config(1024, 64, 4, 131072).fwd.merge_unroll and choose_config(512, 64, 4, 32768).fwd.merge_unroll

@@ -922,7 +922,9 @@ def test_gpu_bf16_partials_whole_block(d, b, bm, warps, half):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d,b,bwd", [(128, 128, {}), (64, 64, {}), (64, 128, {"bnb": 128})])
+@pytest.mark.parametrize("d,b,bwd", [(128, 128, {}), (64, 64, {}), (64, 128, {"bnb": 128}),
+                                     (64, 128, {"bnb": 128, "bm": 32, "num_warps": 4, "gather_rows": False,
+                                                "split_mask": False})])
 def test_gpu_bf16_dq_slots(d, b, bwd):
     """``bwd.dq_slots`` at bf16 on the GPU (slots in bf16, summed in fp32): two documents, GQA 4,
     within twice the naive bf16 op's error like every path."""

@@ -129,8 +129,9 @@ class BwdConfig:
     row's ``W`` slots in fp32 into dq. Where the fused dQ's fp32 atomics into ``[Tq, Hq, D]``
     scratch move ~1 KB of read-modify-write per entry (FlashMoBA's setting at 128K: ~19 GB of
     atomics), the slots move half the bytes each way; each slot is rounded once to q's dtype
-    (relative 2^-9 in bf16, the grade of the dS tile the product already rounds). Off: built and
-    tested on CPU, not yet timed.
+    (relative 2^-9 in bf16, the grade of the dS tile the product already rounds). On by default
+    for blocks of 65-128 keys (:func:`choose_config`: FlashMoBA 128K backward 31.9 vs 34.4 ms, d=64
+    block 128 8.5 vs 14.6 ms); the slot buffer counts against ``dq_chunk_bytes``.
     ``keep_index`` (the single-device op, not the CP slot form): the forward's gather index is
     saved for the backward (True), or only the selection, in the smallest integer type that holds
     its block ids, and the backward builds the index again (False). At 128K tokens, 16 query
@@ -454,13 +455,32 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
         # 1.65/1.90 keeps 256. The backward on 3 stages: 34.5 vs 35.9/36.0 ms at FlashMoBA 128K
         # (..._session17_b128_bwd.log; 64-key programs, 32-row steps, the separate dQ kernel, the
         # unmasked later rows and the transposed dQ product all lost there).
+        #
+        # Session 18: a row's dQ from a block of one key sub-tile is complete in one program, so it
+        # is stored once in q's dtype into the row's own slot and summed per row afterwards
+        # (dq_slots) instead of added by fp32 atomics. Blocks of 65-128 keys (one H200, default
+        # without slots first / last; moba_tune_h200_2026-12-04_session18_b128_bwd.log): FlashMoBA
+        # 1.97 vs 2.19/2.01 ms at 8K, 7.91 vs 8.07/8.12 at 32K, 31.9 vs 34.4/34.5 at 128K, 127.7 vs
+        # 138.1/138.2 at 512K. At d=64 (16/4 heads, top-8) with 128-key programs: 128K 8.50 vs
+        # 14.64/14.64 ms on 32-row steps with 4 warps and 3 stages; 32K 2.39 (2.35 with the rows
+        # copied: within the drift) vs 3.74/3.71; at 8K the rows copied in bucket order with the
+        # later rows unmasked, 64-row steps on 8 warps, 0.85 vs 1.26/1.30 ms (32-row steps 1.38)
+        # (..._session18_b128_slots_d64.log). The slot buffer within 1 GiB per launch: 31.64 vs
+        # 31.59 ms at FlashMoBA 128K (2 GiB) (..._session18_b128_slots_bound.log).
+        slots = 64 < block_size
         if head_dim <= 64:
             fwd = FwdConfig(method="partials", bm=128, bn=0, chunk=256, num_warps=4, num_stages=2, half_partials=True)
-            bwd = bwd_old
+            if not slots:
+                bwd = bwd_old
+            elif 0 < n_tokens <= 16384:
+                bwd = BwdConfig(bnb=128, bm=64, num_warps=8, num_stages=3, gather_rows=True, split_mask=True,
+                                dq_slots=True, dq_chunk_bytes=1 << 30)
+            else:
+                bwd = BwdConfig(bnb=128, bm=32, num_warps=4, num_stages=3, dq_slots=True, dq_chunk_bytes=1 << 30)
         else:
             fwd = FwdConfig(method="partials", bm=64, bn=0, chunk=512 if n_tokens > 16384 else 256, num_warps=4,
                             num_stages=3, half_partials=True)
-            bwd = replace(bwd_old, num_stages=3)
+            bwd = replace(bwd_old, num_stages=3, dq_slots=slots, dq_chunk_bytes=(1 << 30) if slots else bwd_old.dq_chunk_bytes)
         # Centroid hi + lo parts made once per call (presplit): gate 122.4 -> 117.1 ms at FlashMoBA
         # 512K, block 128, d=128 (H200, two runs each; moba_tune_h200_2026-12-04_session15_gate.log).
         # The key loop on 8 warps: 87.7 -> 80.1 ms at FlashMoBA 512K (at block 1024, 128

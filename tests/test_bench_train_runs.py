@@ -1,0 +1,44 @@
+"""``benchmarks/bench_train.py``'s run plan: MoBA, its kernel variants and full attention
+alternate per repeat; settings that differ only in ``moba.*`` share one full-attention run per
+repeat (full attention reads none of them), and any other difference runs its own."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import bench_train  # noqa: E402
+
+
+def _fake_runs():
+    calls = []
+
+    def run(overrides, pattern, tag):
+        calls.append((pattern, tuple(overrides), tag))
+        tps = 100.0 * len(calls)  # every process its own figure, so a shared run shows
+        return {"tokens_per_s": tps, "tflops": 1.0, "mem": 1.0, "steps": 2, "loss": 1.0,
+                "warm_steps": [(tps, 1.0), (tps, 1.0)]}
+    return calls, run
+
+
+def test_settings_differing_only_in_moba_share_the_full_attention_run():
+    calls, run = _fake_runs()
+    full_runs = {}
+    base = ["--model.seq_length=131072", "--train.global_batch_size=1"]
+    kinds, big = bench_train.run_setting("r.yaml", base + ["--moba.block_size=1024"], 5, ["bwd.x=1"], 2, full_runs, run)
+    assert [k[0] for k in kinds] == ["moba", "moba bwd.x=1", "full"]
+    # alternating per repeat: moba, variant, full, moba, variant, full
+    assert [c[0] for c in calls] == ["moba", "moba", "full"] * 2
+    assert calls[1][1][-1] == "--moba.kernel=bwd.x=1"
+    _, small = bench_train.run_setting("r.yaml", base + ["--moba.block_size=128"], 5, [], 2, full_runs, run)
+    # the second setting ran MoBA twice and no full attention: its full column is the first's
+    assert [c[0] for c in calls[6:]] == ["moba", "moba"]
+    assert small["full"]["per_run"] == big["full"]["per_run"] == [300.0, 600.0]
+    assert small["moba"]["per_run"] == [700.0, 800.0]
+    # another sequence length (or step count) is another full-attention run
+    _, other = bench_train.run_setting("r.yaml", ["--model.seq_length=32768", "--moba.block_size=128"], 5, [], 1,
+                                       full_runs, run)
+    assert [c[0] for c in calls[8:]] == ["moba", "full"] and other["full"]["per_run"] == [1000.0]
+    bench_train.run_setting("r.yaml", base + ["--moba.block_size=128"], 6, [], 1, full_runs, run)
+    assert [c[0] for c in calls[10:]] == ["moba", "full"]
