@@ -422,7 +422,16 @@ def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0, parts=("fwd", "bwd"), 
 
     def attempt(label, fn):
         try:
-            pr(label, tm(fn))
+            if not CUDA:
+                pr(label, tm(fn))
+                return
+            # on the GPU also the call's transient peak: the most allocated above what was held before it
+            torch.cuda.synchronize()
+            held = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            ms = tm(fn)
+            peak = (torch.cuda.max_memory_allocated() - held) / 2 ** 30
+            print(f"tune S={s} B={block} {label}: {ms:.3f} ms (transient peak {peak:.2f} GiB)", flush=True)
         except Exception as e:  # a config that does not compile (shared memory) is reported
             print(f"tune S={s} B={block} {label}: failed {type(e).__name__}: {str(e)[:160]}", flush=True)
 
