@@ -188,9 +188,10 @@ def test_default_tiling_follows_the_measured_rows():
     d64 = choose_config(128, 64, 4, 131072)
     assert (d64.fwd.bm, d64.fwd.half_partials, d64.gate.num_warps) == (128, True, 4)
     # blocks of 65-128 keys (session 18): each block's dQ of a row stored in its own slot (within
-    # 1 GiB per launch); d=64 on 128-key programs, 32-row steps, 4 warps, 3 stages, and up to 16K
+    # 256 MiB per launch at d=128, 1 GiB at d=64); d=64 on 128-key programs, 32-row steps, 4 warps, 3 stages, and up to 16K
     # tokens on 64-row steps, 8 warps, the rows copied in bucket order and the later rows unmasked
-    assert b128.bwd.dq_slots and b128.bwd.dq_chunk_bytes == 1 << 30 and b128.bwd.bnb == 128
+    assert b128.bwd.dq_slots and b128.bwd.dq_chunk_bytes == 1 << 28 and b128.bwd.bnb == 128
+    assert choose_config(128, 64, 4, 131072).bwd.dq_chunk_bytes == 1 << 30
     assert (d64.bwd.dq_slots, d64.bwd.bnb, d64.bwd.bm, d64.bwd.num_warps, d64.bwd.num_stages) == (True, 128, 32, 4, 3)
     assert not d64.bwd.gather_rows and d64.bwd == choose_config(128, 64, 4, 0).bwd
     short = choose_config(128, 64, 4, 8192).bwd

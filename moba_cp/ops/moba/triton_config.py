@@ -465,8 +465,13 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
         # 14.64/14.64 ms on 32-row steps with 4 warps and 3 stages; 32K 2.39 (2.35 with the rows
         # copied: within the drift) vs 3.74/3.71; at 8K the rows copied in bucket order with the
         # later rows unmasked, 64-row steps on 8 warps, 0.85 vs 1.26/1.30 ms (32-row steps 1.38)
-        # (..._session18_b128_slots_d64.log). The slot buffer within 1 GiB per launch: 31.64 vs
-        # 31.59 ms at FlashMoBA 128K (2 GiB) (..._session18_b128_slots_bound.log).
+        # (..._session18_b128_slots_d64.log). The slot buffer's bound per launch, time and the
+        # backward's transient peak (..._session18_slots_bound.log): at d=128 256 MiB costs 8.16 vs
+        # 7.92 ms at FlashMoBA 32K for 1.00 vs 1.75 GiB (the atomics: 8.01 ms, 1.25 GiB), and nothing
+        # at 128K (31.88 vs 31.84 ms; 3.52 vs 4.02 GiB; the atomics 34.25 ms, 5.02 GiB). At d=64 a
+        # bound below one KV head's slots needs its GQA group split (fp32 dK/dV over the launches),
+        # which lost: 12.5 vs 8.7 ms at 128K, 3.85 vs 2.32 at 32K; so there 1 GiB (transient 1.38
+        # GiB at 128K against the atomics' 0.88, 0.60 against 0.22 at 32K).
         slots = 64 < block_size
         if head_dim <= 64:
             fwd = FwdConfig(method="partials", bm=128, bn=0, chunk=256, num_warps=4, num_stages=2, half_partials=True)
@@ -480,7 +485,7 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
         else:
             fwd = FwdConfig(method="partials", bm=64, bn=0, chunk=512 if n_tokens > 16384 else 256, num_warps=4,
                             num_stages=3, half_partials=True)
-            bwd = replace(bwd_old, num_stages=3, dq_slots=slots, dq_chunk_bytes=(1 << 30) if slots else bwd_old.dq_chunk_bytes)
+            bwd = replace(bwd_old, num_stages=3, dq_slots=slots, dq_chunk_bytes=(1 << 28) if slots else bwd_old.dq_chunk_bytes)
         # Centroid hi + lo parts made once per call (presplit): gate 122.4 -> 117.1 ms at FlashMoBA
         # 512K, block 128, d=128 (H200, two runs each; moba_tune_h200_2026-12-04_session15_gate.log).
         # The key loop on 8 warps: 87.7 -> 80.1 ms at FlashMoBA 512K (at block 1024, 128
