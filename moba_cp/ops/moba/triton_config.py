@@ -465,7 +465,7 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
         # 14.64/14.64 ms on 32-row steps with 4 warps and 3 stages; 32K 2.39 (2.35 with the rows
         # copied: within the drift) vs 3.74/3.71; at 8K the rows copied in bucket order with the
         # later rows unmasked, 64-row steps on 8 warps, 0.85 vs 1.26/1.30 ms (32-row steps 1.38)
-        # (..._session18_b128_slots_d64.log). The slot buffer's bound per launch, time and the
+        # (same log, calls 2 and 3). The slot buffer's bound per launch, time and the
         # backward's transient peak (..._session18_slots_bound.log): at d=128 256 MiB costs 8.16 vs
         # 7.92 ms at FlashMoBA 32K for 1.00 vs 1.75 GiB (the atomics: 8.01 ms, 1.25 GiB), and nothing
         # at 128K (31.88 vs 31.84 ms; 3.52 vs 4.02 GiB; the atomics 34.25 ms, 5.02 GiB). At d=64 a
