@@ -203,6 +203,9 @@ def test_bad_layouts_fail_on_every_rank(case, match):
 # copy with dQ summed there, the sub-tile order and sizes of dK/dV.
 KERNEL = "gate.split_edges=true,gate.bm=16,gate.bn=16,bwd.bnb=16,bwd.bm=16,bwd.gather_rows=true,bwd.dq_rows=true," \
          "bwd.sub_major=true"
+# Each block's dQ of a row stored in its own slot (the default at blocks of 65-128 keys), here on
+# blocks of one 16-key sub-tile, summed into the fp32 dq the CP backward accumulates over its steps.
+SLOTS = "bwd.bnb=16,bwd.bm=16,bwd.dq_slots=true"
 
 
 def _triton_worker(rank, ws):
@@ -212,7 +215,8 @@ def _triton_worker(rank, ws):
     q, k, v, do = _inputs(5, s, 2, 1, d=16, dtype=torch.float32)
     ref = _reference(q.double(), k.double(), v.double(), do.double(), block, topk)
     out = {}
-    for name, kw in {"default": {}, "kernel ring": {"kernel": KERNEL}, "kernel a2a": {"kernel": KERNEL, "comm": "a2a"}}.items():
+    for name, kw in {"default": {}, "kernel ring": {"kernel": KERNEL}, "kernel a2a": {"kernel": KERNEL, "comm": "a2a"},
+                     "dq slots ring": {"kernel": SLOTS}, "dq slots a2a": {"kernel": SLOTS, "comm": "a2a"}}.items():
         got = _run_cp(rank, ws, moba_attn_cp, q, k, v, do, 0, block_size=block, topk=topk, backend="triton", **kw)
         out[name] = _errors(rank, ws, got, ref, 0)
     try:  # refused on every rank before any exchange: the naive backend has no tiling
