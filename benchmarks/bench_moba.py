@@ -476,14 +476,21 @@ def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0, parts=("fwd", "bwd"), 
             bc = base_cfg.replace(bwd=change).bwd
             attempt(f"bwd {change}", lambda: sparse_attn_bwd(do, q, k, v, o, lse, qpos, blocks, gi, w, scale, block, bc,
                                                              kv_grad_dtype=k.dtype, dq_dtype=q.dtype,
-                                                             sorted_positions=True))
+                                                             sorted_positions=True, blocks_nonempty=True))
         bc = base_cfg.bwd
+        if bc.dq_slots:
+            # the default's slot buffer zero-filled (as the CP slot form does) instead of left
+            # unfilled but for the unselected slots: what skipping the fill saves
+            attempt("bwd diagnostic: dq slot buffer zero-filled",
+                    lambda: sparse_attn_bwd(do, q, k, v, o, lse, qpos, blocks, gi, w, scale, block, bc,
+                                            kv_grad_dtype=k.dtype, dq_dtype=q.dtype, sorted_positions=True))
         if not bc.dq_rows and not bc.dq_slots and bc.fuses_dq(block, d):
             # the default's fused dQ by fp32 atomics: its cost, as the time without it (wrong dq)
             for diag, what in ((1, "stored, not added"), (2, "left out")):
                 attempt(f"bwd diagnostic: fused dQ {what} (wrong dq)",
                         lambda: sparse_attn_bwd(do, q, k, v, o, lse, qpos, blocks, gi, w, scale, block, bc,
                                                 kv_grad_dtype=k.dtype, dq_dtype=q.dtype, sorted_positions=True,
+                                                blocks_nonempty=True,
                                                 diag_dq=diag))
 
 

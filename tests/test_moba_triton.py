@@ -394,6 +394,45 @@ def test_dq_slots_half_precision_and_the_shape_rule():
         BwdConfig(dq_slots=True, dq_rows=True, gather_rows=True)
 
 
+@pytest.mark.parametrize("bound", [None, 1], ids=["one-launch", "per-kv-head"])
+def test_dq_slots_reads_only_written_slots(monkeypatch, bound):
+    """The dq slot buffer is allocated unfilled: the dK/dV kernel stores every selected slot and
+    a pass zeroes the unselected ones (the index's tail). Handed a buffer of NaNs, the backward
+    still equals the atomics path's (fp32, to rounding) with many unselected slots (early tokens
+    of three documents and an empty one, top-4, a slot of -1 put in by hand), in one launch or one
+    per KV head. (The CP slot form, whose other sources are empty blocks, zero-fills instead.)"""
+    from moba_cp.ops.moba import triton_attn_bwd
+
+    docs, b, hq, hkv, d = [37, 0, 90, 5], 16, 6, 2, 16
+    q, k, v = _inputs(sum(docs), hq, hkv, d, torch.float32, seed=21)
+    cu = _cu(docs)
+    idx = naive.select_blocks(q, k, block_size=b, topk=4, cu_seqlens=cu).clone()
+    idx[100, 3, 0] = -1  # an unselected slot in the middle of a row
+    assert (idx < 0).float().mean() > 0.2  # many unselected slots
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(5))
+    base = KernelConfig(FwdConfig(method="partials", **SMALL), BwdConfig(bnb=16, bm=16, fuse_dq=True))
+    slots = base.replace(bwd={"dq_slots": True, **({"dq_chunk_bytes": bound} if bound else {})})
+    nan_fills = []
+
+    def nan_buffer(rows, dd, dtype, device):
+        nan_fills.append(rows)
+        return torch.full((rows, dd), float("nan"), dtype=dtype, device=device)
+
+    def grads(cfg):
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        o, _ = tb.block_attn(*xs, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5, config=cfg)
+        (o * do).sum().backward()
+        return [x.grad for x in xs]
+
+    atom = grads(base)
+    monkeypatch.setattr(triton_attn_bwd, "_slot_buffer", nan_buffer)
+    got = grads(slots)
+    assert len(nan_fills) == (1 if bound is None else hkv)
+    for name, a, g in zip(("dq", "dk", "dv"), atom, got):
+        assert torch.isfinite(g).all(), name
+        assert torch.allclose(a, g, rtol=1e-5, atol=1e-5), name
+
+
 def test_backward_decodes_the_index_with_the_forward_config():
     """The saved index is cut in the forward config's chunks; the backward of the same call reads
     it with that config (a chunk other than the default's), and gradients stay right."""

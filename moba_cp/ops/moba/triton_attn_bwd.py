@@ -393,6 +393,31 @@ def _dq_rows_sum_kernel(INV, DQG, DQ, n_rows, stride_dqt, stride_dqh, H0, HC, W,
     tl.store(ptr, acc.to(DQ.dtype.element_ty), mask=m[:, None])
 
 
+@triton.jit
+def _zero_free_slots_kernel(ENT, OFFS, DQS, E, NB, H, W, H0, HC, BR: tl.constexpr, D: tl.constexpr):
+    # The dq slot buffer is allocated unfilled: each selected slot is stored once by the dK/dV
+    # program that owns its block, so only the unselected ones need zeros. They are the gather
+    # index's tail (ent past offs[NB]: the empty slots sort last), a few percent of the buffer at
+    # most; the zero fill of the whole buffer was a pass as large as the slots' own stores.
+    start = tl.load(OFFS + NB)
+    if tl.program_id(0) * BR + BR <= start:
+        return
+    i = tl.program_id(0) * BR + tl.arange(0, BR)
+    m = (i >= start) & (i < E)
+    ent = tl.load(ENT + i, mask=m, other=0)
+    h = (ent // W) % H
+    m = m & (h >= H0) & (h < H0 + HC)
+    slot = ((ent // (H * W)).to(tl.int64) * HC + (h - H0)) * W + ent % W
+    d = tl.arange(0, D)
+    tl.store(DQS + slot[:, None] * D + d[None, :], tl.zeros([BR, D], dtype=DQS.dtype.element_ty), mask=m[:, None])
+
+
+def _slot_buffer(rows: int, d: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The unfilled ``[rows, D]`` dq slot buffer (a function of its own so a test can hand the
+    backward a buffer of NaNs and see that every slot it reads was written)."""
+    return torch.empty(rows, d, dtype=dtype, device=device)
+
+
 def _gathered_rows(q, do, lse, delta, qpos, gi: GatherIndex, hq: int, width: int, nbk: int, h0: int, hc: int,
                    n_rows: int, d: int, tma_rows: int = 0, inv: torch.Tensor | None = None):
     """Copies of the rows of query heads ``[h0, h0 + hc)`` in bucket order (see
@@ -438,6 +463,7 @@ def sparse_attn_bwd(
     dq_dtype: torch.dtype = torch.float32,
     dq_acc: torch.Tensor | None = None,
     sorted_positions: bool = False,
+    blocks_nonempty: bool = False,
     diag_dq: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`triton_attn_fwd.sparse_attn_fwd` given ``o``/``lse`` from outside.
@@ -458,6 +484,11 @@ def sparse_attn_bwd(
         sorted_positions: the caller guarantees ``qpos`` is nondecreasing over the tokens of each
             bucket (true of document positions); only then may ``cfg.split_mask`` take the
             unmasked loop for the rows that see a whole key sub-tile.
+        blocks_nonempty: the caller guarantees every block of ``blocks`` holds a key (true of
+            the single-device op's document blocks). Then with ``cfg.dq_slots`` each selected
+            slot is stored by its block's program, and the slot buffer is left unfilled but for
+            the unselected slots; False (the CP slot form, where the other sources' slots are
+            empty blocks whose programs store nothing): the buffer is zero-filled.
         diag_dq: timing diagnostic of the fused dQ by atomics (benchmarks only; dq is then wrong):
             1 stores each tile's dQ instead of adding it, 2 leaves it out.
     Returns:
@@ -526,8 +557,15 @@ def sparse_attn_bwd(
             dqg = torch.zeros(n_rows, d, dtype=torch.float32, device=dev)
             dq_rows = (dqg, TensorDescriptor.from_tensor(dqg, [cfg.bm, d]) if cfg.tma_dq else dqg)
         elif cfg.dq_slots:
-            # each selected (token, head, slot) gets its block's whole dQ stored once; the rest stay 0
-            dq_c = torch.zeros(tq * hc * width, d, dtype=slot_dtype, device=dev)
+            # each selected (token, head, slot) gets its block's whole dQ stored once by the dK/dV
+            # kernel where every block is real; the unselected ones are zeroed here
+            if blocks_nonempty:
+                dq_c = _slot_buffer(tq * hc * width, d, slot_dtype, dev)
+                n_ent = gi.ent.numel()
+                _zero_free_slots_kernel[(triton.cdiv(n_ent, 128),)](gi.ent, gi.offs, dq_c, n_ent, hq * blocks.n, hq,
+                                                                    width, h0, hc, BR=128, D=d, num_warps=4)
+            else:
+                dq_c = torch.zeros(tq * hc * width, d, dtype=slot_dtype, device=dev)
             inv = None
             dq_rows = (dq_c, dq_c)  # the sum pass reads the slots as its rows; the kernel's stand-ins
         else:

@@ -178,6 +178,7 @@ def _attn_bwd_impl(do, dlse, q, k, v, o, lse, indices, index, cu_seqlens, block_
     return sparse_attn_bwd(
         _c(do), q, k, v, o, lse, qpos, blocks, gi, w, softmax_scale, block_size, cfg.bwd, dlse=dlse,
         kv_grad_dtype=k.dtype, dq_dtype=q.dtype, sorted_positions=True,  # document positions
+        blocks_nonempty=True,  # document blocks: every one holds a key
     )
 
 
