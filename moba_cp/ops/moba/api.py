@@ -195,7 +195,11 @@ def select_blocks(q, k, *, block_size: int, topk: int, cu_seqlens=None, backend:
 
 
 def block_attn(q, k, v, indices, *, block_size: int, cu_seqlens=None, softmax_scale=None, backend: str = "auto"):
-    """Validated attention over given block ``indices`` ``[T, Hq, W]``; returns ``(o, lse)``."""
+    """Validated attention over given block ``indices`` ``[T, Hq, W]``; returns ``(o, lse)``.
+
+    ``indices`` hold ids of blocks of each token's own document (``-1`` = none), as
+    :func:`select_blocks` returns them. Their shape is checked; their values are not (that would
+    cost a device sync), and an id outside the token's document gives undefined results."""
     check_qkv(q, k, v, op="block_attn")
     check_block_args(block_size, 1, op="block_attn")
     check_cu_seqlens(cu_seqlens, q.shape[0], q.device, op="block_attn")

@@ -484,11 +484,12 @@ def sparse_attn_bwd(
         sorted_positions: the caller guarantees ``qpos`` is nondecreasing over the tokens of each
             bucket (true of document positions); only then may ``cfg.split_mask`` take the
             unmasked loop for the rows that see a whole key sub-tile.
-        blocks_nonempty: the caller guarantees every block of ``blocks`` holds a key (true of
-            the single-device op's document blocks). Then with ``cfg.dq_slots`` each selected
-            slot is stored by its block's program, and the slot buffer is left unfilled but for
-            the unselected slots; False (the CP slot form, where the other sources' slots are
-            empty blocks whose programs store nothing): the buffer is zero-filled.
+        blocks_nonempty: the caller guarantees every block a selected slot names holds a key
+            (true of the single-device op for a valid selection: ids of blocks of the token's own
+            document, never the table's empty padding blocks). Then with ``cfg.dq_slots`` each
+            selected slot is stored by its block's program, and the slot buffer is left unfilled
+            but for the unselected slots; False (the CP slot form, where the other sources' slots
+            are empty blocks whose programs store nothing): the buffer is zero-filled.
         diag_dq: timing diagnostic of the fused dQ by atomics (benchmarks only; dq is then wrong):
             1 stores each tile's dQ instead of adding it, 2 leaves it out.
     Returns:
