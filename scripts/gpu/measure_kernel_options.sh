@@ -24,14 +24,16 @@
 #    the key loop on 4 and 8 warps; first the default's pieces: centroids, the gate kernel, and that
 #    kernel without its running top-k (products and masks only: the loop's time is the difference)
 #    -> $OUT/tune_gate.log (part gate).
-# 4.-8. Not in the default PARTS: `table` (bench_moba's table with cuDNN), `d128` (backward and
+# 4.-10. Not in the default PARTS: `table` (bench_moba's table with cuDNN), `d128` (backward and
 #    forward variants at d=128), `rows64` (larger gathered-row tiles for today's fused-dQ backward at
 #    d=64), `nore` (training without recomputation at 128K and 32K: MoBA keeping its gather index,
 #    MoBA with bwd.keep_index=false, full attention) and `b128` (forward tilings for 128-key blocks,
 #    written against the two-pass default that session 17 replaced). Session 15 ran nore, tests,
 #    rows64 and gate (benchmarks/results/*2026-12-04_session15*); session 16 gate (its pieces) and
 #    table, then tests (TESTS_K=gate_variants), gate (the loops) and d128; session 17 tests and b128
-#    (later calls: the lists in the headers of benchmarks/results/*2026-12-04_session17*).
+#    (later calls: the lists in the headers of benchmarks/results/*2026-12-04_session17*); session 18
+#    b128bwd (then its own calls: headers of benchmarks/results/*2026-12-04_session18*); b128table is
+#    the next to run.
 # Needs no network: megatron-core comes from ./.whl when it is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -148,6 +150,8 @@ fi
 #    instead of added and left out (wrong dq: what the atomics cost); then bwd.dq_slots (each
 #    block's dQ of a row stored once in bf16 into its own slot, one fp32 sum pass) against the
 #    default, first and last; at d=64 it needs 128-key programs (bnb 128, also timed alone).
+#    Written against session 17's default and run in session 18's first call; dq_slots is now the
+#    default at these shapes, so the lists time today's default against itself.
 if has b128bwd; then
   "$PY" benchmarks/bench_moba.py --tune flashmoba:131072,flashmoba:524288 --tune-parts bwd \
     --tune-bwd '[{}, {"dq_slots": true}, {"dq_slots": true, "num_stages": 2}, {}]' 2>&1 | tee "$OUT/tune_b128_bwd.log" || true
@@ -156,3 +160,12 @@ if has b128bwd; then
     2>&1 | tee -a "$OUT/tune_b128_bwd.log" || true
 fi
 
+# 10. (part b128table) the kernel table at blocks of 128 keys (FlashMoBA's setting, d=128, 8K-512K;
+#    d=64 16/4 heads 8K-128K) with cuDNN in the same process, peak memory beside SDPA's: session 18
+#    measured the unfilled dq slot buffer in tune lines only (moba_tune_h200_2026-12-04_session18_unfilled.log).
+if has b128table; then
+  "$PY" benchmarks/bench_moba.py --suite flashmoba,train-b128 --max-seq 131072 --peers sdpa --sdpa cudnn \
+    --out "$OUT/kernels_b128.md" 2>&1 | tail -5 | tee "$OUT/kernels_b128.log" || true
+  "$PY" benchmarks/bench_moba.py --suite flashmoba --min-seq 524288 --max-seq 524288 --peers sdpa --sdpa cudnn \
+    --out "$OUT/kernels_b128_512k.md" 2>&1 | tail -5 | tee -a "$OUT/kernels_b128.log" || true
+fi
