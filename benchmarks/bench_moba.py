@@ -156,16 +156,29 @@ def _empty_cache():
         torch.cuda.empty_cache()
 
 
-def make_inputs(b, s, hq, hkv, d, device=DEV, dtype=DT):
+#: ``--sink A``: every query and the keys of each document's first block get ``A`` times one
+#: shared unit vector, so every query's gate picks that block, as with the attention sinks of
+#: trained models. Random inputs spread the selection over the blocks; a sink puts every row of a
+#: document into block 0's bucket, the backward's longest (KV head, block) program.
+SINK = 0.0
+
+
+def make_inputs(b, s, hq, hkv, d, device=DEV, dtype=DT, block=0):
     """``b`` packed documents of ``s`` tokens: ``cu [b+1]`` int32 and random ``q, do [b*s, hq, d]``,
     ``k, v [b*s, hkv, d]`` (drawn in that order: q, k, v, do). ``cu`` is the lasting offsets
     tensor the Megatron path passes for a batch (``batch_cu_seqlens``), so short calls take the
-    CUDA-graph path as they do in training."""
+    CUDA-graph path as they do in training. With :data:`SINK` and ``block``, the sink above."""
     from moba_cp.ops.moba.api import batch_cu_seqlens
 
     t = b * s
     cu = batch_cu_seqlens(b, s, torch.device(device))
     q, k, v, do = (torch.randn(t, h, d, device=device, dtype=dtype) for h in (hq, hkv, hkv, hq))
+    if SINK and block:
+        u = torch.randn(d, generator=torch.Generator().manual_seed(7))
+        u = (SINK * u / u.norm()).to(device=device, dtype=dtype)
+        q += u
+        for i in range(b):
+            k[i * s:i * s + min(block, s)] += u
     return cu, q, k, v, do
 
 
@@ -174,7 +187,7 @@ def bench_moba(b, s, hq, hkv, d, block, topk, budget_ms, big=False):
 
     if big:  # compile every kernel on a small input first, so the single timed calls hold none
         bench_moba(b, min(s, max(16 * block, 8192)), hq, hkv, d, block, topk, 1.0)
-    cu, q, k, v, do = make_inputs(b, s, hq, hkv, d)
+    cu, q, k, v, do = make_inputs(b, s, hq, hkv, d, block=block)
     scale = d ** -0.5
     kw = dict(block_size=block, cu_seqlens=cu, softmax_scale=scale)
 
@@ -219,7 +232,7 @@ def bench_flex(b, s, hq, hkv, d, block, topk, budget_ms, big=False):
     """FlexAttention MoBA: our gate + BlockMask build + compiled flex_attention (fwd, fwd+bwd)."""
     from moba_cp.ops.moba import triton_backend as tb
 
-    cu, q, k, v, do = make_inputs(b, s, hq, hkv, d)
+    cu, q, k, v, do = make_inputs(b, s, hq, hkv, d, block=block)
     do4 = peers.to_bhsd(do)
     q4, k4, v4 = (peers.to_bhsd(x) for x in (q, k, v))
     scale = d ** -0.5
@@ -407,7 +420,7 @@ def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0, parts=("fwd", "bwd"), 
     from moba_cp.ops.moba.triton_gate import gate_topk
 
     t = b * s
-    cu, q, k, v, do = make_inputs(b, s, hq, hkv, d, DEV, DT)
+    cu, q, k, v, do = make_inputs(b, s, hq, hkv, d, DEV, DT, block=block)
     scale = d ** -0.5
     base_cfg = choose_config(block, d, hq // hkv, t, device_has_tma(q.device))
     print(f"tune S={s} B={block} default config: {base_cfg}", flush=True)
@@ -416,6 +429,12 @@ def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0, parts=("fwd", "bwd"), 
     w = idx.shape[-1]
     tm = lambda fn: timed(fn, 1, 10 if CUDA else 1, budget_ms)[0]  # noqa: E731
     pr = lambda name, ms: print(f"tune S={s} B={block} {name}: {ms:.3f} ms", flush=True)  # noqa: E731
+    # how the selection spreads over the (query head, block) buckets: the backward's dK/dV program
+    # of a block walks all of its bucket's rows, so the largest bucket is its longest program
+    cnt = build_gather_index(idx, base, blocks.n, hkv, base_cfg.fwd.chunk).offs.diff().float()
+    used = cnt[cnt > 0]
+    print(f"tune S={s} B={block} selection (sink {SINK:g}): largest bucket {int(cnt.max())} rows, mean "
+          f"{used.mean().item():.0f} over {used.numel()} non-empty (query head, block) buckets", flush=True)
     pr("select (centroids+gate)", tm(lambda: tb.select_blocks(q, k, block_size=block, topk=topk, cu_seqlens=cu)))
     pr("gather index", tm(lambda: build_gather_index(idx, base, blocks.n, hkv, base_cfg.fwd.chunk)))
     pr("chunk index", tm(lambda: build_chunk_index(idx, base, blocks.n, onepass_qchunk(t, hq, DEV, base_cfg.fwd))))
@@ -514,9 +533,15 @@ def main():
                     help="comma list of sdpa, flex, fla (or 'all': every one available, or 'none')")
     ap.add_argument("--flex-max-seq", type=int, default=131072, help="no FlexAttention peer above this S")
     ap.add_argument("--fla-max-seq", type=int, default=1 << 21, help="no FLA peer above this S")
+    ap.add_argument("--sink", type=float, default=0.0,
+                    help="give every query and each document's first block of keys this multiple of one shared "
+                         "unit vector, so every query selects block 0 (an attention sink, as in trained models; 8 makes "
+                         "it certain at d=64-128)")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke: tiny shape, Triton interpreter, every column's code path (times meaningless)")
     args = ap.parse_args()
+    global SINK
+    SINK = args.sink
     known = ("sdpa", "flex", "fla")
     want = list(known) if args.peers == "all" else ([] if args.peers == "none" else args.peers.split(","))
     bad = [x for x in want if x not in known]

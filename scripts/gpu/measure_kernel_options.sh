@@ -24,7 +24,7 @@
 #    the key loop on 4 and 8 warps; first the default's pieces: centroids, the gate kernel, and that
 #    kernel without its running top-k (products and masks only: the loop's time is the difference)
 #    -> $OUT/tune_gate.log (part gate).
-# 4.-10. Not in the default PARTS: `table` (bench_moba's table with cuDNN), `d128` (backward and
+# 4.-11. Not in the default PARTS: `table` (bench_moba's table with cuDNN), `d128` (backward and
 #    forward variants at d=128), `rows64` (larger gathered-row tiles for today's fused-dQ backward at
 #    d=64), `nore` (training without recomputation at 128K and 32K: MoBA keeping its gather index,
 #    MoBA with bwd.keep_index=false, full attention) and `b128` (forward tilings for 128-key blocks,
@@ -32,8 +32,8 @@
 #    rows64 and gate (benchmarks/results/*2026-12-04_session15*); session 16 gate (its pieces) and
 #    table, then tests (TESTS_K=gate_variants), gate (the loops) and d128; session 17 tests and b128
 #    (later calls: the lists in the headers of benchmarks/results/*2026-12-04_session17*); session 18
-#    b128bwd (then its own calls: headers of benchmarks/results/*2026-12-04_session18*); b128table is
-#    the next to run.
+#    b128bwd (then its own calls: headers of benchmarks/results/*2026-12-04_session18*); b128table and
+#    sink are the next to run.
 # Needs no network: megatron-core comes from ./.whl when it is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -168,4 +168,17 @@ if has b128table; then
     --out "$OUT/kernels_b128.md" 2>&1 | tail -5 | tee "$OUT/kernels_b128.log" || true
   "$PY" benchmarks/bench_moba.py --suite flashmoba --min-seq 524288 --max-seq 524288 --peers sdpa --sdpa cudnn \
     --out "$OUT/kernels_b128_512k.md" 2>&1 | tail -5 | tee -a "$OUT/kernels_b128.log" || true
+fi
+
+# 11. (part sink) trained models put every query's selection on an attention-sink block; random
+#    inputs spread it. The backward's dK/dV program of a (KV head, block) walks its whole bucket, so
+#    a sink makes block 0's program hold every row of its documents (G x T rows at GQA group G):
+#    the whole forward and backward with and without --sink 8 at the block-128 and block-1024
+#    shapes (each tune prints its largest bucket against the mean). Session 18 saw the tail at
+#    random inputs already: one KV head per launch cost 8.7 -> 12.0 ms at d=64 block 128, 128K.
+if has sink; then
+  for SK in 0 8; do
+    "$PY" benchmarks/bench_moba.py --sink "$SK" --tune flashmoba:131072,train-b128:131072,train-b1024:131072 \
+      --tune-parts fwd,bwd --tune-fwd '[{}]' --tune-bwd '[{}]' 2>&1 | grep "^tune" | tee -a "$OUT/tune_sink.log" || true
+  done
 fi
