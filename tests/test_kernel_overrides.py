@@ -56,6 +56,20 @@ def test_an_override_the_shape_cannot_take_names_the_rule():
     assert cfg.bwd.dq_rows and not cfg.bwd.dq_slots
 
 
+def test_row_tiles_override_names_what_it_cannot_take():
+    # d=64 block 128 past 16K tokens reads rows through the index: row_tiles applies as it is
+    assert apply_overrides(choose_config(128, 64, 4, 131072), "bwd.row_tiles=4096").bwd.row_tiles == 4096
+    # up to 16K tokens the default copies rows in bucket order, which row_tiles does not read
+    with pytest.raises(ValueError, match=r"kernel overrides 'bwd.row_tiles=4096' on the shape's default tiling: "
+                                         r"BwdConfig.row_tiles=4096 .* \(got gather_rows=True, dq_rows=False\)\. "
+                                         r"Fix: bwd.gather_rows=false"):
+        apply_overrides(choose_config(128, 64, 4, 8192), "bwd.row_tiles=4096")
+    ok = apply_overrides(choose_config(128, 64, 4, 8192), "bwd.row_tiles=4096,bwd.gather_rows=false")
+    assert ok.bwd.row_tiles == 4096 and not ok.bwd.gather_rows
+    with pytest.raises(ValueError, match=r"row_tiles=-1 must be >= 0"):
+        apply_overrides(choose_config(128, 64, 4, 131072), "bwd.row_tiles=-1")
+
+
 def test_the_op_refuses_overrides_it_cannot_use():
     q, k, v = torch.randn(64, 2, 16), torch.randn(64, 1, 16), torch.randn(64, 1, 16)
     with pytest.raises(ValueError, match=r"kernel='bwd.sub_major=true' sets the Triton kernels' tiling, but "

@@ -174,11 +174,18 @@ fi
 #    inputs spread it. The backward's dK/dV program of a (KV head, block) walks its whole bucket, so
 #    a sink makes block 0's program hold every row of its documents (G x T rows at GQA group G):
 #    the whole forward and backward with and without --sink 8 at the block-128 and block-1024
-#    shapes (each tune prints its largest bucket against the mean). Session 18 saw the tail at
-#    random inputs already: one KV head per launch cost 8.7 -> 12.0 ms at d=64 block 128, 128K.
+#    shapes (each tune prints its largest bucket against the mean), and against the default the
+#    dK/dV programs per tile of at most 4096 / 1024 rows of one bucket (bwd.row_tiles, fp32 dK/dV
+#    atomics; at block 1024 without the row copy, which row_tiles does not read). Session 18 saw the
+#    tail at random inputs already: one KV head per launch cost 8.7 -> 12.0 ms at d=64 block 128, 128K.
+ROWT='[{}, {"row_tiles": 4096}, {"row_tiles": 1024}, {}]'
+NOCOPY='"gather_rows": false, "dq_rows": false, "tma_dq": false, "dq_trans": false, "tma": false'
+ROWT1024="[{}, {$NOCOPY}, {$NOCOPY, \"row_tiles\": 4096}, {$NOCOPY, \"row_tiles\": 1024}, {}]"
 if has sink; then
   for SK in 0 8; do
-    "$PY" benchmarks/bench_moba.py --sink "$SK" --tune flashmoba:131072,train-b128:131072,train-b1024:131072 \
-      --tune-parts fwd,bwd --tune-fwd '[{}]' --tune-bwd '[{}]' 2>&1 | grep "^tune" | tee -a "$OUT/tune_sink.log" || true
+    "$PY" benchmarks/bench_moba.py --sink "$SK" --tune flashmoba:131072,train-b128:131072 \
+      --tune-parts fwd,bwd --tune-fwd '[{}]' --tune-bwd "$ROWT" 2>&1 | grep "^tune" | tee -a "$OUT/tune_sink.log" || true
+    "$PY" benchmarks/bench_moba.py --sink "$SK" --tune train-b1024:131072 \
+      --tune-parts fwd,bwd --tune-fwd '[{}]' --tune-bwd "$ROWT1024" 2>&1 | grep "^tune" | tee -a "$OUT/tune_sink.log" || true
   done
 fi

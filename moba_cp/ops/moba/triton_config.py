@@ -135,6 +135,13 @@ class BwdConfig:
     (relative 2^-9 in bf16, the grade of the dS tile the product already rounds). On by default
     for blocks of 65-128 keys (:func:`choose_config`: FlashMoBA 128K backward 31.9 vs 34.4 ms, d=64
     block 128 8.5 vs 14.6 ms); the slot buffer counts against ``dq_chunk_bytes``.
+    ``row_tiles`` (> 0; not with ``gather_rows``): the dK/dV grid gets one program per tile of at
+    most ``row_tiles`` rows of one (query head, block) bucket instead of one per (KV head, block)
+    over all its rows, so no program walks more than ``row_tiles`` rows; each adds its dK/dV into
+    an fp32 buffer of the launch's KV heads by atomics (``8 D`` bytes per key row and KV head),
+    cast once at the end. For selections concentrated on a few blocks (the attention sinks of
+    trained models put every row of a document into block 0's bucket, where one program would walk
+    ``G x T`` rows while the rest of the grid idles). Off: built and tested on CPU, not timed.
     ``keep_index`` (the single-device op, not the CP slot form): the forward's gather index is
     saved for the backward (True), or only the selection, in the smallest integer type that holds
     its block ids, and the backward builds the index again (False). At 128K tokens, 16 query
@@ -168,8 +175,16 @@ class BwdConfig:
     split_group: bool = False
     keep_index: bool = True
     dq_slots: bool = False
+    row_tiles: int = 0
 
     def __post_init__(self):
+        if self.row_tiles < 0:
+            raise ValueError(f"BwdConfig.row_tiles={self.row_tiles} must be >= 0 (0: one dK/dV program per block)")
+        if self.row_tiles and (self.gather_rows or self.dq_rows):
+            raise ValueError(f"BwdConfig.row_tiles={self.row_tiles} runs a dK/dV program per tile of one query head's "
+                             f"rows, read through the index; the rows' bucket-order copy is not built for it (got "
+                             f"gather_rows={self.gather_rows}, dq_rows={self.dq_rows}). Fix: bwd.gather_rows=false,"
+                             f"bwd.dq_rows=false,bwd.tma_dq=false,bwd.tma=false, or bwd.row_tiles=0")
         if self.tma and not self.gather_rows:
             raise ValueError("BwdConfig.tma=True reads the rows copied in bucket order through tensor descriptors; "
                              "it needs gather_rows=True")
