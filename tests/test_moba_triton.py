@@ -401,6 +401,14 @@ def test_dq_slots_half_precision_and_the_shape_rule():
         BwdConfig(dq_slots=True, dq_rows=True, gather_rows=True)
 
 
+def _triton_grads(q, k, v, do, idx, b, cu, cfg):
+    """dq, dk, dv of the Triton ``block_attn`` on documents ``cu`` with tiling ``cfg``."""
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    o, _ = tb.block_attn(*xs, idx, block_size=b, cu_seqlens=cu, softmax_scale=q.shape[-1] ** -0.5, config=cfg)
+    (o * do).sum().backward()
+    return [x.grad for x in xs]
+
+
 @pytest.mark.parametrize("bound", [None, 1], ids=["one-launch", "per-kv-head"])
 def test_dq_slots_reads_only_written_slots(monkeypatch, bound):
     """The dq slot buffer is allocated unfilled: the dK/dV kernel stores every selected slot and
@@ -425,11 +433,7 @@ def test_dq_slots_reads_only_written_slots(monkeypatch, bound):
         nan_fills.append(rows)
         return torch.full((rows, dd), float("nan"), dtype=dtype, device=device)
 
-    def grads(cfg):
-        xs = [x.clone().requires_grad_() for x in (q, k, v)]
-        o, _ = tb.block_attn(*xs, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5, config=cfg)
-        (o * do).sum().backward()
-        return [x.grad for x in xs]
+    grads = functools.partial(_triton_grads, q, k, v, do, idx, b, cu)
 
     atom = grads(base)
     monkeypatch.setattr(triton_attn_bwd, "_slot_buffer", nan_buffer)
@@ -468,11 +472,7 @@ def test_row_tiles_spread_a_sink_bucket(launches):
     plan = _head_chunks(t, hkv, 3, 2, d, 4, True, tiles.bwd, 4)
     assert [hc for *_, hc, _ in plan] == {"one": [6], "per-kv-head": [3, 3], "split-group": [2, 1, 2, 1]}[launches]
 
-    def grads(cfg):
-        xs = [x.clone().requires_grad_() for x in (q, k, v)]
-        o, _ = tb.block_attn(*xs, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5, config=cfg)
-        (o * do).sum().backward()
-        return [x.grad for x in xs]
+    grads = functools.partial(_triton_grads, q, k, v, do, idx, b, cu)
 
     ref = grads(base)
     for name, a, g in zip(("dq", "dk", "dv"), ref, grads(tiles)):

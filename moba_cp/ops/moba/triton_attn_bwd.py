@@ -339,13 +339,11 @@ def _dkdv_rows_kernel(
     kl = _ld(KLEN + g)
     if n0 >= kl:
         return
-    ks = tl.load(KSTART + g).to(tl.int64)
-    kp0 = tl.load(KPOS + g)
-    d = tl.arange(0, D)
     kk = n0 + tl.arange(0, BNB)
     kmask = kk < kl
-    k = tl.load(K + (ks + kk)[:, None] * stride_kt + hk * stride_kh + d[None, :], mask=kmask[:, None], other=0.0)
-    v = tl.load(V + (ks + kk)[:, None] * stride_vt + hk * stride_vh + d[None, :], mask=kmask[:, None], other=0.0)
+    ks = tl.load(KSTART + g).to(tl.int64)
+    k, v = _load_kv(K, V, ks, kk, kl, hk, stride_kt, stride_kh, stride_vt, stride_vh, D, True)
+    kp0 = tl.load(KPOS + g)
     dk = tl.zeros([BNB, D], dtype=tl.float32)
     dv = tl.zeros([BNB, D], dtype=tl.float32)
     r_lo = tl.load(TILE_START + tl.program_id(0))
@@ -367,7 +365,7 @@ def _dkdv_rows_kernel(
                                 H, W, QH0, QHC, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh, stride_dot,
                                 stride_doh, stride_dqt, scale, scale_log2, BM, D, False, FUSE_DQ, PREC, TRANS, False,
                                 False, False, False, DQ_TRANS, DQ_SLOTS, 0)
-    ptr = ((ks + kk) * NKV + hk - HK0)[:, None] * D + d[None, :]
+    ptr = ((ks + kk) * NKV + hk - HK0)[:, None] * D + tl.arange(0, D)[None, :]
     tl.atomic_add(DKA + ptr, dk * scale, mask=kmask[:, None], sem="relaxed")
     tl.atomic_add(DVA + ptr, dv, mask=kmask[:, None], sem="relaxed")
 
