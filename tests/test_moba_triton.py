@@ -1036,10 +1036,13 @@ def test_gpu_bf16_dq_slots(d, b, bwd):
                        fn=functools.partial(tb.block_attn, config=cfg))
 
 
+ROW_TILES_GPU = [(128, 128, {"row_tiles": 256}), (64, 128, {"row_tiles": 128, "gather_rows": False}),
+                 (64, 512, {"row_tiles": 256, "gather_rows": False, "dq_rows": False, "tma_dq": False,
+                            "dq_trans": False, "tma": False})]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("d,b,bwd", [(128, 128, {"row_tiles": 256}), (64, 128, {"row_tiles": 128}),
-                                     (64, 512, {"row_tiles": 256, "gather_rows": False, "dq_rows": False,
-                                                "tma_dq": False, "dq_trans": False, "tma": False})])
+@pytest.mark.parametrize("d,b,bwd", ROW_TILES_GPU)
 def test_gpu_bf16_row_tiles(d, b, bwd):
     """``bwd.row_tiles`` (dK/dV per tile of a bucket's rows, fp32 atomics) at bf16 on the GPU on
     the shape's default otherwise: two documents, GQA 4, within twice the naive bf16 op's error."""
@@ -1050,6 +1053,13 @@ def test_gpu_bf16_row_tiles(d, b, bwd):
     cfg = choose_config(b, d, 4, sum(t_docs), True).replace(bwd=bwd)
     check_bf16_fwd_bwd(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
                        fn=functools.partial(tb.block_attn, config=cfg))
+
+
+def test_row_tiles_gpu_configs_are_valid():
+    """The GPU test's three configs build on the CPU too (a refused combination fails here, not
+    first on the device)."""
+    for d, b, bwd in ROW_TILES_GPU:
+        assert choose_config(b, d, 4, 3356, True).replace(bwd=bwd).bwd.row_tiles == bwd["row_tiles"]
 
 
 @pytest.mark.gpu
