@@ -399,6 +399,9 @@ def test_dq_slots_half_precision_and_the_shape_rule():
         sparse_attn_bwd(*args, BwdConfig(bnb=8, bm=16, dq_slots=True))
     with pytest.raises(ValueError, match="dq_slots=True .* replaces dq_rows"):
         BwdConfig(dq_slots=True, dq_rows=True, gather_rows=True)
+    # the timing diagnostic belongs to the per-block kernel: refused with row_tiles, naming the fix
+    with pytest.raises(ValueError, match=r"diag_dq=1 .* BwdConfig.row_tiles=16 runs the per-tile kernel\. Fix: row_tiles=0"):
+        sparse_attn_bwd(*args, BwdConfig(bnb=16, bm=16, row_tiles=16), diag_dq=1)
 
 
 def _triton_grads(q, k, v, do, idx, b, cu, cfg):

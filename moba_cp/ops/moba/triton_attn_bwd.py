@@ -176,7 +176,7 @@ def _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG,
     past the bucket have dS = 0, so they add zeros, and rows past the buffer are clipped).
     ``DQ_SLOTS``: the block is one key sub-tile, so this tile's dQ is each row's whole dQ from
     this block: stored (in ``DQ``'s dtype) into the row's slot ``(t * HC + h - H0) * W + w`` of
-    ``DQ``, a zeroed slot buffer, instead of added. ``DQ_DIAG`` (benchmarks only, wrong dq): 1
+    ``DQ``, the slot buffer (its unselected slots zeroed by the caller), instead of added. ``DQ_DIAG`` (benchmarks only, wrong dq): 1
     stores the fused dQ instead of adding it, 2 leaves it out."""
     d = tl.arange(0, D)
     rr = r0 + tl.arange(0, BM)
@@ -588,6 +588,9 @@ def sparse_attn_bwd(
     bnb = cfg.key_tile(block_size, d)
     nsub = triton.cdiv(block_size, bnb)
     fuse_dq = cfg.fuses_dq(block_size, d)
+    if diag_dq and cfg.row_tiles:
+        raise ValueError(f"sparse_attn_bwd: diag_dq={diag_dq} times the per-block dK/dV kernel's fused dQ; "
+                         f"BwdConfig.row_tiles={cfg.row_tiles} runs the per-tile kernel. Fix: row_tiles=0 for it")
     if cfg.tma_dq and dev.type != "cuda":
         raise ValueError(f"sparse_attn_bwd: BwdConfig.tma_dq=True adds dQ tiles by TMA bulk reductions, which need a "
                          f"CUDA GPU (Hopper or newer); the tensors are on {dev} (the Triton interpreter has no "

@@ -138,8 +138,8 @@ class BwdConfig:
     ``row_tiles`` (> 0; not with ``gather_rows``): the dK/dV grid gets one program per tile of at
     most ``row_tiles`` rows of one (query head, block) bucket instead of one per (KV head, block)
     over all its rows, so no program walks more than ``row_tiles`` rows; each adds its dK/dV into
-    an fp32 buffer of the launch's KV heads by atomics (``8 D`` bytes per key row and KV head),
-    cast once at the end. For selections concentrated on a few blocks (the attention sinks of
+    an fp32 buffer of the launch's KV heads by atomics (``8 D`` bytes per key row and KV head,
+    outside ``dq_chunk_bytes``), cast once at the end. For selections concentrated on a few blocks (the attention sinks of
     trained models put every row of a document into block 0's bucket, where one program would walk
     ``G x T`` rows while the rest of the grid idles). Off: built and tested on CPU, not timed.
     ``keep_index`` (the single-device op, not the CP slot form): the forward's gather index is
