@@ -509,8 +509,7 @@ def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0, parts=("fwd", "bwd"), 
                 attempt(f"bwd diagnostic: fused dQ {what} (wrong dq)",
                         lambda: sparse_attn_bwd(do, q, k, v, o, lse, qpos, blocks, gi, w, scale, block, bc,
                                                 kv_grad_dtype=k.dtype, dq_dtype=q.dtype, sorted_positions=True,
-                                                blocks_nonempty=True,
-                                                diag_dq=diag))
+                                                blocks_nonempty=True, diag_dq=diag))
 
 
 def main():
