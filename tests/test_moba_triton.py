@@ -9,6 +9,7 @@ against its fp64 run: ``err(kernel) <= 2 * err(naive) + floor``.
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -494,6 +495,118 @@ def test_row_tiles_spread_a_sink_bucket(launches):
     assert sorted(covered) == list(range(offs[-1]))
     sink_rows = offs[1] - offs[0]  # query head 0, block 0
     assert sink_rows > 40 and sum(1 for bk in tb_.tolist() if bk == 0) == -(-sink_rows // 8)
+
+
+def _sink_selection(docs, b, hq, hkv, d, topk, seed):
+    """Inputs where every row past its document's first block selects block 0 (an attention sink)
+    in its first slot, the gate's choice in the rest."""
+    t = sum(docs)
+    q, k, v = _inputs(t, hq, hkv, d, torch.float32, seed=seed)
+    cu = _cu(docs)
+    idx = naive.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu).clone()
+    pos = torch.cat([torch.arange(n) for n in docs])
+    later = pos >= b
+    idx[later, :, 0] = 0
+    own = (pos[later] // b)[:, None].expand(-1, hq).to(idx.dtype)
+    for w in range(1, topk):  # keep the slots distinct: a repeated 0 becomes the row's own block
+        idx[later, :, w] = torch.where(idx[later, :, w] == 0, own, idx[later, :, w])
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1))
+    return q, k, v, do, idx, cu
+
+
+MAX_ROWS_PATHS = {
+    # dQ in slots, later rows unmasked (the blocks-of-128 default's structure)
+    "dq-slots-split": BwdConfig(bnb=16, bm=16, dq_slots=True, split_mask=True),
+    # rows copied in bucket order, sub-tiles adjacent, dQ added into the copy (the block-1024 default's)
+    "gathered-sub-major-dq-rows": BwdConfig(bnb=8, bm=16, split_mask=True, gather_rows=True, sub_major=True,
+                                            dq_rows=True),
+    # dQ by the separate kernel, two key sub-tiles per block on the grid's second axis
+    "dq-kernel": BwdConfig(bnb=8, bm=16, fuse_dq=False, dq_bm=16, dq_bn=16),
+    # dQ by fp32 atomics from the dK/dV program
+    "fused-atomics": BwdConfig(bnb=16, bm=16, fuse_dq=True, trans=False),
+}
+
+
+# the launch bounds count the dQ slots or the row copy: the other paths (fp32 dq) run one launch
+MAX_ROWS_CASES = [(p, n) for p in MAX_ROWS_PATHS for n in ("one", "per-kv-head", "split-group")
+                  if n == "one" or MAX_ROWS_PATHS[p].dq_slots or MAX_ROWS_PATHS[p].gather_rows]
+
+
+@pytest.mark.parametrize("path,launches", MAX_ROWS_CASES)
+def test_max_rows_cuts_a_sink_block(path, launches):
+    """``bwd.max_rows``: with every row selecting its document's block 0, that block's dK/dV program
+    is cut into programs of at most 24 rows (over the launch's query heads) summed in fp32 scratch;
+    fp32 gradients equal the uncut backward's to rounding on each dK/dV path, in one launch, one per
+    KV head, or a GQA group split over launches (dK/dV summed across them)."""
+    docs, b, hq, hkv, d = [75, 0, 58], 16, 6, 2, 16
+    t = sum(docs)
+    q, k, v, do, idx, cu = _sink_selection(docs, b, hq, hkv, d, 2, seed=31)
+    base_bwd = MAX_ROWS_PATHS[path]
+    more = {"one": {}, "per-kv-head": {"dq_chunk_bytes": 1},
+            "split-group": {"dq_chunk_bytes": 2 * t * 2 * d * 4, "split_group": True}}[launches]
+    if launches == "split-group" and base_bwd.gather_rows:
+        more["dq_chunk_bytes"] = 2 * t * 2 * (2 * d * 4 + 12 + 4 * d)  # two query heads' row copy
+    base = KernelConfig(FwdConfig(method="partials", **SMALL), replace(base_bwd, **more))
+    from moba_cp.ops.moba.triton_attn_bwd import _head_chunks
+    plan = _head_chunks(t, hkv, 3, 2, d, 4, True, base.bwd, 4)
+    assert [hc for *_, hc, _ in plan] == {"one": [6], "per-kv-head": [3, 3], "split-group": [2, 1, 2, 1]}[launches]
+
+    grads = functools.partial(_triton_grads, q, k, v, do, idx, b, cu)
+    ref = grads(base)
+    for name, a, g in zip(("dq", "dk", "dv"), ref, grads(base.replace(bwd={"max_rows": 24}))):
+        assert torch.allclose(a, g, rtol=1e-5, atol=1e-5), name
+
+
+def test_max_rows_plan_covers_every_row_and_caps_the_scratch():
+    """The device-side plan of :class:`_BlockCuts`: each (KV head, block) program's rows ``[0, n)``
+    over the launch's query heads are covered by tiles of ``max_rows`` in order, longest blocks
+    first, each cut block owns its own scratch slot; when the extra tiles would pass the scratch's
+    slots the later blocks keep one program, and the gradients are still right."""
+    from moba_cp.ops.moba.triton_attn_bwd import _BlockCuts
+
+    docs, b, hq, hkv, d = [75, 0, 58], 16, 6, 2, 16
+    t = sum(docs)
+    q, k, v, do, idx, cu = _sink_selection(docs, b, hq, hkv, d, 2, seed=41)
+    blocks, _, bases, _ = doc_tables(t, cu, b, DEV)
+    gi = build_gather_index(idx, bases, blocks.n, hkv, SMALL["chunk"])
+    offs = gi.offs.tolist()
+    order = gi.kv_order.tolist()
+    g_sz = hq // hkv
+    for slots_bytes, want_slots in ((1 << 20, None), (2 * 50 * b * d * 4, 50)):
+        cfg = BwdConfig(bnb=16, bm=16, max_rows=10, max_rows_bytes=slots_bytes)
+        cut = _BlockCuts(cfg, b, d, hkv * blocks.n, DEV)
+        if want_slots:
+            assert cut.slots == want_slots
+        n_prog, (tile_pj, tile_c0, tend, _, _) = cut.plan(gi, 0, hkv, 0, hq, blocks.n, g_sz)
+        rows = []  # each program's rows over its KV head's query heads, in the kernel's order
+        for pj in range(hkv * blocks.n):
+            hk, j = pj % hkv, pj // hkv
+            blk = order[hk][j]
+            rows.append(sum(offs[(hk * g_sz + i) * blocks.n + blk + 1] - offs[(hk * g_sz + i) * blocks.n + blk]
+                            for i in range(g_sz)))
+        tiles: dict[int, list[int]] = {}
+        for pj, c0 in zip(tile_pj.tolist()[:n_prog], tile_c0.tolist()[:n_prog]):
+            if pj >= 0:
+                tiles.setdefault(pj, []).append(c0)
+        assert sorted(tiles) == list(range(hkv * blocks.n))  # every program at least once
+        asked, slot_of, refused = 0, {}, 0
+        for pj, n in enumerate(rows):
+            want = max(1, -(-n // 10))
+            asked += want - 1
+            granted = want if asked <= cut.slots else 1  # past the scratch: kept whole, and so all later
+            assert tiles[pj] == [10 * i for i in range(granted)], (pj, n)
+            if granted > 1:
+                slot_of[pj] = asked - (want - 1)
+            refused += want > granted
+        got_slots = {pj: s for s, pj in enumerate(cut.slot_pj.tolist()) if pj >= 0}
+        assert got_slots == slot_of
+        assert len(slot_of) >= 2  # blocks cut (the two documents' sinks at least)
+        assert bool(refused) == bool(want_slots)  # the small scratch leaves some long blocks whole
+        cfg_full = KernelConfig(FwdConfig(method="partials", **SMALL), BwdConfig(bnb=16, bm=16, dq_slots=True))
+        grads = functools.partial(_triton_grads, q, k, v, do, idx, b, cu)
+        for name, a, g in zip(("dq", "dk", "dv"), grads(cfg_full), grads(cfg_full.replace(bwd={
+                "max_rows": 10, "max_rows_bytes": slots_bytes}))):
+            assert torch.allclose(a, g, rtol=1e-5, atol=1e-5), name
 
 
 def test_backward_decodes_the_index_with_the_forward_config():
@@ -1035,6 +1148,30 @@ def test_gpu_bf16_dq_slots(d, b, bwd):
     q, k, v = _inputs(sum(t_docs), 8, 2, d, torch.bfloat16, seed=d + b + 7, device="cuda")
     idx = naive.select_blocks(q, k, block_size=b, topk=8, cu_seqlens=cu)
     cfg = choose_config(b, d, 4, sum(t_docs)).replace(bwd={"dq_slots": True, **bwd})
+    check_bf16_fwd_bwd(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
+                       fn=functools.partial(tb.block_attn, config=cfg))
+
+
+MAX_ROWS_GPU = [(128, 128, {}), (64, 128, {}), (64, 1024, {}), (64, 128, {"max_rows_bytes": 1 << 18})]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,b,bwd", MAX_ROWS_GPU)
+def test_gpu_bf16_max_rows_with_a_sink(d, b, bwd):
+    """``bwd.max_rows`` at bf16 on the GPU, on the shape's default otherwise, where every row
+    selects its document's block 0 (so that block's programs are cut, and with a small scratch some
+    long blocks are left whole): two documents, GQA 4, within twice the naive bf16 op's error."""
+    t_docs = [4000, 2 * b + 100]
+    cu = _cu(t_docs, "cuda")
+    q, k, v = _inputs(sum(t_docs), 8, 2, d, torch.bfloat16, seed=d + b + 13, device="cuda")
+    idx = naive.select_blocks(q, k, block_size=b, topk=3, cu_seqlens=cu).clone()
+    pos = torch.cat([torch.arange(n, device="cuda") for n in t_docs])
+    later = pos >= b
+    idx[later, :, 0] = 0
+    own = (pos[later] // b)[:, None].expand(-1, idx.shape[1]).to(idx.dtype)
+    for w in range(1, idx.shape[2]):
+        idx[later, :, w] = torch.where(idx[later, :, w] == 0, own, idx[later, :, w])
+    cfg = choose_config(b, d, 4, sum(t_docs), True).replace(bwd={"max_rows": 256, **bwd})
     check_bf16_fwd_bwd(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
                        fn=functools.partial(tb.block_attn, config=cfg))
 

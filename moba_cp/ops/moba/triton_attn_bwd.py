@@ -234,18 +234,23 @@ def _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG,
 @triton.jit(do_not_specialize=["HK0", "HKVC", "NSUB", "QH0", "QHC"])
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, QPOS, ENT, OFFS, ORDER, KSTART, KPOS, KLEN, DQ, DK, DV, QG, DOG, QGD, DOGD, LSE2G, DLG,
-    QPG, DQG, DQGD, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dqt, H, W, NBK, G, HK0, HKVC, NSUB, QH0, QHC, scale, scale_log2,
+    QPG, DQG, DQGD, TILE_PJ, TILE_C0, TEND, SCR_DK, SCR_DV, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+    stride_vh, stride_dot, stride_doh, stride_dqt, H, W, NBK, G, HK0, HKVC, NSUB, QH0, QHC, MAX_ROWS, scale,
+    scale_log2,
     BM: tl.constexpr, BNB: tl.constexpr, D: tl.constexpr, FUSE_DQ: tl.constexpr, PREC: tl.constexpr,
     TRANS: tl.constexpr, SPLIT: tl.constexpr, GATHERED: tl.constexpr, TMA: tl.constexpr,
     SUB_MAJOR: tl.constexpr, DQ_ROWS: tl.constexpr, TMA_DQ: tl.constexpr, DQ_TRANS: tl.constexpr,
-    ACC_KV: tl.constexpr, DQ_SLOTS: tl.constexpr = False, DQ_DIAG: tl.constexpr = 0,
+    ACC_KV: tl.constexpr, DQ_SLOTS: tl.constexpr = False, DQ_DIAG: tl.constexpr = 0, TILED: tl.constexpr = False,
 ):
     # KV heads [HK0, HK0 + HKVC) of this launch, and of their query heads those in
     # [QH0, QH0 + QHC) (all of them unless the launch splits a GQA group: split_group); the j-th
     # longest blocks of all the KV heads run side by side (decreasing-work order, heads
     # interleaved). ACC_KV: dK/dV are added to what an earlier launch of the same KV head stored
     # (fp32; each key row still has one program per launch, so plain loads and stores suffice).
+    # TILED (max_rows): grid entry -> (pj, first row c0 of the (KV head, block)'s rows, counted
+    # over its query heads in order); the program walks rows [c0, c0 + MAX_ROWS) of them. A pj cut
+    # into several tiles (TEND: inclusive tile counts) adds its dK/dV into the fp32 scratch slot
+    # "tiles before pj - pj" (its extra tiles' rank), which _dkdv_split_sum_kernel then stores.
     if SUB_MAJOR:
         # One 1-D grid with the key sub-tiles of a block adjacent: the NSUB programs that read
         # the same gathered rows (and, with FUSE_DQ, add into the same dQ rows) run at the same
@@ -255,6 +260,19 @@ def _dkdv_kernel(
     else:
         pj = tl.program_id(0)
         sub = tl.program_id(1)
+    c0 = 0
+    t_before = pj
+    n_t = 1
+    if TILED:
+        tix = pj
+        pj = tl.load(TILE_PJ + tix)
+        if pj < 0:
+            return
+        c0 = tl.load(TILE_C0 + tix)
+        t_before = tl.load(TEND + pj - 1, mask=pj > 0, other=0)
+        n_t = tl.load(TEND + pj) - t_before
+        # a block's only program walks all its rows (also one the scratch had no slots left for)
+        c1 = tl.where(n_t > 1, c0 + MAX_ROWS, 2147483647)
     j = pj // HKVC
     hk = HK0 + pj % HKVC
     g = tl.load(ORDER + hk * NBK + j)
@@ -275,11 +293,18 @@ def _dkdv_kernel(
     # A row at position >= thr sees every key of this sub-tile (keys past the block end are
     # loaded as zeros and their dK/dV rows are never stored, so they need no mask either).
     thr = kp0 + n0 + BNB - 1
+    cum = 0  # rows of the earlier query heads' buckets (TILED)
     for i in range(tl.maximum(QH0 - hk * G, 0), tl.minimum(QH0 + QHC - hk * G, G)):
         h = hk * G + i
         b = h * NBK + g
         r_lo = _ld(OFFS + b)
         r_hi = _ld(OFFS + b + 1)
+        if TILED:
+            # this tile's share of the bucket: rows [c0, c0 + MAX_ROWS) of the concatenation
+            n = r_hi - r_lo
+            r_hi = r_lo + tl.minimum(tl.maximum(c1 - cum, 0), n)
+            r_lo = r_lo + tl.minimum(tl.maximum(c0 - cum, 0), n)
+            cum += n
         r_mid = r_lo
         if SPLIT:
             # A bucket's rows are in token order, so by position where the caller says
@@ -308,11 +333,83 @@ def _dkdv_kernel(
     dk_ptr = DK + (out_rows * HKV + hk) * D + d[None, :]
     dv_ptr = DV + (out_rows * HKV + hk) * D + d[None, :]
     dk = dk * scale
+    if n_t > 1:
+        # one of several tiles of this block: summed in the scratch slot, stored by the sum kernel
+        sp = ((t_before - pj) * NSUB * BNB + kk)[:, None] * D + d[None, :]
+        tl.atomic_add(SCR_DK + sp, dk, mask=kmask[:, None], sem="relaxed")
+        tl.atomic_add(SCR_DV + sp, dv, mask=kmask[:, None], sem="relaxed")
+    else:
+        if ACC_KV:
+            dk += tl.load(dk_ptr, mask=kmask[:, None], other=0.0)
+            dv += tl.load(dv_ptr, mask=kmask[:, None], other=0.0)
+        tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=kmask[:, None])
+        tl.store(dv_ptr, dv.to(DV.dtype.element_ty), mask=kmask[:, None])
+
+
+@triton.jit(do_not_specialize=["HK0", "HKVC", "NPJ"])
+def _kv_tiles_count_kernel(OFFS, ORDER, TEND, SLOT_PJ, NPJ, HK0, HKVC, NBK, G, QH0, QHC, MAX_ROWS, MAX_EXTRA,
+                           BLOCK: tl.constexpr):
+    # One program. For each of the launch's dK/dV programs pj (in _dkdv_kernel's order) the rows
+    # of its (KV head, block) over the launch's query heads; ceil(rows / MAX_ROWS) tiles (at least
+    # one: an empty block's program stores its zeros), TEND their inclusive prefix sum. Extra
+    # tiles are granted in this order (longest blocks first) while the running total of those
+    # requested stays within MAX_EXTRA (the scratch's slots); from the first pj past that, every pj
+    # keeps one program. SLOT_PJ[slot] = pj for each cut pj, slot = the extra tiles before it.
+    carry_t = 0
+    carry_x = 0
+    for p0 in range(0, NPJ, BLOCK):
+        pj = p0 + tl.arange(0, BLOCK)
+        m = pj < NPJ
+        hk = HK0 + pj % HKVC
+        g = tl.load(ORDER + hk * NBK + pj // HKVC, mask=m, other=0)
+        cnt = tl.zeros([BLOCK], dtype=tl.int32)
+        for i in range(G):
+            h = hk * G + i
+            inr = m & (h >= QH0) & (h < QH0 + QHC)
+            b = h * NBK + g
+            cnt += tl.load(OFFS + b + 1, mask=inr, other=0) - tl.load(OFFS + b, mask=inr, other=0)
+        want = tl.maximum((cnt + MAX_ROWS - 1) // MAX_ROWS - 1, 0)
+        cx = tl.cumsum(want, axis=0) + carry_x  # requested so far: nondecreasing, so the granted pjs
+        extra = tl.where(cx <= MAX_EXTRA, want, 0)  # are a prefix, and cx - extra is their slot
+        nt = tl.where(m, extra + 1, 0)
+        tl.store(TEND + pj, tl.cumsum(nt, axis=0) + carry_t, mask=m)
+        tl.store(SLOT_PJ + cx - extra, pj, mask=m & (extra > 0))
+        carry_t += tl.sum(nt, axis=0)
+        carry_x += tl.sum(want, axis=0)
+
+
+@triton.jit(do_not_specialize=["HK0", "HKVC"])
+def _dkdv_split_sum_kernel(SLOT_PJ, ORDER, KSTART, KLEN, SCR_DK, SCR_DV, DK, DV, NBK, HK0, HKVC, HKV, NSUB,
+                           BNB: tl.constexpr, D: tl.constexpr, ACC_KV: tl.constexpr):
+    # Per (scratch slot, key sub-tile): the summed dK/dV of a block cut into tiles, stored (or
+    # added, ACC_KV) as _dkdv_kernel stores an uncut block's; the slot is zeroed again for the
+    # next launch.
+    pj = tl.load(SLOT_PJ + tl.program_id(0))
+    if pj < 0:
+        return
+    hk = HK0 + pj % HKVC
+    g = tl.load(ORDER + hk * NBK + pj // HKVC)
+    n0 = tl.program_id(1) * BNB
+    kl = _ld(KLEN + g)
+    if n0 >= kl:
+        return
+    d = tl.arange(0, D)
+    kk = n0 + tl.arange(0, BNB)
+    kmask = kk < kl
+    sp = ((tl.program_id(0) * NSUB * BNB + kk)[:, None] * D + d[None, :])
+    dk = tl.load(SCR_DK + sp, mask=kmask[:, None], other=0.0)
+    dv = tl.load(SCR_DV + sp, mask=kmask[:, None], other=0.0)
+    out_rows = (tl.load(KSTART + g).to(tl.int64) + kk)[:, None]
+    dk_ptr = DK + (out_rows * HKV + hk) * D + d[None, :]
+    dv_ptr = DV + (out_rows * HKV + hk) * D + d[None, :]
     if ACC_KV:
         dk += tl.load(dk_ptr, mask=kmask[:, None], other=0.0)
         dv += tl.load(dv_ptr, mask=kmask[:, None], other=0.0)
     tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=kmask[:, None])
     tl.store(dv_ptr, dv.to(DV.dtype.element_ty), mask=kmask[:, None])
+    zero = tl.zeros([BNB, D], dtype=tl.float32)
+    tl.store(SCR_DK + sp, zero, mask=kmask[:, None])
+    tl.store(SCR_DV + sp, zero, mask=kmask[:, None])
 
 
 @triton.jit(do_not_specialize=["HK0", "NKV", "QH0", "QHC"])
@@ -610,6 +707,8 @@ def sparse_attn_bwd(
         dk, dv = (torch.empty(tk, hkv, d, dtype=torch.float32, device=dev) for _ in range(2))
     if cfg.row_tiles:
         rows_tiles = _row_tile_list(gi, hq * blocks.n, cfg.row_tiles)
+    cut = _BlockCuts(cfg, nsub * bnb, d, max(nkv for _, nkv, _, _, _ in chunks) * blocks.n, dev) \
+        if cfg.max_rows and not cfg.row_tiles else None
     for hk0, nkv, h0, hc, acc_kv in chunks:
         n_rows = tq * width * hc  # static bound on the chunk's gathered rows
         if cfg.dq_rows:
@@ -656,15 +755,23 @@ def sparse_attn_bwd(
                     out[:, hk0:hk0 + nkv].copy_(part)
             del acc
         else:
-            grid = (nkv * blocks.n * nsub,) if cfg.sub_major else (nkv * blocks.n, nsub)
+            n_prog = nkv * blocks.n
+            tiles = (gi.offs,) * 5  # unused stand-ins (TILED off)
+            if cut is not None:
+                # cut each (KV head, block)'s rows into programs of at most max_rows (longest first)
+                n_prog, tiles = cut.plan(gi, hk0, nkv, h0, hc, blocks.n, g_sz)
+            grid = (n_prog * nsub,) if cfg.sub_major else (n_prog, nsub)
             _dkdv_kernel[grid](
                 q, k, v, do, lse, delta, qpos, gi.ent, gi.offs, gi.kv_order, blocks.kstart, blocks.kpos, blocks.klen,
-                dq_c, dk, dv, *rows, *dq_rows, *strides, dq_c.stride(0), hq, width, blocks.n, g_sz, hk0, nkv, nsub, h0, hc,
-                softmax_scale, scale_log2, BM=cfg.bm, BNB=bnb, D=d, FUSE_DQ=fuse_dq, PREC=prec, TRANS=cfg.trans,
-                SPLIT=cfg.split_mask and sorted_positions, GATHERED=cfg.gather_rows, TMA=cfg.tma,
-                SUB_MAJOR=cfg.sub_major, DQ_ROWS=cfg.dq_rows, TMA_DQ=cfg.tma_dq, DQ_TRANS=cfg.dq_trans, ACC_KV=acc_kv,
-                DQ_SLOTS=cfg.dq_slots, DQ_DIAG=diag_dq, num_warps=nw, num_stages=n_stages,
+                dq_c, dk, dv, *rows, *dq_rows, *tiles, *strides, dq_c.stride(0), hq, width, blocks.n, g_sz, hk0, nkv,
+                nsub, h0, hc, cfg.max_rows, softmax_scale, scale_log2, BM=cfg.bm, BNB=bnb, D=d, FUSE_DQ=fuse_dq,
+                PREC=prec, TRANS=cfg.trans, SPLIT=cfg.split_mask and sorted_positions, GATHERED=cfg.gather_rows,
+                TMA=cfg.tma, SUB_MAJOR=cfg.sub_major, DQ_ROWS=cfg.dq_rows, TMA_DQ=cfg.tma_dq, DQ_TRANS=cfg.dq_trans,
+                ACC_KV=acc_kv, DQ_SLOTS=cfg.dq_slots, DQ_DIAG=diag_dq, TILED=cut is not None, num_warps=nw,
+                num_stages=n_stages,
             )
+            if cut is not None:
+                cut.store(dk, dv, gi, hk0, nkv, hkv, blocks, bnb, nsub, d, acc_kv)
         del rows
         if cfg.dq_rows or cfg.dq_slots:
             # each token's W dQ rows (bucket-order copy through inv, or its own slots) summed into dq
@@ -691,6 +798,43 @@ def sparse_attn_bwd(
         dk_out.copy_(dk)
         dv_out.copy_(dv)
     return dq, dk_out, dv_out
+
+
+class _BlockCuts:
+    """``bwd.max_rows``: the dK/dV programs of one backward call cut so that none walks more than
+    ``max_rows`` rows. Per launch, :meth:`plan` lists the programs (a (KV head, block) with ``n``
+    rows of the launch's query heads gets ``ceil(n / max_rows)`` of them, while the extra ones fit
+    the scratch) and :meth:`store` writes the cut blocks' fp32 sums. The scratch (``2 x slots x
+    block x D`` fp32, ``slots`` from ``max_rows_bytes``) is zeroed once per call; the sum kernel
+    zeroes what it read. Device-side throughout: no host sync."""
+
+    def __init__(self, cfg: BwdConfig, block_keys: int, d: int, max_prog: int, dev):
+        self.rows = cfg.max_rows
+        self.slots = max(1, cfg.max_rows_bytes // (2 * block_keys * d * 4))
+        self.scratch = torch.zeros(2, self.slots, block_keys, d, dtype=torch.float32, device=dev)
+        self.slot_pj = torch.empty(self.slots, dtype=torch.int32, device=dev)
+        self.tend = torch.empty(max_prog, dtype=torch.int32, device=dev)
+        self.zeros = torch.zeros(max_prog, dtype=torch.int32, device=dev)  # _tiles_kernel's bucket starts
+        self.tile_pj = torch.empty(max_prog + self.slots, dtype=torch.int32, device=dev)
+        self.tile_c0 = torch.empty(max_prog + self.slots, dtype=torch.int32, device=dev)
+
+    def plan(self, gi: GatherIndex, hk0: int, nkv: int, h0: int, hc: int, nbk: int, g: int):
+        """``(n_programs, (tile_pj, tile_c0, tend, scratch dk, scratch dv))`` for one launch."""
+        npj = nkv * nbk
+        self.slot_pj.fill_(-1)
+        _kv_tiles_count_kernel[(1,)](gi.offs, gi.kv_order, self.tend, self.slot_pj, npj, hk0, nkv, nbk, g, h0, hc,
+                                     self.rows, self.slots, BLOCK=1024)
+        n_t = npj + self.slots
+        _tiles_kernel[(triton.cdiv(n_t, 1024),)](self.zeros, self.tend, self.tile_pj, self.tile_c0, npj, n_t,
+                                                 self.rows, npj.bit_length() + 1, BLOCK=1024)
+        return n_t, (self.tile_pj, self.tile_c0, self.tend, self.scratch[0], self.scratch[1])
+
+    def store(self, dk, dv, gi: GatherIndex, hk0: int, nkv: int, hkv: int, blocks: KeyBlocks, bnb: int, nsub: int,
+              d: int, acc_kv: bool) -> None:
+        _dkdv_split_sum_kernel[(self.slots, nsub)](
+            self.slot_pj, gi.kv_order, blocks.kstart, blocks.klen, self.scratch[0], self.scratch[1], dk, dv, blocks.n,
+            hk0, nkv, hkv, nsub, BNB=bnb, D=d, ACC_KV=acc_kv, num_warps=4,
+        )
 
 
 def _row_tile_list(gi: GatherIndex, n_buckets: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:

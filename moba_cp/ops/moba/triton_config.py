@@ -142,6 +142,15 @@ class BwdConfig:
     outside ``dq_chunk_bytes``), cast once at the end. For selections concentrated on a few blocks (the attention sinks of
     trained models put every row of a document into block 0's bucket, where one program would walk
     ``G x T`` rows while the rest of the grid idles). Off: built and tested on CPU, not timed.
+    ``max_rows`` (> 0): no dK/dV program walks more than ``max_rows`` gathered rows. A (KV head,
+    block) whose rows over the launch's query heads number ``n > max_rows`` gets
+    ``ceil(n / max_rows)`` programs, listed on the device (longest blocks first, no host sync); their
+    dK/dV are added by fp32 atomics into a scratch slot of the block and stored once by a sum
+    kernel. Blocks of at most ``max_rows`` rows run and store as before. ``max_rows_bytes`` bounds the
+    scratch (``8 x block x D`` bytes per extra program, zeroed once per call): blocks whose extra
+    programs would pass it keep one program (correct, only slower). For selections concentrated on
+    a few blocks: the attention sinks of trained models put every row of a document into block 0,
+    whose single program would walk ``G x T`` rows while the rest of the grid idles.
     ``keep_index`` (the single-device op, not the CP slot form): the forward's gather index is
     saved for the backward (True), or only the selection, in the smallest integer type that holds
     its block ids, and the backward builds the index again (False). At 128K tokens, 16 query
@@ -176,8 +185,16 @@ class BwdConfig:
     keep_index: bool = True
     dq_slots: bool = False
     row_tiles: int = 0
+    max_rows: int = 0
+    max_rows_bytes: int = 32 << 20
 
     def __post_init__(self):
+        if self.max_rows < 0 or self.max_rows_bytes < 0:
+            raise ValueError(f"BwdConfig.max_rows={self.max_rows} and max_rows_bytes={self.max_rows_bytes} must be "
+                             f">= 0 (max_rows 0: one dK/dV program per block, however many rows it has)")
+        if self.max_rows and self.row_tiles:
+            raise ValueError(f"BwdConfig.max_rows={self.max_rows} cuts the per-block dK/dV programs; row_tiles="
+                             f"{self.row_tiles} replaces them. Fix: set one of them to 0")
         if self.row_tiles < 0:
             raise ValueError(f"BwdConfig.row_tiles={self.row_tiles} must be >= 0 (0: one dK/dV program per block)")
         if self.row_tiles and (self.gather_rows or self.dq_rows):
