@@ -56,18 +56,17 @@ def test_an_override_the_shape_cannot_take_names_the_rule():
     assert cfg.bwd.dq_rows and not cfg.bwd.dq_slots
 
 
-def test_row_tiles_override_names_what_it_cannot_take():
-    # d=64 block 128 past 16K tokens reads rows through the index: row_tiles applies as it is
-    assert apply_overrides(choose_config(128, 64, 4, 131072), "bwd.row_tiles=4096").bwd.row_tiles == 4096
-    # up to 16K tokens the default copies rows in bucket order, which row_tiles does not read
-    with pytest.raises(ValueError, match=r"kernel overrides 'bwd.row_tiles=4096' on the shape's default tiling: "
-                                         r"BwdConfig.row_tiles=4096 .* \(got gather_rows=True, dq_rows=False\)\. "
-                                         r"Fix: bwd.gather_rows=false"):
-        apply_overrides(choose_config(128, 64, 4, 8192), "bwd.row_tiles=4096")
-    ok = apply_overrides(choose_config(128, 64, 4, 8192), "bwd.row_tiles=4096,bwd.gather_rows=false")
-    assert ok.bwd.row_tiles == 4096 and not ok.bwd.gather_rows
-    with pytest.raises(ValueError, match=r"row_tiles=-1 must be >= 0"):
-        apply_overrides(choose_config(128, 64, 4, 131072), "bwd.row_tiles=-1")
+def test_max_rows_default_and_override():
+    # cut from 32K tokens (8192 rows, 16384 from 128K), uncut below; an override sets or clears it
+    assert choose_config(128, 64, 4, 16384).bwd.max_rows == 0
+    assert choose_config(512, 64, 4, 32768).bwd.max_rows == 8192
+    assert choose_config(128, 128, 4, 262144).bwd.max_rows == 16384
+    assert choose_config(1024, 64, 4, 131072).bwd.max_rows == 16384
+    assert apply_overrides(choose_config(128, 64, 4, 8192), "bwd.max_rows=4096").bwd.max_rows == 4096
+    assert apply_overrides(choose_config(128, 64, 4, 131072), "bwd.max_rows=0").bwd.max_rows == 0
+    with pytest.raises(ValueError, match=r"kernel overrides 'bwd.max_rows=-1' on the shape's default tiling: "
+                                         r"BwdConfig.max_rows=-1 and max_rows_bytes=33554432 must be >= 0"):
+        apply_overrides(choose_config(128, 64, 4, 131072), "bwd.max_rows=-1")
 
 
 def test_the_op_refuses_overrides_it_cannot_use():

@@ -286,13 +286,6 @@ PATH_CONFIGS = {
     "dq-slots-gathered-split": KernelConfig(FwdConfig(method="two_pass", **SMALL),
                                             BwdConfig(bnb=64, bm=16, dq_slots=True, gather_rows=True, split_mask=True,
                                                       dq_chunk_bytes=1)),
-    # dK/dV per tile of at most 16 rows of one bucket (fp32 atomics), with each way of doing dQ
-    "row-tiles": KernelConfig(FwdConfig(method="partials", **SMALL), BwdConfig(bnb=16, bm=16, fuse_dq=True, row_tiles=16)),
-    "row-tiles-dq-kernel-split": KernelConfig(FwdConfig(method="partials", **SMALL),
-                                              BwdConfig(bnb=16, bm=16, fuse_dq=False, dq_bm=16, dq_bn=16, row_tiles=32,
-                                                        split_mask=True)),
-    "row-tiles-dq-slots": KernelConfig(FwdConfig(method="partials", **SMALL),
-                                       BwdConfig(bnb=64, bm=16, dq_slots=True, row_tiles=16, split_mask=True)),
     "one-pass": KernelConfig(FwdConfig(method="one_pass", bm=16, bn=16, chunk=32, qchunk=32),
                              BwdConfig(bnb=16, bm=16, fuse_dq=False, dq_bm=16, dq_bn=16)),
 }
@@ -400,9 +393,6 @@ def test_dq_slots_half_precision_and_the_shape_rule():
         sparse_attn_bwd(*args, BwdConfig(bnb=8, bm=16, dq_slots=True))
     with pytest.raises(ValueError, match="dq_slots=True .* replaces dq_rows"):
         BwdConfig(dq_slots=True, dq_rows=True, gather_rows=True)
-    # the timing diagnostic belongs to the per-block kernel: refused with row_tiles, naming the fix
-    with pytest.raises(ValueError, match=r"diag_dq=1 .* BwdConfig.row_tiles=16 runs the per-tile kernel\. Fix: row_tiles=0"):
-        sparse_attn_bwd(*args, BwdConfig(bnb=16, bm=16, row_tiles=16), diag_dq=1)
 
 
 def _triton_grads(q, k, v, do, idx, b, cu, cfg):
@@ -446,55 +436,6 @@ def test_dq_slots_reads_only_written_slots(monkeypatch, bound):
     for name, a, g in zip(("dq", "dk", "dv"), atom, got):
         assert torch.isfinite(g).all(), name
         assert torch.allclose(a, g, rtol=1e-5, atol=1e-5), name
-
-
-@pytest.mark.parametrize("launches", ["one", "per-kv-head", "split-group"])
-def test_row_tiles_spread_a_sink_bucket(launches):
-    """``bwd.row_tiles``: with every row selecting its document's block 0 (an attention sink) that
-    bucket is cut into tiles of at most 8 rows, one program each, adding dK/dV by fp32 atomics:
-    fp32 gradients equal the per-block backward's to rounding, in one launch, one per KV head, or a
-    GQA group split over launches (dK/dV summed across them), and the tile list covers every entry."""
-    from moba_cp.ops.moba.triton_attn_bwd import _row_tile_list
-
-    docs, b, hq, hkv, d = [75, 0, 58], 16, 6, 2, 16
-    t = sum(docs)
-    q, k, v = _inputs(t, hq, hkv, d, torch.float32, seed=31)
-    cu = _cu(docs)
-    idx = naive.select_blocks(q, k, block_size=b, topk=2, cu_seqlens=cu).clone()
-    pos = torch.cat([torch.arange(n) for n in docs])
-    later = pos >= b
-    idx[later, :, 0] = 0  # block 0 of the document in every later row's first slot (distinct from the rest)
-    own = (pos[later] // b)[:, None].expand(-1, hq).to(idx.dtype)
-    idx[later, :, 1] = torch.where(idx[later, :, 1] == 0, own, idx[later, :, 1])
-    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(4))
-    # dQ in slots (fp32 here): their buffer is what the launch bound counts
-    base = KernelConfig(FwdConfig(method="partials", **SMALL), BwdConfig(bnb=16, bm=16, dq_slots=True, split_mask=True))
-    more = {"one": {}, "per-kv-head": {"dq_chunk_bytes": 1},
-            "split-group": {"dq_chunk_bytes": 2 * t * 2 * d * 4, "split_group": True}}[launches]
-    tiles = base.replace(bwd={"row_tiles": 8, **more})
-    from moba_cp.ops.moba.triton_attn_bwd import _head_chunks
-    plan = _head_chunks(t, hkv, 3, 2, d, 4, True, tiles.bwd, 4)
-    assert [hc for *_, hc, _ in plan] == {"one": [6], "per-kv-head": [3, 3], "split-group": [2, 1, 2, 1]}[launches]
-
-    grads = functools.partial(_triton_grads, q, k, v, do, idx, b, cu)
-
-    ref = grads(base)
-    for name, a, g in zip(("dq", "dk", "dv"), ref, grads(tiles)):
-        assert torch.allclose(a, g, rtol=1e-5, atol=1e-5), name
-    # the tile list: every selected entry in exactly one tile, none longer than 8 rows
-    blocks, _, bases, _ = doc_tables(t, cu, b, DEV)
-    gi = build_gather_index(idx, bases, blocks.n, hkv, SMALL["chunk"])
-    tb_, ts_ = _row_tile_list(gi, hq * blocks.n, 8)
-    offs = gi.offs.tolist()
-    covered = []
-    for bk, st in zip(tb_.tolist(), ts_.tolist()):
-        if bk >= 0:
-            end = min(st + 8, offs[bk + 1])
-            assert offs[bk] <= st < end
-            covered.extend(range(st, end))
-    assert sorted(covered) == list(range(offs[-1]))
-    sink_rows = offs[1] - offs[0]  # query head 0, block 0
-    assert sink_rows > 40 and sum(1 for bk in tb_.tolist() if bk == 0) == -(-sink_rows // 8)
 
 
 def _sink_selection(docs, b, hq, hkv, d, topk, seed):
@@ -1174,32 +1115,6 @@ def test_gpu_bf16_max_rows_with_a_sink(d, b, bwd):
     cfg = choose_config(b, d, 4, sum(t_docs), True).replace(bwd={"max_rows": 256, **bwd})
     check_bf16_fwd_bwd(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
                        fn=functools.partial(tb.block_attn, config=cfg))
-
-
-ROW_TILES_GPU = [(128, 128, {"row_tiles": 256}), (64, 128, {"row_tiles": 128, "gather_rows": False}),
-                 (64, 512, {"row_tiles": 256, "gather_rows": False, "dq_rows": False, "tma_dq": False,
-                            "dq_trans": False, "tma": False})]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("d,b,bwd", ROW_TILES_GPU)
-def test_gpu_bf16_row_tiles(d, b, bwd):
-    """``bwd.row_tiles`` (dK/dV per tile of a bucket's rows, fp32 atomics) at bf16 on the GPU on
-    the shape's default otherwise: two documents, GQA 4, within twice the naive bf16 op's error."""
-    t_docs = [3000, 2 * b + 100]
-    cu = _cu(t_docs, "cuda")
-    q, k, v = _inputs(sum(t_docs), 8, 2, d, torch.bfloat16, seed=d + b + 11, device="cuda")
-    idx = naive.select_blocks(q, k, block_size=b, topk=4, cu_seqlens=cu)
-    cfg = choose_config(b, d, 4, sum(t_docs), True).replace(bwd=bwd)
-    check_bf16_fwd_bwd(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
-                       fn=functools.partial(tb.block_attn, config=cfg))
-
-
-def test_row_tiles_gpu_configs_are_valid():
-    """The GPU test's three configs build on the CPU too (a refused combination fails here, not
-    first on the device)."""
-    for d, b, bwd in ROW_TILES_GPU:
-        assert choose_config(b, d, 4, 3356, True).replace(bwd=bwd).bwd.row_tiles == bwd["row_tiles"]
 
 
 @pytest.mark.gpu

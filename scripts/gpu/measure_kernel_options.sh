@@ -32,8 +32,9 @@
 #    rows64 and gate (benchmarks/results/*2026-12-04_session15*); session 16 gate (its pieces) and
 #    table, then tests (TESTS_K=gate_variants), gate (the loops) and d128; session 17 tests and b128
 #    (later calls: the lists in the headers of benchmarks/results/*2026-12-04_session17*); session 18
-#    b128bwd (then its own calls: headers of benchmarks/results/*2026-12-04_session18*); b128table and
-#    sink are the next to run.
+#    b128bwd (then its own calls: headers of benchmarks/results/*2026-12-04_session18*); session 19
+#    sink (first form, with the row_tiles option it then removed) and its own calls (headers of
+#    benchmarks/results/*2026-12-04_session19*).
 # Needs no network: megatron-core comes from ./.whl when it is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -170,22 +171,17 @@ if has b128table; then
     --out "$OUT/kernels_b128_512k.md" 2>&1 | tail -5 | tee -a "$OUT/kernels_b128.log" || true
 fi
 
-# 11. (part sink) trained models put every query's selection on an attention-sink block; random
-#    inputs spread it. The backward's dK/dV program of a (KV head, block) walks its whole bucket, so
-#    a sink makes block 0's program hold every row of its documents (G x T rows at GQA group G):
-#    the whole forward and backward with and without --sink 8 at the block-128 and block-1024
-#    shapes (each tune prints its largest bucket against the mean), and against the default the
-#    dK/dV programs per tile of at most 4096 / 1024 rows of one bucket (bwd.row_tiles, fp32 dK/dV
-#    atomics; at block 1024 without the row copy, which row_tiles does not read). Session 18 saw the
-#    tail at random inputs already: one KV head per launch cost 8.7 -> 12.0 ms at d=64 block 128, 128K.
-ROWT='[{}, {"row_tiles": 4096}, {"row_tiles": 1024}, {}]'
-NOCOPY='"gather_rows": false, "dq_rows": false, "tma_dq": false, "dq_trans": false, "tma": false'
-ROWT1024="[{}, {$NOCOPY}, {$NOCOPY, \"row_tiles\": 4096}, {$NOCOPY, \"row_tiles\": 1024}, {}]"
+# 11. (part sink) trained models may put every query's selection on an attention-sink block;
+#    random inputs spread it. The backward's dK/dV program of a (KV head, block) walked its whole
+#    bucket, so a sink made block 0's program hold every row of its documents (G x T rows at GQA
+#    group G). Session 19 measured that (the cut off: FlashMoBA 128K backward 193.8 vs 32.1 ms) and
+#    made bwd.max_rows (programs cut at 8192 / 16384 rows) the default from 32K tokens: the default
+#    against max_rows=0, first and last, with and without --sink 8, at the training and FlashMoBA shapes.
 if has sink; then
   for SK in 0 8; do
-    "$PY" benchmarks/bench_moba.py --sink "$SK" --tune flashmoba:131072,train-b128:131072 \
-      --tune-parts fwd,bwd --tune-fwd '[{}]' --tune-bwd "$ROWT" 2>&1 | grep "^tune" | tee -a "$OUT/tune_sink.log" || true
-    "$PY" benchmarks/bench_moba.py --sink "$SK" --tune train-b1024:131072 \
-      --tune-parts fwd,bwd --tune-fwd '[{}]' --tune-bwd "$ROWT1024" 2>&1 | grep "^tune" | tee -a "$OUT/tune_sink.log" || true
+    "$PY" benchmarks/bench_moba.py --sink "$SK" \
+      --tune flashmoba:32768,flashmoba:131072,train-b128:32768,train-b128:131072,train-b512:32768,small-b512:8192,paper-b512:32768,train-b1024:131072 \
+      --tune-parts bwd --tune-bwd '[{}, {"max_rows": 0}, {}]' 2>&1 | grep "^tune" | grep -v "default config" \
+      | tee -a "$OUT/tune_sink.log" || true
   done
 fi

@@ -31,7 +31,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moba_cp.ops.moba.triton_common import (GatherIndex, KeyBlocks, _head_chunk_pid, _key_span, _ld, _load_kv,
-                                            _scan_kernel, _tile_rows, _tiles_kernel)
+                                            _tile_rows, _tiles_kernel)
 from moba_cp.ops.moba.triton_config import BwdConfig
 
 __all__ = ["sparse_attn_bwd"]
@@ -311,7 +311,17 @@ def _dkdv_kernel(
             # positions are sorted (sorted_positions: documents): the rows that need the
             # causal mask come first. Two loops, each pipelined on its own; a branch
             # per tile inside one loop measured 2x slower (it breaks the pipelining).
-            r_mid = _first_row_at(ENT, QPOS, QPG, e0, r_lo, r_hi, thr, H * W, GATHERED)
+            hi_s = r_hi
+            if TILED:
+                # a tile that starts inside a bucket mostly starts at rows that see the whole
+                # sub-tile: then no search (up to 14 dependent loads per bucket)
+                has = r_lo < r_hi
+                if GATHERED:
+                    p0 = tl.load(QPG + (r_lo - e0), mask=has, other=-1)
+                else:
+                    p0 = tl.load(QPOS + tl.load(ENT + r_lo, mask=has, other=0) // (H * W), mask=has, other=-1)
+                hi_s = tl.where(p0 >= thr, r_lo, r_hi)
+            r_mid = _first_row_at(ENT, QPOS, QPG, e0, r_lo, hi_s, thr, H * W, GATHERED)
             r_mid = r_lo + tl.cdiv(r_mid - r_lo, BM) * BM
         r_mask_end = r_mid if SPLIT else r_hi
         for r0 in range(r_lo, r_mask_end, BM):
@@ -355,6 +365,10 @@ def _kv_tiles_count_kernel(OFFS, ORDER, TEND, SLOT_PJ, NPJ, HK0, HKVC, NBK, G, Q
     # tiles are granted in this order (longest blocks first) while the running total of those
     # requested stays within MAX_EXTRA (the scratch's slots); from the first pj past that, every pj
     # keeps one program. SLOT_PJ[slot] = pj for each cut pj, slot = the extra tiles before it.
+    for s0 in range(0, MAX_EXTRA, BLOCK):
+        sl = s0 + tl.arange(0, BLOCK)
+        tl.store(SLOT_PJ + sl, tl.full([BLOCK], -1, tl.int32), mask=sl < MAX_EXTRA)
+    tl.debug_barrier()  # the -1s land before the cut pjs' slots (one program: a CTA barrier orders them)
     carry_t = 0
     carry_x = 0
     for p0 in range(0, NPJ, BLOCK):
@@ -410,61 +424,6 @@ def _dkdv_split_sum_kernel(SLOT_PJ, ORDER, KSTART, KLEN, SCR_DK, SCR_DV, DK, DV,
     zero = tl.zeros([BNB, D], dtype=tl.float32)
     tl.store(SCR_DK + sp, zero, mask=kmask[:, None])
     tl.store(SCR_DV + sp, zero, mask=kmask[:, None])
-
-
-@triton.jit(do_not_specialize=["HK0", "NKV", "QH0", "QHC"])
-def _dkdv_rows_kernel(
-    Q, K, V, DO, LSE, DELTA, QPOS, ENT, OFFS, TILE_B, TILE_START, KSTART, KPOS, KLEN, DQ, DKA, DVA,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt,
-    H, W, NBK, G, HK0, NKV, QH0, QHC, scale, scale_log2, ROWS,
-    BM: tl.constexpr, BNB: tl.constexpr, D: tl.constexpr, FUSE_DQ: tl.constexpr, PREC: tl.constexpr,
-    TRANS: tl.constexpr, SPLIT: tl.constexpr, DQ_TRANS: tl.constexpr, DQ_SLOTS: tl.constexpr,
-):
-    # ``row_tiles``: one program per (tile of at most ROWS rows of one (query head, block) bucket,
-    # key sub-tile), so a block chosen by every row (an attention sink) is spread over many
-    # programs instead of one. Its dK/dV go by fp32 atomics into DKA/DVA [Tk, NKV, D] (the
-    # launch's KV heads from HK0); dQ as the per-block kernel does it.
-    b = tl.load(TILE_B + tl.program_id(0))
-    if b < 0:
-        return
-    h = b // NBK
-    if (h < QH0) | (h >= QH0 + QHC):
-        return
-    g = b % NBK
-    hk = h // G
-    n0 = tl.program_id(1) * BNB
-    kl = _ld(KLEN + g)
-    if n0 >= kl:
-        return
-    kk = n0 + tl.arange(0, BNB)
-    kmask = kk < kl
-    ks = tl.load(KSTART + g).to(tl.int64)
-    k, v = _load_kv(K, V, ks, kk, kl, hk, stride_kt, stride_kh, stride_vt, stride_vh, D, True)
-    kp0 = tl.load(KPOS + g)
-    dk = tl.zeros([BNB, D], dtype=tl.float32)
-    dv = tl.zeros([BNB, D], dtype=tl.float32)
-    r_lo = tl.load(TILE_START + tl.program_id(0))
-    r_hi = tl.minimum(r_lo + ROWS, _ld(OFFS + b + 1))
-    r_mid = r_lo
-    if SPLIT:
-        # as in _dkdv_kernel: the tile's rows are in token order, the masked ones first
-        r_mid = _first_row_at(ENT, QPOS, QPOS, 0, r_lo, r_hi, kp0 + n0 + BNB - 1, H * W, False)
-        r_mid = r_lo + tl.cdiv(r_mid - r_lo, BM) * BM
-    r_mask_end = r_mid if SPLIT else r_hi
-    for r0 in range(r_lo, r_mask_end, BM):
-        dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, Q, DO, Q, DO, LSE, LSE, QPOS, DQ, DQ, 0, r0, r_hi, h, H,
-                            W, QH0, QHC, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh, stride_dot, stride_doh,
-                            stride_dqt, scale, scale_log2, BM, D, True, FUSE_DQ, PREC, TRANS, False, False, False,
-                            False, DQ_TRANS, DQ_SLOTS, 0)
-    if SPLIT:
-        for r0 in range(r_mid, r_hi, BM):
-            dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, Q, DO, Q, DO, LSE, LSE, QPOS, DQ, DQ, 0, r0, r_hi, h,
-                                H, W, QH0, QHC, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh, stride_dot,
-                                stride_doh, stride_dqt, scale, scale_log2, BM, D, False, FUSE_DQ, PREC, TRANS, False,
-                                False, False, False, DQ_TRANS, DQ_SLOTS, 0)
-    ptr = ((ks + kk) * NKV + hk - HK0)[:, None] * D + tl.arange(0, D)[None, :]
-    tl.atomic_add(DKA + ptr, dk * scale, mask=kmask[:, None], sem="relaxed")
-    tl.atomic_add(DVA + ptr, dv, mask=kmask[:, None], sem="relaxed")
 
 
 @triton.jit
@@ -685,9 +644,6 @@ def sparse_attn_bwd(
     bnb = cfg.key_tile(block_size, d)
     nsub = triton.cdiv(block_size, bnb)
     fuse_dq = cfg.fuses_dq(block_size, d)
-    if diag_dq and cfg.row_tiles:
-        raise ValueError(f"sparse_attn_bwd: diag_dq={diag_dq} times the per-block dK/dV kernel's fused dQ; "
-                         f"BwdConfig.row_tiles={cfg.row_tiles} runs the per-tile kernel. Fix: row_tiles=0 for it")
     if cfg.tma_dq and dev.type != "cuda":
         raise ValueError(f"sparse_attn_bwd: BwdConfig.tma_dq=True adds dQ tiles by TMA bulk reductions, which need a "
                          f"CUDA GPU (Hopper or newer); the tensors are on {dev} (the Triton interpreter has no "
@@ -705,10 +661,8 @@ def sparse_attn_bwd(
     dk_out, dv_out = dk, dv
     if split and kv_grad_dtype != torch.float32:
         dk, dv = (torch.empty(tk, hkv, d, dtype=torch.float32, device=dev) for _ in range(2))
-    if cfg.row_tiles:
-        rows_tiles = _row_tile_list(gi, hq * blocks.n, cfg.row_tiles)
     cut = _BlockCuts(cfg, nsub * bnb, d, max(nkv for _, nkv, _, _, _ in chunks) * blocks.n, dev) \
-        if cfg.max_rows and not cfg.row_tiles else None
+        if cfg.max_rows else None
     for hk0, nkv, h0, hc, acc_kv in chunks:
         n_rows = tq * width * hc  # static bound on the chunk's gathered rows
         if cfg.dq_rows:
@@ -736,42 +690,23 @@ def sparse_attn_bwd(
         rows = _gathered_rows(q, do, lse, delta, qpos, gi, hq, width, blocks.n, h0, hc, n_rows, d,
                               cfg.bm if cfg.tma else 0, inv) \
             if cfg.gather_rows else (q, q, q, q, lse, lse, qpos)  # unused stand-ins when not gathered
-        if cfg.row_tiles:
-            # per tile of at most row_tiles rows of one bucket: dK/dV by fp32 atomics into the
-            # launch's own buffers, then stored (or, for a split group's later launch, added)
-            tile_b, tile_start = rows_tiles
-            acc = torch.zeros(2, tk, nkv, d, dtype=torch.float32, device=dev)
-            _dkdv_rows_kernel[(tile_b.numel(), nsub)](
-                q, k, v, do, lse, delta, qpos, gi.ent, gi.offs, tile_b, tile_start, blocks.kstart, blocks.kpos,
-                blocks.klen, dq_c, acc[0], acc[1], *strides, dq_c.stride(0), hq, width, blocks.n, g_sz, hk0, nkv, h0,
-                hc, softmax_scale, scale_log2, cfg.row_tiles, BM=cfg.bm, BNB=bnb, D=d, FUSE_DQ=fuse_dq, PREC=prec,
-                TRANS=cfg.trans, SPLIT=cfg.split_mask and sorted_positions, DQ_TRANS=cfg.dq_trans,
-                DQ_SLOTS=cfg.dq_slots, num_warps=nw, num_stages=n_stages,
-            )
-            for out, part in ((dk, acc[0]), (dv, acc[1])):
-                if acc_kv:
-                    out[:, hk0:hk0 + nkv] += part
-                else:
-                    out[:, hk0:hk0 + nkv].copy_(part)
-            del acc
-        else:
-            n_prog = nkv * blocks.n
-            tiles = (gi.offs,) * 5  # unused stand-ins (TILED off)
-            if cut is not None:
-                # cut each (KV head, block)'s rows into programs of at most max_rows (longest first)
-                n_prog, tiles = cut.plan(gi, hk0, nkv, h0, hc, blocks.n, g_sz)
-            grid = (n_prog * nsub,) if cfg.sub_major else (n_prog, nsub)
-            _dkdv_kernel[grid](
-                q, k, v, do, lse, delta, qpos, gi.ent, gi.offs, gi.kv_order, blocks.kstart, blocks.kpos, blocks.klen,
-                dq_c, dk, dv, *rows, *dq_rows, *tiles, *strides, dq_c.stride(0), hq, width, blocks.n, g_sz, hk0, nkv,
-                nsub, h0, hc, cfg.max_rows, softmax_scale, scale_log2, BM=cfg.bm, BNB=bnb, D=d, FUSE_DQ=fuse_dq,
-                PREC=prec, TRANS=cfg.trans, SPLIT=cfg.split_mask and sorted_positions, GATHERED=cfg.gather_rows,
-                TMA=cfg.tma, SUB_MAJOR=cfg.sub_major, DQ_ROWS=cfg.dq_rows, TMA_DQ=cfg.tma_dq, DQ_TRANS=cfg.dq_trans,
-                ACC_KV=acc_kv, DQ_SLOTS=cfg.dq_slots, DQ_DIAG=diag_dq, TILED=cut is not None, num_warps=nw,
-                num_stages=n_stages,
-            )
-            if cut is not None:
-                cut.store(dk, dv, gi, hk0, nkv, hkv, blocks, bnb, nsub, d, acc_kv)
+        n_prog = nkv * blocks.n
+        tiles = (gi.offs,) * 5  # unused stand-ins (TILED off)
+        if cut is not None:
+            # cut each (KV head, block)'s rows into programs of at most max_rows (longest first)
+            n_prog, tiles = cut.plan(gi, hk0, nkv, h0, hc, blocks.n, g_sz)
+        grid = (n_prog * nsub,) if cfg.sub_major else (n_prog, nsub)
+        _dkdv_kernel[grid](
+            q, k, v, do, lse, delta, qpos, gi.ent, gi.offs, gi.kv_order, blocks.kstart, blocks.kpos, blocks.klen,
+            dq_c, dk, dv, *rows, *dq_rows, *tiles, *strides, dq_c.stride(0), hq, width, blocks.n, g_sz, hk0, nkv,
+            nsub, h0, hc, cfg.max_rows, softmax_scale, scale_log2, BM=cfg.bm, BNB=bnb, D=d, FUSE_DQ=fuse_dq,
+            PREC=prec, TRANS=cfg.trans, SPLIT=cfg.split_mask and sorted_positions, GATHERED=cfg.gather_rows,
+            TMA=cfg.tma, SUB_MAJOR=cfg.sub_major, DQ_ROWS=cfg.dq_rows, TMA_DQ=cfg.tma_dq, DQ_TRANS=cfg.dq_trans,
+            ACC_KV=acc_kv, DQ_SLOTS=cfg.dq_slots, DQ_DIAG=diag_dq, TILED=cut is not None, num_warps=nw,
+            num_stages=n_stages,
+        )
+        if cut is not None:
+            cut.store(dk, dv, gi, hk0, nkv, hkv, blocks, bnb, nsub, d, acc_kv)
         del rows
         if cfg.dq_rows or cfg.dq_slots:
             # each token's W dQ rows (bucket-order copy through inv, or its own slots) summed into dq
@@ -821,7 +756,6 @@ class _BlockCuts:
     def plan(self, gi: GatherIndex, hk0: int, nkv: int, h0: int, hc: int, nbk: int, g: int):
         """``(n_programs, (tile_pj, tile_c0, tend, scratch dk, scratch dv))`` for one launch."""
         npj = nkv * nbk
-        self.slot_pj.fill_(-1)
         _kv_tiles_count_kernel[(1,)](gi.offs, gi.kv_order, self.tend, self.slot_pj, npj, hk0, nkv, nbk, g, h0, hc,
                                      self.rows, self.slots, BLOCK=1024)
         n_t = npj + self.slots
@@ -835,22 +769,6 @@ class _BlockCuts:
             self.slot_pj, gi.kv_order, blocks.kstart, blocks.klen, self.scratch[0], self.scratch[1], dk, dv, blocks.n,
             hk0, nkv, hkv, nsub, BNB=bnb, D=d, ACC_KV=acc_kv, num_warps=4,
         )
-
-
-def _row_tile_list(gi: GatherIndex, n_buckets: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(tile_b, tile_start)``: every tile of at most ``rows`` entries of one bucket of ``gi``
-    (as its own tile list, cut at ``rows`` instead of the forward's chunk), sized by a static
-    bound (``E // rows + n_buckets + 1``; surplus tiles have bucket -1): no host sync."""
-    dev = gi.ent.device
-    n_t = gi.ent.numel() // rows + n_buckets + 1
-    tend = torch.empty(n_buckets, dtype=torch.int32, device=dev)
-    counts = torch.empty(1, dtype=torch.int32, device=dev)  # the scan's per-KV-head counts: not needed here
-    _scan_kernel[(1,)](gi.offs, tend, counts, n_buckets, 0, 1, 1, rows, BLOCK=1024)
-    tile_b = torch.empty(n_t, dtype=torch.int32, device=dev)
-    tile_start = torch.empty(n_t, dtype=torch.int32, device=dev)
-    _tiles_kernel[(triton.cdiv(n_t, 1024),)](gi.offs, tend, tile_b, tile_start, n_buckets, n_t, rows,
-                                             n_buckets.bit_length() + 1, BLOCK=1024)
-    return tile_b, tile_start
 
 
 def _head_chunks(tq: int, hkv: int, g: int, width: int, d: int, elem: int, fp32_dq: bool,

@@ -135,13 +135,6 @@ class BwdConfig:
     (relative 2^-9 in bf16, the grade of the dS tile the product already rounds). On by default
     for blocks of 65-128 keys (:func:`choose_config`: FlashMoBA 128K backward 31.9 vs 34.4 ms, d=64
     block 128 8.5 vs 14.6 ms); the slot buffer counts against ``dq_chunk_bytes``.
-    ``row_tiles`` (> 0; not with ``gather_rows``): the dK/dV grid gets one program per tile of at
-    most ``row_tiles`` rows of one (query head, block) bucket instead of one per (KV head, block)
-    over all its rows, so no program walks more than ``row_tiles`` rows; each adds its dK/dV into
-    an fp32 buffer of the launch's KV heads by atomics (``8 D`` bytes per key row and KV head,
-    outside ``dq_chunk_bytes``), cast once at the end. For selections concentrated on a few blocks (the attention sinks of
-    trained models put every row of a document into block 0's bucket, where one program would walk
-    ``G x T`` rows while the rest of the grid idles). Off: built and tested on CPU, not timed.
     ``max_rows`` (> 0): no dK/dV program walks more than ``max_rows`` gathered rows. A (KV head,
     block) whose rows over the launch's query heads number ``n > max_rows`` gets
     ``ceil(n / max_rows)`` programs, listed on the device (longest blocks first, no host sync); their
@@ -184,7 +177,6 @@ class BwdConfig:
     split_group: bool = False
     keep_index: bool = True
     dq_slots: bool = False
-    row_tiles: int = 0
     max_rows: int = 0
     max_rows_bytes: int = 32 << 20
 
@@ -192,16 +184,6 @@ class BwdConfig:
         if self.max_rows < 0 or self.max_rows_bytes < 0:
             raise ValueError(f"BwdConfig.max_rows={self.max_rows} and max_rows_bytes={self.max_rows_bytes} must be "
                              f">= 0 (max_rows 0: one dK/dV program per block, however many rows it has)")
-        if self.max_rows and self.row_tiles:
-            raise ValueError(f"BwdConfig.max_rows={self.max_rows} cuts the per-block dK/dV programs; row_tiles="
-                             f"{self.row_tiles} replaces them. Fix: set one of them to 0")
-        if self.row_tiles < 0:
-            raise ValueError(f"BwdConfig.row_tiles={self.row_tiles} must be >= 0 (0: one dK/dV program per block)")
-        if self.row_tiles and (self.gather_rows or self.dq_rows):
-            raise ValueError(f"BwdConfig.row_tiles={self.row_tiles} runs a dK/dV program per tile of one query head's "
-                             f"rows, read through the index; the rows' bucket-order copy is not built for it (got "
-                             f"gather_rows={self.gather_rows}, dq_rows={self.dq_rows}). Fix: bwd.gather_rows=false,"
-                             f"bwd.dq_rows=false,bwd.tma_dq=false,bwd.tma=false, or bwd.row_tiles=0")
         if self.tma and not self.gather_rows:
             raise ValueError("BwdConfig.tma=True reads the rows copied in bucket order through tensor descriptors; "
                              "it needs gather_rows=True")
@@ -443,7 +425,36 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
 
     Cached (configs are immutable, so sharing one object is safe). Rows measured on one H200, bf16 (``benchmarks/results/moba_tune_h200_2026-12-02_run*.log``;
     H100 rows in ``benchmarks/NOTES_moba_kernels.md``); a shape between rows takes the nearest.
+
+    Every shape's backward cuts its dK/dV programs at ``max_rows`` rows (:func:`default_max_rows`).
     """
+    cfg = _tiling(block_size, head_dim, group, n_tokens, tma)
+    return replace(cfg, bwd=replace(cfg.bwd, max_rows=default_max_rows(group, n_tokens)))
+
+
+def default_max_rows(group: int, n_tokens: int) -> int:
+    """``BwdConfig.max_rows`` for a call of ``n_tokens`` tokens at GQA group ``group``: 0 (no cut)
+    below 32K tokens, 8192 below 128K, 16384 from there (and when unknown), and 0 where no block
+    can hold more rows than that (``group x n_tokens``). Why: an attention sink (every query of a document
+    selecting its block 0) made one dK/dV program walk ``G x T`` rows while the grid idled; with
+    ``bench_moba.py --sink 8`` on one H200 (``moba_tune_h200_2026-12-04_session19_max_rows*.log``,
+    uncut first / last) the backward took, uncut against cut at 16384 rows: FlashMoBA 128K 193.8 /
+    193.7 vs 32.7 ms (random inputs: 32.1 uncut), 512K 771.8 vs 131.3, d=64 block 128 128K 94.5 vs
+    8.3 (8.3), block 1024 128K 110.9 vs 56.0 (55.8), block 512 32K 6.64 vs 2.40 (2.35) at d=64 and
+    30.4 vs 8.37 (7.99) at d=128. 32768 rows lost at FlashMoBA 128K (53.1 ms) and 16384 at its 32K
+    (13.2 against 8.0 at 8192, 25.4 uncut). On random inputs the cut costs 0-5% at 32K-512K. Below
+    32K tokens it cost 5-17% on random inputs in the backward's tune lines (FlashMoBA 8K 2.08 vs
+    1.93 ms, 4 x 8K block 512 1.11 vs 0.95), where a sink cost FlashMoBA 8K nothing (2.14 ms
+    uncut; cut 2.36) and d=64 block 128 8K 1.78 vs 0.94-1.09 ms cut: those short calls stay uncut
+    (``bwd.max_rows=4096`` is the override for a sink there)."""
+    if 0 < n_tokens < 32 * 1024:
+        return 0
+    cap = 16384 if n_tokens == 0 or n_tokens >= 128 * 1024 else 8192
+    return cap if n_tokens == 0 or group * n_tokens > cap else 0
+
+
+def _tiling(block_size: int, head_dim: int, group: int, n_tokens: int, tma: bool) -> KernelConfig:
+    """:func:`choose_config` before the backward's ``max_rows``."""
     bwd_old = BwdConfig(
         bnb=min(128 if head_dim >= 128 else 64, _pow2(block_size)),
         bm=64,
