@@ -57,8 +57,11 @@ def test_an_override_the_shape_cannot_take_names_the_rule():
 
 
 def test_max_rows_default_and_override():
-    # cut from 32K tokens (8192 rows, 16384 from 128K), uncut below; an override sets or clears it
+    # cut from 32K tokens (8192 rows, 16384 from 128K), uncut below or where a block holds at most
+    # 32K rows (group x tokens); an override sets or clears it
     assert choose_config(128, 64, 4, 16384).bwd.max_rows == 0
+    assert choose_config(512, 64, 1, 32768).bwd.max_rows == 0
+    assert choose_config(512, 64, 2, 32768).bwd.max_rows == 8192
     assert choose_config(512, 64, 4, 32768).bwd.max_rows == 8192
     assert choose_config(128, 128, 4, 262144).bwd.max_rows == 16384
     assert choose_config(1024, 64, 4, 131072).bwd.max_rows == 16384
