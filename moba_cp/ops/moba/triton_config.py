@@ -435,21 +435,22 @@ def choose_config(block_size: int, head_dim: int, group: int = 1, n_tokens: int 
 def default_max_rows(group: int, n_tokens: int) -> int:
     """``BwdConfig.max_rows`` for a call of ``n_tokens`` tokens at GQA group ``group``: 0 (no cut)
     below 32K tokens or where no (KV head, block) can hold more than 32K rows (``group x n_tokens
-    <= 32768``), else 8192 below 128K tokens and 16384 from there (and when unknown). Why: an attention sink (every query of a document
-    selecting its block 0) made one dK/dV program walk ``G x T`` rows while the grid idled; with
-    ``bench_moba.py --sink 8`` on one H200 (``moba_tune_h200_2026-12-04_session19_max_rows*.log``,
-    uncut first / last) the backward took, uncut against cut at 16384 rows: FlashMoBA 128K 193.8 /
-    193.7 vs 32.7 ms (random inputs: 32.1 uncut), 512K 771.8 vs 131.3, d=64 block 128 128K 94.5 vs
-    8.3 (8.3), block 1024 128K 110.9 vs 56.0 (55.8), block 512 32K 6.64 vs 2.40 (2.35) at d=64 and
-    30.4 vs 8.37 (7.99) at d=128. 32768 rows lost at FlashMoBA 128K (53.1 ms) and 16384 at its 32K
-    (13.2 against 8.0 at 8192, 25.4 uncut). On random inputs the cut costs 0-5% at 32K-512K. Below
-    32K tokens it cost 5-17% on random inputs in the backward's tune lines (FlashMoBA 8K 2.08 vs
-    1.93 ms, 4 x 8K block 512 1.11 vs 0.95), where a sink cost FlashMoBA 8K nothing (2.14 ms
-    uncut; cut 2.36) and d=64 block 128 8K 1.78 vs 0.94-1.09 ms cut: those short calls stay uncut
-    (``bwd.max_rows=4096`` is the override for a sink there). With the default on (session 19 call
-    4, ``..._session19_max_rows_default.log``) 4 x 8K block 512 (6 heads, no GQA: at most 32K rows
-    a block) lost 1.03/1.07 vs 0.94 ms and gained nothing under a sink (1.00 vs 0.89), so a shape
-    whose blocks hold at most 32K rows stays uncut too."""
+    <= 32768``); else 8192 below 128K tokens, 16384 from there (and when unknown).
+
+    Why (one H200, ``moba_tune_h200_2026-12-04_session19_max_rows*.log``, uncut first / last): an
+    attention sink (every query of a document selecting its block 0; ``bench_moba.py --sink 8``)
+    made one dK/dV program walk ``G x T`` rows while the grid idled. Uncut against cut at 16384
+    rows, with random inputs' uncut time in brackets: FlashMoBA 128K 193.8/193.7 vs 32.7 ms (32.1),
+    512K 771.8 vs 131.3, d=64 block 128 128K 94.5 vs 8.3 (8.3), block 1024 128K 110.9 vs 56.0
+    (55.8), block 512 32K 6.64 vs 2.40 (2.35) at d=64 and 30.4 vs 8.37 (7.99) at d=128. 32768 rows
+    lost at FlashMoBA 128K (53.1 ms) and 16384 at its 32K (13.2 against 8.0 at 8192, 25.4 uncut). On
+    random inputs the default cost 0-7% at 32K-128K against no cut (512K not timed without a sink).
+    Below 32K tokens the cut cost 5-17% on random inputs in the tune lines (FlashMoBA 8K 2.08 vs
+    1.93 ms), where a sink cost FlashMoBA 8K little (2.14 ms uncut, 2.36 cut) though d=64 block 128
+    8K doubled (1.78 vs 0.94-1.09 ms cut): short calls stay uncut (``bwd.max_rows=4096`` is the
+    override for a sink there). 4 x 8K block 512 (6 heads, no GQA: at most 32K rows a block) lost
+    1.03/1.07 vs 0.94 ms cut and gained nothing under a sink (1.00 vs 0.89;
+    ``..._session19_max_rows_default.log``), so such shapes stay uncut too."""
     if 0 < n_tokens < 32 * 1024 or 0 < group * n_tokens <= 32 * 1024:
         return 0
     return 16384 if n_tokens == 0 or n_tokens >= 128 * 1024 else 8192
