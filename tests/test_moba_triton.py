@@ -515,7 +515,7 @@ def test_max_rows_plan_covers_every_row_and_caps_the_scratch():
     g_sz = hq // hkv
     for slots_bytes, want_slots in ((1 << 20, None), (2 * 50 * b * d * 4, 50)):
         cfg = BwdConfig(bnb=16, bm=16, max_rows=10, max_rows_bytes=slots_bytes)
-        cut = _BlockCuts(cfg, b, d, hkv * blocks.n, DEV)
+        cut = _BlockCuts(cfg, b, d, hkv * blocks.n, t * hq * 2, DEV)
         if want_slots:
             assert cut.slots == want_slots
         n_prog, (tile_pj, tile_c0, tend, _, _) = cut.plan(gi, 0, hkv, 0, hq, blocks.n, g_sz)

@@ -661,8 +661,8 @@ def sparse_attn_bwd(
     dk_out, dv_out = dk, dv
     if split and kv_grad_dtype != torch.float32:
         dk, dv = (torch.empty(tk, hkv, d, dtype=torch.float32, device=dev) for _ in range(2))
-    cut = _BlockCuts(cfg, nsub * bnb, d, max(nkv for _, nkv, _, _, _ in chunks) * blocks.n, dev) \
-        if cfg.max_rows else None
+    cut = _BlockCuts(cfg, nsub * bnb, d, max(nkv for _, nkv, _, _, _ in chunks) * blocks.n,
+                     tq * width * max(hc for *_, hc, _ in chunks), dev) if cfg.max_rows else None
     for hk0, nkv, h0, hc, acc_kv in chunks:
         n_rows = tq * width * hc  # static bound on the chunk's gathered rows
         if cfg.dq_rows:
@@ -740,12 +740,14 @@ class _BlockCuts:
     ``max_rows`` rows. Per launch, :meth:`plan` lists the programs (a (KV head, block) with ``n``
     rows of the launch's query heads gets ``ceil(n / max_rows)`` of them, while the extra ones fit
     the scratch) and :meth:`store` writes the cut blocks' fp32 sums. The scratch (``2 x slots x
-    block x D`` fp32, ``slots`` from ``max_rows_bytes``) is zeroed once per call; the sum kernel
-    zeroes what it read. Device-side throughout: no host sync."""
+    block x D`` fp32; ``slots`` within ``max_rows_bytes`` and at most a launch's rows / ``max_rows``,
+    as many extra programs as a launch can have) is zeroed once per call; the sum kernel zeroes
+    what it read. Device-side throughout: no host sync."""
 
-    def __init__(self, cfg: BwdConfig, block_keys: int, d: int, max_prog: int, dev):
+    def __init__(self, cfg: BwdConfig, block_keys: int, d: int, max_prog: int, max_rows_launch: int, dev):
         self.rows = cfg.max_rows
-        self.slots = max(1, cfg.max_rows_bytes // (2 * block_keys * d * 4))
+        # a launch's extra programs number at most its rows / max_rows (sum of ceil(n / m) - 1 <= sum n / m)
+        self.slots = max(1, min(cfg.max_rows_bytes // (2 * block_keys * d * 4), max_rows_launch // cfg.max_rows))
         self.scratch = torch.zeros(2, self.slots, block_keys, d, dtype=torch.float32, device=dev)
         self.slot_pj = torch.empty(self.slots, dtype=torch.int32, device=dev)
         self.tend = torch.empty(max_prog, dtype=torch.int32, device=dev)
