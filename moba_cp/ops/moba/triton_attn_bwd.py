@@ -17,6 +17,10 @@ Kernels, both over the same gather index as the forward:
   sub-tile (found by a binary search on sorted positions) run in a second loop without the
   causal mask. ``GATHERED``: the rows are read from a copy in bucket order
   (``_gather_rows_kernel``, one chunk of KV heads at a time) instead of through the index.
+  With ``max_rows`` (``_BlockCuts``) a block with more rows than that over its KV head's query
+  heads (an attention sink's block 0 holds every row of its document) is cut into programs of
+  ``max_rows`` rows that add their dK/dV into an fp32 scratch slot, stored afterwards by
+  ``_dkdv_split_sum_kernel``; the plan is built on the device (``_kv_tiles_count_kernel``).
 * ``_dq_kernel`` (large blocks): one program per forward tile (``BM`` entries of one bucket),
   looping over the block's key sub-tiles and adding one dQ row per entry atomically, so a
   4096-key block costs one atomic row per entry instead of 4096/BNB.
