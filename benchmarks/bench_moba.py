@@ -157,10 +157,19 @@ def _empty_cache():
 
 
 #: ``--sink A``: every query and the keys of each document's first block get ``A`` times one
-#: shared unit vector, so every query's gate picks that block, as with the attention sinks of
-#: trained models. Random inputs spread the selection over the blocks; a sink puts every row of a
-#: document into block 0's bucket, the backward's longest (KV head, block) program.
+#: shared unit vector, so every query's gate picks that block, as an attention sink of a trained
+#: model would (not measured on trained MoBA models here). Random inputs spread the selection over
+#: the blocks; a sink puts every row of a document into block 0's bucket, which the backward cuts
+#: into programs of at most ``bwd.max_rows`` rows.
 SINK = 0.0
+
+
+def inputs_note() -> str:
+    """The table footer's sentence on what the inputs were, so a table run with ``--sink`` says so."""
+    if not SINK:
+        return "Inputs: random (the selection spread over the blocks)."
+    return (f"Inputs: random plus an attention sink ({SINK:g} x a shared unit vector on every query and on "
+            f"each document's first block of keys: every query selects its block 0).")
 
 
 def make_inputs(b, s, hq, hkv, d, device=DEV, dtype=DT, block=0):
@@ -534,7 +543,7 @@ def main():
     ap.add_argument("--fla-max-seq", type=int, default=1 << 21, help="no FLA peer above this S")
     ap.add_argument("--sink", type=float, default=0.0,
                     help="give every query and each document's first block of keys this multiple of one shared "
-                         "unit vector, so every query selects block 0 (an attention sink, as in trained models; 8 makes "
+                         "unit vector, so every query selects block 0 (an attention sink, as trained models may have; 8 makes "
                          "it certain at d=64-128)")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU smoke: tiny shape, Triton interpreter, every column's code path (times meaningless)")
@@ -674,12 +683,12 @@ def main():
             if args.out:  # rows so far, so a run cut off by a time limit keeps what it measured
                 with open(args.out, "w") as fh:
                     fh.write("\n".join(lines) + "\n\n(incomplete: the run has not finished)\n")
-            raw.append({"suite": name, "S": s, "moba": m, "sdpa": sd, "flex": fx, "fla": fl,
+            raw.append({"suite": name, "S": s, "sink": SINK, "moba": m, "sdpa": sd, "flex": fx, "fla": fl,
                         "gate_flop": gate_f, "attn_flop": attn_f,
                         "causal_flop": causal, "wall_s": time.time() - t0})
     foot = (
         f"\nDevice: {dev}; torch {torch.__version__}; date {datetime.date.today()}; {str(DT).split('.')[-1]}; "
-        f"command: `{' '.join(sys.argv)}`. TFLOP/s count MoBA's required work (gate + selected "
+        f"command: `{' '.join(sys.argv)}`. {inputs_note()} TFLOP/s count MoBA's required work (gate + selected "
         f"keys, backward = 2.5 x attention forward). At S >= 512K: SDPA one call each, no warm-up; "
         f"MoBA fwd+bwd one call after one warm-up call at the same size, and peak memory is that call's. "
         f"Peers: {','.join(want) or 'none'}. flex = torch.compile(flex_attention) with a MoBA mask_mod on "

@@ -142,7 +142,7 @@ class BwdConfig:
     kernel. Blocks of at most ``max_rows`` rows run and store as before. ``max_rows_bytes`` bounds the
     scratch (``8 x block x D`` bytes per extra program, zeroed once per call): blocks whose extra
     programs would pass it keep one program (correct, only slower). For selections concentrated on
-    a few blocks: the attention sinks of trained models put every row of a document into block 0,
+    a few blocks: an attention sink (as trained models may form) puts every row of a document into block 0,
     whose single program would walk ``G x T`` rows while the rest of the grid idles.
     ``keep_index`` (the single-device op, not the CP slot form): the forward's gather index is
     saved for the backward (True), or only the selection, in the smallest integer type that holds
