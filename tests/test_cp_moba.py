@@ -206,6 +206,9 @@ KERNEL = "gate.split_edges=true,gate.bm=16,gate.bn=16,bwd.bnb=16,bwd.bm=16,bwd.g
 # Each block's dQ of a row stored in its own slot (the default at blocks of 65-128 keys), here on
 # blocks of one 16-key sub-tile, summed into the fp32 dq the CP backward accumulates over its steps.
 SLOTS = "bwd.bnb=16,bwd.bm=16,bwd.dq_slots=true"
+# dK/dV programs cut at 8 rows (bwd.max_rows), so every block chosen by more rows is summed from
+# several programs in the fp32 scratch, in each source's partial backward
+CUT = ",bwd.max_rows=8"
 
 
 def _triton_worker(rank, ws):
@@ -216,7 +219,9 @@ def _triton_worker(rank, ws):
     ref = _reference(q.double(), k.double(), v.double(), do.double(), block, topk)
     out = {}
     for name, kw in {"default": {}, "kernel ring": {"kernel": KERNEL}, "kernel a2a": {"kernel": KERNEL, "comm": "a2a"},
-                     "dq slots ring": {"kernel": SLOTS}, "dq slots a2a": {"kernel": SLOTS, "comm": "a2a"}}.items():
+                     "dq slots ring": {"kernel": SLOTS}, "dq slots a2a": {"kernel": SLOTS, "comm": "a2a"},
+                     "dq slots cut ring": {"kernel": SLOTS + CUT}, "kernel cut a2a": {"kernel": KERNEL + CUT, "comm": "a2a"},
+                     }.items():
         got = _run_cp(rank, ws, moba_attn_cp, q, k, v, do, 0, block_size=block, topk=topk, backend="triton", **kw)
         out[name] = _errors(rank, ws, got, ref, 0)
     try:  # refused on every rank before any exchange: the naive backend has no tiling
