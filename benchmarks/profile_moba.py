@@ -9,6 +9,9 @@ then ``torch.profiler`` over a few fwd+bwd calls: the kernels by total CUDA time
 kernel time per call against the call's wall time (the difference is GPU idle: launch gaps
 and host syncs), and the count of sync-like runtime calls per call.
 ``--host`` adds a cProfile of the host side (which Python functions the enqueue time is spent in).
+``--ncu`` runs, after the warm-up, exactly one fwd+bwd between ``cudaProfilerStart`` and
+``cudaProfilerStop`` and nothing else: the range that ``scripts/gpu/ncu_kernels.sh`` profiles with
+Nsight Compute (``--profile-from-start off``) for hardware counters per kernel.
 Tile configurations are swept by ``bench_moba.py --tune``.
 """
 
@@ -118,11 +121,24 @@ def main():
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--label", default="")
     ap.add_argument("--host", action="store_true", help="also cProfile the host side of fwd+bwd")
+    ap.add_argument("--ncu", action="store_true",
+                    help="warm up, then one fwd+bwd inside cudaProfilerStart/Stop (for ncu --profile-from-start off)")
     args = ap.parse_args()
     for item in args.at.split(","):
         name, s = item.split(":")
         x = make(name, int(s))
         fwd, fwd_bwd = calls(x)
+        if args.ncu:
+            fwd_bwd()  # compiles every kernel outside the profiled range
+            torch.cuda.synchronize()
+            torch.cuda.profiler.start()
+            fwd_bwd()
+            torch.cuda.synchronize()
+            torch.cuda.profiler.stop()
+            print(f"{args.label} {name} S={s}: one fwd+bwd profiled", flush=True)
+            del x
+            torch.cuda.empty_cache()
+            continue
         f = timed(fwd, 3, 30)[0]
         fb = timed(fwd_bwd, 3, 30)[0]
         print(f"{args.label} {name} S={s}: fwd {f:.3f} ms (enqueue {enqueue_ms(fwd):.3f} ms), "

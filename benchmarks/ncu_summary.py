@@ -1,0 +1,91 @@
+"""One line per kernel from an Nsight Compute raw CSV (``ncu --import R --page raw --csv``).
+
+Usage: python benchmarks/ncu_summary.py ncu_flashmoba_32768_raw.csv [--stalls 4]
+
+Per profiled kernel: its time, SM and memory throughput (% of peak), DRAM throughput, the
+tensor pipes' activity where the report has it, achieved occupancy against the theoretical one,
+registers per thread, shared memory per block, and the warp-stall reasons with the most cycles
+per issued instruction (the ``WarpStateStats`` section). Columns the report lacks print as '-'.
+Written for ``scripts/gpu/ncu_kernels.sh``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import sys
+
+STALL = re.compile(r"^smsp__average_warps?_issue_stalled_(.+)_per_issue_active\.ratio$")
+COLUMNS = (  # (label, metric, scale)
+    ("ms", "gpu__time_duration.sum", None),
+    ("SM%", "sm__throughput.avg.pct_of_peak_sustained_elapsed", 1),
+    ("mem%", "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed", 1),
+    ("dram%", "dram__throughput.avg.pct_of_peak_sustained_elapsed", 1),
+    ("occ%", "sm__warps_active.avg.pct_of_peak_sustained_active", 1),
+    ("occ_th%", "sm__maximum_warps_per_active_cycle_pct", 1),
+    ("regs", "launch__registers_per_thread", 1),
+    ("smemKB", "launch__shared_mem_per_block", 1 / 1024),
+)
+
+
+def _num(s: str) -> float | None:
+    try:
+        return float(s.replace(",", ""))
+    except (AttributeError, ValueError):
+        return None
+
+
+def read(path: str) -> tuple[list[str], list[str], list[list[str]]]:
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r]
+    if len(rows) < 3:
+        raise SystemExit(f"{path}: no kernel rows (an empty or failed ncu report?)")
+    return rows[0], rows[1], rows[2:]
+
+
+def summarize(path: str, n_stalls: int = 4) -> list[str]:
+    head, units, rows = read(path)
+    col = {name: i for i, name in enumerate(head)}
+    tensor = [n for n in head if "tensor" in n and "pct" in n]
+    stalls = [(m.group(1), i) for i, n in enumerate(head) if (m := STALL.match(n))]
+    out = []
+    for r in rows:
+        name = r[col["Kernel Name"]] if "Kernel Name" in col else r[0]
+        parts = [f"{name[:28]:28s}"]
+        for label, metric, scale in COLUMNS:
+            i = col.get(metric)
+            v = _num(r[i]) if i is not None else None
+            if v is not None and scale is None:  # time: to ms from the report's unit
+                unit = units[i].strip().lower()
+                v = v / {"ns": 1e6, "nsecond": 1e6, "us": 1e3, "usecond": 1e3, "ms": 1.0, "msecond": 1.0}.get(unit, 1e6)
+                parts.append(f"{label} {v:8.3f}")
+            elif v is not None:
+                parts.append(f"{label} {v * scale:6.1f}")
+            else:
+                parts.append(f"{label} -")
+        for n in tensor:
+            v = _num(r[col[n]])
+            short = n.replace("sm__", "").replace(".avg.pct_of_peak_sustained_active", "").replace(
+                ".avg.pct_of_peak_sustained_elapsed", "")
+            parts.append(f"{short} {v:.1f}%" if v is not None else f"{short} -")
+        st = sorted(((v, s) for s, i in stalls if (v := _num(r[i])) is not None), reverse=True)[:n_stalls]
+        if st:
+            parts.append("stalls/issue: " + ", ".join(f"{s} {v:.2f}" for v, s in st))
+        out.append(" | ".join(parts))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("csv", nargs="+")
+    ap.add_argument("--stalls", type=int, default=4, help="stall reasons to print per kernel")
+    args = ap.parse_args(argv)
+    for p in args.csv:
+        print(f"# {p}")
+        for line in summarize(p, args.stalls):
+            print(line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
