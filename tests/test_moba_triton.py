@@ -153,7 +153,7 @@ def test_gate_presplit_selects_bit_for_bit_as_the_in_kernel_split(dtype):
     _assert_same_selection(on, idx_n, q.float(), k.float(), b, cu, rtol=1e-4, max_frac=0.01)
 
 
-@pytest.mark.parametrize("loop,slots", [("keys", 16), ("keys", 8), ("counted", 8)])
+@pytest.mark.parametrize("loop,slots", [("keys", 16), ("keys", 8), ("counted", 8), ("below", 8)])
 @pytest.mark.parametrize("case", [(600, 2, 1, 16, 16, 5, [37, 563]), (97, 2, 1, 16, 16, 100, None),
                                   (130, 3, 3, 16, 32, 1, [1, 129])], ids=lambda c: f"T{c[0]}-k{c[5]}")
 def test_gate_loops_at_half_precision_select_as_naive(case, loop, slots):
@@ -170,8 +170,29 @@ def test_gate_loops_at_half_precision_select_as_naive(case, loop, slots):
     _assert_same_selection(idx_t, idx_n, q.float(), k.float(), b, cu, rtol=1e-4, max_frac=0.01)
 
 
+@pytest.mark.parametrize("case", [(600, 2, 1, 16, 16, 5, [37, 563]), (97, 2, 1, 16, 16, 100, None),
+                                  (130, 3, 3, 16, 32, 2, [1, 129]), (900, 2, 1, 16, 16, 9, [500, 5, 395])],
+                         ids=lambda c: f"T{c[0]}-k{c[5]}")
+def test_gate_below_loop_selects_bit_for_bit_as_the_keys_loop(case):
+    """``below`` takes each row's keys in the order ``keys`` does (the largest below the last
+    one taken, by an unsigned min instead of a max and a rewrite of the tile), so the selection
+    is identical: rows with fewer candidates than the tile's step count (top-k above the blocks:
+    the sequence runs past the empty key and wraps), several unmasked middle tiles, documents."""
+    t, hq, hkv, d, b, topk, docs = case
+    q, k, _ = _inputs(t, hq, hkv, d, torch.float32, seed=t + topk + 3)
+    q, k = q.half(), k.half()
+    cu = None if docs is None else _cu(docs)
+    # 64 rows over 16-key blocks: a program's rows differ in their candidates by up to 3 blocks,
+    # so the rows with fewer run past their empty key while the busiest row still takes
+    cfg = choose_config(b, d, hq // hkv, t).replace(gate=GateConfig(bm=64, bn=16, loop="keys"))
+    keys = tb.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu, config=cfg)
+    below = tb.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu, config=cfg.replace(gate={"loop": "below"}))
+    assert torch.equal(below, keys)
+    assert (keys >= 0).sum() > t * hq  # real selections, not two empty results
+
+
 def test_gate_config_refuses_unknown_loops_bad_slots_and_prefilter_outside_the_while_loop():
-    with pytest.raises(ValueError, match=r"GateConfig.loop='heap'; choose one of \('while', 'counted', 'keys'\)"):
+    with pytest.raises(ValueError, match=r"GateConfig.loop='heap'; choose one of \('while', 'counted', 'keys', 'below'\)"):
         GateConfig(loop="heap")
     with pytest.raises(ValueError, match=r"GateConfig.slots=12 must be a power of two"):
         GateConfig(slots=12)
@@ -1123,7 +1144,8 @@ def test_gpu_bf16_max_rows_with_a_sink(d, b, bwd):
                                   {"split_edges": True, "prefilter": False, "loop": "while", "slots": 16},
                                   {"split_edges": False, "prefilter": True, "loop": "while"},
                                   {"presplit": True}, {"loop": "counted"}, {"loop": "keys", "slots": 16},
-                                  {"loop": "keys", "slots": 8, "num_warps": 8}, {"loop": "counted", "slots": 16}])
+                                  {"loop": "keys", "slots": 8, "num_warps": 8}, {"loop": "counted", "slots": 16},
+                                  {"loop": "below"}, {"loop": "below", "num_warps": 8}])
 @pytest.mark.parametrize("d,b,topk", [(128, 128, 8), (64, 512, 3)])
 def test_gpu_bf16_gate_variants(d, b, topk, gate):
     """The gate's loop options at bf16 (hi/lo centroid products) on the GPU, two documents."""

@@ -24,7 +24,7 @@ __all__ = ["FwdConfig", "BwdConfig", "GateConfig", "KernelConfig", "choose_confi
            "parse_overrides", "apply_overrides", "compact_selection_dtype", "GATE_LOOPS"]
 
 FWD_METHODS = ("partials", "two_pass", "one_pass")
-GATE_LOOPS = ("while", "counted", "keys")
+GATE_LOOPS = ("while", "counted", "keys", "below")
 
 
 @dataclass(frozen=True)
@@ -246,7 +246,9 @@ class GateConfig:
     step count fixed once per tile, a row's best and its column in one reduction: the same
     selection); ``keys`` (``counted`` on int32 keys that carry the score's order bits and the
     column, so a step is one plain max; scores within ~2^-17 relative may order either way, the
-    grade of the half-input gate's hi + lo scores; fp32 inputs run ``counted``). At FlashMoBA
+    grade of the half-input gate's hi + lo scores; fp32 inputs run ``counted``); ``below`` (the
+    ``keys`` selection bit for bit, each step taking the largest key below the last by an
+    unsigned min, with no rewrite of the tile: fewer ALU instructions, where ``keys`` is ALU-bound). At FlashMoBA
     512K the ``while`` loop's products and masks alone took 36.6-37.1 of its 114.7-115.0 ms: the
     loop was the rest (``moba_tune_h200_2026-12-04_session16_gate_pieces.log`` and ``_gate.log``). ``slots``: register columns of the running top-k (at least the next power
     of two above top-k). Measured on one H200, the old default (``while``, 16 slots) first and

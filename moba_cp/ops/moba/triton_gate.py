@@ -65,7 +65,12 @@ def _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end
     the slot to replace with the new k-th best in another. 2 ``keys``: as ``counted`` on int32
     keys, the score's order-preserving bits with the low ``log2(BN)`` bits replaced by the
     column, so a step is one plain max and one compare-select over the tile (``topv`` holds keys,
-    ``INT_MIN`` = empty)."""
+    ``INT_MIN`` = empty). 3 ``below``: the same keys taken in the same order, each step's as the
+    largest key below the last one taken (one subtraction and one unsigned min per element; the
+    tile is never rewritten). Nsight Compute showed the ``keys`` gate ALU-bound (ALU pipe 71% at
+    FlashMoBA 32K, 88% at 128K block 1024); in its SASS a step was ~148 instructions per thread
+    for 32 keys (a compare and a select per key), ``below``'s ~121 with the subtractions as IMADs
+    on the FMA pipe (``results/ncu_h200_2026-12-04_session20*``)."""
     d = tl.arange(0, D)
     gg = g0 + ncol
     c_ptr = gg.to(tl.int64)[:, None] * stride_cg + hk * stride_ch + d[None, :]
@@ -83,24 +88,47 @@ def _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end
         s = tl.dot(q, tl.trans(c), input_precision=PREC)
     if MASK:
         ok = (gg[None, :] >= base[:, None]) & (gg[None, :] < g_end_row[:, None]) & rmask[:, None]
-    if LOOP == 2 and FOLD:
+    if LOOP >= 2 and FOLD:
         # Order-preserving int32 of the fp32 score (negative floats: flip the magnitude bits),
         # its low bits replaced by (BN - 1 - column): one max finds a row's best and its column,
         # the lowest column on a tie. Scores closer than 2^-(23 - log2 BN) relative may order
         # either way (the half-input gate's scores are ~2^-17-grade to begin with).
         b = s.to(tl.int32, bitcast=True)
-        key = tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
+        if LOOP == 3:
+            key = b ^ ((b >> 31) & 0x7FFFFFFF)  # the same flip without a compare and a select
+        else:
+            key = tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
         key = (key & (-BN)) | (BN - 1 - ncol)[None, :]
         if MASK:
             key = tl.where(ok, key, _KEY_EMPTY)
         cnt = tl.sum((key > thr[:, None]).to(tl.int32), axis=1)
-        for _ in range(tl.max(tl.minimum(cnt, K), axis=0)):
-            kmax = tl.max(key, axis=1)
-            hit = (kcol[None, :] == pmin[:, None]) & (kmax > thr)[:, None]
-            topv = tl.where(hit, kmax[:, None], topv)
-            topi = tl.where(hit, (g0 + BN - 1 - (kmax & (BN - 1)))[:, None], topi)
-            thr, pmin = tl.min(topv, axis=1, return_indices=True)
-            key = tl.where(key == kmax[:, None], _KEY_EMPTY, key)
+        if LOOP == 3:
+            # ``below``: step j takes each row's largest key below step j-1's (keys are unique
+            # in a row), found as prev - 1 - min(prev - 1 - key) in uint32: for key < prev the
+            # difference is exact, for key >= prev it wraps above every exact one (keys span
+            # less than 2^32 - 2). One subtraction and one unsigned min per element, and the
+            # tile's keys are never rewritten. A row's sequence ends at _KEY_EMPTY; a step after
+            # that wraps to a key >= prev, which `below` rejects. The start, INT_MAX, is above
+            # every key but a NaN score's.
+            ku = key.to(tl.uint32, bitcast=True)
+            prev = thr * 0 + 2147483647
+            for _ in range(tl.max(tl.minimum(cnt, K), axis=0)):
+                mu = (prev - 1).to(tl.uint32, bitcast=True)
+                kmax = (mu - tl.min(mu[:, None] - ku, axis=1)).to(tl.int32, bitcast=True)
+                below = kmax < prev
+                prev = tl.where(below, kmax, prev)
+                hit = (kcol[None, :] == pmin[:, None]) & (below & (kmax > thr))[:, None]
+                topv = tl.where(hit, kmax[:, None], topv)
+                topi = tl.where(hit, (g0 + BN - 1 - (kmax & (BN - 1)))[:, None], topi)
+                thr, pmin = tl.min(topv, axis=1, return_indices=True)
+        else:
+            for _ in range(tl.max(tl.minimum(cnt, K), axis=0)):
+                kmax = tl.max(key, axis=1)
+                hit = (kcol[None, :] == pmin[:, None]) & (kmax > thr)[:, None]
+                topv = tl.where(hit, kmax[:, None], topv)
+                topi = tl.where(hit, (g0 + BN - 1 - (kmax & (BN - 1)))[:, None], topi)
+                thr, pmin = tl.min(topv, axis=1, return_indices=True)
+                key = tl.where(key == kmax[:, None], _KEY_EMPTY, key)
     else:
         if MASK:
             s = tl.where(ok, s, float("-inf"))
@@ -176,7 +204,7 @@ def _gate_topk_kernel(
     ncol = tl.arange(0, BN)
     # Slots [0, K) hold the running top-k (-inf = empty); slots >= K are +inf so the
     # "replace the row minimum" step never picks them.
-    if LOOP == 2 and FOLD:
+    if LOOP >= 2 and FOLD:
         topv = tl.where(kcol[None, :] < K, _KEY_EMPTY, 2147483647) + tl.zeros([BM, KP], dtype=tl.int32)
     else:
         topv = tl.where(kcol[None, :] < K, float("-inf"), float("inf")) + tl.zeros([BM, KP], dtype=tl.float32)
@@ -209,7 +237,7 @@ def _gate_topk_kernel(
     # Assemble: past blocks as document-local ids, the own block in slot K, the rest "big";
     # an ascending sort then gives the contract's order with padding last.
     BIG: tl.constexpr = 1073741824
-    if LOOP == 2 and FOLD:
+    if LOOP >= 2 and FOLD:
         filled = topv > _KEY_EMPTY
     else:
         filled = topv > float("-inf")
@@ -267,7 +295,7 @@ def gate_topk(
     presplit = split and cfg.presplit
     # Keys order scores to ~2^-17 relative, the grade of the half-input gate's hi + lo scores;
     # fp32 inputs are scored in IEEE fp32, so they keep the exact counted loop.
-    loop = "counted" if cfg.loop == "keys" and not split else cfg.loop
+    loop = "counted" if cfg.loop in ("keys", "below") and not split else cfg.loop
     c_hi = c_lo = cent
     if presplit:
         # The same hi + lo parts the kernel would make (round to nearest even both ways), once.
