@@ -3,9 +3,10 @@
 Usage: python benchmarks/ncu_summary.py ncu_flashmoba_32768_raw.csv [--stalls 4]
 
 Per profiled kernel: its time, SM and memory throughput (% of peak), DRAM throughput, the
-tensor pipes' activity where the report has it, achieved occupancy against the theoretical one,
-registers per thread, shared memory per block, and the warp-stall reasons with the most cycles
-per issued instruction (the ``WarpStateStats`` section). Columns the report lacks print as '-'.
+tensor, ALU, FMA and load/store pipes' activity (% of peak while the SM is active), achieved
+occupancy against the theoretical one, registers per thread, shared memory per block, cycles
+per issued instruction, and the warp-stall reasons with the most cycles per issued instruction
+(the ``WarpStateStats`` section). Columns the report lacks print as '-'.
 Written for ``scripts/gpu/ncu_kernels.sh``.
 """
 
@@ -22,10 +23,15 @@ COLUMNS = (  # (label, metric, scale)
     ("SM%", "sm__throughput.avg.pct_of_peak_sustained_elapsed", 1),
     ("mem%", "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed", 1),
     ("dram%", "dram__throughput.avg.pct_of_peak_sustained_elapsed", 1),
+    ("tensor%", "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active", 1),
+    ("alu%", "sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active", 1),
+    ("fma%", "sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active", 1),
+    ("lsu%", "sm__inst_executed_pipe_lsu.avg.pct_of_peak_sustained_active", 1),
     ("occ%", "sm__warps_active.avg.pct_of_peak_sustained_active", 1),
     ("occ_th%", "sm__maximum_warps_per_active_cycle_pct", 1),
     ("regs", "launch__registers_per_thread", 1),
-    ("smemKB", "launch__shared_mem_per_block", 1 / 1024),
+    ("smemKB", "launch__shared_mem_per_block_dynamic", 1 / 1024),
+    ("cyc/issue", "smsp__average_warp_latency_per_inst_issued.ratio", 1),
 )
 
 
@@ -47,7 +53,6 @@ def read(path: str) -> tuple[list[str], list[str], list[list[str]]]:
 def summarize(path: str, n_stalls: int = 4) -> list[str]:
     head, units, rows = read(path)
     col = {name: i for i, name in enumerate(head)}
-    tensor = [n for n in head if "tensor" in n and "pct" in n]
     stalls = [(m.group(1), i) for i, n in enumerate(head) if (m := STALL.match(n))]
     out = []
     for r in rows:
@@ -64,11 +69,6 @@ def summarize(path: str, n_stalls: int = 4) -> list[str]:
                 parts.append(f"{label} {v * scale:6.1f}")
             else:
                 parts.append(f"{label} -")
-        for n in tensor:
-            v = _num(r[col[n]])
-            short = n.replace("sm__", "").replace(".avg.pct_of_peak_sustained_active", "").replace(
-                ".avg.pct_of_peak_sustained_elapsed", "")
-            parts.append(f"{short} {v:.1f}%" if v is not None else f"{short} -")
         st = sorted(((v, s) for s, i in stalls if (v := _num(r[i])) is not None), reverse=True)[:n_stalls]
         if st:
             parts.append("stalls/issue: " + ", ".join(f"{s} {v:.2f}" for v, s in st))
