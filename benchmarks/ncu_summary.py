@@ -66,6 +66,9 @@ def summarize(path: str, n_stalls: int = 4) -> list[str]:
                 v = v / {"ns": 1e6, "nsecond": 1e6, "us": 1e3, "usecond": 1e3, "ms": 1.0, "msecond": 1.0}.get(unit, 1e6)
                 parts.append(f"{label} {v:8.3f}")
             elif v is not None:
+                if label == "smemKB":  # the report's unit: byte, Kbyte or Mbyte (per block)
+                    unit = units[i].strip().lower()
+                    scale = 1.0 if unit.startswith("kbyte") else 1024.0 if unit.startswith("mbyte") else 1 / 1024
                 parts.append(f"{label} {v * scale:6.1f}")
             else:
                 parts.append(f"{label} -")
