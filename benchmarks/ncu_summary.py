@@ -2,7 +2,8 @@
 
 Usage: python benchmarks/ncu_summary.py ncu_flashmoba_32768_raw.csv [--stalls 4]
 
-Per profiled kernel: its time, SM and memory throughput (% of peak), DRAM throughput, the
+Per profiled kernel: its time, SM and memory throughput (% of peak), DRAM, L2 and L1/shared
+throughput, the
 tensor, ALU, FMA and load/store pipes' activity (% of peak while the SM is active), achieved
 occupancy against the theoretical one, registers per thread, shared memory per block, cycles
 per issued instruction, and the warp-stall reasons with the most cycles per issued instruction
@@ -22,7 +23,9 @@ COLUMNS = (  # (label, metric, scale)
     ("ms", "gpu__time_duration.sum", None),
     ("SM%", "sm__throughput.avg.pct_of_peak_sustained_elapsed", 1),
     ("mem%", "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed", 1),
-    ("dram%", "dram__throughput.avg.pct_of_peak_sustained_elapsed", 1),
+    ("dram%", "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed", 1),
+    ("l2%", "lts__throughput.avg.pct_of_peak_sustained_elapsed", 1),
+    ("l1%", "l1tex__throughput.avg.pct_of_peak_sustained_active", 1),
     ("tensor%", "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active", 1),
     ("alu%", "sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active", 1),
     ("fma%", "sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active", 1),

@@ -188,8 +188,9 @@ def test_default_tiling_follows_the_measured_rows():
     assert choose_config(512, 128, 4, 32768).fwd.method == "partials"
     gate = choose_config(128, 128, 1, 524288).gate
     assert gate.split_edges and not gate.prefilter
-    # the int32-key loop on 8 slots everywhere, on 8 warps with thousands of centroids (session 16)
-    assert gate.loop == "keys" and gate.slots == 8 and gate.num_warps == 8
+    # the int32-key loop (its 'below' steps since session 20) on 8 slots everywhere, on 8 warps
+    # with thousands of centroids (session 16)
+    assert gate.loop == "below" and gate.slots == 8 and gate.num_warps == 8
     assert choose_config(1024, 64, 4, 131072).gate.num_warps == 4
     # thousands of centroids per head: their hi + lo parts made once per call (session 15)
     assert gate.presplit and not choose_config(1024, 64, 4, 131072).gate.presplit

@@ -26,7 +26,7 @@ def test_summary_converts_units_orders_stalls_and_marks_missing_columns(tmp_path
     assert "ms    1.235" in dk and "SM%   55.2" in dk and "regs  255.0" in dk and "smemKB   64.0" in dk
     assert "tensor%   61.0" in dk
     assert dk.endswith("stalls/issue: barrier 3.25, long_scoreboard 1.50")  # the two largest, largest first
-    assert "mem% -" in dk and "dram% -" in dk  # not in this report
+    assert "mem% -" in dk and "dram% -" in dk and "l1% -" in dk  # not in this report
     assert "ms    0.200" in merge and "tensor% -" in merge
     assert merge.endswith("stalls/issue: long_scoreboard 0.25, wait 0.10")  # 'n/a' skipped
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks/ncu_summary.py"), str(p)], capture_output=True,

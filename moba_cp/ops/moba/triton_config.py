@@ -264,8 +264,15 @@ class GateConfig:
     keys, 8 slots, 8 warps      80.1                 2.43
     ==========================  ==================  =================
 
-    So ``keys`` with 8 slots is the default, with 8 warps at blocks <= 128 (thousands of
-    centroids per head)."""
+    So ``keys`` with 8 slots became the default, with 8 warps at blocks <= 128 (thousands of
+    centroids per head). Session 20: Nsight Compute showed that gate ALU-bound (the ALU pipe 73%
+    active at FlashMoBA 32K, 88% at 128K block 1024; ``results/ncu_h200_2026-12-04_session20.md``),
+    and ``below`` (the same selection, its step one subtraction and one unsigned min per key instead
+    of a max, a compare and a select) is the default since. Select (centroids + gate) on one H200,
+    ``keys`` first and last against ``below`` twice (``moba_tune_h200_2026-12-04_session20_gate.log``):
+    FlashMoBA 128K 7.52/7.43 vs 6.23/6.18 ms, 512K 80.16/80.04 vs 69.74/69.81 (4 warps 75.9), d=64
+    block 128 128K 3.27/3.23 vs 2.67/2.44, block 1024 128K 1.40/1.40 vs 1.08/1.18 (8 warps 2.13),
+    32K block 512 0.27/0.21 vs 0.26/0.22 (within the drift of a 0.2 ms call)."""
 
     bm: int = 0
     bn: int = 64
@@ -273,7 +280,7 @@ class GateConfig:
     split_edges: bool = True
     prefilter: bool = False
     presplit: bool = False
-    loop: str = "keys"
+    loop: str = "below"
     slots: int = 8
 
     def __post_init__(self):

@@ -14,9 +14,10 @@ value: each loop step moves every row's best remaining candidate into the slot h
 row minimum. The loop runs as many steps as the busiest row of the tile needs (``K`` steps on
 the first tile, usually 0-3 later). At FlashMoBA 512K the products and masks alone take ~37 of
 the first loop's ~115 ms (measured with ``diag="scores"``), so ``GateConfig.loop`` offers cheaper
-steps: ``keys`` (the default) packs each score's order bits and its column into one int32, so a
-step is one plain max and one compare-select over the tile, and the tile's step count is fixed
-once instead of asked with a block-wide reduction every step (80 ms on 8 warps).
+steps: ``keys`` packs each score's order bits and its column into one int32, so a step is one
+plain max and one compare-select over the tile, and the tile's step count is fixed once instead
+of asked with a block-wide reduction every step (80 ms on 8 warps); ``below`` (the default) takes
+the same keys in the same order with one subtraction and one unsigned min per key (70 ms).
 
 Precision: the contract computes scores in fp32. For half inputs the fp32 centroid is split
 into ``hi + lo`` half-precision parts and scored with two tensor-core products (q is exact in
