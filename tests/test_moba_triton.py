@@ -375,6 +375,28 @@ def test_unrolled_merge_sums_the_same_partials_in_the_same_order():
         FwdConfig(merge_rows=48)
 
 
+def test_register_cap_is_checked_and_reaches_only_a_gpu_launch():
+    """``fwd.maxnreg``: 32-255 or 0, refused otherwise with the rule; the interpreter (CPU) gets no
+    launch option for it (it has no registers), a CUDA launch gets ``maxnreg``; on CPU a capped
+    config computes what the uncapped one does."""
+    from moba_cp.ops.moba.triton_common import reg_cap
+
+    for bad in (16, 300, -8):
+        with pytest.raises(ValueError, match=rf"FwdConfig.maxnreg={bad}: a register cap per thread is 32-255"):
+            FwdConfig(maxnreg=bad)
+    assert reg_cap(168, torch.device("cuda")) == {"maxnreg": 168}
+    assert reg_cap(0, torch.device("cuda")) == {} and reg_cap(168, torch.device("cpu")) == {}
+    docs, b, hq, hkv, d = [70, 61], 16, 4, 2, 32
+    q, k, v = _inputs(sum(docs), hq, hkv, d, torch.float32, seed=23)
+    cu = _cu(docs)
+    idx = naive.select_blocks(q, k, block_size=b, topk=3, cu_seqlens=cu)
+    cfg = KernelConfig(FwdConfig(method="partials", **SMALL), BwdConfig(bnb=16, bm=16, fuse_dq=False, dq_bm=16, dq_bn=16))
+    free = tb.block_attn(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5, config=cfg)
+    cap = tb.block_attn(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
+                        config=cfg.replace(fwd={"maxnreg": 168}))
+    assert torch.equal(free[0], cap[0]) and torch.equal(free[1], cap[1])
+
+
 def test_dq_slots_half_precision_and_the_shape_rule():
     """``bwd.dq_slots`` at fp16 (slots rounded to q's dtype, summed in fp32): dq within the fp16
     naive op's error, dk/dv bit for bit the atomics path's (the option changes only dQ); into a
@@ -1096,6 +1118,27 @@ def test_gpu_bf16_partials_whole_block(d, b, bm, warps, half):
         fwd={"method": "partials", "bm": bm, "bn": 0, "chunk": 2 * bm, "num_warps": warps, "half_partials": half})
     check_bf16_fwd_bwd(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
                        fn=functools.partial(tb.block_attn, config=cfg))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,b,fwd", [(64, 1024, {"bm": 64}), (64, 128, {"bm": 64}), (64, 1024, {}), (128, 128, {})])
+def test_gpu_bf16_register_cap_changes_nothing_but_registers(d, b, fwd):
+    """``fwd.maxnreg`` caps the partials tile kernel's registers (more programs per SM, spills
+    where the tile needs more): the same products and reductions, so o within one bf16 rounding
+    and lse within fp32 roundings of the uncapped kernel's (the assembler may contract differently
+    under a cap); and the forward and backward stay within the bf16 bound."""
+    t_docs = [3000, 2 * b + 100]
+    cu = _cu(t_docs, "cuda")
+    q, k, v = _inputs(sum(t_docs), 16, 4, d, torch.bfloat16, seed=d + b + 5, device="cuda")
+    idx = naive.select_blocks(q, k, block_size=b, topk=8, cu_seqlens=cu)
+    cfg = choose_config(b, d, 4, sum(t_docs)).replace(fwd={"method": "partials", **fwd})
+    capped = cfg.replace(fwd={"maxnreg": 168})
+    free = tb.block_attn(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5, config=cfg)
+    cap = tb.block_attn(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5, config=capped)
+    torch.testing.assert_close(cap[0], free[0], rtol=2 ** -8, atol=0)
+    torch.testing.assert_close(cap[1], free[1], rtol=1e-6, atol=1e-6)
+    check_bf16_fwd_bwd(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
+                       fn=functools.partial(tb.block_attn, config=capped))
 
 
 @pytest.mark.gpu

@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moba_cp.ops.moba.triton_common import GatherIndex, KeyBlocks, _head_chunk_pid, _key_span, _ld, _load_kv, _tile_rows
+from moba_cp.ops.moba.triton_common import (GatherIndex, KeyBlocks, _head_chunk_pid, _key_span, _ld, _load_kv, _tile_rows,
+                                            reg_cap)
 from moba_cp.ops.moba.triton_config import FwdConfig
 
 __all__ = ["sparse_attn_fwd", "sparse_attn_fwd_onepass", "build_chunk_index"]
@@ -390,7 +391,7 @@ def _sparse_attn_fwd_partials(q, k, v, qpos, blocks: KeyBlocks, gi: GatherIndex,
                 blocks.klen, po, pl, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 hq, w, blocks.n, hq // hkv, h0, n, scale_log2, cfg.chunk,
                 BM=cfg.bm, BN=bn, D=d, PREC=prec, SINGLE=block_size <= bn, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages,
+                num_stages=cfg.num_stages, **reg_cap(cfg.maxnreg, q.device),
             )
         rows = tq * n
         if diag_pass == 1:

@@ -433,6 +433,12 @@ def build_gather_index(
     return gi
 
 
+def reg_cap(maxnreg: int, device: torch.device) -> dict:
+    """Launch options capping a kernel's registers per thread at ``maxnreg`` (PTX ``.maxnreg``;
+    0: none). The interpreter (CPU) has no registers, so it gets none either."""
+    return {"maxnreg": maxnreg} if maxnreg and torch.device(device).type == "cuda" else {}
+
+
 def check_triton_inputs(q: torch.Tensor, block_size: int, op: str) -> None:
     """Triton-specific limits, with errors that name the value, the rule and the fix."""
     d = q.shape[-1]

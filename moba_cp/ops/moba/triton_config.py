@@ -62,6 +62,11 @@ class FwdConfig:
         its index, 64 rows first and last): 32 rows 16.0 vs 19.9/19.9 ms at 128K, 63.9 vs 79.5/79.3
         at 512K; unrolled on 64 rows 46.1 and 184.6 ms (spills), on 32 rows 15.9 and 63.7; at d=64,
         block 1024, 128K, 32 rows unrolled 21.97 vs 22.72/22.72 (unrolled there: :func:`choose_config`).
+    maxnreg (``partials``' tile kernel): a cap on its registers per thread (0: the compiler's
+        choice, which is 250-255 at every shape, two programs of 4 warps per SM). Nsight Compute
+        found that kernel latency-bound at that occupancy (``wait`` stalls, tensor pipe 20-35%
+        active; ``results/ncu_h200_2026-12-04_session20.md``); 168 lets three programs share an
+        SM, for spills where the tile needs more.
     """
 
     method: str = "two_pass"
@@ -76,10 +81,14 @@ class FwdConfig:
     merge_rows: int = 32
     merge_warps: int = 4
     merge_unroll: bool = False
+    maxnreg: int = 0
 
     def __post_init__(self):
         if self.method not in FWD_METHODS:
             raise ValueError(f"FwdConfig.method={self.method!r}; choose one of {FWD_METHODS}")
+        if self.maxnreg and not 32 <= self.maxnreg <= 255:
+            raise ValueError(f"FwdConfig.maxnreg={self.maxnreg}: a register cap per thread is 32-255 (0: the "
+                             f"compiler's choice)")
         if self.chunk % self.bm:
             raise ValueError(f"FwdConfig.chunk={self.chunk} must be a multiple of bm={self.bm}")
         if self.merge_rows < 1 or self.merge_rows & (self.merge_rows - 1):
