@@ -66,7 +66,12 @@ class FwdConfig:
         choice, which is 250-255 at every shape, two programs of 4 warps per SM). Nsight Compute
         found that kernel latency-bound at that occupancy (``wait`` stalls, tensor pipe 20-35%
         active; ``results/ncu_h200_2026-12-04_session20.md``); 168 lets three programs share an
-        SM, for spills where the tile needs more.
+        SM, for spills where the tile needs more. Measured slower wherever it applies (one H200,
+        ``moba_tune_h200_2026-12-04_session20_fwd_cap.log``, default first / last): d=64 block 1024
+        128K 22.63 vs 21.77/22.16 ms (128-row tiles spill 78 registers; 64-row tiles capped 25.31),
+        block 128 128K 6.70 vs 5.53/5.56 (64-row capped 5.93), block 512 32K 1.92 vs 1.87/1.64,
+        4 x 8K 0.95 vs 0.90/0.88; at d=128 block 128 shared memory (K, V and the row stages:
+        107 KB) already holds an SM to two programs. So no shape sets it.
     """
 
     method: str = "two_pass"
