@@ -560,6 +560,13 @@ def _gathered_rows(q, do, lse, delta, qpos, gi: GatherIndex, hq: int, width: int
     return qg, dog, qg, dog, lse2g, dlg, qpg
 
 
+def descriptor_reductions_possible(device: torch.device) -> bool:
+    """Whether ``device`` can run TMA bulk reductions (``BwdConfig.tma_dq``): a CUDA GPU (the
+    config's default asks for Hopper; an older GPU fails at compile time). The interpreter cannot.
+    ``benchmarks/kernel_resources.py`` compiles such kernels without a GPU by answering True."""
+    return torch.device(device).type == "cuda"
+
+
 def sparse_attn_bwd(
     do: torch.Tensor,
     q: torch.Tensor,
@@ -648,7 +655,7 @@ def sparse_attn_bwd(
     bnb = cfg.key_tile(block_size, d)
     nsub = triton.cdiv(block_size, bnb)
     fuse_dq = cfg.fuses_dq(block_size, d)
-    if cfg.tma_dq and dev.type != "cuda":
+    if cfg.tma_dq and not descriptor_reductions_possible(dev):
         raise ValueError(f"sparse_attn_bwd: BwdConfig.tma_dq=True adds dQ tiles by TMA bulk reductions, which need a "
                          f"CUDA GPU (Hopper or newer); the tensors are on {dev} (the Triton interpreter has no "
                          f"descriptor reductions). Fix: tma_dq=False (dq_rows=True alone uses plain atomics).")
