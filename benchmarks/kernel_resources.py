@@ -31,14 +31,11 @@ import subprocess
 import sys
 import tempfile
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    raise SystemExit("kernel_resources.py compiles kernels: unset TRITON_INTERPRET (the interpreter compiles nothing)")
-
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime import driver as triton_driver  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver as triton_driver
+from triton.runtime.jit import JITFunction
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_moba import SUITES  # noqa: E402
@@ -134,6 +131,13 @@ def kernel_facts(suite: str, seq: int, *, kernel: str = "", tma: bool = True, ar
                  keep: str | None = None, backward: bool = True) -> tuple[object, list[dict]]:
     """Compile one forward(+backward) of MoBA at ``suite``'s shape with ``seq`` tokens per
     sequence; returns the tiling used and one dict per distinct compiled kernel."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("kernel_resources compiles kernels, and TRITON_INTERPRET=1 makes every kernel an "
+                           "interpreted function. Fix: run it with TRITON_INTERPRET unset")
+    for tool in ("ptxas", "cuobjdump"):
+        if not os.access(os.path.join(TOOLS, tool), os.X_OK):
+            raise RuntimeError(f"kernel_resources needs Triton's bundled {tool} in {TOOLS}, which is not there "
+                               f"(a Triton build without the NVIDIA backend's tools)")
     if suite not in SUITES:
         raise ValueError(f"suite {suite!r} is not one of {', '.join(SUITES)}")
     b, hq, hkv, d, block, topk, _ = SUITES[suite]
