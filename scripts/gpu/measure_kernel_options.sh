@@ -21,7 +21,8 @@
 #    TESTS_K narrows them, e.g. TESTS_K=gate_variants).
 # 3. The gate at FlashMoBA 512K (the gate target's shape) and train-b1024 128K: today's default
 #    first and last, the while loop on 16 slots (the default before session 16), the counted loop,
-#    the key loop on 4 and 8 warps; first the default's pieces: centroids, the gate kernel, and that
+#    the key loop with its max-and-erase steps (the default before session 20), the default's
+#    below-the-last steps on 4 and 8 warps; first the default's pieces: centroids, the gate kernel, and that
 #    kernel without its running top-k (products and masks only: the loop's time is the difference)
 #    -> $OUT/tune_gate.log (part gate).
 # 4.-11. Not in the default PARTS: `table` (bench_moba's table with cuDNN), `d128` (backward and
@@ -67,8 +68,8 @@ fi
 # (session 16 measured the loops that fold a tile into the running top-k against the while loop
 # on 16 slots, and made the key loop on 8 slots the default (8 warps at blocks <= 128); this list
 # is today's default against those it replaced)
-GATES='[{}, {"loop": "while", "slots": 16, "num_warps": 4}, {"loop": "counted", "num_warps": 4}, {"num_warps": 4},
- {"num_warps": 8}, {}]'
+GATES='[{}, {"loop": "while", "slots": 16, "num_warps": 4}, {"loop": "counted", "num_warps": 4}, {"loop": "keys"},
+ {"num_warps": 4}, {"num_warps": 8}, {}]'
 if has gate; then
   "$PY" benchmarks/bench_moba.py --tune flashmoba:524288,train-b1024:131072 --tune-parts gate \
     --tune-gate "$GATES" 2>&1 | tee "$OUT/tune_gate.log" || true
