@@ -32,7 +32,8 @@ def test_the_interpreter_is_refused_with_the_fix():
         kernel_resources.kernel_facts("small-b512", 1024)
 
 
-@pytest.mark.skipif(not (TOOLS / "ptxas").exists(), reason="Triton's bundled ptxas is not installed")
+@pytest.mark.skipif(not all(os.access(TOOLS / t, os.X_OK) for t in ("ptxas", "cuobjdump")),
+                    reason="Triton's bundled ptxas and cuobjdump are not installed")
 def test_a_call_compiles_for_sm90_without_a_gpu_and_reports_each_kernel(tmp_path):
     """One fwd+bwd at a small shape, in a process without the interpreter: the gate, the forward's
     tile kernel and the dK/dV kernel appear, with registers, Hopper tensor-core instructions (HGMMA,
