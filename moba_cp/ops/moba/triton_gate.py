@@ -95,10 +95,7 @@ def _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end
         # the lowest column on a tie. Scores closer than 2^-(23 - log2 BN) relative may order
         # either way (the half-input gate's scores are ~2^-17-grade to begin with).
         b = s.to(tl.int32, bitcast=True)
-        if LOOP == 3:
-            key = b ^ ((b >> 31) & 0x7FFFFFFF)  # the same flip without a compare and a select
-        else:
-            key = tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
+        key = b ^ ((b >> 31) & 0x7FFFFFFF)  # the flip by the sign's shift: no compare, no select
         key = (key & (-BN)) | (BN - 1 - ncol)[None, :]
         if MASK:
             key = tl.where(ok, key, _KEY_EMPTY)
