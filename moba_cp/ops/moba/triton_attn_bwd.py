@@ -339,13 +339,6 @@ def _dkdv_kernel(
                                     e0, r0, r_hi, h, H, W, QH0, QHC, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh,
                                     stride_dot, stride_doh, stride_dqt, scale, scale_log2, BM, D, False, FUSE_DQ, PREC,
                                     TRANS, GATHERED, TMA, DQ_ROWS, TMA_DQ, DQ_TRANS, DQ_SLOTS, DQ_DIAG)
-    out_rows = (ks + kk)[:, None]  # rows of the contiguous fp32 [Tk, Hkv, D] grads
-    HKV = H // G
-    # Each (kv head, key rows) is owned by exactly one program of a launch, so dK/dV are written
-    # once, directly in the output dtype (no fp32 copy when the caller wants k's dtype), or,
-    # when the launch holds only part of the GQA group, added to the earlier launches' fp32 sums.
-    dk_ptr = DK + (out_rows * HKV + hk) * D + d[None, :]
-    dv_ptr = DV + (out_rows * HKV + hk) * D + d[None, :]
     dk = dk * scale
     if n_t > 1:
         # one of several tiles of this block: summed in the scratch slot, stored by the sum kernel
@@ -353,11 +346,23 @@ def _dkdv_kernel(
         tl.atomic_add(SCR_DK + sp, dk, mask=kmask[:, None], sem="relaxed")
         tl.atomic_add(SCR_DV + sp, dv, mask=kmask[:, None], sem="relaxed")
     else:
-        if ACC_KV:
-            dk += tl.load(dk_ptr, mask=kmask[:, None], other=0.0)
-            dv += tl.load(dv_ptr, mask=kmask[:, None], other=0.0)
-        tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=kmask[:, None])
-        tl.store(dv_ptr, dv.to(DV.dtype.element_ty), mask=kmask[:, None])
+        _store_dkdv(DK, DV, dk, dv, ks + kk, kmask, hk, H // G, D, ACC_KV)
+
+
+@triton.jit
+def _store_dkdv(DK, DV, dk, dv, key_rows, kmask, hk, HKV, D: tl.constexpr, ACC_KV: tl.constexpr):
+    """Write a key sub-tile's dK/dV (rows ``key_rows`` of KV head ``hk`` in the contiguous
+    ``[Tk, Hkv, D]`` grads). Each (KV head, key rows) has exactly one writer per launch, so they are
+    stored once, directly in the output dtype (no fp32 copy when the caller wants k's dtype), or,
+    when the launch holds only part of the GQA group (``ACC_KV``), added to the earlier launches'
+    fp32 sums."""
+    d = tl.arange(0, D)
+    ptr = (key_rows.to(tl.int64)[:, None] * HKV + hk) * D + d[None, :]
+    if ACC_KV:
+        dk += tl.load(DK + ptr, mask=kmask[:, None], other=0.0)
+        dv += tl.load(DV + ptr, mask=kmask[:, None], other=0.0)
+    tl.store(DK + ptr, dk.to(DK.dtype.element_ty), mask=kmask[:, None])
+    tl.store(DV + ptr, dv.to(DV.dtype.element_ty), mask=kmask[:, None])
 
 
 @triton.jit(do_not_specialize=["HK0", "HKVC", "NPJ"])
@@ -417,14 +422,7 @@ def _dkdv_split_sum_kernel(SLOT_PJ, ORDER, KSTART, KLEN, SCR_DK, SCR_DV, DK, DV,
     sp = ((tl.program_id(0) * NSUB * BNB + kk)[:, None] * D + d[None, :])
     dk = tl.load(SCR_DK + sp, mask=kmask[:, None], other=0.0)
     dv = tl.load(SCR_DV + sp, mask=kmask[:, None], other=0.0)
-    out_rows = (tl.load(KSTART + g).to(tl.int64) + kk)[:, None]
-    dk_ptr = DK + (out_rows * HKV + hk) * D + d[None, :]
-    dv_ptr = DV + (out_rows * HKV + hk) * D + d[None, :]
-    if ACC_KV:
-        dk += tl.load(dk_ptr, mask=kmask[:, None], other=0.0)
-        dv += tl.load(dv_ptr, mask=kmask[:, None], other=0.0)
-    tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=kmask[:, None])
-    tl.store(dv_ptr, dv.to(DV.dtype.element_ty), mask=kmask[:, None])
+    _store_dkdv(DK, DV, dk, dv, tl.load(KSTART + g).to(tl.int64) + kk, kmask, hk, HKV, D, ACC_KV)
     zero = tl.zeros([BNB, D], dtype=tl.float32)
     tl.store(SCR_DK + sp, zero, mask=kmask[:, None])
     tl.store(SCR_DV + sp, zero, mask=kmask[:, None])
