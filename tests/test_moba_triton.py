@@ -307,6 +307,9 @@ PATH_CONFIGS = {
     "dq-slots-gathered-split": KernelConfig(FwdConfig(method="two_pass", **SMALL),
                                             BwdConfig(bnb=64, bm=16, dq_slots=True, gather_rows=True, split_mask=True,
                                                       dq_chunk_bytes=1)),
+    # the unmasked K/V sub-tiles through tensor descriptors, the masked ones by masked loads
+    "partials-tma-kv": KernelConfig(FwdConfig(method="partials", tma_kv=True, **SMALL),
+                                    BwdConfig(bnb=16, bm=16, fuse_dq=False, dq_bm=16, dq_bn=16)),
     "one-pass": KernelConfig(FwdConfig(method="one_pass", bm=16, bn=16, chunk=32, qchunk=32),
                              BwdConfig(bnb=16, bm=16, fuse_dq=False, dq_bm=16, dq_bn=16)),
 }
@@ -319,7 +322,7 @@ def test_kernel_paths_match_naive(name):
     test_block_attn_fwd_bwd_matches_naive((130, 4, 2, 16, 48, 3, [20, 110]), config=PATH_CONFIGS[name])
 
 
-@pytest.mark.parametrize("name", ["partials", "partials-whole-block", "dq-slots", "one-pass", "two-pass-unfused-split-mask", "gathered-rows-split-kv-chunks",
+@pytest.mark.parametrize("name", ["partials", "partials-whole-block", "partials-tma-kv", "dq-slots", "one-pass", "two-pass-unfused-split-mask", "gathered-rows-split-kv-chunks",
                                   "gathered-rows-tma-split", "gathered-rows-sub-major-fused-dq-split",
                                   "dq-rows-split-kv-chunks"])
 def test_kernel_paths_head_dim_64_and_empty_doc(name):
@@ -1139,6 +1142,52 @@ def test_gpu_bf16_register_cap_changes_nothing_but_registers(d, b, fwd):
     torch.testing.assert_close(cap[1], free[1], rtol=1e-6, atol=1e-6)
     check_bf16_fwd_bwd(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
                        fn=functools.partial(tb.block_attn, config=capped))
+
+
+def test_tma_kv_needs_the_partials_kernel_and_contiguous_heads():
+    """``fwd.tma_kv``: refused with the rule and the fix for a method without the tile kernel and,
+    before any launch, for K whose heads are not contiguous (a descriptor of ``[T, Hkv * D]``);
+    the same call on contiguous K runs and equals the plain loads' output."""
+    with pytest.raises(ValueError, match=r"FwdConfig.tma_kv=True is an option of the partials tile kernel.*"
+                                         r"Fix: method='partials' or tma_kv=False"):
+        FwdConfig(method="two_pass", tma_kv=True)
+    torch.manual_seed(3)
+    t, b, d = 96, 32, 16
+    q = torch.randn(t, 2, d)
+    kv = torch.randn(t, 2, 2, d)  # heads of k and v interleaved: k.stride(1) == 2 * d
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    idx = naive.select_blocks(q, k.contiguous(), block_size=b, topk=2)
+    cfg = PATH_CONFIGS["partials-tma-kv"]
+    with pytest.raises(ValueError, match=r"tma_kv=True reads k through a tensor descriptor.*strides \(64, 32, 1\).*"
+                                         r"Fix: tma_kv=False, or pass k.contiguous\(\)"):
+        tb.block_attn(q, k, v, idx, block_size=b, softmax_scale=0.25, config=cfg)
+    k, v = k.contiguous(), v.contiguous()
+    got = tb.block_attn(q, k, v, idx, block_size=b, softmax_scale=0.25, config=cfg)
+    plain = tb.block_attn(q, k, v, idx, block_size=b, softmax_scale=0.25, config=cfg.replace(fwd={"tma_kv": False}))
+    torch.testing.assert_close(got[0], plain[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], plain[1], rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,b,fwd", [(64, 1024, {}), (64, 1024, {"bm": 64, "chunk": 128}),
+                                     (64, 512, {"num_warps": 8}), (128, 512, {}), (64, 300, {"bn": 128, "num_warps": 8})])
+def test_gpu_bf16_tma_kv_equals_plain_loads(d, b, fwd):
+    """``fwd.tma_kv`` on the GPU (TMA on Hopper): the same products on the same tiles as the plain
+    loads, so o within one bf16 rounding and lse within fp32 roundings of the plain kernel's (the
+    compiler may schedule and contract the two differently); forward and backward within the bf16
+    bound. Two documents (one not a multiple of the block), GQA 4."""
+    t_docs = [3000, 2 * b + 100]
+    cu = _cu(t_docs, "cuda")
+    q, k, v = _inputs(sum(t_docs), 16, 4, d, torch.bfloat16, seed=d + b + 11, device="cuda")
+    idx = naive.select_blocks(q, k, block_size=b, topk=4, cu_seqlens=cu)
+    cfg = choose_config(b, d, 4, sum(t_docs)).replace(fwd={"method": "partials", **fwd})
+    with_tma = cfg.replace(fwd={"tma_kv": True})
+    plain = tb.block_attn(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5, config=cfg)
+    got = tb.block_attn(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5, config=with_tma)
+    torch.testing.assert_close(got[0], plain[0], rtol=2 ** -8, atol=0)
+    torch.testing.assert_close(got[1], plain[1], rtol=1e-6, atol=1e-6)
+    check_bf16_fwd_bwd(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
+                       fn=functools.partial(tb.block_attn, config=with_tma))
 
 
 @pytest.mark.gpu

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moba_cp.ops.moba.triton_common import (GatherIndex, KeyBlocks, _head_chunk_pid, _key_span, _ld, _load_kv, _tile_rows,
                                             reg_cap)
@@ -240,6 +241,13 @@ def _attn_step(q, K, V, ks, kk, kl, hk, stride_kt, stride_kh, stride_vt, stride_
                scale_log2, D: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
     """One online-softmax step of a gathered tile over keys ``kk`` of a block (log2 domain)."""
     k, v = _load_kv(K, V, ks, kk, kl, hk, stride_kt, stride_kh, stride_vt, stride_vh, D, MASK)
+    return _softmax_step(q, k, v, kk, kl, kp0, qp, m, l, acc, scale_log2, MASK, PREC)
+
+
+@triton.jit
+def _softmax_step(q, k, v, kk, kl, kp0, qp, m, l, acc, scale_log2, MASK: tl.constexpr, PREC: tl.constexpr):
+    """The online-softmax update of a gathered tile ``q [BM, D]`` with one key sub-tile
+    ``k, v [BN, D]`` (keys ``kk`` of the block; log2 domain)."""
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
     if MASK:
         ok = (kk < kl)[None, :] & ((kp0 + kk)[None, :] <= qp[:, None])
@@ -252,7 +260,7 @@ def _attn_step(q, K, V, ks, kk, kl, hk, stride_kt, stride_kh, stride_vt, stride_
     alpha = tl.exp2(m - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l = l * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), v, input_precision=PREC)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
     return m_new, l, acc
 
 
@@ -273,12 +281,14 @@ def _store_partial(PO, PL, t64, ent, rmask, h, H0, HC, W, m, l, acc, D: tl.const
 def _fwd_partial_kernel(
     Q, K, V, QPOS, ENT, OFFS, TEND, TILE_B, TILE_START, KSTART, KPOS, KLEN, PO, PL,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    H, W, NBK, G, H0, HC, scale_log2, CHUNK,
+    H, W, NBK, G, H0, HC, scale_log2, CHUNK, KD, VD,
     BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr, SINGLE: tl.constexpr = False,
+    TMA_KV: tl.constexpr = False,
 ):
     # SINGLE (the block fits one BN sub-tile, e.g. 128-key blocks): K and V are loaded once per
     # program and every row tile of its chunk reuses them; a row's softmax over one sub-tile
-    # needs no running rescale.
+    # needs no running rescale. TMA_KV: KD, VD are tensor descriptors of K, V viewed as
+    # [T, Hkv * D] with [BN, D] tiles; the unmasked sub-tiles come through them.
     pid, live = _head_chunk_pid(TEND, H0, HC, NBK)
     if not live:
         return
@@ -311,9 +321,16 @@ def _fwd_partial_kernel(
             m = tl.full([BM], float("-inf"), dtype=tl.float32)
             l = tl.zeros([BM], dtype=tl.float32)
             acc = tl.zeros([BM, D], dtype=tl.float32)
-            for n0 in range(0, n_full, BN):
-                m, l, acc = _attn_step(q, K, V, ks, n0 + nn, kl, hk, stride_kt, stride_kh, stride_vt, stride_vh,
-                                       kp0, qp, m, l, acc, scale_log2, D, False, PREC)
+            if TMA_KV:
+                row0 = ks.to(tl.int32)
+                for n0 in range(0, n_full, BN):
+                    k = KD.load([row0 + n0, hk * D])
+                    v = VD.load([row0 + n0, hk * D])
+                    m, l, acc = _softmax_step(q, k, v, n0 + nn, kl, kp0, qp, m, l, acc, scale_log2, False, PREC)
+            else:
+                for n0 in range(0, n_full, BN):
+                    m, l, acc = _attn_step(q, K, V, ks, n0 + nn, kl, hk, stride_kt, stride_kh, stride_vt, stride_vh,
+                                           kp0, qp, m, l, acc, scale_log2, D, False, PREC)
             for n0 in range(n_full, n_hi, BN):
                 m, l, acc = _attn_step(q, K, V, ks, n0 + nn, kl, hk, stride_kt, stride_kh, stride_vt, stride_vh,
                                        kp0, qp, m, l, acc, scale_log2, D, True, PREC)
@@ -356,6 +373,23 @@ def _merge_kernel(PO, PL, O, LSE, n_rows, H, H0, HC, W, stride_ot, stride_oh,
     tl.store(LSE + t * H + h, lse, mask=rm)
 
 
+def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, bn: int):
+    """Tensor descriptors of ``k``, ``v [T, Hkv, D]`` viewed as ``[T, Hkv * D]``, in ``[bn, D]``
+    tiles (``FwdConfig.tma_kv``): a KV head's sub-tile is the box at ``(row, hk * D)``."""
+    descs = []
+    for name, x in (("k", k), ("v", v)):
+        t, hkv, d = x.shape
+        ok = (x.stride(2) == 1 and x.stride(1) == d and (x.stride(0) * x.element_size()) % 16 == 0
+              and x.data_ptr() % 16 == 0)
+        if not ok:
+            raise ValueError(f"FwdConfig.tma_kv=True reads {name} through a tensor descriptor of [T, Hkv * D], which "
+                             f"needs its heads contiguous and 16-byte aligned rows; got shape {tuple(x.shape)}, strides "
+                             f"{tuple(x.stride())}, {x.element_size()}-byte elements. Fix: tma_kv=False, or pass "
+                             f"{name}.contiguous()")
+        descs.append(TensorDescriptor(x, [t, hkv * d], [x.stride(0), 1], [bn, d]))
+    return descs[0], descs[1]
+
+
 def _sparse_attn_fwd_partials(q, k, v, qpos, blocks: KeyBlocks, gi: GatherIndex, width: int, softmax_scale: float,
                               block_size: int, cfg: FwdConfig, diag_pass: int | None = None):
     """``partials`` forward (see :class:`FwdConfig`): per chunk of query heads, one pass of the
@@ -381,6 +415,8 @@ def _sparse_attn_fwd_partials(q, k, v, qpos, blocks: KeyBlocks, gi: GatherIndex,
     scale_log2 = softmax_scale * LOG2E
     po = torch.empty(tq * hc * w * d, dtype=part_dtype, device=dev)
     pl = torch.empty(tq * hc * w, dtype=torch.float32, device=dev)
+    single = block_size <= bn
+    kd, vd = _kv_descriptors(k, v, bn) if cfg.tma_kv and not single else (k, v)
     for h0 in range(0, hq, hc):
         n = min(hc, hq - h0)
         pl[: tq * n * w].fill_(float("-inf"))
@@ -389,8 +425,8 @@ def _sparse_attn_fwd_partials(q, k, v, qpos, blocks: KeyBlocks, gi: GatherIndex,
             _fwd_partial_kernel[(n_tiles,)](
                 q, k, v, qpos, gi.ent, gi.offs, gi.tend, gi.tile_b, gi.tile_start, blocks.kstart, blocks.kpos,
                 blocks.klen, po, pl, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                hq, w, blocks.n, hq // hkv, h0, n, scale_log2, cfg.chunk,
-                BM=cfg.bm, BN=bn, D=d, PREC=prec, SINGLE=block_size <= bn, num_warps=cfg.num_warps,
+                hq, w, blocks.n, hq // hkv, h0, n, scale_log2, cfg.chunk, kd, vd,
+                BM=cfg.bm, BN=bn, D=d, PREC=prec, SINGLE=single, TMA_KV=kd is not k, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages, **reg_cap(cfg.maxnreg, q.device),
             )
         rows = tq * n

@@ -72,6 +72,13 @@ class FwdConfig:
         block 128 128K 6.70 vs 5.53/5.56 (64-row capped 5.93), block 512 32K 1.92 vs 1.87/1.64,
         4 x 8K 0.95 vs 0.90/0.88; at d=128 block 128 shared memory (K, V and the row stages:
         107 KB) already holds an SM to two programs. So no shape sets it.
+    tma_kv (``partials``' tile kernel, blocks of several ``bn`` sub-tiles): the unmasked key
+        sub-tiles of K and V (every one but a tile's diagonal or a short block's last) are read
+        through tensor descriptors (TMA on Hopper: one asynchronous bulk copy per sub-tile, no
+        per-element addresses in registers) instead of per-thread loads (the interpreter runs
+        the same descriptors). Needs K and V whose heads are contiguous (``stride(1) == D``,
+        16-byte aligned base and rows), else a ValueError before any launch. The masked
+        sub-tiles keep the masked loads, so rows past a block never enter a product.
     """
 
     method: str = "two_pass"
@@ -87,6 +94,7 @@ class FwdConfig:
     merge_warps: int = 4
     merge_unroll: bool = False
     maxnreg: int = 0
+    tma_kv: bool = False
 
     def __post_init__(self):
         if self.method not in FWD_METHODS:
@@ -98,6 +106,9 @@ class FwdConfig:
             raise ValueError(f"FwdConfig.chunk={self.chunk} must be a multiple of bm={self.bm}")
         if self.merge_rows < 1 or self.merge_rows & (self.merge_rows - 1):
             raise ValueError(f"FwdConfig.merge_rows={self.merge_rows} must be a power of two (a Triton block)")
+        if self.tma_kv and self.method != "partials":
+            raise ValueError(f"FwdConfig.tma_kv=True is an option of the partials tile kernel, not of "
+                             f"method={self.method!r}. Fix: method='partials' or tma_kv=False")
 
 
 @dataclass(frozen=True)
