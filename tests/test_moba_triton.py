@@ -1144,38 +1144,42 @@ def test_gpu_bf16_register_cap_changes_nothing_but_registers(d, b, fwd):
                        fn=functools.partial(tb.block_attn, config=capped))
 
 
-def test_tma_kv_needs_the_partials_kernel_and_contiguous_heads():
+def test_tma_kv_needs_the_partials_kernel_and_aligned_strides():
     """``fwd.tma_kv``: refused with the rule and the fix for a method without the tile kernel and,
-    before any launch, for K whose heads are not contiguous (a descriptor of ``[T, Hkv * D]``);
-    the same call on contiguous K runs and equals the plain loads' output."""
+    before any launch, for K whose head stride breaks TMA's 16-byte alignment; K and V as strided
+    slices of one fused tensor (Megatron's QKV projection) need no copy and give the plain loads'
+    output."""
     with pytest.raises(ValueError, match=r"FwdConfig.tma_kv=True is an option of the partials tile kernel.*"
                                          r"Fix: method='partials' or tma_kv=False"):
         FwdConfig(method="two_pass", tma_kv=True)
     torch.manual_seed(3)
     t, b, d = 96, 32, 16
     q = torch.randn(t, 2, d)
-    kv = torch.randn(t, 2, 2, d)  # heads of k and v interleaved: k.stride(1) == 2 * d
-    k, v = kv[:, :, 0], kv[:, :, 1]
-    idx = naive.select_blocks(q, k.contiguous(), block_size=b, topk=2)
+    fused = torch.randn(t, 2, 3, d)  # per KV head: [k | v | unused], as a fused projection lays them out
+    k, v = fused[:, :, 0], fused[:, :, 1]
+    assert k.stride() == (96, 48, 1) and v.stride() == (96, 48, 1)
+    idx = naive.select_blocks(q, k, block_size=b, topk=2)
     cfg = PATH_CONFIGS["partials-tma-kv"]
-    with pytest.raises(ValueError, match=r"tma_kv=True reads k through a tensor descriptor.*strides \(64, 32, 1\).*"
-                                         r"Fix: tma_kv=False, or pass k.contiguous\(\)"):
-        tb.block_attn(q, k, v, idx, block_size=b, softmax_scale=0.25, config=cfg)
-    k, v = k.contiguous(), v.contiguous()
     got = tb.block_attn(q, k, v, idx, block_size=b, softmax_scale=0.25, config=cfg)
-    plain = tb.block_attn(q, k, v, idx, block_size=b, softmax_scale=0.25, config=cfg.replace(fwd={"tma_kv": False}))
+    plain = tb.block_attn(q, k.contiguous(), v.contiguous(), idx, block_size=b, softmax_scale=0.25,
+                          config=cfg.replace(fwd={"tma_kv": False}))
     torch.testing.assert_close(got[0], plain[0], rtol=0, atol=0)
     torch.testing.assert_close(got[1], plain[1], rtol=0, atol=0)
+    odd = torch.randn(t, 2 * d + 1)[:, : 2 * d].reshape(t, 2, d)  # rows 33 floats apart: not 16-byte aligned
+    with pytest.raises(ValueError, match=r"tma_kv=True reads k through a tensor descriptor.*strides \(33, 16, 1\).*"
+                                         r"Fix: tma_kv=False, or pass k.contiguous\(\)"):
+        tb.block_attn(q, odd, v, idx, block_size=b, softmax_scale=0.25, config=cfg)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("d,b,fwd", [(64, 1024, {}), (64, 1024, {"bm": 64, "chunk": 128}),
-                                     (64, 512, {"num_warps": 8}), (128, 512, {}), (64, 300, {"bn": 128, "num_warps": 8})])
+                                     (64, 512, {"num_warps": 8}), (128, 512, {}), (64, 320, {"bn": 128, "num_warps": 8})])
 def test_gpu_bf16_tma_kv_equals_plain_loads(d, b, fwd):
     """``fwd.tma_kv`` on the GPU (TMA on Hopper): the same products on the same tiles as the plain
     loads, so o within one bf16 rounding and lse within fp32 roundings of the plain kernel's (the
     compiler may schedule and contract the two differently); forward and backward within the bf16
-    bound. Two documents (one not a multiple of the block), GQA 4."""
+    bound. Two documents (one not a multiple of the block), GQA 4; the descriptors read K and V as
+    strided slices of one fused tensor (heads 2 D apart, as in a fused projection)."""
     t_docs = [3000, 2 * b + 100]
     cu = _cu(t_docs, "cuda")
     q, k, v = _inputs(sum(t_docs), 16, 4, d, torch.bfloat16, seed=d + b + 11, device="cuda")
@@ -1183,7 +1187,9 @@ def test_gpu_bf16_tma_kv_equals_plain_loads(d, b, fwd):
     cfg = choose_config(b, d, 4, sum(t_docs)).replace(fwd={"method": "partials", **fwd})
     with_tma = cfg.replace(fwd={"tma_kv": True})
     plain = tb.block_attn(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5, config=cfg)
-    got = tb.block_attn(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5, config=with_tma)
+    kv = torch.stack([k, v], dim=2)
+    ks, vs = kv[:, :, 0], kv[:, :, 1]
+    got = tb.block_attn(q, ks, vs, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5, config=with_tma)
     torch.testing.assert_close(got[0], plain[0], rtol=2 ** -8, atol=0)
     torch.testing.assert_close(got[1], plain[1], rtol=1e-6, atol=1e-6)
     check_bf16_fwd_bwd(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,

@@ -287,8 +287,9 @@ def _fwd_partial_kernel(
 ):
     # SINGLE (the block fits one BN sub-tile, e.g. 128-key blocks): K and V are loaded once per
     # program and every row tile of its chunk reuses them; a row's softmax over one sub-tile
-    # needs no running rescale. TMA_KV: KD, VD are tensor descriptors of K, V viewed as
-    # [T, Hkv * D] with [BN, D] tiles; the unmasked sub-tiles come through them.
+    # needs no running rescale. TMA_KV: KD, VD are tensor descriptors of K, V as rows of tokens
+    # (head hk's features at columns hk * stride_h ...) in [BN, D] boxes; the unmasked sub-tiles
+    # come through them.
     pid, live = _head_chunk_pid(TEND, H0, HC, NBK)
     if not live:
         return
@@ -324,8 +325,8 @@ def _fwd_partial_kernel(
             if TMA_KV:
                 row0 = ks.to(tl.int32)
                 for n0 in range(0, n_full, BN):
-                    k = KD.load([row0 + n0, hk * D])
-                    v = VD.load([row0 + n0, hk * D])
+                    k = KD.load([row0 + n0, hk * stride_kh])
+                    v = VD.load([row0 + n0, hk * stride_vh])
                     m, l, acc = _softmax_step(q, k, v, n0 + nn, kl, kp0, qp, m, l, acc, scale_log2, False, PREC)
             else:
                 for n0 in range(0, n_full, BN):
@@ -374,19 +375,22 @@ def _merge_kernel(PO, PL, O, LSE, n_rows, H, H0, HC, W, stride_ot, stride_oh,
 
 
 def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, bn: int):
-    """Tensor descriptors of ``k``, ``v [T, Hkv, D]`` viewed as ``[T, Hkv * D]``, in ``[bn, D]``
-    tiles (``FwdConfig.tma_kv``): a KV head's sub-tile is the box at ``(row, hk * D)``."""
+    """Tensor descriptors of ``k``, ``v [T, Hkv, D]`` (``FwdConfig.tma_kv``) as 2-D tensors of rows
+    (tokens, stride ``x.stride(0)``) and columns (head ``h``'s features at ``h * x.stride(1)``),
+    in ``[bn, D]`` boxes. Any head stride works, so views such as Megatron's V (a slice of the
+    fused QKV projection) need no copy; TMA needs 16-byte aligned base and strides."""
     descs = []
     for name, x in (("k", k), ("v", v)):
         t, hkv, d = x.shape
-        ok = (x.stride(2) == 1 and x.stride(1) == d and (x.stride(0) * x.element_size()) % 16 == 0
+        elt = x.element_size()
+        ok = (x.stride(2) == 1 and x.stride(1) >= d and (x.stride(0) * elt) % 16 == 0 and (x.stride(1) * elt) % 16 == 0
               and x.data_ptr() % 16 == 0)
         if not ok:
-            raise ValueError(f"FwdConfig.tma_kv=True reads {name} through a tensor descriptor of [T, Hkv * D], which "
-                             f"needs its heads contiguous and 16-byte aligned rows; got shape {tuple(x.shape)}, strides "
-                             f"{tuple(x.stride())}, {x.element_size()}-byte elements. Fix: tma_kv=False, or pass "
-                             f"{name}.contiguous()")
-        descs.append(TensorDescriptor(x, [t, hkv * d], [x.stride(0), 1], [bn, d]))
+            raise ValueError(f"FwdConfig.tma_kv=True reads {name} through a tensor descriptor, which needs contiguous "
+                             f"features, heads apart by at least D and 16-byte aligned base and strides; got shape "
+                             f"{tuple(x.shape)}, strides {tuple(x.stride())}, {elt}-byte elements. Fix: tma_kv=False, "
+                             f"or pass {name}.contiguous()")
+        descs.append(TensorDescriptor(x, [t, (hkv - 1) * x.stride(1) + d], [x.stride(0), 1], [bn, d]))
     return descs[0], descs[1]
 
 

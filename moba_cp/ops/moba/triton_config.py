@@ -76,9 +76,9 @@ class FwdConfig:
         sub-tiles of K and V (every one but a tile's diagonal or a short block's last) are read
         through tensor descriptors (TMA on Hopper: one asynchronous bulk copy per sub-tile, no
         per-element addresses in registers) instead of per-thread loads (the interpreter runs
-        the same descriptors). Needs K and V whose heads are contiguous (``stride(1) == D``,
-        16-byte aligned base and rows), else a ValueError before any launch. The masked
-        sub-tiles keep the masked loads, so rows past a block never enter a product.
+        the same descriptors). Any head stride (Megatron's V is a strided slice of the fused QKV
+        projection) with 16-byte aligned base and strides, else a ValueError before any launch.
+        The masked sub-tiles keep the masked loads, so rows past a block never enter a product.
     """
 
     method: str = "two_pass"
@@ -605,9 +605,14 @@ def _tiling(block_size: int, head_dim: int, group: int, n_tokens: int, tma: bool
         # 2.41 against 2.57/2.35 ms at 32K, 1.00 against 1.01/0.99 ms at 4 x 8K: no measurable time cost,
         # ~2.7 GB less transient memory at 128K. Larger row tiles lost: bm=64 with 4 warps spills
         # (308 ms at 128K), with 8 warps 59.7 ms; bm=16 63.0 ms.
+        # Session 21 (moba_tune_h200_2026-12-04_session21_fwd.log, default first and last): the unmasked
+        # K/V sub-tiles through tensor descriptors (tma_kv) 21.03 against 21.93/21.77 ms at 128K (4
+        # stages 21.12), 1.207 against 1.233/1.213 at 32K, 0.969 against 0.976/0.902 at 4 x 8K (within
+        # the default's drift there). Other tilings on it lost: 8 warps 30.9 ms at 128K, 64-row tiles
+        # 26.1 (capped at 168 registers 22.5), 128-key sub-tiles on 8 warps 28.8.
         stages = 4 if 0 < n_tokens <= 32 * 1024 else 3
         fwd = FwdConfig(method="partials", bm=128, bn=64, chunk=128, num_warps=4, num_stages=stages,
-                        merge_unroll=True)
+                        merge_unroll=True, tma_kv=True)
         bwd = BwdConfig(bnb=128, bm=32, split_mask=True, gather_rows=True, num_warps=4, num_stages=stages,
                         dq_bm=64, dq_bn=64, dq_stages=3, sub_major=True, dq_rows=tma, tma_dq=tma,
                         dq_trans=tma and group > 1, split_group=True, dq_chunk_bytes=1 << 30)
