@@ -50,10 +50,12 @@ class FwdConfig:
         once (relative 2^-9 in bf16), so o carries about twice the rounding of the fp32 path
         before its own final rounding. On by default at blocks <= 128, where a gathered row does
         only one sub-tile of work per partial written and the partials' bytes bound the forward
-        (FlashMoBA's setting, 128K: 22.9 against 42.4 ms with fp32 partials on the same tiles). Off elsewhere: at
-        block 1024 it changed nothing measurable (128K, top-12: 22.47 against 22.67/22.62 ms; 32K
-        and 4 x 8K within the default's own drift;
-        ``moba_tune_h200_2026-12-04_session15_rows64.log``): many key sub-tiles per partial there.
+        (FlashMoBA's setting, 128K: 22.9 against 42.4 ms with fp32 partials on the same tiles). At
+        block 1024 it first changed nothing measurable (128K, top-12: 22.47 against 22.67/22.62 ms;
+        ``moba_tune_h200_2026-12-04_session15_rows64.log``) because the merge, not the bytes, bound
+        the merge: 32 unrolled rows a program spill at 255 registers (12.5% occupancy). With 16 rows
+        (118 registers, 4 programs an SM) the bytes count: on by default at d <= 64, blocks 256-1024
+        (session 21, ``moba_tune_h200_2026-12-04_session21_merge.log``).
     merge_rows, merge_warps (``partials``): rows per merge program and its warps; merge_unroll:
         the merge's loop over a row's ``W`` partials unrolled at compile time (up to the next
         power of two, the surplus masked), so all of a row's loads are issued before the first
@@ -609,10 +611,15 @@ def _tiling(block_size: int, head_dim: int, group: int, n_tokens: int, tma: bool
         # K/V sub-tiles through tensor descriptors (tma_kv) 21.03 against 21.93/21.77 ms at 128K (4
         # stages 21.12), 1.207 against 1.233/1.213 at 32K, 0.969 against 0.976/0.902 at 4 x 8K (within
         # the default's drift there). Other tilings on it lost: 8 warps 30.9 ms at 128K, 64-row tiles
-        # 26.1 (capped at 168 registers 22.5), 128-key sub-tiles on 8 warps 28.8.
+        # 26.1 (capped at 168 registers 22.5), 128-key sub-tiles on 8 warps 28.8. Then the merge
+        # (moba_tune_h200_2026-12-04_session21_merge.log, two calls, default first and last in
+        # each): partials in bf16 merged 16 rows a program (the 32-row unrolled merge spilled at
+        # 255 registers) 20.15/20.33 against 21.14/21.49 ms at 128K, 1.59/1.28 against 1.71/1.38
+        # at 32K, 0.989/0.981 against 1.028/1.016 at 4 x 8K, with 0.05-0.07 GiB less transient
+        # memory; the same on 8 merge warps 19.49/20.24, 1.59/1.33, 1.04/1.00 (less even).
         stages = 4 if 0 < n_tokens <= 32 * 1024 else 3
         fwd = FwdConfig(method="partials", bm=128, bn=64, chunk=128, num_warps=4, num_stages=stages,
-                        merge_unroll=True, tma_kv=True)
+                        half_partials=True, merge_rows=16, merge_unroll=True, tma_kv=True)
         bwd = BwdConfig(bnb=128, bm=32, split_mask=True, gather_rows=True, num_warps=4, num_stages=stages,
                         dq_bm=64, dq_bn=64, dq_stages=3, sub_major=True, dq_rows=tma, tma_dq=tma,
                         dq_trans=tma and group > 1, split_group=True, dq_chunk_bytes=1 << 30)
