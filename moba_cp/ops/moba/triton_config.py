@@ -54,8 +54,8 @@ class FwdConfig:
         block 1024 it first changed nothing measurable (128K, top-12: 22.47 against 22.67/22.62 ms;
         ``moba_tune_h200_2026-12-04_session15_rows64.log``) because the merge, not the bytes, bound
         the merge: 32 unrolled rows a program spill at 255 registers (12.5% occupancy). With 16 rows
-        (118 registers, 4 programs an SM) the bytes count: on by default at d <= 64, blocks 256-1024
-        (session 21, ``moba_tune_h200_2026-12-04_session21_merge.log``).
+        (118 registers, 4 programs an SM) the bytes count: on by default at d <= 64, blocks 256-1024,
+        calls over 32K tokens (session 21, ``moba_tune_h200_2026-12-04_session21_merge.log``).
     merge_rows, merge_warps (``partials``): rows per merge program and its warps; merge_unroll:
         the merge's loop over a row's ``W`` partials unrolled at compile time (up to the next
         power of two, the surplus masked), so all of a row's loads are issued before the first
@@ -616,10 +616,14 @@ def _tiling(block_size: int, head_dim: int, group: int, n_tokens: int, tma: bool
         # each): partials in bf16 merged 16 rows a program (the 32-row unrolled merge spilled at
         # 255 registers) 20.15/20.33 against 21.14/21.49 ms at 128K, 1.59/1.28 against 1.71/1.38
         # at 32K, 0.989/0.981 against 1.028/1.016 at 4 x 8K, with 0.05-0.07 GiB less transient
-        # memory; the same on 8 merge warps 19.49/20.24, 1.59/1.33, 1.04/1.00 (less even).
-        stages = 4 if 0 < n_tokens <= 32 * 1024 else 3
+        # memory; the same on 8 merge warps 19.49/20.24, 1.59/1.33, 1.04/1.00 (less even). In 8K
+        # training (4 x 8K tokens a call, CUDA graphs) the three together measured slower in one
+        # call: 897,272 tok/s against 942,349 with the previous forward (full attention 927,840;
+        # the call before, 865,607 against full's 985,172), so calls up to 32K tokens keep it.
+        short = 0 < n_tokens <= 32 * 1024
+        stages = 4 if short else 3
         fwd = FwdConfig(method="partials", bm=128, bn=64, chunk=128, num_warps=4, num_stages=stages,
-                        half_partials=True, merge_rows=16, merge_unroll=True, tma_kv=True)
+                        half_partials=not short, merge_rows=32 if short else 16, merge_unroll=True, tma_kv=not short)
         bwd = BwdConfig(bnb=128, bm=32, split_mask=True, gather_rows=True, num_warps=4, num_stages=stages,
                         dq_bm=64, dq_bn=64, dq_stages=3, sub_major=True, dq_rows=tma, tma_dq=tma,
                         dq_trans=tma and group > 1, split_group=True, dq_chunk_bytes=1 << 30)
