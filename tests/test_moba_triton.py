@@ -1165,6 +1165,14 @@ def test_tma_kv_needs_the_partials_kernel_and_aligned_strides():
                           config=cfg.replace(fwd={"tma_kv": False}))
     torch.testing.assert_close(got[0], plain[0], rtol=0, atol=0)
     torch.testing.assert_close(got[1], plain[1], rtol=0, atol=0)
+    # one KV head whose (unused) head stride a view set to 1: accepted, same output
+    k1 = torch.randn(t, d).as_strided((t, 1, d), (d, 1, 1))
+    v1 = torch.randn(t, 1, d)
+    idx1 = naive.select_blocks(q, k1.contiguous(), block_size=b, topk=2)
+    got = tb.block_attn(q, k1, v1, idx1, block_size=b, softmax_scale=0.25, config=cfg)
+    plain = tb.block_attn(q, k1.contiguous(), v1, idx1, block_size=b, softmax_scale=0.25,
+                          config=cfg.replace(fwd={"tma_kv": False}))
+    torch.testing.assert_close(got[0], plain[0], rtol=0, atol=0)
     odd = torch.randn(t, 2 * d + 1)[:, : 2 * d].reshape(t, 2, d)  # rows 33 floats apart: not 16-byte aligned
     with pytest.raises(ValueError, match=r"tma_kv=True reads k through a tensor descriptor.*strides \(33, 16, 1\).*"
                                          r"Fix: tma_kv=False, or pass k.contiguous\(\)"):
