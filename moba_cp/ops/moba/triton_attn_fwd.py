@@ -421,7 +421,8 @@ def _sparse_attn_fwd_partials(q, k, v, qpos, blocks: KeyBlocks, gi: GatherIndex,
     po = torch.empty(tq * hc * w * d, dtype=part_dtype, device=dev)
     pl = torch.empty(tq * hc * w, dtype=torch.float32, device=dev)
     single = block_size <= bn
-    kd, vd = _kv_descriptors(k, v, bn) if cfg.tma_kv and not single else (k, v)
+    tma_kv = cfg.tma_kv and not single  # a single-sub-tile block loads K/V once per program: no loop to feed
+    kd, vd = _kv_descriptors(k, v, bn) if tma_kv else (k, v)
     for h0 in range(0, hq, hc):
         n = min(hc, hq - h0)
         pl[: tq * n * w].fill_(float("-inf"))
@@ -431,7 +432,7 @@ def _sparse_attn_fwd_partials(q, k, v, qpos, blocks: KeyBlocks, gi: GatherIndex,
                 q, k, v, qpos, gi.ent, gi.offs, gi.tend, gi.tile_b, gi.tile_start, blocks.kstart, blocks.kpos,
                 blocks.klen, po, pl, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 hq, w, blocks.n, hq // hkv, h0, n, scale_log2, cfg.chunk, kd, vd,
-                BM=cfg.bm, BN=bn, D=d, PREC=prec, SINGLE=single, TMA_KV=kd is not k, num_warps=cfg.num_warps,
+                BM=cfg.bm, BN=bn, D=d, PREC=prec, SINGLE=single, TMA_KV=tma_kv, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages, **reg_cap(cfg.maxnreg, q.device),
             )
         rows = tq * n

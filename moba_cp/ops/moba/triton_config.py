@@ -81,6 +81,7 @@ class FwdConfig:
         the same descriptors). Any head stride (Megatron's V is a strided slice of the fused QKV
         projection) with 16-byte aligned base and strides, else a ValueError before any launch.
         The masked sub-tiles keep the masked loads, so rows past a block never enter a product.
+        On by default at d <= 64, blocks 256-1024, calls over 32K tokens (see :func:`choose_config`).
     """
 
     method: str = "two_pass"

@@ -44,6 +44,18 @@ MAX_GATE_WIDTH = TRITON.max_gate_width
 
 
 @triton.jit
+def _take_key(kmax, take, topv, topi, pmin, kcol, g0, BN: tl.constexpr):
+    """One step of the key loops: where ``take``, row ``kmax`` (an int32 key: score order bits,
+    low bits ``BN - 1 - column``) replaces the row's smallest kept key (slot ``pmin``); returns the
+    running top-k (keys, block ids) and its new minimum and slot."""
+    hit = (kcol[None, :] == pmin[:, None]) & take[:, None]
+    topv = tl.where(hit, kmax[:, None], topv)
+    topi = tl.where(hit, (g0 + BN - 1 - (kmax & (BN - 1)))[:, None], topi)
+    thr, pmin = tl.min(topv, axis=1, return_indices=True)
+    return topv, topi, thr, pmin
+
+
+@triton.jit
 def _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end_row, rmask, topv, topi, thr, pmin,
                kcol, ncol, K: tl.constexpr, BN: tl.constexpr, Q_DTYPE: tl.constexpr, D: tl.constexpr,
                SPLIT: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr, PREFILTER: tl.constexpr,
@@ -115,17 +127,11 @@ def _gate_tile(q, CENT, CENT_LO, g0, g_hi, hk, stride_cg, stride_ch, base, g_end
                 kmax = (mu - tl.min(mu[:, None] - ku, axis=1)).to(tl.int32, bitcast=True)
                 below = kmax < prev
                 prev = tl.where(below, kmax, prev)
-                hit = (kcol[None, :] == pmin[:, None]) & (below & (kmax > thr))[:, None]
-                topv = tl.where(hit, kmax[:, None], topv)
-                topi = tl.where(hit, (g0 + BN - 1 - (kmax & (BN - 1)))[:, None], topi)
-                thr, pmin = tl.min(topv, axis=1, return_indices=True)
+                topv, topi, thr, pmin = _take_key(kmax, below & (kmax > thr), topv, topi, pmin, kcol, g0, BN)
         else:
             for _ in range(tl.max(tl.minimum(cnt, K), axis=0)):
                 kmax = tl.max(key, axis=1)
-                hit = (kcol[None, :] == pmin[:, None]) & (kmax > thr)[:, None]
-                topv = tl.where(hit, kmax[:, None], topv)
-                topi = tl.where(hit, (g0 + BN - 1 - (kmax & (BN - 1)))[:, None], topi)
-                thr, pmin = tl.min(topv, axis=1, return_indices=True)
+                topv, topi, thr, pmin = _take_key(kmax, kmax > thr, topv, topi, pmin, kcol, g0, BN)
                 key = tl.where(key == kmax[:, None], _KEY_EMPTY, key)
     else:
         if MASK:
