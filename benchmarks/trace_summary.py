@@ -8,7 +8,9 @@ One trace: its span (first kernel start to last kernel end), the time the GPU ra
 (the union of kernel, memcpy and memset intervals), the idle rest, and device time by kind
 (moba_cp's Triton kernels, whose names start with ``_``; cuDNN; memcpy; everything else). With a
 second trace, also the kernels by the difference in their total time (first minus second):
-where one step's extra device time goes.
+where one step's extra device time goes. ``--gaps N``: the idle time split by gap length (short
+gaps are launch latency between queued kernels; long ones mean the host fell behind or waited
+on a sync) and the N longest gaps with the device event that ended each.
 """
 
 from __future__ import annotations
@@ -45,6 +47,32 @@ def busy_idle_ms(events: list[dict]) -> tuple[float, float, float]:
     return span / 1e3, busy / 1e3, (span - busy) / 1e3
 
 
+def idle_gaps(events: list[dict]) -> list[tuple[float, float, str]]:
+    """Intervals with nothing on the device between the first and last event: ``(length us,
+    start us, name of the event that ends the gap)``, longest first."""
+    gaps, end = [], None
+    for e in events:
+        if end is not None and e["ts"] > end:
+            gaps.append((e["ts"] - end, end, e["name"]))
+        end = e["ts"] + e["dur"] if end is None else max(end, e["ts"] + e["dur"])
+    return sorted(gaps, key=lambda g: -g[0])
+
+
+#: Gap lengths (µs) the ``--gaps`` histogram splits at.
+GAP_EDGES = (5, 20, 100, 1000)
+
+
+def gap_histogram(gaps: list[tuple[float, float, str]]) -> str:
+    """``"<5 us: n gaps, t ms; ..."`` over :data:`GAP_EDGES`."""
+    parts, lo = [], 0.0
+    for hi in (*GAP_EDGES, float("inf")):
+        sel = [g[0] for g in gaps if lo <= g[0] < hi]
+        label = f"{lo:g}-{hi:g} us" if hi != float("inf") else f">={lo:g} us"
+        parts.append(f"{label}: {len(sel)} gaps, {sum(sel) / 1e3:.2f} ms")
+        lo = hi
+    return "; ".join(parts)
+
+
 def kind(e: dict) -> str:
     if e["cat"] != "kernel":
         return e["cat"].replace("gpu_", "")
@@ -65,6 +93,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("traces", nargs="+", help="one or two .trace.json files")
     ap.add_argument("--top", type=int, default=15, help="kernels listed in the difference")
+    ap.add_argument("--gaps", type=int, default=0, help="also list idle time by gap length and the N longest gaps")
     args = ap.parse_args()
     if len(args.traces) > 2:
         ap.error("give one trace, or two to compare")
@@ -76,6 +105,11 @@ def main():
             kinds[kind(e)] += e["dur"]
         by_kind = ", ".join(f"{k} {v / 1e3:.1f}" for k, v in kinds.most_common())
         print(f"{path}: span {span:.1f} ms, GPU busy {busy:.1f} ms, idle {idle:.1f} ms; by kind (ms): {by_kind}")
+        if args.gaps:
+            gaps = idle_gaps(ev)
+            print(f"  idle by gap length: {gap_histogram(gaps)}")
+            for length, start, name in gaps[:args.gaps]:
+                print(f"  {length / 1e3:8.3f} ms idle at +{(start - ev[0]['ts']) / 1e3:.1f} ms, before {name[:80]}")
     if len(evs) == 2:
         (ta, na), (tb, nb) = by_name(evs[0]), by_name(evs[1])
         rows = sorted(((ta[k] - tb[k]) / 1e3, k) for k in set(ta) | set(tb))
