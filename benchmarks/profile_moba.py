@@ -12,6 +12,15 @@ and host syncs), and the count of sync-like runtime calls per call.
 ``--ncu`` runs, after the warm-up, exactly one fwd+bwd between ``cudaProfilerStart`` and
 ``cudaProfilerStop`` and nothing else: the range that ``scripts/gpu/ncu_kernels.sh`` profiles with
 Nsight Compute (``--profile-from-start off``) for hardware counters per kernel.
+``--layer`` times instead the call one training layer makes, MoBA against SDPA on the same
+tensors: q, k, v as the slices of one fused QKV projection output ``[s, b, Hkv, (G + 2) D]``,
+MoBA through ``api.moba_attn`` with the batch rows folded into heads as ``MoBACoreAttention`` does
+(so short calls replay CUDA graphs, as in training), SDPA (cuDNN) as the full-attention layer
+calls it. Per attention: back-to-back fwd+bwd calls (ms per call; no sync between calls, so the
+larger of host and device time), the host time to enqueue one forward and one backward, and the
+device time of the kernels (profiler); ``--host`` adds a cProfile of the enqueue. Where the
+back-to-back time is the host time, the host decides the step (8K training: a small model's step
+leaves the GPU idle between kernels).
 Tile configurations are swept by ``bench_moba.py --tune``.
 """
 
@@ -54,6 +63,83 @@ def calls(x):
         return torch.autograd.grad(o, (qg, kg, vg), x["do"])
 
     return fwd, fwd_bwd
+
+
+def layer_calls(name, s):
+    """``(moba_fwd, moba_bwd, sdpa_fwd, sdpa_bwd)`` closures of one training layer's attention call
+    at suite ``name``'s shape (see ``--layer``); each ``*_bwd`` runs a fresh forward's backward."""
+    import torch.nn.functional as F
+
+    from moba_cp.ops.moba.api import moba_attn
+
+    b, hq, hkv, d, block, topk, _ = SUITES[name]
+    g = hq // hkv
+    fused = torch.randn(s, b, hkv, (g + 2) * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    do = torch.randn(s, b, hq * d, device="cuda", dtype=torch.bfloat16)
+    scale = d ** -0.5
+
+    def qkv():
+        q = fused[..., : g * d].reshape(s, b, hq, d)
+        return q, fused[..., g * d:(g + 1) * d], fused[..., (g + 1) * d:]
+
+    def moba_fwd():
+        q, k, v = qkv()
+        fold = lambda t: t.reshape(s, b * t.shape[2], d)  # noqa: E731  (MoBACoreAttention's view)
+        return moba_attn(fold(q), fold(k), fold(v), block_size=block, topk=topk, softmax_scale=scale).reshape(s, b, -1)
+
+    def sdpa_fwd():
+        q, k, v = qkv()
+        o = F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
+                                           is_causal=True, scale=scale, enable_gqa=g > 1)
+        return o.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+    def bwd_of(fwd):
+        def run():
+            fused.grad = None
+            fwd().backward(do)
+        return run
+
+    return moba_fwd, bwd_of(moba_fwd), sdpa_fwd, bwd_of(sdpa_fwd)
+
+
+def back_to_back_ms(fn, n=40):
+    """ms per call of ``n`` calls enqueued back to back (one sync at the end)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / n
+
+
+def kernel_ms(fn, iters=10):
+    """Device time of ``fn``'s kernels per call (the profiler's sum of device self time)."""
+    from torch.profiler import ProfilerActivity, profile as prof_ctx
+
+    fn()
+    torch.cuda.synchronize()
+    with prof_ctx(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    total = 0.0
+    for e in prof.key_averages():
+        total += getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+    return total / iters / 1e3
+
+
+def layer_report(name, s, host):
+    moba_fwd, moba_fb, sdpa_fwd, sdpa_fb = layer_calls(name, s)
+    for label, fwd, fb in (("moba", moba_fwd, moba_fb), ("sdpa", sdpa_fwd, sdpa_fb)):
+        fwd_ng = lambda: fwd().detach()  # noqa: E731  (a forward whose graph is dropped at once)
+        print(f"layer {name} S={s} {label}: back-to-back fwd+bwd {back_to_back_ms(fb):.3f} ms/call, "
+              f"fwd {back_to_back_ms(fwd_ng):.3f} ms/call; enqueue fwd+bwd {enqueue_ms(fb):.3f} ms, "
+              f"fwd {enqueue_ms(fwd_ng):.3f} ms; kernels fwd+bwd {kernel_ms(fb):.3f} ms, fwd {kernel_ms(fwd_ng):.3f} ms",
+              flush=True)
+        if host:
+            host_profile(f"layer {name} S={s} {label} fwd+bwd", fb, rows=25)
 
 
 def enqueue_ms(fn, n=10):
@@ -121,11 +207,17 @@ def main():
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--label", default="")
     ap.add_argument("--host", action="store_true", help="also cProfile the host side of fwd+bwd")
+    ap.add_argument("--layer", action="store_true",
+                    help="time one training layer's attention call, MoBA against SDPA (see the docstring)")
     ap.add_argument("--ncu", action="store_true",
                     help="warm up, then one fwd+bwd inside cudaProfilerStart/Stop (for ncu --profile-from-start off)")
     args = ap.parse_args()
     for item in args.at.split(","):
         name, s = item.split(":")
+        if args.layer:
+            layer_report(name, int(s), args.host)
+            torch.cuda.empty_cache()
+            continue
         x = make(name, int(s))
         fwd, fwd_bwd = calls(x)
         if args.ncu:

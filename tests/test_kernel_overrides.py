@@ -218,6 +218,16 @@ def test_default_tiling_follows_the_measured_rows():
     # the merge on 32-row programs everywhere, its loop unrolled at d=64 blocks 256-1024 (session 17)
     assert b128.fwd.merge_rows == 32 and not b128.fwd.merge_unroll
     assert choose_config(1024, 64, 4, 131072).fwd.merge_unroll and choose_config(512, 64, 4, 32768).fwd.merge_unroll
+    # K/V through tensor descriptors with bf16 partials and a 16-row merge: d=64 blocks 256-1024 over
+    # 32K tokens (session 21), d=128 blocks 256-1024 and the partials forward of blocks >= 2048 up to
+    # 256K tokens (session 22); d=128 blocks >= 2048 past 256K keep the one pass (no tile kernel)
+    new_fwd = lambda f: (f.tma_kv, f.half_partials, f.merge_rows)  # noqa: E731
+    assert new_fwd(choose_config(1024, 64, 4, 131072).fwd) == (True, True, 16)
+    assert new_fwd(choose_config(512, 64, 4, 32768).fwd) == (False, False, 32)
+    assert new_fwd(choose_config(512, 128, 4, 32768).fwd) == (True, True, 16)
+    assert new_fwd(choose_config(4096, 128, 4, 131072).fwd) == (True, True, 16)
+    one_pass = choose_config(4096, 128, 4, 524288).fwd
+    assert one_pass.method == "one_pass" and not one_pass.tma_kv
 
 
 def test_device_has_tma_only_on_a_cuda_gpu_of_compute_capability_9():

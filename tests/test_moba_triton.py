@@ -1181,7 +1181,8 @@ def test_tma_kv_needs_the_partials_kernel_and_aligned_strides():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("d,b,fwd", [(64, 1024, {}), (64, 1024, {"bm": 64, "chunk": 128}),
-                                     (64, 512, {"num_warps": 8}), (128, 512, {}), (64, 320, {"bn": 128, "num_warps": 8})])
+                                     (64, 512, {"num_warps": 8}), (128, 512, {}), (64, 320, {"bn": 128, "num_warps": 8}),
+                                     (128, 4096, {})])
 def test_gpu_bf16_tma_kv_equals_plain_loads(d, b, fwd):
     """``fwd.tma_kv`` on the GPU (TMA on Hopper): the same products on the same tiles as the plain
     loads, so o within one bf16 rounding and lse within fp32 roundings of the plain kernel's (the
@@ -1192,7 +1193,7 @@ def test_gpu_bf16_tma_kv_equals_plain_loads(d, b, fwd):
     cu = _cu(t_docs, "cuda")
     q, k, v = _inputs(sum(t_docs), 16, 4, d, torch.bfloat16, seed=d + b + 11, device="cuda")
     idx = naive.select_blocks(q, k, block_size=b, topk=4, cu_seqlens=cu)
-    cfg = choose_config(b, d, 4, sum(t_docs)).replace(fwd={"method": "partials", **fwd})
+    cfg = choose_config(b, d, 4, sum(t_docs)).replace(fwd={"method": "partials", "tma_kv": False, **fwd})
     with_tma = cfg.replace(fwd={"tma_kv": True})
     plain = tb.block_attn(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5, config=cfg)
     kv = torch.stack([k, v], dim=2)

@@ -518,7 +518,12 @@ def _tiling(block_size: int, head_dim: int, group: int, n_tokens: int, tma: bool
             # 220 ms vs one pass 264 ms. Longer calls keep the one pass: one head's fp32
             # partials (T * topk * D * 4 bytes) would pass 1 GiB there, and the one pass was
             # measured at 1M (H100: 2686 ms with 32K-token chunks).
-            fwd = FwdConfig(method="partials", bm=128, bn=64, chunk=128, num_warps=8, num_stages=3)
+            # Session 22 (moba_tune_h200_2026-12-04_session22_d128_fwd.log, 128K, 32/8 heads, top-12,
+            # default first / last): K/V through tensor descriptors (tma_kv) 193.8 against 218.9/220.1
+            # ms; with bf16 partials merged 16 rows a program as well 182.6 (the d=64 finding of
+            # session 21 holds here: the descriptors take the tile kernel's spills away).
+            fwd = FwdConfig(method="partials", bm=128, bn=64, chunk=128, num_warps=8, num_stages=3, tma_kv=True,
+                            half_partials=True, merge_rows=16)
         else:
             # H100, 128K, block 4096, d=128: one pass with 4 stages 268 ms vs two passes 394 ms.
             # The d=128 backward at 512K: 4488.5 -> 2605.2 ms (moba_tune_h200_2026-12-04_session16_d128_512k.log).
@@ -631,8 +636,12 @@ def _tiling(block_size: int, head_dim: int, group: int, n_tokens: int, tma: bool
         return KernelConfig(fwd=fwd, bwd=bwd)
     # d=128, blocks 256-1024: the forward as partials on 64-row tiles, 4 warps, 3 stages: 5.05 ms
     # against two passes' 5.58/5.75 at 32K, block 512, top-3 (128-row tiles with 8 warps: 5.39);
-    # the backward as above.
-    fwd = FwdConfig(method="partials", bm=64, bn=64, chunk=128, num_warps=4, num_stages=3)
+    # the backward as above. Session 22 (moba_tune_h200_2026-12-04_session22_d128_fwd.log, 32K,
+    # 32/8 heads, default first / last): tma_kv 3.94 against 4.68/4.48 ms (the descriptors cut the
+    # tile kernel's 104 bytes of stack to 8, kernel_resources_sm90_2026-12-04_session21.txt), with
+    # bf16 partials and the 16-row merge 3.64.
+    fwd = FwdConfig(method="partials", bm=64, bn=64, chunk=128, num_warps=4, num_stages=3, tma_kv=True,
+                    half_partials=True, merge_rows=16)
     return KernelConfig(fwd=fwd, bwd=bwd_d128)
 
 
