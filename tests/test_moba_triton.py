@@ -1324,6 +1324,24 @@ def test_cuda_graphs_only_for_short_cuda_calls_with_lasting_offsets(monkeypatch)
         cuda_graphs.graph_mode()
 
 
+def test_graphed_call_saves_lse_selection_and_index_as_one_buffer():
+    """The whole-call graph's saved state (lse, the selection, the gather index) packs into one
+    int32 buffer and unpacks to views equal to the parts, lse bit for bit (incl. -inf and NaN)."""
+    t, hq, w = 37, 3, 4
+    lse = torch.randn(t, hq)
+    lse[0, 0], lse[1, 1] = float("-inf"), float("nan")
+    idx = torch.randint(-1, 9, (t, hq, w), dtype=torch.int32)
+    index = torch.randint(0, 1000, (123,), dtype=torch.int32)
+    saved = tb._pack_saved(lse, idx, index)
+    assert saved.dtype == torch.int32 and saved.numel() == lse.numel() + idx.numel() + index.numel()
+    got = tb._unpack_saved(saved, t, hq, w)
+    assert torch.equal(got[0].view(torch.int32), lse.view(torch.int32)) and got[0].shape == (t, hq)
+    assert torch.equal(got[1], idx) and torch.equal(got[2], index)
+    assert all(x.data_ptr() >= saved.data_ptr() and x.is_contiguous() for x in got)  # views, no copies
+    empty = tb._unpack_saved(tb._pack_saved(lse, idx, index[:0]), t, hq, w)[2]  # the one-pass path's index
+    assert empty.numel() == 0
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["1", "index"])
 @pytest.mark.parametrize("batched", [False, True])
@@ -1360,6 +1378,7 @@ def test_gpu_cuda_graph_path_equals_eager(batched, mode, monkeypatch):
             torch.testing.assert_close(a, e, **tol, msg=lambda m: f"call {call} {name}: {m}")
         if kept is not None:
             assert torch.equal(kept[0], kept[1]), "a later replay overwrote an earlier call's output"
-        kept = (res[mode][0], res[mode][0].clone())
+            assert torch.equal(kept[2], kept[3]), "a later replay overwrote an earlier call's lse"
+        kept = (res[mode][0], res[mode][0].clone(), res[mode][1], res[mode][1].clone())
     graphs = {"1": (1, 1, 0), "index": (0, 0, 1)}[mode]
     assert (len(tb._FWD_GRAPHS._graphs), len(tb._BWD_GRAPHS._graphs), len(tb._INDEX_GRAPHS._graphs)) == graphs
