@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--seq-len", type=int, required=True, help="held-out sequence length S (e.g. 32768)")
     pa.add_argument("--cp", default="2,4,8,16", help="simulated CP sizes, comma-separated (default 2,4,8,16)")
     pa.add_argument("--num-seqs", type=int, default=4, help="held-out sequences to analyse (default 4)")
+    pa.add_argument("--tile-rows", default="64,128",
+                    help="query-tile sizes whose per-head unions of selected past blocks are counted (what a "
+                         "query-major kernel would walk); comma-separated powers of two, '' for none (default 64,128)")
     pa.add_argument("--out", default=None, help="output folder (default RUN_DIR/analysis)")
     pa.set_defaults(func=_cmd_analyze)
 

@@ -15,6 +15,7 @@ SMALL = [
     "--train.precision=fp32", "--logging.tensorboard=false", "--train.steps=2", "--train.warmup_steps=1",
 ]
 SEQ, CPS, NSEQ, B = 512, (2, 4, 8), 2, 32
+TILES = (16, 64)  # query tiles inside one block and across two
 
 
 def _cli(args, cwd):
@@ -55,6 +56,7 @@ def _brute_force(rank, ws, run_dir, cache):
         causal = {cp: [[] for _ in range(cp)] for cp in CPS}
         kv_all = {cp: [[] for _ in range(cp)] for cp in CPS}
         prev = n = first = 0
+        tiles = {r: dict(tile_work=0, row_work=0, union=0, avail=0) for r in TILES}
         for q, k in pairs:
             sel = naive.select_blocks(q, k, block_size=B, topk=3).tolist()
             group = q.shape[1] // k.shape[1]
@@ -64,6 +66,15 @@ def _brute_force(rank, ws, run_dir, cache):
                     n += 1
                     prev += g == i // B - 1
                     first += g == 0
+            for r_tile, t in tiles.items():
+                for i0 in range(0, SEQ, r_tile):
+                    rows = range(i0, min(i0 + r_tile, SEQ))
+                    for h in range(q.shape[1]):
+                        mine = [g for i in rows for g in sel[i][h] if g >= 0 and g != i // B]
+                        t["tile_work"] += len(rows) * len(set(mine))
+                        t["row_work"] += len(mine)
+                        t["union"] += len(set(mine))
+                        t["avail"] += rows[-1] // B
             for cp in CPS:
                 c = SEQ // (2 * cp)
                 for r in range(cp):
@@ -82,7 +93,7 @@ def _brute_force(rank, ws, run_dir, cache):
         out[layer] = dict(
             causal={cp: [sum(v) / len(v) for v in causal[cp]] for cp in CPS},
             kv_all={cp: [sum(v) / len(v) for v in kv_all[cp]] for cp in CPS},
-            prev=prev / n, first=first / n, n=n)
+            prev=prev / n, first=first / n, n=n, tiles=tiles)
     return out
 
 
@@ -93,7 +104,8 @@ def analysed(tmp_path_factory):
           f"--data.cache_dir={tmp}/cache"],
          ROOT)
     stdout = _cli(["analyze", "selection", str(tmp / "run"), "--seq-len", str(SEQ), "--cp", ",".join(map(str, CPS)),
-                   "--num-seqs", str(NSEQ), "--out", str(tmp / "out"), f"--data.cache_dir={tmp}/cache"], ROOT)
+                   "--num-seqs", str(NSEQ), "--out", str(tmp / "out"), f"--data.cache_dir={tmp}/cache",
+                   "--tile-rows", ",".join(map(str, TILES))], ROOT)
     return tmp, stdout
 
 
@@ -101,7 +113,7 @@ def test_analyze_selection_equals_brute_force(analysed):
     tmp, stdout = analysed
     report = json.loads((tmp / "out" / "selection.json").read_text())
     assert (tmp / "out" / "selection.png").stat().st_size > 5000
-    assert "causal-past union" in stdout
+    assert "causal-past union" in stdout and "16-row query tiles: union" in stdout
     assert report["num_seqs"] == NSEQ and report["cps"] == list(CPS) and report["block_size"] == B
     brute = run_distributed(_brute_force, 1, args=(str(tmp / "run"), str(tmp / "cache")), timeout=400)[0]
     assert sorted(brute) == [lay["layer"] for lay in report["layers"]] == [1, 2]
@@ -111,6 +123,11 @@ def test_analyze_selection_equals_brute_force(analysed):
         assert d["selections"] == ref["n"] > 0
         assert d["previous_block"] == pytest.approx(ref["prev"]) and d["first_block"] == pytest.approx(ref["first"])
         assert sum(d["histogram"].values()) == ref["n"]
+        for r in TILES:
+            t, tr = lay["query_tiles"][str(r)], ref["tiles"][r]
+            assert {key: t[key] for key in tr} == tr, (lay["layer"], r)
+            assert t["work_ratio"] == pytest.approx(tr["tile_work"] / tr["row_work"]) and t["work_ratio"] >= 1
+            assert 0 < t["union_fraction"] <= 1
         for cp in CPS:
             e = lay["cp"][str(cp)]
             assert e["union_causal_fraction_per_rank"] == pytest.approx(ref["causal"][cp]), (lay["layer"], cp)
@@ -121,3 +138,28 @@ def test_analyze_selection_equals_brute_force(analysed):
             assert ("a2a" in e["bytes_per_rank"]) == (cp <= 4)  # 4 query heads: head-parallel up to cp=4
             ring = e["bytes_per_rank"]["ring"]
             assert ring["ring_union"] == e["union_causal_fraction_max"] and ring["fwd"] > 0
+
+
+def test_tile_unions_count_what_a_query_major_kernel_walks():
+    """Hand-made selection, block 4, one head, tiles of 4 rows: rows 8-11 (block 2) pick past
+    blocks {0}, {0}, {1}, {0, 1}: union 2 blocks, 5 per-row selections, 4 x 2 = 8 rows x blocks;
+    rows 4-7 (block 1) pick {0} each: union 1, 4 selections, work 4. Rows of block 0 have no past."""
+    import torch
+
+    from moba_cp.analysis.selection import _parse_tile_rows, tile_union_counts
+
+    sel = torch.full((12, 1, 3), -1, dtype=torch.int32)
+    for i in range(12):
+        sel[i, 0, 0] = i // 4  # the own block is never counted
+    for i in range(4, 8):
+        sel[i, 0, 1] = 0
+    for i, picks in zip(range(8, 12), ([0], [0], [1], [0, 1])):
+        sel[i, 0, 1:1 + len(picks)] = torch.tensor(picks)
+    got = tile_union_counts(sel, block_size=4, rows=4)
+    assert got == {"tile_work": 4 * 1 + 4 * 2, "row_work": 4 + 5, "union": 3, "avail": 0 + 1 + 2}
+    # 8-row tiles: rows 0-7 (blocks 0 and 1) walk block 0 for all 8 rows; rows 8-11 as before
+    assert tile_union_counts(sel, block_size=4, rows=8) == {"tile_work": 8 * 1 + 4 * 2, "row_work": 9, "union": 3,
+                                                            "avail": 1 + 2}
+    with pytest.raises(ValueError, match=r"--tile-rows '64,100': \[100\] are not powers of two >= 16"):
+        _parse_tile_rows("64,100")
+    assert _parse_tile_rows("") == () and _parse_tile_rows("128,64") == (64, 128)

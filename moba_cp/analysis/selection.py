@@ -14,6 +14,14 @@ simulated CP size ``cp`` (Megatron's zigzag layout: rank ``r`` holds chunks ``r`
 And, independent of cp, the distance profile of the selections that are not the own block:
 previous block, <= 4 blocks back, the first block, and a histogram of ``own - selected``.
 
+And, for each query-tile size ``R`` (``--tile-rows``), what a query-major kernel (one program per
+``R`` consecutive queries of one head, walking the union of the past blocks its rows selected,
+with per-row masks) would compute against the per-row selection: ``work_ratio`` = sum over tiles
+of ``R x |union|`` over the rows' own past selections (>= 1; the per-row work is MoBA's required
+work beside the own block), and ``union_fraction`` = the unions' size over the past blocks of each
+tile's last row (what dense causal attention would walk). A small ratio on a trained model is
+what would make such a kernel pay for short sequences (no gather index, partials or merge).
+
 Output: ``OUT/selection.json`` and ``OUT/selection.png``. Runs like ``moba-cp eval`` (torchrun with
 ``tp`` processes; the analysis itself runs at cp=1, heads split over TP ranks and combined).
 ``moba-cp train RECIPE --dry-run --selection OUT/selection.json`` then plans with the measured union.
@@ -63,16 +71,41 @@ def _parse_cps(text: str) -> list[int]:
 # --------------------------------------------------------------------------------------------
 # Counting (pure torch, one sequence, one layer)
 # --------------------------------------------------------------------------------------------
-def selection_counts(sel: torch.Tensor, *, block_size: int, hkv: int, cps: list[int]) -> dict:
+def tile_union_counts(sel: torch.Tensor, *, block_size: int, rows: int) -> dict:
+    """Query tiles of ``rows`` consecutive positions, per head, of one document's selection
+    ``sel [S, Hq, W]`` (``-1`` = none): ``{"tile_work": sum of rows x |union of past selected
+    blocks|, "row_work": sum of each row's past selections, "union": sum of |union|, "avail":
+    sum of the past blocks of each tile's last row}`` (over tiles and heads; ints)."""
+    s, hq, w = sel.shape
+    sel = sel.long().cpu()
+    pos = torch.arange(s)
+    own = (pos // block_size)[:, None, None].expand(s, hq, w)
+    past = (sel >= 0) & (sel != own)
+    n_tiles = -(-s // rows)
+    tile = (pos // rows)[:, None, None].expand(s, hq, w)[past]
+    head = torch.arange(hq)[None, :, None].expand(s, hq, w)[past]
+    hit = torch.zeros(n_tiles, hq, -(-s // block_size), dtype=torch.bool)
+    hit[tile, head, sel[past]] = True
+    union = hit.sum(-1)  # [tiles, Hq]
+    tile_rows = torch.bincount(pos // rows, minlength=n_tiles)
+    last_row = torch.clamp((torch.arange(n_tiles) + 1) * rows, max=s) - 1
+    return {"tile_work": int((union * tile_rows[:, None]).sum()), "row_work": int(past.sum()),
+            "union": int(union.sum()), "avail": int((last_row // block_size).sum()) * hq}
+
+
+def selection_counts(sel: torch.Tensor, *, block_size: int, hkv: int, cps: list[int],
+                     tile_rows: tuple[int, ...] = ()) -> dict:
     """Raw counts of one layer's selection of one sequence.
 
     Args:
         sel: ``[S, Hq, W]`` int block ids (``-1`` = none), one document, positions ``0..S-1``.
         hkv: KV heads of these query heads.
+        tile_rows: query-tile sizes for :func:`tile_union_counts`.
     Returns:
         ``{"hist": LongTensor[bins], "prev", "within4", "first", "n": int, "cp": {cp: {"hit":
-        Bool[cp, NB], "hit_kv": Bool[cp, NB, Hkv], "remote": Bool[cp, NB], "past": Bool[cp, NB]}}}``
-        (``cp`` sizes whose chunks would not hold whole blocks are left out).
+        Bool[cp, NB], "hit_kv": Bool[cp, NB, Hkv], "remote": Bool[cp, NB], "past": Bool[cp, NB]}},
+        "tiles": {rows: tile_union_counts(...)}}`` (``cp`` sizes whose chunks would not hold whole
+        blocks are left out).
     """
     s, hq, w = sel.shape
     sel = sel.long().cpu()
@@ -83,7 +116,8 @@ def selection_counts(sel: torch.Tensor, *, block_size: int, hkv: int, cps: list[
     edges = torch.tensor(_HIST_EDGES)
     hist = torch.bincount(torch.bucketize(dist_, edges, right=True) - 1, minlength=len(_HIST_EDGES) - 1)
     out = {"hist": hist, "prev": int((dist_ == 1).sum()), "within4": int((dist_ <= 4).sum()),
-           "first": int((sel[past] == 0).sum()), "n": int(dist_.numel()), "cp": {}}
+           "first": int((sel[past] == 0).sum()), "n": int(dist_.numel()), "cp": {},
+           "tiles": {r: tile_union_counts(sel, block_size=block_size, rows=r) for r in tile_rows}}
     valid = sel >= 0
     head_kv = (torch.arange(hq) // (hq // hkv))[None, :, None].expand(s, hq, w)
     for cp in cps:
@@ -105,6 +139,18 @@ def selection_counts(sel: torch.Tensor, *, block_size: int, hkv: int, cps: list[
         out["cp"][cp] = {"hit": hit & remote, "hit_kv": hit_kv & remote[:, :, None], "remote": remote,
                          "past": past_blocks}
     return out
+
+
+def _parse_tile_rows(text: str) -> tuple[int, ...]:
+    """``--tile-rows`` ("64,128"; "" for none) -> sizes, each a power of two >= 16."""
+    try:
+        rows = tuple(sorted({int(x) for x in str(text or "").split(",") if x.strip()}))
+    except ValueError:
+        raise ValueError(f"--tile-rows {text!r}: expected comma-separated integers, e.g. 64,128") from None
+    bad = [r for r in rows if r < 16 or r & (r - 1)]
+    if bad:
+        raise ValueError(f"--tile-rows {text!r}: {bad} are not powers of two >= 16 (kernel row tiles), e.g. 64,128")
+    return rows
 
 
 def _frac(a: torch.Tensor, b: torch.Tensor) -> list[float]:
@@ -129,7 +175,12 @@ def layer_report(counts: list[dict], *, shape: dict) -> dict:
             "histogram": dict(zip(_bin_names(), [int(x) for x in hist])),
         },
         "cp": {},
+        "query_tiles": {},
     }
+    for r in counts[0].get("tiles", {}):
+        tot = {key: sum(c["tiles"][r][key] for c in counts) for key in counts[0]["tiles"][r]}
+        rep["query_tiles"][str(r)] = {"work_ratio": tot["tile_work"] / max(tot["row_work"], 1),
+                                      "union_fraction": tot["union"] / max(tot["avail"], 1), **tot}
     for cp in counts[0]["cp"]:
         per_seq = [c["cp"][cp] for c in counts]
         cols = {"union_fraction": [], "union_causal_fraction": [], "kv_union_fraction": [],
@@ -172,9 +223,10 @@ def _add_bytes(per_cp: dict, shape: dict) -> None:
 class _Recorder:
     """Forward pre-hooks on the MoBA core attentions: each call's selection -> counts."""
 
-    def __init__(self, model, cps):
+    def __init__(self, model, cps, tile_rows=()):
         self.layers = [m for m in model.modules() if isinstance(m, MoBACoreAttention)]
         self.cps = cps
+        self.tile_rows = tuple(tile_rows)
         self.counts: dict[int, list[dict]] = {m.layer_number: [] for m in self.layers}
         self.handles = [m.register_forward_pre_hook(self._hook) for m in self.layers]
 
@@ -184,7 +236,8 @@ class _Recorder:
             sel = select_blocks(query[:, b].contiguous(), key[:, b].contiguous(), block_size=module.moba_block_size,
                                 topk=module.moba_topk, backend=module.moba_backend)
             self.counts[module.layer_number].append(
-                selection_counts(sel, block_size=module.moba_block_size, hkv=key.shape[2], cps=self.cps))
+                selection_counts(sel, block_size=module.moba_block_size, hkv=key.shape[2], cps=self.cps,
+                                 tile_rows=self.tile_rows))
 
     def close(self):
         for h in self.handles:
@@ -201,6 +254,11 @@ def _combine_tp(counts: dict[int, list[dict]], tp_group) -> None:
                 dist.all_reduce(t, group=tp_group)
                 c[key] = int(t)
             dist.all_reduce(c["hist"], group=tp_group)
+            for tiles in c.get("tiles", {}).values():  # sums over heads: each rank counted its own
+                for key in tiles:
+                    t = torch.tensor([tiles[key]], dtype=torch.long)
+                    dist.all_reduce(t, group=tp_group)
+                    tiles[key] = int(t)
             for x in c["cp"].values():
                 hit = x["hit"].to(torch.uint8)
                 dist.all_reduce(hit, op=dist.ReduceOp.MAX, group=tp_group)
@@ -250,12 +308,13 @@ def plot_selection(report: dict, out_path: str) -> str:
 def run(args) -> int:
     """The ``analyze selection`` command (every TP rank calls it; rank 0 writes)."""
     cps = _parse_cps(args.cp)
+    tile_rows = _parse_tile_rows(getattr(args, "tile_rows", ""))
     em = load_eval_model(args.checkpoint, args.seq_len, list(args.overrides) + ["--parallel.cp=1"])
     try:
         cfg = em.cfg
         seqs = heldout_sequences(cfg.data, seq_length=args.seq_len, num_sequences=args.num_seqs,
                                  tokenizer=em.tokenizer, builtin_budget_bytes=cfg.data.builtin_budget_bytes)
-        rec = _Recorder(em.model, cps)
+        rec = _Recorder(em.model, cps, tile_rows)
         if not rec.layers:
             raise ValueError("the model has no MoBA layer (attention.pattern=full): nothing to analyse")
         for i, x in enumerate(seqs):
@@ -291,6 +350,9 @@ def run(args) -> int:
                 print(f"  layer {lay['layer']:>3}: causal-past union {fr}; previous block "
                       f"{lay['distance']['previous_block']:.0%}, <=4 back {lay['distance']['within_4_blocks']:.0%}, "
                       f"first block {lay['distance']['first_block']:.0%}")
+                for r, t in lay["query_tiles"].items():
+                    print(f"             {r}-row query tiles: union {t['union_fraction']:.0%} of the past blocks, "
+                          f"{t['work_ratio']:.2f}x the per-row selections' work")
             print(f"analyze selection: wrote {out / SELECTION_FILE} and {png}")
     finally:
         shutdown_distributed()
