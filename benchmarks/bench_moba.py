@@ -423,6 +423,7 @@ def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0, parts=("fwd", "bwd"), 
     from moba_cp.ops.moba import triton_backend as tb
     from moba_cp.ops.moba.triton_attn_bwd import sparse_attn_bwd
     from moba_cp.ops.moba.triton_attn_fwd import build_chunk_index, onepass_qchunk, sparse_attn_fwd, sparse_attn_fwd_onepass
+    from moba_cp.ops.moba.triton_attn_fwd_qmajor import sparse_attn_fwd_query_major
     from moba_cp.ops.moba.triton_centroids import block_centroids
     from moba_cp.ops.moba.triton_common import build_gather_index, doc_tables
     from moba_cp.ops.moba.triton_config import choose_config, device_has_tma
@@ -466,6 +467,8 @@ def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0, parts=("fwd", "bwd"), 
     def fwd_call(fc):
         if fc.method == "one_pass":
             return sparse_attn_fwd_onepass(q, k, v, qpos, blocks, idx, base, scale, fc)
+        if fc.method == "query_major":  # reads the selection: no index to build
+            return sparse_attn_fwd_query_major(q, k, v, qpos, blocks, idx, base, scale, fc)
         gi = build_gather_index(idx, base, blocks.n, hkv, fc.chunk)
         return sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, scale, block, fc)
 
@@ -496,8 +499,10 @@ def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0, parts=("fwd", "bwd"), 
                 attempt(f"fwd {base_cfg.fwd.method} diagnostic {diag}",
                         lambda: sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, scale, block, base_cfg.fwd, **diag))
     if "bwd" in parts:
-        # the backward reads a gather index: the one-pass forward has none, so take its two-pass twin
-        fc = base_cfg.fwd if base_cfg.fwd.method != "one_pass" else base_cfg.replace(fwd={"method": "two_pass"}).fwd
+        # the backward reads a gather index: the one-pass and query-major forwards have none, so
+        # take their two-pass twin
+        fc = base_cfg.fwd if base_cfg.fwd.method in ("two_pass", "partials") \
+            else base_cfg.replace(fwd={"method": "two_pass"}).fwd
         gi = build_gather_index(idx, base, blocks.n, hkv, fc.chunk)
         o, lse = sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, scale, block, fc)
         for change in bwd_variants or TUNE_BWD:

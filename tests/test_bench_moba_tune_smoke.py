@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow  # ~5 min in the Triton interpreter on 2 cores: run with -m slow
 def test_tune_smoke_every_variant_runs():
-    fwd = [{}, {"method": "partials", "bm": 16, "bn": 16, "chunk": 32}, {"method": "one_pass", "bm": 16, "bn": 16}]
+    fwd = [{}, {"method": "partials", "bm": 16, "bn": 16, "chunk": 32}, {"method": "one_pass", "bm": 16, "bn": 16},
+           {"method": "query_major", "bm": 16, "bn": 16, "chunk": 32}]
     bwd = [{}, {"bnb": 16, "bm": 16, "fuse_dq": False, "dq_bm": 16, "dq_bn": 16}]
     gate = [{}, {"bm": 16, "bn": 16}]
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))

@@ -312,6 +312,10 @@ PATH_CONFIGS = {
                                     BwdConfig(bnb=16, bm=16, fuse_dq=False, dq_bm=16, dq_bn=16)),
     "one-pass": KernelConfig(FwdConfig(method="one_pass", bm=16, bn=16, chunk=32, qchunk=32),
                              BwdConfig(bnb=16, bm=16, fuse_dq=False, dq_bm=16, dq_bn=16)),
+    # dense tiles of consecutive rows over their union of selected blocks (16-row tiles straddle
+    # documents and blocks); the backward builds the gather index itself
+    "query-major": KernelConfig(FwdConfig(method="query_major", bm=16, bn=16, chunk=32),
+                                BwdConfig(bnb=16, bm=16, fuse_dq=False, dq_bm=16, dq_bn=16)),
 }
 
 
@@ -322,7 +326,7 @@ def test_kernel_paths_match_naive(name):
     test_block_attn_fwd_bwd_matches_naive((130, 4, 2, 16, 48, 3, [20, 110]), config=PATH_CONFIGS[name])
 
 
-@pytest.mark.parametrize("name", ["partials", "partials-whole-block", "partials-tma-kv", "dq-slots", "one-pass", "two-pass-unfused-split-mask", "gathered-rows-split-kv-chunks",
+@pytest.mark.parametrize("name", ["partials", "partials-whole-block", "partials-tma-kv", "dq-slots", "one-pass", "query-major", "two-pass-unfused-split-mask", "gathered-rows-split-kv-chunks",
                                   "gathered-rows-tma-split", "gathered-rows-sub-major-fused-dq-split",
                                   "dq-rows-split-kv-chunks"])
 def test_kernel_paths_head_dim_64_and_empty_doc(name):
@@ -694,7 +698,7 @@ PARTIAL_BWD = {
 
 
 @pytest.mark.parametrize("method,bwd", [("two_pass", "dq-kernel"), ("partials", "dq-kernel"), ("one_pass", "dq-kernel"),
-                                        ("partials", "dq-rows")])
+                                        ("query_major", "dq-kernel"), ("partials", "dq-rows")])
 def test_partial_sources_share_one_slot_namespace(method, bwd):
     """Two sources (slots [0, 3) and [3, 5)) of one selection, one shared index: each source's
     o/lse and dk/dv equal the naive op on that source alone, and dQ summed into one fp32
@@ -1103,6 +1107,23 @@ def test_gpu_bf16_half_partials(d, b):
     idx = naive.select_blocks(q, k, block_size=b, topk=3, cu_seqlens=cu)
     cfg = choose_config(b, d, 4, sum(t_docs)).replace(
         fwd={"method": "partials", "bm": 128, "bn": 64, "chunk": 128, "half_partials": True})
+    check_bf16_fwd_bwd(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
+                       fn=functools.partial(tb.block_attn, config=cfg))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,b,fwd", [(64, 512, {"bm": 128, "num_warps": 4}), (64, 1024, {"bm": 64}),
+                                     (128, 128, {"bm": 64, "num_warps": 8}), (128, 512, {"bm": 128, "num_warps": 8})])
+def test_gpu_bf16_query_major(d, b, fwd):
+    """``fwd.method='query_major'`` at bf16 on the GPU (two documents, one not a multiple of the
+    block, so row tiles straddle them; GQA 4): within twice the naive bf16 op's error, like every
+    path; its backward builds the gather index from the selection."""
+    t_docs = [3000, 2 * b + 100]
+    cu = _cu(t_docs, "cuda")
+    q, k, v = _inputs(sum(t_docs), 8, 2, d, torch.bfloat16, seed=d + b + 5, device="cuda")
+    idx = naive.select_blocks(q, k, block_size=b, topk=3, cu_seqlens=cu)
+    cfg = choose_config(b, d, 4, sum(t_docs)).replace(
+        fwd={"method": "query_major", "bn": 64, "chunk": 128, "tma_kv": False, "half_partials": False, **fwd})
     check_bf16_fwd_bwd(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
                        fn=functools.partial(tb.block_attn, config=cfg))
 

@@ -29,6 +29,7 @@ import torch
 
 from moba_cp.ops.moba.triton_attn_bwd import sparse_attn_bwd
 from moba_cp.ops.moba.triton_attn_fwd import sparse_attn_fwd, sparse_attn_fwd_onepass
+from moba_cp.ops.moba.triton_attn_fwd_qmajor import sparse_attn_fwd_query_major
 from moba_cp.ops.moba.triton_centroids import block_centroids
 from moba_cp.ops.moba.triton_common import (
     GatherIndex,
@@ -41,7 +42,7 @@ from moba_cp.ops.moba.triton_common import (
     tensor_identity,
 )
 from moba_cp.ops.moba.cuda_graphs import GraphedCall, graph_mode, graphs_enabled
-from moba_cp.ops.moba.triton_config import KernelConfig, compact_selection_dtype, tiling_for
+from moba_cp.ops.moba.triton_config import SELECTION_FWD_METHODS, KernelConfig, compact_selection_dtype, tiling_for
 from moba_cp.ops.moba.triton_gate import MAX_GATE_WIDTH, gate_topk
 
 __all__ = ["moba_attn", "select_blocks", "block_attn", "partial_index", "partial_attn_fwd", "partial_attn_bwd"]
@@ -108,7 +109,7 @@ def select_blocks(q, k, *, block_size: int, topk: int, cu_seqlens=None, config: 
 # ----------------------------------------------------------------------------- attention
 def _index_numel(q, k, indices, cu_seqlens, block_size: int, cfg: KernelConfig) -> int:
     """Length of the saved gather index (0 on the one-pass path: it builds its own)."""
-    if cfg.fwd.method == "one_pass":
+    if cfg.fwd.method in SELECTION_FWD_METHODS:
         return 0
     t, hq, w = indices.shape
     n_docs = 1 if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -129,12 +130,18 @@ def _index_impl(q, k, indices, cu_seqlens, block_size: int, config: str = "") ->
     """The gather index of ``indices`` as one int32 buffer (empty on the one-pass path, which
     builds its own)."""
     cfg = _config(config, q, k, block_size)
-    if cfg.fwd.method == "one_pass":
+    if cfg.fwd.method in SELECTION_FWD_METHODS:
         return indices.new_empty(0, dtype=torch.int32)
     blocks, _, base, _ = doc_tables(q.shape[0], cu_seqlens, block_size, q.device)
     flat = torch.empty(_index_numel(q, k, indices, cu_seqlens, block_size, cfg), dtype=torch.int32, device=q.device)
     build_gather_index(indices.to(torch.int32), base, blocks.n, k.shape[1], cfg.fwd.chunk, out=flat)
     return flat
+
+
+def _fwd_from_selection(q, k, v, qpos, blocks, sel, base, softmax_scale: float, cfg: KernelConfig):
+    """The forward methods that read the selection, not a gather index (``SELECTION_FWD_METHODS``)."""
+    fwd = sparse_attn_fwd_query_major if cfg.fwd.method == "query_major" else sparse_attn_fwd_onepass
+    return fwd(q, k, v, qpos, blocks, sel, base, softmax_scale, cfg.fwd)
 
 
 def _attn_fwd_from_index(q, k, v, indices, flat, cu_seqlens, block_size: int, softmax_scale: float,
@@ -143,8 +150,8 @@ def _attn_fwd_from_index(q, k, v, indices, flat, cu_seqlens, block_size: int, so
     q, k, v = _c(q), _c(k), _c(v)
     cfg = _config(config, q, k, block_size)
     blocks, qpos, base, _ = doc_tables(q.shape[0], cu_seqlens, block_size, q.device)
-    if cfg.fwd.method == "one_pass":
-        return sparse_attn_fwd_onepass(q, k, v, qpos, blocks, indices.to(torch.int32), base, softmax_scale, cfg.fwd)
+    if cfg.fwd.method in SELECTION_FWD_METHODS:
+        return _fwd_from_selection(q, k, v, qpos, blocks, indices.to(torch.int32), base, softmax_scale, cfg)
     t, hq, w = indices.shape
     gi = GatherIndex.from_flat(flat, t, hq, w, blocks.n, k.shape[1], cfg.fwd.chunk)
     return sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, softmax_scale, block_size, cfg.fwd)
@@ -481,8 +488,8 @@ def partial_attn_fwd(q, q_pos, k_buf, v_buf, slot_pos, slot_idx, *, block_size: 
     qpos = q_pos.to(torch.int32)
     cfg = index.tiling(block_size)
     with torch.no_grad():
-        if cfg.fwd.method == "one_pass":
-            return sparse_attn_fwd_onepass(q, k_buf, v_buf, qpos, blocks, index.sel, None, float(softmax_scale), cfg.fwd)
+        if cfg.fwd.method in SELECTION_FWD_METHODS:
+            return _fwd_from_selection(q, k_buf, v_buf, qpos, blocks, index.sel, None, float(softmax_scale), cfg)
         return sparse_attn_fwd(q, k_buf, v_buf, qpos, blocks, index.gather(block_size), index.sel.shape[-1],
                                float(softmax_scale), block_size, cfg.fwd)
 

@@ -21,9 +21,12 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 __all__ = ["FwdConfig", "BwdConfig", "GateConfig", "KernelConfig", "choose_config", "tiling_for", "device_has_tma",
-           "parse_overrides", "apply_overrides", "compact_selection_dtype", "GATE_LOOPS"]
+           "parse_overrides", "apply_overrides", "compact_selection_dtype", "GATE_LOOPS", "SELECTION_FWD_METHODS"]
 
-FWD_METHODS = ("partials", "two_pass", "one_pass")
+FWD_METHODS = ("partials", "two_pass", "one_pass", "query_major")
+#: Forward methods that read the selection itself: the forward builds and saves no gather index
+#: (the backward builds it).
+SELECTION_FWD_METHODS = ("one_pass", "query_major")
 GATE_LOOPS = ("while", "counted", "keys", "below")
 
 
@@ -40,7 +43,13 @@ class FwdConfig:
         into fp32 ``o`` (three products per key tile, no partial buffer).
         ``one_pass``: a program owns ``qchunk`` tokens of one head and walks the key blocks in
         order, keeping each row's online-softmax state in fp32 scratch (large blocks).
-    bm: gathered rows per tile; bn: keys per sub-tile (0: the whole block, up to 128).
+        ``query_major``: a program owns ``bm`` consecutive rows of one head (a dense tile, no
+        gather) and walks the union of the blocks they selected, each row masked to its own
+        blocks; ``o`` and ``lse`` written once (no index, partials or merge). Its products grow
+        with the tile's union, so it suits short calls whose tiles select similar blocks.
+        Built and tested, not yet a default (not measured on a GPU).
+    bm: gathered rows per tile (``query_major``: consecutive rows a program); bn: keys per sub-tile
+        (0: the whole block, up to 128; ``query_major``: 64).
     chunk: entries per program of the gather index (a multiple of ``bm``; the dQ kernel
         walks the same chunks).
     qchunk: ``one_pass`` tokens per program (0: from the shape).
