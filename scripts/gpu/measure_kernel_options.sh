@@ -35,7 +35,7 @@
 #    (later calls: the lists in the headers of benchmarks/results/*2026-12-04_session17*); session 18
 #    b128bwd (then its own calls: headers of benchmarks/results/*2026-12-04_session18*); session 19
 #    sink (first form, with the row_tiles option it then removed) and its own calls (headers of
-#    benchmarks/results/*2026-12-04_session19*).
+#    benchmarks/results/*2026-12-04_session19*). Part qmajor (12.) was written in session 22, not yet run.
 # Needs no network: megatron-core comes from ./.whl when it is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -184,5 +184,22 @@ if has sink; then
       --tune flashmoba:32768,flashmoba:131072,train-b128:32768,train-b128:131072,train-b512:32768,small-b512:8192,paper-b512:32768,train-b1024:131072 \
       --tune-parts bwd --tune-bwd '[{}, {"max_rows": 0}, {}]' 2>&1 | grep "^tune" | grep -v "default config" \
       | tee -a "$OUT/tune_sink.log" || true
+  done
+fi
+
+# 12. (part qmajor) the query-major forward (fwd.method=query_major, session 22: built after that
+#    session's device time). First its bf16 GPU tests, then the forward (from the selection: the
+#    partials lines include building their gather index) at the short shapes, default first and
+#    last, on random inputs (a 128-row tile's union is nearly every past block: a masked dense
+#    kernel, expected to lose) and with an attention sink (--sink 8: every row also selects block 0,
+#    so tiles share blocks), the two ends between which a trained model's selection lies.
+if has qmajor; then
+  "$PY" -m pytest -q -m gpu tests/test_moba_triton.py -k query_major -p no:cacheprovider 2>&1 \
+    | tail -3 | tee "$OUT/gpu_tests_qmajor.log" || true
+  QM='"method": "query_major", "bn": 64, "chunk": 128, "tma_kv": false, "half_partials": false'
+  for SK in 0 8; do
+    "$PY" benchmarks/bench_moba.py --sink "$SK" --tune small-b512:8192,train-b512:32768,paper-b512:8192 \
+      --tune-parts fwd --tune-fwd "[{}, {$QM, \"bm\": 128}, {$QM, \"bm\": 64}, {$QM, \"bm\": 128, \"num_stages\": 3}, {}]" \
+      2>&1 | grep "^tune" | grep -v "default config" | tee -a "$OUT/tune_qmajor.log" || true
   done
 fi
