@@ -22,7 +22,8 @@ tb = pytest.importorskip("moba_cp.ops.moba.triton_backend")
 from moba_cp.ops.moba.triton_attn_bwd import sparse_attn_bwd  # noqa: E402
 from moba_cp.ops.moba.triton_attn_fwd import sparse_attn_fwd  # noqa: E402
 from moba_cp.ops.moba.triton_common import build_gather_index, doc_tables  # noqa: E402
-from moba_cp.ops.moba.triton_config import BwdConfig, FwdConfig, GateConfig, KernelConfig, choose_config  # noqa: E402
+from moba_cp.ops.moba.triton_config import (BwdConfig, FwdConfig, GateConfig, KernelConfig, choose_config,  # noqa: E402
+                                            device_has_tma)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -312,6 +313,20 @@ PATH_CONFIGS = {
                                     BwdConfig(bnb=16, bm=16, fuse_dq=False, dq_bm=16, dq_bn=16)),
     "one-pass": KernelConfig(FwdConfig(method="one_pass", bm=16, bn=16, chunk=32, qchunk=32),
                              BwdConfig(bnb=16, bm=16, fuse_dq=False, dq_bm=16, dq_bn=16)),
+    # dV in a launch of its own (32-row steps there), then dK: with the dQ kernel; with the fused
+    # dQ into the row copy, GQA groups split over launches (dK/dV summed in fp32) and blocks cut
+    # at 16 rows (scratch sums); untransposed with fp32 atomics; dQ in per-block slots
+    "split-dv": KernelConfig(FwdConfig(method="partials", **SMALL),
+                             BwdConfig(bnb=16, bm=16, fuse_dq=False, dq_bm=16, dq_bn=16, split_dv=True, dv_bm=32)),
+    "split-dv-dq-rows-split-group-cut": KernelConfig(
+        FwdConfig(method="partials", **SMALL),
+        BwdConfig(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, dq_chunk_bytes=1, split_group=True,
+                  max_rows=16, split_dv=True)),
+    "split-dv-fused-dq-untransposed": KernelConfig(FwdConfig(method="two_pass", **SMALL),
+                                                   BwdConfig(bnb=32, bm=16, fuse_dq=True, trans=False, split_dv=True,
+                                                             dv_warps=2)),
+    "split-dv-dq-slots": KernelConfig(FwdConfig(method="partials", **SMALL),
+                                      BwdConfig(bnb=64, bm=16, dq_slots=True, split_dv=True, dv_bm=64)),
     # dense tiles of consecutive rows over their union of selected blocks (16-row tiles straddle
     # documents and blocks); the backward builds the gather index itself
     "query-major": KernelConfig(FwdConfig(method="query_major", bm=16, bn=16, chunk=32),
@@ -326,7 +341,7 @@ def test_kernel_paths_match_naive(name):
     test_block_attn_fwd_bwd_matches_naive((130, 4, 2, 16, 48, 3, [20, 110]), config=PATH_CONFIGS[name])
 
 
-@pytest.mark.parametrize("name", ["partials", "partials-whole-block", "partials-tma-kv", "dq-slots", "one-pass", "query-major", "two-pass-unfused-split-mask", "gathered-rows-split-kv-chunks",
+@pytest.mark.parametrize("name", ["partials", "partials-whole-block", "partials-tma-kv", "dq-slots", "one-pass", "query-major", "split-dv-dq-rows-split-group-cut", "two-pass-unfused-split-mask", "gathered-rows-split-kv-chunks",
                                   "gathered-rows-tma-split", "gathered-rows-sub-major-fused-dq-split",
                                   "dq-rows-split-kv-chunks"])
 def test_kernel_paths_head_dim_64_and_empty_doc(name):
@@ -346,6 +361,10 @@ def test_config_is_immutable_and_round_trips():
         FwdConfig(bm=64, chunk=96)
     with pytest.raises(ValueError, match="method"):
         FwdConfig(method="three_pass")
+    with pytest.raises(ValueError, match=r"BwdConfig.dv_bm=24: a power of two \(>= 16 rows for dv_bm\)"):
+        BwdConfig(split_dv=True, dv_bm=24)
+    with pytest.raises(ValueError, match=r"split_dv with tma=True .* bm=32 rows; dv_bm=64 .* Fix: dv_bm=0"):
+        BwdConfig(split_dv=True, dv_bm=64, bm=32, gather_rows=True, tma=True)
     with pytest.raises(ValueError, match="dq_rows=True .* needs gather_rows=True"):
         BwdConfig(dq_rows=True)
     with pytest.raises(ValueError, match="fuse_dq=False"):
@@ -1107,6 +1126,22 @@ def test_gpu_bf16_half_partials(d, b):
     idx = naive.select_blocks(q, k, block_size=b, topk=3, cu_seqlens=cu)
     cfg = choose_config(b, d, 4, sum(t_docs)).replace(
         fwd={"method": "partials", "bm": 128, "bn": 64, "chunk": 128, "half_partials": True})
+    check_bf16_fwd_bwd(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
+                       fn=functools.partial(tb.block_attn, config=cfg))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,b,bwd", [(64, 1024, {}), (64, 1024, {"dv_bm": 64}), (64, 512, {"dv_bm": 64, "dv_warps": 8}),
+                                     (128, 512, {}), (64, 128, {"dv_bm": 64})])
+def test_gpu_bf16_split_dv(d, b, bwd):
+    """``bwd.split_dv`` on the GPU at the shape's default backward otherwise (row copy, fused dQ by
+    TMA reductions or slots, GQA groups split over launches): two documents, GQA 4, within twice
+    the naive bf16 op's error like every path."""
+    t_docs = [3000, 2 * b + 100]
+    cu = _cu(t_docs, "cuda")
+    q, k, v = _inputs(sum(t_docs), 8, 2, d, torch.bfloat16, seed=d + b + 9, device="cuda")
+    idx = naive.select_blocks(q, k, block_size=b, topk=3, cu_seqlens=cu)
+    cfg = choose_config(b, d, 4, sum(t_docs), device_has_tma("cuda")).replace(bwd={"split_dv": True, **bwd})
     check_bf16_fwd_bwd(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
                        fn=functools.partial(tb.block_attn, config=cfg))
 

@@ -35,7 +35,7 @@
 #    (later calls: the lists in the headers of benchmarks/results/*2026-12-04_session17*); session 18
 #    b128bwd (then its own calls: headers of benchmarks/results/*2026-12-04_session18*); session 19
 #    sink (first form, with the row_tiles option it then removed) and its own calls (headers of
-#    benchmarks/results/*2026-12-04_session19*). Part qmajor (12.) was written in session 22, not yet run.
+#    benchmarks/results/*2026-12-04_session19*). Parts qmajor (12.) and splitdv (13.) were written in session 22, not yet run.
 # Needs no network: megatron-core comes from ./.whl when it is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -202,4 +202,17 @@ if has qmajor; then
       --tune-parts fwd --tune-fwd "[{}, {$QM, \"bm\": 128}, {$QM, \"bm\": 64}, {$QM, \"bm\": 128, \"num_stages\": 3}, {}]" \
       2>&1 | grep "^tune" | grep -v "default config" | tee -a "$OUT/tune_qmajor.log" || true
   done
+fi
+
+# 13. (part splitdv) the dK/dV programs as two launches, dV alone then dK with the fused dQ
+#    (bwd.split_dv, session 22: built after that session's device time). Offline the split takes
+#    the d=64 block-1024 kernel's spills away (192 -> 0 bytes a thread;
+#    benchmarks/results/kernel_resources_sm90_2026-12-04_session22.txt) for one product more and the
+#    rows read twice. Its GPU tests, then the backward at the training shapes, default first and last.
+if has splitdv; then
+  "$PY" -m pytest -q -m gpu tests/test_moba_triton.py -k split_dv -p no:cacheprovider 2>&1 \
+    | tail -3 | tee "$OUT/gpu_tests_splitdv.log" || true
+  "$PY" benchmarks/bench_moba.py --tune train-b1024:131072,train-b512:32768,small-b512:8192 --tune-parts bwd \
+    --tune-bwd '[{}, {"split_dv": true}, {"split_dv": true, "dv_bm": 64}, {"split_dv": true, "dv_bm": 64, "dv_warps": 8}, {}]' \
+    2>&1 | grep "^tune" | grep -v "default config" | tee "$OUT/tune_splitdv.log" || true
 fi

@@ -94,10 +94,12 @@ def _gather_rows_kernel(Q, DO, LSE, DELTA, QPOS, ENT, OFFS, QG, DOG, LSE2G, DLG,
 
 @triton.jit
 def _dkdv_step(k, v, q, do, lse2, dl, qp, rmask, kk, kmask, kp0, dk, dv, scale_log2,
-               MASK: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr):
+               MASK: tl.constexpr, PREC: tl.constexpr, TRANS: tl.constexpr, PART: tl.constexpr = 0):
     """dK/dV of one key sub-tile from one gathered row tile; returns dS for a fused dQ.
     Without ``MASK`` every row sees every key (rows past the bucket were loaded as zeros
-    with lse = delta = 0, so they add exactly nothing)."""
+    with lse = delta = 0, so they add exactly nothing). ``PART`` (``BwdConfig.split_dv``): 0 both,
+    1 dV alone (two products; dk and the returned dS are left as they came / zero), 2 dK and dS
+    alone (four with a fused dQ)."""
     if TRANS:
         # Keys as the M dimension of every product (M = BNB, e.g. 128), which suits
         # Hopper's warpgroup MMA better than M = BM gathered rows.
@@ -107,10 +109,14 @@ def _dkdv_step(k, v, q, do, lse2, dl, qp, rmask, kk, kmask, kp0, dk, dv, scale_l
             pt = tl.where(okt, tl.exp2(st - lse2[None, :]), 0.0)
         else:
             pt = tl.exp2(st - lse2[None, :])
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-        dst = (pt * (dpt - dl[None, :])).to(q.dtype)
-        dk += tl.dot(dst, q, input_precision=PREC)
+        if PART != 2:
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+        if PART != 1:
+            dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+            dst = (pt * (dpt - dl[None, :])).to(q.dtype)
+            dk += tl.dot(dst, q, input_precision=PREC)
+        else:
+            dst = tl.zeros_like(pt).to(q.dtype)
         ds = tl.trans(dst)
     else:
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
@@ -119,10 +125,14 @@ def _dkdv_step(k, v, q, do, lse2, dl, qp, rmask, kk, kmask, kp0, dk, dv, scale_l
             p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
         else:
             p = tl.exp2(s - lse2[:, None])
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = (p * (dp - dl[:, None])).to(q.dtype)
-        dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
+        if PART != 2:
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+        if PART != 1:
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            ds = (p * (dp - dl[:, None])).to(q.dtype)
+            dk += tl.dot(tl.trans(ds), q, input_precision=PREC)
+        else:
+            ds = tl.zeros_like(p).to(q.dtype)
     return dk, dv, ds
 
 
@@ -167,7 +177,7 @@ def _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG,
                scale_log2, BM: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr, FUSE_DQ: tl.constexpr,
                PREC: tl.constexpr, TRANS: tl.constexpr, GATHERED: tl.constexpr, TMA: tl.constexpr,
                DQ_ROWS: tl.constexpr, TMA_DQ: tl.constexpr, DQ_TRANS: tl.constexpr, DQ_SLOTS: tl.constexpr,
-               DQ_DIAG: tl.constexpr):
+               DQ_DIAG: tl.constexpr, PART: tl.constexpr = 0):
     """Loads gathered rows ``[r0, r0 + BM)`` of one bucket and adds their dK/dV (and, with
     ``FUSE_DQ``, their dQ by fp32 atomics into the launch's head chunk starting at ``H0``).
     ``GATHERED``: the rows were copied in bucket order (``_gather_rows_kernel``; row ``r`` at
@@ -200,7 +210,8 @@ def _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG,
     else:
         t64, q, do, lse2, dl, qp = _load_rows(Q, DO, LSE, DELTA, QPOS, ENT, rr, rmask, h, H, W, stride_qt, stride_qh,
                                               stride_dot, stride_doh, D)
-    dk, dv, ds = _dkdv_step(k, v, q, do, lse2, dl, qp, rmask, kk, kmask, kp0, dk, dv, scale_log2, MASK, PREC, TRANS)
+    dk, dv, ds = _dkdv_step(k, v, q, do, lse2, dl, qp, rmask, kk, kmask, kp0, dk, dv, scale_log2, MASK, PREC, TRANS,
+                            PART)
     if FUSE_DQ:
         if DQ_TRANS:
             # dQ^T = K^T dS^T: the product's M is the head dim (a whole Hopper warpgroup MMA)
@@ -245,6 +256,7 @@ def _dkdv_kernel(
     TRANS: tl.constexpr, SPLIT: tl.constexpr, GATHERED: tl.constexpr, TMA: tl.constexpr,
     SUB_MAJOR: tl.constexpr, DQ_ROWS: tl.constexpr, TMA_DQ: tl.constexpr, DQ_TRANS: tl.constexpr,
     ACC_KV: tl.constexpr, DQ_SLOTS: tl.constexpr = False, DQ_DIAG: tl.constexpr = 0, TILED: tl.constexpr = False,
+    PART: tl.constexpr = 0,
 ):
     # KV heads [HK0, HK0 + HKVC) of this launch, and of their query heads those in
     # [QH0, QH0 + QHC) (all of them unless the launch splits a GQA group: split_group); the j-th
@@ -255,6 +267,8 @@ def _dkdv_kernel(
     # over its query heads in order); the program walks rows [c0, c0 + MAX_ROWS) of them. A pj cut
     # into several tiles (TEND: inclusive tile counts) adds its dK/dV into the fp32 scratch slot
     # "tiles before pj - pj" (its extra tiles' rank), which _dkdv_split_sum_kernel then stores.
+    # PART (BwdConfig.split_dv): 0 dK and dV; 1 dV alone, 2 dK (and the fused dQ) alone: two
+    # launches over the same programs, each with half the accumulators.
     if SUB_MAJOR:
         # One 1-D grid with the key sub-tiles of a block adjacent: the NSUB programs that read
         # the same gathered rows (and, with FUSE_DQ, add into the same dQ rows) run at the same
@@ -332,37 +346,43 @@ def _dkdv_kernel(
             dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG, QPG, DQG, DQGD, e0,
                                 r0, r_hi, h, H, W, QH0, QHC, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh,
                                 stride_dot, stride_doh, stride_dqt, scale, scale_log2, BM, D, True, FUSE_DQ, PREC,
-                                TRANS, GATHERED, TMA, DQ_ROWS, TMA_DQ, DQ_TRANS, DQ_SLOTS, DQ_DIAG)
+                                TRANS, GATHERED, TMA, DQ_ROWS, TMA_DQ, DQ_TRANS, DQ_SLOTS, DQ_DIAG, PART)
         if SPLIT:
             for r0 in range(r_mid, r_hi, BM):
                 dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG, QPG, DQG, DQGD,
                                     e0, r0, r_hi, h, H, W, QH0, QHC, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh,
                                     stride_dot, stride_doh, stride_dqt, scale, scale_log2, BM, D, False, FUSE_DQ, PREC,
-                                    TRANS, GATHERED, TMA, DQ_ROWS, TMA_DQ, DQ_TRANS, DQ_SLOTS, DQ_DIAG)
+                                    TRANS, GATHERED, TMA, DQ_ROWS, TMA_DQ, DQ_TRANS, DQ_SLOTS, DQ_DIAG, PART)
     dk = dk * scale
     if n_t > 1:
         # one of several tiles of this block: summed in the scratch slot, stored by the sum kernel
         sp = ((t_before - pj) * NSUB * BNB + kk)[:, None] * D + d[None, :]
-        tl.atomic_add(SCR_DK + sp, dk, mask=kmask[:, None], sem="relaxed")
-        tl.atomic_add(SCR_DV + sp, dv, mask=kmask[:, None], sem="relaxed")
+        if PART != 2:
+            tl.atomic_add(SCR_DV + sp, dv, mask=kmask[:, None], sem="relaxed")
+        if PART != 1:
+            tl.atomic_add(SCR_DK + sp, dk, mask=kmask[:, None], sem="relaxed")
     else:
-        _store_dkdv(DK, DV, dk, dv, ks + kk, kmask, hk, H // G, D, ACC_KV)
+        _store_dkdv(DK, DV, dk, dv, ks + kk, kmask, hk, H // G, D, ACC_KV, PART)
 
 
 @triton.jit
-def _store_dkdv(DK, DV, dk, dv, key_rows, kmask, hk, HKV, D: tl.constexpr, ACC_KV: tl.constexpr):
+def _store_dkdv(DK, DV, dk, dv, key_rows, kmask, hk, HKV, D: tl.constexpr, ACC_KV: tl.constexpr,
+                PART: tl.constexpr = 0):
     """Write a key sub-tile's dK/dV (rows ``key_rows`` of KV head ``hk`` in the contiguous
     ``[Tk, Hkv, D]`` grads). Each (KV head, key rows) has exactly one writer per launch, so they are
     stored once, directly in the output dtype (no fp32 copy when the caller wants k's dtype), or,
     when the launch holds only part of the GQA group (``ACC_KV``), added to the earlier launches'
-    fp32 sums."""
+    fp32 sums. ``PART`` 1 writes dV alone, 2 dK alone (``BwdConfig.split_dv``)."""
     d = tl.arange(0, D)
     ptr = (key_rows.to(tl.int64)[:, None] * HKV + hk) * D + d[None, :]
-    if ACC_KV:
-        dk += tl.load(DK + ptr, mask=kmask[:, None], other=0.0)
-        dv += tl.load(DV + ptr, mask=kmask[:, None], other=0.0)
-    tl.store(DK + ptr, dk.to(DK.dtype.element_ty), mask=kmask[:, None])
-    tl.store(DV + ptr, dv.to(DV.dtype.element_ty), mask=kmask[:, None])
+    if PART != 2:
+        if ACC_KV:
+            dv += tl.load(DV + ptr, mask=kmask[:, None], other=0.0)
+        tl.store(DV + ptr, dv.to(DV.dtype.element_ty), mask=kmask[:, None])
+    if PART != 1:
+        if ACC_KV:
+            dk += tl.load(DK + ptr, mask=kmask[:, None], other=0.0)
+        tl.store(DK + ptr, dk.to(DK.dtype.element_ty), mask=kmask[:, None])
 
 
 @triton.jit(do_not_specialize=["HK0", "HKVC", "NPJ"])
@@ -705,15 +725,19 @@ def sparse_attn_bwd(
             # cut each (KV head, block)'s rows into programs of at most max_rows (longest first)
             n_prog, tiles = cut.plan(gi, hk0, nkv, h0, hc, blocks.n, g_sz)
         grid = (n_prog * nsub,) if cfg.sub_major else (n_prog, nsub)
-        _dkdv_kernel[grid](
-            q, k, v, do, lse, delta, qpos, gi.ent, gi.offs, gi.kv_order, blocks.kstart, blocks.kpos, blocks.klen,
-            dq_c, dk, dv, *rows, *dq_rows, *tiles, *strides, dq_c.stride(0), hq, width, blocks.n, g_sz, hk0, nkv,
-            nsub, h0, hc, cfg.max_rows, softmax_scale, scale_log2, BM=cfg.bm, BNB=bnb, D=d, FUSE_DQ=fuse_dq,
-            PREC=prec, TRANS=cfg.trans, SPLIT=cfg.split_mask and sorted_positions, GATHERED=cfg.gather_rows,
-            TMA=cfg.tma, SUB_MAJOR=cfg.sub_major, DQ_ROWS=cfg.dq_rows, TMA_DQ=cfg.tma_dq, DQ_TRANS=cfg.dq_trans,
-            ACC_KV=acc_kv, DQ_SLOTS=cfg.dq_slots, DQ_DIAG=diag_dq, TILED=cut is not None, num_warps=nw,
-            num_stages=n_stages,
-        )
+        # split_dv: dV in a launch of its own (no dQ there), then dK with the fused dQ
+        parts = ((1, cfg.dv_bm or cfg.bm, cfg.dv_warps or nw), (2, cfg.bm, nw)) if cfg.split_dv else ((0, cfg.bm, nw),)
+        for part, bm, warps in parts:
+            dq_here = fuse_dq and part != 1
+            _dkdv_kernel[grid](
+                q, k, v, do, lse, delta, qpos, gi.ent, gi.offs, gi.kv_order, blocks.kstart, blocks.kpos, blocks.klen,
+                dq_c, dk, dv, *rows, *dq_rows, *tiles, *strides, dq_c.stride(0), hq, width, blocks.n, g_sz, hk0, nkv,
+                nsub, h0, hc, cfg.max_rows, softmax_scale, scale_log2, BM=bm, BNB=bnb, D=d, FUSE_DQ=dq_here,
+                PREC=prec, TRANS=cfg.trans, SPLIT=cfg.split_mask and sorted_positions, GATHERED=cfg.gather_rows,
+                TMA=cfg.tma, SUB_MAJOR=cfg.sub_major, DQ_ROWS=cfg.dq_rows and dq_here, TMA_DQ=cfg.tma_dq and dq_here,
+                DQ_TRANS=cfg.dq_trans, ACC_KV=acc_kv, DQ_SLOTS=cfg.dq_slots and dq_here, DQ_DIAG=diag_dq,
+                TILED=cut is not None, PART=part, num_warps=warps, num_stages=n_stages,
+            )
         if cut is not None:
             cut.store(dk, dv, gi, hk0, nkv, hkv, blocks, bnb, nsub, d, acc_kv)
         del rows

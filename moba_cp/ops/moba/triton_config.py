@@ -191,7 +191,14 @@ class BwdConfig:
     ``train_h200_2026-12-04_session15_norecompute.md``) 128K training without recomputation ran
     out of memory keeping the index and trained with False (2.85x full attention's tokens/s,
     135.6 GiB peak); at 32K it cost 2% (2.43x -> 2.38x). So True stays the default, and
-    ``moba.kernel: bwd.keep_index=false`` is the setting for memory-bound runs without recomputation."""
+    ``moba.kernel: bwd.keep_index=false`` is the setting for memory-bound runs without recomputation.
+    ``split_dv``: the dK/dV programs run as two launches over the same programs and rows: dV alone
+    (``P^T dO``: two products a step; ``dv_bm`` rows a step, 0: ``bm``, on ``dv_warps`` warps, 0:
+    ``num_warps``), then dK with the fused dQ (four). One product more in all (``QK^T`` twice) and
+    the rows read twice, for half the accumulators a program holds: at d=64, block 1024 the fused
+    program spills (192 bytes a thread at 255 registers, ``results/kernel_resources_sm90_*``) and
+    Nsight Compute found it bound by shared memory on its 32-row steps, which a dV launch with
+    larger steps could relieve. Built in session 22 after the device time: off, not measured."""
 
     bnb: int = 0
     bm: int = 64
@@ -216,8 +223,19 @@ class BwdConfig:
     dq_slots: bool = False
     max_rows: int = 0
     max_rows_bytes: int = 32 << 20
+    split_dv: bool = False
+    dv_bm: int = 0
+    dv_warps: int = 0
 
     def __post_init__(self):
+        if self.split_dv and self.tma and self.dv_bm not in (0, self.bm):
+            raise ValueError(f"BwdConfig.split_dv with tma=True reads the rows through descriptors of bm={self.bm} "
+                             f"rows; dv_bm={self.dv_bm} would need others. Fix: dv_bm=0 (= bm) or tma=False")
+        for name in ("dv_bm", "dv_warps"):
+            val = getattr(self, name)
+            if val and (val < (16 if name == "dv_bm" else 1) or val & (val - 1)):
+                raise ValueError(f"BwdConfig.{name}={val}: a power of two (>= 16 rows for dv_bm), or 0 for the "
+                                 f"{'bm' if name == 'dv_bm' else 'num_warps'} of the dK launch")
         if self.max_rows < 0 or self.max_rows_bytes < 0:
             raise ValueError(f"BwdConfig.max_rows={self.max_rows} and max_rows_bytes={self.max_rows_bytes} must be "
                              f">= 0 (max_rows 0: one dK/dV program per block, however many rows it has)")
