@@ -7,8 +7,9 @@ that did not select the block, or a key after the row's position, gets ``-inf``.
 ``lse`` are written once per row, so there is no gather index, no partial outputs and no merge.
 
 Why: on short calls the partials forward's fixed costs (the gather index: a sort and four small
-kernels; the partials and their merge) are a large share of its time (4 x 8K tokens, 6 heads,
-d=64, block 512, top-3 on one H200: ~0.3 of ~0.58 ms a forward). The price is work: every row of
+kernels; the partials and their merge) are a real share of its time (4 x 8K tokens, 6 heads,
+d=64, block 512, top-3 in 8K training on one H200: index and merge ~0.13 of the ~0.46 ms of a
+forward's kernels, the tile kernel 0.27, the selection 0.06). The price is work: every row of
 a tile is multiplied with every block of the tile's union, so the products grow with
 ``BM x |union|`` instead of each row's own ``W`` blocks (``moba-cp analyze selection
 --tile-rows`` measures that ratio on a trained model). The backward builds the gather index from
