@@ -108,7 +108,8 @@ def select_blocks(q, k, *, block_size: int, topk: int, cu_seqlens=None, config: 
 
 # ----------------------------------------------------------------------------- attention
 def _index_numel(q, k, indices, cu_seqlens, block_size: int, cfg: KernelConfig) -> int:
-    """Length of the saved gather index (0 on the one-pass path: it builds its own)."""
+    """Length of the saved gather index (0 for the forwards that read the selection itself:
+    ``one_pass`` and ``query_major``; their backward builds the index)."""
     if cfg.fwd.method in SELECTION_FWD_METHODS:
         return 0
     t, hq, w = indices.shape
@@ -119,7 +120,7 @@ def _index_numel(q, k, indices, cu_seqlens, block_size: int, cfg: KernelConfig) 
 
 def _attn_fwd_impl(q, k, v, indices, cu_seqlens, block_size: int, softmax_scale: float, config: str = ""):
     """Returns ``o``, ``lse`` and the gather index as one int32 buffer, saved for the backward
-    (so it is built once per call; empty on the one-pass path)."""
+    (so it is built once per call; empty after the ``one_pass`` and ``query_major`` forwards)."""
     check_triton_inputs(q, block_size, "block_attn")
     flat = _index_impl(q, k, indices, cu_seqlens, block_size, config)
     o, lse = _attn_fwd_from_index(q, k, v, indices, flat, cu_seqlens, block_size, softmax_scale, config)
@@ -127,8 +128,8 @@ def _attn_fwd_impl(q, k, v, indices, cu_seqlens, block_size: int, softmax_scale:
 
 
 def _index_impl(q, k, indices, cu_seqlens, block_size: int, config: str = "") -> torch.Tensor:
-    """The gather index of ``indices`` as one int32 buffer (empty on the one-pass path, which
-    builds its own)."""
+    """The gather index of ``indices`` as one int32 buffer (empty for the forwards that read the
+    selection itself: ``one_pass`` builds its own chunk index, ``query_major`` needs none)."""
     cfg = _config(config, q, k, block_size)
     if cfg.fwd.method in SELECTION_FWD_METHODS:
         return indices.new_empty(0, dtype=torch.int32)
