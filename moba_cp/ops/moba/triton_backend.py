@@ -359,15 +359,13 @@ class _MobaGraphed(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dlse):
-        if ctx.mode == "index":
-            q, k, v, o, lse, idx, index = ctx.saved_tensors
-            if do is None:
-                do = torch.zeros_like(o)
-            dq, dk, dv = _attn_bwd_impl(do, dlse, q, k, v, o, lse, idx, index, *ctx.args)
-            return dq, dk, dv, None, None, None, None, None
-        q, k, v, o, saved = ctx.saved_tensors
+        q, k, v, o, *rest = ctx.saved_tensors  # rest: (lse, idx, index), or their packed buffer
         if do is None:
             do = torch.zeros_like(o)
+        if ctx.mode == "index":
+            dq, dk, dv = _attn_bwd_impl(do, dlse, q, k, v, o, *rest, *ctx.args)
+            return dq, dk, dv, None, None, None, None, None
+        saved = rest[0]
         shape = (q.shape[0], q.shape[1], ctx.width)
         if dlse is not None:
             dq, dk, dv = _attn_bwd_impl(do, dlse, q, k, v, o, *_unpack_saved(saved, *shape), *ctx.args)

@@ -64,7 +64,8 @@ class FwdConfig:
         ``moba_tune_h200_2026-12-04_session15_rows64.log``) because the merge, not the bytes, bound
         the merge: 32 unrolled rows a program spill at 255 registers (12.5% occupancy). With 16 rows
         (118 registers, 4 programs an SM) the bytes count: on by default at d <= 64, blocks 256-1024,
-        calls over 32K tokens (session 21, ``moba_tune_h200_2026-12-04_session21_merge.log``).
+        calls over 32K tokens (session 21, ``moba_tune_h200_2026-12-04_session21_merge.log``), and
+        at d = 128 for blocks from 256 on wherever the partials forward runs (session 22).
     merge_rows, merge_warps (``partials``): rows per merge program and its warps; merge_unroll:
         the merge's loop over a row's ``W`` partials unrolled at compile time (up to the next
         power of two, the surplus masked), so all of a row's loads are issued before the first
@@ -90,7 +91,8 @@ class FwdConfig:
         the same descriptors). Any head stride (Megatron's V is a strided slice of the fused QKV
         projection) with 16-byte aligned base and strides, else a ValueError before any launch.
         The masked sub-tiles keep the masked loads, so rows past a block never enter a product.
-        On by default at d <= 64, blocks 256-1024, calls over 32K tokens (see :func:`choose_config`).
+        On by default at d <= 64, blocks 256-1024, calls over 32K tokens, and at d = 128 for blocks
+        from 256 on wherever the partials forward runs (see :func:`choose_config`).
     """
 
     method: str = "two_pass"
