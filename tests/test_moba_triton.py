@@ -567,6 +567,27 @@ def test_max_rows_cuts_a_sink_block(path, launches):
         assert torch.allclose(a, g, rtol=1e-5, atol=1e-5), name
 
 
+@pytest.mark.parametrize("path", ["dq-kernel", "gathered-sub-major-dq-rows"])
+def test_max_rows_sums_a_cut_block_in_row_tiles(path, monkeypatch):
+    """The cut blocks' fp32 sums are stored by programs of ``RB`` key rows, not one whole
+    sub-tile (``SPLIT_SUM_ELEMS``; here 16 rows against 48-key blocks, so a slot takes three
+    programs, and the documents' last blocks (27 and 10 keys) end inside a tile); GQA groups split
+    over launches add to the earlier launch's sums. Gradients equal the uncut backward's."""
+    from moba_cp.ops.moba import triton_attn_bwd
+
+    monkeypatch.setattr(triton_attn_bwd, "SPLIT_SUM_ELEMS", 16 * 16)
+    docs, b, hq, hkv, d = [75, 0, 58], 48, 6, 2, 16
+    t = sum(docs)
+    q, k, v, do, idx, cu = _sink_selection(docs, b, hq, hkv, d, 2, seed=37)
+    more = {"dq_chunk_bytes": 2 * t * 2 * (2 * d * 4 + 12 + 4 * d), "split_group": True} \
+        if MAX_ROWS_PATHS[path].gather_rows else {}
+    base = KernelConfig(FwdConfig(method="partials", **SMALL), replace(MAX_ROWS_PATHS[path], **more))
+    grads = functools.partial(_triton_grads, q, k, v, do, idx, b, cu)
+    ref = grads(base)
+    for name, a, g in zip(("dq", "dk", "dv"), ref, grads(base.replace(bwd={"max_rows": 24}))):
+        assert torch.allclose(a, g, rtol=1e-5, atol=1e-5), name
+
+
 def test_max_rows_plan_covers_every_row_and_caps_the_scratch():
     """The device-side plan of :class:`_BlockCuts`: each (KV head, block) program's rows ``[0, n)``
     over the launch's query heads are covered by tiles of ``max_rows`` in order, longest blocks

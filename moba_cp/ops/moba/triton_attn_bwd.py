@@ -42,6 +42,9 @@ __all__ = ["sparse_attn_bwd"]
 
 LOG2E = 1.4426950408889634
 
+#: Elements of each fp32 sum (dK, dV) one ``_dkdv_split_sum_kernel`` program moves: ``[4096 / D, D]``.
+SPLIT_SUM_ELEMS = 4096
+
 @triton.jit
 def _delta_kernel(DO, O, DELTA, n_rows, stride_dot, stride_doh, stride_ot, stride_oh, H,
                   BR: tl.constexpr, D: tl.constexpr):
@@ -430,28 +433,30 @@ def _kv_tiles_count_kernel(OFFS, ORDER, TEND, SLOT_PJ, NPJ, HK0, HKVC, NBK, G, Q
 
 
 @triton.jit(do_not_specialize=["HK0", "HKVC"])
-def _dkdv_split_sum_kernel(SLOT_PJ, ORDER, KSTART, KLEN, SCR_DK, SCR_DV, DK, DV, NBK, HK0, HKVC, HKV, NSUB,
-                           BNB: tl.constexpr, D: tl.constexpr, ACC_KV: tl.constexpr):
-    # Per (scratch slot, key sub-tile): the summed dK/dV of a block cut into tiles, stored (or
+def _dkdv_split_sum_kernel(SLOT_PJ, ORDER, KSTART, KLEN, SCR_DK, SCR_DV, DK, DV, NBK, HK0, HKVC, HKV, SLOT_KEYS,
+                           RB: tl.constexpr, D: tl.constexpr, ACC_KV: tl.constexpr):
+    # Per (scratch slot, RB key rows): the summed dK/dV of a block cut into tiles, stored (or
     # added, ACC_KV) as _dkdv_kernel stores an uncut block's; the slot is zeroed again for the
-    # next launch.
+    # next launch. RB rows, not a whole BNB-key sub-tile: two [BNB, D] fp32 tiles (and, with
+    # ACC_KV, the sums they add to) on 4 warps spilled (sm_90, offline: 80 bytes a thread at
+    # BNB 128, D 128, up to 6.5 KB when BNB is the whole 4096-key block).
     pj = tl.load(SLOT_PJ + tl.program_id(0))
     if pj < 0:
         return
     hk = HK0 + pj % HKVC
     g = tl.load(ORDER + hk * NBK + pj // HKVC)
-    n0 = tl.program_id(1) * BNB
+    n0 = tl.program_id(1) * RB
     kl = _ld(KLEN + g)
     if n0 >= kl:
         return
     d = tl.arange(0, D)
-    kk = n0 + tl.arange(0, BNB)
+    kk = n0 + tl.arange(0, RB)
     kmask = kk < kl
-    sp = ((tl.program_id(0) * NSUB * BNB + kk)[:, None] * D + d[None, :])
+    sp = ((tl.program_id(0) * SLOT_KEYS + kk).to(tl.int64)[:, None] * D + d[None, :])
     dk = tl.load(SCR_DK + sp, mask=kmask[:, None], other=0.0)
     dv = tl.load(SCR_DV + sp, mask=kmask[:, None], other=0.0)
     _store_dkdv(DK, DV, dk, dv, tl.load(KSTART + g).to(tl.int64) + kk, kmask, hk, HKV, D, ACC_KV)
-    zero = tl.zeros([BNB, D], dtype=tl.float32)
+    zero = tl.zeros([RB, D], dtype=tl.float32)
     tl.store(SCR_DK + sp, zero, mask=kmask[:, None])
     tl.store(SCR_DV + sp, zero, mask=kmask[:, None])
 
@@ -747,7 +752,7 @@ def sparse_attn_bwd(
                 TILED=cut is not None, PART=part, num_warps=warps, num_stages=n_stages,
             )
         if cut is not None:
-            cut.store(dk, dv, gi, hk0, nkv, hkv, blocks, bnb, nsub, d, acc_kv)
+            cut.store(dk, dv, gi, hk0, nkv, hkv, blocks, d, acc_kv)
         del rows
         if cfg.dq_rows or cfg.dq_slots:
             # each token's W dQ rows (bucket-order copy through inv, or its own slots) summed into dq
@@ -806,11 +811,13 @@ class _BlockCuts:
                                                  self.rows, npj.bit_length() + 1, BLOCK=1024)
         return n_t, (self.tile_pj, self.tile_c0, self.tend, self.scratch[0], self.scratch[1])
 
-    def store(self, dk, dv, gi: GatherIndex, hk0: int, nkv: int, hkv: int, blocks: KeyBlocks, bnb: int, nsub: int,
-              d: int, acc_kv: bool) -> None:
-        _dkdv_split_sum_kernel[(self.slots, nsub)](
+    def store(self, dk, dv, gi: GatherIndex, hk0: int, nkv: int, hkv: int, blocks: KeyBlocks, d: int,
+              acc_kv: bool) -> None:
+        rb = max(16, SPLIT_SUM_ELEMS // d)  # rows a program: 32 fp32 of each sum a thread on 4 warps
+        slot_keys = self.scratch.shape[2]
+        _dkdv_split_sum_kernel[(self.slots, triton.cdiv(slot_keys, rb))](
             self.slot_pj, gi.kv_order, blocks.kstart, blocks.klen, self.scratch[0], self.scratch[1], dk, dv, blocks.n,
-            hk0, nkv, hkv, nsub, BNB=bnb, D=d, ACC_KV=acc_kv, num_warps=4,
+            hk0, nkv, hkv, slot_keys, RB=rb, D=d, ACC_KV=acc_kv, num_warps=4,
         )
 
 
