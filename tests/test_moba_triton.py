@@ -1419,6 +1419,73 @@ def test_graphed_call_saves_lse_selection_and_index_as_one_buffer():
     assert empty.numel() == 0
 
 
+class _ReplayOnCPU:
+    """A stand-in for ``cuda_graphs._Captured`` with a graph's memory semantics on any device:
+    static contiguous input buffers, and static outputs that every "replay" (``fn`` run again on
+    the static inputs) overwrites in place, so code that keeps a static output instead of its
+    clone, or reads a stale input buffer, gives wrong numbers here as on a GPU."""
+
+    replays = 0
+
+    def __init__(self, fn, inputs, keep):
+        self.fn, self.keep = fn, keep
+        self.inputs = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in inputs]
+        for s, x in zip(self.inputs, inputs):
+            s.copy_(x)
+        self.outputs = fn(*self.inputs)
+
+    def __call__(self, inputs):
+        for s, x in zip(self.inputs, inputs):
+            s.copy_(x)
+        for o, n in zip(self.outputs, self.fn(*self.inputs)):
+            o.copy_(n)
+        _ReplayOnCPU.replays += 1
+        return tuple(o.clone() for o in self.outputs)
+
+
+@pytest.mark.parametrize("mode", ["1", "index"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_graphed_call_logic_equals_eager_with_replays_emulated(batched, mode, monkeypatch):
+    """The graphed MoBA call's host logic on CPU (the GPU test below runs the real graphs): with
+    ``_Captured`` replaced by :class:`_ReplayOnCPU`, a shape's first call runs eagerly, the second
+    captures, later ones replay, on fresh inputs every call; o, lse, dq, dk, dv equal the eager
+    path's; an earlier call's o and lse survive later replays; a call that uses lse (dLSE) takes
+    the eager backward; a forward without a gradient for o (only lse used) gets a zero dO."""
+    from moba_cp.ops.moba import api, cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "_Captured", _ReplayOnCPU)
+    b, s, hq, hkv, d, blk, topk = (2, 40, 4, 2, 16, 16, 2) if batched else (1, 75, 4, 2, 32, 16, 3)
+    cu = api.batch_cu_seqlens(b, s, DEV) if batched else None
+    for calls in (tb._FWD_GRAPHS, tb._BWD_GRAPHS, tb._INDEX_GRAPHS):
+        calls.clear()
+    _ReplayOnCPU.replays = 0
+    kept = None
+    for call in range(5):
+        q, k, v = _inputs(b * s, hq, hkv, d, torch.float32, seed=60 + call)
+        do = torch.randn_like(q) if call != 4 else None
+        dl = torch.randn(b * s, hq) if call >= 3 else None
+        res = {}
+        for graphed in (True, False):
+            monkeypatch.setattr(tb, "graphs_enabled", lambda q, cu: graphed)
+            monkeypatch.setenv("MOBA_CP_CUDA_GRAPHS", mode)
+            xs = [x.clone().requires_grad_() for x in (q, k, v)]
+            o, lse = tb.moba_attn(*xs, block_size=blk, topk=topk, cu_seqlens=cu, softmax_scale=d ** -0.5)
+            loss = (lse * dl).sum() if do is None else (o * do).sum() + (0 if dl is None else (lse * dl).sum())
+            loss.backward()
+            res[graphed] = [o.detach(), lse.detach()] + [x.grad for x in xs]
+        for name, a, e in zip(("o", "lse", "dq", "dk", "dv"), res[True], res[False]):
+            torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5, msg=lambda m: f"call {call} {name}: {m}")
+        if kept is not None:
+            assert torch.equal(kept[0], kept[1]), "a later replay overwrote an earlier call's output"
+            assert torch.equal(kept[2], kept[3]), "a later replay overwrote an earlier call's lse"
+        kept = (res[True][0], res[True][0].clone(), res[True][1], res[True][1].clone())
+    graphs = {"1": (1, 1, 0), "index": (0, 0, 1)}[mode]
+    assert (len(tb._FWD_GRAPHS._graphs), len(tb._BWD_GRAPHS._graphs), len(tb._INDEX_GRAPHS._graphs)) == graphs
+    # the second call captures and replays, later ones replay: forwards in calls 1-4, whole-call
+    # backwards in calls 1-2 (calls 3-4 use lse: eager backward); the index mode's backward is eager
+    assert _ReplayOnCPU.replays == {"1": 4 + 2, "index": 4}[mode]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["1", "index"])
 @pytest.mark.parametrize("batched", [False, True])
