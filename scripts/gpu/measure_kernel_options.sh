@@ -35,7 +35,8 @@
 #    (later calls: the lists in the headers of benchmarks/results/*2026-12-04_session17*); session 18
 #    b128bwd (then its own calls: headers of benchmarks/results/*2026-12-04_session18*); session 19
 #    sink (first form, with the row_tiles option it then removed) and its own calls (headers of
-#    benchmarks/results/*2026-12-04_session19*). Parts qmajor (12.) and splitdv (13.) were written in session 22, not yet run.
+#    benchmarks/results/*2026-12-04_session19*). Parts qmajor (12.) and splitdv (13.) were written in session 22,
+#    b512fwd (14.) in session 23; none has run yet.
 # Needs no network: megatron-core comes from ./.whl when it is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -221,4 +222,15 @@ if has splitdv; then
   "$PY" benchmarks/bench_moba.py --tune paper-b512:32768,paper-b4096:131072,flashmoba:131072,train-b128:131072 \
     --tune-parts bwd --tune-bwd '[{}, {"split_dv": true}, {}]' \
     2>&1 | grep "^tune" | grep -v "default config" | tee -a "$OUT/tune_splitdv.log" || true
+fi
+
+# 14. (part b512fwd) d=128 block 512, the shape furthest from the "70% of cuDNN" target (35% at 32K):
+#    its forward runs 64-row tiles on 4 warps (254 registers, two programs an SM), while block 4096
+#    runs the same kernel with 128-row tiles on 8 warps, which with tma_kv compiles without spills
+#    (235 registers; session 23, offline) and reaches 447 TFLOP/s there. Session 16 timed 128-row
+#    tiles at block 512 before tma_kv (5.39 against 5.05 ms); this times them on today's default.
+if has b512fwd; then
+  "$PY" benchmarks/bench_moba.py --tune paper-b512:32768,paper-b512:8192 --tune-parts fwd \
+    --tune-fwd '[{}, {"bm": 128, "num_warps": 8}, {"bm": 128, "num_warps": 8, "num_stages": 2}, {}]' \
+    2>&1 | grep "^tune" | grep -v "default config" | tee "$OUT/tune_b512fwd.log" || true
 fi
