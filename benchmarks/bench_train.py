@@ -73,6 +73,7 @@ def run_one(recipe, overrides, steps, pattern, workdir, extra, tag=""):
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in warm),
             "tflops": statistics.median(r["tflops_per_gpu"] for r in warm),
             "mem": max(r["mem_gib"] for r in recs), "steps": len(warm), "loss": recs[-1]["loss"],
+            "reserved": max((r["mem_reserved_gib"] for r in recs if r.get("mem_reserved_gib") is not None), default=None),
             "warm_steps": [(r["tokens_per_s"], r["tflops_per_gpu"]) for r in warm]}
 
 
@@ -85,6 +86,7 @@ def pool(runs: list[dict]) -> dict:
     steps = [s for r in ok for s in r["warm_steps"]]
     return {"tokens_per_s": statistics.median(s[0] for s in steps), "tflops": statistics.median(s[1] for s in steps),
             "mem": max(r["mem"] for r in ok), "per_run": [r["tokens_per_s"] for r in ok],
+            "reserved": max((r["reserved"] for r in ok if r.get("reserved") is not None), default=None),
             **({"error": next(r["error"] for r in runs if "error" in r)} if len(ok) < len(runs) else {})}
 
 
@@ -109,6 +111,14 @@ def run_setting(recipe: str, overrides: list[str], steps: int, variants: list[st
     return kinds, {label: pool(rs) for label, rs in runs.items()}
 
 
+def _mem(r: dict) -> str:
+    """Peak allocated GiB, and reserved after a slash where the runs reported it (CUDA): the
+    reserved peak also counts the caching allocator's free blocks, CUDA graphs' pools among them."""
+    if r.get("mem") is None:
+        return "-"
+    return f"{r['mem']:.1f}" + (f" / {r['reserved']:.1f}" if r.get("reserved") is not None else "")
+
+
 def _row(name: str, m: dict, fl: dict, label: str) -> str:
     """One table row: a MoBA run set (``label``) against the full-attention runs of the same call."""
     pairs = [f"{a / b:.2f}" if a and b else "-" for a, b in zip(m.get("per_run", []), fl.get("per_run", []))]
@@ -116,7 +126,7 @@ def _row(name: str, m: dict, fl: dict, label: str) -> str:
     ratio = m.get("tokens_per_s") and fl.get("tokens_per_s") and m["tokens_per_s"] / fl["tokens_per_s"]
     row = (f"| {name} | {f(m.get('tokens_per_s'), ',.0f')} | {f(fl.get('tokens_per_s'), ',.0f')} | "
            f"{f(ratio, '.2f')} | {f(m.get('tflops'), '.0f')} | {f(fl.get('tflops'), '.0f')} | "
-           f"{f(m.get('mem'), '.1f')} | {f(fl.get('mem'), '.1f')} | {', '.join(pairs) or '-'} |")
+           f"{_mem(m)} | {_mem(fl)} | {', '.join(pairs) or '-'} |")
     for who, res in ((label, m), ("full", fl)):
         if "error" in res:
             row += f" {who} failed: {res['error'][:200]}"
@@ -149,7 +159,8 @@ def main():
             f" of {args.repeats} process(es) per attention, run alternately; the last column is each MoBA/full pair's "
             f"ratio of medians. Settings that differ only in moba.* share their full-attention runs.", "",
             "| setting | MoBA tok/s | full tok/s | MoBA / full | MoBA TFLOP/s/GPU | full TFLOP/s/GPU "
-            "| MoBA peak GiB | full peak GiB | per pair |", "|---|---|---|---|---|---|---|---|---|"]
+            "| MoBA peak GiB (allocated / reserved) | full peak GiB (allocated / reserved) | per pair |",
+            "|---|---|---|---|---|---|---|---|---|"]
     lines = list(head)
     full_runs = {}  # (recipe, overrides other than moba.*, steps, repeat) -> that full-attention run
     with tempfile.TemporaryDirectory() as work:

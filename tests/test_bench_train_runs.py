@@ -42,3 +42,18 @@ def test_settings_differing_only_in_moba_share_the_full_attention_run():
     assert [c[0] for c in calls[8:]] == ["moba", "full"] and other["full"]["per_run"] == [1000.0]
     bench_train.run_setting("r.yaml", base + ["--moba.block_size=128"], 6, [], 1, full_runs, run)
     assert [c[0] for c in calls[10:]] == ["moba", "full"]
+
+
+def test_the_memory_columns_show_allocated_and_reserved_peaks_pooled_over_runs():
+    """A row's memory cells are the largest allocated peak of a kind's runs, then its largest
+    reserved peak (CUDA graphs' pools and the allocator's cache count only there); runs that did
+    not report a reserved peak (CPU) show the allocated one alone."""
+    runs = [{"tokens_per_s": 10.0, "tflops": 1.0, "mem": m, "reserved": r, "warm_steps": [(10.0, 1.0)]}
+            for m, r in ((4.0, 4.4), (3.9, 4.6))]
+    moba = bench_train.pool(runs)
+    assert (moba["mem"], moba["reserved"]) == (4.0, 4.6)
+    full = bench_train.pool([{"tokens_per_s": 10.0, "tflops": 1.0, "mem": 3.7, "reserved": None,
+                              "warm_steps": [(10.0, 1.0)]}])
+    assert full["reserved"] is None
+    row = bench_train._row("8K", moba, full, "moba")
+    assert row.split(" | ")[6:8] == ["4.0 / 4.6", "3.7"]

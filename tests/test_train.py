@@ -74,7 +74,8 @@ def test_quickstart_recipe_trains_with_cp2_and_the_loss_falls(tmp_path, cache_di
     first, last = sum(losses[0][:3]) / 3, sum(losses[0][-3:]) / 3
     assert len(losses[0]) == 16 and last < first - 0.5, losses[0]
     records = _metrics(tmp_path / "run")
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "mem_gib"} <= set(records[0])
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "mem_gib", "mem_reserved_gib"} <= set(records[0])
+    assert records[0]["mem_gib"] > 0 and records[0]["mem_reserved_gib"] is None  # CPU: peak RSS, no allocator cache
     assert any("valid_loss" in r for r in records)
     assert (tmp_path / "run" / "recipe.yaml").is_file()
     assert (tmp_path / "run" / "checkpoints" / "iter_0000016" / "meta.json").is_file()

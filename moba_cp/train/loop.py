@@ -44,7 +44,7 @@ from moba_cp.train.checkpoint import load_checkpoint, save_checkpoint
 from moba_cp.train.distributed import DistEnv, init_distributed, shutdown_distributed, world_size_from_env
 from moba_cp.train.flops import flops_per_step
 from moba_cp.train.loss import masked_loss_sums
-from moba_cp.train.metrics import MetricsLogger, format_eta, peak_memory_gib
+from moba_cp.train.metrics import MetricsLogger, format_eta, peak_memory_gib, peak_reserved_gib
 from moba_cp.train.preflight import complete_message, preflight
 from moba_cp.train.run_dir import RunDirState, checkpoint_dir_of, describe
 from moba_cp.train.step_profiler import StepProfiler
@@ -299,7 +299,7 @@ def _log_step(run: _Run, done: int, s: _StepStats) -> None:
     rec = {"step": done, "loss": s.loss, "lr": s.lr, "grad_norm": s.grad_norm, "step_time_s": s.seconds,
            "tokens": done * tokens_step, "tokens_per_s": tokens_step / s.seconds,
            "tflops_per_gpu": run.flops_per_step / s.seconds / env.world_size / 1e12,
-           "mem_gib": peak_memory_gib(env.device)}
+           "mem_gib": peak_memory_gib(env.device), "mem_reserved_gib": peak_reserved_gib(env.device)}
     run.losses.append(s.loss)
     run.logger.log(rec, f"step {done:>6}/{steps} | loss {s.loss:.4f} | lr {s.lr:.2e} | grad {s.grad_norm:.3f} | "
                         f"{rec['tokens_per_s']:,.0f} tok/s | {rec['tflops_per_gpu']:.3g} TFLOP/s/GPU | "

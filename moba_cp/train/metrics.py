@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["MetricsLogger", "peak_memory_gib", "format_eta"]
+__all__ = ["MetricsLogger", "peak_memory_gib", "peak_reserved_gib", "format_eta"]
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -17,6 +17,15 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def peak_reserved_gib(device: torch.device) -> float | None:
+    """Peak GPU memory reserved by torch's caching allocator (GiB); None on CPU. Above
+    :func:`peak_memory_gib` by the cache's free blocks, including the private pools of CUDA
+    graphs, whose intermediates are never counted as allocated while the graphs replay."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 2**30
+    return None
 
 
 def format_eta(seconds: float) -> str:
