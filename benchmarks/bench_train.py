@@ -47,6 +47,13 @@ SETTINGS = {
         ["--model.num_layers=6", "--model.hidden_size=384", "--model.num_attention_heads=6",
          "--model.num_query_groups=6", "--model.seq_length=8192", "--moba.block_size=512", "--moba.topk=3",
          "--train.global_batch_size=8", "--train.micro_batch_size=4"], 12),
+    # The same small model without recomputation (its activations take ~4 GiB of 141): each layer
+    # runs one attention forward instead of two, for MoBA and full attention alike.
+    "8K block 512 top-3 (6 layers, hidden 384, 6 heads), no recomputation": (
+        "recipes/1gpu-32k.yaml",
+        ["--model.num_layers=6", "--model.hidden_size=384", "--model.num_attention_heads=6",
+         "--model.num_query_groups=6", "--model.seq_length=8192", "--moba.block_size=512", "--moba.topk=3",
+         "--train.global_batch_size=8", "--train.micro_batch_size=4", "--train.recompute=none"], 12),
 }
 SMOKE = {"smoke": ("recipes/tiny.yaml", ["--parallel.cp=1"], 4)}
 #: The caching allocator's setting for every run (MoBA and full alike): the 128K model sits at
