@@ -127,16 +127,17 @@ def compile_only(arch: int, seen: dict, keep: str | None = None):
         attn_bwd.descriptor_reductions_possible = old_check
 
 
-def kernel_facts(suite: str, seq: int, *, kernel: str = "", tma: bool = True, arch: int = 90,
-                 keep: str | None = None, backward: bool = True) -> tuple[object, list[dict]]:
-    """Compile one forward(+backward) of MoBA at ``suite``'s shape with ``seq`` tokens per
-    sequence; returns the tiling used and one dict per distinct compiled kernel."""
+def offline_call(tool: str, suite: str, seq: int, *, kernel: str = "", tma: bool = True, grad: bool = True):
+    """The inputs of one MoBA call at ``suite``'s shape with ``seq`` tokens per sequence, for a tool
+    that compiles its kernels without running them: ``(cfg, q, k, v, cu_seqlens, block, topk)``
+    on random CPU tensors, with the shape's default tiling (for a GPU with TMA unless not ``tma``)
+    plus ``kernel`` overrides. Refuses the interpreter and a Triton without the NVIDIA tools."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("kernel_resources compiles kernels, and TRITON_INTERPRET=1 makes every kernel an "
+        raise RuntimeError(f"{tool} compiles kernels, and TRITON_INTERPRET=1 makes every kernel an "
                            "interpreted function. Fix: run it with TRITON_INTERPRET unset")
-    for tool in ("ptxas", "cuobjdump"):
-        if not os.access(os.path.join(TOOLS, tool), os.X_OK):
-            raise RuntimeError(f"kernel_resources needs Triton's bundled {tool} in {TOOLS}, which is not there "
+    for name in ("ptxas", "cuobjdump"):
+        if not os.access(os.path.join(TOOLS, name), os.X_OK):
+            raise RuntimeError(f"{tool} needs Triton's bundled {name} in {TOOLS}, which is not there "
                                f"(a Triton build without the NVIDIA backend's tools)")
     if suite not in SUITES:
         raise ValueError(f"suite {suite!r} is not one of {', '.join(SUITES)}")
@@ -144,13 +145,20 @@ def kernel_facts(suite: str, seq: int, *, kernel: str = "", tma: bool = True, ar
     t = b * seq
     cfg = apply_overrides(choose_config(block, d, hq // hkv, t, tma), kernel)
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(t, h, d, generator=gen).to(torch.bfloat16).requires_grad_(backward)
-               for h in (hq, hkv, hkv))
-    cu = torch.arange(b + 1, dtype=torch.int32) * seq
+    q, k, v = (torch.randn(t, h, d, generator=gen).to(torch.bfloat16).requires_grad_(grad) for h in (hq, hkv, hkv))
+    return cfg, q, k, v, torch.arange(b + 1, dtype=torch.int32) * seq, block, topk
+
+
+def kernel_facts(suite: str, seq: int, *, kernel: str = "", tma: bool = True, arch: int = 90,
+                 keep: str | None = None, backward: bool = True) -> tuple[object, list[dict]]:
+    """Compile one forward(+backward) of MoBA at ``suite``'s shape with ``seq`` tokens per
+    sequence; returns the tiling used and one dict per distinct compiled kernel."""
+    cfg, q, k, v, cu, block, topk = offline_call("kernel_resources", suite, seq, kernel=kernel, tma=tma,
+                                                 grad=backward)
     seen: dict = collections.OrderedDict()
     with compile_only(arch, seen, keep):
         o, _ = triton_backend.moba_attn(q, k, v, block_size=block, topk=topk, cu_seqlens=cu,
-                                        softmax_scale=d ** -0.5, config=cfg)
+                                        softmax_scale=q.shape[-1] ** -0.5, config=cfg)
         if backward:
             o.backward(torch.ones_like(o))
     return cfg, list(seen.values())

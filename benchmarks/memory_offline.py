@@ -28,12 +28,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_moba import SUITES  # noqa: E402
-from kernel_resources import compile_only  # noqa: E402
+from kernel_resources import compile_only, offline_call  # noqa: E402
 
 from moba_cp.ops.moba import triton_backend  # noqa: E402
 from moba_cp.ops.moba.cuda_graphs import GRAPH_MAX_TOKEN_HEADS  # noqa: E402
-from moba_cp.ops.moba.triton_config import apply_overrides, choose_config  # noqa: E402
 
 MIB = 2 ** 20
 
@@ -53,17 +51,9 @@ def allocated_during(fn) -> tuple[int, int]:
 
 def call_memory(suite: str, seq: int, *, kernel: str = "", tma: bool = True) -> dict:
     """Forward and backward memory of MoBA at ``suite``'s shape with ``seq`` tokens per sequence."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("memory_offline compiles kernels instead of running them, and TRITON_INTERPRET=1 makes "
-                           "every kernel an interpreted function. Fix: run it with TRITON_INTERPRET unset")
-    if suite not in SUITES:
-        raise ValueError(f"suite {suite!r} is not one of {', '.join(SUITES)}")
-    b, hq, hkv, d, block, topk, _ = SUITES[suite]
-    t = b * seq
-    cfg = apply_overrides(choose_config(block, d, hq // hkv, t, tma), kernel)
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(t, h, d, generator=gen).to(torch.bfloat16).requires_grad_() for h in (hq, hkv, hkv))
-    cu = torch.arange(b + 1, dtype=torch.int32) * seq
+    cfg, q, k, v, cu, block, topk = offline_call("memory_offline", suite, seq, kernel=kernel, tma=tma)
+    t, hq, d = q.shape
+    hkv = k.shape[1]
     res: dict = {}
 
     def forward():
