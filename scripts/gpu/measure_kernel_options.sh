@@ -211,11 +211,14 @@ fi
 #    benchmarks/results/kernel_resources_sm90_2026-12-04_session22.txt) for one product more and the
 #    rows read twice. Its GPU tests, then the backward at the training shapes, default first and last;
 #    then at d=128 (blocks 512 and 4096, FlashMoBA's 128) and d=64 block 128, where it also removes spills.
+#    (The split with 64-row steps on 8 warps in both launches compiles without spills at d=64 block
+#    1024, 205-234 registers; session 23, offline.)
 if has splitdv; then
   "$PY" -m pytest -q -m gpu tests/test_moba_triton.py -k split_dv -p no:cacheprovider 2>&1 \
     | tail -3 | tee "$OUT/gpu_tests_splitdv.log" || true
   "$PY" benchmarks/bench_moba.py --tune train-b1024:131072,train-b512:32768,small-b512:8192 --tune-parts bwd \
-    --tune-bwd '[{}, {"split_dv": true}, {"split_dv": true, "dv_bm": 64}, {"split_dv": true, "dv_bm": 64, "dv_warps": 8}, {}]' \
+    --tune-bwd '[{}, {"split_dv": true}, {"split_dv": true, "dv_bm": 64}, {"split_dv": true, "dv_bm": 64, "dv_warps": 8},
+                 {"split_dv": true, "bm": 64, "num_warps": 8}, {}]' \
     2>&1 | grep "^tune" | grep -v "default config" | tee "$OUT/tune_splitdv.log" || true
   # session 23, offline: the split also takes the spills of the d=128 and block-128 kernels away
   # (72-200 bytes a thread; benchmarks/results/kernel_resources_sm90_2026-12-04_session23.txt)
