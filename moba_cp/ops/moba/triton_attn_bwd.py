@@ -439,7 +439,7 @@ def _dkdv_split_sum_kernel(SLOT_PJ, ORDER, KSTART, KLEN, SCR_DK, SCR_DV, DK, DV,
     # added, ACC_KV) as _dkdv_kernel stores an uncut block's; the slot is zeroed again for the
     # next launch. RB rows, not a whole BNB-key sub-tile: two [BNB, D] fp32 tiles (and, with
     # ACC_KV, the sums they add to) on 4 warps spilled (sm_90, offline: 80 bytes a thread at
-    # BNB 128, D 128, up to 6.5 KB when BNB is the whole 4096-key block).
+    # BNB 128, D 128; 4-6.5 KB of local memory at block 4096, where the compiler kept the tiles there).
     pj = tl.load(SLOT_PJ + tl.program_id(0))
     if pj < 0:
         return
