@@ -1443,8 +1443,8 @@ class _ReplayOnCPU:
         return tuple(o.clone() for o in self.outputs)
 
 
-@pytest.mark.parametrize("mode", ["1", "index"])
-@pytest.mark.parametrize("batched", [False, True])
+# the training call (batched offsets, whole-call graphs) and the index-only mode on one sequence
+@pytest.mark.parametrize("batched,mode", [(True, "1"), (False, "index")])
 def test_graphed_call_logic_equals_eager_with_replays_emulated(batched, mode, monkeypatch):
     """The graphed MoBA call's host logic on CPU (the GPU test below runs the real graphs): with
     ``_Captured`` replaced by :class:`_ReplayOnCPU`, a shape's first call runs eagerly, the second
