@@ -25,7 +25,7 @@ import os
 import sys
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernel_resources import compile_only, offline_call  # noqa: E402
@@ -36,17 +36,29 @@ from moba_cp.ops.moba.cuda_graphs import GRAPH_MAX_TOKEN_HEADS  # noqa: E402
 MIB = 2 ** 20
 
 
-def allocated_during(fn) -> tuple[int, int]:
-    """``(peak, kept)`` bytes that ``fn()`` allocated (frees of older tensors count against it)."""
+def allocated_during(*fns) -> list[tuple[int, int]]:
+    """``(peak, kept)`` bytes each of ``fns`` (called in order, in one profiled region) allocated
+    above what was live when it began. One region, so a later call's frees of what an earlier one
+    allocated are seen (the CPU allocator reports the size of a freed block only when the block
+    was allocated while memory was being profiled)."""
+    names = [f"memory_offline_{i}" for i in range(len(fns))]
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak, live
+        for name, fn in zip(names, fns):
+            with record_function(name):
+                fn()
+    events = prof.profiler.kineto_results.events()
+    spans = {e.name(): (e.start_ns(), e.end_ns()) for e in events if e.name() in names}
+    mem = sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    out = []
+    for name in names:
+        lo, hi = spans[name]
+        live = peak = 0
+        for e in mem:
+            if lo <= e.start_ns() <= hi:
+                live += e.nbytes()
+                peak = max(peak, live)
+        out.append((peak, live))
+    return out
 
 
 def call_memory(suite: str, seq: int, *, kernel: str = "", tma: bool = True) -> dict:
@@ -65,9 +77,8 @@ def call_memory(suite: str, seq: int, *, kernel: str = "", tma: bool = True) -> 
         res["o"].backward(torch.ones_like(res["o"]))
         for x in (q, k, v):
             x.grad = None
-        fwd = allocated_during(forward)
-        do = torch.ones_like(res["o"])
-        bwd = allocated_during(lambda: res["o"].backward(do))
+        do = torch.ones_like(q)
+        fwd, bwd = allocated_during(forward, lambda: res["o"].backward(do))
     nbytes = lambda *xs: sum(x.numel() * x.element_size() for x in xs)  # noqa: E731
     return {"shape": f"{suite}:{seq}", "tokens": t, "heads": (hq, hkv), "d": d, "block": block, "topk": topk,
             "fwd_peak": fwd[0], "fwd_kept": fwd[1], "bwd_peak": bwd[0], "bwd_kept": bwd[1],

@@ -18,21 +18,24 @@ import memory_offline  # noqa: E402
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
-def test_allocated_during_counts_the_peak_and_what_stays():
+def test_allocated_during_counts_each_calls_peak_and_what_stays():
+    """Per call: the most it held above what was live when it began, and what it left; the second
+    call's free of the first call's tensor counts against the second."""
     keep = []
 
-    def fn():
+    def first():
         big = torch.empty(4 << 20, dtype=torch.uint8)
         keep.append(torch.empty(1 << 20, dtype=torch.uint8))
         del big  # freed inside: in the peak, not in what stays
         keep.append(torch.empty(2 << 20, dtype=torch.uint8))
 
-    peak, kept = memory_offline.allocated_during(fn)
-    assert peak == (5 << 20) and kept == (3 << 20)
-    old = keep.pop()
-    peak, kept = memory_offline.allocated_during(lambda: keep.clear())  # frees of older tensors count
-    assert peak == 0 and kept == -(1 << 20)
-    del old
+    def second():
+        keep.pop(0)  # the first call's 1 MiB
+        keep.append(torch.empty(512 << 10, dtype=torch.uint8))
+
+    (p1, k1), (p2, k2) = memory_offline.allocated_during(first, second)
+    assert (p1, k1) == (5 << 20, 3 << 20)
+    assert (p2, k2) == (0, -(512 << 10))
 
 
 def test_the_interpreter_is_refused_with_the_fix():
