@@ -12,6 +12,7 @@ directory, checkpoints and evaluation off; full attention is SDPA (cuDNN on an H
 ``--moba-kernel 'bwd.dq_rows=true;bwd.sub_major=true'`` adds MoBA runs with those tiling overrides
 (``moba.kernel``; ``;`` separates variants) to each repeat, so kernel options are compared in
 training against the default MoBA and full attention of the same call; each variant gets its own row.
+``--moba-env MOBA_CP_CUDA_GRAPHS=shared`` adds MoBA runs with that environment the same way.
 """
 
 from __future__ import annotations
@@ -62,13 +63,13 @@ ALLOC_CONF = "expandable_segments:True"
 COMMON = ["--eval.interval=0", "--checkpoint.save=false", "--logging.interval=1", "--train.warmup_steps=1"]
 
 
-def run_one(recipe, overrides, steps, pattern, workdir, extra, tag=""):
+def run_one(recipe, overrides, steps, pattern, workdir, extra, tag="", env_extra=None):
     run_dir = os.path.join(workdir, f"{pattern}-{abs(hash((recipe, tuple(overrides)))) % 10**8}{tag}")
     cmd = [sys.executable, "-m", "moba_cp.train", recipe, *overrides, *COMMON, *extra,
            f"--train.steps={steps}", f"--attention.pattern={pattern}", f"--logging.dir={run_dir}",
            f"--checkpoint.dir={run_dir}/ckpt"]
     print("+", " ".join(cmd[1:]), flush=True)
-    env = dict(os.environ)
+    env = dict(os.environ, **(env_extra or {}))
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -99,12 +100,14 @@ def pool(runs: list[dict]) -> dict:
 
 def run_setting(recipe: str, overrides: list[str], steps: int, variants: list[str], repeats: int,
                 full_runs: dict, run) -> tuple[list[tuple[str, str, list[str]]], dict]:
-    """One setting's runs: MoBA, its kernel variants, then full attention, alternately per repeat;
-    ``run(overrides, pattern, tag)`` runs one process. Full attention reads no ``moba.*`` setting,
-    so settings that differ only there share its run: ``full_runs`` maps (recipe, the other
-    overrides, steps, repeat) to it across settings. Returns the kinds and each one's pooled runs."""
-    kinds = [("moba", "moba", [])] + [(f"moba {v}", "moba", [f"--moba.kernel={v}"]) for v in variants] \
-        + [("full", "full", [])]
+    """One setting's runs: MoBA, its variants, then full attention, alternately per repeat;
+    ``run(overrides, pattern, tag)`` runs one process (``env=`` too for a variant ``env:NAME=VALUE``,
+    which sets that environment variable instead of a ``moba.kernel`` override). Full attention
+    reads no ``moba.*`` setting, so settings that differ only there share its run: ``full_runs``
+    maps (recipe, the other overrides, steps, repeat) to it across settings. Returns the kinds
+    and each one's pooled runs."""
+    kinds = [("moba", "moba", [])] + [(f"moba {v}", "moba", [] if v.startswith("env:") else [f"--moba.kernel={v}"])
+                                      for v in variants] + [("full", "full", [])]
     runs = {label: [] for label, _, _ in kinds}
     for rep in range(repeats):
         for i, (label, pat, more) in enumerate(kinds):
@@ -112,7 +115,9 @@ def run_setting(recipe: str, overrides: list[str], steps: int, variants: list[st
             if pat == "full" and key in full_runs:
                 runs[label].append(full_runs[key])
                 continue
-            runs[label].append(run(overrides + more, pat, f"{rep}-{i}"))
+            env = dict(kv.split("=", 1) for kv in label[len("moba env:"):].split(",")) \
+                if label.startswith("moba env:") else None
+            runs[label].append(run(overrides + more, pat, f"{rep}-{i}", **({"env": env} if env else {})))
             if pat == "full":
                 full_runs[key] = runs[label][-1]
     return kinds, {label: pool(rs) for label, rs in runs.items()}
@@ -151,11 +156,18 @@ def main():
                          "medians over all their warm steps, and each pair's ratio in the last column")
     ap.add_argument("--moba-kernel", default="",
                     help="';'-separated moba.kernel overrides: each adds a MoBA variant run per repeat and a row")
+    ap.add_argument("--moba-env", default="",
+                    help="';'-separated NAME=VALUE[,NAME=VALUE] environments, e.g. MOBA_CP_CUDA_GRAPHS=shared: each "
+                         "adds a MoBA variant run per repeat (with those variables set) and a row")
     ap.add_argument("--commit", default="", help="the commit measured (default: git rev-parse; a copied tree's .git may be stale)")
     args = ap.parse_args()
     settings = SMOKE if args.smoke else SETTINGS
     extra = args.extra.split()
     variants = [v.strip() for v in args.moba_kernel.split(";") if v.strip()]
+    for v in (v.strip() for v in args.moba_env.split(";") if v.strip()):
+        if not all("=" in kv and kv.split("=", 1)[0] for kv in v.split(",")):
+            ap.error(f"--moba-env {v!r}: give NAME=VALUE pairs separated by commas, e.g. MOBA_CP_CUDA_GRAPHS=shared")
+        variants.append(f"env:{v}")
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                            text=True).stdout.strip()
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
@@ -175,9 +187,12 @@ def main():
             if args.only and not any(name.startswith(p) for p in args.only.split(",")):
                 continue
             kinds, r = run_setting(recipe, overrides, steps, variants, args.repeats, full_runs,
-                                   lambda o, pat, tag: run_one(recipe, o, steps, pat, work, extra, tag=tag))
+                                   lambda o, pat, tag, env=None: run_one(recipe, o, steps, pat, work, extra,
+                                                                         tag=tag, env_extra=env))
             for label, _, _ in kinds[:-1]:
-                row = _row(name if label == "moba" else f"{name}, moba.kernel={label[5:]}", r[label], r["full"], label)
+                variant = label[len("moba "):]
+                row = _row(name if label == "moba" else f"{name}, {variant[4:]}" if variant.startswith("env:")
+                           else f"{name}, moba.kernel={variant}", r[label], r["full"], label)
                 lines.append(row)
                 print(row, flush=True)
             if args.out:

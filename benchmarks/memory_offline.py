@@ -12,7 +12,8 @@ events under ``torch.profiler``; CPU tensors stand in for the GPU's, same shapes
   captured call allocated, freed or not).
 - ``kept``: what it still holds when it returns (outputs and the state saved for the backward).
 - the graphed call's static buffers (``cuda_graphs._Captured``): its contiguous input copies and its
-  outputs stay allocated for as long as the graph lives, on top of the clones it hands out.
+  outputs stay allocated for as long as the graph lives, on top of the clones it hands out (also
+  with ``MOBA_CP_CUDA_GRAPHS=shared``, where the backward's graph reads the forward graph's buffers).
 
 The caching allocator's rounding and fragmentation on a GPU come on top; the figures are a floor.
 """
@@ -86,7 +87,9 @@ def call_memory(suite: str, seq: int, *, kernel: str = "", tma: bool = True) -> 
             # whole-call graphs: the forward copies q, k, v in and keeps o and the saved state (what
             # the eager forward kept); the backward copies do, q, k, v, o and that state in and
             # keeps dq, dk, dv
-            "graph_static": 3 * nbytes(q, k, v) + nbytes(res["o"]) + 2 * fwd[1]}
+            "graph_static": 3 * nbytes(q, k, v) + nbytes(res["o"]) + 2 * fwd[1],
+            # MOBA_CP_CUDA_GRAPHS=shared: the backward reads the forward graph's buffers, copies do alone
+            "graph_static_shared": 2 * nbytes(q, k, v) + nbytes(res["o"]) + fwd[1]}
 
 
 def main(argv=None) -> None:
@@ -108,7 +111,8 @@ def main(argv=None) -> None:
               f"({GRAPH_MAX_TOKEN_HEADS}); the backward's peak is a transient")
     else:
         print(f"whole-call CUDA graphs: static buffers {m['graph_static'] / MIB:.1f} MiB allocated while they live, "
-              f"pools {(m['fwd_peak'] + m['bwd_peak']) / MIB:.1f} MiB reserved")
+              f"pools {(m['fwd_peak'] + m['bwd_peak']) / MIB:.1f} MiB reserved; "
+              f"MOBA_CP_CUDA_GRAPHS=shared: static buffers {m['graph_static_shared'] / MIB:.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -57,3 +57,19 @@ def test_the_memory_columns_show_allocated_and_reserved_peaks_pooled_over_runs()
     assert full["reserved"] is None
     row = bench_train._row("8K", moba, full, "moba")
     assert row.split(" | ")[6:8] == ["4.0 / 4.6", "3.7"]
+
+
+def test_an_env_variant_runs_moba_with_those_variables_and_no_kernel_override():
+    """``--moba-env``: a variant ``env:NAME=VALUE,...`` runs MoBA with those environment variables
+    set (passed to ``run`` as ``env``) and no ``moba.kernel`` override; the others get no ``env``."""
+    calls = []
+
+    def run(overrides, pattern, tag, env=None):
+        calls.append((pattern, tuple(overrides), env))
+        return {"tokens_per_s": 1.0, "tflops": 1.0, "mem": 1.0, "warm_steps": [(1.0, 1.0)]}
+
+    kinds, _ = bench_train.run_setting("r.yaml", ["--a=1"], 5, ["bwd.x=1", "env:MOBA_CP_CUDA_GRAPHS=shared,X=1"], 1,
+                                       {}, run)
+    assert [k[0] for k in kinds] == ["moba", "moba bwd.x=1", "moba env:MOBA_CP_CUDA_GRAPHS=shared,X=1", "full"]
+    assert calls == [("moba", ("--a=1",), None), ("moba", ("--a=1", "--moba.kernel=bwd.x=1"), None),
+                     ("moba", ("--a=1",), {"MOBA_CP_CUDA_GRAPHS": "shared", "X": "1"}), ("full", ("--a=1",), None)]

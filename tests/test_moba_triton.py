@@ -1393,11 +1393,11 @@ def test_cuda_graphs_only_for_short_cuda_calls_with_lasting_offsets(monkeypatch)
     assert cuda_graphs._STATIC_OFFSETS.get(id(lasting)) is lasting
     fresh = torch.tensor([0, 32, 64], dtype=torch.int32)
     assert cuda_graphs._STATIC_OFFSETS.get(id(fresh)) is not fresh
-    for value, mode in (("0", "off"), ("1", "call"), ("index", "index")):
+    for value, mode in (("0", "off"), ("1", "call"), ("index", "index"), ("shared", "shared")):
         monkeypatch.setenv("MOBA_CP_CUDA_GRAPHS", value)
         assert cuda_graphs.graph_mode() == mode
     monkeypatch.setenv("MOBA_CP_CUDA_GRAPHS", "yes")
-    with pytest.raises(ValueError, match="MOBA_CP_CUDA_GRAPHS='yes': choose 0 .* 1 .* or index"):
+    with pytest.raises(ValueError, match="MOBA_CP_CUDA_GRAPHS='yes': choose 0 .* 1 .* index .* or shared"):
         cuda_graphs.graph_mode()
 
 
@@ -1427,24 +1427,25 @@ class _ReplayOnCPU:
 
     replays = 0
 
-    def __init__(self, fn, inputs, keep):
-        self.fn, self.keep = fn, keep
+    def __init__(self, fn, inputs, keep, bound=()):
+        self.fn, self.keep, self.bound = fn, keep, tuple(bound)
         self.inputs = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in inputs]
         for s, x in zip(self.inputs, inputs):
             s.copy_(x)
-        self.outputs = fn(*self.inputs)
+        self.outputs = fn(*self.inputs, *self.bound)
 
     def __call__(self, inputs):
         for s, x in zip(self.inputs, inputs):
             s.copy_(x)
-        for o, n in zip(self.outputs, self.fn(*self.inputs)):
+        for o, n in zip(self.outputs, self.fn(*self.inputs, *self.bound)):
             o.copy_(n)
         _ReplayOnCPU.replays += 1
         return tuple(o.clone() for o in self.outputs)
 
 
-# the training call (batched offsets, whole-call graphs) and the index-only mode on one sequence
-@pytest.mark.parametrize("batched,mode", [(True, "1"), (False, "index")])
+# the training call (batched offsets, whole-call graphs, and the backward reading the forward
+# graph's buffers) and the index-only mode on one sequence
+@pytest.mark.parametrize("batched,mode", [(True, "1"), (True, "shared"), (False, "index")])
 def test_graphed_call_logic_equals_eager_with_replays_emulated(batched, mode, monkeypatch):
     """The graphed MoBA call's host logic on CPU (the GPU test below runs the real graphs): with
     ``_Captured`` replaced by :class:`_ReplayOnCPU`, a shape's first call runs eagerly, the second
@@ -1479,15 +1480,55 @@ def test_graphed_call_logic_equals_eager_with_replays_emulated(batched, mode, mo
             assert torch.equal(kept[0], kept[1]), "a later replay overwrote an earlier call's output"
             assert torch.equal(kept[2], kept[3]), "a later replay overwrote an earlier call's lse"
         kept = (res[True][0], res[True][0].clone(), res[True][1], res[True][1].clone())
-    graphs = {"1": (1, 1, 0), "index": (0, 0, 1)}[mode]
+    graphs = {"1": (1, 1, 0), "shared": (1, 1, 0), "index": (0, 0, 1)}[mode]
     assert (len(tb._FWD_GRAPHS._graphs), len(tb._BWD_GRAPHS._graphs), len(tb._INDEX_GRAPHS._graphs)) == graphs
     # the second call captures and replays, later ones replay: forwards in calls 1-4, whole-call
-    # backwards in calls 1-2 (calls 3-4 use lse: eager backward); the index mode's backward is eager
-    assert _ReplayOnCPU.replays == {"1": 4 + 2, "index": 4}[mode]
+    # backwards in calls 1-2 (calls 3-4 use lse: eager backward); the index mode's backward is eager.
+    # shared: the backward graph needs the forward's, captured in call 1: its own capture is call 2
+    assert _ReplayOnCPU.replays == {"1": 4 + 2, "shared": 4 + 1, "index": 4}[mode]
+
+
+def test_shared_graph_mode_backward_reads_the_forward_graphs_buffers(monkeypatch):
+    """``MOBA_CP_CUDA_GRAPHS=shared``: the backward's graph copies only do and reads q, k, v, o and
+    the saved state in the forward graph's buffers. Right when the forward replayed last for the
+    same call (recomputation's order) and when other calls replayed it since (their backwards put
+    their tensors back first): gradients equal the eager path's in both orders (replays emulated)."""
+    from moba_cp.ops.moba import api, cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "_Captured", _ReplayOnCPU)
+    b, s, hq, hkv, d, blk, topk = 2, 40, 4, 2, 16, 16, 2
+    cu = api.batch_cu_seqlens(b, s, DEV)
+    for calls in (tb._FWD_GRAPHS, tb._BWD_GRAPHS, tb._INDEX_GRAPHS):
+        calls.clear()
+    monkeypatch.setenv("MOBA_CP_CUDA_GRAPHS", "shared")
+
+    def run(seed, graphed):
+        monkeypatch.setattr(tb, "graphs_enabled", lambda q, cu: graphed)
+        q, k, v = _inputs(b * s, hq, hkv, d, torch.float32, seed=seed)
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        o, _ = tb.moba_attn(*xs, block_size=blk, topk=topk, cu_seqlens=cu, softmax_scale=d ** -0.5)
+        do = torch.randn(o.shape, generator=torch.Generator().manual_seed(seed + 100))
+        return xs, o, do
+
+    def check(xs, o, do, seed):
+        (o * do).sum().backward()
+        ref_xs, ref_o, ref_do = run(seed, False)
+        (ref_o * ref_do).sum().backward()
+        for name, a, e in zip(("dq", "dk", "dv"), (x.grad for x in xs), (x.grad for x in ref_xs)):
+            torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5, msg=lambda m: f"seed {seed} {name}: {m}")
+
+    for seed in (80, 81, 82):  # forward then its backward: eager, then both graphs captured
+        check(*run(seed, True), seed)
+    fwd = next(iter(tb._FWD_GRAPHS._graphs.values()))
+    bwd = next(iter(tb._BWD_GRAPHS._graphs.values()))
+    assert len(bwd.inputs) == 1 and all(x is y for x, y in zip(bwd.bound, (*fwd.inputs, *fwd.outputs)))
+    first, second = run(83, True), run(84, True)  # two forwards, then their backwards in reverse
+    check(*second, 84)
+    check(*first, 83)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["1", "index"])
+@pytest.mark.parametrize("mode", ["1", "index", "shared"])
 @pytest.mark.parametrize("batched", [False, True])
 def test_gpu_cuda_graph_path_equals_eager(batched, mode, monkeypatch):
     """Short calls replay CUDA graphs (a shape's first call eager, the second captures, later
@@ -1524,5 +1565,5 @@ def test_gpu_cuda_graph_path_equals_eager(batched, mode, monkeypatch):
             assert torch.equal(kept[0], kept[1]), "a later replay overwrote an earlier call's output"
             assert torch.equal(kept[2], kept[3]), "a later replay overwrote an earlier call's lse"
         kept = (res[mode][0], res[mode][0].clone(), res[mode][1], res[mode][1].clone())
-    graphs = {"1": (1, 1, 0), "index": (0, 0, 1)}[mode]
+    graphs = {"1": (1, 1, 0), "index": (0, 0, 1), "shared": (1, 1, 0)}[mode]
     assert (len(tb._FWD_GRAPHS._graphs), len(tb._BWD_GRAPHS._graphs), len(tb._INDEX_GRAPHS._graphs)) == graphs

@@ -17,7 +17,8 @@ pool for its intermediates and a reference to everything it reads outside its in
 Which calls: see :func:`graphs_enabled` (CUDA, not while ``torch.compile`` traces, up to
 ``GRAPH_MAX_TOKEN_HEADS`` query rows x heads, offsets that live as long as the graph). Turn
 them off with ``MOBA_CP_CUDA_GRAPHS=0``; ``MOBA_CP_CUDA_GRAPHS=index`` graphs only the selection
-and its index (:data:`GRAPH_MODES`).
+and its index, ``shared`` lets the backward's graph read the forward graph's buffers
+(:data:`GRAPH_MODES`).
 """
 
 from __future__ import annotations
@@ -57,7 +58,11 @@ def static_offsets(cu: torch.Tensor) -> torch.Tensor:
 #: backward, each one graph; ``index`` only the selection and the gather index (the ~20 small
 #: operations) in a graph, the attention kernels eager. ``index`` copies q and k into the graph
 #: instead of q, k, v (forward) and do, q, k, v, o (backward), and clones no o, dq, dk, dv.
-GRAPH_MODES = {"0": "off", "1": "call", "index": "index"}
+#: ``shared`` (built in session 23, not yet measured): as ``1``, but the backward's graph reads q, k, v,
+#: o and the saved state in the forward graph's own buffers, so it holds a static copy of do alone
+#: and copies nothing else when the forward replayed last for the same call (with selective
+#: recomputation, every backward: its forward is recomputed just before it).
+GRAPH_MODES = {"0": "off", "1": "call", "index": "index", "shared": "shared"}
 
 
 def graph_mode() -> str:
@@ -66,7 +71,8 @@ def graph_mode() -> str:
     mode = GRAPH_MODES.get(value)
     if mode is None:
         raise ValueError(f"MOBA_CP_CUDA_GRAPHS={value!r}: choose 0 (no CUDA graphs), 1 (the whole MoBA call, "
-                         f"the default) or index (only the selection and its index).")
+                         f"the default), index (only the selection and its index) or shared (the whole call, "
+                         f"the backward reading the forward graph's buffers).")
     return mode
 
 
@@ -82,25 +88,29 @@ def graphs_enabled(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> bool:
 
 
 class _Captured:
-    """One shape's graph: static inputs, static outputs, the objects it reads."""
+    """One shape's graph: static inputs, static outputs, the objects it reads. ``bound``:
+    tensors ``fn`` reads in place after the inputs (another graph's buffers, which their owner
+    keeps current), never copied."""
 
-    def __init__(self, fn: Callable, inputs: Sequence[torch.Tensor], keep: object):
+    def __init__(self, fn: Callable, inputs: Sequence[torch.Tensor], keep: object,
+                 bound: Sequence[torch.Tensor] = ()):
         # contiguous static buffers: copy_ takes any source layout (an expanded gradient too)
         self.inputs = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in inputs]
         for s, x in zip(self.inputs, inputs):
             s.copy_(x)
+        self.bound = tuple(bound)
         self.keep = keep  # tables and offsets the graph reads by address stay alive with it
         # one run on the static buffers on a side stream first: any kernel specialisation these
         # buffers need is compiled and loaded before the capture (loading is not capturable)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            fn(*self.inputs)
+            fn(*self.inputs, *self.bound)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: the backward's capture runs on the autograd engine's thread
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.outputs = fn(*self.inputs)
+            self.outputs = fn(*self.inputs, *self.bound)
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         for s, x in zip(self.inputs, inputs):
@@ -113,26 +123,36 @@ class GraphedCall:
     """``fn(*tensors) -> tuple of tensors`` run eagerly on a key's first call, captured on its
     second, replayed after. ``key`` must determine every shape, dtype and constant ``fn``
     depends on (the caller builds it), and ``fn``'s result must not depend on its inputs'
-    strides (the graph sees contiguous copies); ``keep`` is held with the graph."""
+    strides (the graph sees contiguous copies); ``keep`` is held with the graph. ``bound``:
+    tensors passed to ``fn`` after ``inputs`` and read in place, not copied (the caller keeps them
+    holding this call's data, and the same tensors for a key). After each replay the graph's
+    ``holds`` is a new token: whoever kept it knows the graph's buffers still hold its call."""
 
     def __init__(self, name: str):
         self.name = name
         self._seen: set = set()
         self._graphs: "OrderedDict[tuple, _Captured]" = OrderedDict()
 
-    def __call__(self, key: tuple, fn: Callable, inputs: Sequence[torch.Tensor], keep: object = None):
+    def graph(self, key: tuple):
+        """The captured graph of ``key``, or None (not captured yet, or dropped)."""
+        return self._graphs.get(key)
+
+    def __call__(self, key: tuple, fn: Callable, inputs: Sequence[torch.Tensor], keep: object = None,
+                 bound: Sequence[torch.Tensor] = ()):
         g = self._graphs.get(key)
         if g is not None:
             self._graphs.move_to_end(key)
-            return g(inputs)
-        if key not in self._seen:  # first sighting: eager (compiles kernels, warms the allocator)
+        elif key not in self._seen:  # first sighting: eager (compiles kernels, warms the allocator)
             self._seen.add(key)
-            return fn(*inputs)
-        g = _Captured(fn, inputs, keep)
-        self._graphs[key] = g
-        while len(self._graphs) > MAX_GRAPHS:
-            self._graphs.popitem(last=False)
-        return g(inputs)
+            return fn(*inputs, *bound)
+        else:
+            g = _Captured(fn, inputs, keep, bound)
+            self._graphs[key] = g
+            while len(self._graphs) > MAX_GRAPHS:
+                self._graphs.popitem(last=False)
+        out = g(inputs)
+        g.holds = object()
+        return out
 
     def clear(self) -> None:
         self._seen.clear()

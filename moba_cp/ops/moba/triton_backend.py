@@ -324,7 +324,12 @@ class _MobaGraphed(torch.autograd.Function):
     and ``lse`` is returned as a view of it: per call 2 fewer clones after the forward and 2 fewer
     copies into the backward's graph (at 4 x 8K tokens, 6 heads, on one H200 a MoBA layer's
     forward+backward took 1.36 ms of host time to enqueue against SDPA's 0.89 ms, more than the
-    0.2 ms its kernels saved; ``benchmarks/profile_moba.py --layer``)."""
+    0.2 ms its kernels saved; ``benchmarks/profile_moba.py --layer``).
+
+    ``MOBA_CP_CUDA_GRAPHS=shared``: the backward's graph reads q, k, v, o and the saved state in the
+    forward graph's buffers (``GraphedCall``'s ``bound``) and copies do alone; if the forward graph
+    replayed for another call since this one (its ``holds`` token changed), the backward first
+    copies this call's tensors back into those buffers."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, block_size, topk, softmax_scale, config):
@@ -352,6 +357,10 @@ class _MobaGraphed(torch.autograd.Function):
             lse = _unpack_saved(saved, q.shape[0], q.shape[1], width)[0]
             ctx.save_for_backward(q, k, v, o, saved)
             ctx.width = width
+            # shared: the graph that just replayed (None on a shape's first, eager call) and the
+            # token saying its buffers hold this call's q, k, v, o and saved state
+            g = _FWD_GRAPHS.graph(key) if ctx.mode == "shared" else None
+            ctx.fwd_graph = None if g is None else (g, g.holds)
         ctx.key, ctx.keep = key, (tables, cu_seqlens)
         ctx.args = (cu_seqlens, block_size, softmax_scale, config)
         ctx.set_materialize_grads(False)
@@ -369,13 +378,23 @@ class _MobaGraphed(torch.autograd.Function):
         shape = (q.shape[0], q.shape[1], ctx.width)
         if dlse is not None:
             dq, dk, dv = _attn_bwd_impl(do, dlse, q, k, v, o, *_unpack_saved(saved, *shape), *ctx.args)
-        else:
-            args = ctx.args
+            return dq, dk, dv, None, None, None, None, None
+        args = ctx.args
 
-            def bwd(do, q, k, v, o, saved):
-                return _attn_bwd_impl(do, None, q, k, v, o, *_unpack_saved(saved, *shape), *args)
+        def bwd(do, q, k, v, o, saved):
+            return _attn_bwd_impl(do, None, q, k, v, o, *_unpack_saved(saved, *shape), *args)
 
+        if ctx.fwd_graph is None:
             dq, dk, dv = _BWD_GRAPHS(ctx.key + (do.dtype,), bwd, (do, q, k, v, o, saved), keep=ctx.keep)
+        else:  # shared: q, k, v, o and the saved state are read in the forward graph's buffers
+            g, token = ctx.fwd_graph
+            buffers = (*g.inputs, *g.outputs)  # q, k, v, then o and the saved state
+            if g.holds is not token:  # another call replayed the forward since: put this call's back
+                for b, x in zip(buffers, (q, k, v, o, saved)):
+                    b.copy_(x)
+                g.holds = token
+            # keyed by the forward graph too: a backward graph reads one forward graph's buffers
+            dq, dk, dv = _BWD_GRAPHS(ctx.key + (do.dtype, id(g)), bwd, (do,), keep=(ctx.keep, g), bound=buffers)
         return dq, dk, dv, None, None, None, None, None
 
 
