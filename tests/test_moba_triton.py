@@ -1427,8 +1427,8 @@ class _ReplayOnCPU:
 
     replays = 0
 
-    def __init__(self, fn, inputs, keep, bound=()):
-        self.fn, self.keep, self.bound = fn, keep, tuple(bound)
+    def __init__(self, fn, inputs, keep, bound=(), pool_of=None):
+        self.fn, self.keep, self.bound, self.pool_of = fn, keep, tuple(bound), pool_of
         self.inputs = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in inputs]
         for s, x in zip(self.inputs, inputs):
             s.copy_(x)
@@ -1489,8 +1489,8 @@ def test_graphed_call_logic_equals_eager_with_replays_emulated(batched, mode, mo
 
 
 def test_shared_graph_mode_backward_reads_the_forward_graphs_buffers(monkeypatch):
-    """``MOBA_CP_CUDA_GRAPHS=shared``: the backward's graph copies only do and reads q, k, v, o and
-    the saved state in the forward graph's buffers. Right when the forward replayed last for the
+    """``MOBA_CP_CUDA_GRAPHS=shared``: the backward's graph copies only do, reads q, k, v, o and
+    the saved state in the forward graph's buffers and is captured into its memory pool. Right when the forward replayed last for the
     same call (recomputation's order) and when other calls replayed it since (their backwards put
     their tensors back first): gradients equal the eager path's in both orders (replays emulated)."""
     from moba_cp.ops.moba import api, cuda_graphs
@@ -1522,6 +1522,7 @@ def test_shared_graph_mode_backward_reads_the_forward_graphs_buffers(monkeypatch
     fwd = next(iter(tb._FWD_GRAPHS._graphs.values()))
     bwd = next(iter(tb._BWD_GRAPHS._graphs.values()))
     assert len(bwd.inputs) == 1 and all(x is y for x, y in zip(bwd.bound, (*fwd.inputs, *fwd.outputs)))
+    assert bwd.pool_of is fwd and fwd.pool_of is None  # one memory pool for the two graphs
     first, second = run(83, True), run(84, True)  # two forwards, then their backwards in reverse
     check(*second, 84)
     check(*first, 83)

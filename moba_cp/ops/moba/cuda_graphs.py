@@ -93,7 +93,7 @@ class _Captured:
     keeps current), never copied."""
 
     def __init__(self, fn: Callable, inputs: Sequence[torch.Tensor], keep: object,
-                 bound: Sequence[torch.Tensor] = ()):
+                 bound: Sequence[torch.Tensor] = (), pool_of: "_Captured | None" = None):
         # contiguous static buffers: copy_ takes any source layout (an expanded gradient too)
         self.inputs = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in inputs]
         for s, x in zip(self.inputs, inputs):
@@ -109,7 +109,9 @@ class _Captured:
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: the backward's capture runs on the autograd engine's thread
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        # pool_of: capture into that graph's memory pool (see GraphedCall)
+        pool = pool_of.graph.pool() if pool_of is not None else None
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.outputs = fn(*self.inputs, *self.bound)
 
     def __call__(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -126,7 +128,12 @@ class GraphedCall:
     strides (the graph sees contiguous copies); ``keep`` is held with the graph. ``bound``:
     tensors passed to ``fn`` after ``inputs`` and read in place, not copied (the caller keeps them
     holding this call's data, and the same tensors for a key). After each replay the graph's
-    ``holds`` is a new token: whoever kept it knows the graph's buffers still hold its call."""
+    ``holds`` is a new token: whoever kept it knows the graph's buffers still hold its call.
+    ``pool_of``: a graph whose private memory pool this key's graph is captured into. Safe when
+    the two replay one at a time on one stream, each clones its outputs right after its replay,
+    and neither needs the other's intermediates: what one graph leaves in the pool is dead when
+    the other replays (the pool's live blocks, such as the first graph's static outputs, are never
+    handed to the second's capture)."""
 
     def __init__(self, name: str):
         self.name = name
@@ -138,7 +145,7 @@ class GraphedCall:
         return self._graphs.get(key)
 
     def __call__(self, key: tuple, fn: Callable, inputs: Sequence[torch.Tensor], keep: object = None,
-                 bound: Sequence[torch.Tensor] = ()):
+                 bound: Sequence[torch.Tensor] = (), pool_of: "_Captured | None" = None):
         g = self._graphs.get(key)
         if g is not None:
             self._graphs.move_to_end(key)
@@ -146,7 +153,7 @@ class GraphedCall:
             self._seen.add(key)
             return fn(*inputs, *bound)
         else:
-            g = _Captured(fn, inputs, keep, bound)
+            g = _Captured(fn, inputs, keep, bound, pool_of)
             self._graphs[key] = g
             while len(self._graphs) > MAX_GRAPHS:
                 self._graphs.popitem(last=False)

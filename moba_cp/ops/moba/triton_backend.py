@@ -329,7 +329,8 @@ class _MobaGraphed(torch.autograd.Function):
     ``MOBA_CP_CUDA_GRAPHS=shared``: the backward's graph reads q, k, v, o and the saved state in the
     forward graph's buffers (``GraphedCall``'s ``bound``) and copies do alone; if the forward graph
     replayed for another call since this one (its ``holds`` token changed), the backward first
-    copies this call's tensors back into those buffers."""
+    copies this call's tensors back into those buffers. The backward's graph is captured into the
+    forward graph's memory pool."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, block_size, topk, softmax_scale, config):
@@ -393,8 +394,11 @@ class _MobaGraphed(torch.autograd.Function):
                 for b, x in zip(buffers, (q, k, v, o, saved)):
                     b.copy_(x)
                 g.holds = token
-            # keyed by the forward graph too: a backward graph reads one forward graph's buffers
-            dq, dk, dv = _BWD_GRAPHS(ctx.key + (do.dtype, id(g)), bwd, (do,), keep=(ctx.keep, g), bound=buffers)
+            # keyed by the forward graph too: a backward graph reads one forward graph's buffers,
+            # and is captured into its memory pool (each clones its outputs at once, and neither
+            # needs the other's intermediates, so one pool serves both)
+            dq, dk, dv = _BWD_GRAPHS(ctx.key + (do.dtype, id(g)), bwd, (do,), keep=(ctx.keep, g), bound=buffers,
+                                     pool_of=g)
         return dq, dk, dv, None, None, None, None, None
 
 
