@@ -89,7 +89,9 @@ def call_memory(suite: str, seq: int, *, kernel: str = "", tma: bool = True) -> 
             # keeps dq, dk, dv
             "graph_static": 3 * nbytes(q, k, v) + nbytes(res["o"]) + 2 * fwd[1],
             # MOBA_CP_CUDA_GRAPHS=shared: the backward reads the forward graph's buffers, copies do alone
-            "graph_static_shared": 2 * nbytes(q, k, v) + nbytes(res["o"]) + fwd[1]}
+            "graph_static_shared": 2 * nbytes(q, k, v) + nbytes(res["o"]) + fwd[1],
+            # and one pool for both graphs: the backward's capture beside the forward's live outputs
+            "graph_pools_shared": max(fwd[0], fwd[1] + bwd[0])}
 
 
 def main(argv=None) -> None:
@@ -112,7 +114,8 @@ def main(argv=None) -> None:
     else:
         print(f"whole-call CUDA graphs: static buffers {m['graph_static'] / MIB:.1f} MiB allocated while they live, "
               f"pools {(m['fwd_peak'] + m['bwd_peak']) / MIB:.1f} MiB reserved; "
-              f"MOBA_CP_CUDA_GRAPHS=shared: static buffers {m['graph_static_shared'] / MIB:.1f} MiB")
+              f"MOBA_CP_CUDA_GRAPHS=shared: static buffers {m['graph_static_shared'] / MIB:.1f} MiB, "
+              f"one pool {m['graph_pools_shared'] / MIB:.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -62,5 +62,7 @@ def test_a_call_is_counted_without_a_gpu():
     static = float(re.search(r"whole-call CUDA graphs: static buffers ([\d.]+) MiB", text).group(1))
     assert 3.0 < fwd_kept <= fwd_peak and bwd_peak >= 9.0
     assert static == pytest.approx(3 * 9.0 + 3.0 + 2 * fwd_kept, abs=0.15)
-    shared = float(re.search(r"MOBA_CP_CUDA_GRAPHS=shared: static buffers ([\d.]+) MiB", text).group(1))
+    shared, pool = map(float, re.search(r"MOBA_CP_CUDA_GRAPHS=shared: static buffers ([\d.]+) MiB, one pool ([\d.]+)",
+                                        text).groups())
     assert shared == pytest.approx(2 * 9.0 + 3.0 + fwd_kept, abs=0.15)
+    assert pool == pytest.approx(max(fwd_peak, fwd_kept + bwd_peak), abs=0.15)
