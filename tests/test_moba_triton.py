@@ -1443,6 +1443,29 @@ class _ReplayOnCPU:
         return tuple(o.clone() for o in self.outputs)
 
 
+def _graphed_and_eager_call(toggle, q, k, v, do, dl, moba_kw, tol, call, kept):
+    """One call of the graph tests: ``moba_attn`` with graphs on and off (``toggle(graphed)``)
+    on copies of ``q, k, v``, loss ``o . do`` (skipped when ``do`` is None) plus ``lse . dl``
+    (when ``dl`` is given); o, lse, dq, dk, dv must agree to ``tol(name)``, and the previous
+    call's graphed o and lse (``kept``) must not have changed. Returns this call's ``kept``."""
+    res = {}
+    for graphed in (True, False):
+        toggle(graphed)
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        o, lse = tb.moba_attn(*xs, **moba_kw)
+        loss = 0 if do is None else (o.float() * do.float()).sum()
+        if dl is not None:
+            loss = loss + (lse * dl).sum()
+        loss.backward()
+        res[graphed] = [o.detach(), lse.detach()] + [x.grad for x in xs]
+    for name, a, e in zip(("o", "lse", "dq", "dk", "dv"), res[True], res[False]):
+        torch.testing.assert_close(a, e, **tol(name), msg=lambda m: f"call {call} {name}: {m}")
+    if kept is not None:
+        assert torch.equal(kept[0], kept[1]), "a later replay overwrote an earlier call's output"
+        assert torch.equal(kept[2], kept[3]), "a later replay overwrote an earlier call's lse"
+    return res[True][0], res[True][0].clone(), res[True][1], res[True][1].clone()
+
+
 # the training call (batched offsets, whole-call graphs, and the backward reading the forward
 # graph's buffers) and the index-only mode on one sequence
 @pytest.mark.parametrize("batched,mode", [(True, "1"), (True, "shared"), (False, "index")])
@@ -1460,26 +1483,19 @@ def test_graphed_call_logic_equals_eager_with_replays_emulated(batched, mode, mo
     for calls in (tb._FWD_GRAPHS, tb._BWD_GRAPHS, tb._INDEX_GRAPHS):
         calls.clear()
     _ReplayOnCPU.replays = 0
+    monkeypatch.setenv("MOBA_CP_CUDA_GRAPHS", mode)
+
+    def toggle(graphed):
+        monkeypatch.setattr(tb, "graphs_enabled", lambda q, cu: graphed)
+
     kept = None
     for call in range(5):
         q, k, v = _inputs(b * s, hq, hkv, d, torch.float32, seed=60 + call)
         do = torch.randn_like(q) if call != 4 else None
         dl = torch.randn(b * s, hq) if call >= 3 else None
-        res = {}
-        for graphed in (True, False):
-            monkeypatch.setattr(tb, "graphs_enabled", lambda q, cu: graphed)
-            monkeypatch.setenv("MOBA_CP_CUDA_GRAPHS", mode)
-            xs = [x.clone().requires_grad_() for x in (q, k, v)]
-            o, lse = tb.moba_attn(*xs, block_size=blk, topk=topk, cu_seqlens=cu, softmax_scale=d ** -0.5)
-            loss = (lse * dl).sum() if do is None else (o * do).sum() + (0 if dl is None else (lse * dl).sum())
-            loss.backward()
-            res[graphed] = [o.detach(), lse.detach()] + [x.grad for x in xs]
-        for name, a, e in zip(("o", "lse", "dq", "dk", "dv"), res[True], res[False]):
-            torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5, msg=lambda m: f"call {call} {name}: {m}")
-        if kept is not None:
-            assert torch.equal(kept[0], kept[1]), "a later replay overwrote an earlier call's output"
-            assert torch.equal(kept[2], kept[3]), "a later replay overwrote an earlier call's lse"
-        kept = (res[True][0], res[True][0].clone(), res[True][1], res[True][1].clone())
+        kept = _graphed_and_eager_call(toggle, q, k, v, do, dl, dict(block_size=blk, topk=topk, cu_seqlens=cu,
+                                                                     softmax_scale=d ** -0.5),
+                                       lambda name: dict(atol=1e-5, rtol=1e-5), call, kept)
     graphs = {"1": (1, 1, 0), "shared": (1, 1, 0), "index": (0, 0, 1)}[mode]
     assert (len(tb._FWD_GRAPHS._graphs), len(tb._BWD_GRAPHS._graphs), len(tb._INDEX_GRAPHS._graphs)) == graphs
     # the second call captures and replays, later ones replay: forwards in calls 1-4, whole-call
@@ -1490,9 +1506,10 @@ def test_graphed_call_logic_equals_eager_with_replays_emulated(batched, mode, mo
 
 def test_shared_graph_mode_backward_reads_the_forward_graphs_buffers(monkeypatch):
     """``MOBA_CP_CUDA_GRAPHS=shared``: the backward's graph copies only do, reads q, k, v, o and
-    the saved state in the forward graph's buffers and is captured into its memory pool. Right when the forward replayed last for the
-    same call (recomputation's order) and when other calls replayed it since (their backwards put
-    their tensors back first): gradients equal the eager path's in both orders (replays emulated)."""
+    the saved state in the forward graph's buffers and is captured into its memory pool. Right
+    when the forward replayed last for the same call (recomputation's order) and when other calls
+    replayed it since (their backwards put their tensors back first): gradients equal the eager
+    path's in both orders (replays emulated)."""
     from moba_cp.ops.moba import api, cuda_graphs
 
     monkeypatch.setattr(cuda_graphs, "_Captured", _ReplayOnCPU)
@@ -1543,28 +1560,18 @@ def test_gpu_cuda_graph_path_equals_eager(batched, mode, monkeypatch):
     tb._FWD_GRAPHS.clear()
     tb._BWD_GRAPHS.clear()
     tb._INDEX_GRAPHS.clear()
+    def toggle(graphed):
+        monkeypatch.setenv("MOBA_CP_CUDA_GRAPHS", mode if graphed else "0")
+
+    def tol(name):  # the forward may accumulate with fp32 atomics too: one bf16 ulp apart at most
+        return dict(atol=1e-4, rtol=1e-4) if name == "lse" else dict(atol=2e-2, rtol=2e-2)
+
     kept = None
     for call in range(4):
         q, k, v = _inputs(b * s, hq, hkv, d, torch.bfloat16, seed=10 + call, device="cuda")
         do = torch.randn_like(q)
         dl = torch.randn(b * s, hq, device="cuda") if call == 3 else None
-        res = {}
-        for graphs in (mode, "0"):
-            monkeypatch.setenv("MOBA_CP_CUDA_GRAPHS", graphs)
-            xs = [x.clone().requires_grad_() for x in (q, k, v)]
-            o, lse = tb.moba_attn(*xs, block_size=blk, topk=topk, cu_seqlens=cu, softmax_scale=d ** -0.5)
-            loss = (o.float() * do.float()).sum()
-            if dl is not None:
-                loss = loss + (lse * dl).sum()
-            loss.backward()
-            res[graphs] = [o.detach(), lse.detach()] + [x.grad for x in xs]
-        for name, a, e in zip(("o", "lse", "dq", "dk", "dv"), res[mode], res["0"]):
-            # the forward may accumulate with fp32 atomics too: one bf16 ulp apart at most
-            tol = dict(atol=1e-4, rtol=1e-4) if name == "lse" else dict(atol=2e-2, rtol=2e-2)
-            torch.testing.assert_close(a, e, **tol, msg=lambda m: f"call {call} {name}: {m}")
-        if kept is not None:
-            assert torch.equal(kept[0], kept[1]), "a later replay overwrote an earlier call's output"
-            assert torch.equal(kept[2], kept[3]), "a later replay overwrote an earlier call's lse"
-        kept = (res[mode][0], res[mode][0].clone(), res[mode][1], res[mode][1].clone())
+        kept = _graphed_and_eager_call(toggle, q, k, v, do, dl, dict(block_size=blk, topk=topk, cu_seqlens=cu,
+                                                                     softmax_scale=d ** -0.5), tol, call, kept)
     graphs = {"1": (1, 1, 0), "index": (0, 0, 1), "shared": (1, 1, 0)}[mode]
     assert (len(tb._FWD_GRAPHS._graphs), len(tb._BWD_GRAPHS._graphs), len(tb._INDEX_GRAPHS._graphs)) == graphs
