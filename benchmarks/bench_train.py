@@ -99,24 +99,26 @@ def pool(runs: list[dict]) -> dict:
 
 
 def run_setting(recipe: str, overrides: list[str], steps: int, variants: list[str], repeats: int,
-                full_runs: dict, run) -> tuple[list[tuple[str, str, list[str]]], dict]:
+                full_runs: dict, run) -> tuple[list[tuple[str, str, list[str], dict | None]], dict]:
     """One setting's runs: MoBA, its variants, then full attention, alternately per repeat;
     ``run(overrides, pattern, tag)`` runs one process (``env=`` too for a variant ``env:NAME=VALUE``,
     which sets that environment variable instead of a ``moba.kernel`` override). Full attention
     reads no ``moba.*`` setting, so settings that differ only there share its run: ``full_runs``
     maps (recipe, the other overrides, steps, repeat) to it across settings. Returns the kinds
     and each one's pooled runs."""
-    kinds = [("moba", "moba", [])] + [(f"moba {v}", "moba", [] if v.startswith("env:") else [f"--moba.kernel={v}"])
-                                      for v in variants] + [("full", "full", [])]
-    runs = {label: [] for label, _, _ in kinds}
+    def variant(v: str) -> tuple:  # (label, pattern, overrides, environment or None)
+        if v.startswith("env:"):
+            return f"moba {v}", "moba", [], dict(kv.split("=", 1) for kv in v[len("env:"):].split(","))
+        return f"moba {v}", "moba", [f"--moba.kernel={v}"], None
+
+    kinds = [("moba", "moba", [], None)] + [variant(v) for v in variants] + [("full", "full", [], None)]
+    runs = {kind[0]: [] for kind in kinds}
     for rep in range(repeats):
-        for i, (label, pat, more) in enumerate(kinds):
+        for i, (label, pat, more, env) in enumerate(kinds):
             key = (recipe, tuple(o for o in overrides if not o.startswith("--moba.")), steps, rep)
             if pat == "full" and key in full_runs:
                 runs[label].append(full_runs[key])
                 continue
-            env = dict(kv.split("=", 1) for kv in label[len("moba env:"):].split(",")) \
-                if label.startswith("moba env:") else None
             runs[label].append(run(overrides + more, pat, f"{rep}-{i}", **({"env": env} if env else {})))
             if pat == "full":
                 full_runs[key] = runs[label][-1]
@@ -189,7 +191,7 @@ def main():
             kinds, r = run_setting(recipe, overrides, steps, variants, args.repeats, full_runs,
                                    lambda o, pat, tag, env=None: run_one(recipe, o, steps, pat, work, extra,
                                                                          tag=tag, env_extra=env))
-            for label, _, _ in kinds[:-1]:
+            for label, *_ in kinds[:-1]:
                 variant = label[len("moba "):]
                 row = _row(name if label == "moba" else f"{name}, {variant[4:]}" if variant.startswith("env:")
                            else f"{name}, moba.kernel={variant}", r[label], r["full"], label)
