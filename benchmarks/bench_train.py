@@ -55,6 +55,14 @@ SETTINGS = {
         ["--model.num_layers=6", "--model.hidden_size=384", "--model.num_attention_heads=6",
          "--model.num_query_groups=6", "--model.seq_length=8192", "--moba.block_size=512", "--moba.topk=3",
          "--train.global_batch_size=8", "--train.micro_batch_size=4", "--train.recompute=none"], 12),
+    # The same small model with 16 sequences a micro-batch: at 4 a step is host-bound (session 22's
+    # trace: the GPU idle ~half of each step for both attentions, so the attention kernels barely
+    # decide it); 4x the tokens per launch shows the kernel-bound ratio. Both attentions run it.
+    "8K block 512 top-3 (6 layers, hidden 384, 6 heads), micro-batch 16": (
+        "recipes/1gpu-32k.yaml",
+        ["--model.num_layers=6", "--model.hidden_size=384", "--model.num_attention_heads=6",
+         "--model.num_query_groups=6", "--model.seq_length=8192", "--moba.block_size=512", "--moba.topk=3",
+         "--train.global_batch_size=16", "--train.micro_batch_size=16"], 10),
 }
 SMOKE = {"smoke": ("recipes/tiny.yaml", ["--parallel.cp=1"], 4)}
 #: The caching allocator's setting for every run (MoBA and full alike): the 128K model sits at

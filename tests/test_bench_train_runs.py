@@ -73,3 +73,19 @@ def test_an_env_variant_runs_moba_with_those_variables_and_no_kernel_override():
     assert [k[0] for k in kinds] == ["moba", "moba bwd.x=1", "moba env:MOBA_CP_CUDA_GRAPHS=shared,X=1", "full"]
     assert calls == [("moba", ("--a=1",), None), ("moba", ("--a=1", "--moba.kernel=bwd.x=1"), None),
                      ("moba", ("--a=1",), {"MOBA_CP_CUDA_GRAPHS": "shared", "X": "1"}), ("full", ("--a=1",), None)]
+
+
+def test_every_setting_is_a_valid_recipe_for_both_attentions():
+    """Each setting's recipe and overrides (plus the flags every run adds) pass the recipe's
+    checks for MoBA and full attention on a one-GPU CUDA run, so a typo in a setting fails here
+    rather than on a lent GPU; the run's step count is a positive integer."""
+    from moba_cp.config import load_recipe, validate
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    for name, (recipe, overrides, steps) in bench_train.SETTINGS.items():
+        assert isinstance(steps, int) and steps > 2, name  # tokens/s is the median after two warm-up steps
+        for pattern in ("moba", "full"):
+            cfg = load_recipe(os.path.join(root, recipe), [*overrides, *bench_train.COMMON,
+                                                             f"--train.steps={steps}", f"--attention.pattern={pattern}"])
+            validate(cfg, world_size=1, device="cuda")
+            assert cfg.train.global_batch_size % cfg.train.micro_batch_size == 0, name
