@@ -5,6 +5,7 @@ nothing is launched (Triton's bundled ``ptxas`` and ``cuobjdump`` do the work).
 Usage (CPU or GPU machine; ``TRITON_INTERPRET`` must be unset):
     python benchmarks/kernel_resources.py --at train-b1024:131072
     python benchmarks/kernel_resources.py --at flashmoba:32768 --kernel 'fwd.bn=64' --sass /tmp/sass
+    python benchmarks/kernel_resources.py --at train-b1024:131072 --loops   # + per-loop pipe clocks
 
 Per kernel (each distinct compiled variant once): registers per thread, stack bytes per thread
 (spills land there), shared memory per program, warps, pipeline stages, the Hopper ``HGMMA`` and
@@ -39,6 +40,7 @@ from triton.runtime.jit import JITFunction
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_moba import SUITES  # noqa: E402
+from sass_loops import format_rows, loop_report  # noqa: E402
 
 import moba_cp.ops.moba.triton_attn_bwd as attn_bwd  # noqa: E402
 from moba_cp.ops.moba import triton_backend  # noqa: E402
@@ -86,7 +88,7 @@ def _sass_facts(cubin: bytes, keep: str | None, name: str) -> dict:
     if m is None:
         raise RuntimeError(f"cuobjdump -res-usage gave no REG/STACK line for {name}: {res.strip()[:200]}")
     return {"regs": int(m.group(1)), "stack": int(m.group(2)), "hgmma": len(re.findall(r"\bHGMMA\.", sass)),
-            "hmma": len(re.findall(r"\bHMMA\.", sass))}
+            "hmma": len(re.findall(r"\bHMMA\.", sass)), "sass": sass}
 
 
 def programs_per_sm(regs: int, warps: int, shared: int) -> tuple[int, int, int]:
@@ -172,6 +174,9 @@ def main(argv=None):
     ap.add_argument("--no-tma", action="store_true", help="the tiling of a GPU without TMA")
     ap.add_argument("--forward-only", action="store_true")
     ap.add_argument("--sass", default=None, help="also write each kernel's SASS into this folder")
+    ap.add_argument("--loops", action="store_true",
+                    help="also print, per loop of each kernel, one iteration's instructions, tensor FLOPs, "
+                         "shared-memory bytes and the clocks each pipe needs (benchmarks/sass_loops.py)")
     args = ap.parse_args(argv)
     suite, seq = args.at.split(":")
     cfg, facts = kernel_facts(suite, int(seq), kernel=args.kernel, tma=not args.no_tma, arch=args.arch,
@@ -184,6 +189,12 @@ def main(argv=None):
         print(f"{f['name']:30s} {f['regs']:4d} {f['stack']:5d} {f['shared'] / 1024:6.1f} {f['warps']:5d} "
               f"{f['stages']:2d} {f['hgmma']:5d} {f['hmma']:4d}  {by_regs}, {by_smem} -> {n} "
               f"({n * f['warps']} warps)")
+    if args.loops:
+        print(f"\n# loops: one iteration of one program (nested loops in their own rows); clocks an SM needs "
+              f"per pipe at Hopper's rates, the largest named (latency not modelled)")
+        for f in facts:
+            for row in format_rows(f["name"], loop_report(f["sass"], f["warps"])):
+                print(row)
 
 
 if __name__ == "__main__":

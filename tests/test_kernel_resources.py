@@ -37,13 +37,15 @@ def test_the_interpreter_is_refused_with_the_fix():
 def test_a_call_compiles_for_sm90_without_a_gpu_and_reports_each_kernel(tmp_path):
     """One fwd+bwd at a small shape, in a process without the interpreter: the gate, the forward's
     tile kernel and the dK/dV kernel appear, with registers, Hopper tensor-core instructions (HGMMA,
-    not the older HMMA) and a programs-per-SM bound; --sass writes their SASS."""
+    not the older HMMA) and a programs-per-SM bound; --sass writes their SASS; --loops adds one
+    row per loop, and the loops of those three kernels do tensor-core work."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks/kernel_resources.py"), "--at", "train-b128:2048",
-                          "--sass", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+                          "--sass", str(tmp_path), "--loops"], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    lines = out.stdout.splitlines()
+    lines, _, loop_lines = out.stdout.partition("\n# loops")
+    lines = lines.rstrip("\n").splitlines()
     assert lines[0].startswith("# train-b128:2048 sm_90 (TMA)")
     rows = {}
     for line in lines[2:]:
@@ -56,3 +58,11 @@ def test_a_call_compiles_for_sm90_without_a_gpu_and_reports_each_kernel(tmp_path
             assert 0 < regs <= 255 and warps in (4, 8) and hgmma > 0 and hmma == 0 and per_sm >= 1
     assert rows["_merge_kernel"][0][3] == 0  # no products in the merge
     assert any(p.name.startswith("_dkdv_kernel_") and "HGMMA" in p.read_text() for p in tmp_path.glob("*.sass"))
+    loops = {}
+    for line in loop_lines.splitlines()[1:]:
+        m = re.match(r"(\w+)\s+0x[0-9a-f]+-0x[0-9a-f]+ d\d+\s+\d+ ins\s+\d+ mma\s+([\d.]+) MFLOP .* -> (\w+)$", line)
+        assert m, line
+        loops.setdefault(m.group(1), []).append((float(m.group(2)), m.group(3)))
+    for name in ("_gate_topk_kernel", "_fwd_partial_kernel", "_dkdv_kernel"):
+        assert any(mflop > 0 for mflop, _ in loops[name]), (name, loops.get(name))
+    assert {b for rows in loops.values() for _, b in rows} <= {"tensor", "smem", "alu", "fma", "xu", "issue"}
