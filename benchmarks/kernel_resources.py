@@ -43,6 +43,7 @@ from bench_moba import SUITES  # noqa: E402
 from sass_loops import format_rows, loop_report  # noqa: E402
 
 import moba_cp.ops.moba.triton_attn_bwd as attn_bwd  # noqa: E402
+import moba_cp.ops.moba.triton_attn_fwd as attn_fwd  # noqa: E402
 from moba_cp.ops.moba import triton_backend  # noqa: E402
 from moba_cp.ops.moba.triton_config import apply_overrides, choose_config  # noqa: E402
 
@@ -107,7 +108,7 @@ def compile_only(arch: int, seen: dict, keep: str | None = None):
     (keyed by kernel name and compiled hash) instead of running; restored on exit."""
     # the private slot, not .active: reading that creates the default driver, which needs a GPU
     old_driver, old_run = triton_driver._active, JITFunction.run
-    old_check = attn_bwd.descriptor_reductions_possible
+    old_check, old_cap = attn_bwd.descriptor_reductions_possible, attn_fwd.reg_cap
 
     def run(self, *args, grid, warmup, **kwargs):
         kernel = old_run(self, *args, grid=grid, warmup=True, **kwargs)
@@ -121,12 +122,15 @@ def compile_only(arch: int, seen: dict, keep: str | None = None):
     triton_driver.set_active(_NoLaunchDriver(arch))
     JITFunction.run = run
     attn_bwd.descriptor_reductions_possible = lambda device: True
+    # the CPU tensors would drop a register cap (fwd.maxnreg); the target is a GPU, so keep it
+    attn_fwd.reg_cap = lambda maxnreg, device: {"maxnreg": maxnreg} if maxnreg else {}
     try:
         yield seen
     finally:
         JITFunction.run = old_run
         triton_driver._active = old_driver
         attn_bwd.descriptor_reductions_possible = old_check
+        attn_fwd.reg_cap = old_cap
 
 
 def offline_call(tool: str, suite: str, seq: int, *, kernel: str = "", tma: bool = True, grad: bool = True):

@@ -66,3 +66,20 @@ def test_a_call_compiles_for_sm90_without_a_gpu_and_reports_each_kernel(tmp_path
     for name in ("_gate_topk_kernel", "_fwd_partial_kernel", "_dkdv_kernel"):
         assert any(mflop > 0 for mflop, _ in loops[name]), (name, loops.get(name))
     assert {b for rows in loops.values() for _, b in rows} <= {"tensor", "smem", "alu", "fma", "xu", "issue"}
+
+
+@pytest.mark.skipif(not all(os.access(TOOLS / t, os.X_OK) for t in ("ptxas", "cuobjdump")),
+                    reason="Triton's bundled ptxas and cuobjdump are not installed")
+def test_a_register_cap_reaches_the_offline_compile():
+    """``fwd.maxnreg`` caps the forward tile kernel on a GPU; the offline compile targets one, so
+    the cap must reach it although the tensors are on the CPU (the launcher drops it there)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    regs = {}
+    for kernel in ("", "fwd.maxnreg=128"):
+        out = subprocess.run([sys.executable, str(ROOT / "benchmarks/kernel_resources.py"), "--at", "small-b512:1024",
+                              "--forward-only", "--kernel", kernel], capture_output=True, text=True, env=env, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        regs[kernel] = [int(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("_fwd_partial_kernel")]
+    assert regs[""] and max(regs[""]) > 128  # uncapped, the tile kernel takes more
+    assert regs["fwd.maxnreg=128"] and max(regs["fwd.maxnreg=128"]) <= 128
