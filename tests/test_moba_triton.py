@@ -1283,7 +1283,8 @@ def test_gpu_bf16_tma_kv_equals_plain_loads(d, b, fwd):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d,b,bwd", [(128, 128, {}), (64, 64, {}), (64, 128, {"bnb": 128}),
+@pytest.mark.parametrize("d,b,bwd", [(128, 128, {}), (128, 128, {"split_mask": True}), (64, 64, {}),
+                                     (64, 128, {"bnb": 128}),
                                      (64, 128, {"bnb": 128, "bm": 32, "num_warps": 4, "gather_rows": False,
                                                 "split_mask": False})])
 def test_gpu_bf16_dq_slots(d, b, bwd):

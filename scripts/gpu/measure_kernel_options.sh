@@ -36,7 +36,7 @@
 #    b128bwd (then its own calls: headers of benchmarks/results/*2026-12-04_session18*); session 19
 #    sink (first form, with the row_tiles option it then removed) and its own calls (headers of
 #    benchmarks/results/*2026-12-04_session19*). Parts qmajor (12.) and splitdv (13.) were written in session 22,
-#    b512fwd (14.) in session 23; none has run yet.
+#    b512fwd (14.) in session 23, b128mask (15.) in session 24; none has run yet.
 # Needs no network: megatron-core comes from ./.whl when it is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -236,4 +236,18 @@ if has b512fwd; then
   "$PY" benchmarks/bench_moba.py --tune paper-b512:32768,paper-b512:8192 --tune-parts fwd \
     --tune-fwd '[{}, {"bm": 128, "num_warps": 8}, {"bm": 128, "num_warps": 8, "num_stages": 2}, {}]' \
     2>&1 | grep "^tune" | grep -v "default config" | tee "$OUT/tune_b512fwd.log" || true
+fi
+
+# 15. (part b128mask, session 24) FlashMoBA's backward (d=128, block 128, dQ in slots) runs every row
+#    through the masked loop; the rows of later blocks in an unmasked loop (split_mask, without the
+#    row copy that lost there in session 18) move its step's bound from 3900 ALU clocks to 3544 of
+#    shared memory offline
+#    (benchmarks/results/sass_loops_sm90_2026-12-05_session24.txt): its GPU test, then the tune,
+#    default first and last.
+if has b128mask; then
+  "$PY" -m pytest -q -m gpu tests/test_moba_triton.py -k dq_slots -p no:cacheprovider 2>&1 \
+    | tail -3 | tee "$OUT/gpu_tests_b128mask.log" || true
+  "$PY" benchmarks/bench_moba.py --tune flashmoba:131072,flashmoba:32768 --tune-parts bwd \
+    --tune-bwd '[{}, {"split_mask": true}, {}]' \
+    2>&1 | grep "^tune" | grep -v "default config" | tee "$OUT/tune_b128mask.log" || true
 fi
