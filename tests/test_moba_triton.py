@@ -349,6 +349,16 @@ def test_kernel_paths_head_dim_64_and_empty_doc(name):
     test_block_attn_fwd_bwd_matches_naive((150, 2, 1, 64, 32, 3, [40, 0, 110]), config=PATH_CONFIGS[name])
 
 
+def test_whole_block_forward_skips_the_mask_only_for_tiles_after_a_full_block():
+    """The partials forward with each block in one sub-tile (blocks of 16 keys, ``bn`` 16, as
+    block 128 at full size) runs a row tile without the causal mask when every row comes after a
+    full block. GQA, three documents of 16-unaligned lengths (short last blocks stay masked), 16-row
+    tiles that lie inside a block, straddle it or come after it, and top-k 4 of up to 9 blocks."""
+    cfg = KernelConfig(FwdConfig(method="partials", bm=16, bn=16, chunk=32, num_warps=4, num_stages=2),
+                       BwdConfig(bnb=16, bm=16, fuse_dq=False, dq_bm=16, dq_bn=16))
+    test_block_attn_fwd_bwd_matches_naive((205, 4, 2, 16, 16, 4, [70, 135]), config=cfg)
+
+
 def test_config_is_immutable_and_round_trips():
     cfg = choose_config(512, 64, 4, 32768)
     with pytest.raises(Exception):

@@ -308,7 +308,12 @@ def _fwd_partial_kernel(
         for r0 in range(c0, c1, BM):
             rmask, t64, ent, q, qp, _ = _fwd_rows(Q, QPOS, ENT, PL, r0, c1, h, H, W, stride_qt, stride_qh, BM, D, 1)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-            s = tl.where((nn < kl)[None, :] & ((kp0 + nn)[None, :] <= qp[:, None]), s, float("-inf"))
+            # A tile whose rows all come after a full block (a bucket's rows of later blocks: all
+            # but its own block's) sees every key: no mask. The mask made this loop ALU-bound
+            # (1948 ALU clocks a 64-row tile at FlashMoBA against 1076 without; sass_loops.py).
+            first = tl.min(tl.where(rmask, qp, 2147483647), axis=0)
+            if (kl < BN) | (first < kp0 + BN - 1):
+                s = tl.where((nn < kl)[None, :] & ((kp0 + nn)[None, :] <= qp[:, None]), s, float("-inf"))
             m = tl.max(s, axis=1)
             m_safe = tl.where(m == float("-inf"), 0.0, m)
             p = tl.exp2(s - m_safe[:, None])
