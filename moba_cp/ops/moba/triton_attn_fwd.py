@@ -309,8 +309,9 @@ def _fwd_partial_kernel(
             rmask, t64, ent, q, qp, _ = _fwd_rows(Q, QPOS, ENT, PL, r0, c1, h, H, W, stride_qt, stride_qh, BM, D, 1)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
             # A tile whose rows all come after a full block (a bucket's rows of later blocks: all
-            # but its own block's) sees every key: no mask. The mask made this loop ALU-bound
-            # (1948 ALU clocks a 64-row tile at FlashMoBA against 1076 without; sass_loops.py).
+            # but its own block's) sees every key: no mask. Offline at FlashMoBA (d=128, 64-row
+            # tiles; benchmarks/sass_loops.py) the masked tile needs 1948 ALU clocks and 1912
+            # issue slots, an unmasked one 1208 and 1528 (the test for it costs a row minimum).
             first = tl.min(tl.where(rmask, qp, 2147483647), axis=0)
             if (kl < BN) | (first < kp0 + BN - 1):
                 s = tl.where((nn < kl)[None, :] & ((kp0 + nn)[None, :] <= qp[:, None]), s, float("-inf"))
