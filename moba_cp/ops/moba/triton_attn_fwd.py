@@ -310,7 +310,7 @@ def _fwd_partial_kernel(
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
             # A tile whose rows all come after a full block (a bucket's rows of later blocks: all
             # but its own block's) sees every key: no mask. Offline at FlashMoBA (d=128, 64-row
-            # tiles; benchmarks/sass_loops.py) the masked tile needs 1948 ALU clocks and 1912
+            # tiles; benchmarks/sass_loops.py) a masked tile needs 1894 ALU clocks and 1871
             # issue slots, an unmasked one 1208 and 1528 (the test for it costs a row minimum).
             first = tl.min(tl.where(rmask, qp, 2147483647), axis=0)
             if (kl < BN) | (first < kp0 + BN - 1):
