@@ -19,7 +19,9 @@ in its own row, not in its parent's):
   memory's SRAM and bandwidth, so it is counted with it. TMA copies (``UTMA*``, ``UBLKCP``) move
   bytes the SASS does not show: counted as instructions only.
 - An instruction predicated ``@!PT`` never runs (the compiler's padding) and is skipped; other
-  predicated ones count as run (an upper bound).
+  predicated ones count as run (an upper bound). A conditional forward branch inside a loop (an
+  ``if`` without ``else``, say a mask applied to some tiles only) gets a second row: the iteration
+  that takes it, without the instructions it jumps over.
 - Pipes (NVIDIA's Nsight Compute names): ``alu`` integer and logic except IMAD/IMUL, compares,
   selects, min/max and fp32->fp16 packing; ``fma`` fp32 arithmetic, IMAD/IMUL (IMAD counted twice:
   it runs on the heavy half of the pipe alone); ``xu`` transcendentals and conversions. The rest
@@ -62,6 +64,7 @@ class Instr:
     opcode: str  # the full opcode with its modifiers, e.g. "HGMMA.64x32x16.F32.BF16"
     operands: str
     never: bool  # predicated @!PT: the compiler's padding, never executed
+    predicated: bool = False  # runs under a predicate (@P0, @!P1, ...): a conditional branch if a BRA
 
     @property
     def base(self) -> str:
@@ -85,9 +88,10 @@ def parse(sass: str) -> list[Instr]:
             continue
         text = m.group(2)
         never = text.startswith("@!PT ")
+        predicated = re.match(r"^@!?U?P[0-9]+\s", text) is not None
         text = re.sub(r"^@!?U?P[T0-9]+\s+", "", text)
         opcode, _, operands = text.partition(" ")
-        out.append(Instr(int(m.group(1), 16), opcode, operands.strip(), never))
+        out.append(Instr(int(m.group(1), 16), opcode, operands.strip(), never, predicated))
     return out
 
 
@@ -192,10 +196,40 @@ def body_costs(instrs: list[Instr], loop: Loop, warps: int) -> dict:
             "bound": max(clk, key=clk.get)}
 
 
+def skipped_paths(instrs: list[Instr], loop: Loop, warps: int) -> list[tuple[int, int, dict]]:
+    """For each conditional forward branch in ``loop``'s own body (not its nested loops') that
+    lands inside the body: ``(branch address, target, one iteration's costs when it is taken)``,
+    i.e. with the instructions it jumps over left out. An ``if`` without ``else`` compiles to such a
+    branch around its body, so this is the iteration that skips the ``if`` (say, a mask)."""
+    out = []
+    for ins in instrs:
+        if ins.base != "BRA" or not ins.predicated or not loop.start <= ins.addr < loop.end:
+            continue
+        if any(c.start <= ins.addr <= c.end for c in loop.children):
+            continue
+        m = re.search(r"0x([0-9a-f]+)", ins.operands)
+        target = int(m.group(1), 16) if m else -1
+        if not ins.addr < target <= loop.end:
+            continue
+        inner = [i.addr for i in instrs if ins.addr < i.addr < target]
+        if not inner:
+            continue
+        skip = Loop(inner[0], inner[-1])
+        view = Loop(loop.start, loop.end, loop.depth, [*loop.children, skip])
+        out.append((ins.addr, target, body_costs(instrs, view, warps)))
+    return out
+
+
 def loop_report(sass: str, warps: int) -> list[tuple[Loop, dict]]:
-    """``(loop, body_costs)`` for every loop of one kernel's SASS, outermost first."""
+    """``(loop, body_costs)`` for every loop of one kernel's SASS, outermost first; each costs dict
+    also lists, under ``"skips"``, :func:`skipped_paths` of that loop."""
     instrs = parse(sass)
-    return [(lp, body_costs(instrs, lp, warps)) for lp in find_loops(instrs)]
+    report = []
+    for lp in find_loops(instrs):
+        costs = body_costs(instrs, lp, warps)
+        costs["skips"] = skipped_paths(instrs, lp, warps)
+        report.append((lp, costs))
+    return report
 
 
 def format_rows(name: str, report: list[tuple[Loop, dict]]) -> list[str]:
@@ -207,4 +241,10 @@ def format_rows(name: str, report: list[tuple[Loop, dict]]) -> list[str]:
         rows.append(f"{name:26s} {lp.start:#07x}-{lp.end:#07x} d{lp.depth} {k.get('issue', 0):5d} ins "
                     f"{k.get('tensor', 0):3d} mma {c['flops'] / 1e6:6.2f} MFLOP {c['smem'] / 1024:6.1f}+"
                     f"{c['local'] / 1024:4.1f} KB | clk: {clk} -> {c['bound']}")
+        for addr, target, s in c.get("skips", ()):
+            if s["counts"].get("issue", 0) == k.get("issue", 0):
+                continue
+            sclk = " ".join(f"{p} {v:7.0f}" for p, v in s["clk"].items())
+            rows.append(f"{'':26s}   branch {addr:#07x} -> {target:#07x} taken: {s['counts'].get('issue', 0):5d} ins "
+                        f"| clk: {sclk} -> {s['bound']}")
     return rows
