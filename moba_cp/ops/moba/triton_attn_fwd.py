@@ -308,12 +308,12 @@ def _fwd_partial_kernel(
         for r0 in range(c0, c1, BM):
             rmask, t64, ent, q, qp, _ = _fwd_rows(Q, QPOS, ENT, PL, r0, c1, h, H, W, stride_qt, stride_qh, BM, D, 1)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-            # A tile whose rows all come after a full block (a bucket's rows of later blocks: all
-            # but its own block's) sees every key: no mask. Offline at FlashMoBA (d=128, 64-row
-            # tiles; benchmarks/sass_loops.py) a masked tile needs 1894 ALU clocks and 1871
-            # issue slots, an unmasked one 1208 and 1528 (the test for it costs a row minimum).
-            first = tl.min(tl.where(rmask, qp, 2147483647), axis=0)
-            if (kl < BN) | (first < kp0 + BN - 1):
+            # A tile whose every row sees the whole (full) block, as a bucket's rows of later
+            # blocks do, needs no mask. Offline at FlashMoBA (d=128, 64-row tiles;
+            # benchmarks/sass_loops.py) a masked tile needs 1898 ALU clocks and 1873 issue
+            # slots, an unmasked one 1212 and 1530 (the test for it costs a row minimum).
+            n_full, _ = _key_span(qp, rmask, kp0, kl, BN)
+            if n_full < BN:
                 s = tl.where((nn < kl)[None, :] & ((kp0 + nn)[None, :] <= qp[:, None]), s, float("-inf"))
             m = tl.max(s, axis=1)
             m_safe = tl.where(m == float("-inf"), 0.0, m)
