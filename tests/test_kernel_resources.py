@@ -17,6 +17,16 @@ import kernel_resources  # noqa: E402
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
+def _run_tool(*args):
+    """``kernel_resources.py`` with ``args`` in a process without the interpreter; must succeed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/kernel_resources.py"), *args], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out
+
+
 def test_programs_per_sm_takes_the_tightest_of_registers_shared_memory_and_warps():
     # 255 registers round to 256 a thread, 8192 a warp: two 4-warp programs; 64 KB + 1 KB reserved: three
     assert kernel_resources.programs_per_sm(255, 4, 65536) == (2, 3, 2)
@@ -39,11 +49,7 @@ def test_a_call_compiles_for_sm90_without_a_gpu_and_reports_each_kernel(tmp_path
     tile kernel and the dK/dV kernel appear, with registers, Hopper tensor-core instructions (HGMMA,
     not the older HMMA) and a programs-per-SM bound; --sass writes their SASS; --loops adds one
     row per loop, and the loops of those three kernels do tensor-core work."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/kernel_resources.py"), "--at", "train-b128:2048",
-                          "--sass", str(tmp_path), "--loops"], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = _run_tool("--at", "train-b128:2048", "--sass", str(tmp_path), "--loops")
     lines, _, loop_lines = out.stdout.partition("\n# loops")
     lines = lines.rstrip("\n").splitlines()
     assert lines[0].startswith("# train-b128:2048 sm_90 (TMA)")
@@ -76,13 +82,9 @@ def test_a_call_compiles_for_sm90_without_a_gpu_and_reports_each_kernel(tmp_path
 def test_a_register_cap_reaches_the_offline_compile():
     """``fwd.maxnreg`` caps the forward tile kernel on a GPU; the offline compile targets one, so
     the cap must reach it although the tensors are on the CPU (the launcher drops it there)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
     regs = {}
     for kernel in ("", "fwd.maxnreg=128"):
-        out = subprocess.run([sys.executable, str(ROOT / "benchmarks/kernel_resources.py"), "--at", "small-b512:1024",
-                              "--forward-only", "--kernel", kernel], capture_output=True, text=True, env=env, timeout=600)
-        assert out.returncode == 0, out.stderr[-2000:]
+        out = _run_tool("--at", "small-b512:1024", "--forward-only", "--kernel", kernel)
         regs[kernel] = [int(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("_fwd_partial_kernel")]
     assert regs[""] and max(regs[""]) > 128  # uncapped, the tile kernel takes more
     assert regs["fwd.maxnreg=128"] and max(regs["fwd.maxnreg=128"]) <= 128
