@@ -155,10 +155,32 @@ def _row(name: str, m: dict, fl: dict, label: str) -> str:
     return row
 
 
+def select_settings(settings: dict, only: str, error=None) -> dict:
+    """The settings ``--only`` names: ``;``-separated patterns, each a whole setting name (that one
+    setting) or else a prefix (every setting it starts). Setting names hold commas, which is why
+    commas do not separate. A pattern that matches nothing is an error (``error``, else ValueError)."""
+    pats = [p.strip() for p in only.split(";") if p.strip()]
+    if not pats:
+        return dict(settings)
+    chosen = set()
+    for p in pats:
+        hit = [p] if p in settings else [n for n in settings if n.startswith(p)]
+        if not hit:
+            msg = (f"--only {p!r} names no setting (nor the start of one). Settings: "
+                   + "; ".join(settings) + ". Separate several with ';'.")
+            if error is None:
+                raise ValueError(msg)
+            error(msg)
+        chosen.update(hit)
+    return {n: v for n, v in settings.items() if n in chosen}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="write the markdown table here (rows added as they finish)")
-    ap.add_argument("--only", default="", help="comma list of setting-name prefixes to run")
+    ap.add_argument("--only", default="",
+                    help="';'-separated setting names or name prefixes to run (a whole name runs that setting alone; "
+                         "names hold commas, so commas do not separate)")
     ap.add_argument("--smoke", action="store_true", help="CPU smoke: the tiny recipe, 4 steps")
     ap.add_argument("--extra", default="", help="more overrides for every run (space separated)")
     ap.add_argument("--repeats", type=int, default=1,
@@ -193,9 +215,7 @@ def main():
     lines = list(head)
     full_runs = {}  # (recipe, overrides other than moba.*, steps, repeat) -> that full-attention run
     with tempfile.TemporaryDirectory() as work:
-        for name, (recipe, overrides, steps) in settings.items():
-            if args.only and not any(name.startswith(p) for p in args.only.split(",")):
-                continue
+        for name, (recipe, overrides, steps) in select_settings(settings, args.only, ap.error).items():
             kinds, r = run_setting(recipe, overrides, steps, variants, args.repeats, full_runs,
                                    lambda o, pat, tag, env=None: run_one(recipe, o, steps, pat, work, extra,
                                                                          tag=tag, env_extra=env))

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import bench_train  # noqa: E402
 
@@ -89,3 +91,21 @@ def test_every_setting_is_a_valid_recipe_for_both_attentions():
                                                              f"--train.steps={steps}", f"--attention.pattern={pattern}"])
             validate(cfg, world_size=1, device="cuda")
             assert cfg.train.global_batch_size % cfg.train.micro_batch_size == 0, name
+
+
+def test_only_takes_whole_names_with_commas_prefixes_and_refuses_unknown_ones():
+    """``--only``: a whole setting name (which holds commas) picks that setting alone, a prefix
+    every setting it starts, ';' separates patterns, and a pattern matching nothing is refused
+    with the list of settings (session 25: a comma-split name ran every 8K setting)."""
+    s = bench_train.SETTINGS
+    base = "8K block 512 top-3 (6 layers, hidden 384, 6 heads)"
+    mb16 = base + ", micro-batch 16"
+    assert list(bench_train.select_settings(s, mb16)) == [mb16]
+    assert list(bench_train.select_settings(s, base)) == [base]
+    prefixed = bench_train.select_settings(s, "8K")
+    assert mb16 in prefixed and base in prefixed and not any(n.startswith("128K") for n in prefixed)
+    both = bench_train.select_settings(s, f"128K block 1024; {mb16}")
+    assert mb16 in both and base not in both and any(n.startswith("128K block 1024") for n in both)
+    assert bench_train.select_settings(s, "") == dict(s)
+    with pytest.raises(ValueError, match=r"--only '64K' names no setting.*Separate several with ';'"):
+        bench_train.select_settings(s, "64K")

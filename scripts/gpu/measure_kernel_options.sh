@@ -119,7 +119,7 @@ fi
 #    recomputation: MoBA with its default (gather index kept), MoBA keeping only the int8 selection
 #    (bwd.keep_index=false), full attention; peak memory in the table.
 if has nore; then
-  "$PY" benchmarks/bench_train.py --only 128K,32K --extra=--train.recompute=none --moba-kernel "bwd.keep_index=false" \
+  "$PY" benchmarks/bench_train.py --only "128K;32K" --extra=--train.recompute=none --moba-kernel "bwd.keep_index=false" \
     --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" --out "$OUT/train_norecompute.md" 2>&1 \
     | tee "$OUT/train_norecompute.log" || true
 fi
