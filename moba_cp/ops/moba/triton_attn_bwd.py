@@ -19,8 +19,9 @@ Kernels, both over the same gather index as the forward:
   (``_gather_rows_kernel``, one chunk of KV heads at a time) instead of through the index.
   With ``max_rows`` (``_BlockCuts``) a block with more rows than that over its KV head's query
   heads (an attention sink's block 0 holds every row of its document) is cut into programs of
-  ``max_rows`` rows that add their dK/dV into an fp32 scratch slot, stored afterwards by
-  ``_dkdv_split_sum_kernel``; the plan is built on the device (``_kv_tiles_count_kernel``).
+  ``max_rows`` rows, each storing its partial dK/dV into an fp32 scratch slot of its own (no
+  atomics), which ``_dkdv_split_sum_kernel`` adds in tile order and stores; the plan is built on
+  the device (``_kv_tiles_count_kernel``).
 * ``_dq_kernel`` (large blocks): one program per forward tile (``BM`` entries of one bucket),
   looping over the block's key sub-tiles and adding one dQ row per entry atomically, so a
   4096-key block costs one atomic row per entry instead of 4096/BNB.
@@ -252,7 +253,7 @@ def _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG,
 @triton.jit(do_not_specialize=["HK0", "HKVC", "NSUB", "QH0", "QHC"])
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, QPOS, ENT, OFFS, ORDER, KSTART, KPOS, KLEN, DQ, DK, DV, QG, DOG, QGD, DOGD, LSE2G, DLG,
-    QPG, DQG, DQGD, TILE_PJ, TILE_C0, TEND, SCR_DK, SCR_DV, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+    QPG, DQG, DQGD, TILE_PJ, TILE_C0, TEND, SLOT0, SCR_DK, SCR_DV, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
     stride_vh, stride_dot, stride_doh, stride_dqt, H, W, NBK, G, HK0, HKVC, NSUB, QH0, QHC, MAX_ROWS, scale,
     scale_log2,
     BM: tl.constexpr, BNB: tl.constexpr, D: tl.constexpr, FUSE_DQ: tl.constexpr, PREC: tl.constexpr,
@@ -267,9 +268,11 @@ def _dkdv_kernel(
     # interleaved). ACC_KV: dK/dV are added to what an earlier launch of the same KV head stored
     # (fp32; each key row still has one program per launch, so plain loads and stores suffice).
     # TILED (max_rows): grid entry -> (pj, first row c0 of the (KV head, block)'s rows, counted
-    # over its query heads in order); the program walks rows [c0, c0 + MAX_ROWS) of them. A pj cut
-    # into several tiles (TEND: inclusive tile counts) adds its dK/dV into the fp32 scratch slot
-    # "tiles before pj - pj" (its extra tiles' rank), which _dkdv_split_sum_kernel then stores.
+    # over its query heads in order); the program walks rows [c0, c0 + MAX_ROWS) of them. Tile r
+    # of a pj cut into several (TEND: inclusive tile counts) stores its partial dK/dV into fp32
+    # scratch slot SLOT0[pj] + r; _dkdv_split_sum_kernel adds a pj's slots in order and stores the
+    # sums. Plain stores, no atomics: the cut backward is deterministic (session 25 saw the earlier
+    # atomic sums give a wrong dv now and then on an H200, cause not found).
     # PART (BwdConfig.split_dv): 0 dK and dV; 1 dV alone, 2 dK (and the fused dQ) alone: two
     # launches over the same programs, each with half the accumulators.
     if SUB_MAJOR:
@@ -284,8 +287,8 @@ def _dkdv_kernel(
     c0 = 0
     t_before = pj
     n_t = 1
+    tix = pj
     if TILED:
-        tix = pj
         pj = tl.load(TILE_PJ + tix)
         if pj < 0:
             return
@@ -358,14 +361,14 @@ def _dkdv_kernel(
                                     TRANS, GATHERED, TMA, DQ_ROWS, TMA_DQ, DQ_TRANS, DQ_SLOTS, DQ_DIAG, PART)
     dk = dk * scale
     if n_t > 1:
-        # one of several tiles of this block: summed in the scratch slot, stored by the sum kernel
-        sp = ((t_before - pj) * NSUB * BNB + kk)[:, None] * D + d[None, :]
-        if PART != 2:  # (dK first in the default kernel, as it was measured)
-            if PART == 0:
-                tl.atomic_add(SCR_DK + sp, dk, mask=kmask[:, None], sem="relaxed")
-            tl.atomic_add(SCR_DV + sp, dv, mask=kmask[:, None], sem="relaxed")
-        else:
-            tl.atomic_add(SCR_DK + sp, dk, mask=kmask[:, None], sem="relaxed")
+        # tile (tix - t_before) of several of this block: its partial in a slot of its own, added
+        # up in tile order by the sum kernel
+        slot = tl.load(SLOT0 + pj) + (tix - t_before)
+        sp = (slot.to(tl.int64) * (NSUB * BNB) + kk)[:, None] * D + d[None, :]
+        if PART != 2:
+            tl.store(SCR_DV + sp, dv, mask=kmask[:, None])
+        if PART != 1:
+            tl.store(SCR_DK + sp, dk, mask=kmask[:, None])
     else:
         _store_dkdv(DK, DV, dk, dv, ks + kk, kmask, hk, H // G, D, ACC_KV, PART)
 
@@ -397,17 +400,18 @@ def _store_dkdv(DK, DV, dk, dv, key_rows, kmask, hk, HKV, D: tl.constexpr, ACC_K
 
 
 @triton.jit(do_not_specialize=["HK0", "HKVC", "NPJ"])
-def _kv_tiles_count_kernel(OFFS, ORDER, TEND, SLOT_PJ, NPJ, HK0, HKVC, NBK, G, QH0, QHC, MAX_ROWS, MAX_EXTRA,
+def _kv_tiles_count_kernel(OFFS, ORDER, TEND, SLOT_PJ, SLOT0, NPJ, HK0, HKVC, NBK, G, QH0, QHC, MAX_ROWS, MAX_SLOTS,
                            BLOCK: tl.constexpr):
     # One program. For each of the launch's dK/dV programs pj (in _dkdv_kernel's order) the rows
     # of its (KV head, block) over the launch's query heads; ceil(rows / MAX_ROWS) tiles (at least
-    # one: an empty block's program stores its zeros), TEND their inclusive prefix sum. Extra
-    # tiles are granted in this order (longest blocks first) while the running total of those
-    # requested stays within MAX_EXTRA (the scratch's slots); from the first pj past that, every pj
-    # keeps one program. SLOT_PJ[slot] = pj for each cut pj, slot = the extra tiles before it.
-    for s0 in range(0, MAX_EXTRA, BLOCK):
+    # one: an empty block's program stores its zeros), TEND their inclusive prefix sum. A block of
+    # more than one tile asks for one scratch slot per tile; the requests are granted in this order
+    # (longest blocks first) while their running total stays within MAX_SLOTS; from the first pj
+    # past that, every pj keeps one program. A cut pj's slots are SLOT0[pj] .. + its tiles - 1
+    # (SLOT0 = the slots asked before it), and SLOT_PJ[SLOT0[pj]] = pj (-1 at every other slot).
+    for s0 in range(0, MAX_SLOTS, BLOCK):
         sl = s0 + tl.arange(0, BLOCK)
-        tl.store(SLOT_PJ + sl, tl.full([BLOCK], -1, tl.int32), mask=sl < MAX_EXTRA)
+        tl.store(SLOT_PJ + sl, tl.full([BLOCK], -1, tl.int32), mask=sl < MAX_SLOTS)
     tl.debug_barrier()  # the -1s land before the cut pjs' slots (one program: a CTA barrier orders them)
     carry_t = 0
     carry_x = 0
@@ -422,22 +426,25 @@ def _kv_tiles_count_kernel(OFFS, ORDER, TEND, SLOT_PJ, NPJ, HK0, HKVC, NBK, G, Q
             inr = m & (h >= QH0) & (h < QH0 + QHC)
             b = h * NBK + g
             cnt += tl.load(OFFS + b + 1, mask=inr, other=0) - tl.load(OFFS + b, mask=inr, other=0)
-        want = tl.maximum((cnt + MAX_ROWS - 1) // MAX_ROWS - 1, 0)
-        cx = tl.cumsum(want, axis=0) + carry_x  # requested so far: nondecreasing, so the granted pjs
-        extra = tl.where(cx <= MAX_EXTRA, want, 0)  # are a prefix, and cx - extra is their slot
-        nt = tl.where(m, extra + 1, 0)
+        tiles = tl.maximum((cnt + MAX_ROWS - 1) // MAX_ROWS, 1)
+        want = tl.where(tiles > 1, tiles, 0)  # slots asked: one per tile of a block cut in several
+        cx = tl.cumsum(want, axis=0) + carry_x  # asked so far: nondecreasing, so the granted pjs
+        grant = (want > 0) & (cx <= MAX_SLOTS)  # are a prefix of the askers, and cx - want their first slot
+        nt = tl.where(m, tl.where(grant, tiles, 1), 0)
         tl.store(TEND + pj, tl.cumsum(nt, axis=0) + carry_t, mask=m)
-        tl.store(SLOT_PJ + cx - extra, pj, mask=m & (extra > 0))
+        tl.store(SLOT0 + pj, cx - want, mask=m)
+        tl.store(SLOT_PJ + cx - want, pj, mask=m & grant)
         carry_t += tl.sum(nt, axis=0)
         carry_x += tl.sum(want, axis=0)
 
 
 @triton.jit(do_not_specialize=["HK0", "HKVC"])
-def _dkdv_split_sum_kernel(SLOT_PJ, ORDER, KSTART, KLEN, SCR_DK, SCR_DV, DK, DV, NBK, HK0, HKVC, HKV, SLOT_KEYS,
-                           RB: tl.constexpr, D: tl.constexpr, ACC_KV: tl.constexpr):
-    # Per (scratch slot, RB key rows): the summed dK/dV of a block cut into tiles, stored (or
-    # added, ACC_KV) as _dkdv_kernel stores an uncut block's; the slot is zeroed again for the
-    # next launch. RB rows, not a whole BNB-key sub-tile: two [BNB, D] fp32 tiles (and, with
+def _dkdv_split_sum_kernel(SLOT_PJ, TEND, ORDER, KSTART, KLEN, SCR_DK, SCR_DV, DK, DV, NBK, HK0, HKVC, HKV,
+                           SLOT_KEYS, RB: tl.constexpr, D: tl.constexpr, ACC_KV: tl.constexpr):
+    # Per (a cut block's first scratch slot, RB key rows): the block's tiles' partial dK/dV, in
+    # its slots SLOT0 .. SLOT0 + tiles - 1, added in tile order (the same sums every run) and
+    # stored (or added, ACC_KV) as _dkdv_kernel stores an uncut block's; programs of the other
+    # slots exit. RB rows, not a whole BNB-key sub-tile: two [BNB, D] fp32 tiles (and, with
     # ACC_KV, the sums they add to) on 4 warps spilled (sm_90, offline: 80 bytes a thread at
     # BNB 128, D 128; 4-6.5 KB of local memory at block 4096, where the compiler kept the tiles there).
     pj = tl.load(SLOT_PJ + tl.program_id(0))
@@ -452,13 +459,15 @@ def _dkdv_split_sum_kernel(SLOT_PJ, ORDER, KSTART, KLEN, SCR_DK, SCR_DV, DK, DV,
     d = tl.arange(0, D)
     kk = n0 + tl.arange(0, RB)
     kmask = kk < kl
-    sp = ((tl.program_id(0) * SLOT_KEYS + kk).to(tl.int64)[:, None] * D + d[None, :])
-    dk = tl.load(SCR_DK + sp, mask=kmask[:, None], other=0.0)
-    dv = tl.load(SCR_DV + sp, mask=kmask[:, None], other=0.0)
+    t_before = tl.load(TEND + pj - 1, mask=pj > 0, other=0)
+    n_t = tl.load(TEND + pj) - t_before
+    dk = tl.zeros([RB, D], dtype=tl.float32)
+    dv = tl.zeros([RB, D], dtype=tl.float32)
+    for t in range(0, n_t):
+        sp = (((tl.program_id(0) + t) * SLOT_KEYS).to(tl.int64) + kk)[:, None] * D + d[None, :]
+        dk += tl.load(SCR_DK + sp, mask=kmask[:, None], other=0.0)
+        dv += tl.load(SCR_DV + sp, mask=kmask[:, None], other=0.0)
     _store_dkdv(DK, DV, dk, dv, tl.load(KSTART + g).to(tl.int64) + kk, kmask, hk, HKV, D, ACC_KV)
-    zero = tl.zeros([RB, D], dtype=tl.float32)
-    tl.store(SCR_DK + sp, zero, mask=kmask[:, None])
-    tl.store(SCR_DV + sp, zero, mask=kmask[:, None])
 
 
 @triton.jit
@@ -733,7 +742,7 @@ def sparse_attn_bwd(
                               cfg.bm if cfg.tma else 0, inv) \
             if cfg.gather_rows else (q, q, q, q, lse, lse, qpos)  # unused stand-ins when not gathered
         n_prog = nkv * blocks.n
-        tiles = (gi.offs,) * 5  # unused stand-ins (TILED off)
+        tiles = (gi.offs,) * 6  # unused stand-ins (TILED off)
         if cut is not None:
             # cut each (KV head, block)'s rows into programs of at most max_rows (longest first)
             n_prog, tiles = cut.plan(gi, hk0, nkv, h0, hc, blocks.n, g_sz)
@@ -784,40 +793,43 @@ def sparse_attn_bwd(
 class _BlockCuts:
     """``bwd.max_rows``: the dK/dV programs of one backward call cut so that none walks more than
     ``max_rows`` rows. Per launch, :meth:`plan` lists the programs (a (KV head, block) with ``n``
-    rows of the launch's query heads gets ``ceil(n / max_rows)`` of them, while the extra ones fit
-    the scratch) and :meth:`store` writes the cut blocks' fp32 sums. The scratch (``2 x slots x
-    block x D`` fp32; ``slots`` within ``max_rows_bytes`` and at most a launch's rows / ``max_rows``,
-    as many extra programs as a launch can have) is zeroed once per call; the sum kernel zeroes
-    what it read. Device-side throughout: no host sync."""
+    rows of the launch's query heads gets ``ceil(n / max_rows)`` of them, while their partials fit
+    the scratch) and :meth:`store` adds up and writes the cut blocks' partials. The scratch
+    (``2 x slots x block x D`` fp32, one slot per tile of a cut block; ``slots`` within
+    ``max_rows_bytes`` and at most twice a launch's rows / ``max_rows``, as many tiles as the cut
+    blocks of a launch can have) is written whole by the tiles before it is read, so it is not
+    zeroed. Device-side throughout: no host sync."""
 
     def __init__(self, cfg: BwdConfig, block_keys: int, d: int, max_prog: int, max_rows_launch: int, dev):
         self.rows = cfg.max_rows
-        # a launch's extra programs number at most its rows / max_rows (sum of ceil(n / m) - 1 <= sum n / m)
-        self.slots = max(1, min(cfg.max_rows_bytes // (2 * block_keys * d * 4), max_rows_launch // cfg.max_rows))
-        self.scratch = torch.zeros(2, self.slots, block_keys, d, dtype=torch.float32, device=dev)
+        # a cut block (n > m rows) has ceil(n / m) < n / m + 1 < 2 n / m tiles, so a launch's cut
+        # blocks have fewer than 2 x its rows / m tiles in all
+        self.slots = max(1, min(cfg.max_rows_bytes // (2 * block_keys * d * 4), 2 * max_rows_launch // cfg.max_rows))
+        self.scratch = torch.empty(2, self.slots, block_keys, d, dtype=torch.float32, device=dev)
         self.slot_pj = torch.empty(self.slots, dtype=torch.int32, device=dev)
+        self.slot0 = torch.empty(max_prog, dtype=torch.int32, device=dev)
         self.tend = torch.empty(max_prog, dtype=torch.int32, device=dev)
         self.zeros = torch.zeros(max_prog, dtype=torch.int32, device=dev)  # _tiles_kernel's bucket starts
         self.tile_pj = torch.empty(max_prog + self.slots, dtype=torch.int32, device=dev)
         self.tile_c0 = torch.empty(max_prog + self.slots, dtype=torch.int32, device=dev)
 
     def plan(self, gi: GatherIndex, hk0: int, nkv: int, h0: int, hc: int, nbk: int, g: int):
-        """``(n_programs, (tile_pj, tile_c0, tend, scratch dk, scratch dv))`` for one launch."""
+        """``(n_programs, (tile_pj, tile_c0, tend, slot0, scratch dk, scratch dv))`` for one launch."""
         npj = nkv * nbk
-        _kv_tiles_count_kernel[(1,)](gi.offs, gi.kv_order, self.tend, self.slot_pj, npj, hk0, nkv, nbk, g, h0, hc,
-                                     self.rows, self.slots, BLOCK=1024)
+        _kv_tiles_count_kernel[(1,)](gi.offs, gi.kv_order, self.tend, self.slot_pj, self.slot0, npj, hk0, nkv, nbk,
+                                     g, h0, hc, self.rows, self.slots, BLOCK=1024)
         n_t = npj + self.slots
         _tiles_kernel[(triton.cdiv(n_t, 1024),)](self.zeros, self.tend, self.tile_pj, self.tile_c0, npj, n_t,
                                                  self.rows, npj.bit_length() + 1, BLOCK=1024)
-        return n_t, (self.tile_pj, self.tile_c0, self.tend, self.scratch[0], self.scratch[1])
+        return n_t, (self.tile_pj, self.tile_c0, self.tend, self.slot0, self.scratch[0], self.scratch[1])
 
     def store(self, dk, dv, gi: GatherIndex, hk0: int, nkv: int, hkv: int, blocks: KeyBlocks, d: int,
               acc_kv: bool) -> None:
         rb = max(16, SPLIT_SUM_ELEMS // d)  # rows a program: 32 fp32 of each sum a thread on 4 warps
         slot_keys = self.scratch.shape[2]
         _dkdv_split_sum_kernel[(self.slots, triton.cdiv(slot_keys, rb))](
-            self.slot_pj, gi.kv_order, blocks.kstart, blocks.klen, self.scratch[0], self.scratch[1], dk, dv, blocks.n,
-            hk0, nkv, hkv, slot_keys, RB=rb, D=d, ACC_KV=acc_kv, num_warps=4,
+            self.slot_pj, self.tend, gi.kv_order, blocks.kstart, blocks.klen, self.scratch[0], self.scratch[1], dk, dv,
+            blocks.n, hk0, nkv, hkv, slot_keys, RB=rb, D=d, ACC_KV=acc_kv, num_warps=4,
         )
 
 

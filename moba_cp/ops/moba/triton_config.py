@@ -176,11 +176,11 @@ class BwdConfig:
     block 128 8.5 vs 14.6 ms); the slot buffer counts against ``dq_chunk_bytes``.
     ``max_rows`` (> 0): no dK/dV program walks more than ``max_rows`` gathered rows. A (KV head,
     block) whose rows over the launch's query heads number ``n > max_rows`` gets
-    ``ceil(n / max_rows)`` programs, listed on the device (longest blocks first, no host sync); their
-    dK/dV are added by fp32 atomics into a scratch slot of the block and stored once by a sum
-    kernel. Blocks of at most ``max_rows`` rows run and store as before. ``max_rows_bytes`` bounds the
-    scratch (``8 x block x D`` bytes per extra program, zeroed once per call): blocks whose extra
-    programs would pass it keep one program (correct, only slower). For selections concentrated on
+    ``ceil(n / max_rows)`` programs, listed on the device (longest blocks first, no host sync); each
+    stores its partial dK/dV in a scratch slot of its own, and a sum kernel adds a block's partials in
+    order and stores them (deterministic: no atomics). Blocks of at most ``max_rows`` rows run and
+    store as before. ``max_rows_bytes`` bounds the scratch (``8 x block x D`` bytes per program of a
+    cut block): blocks whose programs would pass it keep one program (correct, only slower). For selections concentrated on
     a few blocks: an attention sink (as trained models may form) puts every row of a document into block 0,
     whose single program would walk ``G x T`` rows while the rest of the grid idles.
     ``keep_index`` (the single-device op, not the CP slot form): the forward's gather index is
