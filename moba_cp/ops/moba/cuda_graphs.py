@@ -58,8 +58,9 @@ def static_offsets(cu: torch.Tensor) -> torch.Tensor:
 #: backward, each one graph; ``index`` only the selection and the gather index (the ~20 small
 #: operations) in a graph, the attention kernels eager. ``index`` copies q and k into the graph
 #: instead of q, k, v (forward) and do, q, k, v, o (backward), and clones no o, dq, dk, dv.
-#: ``shared`` (built in session 23, not yet measured): as ``1``, but the backward's graph reads q, k, v,
-#: o and the saved state in the forward graph's own buffers, so it holds a static copy of do alone
+#: ``shared``: as ``1``, but the backward's graph reads q, k, v, o and the saved state in the
+#: forward graph's own buffers (off by default: in 8K training on one H200 it did not separate
+#: from run-to-run noise, session 25), so it holds a static copy of do alone
 #: and copies nothing else when the forward replayed last for the same call (with selective
 #: recomputation, every backward: its forward is recomputed just before it).
 GRAPH_MODES = {"0": "off", "1": "call", "index": "index", "shared": "shared"}
