@@ -47,7 +47,11 @@ class FwdConfig:
         gather) and walks the union of the blocks they selected, each row masked to its own
         blocks; ``o`` and ``lse`` written once (no index, partials or merge). Its products grow
         with the tile's union, so it suits short calls whose tiles select similar blocks.
-        Built and tested, not yet a default (not measured on a GPU).
+        Not a default: on one H200 (session 26, ``moba_tune_h200_2026-12-05_session26_qmajor.log``)
+        it lost wherever a tile's union spans the causal past (32K: 5.3-5.5x the partials forward's
+        time on random selections, 2.9-3.4x under a sink; d=128 at 8K 1.1-2x) and won only at 4 x 8K, d=64, block 512
+        with every row also selecting block 0 (``bm=64``: 0.86 against 0.92-0.94 ms). ``bm=64``
+        beat 128 in every line.
     bm: gathered rows per tile (``query_major``: consecutive rows a program); bn: keys per sub-tile
         (0: the whole block, up to 128; ``query_major``: 64).
     chunk: entries per program of the gather index (a multiple of ``bm``; the dQ kernel
@@ -200,7 +204,10 @@ class BwdConfig:
     the rows read twice, for half the accumulators a program holds: at d=64, block 1024 the fused
     program spills (192 bytes a thread at 255 registers, ``results/kernel_resources_sm90_*``) and
     Nsight Compute found it bound by shared memory on its 32-row steps, which a dV launch with
-    larger steps could relieve. Built in session 22 after the device time: off, not measured."""
+    larger steps could relieve. Off: measured on one H200 (session 25,
+    ``moba_tune_h200_2026-12-05_session25_options.log``) it lost at every shape, by 6-44% (d=64 block
+    1024, 128K: 62.4, 60.7 with ``dv_bm=64``, against 56.1-56.4 ms): the second read of K and the rows
+    costs more than the spills it removes."""
 
     bnb: int = 0
     bm: int = 64
