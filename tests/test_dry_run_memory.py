@@ -29,3 +29,12 @@ def test_keep_index_off_uses_int16_past_128_blocks_and_nothing_changes_under_cp(
     ref = load_recipe("recipes/2gpu-128k.yaml")
     # the CP slot form keeps its index whatever keep_index says (the option is the single-device op's)
     assert estimate_memory(cp, 50304, 1).moba_extra == estimate_memory(ref, 50304, 1).moba_extra
+
+
+def test_recomputation_keeps_one_index_and_every_layers_selection():
+    ids = 131072 * 16 * 12  # tokens x heads x top-12 of one layer
+    sel = estimate_memory(load_recipe("recipes/1gpu-32k.yaml", _128K[:-1] + ["--train.recompute=selective"]), 50304, 1)
+    # one layer's int32 gather index (recomputed forward to backward) + 24 layers' int8 selections (the memo)
+    assert sel.moba_extra == ids * 4 + ids * 1 * 24
+    full = estimate_memory(load_recipe("recipes/1gpu-32k.yaml", _128K[:-1] + ["--train.recompute=full"]), 50304, 1)
+    assert full.moba_extra == ids * 4  # whole layers run again: nothing is kept between the passes

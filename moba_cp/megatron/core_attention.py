@@ -52,7 +52,9 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from moba_cp.megatron.key_conv import KeyConv
-from moba_cp.ops.moba.api import moba_attn
+from moba_cp.megatron.selection_memo import SelectionMemo, reuse_enabled
+from moba_cp.ops.moba.api import block_attn, moba_attn, select_blocks, takes_graphed_path
+from moba_cp.ops.moba.triton_config import compact_selection_dtype
 from moba_cp.ops.moba.validate import check_block_args, check_qkv
 from moba_cp.parallel import moba_attn_cp, ring_attn_cp
 
@@ -227,12 +229,16 @@ class _CoreAttentionBase(MegatronModule):
         attn_mask_type: Optional[AttnMaskType] = None,
         attention_bias: Optional[torch.Tensor] = None,
         packed_seq_params=None,
+        *,
+        memo_key: Optional[tuple] = None,
         **unused_kwargs,
     ) -> torch.Tensor:
         """Causal attention of one layer; see the module docstring for shapes.
 
         ``attention_mask`` is not read: masking is causal by construction (and per document
         with THD ``cu_seqlens``); an arbitrary mask or an attention bias is an error.
+        ``memo_key``: the identity under which a MoBA layer keeps its selection for the
+        recomputation (:mod:`moba_cp.megatron.selection_memo`; None: no reuse).
         """
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         if attention_bias is not None:
@@ -248,10 +254,27 @@ class _CoreAttentionBase(MegatronModule):
             return self._te(query, key, value, attention_mask, attn_mask_type=mask_type,
                             attention_bias=attention_bias, packed_seq_params=packed_seq_params)
         if thd:
-            return self._forward_thd(query, key, value, packed_seq_params)
-        return self._forward_sbhd(query, key, value)
+            return self._forward_thd(query, key, value, packed_seq_params, memo_key)
+        return self._forward_sbhd(query, key, value, memo_key)
 
-    def _forward_sbhd(self, q, k, v):
+    def _moba(self, q, k, v, cu, memo_key):
+        """``moba_attn`` on one device, ``[T, H, D]`` (``cu``: documents or None). Under selective
+        recomputation (``memo_key`` set) the checkpointed pass keeps its selection and the
+        recomputation reuses it: :mod:`moba_cp.megatron.selection_memo`. Calls that replay CUDA
+        graphs select inside the graph (one replay is cheaper on the host) and keep nothing."""
+        kw = dict(block_size=self.moba_block_size, cu_seqlens=cu, backend=self.moba_backend, kernel=self.moba_kernel)
+        if memo_key is None or takes_graphed_path(q, cu, self.moba_backend):
+            return moba_attn(q, k, v, topk=self.moba_topk, softmax_scale=self.softmax_scale, **kw)
+        if torch.is_grad_enabled():  # the recomputation in the backward pass
+            selection = self._selection_memo.take(memo_key)
+            if selection is None:  # not kept by this layer's first pass: select again
+                return moba_attn(q, k, v, topk=self.moba_topk, softmax_scale=self.softmax_scale, **kw)
+        else:  # the checkpointed forward: select, keep the ids in 1-2 bytes (exact)
+            selection = select_blocks(q, k, topk=self.moba_topk, **kw)
+            self._selection_memo.put(memo_key, selection.to(compact_selection_dtype(q.shape[0], self.moba_block_size)))
+        return block_attn(q, k, v, selection, softmax_scale=self.softmax_scale, **kw)[0]
+
+    def _forward_sbhd(self, q, k, v, memo_key=None):
         """``[s, b, h, d]`` in, ``[s, b, h*d]`` out."""
         check_qkv(q, k, v, op=type(self).__name__, layouts=("[s, b, H, D]",))
         s, b, hq, d = q.shape
@@ -270,8 +293,7 @@ class _CoreAttentionBase(MegatronModule):
             # (one H200, 4 x 8K rows, 6 layers: ~8 ms of copies per step, the whole gap between
             # MoBA and full attention's step there).
             fold = lambda t: t.reshape(s, b * t.shape[2], d)  # noqa: E731
-            o = moba_attn(fold(q), fold(k), fold(v), block_size=self.moba_block_size, topk=self.moba_topk,
-                          softmax_scale=self.softmax_scale, backend=self.moba_backend, kernel=self.moba_kernel)
+            o = self._moba(fold(q), fold(k), fold(v), None, memo_key)
         else:
             # SDPA wants [b, h, s, d]; GQA through enable_gqa (no expanded copies of k/v).
             o = F.scaled_dot_product_attention(
@@ -290,7 +312,7 @@ class _CoreAttentionBase(MegatronModule):
             )
         return ring_attn_cp(q, k, v, cp_group=self.cp_group, softmax_scale=self.softmax_scale, **comm)
 
-    def _forward_thd(self, q, k, v, packed_seq_params):
+    def _forward_thd(self, q, k, v, packed_seq_params, memo_key=None):
         """``[t, h, d]`` packed documents in, ``[t, h*d]`` out."""
         if q.dim() == 4:  # Megatron squeezes the dummy batch dim before core attention; be lenient
             q, k, v = q.squeeze(1), k.squeeze(1), v.squeeze(1)
@@ -307,8 +329,7 @@ class _CoreAttentionBase(MegatronModule):
         cu = cu.to(device=q.device, dtype=torch.int32)
         t, hq, d = q.shape
         if self.attention_mode == "moba":
-            o = moba_attn(q, k, v, block_size=self.moba_block_size, topk=self.moba_topk, cu_seqlens=cu,
-                          softmax_scale=self.softmax_scale, backend=self.moba_backend, kernel=self.moba_kernel)
+            o = self._moba(q, k, v, cu, memo_key)
         else:
             o = torch.empty_like(q)
             bounds = cu.tolist()
@@ -345,18 +366,36 @@ class MoBACoreAttention(_CoreAttentionBase):
         # moba.key_conv: the keys of this layer (gate and attention, either mode) are convolved first
         self.key_conv = (KeyConv(self.config, int(moba_key_conv), self.tp_group, self.layer_number)
                          if moba_key_conv else None)
+        # Megatron checkpoints core attention (runs it twice a step) exactly when this holds
+        # (``Attention.checkpoint_core_attention``); the selection is then kept between the passes.
+        self._recomputed = (getattr(self.config, "recompute_granularity", None) == "selective"
+                            and "core_attn" in (getattr(self.config, "recompute_modules", None) or ["core_attn"]))
+        self._selection_memo = SelectionMemo()
+
+    def _memo_key(self, query, key, cu) -> Optional[tuple]:
+        """The identity of this call's selection inputs when the recomputation can reuse it
+        (training, one device, selective recomputation; ``MOBA_CP_REUSE_SELECTION``), else None.
+        ``key`` is the layer's input, before the key convolution (which the recomputation runs
+        again into a new tensor); the convolution's weights are part of the identity."""
+        if not (self.training and self._recomputed and self.attention_mode == "moba" and self.cp_size == 1
+                and reuse_enabled()):
+            return None
+        conv = list(self.key_conv.parameters()) if self.key_conv is not None else []
+        return self._selection_memo.key([query, key, cu, *conv], extra=(self.moba_block_size, self.moba_topk))
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, **kwargs):
+        thd = packed_seq_params is not None and getattr(packed_seq_params, "qkv_format", "thd") == "thd"
+        cu = None
+        if thd:
+            cu = getattr(packed_seq_params, "cu_seqlens_q_padded", None)
+            cu = packed_seq_params.cu_seqlens_q if cu is None else cu
+        memo_key = self._memo_key(query, key, cu)
         if self.key_conv is not None:
-            thd = packed_seq_params is not None and getattr(packed_seq_params, "qkv_format", "thd") == "thd"
-            cu = None
-            if thd:
-                cu = getattr(packed_seq_params, "cu_seqlens_q_padded", None)
-                cu = packed_seq_params.cu_seqlens_q if cu is None else cu
             key = self.key_conv(key, cp_group=self.cp_group if self.cp_size > 1 else None, cu_seqlens=cu)
         return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
-                               attention_bias=attention_bias, packed_seq_params=packed_seq_params, **kwargs)
+                               attention_bias=attention_bias, packed_seq_params=packed_seq_params,
+                               memo_key=memo_key, **kwargs)
 
 
 class FullCoreAttention(_CoreAttentionBase):

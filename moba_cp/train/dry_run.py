@@ -83,8 +83,10 @@ def estimate_memory(cfg: RecipeConfig, vocab_size: int, dp: int) -> MemoryEstima
     2gpu-128k at micro-batch 1 peaked at 69.7 GiB (estimate 71.1), 2gpu-1m at 55.6 GiB
     (estimate 52.6)), ``2h`` per token with full recomputation (divided
     by tp under sequence parallelism) plus one layer's working set; fp32 logits of the local tokens for the loss; MoBA's per-layer
-    indices (int32, ``topk`` per query head; 1-2 bytes with ``bwd.keep_index=false``) and the largest received K/V buffer (all remote
-    past blocks, the worst case).
+    indices (int32, ``topk`` per query head; 1-2 bytes with ``bwd.keep_index=false``: every MoBA layer's without
+    recomputation, one layer's with it, plus under selective recomputation on one device every layer's selection in
+    1-2 bytes an id, kept from its forward for its recomputation, ``moba_cp.megatron.selection_memo``) and the largest
+    received K/V buffer (all remote past blocks, the worst case).
     """
     m, p, t = cfg.model, cfg.parallel, cfg.train
     bpe = 2 if t.precision == "bf16" else 4
@@ -105,9 +107,14 @@ def estimate_memory(cfg: RecipeConfig, vocab_size: int, dp: int) -> MemoryEstima
     else:
         act = tokens * m.num_layers * (per_token_layer + 4 * m.num_attention_heads / p.tp)  # + LSE
     logits = tokens * vocab_size / p.tp * 4 * 2  # fp32 logits and their gradient
-    kinds = layer_attention_kinds(m, cfg.attention)
-    moba_layers = kinds.count("moba") if t.recompute != "full" else min(1, kinds.count("moba"))
-    idx = tokens * m.num_attention_heads / p.tp * cfg.moba.topk * _saved_id_bytes(cfg) * moba_layers
+    n_moba = layer_attention_kinds(m, cfg.attention).count("moba")
+    ids = tokens * m.num_attention_heads / p.tp * cfg.moba.topk  # selected block ids of one layer
+    if t.recompute == "none":
+        idx = ids * _saved_id_bytes(cfg) * n_moba
+    else:  # one layer at a time holds its index, from its recomputed forward to its backward
+        idx = ids * _saved_id_bytes(cfg) * min(1, n_moba)
+        if t.recompute == "selective" and p.cp == 1:  # + every layer's selection, kept for the recomputation
+            idx += ids * compact_selection_dtype(m.seq_length, cfg.moba.block_size).itemsize * n_moba
     recv = (m.seq_length - m.seq_length / p.cp) * 2 * kv / p.tp * bpe if p.cp > 1 else 0.0
     return MemoryEstimate(weights, opt, act, logits, idx + recv)
 

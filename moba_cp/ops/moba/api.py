@@ -9,7 +9,7 @@ import os
 import torch
 
 from moba_cp.ops.moba import naive
-from moba_cp.ops.moba.cuda_graphs import static_offsets
+from moba_cp.ops.moba.cuda_graphs import graphs_enabled, static_offsets
 from moba_cp.ops.moba.triton_config import parse_overrides
 from moba_cp.ops.moba.validate import check_block_args, check_cu_seqlens, check_qkv
 
@@ -123,16 +123,12 @@ def moba_attn(
     check_cu_seqlens(cu_seqlens, q.shape[0], q.device)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     name = choose_backend(backend, q.device)
-    if kernel:
-        parse_overrides(kernel)  # malformed overrides are an error whatever the backend
+    config = _triton_config(q, k, block_size, kernel, backend, name, "moba_attn")
     if name == "naive":
-        if kernel:
-            raise ValueError(f"moba_attn: {kernel_on_naive_problem(kernel, backend, q.device.type)}.")
         o, lse = naive.moba_attn_naive(
             q, k, v, block_size=block_size, topk=topk, cu_seqlens=cu_seqlens, softmax_scale=scale
         )
     else:
-        config = triton_backend.call_config(q, k, block_size, kernel) if kernel else None
         o, lse = triton_backend.moba_attn(
             q, k, v, block_size=block_size, topk=topk, cu_seqlens=cu_seqlens, softmax_scale=scale, config=config
         )
@@ -183,23 +179,40 @@ def moba_attn_bshd(
     return (o, lse.reshape(b, s, q.shape[2])) if return_lse else o
 
 
-def select_blocks(q, k, *, block_size: int, topk: int, cu_seqlens=None, backend: str = "auto"):
-    """Validated MoBA selection: ``[T, Hq, W]`` int32 document-local block ids (see ``naive``)."""
+def _triton_config(q, k, block_size: int, kernel: str, backend: str, name: str, op: str):
+    """The Triton tiling for ``kernel``'s overrides (None: the shape's default); an error when
+    the call runs the naive oracle, which has no tiling."""
+    if not kernel:
+        return None
+    parse_overrides(kernel)  # malformed overrides are an error whatever the backend
+    if name == "naive":
+        raise ValueError(f"{op}: {kernel_on_naive_problem(kernel, backend, q.device.type)}.")
+    return triton_backend.call_config(q, k, block_size, kernel)
+
+
+def select_blocks(q, k, *, block_size: int, topk: int, cu_seqlens=None, backend: str = "auto", kernel: str = ""):
+    """Validated MoBA selection: ``[T, Hq, W]`` int32 document-local block ids (see ``naive``).
+    ``kernel``: Triton tiling overrides, as :func:`moba_attn` takes them (the gate's part applies)."""
     check_qkv(q, k, k, op="select_blocks")
     check_block_args(block_size, topk, op="select_blocks")
     check_cu_seqlens(cu_seqlens, q.shape[0], q.device, op="select_blocks")
     name = choose_backend(backend, q.device)
+    config = _triton_config(q, k, block_size, kernel, backend, name, "select_blocks")
     if name == "naive":
         return naive.select_blocks(q, k, block_size=block_size, topk=topk, cu_seqlens=cu_seqlens)
-    return triton_backend.select_blocks(q, k, block_size=block_size, topk=topk, cu_seqlens=cu_seqlens)
+    return triton_backend.select_blocks(q, k, block_size=block_size, topk=topk, cu_seqlens=cu_seqlens, config=config)
 
 
-def block_attn(q, k, v, indices, *, block_size: int, cu_seqlens=None, softmax_scale=None, backend: str = "auto"):
+def block_attn(q, k, v, indices, *, block_size: int, cu_seqlens=None, softmax_scale=None, backend: str = "auto",
+               kernel: str = ""):
     """Validated attention over given block ``indices`` ``[T, Hq, W]``; returns ``(o, lse)``.
 
     ``indices`` hold ids of blocks of each token's own document (``-1`` = none), as
-    :func:`select_blocks` returns them. Their shape is checked; their values are not (that would
-    cost a device sync), and an id outside the token's document gives undefined results."""
+    :func:`select_blocks` returns them (any integer dtype). Their shape is checked; their values
+    are not (that would cost a device sync), and an id outside the token's document gives
+    undefined results. ``kernel``: Triton tiling overrides, as :func:`moba_attn` takes them.
+    ``moba_attn`` is :func:`select_blocks` then this, bit for bit, except where it replays CUDA
+    graphs (:func:`takes_graphed_path`), whose kernels are the same."""
     check_qkv(q, k, v, op="block_attn")
     check_block_args(block_size, 1, op="block_attn")
     check_cu_seqlens(cu_seqlens, q.shape[0], q.device, op="block_attn")
@@ -210,8 +223,19 @@ def block_attn(q, k, v, indices, *, block_size: int, cu_seqlens=None, softmax_sc
         )
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     name = choose_backend(backend, q.device)
+    config = _triton_config(q, k, block_size, kernel, backend, name, "block_attn")
+    if indices.dtype != torch.int32:
+        indices = indices.to(torch.int32)  # a compacted selection (1-2 bytes an id) is widened here
     if name == "naive":
         return naive.block_attn(q, k, v, indices, block_size=block_size, cu_seqlens=cu_seqlens, softmax_scale=scale)
     return triton_backend.block_attn(
-        q, k, v, indices, block_size=block_size, cu_seqlens=cu_seqlens, softmax_scale=scale
+        q, k, v, indices, block_size=block_size, cu_seqlens=cu_seqlens, softmax_scale=scale, config=config
     )
+
+
+def takes_graphed_path(q: torch.Tensor, cu_seqlens=None, backend: str = "auto") -> bool:
+    """Whether :func:`moba_attn` on ``q [T, Hq, D]`` (and ``cu_seqlens``) replays CUDA graphs:
+    short calls of the Triton backend on a GPU (``cuda_graphs.graphs_enabled``), where the
+    selection runs inside the forward's graph and one replay costs less host time than calling
+    :func:`select_blocks` and :func:`block_attn` apart."""
+    return choose_backend(backend, q.device) == "triton" and graphs_enabled(q, cu_seqlens)
