@@ -64,6 +64,26 @@ def test_reuse_switch(monkeypatch):
         reuse_enabled()
 
 
+def test_block_attn_takes_a_gather_index_built_before_and_refuses_a_wrong_one():
+    pytest.importorskip("triton")
+    from moba_cp.ops.moba import api
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(80, 4, 16), torch.randn(80, 2, 16), torch.randn(80, 2, 16)
+    kw = dict(block_size=16, backend="triton")
+    sel = api.select_blocks(q, k, topk=3, **kw)
+    index = api.gather_index(q, k, sel, **kw)
+    assert index.dtype == torch.int32 and index.numel() > 0
+    o_built, lse_built = api.block_attn(q, k, v, sel, **kw)
+    o_given, lse_given = api.block_attn(q, k, v, sel.to(torch.int8), index=index, **kw)
+    assert torch.equal(o_built, o_given) and torch.equal(lse_built, lse_given)
+    with pytest.raises(ValueError, match=r"block_attn: index is a torch.int32 \(3,\) tensor .* Fix: build it with gather_index"):
+        api.block_attn(q, k, v, sel, index=index[:3], **kw)
+    assert api.gather_index(q, k, sel, block_size=16, backend="naive") is None
+    with pytest.raises(ValueError, match="an index was given, but backend='naive'"):
+        api.block_attn(q, k, v, sel, block_size=16, backend="naive", index=index)
+
+
 # ----------------------------------------------------------------------------- in MoBACoreAttention
 
 def _counting(module):
@@ -164,18 +184,27 @@ def _w_module_thd(rank, world_size, backend, kernel):
     call = lambda q_, k_, v_, p=psp: moba(q_, k_, v_, None, attn_mask_type=AttnMaskType.padding_causal,  # noqa: E731
                                           packed_seq_params=p)
     counts, restore = _counting(core_attention)
+    builds = []
+    if backend == "triton":  # count the gather index builds (the reuse keeps this small one)
+        from moba_cp.ops.moba import triton_backend as tb
+
+        real_index = tb._index_impl
+        tb._index_impl = lambda *a, **kw: builds.append(1) or real_index(*a, **kw)
     res = {}
     try:
         with torch.no_grad():
             first = call(q, k, v)
         res["kept"] = len(moba._selection_memo)
-        res["dtype"] = str(moba._selection_memo._entries[0][1].dtype)
+        selection, index = moba._selection_memo._entries[0][1]
+        res["dtype"] = str(selection.dtype)
+        res["index_kept"] = index is not None
         qd, kd, vd = (x.detach().requires_grad_() for x in (q, k, v))
         again = call(qd, kd, vd)
         go = torch.randn_like(again)
         again.backward(go)
         res["same_bits"] = torch.equal(first, again)
         res["after"] = (len(moba._selection_memo), dict(counts))
+        res["index_builds"] = len(builds)
         # the reference: a layer that selects in both passes (no recomputation configured)
         plain = core_attention.MoBACoreAttention(
             config=transformer_config_from_recipe(tiny_model_cfg(), ParallelConfig()), layer_number=1,
@@ -199,17 +228,23 @@ def _w_module_thd(rank, world_size, backend, kernel):
         res["misses"] = (len(moba._selection_memo), dict(counts))
     finally:
         restore()
+        if backend == "triton":
+            tb._index_impl = real_index
     return res
 
 
-@pytest.mark.parametrize("backend,kernel", [("naive", ""), ("triton", "bwd.keep_index=false")],
-                         ids=["naive", "triton"])
+@pytest.mark.parametrize("backend,kernel", [("naive", ""), ("triton", ""), ("triton", "bwd.keep_index=false")],
+                         ids=["naive", "triton", "triton-keep_index-off"])
 def test_module_reuse_on_packed_documents(backend, kernel):
     pytest.importorskip("megatron.core")
     if backend == "triton":
         pytest.importorskip("triton")
     res, = run_distributed(_w_module_thd, 1, (backend, kernel))
     assert res["kept"] == 1 and res["dtype"] == "torch.int8"  # 6 blocks: one byte an id
+    # the Triton backend keeps the (small) gather index too: the recomputation builds none
+    assert res["index_kept"] == (backend == "triton")
+    if backend == "triton":
+        assert res["index_builds"] == 1
     assert res["same_bits"] and res["ref_bits"]
     assert res["after"] == (0, {"select": 1, "moba_attn": 0})
     # one more first pass (select 2), then two recomputations that find nothing (moba_attn x 2)

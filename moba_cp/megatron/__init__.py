@@ -1,6 +1,7 @@
 """Megatron-Core glue, one job per module (``docs/design.md`` section 3):
 
 - :mod:`.core_attention`: ``MoBACoreAttention`` / ``FullCoreAttention`` for the ``core_attention`` slot;
+- :mod:`.selection_memo`: a MoBA layer's selection kept from its forward for its recomputation;
 - :mod:`.specs`: per-layer GPT block specs (MoBA / full / hybrid / explicit);
 - :mod:`.hybrid_switch`: the MoBA -> full two-stage schedule;
 - :mod:`.transformer_config`: a recipe as a ``TransformerConfig``;

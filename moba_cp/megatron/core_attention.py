@@ -52,8 +52,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from moba_cp.megatron.key_conv import KeyConv
-from moba_cp.megatron.selection_memo import SelectionMemo, reuse_enabled
-from moba_cp.ops.moba.api import block_attn, moba_attn, select_blocks, takes_graphed_path
+from moba_cp.megatron.selection_memo import INDEX_MAX_BYTES, SelectionMemo, reuse_enabled
+from moba_cp.ops.moba.api import block_attn, gather_index, moba_attn, select_blocks, takes_graphed_path
 from moba_cp.ops.moba.triton_config import compact_selection_dtype
 from moba_cp.ops.moba.validate import check_block_args, check_qkv
 from moba_cp.parallel import moba_attn_cp, ring_attn_cp
@@ -259,20 +259,24 @@ class _CoreAttentionBase(MegatronModule):
 
     def _moba(self, q, k, v, cu, memo_key):
         """``moba_attn`` on one device, ``[T, H, D]`` (``cu``: documents or None). Under selective
-        recomputation (``memo_key`` set) the checkpointed pass keeps its selection and the
-        recomputation reuses it: :mod:`moba_cp.megatron.selection_memo`. Calls that replay CUDA
+        recomputation (``memo_key`` set) the checkpointed pass keeps its selection (and its gather
+        index when small) and the recomputation reuses them: :mod:`moba_cp.megatron.selection_memo`. Calls that replay CUDA
         graphs select inside the graph (one replay is cheaper on the host) and keep nothing."""
         kw = dict(block_size=self.moba_block_size, cu_seqlens=cu, backend=self.moba_backend, kernel=self.moba_kernel)
         if memo_key is None or takes_graphed_path(q, cu, self.moba_backend):
             return moba_attn(q, k, v, topk=self.moba_topk, softmax_scale=self.softmax_scale, **kw)
         if torch.is_grad_enabled():  # the recomputation in the backward pass
-            selection = self._selection_memo.take(memo_key)
-            if selection is None:  # not kept by this layer's first pass: select again
+            kept = self._selection_memo.take(memo_key)
+            if kept is None:  # not kept by this layer's first pass: select again
                 return moba_attn(q, k, v, topk=self.moba_topk, softmax_scale=self.softmax_scale, **kw)
-        else:  # the checkpointed forward: select, keep the ids in 1-2 bytes (exact)
+            selection, index = kept  # index None: not kept (too large), block_attn builds it
+        else:  # the checkpointed forward: select, keep the ids in 1-2 bytes (exact) and a small index
             selection = select_blocks(q, k, topk=self.moba_topk, **kw)
-            self._selection_memo.put(memo_key, selection.to(compact_selection_dtype(q.shape[0], self.moba_block_size)))
-        return block_attn(q, k, v, selection, softmax_scale=self.softmax_scale, **kw)[0]
+            index = gather_index(q, k, selection, **kw)  # None on the naive backend
+            small = index is not None and index.numel() * index.element_size() <= INDEX_MAX_BYTES
+            self._selection_memo.put(memo_key, (selection.to(compact_selection_dtype(q.shape[0], self.moba_block_size)),
+                                                index if small else None))
+        return block_attn(q, k, v, selection, softmax_scale=self.softmax_scale, index=index, **kw)[0]
 
     def _forward_sbhd(self, q, k, v, memo_key=None):
         """``[s, b, h, d]`` in, ``[s, b, h*d]`` out."""

@@ -20,6 +20,13 @@ without a backward (a forward under ``torch.no_grad`` in training mode) is dropp
 :meth:`SelectionMemo.put`; an entry not found (the memo switched on between the two passes, say)
 means the recomputation selects again, as without the memo.
 
+What is kept besides the selection: the Triton backend's gather index of it (``api.gather_index``,
+int32, ~4 bytes a selected block plus small tables), when it is at most :data:`INDEX_MAX_BYTES`, so
+the recomputation does not build it again either. Measured on one H200 (session 21) building it
+took 0.25 ms at 32K tokens x 16 heads, top-3 (more than the gate's 0.18 ms) and 1.3 ms at 128K,
+top-12, where it is ~110 MB a layer (2.6 GB over 24 layers, more than the 128K recipe leaves free
+on an H200): there only the selection is kept.
+
 ``MOBA_CP_REUSE_SELECTION=0`` turns the reuse off (both passes select), for measuring it.
 """
 
@@ -31,7 +38,11 @@ from typing import Iterable, Optional
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-__all__ = ["SelectionMemo", "reuse_enabled"]
+__all__ = ["SelectionMemo", "reuse_enabled", "INDEX_MAX_BYTES"]
+
+#: The largest gather index a layer keeps with its selection (bytes of one call's index): 32K
+#: tokens x 16 heads x top-3 is ~6.3 MB; 128K x 16 heads x top-12 (~110 MB) keeps the selection only.
+INDEX_MAX_BYTES = 32 << 20
 
 
 def reuse_enabled() -> bool:
@@ -84,7 +95,7 @@ class SelectionMemo:
     """
 
     def __init__(self):
-        self._entries: list[tuple[tuple, torch.Tensor]] = []
+        self._entries: list[tuple[tuple, object]] = []
 
     @staticmethod
     def key(tensors: Iterable[Optional[torch.Tensor]], extra: tuple = ()) -> tuple:
@@ -92,13 +103,14 @@ class SelectionMemo:
         arguments that the selection depends on)."""
         return tuple(None if t is None else _TensorKey(t) for t in tensors), tuple(extra)
 
-    def put(self, key: tuple, selection: torch.Tensor) -> None:
-        """Keep ``selection`` under ``key``; drops entries whose inputs have been freed."""
+    def put(self, key: tuple, selection) -> None:
+        """Keep ``selection`` (a tensor, or a tuple of tensors and Nones) under ``key``; drops
+        entries whose inputs have been freed."""
         self._entries = [(k, s) for k, s in self._entries
                          if all(t is None or t.alive() for t in k[0])]
         self._entries.append((key, selection))
 
-    def take(self, key: tuple) -> Optional[torch.Tensor]:
+    def take(self, key: tuple):
         """The selection kept under ``key`` (removed from the memo), or None."""
         for i, (k, selection) in enumerate(self._entries):
             if _same(k, key):
@@ -110,5 +122,6 @@ class SelectionMemo:
         return len(self._entries)
 
     def nbytes(self) -> int:
-        """Bytes of the kept selections."""
-        return sum(s.numel() * s.element_size() for _, s in self._entries)
+        """Bytes of the kept tensors."""
+        return sum(t.numel() * t.element_size() for _, value in self._entries
+                   for t in (value if isinstance(value, tuple) else (value,)) if t is not None)

@@ -16,6 +16,7 @@ from pathlib import Path
 from moba_cp.config import RecipeConfig, RecipeError, layer_attention_kinds
 from moba_cp.model_sizes import default_ffn_hidden_size
 from moba_cp.ops.moba.kernel_limits import LIMITS
+from moba_cp.megatron.selection_memo import INDEX_MAX_BYTES
 from moba_cp.ops.moba.triton_config import compact_selection_dtype, parse_overrides as parse_kernel_overrides
 from moba_cp.parallel.traffic import DEFAULT_INTER_GBPS, DEFAULT_INTRA_GBPS, candidate_comms, comm_traffic
 from moba_cp.train.flops import attended_keys, flops_per_step
@@ -85,7 +86,8 @@ def estimate_memory(cfg: RecipeConfig, vocab_size: int, dp: int) -> MemoryEstima
     by tp under sequence parallelism) plus one layer's working set; fp32 logits of the local tokens for the loss; MoBA's per-layer
     indices (int32, ``topk`` per query head; 1-2 bytes with ``bwd.keep_index=false``: every MoBA layer's without
     recomputation, one layer's with it, plus under selective recomputation on one device every layer's selection in
-    1-2 bytes an id, kept from its forward for its recomputation, ``moba_cp.megatron.selection_memo``) and the largest
+    1-2 bytes an id and its index if at most ``INDEX_MAX_BYTES``, kept from its forward for its recomputation,
+    ``moba_cp.megatron.selection_memo``) and the largest
     received K/V buffer (all remote past blocks, the worst case).
     """
     m, p, t = cfg.model, cfg.parallel, cfg.train
@@ -113,8 +115,10 @@ def estimate_memory(cfg: RecipeConfig, vocab_size: int, dp: int) -> MemoryEstima
         idx = ids * _saved_id_bytes(cfg) * n_moba
     else:  # one layer at a time holds its index, from its recomputed forward to its backward
         idx = ids * _saved_id_bytes(cfg) * min(1, n_moba)
-        if t.recompute == "selective" and p.cp == 1:  # + every layer's selection, kept for the recomputation
-            idx += ids * compact_selection_dtype(m.seq_length, cfg.moba.block_size).itemsize * n_moba
+        if t.recompute == "selective" and p.cp == 1:  # + what every layer keeps for its recomputation:
+            kept = ids * compact_selection_dtype(m.seq_length, cfg.moba.block_size).itemsize  # its selection
+            kept += ids * 4 if ids * 4 <= INDEX_MAX_BYTES else 0  # and a small gather index
+            idx += kept * n_moba
     recv = (m.seq_length - m.seq_length / p.cp) * 2 * kv / p.tp * bpe if p.cp > 1 else 0.0
     return MemoryEstimate(weights, opt, act, logits, idx + recv)
 

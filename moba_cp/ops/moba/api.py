@@ -203,14 +203,31 @@ def select_blocks(q, k, *, block_size: int, topk: int, cu_seqlens=None, backend:
     return triton_backend.select_blocks(q, k, block_size=block_size, topk=topk, cu_seqlens=cu_seqlens, config=config)
 
 
+def gather_index(q, k, indices, *, block_size: int, cu_seqlens=None, backend: str = "auto", kernel: str = ""):
+    """The Triton backend's gather index of ``indices [T, Hq, W]`` (int32, what
+    :func:`block_attn` builds before its kernels), for :func:`block_attn`'s ``index``: built
+    once, it serves every call on that selection with the same arguments. None for the naive
+    backend, which has none."""
+    check_qkv(q, k, k, op="gather_index")
+    check_block_args(block_size, 1, op="gather_index")
+    check_cu_seqlens(cu_seqlens, q.shape[0], q.device, op="gather_index")
+    name = choose_backend(backend, q.device)
+    config = _triton_config(q, k, block_size, kernel, backend, name, "gather_index")
+    if name == "naive":
+        return None
+    return triton_backend.gather_index(q, k, indices.to(torch.int32), block_size=block_size, cu_seqlens=cu_seqlens,
+                                       config=config)
+
+
 def block_attn(q, k, v, indices, *, block_size: int, cu_seqlens=None, softmax_scale=None, backend: str = "auto",
-               kernel: str = ""):
+               kernel: str = "", index: torch.Tensor | None = None):
     """Validated attention over given block ``indices`` ``[T, Hq, W]``; returns ``(o, lse)``.
 
     ``indices`` hold ids of blocks of each token's own document (``-1`` = none), as
     :func:`select_blocks` returns them (any integer dtype). Their shape is checked; their values
     are not (that would cost a device sync), and an id outside the token's document gives
     undefined results. ``kernel``: Triton tiling overrides, as :func:`moba_attn` takes them.
+    ``index``: the :func:`gather_index` of the same arguments (Triton only; None: built here).
     ``moba_attn`` is :func:`select_blocks` then this, bit for bit, except where it replays CUDA
     graphs (:func:`takes_graphed_path`), whose kernels are the same."""
     check_qkv(q, k, v, op="block_attn")
@@ -227,9 +244,14 @@ def block_attn(q, k, v, indices, *, block_size: int, cu_seqlens=None, softmax_sc
     if indices.dtype != torch.int32:
         indices = indices.to(torch.int32)  # a compacted selection (1-2 bytes an id) is widened here
     if name == "naive":
+        if index is not None:
+            raise ValueError(f"block_attn: an index was given, but backend={backend!r} runs the naive oracle on "
+                             f"{q.device.type}, which uses none. Fix: pass index=None (gather_index returns None "
+                             f"for the naive backend).")
         return naive.block_attn(q, k, v, indices, block_size=block_size, cu_seqlens=cu_seqlens, softmax_scale=scale)
     return triton_backend.block_attn(
-        q, k, v, indices, block_size=block_size, cu_seqlens=cu_seqlens, softmax_scale=scale, config=config
+        q, k, v, indices, block_size=block_size, cu_seqlens=cu_seqlens, softmax_scale=scale, config=config,
+        index=index,
     )
 
 

@@ -45,7 +45,8 @@ from moba_cp.ops.moba.cuda_graphs import GraphedCall, graph_mode, graphs_enabled
 from moba_cp.ops.moba.triton_config import SELECTION_FWD_METHODS, KernelConfig, compact_selection_dtype, tiling_for
 from moba_cp.ops.moba.triton_gate import MAX_GATE_WIDTH, gate_topk
 
-__all__ = ["moba_attn", "select_blocks", "block_attn", "partial_index", "partial_attn_fwd", "partial_attn_bwd"]
+__all__ = ["moba_attn", "select_blocks", "gather_index", "block_attn", "partial_index", "partial_attn_fwd",
+           "partial_attn_bwd"]
 
 
 def _c(x: torch.Tensor) -> torch.Tensor:
@@ -118,11 +119,14 @@ def _index_numel(q, k, indices, cu_seqlens, block_size: int, cfg: KernelConfig) 
     return sum(GatherIndex.sizes(t, hq, w, nbk, k.shape[1], cfg.fwd.chunk))
 
 
-def _attn_fwd_impl(q, k, v, indices, cu_seqlens, block_size: int, softmax_scale: float, config: str = ""):
+def _attn_fwd_impl(q, k, v, indices, cu_seqlens, block_size: int, softmax_scale: float, config: str = "",
+                   index: torch.Tensor | None = None):
     """Returns ``o``, ``lse`` and the gather index as one int32 buffer, saved for the backward
-    (so it is built once per call; empty after the ``one_pass`` and ``query_major`` forwards)."""
+    (so it is built once per call; empty after the ``one_pass`` and ``query_major`` forwards).
+    ``index``: that buffer, built before by :func:`gather_index` for the same arguments (None:
+    built here)."""
     check_triton_inputs(q, block_size, "block_attn")
-    flat = _index_impl(q, k, indices, cu_seqlens, block_size, config)
+    flat = _index_impl(q, k, indices, cu_seqlens, block_size, config) if index is None else index
     o, lse = _attn_fwd_from_index(q, k, v, indices, flat, cu_seqlens, block_size, softmax_scale, config)
     return o, lse, flat
 
@@ -137,6 +141,24 @@ def _index_impl(q, k, indices, cu_seqlens, block_size: int, config: str = "") ->
     flat = torch.empty(_index_numel(q, k, indices, cu_seqlens, block_size, cfg), dtype=torch.int32, device=q.device)
     build_gather_index(indices.to(torch.int32), base, blocks.n, k.shape[1], cfg.fwd.chunk, out=flat)
     return flat
+
+
+def gather_index(q, k, indices, *, block_size: int, cu_seqlens=None, config: KernelConfig | None = None) -> torch.Tensor:
+    """The int32 gather index :func:`block_attn` builds from ``indices [T, Hq, W]`` before its
+    kernels (empty for the forwards that read the selection itself), for the same ``q``, ``k``
+    shapes, ``block_size``, ``cu_seqlens`` and ``config``: built once, it can serve several
+    :func:`block_attn` calls on that selection (a recomputed forward)."""
+    return _index_impl(q, k, indices, cu_seqlens, block_size, config.encode() if config is not None else "")
+
+
+def _check_index(index: torch.Tensor, q, k, indices, cu_seqlens, block_size: int, config: str) -> None:
+    """A given gather index must be the one these arguments build (its length is checked: free)."""
+    n = _index_numel(q, k, indices, cu_seqlens, block_size, _config(config, q, k, block_size))
+    if index.dtype != torch.int32 or index.dim() != 1 or index.numel() != n or index.device != q.device:
+        raise ValueError(
+            f"block_attn: index is a {index.dtype} {tuple(index.shape)} tensor on {index.device}; this call's "
+            f"gather index is int32 [{n}] on {q.device}. Fix: build it with gather_index on the same q, k, "
+            f"indices, block_size, cu_seqlens and config, or pass index=None.")
 
 
 def _fwd_from_selection(q, k, v, qpos, blocks, sel, base, softmax_scale: float, cfg: KernelConfig):
@@ -264,31 +286,35 @@ class _BlockAttnEager(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, indices, cu_seqlens, block_size, softmax_scale, config):
-        o, lse, index = _attn_fwd_impl(q, k, v, indices, cu_seqlens, block_size, softmax_scale, config)
+    def forward(ctx, q, k, v, indices, cu_seqlens, block_size, softmax_scale, config, index):
+        o, lse, index = _attn_fwd_impl(q, k, v, indices, cu_seqlens, block_size, softmax_scale, config, index)
         _save_for_backward(ctx, (q, k, v, indices, cu_seqlens, block_size, softmax_scale, config), o, lse, index)
         ctx.set_materialize_grads(False)  # an unused lse gets no dLSE (the kernels skip that term)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        return _grads(ctx, do, dlse, _attn_bwd_impl)
+        return *_grads(ctx, do, dlse, _attn_bwd_impl), None
 
 
 def block_attn(q, k, v, indices, *, block_size: int, cu_seqlens=None, softmax_scale: float,
-               config: KernelConfig | None = None):
+               config: KernelConfig | None = None, index: torch.Tensor | None = None):
     """Triton attention over given document-local block ``indices [T, Hq, W]``.
 
     ``q [T, Hq, D]``, ``k, v [T, Hkv, D]`` -> ``o [T, Hq, D]`` (q's dtype), ``lse [T, Hq]``
     fp32; differentiable in q, k, v (and through ``lse``). ``config``: the tiling (None:
-    :func:`choose_config` from the shape; the backward uses the forward's).
+    :func:`choose_config` from the shape; the backward uses the forward's). ``index``: the
+    :func:`gather_index` of these arguments, built before (None: built here); the backward keeps
+    it as it keeps its own.
     """
     # None travels as "": the op chooses from the shape (torch.compile traces no config here).
     cfg = config.encode() if config is not None else ""
-    if torch.compiler.is_compiling():
+    if index is not None:
+        _check_index(index, q, k, indices, cu_seqlens, block_size, cfg)
+    if torch.compiler.is_compiling():  # the traced op builds its own index (the same one)
         o, lse, _ = _attn_fwd_op(q, k, v, indices, cu_seqlens, block_size, float(softmax_scale), cfg)
         return o, lse
-    return _BlockAttnEager.apply(q, k, v, indices, cu_seqlens, block_size, float(softmax_scale), cfg)
+    return _BlockAttnEager.apply(q, k, v, indices, cu_seqlens, block_size, float(softmax_scale), cfg, index)
 
 
 _FWD_GRAPHS = GraphedCall("moba forward")
