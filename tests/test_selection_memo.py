@@ -233,8 +233,9 @@ def _w_module_thd(rank, world_size, backend, kernel):
     return res
 
 
-@pytest.mark.parametrize("backend,kernel", [("naive", ""), ("triton", ""), ("triton", "bwd.keep_index=false")],
-                         ids=["naive", "triton", "triton-keep_index-off"])
+@pytest.mark.parametrize("backend,kernel", [("naive", ""), ("triton", ""), ("triton", "bwd.keep_index=false"),
+                                            ("triton", "fwd.method=one_pass")],
+                         ids=["naive", "triton", "triton-keep_index-off", "triton-one_pass"])
 def test_module_reuse_on_packed_documents(backend, kernel):
     pytest.importorskip("megatron.core")
     if backend == "triton":
