@@ -230,14 +230,14 @@ class _CoreAttentionBase(MegatronModule):
         attention_bias: Optional[torch.Tensor] = None,
         packed_seq_params=None,
         *,
-        memo_key: Optional[tuple] = None,
+        memo_inputs: Optional[tuple] = None,
         **unused_kwargs,
     ) -> torch.Tensor:
         """Causal attention of one layer; see the module docstring for shapes.
 
         ``attention_mask`` is not read: masking is causal by construction (and per document
         with THD ``cu_seqlens``); an arbitrary mask or an attention bias is an error.
-        ``memo_key``: the identity under which a MoBA layer keeps its selection for the
+        ``memo_inputs``: the tensors whose identity keys a MoBA layer's selection kept for the
         recomputation (:mod:`moba_cp.megatron.selection_memo`; None: no reuse).
         """
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
@@ -254,17 +254,19 @@ class _CoreAttentionBase(MegatronModule):
             return self._te(query, key, value, attention_mask, attn_mask_type=mask_type,
                             attention_bias=attention_bias, packed_seq_params=packed_seq_params)
         if thd:
-            return self._forward_thd(query, key, value, packed_seq_params, memo_key)
-        return self._forward_sbhd(query, key, value, memo_key)
+            return self._forward_thd(query, key, value, packed_seq_params, memo_inputs)
+        return self._forward_sbhd(query, key, value, memo_inputs)
 
-    def _moba(self, q, k, v, cu, memo_key):
+    def _moba(self, q, k, v, cu, memo_inputs):
         """``moba_attn`` on one device, ``[T, H, D]`` (``cu``: documents or None). Under selective
-        recomputation (``memo_key`` set) the checkpointed pass keeps its selection (and its gather
+        recomputation (``memo_inputs`` set) the checkpointed pass keeps its selection (and its gather
         index when small) and the recomputation reuses them: :mod:`moba_cp.megatron.selection_memo`. Calls that replay CUDA
         graphs select inside the graph (one replay is cheaper on the host) and keep nothing."""
         kw = dict(block_size=self.moba_block_size, cu_seqlens=cu, backend=self.moba_backend, kernel=self.moba_kernel)
-        if memo_key is None or takes_graphed_path(q, cu, self.moba_backend):
+        if memo_inputs is None or takes_graphed_path(q, cu, self.moba_backend):
             return moba_attn(q, k, v, topk=self.moba_topk, softmax_scale=self.softmax_scale, **kw)
+        # (the key is made only here: graphed calls, host-bound, skip its cost)
+        memo_key = self._selection_memo.key(memo_inputs, extra=(self.moba_block_size, self.moba_topk))
         if torch.is_grad_enabled():  # the recomputation in the backward pass
             kept = self._selection_memo.take(memo_key)
             if kept is None:  # not kept by this layer's first pass: select again
@@ -278,7 +280,7 @@ class _CoreAttentionBase(MegatronModule):
                                                 index if small else None))
         return block_attn(q, k, v, selection, softmax_scale=self.softmax_scale, index=index, **kw)[0]
 
-    def _forward_sbhd(self, q, k, v, memo_key=None):
+    def _forward_sbhd(self, q, k, v, memo_inputs=None):
         """``[s, b, h, d]`` in, ``[s, b, h*d]`` out."""
         check_qkv(q, k, v, op=type(self).__name__, layouts=("[s, b, H, D]",))
         s, b, hq, d = q.shape
@@ -297,7 +299,7 @@ class _CoreAttentionBase(MegatronModule):
             # (one H200, 4 x 8K rows, 6 layers: ~8 ms of copies per step, the whole gap between
             # MoBA and full attention's step there).
             fold = lambda t: t.reshape(s, b * t.shape[2], d)  # noqa: E731
-            o = self._moba(fold(q), fold(k), fold(v), None, memo_key)
+            o = self._moba(fold(q), fold(k), fold(v), None, memo_inputs)
         else:
             # SDPA wants [b, h, s, d]; GQA through enable_gqa (no expanded copies of k/v).
             o = F.scaled_dot_product_attention(
@@ -316,7 +318,7 @@ class _CoreAttentionBase(MegatronModule):
             )
         return ring_attn_cp(q, k, v, cp_group=self.cp_group, softmax_scale=self.softmax_scale, **comm)
 
-    def _forward_thd(self, q, k, v, packed_seq_params, memo_key=None):
+    def _forward_thd(self, q, k, v, packed_seq_params, memo_inputs=None):
         """``[t, h, d]`` packed documents in, ``[t, h*d]`` out."""
         if q.dim() == 4:  # Megatron squeezes the dummy batch dim before core attention; be lenient
             q, k, v = q.squeeze(1), k.squeeze(1), v.squeeze(1)
@@ -333,7 +335,7 @@ class _CoreAttentionBase(MegatronModule):
         cu = cu.to(device=q.device, dtype=torch.int32)
         t, hq, d = q.shape
         if self.attention_mode == "moba":
-            o = self._moba(q, k, v, cu, memo_key)
+            o = self._moba(q, k, v, cu, memo_inputs)
         else:
             o = torch.empty_like(q)
             bounds = cu.tolist()
@@ -376,16 +378,16 @@ class MoBACoreAttention(_CoreAttentionBase):
                             and "core_attn" in (getattr(self.config, "recompute_modules", None) or ["core_attn"]))
         self._selection_memo = SelectionMemo()
 
-    def _memo_key(self, query, key, cu) -> Optional[tuple]:
-        """The identity of this call's selection inputs when the recomputation can reuse it
-        (training, one device, selective recomputation; ``MOBA_CP_REUSE_SELECTION``), else None.
-        ``key`` is the layer's input, before the key convolution (which the recomputation runs
+    def _memo_inputs(self, query, key, cu) -> Optional[tuple]:
+        """The tensors whose identity keys this call's kept selection when the recomputation can
+        reuse it (training, one device, selective recomputation; ``MOBA_CP_REUSE_SELECTION``), else
+        None. ``key`` is the layer's input, before the key convolution (which the recomputation runs
         again into a new tensor); the convolution's weights are part of the identity."""
         if not (self.training and self._recomputed and self.attention_mode == "moba" and self.cp_size == 1
                 and reuse_enabled()):
             return None
-        conv = list(self.key_conv.parameters()) if self.key_conv is not None else []
-        return self._selection_memo.key([query, key, cu, *conv], extra=(self.moba_block_size, self.moba_topk))
+        conv = tuple(self.key_conv.parameters()) if self.key_conv is not None else ()
+        return (query, key, cu, *conv)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, **kwargs):
@@ -394,12 +396,12 @@ class MoBACoreAttention(_CoreAttentionBase):
         if thd:
             cu = getattr(packed_seq_params, "cu_seqlens_q_padded", None)
             cu = packed_seq_params.cu_seqlens_q if cu is None else cu
-        memo_key = self._memo_key(query, key, cu)
+        memo_inputs = self._memo_inputs(query, key, cu)
         if self.key_conv is not None:
             key = self.key_conv(key, cp_group=self.cp_group if self.cp_size > 1 else None, cu_seqlens=cu)
         return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                                attention_bias=attention_bias, packed_seq_params=packed_seq_params,
-                               memo_key=memo_key, **kwargs)
+                               memo_inputs=memo_inputs, **kwargs)
 
 
 class FullCoreAttention(_CoreAttentionBase):
