@@ -136,6 +136,11 @@ def _w_training(rank, world_size, key_conv):
     with torch.no_grad():
         loss_on_this_rank(model, tokens)
     out["eval_kept"] = [len(m) for m in memos]
+    # inference mode in training mode: nothing kept (inference tensors have no version counter)
+    model.train()
+    with torch.inference_mode():
+        loss_on_this_rank(model, tokens)
+    out["inference_kept"] = [len(m) for m in memos]
     return out
 
 
@@ -155,7 +160,7 @@ def test_recomputation_reuses_the_selection_exactly(key_conv):
     assert on["loss"] == off["loss"]
     for name, g in off["grads"].items():
         assert torch.equal(on["grads"][name], g), name
-    assert out["eval_kept"] == [0] * n
+    assert out["eval_kept"] == [0] * n and out["inference_kept"] == [0] * n
 
 
 def _w_module_thd(rank, world_size, backend, kernel):

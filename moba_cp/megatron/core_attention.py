@@ -386,6 +386,8 @@ class MoBACoreAttention(_CoreAttentionBase):
         if not (self.training and self._recomputed and self.attention_mode == "moba" and self.cp_size == 1
                 and reuse_enabled()):
             return None
+        if torch.is_inference_mode_enabled() or query.is_inference() or key.is_inference():
+            return None  # inference tensors have no version counter (and no backward to reuse for)
         conv = tuple(self.key_conv.parameters()) if self.key_conv is not None else ()
         return (query, key, cu, *conv)
 
