@@ -95,6 +95,14 @@ class _Timer:
         return (time.perf_counter() - self.t0) * 1e3
 
 
+def rate_vs_cudnn(gate_flop: float, attn_flop: float, moba_fwdbwd_ms: float, causal_flop: float,
+                  cudnn_fwdbwd_ms: float) -> float:
+    """MoBA's forward+backward TFLOP/s on its required work (gate + 3.5 x selected attention)
+    over cuDNN's on dense causal attention at the same shape (3.5 x ``causal_flop``), in percent:
+    the issue's "block >= 512 at 70% of cuDNN's rate" figure."""
+    return (gate_flop + 3.5 * attn_flop) / moba_fwdbwd_ms / (3.5 * causal_flop / cudnn_fwdbwd_ms) * 100
+
+
 def moba_flops(b, s, hq, d, block, topk):
     pos = torch.arange(s, dtype=torch.float64)
     own = torch.div(pos, block, rounding_mode="floor")
@@ -587,7 +595,7 @@ def main():
     hdr = (
         "| setting | S | MoBA fwd ms | MoBA fwd+bwd ms | gate ms | attn fwd ms | TFLOP/s fwd | TFLOP/s f+b "
         "| peak GiB | cuDNN fwd ms | cuDNN f+b ms | flash fwd ms | flash f+b ms | SDPA peak GiB "
-        "| x cuDNN fwd | x cuDNN f+b | x flash fwd | x flash f+b "
+        "| x cuDNN fwd | x cuDNN f+b | x flash fwd | x flash f+b | f+b rate / cuDNN's "
         "| flex fwd ms (incl. our gate + mask) | flex f+b ms (incl. our gate + mask) | flex mask ms | flex peak GiB "
         "| x flex fwd | x flex f+b "
         "| FLA NSA fwd ms (Hkv=Hq/16, no gate) | FLA NSA f+b ms | ours same-idx fwd ms | ours same-idx f+b ms "
@@ -645,6 +653,8 @@ def main():
                 for key in ("fwd", "fwdbwd"):
                     x = g(be, key)
                     row.append(f(m and x and x / m[key], ".1f"))
+            x = g("cudnn", "fwdbwd")
+            row.append(f"{rate_vs_cudnn(gate_f, attn_f, m['fwdbwd'], causal, x):.0f}%" if m and x else "-")
             fx = None
             if "flex" not in want:
                 row += ["-"] * 6
@@ -694,7 +704,8 @@ def main():
     foot = (
         f"\nDevice: {dev}; torch {torch.__version__}; date {datetime.date.today()}; {str(DT).split('.')[-1]}; "
         f"command: `{' '.join(sys.argv)}`. {inputs_note()} TFLOP/s count MoBA's required work (gate + selected "
-        f"keys, backward = 2.5 x attention forward). At S >= 512K: SDPA one call each, no warm-up; "
+        f"keys, backward = 2.5 x attention forward); 'f+b rate / cuDNN's' = that rate over cuDNN's f+b "
+        f"TFLOP/s on dense causal attention (3.5 x 2 S^2 H D B). At S >= 512K: SDPA one call each, no warm-up; "
         f"MoBA fwd+bwd one call after one warm-up call at the same size, and peak memory is that call's. "
         f"Peers: {','.join(want) or 'none'}. flex = torch.compile(flex_attention) with a MoBA mask_mod on "
         f"our selection and a BlockMask of per-query-tile KV-tile unions (tile {peers.TILE}); its fwd and "
