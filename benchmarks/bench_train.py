@@ -141,14 +141,32 @@ def _mem(r: dict) -> str:
     return f"{r['mem']:.1f}" + (f" / {r['reserved']:.1f}" if r.get("reserved") is not None else "")
 
 
+#: Student's t, two-sided 95%, by degrees of freedom (1-10; 1.96 beyond)
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def pair_interval(ratios: list[float]) -> tuple[float, float, float] | None:
+    """Mean of the per-pair MoBA/full ratios and its 95% confidence interval (Student's t over the
+    pairs: each pair is one MoBA and one full-attention process run back to back, so the pairs are
+    the independent samples of the ratio); None for fewer than two pairs."""
+    if len(ratios) < 2:
+        return None
+    mean = statistics.fmean(ratios)
+    half = _T95.get(len(ratios) - 1, 1.96) * statistics.stdev(ratios) / len(ratios) ** 0.5
+    return mean, mean - half, mean + half
+
+
 def _row(name: str, m: dict, fl: dict, label: str) -> str:
     """One table row: a MoBA run set (``label``) against the full-attention runs of the same call."""
+    ratios = [a / b for a, b in zip(m.get("per_run", []), fl.get("per_run", [])) if a and b]
     pairs = [f"{a / b:.2f}" if a and b else "-" for a, b in zip(m.get("per_run", []), fl.get("per_run", []))]
     f = lambda x, spec: format(x, spec) if x is not None else "-"  # noqa: E731
     ratio = m.get("tokens_per_s") and fl.get("tokens_per_s") and m["tokens_per_s"] / fl["tokens_per_s"]
+    ci = pair_interval(ratios)
     row = (f"| {name} | {f(m.get('tokens_per_s'), ',.0f')} | {f(fl.get('tokens_per_s'), ',.0f')} | "
            f"{f(ratio, '.2f')} | {f(m.get('tflops'), '.0f')} | {f(fl.get('tflops'), '.0f')} | "
-           f"{_mem(m)} | {_mem(fl)} | {', '.join(pairs) or '-'} |")
+           f"{_mem(m)} | {_mem(fl)} | {', '.join(pairs) or '-'} | "
+           f"{f'{ci[0]:.2f} [{ci[1]:.2f}, {ci[2]:.2f}]' if ci else '-'} |")
     for who, res in ((label, m), ("full", fl)):
         if "error" in res:
             row += f" {who} failed: {res['error'][:200]}"
@@ -207,11 +225,13 @@ def main():
             "", f"Command: `python benchmarks/bench_train.py {' '.join(sys.argv[1:])}`; every run adds "
             f"`{' '.join(COMMON + extra)}`, with PYTORCH_CUDA_ALLOC_CONF="
             f"{os.environ.get('PYTORCH_CUDA_ALLOC_CONF', ALLOC_CONF)}. Median tokens/s over the steps after the first two"
-            f" of {args.repeats} process(es) per attention, run alternately; the last column is each MoBA/full pair's "
-            f"ratio of medians. Settings that differ only in moba.* share their full-attention runs.", "",
+            f" of {args.repeats} process(es) per attention, run alternately; 'per pair' is each MoBA/full pair's "
+            f"ratio of medians, and the last column their mean with a 95% interval (Student's t over the pairs, 2 or "
+            f"more). Settings that differ only in moba.* share their full-attention runs.", "",
             "| setting | MoBA tok/s | full tok/s | MoBA / full | MoBA TFLOP/s/GPU | full TFLOP/s/GPU "
-            "| MoBA peak GiB (allocated / reserved) | full peak GiB (allocated / reserved) | per pair |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "| MoBA peak GiB (allocated / reserved) | full peak GiB (allocated / reserved) | per pair "
+            "| pairs' mean [95% CI] |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     lines = list(head)
     full_runs = {}  # (recipe, overrides other than moba.*, steps, repeat) -> that full-attention run
     with tempfile.TemporaryDirectory() as work:

@@ -109,3 +109,20 @@ def test_only_takes_whole_names_with_commas_prefixes_and_refuses_unknown_ones():
     assert bench_train.select_settings(s, "") == dict(s)
     with pytest.raises(ValueError, match=r"--only '64K' names no setting.*Separate several with ';'"):
         bench_train.select_settings(s, "64K")
+
+
+def test_the_pairs_interval_is_students_t_over_the_pair_ratios():
+    """Session 26's three 32K pairs (2.45, 2.54, 2.48): mean 2.49, and a 95% interval that holds
+    the 2.5x target (three pairs cannot tell 2.49 from 2.5); one pair has no interval."""
+    import statistics
+
+    mean, lo, hi = bench_train.pair_interval([2.45, 2.54, 2.48])
+    half = 4.303 * statistics.stdev([2.45, 2.54, 2.48]) / 3 ** 0.5
+    assert mean == pytest.approx(2.49) and (lo, hi) == pytest.approx((mean - half, mean + half))
+    assert lo < 2.5 < hi and hi - lo == pytest.approx(0.227, abs=1e-3)
+    assert bench_train.pair_interval([2.5]) is None
+    runs = lambda xs: bench_train.pool([{"tokens_per_s": x, "tflops": 1.0, "mem": 1.0, "warm_steps": [(x, 1.0)]}  # noqa: E731
+                                        for x in xs])
+    row = bench_train._row("32K", runs([245.0, 254.0, 248.0]), runs([100.0, 100.0, 100.0]), "moba")
+    assert row.split(" | ")[8:] == ["2.45, 2.54, 2.48", f"2.49 [{lo:.2f}, {hi:.2f}] |"]
+    assert bench_train._row("x", runs([2.0]), runs([1.0]), "moba").endswith("| 2.00 | - |")
