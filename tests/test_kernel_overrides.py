@@ -219,11 +219,17 @@ def test_default_tiling_follows_the_measured_rows():
     assert b128.fwd.merge_rows == 32 and not b128.fwd.merge_unroll
     assert choose_config(1024, 64, 4, 131072).fwd.merge_unroll and choose_config(512, 64, 4, 32768).fwd.merge_unroll
     # K/V through tensor descriptors with bf16 partials and a 16-row merge: d=64 blocks 256-1024 over
-    # 32K tokens (session 21), d=128 blocks 256-1024 and the partials forward of blocks >= 2048 up to
-    # 256K tokens (session 22); d=128 blocks >= 2048 past 256K keep the one pass (no tile kernel)
+    # 32K tokens (session 21) and over 16K (session 27: the 8K calls keep the previous forward), d=128
+    # blocks 256-1024 and the partials forward of blocks >= 2048 up to 256K tokens (session 22);
+    # d=128 blocks >= 2048 past 256K keep the one pass (no tile kernel)
     new_fwd = lambda f: (f.tma_kv, f.half_partials, f.merge_rows)  # noqa: E731
     assert new_fwd(choose_config(1024, 64, 4, 131072).fwd) == (True, True, 16)
-    assert new_fwd(choose_config(512, 64, 4, 32768).fwd) == (False, False, 32)
+    assert new_fwd(choose_config(512, 64, 4, 32768).fwd) == (True, True, 16)
+    assert new_fwd(choose_config(512, 64, 6, 8192).fwd) == new_fwd(choose_config(512, 64, 4, 16384).fwd) == (
+        False, False, 32)
+    # 4 stages up to 32K tokens, forward and backward; 3 beyond
+    assert [(c.fwd.num_stages, c.bwd.num_stages) for c in (choose_config(512, 64, 4, n) for n in (8192, 32768, 65536))
+            ] == [(4, 4), (4, 4), (3, 3)]
     assert new_fwd(choose_config(512, 128, 4, 32768).fwd) == (True, True, 16)
     assert new_fwd(choose_config(4096, 128, 4, 131072).fwd) == (True, True, 16)
     one_pass = choose_config(4096, 128, 4, 524288).fwd

@@ -661,11 +661,20 @@ def _tiling(block_size: int, head_dim: int, group: int, n_tokens: int, tma: bool
         # memory; the same on 8 merge warps 19.49/20.24, 1.59/1.33, 1.04/1.00 (less even). In 8K
         # training (4 x 8K tokens a call, CUDA graphs) the three together measured slower in one
         # call: 897,272 tok/s against 942,349 with the previous forward (full attention 927,840;
-        # the call before, 865,607 against full's 985,172), so calls up to 32K tokens keep it.
-        short = 0 < n_tokens <= 32 * 1024
+        # the call before, 865,607 against full's 985,172), so calls up to 32K tokens kept it.
+        # Session 27 narrowed that to the 8K calls (up to 16K tokens): it was decided on 8K training,
+        # whose calls (4 x 8K rows folded into heads: 8K tokens) replay CUDA graphs in a host-bound
+        # step, while the 32K recipe's call (32K tokens x 16 heads, eager, device-bound) measured the
+        # three faster at its own shape in the tune lines above (train-b512 32K, 4 stages: bf16
+        # partials + 16-row merge 1.415 against 1.638/1.733 ms, and 1.592, 1.277 against the adjacent
+        # defaults' 1.706, 1.383 in the second call; tma_kv 1.207 against 1.233/1.213). Not yet
+        # measured in 32K training (A/B: --moba-kernel 'fwd.tma_kv=false,fwd.half_partials=false,fwd.merge_rows=32').
+        short = 0 < n_tokens <= 32 * 1024  # 4 stages (forward and backward)
+        graphed_len = 0 < n_tokens <= 16 * 1024  # the previous forward
         stages = 4 if short else 3
         fwd = FwdConfig(method="partials", bm=128, bn=64, chunk=128, num_warps=4, num_stages=stages,
-                        half_partials=not short, merge_rows=32 if short else 16, merge_unroll=True, tma_kv=not short)
+                        half_partials=not graphed_len, merge_rows=32 if graphed_len else 16, merge_unroll=True,
+                        tma_kv=not graphed_len)
         bwd = BwdConfig(bnb=128, bm=32, split_mask=True, gather_rows=True, num_warps=4, num_stages=stages,
                         dq_bm=64, dq_bn=64, dq_stages=3, sub_major=True, dq_rows=tma, tma_dq=tma,
                         dq_trans=tma and group > 1, split_group=True, dq_chunk_bytes=1 << 30)
