@@ -257,18 +257,18 @@ def test_module_reuse_on_packed_documents(backend, kernel):
     assert res["misses"] == (1, {"select": 2, "moba_attn": 2})
 
 
-def _w_module_gpu(rank, world_size):
+def _module_gpu_run():
     """On a GPU: a 32K-token call (the 32K recipe's layer, eager) keeps its selection and the
     recomputation reuses it with the first pass's output and the gradients of selecting again;
-    a short call (4 x 2K tokens, which replays CUDA graphs) keeps nothing."""
+    a short call (4 x 2K tokens, which replays CUDA graphs) keeps nothing. In this process: the
+    module needs no process group at cp = 1, and on a GPU no CPU compat is switched on."""
     from megatron.core.transformer.enums import AttnMaskType
 
     from moba_cp.config import ParallelConfig
     from moba_cp.megatron import core_attention
     from moba_cp.megatron.transformer_config import transformer_config_from_recipe
-    from tests.megatron_util import attention_cfg, build, max_rel, moba_cfg, tiny_model_cfg
+    from tests.megatron_util import max_rel, tiny_model_cfg
 
-    build(tiny_model_cfg(), moba_cfg(), attention_cfg("moba"))  # parallel state
     mcfg = tiny_model_cfg(hidden_size=1024, num_attention_heads=16, num_query_groups=4)
     mk = dict(layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self", moba_block_size=512,
               moba_topk=3, moba_backend="triton")
@@ -306,7 +306,7 @@ def test_gpu_module_reuses_the_selection_only_where_it_runs_eagerly():
     pytest.importorskip("megatron.core")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    res, = run_distributed(_w_module_gpu, 1)
+    res = _module_gpu_run()
     big, small = res[32768], res[2048]
     assert (big["kept"], big["left"], big["counts"]) == (1, 0, {"select": 1, "moba_attn": 0}), big
     assert (small["kept"], small["left"], small["counts"]) == (0, 0, {"select": 0, "moba_attn": 2}), small
