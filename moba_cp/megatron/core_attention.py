@@ -38,6 +38,9 @@ Both modules carry an ``attention_mode`` flag (``'moba'`` / ``'full'``): a MoBA 
 
 Attention dropout is not supported by the MoBA and ring kernels: a config asking for it is an
 error at construction (moba_cp's model builder sets ``attention_dropout=0``).
+
+Under selective recomputation (core attention runs twice a step) a MoBA layer on one device keeps
+its first pass's block selection for the recomputation (:mod:`moba_cp.megatron.selection_memo`).
 """
 
 from __future__ import annotations
