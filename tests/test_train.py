@@ -487,3 +487,11 @@ def test_slurm_sbatch_script_runs_two_nodes_under_fake_srun(tmp_path, cache_dir)
     proc = subprocess.run(["bash", str(script), *args], cwd=spool, env=env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode != 0 and "run under sbatch" in proc.stderr
+
+
+def test_the_first_line_names_the_moba_switches_set_in_the_environment():
+    from moba_cp.train.loop import moba_env_note
+
+    assert moba_env_note({"PATH": "/bin", "OMP_NUM_THREADS": "1"}) == ""
+    note = moba_env_note({"MOBA_CP_REUSE_SELECTION": "0", "PATH": "/bin", "MOBA_CP_CUDA_GRAPHS": "shared"})
+    assert note == "environment MOBA_CP_CUDA_GRAPHS=shared, MOBA_CP_REUSE_SELECTION=0"

@@ -115,6 +115,14 @@ class _StepStats:
 # --------------------------------------------------------------------------------------------
 # The run: set up, loop, tear down
 # --------------------------------------------------------------------------------------------
+
+def moba_env_note(environ) -> str:
+    """The ``MOBA_CP_*`` switches set in ``environ`` (CUDA graph mode, selection reuse, exchange
+    timeout), for the run's first line: they change a run's speed, memory or patience, never its
+    results, and a throughput figure is read with them."""
+    set_ = sorted(f"{k}={v}" for k, v in environ.items() if k.startswith("MOBA_CP_"))
+    return f"environment {', '.join(set_)}" if set_ else ""
+
 def train(cfg: RecipeConfig) -> TrainResult:
     """Run the recipe's training to ``train.steps`` (resuming from its checkpoint if present).
 
@@ -136,8 +144,10 @@ def train(cfg: RecipeConfig) -> TrainResult:
         env = init_distributed(cfg.parallel, cfg.train.seed)
         stop.device = env.device
         if env.is_main:
+            note = moba_env_note(os.environ)
             print(f"moba-cp train: world {env.world_size} = tp {env.tp} x cp {env.cp} x dp {env.dp} "
-                  f"on {env.device.type}; {describe(state, cfg)}; resolved recipe:\n{dump(cfg)}", flush=True)
+                  f"on {env.device.type}; {describe(state, cfg)}{'; ' + note if note else ''}; "
+                  f"resolved recipe:\n{dump(cfg)}", flush=True)
         train_ds, valid_ds = _build_datasets(cfg, tokenizer)
         model = _build_model(cfg, tokenizer)
         start_step = _resume(state, model, env)
