@@ -455,6 +455,9 @@ def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0, parts=("fwd", "bwd"), 
           f"{used.mean().item():.0f} over {used.numel()} non-empty (query head, block) buckets", flush=True)
     pr("select (centroids+gate)", tm(lambda: tb.select_blocks(q, k, block_size=block, topk=topk, cu_seqlens=cu)))
     pr("gather index", tm(lambda: build_gather_index(idx, base, blocks.n, hkv, base_cfg.fwd.chunk)))
+    pr("gather index, int32 keys (before session 27)",
+       tm(lambda: build_gather_index(idx, base, blocks.n, hkv, base_cfg.fwd.chunk, narrow_keys=False)))
+    pr("gather index, again", tm(lambda: build_gather_index(idx, base, blocks.n, hkv, base_cfg.fwd.chunk)))
     pr("chunk index", tm(lambda: build_chunk_index(idx, base, blocks.n, onepass_qchunk(t, hq, DEV, base_cfg.fwd))))
 
     def attempt(label, fn):

@@ -895,6 +895,38 @@ def test_gather_index_is_the_inverse_of_the_selection():
         assert sorted(order) == list(range(blocks.n)) and [cnt[g] for g in order] == sorted(cnt, reverse=True)
 
 
+def test_gather_index_sorts_16_bit_keys_where_they_fit_and_builds_the_same_index(monkeypatch):
+    """Buckets that fit int16 keys are sorted as int16 (two radix passes on a GPU instead of
+    four); the index is the int32 keys' index, tensor for tensor; more buckets keep int32 keys."""
+    from moba_cp.ops.moba import triton_common as tc
+
+    docs, b, hq, hkv, topk, chunk = [70, 0, 90], 16, 4, 2, 3, 8
+    t = sum(docs)
+    q, k, _ = _inputs(t, hq, hkv, 16, torch.float32, seed=9)
+    cu = _cu(docs)
+    sel = naive.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu)
+    blocks, _, base, _ = tc.doc_tables(t, cu, b, DEV)
+    key_dtypes, real_sort = [], torch.sort
+
+    def sort(x, *a, **kw):
+        key_dtypes.append(x.dtype)
+        return real_sort(x, *a, **kw)
+
+    monkeypatch.setattr(torch, "sort", sort)
+    narrow = tc.build_gather_index(sel, base, blocks.n, hkv, chunk, narrow_keys=True)
+    wide = tc.build_gather_index(sel, base, blocks.n, hkv, chunk, narrow_keys=False)
+    assert key_dtypes == [torch.int16, torch.int32]
+    for name, x in vars(wide).items():
+        y = vars(narrow)[name]
+        assert (torch.equal(y, x) if isinstance(x, torch.Tensor) else y == x), name
+    # 2^15 - 1 buckets or more (the sentinel is the bucket count): int32 keys
+    key_dtypes.clear()
+    sel1 = torch.zeros(4, 1, 1, dtype=torch.int32)
+    tc.build_gather_index(sel1, None, 2**15 - 1, 1, chunk, narrow_keys=True)
+    tc.build_gather_index(sel1, None, 2**15 - 2, 1, chunk, narrow_keys=True)
+    assert key_dtypes == [torch.int32, torch.int16]
+
+
 def test_saved_index_equals_a_fresh_build():
     """The forward's saved gather index (used by the backward) is the index of the selection."""
     from moba_cp.ops.moba.triton_common import build_gather_index, doc_tables

@@ -321,7 +321,8 @@ def _keys_kernel(SEL, BASE, KEY, n, HW, W, NBK, NB, HAS_BASE: tl.constexpr, BLOC
     g = s
     if HAS_BASE:
         g = s + tl.load(BASE + i // HW, mask=m, other=0)
-    tl.store(KEY + i, tl.where(s >= 0, ((i % HW) // W) * NBK + g, NB), mask=m)
+    key = tl.where(s >= 0, ((i % HW) // W) * NBK + g, NB)
+    tl.store(KEY + i, key.to(KEY.dtype.element_ty), mask=m)  # int16 or int32 (build_gather_index)
 
 
 @triton.jit
@@ -385,13 +386,21 @@ def _tiles_kernel(OFFS, TEND, TILE_B, TILE_START, n_buckets, n_tiles, CHUNK, STE
     tl.store(TILE_START + i, tl.where(valid, start, 0), mask=m)
 
 
+#: The gather index sorts 16-bit bucket keys where the buckets (plus the empty-slot sentinel) fit
+#: them: a stable radix sort then makes 2 passes over the entries instead of 4 (by bytes moved,
+#: ~0.35 of ~1.3 ms at 128K tokens x 16 heads x top-12). Same order, so the same index.
+NARROW_KEYS = True
+
+
 def build_gather_index(
-    sel: torch.Tensor, base: torch.Tensor | None, nbk: int, hkv: int, chunk: int, out: torch.Tensor | None = None
+    sel: torch.Tensor, base: torch.Tensor | None, nbk: int, hkv: int, chunk: int, out: torch.Tensor | None = None,
+    narrow_keys: bool | None = None,
 ) -> GatherIndex:
     """Invert a selection ``sel [T, Hq, W]`` (``-1`` = none) into a :class:`GatherIndex`.
 
     Block ids are ``sel + base[t]`` (``base`` None means ids are already global). Seven
-    launches, none waiting for the device: bucket keys; one stable sort of the int32 keys;
+    launches, none waiting for the device: bucket keys; one stable sort of the keys (int16 where
+    ``Hq * nbk < 32767`` and ``narrow_keys``, default :data:`NARROW_KEYS`; else int32);
     ``ent`` and bucket starts (binary search in the sorted keys); tile counts (one scan
     program); the tile list; the backward's per-KV-head block order (argsort, copy).
     ``out``: an int32 buffer of ``sum(GatherIndex.sizes(...))`` to build into (the forward
@@ -416,7 +425,8 @@ def build_gather_index(
         gi.tile_b.fill_(-1)
         return gi
     sel = sel.to(torch.int32).contiguous()
-    key = torch.empty(e, dtype=torch.int32, device=dev)
+    narrow = (NARROW_KEYS if narrow_keys is None else narrow_keys) and n_buckets < 2**15 - 1  # keys 0..n_buckets
+    key = torch.empty(e, dtype=torch.int16 if narrow else torch.int32, device=dev)
     _keys_kernel[(triton.cdiv(e, 1024),)](
         sel, sel if base is None else base, key, e, hq * w, w, nbk, n_buckets, HAS_BASE=base is not None, BLOCK=1024
     )
