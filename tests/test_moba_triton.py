@@ -1488,6 +1488,8 @@ def test_cuda_graphs_only_for_short_cuda_calls_with_lasting_offsets(monkeypatch)
     assert cuda_graphs._STATIC_OFFSETS.get(id(lasting)) is lasting
     fresh = torch.tensor([0, 32, 64], dtype=torch.int32)
     assert cuda_graphs._STATIC_OFFSETS.get(id(fresh)) is not fresh
+    monkeypatch.delenv("MOBA_CP_CUDA_GRAPHS", raising=False)
+    assert cuda_graphs.graph_mode() == "shared"  # the default since session 27 (its 8K training peak)
     for value, mode in (("0", "off"), ("1", "call"), ("index", "index"), ("shared", "shared")):
         monkeypatch.setenv("MOBA_CP_CUDA_GRAPHS", value)
         assert cuda_graphs.graph_mode() == mode

@@ -17,8 +17,8 @@ pool for its intermediates and a reference to everything it reads outside its in
 Which calls: see :func:`graphs_enabled` (CUDA, not while ``torch.compile`` traces, up to
 ``GRAPH_MAX_TOKEN_HEADS`` query rows x heads, offsets that live as long as the graph). Turn
 them off with ``MOBA_CP_CUDA_GRAPHS=0``; ``MOBA_CP_CUDA_GRAPHS=index`` graphs only the selection
-and its index, ``shared`` lets the backward's graph read the forward graph's buffers
-(:data:`GRAPH_MODES`).
+and its index; the default, ``shared``, lets the backward's graph read the forward graph's buffers,
+``1`` gives each graph its own (:data:`GRAPH_MODES`).
 """
 
 from __future__ import annotations
@@ -54,25 +54,31 @@ def static_offsets(cu: torch.Tensor) -> torch.Tensor:
     return cu
 
 
-#: ``MOBA_CP_CUDA_GRAPHS`` values: ``0`` no graphs; ``1`` (default) the whole forward and the whole
-#: backward, each one graph; ``index`` only the selection and the gather index (the ~20 small
-#: operations) in a graph, the attention kernels eager. ``index`` copies q and k into the graph
-#: instead of q, k, v (forward) and do, q, k, v, o (backward), and clones no o, dq, dk, dv.
-#: ``shared``: as ``1``, but the backward's graph reads q, k, v, o and the saved state in the
-#: forward graph's own buffers (off by default: in 8K training on one H200 it did not separate
-#: from run-to-run noise, session 25), so it holds a static copy of do alone
-#: and copies nothing else when the forward replayed last for the same call (with selective
-#: recomputation, every backward: its forward is recomputed just before it).
+#: ``MOBA_CP_CUDA_GRAPHS`` values: ``0`` no graphs; ``1`` the whole forward and the whole
+#: backward, each one graph on its own static buffers; ``index`` only the selection and the gather
+#: index (the ~20 small operations) in a graph, the attention kernels eager. ``index`` copies q and
+#: k into the graph instead of q, k, v (forward) and do, q, k, v, o (backward), and clones no o, dq,
+#: dk, dv. ``shared`` (the default since session 27): as ``1``, but the backward's graph reads q, k,
+#: v, o and the saved state in the forward graph's own buffers, so it holds a static copy of do
+#: alone and copies nothing else when the forward replayed last for the same call (with selective
+#: recomputation, every backward: its forward is recomputed just before it). In 8K training on one
+#: H200 (session 25, ``train_h200_2026-12-05_session25_8k.md``, two alternating pairs a setting) it
+#: lowered the peak in both micro-batch-4 settings (3.9 / 4.3 GiB allocated / reserved against 4.0 /
+#: 4.5; equal at micro-batch 16), and its speed did not separate from the pairs' +-15% spread (MoBA /
+#: full per pair: 1.09, 0.97 against 1.09, 0.85 with recomputation; 1.32, 0.86 against 1.00, 0.89
+#: without; 1.12, 1.12 against 1.13, 1.12 at micro-batch 16): the default for the memory.
 GRAPH_MODES = {"0": "off", "1": "call", "index": "index", "shared": "shared"}
 
 
 def graph_mode() -> str:
-    """``'off'``, ``'call'`` or ``'index'`` from ``MOBA_CP_CUDA_GRAPHS`` (see :data:`GRAPH_MODES`)."""
-    value = os.environ.get("MOBA_CP_CUDA_GRAPHS", "1")
+    """``'off'``, ``'call'``, ``'index'`` or ``'shared'`` (the default) from ``MOBA_CP_CUDA_GRAPHS``
+    (see :data:`GRAPH_MODES`)."""
+    value = os.environ.get("MOBA_CP_CUDA_GRAPHS", "shared")
     mode = GRAPH_MODES.get(value)
     if mode is None:
         raise ValueError(f"MOBA_CP_CUDA_GRAPHS={value!r}: choose 0 (no CUDA graphs), 1 (the whole MoBA call, "
-                         f"the default), index (only the selection and its index) or shared (the whole call, "
+                         f"each graph on its own buffers), index (only the selection and its index) or shared (the "
+                         f"default: the whole call, "
                          f"the backward reading the forward graph's buffers).")
     return mode
 
