@@ -262,9 +262,10 @@ class _CoreAttentionBase(MegatronModule):
 
     def _moba(self, q, k, v, cu, memo_inputs):
         """``moba_attn`` on one device, ``[T, H, D]`` (``cu``: documents or None). Under selective
-        recomputation (``memo_inputs`` set) the checkpointed pass keeps its selection (and its gather
-        index when small) and the recomputation reuses them: :mod:`moba_cp.megatron.selection_memo`. Calls that replay CUDA
-        graphs select inside the graph (one replay is cheaper on the host) and keep nothing."""
+        recomputation (``memo_inputs`` set) the checkpointed pass keeps its selection (and its
+        gather index when small) and the recomputation reuses them
+        (:mod:`moba_cp.megatron.selection_memo`). Calls that replay CUDA graphs select inside the
+        graph (one replay is cheaper on the host) and keep nothing."""
         kw = dict(block_size=self.moba_block_size, cu_seqlens=cu, backend=self.moba_backend, kernel=self.moba_kernel)
         if memo_inputs is None or takes_graphed_path(q, cu, self.moba_backend):
             return moba_attn(q, k, v, topk=self.moba_topk, softmax_scale=self.softmax_scale, **kw)
@@ -279,8 +280,8 @@ class _CoreAttentionBase(MegatronModule):
             selection = select_blocks(q, k, topk=self.moba_topk, **kw)
             index = gather_index(q, k, selection, **kw)  # None on the naive backend
             small = index is not None and index.numel() * index.element_size() <= INDEX_MAX_BYTES
-            self._selection_memo.put(memo_key, (selection.to(compact_selection_dtype(q.shape[0], self.moba_block_size)),
-                                                index if small else None))
+            compact = selection.to(compact_selection_dtype(q.shape[0], self.moba_block_size))
+            self._selection_memo.put(memo_key, (compact, index if small else None))
         return block_attn(q, k, v, selection, softmax_scale=self.softmax_scale, index=index, **kw)[0]
 
     def _forward_sbhd(self, q, k, v, memo_inputs=None):
