@@ -24,8 +24,8 @@ What is kept besides the selection: the Triton backend's gather index of it (``a
 int32, ~4 bytes a selected block plus small tables), when it is at most :data:`INDEX_MAX_BYTES`, so
 the recomputation does not build it again either. Measured on one H200 (session 21) building it
 took 0.25 ms at 32K tokens x 16 heads, top-3 (more than the gate's 0.18 ms) and 1.3 ms at 128K,
-top-12, where it is ~110 MB a layer (2.6 GB over 24 layers, more than the 128K recipe leaves free
-on an H200): there only the selection is kept.
+top-12, where it is ~110 MB a layer: 2.6 GB over 24 layers would leave under 2 GiB of an H200
+free beside the 128K recipe's 135 GiB peak, too thin a margin, so there only the selection is kept.
 
 ``MOBA_CP_REUSE_SELECTION=0`` turns the reuse off (both passes select), for measuring it.
 """
