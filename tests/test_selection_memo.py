@@ -21,7 +21,7 @@ def test_memo_finds_the_same_tensors_through_detached_views():
     q, k = torch.randn(8, 2, 4), torch.randn(8, 1, 4)
     sel = torch.tensor([1, 2, 3])
     memo.put(memo.key([q, k, None], extra=(16, 3)), sel)
-    assert len(memo) == 1 and memo.nbytes() == 3 * 8
+    assert len(memo) == 1
     # what Megatron's recomputation passes: the saved tensors, detached (same storage, same version)
     got = memo.take(memo.key([q.detach(), k.detach(), None], extra=(16, 3)))
     assert got is sel and len(memo) == 0

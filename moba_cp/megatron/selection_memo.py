@@ -68,20 +68,18 @@ class _TensorKey:
     def alive(self) -> bool:
         return not self.ref.expired()
 
-    def __eq__(self, other) -> bool:
-        return (isinstance(other, _TensorKey) and self.view == other.view and self.ref == other.ref
+    def same(self, other: "_TensorKey | None") -> bool:
+        """The same live tensor view (a method, not ``__eq__``: a tuple's ``==`` takes an element
+        as equal to itself without asking it, which would let a dead key match)."""
+        return (other is not None and self.view == other.view and self.ref == other.ref
                 and self.alive() and other.alive())
-
-    __hash__ = None  # compared, never hashed (a freed storage's key must not be found)
 
 
 def _same(a: tuple, b: tuple) -> bool:
-    """Whether two keys name the same live inputs (element by element: a tuple's own ``==``
-    takes an element as equal to itself without asking it, which would let a dead key match)."""
+    """Whether two keys name the same live inputs and the same extra arguments."""
     (ta, xa), (tb, xb) = a, b
     return xa == xb and len(ta) == len(tb) and all(
-        (x is None and y is None) or (x is not None and y is not None and x.__eq__(y) is True)
-        for x, y in zip(ta, tb))
+        y is None if x is None else x.same(y) for x, y in zip(ta, tb))
 
 
 class SelectionMemo:
@@ -120,8 +118,3 @@ class SelectionMemo:
 
     def __len__(self) -> int:
         return len(self._entries)
-
-    def nbytes(self) -> int:
-        """Bytes of the kept tensors."""
-        return sum(t.numel() * t.element_size() for _, value in self._entries
-                   for t in (value if isinstance(value, tuple) else (value,)) if t is not None)
