@@ -115,7 +115,8 @@ def main(argv=None) -> None:
         print(f"whole-call CUDA graphs: static buffers {m['graph_static'] / MIB:.1f} MiB allocated while they live, "
               f"pools {(m['fwd_peak'] + m['bwd_peak']) / MIB:.1f} MiB reserved; "
               f"MOBA_CP_CUDA_GRAPHS=shared: static buffers {m['graph_static_shared'] / MIB:.1f} MiB, "
-              f"one pool {m['graph_pools_shared'] / MIB:.1f} MiB")
+              f"one pool {m['graph_pools_shared'] / MIB:.1f} MiB (shared is the default; the first figures "
+              f"are MOBA_CP_CUDA_GRAPHS=1's)")
 
 
 if __name__ == "__main__":
