@@ -64,6 +64,10 @@ class ModelConfig:
     swiglu: bool = _option(True, "Gated SiLU MLP (Llama-style) instead of GeLU.")
     init_method_std: float = _option(0.02, "Std of the normal weight init.")
     share_embeddings: bool = _option(True, "Tie input embedding and output projection.")
+    fused_ops: Literal["auto", "triton", "torch"] = _option(
+        "auto", "RoPE, SwiGLU and RMSNorm outside attention: 'triton' (one fused kernel each way, "
+        "moba_cp/megatron/fused_layers.py), 'torch' (Megatron's unfused torch operations), 'auto' (triton on a "
+        "GPU with the local layer spec, torch on CPU). Numerics only: the weights mean the same either way.")
 
 
 @dataclass

@@ -32,7 +32,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from moba_cp.config import layer_attention_kinds
-from moba_cp.megatron.specs import gpt_block_spec
+from moba_cp.megatron.fused_layers import resolve_fused_ops
+from moba_cp.megatron.specs import gpt_block_spec, resolve_transformer_impl
 from moba_cp.megatron.transformer_config import transformer_config_from_recipe
 from moba_cp.model_sizes import padded_vocab_size
 
@@ -76,12 +77,24 @@ def build_gpt_model(
     if vocab is None:
         raise ValueError("build_gpt_model: vocab_size is None in the recipe and not given; pass vocab_size=.")
     if config is None:
-        config = transformer_config_from_recipe(model_cfg, parallel_cfg, precision=precision, recompute=recompute)
+        config = transformer_config_from_recipe(model_cfg, parallel_cfg, precision=precision, recompute=recompute,
+                                                transformer_impl=transformer_impl)
+    impl = resolve_transformer_impl(transformer_impl)
+    fused = resolve_fused_ops(getattr(model_cfg, "fused_ops", "auto"), impl)
+    swiglu = bool(getattr(model_cfg, "swiglu", True))
+    if fused != bool(config.apply_rope_fusion) or (fused and swiglu) != bool(config.use_te_activation_func):
+        # the spec's activation module and Megatron's switches must agree, or fc1's output goes
+        # through the wrong function (a shape error at best)
+        raise ValueError(
+            f"build_gpt_model: model.fused_ops={getattr(model_cfg, 'fused_ops', 'auto')!r} resolves to "
+            f"{'fused' if fused else 'unfused'} ops, but the given config has apply_rope_fusion="
+            f"{config.apply_rope_fusion}, use_te_activation_func={config.use_te_activation_func}. Fix: build the "
+            f"config with transformer_config_from_recipe from the same model config and transformer_impl.")
     kinds = layer_attention_kinds(model_cfg, attention_cfg)
     if len(kinds) != config.num_layers:
         raise ValueError(f"attention pattern gives {len(kinds)} layer kinds for {config.num_layers} layers.")
     block = gpt_block_spec(kinds, moba_cfg, attention_cfg, normalization=config.normalization,
-                           transformer_impl=transformer_impl)
+                           transformer_impl=impl, fused_ops=fused, swiglu=swiglu)
     model = GPTModel(
         config=config,
         transformer_layer_spec=block,

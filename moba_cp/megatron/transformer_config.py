@@ -9,6 +9,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from packaging.version import Version
 
 from moba_cp.megatron.core_attention import MEGATRON_CP_COMM
+from moba_cp.megatron.fused_layers import install_fused_rope, resolve_fused_ops
+from moba_cp.megatron.specs import resolve_transformer_impl
 from moba_cp.model_sizes import default_ffn_hidden_size
 
 __all__ = ["transformer_config_from_recipe"]
@@ -20,24 +22,32 @@ def transformer_config_from_recipe(
     *,
     precision: str = "fp32",
     recompute: str = "none",
+    transformer_impl: str = "auto",
     **overrides,
 ) -> TransformerConfig:
     """Megatron ``TransformerConfig`` for a recipe's ``ModelConfig`` and ``ParallelConfig``.
 
     Llama-style choices the recipe does not expose: no biases, no dropout (the MoBA and ring
-    kernels have none), fp32 softmax, RoPE applied unfused. On a machine without a GPU,
+    kernels have none), fp32 softmax. ``model_cfg.fused_ops`` (resolved with ``transformer_impl``,
+    :func:`~moba_cp.megatron.fused_layers.resolve_fused_ops`) sets Megatron's fused-RoPE and
+    activation-module switches for moba_cp's Triton RoPE and SwiGLU. On a machine without a GPU,
     ``use_cpu_initialization=True`` and fp32 (``precision`` is ignored: CPU always runs fp32).
 
     Args:
         precision: ``'fp32'`` or ``'bf16'`` (bf16 params and compute, fp32 main grads in DDP).
         recompute: ``'none'``, ``'selective'`` (core attention recomputed in backward) or
             ``'full'`` (whole layers, uniform, one layer per checkpoint).
+        transformer_impl: the layer spec the model will use (``'auto'``, ``'local'``, ``'te'``;
+            :func:`~moba_cp.megatron.specs.resolve_transformer_impl`); the fused ops are the local spec's.
         overrides: any other ``TransformerConfig`` field, applied last.
     """
     on_gpu = torch.cuda.is_available()
     bf16 = precision == "bf16" and on_gpu
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision={precision!r}; choose 'fp32' or 'bf16'.")
+    fused = resolve_fused_ops(getattr(model_cfg, "fused_ops", "auto"), resolve_transformer_impl(transformer_impl))
+    if fused:
+        install_fused_rope()  # before TransformerConfig: it checks the slot when apply_rope_fusion is set
     ffn = model_cfg.ffn_hidden_size or default_ffn_hidden_size(model_cfg.hidden_size, model_cfg.swiglu)
     kw = dict(
         num_layers=model_cfg.num_layers,
@@ -54,7 +64,9 @@ def transformer_config_from_recipe(
         hidden_dropout=0.0,
         attention_dropout=0.0,
         attention_softmax_in_fp32=True,
-        apply_rope_fusion=False,
+        apply_rope_fusion=fused,
+        # the MLP's activation as a module from the spec (FusedSwiGLU on fc1's whole output)
+        use_te_activation_func=fused and model_cfg.swiglu,
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,

@@ -34,9 +34,11 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from moba_cp.config import RecipeConfig, dump, parse_profile_steps, to_dict
 from moba_cp.data.datasets import DataConfigError, build_train_valid_datasets, corpus_record
 from moba_cp.megatron import compat_cpu
+from moba_cp.megatron.fused_layers import resolve_fused_ops
 from moba_cp.megatron.hybrid_switch import set_attention_mode, switch_step
 from moba_cp.megatron.model import build_gpt_model
 from moba_cp.megatron.optimizer import build_optimizer, wrap_ddp
+from moba_cp.megatron.specs import resolve_transformer_impl
 from moba_cp.megatron.training_hooks import attach_training_hooks
 from moba_cp.megatron.transformer_config import transformer_config_from_recipe
 from moba_cp.train.batches import collate, microbatch_indices
@@ -145,8 +147,10 @@ def train(cfg: RecipeConfig) -> TrainResult:
         stop.device = env.device
         if env.is_main:
             note = moba_env_note(os.environ)
+            fused = resolve_fused_ops(cfg.model.fused_ops, resolve_transformer_impl("auto"))
+            ops = "RoPE, SwiGLU, RMSNorm: " + ("fused Triton kernels" if fused else "unfused")
             print(f"moba-cp train: world {env.world_size} = tp {env.tp} x cp {env.cp} x dp {env.dp} "
-                  f"on {env.device.type}; {describe(state, cfg)}{'; ' + note if note else ''}; "
+                  f"on {env.device.type}; {describe(state, cfg)}; {ops}{'; ' + note if note else ''}; "
                   f"resolved recipe:\n{dump(cfg)}", flush=True)
         train_ds, valid_ds = _build_datasets(cfg, tokenizer)
         model = _build_model(cfg, tokenizer)

@@ -1,0 +1,121 @@
+"""Fused Triton kernels for the parts of a layer outside attention: RoPE, SwiGLU and RMSNorm.
+
+Why: Megatron-Core without Transformer Engine or apex runs these as chains of torch operations
+(RoPE ~10 a tensor, SwiGLU 3, and torch's RMSNorm backward with a slow weight-gradient kernel).
+On one H200, 8K training of the 6-layer model spent ~41 of its ~113 ms of device time per two
+steps in those kernels (``mul``, ``cat``, ``neg``, ``silu``, the RMSNorm backward), three times
+the linear layers' 14 ms (``benchmarks/results/profile_train8k_h200_2026-12-03/*_full.kernels.txt``);
+and every one of them is a launch in a step whose host is the bound at 8K. MoBA and full
+attention share this part of the step, so it bounds both; at equal savings MoBA's shorter step
+gains more.
+
+What (``model.fused_ops``, :func:`resolve_fused_ops`): with the local (torch) layer spec on a GPU,
+``auto`` (the default) and ``triton`` put
+
+- :class:`FusedRMSNorm` in the norm slots (the same ``weight`` parameter and state-dict key as
+  ``torch.nn.RMSNorm``: checkpoints load either way);
+- :class:`FusedSwiGLU` in the MLP's activation slot (Megatron's ``use_te_activation_func`` hook:
+  the module gets fc1's whole ``[s, b, 2F]`` output);
+- :func:`megatron_fused_rope` in Megatron's fused-RoPE slot (``apply_rope_fusion``; the slot TE
+  would fill, :func:`install_fused_rope`).
+
+``torch`` keeps Megatron's unfused operations. Each kernel computes in fp32 and rounds once, so
+results differ from the unfused path in the last bits (which rounds after every operation).
+Transformer Engine's layer spec brings its own fused layers; this module is for the local spec.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.common.embeddings import rope_utils
+
+from moba_cp.ops.rms_norm import rms_norm
+from moba_cp.ops.rope import apply_rope, rope_tables
+from moba_cp.ops.swiglu import swiglu
+
+__all__ = ["FUSED_OPS", "resolve_fused_ops", "FusedRMSNorm", "FusedSwiGLU", "megatron_fused_rope",
+           "install_fused_rope"]
+
+#: ``model.fused_ops`` values.
+FUSED_OPS = ("auto", "triton", "torch")
+
+
+def resolve_fused_ops(setting: str, transformer_impl: str) -> bool:
+    """Whether a model built with the resolved ``transformer_impl`` (``'local'`` or ``'te'``) uses
+    the fused kernels under ``model.fused_ops = setting``. ``auto``: on a GPU with the local spec.
+    ``triton``: required (a GPU, or the Triton interpreter on CPU); refused with TE's spec."""
+    if setting not in FUSED_OPS:
+        raise ValueError(f"model.fused_ops={setting!r}: choose auto (Triton kernels on a GPU), triton or torch "
+                         f"(Megatron's unfused torch operations).")
+    if setting == "torch":
+        return False
+    if setting == "auto":
+        return transformer_impl == "local" and torch.cuda.is_available()
+    if transformer_impl != "local":
+        raise ValueError(f"model.fused_ops=triton with transformer_impl={transformer_impl!r}: Transformer Engine's "
+                         f"layers bring their own fused RoPE, SwiGLU and norms. Fix: model.fused_ops=auto.")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("model.fused_ops=triton needs a CUDA GPU (or TRITON_INTERPRET=1 to run the kernels in "
+                         "Triton's interpreter on CPU, for tests). Fix: model.fused_ops=auto or torch.")
+    return True
+
+
+class FusedRMSNorm(torch.nn.Module):
+    """RMSNorm through one Triton kernel each way (:func:`moba_cp.ops.rms_norm.rms_norm`).
+
+    Same constructor as Megatron's norm slots (``config, hidden_size, eps``) and the same
+    parameter as ``torch.nn.RMSNorm`` (``weight [hidden]``, ones, in ``config.params_dtype``),
+    tagged ``sequence_parallel`` like :class:`moba_cp.megatron.specs.TorchNorm`'s.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused_kwargs):
+        super().__init__()
+        if config.normalization != "RMSNorm":
+            raise ValueError(f"FusedRMSNorm: normalization={config.normalization!r}; it is RMSNorm only "
+                             f"(LayerNorm keeps torch's fused kernel).")
+        if getattr(config, "layernorm_zero_centered_gamma", False):
+            raise ValueError("FusedRMSNorm: layernorm_zero_centered_gamma is not supported.")
+        dtype = getattr(config, "params_dtype", None) or torch.float32
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype))
+        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class FusedSwiGLU(torch.nn.Module):
+    """``silu(x[..., :F]) * x[..., F:]`` on fc1's whole output ``[s, b, 2F]`` -> ``[s, b, F]``
+    (:func:`moba_cp.ops.swiglu.swiglu`), for the MLP's activation slot."""
+
+    def __init__(self, config, **unused_kwargs):
+        super().__init__()
+        if not config.gated_linear_unit or config.activation_func is not F.silu:
+            raise ValueError("FusedSwiGLU: the model's MLP is not SwiGLU (gated_linear_unit with F.silu).")
+        if getattr(config, "activation_func_clamp_value", None) is not None or getattr(config, "glu_linear_offset", 0.0):
+            raise ValueError("FusedSwiGLU: activation_func_clamp_value / glu_linear_offset are not supported.")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return swiglu(x)
+
+
+def megatron_fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False, **unused_kwargs):
+    """Megatron's fused-RoPE slot: ``t [S, B, H, D]`` rotated by ``freqs [S, 1, 1, R]``."""
+    if interleaved:
+        raise ValueError("moba_cp's fused RoPE rotates halves (rotary_interleaved=False); set model.fused_ops=torch "
+                         "for interleaved RoPE.")
+    return apply_rope(t, *rope_tables(freqs))
+
+
+def install_fused_rope() -> None:
+    """Fill Megatron's fused-RoPE slot with :func:`megatron_fused_rope` when it is empty (no
+    Transformer Engine; with TE, TE's fused RoPE stays). Megatron reads the slot at each call
+    of a model whose config has ``apply_rope_fusion``, and checks it when such a config is made."""
+    if rope_utils.fused_apply_rotary_pos_emb is None:
+        rope_utils.fused_apply_rotary_pos_emb = megatron_fused_rope

@@ -1,0 +1,126 @@
+"""``model.fused_ops``: a GPT model with moba_cp's Triton RoPE, SwiGLU and RMSNorm (the interpreter
+on CPU) against the same model on Megatron's unfused torch operations: the same parameters and
+state-dict keys, the same loss and gradients; and the setting's rules (resolution, clear errors)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+pytest.importorskip("triton")
+
+from tests.distributed_harness import run_distributed  # noqa: E402
+from tests.megatron_util import attention_cfg, batch, build, loss_on_this_rank, max_rel, moba_cfg, tiny_model_cfg  # noqa: E402
+
+
+def _w_fused_equals_unfused(rank, world_size):
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from moba_cp.megatron.fused_layers import FusedRMSNorm, FusedSwiGLU, megatron_fused_rope
+
+    out = {}
+    tokens = batch(2, 40)
+    models = {}
+    for ops in ("torch", "triton"):
+        # hidden 48 and 3 heads of 16: no power of two in the norm's width; ffn 128 (SwiGLU halves)
+        cfg = tiny_model_cfg(seq_length=40, hidden_size=48, num_attention_heads=3, num_query_groups=1,
+                             ffn_hidden_size=72, fused_ops=ops)
+        models[ops], _ = build(cfg, moba_cfg(), attention_cfg("full"))
+    ref, fused = models["torch"], models["triton"]
+    out["keys_equal"] = list(ref.state_dict().keys()) == list(fused.state_dict().keys())
+    fused.load_state_dict(ref.state_dict())  # a checkpoint of either loads into the other
+    layer = fused.decoder.layers[0]
+    out["types"] = (type(layer.input_layernorm).__name__, type(layer.pre_mlp_layernorm).__name__,
+                    type(fused.decoder.final_layernorm).__name__, type(layer.mlp.activation_func).__name__,
+                    type(ref.decoder.layers[0].input_layernorm).__name__)
+    out["switches"] = (fused.config.apply_rope_fusion, fused.config.use_te_activation_func,
+                       ref.config.apply_rope_fusion, ref.config.use_te_activation_func)
+    out["rope_slot_is_ours"] = rope_utils.fused_apply_rotary_pos_emb is megatron_fused_rope
+    assert isinstance(layer.input_layernorm, FusedRMSNorm) and isinstance(layer.mlp.activation_func, FusedSwiGLU)
+    # spy: every fused path actually ran (a silently unfused model would also match)
+    calls = {"rope": 0}
+    real = rope_utils.fused_apply_rotary_pos_emb
+
+    def spy(*a, **k):
+        calls["rope"] += 1
+        return real(*a, **k)
+
+    rope_utils.fused_apply_rotary_pos_emb = spy
+    try:
+        losses, grads = {}, {}
+        for name, m in (("torch", ref), ("triton", fused)):
+            m.zero_grad()
+            loss = loss_on_this_rank(m, tokens)
+            loss.backward()
+            losses[name] = loss.item()
+            grads[name] = {n: p.grad.clone() for n, p in m.named_parameters()}
+    finally:
+        rope_utils.fused_apply_rotary_pos_emb = real
+    out["rope_calls"] = calls["rope"]  # q and k of each of the 2 layers, fused model only
+    out["loss"] = (losses["torch"], losses["triton"])
+    out["grad_rel"] = {n: max_rel(grads["triton"][n], grads["torch"][n]) for n in grads["torch"]}
+    out["grad_norm"] = {n: float(g.norm()) for n, g in grads["torch"].items()}
+    return out
+
+
+def test_fused_ops_model_equals_unfused_model():
+    out, = run_distributed(_w_fused_equals_unfused, 1)
+    assert out["keys_equal"]
+    assert out["types"] == ("FusedRMSNorm", "FusedRMSNorm", "FusedRMSNorm", "FusedSwiGLU", "RMSNorm")
+    assert out["switches"] == (True, True, False, False)
+    assert out["rope_slot_is_ours"]
+    assert out["rope_calls"] == 4
+    a, b = out["loss"]
+    assert abs(a - b) <= 1e-5 * abs(a), out["loss"]
+    for name, rel in out["grad_rel"].items():
+        assert out["grad_norm"][name] > 0, name  # every parameter gets a gradient to compare
+        assert rel < 1e-4, (name, rel)
+
+
+def _w_mismatched_config(rank, world_size):
+    from moba_cp.config import AttentionConfig, ParallelConfig
+    from moba_cp.megatron.model import build_gpt_model
+    from moba_cp.megatron.parallel_init import init_parallel
+    from moba_cp.megatron.transformer_config import transformer_config_from_recipe
+
+    init_parallel(ParallelConfig(), seed=1)
+    unfused = transformer_config_from_recipe(tiny_model_cfg(fused_ops="torch"), ParallelConfig())
+    try:
+        build_gpt_model(tiny_model_cfg(fused_ops="triton"), moba_cfg(), AttentionConfig(pattern="full"),
+                        ParallelConfig(), vocab_size=256, config=unfused)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_a_config_that_disagrees_with_fused_ops_is_refused():
+    msg, = run_distributed(_w_mismatched_config, 1)
+    assert msg is not None and "fused_ops='triton'" in msg and "transformer_config_from_recipe" in msg
+
+
+def test_resolve_fused_ops_rules(monkeypatch):
+    from moba_cp.megatron.fused_layers import resolve_fused_ops
+
+    assert resolve_fused_ops("torch", "local") is False
+    assert resolve_fused_ops("auto", "local") is torch.cuda.is_available()
+    assert resolve_fused_ops("auto", "te") is False  # TE's spec has its own fused layers
+    with pytest.raises(ValueError, match="choose auto"):
+        resolve_fused_ops("fast", "local")
+    with pytest.raises(ValueError, match="Transformer Engine"):
+        resolve_fused_ops("triton", "te")
+    if not torch.cuda.is_available():
+        assert os.environ.get("TRITON_INTERPRET") == "1"
+        assert resolve_fused_ops("triton", "local") is True  # the interpreter runs the kernels
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            resolve_fused_ops("triton", "local")
+
+
+def test_fused_rope_refuses_interleaved():
+    from moba_cp.megatron.fused_layers import megatron_fused_rope
+
+    with pytest.raises(ValueError, match="interleaved"):
+        megatron_fused_rope(torch.zeros(2, 1, 1, 4), torch.zeros(2, 1, 1, 4), interleaved=True)
