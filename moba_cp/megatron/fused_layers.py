@@ -2,9 +2,9 @@
 
 Why: Megatron-Core without Transformer Engine or apex runs these as chains of torch operations
 (RoPE ~10 a tensor, SwiGLU 3, and torch's RMSNorm backward with a slow weight-gradient kernel).
-On one H200, 8K training of the 6-layer model spent ~41 of its ~113 ms of device time per two
-steps in those kernels (``mul``, ``cat``, ``neg``, ``silu``, the RMSNorm backward), three times
-the linear layers' 14 ms (``benchmarks/results/profile_train8k_h200_2026-12-03/*_full.kernels.txt``);
+On one H200, 8K training of the 6-layer model spent ~38 of its ~113 ms of device time per two
+steps in such kernels (``mul``, ``cat``, ``neg``, ``silu``, ``add``, the RMSNorm backward), ~2.7
+times the linear layers' 14 ms (``benchmarks/results/profile_train8k_h200_2026-12-03/*_full.kernels.txt``);
 and every one of them is a launch in a step whose host is the bound at 8K. MoBA and full
 attention share this part of the step, so it bounds both; at equal savings MoBA's shorter step
 gains more.

@@ -2,9 +2,9 @@
 
 Why: Megatron-Core without Transformer Engine applies RoPE with ~10 torch operations per tensor
 (cos, sin, two casts, chunk, neg, cat, two products, a sum), and autograd runs as many backward
-ones; on one H200 in 8K training these elementwise kernels (``mul``, ``cat``, ``neg``) took ~18%
-of the device time of a step with full attention (``benchmarks/results/profile_train8k_h200_*``),
-more than the linear layers. One kernel reads ``t`` once and writes ``y`` once.
+ones; on one H200 in 8K training the ``mul``, ``cat`` and ``neg`` kernels (most of them RoPE's,
+some SwiGLU's) took ~18% of the device time of a step with full attention
+(``benchmarks/results/profile_train8k_h200_2026-12-03/``), more than the linear layers. One kernel reads ``t`` once and writes ``y`` once.
 
 Shapes: ``t [S, B, H, D]`` (Megatron's ``sbhd``; any strides with the last one 1, e.g. the query
 view of the fused QKV projection), tables ``cos, sin [S, R]`` fp32 (``R <= D`` even), output
