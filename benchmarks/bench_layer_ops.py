@@ -150,6 +150,9 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None, help="also write the table here")
     ap.add_argument("--smoke", action="store_true", help="a tiny shape (CPU: the Triton interpreter)")
     args = ap.parse_args(argv)
+    if not CUDA and not args.smoke:
+        raise SystemExit("bench_layer_ops.py: no CUDA GPU here, and the recipes' shapes would take hours in the "
+                         "Triton interpreter. Fix: run it on a GPU, or pass --smoke for the CPU smoke run.")
     table = SMOKE if args.smoke else SHAPES
     names = list(table) if args.smoke else args.shapes.split(",")
     for n in names:
