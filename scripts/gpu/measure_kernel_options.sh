@@ -36,7 +36,8 @@
 #    b128bwd (then its own calls: headers of benchmarks/results/*2026-12-04_session18*); session 19
 #    sink (first form, with the row_tiles option it then removed) and its own calls (headers of
 #    benchmarks/results/*2026-12-04_session19*). Parts qmajor (12.) and splitdv (13.) were written in session 22,
-#    b512fwd (14.) in session 23, b128mask (15.) in session 24; none has run yet.
+#    b512fwd (14.) in session 23, b128mask (15.) in session 24, layerops (16.) in session 28; splitdv,
+#    b512fwd, b128mask and qmajor ran in sessions 25-26, layerops has not run yet.
 # Needs no network: megatron-core comes from ./.whl when it is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -250,4 +251,15 @@ if has b128mask; then
   "$PY" benchmarks/bench_moba.py --tune flashmoba:131072,flashmoba:32768 --tune-parts bwd \
     --tune-bwd '[{}, {"split_mask": true}, {}]' \
     2>&1 | grep "^tune" | grep -v "default config" | tee "$OUT/tune_b128mask.log" || true
+fi
+
+# 16. (part layerops, session 28) the fused RoPE, SwiGLU and RMSNorm outside attention (model.fused_ops,
+#    the default on a GPU since session 28, never run on one): their GPU tests (bf16 against the oracles
+#    and Megatron's unfused RoPE; the fused-versus-unfused model test), each op fused against unfused at
+#    the three training models' shapes, and what a layer saves for its backward either way (bf16).
+if has layerops; then
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_ops_rope.py tests/test_ops_swiglu.py tests/test_ops_rms_norm.py \
+    tests/test_fused_layers.py 2>&1 | tail -15 | tee "$OUT/gpu_tests_layerops.log" || true
+  "$PY" benchmarks/bench_layer_ops.py --out "$OUT/layer_ops.md" 2>&1 | tail -3 || true
+  "$PY" benchmarks/saved_activations.py 2>&1 | grep "^|\|^#" | tee "$OUT/saved_activations.md" || true
 fi
