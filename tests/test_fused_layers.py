@@ -14,6 +14,7 @@ pytest.importorskip("triton")
 
 from tests.distributed_harness import run_distributed  # noqa: E402
 from tests.megatron_util import attention_cfg, batch, build, loss_on_this_rank, max_rel, moba_cfg, tiny_model_cfg  # noqa: E402
+from tests.test_megatron_cp import _check, _w_equal  # noqa: E402
 
 
 def _w_fused_equals_unfused(rank, world_size):
@@ -124,3 +125,10 @@ def test_fused_rope_refuses_interleaved():
 
     with pytest.raises(ValueError, match="interleaved"):
         megatron_fused_rope(torch.zeros(2, 1, 1, 4), torch.zeros(2, 1, 1, 4), interleaved=True)
+
+
+def test_fused_ops_under_tp2_sp_and_cp2_equal_one_process():
+    # tp 2 with sequence parallelism x cp 2, hybrid (MoBA + full layers): each rank's SwiGLU sees its
+    # [gate_r; up_r] slice of fc1, its norms a TP slice of the tokens, its RoPE the CP rank's angles
+    results = run_distributed(_w_equal, 4, args=(2, 2, [("hybrid", True)], {"fused_ops": "triton"}))
+    _check(results)

@@ -33,16 +33,16 @@ def _patterns():
     return ["moba", "hybrid"]
 
 
-def _w_equal(rank, world_size, tp, cp, cases):
+def _w_equal(rank, world_size, tp, cp, cases, model_kw=None):
     """``cases``: ``[(pattern, sequence_parallel[, cp_comm, a2a_size]), ...]``, all run in this one set
-    of processes (cp_comm defaults to the ring)."""
+    of processes (cp_comm defaults to the ring); ``model_kw``: more ``ModelConfig`` fields."""
     from megatron.core import parallel_state as ps
 
     from moba_cp.config import ParallelConfig
     from moba_cp.megatron.model import transformer_config_from_recipe
 
     tokens = batch(2, S)
-    mcfg = tiny_model_cfg(seq_length=S)
+    mcfg = tiny_model_cfg(seq_length=S, **(model_kw or {}))
     results = {}
     for pattern, sequence_parallel, *comm in cases:
         cp_comm, a2a_size = comm or ("ring", None)
