@@ -26,8 +26,9 @@ import time
 
 import torch
 
-if not torch.cuda.is_available():
-    # before Triton is first imported (Megatron imports it): the smoke run on CPU interprets every kernel
+if __name__ == "__main__" and not torch.cuda.is_available():
+    # before Triton is first imported (Megatron imports it): the smoke run on CPU interprets every
+    # kernel (not when imported: kernel_resources.py reads SHAPES and compiles the kernels for a GPU)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch.nn.functional as F  # noqa: E402

@@ -170,9 +170,40 @@ def kernel_facts(suite: str, seq: int, *, kernel: str = "", tma: bool = True, ar
     return cfg, list(seen.values())
 
 
+def layer_op_facts(shape: str, arch: int = 90, keep: str | None = None) -> list[dict]:
+    """Compile one forward+backward of each fused layer op (RoPE on q and on the strided k, SwiGLU,
+    RMSNorm) at a training model's shape (``bench_layer_ops.SHAPES``, bf16); one dict per kernel."""
+    from bench_layer_ops import SHAPES  # the same folder
+    from moba_cp.model_sizes import default_ffn_hidden_size
+    from moba_cp.ops.rms_norm import rms_norm
+    from moba_cp.ops.rope import apply_rope, rope_tables
+    from moba_cp.ops.swiglu import swiglu
+
+    if shape not in SHAPES:
+        raise ValueError(f"--layer-ops {shape!r}: choose one of {', '.join(SHAPES)}")
+    s, b, hidden, hq, hkv, d, _, _ = SHAPES[shape]
+    bf = torch.bfloat16
+    mixed = torch.randn(s, b, hkv, (hq // hkv + 2) * d, dtype=bf)
+    k = mixed[..., (hq // hkv) * d:(hq // hkv + 1) * d].detach().requires_grad_(True)
+    q = torch.randn(s, b, hq, d, dtype=bf, requires_grad=True)
+    freqs = torch.randn(s, 1, 1, d)
+    x = torch.randn(s, b, 2 * default_ffn_hidden_size(hidden, True), dtype=bf, requires_grad=True)
+    h = torch.randn(s, b, hidden, dtype=bf, requires_grad=True)
+    w = torch.ones(hidden, dtype=bf, requires_grad=True)
+    seen: dict = collections.OrderedDict()
+    with compile_only(arch, seen, keep):
+        for out in (apply_rope(q, *rope_tables(freqs)), apply_rope(k, *rope_tables(freqs)), swiglu(x),
+                    rms_norm(h, w, 1e-5)):
+            out.backward(torch.ones_like(out))
+    return list(seen.values())
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--at", required=True, help="suite:seq, e.g. train-b1024:131072 (suites of bench_moba.py)")
+    ap.add_argument("--at", default=None, help="suite:seq, e.g. train-b1024:131072 (suites of bench_moba.py)")
+    ap.add_argument("--layer-ops", default=None,
+                    help="instead of --at: the fused RoPE, SwiGLU and RMSNorm kernels at a training model's shape "
+                         "(benchmarks/bench_layer_ops.py's SHAPES, e.g. 1gpu-32k)")
     ap.add_argument("--kernel", default="", help="tiling overrides, e.g. 'fwd.bn=64,gate.loop=keys'")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     ap.add_argument("--no-tma", action="store_true", help="the tiling of a GPU without TMA")
@@ -182,10 +213,18 @@ def main(argv=None):
                     help="also print, per loop of each kernel, one iteration's instructions, tensor FLOPs, "
                          "shared-memory bytes and the clocks each pipe needs (benchmarks/sass_loops.py)")
     args = ap.parse_args(argv)
-    suite, seq = args.at.split(":")
-    cfg, facts = kernel_facts(suite, int(seq), kernel=args.kernel, tma=not args.no_tma, arch=args.arch,
-                              keep=args.sass, backward=not args.forward_only)
-    print(f"# {args.at} sm_{args.arch} ({'TMA' if not args.no_tma else 'no TMA'}) {cfg}")
+    if (args.at is None) == (args.layer_ops is None):
+        ap.error("give one of --at (a MoBA call) or --layer-ops (the fused layer ops)")
+    if args.layer_ops:
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            ap.error("--layer-ops compiles kernels; run it with TRITON_INTERPRET unset")
+        facts = layer_op_facts(args.layer_ops, args.arch, args.sass)
+        print(f"# fused layer ops at {args.layer_ops} (bench_layer_ops.py's shape, bf16) sm_{args.arch}")
+    else:
+        suite, seq = args.at.split(":")
+        cfg, facts = kernel_facts(suite, int(seq), kernel=args.kernel, tma=not args.no_tma, arch=args.arch,
+                                  keep=args.sass, backward=not args.forward_only)
+        print(f"# {args.at} sm_{args.arch} ({'TMA' if not args.no_tma else 'no TMA'}) {cfg}")
     print(f"{'kernel':30s} {'regs':>4s} {'stack':>5s} {'smemKB':>6s} {'warps':>5s} {'st':>2s} {'HGMMA':>5s} "
           f"{'HMMA':>4s}  programs/SM (regs, smem -> all)")
     for f in facts:

@@ -88,3 +88,21 @@ def test_a_register_cap_reaches_the_offline_compile():
         regs[kernel] = [int(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("_fwd_partial_kernel")]
     assert regs[""] and max(regs[""]) > 128  # uncapped, the tile kernel takes more
     assert regs["fwd.maxnreg=128"] and max(regs["fwd.maxnreg=128"]) <= 128
+
+
+@pytest.mark.skipif(not (TOOLS / "ptxas").exists(), reason="Triton without the NVIDIA backend's ptxas")
+def test_layer_ops_compile_for_sm90_without_spills():
+    out = _run_tool("--layer-ops", "small-8k").stdout
+    rows = [line.split() for line in out.splitlines() if line.startswith("_")]
+    names = {r[0] for r in rows}
+    assert names == {"_rope_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel", "_rms_norm_fwd_kernel",
+                     "_rms_norm_bwd_kernel"}, out
+    assert all(int(r[2]) == 0 for r in rows), out  # stack bytes: nothing spills at the training shapes
+    assert len([r for r in rows if r[0] == "_rope_kernel"]) == 2  # forward and backward variants
+
+
+def test_layer_ops_and_at_are_exclusive():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/kernel_resources.py"), "--at", "small-b512:8192",
+                          "--layer-ops", "small-8k"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode != 0 and "one of --at" in out.stderr
