@@ -61,6 +61,9 @@ def _w_fused_equals_unfused(rank, world_size):
     finally:
         rope_utils.fused_apply_rotary_pos_emb = real
     out["rope_calls"] = calls["rope"]  # q and k of each of the 2 layers, fused model only
+    with torch.inference_mode():  # evaluation: inference tensors (no version counters) through every kernel
+        per_tok = {name: m(tokens[:, :-1], None, None, labels=tokens[:, 1:]) for name, m in (("torch", ref), ("triton", fused))}
+    out["inference_rel"] = max_rel(per_tok["triton"], per_tok["torch"])
     out["loss"] = (losses["torch"], losses["triton"])
     out["grad_rel"] = {n: max_rel(grads["triton"][n], grads["torch"][n]) for n in grads["torch"]}
     out["grad_norm"] = {n: float(g.norm()) for n, g in grads["torch"].items()}
@@ -74,6 +77,7 @@ def test_fused_ops_model_equals_unfused_model():
     assert out["switches"] == (True, True, False, False)
     assert out["rope_slot_is_ours"]
     assert out["rope_calls"] == 4
+    assert out["inference_rel"] < 1e-5
     a, b = out["loss"]
     assert abs(a - b) <= 1e-5 * abs(a), out["loss"]
     for name, rel in out["grad_rel"].items():

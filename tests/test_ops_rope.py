@@ -98,6 +98,19 @@ def test_rope_tables_are_cached_per_tensor_and_version():
     torch.testing.assert_close(c3, torch.cos(f2.reshape(8, 8)))
 
 
+def test_rope_under_inference_mode():
+    # inference tensors have no version counter: their tables are made per call, never cached
+    with torch.inference_mode():
+        s, d = 6, 8
+        t = torch.randn(s, 1, 2, d).to(DEV)
+        f = _freqs(s, d, general=True)
+        y = apply_rope(t, *rope_tables(f))
+        f.mul_(0.5)  # rewritten in place, untracked
+        y2 = apply_rope(t, *rope_tables(f))
+    torch.testing.assert_close(y, rope_reference(t, f * 2.0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y2, rope_reference(t, f), atol=1e-5, rtol=1e-5)
+
+
 def test_rope_refuses_bad_input():
     t = torch.randn(4, 1, 2, 8).to(DEV)
     cos, sin = rope_tables(_freqs(4, 8))

@@ -144,13 +144,20 @@ class _TableCache:
         self._tables = None
 
     def get(self, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if freqs.is_inference():
+            # an inference tensor has no version counter, so a rewrite could not be seen: not cached
+            return self._make(freqs)
         key = (freqs.data_ptr(), freqs._version, tuple(freqs.shape), freqs.dtype, freqs.device)
         if self._ref is not None and self._ref() is freqs and self._key == key:
             return self._tables
-        f = freqs.detach().reshape(freqs.shape[0], freqs.shape[-1]).float()
-        tables = (torch.cos(f).contiguous(), torch.sin(f).contiguous())
+        tables = self._make(freqs)
         self._ref, self._key, self._tables = weakref.ref(freqs), key, tables
         return tables
+
+    @staticmethod
+    def _make(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = freqs.detach().reshape(freqs.shape[0], freqs.shape[-1]).float()
+        return torch.cos(f).contiguous(), torch.sin(f).contiguous()
 
 
 _TABLES = _TableCache()
