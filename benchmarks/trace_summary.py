@@ -6,7 +6,8 @@ Usage:
 
 One trace: its span (first kernel start to last kernel end), the time the GPU ran anything
 (the union of kernel, memcpy and memset intervals), the idle rest, and device time by kind
-(moba_cp's Triton kernels, whose names start with ``_``; cuDNN; memcpy; everything else). With a
+(moba_cp's Triton attention kernels, whose names start with ``_``; its fused layer ops, RoPE,
+SwiGLU and RMSNorm, which both attentions run; cuDNN; memcpy; everything else). With a
 second trace, also the kernels by the difference in their total time (first minus second):
 where one step's extra device time goes. ``--gaps N``: the idle time split by gap length (short
 gaps are launch latency between queued kernels; long ones mean the host fell behind or waited
@@ -73,10 +74,18 @@ def gap_histogram(gaps: list[tuple[float, float, str]]) -> str:
     return "; ".join(parts)
 
 
+#: moba_cp's Triton kernels outside attention (``model.fused_ops``): both attentions run them, so
+#: they are a kind of their own, not counted with MoBA's kernels.
+LAYER_OP_KERNELS = ("_rope_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel", "_rms_norm_fwd_kernel",
+                    "_rms_norm_bwd_kernel")
+
+
 def kind(e: dict) -> str:
     if e["cat"] != "kernel":
         return e["cat"].replace("gpu_", "")
     name = e["name"]
+    if name.startswith(LAYER_OP_KERNELS):
+        return "moba_cp layer ops"
     return "moba_cp triton" if name.startswith("_") else "cudnn" if "cudnn" in name else "other"
 
 

@@ -28,6 +28,9 @@ def test_busy_is_the_union_of_overlapping_intervals_and_the_diff_names_the_kerne
     assert (span, busy, idle) == (0.5, 0.3, 0.2)
     kinds = [trace_summary.kind(e) for e in trace_summary.gpu_events(a)]
     assert kinds == ["moba_cp triton", "moba_cp triton", "memcpy", "other"]
+    # the fused layer ops run under both attentions: their own kind, not MoBA's kernels
+    assert [trace_summary.kind(k(n, 0, 1)) for n in ("_rope_kernel", "_rms_norm_bwd_kernel", "_swiglu_fwd_kernel")] \
+        == ["moba_cp layer ops"] * 3
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks/trace_summary.py"), a, b], capture_output=True,
                          text=True, check=True).stdout
     assert "span 0.5 ms, GPU busy 0.3 ms, idle 0.2 ms" in out
