@@ -119,11 +119,15 @@ def run_setting(recipe: str, overrides: list[str], steps: int, variants: list[st
             return f"moba {v}", "moba", [], dict(kv.split("=", 1) for kv in v[len("env:"):].split(","))
         return f"moba {v}", "moba", [f"--moba.kernel={v}"], None
 
-    kinds = [("moba", "moba", [], None)] + [variant(v) for v in variants] + [("full", "full", [], None)]
+    # ``both:OVERRIDES`` variants run MoBA and full attention with those overrides, after the default pair
+    both = [(f"{pat} {v}", pat, v[len("both:"):].split(), None) for v in variants if v.startswith("both:")
+            for pat in ("moba", "full")]
+    kinds = ([("moba", "moba", [], None)] + [variant(v) for v in variants if not v.startswith("both:")]
+             + [("full", "full", [], None)] + both)
     runs = {kind[0]: [] for kind in kinds}
     for rep in range(repeats):
         for i, (label, pat, more, env) in enumerate(kinds):
-            key = (recipe, tuple(o for o in overrides if not o.startswith("--moba.")), steps, rep)
+            key = (recipe, tuple(o for o in overrides + more if not o.startswith("--moba.")), steps, rep)
             if pat == "full" and key in full_runs:
                 runs[label].append(full_runs[key])
                 continue
@@ -173,6 +177,15 @@ def _row(name: str, m: dict, fl: dict, label: str) -> str:
     return row
 
 
+def both_effect(name: str, overrides: str, r: dict) -> str:
+    """One line under the table: each attention's tokens/s with ``--both`` overrides over its default
+    runs' in the same call (e.g. below 1 for ``--model.fused_ops=torch``: what the fused ops save)."""
+    def ratio(a: dict, b: dict) -> str:
+        return f"{a['tokens_per_s'] / b['tokens_per_s']:.3f}x" if a.get("tokens_per_s") and b.get("tokens_per_s") else "-"
+    return (f"- {name}, both attentions with `{overrides}` against their default runs (tokens/s): "
+            f"MoBA {ratio(r[f'moba both:{overrides}'], r['moba'])}, full {ratio(r[f'full both:{overrides}'], r['full'])}")
+
+
 def select_settings(settings: dict, only: str, error=None) -> dict:
     """The settings ``--only`` names: ``;``-separated patterns, each a whole setting name (that one
     setting) or else a prefix (every setting it starts). Setting names hold commas, which is why
@@ -209,6 +222,11 @@ def main():
     ap.add_argument("--moba-env", default="",
                     help="';'-separated NAME=VALUE[,NAME=VALUE] environments, e.g. MOBA_CP_CUDA_GRAPHS=shared: each "
                          "adds a MoBA variant run per repeat (with those variables set) and a row")
+    ap.add_argument("--both", default="",
+                    help="';'-separated override sets (space-separated within one; write --both=..., since the sets start with "
+                         "'--'), e.g. --both=--model.fused_ops=torch: "
+                         "each adds a MoBA and a full-attention run per repeat with those overrides, a row comparing "
+                         "them, and a line with each attention's speed against its default run")
     ap.add_argument("--commit", default="", help="the commit measured (default: git rev-parse; a copied tree's .git may be stale)")
     args = ap.parse_args()
     settings = SMOKE if args.smoke else SETTINGS
@@ -218,6 +236,7 @@ def main():
         if not all("=" in kv and kv.split("=", 1)[0] for kv in v.split(",")):
             ap.error(f"--moba-env {v!r}: give NAME=VALUE pairs separated by commas, e.g. MOBA_CP_CUDA_GRAPHS=shared")
         variants.append(f"env:{v}")
+    variants += [f"both:{v.strip()}" for v in args.both.split(";") if v.strip()]
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                            text=True).stdout.strip()
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
@@ -232,22 +251,32 @@ def main():
             "| MoBA peak GiB (allocated / reserved) | full peak GiB (allocated / reserved) | per pair "
             "| pairs' mean [95% CI] |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-    lines = list(head)
+    lines, notes = list(head), []
     full_runs = {}  # (recipe, overrides other than moba.*, steps, repeat) -> that full-attention run
     with tempfile.TemporaryDirectory() as work:
         for name, (recipe, overrides, steps) in select_settings(settings, args.only, ap.error).items():
             kinds, r = run_setting(recipe, overrides, steps, variants, args.repeats, full_runs,
                                    lambda o, pat, tag, env=None: run_one(recipe, o, steps, pat, work, extra,
                                                                          tag=tag, env_extra=env))
-            for label, *_ in kinds[:-1]:
+            for label, pat, *_ in kinds:
+                if pat != "moba":
+                    continue
                 variant = label[len("moba "):]
-                row = _row(name if label == "moba" else f"{name}, {variant[4:]}" if variant.startswith("env:")
-                           else f"{name}, moba.kernel={variant}", r[label], r["full"], label)
+                if variant.startswith("both:"):
+                    row = _row(f"{name}, both attentions {variant[5:]}", r[label], r[f"full {variant}"], label)
+                else:
+                    row = _row(name if label == "moba" else f"{name}, {variant[4:]}" if variant.startswith("env:")
+                               else f"{name}, moba.kernel={variant}", r[label], r["full"], label)
                 lines.append(row)
                 print(row, flush=True)
+            for label, pat, *_ in kinds:
+                if pat == "moba" and label.startswith("moba both:"):
+                    note = both_effect(name, label[len("moba both:"):], r)
+                    notes.append(note)
+                    print(note, flush=True)
             if args.out:
                 with open(args.out, "w") as fh:
-                    fh.write("\n".join(lines) + "\n")
+                    fh.write("\n".join(lines + ([""] + notes if notes else [])) + "\n")
 
 
 if __name__ == "__main__":

@@ -77,6 +77,24 @@ def test_an_env_variant_runs_moba_with_those_variables_and_no_kernel_override():
                      ("moba", ("--a=1",), {"MOBA_CP_CUDA_GRAPHS": "shared", "X": "1"}), ("full", ("--a=1",), None)]
 
 
+def test_a_both_variant_runs_each_attention_with_its_overrides_and_shares_nothing_with_the_default():
+    """``--both``: a variant ``both:OVERRIDES`` adds a MoBA and a full-attention run per repeat with
+    those overrides, after the default pair; its full run is its own (the overrides are not moba.*),
+    and the effect line divides each attention's variant by its default."""
+    calls, run = _fake_runs()
+    kinds, r = bench_train.run_setting("r.yaml", ["--a=1"], 5, ["both:--model.fused_ops=torch"], 2, {}, run)
+    assert [k[0] for k in kinds] == ["moba", "full", "moba both:--model.fused_ops=torch",
+                                     "full both:--model.fused_ops=torch"]
+    assert [(c[0], c[1]) for c in calls[:4]] == [
+        ("moba", ("--a=1",)), ("full", ("--a=1",)), ("moba", ("--a=1", "--model.fused_ops=torch")),
+        ("full", ("--a=1", "--model.fused_ops=torch"))]
+    assert len(calls) == 8  # two repeats, four processes each: nothing shared
+    line = bench_train.both_effect("32K", "--model.fused_ops=torch", r)
+    # fake figures: process i reports 100 * i tokens/s, pooled by median: MoBA default (100, 500) -> 300,
+    # variant (300, 700) -> 500; full default (200, 600) -> 400, variant (400, 800) -> 600
+    assert "MoBA 1.667x" in line and "full 1.500x" in line, line
+
+
 def test_every_setting_is_a_valid_recipe_for_both_attentions():
     """Each setting's recipe and overrides (plus the flags every run adds) pass the recipe's
     checks for MoBA and full attention on a one-GPU CUDA run, so a typo in a setting fails here
