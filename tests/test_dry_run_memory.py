@@ -42,3 +42,13 @@ def test_recomputation_keeps_one_index_and_every_layers_selection():
     ids = 32768 * 16 * 3
     at32k = estimate_memory(load_recipe("recipes/1gpu-32k.yaml"), 50304, 1)
     assert at32k.moba_extra == ids * 4 + (ids * 1 + ids * 4) * 24
+
+
+def test_the_fused_swiglu_keeps_one_ffn_row_a_token_less():
+    fused = estimate_memory(load_recipe("recipes/1gpu-32k.yaml"), 50304, 1)  # model.fused_ops=auto
+    unfused = estimate_memory(load_recipe("recipes/1gpu-32k.yaml", ["--model.fused_ops=torch"]), 50304, 1)
+    # 32768 tokens x 24 layers x FFN 2752 x 2 bytes: SiLU's output, which only the unfused SwiGLU keeps
+    assert unfused.activations - fused.activations == 32768 * 24 * 2752 * 2
+    gelu = [load_recipe("recipes/1gpu-32k.yaml", ["--model.swiglu=false", f"--model.fused_ops={ops}"])
+            for ops in ("auto", "torch")]
+    assert estimate_memory(gelu[0], 50304, 1).activations == estimate_memory(gelu[1], 50304, 1).activations

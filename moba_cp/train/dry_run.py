@@ -80,9 +80,11 @@ def estimate_memory(cfg: RecipeConfig, vocab_size: int, dp: int) -> MemoryEstima
     (sharded over dp with the distributed optimizer); activations of ``micro_batch_size``
     local tokens per layer: ~``2 * (10h + 4kv + 4 ffn)`` bytes per token without recomputation
     (norm inputs and outputs, Q/K/V before and after RoPE, attention out, MLP inputs and
-    SwiGLU intermediates; the constant was calibrated on two measured runs on 2 x H200:
-    2gpu-128k at micro-batch 1 peaked at 69.7 GiB (estimate 71.1), 2gpu-1m at 55.6 GiB
-    (estimate 52.6)), ``2h`` per token with full recomputation (divided
+    SwiGLU intermediates; the constant was calibrated on two measured runs on 2 x H200 with the
+    unfused layer ops: 2gpu-128k at micro-batch 1 peaked at 69.7 GiB (estimate 71.1), 2gpu-1m at
+    55.6 GiB (estimate 52.6); with the fused SwiGLU of ``model.fused_ops`` ``3 ffn``, since it does
+    not keep SiLU's output: counted by ``benchmarks/saved_activations.py``, not yet measured on a GPU),
+    ``2h`` per token with full recomputation (divided
     by tp under sequence parallelism) plus one layer's working set; fp32 logits of the local tokens for the loss; MoBA's per-layer
     indices (int32, ``topk`` per query head; 1-2 bytes with ``bwd.keep_index=false``: every MoBA layer's without
     recomputation, one layer's with it, plus under selective recomputation on one device every layer's selection in
@@ -100,7 +102,10 @@ def estimate_memory(cfg: RecipeConfig, vocab_size: int, dp: int) -> MemoryEstima
     kv = m.num_query_groups * d
     ffn = m.ffn_hidden_size or default_ffn_hidden_size(h, m.swiglu)
     tokens = t.micro_batch_size * m.seq_length / p.cp
-    per_token_layer = 2 * (10 * h + 4 * kv + 4 * ffn) / p.tp
+    # a SwiGLU MLP keeps fc1's output (2 ffn) and fc2's input (ffn); Megatron's unfused SwiGLU also
+    # keeps SiLU's output (ffn), the fused one (model.fused_ops, on a GPU unless 'torch') does not
+    ffn_kept = 3 if (m.swiglu and m.fused_ops != "torch") else 4
+    per_token_layer = 2 * (10 * h + 4 * kv + ffn_kept * ffn) / p.tp
     sp = p.tp if p.sequence_parallel else 1  # sequence parallelism splits the layer inputs over TP too
     if t.recompute == "full":
         act = tokens * (m.num_layers * 2 * h / sp + per_token_layer)
@@ -266,7 +271,8 @@ def dry_run(cfg: RecipeConfig, world_size: int | None = None, *, link_gbps: str 
     print(f"  FLOPs/step  {_flop_str(flops)} (MoBA attention counted as attended keys only); {_flop_str(flops / ws)} per GPU")
     print(f"  memory/GPU  ~{_bytes_str(mem.total)} = weights+grads {_bytes_str(mem.weights_and_grads)} + "
           f"optimizer {_bytes_str(mem.optimizer)} + activations {_bytes_str(mem.activations)} "
-          f"(recompute={t.recompute}) + logits {_bytes_str(mem.logits)} + MoBA idx/KV {_bytes_str(mem.moba_extra)}")
+          f"(recompute={t.recompute}, fused_ops={m.fused_ops}) + logits {_bytes_str(mem.logits)} + "
+          f"MoBA idx/KV {_bytes_str(mem.moba_extra)}")
     if p.cp > 1:
         print(f"  KV traffic  per MoBA layer per rank per sequence (forward): full-KV ring {_bytes_str(traffic['full_ring'])}; "
               f"MoBA worst case {_bytes_str(traffic['moba_worst'])}, concentrated selection {_bytes_str(traffic['moba_shared'])} "
