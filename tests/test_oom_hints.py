@@ -40,6 +40,13 @@ def test_no_keep_index_advice_where_it_cannot_help(overrides):
     assert not any("keep_index" in h for h in oom_hints(_cfg(*overrides)))
 
 
+def test_unfused_layer_ops_are_told_the_fused_swiglu_keeps_less():
+    hints = oom_hints(_cfg("--model.fused_ops=torch"))
+    assert hints[0].startswith("--model.fused_ops=auto:")
+    assert not any("fused_ops" in h for h in oom_hints(_cfg()))  # already fused (auto)
+    assert not any("fused_ops" in h for h in oom_hints(_cfg("--model.fused_ops=torch", "--model.swiglu=false")))
+
+
 def test_levers_already_at_their_limit_are_left_out():
     hints = oom_hints(_cfg("--train.recompute=full", "--train.micro_batch_size=4", "--train.global_batch_size=8",
                            "--parallel.cp=2"))
