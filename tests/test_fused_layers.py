@@ -1,4 +1,4 @@
-"""``model.fused_ops``: a GPT model with moba_cp's Triton RoPE, SwiGLU and RMSNorm (the interpreter
+"""``model.fused_ops``: a GPT model with moba_cp's Triton RoPE and SwiGLU (the interpreter
 on CPU) against the same model on Megatron's unfused torch operations: the same parameters and
 state-dict keys, the same loss and gradients; and the setting's rules (resolution, clear errors)."""
 
@@ -20,7 +20,7 @@ from tests.test_megatron_cp import _check, _w_equal  # noqa: E402
 def _w_fused_equals_unfused(rank, world_size):
     from megatron.core.models.common.embeddings import rope_utils
 
-    from moba_cp.megatron.fused_layers import FusedRMSNorm, FusedSwiGLU, megatron_fused_rope
+    from moba_cp.megatron.fused_layers import FusedSwiGLU, megatron_fused_rope
 
     out = {}
     tokens = batch(2, 40)
@@ -40,7 +40,7 @@ def _w_fused_equals_unfused(rank, world_size):
     out["switches"] = (fused.config.apply_rope_fusion, fused.config.use_te_activation_func,
                        ref.config.apply_rope_fusion, ref.config.use_te_activation_func)
     out["rope_slot_is_ours"] = rope_utils.fused_apply_rotary_pos_emb is megatron_fused_rope
-    assert isinstance(layer.input_layernorm, FusedRMSNorm) and isinstance(layer.mlp.activation_func, FusedSwiGLU)
+    assert isinstance(layer.mlp.activation_func, FusedSwiGLU)
     # spy: every fused path actually ran (a silently unfused model would also match)
     calls = {"rope": 0}
     real = rope_utils.fused_apply_rotary_pos_emb
@@ -73,7 +73,8 @@ def _w_fused_equals_unfused(rank, world_size):
 def test_fused_ops_model_equals_unfused_model():
     out, = run_distributed(_w_fused_equals_unfused, 1)
     assert out["keys_equal"]
-    assert out["types"] == ("FusedRMSNorm", "FusedRMSNorm", "FusedRMSNorm", "FusedSwiGLU", "RMSNorm")
+    # the norms stay torch's (the Triton RMSNorm measured slower on an H100)
+    assert out["types"] == ("RMSNorm", "RMSNorm", "RMSNorm", "FusedSwiGLU", "RMSNorm")
     assert out["switches"] == (True, True, False, False)
     assert out["rope_slot_is_ours"]
     assert out["rope_calls"] == 4
@@ -136,3 +137,18 @@ def test_fused_ops_under_tp2_sp_and_cp2_equal_one_process():
     # [gate_r; up_r] slice of fc1, its norms a TP slice of the tokens, its RoPE the CP rank's angles
     results = run_distributed(_w_equal, 4, args=(2, 2, [("hybrid", True)], {"fused_ops": "triton"}))
     _check(results)
+
+
+def test_the_swiglu_slot_is_found_in_either_megatron_spec_form():
+    import functools
+
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from moba_cp.megatron.specs import _mlp_submodules
+
+    sub = MLPSubmodules(linear_fc1=None, linear_fc2=None)
+    assert _mlp_submodules(ModuleSpec(module=MLP, submodules=sub)) is sub  # megatron-core 0.16
+    assert _mlp_submodules(functools.partial(MLP, submodules=sub)) is sub  # 0.19: partial(MLP.as_mlp_submodule, ...)
+    with pytest.raises(TypeError, match="ModuleSpec or a functools.partial"):
+        _mlp_submodules(MLP)

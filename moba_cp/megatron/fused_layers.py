@@ -1,7 +1,7 @@
-"""Fused Triton kernels for the parts of a layer outside attention: RoPE, SwiGLU and RMSNorm.
+"""Fused Triton kernels for the parts of a layer outside attention: RoPE and SwiGLU.
 
 Why: Megatron-Core without Transformer Engine or apex runs these as chains of torch operations
-(RoPE ~10 a tensor, SwiGLU 3, and torch's RMSNorm backward with a slow weight-gradient kernel).
+(RoPE ~10 a tensor, SwiGLU 3).
 On one H200, 8K training of the 6-layer model spent ~38 of its ~113 ms of device time per two
 steps in such kernels (``mul``, ``cat``, ``neg``, ``silu``, ``add``, the RMSNorm backward), ~2.7
 times the linear layers' 14 ms (``benchmarks/results/profile_train8k_h200_2026-12-03/*_full.kernels.txt``);
@@ -12,15 +12,15 @@ gains more.
 What (``model.fused_ops``, :func:`resolve_fused_ops`): with the local (torch) layer spec on a GPU,
 ``auto`` (the default) and ``triton`` put
 
-- :class:`FusedRMSNorm` in the norm slots (the same ``weight`` parameter and state-dict key as
-  ``torch.nn.RMSNorm``: checkpoints load either way);
 - :class:`FusedSwiGLU` in the MLP's activation slot (Megatron's ``use_te_activation_func`` hook:
   the module gets fc1's whole ``[s, b, 2F]`` output);
 - :func:`megatron_fused_rope` in Megatron's fused-RoPE slot (``apply_rope_fusion``; the slot TE
   would fill, :func:`install_fused_rope`).
 
-``torch`` keeps Megatron's unfused operations. Each kernel computes in fp32 and rounds once, so
-results differ from the unfused path in the last bits (which rounds after every operation).
+The norms stay torch's: ``moba_cp.ops.rms_norm``'s kernel measured slower than torch's RMSNorm on an
+H100 (``benchmarks/results/layer_ops_h100_2026-12-05_session28.md``: forward+backward 0.67 against
+0.32 ms at 32K x 1024), so it is not used here. ``torch`` keeps Megatron's unfused operations.
+Each kernel computes in fp32 and rounds once, so results differ from the unfused path in the last bits (which rounds after every operation).
 Transformer Engine's layer spec brings its own fused layers; this module is for the local spec.
 """
 
@@ -32,12 +32,10 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.common.embeddings import rope_utils
 
-from moba_cp.ops.rms_norm import rms_norm
 from moba_cp.ops.rope import apply_rope, rope_tables
 from moba_cp.ops.swiglu import swiglu
 
-__all__ = ["FUSED_OPS", "resolve_fused_ops", "FusedRMSNorm", "FusedSwiGLU", "megatron_fused_rope",
-           "install_fused_rope"]
+__all__ = ["FUSED_OPS", "resolve_fused_ops", "FusedSwiGLU", "megatron_fused_rope", "install_fused_rope"]
 
 #: ``model.fused_ops`` values.
 FUSED_OPS = ("auto", "triton", "torch")
@@ -61,33 +59,6 @@ def resolve_fused_ops(setting: str, transformer_impl: str) -> bool:
         raise ValueError("model.fused_ops=triton needs a CUDA GPU (or TRITON_INTERPRET=1 to run the kernels in "
                          "Triton's interpreter on CPU, for tests). Fix: model.fused_ops=auto or torch.")
     return True
-
-
-class FusedRMSNorm(torch.nn.Module):
-    """RMSNorm through one Triton kernel each way (:func:`moba_cp.ops.rms_norm.rms_norm`).
-
-    Same constructor as Megatron's norm slots (``config, hidden_size, eps``) and the same
-    parameter as ``torch.nn.RMSNorm`` (``weight [hidden]``, ones, in ``config.params_dtype``),
-    tagged ``sequence_parallel`` like :class:`moba_cp.megatron.specs.TorchNorm`'s.
-    """
-
-    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused_kwargs):
-        super().__init__()
-        if config.normalization != "RMSNorm":
-            raise ValueError(f"FusedRMSNorm: normalization={config.normalization!r}; it is RMSNorm only "
-                             f"(LayerNorm keeps torch's fused kernel).")
-        if getattr(config, "layernorm_zero_centered_gamma", False):
-            raise ValueError("FusedRMSNorm: layernorm_zero_centered_gamma is not supported.")
-        dtype = getattr(config, "params_dtype", None) or torch.float32
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype))
-        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
-
-    def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
 class FusedSwiGLU(torch.nn.Module):

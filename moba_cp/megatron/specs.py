@@ -7,9 +7,8 @@ Engine one where TE is installed), copies it once per layer and puts
 :class:`~moba_cp.megatron.core_attention.MoBACoreAttention` or
 :class:`~moba_cp.megatron.core_attention.FullCoreAttention` in each layer's ``core_attention``
 slot, with the MoBA parameters as the spec's ``params``. With ``fused_ops`` (the local spec),
-the norms are :class:`~moba_cp.megatron.fused_layers.FusedRMSNorm` and the MLP's activation
-:class:`~moba_cp.megatron.fused_layers.FusedSwiGLU`; everything else (QKV/output projections,
-the MLP's linears) is Megatron's, unchanged.
+the MLP's activation is :class:`~moba_cp.megatron.fused_layers.FusedSwiGLU`; everything else
+(QKV/output projections, norms, the MLP's linears) is Megatron's, unchanged.
 
 Example:
     >>> kinds = layer_attention_kinds(cfg.model, cfg.attention)     # ['moba', ..., 'full']
@@ -20,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Sequence
 
 import torch
@@ -30,7 +30,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from moba_cp.megatron.core_attention import FullCoreAttention, MoBACoreAttention, te_available
-from moba_cp.megatron.fused_layers import FusedRMSNorm, FusedSwiGLU
+from moba_cp.megatron.fused_layers import FusedSwiGLU
 
 __all__ = ["gpt_block_spec", "core_attention_spec", "resolve_transformer_impl", "TorchNorm", "TRANSFORMER_IMPLS"]
 
@@ -97,11 +97,20 @@ def _base_layer_spec(impl: str, normalization: str, qk_layernorm: bool):
     return gls.get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
 
 
-def _final_norm(impl: str, normalization: str, fused_ops: bool = False):
+def _mlp_submodules(mlp_spec):
+    """The ``MLPSubmodules`` of a layer spec's ``mlp``: a ``ModuleSpec``'s (megatron-core 0.16) or
+    the ``submodules`` keyword of a ``functools.partial`` (0.19 builds the MLP that way)."""
+    if isinstance(mlp_spec, ModuleSpec):
+        return mlp_spec.submodules
+    if isinstance(mlp_spec, functools.partial) and "submodules" in mlp_spec.keywords:
+        return mlp_spec.keywords["submodules"]
+    raise TypeError(f"gpt_block_spec: the layer spec's mlp is {mlp_spec!r}; expected a ModuleSpec or a "
+                    f"functools.partial with submodules= (megatron-core 0.16 / 0.19).")
+
+
+def _final_norm(impl: str, normalization: str):
     if impl == "te":
         return gls.TENorm
-    if fused_ops and normalization == "RMSNorm":
-        return FusedRMSNorm
     if normalization == "RMSNorm" or gls.LNImpl is WrappedTorchNorm:
         return TorchNorm  # (apex's FusedLayerNorm is LayerNorm only)
     return gls.LNImpl
@@ -130,8 +139,8 @@ def gpt_block_spec(
         transformer_impl: ``'local'`` (pure torch Megatron modules), ``'te'`` (Transformer Engine
             linears/norms, needs TE) or ``'auto'`` (TE when installed and a GPU is present).
         qk_layernorm: norm queries and keys per head (Megatron's ``qk_layernorm``).
-        fused_ops: the local spec's norms (RMSNorm) and SwiGLU activation as moba_cp's Triton kernels
-            (the config must then have ``use_te_activation_func`` for a SwiGLU MLP:
+        fused_ops: the local spec's SwiGLU activation as moba_cp's Triton kernel (the config must then
+            have ``use_te_activation_func`` for a SwiGLU MLP:
             :func:`~moba_cp.megatron.transformer_config.transformer_config_from_recipe` sets it).
         swiglu: the MLP is SwiGLU (the recipe's ``model.swiglu``), so the activation slot is filled.
     Returns:
@@ -145,15 +154,14 @@ def gpt_block_spec(
     if fused_ops and impl != "local":
         raise ValueError(f"gpt_block_spec: fused_ops is for the local layer spec, not {impl!r}.")
     if impl == "local":
-        norm = FusedRMSNorm if fused_ops and normalization == "RMSNorm" else TorchNorm
         for name in ("input_layernorm", "pre_mlp_layernorm"):
             if getattr(base.submodules, name, None) is WrappedTorchNorm:
-                setattr(base.submodules, name, norm)  # TorchNorm: the same norm, and SP-capable
+                setattr(base.submodules, name, TorchNorm)  # the same norm, and SP-capable
         if fused_ops and swiglu:
-            base.submodules.mlp.submodules.activation_func = FusedSwiGLU
+            _mlp_submodules(base.submodules.mlp).activation_func = FusedSwiGLU
     layer_specs = []
     for kind in kinds:
         spec = copy.deepcopy(base)
         spec.submodules.self_attention.submodules.core_attention = core_attention_spec(kind, moba_cfg, attention_cfg)
         layer_specs.append(spec)
-    return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=_final_norm(impl, normalization, fused_ops))
+    return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=_final_norm(impl, normalization))
