@@ -65,7 +65,7 @@ class ModelConfig:
     init_method_std: float = _option(0.02, "Std of the normal weight init.")
     share_embeddings: bool = _option(True, "Tie input embedding and output projection.")
     fused_ops: Literal["auto", "triton", "torch"] = _option(
-        "auto", "RoPE, SwiGLU and RMSNorm outside attention: 'triton' (one fused kernel each way, "
+        "auto", "RoPE and SwiGLU outside attention: 'triton' (one fused kernel each way, "
         "moba_cp/megatron/fused_layers.py), 'torch' (Megatron's unfused torch operations), 'auto' (triton on a "
         "GPU with the local layer spec, torch on CPU). Numerics only: the weights mean the same either way.")
 

@@ -36,7 +36,7 @@ def oom_hints(cfg: RecipeConfig) -> list[str]:
                      "builds again (~2% slower at 32K)")
     if cfg.model.fused_ops == "torch" and cfg.model.swiglu:
         hints.append("--model.fused_ops=auto: the fused SwiGLU keeps fc1's output alone, not SiLU's output "
-                     "too (one FFN row a token and layer less), and the fused RoPE and RMSNorm run fewer kernels")
+                     "too (one FFN row a token and layer less)")
     if t.micro_batch_size > 1:
         hints.append(f"--train.micro_batch_size={max(1, t.micro_batch_size // 2)}: fewer sequences per "
                      "forward; the global batch stays (more gradient accumulation)")
