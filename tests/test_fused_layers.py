@@ -26,7 +26,7 @@ def _w_fused_equals_unfused(rank, world_size):
     tokens = batch(2, 40)
     models = {}
     for ops in ("torch", "triton"):
-        # hidden 48 and 3 heads of 16: no power of two in the norm's width; ffn 128 (SwiGLU halves)
+        # hidden 48 as 3 heads of 16 (RoPE over 16 channels); FFN 72: SwiGLU's halves no power of two
         cfg = tiny_model_cfg(seq_length=40, hidden_size=48, num_attention_heads=3, num_query_groups=1,
                              ffn_hidden_size=72, fused_ops=ops)
         models[ops], _ = build(cfg, moba_cfg(), attention_cfg("full"))

@@ -20,7 +20,8 @@ What (``model.fused_ops``, :func:`resolve_fused_ops`): with the local (torch) la
 The norms stay torch's: ``moba_cp.ops.rms_norm``'s kernel measured slower than torch's RMSNorm on an
 H100 (``benchmarks/results/layer_ops_h100_2026-12-05_session28.md``: forward+backward 0.67 against
 0.32 ms at 32K x 1024), so it is not used here. ``torch`` keeps Megatron's unfused operations.
-Each kernel computes in fp32 and rounds once, so results differ from the unfused path in the last bits (which rounds after every operation).
+Each kernel computes in fp32 and rounds once, so results differ from the unfused path (which
+rounds after every operation) in the last bits.
 Transformer Engine's layer spec brings its own fused layers; this module is for the local spec.
 """
 

@@ -253,10 +253,11 @@ if has b128mask; then
     2>&1 | grep "^tune" | grep -v "default config" | tee "$OUT/tune_b128mask.log" || true
 fi
 
-# 16. (part layerops, session 28) the fused RoPE, SwiGLU and RMSNorm outside attention (model.fused_ops,
-#    the default on a GPU since session 28, never run on one): their GPU tests (bf16 against the oracles
+# 16. (part layerops, session 28) the fused RoPE and SwiGLU outside attention (model.fused_ops, the
+#    default on a GPU since session 28; one H100 call so far): their GPU tests (bf16 against the oracles
 #    and Megatron's unfused RoPE; the fused-versus-unfused model test), each op fused against unfused at
-#    the three training models' shapes, and what a layer saves for its backward either way (bf16).
+#    the three training models' shapes (the Triton RMSNorm beside torch's: measured slower, not used),
+#    and what a layer saves for its backward either way (bf16).
 if has layerops; then
   "$PY" -m pytest -q -p no:cacheprovider tests/test_ops_rope.py tests/test_ops_swiglu.py tests/test_ops_rms_norm.py \
     tests/test_fused_layers.py 2>&1 | tail -15 | tee "$OUT/gpu_tests_layerops.log" || true
