@@ -6,7 +6,11 @@ Usage (GPU; the CPU run is a smoke test of the script under the Triton interpret
     python benchmarks/bench_layer_ops.py --out benchmarks/results/layer_ops_<gpu>_<date>.md
     python benchmarks/bench_layer_ops.py --shapes small-8k --reps 20
 
-Timing: CUDA events around each call after warm-up, the median of ``--reps`` calls; the inputs
+Timing, two ways. Wall: CUDA events around each call after warm-up, the median of ``--reps``
+calls; this includes the host's launch cost when an op's kernels are shorter than their launches
+(every op here at 8K, and the Triton ops' backward at 32K). GPU: the kernels' own time under
+``torch.profiler`` (the sum of every kernel's duration over ``--reps`` calls, divided by
+``--reps``), which is what an op costs a step whose GPU is busy (32K and 128K training). The inputs
 are Megatron's layouts (q and k as views of the fused QKV projection's output, ``[s, b, ...]``)
 in bf16 with bf16 norm weights, as after ``model.bfloat16()``. Each row also gives the largest
 difference between the two results (the fused kernels round once, the unfused path after each
@@ -32,6 +36,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch.nn.functional as F  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -79,29 +84,59 @@ def median_ms(fn, reps: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def fwd_bwd(op, inputs, grad_out):
+def gpu_ms(fn, reps: int, warmup: int = 3) -> float | None:
+    """Kernel time of one ``fn()`` call: every CUDA kernel's (and memset's) duration summed under
+    ``torch.profiler`` over ``reps`` calls, over ``reps``. None without a GPU."""
+    if not CUDA:
+        return None
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    total_us = 0.0
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        total_us += float(e.self_cuda_time_total if t is None else t)
+    return total_us / 1e3 / reps
+
+
+def _fmt(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:.3f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}"
+
+
+def fwd_bwd(op, inputs, grad_out, params=()):
     """``op(*inputs)`` then its backward with ``grad_out`` (inputs that need grad get one)."""
     def run():
-        for x in inputs:
+        for x in (*inputs, *params):
             x.grad = None
         op(*inputs).backward(grad_out)
     return run
 
 
-def compare(name: str, fused, unfused, inputs, reps: int) -> tuple[str, float, float]:
-    """One table row: both ops forward and forward+backward; returns (row, fused f+b, unfused f+b)."""
+def compare(name: str, fused, unfused, inputs, reps: int, params=()) -> tuple[str, tuple, tuple]:
+    """One table row: both ops forward and forward+backward, wall and GPU time; returns (row,
+    (fused f+b wall, GPU), (unfused f+b wall, GPU)). ``params``: parameters whose gradients the
+    backward makes (reset each call, like the inputs')."""
     with torch.no_grad():
         y_f, y_u = fused(*inputs), unfused(*inputs)
         err = float((y_f.float() - y_u.float()).abs().max())
     g = torch.randn_like(y_f)
     with torch.no_grad():
         f_ms, u_ms = median_ms(lambda: fused(*inputs), reps), median_ms(lambda: unfused(*inputs), reps)
-    fb_f = median_ms(fwd_bwd(fused, inputs, g), reps)
-    fb_u = median_ms(fwd_bwd(unfused, inputs, g), reps)
+    run_f, run_u = fwd_bwd(fused, inputs, g, params), fwd_bwd(unfused, inputs, g, params)
+    fb_f, fb_u = median_ms(run_f, reps), median_ms(run_u, reps)
+    gpu_f, gpu_u = gpu_ms(run_f, reps), gpu_ms(run_u, reps)
     shape = "x".join(str(n) for n in inputs[0].shape)
     row = (f"| {name} | {shape} | {f_ms:.3f} | {u_ms:.3f} | {u_ms / f_ms:.2f} | {fb_f:.3f} | {fb_u:.3f} "
-           f"| {fb_u / fb_f:.2f} | {err:.2e} |")
-    return row, fb_f, fb_u
+           f"| {fb_u / fb_f:.2f} | {_fmt(gpu_f)} | {_fmt(gpu_u)} | {_ratio(gpu_u, gpu_f)} | {err:.2e} |")
+    return row, (fb_f, gpu_f), (fb_u, gpu_u)
 
 
 def bench_shape(name: str, shape, reps: int, emit) -> None:
@@ -123,25 +158,32 @@ def bench_shape(name: str, shape, reps: int, emit) -> None:
     w = norm.weight
 
     rows = [
-        ("RoPE q", lambda t: apply_rope(t, *rope_tables(freqs)), lambda t: _apply_rotary_pos_emb_bshd(t, freqs), [q], 1),
+        ("RoPE q", lambda t: apply_rope(t, *rope_tables(freqs)), lambda t: _apply_rotary_pos_emb_bshd(t, freqs), [q], 1, ()),
         ("RoPE k (strided view)", lambda t: apply_rope(t, *rope_tables(freqs)),
-         lambda t: _apply_rotary_pos_emb_bshd(t, freqs), [k], 1),
-        ("SwiGLU", swiglu, unfused_swiglu, [x_mlp], 1),
-        ("RMSNorm", lambda x: rms_norm(x, w, 1e-5), norm, [x_norm], 2),
+         lambda t: _apply_rotary_pos_emb_bshd(t, freqs), [k], 1, ()),
+        ("SwiGLU", swiglu, unfused_swiglu, [x_mlp], 1, ()),
+        ("RMSNorm", lambda x: rms_norm(x, w, 1e-5), norm, [x_norm], 2, (w,)),
     ]
     emit(f"\n### {name}: {b} x {s} tokens, hidden {hidden}, {hq}/{hkv} heads of {d}, FFN {ffn}, {dt}\n")
-    emit("| op | input | fused fwd ms | unfused fwd ms | x | fused f+b ms | unfused f+b ms | x | max abs diff |")
-    emit("|---|---|---|---|---|---|---|---|---|")
-    per_layer_f = per_layer_u = 0.0
-    for label, fused, unfused, inputs, per_layer in rows:
-        row, fb_f, fb_u = compare(label, fused, unfused, inputs, reps)
-        emit(row)
-        per_layer_f += per_layer * fb_f
-        per_layer_u += per_layer * fb_u
+    emit("| op | input | fused fwd ms | unfused fwd ms | x | fused f+b ms | unfused f+b ms | x "
+         "| fused f+b GPU ms | unfused f+b GPU ms | x (GPU) | max abs diff |")
+    emit("|---|---|---|---|---|---|---|---|---|---|---|---|")
     step = layers * micro
+    totals = {}  # (op kind, fused?) -> [wall, GPU] per step
+    for label, fused, unfused, inputs, per_layer, params in rows:
+        row, f, u = compare(label, fused, unfused, inputs, reps, params)
+        emit(row)
+        kind = "RMSNorm" if label == "RMSNorm" else "RoPE, SwiGLU"
+        for is_fused, (wall, gpu) in ((True, f), (False, u)):
+            acc = totals.setdefault((kind, is_fused), [0.0, 0.0])
+            acc[0] += per_layer * step * wall
+            acc[1] = None if gpu is None or acc[1] is None else acc[1] + per_layer * step * gpu
     emit(f"\nper training step ({layers} layers x {micro} micro-batches; forward+backward, no recomputation of "
-         f"these ops): fused {per_layer_f * step:.1f} ms, unfused {per_layer_u * step:.1f} ms, "
-         f"saved {(per_layer_u - per_layer_f) * step:.1f} ms")
+         f"these ops), wall / GPU ms:")
+    for kind in ("RoPE, SwiGLU", "RMSNorm"):
+        (fw, fg), (uw, ug) = totals[(kind, True)], totals[(kind, False)]
+        saved_gpu = "-" if fg is None or ug is None else f"{ug - fg:.1f}"
+        emit(f"- {kind}: fused {fw:.1f} / {_fmt(fg)}, unfused {uw:.1f} / {_fmt(ug)}, saved {uw - fw:.1f} / {saved_gpu}")
 
 
 def main(argv=None) -> None:
@@ -150,6 +192,7 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--out", default=None, help="also write the table here")
     ap.add_argument("--smoke", action="store_true", help="a tiny shape (CPU: the Triton interpreter)")
+    ap.add_argument("--commit", default="", help="the commit measured (default: git rev-parse; a copied tree's .git may be stale)")
     args = ap.parse_args(argv)
     if not CUDA and not args.smoke:
         raise SystemExit("bench_layer_ops.py: no CUDA GPU here, and the recipes' shapes would take hours in the "
@@ -168,7 +211,7 @@ def main(argv=None) -> None:
             with open(args.out, "w") as fh:
                 fh.write("\n".join(lines) + "\n")
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
     dev = torch.cuda.get_device_name() if CUDA else "CPU (smoke: Triton interpreter, fp32)"
     emit(f"# Layer operations outside attention: fused (moba_cp Triton) against unfused (Megatron / torch)")

@@ -1,6 +1,7 @@
 """``model.fused_ops``: a GPT model with moba_cp's Triton RoPE and SwiGLU (the interpreter
-on CPU) against the same model on Megatron's unfused torch operations: the same parameters and
-state-dict keys, the same loss and gradients; and the setting's rules (resolution, clear errors)."""
+on CPU), and with ``model.fused_norm`` its RMSNorm too, against the same model on Megatron's
+unfused torch operations: the same parameters and state-dict keys, the same loss and gradients;
+and the settings' rules (resolution, clear errors)."""
 
 from __future__ import annotations
 
@@ -25,18 +26,28 @@ def _w_fused_equals_unfused(rank, world_size):
     out = {}
     tokens = batch(2, 40)
     models = {}
-    for ops in ("torch", "triton"):
+    for name, ops, norm in (("torch", "torch", False), ("triton", "triton", False), ("triton+norm", "triton", True)):
         # hidden 48 as 3 heads of 16 (RoPE over 16 channels); FFN 72: SwiGLU's halves no power of two
         cfg = tiny_model_cfg(seq_length=40, hidden_size=48, num_attention_heads=3, num_query_groups=1,
-                             ffn_hidden_size=72, fused_ops=ops)
-        models[ops], _ = build(cfg, moba_cfg(), attention_cfg("full"))
-    ref, fused = models["torch"], models["triton"]
-    out["keys_equal"] = list(ref.state_dict().keys()) == list(fused.state_dict().keys())
+                             ffn_hidden_size=72, fused_ops=ops, fused_norm=norm)
+        models[name], _ = build(cfg, moba_cfg(), attention_cfg("full"))
+    ref, fused, fused_norm = models["torch"], models["triton"], models["triton+norm"]
+    out["keys_equal"] = (list(ref.state_dict().keys()) == list(fused.state_dict().keys())
+                         == list(fused_norm.state_dict().keys()))
     fused.load_state_dict(ref.state_dict())  # a checkpoint of either loads into the other
+    fused_norm.load_state_dict(ref.state_dict())
+    with torch.no_grad():  # norm weights other than ones, so the norm's weight enters its gradients
+        for m in (ref, fused, fused_norm):
+            for n, p in m.named_parameters():
+                if "layernorm" in n:
+                    p.copy_(1 + 0.1 * torch.linspace(-1, 1, p.numel()).view_as(p))
     layer = fused.decoder.layers[0]
     out["types"] = (type(layer.input_layernorm).__name__, type(layer.pre_mlp_layernorm).__name__,
                     type(fused.decoder.final_layernorm).__name__, type(layer.mlp.activation_func).__name__,
                     type(ref.decoder.layers[0].input_layernorm).__name__)
+    layer = fused_norm.decoder.layers[0]
+    out["types_norm"] = (type(layer.input_layernorm).__name__, type(layer.pre_mlp_layernorm).__name__,
+                         type(fused_norm.decoder.final_layernorm).__name__, type(layer.mlp.activation_func).__name__)
     out["switches"] = (fused.config.apply_rope_fusion, fused.config.use_te_activation_func,
                        ref.config.apply_rope_fusion, ref.config.use_te_activation_func)
     out["rope_slot_is_ours"] = rope_utils.fused_apply_rotary_pos_emb is megatron_fused_rope
@@ -52,7 +63,7 @@ def _w_fused_equals_unfused(rank, world_size):
     rope_utils.fused_apply_rotary_pos_emb = spy
     try:
         losses, grads = {}, {}
-        for name, m in (("torch", ref), ("triton", fused)):
+        for name, m in (("torch", ref), ("triton", fused), ("triton+norm", fused_norm)):
             m.zero_grad()
             loss = loss_on_this_rank(m, tokens)
             loss.backward()
@@ -60,12 +71,13 @@ def _w_fused_equals_unfused(rank, world_size):
             grads[name] = {n: p.grad.clone() for n, p in m.named_parameters()}
     finally:
         rope_utils.fused_apply_rotary_pos_emb = real
-    out["rope_calls"] = calls["rope"]  # q and k of each of the 2 layers, fused model only
+    out["rope_calls"] = calls["rope"]  # q and k of each of the 2 layers, in each of the 2 fused models
     with torch.inference_mode():  # evaluation: inference tensors (no version counters) through every kernel
-        per_tok = {name: m(tokens[:, :-1], None, None, labels=tokens[:, 1:]) for name, m in (("torch", ref), ("triton", fused))}
-    out["inference_rel"] = max_rel(per_tok["triton"], per_tok["torch"])
-    out["loss"] = (losses["torch"], losses["triton"])
-    out["grad_rel"] = {n: max_rel(grads["triton"][n], grads["torch"][n]) for n in grads["torch"]}
+        per_tok = {name: m(tokens[:, :-1], None, None, labels=tokens[:, 1:]) for name, m in models.items()}
+    out["inference_rel"] = max(max_rel(per_tok[k], per_tok["torch"]) for k in ("triton", "triton+norm"))
+    out["loss"] = (losses["torch"], losses["triton"], losses["triton+norm"])
+    out["grad_rel"] = {(k, n): max_rel(grads[k][n], grads["torch"][n]) for k in ("triton", "triton+norm")
+                       for n in grads["torch"]}
     out["grad_norm"] = {n: float(g.norm()) for n, g in grads["torch"].items()}
     return out
 
@@ -75,15 +87,16 @@ def test_fused_ops_model_equals_unfused_model():
     assert out["keys_equal"]
     # the norms stay torch's (the Triton RMSNorm measured slower on an H100)
     assert out["types"] == ("RMSNorm", "RMSNorm", "RMSNorm", "FusedSwiGLU", "RMSNorm")
+    assert out["types_norm"] == ("FusedRMSNorm", "FusedRMSNorm", "FusedRMSNorm", "FusedSwiGLU")
     assert out["switches"] == (True, True, False, False)
     assert out["rope_slot_is_ours"]
-    assert out["rope_calls"] == 4
+    assert out["rope_calls"] == 8
     assert out["inference_rel"] < 1e-5
-    a, b = out["loss"]
-    assert abs(a - b) <= 1e-5 * abs(a), out["loss"]
-    for name, rel in out["grad_rel"].items():
+    a, b, c = out["loss"]
+    assert abs(a - b) <= 1e-5 * abs(a) and abs(a - c) <= 1e-5 * abs(a), out["loss"]
+    for (kind, name), rel in out["grad_rel"].items():
         assert out["grad_norm"][name] > 0, name  # every parameter gets a gradient to compare
-        assert rel < 1e-4, (name, rel)
+        assert rel < 1e-4, (kind, name, rel)
 
 
 def _w_mismatched_config(rank, world_size):
@@ -125,6 +138,22 @@ def test_resolve_fused_ops_rules(monkeypatch):
             resolve_fused_ops("triton", "local")
 
 
+def test_fused_norm_rules():
+    from moba_cp.config import RecipeError, load_recipe
+    from moba_cp.megatron.fused_layers import resolve_fused_norm
+
+    assert resolve_fused_norm(False, False, "LayerNorm") is False
+    assert resolve_fused_norm(True, True, "RMSNorm") is True
+    with pytest.raises(ValueError, match="RMSNorm only"):
+        resolve_fused_norm(True, True, "LayerNorm")
+    with pytest.raises(ValueError, match="resolves to the unfused"):
+        resolve_fused_norm(True, False, "RMSNorm")  # e.g. fused_ops=auto on CPU
+    for overrides, rule in ((["--model.fused_norm=true", "--model.fused_ops=torch"], "fused_ops=torch"),
+                            (["--model.fused_norm=true", "--model.normalization=LayerNorm"], "RMSNorm only")):
+        with pytest.raises(RecipeError, match=rule):  # load_recipe validates: refused before any work
+            load_recipe("recipes/tiny.yaml", overrides)
+
+
 def test_fused_rope_refuses_interleaved():
     from moba_cp.megatron.fused_layers import megatron_fused_rope
 
@@ -135,7 +164,8 @@ def test_fused_rope_refuses_interleaved():
 def test_fused_ops_under_tp2_sp_and_cp2_equal_one_process():
     # tp 2 with sequence parallelism x cp 2, hybrid (MoBA + full layers): each rank's SwiGLU sees its
     # [gate_r; up_r] slice of fc1, its norms a TP slice of the tokens, its RoPE the CP rank's angles
-    results = run_distributed(_w_equal, 4, args=(2, 2, [("hybrid", True)], {"fused_ops": "triton"}))
+    # with the fused norms: their weights' gradients are summed over the TP group under SP
+    results = run_distributed(_w_equal, 4, args=(2, 2, [("hybrid", True)], {"fused_ops": "triton", "fused_norm": True}))
     _check(results)
 
 

@@ -1,4 +1,5 @@
-"""Fused Triton kernels for the parts of a layer outside attention: RoPE and SwiGLU.
+"""Fused Triton kernels for the parts of a layer outside attention: RoPE and SwiGLU (and, when
+asked, RMSNorm).
 
 Why: Megatron-Core without Transformer Engine or apex runs these as chains of torch operations
 (RoPE ~10 a tensor, SwiGLU 3).
@@ -17,9 +18,11 @@ What (``model.fused_ops``, :func:`resolve_fused_ops`): with the local (torch) la
 - :func:`megatron_fused_rope` in Megatron's fused-RoPE slot (``apply_rope_fusion``; the slot TE
   would fill, :func:`install_fused_rope`).
 
-The norms stay torch's: ``moba_cp.ops.rms_norm``'s kernel measured slower than torch's RMSNorm on an
-H100 (``benchmarks/results/layer_ops_h100_2026-12-05_session28.md``: forward+backward 0.67 against
-0.32 ms at 32K x 1024), so it is not used here. ``torch`` keeps Megatron's unfused operations.
+The norms stay torch's unless ``model.fused_norm`` asks for :class:`FusedRMSNorm`
+(``moba_cp.ops.rms_norm``): that kernel measured slower than torch's RMSNorm per call on an H100
+(``benchmarks/results/layer_ops_h100_2026-12-05_session28.md``: forward+backward 0.67 against
+0.32 ms wall at 32K x 1024, 0.66 against 0.74 at 128K, where the launches no longer dominate).
+``torch`` keeps Megatron's unfused operations.
 Each kernel computes in fp32 and rounds once, so results differ from the unfused path (which
 rounds after every operation) in the last bits.
 Transformer Engine's layer spec brings its own fused layers; this module is for the local spec.
@@ -33,10 +36,12 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.common.embeddings import rope_utils
 
+from moba_cp.ops.rms_norm import rms_norm
 from moba_cp.ops.rope import apply_rope, rope_tables
 from moba_cp.ops.swiglu import swiglu
 
-__all__ = ["FUSED_OPS", "resolve_fused_ops", "FusedSwiGLU", "megatron_fused_rope", "install_fused_rope"]
+__all__ = ["FUSED_OPS", "resolve_fused_ops", "resolve_fused_norm", "FusedRMSNorm", "FusedSwiGLU",
+           "megatron_fused_rope", "install_fused_rope"]
 
 #: ``model.fused_ops`` values.
 FUSED_OPS = ("auto", "triton", "torch")
@@ -60,6 +65,49 @@ def resolve_fused_ops(setting: str, transformer_impl: str) -> bool:
         raise ValueError("model.fused_ops=triton needs a CUDA GPU (or TRITON_INTERPRET=1 to run the kernels in "
                          "Triton's interpreter on CPU, for tests). Fix: model.fused_ops=auto or torch.")
     return True
+
+
+def resolve_fused_norm(fused_norm: bool, fused_ops: bool, normalization: str) -> bool:
+    """Whether the norms are :class:`FusedRMSNorm`: ``model.fused_norm``, given whether the other
+    layer ops resolved to the fused kernels (``fused_ops``, from :func:`resolve_fused_ops`). Asking
+    for it where they did not (``fused_ops=auto`` on CPU, or TE's spec) or with LayerNorm is an error."""
+    if not fused_norm:
+        return False
+    if normalization != "RMSNorm":
+        raise ValueError(f"model.fused_norm=true with normalization={normalization!r}: the fused norm is RMSNorm "
+                         f"only. Fix: model.fused_norm=false.")
+    if not fused_ops:
+        raise ValueError("model.fused_norm=true, but model.fused_ops resolves to the unfused torch operations here "
+                         "(auto on CPU or with Transformer Engine's spec, or torch). Fix: model.fused_norm=false, or "
+                         "run on a GPU with the local spec (or model.fused_ops=triton with TRITON_INTERPRET=1).")
+    return True
+
+
+class FusedRMSNorm(torch.nn.Module):
+    """RMSNorm through one Triton kernel each way (:func:`moba_cp.ops.rms_norm.rms_norm`).
+
+    Same constructor as Megatron's norm slots (``config, hidden_size, eps``) and the same
+    parameter as ``torch.nn.RMSNorm`` (``weight [hidden]``, ones, in ``config.params_dtype``;
+    so checkpoints load either way), tagged ``sequence_parallel`` like
+    :class:`moba_cp.megatron.specs.TorchNorm`'s.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused_kwargs):
+        super().__init__()
+        if config.normalization != "RMSNorm":
+            raise ValueError(f"FusedRMSNorm: normalization={config.normalization!r}; it is RMSNorm only.")
+        if getattr(config, "layernorm_zero_centered_gamma", False):
+            raise ValueError("FusedRMSNorm: layernorm_zero_centered_gamma is not supported.")
+        dtype = getattr(config, "params_dtype", None) or torch.float32
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype))
+        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
 class FusedSwiGLU(torch.nn.Module):

@@ -32,7 +32,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from moba_cp.config import layer_attention_kinds
-from moba_cp.megatron.fused_layers import resolve_fused_ops
+from moba_cp.megatron.fused_layers import resolve_fused_norm, resolve_fused_ops
 from moba_cp.megatron.specs import gpt_block_spec, resolve_transformer_impl
 from moba_cp.megatron.transformer_config import transformer_config_from_recipe
 from moba_cp.model_sizes import padded_vocab_size
@@ -93,8 +93,9 @@ def build_gpt_model(
     kinds = layer_attention_kinds(model_cfg, attention_cfg)
     if len(kinds) != config.num_layers:
         raise ValueError(f"attention pattern gives {len(kinds)} layer kinds for {config.num_layers} layers.")
+    fused_norm = resolve_fused_norm(bool(getattr(model_cfg, "fused_norm", False)), fused, config.normalization)
     block = gpt_block_spec(kinds, moba_cfg, attention_cfg, normalization=config.normalization,
-                           transformer_impl=impl, fused_ops=fused, swiglu=swiglu)
+                           transformer_impl=impl, fused_ops=fused, swiglu=swiglu, fused_norm=fused_norm)
     model = GPTModel(
         config=config,
         transformer_layer_spec=block,

@@ -7,8 +7,9 @@ Engine one where TE is installed), copies it once per layer and puts
 :class:`~moba_cp.megatron.core_attention.MoBACoreAttention` or
 :class:`~moba_cp.megatron.core_attention.FullCoreAttention` in each layer's ``core_attention``
 slot, with the MoBA parameters as the spec's ``params``. With ``fused_ops`` (the local spec),
-the MLP's activation is :class:`~moba_cp.megatron.fused_layers.FusedSwiGLU`; everything else
-(QKV/output projections, norms, the MLP's linears) is Megatron's, unchanged.
+the MLP's activation is :class:`~moba_cp.megatron.fused_layers.FusedSwiGLU` (and with
+``fused_norm`` the norms :class:`~moba_cp.megatron.fused_layers.FusedRMSNorm`); everything else
+(QKV/output projections, the MLP's linears) is Megatron's, unchanged.
 
 Example:
     >>> kinds = layer_attention_kinds(cfg.model, cfg.attention)     # ['moba', ..., 'full']
@@ -30,7 +31,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from moba_cp.megatron.core_attention import FullCoreAttention, MoBACoreAttention, te_available
-from moba_cp.megatron.fused_layers import FusedSwiGLU
+from moba_cp.megatron.fused_layers import FusedRMSNorm, FusedSwiGLU
 
 __all__ = ["gpt_block_spec", "core_attention_spec", "resolve_transformer_impl", "TorchNorm", "TRANSFORMER_IMPLS"]
 
@@ -108,9 +109,11 @@ def _mlp_submodules(mlp_spec):
                     f"functools.partial with submodules= (megatron-core 0.16 / 0.19).")
 
 
-def _final_norm(impl: str, normalization: str):
+def _final_norm(impl: str, normalization: str, fused_norm: bool = False):
     if impl == "te":
         return gls.TENorm
+    if fused_norm:
+        return FusedRMSNorm
     if normalization == "RMSNorm" or gls.LNImpl is WrappedTorchNorm:
         return TorchNorm  # (apex's FusedLayerNorm is LayerNorm only)
     return gls.LNImpl
@@ -126,6 +129,7 @@ def gpt_block_spec(
     qk_layernorm: bool = False,
     fused_ops: bool = False,
     swiglu: bool = True,
+    fused_norm: bool = False,
 ) -> TransformerBlockSubmodules:
     """One GPT block spec with a per-layer attention kind.
 
@@ -143,6 +147,8 @@ def gpt_block_spec(
             have ``use_te_activation_func`` for a SwiGLU MLP:
             :func:`~moba_cp.megatron.transformer_config.transformer_config_from_recipe` sets it).
         swiglu: the MLP is SwiGLU (the recipe's ``model.swiglu``), so the activation slot is filled.
+        fused_norm: the layers' two norms and the final norm as moba_cp's Triton RMSNorm (with
+            ``fused_ops`` and RMSNorm only; the QK norms of ``qk_layernorm`` stay torch's).
     Returns:
         ``TransformerBlockSubmodules(layer_specs=[one per layer], layer_norm=final norm)``.
     """
@@ -153,10 +159,14 @@ def gpt_block_spec(
     base = _base_layer_spec(impl, normalization, qk_layernorm)
     if fused_ops and impl != "local":
         raise ValueError(f"gpt_block_spec: fused_ops is for the local layer spec, not {impl!r}.")
+    if fused_norm and not (fused_ops and normalization == "RMSNorm"):
+        raise ValueError(f"gpt_block_spec: fused_norm needs fused_ops and RMSNorm (got fused_ops={fused_ops}, "
+                         f"normalization={normalization!r}).")
     if impl == "local":
+        norm = FusedRMSNorm if fused_norm else TorchNorm  # TorchNorm: the same norm, and SP-capable
         for name in ("input_layernorm", "pre_mlp_layernorm"):
             if getattr(base.submodules, name, None) is WrappedTorchNorm:
-                setattr(base.submodules, name, TorchNorm)  # the same norm, and SP-capable
+                setattr(base.submodules, name, norm)
         if fused_ops and swiglu:
             _mlp_submodules(base.submodules.mlp).activation_func = FusedSwiGLU
     layer_specs = []
@@ -164,4 +174,4 @@ def gpt_block_spec(
         spec = copy.deepcopy(base)
         spec.submodules.self_attention.submodules.core_attention = core_attention_spec(kind, moba_cfg, attention_cfg)
         layer_specs.append(spec)
-    return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=_final_norm(impl, normalization))
+    return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=_final_norm(impl, normalization, fused_norm))

@@ -149,6 +149,7 @@ def train(cfg: RecipeConfig) -> TrainResult:
             note = moba_env_note(os.environ)
             fused = resolve_fused_ops(cfg.model.fused_ops, resolve_transformer_impl("auto"))
             ops = "RoPE, SwiGLU: " + ("fused Triton kernels" if fused else "unfused")
+            ops += "; RMSNorm: " + ("fused Triton kernel" if fused and cfg.model.fused_norm else "torch's")
             print(f"moba-cp train: world {env.world_size} = tp {env.tp} x cp {env.cp} x dp {env.dp} "
                   f"on {env.device.type}; {describe(state, cfg)}; {ops}{'; ' + note if note else ''}; "
                   f"resolved recipe:\n{dump(cfg)}", flush=True)

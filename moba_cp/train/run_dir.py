@@ -33,7 +33,8 @@ __all__ = ["RunDirError", "RunDirState", "inspect_run_dir", "checkpoint_dir_of",
 # Keys (or "section." prefixes) that may differ between a checkpoint's recipe and the run that
 # resumes it: they change how the run is executed or logged, not what the weights mean.
 MAY_CHANGE = (
-    "name", "model.fused_ops", "moba.backend", "moba.kernel", "attention.full_backend", "parallel.", "train.steps", "train.micro_batch_size",
+    "name", "model.fused_ops", "model.fused_norm", "moba.backend", "moba.kernel", "attention.full_backend",
+    "parallel.", "train.steps", "train.micro_batch_size",
     "train.recompute", "data.cache_dir", "eval.", "logging.", "checkpoint.",
 )
 # Exceptions inside those prefixes, with the reason printed when they differ.
