@@ -36,11 +36,11 @@ if __name__ == "__main__" and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch.nn.functional as F  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kernel_time import kernel_ms  # noqa: E402  (the same folder)
 from moba_cp.model_sizes import default_ffn_hidden_size  # noqa: E402
 from moba_cp.ops.rms_norm import rms_norm  # noqa: E402
 from moba_cp.ops.rope import apply_rope, rope_tables  # noqa: E402
@@ -85,22 +85,9 @@ def median_ms(fn, reps: int, warmup: int = 3) -> float:
 
 
 def gpu_ms(fn, reps: int, warmup: int = 3) -> float | None:
-    """Kernel time of one ``fn()`` call: every CUDA kernel's (and memset's) duration summed under
-    ``torch.profiler`` over ``reps`` calls, over ``reps``. None without a GPU."""
-    if not CUDA:
-        return None
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    total_us = 0.0
-    for e in prof.key_averages():
-        t = getattr(e, "self_device_time_total", None)
-        total_us += float(e.self_cuda_time_total if t is None else t)
-    return total_us / 1e3 / reps
+    """Kernel time of one ``fn()`` call (:func:`kernel_time.kernel_ms` over ``reps`` calls); None
+    without a GPU."""
+    return kernel_ms(fn, reps, warmup) if CUDA else None
 
 
 def _fmt(ms: float | None) -> str:

@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_moba import SUITES, make_inputs, timed  # noqa: E402
+from kernel_time import kernel_ms  # noqa: E402
 
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaMemcpyAsync", "cudaEventSynchronize")
 
@@ -112,22 +113,6 @@ def back_to_back_ms(fn, n=40):
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) * 1e3 / n
-
-
-def kernel_ms(fn, iters=10):
-    """Device time of ``fn``'s kernels per call (the profiler's sum of device self time)."""
-    from torch.profiler import ProfilerActivity, profile as prof_ctx
-
-    fn()
-    torch.cuda.synchronize()
-    with prof_ctx(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    total = 0.0
-    for e in prof.key_averages():
-        total += getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
-    return total / iters / 1e3
 
 
 def layer_report(name, s, host):

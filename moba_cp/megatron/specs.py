@@ -147,8 +147,10 @@ def gpt_block_spec(
             have ``use_te_activation_func`` for a SwiGLU MLP:
             :func:`~moba_cp.megatron.transformer_config.transformer_config_from_recipe` sets it).
         swiglu: the MLP is SwiGLU (the recipe's ``model.swiglu``), so the activation slot is filled.
-        fused_norm: the layers' two norms and the final norm as moba_cp's Triton RMSNorm (with
-            ``fused_ops`` and RMSNorm only; the QK norms of ``qk_layernorm`` stay torch's).
+        fused_norm: the layers' two norms and the final norm as moba_cp's Triton RMSNorm (RMSNorm
+            only, which :class:`~moba_cp.megatron.fused_layers.FusedRMSNorm` checks; whether the
+            recipe asks for it: :func:`~moba_cp.megatron.fused_layers.resolve_fused_norm`; the QK norms
+            of ``qk_layernorm`` stay torch's).
     Returns:
         ``TransformerBlockSubmodules(layer_specs=[one per layer], layer_norm=final norm)``.
     """
@@ -159,9 +161,6 @@ def gpt_block_spec(
     base = _base_layer_spec(impl, normalization, qk_layernorm)
     if fused_ops and impl != "local":
         raise ValueError(f"gpt_block_spec: fused_ops is for the local layer spec, not {impl!r}.")
-    if fused_norm and not (fused_ops and normalization == "RMSNorm"):
-        raise ValueError(f"gpt_block_spec: fused_norm needs fused_ops and RMSNorm (got fused_ops={fused_ops}, "
-                         f"normalization={normalization!r}).")
     if impl == "local":
         norm = FusedRMSNorm if fused_norm else TorchNorm  # TorchNorm: the same norm, and SP-capable
         for name in ("input_layernorm", "pre_mlp_layernorm"):

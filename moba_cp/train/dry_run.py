@@ -83,7 +83,8 @@ def estimate_memory(cfg: RecipeConfig, vocab_size: int, dp: int) -> MemoryEstima
     SwiGLU intermediates; the constant was calibrated on two measured runs on 2 x H200 with the
     unfused layer ops: 2gpu-128k at micro-batch 1 peaked at 69.7 GiB (estimate 71.1), 2gpu-1m at
     55.6 GiB (estimate 52.6); with the fused SwiGLU of ``model.fused_ops`` ``3 ffn``, since it does
-    not keep SiLU's output: counted by ``benchmarks/saved_activations.py``, not yet measured on a GPU),
+    not keep SiLU's output: counted by ``benchmarks/saved_activations.py``, and on one H100 the 32K
+    recipe's training peak fell by 8.4 GiB against the 9.0 GB that count predicts),
     ``2h`` per token with full recomputation (divided
     by tp under sequence parallelism) plus one layer's working set; fp32 logits of the local tokens for the loss; MoBA's per-layer
     indices (int32, ``topk`` per query head; 1-2 bytes with ``bwd.keep_index=false``: every MoBA layer's without
