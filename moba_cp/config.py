@@ -68,11 +68,12 @@ class ModelConfig:
         "auto", "RoPE and SwiGLU outside attention: 'triton' (one fused kernel each way, "
         "moba_cp/megatron/fused_layers.py), 'torch' (Megatron's unfused torch operations), 'auto' (triton on a "
         "GPU with the local layer spec, torch on CPU). Numerics only: the weights mean the same either way.")
-    fused_norm: bool = _option(
-        False, "RMSNorm through moba_cp's Triton kernel too (one kernel each way; needs model.fused_ops to "
-        "resolve to triton and normalization RMSNorm). Off by default: torch's RMSNorm measured faster in "
-        "wall time per call on an H100 (its GPU time and training effect: benchmarks/NOTES_moba_kernels.md, "
-        "session 29). Numerics only, like fused_ops.")
+    fused_norm: Optional[bool] = _option(
+        None, "RMSNorm through moba_cp's Triton kernel too (one kernel each way). null (default): wherever "
+        "model.fused_ops resolves to triton and normalization is RMSNorm, torch's RMSNorm elsewhere; true: "
+        "required (an error where it cannot run); false: torch's RMSNorm. On an H100 it saved ~10 ms of GPU "
+        "time a step at 32K and 128K and trained the 32K model 6% faster with MoBA (1% with full attention; "
+        "benchmarks/NOTES_moba_kernels.md, session 30). Numerics only, like fused_ops.")
 
 
 @dataclass
@@ -516,12 +517,12 @@ def validate(cfg: RecipeConfig, world_size: int | None = None, device: str | Non
                     f"(each tensor-parallel rank needs whole KV heads).")
     if p.sequence_parallel and p.tp == 1:
         errs.append("parallel.sequence_parallel=true needs parallel.tp > 1.")
-    if m.fused_norm and m.normalization != "RMSNorm":
+    if m.fused_norm is True and m.normalization != "RMSNorm":
         errs.append(f"model.fused_norm=true with model.normalization={m.normalization!r}: the fused norm is RMSNorm "
-                    f"only. Fix: model.fused_norm=false.")
-    if m.fused_norm and m.fused_ops == "torch":
+                    f"only. Fix: model.fused_norm=null (the default: fused where it can run) or false.")
+    if m.fused_norm is True and m.fused_ops == "torch":
         errs.append("model.fused_norm=true with model.fused_ops=torch: the fused norm is one of the fused layer "
-                    "ops. Fix: model.fused_ops=auto (or triton), or model.fused_norm=false.")
+                    "ops. Fix: model.fused_ops=auto (or triton), or model.fused_norm=null (the default) or false.")
     errs += _cp_comm_errors(m, p, a)
     kinds_ok = True
     if a.pattern == "hybrid" and not (0 <= a.full_last_n <= m.num_layers):

@@ -143,7 +143,12 @@ def test_fused_norm_rules():
     from moba_cp.megatron.fused_layers import resolve_fused_norm
 
     assert resolve_fused_norm(False, False, "LayerNorm") is False
+    assert resolve_fused_norm(False, True, "RMSNorm") is False  # asked off: torch's even where fused ops run
     assert resolve_fused_norm(True, True, "RMSNorm") is True
+    # None (the default) follows the other fused ops, RMSNorm only, and never raises
+    assert resolve_fused_norm(None, True, "RMSNorm") is True
+    assert resolve_fused_norm(None, False, "RMSNorm") is False
+    assert resolve_fused_norm(None, True, "LayerNorm") is False
     with pytest.raises(ValueError, match="RMSNorm only"):
         resolve_fused_norm(True, True, "LayerNorm")
     with pytest.raises(ValueError, match="resolves to the unfused"):
@@ -152,6 +157,10 @@ def test_fused_norm_rules():
                             (["--model.fused_norm=true", "--model.normalization=LayerNorm"], "RMSNorm only")):
         with pytest.raises(RecipeError, match=rule):  # load_recipe validates: refused before any work
             load_recipe("recipes/tiny.yaml", overrides)
+    # the default is null, and it passes validation with either norm and any fused_ops
+    assert load_recipe("recipes/tiny.yaml").model.fused_norm is None
+    for overrides in (["--model.fused_ops=torch"], ["--model.normalization=LayerNorm"], ["--model.fused_norm=false"]):
+        assert load_recipe("recipes/tiny.yaml", overrides).model.fused_norm in (None, False)
 
 
 def test_fused_rope_refuses_interleaved():

@@ -18,10 +18,12 @@ What (``model.fused_ops``, :func:`resolve_fused_ops`): with the local (torch) la
 - :func:`megatron_fused_rope` in Megatron's fused-RoPE slot (``apply_rope_fusion``; the slot TE
   would fill, :func:`install_fused_rope`).
 
-The norms stay torch's unless ``model.fused_norm`` asks for :class:`FusedRMSNorm`
-(``moba_cp.ops.rms_norm``): that kernel measured slower than torch's RMSNorm per call on an H100
-(``benchmarks/results/layer_ops_h100_2026-12-05_session28.md``: forward+backward 0.67 against
-0.32 ms wall at 32K x 1024, 0.66 against 0.74 at 128K, where the launches no longer dominate).
+The norms are :class:`FusedRMSNorm` (``moba_cp.ops.rms_norm``) wherever the other ops are fused
+and the norm is RMSNorm (``model.fused_norm``: null, the default; true requires it, false keeps
+torch's). Per call that kernel is slower than torch's RMSNorm in wall time (its launches: 0.77
+against 0.34 ms forward+backward at 32K x 1024 on an H100) but faster on the GPU (0.13 against
+0.24 ms), which is what a GPU-bound training step pays: ~10 ms a step less at 32K and 128K
+(``benchmarks/results/layer_ops_h100_2026-12-05_session30.md``).
 ``torch`` keeps Megatron's unfused operations.
 Each kernel computes in fp32 and rounds once, so results differ from the unfused path (which
 rounds after every operation) in the last bits.
@@ -67,19 +69,24 @@ def resolve_fused_ops(setting: str, transformer_impl: str) -> bool:
     return True
 
 
-def resolve_fused_norm(fused_norm: bool, fused_ops: bool, normalization: str) -> bool:
+def resolve_fused_norm(fused_norm: bool | None, fused_ops: bool, normalization: str) -> bool:
     """Whether the norms are :class:`FusedRMSNorm`: ``model.fused_norm``, given whether the other
-    layer ops resolved to the fused kernels (``fused_ops``, from :func:`resolve_fused_ops`). Asking
-    for it where they did not (``fused_ops=auto`` on CPU, or TE's spec) or with LayerNorm is an error."""
+    layer ops resolved to the fused kernels (``fused_ops``, from :func:`resolve_fused_ops`).
+    ``None`` (the default) follows them where the norm is RMSNorm; ``True`` asks for it, and asking
+    where they did not resolve to the fused kernels (``fused_ops=auto`` on CPU, or TE's spec) or
+    with LayerNorm is an error; ``False`` keeps torch's norm."""
+    if fused_norm is None:
+        return bool(fused_ops) and normalization == "RMSNorm"
     if not fused_norm:
         return False
     if normalization != "RMSNorm":
         raise ValueError(f"model.fused_norm=true with normalization={normalization!r}: the fused norm is RMSNorm "
-                         f"only. Fix: model.fused_norm=false.")
+                         f"only. Fix: model.fused_norm=null (the default: fused where it can run) or false.")
     if not fused_ops:
         raise ValueError("model.fused_norm=true, but model.fused_ops resolves to the unfused torch operations here "
-                         "(auto on CPU or with Transformer Engine's spec, or torch). Fix: model.fused_norm=false, or "
-                         "run on a GPU with the local spec (or model.fused_ops=triton with TRITON_INTERPRET=1).")
+                         "(auto on CPU or with Transformer Engine's spec, or torch). Fix: model.fused_norm=null (the "
+                         "default: fused where it can run) or false, or run on a GPU with the local spec (or "
+                         "model.fused_ops=triton with TRITON_INTERPRET=1).")
     return True
 
 

@@ -93,7 +93,7 @@ def build_gpt_model(
     kinds = layer_attention_kinds(model_cfg, attention_cfg)
     if len(kinds) != config.num_layers:
         raise ValueError(f"attention pattern gives {len(kinds)} layer kinds for {config.num_layers} layers.")
-    fused_norm = resolve_fused_norm(bool(getattr(model_cfg, "fused_norm", False)), fused, config.normalization)
+    fused_norm = resolve_fused_norm(getattr(model_cfg, "fused_norm", None), fused, config.normalization)
     block = gpt_block_spec(kinds, moba_cfg, attention_cfg, normalization=config.normalization,
                            transformer_impl=impl, fused_ops=fused, swiglu=swiglu, fused_norm=fused_norm)
     model = GPTModel(

@@ -34,7 +34,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from moba_cp.config import RecipeConfig, dump, parse_profile_steps, to_dict
 from moba_cp.data.datasets import DataConfigError, build_train_valid_datasets, corpus_record
 from moba_cp.megatron import compat_cpu
-from moba_cp.megatron.fused_layers import resolve_fused_ops
+from moba_cp.megatron.fused_layers import resolve_fused_norm, resolve_fused_ops
 from moba_cp.megatron.hybrid_switch import set_attention_mode, switch_step
 from moba_cp.megatron.model import build_gpt_model
 from moba_cp.megatron.optimizer import build_optimizer, wrap_ddp
@@ -149,7 +149,8 @@ def train(cfg: RecipeConfig) -> TrainResult:
             note = moba_env_note(os.environ)
             fused = resolve_fused_ops(cfg.model.fused_ops, resolve_transformer_impl("auto"))
             ops = "RoPE, SwiGLU: " + ("fused Triton kernels" if fused else "unfused")
-            ops += "; RMSNorm: " + ("fused Triton kernel" if fused and cfg.model.fused_norm else "torch's")
+            norm = resolve_fused_norm(cfg.model.fused_norm, fused, cfg.model.normalization)
+            ops += f"; {cfg.model.normalization}: " + ("fused Triton kernel" if norm else "torch's")
             print(f"moba-cp train: world {env.world_size} = tp {env.tp} x cp {env.cp} x dp {env.dp} "
                   f"on {env.device.type}; {describe(state, cfg)}; {ops}{'; ' + note if note else ''}; "
                   f"resolved recipe:\n{dump(cfg)}", flush=True)
