@@ -154,6 +154,9 @@ class TrainConfig:
         "token", "Training loss over the global batch: the mean over loss tokens ('token', Megatron's), or "
         "the mean over samples of each sample's token mean ('sample': a retrieval document with its loss on "
         "a few answer tokens weighs as much as a text sample). Validation loss is always per token.")
+    prefetch: bool = _option(
+        True, "Read, stack and shard each step's micro-batches on the host during the step before (after its "
+        "kernels are queued), pinned on a GPU; false: at the step's start (the same samples either way).")
 
 
 @dataclass

@@ -341,6 +341,24 @@ def test_distributed_optimizer_resumes_exactly(tmp_path, cache_dir, reference_5_
     assert sorted(got) == [4, 5] and all(got[s] == ref[s] for s in got), (got, ref)
 
 
+def test_batches_read_at_each_step_start_continue_the_prefetching_run_bitwise(tmp_path, cache_dir, reference_5_steps):
+    """The reference run read each step's batches during the step before (train.prefetch, the
+    default); its step-3 checkpoint resumed with train.prefetch=false (read at each step's start)
+    gives its losses bit for bit: the same samples either way, and the setting may change on resume."""
+    import shutil
+
+    extra = ["--parallel.distributed_optimizer=true"]  # the reference the test above builds too
+    ref = reference_5_steps(extra)
+    run = tmp_path / "run"
+    shutil.copytree(ref / "checkpoints" / "iter_0000003", run / "checkpoints" / "iter_0000003")
+    out = _train_in_workers(2, ["recipes/quickstart.yaml", *_step3_common(cache_dir, extra), "--train.prefetch=false",
+                                f"--logging.dir={run}"])
+    assert "resumed from" in out
+    got = {r["step"]: r["loss"] for r in _metrics(run)}
+    want = {r["step"]: r["loss"] for r in _metrics(ref)}
+    assert sorted(got) == [4, 5] and all(got[s] == want[s] for s in got), (got, want)
+
+
 def test_tensor_parallel_training_matches_tp1(tmp_path, cache_dir):
     """The loop under tp=2 (vocab-parallel loss, split heads) gives tp=1's losses."""
     common = SMALL + ["--train.steps=3", "--parallel.cp=1", f"--data.cache_dir={cache_dir}",

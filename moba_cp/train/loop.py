@@ -295,7 +295,7 @@ def _train_step(run: _Run, step: int) -> _StepStats:
         m.ddp.zero_grad_buffer()
         m.optimizer.zero_grad()
     reduced = _forward_backward(m.ddp, batches, forward_only=False, cfg=run.cfg, env=env)
-    if step + 1 < t.steps:
+    if t.prefetch and step + 1 < t.steps:
         # The next step's samples, made now: every kernel of this step is queued and the GPU works
         # through them while the host reads and stacks, and the optimizer's grad-norm sync below
         # would leave the host idle anyway. Otherwise the GPU waits at the next step's start while

@@ -35,7 +35,7 @@ __all__ = ["RunDirError", "RunDirState", "inspect_run_dir", "checkpoint_dir_of",
 MAY_CHANGE = (
     "name", "model.fused_ops", "model.fused_norm", "moba.backend", "moba.kernel", "attention.full_backend",
     "parallel.", "train.steps", "train.micro_batch_size",
-    "train.recompute", "data.cache_dir", "eval.", "logging.", "checkpoint.",
+    "train.recompute", "train.prefetch", "data.cache_dir", "eval.", "logging.", "checkpoint.",
 )
 # Exceptions inside those prefixes, with the reason printed when they differ.
 NOT_ON_RESUME = {
