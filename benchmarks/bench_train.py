@@ -102,6 +102,7 @@ def pool(runs: list[dict]) -> dict:
     steps = [s for r in ok for s in r["warm_steps"]]
     return {"tokens_per_s": statistics.median(s[0] for s in steps), "tflops": statistics.median(s[1] for s in steps),
             "mem": max(r["mem"] for r in ok), "per_run": [r["tokens_per_s"] for r in ok],
+            "per_run_range": [(min(s[0] for s in r["warm_steps"]), max(s[0] for s in r["warm_steps"])) for r in ok],
             "reserved": max((r["reserved"] for r in ok if r.get("reserved") is not None), default=None),
             **({"error": next(r["error"] for r in runs if "error" in r)} if len(ok) < len(runs) else {})}
 
@@ -175,6 +176,21 @@ def _row(name: str, m: dict, fl: dict, label: str) -> str:
         if "error" in res:
             row += f" {who} failed: {res['error'][:200]}"
     return row
+
+
+def runs_line(name: str, kinds: list, r: dict) -> str:
+    """Each process's median tokens/s with the range over its warm steps, per kind in run order:
+    a pair's ratio that moves with its processes' medians while each process's steps agree says
+    the scatter is between processes (host speed, placement), not within a run."""
+    def k(x):
+        return f"{x / 1e6:.3g}M" if x >= 1e6 else f"{x / 1e3:.4g}K"
+    parts = []
+    for label, *_ in kinds:
+        res = r.get(label, {})
+        runs = [f"{k(m)} [{k(lo)}-{k(hi)}]" for m, (lo, hi) in zip(res.get("per_run", []), res.get("per_run_range", []))]
+        if runs:
+            parts.append(f"{label}: {', '.join(runs)}")
+    return f"- {name}, each run's median tok/s [its warm steps' range]: " + "; ".join(parts)
 
 
 def both_effect(name: str, overrides: str, r: dict) -> str:
@@ -269,6 +285,9 @@ def main():
                                else f"{name}, moba.kernel={variant}", r[label], r["full"], label)
                 lines.append(row)
                 print(row, flush=True)
+            note = runs_line(name, kinds, r)
+            notes.append(note)
+            print(note, flush=True)
             for label, pat, *_ in kinds:
                 if pat == "moba" and label.startswith("moba both:"):
                     note = both_effect(name, label[len("moba both:"):], r)

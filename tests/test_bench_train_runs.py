@@ -144,3 +144,16 @@ def test_the_pairs_interval_is_students_t_over_the_pair_ratios():
     row = bench_train._row("32K", runs([245.0, 254.0, 248.0]), runs([100.0, 100.0, 100.0]), "moba")
     assert row.split(" | ")[8:] == ["2.45, 2.54, 2.48", f"2.49 [{lo:.2f}, {hi:.2f}] |"]
     assert bench_train._row("x", runs([2.0]), runs([1.0]), "moba").endswith("| 2.00 | - |")
+
+
+def test_the_runs_line_gives_each_process_its_median_and_its_steps_range():
+    """The line under a setting that tells a between-process scatter from a within-run one."""
+    def proc(*tps):
+        return {"tokens_per_s": sorted(tps)[len(tps) // 2], "tflops": 1.0, "mem": 1.0,
+                "warm_steps": [(t, 1.0) for t in tps]}
+    r = {"moba": bench_train.pool([proc(1.0e6, 1.1e6, 0.9e6), proc(8.0e5, 8.2e5, 7.9e5)]),
+         "full": bench_train.pool([proc(9.5e5, 9.6e5, 9.4e5)])}
+    kinds = [("moba", "moba", [], None), ("full", "full", [], None)]
+    line = bench_train.runs_line("8K", kinds, r)
+    assert line == ("- 8K, each run's median tok/s [its warm steps' range]: "
+                    "moba: 1M [900K-1.1M], 800K [790K-820K]; full: 950K [940K-960K]")
