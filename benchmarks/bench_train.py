@@ -29,7 +29,9 @@ import tempfile
 import torch
 
 #: name: (recipe, overrides, steps). The 0.27B model of ``1gpu-32k`` (24 layers, hidden 1024,
-#: 16/4 heads, d=64) at 128K and 32K, and a small model (6 layers, hidden 384, 6 heads) at 8K.
+#: 16/4 heads, d=64) at 128K and 32K, and a small model (6 layers, hidden 384, 6 heads) at 8K; all
+#: with the recipe's ``train.recompute`` (none since session 30; selective before: compare a line's
+#: history with ``--both=--train.recompute=selective``).
 SETTINGS = {
     "128K block 1024 top-12 (24 layers, hidden 1024)": (
         "recipes/1gpu-32k.yaml",
@@ -48,13 +50,13 @@ SETTINGS = {
         ["--model.num_layers=6", "--model.hidden_size=384", "--model.num_attention_heads=6",
          "--model.num_query_groups=6", "--model.seq_length=8192", "--moba.block_size=512", "--moba.topk=3",
          "--train.global_batch_size=8", "--train.micro_batch_size=4"], 12),
-    # The same small model without recomputation (its activations take ~4 GiB of 141): each layer
-    # runs one attention forward instead of two, for MoBA and full attention alike.
-    "8K block 512 top-3 (6 layers, hidden 384, 6 heads), no recomputation": (
+    # The same small model with selective recomputation (the recipes' setting up to session 29): each
+    # layer runs the attention forward twice, for MoBA and full attention alike.
+    "8K block 512 top-3 (6 layers, hidden 384, 6 heads), selective recomputation": (
         "recipes/1gpu-32k.yaml",
         ["--model.num_layers=6", "--model.hidden_size=384", "--model.num_attention_heads=6",
          "--model.num_query_groups=6", "--model.seq_length=8192", "--moba.block_size=512", "--moba.topk=3",
-         "--train.global_batch_size=8", "--train.micro_batch_size=4", "--train.recompute=none"], 12),
+         "--train.global_batch_size=8", "--train.micro_batch_size=4", "--train.recompute=selective"], 12),
     # The same small model with 16 sequences a micro-batch: at 4 a step is host-bound (session 22's
     # trace: the GPU idle ~half of each step for both attentions, so the attention kernels barely
     # decide it); 4x the tokens per launch shows the kernel-bound ratio. Both attentions run it.

@@ -40,7 +40,7 @@ def test_recomputation_keeps_one_index_and_every_layers_selection():
     assert full.moba_extra == ids * 4  # whole layers run again: nothing is kept between the passes
     # at 32K (top-3) a layer's gather index is small (~6 MB): every layer keeps it with its selection
     ids = 32768 * 16 * 3
-    at32k = estimate_memory(load_recipe("recipes/1gpu-32k.yaml"), 50304, 1)
+    at32k = estimate_memory(load_recipe("recipes/1gpu-32k.yaml", ["--train.recompute=selective"]), 50304, 1)
     assert at32k.moba_extra == ids * 4 + (ids * 1 + ids * 4) * 24
 
 
