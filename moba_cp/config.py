@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -435,6 +436,23 @@ def kernel_limit_errors(cfg: RecipeConfig, device: str | None = None) -> list[st
     return errs
 
 
+def _fused_ops_device_errors(m: ModelConfig, device: str | None) -> list[str]:
+    """The fused layer ops' rules that depend on where the run executes (``device``; None: unknown,
+    nothing checked): ``fused_ops=triton`` needs a GPU or Triton's interpreter, and
+    ``fused_norm=true`` needs the fused ops, which ``auto`` gives only on a GPU. (Transformer
+    Engine's spec, which also leaves them unfused, is refused when the model is built.)"""
+    if device != "cpu" or os.environ.get("TRITON_INTERPRET") == "1":
+        return []
+    if m.fused_ops == "triton":
+        return ["model.fused_ops=triton needs a CUDA GPU (or TRITON_INTERPRET=1 to run the kernels in Triton's "
+                "interpreter on CPU, for tests). Fix: model.fused_ops=auto or torch."]
+    if m.fused_norm is True and m.fused_ops == "auto":
+        return ["model.fused_norm=true on CPU: model.fused_ops=auto runs torch's RoPE and SwiGLU there, and the "
+                "fused norm comes with the fused ops. Fix: model.fused_norm=null (the default: fused where it can "
+                "run) or false, or model.fused_ops=triton with TRITON_INTERPRET=1 (the interpreter, for tests)."]
+    return []
+
+
 def _kernel_override_errors(cfg: RecipeConfig, has_moba: bool, device: str | None) -> list[str]:
     """moba.kernel: well formed, meant for the Triton kernels, and valid on the recipe's shapes
     (the overrides meet the default tiling of each size of MoBA call the run makes)."""
@@ -526,6 +544,7 @@ def validate(cfg: RecipeConfig, world_size: int | None = None, device: str | Non
     if m.fused_norm is True and m.fused_ops == "torch":
         errs.append("model.fused_norm=true with model.fused_ops=torch: the fused norm is one of the fused layer "
                     "ops. Fix: model.fused_ops=auto (or triton), or model.fused_norm=null (the default) or false.")
+    errs += _fused_ops_device_errors(m, device)
     errs += _cp_comm_errors(m, p, a)
     kinds_ok = True
     if a.pattern == "hybrid" and not (0 <= a.full_last_n <= m.num_layers):

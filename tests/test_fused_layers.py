@@ -157,6 +157,20 @@ def test_fused_norm_rules():
                             (["--model.fused_norm=true", "--model.normalization=LayerNorm"], "RMSNorm only")):
         with pytest.raises(RecipeError, match=rule):  # load_recipe validates: refused before any work
             load_recipe("recipes/tiny.yaml", overrides)
+    # where the run executes decides the rest: on CPU (no interpreter) fused_ops=triton and
+    # fused_norm=true with auto are refused before any process group, with the fix
+    from moba_cp.config import validate
+    cfg = load_recipe("recipes/tiny.yaml", ["--model.fused_norm=true"])
+    validate(cfg, device="cuda")  # the GPU resolves auto to the fused ops
+    validate(cfg)  # device unknown: nothing device-specific checked
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("TRITON_INTERPRET", raising=False)
+        with pytest.raises(RecipeError, match="fused_norm=true on CPU"):
+            validate(cfg, device="cpu")
+        with pytest.raises(RecipeError, match="fused_ops=triton needs a CUDA GPU"):
+            validate(load_recipe("recipes/tiny.yaml", ["--model.fused_ops=triton"]), device="cpu")
+        mp.setenv("TRITON_INTERPRET", "1")  # the interpreter runs the kernels: allowed, for tests
+        validate(load_recipe("recipes/tiny.yaml", ["--model.fused_ops=triton", "--model.fused_norm=true"]), device="cpu")
     # the default is null, and it passes validation with either norm and any fused_ops
     assert load_recipe("recipes/tiny.yaml").model.fused_norm is None
     for overrides in (["--model.fused_ops=torch"], ["--model.normalization=LayerNorm"], ["--model.fused_norm=false"]):
