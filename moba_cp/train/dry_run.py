@@ -82,9 +82,10 @@ def estimate_memory(cfg: RecipeConfig, vocab_size: int, dp: int) -> MemoryEstima
     (norm inputs and outputs, Q/K/V before and after RoPE, attention out, MLP inputs and
     SwiGLU intermediates; the constant was calibrated on two measured runs on 2 x H200 with the
     unfused layer ops: 2gpu-128k at micro-batch 1 peaked at 69.7 GiB (estimate 71.1), 2gpu-1m at
-    55.6 GiB (estimate 52.6); with the fused SwiGLU of ``model.fused_ops`` ``3 ffn``, since it does
-    not keep SiLU's output: counted by ``benchmarks/saved_activations.py``, and on one H100 the 32K
-    recipe's training peak fell by 8.4 GiB against the 9.0 GB that count predicts),
+    55.6 GiB (estimate 52.6); with the fused SwiGLU of ``model.fused_ops`` ``2 ffn``, since it keeps
+    fc1's output alone: counted by ``benchmarks/saved_activations.py`` (11.0 KB a token less per
+    layer at FFN 2752), and on one H100 the 32K recipe's training peak fell by 8.4 GiB, from 37.3 to
+    28.9, where this estimate gives 37.4 and 29.3),
     ``2h`` per token with full recomputation (divided
     by tp under sequence parallelism) plus one layer's working set; fp32 logits of the local tokens for the loss; MoBA's per-layer
     indices (int32, ``topk`` per query head; 1-2 bytes with ``bwd.keep_index=false``: every MoBA layer's without
@@ -103,9 +104,11 @@ def estimate_memory(cfg: RecipeConfig, vocab_size: int, dp: int) -> MemoryEstima
     kv = m.num_query_groups * d
     ffn = m.ffn_hidden_size or default_ffn_hidden_size(h, m.swiglu)
     tokens = t.micro_batch_size * m.seq_length / p.cp
-    # a SwiGLU MLP keeps fc1's output (2 ffn) and fc2's input (ffn); Megatron's unfused SwiGLU also
-    # keeps SiLU's output (ffn), the fused one (model.fused_ops, on a GPU unless 'torch') does not
-    ffn_kept = 3 if (m.swiglu and m.fused_ops != "torch") else 4
+    # Counted per layer by benchmarks/saved_activations.py on an H100 (session 29): the fused SwiGLU
+    # (model.fused_ops, on a GPU unless 'torch') keeps fc1's output alone (2 ffn a token) where
+    # Megatron's unfused one keeps 4 ffn (fc1's output and SiLU's input and output), so 2 ffn fewer
+    # than the constant calibrated on unfused runs; the 32K recipe's peak fell by 8.4 GiB (this: 8.1)
+    ffn_kept = 2 if (m.swiglu and m.fused_ops != "torch") else 4
     per_token_layer = 2 * (10 * h + 4 * kv + ffn_kept * ffn) / p.tp
     sp = p.tp if p.sequence_parallel else 1  # sequence parallelism splits the layer inputs over TP too
     if t.recompute == "full":
