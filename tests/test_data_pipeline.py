@@ -386,24 +386,12 @@ def test_datasets_under_torch_distributed(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and torch.equal(va, vb)  # identical on every rank
 
 
-class _CPGroup:
-    """Stands in for a context-parallel process group: its size and this rank's place in it."""
-
-    def __init__(self, rank, size):
-        self._rank, self._size = rank, size
-
-    def rank(self):
-        return self._rank
-
-    def size(self):
-        return self._size
-
-
 def test_host_batch_is_the_cp_shard_of_the_stacked_samples(monkeypatch):
     # what a rank copies to its GPU: its zigzag shard, cut on the host (the shard of the whole
     # stacked batch, as Megatron's get_batch_on_this_cp_rank cuts it on the device), int64 ids
     from moba_cp.parallel.zigzag import zigzag_shard
     from moba_cp.train.batches import BATCH_KEYS, collate, host_batch, to_device
+    from tests.test_cp_zigzag import _FakeGroup  # a CP group's rank and size, no process group
 
     S = 16
     ds = [{"tokens": np.arange(i, i + S, dtype=np.int32), "labels": np.arange(i + 1, i + S + 1, dtype=np.int32),
@@ -413,7 +401,7 @@ def test_host_batch_is_the_cp_shard_of_the_stacked_samples(monkeypatch):
     whole = {k: torch.stack([torch.as_tensor(ds[i][k]) for i in idx]) for k in BATCH_KEYS}
     for cp in (2, 4):
         for r in range(cp):
-            b = host_batch(ds, idx, cp_group=_CPGroup(r, cp))
+            b = host_batch(ds, idx, cp_group=_FakeGroup(r, cp))
             assert set(b) == set(BATCH_KEYS)
             for k in BATCH_KEYS:
                 want = zigzag_shard(whole[k], r, cp, seq_dim=1)
@@ -421,13 +409,13 @@ def test_host_batch_is_the_cp_shard_of_the_stacked_samples(monkeypatch):
             assert all(b[k].dtype == torch.int64 for k in ("tokens", "labels", "position_ids"))
             assert b["loss_mask"].dtype == torch.float32
     # one process (cp 1): the batch as stacked; collate = host_batch moved to the device
-    b = host_batch(ds, idx, cp_group=_CPGroup(0, 1))
+    b = host_batch(ds, idx, cp_group=_FakeGroup(0, 1))
     assert torch.equal(b["tokens"], whole["tokens"].long())
     moved = to_device(b, torch.device("cpu"))
     assert all(torch.equal(moved[k], b[k]) for k in BATCH_KEYS)
     import moba_cp.train.batches as batches
 
     orig = batches.shard_batch_for_cp  # collate reads Megatron's CP group: one of size 1 here
-    monkeypatch.setattr(batches, "shard_batch_for_cp", lambda batch, cp_group=None: orig(batch, _CPGroup(0, 1)))
+    monkeypatch.setattr(batches, "shard_batch_for_cp", lambda batch, cp_group=None: orig(batch, _FakeGroup(0, 1)))
     c = collate(ds, idx, torch.device("cpu"))
     assert all(torch.equal(c[k], b[k]) for k in BATCH_KEYS)
