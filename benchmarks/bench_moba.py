@@ -39,6 +39,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -548,6 +549,7 @@ def main():
     ap.add_argument("--budget-ms", type=float, default=1500.0, help="time per measured point (sets the repeats)")
     ap.add_argument("--out", default=None, help="write the markdown table here")
     ap.add_argument("--json", default=None, help="write raw numbers here")
+    ap.add_argument("--commit", default="", help="the commit measured (default: git rev-parse; a copied tree's .git may be stale)")
     ap.add_argument("--tune", default=None, help="suite:seq, e.g. flashmoba:32768: time pieces and tile configs, then exit")
     ap.add_argument("--tune-parts", default="fwd,bwd", help="with --tune: which sweeps (gate, fwd, bwd)")
     ap.add_argument("--tune-fwd", default=None, help="with --tune: JSON list of FwdConfig overrides (else TUNE_FWD)")
@@ -704,8 +706,11 @@ def main():
             raw.append({"suite": name, "S": s, "sink": SINK, "moba": m, "sdpa": sd, "flex": fx, "fla": fl,
                         "gate_flop": gate_f, "attn_flop": attn_f,
                         "causal_flop": causal, "wall_s": time.time() - t0})
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                           text=True).stdout.strip()
     foot = (
-        f"\nDevice: {dev}; torch {torch.__version__}; date {datetime.date.today()}; {str(DT).split('.')[-1]}; "
+        f"\nDevice: {dev}; torch {torch.__version__}; date {datetime.date.today()}; commit {commit}; "
+        f"{str(DT).split('.')[-1]}; "
         f"command: `{' '.join(sys.argv)}`. {inputs_note()} TFLOP/s count MoBA's required work (gate + selected "
         f"keys, backward = 2.5 x attention forward); 'f+b rate / cuDNN's' = that rate over cuDNN's f+b "
         f"TFLOP/s on dense causal attention (3.5 x 2 S^2 H D B). At S >= 512K: SDPA one call each, no warm-up; "
