@@ -23,6 +23,7 @@ import argparse
 import cProfile
 import datetime
 import io
+import os
 import pstats
 import statistics
 import subprocess
@@ -60,6 +61,7 @@ def main() -> None:
     import triton
     from triton import knobs
 
+    from moba_cp.ops.fast_launch import FastKernel
     from moba_cp.ops.rms_norm.triton_rms_norm import rms_norm
     from moba_cp.ops.rope.triton_rope import _rope_kernel, apply_rope, rope_tables
     from moba_cp.ops.swiglu.triton_swiglu import swiglu
@@ -78,6 +80,11 @@ def main() -> None:
 
     def jit():
         _rope_kernel[grid](*jit_args, **kw, num_warps=4)
+
+    fast_rope = FastKernel(_rope_kernel)
+
+    def fast():
+        fast_rope[grid](*jit_args, **kw, num_warps=4)
 
     compiled = _rope_kernel[grid](*jit_args, **kw, num_warps=4)
     names = _rope_kernel.arg_names
@@ -108,11 +115,14 @@ def main() -> None:
         ("torch.add (one torch op)", lambda: torch.add(a, a)),
         ("torch.empty_like", lambda: torch.empty_like(x)),
         ("Triton JIT dispatch: kernel[grid](...)", jit),
+        ("moba_cp FastKernel: fast[grid](...) (key, then the C launcher)", fast),
         ("compiled[grid](*args) (CompiledKernel runner)", via_runner),
         ("compiled.run(...) with the stream looked up", direct_stream_lookup),
         ("compiled.run(...) with everything prepared", direct),
         ("apply_rope, no grad", lambda: apply_rope(x, cos, sin)),
+        ("apply_rope, no grad, MOBA_CP_FAST_LAUNCH=0", lambda: apply_rope(x, cos, sin), "0"),
         ("apply_rope, input requires grad (autograd node)", lambda: apply_rope(xg, cos, sin)),
+        ("apply_rope, input requires grad, MOBA_CP_FAST_LAUNCH=0", lambda: apply_rope(xg, cos, sin), "0"),
         ("rms_norm, input requires grad", lambda: rms_norm(xn, w, 1e-5)),
         ("swiglu, input requires grad", lambda: swiglu(xs)),
     ]
@@ -127,8 +137,11 @@ def main() -> None:
         "| launch path | host us per call |",
         "|---|---|",
     ]
-    for name, fn in rows:
+    for name, fn, *env in rows:
+        if env:
+            os.environ["MOBA_CP_FAST_LAUNCH"] = env[0]
         us = host_us(fn, args.calls, args.rounds)
+        os.environ.pop("MOBA_CP_FAST_LAUNCH", None)
         lines.append(f"| {name} | {us:.1f} |")
         print(lines[-1], flush=True)
     prof = cProfile.Profile()

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moba_cp.ops.fast_launch import FastKernel
+
 __all__ = ["apply_rope", "rope_tables"]
 
 #: Elements a program handles per half (rows x padded half width): memory-bound, so large tiles.
@@ -70,6 +72,10 @@ def _rope_kernel(X, COS, SIN, Y, n_rows, B, H, stride_xs, stride_xb, stride_xh, 
         tl.store(Y + y_row[:, None] + 2 * HALF + k[None, :], rest.to(Y.dtype.element_ty), mask=mk)
 
 
+# Launched through FastKernel: at 8K a step is host-bound, and this runs 4x a layer (q, k; fwd, bwd).
+_rope_launch = FastKernel(_rope_kernel)
+
+
 def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
     s, b, h, d = x.shape
     r = cos.shape[1]
@@ -80,7 +86,7 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
     hp = triton.next_power_of_2(r // 2)
     rest = d - r
     br = max(1, min(256, _TILE_ELEMS // hp))
-    _rope_kernel[(triton.cdiv(n_rows, br),)](
+    _rope_launch[(triton.cdiv(n_rows, br),)](
         x, cos, sin, y, n_rows, b, h, x.stride(0), x.stride(1), x.stride(2), cos.stride(0),
         HALF=r // 2, HP=hp, REST=rest, RP=triton.next_power_of_2(max(rest, 1)), D=d, BR=br,
         BACKWARD=backward, num_warps=4,

@@ -1,0 +1,151 @@
+"""Launch a Triton kernel that has already been compiled for these arguments without going through
+Triton's per-call dispatch again.
+
+Why: ``kernel[grid](*args)`` runs Triton's whole dispatch on every call (the current device and
+stream, each argument's specialisation, a cache key that formats the options as a string, a check
+of the kernel's globals, the launch metadata) before the C launcher; where a step is bound by the
+host (8K training: the GPU idles between kernels) that time is the step's time.
+``benchmarks/bench_launch.py`` measures each part.
+
+How: :class:`FastKernel` wraps a ``@triton.jit`` function and is called the same way,
+``fast[grid](*args, **kwargs)``. A call computes a key that holds *everything* Triton specialises
+a compiled kernel on, and more: per positional argument, a tensor's dtype and whether its address
+is 16-byte aligned; an int's 32/64-bit range, whether it is 1 and whether it is a multiple of 16;
+a constexpr's value; and every keyword (the constexprs and launch options) by value, plus the
+current device. The first call with a key goes through Triton (which compiles or finds the kernel,
+checks it and launches it) and keeps the compiled kernel it returns; later calls with the same key
+hand the same argument list to that compiled kernel's launcher directly (the call Triton's own
+dispatch ends in, scratch allocation included). Two calls with one key get the same compiled
+kernel from Triton too, so the launch is the same; a stricter key only costs a second entry.
+
+Falls back to Triton's dispatch, always, under the Triton interpreter (``TRITON_INTERPRET=1``),
+when a launch hook is installed (profilers read the launch metadata), for a grid given as a
+function, for any argument the key does not cover (e.g. tensor descriptors), and with
+``MOBA_CP_FAST_LAUNCH=0``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from triton import knobs
+
+__all__ = ["FastKernel", "fast_kernel", "fast_launch_enabled"]
+
+_I32 = (-(1 << 31), 1 << 31)
+_I64_MAX = 1 << 63
+
+
+def fast_launch_enabled() -> bool:
+    """False under the interpreter or with ``MOBA_CP_FAST_LAUNCH=0`` (read at each call: tests
+    and benchmarks switch it per process or per call)."""
+    value = os.environ.get("MOBA_CP_FAST_LAUNCH", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"MOBA_CP_FAST_LAUNCH={value!r}: use 1 (launch cached kernels directly, the "
+                         f"default) or 0 (always Triton's dispatch).")
+    return value == "1" and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+def _device() -> int:
+    return torch.cuda.current_device()
+
+
+def _stream(device: int) -> int:
+    """The raw handle of the device's current stream (what Triton's dispatch launches on)."""
+    return torch._C._cuda_getCurrentRawStream(device)
+
+
+def _hooks_installed() -> bool:
+    """Whether a launch hook would see a launch (triton 3.6 keeps each hook as a chain of
+    callables, empty by default; an older or replaced hook is a plain callable or None)."""
+    for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
+
+
+def _arg_key(a, constexpr: bool):
+    """One positional argument's share of the key; ``NotImplemented`` for a kind not covered."""
+    if constexpr:
+        return a
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    if isinstance(a, bool):
+        return ("b", a)
+    if isinstance(a, int):
+        return ("i", _I32[0] <= a < _I32[1], a < _I64_MAX, a == 1, a % 16 == 0)
+    if isinstance(a, float):
+        return "f"
+    if a is None:
+        return None
+    return NotImplemented
+
+
+class FastKernel:
+    """``fast[grid](*args, **kwargs)`` launches like ``kernel[grid](...)`` (module docstring)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        params = getattr(kernel, "params", None)
+        # Under the interpreter ``@triton.jit`` gives an InterpretedFunction: nothing to cache.
+        self._constexpr = tuple(p.is_constexpr for p in params) if params is not None else None
+        self._params = params
+        self._cache: dict = {}
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self._launch(grid, args, kwargs)
+
+    def _key(self, grid, args, kwargs):
+        if self._constexpr is None or not isinstance(grid, tuple) or len(args) > len(self._constexpr):
+            return None
+        key = [_device(), len(args)]
+        for a, c in zip(args, self._constexpr):
+            k = _arg_key(a, c)
+            if k is NotImplemented:
+                return None
+            key.append(k)
+        for name, v in kwargs.items():
+            if not isinstance(v, (bool, int, float, str, type(None))):
+                return None
+            key.append((name, v))
+        return tuple(key)
+
+    def _tail(self, n_args: int, kwargs: dict) -> tuple | None:
+        """The values of the parameters after the positional ones, in signature order (keywords,
+        else defaults), as Triton binds them; None if one is missing (Triton will raise)."""
+        out = []
+        for p in self._params[n_args:]:
+            if p.name in kwargs:
+                out.append(kwargs[p.name])
+            elif p._param.default is not p._param.empty:
+                out.append(p._param.default)
+            else:
+                return None
+        return tuple(out)
+
+    def _launch(self, grid, args, kwargs):
+        if not fast_launch_enabled() or _hooks_installed():
+            return self.kernel[grid](*args, **kwargs)
+        key = self._key(grid, args, kwargs)
+        hit = self._cache.get(key) if key is not None else None
+        if hit is None:
+            compiled = self.kernel[grid](*args, **kwargs)
+            tail = self._tail(len(args), kwargs)
+            if key is not None and tail is not None and compiled is not None:
+                if hasattr(compiled, "result"):  # an asynchronous compile's future
+                    compiled = compiled.result()
+                self._cache[key] = (compiled, tail)
+            return compiled
+        compiled, tail = hit
+        g1 = grid[1] if len(grid) > 1 else 1
+        g2 = grid[2] if len(grid) > 2 else 1
+        stream = _stream(key[0])
+        compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None,
+                     None, None, *args, *tail)
+        return compiled
+
+
+def fast_kernel(kernel) -> FastKernel:
+    """``FastKernel(kernel)``: wrap a ``@triton.jit`` function at module level, next to it."""
+    return FastKernel(kernel)
