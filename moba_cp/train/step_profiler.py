@@ -8,7 +8,12 @@ profiles steps 5, 6 and 7 (1-based, as the console counts them) on every rank an
 * ``rank{R}_steps{A}-{B}.trace.json``: a Chrome / Perfetto trace (open it in ui.perfetto.dev);
 * ``rank{R}_steps{A}-{B}.kernels.txt``: the operators and kernels sorted by their own device time
   (CPU time on a CPU run), with the profiled wall time per step on top, so "where does a step's
-  time go" is a file to read, not a trace to click through.
+  time go" is a file to read, not a trace to click through;
+* ``rank{R}_steps{A}-{B}.host.txt``: where the *host's* time goes over the same steps (cProfile:
+  the Python functions by their own time, then by cumulative time). A short step is often bound by
+  the host enqueueing kernels, not by the kernels (the GPU idles between them); the kernels table
+  cannot show that, this file does. Both profilers slow the host while they record, so compare
+  shares within the file, not its times with an unprofiled step's.
 
 Steps outside the range run without the profiler (it costs host time while it records). The
 range is checked with the recipe (:func:`moba_cp.config.parse_profile_steps`), before any work starts.
@@ -16,6 +21,9 @@ range is checked with the recipe (:func:`moba_cp.config.parse_profile_steps`), b
 
 from __future__ import annotations
 
+import cProfile
+import io
+import pstats
 import time
 from pathlib import Path
 
@@ -41,6 +49,7 @@ class StepProfiler:
         self.rank = rank
         self.cuda = device.type == "cuda"
         self._prof = None
+        self._host = None
         self._t0 = 0.0
 
     def before_step(self, done: int) -> None:
@@ -52,6 +61,8 @@ class StepProfiler:
             torch.cuda.synchronize()
         self._prof = profile(activities=acts, record_shapes=False)
         self._prof.__enter__()
+        self._host = cProfile.Profile()
+        self._host.enable()
         self._t0 = time.perf_counter()
 
     def after_step(self, done: int, stopping: bool = False) -> Path | None:
@@ -63,6 +74,8 @@ class StepProfiler:
         if self.cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - self._t0
+        self._host.disable()
+        host, self._host = self._host, None
         self._prof.__exit__(None, None, None)
         prof, self._prof = self._prof, None
         a, b = self.steps[0], done
@@ -76,4 +89,15 @@ class StepProfiler:
         table = prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=90)
         path = Path(str(stem) + ".kernels.txt")
         path.write_text(head + table + "\n")
+        Path(str(stem) + ".host.txt").write_text(_host_table(host, head.split(";")[0]))
         return path
+
+
+def _host_table(host: cProfile.Profile, head: str, rows: int = 45) -> str:
+    """cProfile's view of the profiled steps: by own time, then by cumulative time."""
+    out = [f"{head}; host (Python) time under cProfile\n"]
+    for key, what in (("tottime", "own time"), ("cumulative", "cumulative time")):
+        buf = io.StringIO()
+        pstats.Stats(host, stream=buf).sort_stats(key).print_stats(rows)
+        out.append(f"== by {what} ==\n{buf.getvalue().strip()}\n")
+    return "\n".join(out)
