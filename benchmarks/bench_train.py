@@ -18,6 +18,7 @@ training against the default MoBA and full attention of the same call; each vari
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -245,6 +246,9 @@ def main():
                          "'--'), e.g. --both=--model.fused_ops=torch: "
                          "each adds a MoBA and a full-attention run per repeat with those overrides, a row comparing "
                          "them, and a line with each attention's speed against its default run")
+    ap.add_argument("--keep-runs", default=None,
+                    help="put the runs' directories here and keep them (with --extra=--logging.profile=[A,B], "
+                         "their profiles); default: a temporary directory")
     ap.add_argument("--commit", default="", help="the commit measured (default: git rev-parse; a copied tree's .git may be stale)")
     args = ap.parse_args()
     settings = SMOKE if args.smoke else SETTINGS
@@ -271,7 +275,9 @@ def main():
             "|---|---|---|---|---|---|---|---|---|---|"]
     lines, notes = list(head), []
     full_runs = {}  # (recipe, overrides other than moba.*, steps, repeat) -> that full-attention run
-    with tempfile.TemporaryDirectory() as work:
+    if args.keep_runs:
+        os.makedirs(args.keep_runs, exist_ok=True)
+    with (contextlib.nullcontext(args.keep_runs) if args.keep_runs else tempfile.TemporaryDirectory()) as work:
         for name, (recipe, overrides, steps) in select_settings(settings, args.only, ap.error).items():
             kinds, r = run_setting(recipe, overrides, steps, variants, args.repeats, full_runs,
                                    lambda o, pat, tag, env=None: run_one(recipe, o, steps, pat, work, extra,
