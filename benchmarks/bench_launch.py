@@ -61,7 +61,7 @@ def main() -> None:
     import triton
     from triton import knobs
 
-    from moba_cp.ops.fast_launch import FastKernel
+    from moba_cp.ops.fast_launch import FastKernel, reset_fast_launch
     from moba_cp.ops.rms_norm.triton_rms_norm import rms_norm
     from moba_cp.ops.rope.triton_rope import _rope_kernel, apply_rope, rope_tables
     from moba_cp.ops.swiglu.triton_swiglu import swiglu
@@ -140,8 +140,10 @@ def main() -> None:
     for name, fn, *env in rows:
         if env:
             os.environ["MOBA_CP_FAST_LAUNCH"] = env[0]
+        reset_fast_launch()
         us = host_us(fn, args.calls, args.rounds)
         os.environ.pop("MOBA_CP_FAST_LAUNCH", None)
+        reset_fast_launch()
         lines.append(f"| {name} | {us:.1f} |")
         print(lines[-1], flush=True)
     prof = cProfile.Profile()

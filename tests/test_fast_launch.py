@@ -63,8 +63,10 @@ def fast(monkeypatch):
     monkeypatch.delenv("MOBA_CP_FAST_LAUNCH", raising=False)
     monkeypatch.setattr(fl, "_device", lambda: 0)
     monkeypatch.setattr(fl, "_stream", lambda device: 1234)
+    fl.reset_fast_launch()
     jit = _Jit()
-    return FastKernel(jit), jit
+    yield FastKernel(jit), jit
+    fl.reset_fast_launch()
 
 
 def _t(n=64, offset=0):
@@ -143,6 +145,7 @@ def test_switches_send_every_call_through_triton(fast, monkeypatch, switch):
         monkeypatch.setattr(chain, "calls", [lambda *a: None])
     else:
         monkeypatch.setattr(knobs.runtime, f"launch_{switch}", lambda *a: None)
+    fl.reset_fast_launch()
     x, y = _t(), _t()
     for _ in range(3):
         k[(1,)](x, 48, y, BLOCK=32)
@@ -152,6 +155,7 @@ def test_switches_send_every_call_through_triton(fast, monkeypatch, switch):
 def test_bad_switch_value_names_the_choices(fast, monkeypatch):
     k, _ = fast
     monkeypatch.setenv("MOBA_CP_FAST_LAUNCH", "yes")
+    fl.reset_fast_launch()
     with pytest.raises(ValueError, match=r"MOBA_CP_FAST_LAUNCH='yes'.*use 1 .* or 0"):
         k[(1,)](_t(), 48, _t(), BLOCK=32)
 
@@ -198,9 +202,11 @@ def test_fused_ops_fast_and_dispatched_agree_bitwise_gpu(monkeypatch):
         return out
 
     monkeypatch.setenv("MOBA_CP_FAST_LAUNCH", "0")
+    fl.reset_fast_launch()
     gen.manual_seed(0)
     ref = run()
     monkeypatch.setenv("MOBA_CP_FAST_LAUNCH", "1")
+    fl.reset_fast_launch()
     for _ in range(2):  # the first pass fills the cache, the second launches from it
         gen.manual_seed(0)
         got = run()

@@ -31,20 +31,33 @@ import os
 import torch
 from triton import knobs
 
-__all__ = ["FastKernel", "fast_kernel", "fast_launch_enabled"]
+__all__ = ["FastKernel", "fast_kernel", "fast_launch_enabled", "reset_fast_launch"]
 
 _I32 = (-(1 << 31), 1 << 31)
 _I64_MAX = 1 << 63
 
 
+_ENABLED: bool | None = None
+
+
 def fast_launch_enabled() -> bool:
-    """False under the interpreter or with ``MOBA_CP_FAST_LAUNCH=0`` (read at each call: tests
-    and benchmarks switch it per process or per call)."""
-    value = os.environ.get("MOBA_CP_FAST_LAUNCH", "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"MOBA_CP_FAST_LAUNCH={value!r}: use 1 (launch cached kernels directly, the "
-                         f"default) or 0 (always Triton's dispatch).")
-    return value == "1" and os.environ.get("TRITON_INTERPRET", "0") != "1"
+    """False under the interpreter or with ``MOBA_CP_FAST_LAUNCH=0``. Read from the environment
+    once (an environment read costs about as much as the rest of a launch); a test or benchmark
+    that changes either variable calls :func:`reset_fast_launch` after."""
+    global _ENABLED
+    if _ENABLED is None:
+        value = os.environ.get("MOBA_CP_FAST_LAUNCH", "1")
+        if value not in ("0", "1"):
+            raise ValueError(f"MOBA_CP_FAST_LAUNCH={value!r}: use 1 (launch cached kernels directly, the "
+                             f"default) or 0 (always Triton's dispatch).")
+        _ENABLED = value == "1" and os.environ.get("TRITON_INTERPRET", "0") != "1"
+    return _ENABLED
+
+
+def reset_fast_launch() -> None:
+    """Read ``MOBA_CP_FAST_LAUNCH`` and ``TRITON_INTERPRET`` again at the next launch."""
+    global _ENABLED
+    _ENABLED = None
 
 
 def _device() -> int:
@@ -65,20 +78,37 @@ def _hooks_installed() -> bool:
     return False
 
 
-def _arg_key(a, constexpr: bool):
-    """One positional argument's share of the key; ``NotImplemented`` for a kind not covered."""
-    if constexpr:
-        return a
+def _tensor_key(a):
+    return (a.dtype, not (a.data_ptr() & 15))
+
+
+def _int_key(a):
+    return ("i", _I32[0] <= a < _I32[1], a < _I64_MAX, a == 1, not (a & 15))
+
+
+#: An argument's share of the key by its exact type (the common kinds, one dict lookup each);
+#: other types go through :func:`_arg_key`.
+_KEY_BY_TYPE = {
+    torch.Tensor: _tensor_key,
+    int: _int_key,
+    bool: lambda a: ("b", a),
+    float: lambda a: "f",
+    type(None): lambda a: None,
+}
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _arg_key(a):
+    """A non-constexpr argument's share of the key (subclasses too); ``NotImplemented`` for a
+    kind the key does not cover."""
     if isinstance(a, torch.Tensor):
-        return (a.dtype, a.data_ptr() % 16 == 0)
+        return _tensor_key(a)
     if isinstance(a, bool):
         return ("b", a)
     if isinstance(a, int):
-        return ("i", _I32[0] <= a < _I32[1], a < _I64_MAX, a == 1, a % 16 == 0)
+        return _int_key(a)
     if isinstance(a, float):
         return "f"
-    if a is None:
-        return None
     return NotImplemented
 
 
@@ -97,18 +127,23 @@ class FastKernel:
         return lambda *args, **kwargs: self._launch(grid, args, kwargs)
 
     def _key(self, grid, args, kwargs):
-        if self._constexpr is None or not isinstance(grid, tuple) or len(args) > len(self._constexpr):
+        constexpr = self._constexpr
+        if constexpr is None or type(grid) is not tuple or len(args) > len(constexpr):
             return None
         key = [_device(), len(args)]
-        for a, c in zip(args, self._constexpr):
-            k = _arg_key(a, c)
+        for a, c in zip(args, constexpr):
+            if c:
+                key.append(a)
+                continue
+            f = _KEY_BY_TYPE.get(type(a))
+            k = f(a) if f is not None else _arg_key(a)
             if k is NotImplemented:
                 return None
             key.append(k)
-        for name, v in kwargs.items():
-            if not isinstance(v, (bool, int, float, str, type(None))):
+        for v in kwargs.values():
+            if type(v) not in _SCALARS:
                 return None
-            key.append((name, v))
+        key += kwargs.items()
         return tuple(key)
 
     def _tail(self, n_args: int, kwargs: dict) -> tuple | None:
