@@ -205,6 +205,9 @@ def main(argv=None) -> None:
     emit(f"# command: python benchmarks/bench_layer_ops.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     emit(f"# device: {dev}; torch {torch.__version__}; date {datetime.date.today()}; commit {commit}; "
          f"median of {args.reps} after warm-up")
+    env = {k: os.environ[k] for k in ("MOBA_CP_FAST_LAUNCH",) if k in os.environ}
+    if env:
+        emit("# environment: " + " ".join(f"{k}={v}" for k, v in env.items()))
     for n in names:
         bench_shape(n, table[n], args.reps, emit)
         if CUDA:

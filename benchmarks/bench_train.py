@@ -265,7 +265,9 @@ def main():
     head = [f"# Training throughput, MoBA vs full attention ({dev}, {datetime.date.today()}, commit {commit or '?'})",
             "", f"Command: `python benchmarks/bench_train.py {' '.join(sys.argv[1:])}`; every run adds "
             f"`{' '.join(COMMON + extra)}`, with PYTORCH_CUDA_ALLOC_CONF="
-            f"{os.environ.get('PYTORCH_CUDA_ALLOC_CONF', ALLOC_CONF)}. Median tokens/s over the steps after the first two"
+            f"{os.environ.get('PYTORCH_CUDA_ALLOC_CONF', ALLOC_CONF)}"
+            + "".join(f", {k}={os.environ[k]}" for k in ("MOBA_CP_FAST_LAUNCH", "MOBA_CP_CUDA_GRAPHS") if k in os.environ)
+            + f". Median tokens/s over the steps after the first two"
             f" of {args.repeats} process(es) per attention, run alternately; 'per pair' is each MoBA/full pair's "
             f"ratio of medians, and the last column their mean with a 95% interval (Student's t over the pairs, 2 or "
             f"more). Settings that differ only in moba.* share their full-attention runs.", "",

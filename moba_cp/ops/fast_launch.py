@@ -61,7 +61,9 @@ def reset_fast_launch() -> None:
 
 
 def _device() -> int:
-    return torch.cuda.current_device()
+    """The current CUDA device, as Triton's dispatch reads it (``torch.cuda.current_device``
+    without its lazy-init check: a cached entry exists only after a launch, so CUDA is up)."""
+    return torch._C._cuda_getDevice()
 
 
 def _stream(device: int) -> int:
