@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moba_cp.ops.launch_math import cdiv, next_power_of_2
+
 __all__ = ["merge_partials", "merge_into"]
 
 
@@ -70,9 +72,9 @@ def _merge_triton(o, lse, o_new, lse_new, out_dtype):
     lout = torch.empty(lse.shape, dtype=torch.float32, device=o.device)
     n = lse.numel()
     if n:
-        br = max(1, 4096 // triton.next_power_of_2(d))
-        _merge_kernel[(triton.cdiv(n, br),)](o, lse, o_new, lse_new, out, lout, n, d, BR=br,
-                                             DP=triton.next_power_of_2(d), num_warps=4)
+        br = max(1, 4096 // next_power_of_2(d))
+        _merge_kernel[(cdiv(n, br),)](o, lse, o_new, lse_new, out, lout, n, d, BR=br,
+                                      DP=next_power_of_2(d), num_warps=4)
     return out, lout
 
 

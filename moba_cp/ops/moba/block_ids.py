@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moba_cp.ops.launch_math import cdiv
+
 __all__ = ["selected_mask", "remap_ids"]
 
 _BLOCK = 4096
@@ -56,7 +58,7 @@ def selected_mask(idx: torch.Tensor, n: int, *, use_triton: bool | None = None) 
     flat = idx.reshape(-1).to(torch.int32).contiguous()
     mask = torch.zeros(n, dtype=torch.int8, device=idx.device)
     if flat.numel():
-        _mark_kernel[(triton.cdiv(flat.numel(), _BLOCK),)](flat, mask, flat.numel(), n, BLOCK=_BLOCK)
+        _mark_kernel[(cdiv(flat.numel(), _BLOCK),)](flat, mask, flat.numel(), n, BLOCK=_BLOCK)
     return mask.bool()
 
 
@@ -72,5 +74,5 @@ def remap_ids(idx: torch.Tensor, table: torch.Tensor, *, use_triton: bool | None
     flat = idx.reshape(-1).to(torch.int32).contiguous()
     out = torch.empty_like(flat)
     if flat.numel():
-        _remap_kernel[(triton.cdiv(flat.numel(), _BLOCK),)](flat, table.contiguous(), out, flat.numel(), BLOCK=_BLOCK)
+        _remap_kernel[(cdiv(flat.numel(), _BLOCK),)](flat, table.contiguous(), out, flat.numel(), BLOCK=_BLOCK)
     return out.view(idx.shape)

@@ -35,6 +35,7 @@ import triton.language as tl
 
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from moba_cp.ops.launch_math import cdiv, next_power_of_2
 from moba_cp.ops.moba.triton_common import (GatherIndex, KeyBlocks, _head_chunk_pid, _key_span, _ld, _load_kv,
                                             _tile_rows, _tiles_kernel)
 from moba_cp.ops.moba.triton_config import BwdConfig
@@ -589,7 +590,7 @@ def _gathered_rows(q, do, lse, delta, qpos, gi: GatherIndex, hq: int, width: int
     dlg = torch.empty(n_rows, dtype=torch.float32, device=dev)
     qpg = torch.empty(n_rows, dtype=torch.int32, device=dev)
     br = 64
-    _gather_rows_kernel[(triton.cdiv(n_rows, br),)](
+    _gather_rows_kernel[(cdiv(n_rows, br),)](
         q, do, lse, delta, qpos, gi.ent, gi.offs, qg, dog, lse2g, dlg, qpg, qpg if inv is None else inv, q.stride(0),
         q.stride(1), do.stride(0), do.stride(1), hq, width, h0 * nbk, (h0 + hc) * nbk, n_rows, h0, hc, BR=br, D=d,
         PAD=tma_rows, WRITE_INV=inv is not None, num_warps=4,
@@ -667,7 +668,7 @@ def sparse_attn_bwd(
     o = o.contiguous() if o.stride(-1) != 1 else o
     delta = torch.empty(tq, hq, dtype=torch.float32, device=dev)
     if tq * hq > 0:
-        _delta_kernel[(triton.cdiv(tq * hq, 64),)](
+        _delta_kernel[(cdiv(tq * hq, 64),)](
             do, o, delta, tq * hq, do.stride(0), do.stride(1), o.stride(0), o.stride(1), hq, BR=64, D=d, num_warps=4
         )
     if dlse is not None:
@@ -693,7 +694,7 @@ def sparse_attn_bwd(
         return (dq if dq_acc is not None else dq.zero_()), dk.zero_(), dv.zero_()
     cfg.check_block(block_size, d)
     bnb = cfg.key_tile(block_size, d)
-    nsub = triton.cdiv(block_size, bnb)
+    nsub = cdiv(block_size, bnb)
     fuse_dq = cfg.fuses_dq(block_size, d)
     if cfg.tma_dq and not descriptor_reductions_possible(dev):
         raise ValueError(f"sparse_attn_bwd: BwdConfig.tma_dq=True adds dQ tiles by TMA bulk reductions, which need a "
@@ -728,7 +729,7 @@ def sparse_attn_bwd(
             if blocks_nonempty:
                 dq_c = _slot_buffer(tq * hc * width, d, slot_dtype, dev)
                 n_ent = gi.ent.numel()
-                _zero_free_slots_kernel[(triton.cdiv(n_ent, 128),)](gi.ent, gi.offs, dq_c, n_ent, hq * blocks.n, hq,
+                _zero_free_slots_kernel[(cdiv(n_ent, 128),)](gi.ent, gi.offs, dq_c, n_ent, hq * blocks.n, hq,
                                                                     width, h0, hc, BR=128, D=d, num_warps=4)
             else:
                 dq_c = torch.zeros(tq * hc * width, d, dtype=slot_dtype, device=dev)
@@ -766,7 +767,7 @@ def sparse_attn_bwd(
         if cfg.dq_rows or cfg.dq_slots:
             # each token's W dQ rows (bucket-order copy through inv, or its own slots) summed into dq
             br = 32
-            _dq_rows_sum_kernel[(triton.cdiv(tq * hc, br),)](
+            _dq_rows_sum_kernel[(cdiv(tq * hc, br),)](
                 dq_c if inv is None else inv, dq_rows[0], dq, tq * hc, dq.stride(0), dq.stride(1), h0, hc, width,
                 BR=br, D=d, ADD=dq_acc is not None, SLOTS=cfg.dq_slots, num_warps=4,
             )
@@ -778,7 +779,7 @@ def sparse_attn_bwd(
                 q, k, v, do, lse, delta, qpos, gi.ent, gi.offs, gi.tend, gi.tile_b, gi.tile_start,
                 blocks.kstart, blocks.kpos, blocks.klen, dq_c, *strides, dq_c.stride(0), hq, width, blocks.n, g_sz,
                 h0, hc, softmax_scale, scale_log2, gi.chunk,
-                BM=cfg.dq_bm, BN=min(cfg.dq_bn, triton.next_power_of_2(block_size)), D=d, PREC=prec,
+                BM=cfg.dq_bm, BN=min(cfg.dq_bn, next_power_of_2(block_size)), D=d, PREC=prec,
                 num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
             )
         if not fp32_dq:
@@ -819,7 +820,7 @@ class _BlockCuts:
         _kv_tiles_count_kernel[(1,)](gi.offs, gi.kv_order, self.tend, self.slot_pj, self.slot0, npj, hk0, nkv, nbk,
                                      g, h0, hc, self.rows, self.slots, BLOCK=1024)
         n_t = npj + self.slots
-        _tiles_kernel[(triton.cdiv(n_t, 1024),)](self.zeros, self.tend, self.tile_pj, self.tile_c0, npj, n_t,
+        _tiles_kernel[(cdiv(n_t, 1024),)](self.zeros, self.tend, self.tile_pj, self.tile_c0, npj, n_t,
                                                  self.rows, npj.bit_length() + 1, BLOCK=1024)
         return n_t, (self.tile_pj, self.tile_c0, self.tend, self.slot0, self.scratch[0], self.scratch[1])
 
@@ -827,7 +828,7 @@ class _BlockCuts:
               acc_kv: bool) -> None:
         rb = max(16, SPLIT_SUM_ELEMS // d)  # rows a program: 32 fp32 of each sum a thread on 4 warps
         slot_keys = self.scratch.shape[2]
-        _dkdv_split_sum_kernel[(self.slots, triton.cdiv(slot_keys, rb))](
+        _dkdv_split_sum_kernel[(self.slots, cdiv(slot_keys, rb))](
             self.slot_pj, self.tend, gi.kv_order, blocks.kstart, blocks.klen, self.scratch[0], self.scratch[1], dk, dv,
             blocks.n, hk0, nkv, hkv, slot_keys, RB=rb, D=d, ACC_KV=acc_kv, num_warps=4,
         )

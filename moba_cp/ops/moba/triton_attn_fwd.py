@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from moba_cp.ops.launch_math import cdiv, next_power_of_2
 from moba_cp.ops.moba.triton_common import (GatherIndex, KeyBlocks, _head_chunk_pid, _key_span, _ld, _load_kv, _tile_rows,
                                             reg_cap)
 from moba_cp.ops.moba.triton_config import FwdConfig
@@ -162,7 +163,7 @@ def _lse_kernel(PART, LSE, n_rows, W, BR: tl.constexpr, WP: tl.constexpr):
 
 def _key_bn(cfg: FwdConfig, block_size: int) -> int:
     """Keys per sub-tile: ``cfg.bn``, or (0) a whole block of up to 128 keys."""
-    return cfg.bn or min(128, triton.next_power_of_2(block_size))
+    return cfg.bn or min(128, next_power_of_2(block_size))
 
 
 def sparse_attn_fwd(
@@ -218,8 +219,8 @@ def sparse_attn_fwd(
         )
     lse = torch.empty(tq, hq, dtype=torch.float32, device=dev)
     if tq * hq > 0:
-        wp = triton.next_power_of_2(max(width, 1))
-        _lse_kernel[(triton.cdiv(tq * hq, 128),)](part, lse, tq * hq, max(width, 1), BR=128, WP=wp, num_warps=4)
+        wp = next_power_of_2(max(width, 1))
+        _lse_kernel[(cdiv(tq * hq, 128),)](part, lse, tq * hq, max(width, 1), BR=128, WP=wp, num_warps=4)
     if gi.n_tiles > 0 and diag_pass in (None, 2):
         _fwd_kernel[(gi.n_tiles,)](
             *common, lse, part, oacc, *strides, hq, width, blocks.n, hq // hkv, scale_log2, cfg.chunk,
@@ -444,9 +445,9 @@ def _sparse_attn_fwd_partials(q, k, v, qpos, blocks: KeyBlocks, gi: GatherIndex,
         rows = tq * n
         if diag_pass == 1:
             continue
-        _merge_kernel[(triton.cdiv(rows, cfg.merge_rows),)](
+        _merge_kernel[(cdiv(rows, cfg.merge_rows),)](
             po, pl, o, lse, rows, hq, h0, n, w, o.stride(0), o.stride(1),
-            BR=cfg.merge_rows, WP=triton.next_power_of_2(w), D=d, UNROLL=cfg.merge_unroll, num_warps=cfg.merge_warps,
+            BR=cfg.merge_rows, WP=next_power_of_2(w), D=d, UNROLL=cfg.merge_unroll, num_warps=cfg.merge_warps,
         )
     return o, lse
 

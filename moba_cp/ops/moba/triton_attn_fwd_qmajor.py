@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moba_cp.ops.launch_math import cdiv, next_power_of_2
 from moba_cp.ops.moba.triton_attn_fwd import _attn_step
 from moba_cp.ops.moba.triton_common import KeyBlocks, _ld
 from moba_cp.ops.moba.triton_config import FwdConfig
@@ -107,12 +108,12 @@ def sparse_attn_fwd_query_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     if blocks.n == 0 or w == 0:
         return o.zero_(), lse.fill_(float("-inf"))
     sel = sel.to(torch.int32).contiguous()
-    nt = triton.cdiv(tq, cfg.bm)
+    nt = cdiv(tq, cfg.bm)
     _fwd_qmajor_kernel[(nt * hq,)](
         q, k, v, qpos, sel, base if base is not None else sel, blocks.kstart, blocks.kpos, blocks.klen, o, lse,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         tq, hq, w, nt, hq // hkv, softmax_scale * LOG2E,
-        HAS_BASE=base is not None, BM=cfg.bm, BN=cfg.bn or 64, D=d, WP=triton.next_power_of_2(w),
+        HAS_BASE=base is not None, BM=cfg.bm, BN=cfg.bn or 64, D=d, WP=next_power_of_2(w),
         PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, lse

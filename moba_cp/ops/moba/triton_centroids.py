@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moba_cp.ops.launch_math import next_power_of_2
 from moba_cp.ops.moba.triton_common import _ld
 
 __all__ = ["block_centroids"]
@@ -55,7 +56,7 @@ def block_centroids(k: torch.Tensor, kstart: torch.Tensor, klen: torch.Tensor, b
     cent = torch.empty(nbk, hkv, d, dtype=torch.float32, device=k.device)
     if nbk == 0:
         return cent
-    cb = min(64, triton.next_power_of_2(block_size))
+    cb = min(64, next_power_of_2(block_size))
     _centroid_kernel[(nbk, hkv)](
         k, kstart, klen, cent,
         k.stride(0), k.stride(1), cent.stride(0), cent.stride(1),

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 
+from moba_cp.ops.launch_math import cdiv
 from moba_cp.ops.moba.kernel_limits import TRITON
 
 __all__ = ["KeyBlocks", "DocInfo", "doc_tables", "slot_tables", "GatherIndex", "build_gather_index", "check_triton_inputs",
@@ -249,7 +250,7 @@ def doc_tables(total: int, cu_seqlens: torch.Tensor | None, block_size: int, dev
     blocks = KeyBlocks(*(torch.empty(nbk, dtype=torch.int32, device=dev) for _ in range(3)))
     n = max(total, nbk)
     if n > 0:
-        _doc_tables_kernel[(triton.cdiv(n, 1024),)](
+        _doc_tables_kernel[(cdiv(n, 1024),)](
             cu, boff, qpos, base, blocks.kstart, blocks.kpos, blocks.klen, total, nbk, n_docs, block_size,
             max(1, n_docs).bit_length() + 1, BLOCK=1024,
         )
@@ -427,16 +428,16 @@ def build_gather_index(
     sel = sel.to(torch.int32).contiguous()
     narrow = (NARROW_KEYS if narrow_keys is None else narrow_keys) and n_buckets < 2**15 - 1  # keys 0..n_buckets
     key = torch.empty(e, dtype=torch.int16 if narrow else torch.int32, device=dev)
-    _keys_kernel[(triton.cdiv(e, 1024),)](
+    _keys_kernel[(cdiv(e, 1024),)](
         sel, sel if base is None else base, key, e, hq * w, w, nbk, n_buckets, HAS_BASE=base is not None, BLOCK=1024
     )
     skey, perm = torch.sort(key, stable=True)
     del key
-    _finish_kernel[(triton.cdiv(max(e, n_buckets + 1), 1024),)](skey, perm, gi.ent, gi.offs, e, n_buckets, e.bit_length() + 1, BLOCK=1024)
+    _finish_kernel[(cdiv(max(e, n_buckets + 1), 1024),)](skey, perm, gi.ent, gi.offs, e, n_buckets, e.bit_length() + 1, BLOCK=1024)
     del skey, perm
     kv_counts = torch.empty(hkv, nbk, dtype=torch.int32, device=dev)
     _scan_kernel[(1,)](gi.offs, gi.tend, kv_counts, n_buckets, hkv * nbk, nbk, hq // hkv, chunk, BLOCK=1024)
-    _tiles_kernel[(triton.cdiv(gi.n_tiles, 1024),)](
+    _tiles_kernel[(cdiv(gi.n_tiles, 1024),)](
         gi.offs, gi.tend, gi.tile_b, gi.tile_start, n_buckets, gi.n_tiles, chunk, n_buckets.bit_length() + 1, BLOCK=1024
     )
     gi.kv_order.copy_(torch.argsort(kv_counts, dim=1, descending=True))

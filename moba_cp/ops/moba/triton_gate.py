@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moba_cp.ops.launch_math import cdiv, next_power_of_2
 from moba_cp.ops.moba.kernel_limits import TRITON
 from moba_cp.ops.moba.triton_config import GATE_LOOPS, GateConfig
 
@@ -286,7 +287,7 @@ def gate_topk(
     t, hq, d = q.shape
     hkv = cent.shape[1]
     k_past = max(0, min(topk, width) - 1)  # a row never has more than width-1 past blocks
-    kp = max(cfg.slots, triton.next_power_of_2(k_past + 1))
+    kp = max(cfg.slots, next_power_of_2(k_past + 1))
     out = torch.empty(t, hq, width, dtype=torch.int32, device=q.device)
     if t == 0:
         return out
@@ -295,7 +296,7 @@ def gate_topk(
     # benchmarks/results/moba_tune_gate_2026-11-22.log; 8 warps or 32 rows were slower).
     bm = cfg.bm or (64 if d <= 64 else 32 if kp > 64 else 128 if kp <= 16 else 64)
     bn = cfg.bn
-    grid = (triton.cdiv(t, bm), hq)
+    grid = (cdiv(t, bm), hq)
     presplit = split and cfg.presplit
     # Keys order scores to ~2^-17 relative, the grade of the half-input gate's hi + lo scores;
     # fp32 inputs are scored in IEEE fp32, so they keep the exact counted loop.

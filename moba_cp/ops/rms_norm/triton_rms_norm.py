@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from moba_cp.ops.fast_launch import FastKernel
+from moba_cp.ops.launch_math import cdiv, next_power_of_2
 
 __all__ = ["rms_norm"]
 
@@ -102,7 +103,7 @@ _rms_norm_bwd_launch = FastKernel(_rms_norm_bwd_kernel)
 def _tiling(n: int) -> tuple[int, int, int]:
     """``(BLOCK_N, ROWS, num_warps)`` for rows of ``n`` elements: a whole row per tile (masked
     to ``n``), short rows packed so a tile holds about ``_TILE`` elements, warps by row length."""
-    block_n = triton.next_power_of_2(n)
+    block_n = next_power_of_2(n)
     rows = min(_MAX_ROWS, max(1, _TILE // block_n))
     warps = 4 if block_n <= 2048 else 8 if block_n <= 8192 else 16
     return block_n, rows, warps
@@ -120,8 +121,8 @@ def _backward_split(rows: int, tile_rows: int, device: torch.device) -> tuple[in
         target = _PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
         target = _CPU_PROGRAMS
-    per = triton.cdiv(triton.cdiv(rows, target), tile_rows) * tile_rows
-    return triton.cdiv(rows, per), per
+    per = cdiv(cdiv(rows, target), tile_rows) * tile_rows
+    return cdiv(rows, per), per
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,7 +131,7 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.T
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows:
         block_n, tile_rows, warps = _tiling(n)
-        _rms_norm_fwd_launch[(triton.cdiv(rows, tile_rows),)](
+        _rms_norm_fwd_launch[(cdiv(rows, tile_rows),)](
             x, weight, y, rstd, rows, n, x.stride(0), y.stride(0), eps,
             ROWS=tile_rows, BLOCK_N=block_n, num_warps=warps,
         )

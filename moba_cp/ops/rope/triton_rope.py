@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from moba_cp.ops.fast_launch import FastKernel
+from moba_cp.ops.launch_math import cdiv, next_power_of_2
 
 __all__ = ["apply_rope", "rope_tables"]
 
@@ -83,12 +84,12 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
     n_rows = s * b * h
     if n_rows == 0:
         return y
-    hp = triton.next_power_of_2(r // 2)
+    hp = next_power_of_2(r // 2)
     rest = d - r
     br = max(1, min(256, _TILE_ELEMS // hp))
-    _rope_launch[(triton.cdiv(n_rows, br),)](
+    _rope_launch[(cdiv(n_rows, br),)](
         x, cos, sin, y, n_rows, b, h, x.stride(0), x.stride(1), x.stride(2), cos.stride(0),
-        HALF=r // 2, HP=hp, REST=rest, RP=triton.next_power_of_2(max(rest, 1)), D=d, BR=br,
+        HALF=r // 2, HP=hp, REST=rest, RP=next_power_of_2(max(rest, 1)), D=d, BR=br,
         BACKWARD=backward, num_warps=4,
     )
     return y

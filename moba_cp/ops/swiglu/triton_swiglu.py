@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from moba_cp.ops.fast_launch import FastKernel
+from moba_cp.ops.launch_math import cdiv, next_power_of_2
 
 __all__ = ["swiglu"]
 
@@ -75,9 +76,9 @@ _swiglu_bwd_launch = FastKernel(_swiglu_bwd_kernel)
 
 def _tiles(n_rows: int, f: int) -> tuple[tuple[int, int], int, int]:
     """Grid and ``(BR, BF)``: up to 1024 columns per program, rows filling a 2048-element tile."""
-    bf = min(_MAX_BF, triton.next_power_of_2(f))
+    bf = min(_MAX_BF, next_power_of_2(f))
     br = max(1, _TILE // bf)
-    return (triton.cdiv(n_rows, br), triton.cdiv(f, bf)), br, bf
+    return (cdiv(n_rows, br), cdiv(f, bf)), br, bf
 
 
 def _check(x: torch.Tensor) -> None:
