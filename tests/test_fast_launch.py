@@ -63,6 +63,7 @@ def fast(monkeypatch):
     monkeypatch.delenv("MOBA_CP_FAST_LAUNCH", raising=False)
     monkeypatch.setattr(fl, "_device", lambda: 0)
     monkeypatch.setattr(fl, "_stream", lambda device: 1234)
+    monkeypatch.setattr(fl, "_has_cuda", lambda: True)
     fl.reset_fast_launch()
     jit = _Jit()
     yield FastKernel(jit), jit
@@ -131,13 +132,15 @@ def test_what_the_key_does_not_cover_always_dispatches(fast, monkeypatch):
     assert all(e[0] == "dispatch" for e in jit.log) and len(jit.log) == 6
 
 
-@pytest.mark.parametrize("switch", ["env_off", "interpreter", "enter_hook", "exit_hook", "hook_in_chain"])
+@pytest.mark.parametrize("switch", ["env_off", "interpreter", "no_cuda", "enter_hook", "exit_hook", "hook_in_chain"])
 def test_switches_send_every_call_through_triton(fast, monkeypatch, switch):
     k, jit = fast
     if switch == "env_off":
         monkeypatch.setenv("MOBA_CP_FAST_LAUNCH", "0")
     elif switch == "interpreter":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
+    elif switch == "no_cuda":  # e.g. kernel_resources.py's compile-only driver on a CPU machine
+        monkeypatch.setattr(fl, "_has_cuda", lambda: False)
     elif switch == "hook_in_chain":  # triton 3.6: the hooks are chains, empty unless a profiler adds one
         chain = knobs.runtime.launch_enter_hook
         if not hasattr(chain, "calls"):

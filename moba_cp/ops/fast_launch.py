@@ -19,6 +19,7 @@ dispatch ends in, scratch allocation included). Two calls with one key get the s
 kernel from Triton too, so the launch is the same; a stricter key only costs a second entry.
 
 Falls back to Triton's dispatch, always, under the Triton interpreter (``TRITON_INTERPRET=1``),
+without a CUDA device,
 when a launch hook is installed (profilers read the launch metadata), for a grid given as a
 function, for any argument the key does not cover (e.g. tensor descriptors), and with
 ``MOBA_CP_FAST_LAUNCH=0``.
@@ -40,17 +41,22 @@ _I64_MAX = 1 << 63
 _ENABLED: bool | None = None
 
 
+def _has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
 def fast_launch_enabled() -> bool:
-    """False under the interpreter or with ``MOBA_CP_FAST_LAUNCH=0``. Read from the environment
-    once (an environment read costs about as much as the rest of a launch); a test or benchmark
-    that changes either variable calls :func:`reset_fast_launch` after."""
+    """False under the interpreter, without a CUDA device (a compile-only driver, e.g.
+    ``benchmarks/kernel_resources.py`` on a CPU machine, returns kernels that cannot launch) or with
+    ``MOBA_CP_FAST_LAUNCH=0``. Read once (an environment read costs about as much as the rest of a
+    launch); a test or benchmark that changes any of them calls :func:`reset_fast_launch` after."""
     global _ENABLED
     if _ENABLED is None:
         value = os.environ.get("MOBA_CP_FAST_LAUNCH", "1")
         if value not in ("0", "1"):
             raise ValueError(f"MOBA_CP_FAST_LAUNCH={value!r}: use 1 (launch cached kernels directly, the "
                              f"default) or 0 (always Triton's dispatch).")
-        _ENABLED = value == "1" and os.environ.get("TRITON_INTERPRET", "0") != "1"
+        _ENABLED = value == "1" and os.environ.get("TRITON_INTERPRET", "0") != "1" and _has_cuda()
     return _ENABLED
 
 
