@@ -122,6 +122,23 @@ def test_anything_triton_specialises_on_goes_through_its_dispatch(fast, monkeypa
     assert jit.log[-1][0] == "run"
 
 
+def test_subclasses_are_keyed_as_their_base_kind(fast):
+    """A Parameter is keyed as a tensor and an IntEnum as an int: cached like them, and a
+    misaligned Parameter still gets its own dispatch."""
+    import enum
+
+    class N(enum.IntEnum):
+        ROWS = 48
+
+    k, jit = fast
+    w, y = torch.nn.Parameter(_t()), _t()
+    for _ in range(2):
+        k[(1,)](w, N.ROWS, y, BLOCK=32)
+    assert [e[0] for e in jit.log] == ["dispatch", "run"]
+    k[(1,)](torch.nn.Parameter(_t(offset=1)), N.ROWS, y, BLOCK=32)
+    assert jit.log[-1][0] == "dispatch"
+
+
 def test_what_the_key_does_not_cover_always_dispatches(fast, monkeypatch):
     k, jit = fast
     x, y = _t(), _t()

@@ -32,7 +32,7 @@ import os
 import torch
 from triton import knobs
 
-__all__ = ["FastKernel", "fast_kernel", "fast_launch_enabled", "reset_fast_launch"]
+__all__ = ["FastKernel", "fast_launch_enabled", "reset_fast_launch"]
 
 _I32 = (-(1 << 31), 1 << 31)
 _I64_MAX = 1 << 63
@@ -94,8 +94,8 @@ def _int_key(a):
     return ("i", _I32[0] <= a < _I32[1], a < _I64_MAX, a == 1, not (a & 15))
 
 
-#: An argument's share of the key by its exact type (the common kinds, one dict lookup each);
-#: other types go through :func:`_arg_key`.
+#: An argument's share of the key by its exact type (the common kinds: one dict lookup each in
+#: :func:`_arg_key`, which matches subclasses against the same table).
 _KEY_BY_TYPE = {
     torch.Tensor: _tensor_key,
     int: _int_key,
@@ -107,16 +107,15 @@ _SCALARS = (bool, int, float, str, type(None))
 
 
 def _arg_key(a):
-    """A non-constexpr argument's share of the key (subclasses too); ``NotImplemented`` for a
-    kind the key does not cover."""
-    if isinstance(a, torch.Tensor):
-        return _tensor_key(a)
-    if isinstance(a, bool):
-        return ("b", a)
-    if isinstance(a, int):
-        return _int_key(a)
-    if isinstance(a, float):
-        return "f"
+    """A non-constexpr argument's share of the key: by its exact type, else by the first kind in
+    :data:`_KEY_BY_TYPE` it is an instance of (a Parameter, an IntEnum; an exact ``bool`` never gets
+    here); ``NotImplemented`` for a kind the key does not cover."""
+    f = _KEY_BY_TYPE.get(type(a))
+    if f is not None:
+        return f(a)
+    for typ, f in _KEY_BY_TYPE.items():
+        if isinstance(a, typ):
+            return f(a)
     return NotImplemented
 
 
@@ -143,8 +142,7 @@ class FastKernel:
             if c:
                 key.append(a)
                 continue
-            f = _KEY_BY_TYPE.get(type(a))
-            k = f(a) if f is not None else _arg_key(a)
+            k = _arg_key(a)
             if k is NotImplemented:
                 return None
             key.append(k)
@@ -171,11 +169,13 @@ class FastKernel:
         if not fast_launch_enabled() or _hooks_installed():
             return self.kernel[grid](*args, **kwargs)
         key = self._key(grid, args, kwargs)
-        hit = self._cache.get(key) if key is not None else None
+        if key is None:  # not covered: Triton's dispatch, every time
+            return self.kernel[grid](*args, **kwargs)
+        hit = self._cache.get(key)
         if hit is None:
             compiled = self.kernel[grid](*args, **kwargs)
             tail = self._tail(len(args), kwargs)
-            if key is not None and tail is not None and compiled is not None:
+            if tail is not None and compiled is not None:
                 if hasattr(compiled, "result"):  # an asynchronous compile's future
                     compiled = compiled.result()
                 self._cache[key] = (compiled, tail)
@@ -187,8 +187,3 @@ class FastKernel:
         compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None,
                      None, None, *args, *tail)
         return compiled
-
-
-def fast_kernel(kernel) -> FastKernel:
-    """``FastKernel(kernel)``: wrap a ``@triton.jit`` function at module level, next to it."""
-    return FastKernel(kernel)
