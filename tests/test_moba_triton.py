@@ -349,6 +349,37 @@ def test_kernel_paths_head_dim_64_and_empty_doc(name):
     test_block_attn_fwd_bwd_matches_naive((150, 2, 1, 64, 32, 3, [40, 0, 110]), config=PATH_CONFIGS[name])
 
 
+@pytest.mark.parametrize("bwd", [
+    dict(bnb=16, bm=16, fuse_dq=True, split_mask=True),
+    dict(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, sub_major=True, dq_chunk_bytes=1,
+         split_group=True, max_rows=16),
+], ids=["fused-dq", "dq-rows-split-group-cut"])
+def test_skipping_unseen_rows_changes_no_bit(bwd):
+    """``bwd.skip_unseen``: a key sub-tile's program starts at the first row that sees one of its
+    keys instead of at its block's first row. The rows it skips add exact zeros, so dq, dk and dv
+    are the same bits with it on or off (fp32). Blocks of 64 keys are four 16-key sub-tiles, so
+    the later ones skip up to 48 of the block's own rows; two documents, GQA, a short last block,
+    and (second case) blocks cut into 16-row programs whose tiles start inside the skipped rows.
+    (The same paths against the oracle, skip on by default: ``test_kernel_paths_match_naive``.)"""
+    docs, b, hq, hkv, d, topk = [150, 90], 64, 4, 2, 16, 2
+    t = sum(docs)
+    q, k, v = _inputs(t, hq, hkv, d, torch.float32, seed=31)
+    do = torch.randn(t, hq, d, generator=torch.Generator().manual_seed(32)).to(DEV)
+    cu = _cu(docs)
+    idx = naive.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu)
+
+    def grads(skip):
+        cfg = KernelConfig(FwdConfig(method="partials", **SMALL), BwdConfig(**bwd, skip_unseen=skip))
+        qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+        o, _ = tb.block_attn(qq, kk, vv, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5, config=cfg)
+        (o * do).sum().backward()
+        return qq.grad, kk.grad, vv.grad
+
+    on, off = grads(True), grads(False)
+    for name, a, z in zip(("dq", "dk", "dv"), on, off):
+        assert torch.equal(a, z), f"{name}: max |diff| {(a - z).abs().max().item()}"
+
+
 def test_whole_block_forward_skips_the_mask_only_for_tiles_after_a_full_block():
     """The partials forward with each block in one sub-tile (blocks of 16 keys, ``bn`` 16, as
     block 128 at full size) runs a row tile without the causal mask when every row comes after a

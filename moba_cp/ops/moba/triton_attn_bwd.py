@@ -261,7 +261,7 @@ def _dkdv_kernel(
     TRANS: tl.constexpr, SPLIT: tl.constexpr, GATHERED: tl.constexpr, TMA: tl.constexpr,
     SUB_MAJOR: tl.constexpr, DQ_ROWS: tl.constexpr, TMA_DQ: tl.constexpr, DQ_TRANS: tl.constexpr,
     ACC_KV: tl.constexpr, DQ_SLOTS: tl.constexpr = False, DQ_DIAG: tl.constexpr = 0, TILED: tl.constexpr = False,
-    PART: tl.constexpr = 0,
+    PART: tl.constexpr = 0, SKIP: tl.constexpr = False,
 ):
     # KV heads [HK0, HK0 + HKVC) of this launch, and of their query heads those in
     # [QH0, QH0 + QHC) (all of them unless the launch splits a GQA group: split_group); the j-th
@@ -276,6 +276,8 @@ def _dkdv_kernel(
     # atomic sums give a wrong dv now and then on an H200, cause not found).
     # PART (BwdConfig.split_dv): 0 dK and dV; 1 dV alone, 2 dK (and the fused dQ) alone: two
     # launches over the same programs, each with half the accumulators.
+    # SKIP (BwdConfig.skip_unseen, with SPLIT): the sub-tile's program does not walk the rows that
+    # precede its first key. Never with dq_slots, whose programs must store every selected slot.
     if SUB_MAJOR:
         # One 1-D grid with the key sub-tiles of a block adjacent: the NSUB programs that read
         # the same gathered rows (and, with FUSE_DQ, add into the same dQ rows) run at the same
@@ -331,6 +333,7 @@ def _dkdv_kernel(
             r_lo = r_lo + tl.minimum(tl.maximum(c0 - cum, 0), n)
             cum += n
         r_mid = r_lo
+        r_start = r_lo
         if SPLIT:
             # A bucket's rows are in token order, so by position where the caller says
             # positions are sorted (sorted_positions: documents): the rows that need the
@@ -346,10 +349,19 @@ def _dkdv_kernel(
                 else:
                     p0 = tl.load(QPOS + tl.load(ENT + r_lo, mask=has, other=0) // (H * W), mask=has, other=-1)
                 hi_s = tl.where(p0 >= thr, r_lo, r_hi)
-            r_mid = _first_row_at(ENT, QPOS, QPG, e0, r_lo, hi_s, thr, H * W, GATHERED)
-            r_mid = r_lo + tl.cdiv(r_mid - r_lo, BM) * BM
+            r_see = _first_row_at(ENT, QPOS, QPG, e0, r_lo, hi_s, thr, H * W, GATHERED)
+            r_mid = r_lo + tl.cdiv(r_see - r_lo, BM) * BM
+            if SKIP:
+                if n0 > 0:
+                    # The rows before the sub-tile's first key (the block's own rows that precede
+                    # it: n0 of them in a block's bucket) see none of its keys, so P = 0 there and
+                    # they add exactly nothing: the masked loop starts at the first row that sees
+                    # one, moved back to a whole number of steps before r_mid (so no row is walked
+                    # by both loops; the rows it moves back over are unseen ones too).
+                    r_first = _first_row_at(ENT, QPOS, QPG, e0, r_lo, r_see, kp0 + n0, H * W, GATHERED)
+                    r_start = r_mid - tl.cdiv(r_mid - r_first, BM) * BM
         r_mask_end = r_mid if SPLIT else r_hi
-        for r0 in range(r_lo, r_mask_end, BM):
+        for r0 in range(r_start, r_mask_end, BM):
             dk, dv = _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG, QPG, DQG, DQGD, e0,
                                 r0, r_hi, h, H, W, QH0, QHC, k, v, kk, kmask, kp0, dk, dv, stride_qt, stride_qh,
                                 stride_dot, stride_doh, stride_dqt, scale, scale_log2, BM, D, True, FUSE_DQ, PREC,
@@ -759,7 +771,9 @@ def sparse_attn_bwd(
                 PREC=prec, TRANS=cfg.trans, SPLIT=cfg.split_mask and sorted_positions, GATHERED=cfg.gather_rows,
                 TMA=cfg.tma, SUB_MAJOR=cfg.sub_major, DQ_ROWS=cfg.dq_rows and dq_here, TMA_DQ=cfg.tma_dq and dq_here,
                 DQ_TRANS=cfg.dq_trans, ACC_KV=acc_kv, DQ_SLOTS=cfg.dq_slots and dq_here, DQ_DIAG=diag_dq,
-                TILED=cut is not None, PART=part, num_warps=warps, num_stages=n_stages,
+                TILED=cut is not None, PART=part,
+                SKIP=cfg.skip_unseen and cfg.split_mask and sorted_positions and not cfg.dq_slots,
+                num_warps=warps, num_stages=n_stages,
             )
         if cut is not None:
             cut.store(dk, dv, gi, hk0, nkv, hkv, blocks, d, acc_kv)

@@ -207,7 +207,14 @@ class BwdConfig:
     larger steps could relieve. Off: measured on one H200 (session 25,
     ``moba_tune_h200_2026-12-05_session25_options.log``) it lost at every shape, by 6-44% (d=64 block
     1024, 128K: 62.4, 60.7 with ``dv_bm=64``, against 56.1-56.4 ms): the second read of K and the rows
-    costs more than the spills it removes."""
+    costs more than the spills it removes.
+    ``skip_unseen`` (with ``split_mask`` where positions are sorted): a key sub-tile's program
+    starts its masked loop at the first row that sees one of its keys. A block's bucket begins
+    with the block's own rows, and the ``n0`` of them before sub-tile ``n0 / bnb``'s first key see
+    none of it (their P is 0), so walking them only costs time: at block 1024 the 8 sub-tiles
+    walk ~448 such rows on average (~14 steps of 32) against a mean bucket of ~11.8K rows at 128K
+    (top-12), ~4%; at 32K (block 512, top-3) ~6 steps of ~64. Exact: the skipped steps add zeros.
+    Not with ``dq_slots`` (its programs store every row's slot; a block is one sub-tile there anyway)."""
 
     bnb: int = 0
     bm: int = 64
@@ -235,6 +242,7 @@ class BwdConfig:
     split_dv: bool = False
     dv_bm: int = 0
     dv_warps: int = 0
+    skip_unseen: bool = True
 
     def __post_init__(self):
         if self.split_dv and self.tma and self.dv_bm not in (0, self.bm):
