@@ -1433,6 +1433,36 @@ def test_gpu_cut_backward_is_deterministic(d, b):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("d,b,hq,hkv", [(64, 1024, 16, 4), (64, 512, 6, 6), (128, 512, 32, 8)])
+def test_gpu_skipping_unseen_rows_keeps_dk_dv_bits(d, b, hq, hkv):
+    """``bwd.skip_unseen`` on the GPU at the training shapes' tilings (bf16, two documents, the
+    default config for the length): dK and dV are accumulated in each program's registers in row
+    order, so skipping the rows that add zeros leaves them bit for bit; dQ is summed by TMA
+    reductions in whatever order the programs finish, so it is compared within the bf16 rounding
+    of one ulp of its largest element."""
+    docs = [5000, 11384]
+    t = sum(docs)
+    q, k, v = _inputs(t, hq, hkv, d, torch.bfloat16, seed=d + b, device="cuda")
+    do = torch.randn(t, hq, d, generator=torch.Generator().manual_seed(5)).to("cuda", torch.bfloat16)
+    cu = _cu(docs, device="cuda")
+    idx = tb.select_blocks(q, k, block_size=b, topk=3, cu_seqlens=cu)
+    base = choose_config(b, d, hq // hkv, t, True)
+
+    def grads(skip):
+        qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+        o, _ = tb.block_attn(qq, kk, vv, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
+                             config=base.replace(bwd={"skip_unseen": skip}))
+        (o * do).sum().backward()
+        return qq.grad, kk.grad, vv.grad
+
+    on, off = grads(True), grads(False)
+    assert base.bwd.split_mask and base.bwd.skip_unseen
+    assert torch.equal(on[1], off[1]) and torch.equal(on[2], off[2])
+    tol = off[0].float().abs().max().item() * 2 ** -7
+    assert (on[0].float() - off[0].float()).abs().max().item() <= tol
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("gate", [{"split_edges": True, "prefilter": True, "loop": "while"},
                                   {"split_edges": False, "prefilter": False, "loop": "while"},
                                   {"split_edges": True, "prefilter": False, "loop": "while", "slots": 16},
