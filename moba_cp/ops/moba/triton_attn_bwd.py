@@ -158,17 +158,32 @@ def _load_rows(Q, DO, LSE, DELTA, QPOS, ENT, rr, rmask, h, H, W, stride_qt, stri
 
 
 @triton.jit
-def _first_row_at(ENT, QPOS, QPG, e0, r_lo, r_hi, thr, HW, GATHERED: tl.constexpr):
-    """First index in ``[r_lo, r_hi]`` whose entry's query position is ``>= thr`` (binary search;
-    the rows' positions are nondecreasing). ``GATHERED``: positions read from ``QPG[r - e0]``."""
+def _pos_at(ENT, QPOS, QPG, e0, r, ok, HW, GATHERED: tl.constexpr):
+    """The query position of bucket row ``r`` (0 where ``ok`` is false)."""
+    if GATHERED:
+        return tl.load(QPG + (r - e0), mask=ok, other=0)
+    return tl.load(QPOS + tl.load(ENT + r, mask=ok, other=0) // HW, mask=ok, other=0)
+
+
+@triton.jit
+def _first_row_at(ENT, QPOS, QPG, e0, r_lo, r_hi, thr, guess, HW, GATHERED: tl.constexpr):
+    """First index in ``[r_lo, r_hi]`` whose entry's query position is ``>= thr`` (``r_hi`` if
+    none; the rows' positions are nondecreasing). ``guess`` is tried first with two independent
+    loads (it is the answer when the row before it is below ``thr`` and it is not), else a binary
+    search of up to ~16 dependent loads. A bucket starts with its block's own rows, one per
+    position from the block's first, so ``r_lo + thr - kp0`` is the answer there.
+    ``GATHERED``: positions read from ``QPG[r - e0]``."""
     lo = r_lo
     hi = r_hi
+    inr = (guess >= lo) & (guess <= hi)
+    before = _pos_at(ENT, QPOS, QPG, e0, guess - 1, inr & (guess > lo), HW, GATHERED)
+    at = _pos_at(ENT, QPOS, QPG, e0, guess, inr & (guess < hi), HW, GATHERED)
+    if inr & ((guess == lo) | (before < thr)) & ((guess == hi) | (at >= thr)):
+        lo = guess
+        hi = guess
     while lo < hi:
         mid = (lo + hi) // 2
-        if GATHERED:
-            p = tl.load(QPG + (mid - e0))
-        else:
-            p = tl.load(QPOS + tl.load(ENT + mid) // HW)
+        p = _pos_at(ENT, QPOS, QPG, e0, mid, True, HW, GATHERED)
         if p >= thr:
             hi = mid
         else:
@@ -349,7 +364,7 @@ def _dkdv_kernel(
                 else:
                     p0 = tl.load(QPOS + tl.load(ENT + r_lo, mask=has, other=0) // (H * W), mask=has, other=-1)
                 hi_s = tl.where(p0 >= thr, r_lo, r_hi)
-            r_see = _first_row_at(ENT, QPOS, QPG, e0, r_lo, hi_s, thr, H * W, GATHERED)
+            r_see = _first_row_at(ENT, QPOS, QPG, e0, r_lo, hi_s, thr, r_lo + thr - kp0, H * W, GATHERED)
             r_mid = r_lo + tl.cdiv(r_see - r_lo, BM) * BM
             if SKIP:
                 if n0 > 0:
@@ -358,7 +373,7 @@ def _dkdv_kernel(
                     # they add exactly nothing: the masked loop starts at the first row that sees
                     # one, moved back to a whole number of steps before r_mid (so no row is walked
                     # by both loops; the rows it moves back over are unseen ones too).
-                    r_first = _first_row_at(ENT, QPOS, QPG, e0, r_lo, r_see, kp0 + n0, H * W, GATHERED)
+                    r_first = _first_row_at(ENT, QPOS, QPG, e0, r_lo, r_see, kp0 + n0, r_lo + n0, H * W, GATHERED)
                     r_start = r_mid - tl.cdiv(r_mid - r_first, BM) * BM
         r_mask_end = r_mid if SPLIT else r_hi
         for r0 in range(r_start, r_mask_end, BM):
