@@ -117,16 +117,29 @@ def test_analyze_selection_equals_brute_force(analysed):
     assert report["num_seqs"] == NSEQ and report["cps"] == list(CPS) and report["block_size"] == B
     brute = run_distributed(_brute_force, 1, args=(str(tmp / "run"), str(tmp / "cache")), timeout=400)[0]
     assert sorted(brute) == [lay["layer"] for lay in report["layers"]] == [1, 2]
+    # The tool and the brute force select in two processes from the same checkpoint; once in many
+    # suite runs (session 31: previous_block 0.199488 against 0.199623, one selection of ~7,400)
+    # a near-tie between the k-th and the next block's scores fell the other way, as fp32 CPU GEMMs
+    # may round differently from one process to the next. So counts may differ by a few such
+    # flips (FLIPS selections), never more: a wrong count is off by far more than that.
+    FLIPS = 3
     for lay in report["layers"]:
         ref = brute[lay["layer"]]
         d = lay["distance"]
         assert d["selections"] == ref["n"] > 0
-        assert d["previous_block"] == pytest.approx(ref["prev"]) and d["first_block"] == pytest.approx(ref["first"])
+        flip = FLIPS / ref["n"]
+        assert d["previous_block"] == pytest.approx(ref["prev"], abs=flip)
+        assert d["first_block"] == pytest.approx(ref["first"], abs=flip)
         assert sum(d["histogram"].values()) == ref["n"]
         for r in TILES:
             t, tr = lay["query_tiles"][str(r)], ref["tiles"][r]
-            assert {key: t[key] for key in tr} == tr, (lay["layer"], r)
-            assert t["work_ratio"] == pytest.approx(tr["tile_work"] / tr["row_work"]) and t["work_ratio"] >= 1
+            # a flip keeps the number of selections (row_work) and the past (avail); it moves a
+            # tile's union by at most 1 and so its work by at most r rows
+            assert (t["row_work"], t["avail"]) == (tr["row_work"], tr["avail"]), (lay["layer"], r)
+            assert abs(t["union"] - tr["union"]) <= FLIPS and abs(t["tile_work"] - tr["tile_work"]) <= FLIPS * r, \
+                (lay["layer"], r, {key: (t[key], tr[key]) for key in tr})
+            assert t["work_ratio"] == pytest.approx(tr["tile_work"] / tr["row_work"], rel=FLIPS * r / tr["row_work"])
+            assert t["work_ratio"] >= 1
             assert 0 < t["union_fraction"] <= 1
         for cp in CPS:
             e = lay["cp"][str(cp)]
