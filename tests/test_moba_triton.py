@@ -271,7 +271,8 @@ PATH_CONFIGS = {
                                                 BwdConfig(bnb=16, bm=16, fuse_dq=False, split_mask=True, dq_bm=16,
                                                           dq_bn=16)),
     "partials-fused-dq-split-mask": KernelConfig(FwdConfig(method="partials", **SMALL),
-                                                 BwdConfig(bnb=16, bm=16, fuse_dq=True, split_mask=True)),
+                                                 BwdConfig(bnb=16, bm=16, fuse_dq=True, split_mask=True,
+                                                           skip_unseen=True)),
     "gathered-rows-split-kv-chunks": KernelConfig(FwdConfig(method="partials", **SMALL),
                                                   BwdConfig(bnb=16, bm=16, fuse_dq=False, split_mask=True,
                                                             gather_rows=True, dq_chunk_bytes=1, dq_bm=16, dq_bn=16)),
@@ -279,7 +280,8 @@ PATH_CONFIGS = {
                                            BwdConfig(bnb=16, bm=16, fuse_dq=True, gather_rows=True)),
     "gathered-rows-tma-split": KernelConfig(FwdConfig(method="partials", **SMALL),
                                             BwdConfig(bnb=16, bm=16, fuse_dq=False, split_mask=True, gather_rows=True,
-                                                      tma=True, dq_chunk_bytes=1, dq_bm=16, dq_bn=16)),
+                                                      tma=True, dq_chunk_bytes=1, dq_bm=16, dq_bn=16,
+                                                      skip_unseen=True)),
     "gathered-rows-sub-major-fused-dq-split": KernelConfig(FwdConfig(method="partials", **SMALL),
                                                            BwdConfig(bnb=16, bm=16, fuse_dq=True, split_mask=True,
                                                                      gather_rows=True, sub_major=True,
@@ -288,7 +290,7 @@ PATH_CONFIGS = {
                                       BwdConfig(bnb=16, bm=16, fuse_dq=False, sub_major=True, dq_bm=16, dq_bn=16)),
     "dq-rows-split-kv-chunks": KernelConfig(FwdConfig(method="partials", **SMALL),
                                             BwdConfig(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True,
-                                                      dq_chunk_bytes=1)),
+                                                      dq_chunk_bytes=1, skip_unseen=True)),
     "dq-rows-sub-major-untransposed": KernelConfig(FwdConfig(method="two_pass", **SMALL),
                                                    BwdConfig(bnb=16, bm=16, trans=False, gather_rows=True,
                                                              dq_rows=True, sub_major=True)),
@@ -321,7 +323,7 @@ PATH_CONFIGS = {
     "split-dv-dq-rows-split-group-cut": KernelConfig(
         FwdConfig(method="partials", **SMALL),
         BwdConfig(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, dq_chunk_bytes=1, split_group=True,
-                  max_rows=16, split_dv=True)),
+                  max_rows=16, split_dv=True, skip_unseen=True)),
     "split-dv-fused-dq-untransposed": KernelConfig(FwdConfig(method="two_pass", **SMALL),
                                                    BwdConfig(bnb=32, bm=16, fuse_dq=True, trans=False, split_dv=True,
                                                              dv_warps=2)),
@@ -360,7 +362,8 @@ def test_skipping_unseen_rows_changes_no_bit(bwd):
     are the same bits with it on or off (fp32). Blocks of 64 keys are four 16-key sub-tiles, so
     the later ones skip up to 48 of the block's own rows; two documents, GQA, a short last block,
     and (second case) blocks cut into 16-row programs whose tiles start inside the skipped rows.
-    (The same paths against the oracle, skip on by default: ``test_kernel_paths_match_naive``.)"""
+    (Paths with the skip on against the oracle: ``test_kernel_paths_match_naive``, e.g.
+    ``dq-rows-split-kv-chunks``.)"""
     docs, b, hq, hkv, d, topk = [150, 90], 64, 4, 2, 16, 2
     t = sum(docs)
     q, k, v = _inputs(t, hq, hkv, d, torch.float32, seed=31)
@@ -1436,7 +1439,7 @@ def test_gpu_cut_backward_is_deterministic(d, b):
 @pytest.mark.parametrize("d,b,hq,hkv", [(64, 1024, 16, 4), (64, 512, 6, 6), (128, 512, 32, 8)])
 def test_gpu_skipping_unseen_rows_keeps_dk_dv_bits(d, b, hq, hkv):
     """``bwd.skip_unseen`` on the GPU at the training shapes' tilings (bf16, two documents, the
-    default config for the length): dK and dV are accumulated in each program's registers in row
+    default config for the length, with the skip on and off): dK and dV are accumulated in each program's registers in row
     order, so skipping the rows that add zeros leaves them bit for bit; dQ is summed by TMA
     reductions in whatever order the programs finish, so it is compared within the bf16 rounding
     of one ulp of its largest element."""
@@ -1456,7 +1459,7 @@ def test_gpu_skipping_unseen_rows_keeps_dk_dv_bits(d, b, hq, hkv):
         return qq.grad, kk.grad, vv.grad
 
     on, off = grads(True), grads(False)
-    assert base.bwd.split_mask and base.bwd.skip_unseen
+    assert base.bwd.split_mask  # (the skip needs the mask split)
     assert torch.equal(on[1], off[1]) and torch.equal(on[2], off[2])
     tol = off[0].float().abs().max().item() * 2 ** -7
     assert (on[0].float() - off[0].float()).abs().max().item() <= tol

@@ -166,21 +166,22 @@ def _pos_at(ENT, QPOS, QPG, e0, r, ok, HW, GATHERED: tl.constexpr):
 
 
 @triton.jit
-def _first_row_at(ENT, QPOS, QPG, e0, r_lo, r_hi, thr, guess, HW, GATHERED: tl.constexpr):
+def _first_row_at(ENT, QPOS, QPG, e0, r_lo, r_hi, thr, guess, HW, GATHERED: tl.constexpr, TRY: tl.constexpr):
     """First index in ``[r_lo, r_hi]`` whose entry's query position is ``>= thr`` (``r_hi`` if
     none; the rows' positions are nondecreasing). ``guess`` is tried first with two independent
     loads (it is the answer when the row before it is below ``thr`` and it is not), else a binary
     search of up to ~16 dependent loads. A bucket starts with its block's own rows, one per
-    position from the block's first, so ``r_lo + thr - kp0`` is the answer there.
-    ``GATHERED``: positions read from ``QPG[r - e0]``."""
+    position from the block's first, so ``r_lo + thr - kp0`` is the answer there. ``TRY`` off:
+    the binary search alone (``guess`` unused). ``GATHERED``: positions read from ``QPG[r - e0]``."""
     lo = r_lo
     hi = r_hi
-    inr = (guess >= lo) & (guess <= hi)
-    before = _pos_at(ENT, QPOS, QPG, e0, guess - 1, inr & (guess > lo), HW, GATHERED)
-    at = _pos_at(ENT, QPOS, QPG, e0, guess, inr & (guess < hi), HW, GATHERED)
-    if inr & ((guess == lo) | (before < thr)) & ((guess == hi) | (at >= thr)):
-        lo = guess
-        hi = guess
+    if TRY:
+        inr = (guess >= lo) & (guess <= hi)
+        before = _pos_at(ENT, QPOS, QPG, e0, guess - 1, inr & (guess > lo), HW, GATHERED)
+        at = _pos_at(ENT, QPOS, QPG, e0, guess, inr & (guess < hi), HW, GATHERED)
+        if inr & ((guess == lo) | (before < thr)) & ((guess == hi) | (at >= thr)):
+            lo = guess
+            hi = guess
     while lo < hi:
         mid = (lo + hi) // 2
         p = _pos_at(ENT, QPOS, QPG, e0, mid, True, HW, GATHERED)
@@ -292,7 +293,8 @@ def _dkdv_kernel(
     # PART (BwdConfig.split_dv): 0 dK and dV; 1 dV alone, 2 dK (and the fused dQ) alone: two
     # launches over the same programs, each with half the accumulators.
     # SKIP (BwdConfig.skip_unseen, with SPLIT): the sub-tile's program does not walk the rows that
-    # precede its first key. Never with dq_slots, whose programs must store every selected slot.
+    # precede its first key, and the searches try the row the block's own rows predict first
+    # (off: guess -1, never tried). Never with dq_slots, whose programs must store every selected slot.
     if SUB_MAJOR:
         # One 1-D grid with the key sub-tiles of a block adjacent: the NSUB programs that read
         # the same gathered rows (and, with FUSE_DQ, add into the same dQ rows) run at the same
@@ -364,7 +366,7 @@ def _dkdv_kernel(
                 else:
                     p0 = tl.load(QPOS + tl.load(ENT + r_lo, mask=has, other=0) // (H * W), mask=has, other=-1)
                 hi_s = tl.where(p0 >= thr, r_lo, r_hi)
-            r_see = _first_row_at(ENT, QPOS, QPG, e0, r_lo, hi_s, thr, r_lo + thr - kp0, H * W, GATHERED)
+            r_see = _first_row_at(ENT, QPOS, QPG, e0, r_lo, hi_s, thr, r_lo + thr - kp0, H * W, GATHERED, SKIP)
             r_mid = r_lo + tl.cdiv(r_see - r_lo, BM) * BM
             if SKIP:
                 if n0 > 0:
@@ -373,7 +375,8 @@ def _dkdv_kernel(
                     # they add exactly nothing: the masked loop starts at the first row that sees
                     # one, moved back to a whole number of steps before r_mid (so no row is walked
                     # by both loops; the rows it moves back over are unseen ones too).
-                    r_first = _first_row_at(ENT, QPOS, QPG, e0, r_lo, r_see, kp0 + n0, r_lo + n0, H * W, GATHERED)
+                    r_first = _first_row_at(ENT, QPOS, QPG, e0, r_lo, r_see, kp0 + n0, r_lo + n0, H * W, GATHERED,
+                                             True)
                     r_start = r_mid - tl.cdiv(r_mid - r_first, BM) * BM
         r_mask_end = r_mid if SPLIT else r_hi
         for r0 in range(r_start, r_mask_end, BM):

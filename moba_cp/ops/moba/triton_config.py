@@ -214,7 +214,10 @@ class BwdConfig:
     none of it (their P is 0), so walking them only costs time: at block 1024 the 8 sub-tiles
     walk ~448 such rows on average (~14 steps of 32) against a mean bucket of ~11.8K rows at 128K
     (top-12), ~4%; at 32K (block 512, top-3) ~6 steps of ~64. Exact: the skipped steps add zeros.
-    Not with ``dq_slots`` (its programs store every row's slot; a block is one sub-tile there anyway)."""
+    Not with ``dq_slots`` (its programs store every row's slot; a block is one sub-tile there anyway).
+    With it, both searches for the loops' bounds first try the row the block's own rows predict
+    (two independent loads, checked) before the binary search. Off until it has run on a GPU
+    (built in session 32 when none was lent; ``benchmarks/NOTES_moba_kernels.md``)."""
 
     bnb: int = 0
     bm: int = 64
@@ -242,7 +245,7 @@ class BwdConfig:
     split_dv: bool = False
     dv_bm: int = 0
     dv_warps: int = 0
-    skip_unseen: bool = True
+    skip_unseen: bool = False
 
     def __post_init__(self):
         if self.split_dv and self.tma and self.dv_bm not in (0, self.bm):
