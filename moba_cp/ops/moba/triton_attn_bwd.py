@@ -294,7 +294,7 @@ def _dkdv_kernel(
     # launches over the same programs, each with half the accumulators.
     # SKIP (BwdConfig.skip_unseen, with SPLIT): the sub-tile's program does not walk the rows that
     # precede its first key, and the searches try the row the block's own rows predict first
-    # (off: guess -1, never tried). Never with dq_slots, whose programs must store every selected slot.
+    # (off: the binary search alone). Never with dq_slots, whose programs must store every selected slot.
     if SUB_MAJOR:
         # One 1-D grid with the key sub-tiles of a block adjacent: the NSUB programs that read
         # the same gathered rows (and, with FUSE_DQ, add into the same dQ rows) run at the same
