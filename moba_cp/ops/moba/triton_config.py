@@ -216,8 +216,12 @@ class BwdConfig:
     (top-12), ~4%; at 32K (block 512, top-3) ~6 steps of ~64. Exact: the skipped steps add zeros.
     Not with ``dq_slots`` (its programs store every row's slot; a block is one sub-tile there anyway).
     With it, both searches for the loops' bounds first try the row the block's own rows predict
-    (two independent loads, checked) before the binary search. Off until it has run on a GPU
-    (built in session 32 when none was lent; ``benchmarks/NOTES_moba_kernels.md``)."""
+    (two independent loads, checked) before the binary search. On by default since session 33
+    (one H100, ``moba_tune_h100_2026-12-06_session33_skip_unseen.log``, off / on / off / on / off):
+    backward 57.6/59.4/58.0 against 55.0/55.2 ms at 128K block 1024 top-12 (d=64), 2.56-2.58
+    against 2.27-2.28 at 32K block 512 top-3, 0.92 against 0.83-0.84 at 4 x 8K, 9.03-9.13 against
+    8.13-8.19 at d=128 block 512 32K, 595.5-597.0 against 562.3-566.2 at d=128 block 4096 128K;
+    in training (same H100) 32K 164.4K -> 169.3K tok/s, 8K 1.61M -> 1.63-1.64M."""
 
     bnb: int = 0
     bm: int = 64
@@ -245,7 +249,7 @@ class BwdConfig:
     split_dv: bool = False
     dv_bm: int = 0
     dv_warps: int = 0
-    skip_unseen: bool = False
+    skip_unseen: bool = True
 
     def __post_init__(self):
         if self.split_dv and self.tma and self.dv_bm not in (0, self.bm):
