@@ -19,7 +19,7 @@ from moba_cp.ops.moba import partial as partial_mod
 
 triton = pytest.importorskip("triton")
 tb = pytest.importorskip("moba_cp.ops.moba.triton_backend")
-from moba_cp.ops.moba.triton_attn_bwd import sparse_attn_bwd  # noqa: E402
+from moba_cp.ops.moba.triton_attn_bwd import _head_chunks, sparse_attn_bwd  # noqa: E402
 from moba_cp.ops.moba.triton_attn_fwd import sparse_attn_fwd  # noqa: E402
 from moba_cp.ops.moba.triton_common import build_gather_index, doc_tables  # noqa: E402
 from moba_cp.ops.moba.triton_config import (BwdConfig, FwdConfig, GateConfig, KernelConfig, choose_config,  # noqa: E402
@@ -373,6 +373,38 @@ def test_skipping_unseen_rows_changes_no_bit(bwd):
 
     def grads(skip):
         cfg = KernelConfig(FwdConfig(method="partials", **SMALL), BwdConfig(**bwd, skip_unseen=skip))
+        qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+        o, _ = tb.block_attn(qq, kk, vv, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5, config=cfg)
+        (o * do).sum().backward()
+        return qq.grad, kk.grad, vv.grad
+
+    on, off = grads(True), grads(False)
+    for name, a, z in zip(("dq", "dk", "dv"), on, off):
+        assert torch.equal(a, z), f"{name}: max |diff| {(a - z).abs().max().item()}"
+
+
+@pytest.mark.parametrize("bwd", [
+    dict(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, sub_major=True, dq_chunk_bytes=1,
+         split_group=True, max_rows=16),
+    dict(bnb=64, bm=16, dq_slots=True, gather_rows=True, split_mask=True, dq_chunk_bytes=1),
+    dict(bnb=16, bm=16, fuse_dq=False, split_mask=True, gather_rows=True, dq_chunk_bytes=1, dq_bm=16, dq_bn=16),
+], ids=["dq-rows-split-group-cut", "dq-slots", "dq-kernel"])
+def test_overlapping_the_next_launch_row_copy_changes_no_bit(bwd):
+    """``bwd.overlap_rows``: each launch's memory passes (dQ scratch fills, the bucket-order row
+    copy) are made before the previous launch's dK/dV runs instead of after it (on a GPU, on a
+    second stream). Every launch still reads its own buffers, so dq, dk and dv are the same bits
+    (fp32) with it on or off; ``dq_chunk_bytes=1`` makes one launch per query head (first case,
+    GQA groups split, dK/dV summed over launches) or per KV head."""
+    docs, b, hq, hkv, d, topk = [150, 90], 64, 4, 2, 16, 2
+    t = sum(docs)
+    assert len(_head_chunks(t, hkv, hq // hkv, topk, d, 4, True, BwdConfig(**bwd))) > 1
+    q, k, v = _inputs(t, hq, hkv, d, torch.float32, seed=41)
+    do = torch.randn(t, hq, d, generator=torch.Generator().manual_seed(42)).to(DEV)
+    cu = _cu(docs)
+    idx = naive.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu)
+
+    def grads(overlap):
+        cfg = KernelConfig(FwdConfig(method="partials", **SMALL), BwdConfig(**bwd, overlap_rows=overlap))
         qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
         o, _ = tb.block_attn(qq, kk, vv, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5, config=cfg)
         (o * do).sum().backward()
@@ -1460,6 +1492,37 @@ def test_gpu_skipping_unseen_rows_keeps_dk_dv_bits(d, b, hq, hkv):
 
     on, off = grads(True), grads(False)
     assert base.bwd.split_mask  # (the skip needs the mask split)
+    assert torch.equal(on[1], off[1]) and torch.equal(on[2], off[2])
+    tol = off[0].float().abs().max().item() * 2 ** -7
+    assert (on[0].float() - off[0].float()).abs().max().item() <= tol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,b,hq,hkv", [(64, 1024, 16, 4), (64, 512, 6, 6), (128, 512, 32, 8)])
+def test_gpu_overlapping_row_copies_keeps_dk_dv_bits(d, b, hq, hkv):
+    """``bwd.overlap_rows`` on the GPU: the next launch's fills and row copy on a second stream
+    while this launch's dK/dV runs. Launches of 16 MiB of rows (several per call) at the training
+    shapes' tilings, bf16, two documents: dK and dV are the same bits as with one stream (each
+    launch reads its own buffers once they are ready, and dK/dV are summed in program order); dQ,
+    summed by TMA reductions in any order, within one bf16 ulp of its largest element."""
+    docs = [5000, 11384]
+    t = sum(docs)
+    q, k, v = _inputs(t, hq, hkv, d, torch.bfloat16, seed=d + b + 1, device="cuda")
+    do = torch.randn(t, hq, d, generator=torch.Generator().manual_seed(6)).to("cuda", torch.bfloat16)
+    cu = _cu(docs, device="cuda")
+    idx = tb.select_blocks(q, k, block_size=b, topk=3, cu_seqlens=cu)
+    base = choose_config(b, d, hq // hkv, t, True).replace(bwd={"dq_chunk_bytes": 16 << 20})
+    assert len(_head_chunks(t, hkv, hq // hkv, idx.shape[-1], d, 2, False, base.bwd, 2)) > 1
+
+    def grads(overlap):
+        qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+        o, _ = tb.block_attn(qq, kk, vv, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
+                             config=base.replace(bwd={"overlap_rows": overlap}))
+        (o * do).sum().backward()
+        torch.cuda.synchronize()
+        return qq.grad, kk.grad, vv.grad
+
+    on, off = grads(True), grads(False)
     assert torch.equal(on[1], off[1]) and torch.equal(on[2], off[2])
     tol = off[0].float().abs().max().item() * 2 ** -7
     assert (on[0].float() - off[0].float()).abs().max().item() <= tol
