@@ -228,7 +228,11 @@ class BwdConfig:
     two: at 128K (block 1024, one query head a launch) those passes are ~6 ms a layer of DRAM
     traffic between 16 compute-bound launches. Costs one more launch's buffers alive at a time
     (~0.9 GB there). The same kernels on the same inputs, so the same bits; eager CUDA calls only
-    (a CUDA graph capture keeps one stream). Off until measured (session 33)."""
+    (a CUDA graph capture keeps one stream). Off: measured on one H100 (session 33,
+    ``moba_tune_h100_2026-12-06_session33_overlap_rows.log``, default first, between and last) it
+    did not help: 57.5 and 56.0 against 55.2/55.3/57.1 ms at 128K block 1024 (transient peak 2.21
+    against 1.44 GiB), 571.6 and 586.1 against 571.8/582.8/596.0 at d=128 block 4096 128K. The
+    passes contend with the dK/dV kernel for the SMs and DRAM rather than filling idle time."""
 
     bnb: int = 0
     bm: int = 64
