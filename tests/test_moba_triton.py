@@ -351,6 +351,31 @@ def test_kernel_paths_head_dim_64_and_empty_doc(name):
     test_block_attn_fwd_bwd_matches_naive((150, 2, 1, 64, 32, 3, [40, 0, 110]), config=PATH_CONFIGS[name])
 
 
+#: The small case of the bitwise option tests: two documents (150 and 90 tokens, a short last
+#: block), GQA 4/2, head dim 16, blocks of 64 keys, top-2.
+TWO_DOCS = dict(docs=[150, 90], b=64, hq=4, hkv=2, d=16, topk=2)
+
+
+def _two_doc_grads(bwd: BwdConfig, seed: int):
+    """dq, dk, dv (fp32) of the partials forward and the backward ``bwd`` on the ``TWO_DOCS`` case."""
+    docs, b, hq, hkv, d, topk = (TWO_DOCS[n] for n in ("docs", "b", "hq", "hkv", "d", "topk"))
+    t = sum(docs)
+    q, k, v = _inputs(t, hq, hkv, d, torch.float32, seed=seed)
+    do = torch.randn(t, hq, d, generator=torch.Generator().manual_seed(seed + 1)).to(DEV)
+    cu = _cu(docs)
+    idx = naive.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu)
+    cfg = KernelConfig(FwdConfig(method="partials", **SMALL), bwd)
+    qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+    o, _ = tb.block_attn(qq, kk, vv, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5, config=cfg)
+    (o * do).sum().backward()
+    return qq.grad, kk.grad, vv.grad
+
+
+def _assert_same_bits(on, off):
+    for name, a, z in zip(("dq", "dk", "dv"), on, off):
+        assert torch.equal(a, z), f"{name}: max |diff| {(a - z).abs().max().item()}"
+
+
 @pytest.mark.parametrize("bwd", [
     dict(bnb=16, bm=16, fuse_dq=True, split_mask=True),
     dict(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, sub_major=True, dq_chunk_bytes=1,
@@ -364,23 +389,8 @@ def test_skipping_unseen_rows_changes_no_bit(bwd):
     and (second case) blocks cut into 16-row programs whose tiles start inside the skipped rows.
     (Paths with the skip on against the oracle: ``test_kernel_paths_match_naive``, e.g.
     ``dq-rows-split-kv-chunks``.)"""
-    docs, b, hq, hkv, d, topk = [150, 90], 64, 4, 2, 16, 2
-    t = sum(docs)
-    q, k, v = _inputs(t, hq, hkv, d, torch.float32, seed=31)
-    do = torch.randn(t, hq, d, generator=torch.Generator().manual_seed(32)).to(DEV)
-    cu = _cu(docs)
-    idx = naive.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu)
-
-    def grads(skip):
-        cfg = KernelConfig(FwdConfig(method="partials", **SMALL), BwdConfig(**bwd, skip_unseen=skip))
-        qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
-        o, _ = tb.block_attn(qq, kk, vv, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5, config=cfg)
-        (o * do).sum().backward()
-        return qq.grad, kk.grad, vv.grad
-
-    on, off = grads(True), grads(False)
-    for name, a, z in zip(("dq", "dk", "dv"), on, off):
-        assert torch.equal(a, z), f"{name}: max |diff| {(a - z).abs().max().item()}"
+    _assert_same_bits(_two_doc_grads(BwdConfig(**bwd, skip_unseen=True), seed=31),
+                      _two_doc_grads(BwdConfig(**bwd, skip_unseen=False), seed=31))
 
 
 @pytest.mark.parametrize("bwd", [
@@ -395,24 +405,11 @@ def test_overlapping_the_next_launch_row_copy_changes_no_bit(bwd):
     second stream). Every launch still reads its own buffers, so dq, dk and dv are the same bits
     (fp32) with it on or off; ``dq_chunk_bytes=1`` makes one launch per query head (first case,
     GQA groups split, dK/dV summed over launches) or per KV head."""
-    docs, b, hq, hkv, d, topk = [150, 90], 64, 4, 2, 16, 2
-    t = sum(docs)
-    assert len(_head_chunks(t, hkv, hq // hkv, topk, d, 4, True, BwdConfig(**bwd))) > 1
-    q, k, v = _inputs(t, hq, hkv, d, torch.float32, seed=41)
-    do = torch.randn(t, hq, d, generator=torch.Generator().manual_seed(42)).to(DEV)
-    cu = _cu(docs)
-    idx = naive.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu)
-
-    def grads(overlap):
-        cfg = KernelConfig(FwdConfig(method="partials", **SMALL), BwdConfig(**bwd, overlap_rows=overlap))
-        qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
-        o, _ = tb.block_attn(qq, kk, vv, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5, config=cfg)
-        (o * do).sum().backward()
-        return qq.grad, kk.grad, vv.grad
-
-    on, off = grads(True), grads(False)
-    for name, a, z in zip(("dq", "dk", "dv"), on, off):
-        assert torch.equal(a, z), f"{name}: max |diff| {(a - z).abs().max().item()}"
+    c = TWO_DOCS
+    assert len(_head_chunks(sum(c["docs"]), c["hkv"], c["hq"] // c["hkv"], c["topk"], c["d"], 4, True,
+                            BwdConfig(**bwd))) > 1
+    _assert_same_bits(_two_doc_grads(BwdConfig(**bwd, overlap_rows=True), seed=41),
+                      _two_doc_grads(BwdConfig(**bwd, overlap_rows=False), seed=41))
 
 
 def test_whole_block_forward_skips_the_mask_only_for_tiles_after_a_full_block():
