@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Issue 13's training lines on ONE GPU (the targets name an H200), MoBA against full attention in
+# the same call, in the order that matters most when a call is cut short: 128K, then 8K, then 32K,
+# then the d=64 kernel table with cuDNN. Each part writes its table under $OUT as its rows finish.
+#
+#   OUT=/some/dir COMMIT=<sha> bash scripts/gpu/training_lines.sh          # (the device tool sets $OUT)
+#   OUT=/some/dir COMMIT=<sha> PARTS=128k MOBA_KERNEL="bwd.skip_unseen=false" bash scripts/gpu/training_lines.sh
+#
+# PARTS: comma-separated of 128k, 8k, 32k, table (default: all four; ~2.5 + 1.5 + 1 + 0.5 minutes on
+# an H200 by session 31-33's runs, a guess for a cold machine that compiles first). MOBA_KERNEL: a
+# ';'-separated list of moba.kernel overrides, each adding a MoBA row (an A/B against the default
+# in the same call; bench_train.py --moba-kernel). REPEATS_8K (default 2): pairs at 8K, whose
+# host-bound step scatters between processes. COMMIT: the commit line of the tables (a tree copied
+# to the GPU machine may carry no .git). The 128K step needs ~104 GiB: an H100 (80 GB) skips it.
+# Needs no network: megatron-core comes from ./.whl when it is not installed.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+source scripts/gpu/_gpu_env.sh
+COMMIT="${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+PARTS="${PARTS:-128k,8k,32k,table}"
+has() { [[ ",$PARTS," == *",$1,"* ]]; }
+mem_gib=$("$PY" -c "import torch; print(torch.cuda.get_device_properties(0).total_memory >> 30)")
+
+line() {  # line <part> <bench_train setting name> [more bench_train arguments...]
+  local part="$1" name="$2"
+  shift 2
+  "$PY" benchmarks/bench_train.py --only "$name" --commit "$COMMIT" ${MOBA_KERNEL:+--moba-kernel "$MOBA_KERNEL"} \
+    --out "$OUT/train_$part.md" "$@" > "$OUT/train_$part.log" 2>&1 || echo "part $part failed: see train_$part.log"
+  grep "^| \|^- " "$OUT/train_$part.md" 2>/dev/null || true
+}
+
+if has 128k; then
+  if (( mem_gib >= 120 )); then
+    line 128k "128K block 1024 top-12 (24 layers, hidden 1024)"
+  else
+    echo "part 128k skipped: the 128K step needs ~104 GiB and this GPU has ${mem_gib} GiB"
+  fi
+fi
+has 8k && line 8k "8K block 512 top-3 (6 layers, hidden 384, 6 heads)" --repeats "${REPEATS_8K:-2}"
+has 32k && line 32k "32K block 512 top-3 (24 layers, hidden 1024)"
+if has table; then
+  "$PY" benchmarks/bench_moba.py --suite train-b1024,train-b512,small-b512,paper-b512 --peers sdpa --sdpa cudnn \
+    --commit "$COMMIT" --out "$OUT/kernels_d64.md" > "$OUT/kernels_d64.log" 2>&1 || echo "part table failed: see kernels_d64.log"
+  cut -c1-220 "$OUT/kernels_d64.md" 2>/dev/null | grep "^| " || true
+fi
