@@ -29,8 +29,6 @@ Kernels, both over the same gather index as the forward:
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
@@ -607,35 +605,14 @@ def _slot_buffer(rows: int, d: int, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.empty(rows, d, dtype=dtype, device=device)
 
 
-def _on(stream: torch.cuda.Stream | None):
-    """``torch.cuda.stream(stream)``, or no change of stream for None."""
-    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-
-
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """One high-priority stream per GPU for ``BwdConfig.overlap_rows``: its memory passes are on the
-    critical path of the next launch, so their blocks go before the running dK/dV's queued ones."""
-    index = torch.device(device).index
-    index = torch.cuda.current_device() if index is None else index
-    if index not in _SIDE_STREAMS:
-        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index, priority=-1)
-    return _SIDE_STREAMS[index]
-
-
 def _gathered_rows(q, do, lse, delta, qpos, gi: GatherIndex, hq: int, width: int, nbk: int, h0: int, hc: int,
-                   n_rows: int, d: int, tma_rows: int = 0, inv: torch.Tensor | None = None,
-                   stream: torch.cuda.Stream | None = None):
+                   n_rows: int, d: int, tma_rows: int = 0, inv: torch.Tensor | None = None):
     """Copies of the rows of query heads ``[h0, h0 + hc)`` in bucket order (see
     ``_gather_rows_kernel``): ``(qg, dog [n_rows, D], qgd, dogd, lse2g, dlg [n_rows] fp32, qpg [n_rows]
     int32)``, ``n_rows`` a static bound (the used prefix is ``offs[(h0 + hc) * nbk] - offs[h0 * nbk]``).
     ``tma_rows`` > 0: ``qgd``/``dogd`` are tensor descriptors of ``tma_rows``-row tiles of qg/dog and
     the ``tma_rows`` rows after the used prefix are zeroed; else they are qg/dog themselves (unused).
-    ``inv``: an int32 ``[Tq, hc, W]`` filled with -1, given each selected entry's row in the copy.
-    ``stream``: launch the copy there (the buffers are allocated on the current stream either way,
-    which is the one that reads them; see ``BwdConfig.overlap_rows``)."""
+    ``inv``: an int32 ``[Tq, hc, W]`` filled with -1, given each selected entry's row in the copy."""
     dev = q.device
     qg = torch.empty(n_rows, d, dtype=q.dtype, device=dev)
     dog = torch.empty(n_rows, d, dtype=do.dtype, device=dev)
@@ -643,12 +620,11 @@ def _gathered_rows(q, do, lse, delta, qpos, gi: GatherIndex, hq: int, width: int
     dlg = torch.empty(n_rows, dtype=torch.float32, device=dev)
     qpg = torch.empty(n_rows, dtype=torch.int32, device=dev)
     br = 64
-    with _on(stream):
-        _gather_rows_kernel[(cdiv(n_rows, br),)](
-            q, do, lse, delta, qpos, gi.ent, gi.offs, qg, dog, lse2g, dlg, qpg, qpg if inv is None else inv,
-            q.stride(0), q.stride(1), do.stride(0), do.stride(1), hq, width, h0 * nbk, (h0 + hc) * nbk, n_rows, h0,
-            hc, BR=br, D=d, PAD=tma_rows, WRITE_INV=inv is not None, num_warps=4,
-        )
+    _gather_rows_kernel[(cdiv(n_rows, br),)](
+        q, do, lse, delta, qpos, gi.ent, gi.offs, qg, dog, lse2g, dlg, qpg, qpg if inv is None else inv, q.stride(0),
+        q.stride(1), do.stride(0), do.stride(1), hq, width, h0 * nbk, (h0 + hc) * nbk, n_rows, h0, hc, BR=br, D=d,
+        PAD=tma_rows, WRITE_INV=inv is not None, num_warps=4,
+    )
     if tma_rows:
         return (qg, dog, TensorDescriptor.from_tensor(qg, [tma_rows, d]), TensorDescriptor.from_tensor(dog, [tma_rows, d]),
                 lse2g, dlg, qpg)
@@ -769,62 +745,33 @@ def sparse_attn_bwd(
         dk, dv = (torch.empty(tk, hkv, d, dtype=torch.float32, device=dev) for _ in range(2))
     cut = _BlockCuts(cfg, nsub * bnb, d, max(nkv for _, nkv, _, _, _ in chunks) * blocks.n,
                      tq * width * max(hc for *_, hc, _ in chunks), dev) if cfg.max_rows else None
-    def prepare(h0: int, hc: int, stream: torch.cuda.Stream | None):
-        """A launch's buffers and memory passes (the dQ scratch and its fills, the row copy):
-        ``(dq_c, inv, dq_rows, rows, ready)``. Buffers are allocated on the current stream (the
-        one that reads them); with ``stream`` the fills and the copy run there, after what the
-        current stream has enqueued so far, and ``ready`` is the event the reader waits for."""
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(dev))
+    for hk0, nkv, h0, hc, acc_kv in chunks:
         n_rows = tq * width * hc  # static bound on the chunk's gathered rows
         if cfg.dq_rows:
             # dQ summed per row of the bucket-order copy, then per token: no fp32 [Tq, hc, D] scratch.
             dq_c = dq
-            inv = torch.empty((tq, hc, width), dtype=torch.int32, device=dev)
-            dqg = torch.empty(n_rows, d, dtype=torch.float32, device=dev)
-            with _on(stream):
-                inv.fill_(-1)
-                dqg.zero_()
+            inv = torch.full((tq, hc, width), -1, dtype=torch.int32, device=dev)
+            dqg = torch.zeros(n_rows, d, dtype=torch.float32, device=dev)
             dq_rows = (dqg, TensorDescriptor.from_tensor(dqg, [cfg.bm, d]) if cfg.tma_dq else dqg)
         elif cfg.dq_slots:
             # each selected (token, head, slot) gets its block's whole dQ stored once by the dK/dV
             # kernel where every block is real; the unselected ones are zeroed here
-            dq_c = _slot_buffer(tq * hc * width, d, slot_dtype, dev)
-            with _on(stream):
-                if blocks_nonempty:
-                    n_ent = gi.ent.numel()
-                    _zero_free_slots_kernel[(cdiv(n_ent, 128),)](gi.ent, gi.offs, dq_c, n_ent, hq * blocks.n, hq,
-                                                                 width, h0, hc, BR=128, D=d, num_warps=4)
-                else:
-                    dq_c.zero_()
+            if blocks_nonempty:
+                dq_c = _slot_buffer(tq * hc * width, d, slot_dtype, dev)
+                n_ent = gi.ent.numel()
+                _zero_free_slots_kernel[(cdiv(n_ent, 128),)](gi.ent, gi.offs, dq_c, n_ent, hq * blocks.n, hq,
+                                                                    width, h0, hc, BR=128, D=d, num_warps=4)
+            else:
+                dq_c = torch.zeros(tq * hc * width, d, dtype=slot_dtype, device=dev)
             inv = None
             dq_rows = (dq_c, dq_c)  # the sum pass reads the slots as its rows; the kernel's stand-ins
         else:
-            if fp32_dq:
-                dq_c = dq[:, h0:h0 + hc]
-            else:
-                dq_c = torch.empty(tq, hc, d, dtype=torch.float32, device=dev)
-                with _on(stream):
-                    dq_c.zero_()
+            dq_c = dq[:, h0:h0 + hc] if fp32_dq else torch.zeros(tq, hc, d, dtype=torch.float32, device=dev)
             inv = None
             dq_rows = (dq_c, dq_c)  # unused stand-ins
         rows = _gathered_rows(q, do, lse, delta, qpos, gi, hq, width, blocks.n, h0, hc, n_rows, d,
-                              cfg.bm if cfg.tma else 0, inv, stream) \
+                              cfg.bm if cfg.tma else 0, inv) \
             if cfg.gather_rows else (q, q, q, q, lse, lse, qpos)  # unused stand-ins when not gathered
-        return dq_c, inv, dq_rows, rows, (stream.record_event() if stream is not None else None)
-
-    # overlap_rows: launch i + 1's memory passes run on a side stream during launch i's dK/dV
-    # (one more launch's buffers alive at a time); eager CUDA calls of two or more launches only
-    # (a graph capture keeps one stream; on CPU the order is the same without streams).
-    overlap = cfg.overlap_rows and len(chunks) > 1
-    side = _side_stream(dev) if (overlap and dev.type == "cuda"
-                                 and not torch.cuda.is_current_stream_capturing()) else None
-    nxt = None  # the next launch's prepare(), made ahead with overlap_rows
-    for i, (hk0, nkv, h0, hc, acc_kv) in enumerate(chunks):
-        dq_c, inv, dq_rows, rows, ready = nxt if nxt is not None else prepare(h0, hc, None)
-        nxt = prepare(chunks[i + 1][2], chunks[i + 1][3], side) if overlap and i + 1 < len(chunks) else None
-        if ready is not None:
-            torch.cuda.current_stream(dev).wait_event(ready)
         n_prog = nkv * blocks.n
         tiles = (gi.offs,) * 6  # unused stand-ins (TILED off)
         if cut is not None:

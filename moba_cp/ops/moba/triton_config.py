@@ -221,18 +221,7 @@ class BwdConfig:
     backward 57.6/59.4/58.0 against 55.0/55.2 ms at 128K block 1024 top-12 (d=64), 2.56-2.58
     against 2.27-2.28 at 32K block 512 top-3, 0.92 against 0.83-0.84 at 4 x 8K, 9.03-9.13 against
     8.13-8.19 at d=128 block 512 32K, 595.5-597.0 against 562.3-566.2 at d=128 block 4096 128K;
-    in training (same H100) 32K 164.4K -> 169.3K tok/s, 8K 1.61M -> 1.63-1.64M.
-    ``overlap_rows``: where the backward takes several launches (chunks of KV or query heads,
-    ``dq_chunk_bytes``), the next launch's memory passes (its dQ scratch fills and the row copy)
-    run on a second, high-priority stream while this launch's dK/dV runs, instead of between the
-    two: at 128K (block 1024, one query head a launch) those passes are ~6 ms a layer of DRAM
-    traffic between 16 compute-bound launches. Costs one more launch's buffers alive at a time
-    (~0.9 GB there). The same kernels on the same inputs, so the same bits; eager CUDA calls only
-    (a CUDA graph capture keeps one stream). Off: measured on one H100 (session 33,
-    ``moba_tune_h100_2026-12-06_session33_overlap_rows.log``, default first, between and last) it
-    did not help: 57.5 and 56.0 against 55.2/55.3/57.1 ms at 128K block 1024 (transient peak 2.21
-    against 1.44 GiB), 571.6 and 586.1 against 571.8/582.8/596.0 at d=128 block 4096 128K. The
-    passes contend with the dK/dV kernel for the SMs and DRAM rather than filling idle time."""
+    in training (same H100) 32K 164.4K -> 169.3K tok/s, 8K 1.61M -> 1.63-1.64M."""
 
     bnb: int = 0
     bm: int = 64
@@ -261,7 +250,6 @@ class BwdConfig:
     dv_bm: int = 0
     dv_warps: int = 0
     skip_unseen: bool = True
-    overlap_rows: bool = False
 
     def __post_init__(self):
         if self.split_dv and self.tma and self.dv_bm not in (0, self.bm):
