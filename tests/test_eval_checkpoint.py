@@ -35,16 +35,32 @@ def trained_run(tmp_path_factory):
 
 
 def test_cp2_loss_eval_equals_cp1(trained_run):
+    """Per-position losses (one bucket per position, the mean over 2 sequences) of the cp=2
+    evaluation equal the unsplit one's, up to fp32 rounding and top-k near-ties.
+
+    Why not every position to 1e-5: this checkpoint's closest gate call separates its 2nd and 3rd
+    best past blocks by 3.9e-6 (relative), and the two runs' q and k differ in the last bits (their
+    GEMMs have different row counts). Where another CPU's rounding flips that one choice (CI did,
+    2026-12-06), it moves 15 of the 1,000 positions by more than 1e-5 (at most 1.8e-3): reproduced
+    here by a 1e-5 relative change of the gate's queries, which gave CI's numbers to 3e-8. Without
+    a flip the runs agree to 1e-7 at every position. A split or selection error moves nearly every
+    position of the second rank's half: evaluating with top-k 2 instead of 3 moves 934 of them.
+    """
     run, cache = trained_run / "run", trained_run / "cache"
     outs = {}
     for cp in (1, 2):
         out_dir = trained_run / f"eval_cp{cp}"
         _run(cp, ["eval", "loss", str(run), "--seq-len", "1000", "--last", "200", "--num-seqs", "2",
-                  "--out", str(out_dir), f"--parallel.cp={cp}", f"--data.cache_dir={cache}"], trained_run)
+                  "--buckets", "1000", "--out", str(out_dir), f"--parallel.cp={cp}", f"--data.cache_dir={cache}"],
+             trained_run)
         outs[cp] = json.loads((out_dir / "eval_loss.json").read_text())
     assert outs[1]["num_sequences"] == outs[2]["num_sequences"] == 2
-    assert outs[2]["trailing_loss"] == pytest.approx(outs[1]["trailing_loss"], rel=1e-5)
-    assert outs[2]["buckets"]["loss"] == pytest.approx(outs[1]["buckets"]["loss"], rel=1e-5)
+    assert outs[2]["trailing_loss"] == pytest.approx(outs[1]["trailing_loss"], rel=1e-4)
+    one, two = outs[1]["buckets"]["loss"], outs[2]["buckets"]["loss"]
+    assert len(one) == len(two) == 1000
+    apart = [i for i, (a, b) in enumerate(zip(one, two)) if abs(a - b) > 1e-5 * abs(a)]
+    assert len(apart) <= 50, f"{len(apart)} of 1000 positions differ by more than 1e-5: {apart[:20]}"
+    assert max(abs(a - b) / abs(a) for a, b in zip(one, two)) < 1e-2
 
 
 def test_needle_eval_writes_grid_and_heatmap(trained_run):
