@@ -227,8 +227,9 @@ class BwdConfig:
     instead of a zero-fill pass over the copy's whole static bound (``Tq x W`` rows of the
     launch's heads) before it. The sum pass reads only selected rows, so the rest may hold
     anything. Exact: the same zeros under the same adds. Bytes: the fill's writes move into the
-    copy's pass (minus the unselected slots' rows), which is bound by its scattered reads; the
-    separate fill was 0.12 ms of a 32K call and 1.4 ms of a 128K layer (session 32-33 profiles).
+    copy's pass (minus the unselected slots' rows), likely bound by its scattered reads (not profiled); the
+    call's two fills (this one and the small -1 fill of the row index) took 0.12 ms of a 32K call
+    (H100, session 33) and this fill 1.4 ms of a 128K layer (H200, session 32).
     Off until measured on a GPU."""
 
     bnb: int = 0
