@@ -1484,64 +1484,60 @@ def test_gpu_cut_backward_is_deterministic(d, b):
         assert all(torch.equal(runs[0][i], r[i]) for r in runs[1:]), f"{name} differs between runs"
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("d,b,hq,hkv", [(64, 1024, 16, 4), (64, 512, 6, 6), (128, 512, 32, 8)])
-def test_gpu_skipping_unseen_rows_keeps_dk_dv_bits(d, b, hq, hkv):
-    """``bwd.skip_unseen`` on the GPU at the training shapes' tilings (bf16, two documents, the
-    default config for the length, with the skip on and off): dK and dV are accumulated in each program's registers in row
-    order, so skipping the rows that add zeros leaves them bit for bit; dQ is summed by TMA
-    reductions in whatever order the programs finish, so it is compared within the bf16 rounding
-    of one ulp of its largest element."""
-    docs = [5000, 11384]
+#: The training shapes' tilings (head dim, block, query heads, KV heads) of the GPU tests of exact options.
+TRAINING_TILINGS = [(64, 1024, 16, 4), (64, 512, 6, 6), (128, 512, 32, 8)]
+
+
+#: Document lengths of the GPU tests of exact options (16,384 tokens).
+GPU_DOCS = [5000, 11384]
+
+
+def _gpu_exact_option(d, b, hq, hkv, option: str, seed: int):
+    """The backward with ``bwd.<option>`` on and off at the default config of a two-document bf16
+    call (16,384 tokens, top-3): dK and dV are accumulated in each program's registers in row
+    order, so an exact option leaves them bit for bit; dQ is summed by TMA reductions in whatever
+    order the programs finish, so it is compared within one bf16 ulp of its largest element.
+    Returns the default config and the (dq, dk, dv) with the option on."""
+    docs = GPU_DOCS
     t = sum(docs)
-    q, k, v = _inputs(t, hq, hkv, d, torch.bfloat16, seed=d + b, device="cuda")
-    do = torch.randn(t, hq, d, generator=torch.Generator().manual_seed(5)).to("cuda", torch.bfloat16)
+    q, k, v = _inputs(t, hq, hkv, d, torch.bfloat16, seed=d + b + seed, device="cuda")
+    do = torch.randn(t, hq, d, generator=torch.Generator().manual_seed(5 + seed)).to("cuda", torch.bfloat16)
     cu = _cu(docs, device="cuda")
     idx = tb.select_blocks(q, k, block_size=b, topk=3, cu_seqlens=cu)
     base = choose_config(b, d, hq // hkv, t, True)
 
-    def grads(skip):
+    def grads(value):
         qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
         o, _ = tb.block_attn(qq, kk, vv, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
-                             config=base.replace(bwd={"skip_unseen": skip}))
+                             config=base.replace(bwd={option: value}))
         (o * do).sum().backward()
         return qq.grad, kk.grad, vv.grad
 
     on, off = grads(True), grads(False)
-    assert base.bwd.split_mask  # (the skip needs the mask split)
     assert torch.equal(on[1], off[1]) and torch.equal(on[2], off[2])
     tol = off[0].float().abs().max().item() * 2 ** -7
     assert (on[0].float() - off[0].float()).abs().max().item() <= tol
+    return base, on
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d,b,hq,hkv", [(64, 1024, 16, 4), (64, 512, 6, 6), (128, 512, 32, 8)])
+@pytest.mark.parametrize("d,b,hq,hkv", TRAINING_TILINGS)
+def test_gpu_skipping_unseen_rows_keeps_dk_dv_bits(d, b, hq, hkv):
+    """``bwd.skip_unseen`` on the GPU at the training shapes' tilings: the rows it skips add
+    zeros (see ``_gpu_exact_option``)."""
+    base, _ = _gpu_exact_option(d, b, hq, hkv, "skip_unseen", seed=0)
+    assert base.bwd.split_mask  # (the skip needs the mask split)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,b,hq,hkv", TRAINING_TILINGS)
 def test_gpu_dq_copy_zeroed_in_the_row_copy(d, b, hq, hkv):
-    """``bwd.dq_fill_in_copy`` on the GPU at the training shapes' default tilings (bf16, two
-    documents; there dQ goes into the row copy by TMA bulk reductions): dK and dV bit for bit,
-    dQ (reductions in whatever order the programs finish) within one bf16 ulp of its largest
-    element, and nothing non-finite from the unfilled copy."""
-    docs = [5000, 11384]
-    t = sum(docs)
-    q, k, v = _inputs(t, hq, hkv, d, torch.bfloat16, seed=d + b + 1, device="cuda")
-    do = torch.randn(t, hq, d, generator=torch.Generator().manual_seed(6)).to("cuda", torch.bfloat16)
-    cu = _cu(docs, device="cuda")
-    idx = tb.select_blocks(q, k, block_size=b, topk=3, cu_seqlens=cu)
-    base = choose_config(b, d, hq // hkv, t, True)
-
-    def grads(fill_in_copy):
-        qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
-        o, _ = tb.block_attn(qq, kk, vv, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
-                             config=base.replace(bwd={"dq_fill_in_copy": fill_in_copy}))
-        (o * do).sum().backward()
-        return qq.grad, kk.grad, vv.grad
-
-    on, off = grads(True), grads(False)
+    """``bwd.dq_fill_in_copy`` on the GPU at the training shapes' tilings (dQ goes into the row
+    copy by TMA bulk reductions there): the same results as the zero-filled copy (see
+    ``_gpu_exact_option``), and nothing non-finite from the unfilled one."""
+    base, on = _gpu_exact_option(d, b, hq, hkv, "dq_fill_in_copy", seed=1)
     assert base.bwd.dq_rows  # (the option needs the dQ row copy)
     assert all(torch.isfinite(g).all() for g in on)
-    assert torch.equal(on[1], off[1]) and torch.equal(on[2], off[2])
-    tol = off[0].float().abs().max().item() * 2 ** -7
-    assert (on[0].float() - off[0].float()).abs().max().item() <= tol
 
 
 @pytest.mark.gpu
