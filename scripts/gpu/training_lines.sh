@@ -6,12 +6,18 @@
 #   OUT=/some/dir COMMIT=<sha> bash scripts/gpu/training_lines.sh          # (the device tool sets $OUT)
 #   OUT=/some/dir COMMIT=<sha> PARTS=128k MOBA_KERNEL="bwd.skip_unseen=false" bash scripts/gpu/training_lines.sh
 #
-# PARTS: comma-separated of 128k, 8k, 32k, table (default: all four; ~2.5 + 1.5 + 1 + 0.5 minutes on
-# an H200 by session 31-33's runs, a guess for a cold machine that compiles first). MOBA_KERNEL: a
-# ';'-separated list of moba.kernel overrides, each adding a MoBA row (an A/B against the default
-# in the same call; bench_train.py --moba-kernel). REPEATS_8K (default 2): pairs at 8K, whose
-# host-bound step scatters between processes. COMMIT: the commit line of the tables (a tree copied
-# to the GPU machine may carry no .git). The 128K step needs ~104 GiB: an H100 (80 GB) skips it.
+# PARTS: comma-separated of 128k, 8k, 32k, table, tune, run in that order (default: the first
+# four; ~2.5 + 1.5 + 1 + 0.5 minutes on an H200 by session 31-33's runs, a guess for a cold machine
+# that compiles first). tune: the backward alone with TUNE_BWD's overrides (a JSON object of
+# BwdConfig fields, default {"dq_fill_in_copy": true}) against the default, default / option /
+# default / option / default in one process per shape (train-b1024 128K, train-b512 32K,
+# small-b512 4 x 8K, paper-b512 32K at d=128). MOBA_KERNEL: a ';'-separated list of moba.kernel
+# overrides, each adding a MoBA row (an A/B against the default in the same call; bench_train.py
+# --moba-kernel). REPEATS_8K (default 2): pairs at 8K, whose host-bound step scatters between
+# processes. COMMIT: the commit line of the tables (a tree copied to the GPU machine may carry no
+# .git). The 128K step needs ~104 GiB: an H100 (80 GB) skips it.
+# Files under $OUT (at most 7; the device tool brings back 8): train_{128k,8k,32k}.md, train.log
+# (every training part's output), kernels_d64.{md,log}, tune_bwd.log.
 # Needs no network: megatron-core comes from ./.whl when it is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -27,7 +33,7 @@ line() {  # line <part> <bench_train setting name> [more bench_train arguments..
   local part="$1" name="$2"
   shift 2
   "$PY" benchmarks/bench_train.py --only "$name" --commit "$COMMIT" ${MOBA_KERNEL:+--moba-kernel "$MOBA_KERNEL"} \
-    --out "$OUT/train_$part.md" "$@" > "$OUT/train_$part.log" 2>&1 || echo "part $part failed: see train_$part.log"
+    --out "$OUT/train_$part.md" "$@" >> "$OUT/train.log" 2>&1 || echo "part $part failed: see train.log"
   grep "^| \|^- " "$OUT/train_$part.md" 2>/dev/null || true
 }
 
@@ -44,4 +50,12 @@ if has table; then
   "$PY" benchmarks/bench_moba.py --suite train-b1024,train-b512,small-b512,paper-b512 --peers sdpa --sdpa cudnn \
     --commit "$COMMIT" --out "$OUT/kernels_d64.md" > "$OUT/kernels_d64.log" 2>&1 || echo "part table failed: see kernels_d64.log"
   cut -c1-220 "$OUT/kernels_d64.md" 2>/dev/null | grep "^| " || true
+fi
+if has tune; then
+  opt="${TUNE_BWD:-{\"dq_fill_in_copy\": true\}}"
+  for s in train-b1024:131072 train-b512:32768 small-b512:8192 paper-b512:32768; do
+    "$PY" benchmarks/bench_moba.py --tune "$s" --tune-parts bwd --tune-bwd "[{}, $opt, {}, $opt, {}]" \
+      --commit "$COMMIT" >> "$OUT/tune_bwd.log" 2>&1 || echo "part tune failed at $s: see tune_bwd.log"
+  done
+  grep "^tune .* bwd " "$OUT/tune_bwd.log" | cut -c1-200 || true
 fi
