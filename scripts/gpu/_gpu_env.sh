@@ -1,7 +1,10 @@
 # Sourced by the scripts/gpu/*.sh jobs (run from the repository root on a GPU machine): sets PY,
 # makes megatron-core importable (from ./.whl when it is not installed; no network needed), puts the
-# repository on PYTHONPATH, keeps NCCL off NVLink multicast, and checks that a GPU is there.
+# repository on PYTHONPATH, keeps NCCL off NVLink multicast, checks that a GPU is there, and makes
+# the output folder OUT (the device tool sets it; default ./gpu_out).
 PY="${PYTHON:-python3}"
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
 if ! "$PY" -c "import megatron.core" 2>/dev/null; then
   if ls .whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl

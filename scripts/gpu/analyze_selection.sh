@@ -12,9 +12,7 @@
 # ./.whl when it is not installed (see the lead's gpu-wheels tool).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-OUT="${OUT:-$PWD/gpu_out}"
-mkdir -p "$OUT"
-source scripts/gpu/_gpu_env.sh
+source scripts/gpu/_gpu_env.sh  # sets PY and OUT
 STEPS="${TRAIN_STEPS:-500}"
 
 "$PY" -m moba_cp.cli train recipes/1gpu-32k.yaml --model.num_layers=8 --train.steps="$STEPS" \

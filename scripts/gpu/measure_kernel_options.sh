@@ -41,9 +41,7 @@
 # Needs no network: megatron-core comes from ./.whl when it is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-OUT="${OUT:-$PWD/gpu_out}"
-mkdir -p "$OUT"
-source scripts/gpu/_gpu_env.sh
+source scripts/gpu/_gpu_env.sh  # sets PY and OUT
 git rev-parse HEAD 2>/dev/null > "$OUT/commit.txt" || true
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/gpu.txt" || true
 

@@ -28,9 +28,7 @@ case "${1:-}" in
 esac
 FINDING="$1"
 shift
-OUT="${OUT:-$PWD/gpu_out}"
-mkdir -p "$OUT"
-source scripts/gpu/_gpu_env.sh
+source scripts/gpu/_gpu_env.sh  # sets PY and OUT
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 
 if [[ -n "${RESUME_FROM:-}" ]]; then

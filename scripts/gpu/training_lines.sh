@@ -21,9 +21,7 @@
 # Needs no network: megatron-core comes from ./.whl when it is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-OUT="${OUT:-$PWD/gpu_out}"
-mkdir -p "$OUT"
-source scripts/gpu/_gpu_env.sh
+source scripts/gpu/_gpu_env.sh  # sets PY and OUT
 COMMIT="${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 PARTS="${PARTS:-128k,8k,32k,table}"
 has() { [[ ",$PARTS," == *",$1,"* ]]; }

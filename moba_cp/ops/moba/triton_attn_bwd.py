@@ -780,7 +780,7 @@ def sparse_attn_bwd(
             inv = None
             dq_rows = (dq_c, dq_c)  # unused stand-ins
         rows = _gathered_rows(q, do, lse, delta, qpos, gi, hq, width, blocks.n, h0, hc, n_rows, d,
-                              cfg.bm if cfg.tma else 0, inv, dqg if cfg.dq_rows and cfg.dq_fill_in_copy else None) \
+                              cfg.bm if cfg.tma else 0, inv, dqg if cfg.dq_fill_in_copy else None) \
             if cfg.gather_rows else (q, q, q, q, lse, lse, qpos)  # unused stand-ins when not gathered
         n_prog = nkv * blocks.n
         tiles = (gi.offs,) * 6  # unused stand-ins (TILED off)
