@@ -393,45 +393,6 @@ def test_skipping_unseen_rows_changes_no_bit(bwd):
                       _two_doc_grads(BwdConfig(**bwd, skip_unseen=False), seed=31))
 
 
-class _PoisonedEmpty:
-    """``torch`` for one module, except that its fp32 ``torch.empty`` is filled with NaN: a
-    buffer the module leaves unfilled and then reads shows up in every result it reaches."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*size, dtype=None, **kw):
-        out = torch.empty(*size, dtype=dtype, **kw)
-        return out.fill_(float("nan")) if out.dtype == torch.float32 else out
-
-
-@pytest.mark.parametrize("bwd", [
-    dict(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, sub_major=True),
-    dict(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, tma=True, dq_chunk_bytes=1,
-         split_group=True, max_rows=16),
-], ids=["dq-rows-sub-major", "dq-rows-tma-rows-split-group-cut"])
-def test_dq_copy_zeroed_in_the_row_copy_changes_no_bit(monkeypatch, bwd):
-    """``bwd.dq_fill_in_copy``: the fp32 dQ copy is allocated unfilled and the row copy zeroes the
-    rows it copies. With every unfilled fp32 buffer of the backward poisoned with NaN, dq, dk and
-    dv are the bits of the zero-filled copy: every row the adds and the sum pass touch was
-    zeroed (the second case: launches of one query head, 16-row tiles read through tensor
-    descriptors, whose padding rows get zeros too, and blocks cut into 16-row programs)."""
-    import moba_cp.ops.moba.triton_attn_bwd as bwd_mod
-
-    filled = _two_doc_grads(BwdConfig(**bwd), seed=37)
-    monkeypatch.setattr(bwd_mod, "torch", _PoisonedEmpty())
-    poisoned_filled = _two_doc_grads(BwdConfig(**bwd), seed=37)
-    in_copy = _two_doc_grads(BwdConfig(**bwd, dq_fill_in_copy=True), seed=37)
-    _assert_same_bits(poisoned_filled, filled)  # (the poison reaches nothing the default reads)
-    _assert_same_bits(in_copy, filled)
-
-
-def test_dq_fill_in_copy_needs_the_dq_row_copy():
-    with pytest.raises(ValueError, match="dq_fill_in_copy=True .* needs dq_rows=True"):
-        BwdConfig(gather_rows=True, dq_fill_in_copy=True)
-
-
 def test_whole_block_forward_skips_the_mask_only_for_tiles_after_a_full_block():
     """The partials forward with each block in one sub-tile (blocks of 16 keys, ``bn`` 16, as
     block 128 at full size) runs a row tile without the causal mask when every row comes after a
@@ -1527,17 +1488,6 @@ def test_gpu_skipping_unseen_rows_keeps_dk_dv_bits(d, b, hq, hkv):
     zeros (see ``_gpu_exact_option``)."""
     base, _ = _gpu_exact_option(d, b, hq, hkv, "skip_unseen", seed=0)
     assert base.bwd.split_mask  # (the skip needs the mask split)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("d,b,hq,hkv", TRAINING_TILINGS)
-def test_gpu_dq_copy_zeroed_in_the_row_copy(d, b, hq, hkv):
-    """``bwd.dq_fill_in_copy`` on the GPU at the training shapes' tilings (dQ goes into the row
-    copy by TMA bulk reductions there): the same results as the zero-filled copy (see
-    ``_gpu_exact_option``), and nothing non-finite from the unfilled one."""
-    base, on = _gpu_exact_option(d, b, hq, hkv, "dq_fill_in_copy", seed=1)
-    assert base.bwd.dq_rows  # (the option needs the dQ row copy)
-    assert all(torch.isfinite(g).all() for g in on)
 
 
 @pytest.mark.gpu

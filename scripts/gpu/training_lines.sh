@@ -9,7 +9,7 @@
 # PARTS: comma-separated of 128k, 8k, 32k, table, tune, run in that order (default: the first
 # four; ~2.5 + 1.5 + 1 + 0.5 minutes on an H200 by session 31-33's runs, a guess for a cold machine
 # that compiles first). tune: the backward alone with TUNE_BWD's overrides (a JSON object of
-# BwdConfig fields, default {"dq_fill_in_copy": true}) against the default, default / option /
+# BwdConfig fields, required with this part) against the default, default / option /
 # default / option / default in one process per shape (train-b1024 128K, train-b512 32K,
 # small-b512 4 x 8K, paper-b512 32K at d=128). MOBA_KERNEL: a ';'-separated list of moba.kernel
 # overrides, each adding a MoBA row (an A/B against the default in the same call; bench_train.py
@@ -21,10 +21,14 @@
 # Needs no network: megatron-core comes from ./.whl when it is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-source scripts/gpu/_gpu_env.sh  # sets PY and OUT
-COMMIT="${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 PARTS="${PARTS:-128k,8k,32k,table}"
 has() { [[ ",$PARTS," == *",$1,"* ]]; }
+if has tune && [[ -z "${TUNE_BWD:-}" ]]; then
+  echo "part tune needs TUNE_BWD, a JSON object of BwdConfig overrides, e.g. TUNE_BWD='{\"num_stages\": 4}'" >&2
+  exit 2
+fi
+source scripts/gpu/_gpu_env.sh  # sets PY and OUT
+COMMIT="${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 mem_gib=$("$PY" -c "import torch; print(torch.cuda.get_device_properties(0).total_memory >> 30)")
 
 line() {  # line <part> <bench_train setting name> [more bench_train arguments...]
@@ -50,7 +54,7 @@ if has table; then
   cut -c1-220 "$OUT/kernels_d64.md" 2>/dev/null | grep "^| " || true
 fi
 if has tune; then
-  opt="${TUNE_BWD:-{\"dq_fill_in_copy\": true\}}"
+  opt="$TUNE_BWD"
   for s in train-b1024:131072 train-b512:32768 small-b512:8192 paper-b512:32768; do
     "$PY" benchmarks/bench_moba.py --tune "$s" --tune-parts bwd --tune-bwd "[{}, $opt, {}, $opt, {}]" \
       --commit "$COMMIT" >> "$OUT/tune_bwd.log" 2>&1 || echo "part tune failed at $s: see tune_bwd.log"

@@ -62,18 +62,15 @@ def _delta_kernel(DO, O, DELTA, n_rows, stride_dot, stride_doh, stride_ot, strid
 
 
 @triton.jit
-def _gather_rows_kernel(Q, DO, LSE, DELTA, QPOS, ENT, OFFS, QG, DOG, LSE2G, DLG, QPG, INV, DQG,
+def _gather_rows_kernel(Q, DO, LSE, DELTA, QPOS, ENT, OFFS, QG, DOG, LSE2G, DLG, QPG, INV,
                         stride_qt, stride_qh, stride_dot, stride_doh, H, W, B0, B1, NR, H0, HC,
-                        BR: tl.constexpr, D: tl.constexpr, PAD: tl.constexpr, WRITE_INV: tl.constexpr,
-                        ZERO_DQ: tl.constexpr = False):
+                        BR: tl.constexpr, D: tl.constexpr, PAD: tl.constexpr, WRITE_INV: tl.constexpr):
     # The rows of buckets [B0, B1) (one chunk of KV heads) in bucket order, so the dK/dV loop
     # reads contiguous tiles: q and do rows, lse * log2(e) (-inf -> 0), delta and the position.
     # PAD rows after the last (up to NR, the buffers' length) get zero q and do: a tile read
     # through a tensor descriptor has no row mask and may run past the last bucket, into
     # memory that was never written. WRITE_INV: INV[(t, h - H0, w)] = the entry's row in the copy
     # (slots nobody selected keep the caller's -1), for the pass that sums dQ rows per token.
-    # ZERO_DQ (BwdConfig.dq_fill_in_copy): the fp32 dQ copy DQG gets zeros in the same rows (the
-    # used prefix and the PAD rows), instead of a zero fill of its whole static bound beforehand.
     e0 = _ld(OFFS + B0)
     e1 = _ld(OFFS + B1)
     if e0 + tl.program_id(0) * BR >= e1 + PAD:
@@ -98,8 +95,6 @@ def _gather_rows_kernel(Q, DO, LSE, DELTA, QPOS, ENT, OFFS, QG, DOG, LSE2G, DLG,
     tl.store(QPG + i64, tl.load(QPOS + t64, mask=m, other=0), mask=m)
     if WRITE_INV:
         tl.store(INV + (t64 * HC + (h - H0)) * W + ent % W, i, mask=m)
-    if ZERO_DQ:
-        tl.store(DQG + i64[:, None] * D + d[None, :], tl.zeros([BR, D], dtype=tl.float32), mask=mz[:, None])
 
 
 @triton.jit
@@ -611,16 +606,13 @@ def _slot_buffer(rows: int, d: int, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 def _gathered_rows(q, do, lse, delta, qpos, gi: GatherIndex, hq: int, width: int, nbk: int, h0: int, hc: int,
-                   n_rows: int, d: int, tma_rows: int = 0, inv: torch.Tensor | None = None,
-                   dqg: torch.Tensor | None = None):
+                   n_rows: int, d: int, tma_rows: int = 0, inv: torch.Tensor | None = None):
     """Copies of the rows of query heads ``[h0, h0 + hc)`` in bucket order (see
     ``_gather_rows_kernel``): ``(qg, dog [n_rows, D], qgd, dogd, lse2g, dlg [n_rows] fp32, qpg [n_rows]
     int32)``, ``n_rows`` a static bound (the used prefix is ``offs[(h0 + hc) * nbk] - offs[h0 * nbk]``).
     ``tma_rows`` > 0: ``qgd``/``dogd`` are tensor descriptors of ``tma_rows``-row tiles of qg/dog and
     the ``tma_rows`` rows after the used prefix are zeroed; else they are qg/dog themselves (unused).
-    ``inv``: an int32 ``[Tq, hc, W]`` filled with -1, given each selected entry's row in the copy.
-    ``dqg``: an unfilled fp32 ``[n_rows, D]`` dQ copy whose used rows (and the ``tma_rows`` after
-    them) get zeros in the same pass; its other rows are never read."""
+    ``inv``: an int32 ``[Tq, hc, W]`` filled with -1, given each selected entry's row in the copy."""
     dev = q.device
     qg = torch.empty(n_rows, d, dtype=q.dtype, device=dev)
     dog = torch.empty(n_rows, d, dtype=do.dtype, device=dev)
@@ -629,10 +621,9 @@ def _gathered_rows(q, do, lse, delta, qpos, gi: GatherIndex, hq: int, width: int
     qpg = torch.empty(n_rows, dtype=torch.int32, device=dev)
     br = 64
     _gather_rows_kernel[(cdiv(n_rows, br),)](
-        q, do, lse, delta, qpos, gi.ent, gi.offs, qg, dog, lse2g, dlg, qpg, qpg if inv is None else inv,
-        lse2g if dqg is None else dqg, q.stride(0), q.stride(1), do.stride(0), do.stride(1), hq, width, h0 * nbk,
-        (h0 + hc) * nbk, n_rows, h0, hc, BR=br, D=d, PAD=tma_rows, WRITE_INV=inv is not None, ZERO_DQ=dqg is not None,
-        num_warps=4,
+        q, do, lse, delta, qpos, gi.ent, gi.offs, qg, dog, lse2g, dlg, qpg, qpg if inv is None else inv, q.stride(0),
+        q.stride(1), do.stride(0), do.stride(1), hq, width, h0 * nbk, (h0 + hc) * nbk, n_rows, h0, hc, BR=br, D=d,
+        PAD=tma_rows, WRITE_INV=inv is not None, num_warps=4,
     )
     if tma_rows:
         return (qg, dog, TensorDescriptor.from_tensor(qg, [tma_rows, d]), TensorDescriptor.from_tensor(dog, [tma_rows, d]),
@@ -760,8 +751,8 @@ def sparse_attn_bwd(
             # dQ summed per row of the bucket-order copy, then per token: no fp32 [Tq, hc, D] scratch.
             dq_c = dq
             inv = torch.full((tq, hc, width), -1, dtype=torch.int32, device=dev)
-            # zeros for the atomic adds: filled here, or by the row copy in its own rows (dq_fill_in_copy)
-            dqg = (torch.empty if cfg.dq_fill_in_copy else torch.zeros)(n_rows, d, dtype=torch.float32, device=dev)
+            # zeros for the atomic adds (folding this fill into the row copy measured slower: session 35)
+            dqg = torch.zeros(n_rows, d, dtype=torch.float32, device=dev)
             dq_rows = (dqg, TensorDescriptor.from_tensor(dqg, [cfg.bm, d]) if cfg.tma_dq else dqg)
         elif cfg.dq_slots:
             # each selected (token, head, slot) gets its block's whole dQ stored once by the dK/dV
@@ -780,7 +771,7 @@ def sparse_attn_bwd(
             inv = None
             dq_rows = (dq_c, dq_c)  # unused stand-ins
         rows = _gathered_rows(q, do, lse, delta, qpos, gi, hq, width, blocks.n, h0, hc, n_rows, d,
-                              cfg.bm if cfg.tma else 0, inv, dqg if cfg.dq_fill_in_copy else None) \
+                              cfg.bm if cfg.tma else 0, inv) \
             if cfg.gather_rows else (q, q, q, q, lse, lse, qpos)  # unused stand-ins when not gathered
         n_prog = nkv * blocks.n
         tiles = (gi.offs,) * 6  # unused stand-ins (TILED off)

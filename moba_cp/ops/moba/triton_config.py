@@ -221,16 +221,7 @@ class BwdConfig:
     backward 57.6/59.4/58.0 against 55.0/55.2 ms at 128K block 1024 top-12 (d=64), 2.56-2.58
     against 2.27-2.28 at 32K block 512 top-3, 0.92 against 0.83-0.84 at 4 x 8K, 9.03-9.13 against
     8.13-8.19 at d=128 block 512 32K, 595.5-597.0 against 562.3-566.2 at d=128 block 4096 128K;
-    in training (same H100) 32K 164.4K -> 169.3K tok/s, 8K 1.61M -> 1.63-1.64M.
-    ``dq_fill_in_copy`` (with ``dq_rows``): the fp32 dQ copy is allocated unfilled and the row
-    copy's kernel writes zeros into each row it copies (and its tensor-descriptor padding rows),
-    instead of a zero-fill pass over the copy's whole static bound (``Tq x W`` rows of the
-    launch's heads) before it. The sum pass reads only selected rows, so the rest may hold
-    anything. Exact: the same zeros under the same adds. Bytes: the fill's writes move into the
-    copy's pass (minus the unselected slots' rows), likely bound by its scattered reads (not profiled); the
-    call's two fills (this one and the small -1 fill of the row index) took 0.12 ms of a 32K call
-    (H100, session 33) and this fill 1.4 ms of a 128K layer (H200, session 32).
-    Off until measured on a GPU."""
+    in training (same H100) 32K 164.4K -> 169.3K tok/s, 8K 1.61M -> 1.63-1.64M."""
 
     bnb: int = 0
     bm: int = 64
@@ -259,7 +250,6 @@ class BwdConfig:
     dv_bm: int = 0
     dv_warps: int = 0
     skip_unseen: bool = True
-    dq_fill_in_copy: bool = False
 
     def __post_init__(self):
         if self.split_dv and self.tma and self.dv_bm not in (0, self.bm):
@@ -280,10 +270,6 @@ class BwdConfig:
             raise ValueError(f"BwdConfig.dq_rows=True adds the fused dQ into a copy in the gathered rows' order; it "
                              f"needs gather_rows=True and fuse_dq True or None (got gather_rows={self.gather_rows}, "
                              f"fuse_dq={self.fuse_dq})")
-        if self.dq_fill_in_copy and not self.dq_rows:
-            raise ValueError("BwdConfig.dq_fill_in_copy=True zeroes the fp32 dQ copy of dq_rows in the row copy's "
-                             "pass; it needs dq_rows=True (with gather_rows=True). Fix: bwd.dq_fill_in_copy=false, "
-                             "or bwd.gather_rows=true,bwd.dq_rows=true")
         if self.tma_dq and not self.dq_rows:
             raise ValueError("BwdConfig.tma_dq=True reduces dQ tiles into the bucket-order copy; it needs "
                              "dq_rows=True. Fix: set both off (bwd.dq_rows=false,bwd.tma_dq=false) or both on")
