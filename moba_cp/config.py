@@ -158,6 +158,12 @@ class TrainConfig:
     prefetch: bool = _option(
         True, "Read, stack and shard each step's micro-batches on the host during the step before (after its "
         "kernels are queued), pinned on a GPU; false: at the step's start (the same samples either way).")
+    cuda_graph: Literal["none", "full_iteration"] = _option(
+        "none", "'full_iteration': after one eager warm-up step, capture the step's forward and backward (every "
+        "micro-batch, the gradient reduction) as one CUDA graph and replay it every step, so the host no longer "
+        "enqueues each kernel: the bound of short-sequence steps of small models. One GPU, no recomputation; the "
+        "optimizer update and validation stay eager; the graph is captured again after the hybrid schedule's "
+        "switch to full attention. 'none': every kernel enqueued by Python.")
 
 
 @dataclass
@@ -436,6 +442,31 @@ def kernel_limit_errors(cfg: RecipeConfig, device: str | None = None) -> list[st
     return errs
 
 
+def _cuda_graph_errors(cfg: RecipeConfig, world_size: int | None, device: str | None) -> list[str]:
+    """train.cuda_graph=full_iteration: what a captured step may not contain. A GPU (``device``
+    None: unknown, not checked); one process, since context parallelism sizes its block exchange
+    on the host (a graph would replay the first step's sizes) and multi-GPU replays are not
+    validated; no recomputation (it saves and restores the CUDA RNG state, which a capture
+    forbids)."""
+    t, p = cfg.train, cfg.parallel
+    if t.cuda_graph != "full_iteration":
+        return []
+    fix = "Fix: train.cuda_graph=none"
+    errs = []
+    if device is not None and device != "cuda":
+        errs.append(f"train.cuda_graph=full_iteration needs a CUDA GPU; this run is on {device}. {fix}.")
+    procs = world_size if world_size is not None else p.tp * p.cp * (p.dp or 1)
+    if procs != 1:
+        errs.append(f"train.cuda_graph=full_iteration runs on one process (tp=cp=dp=1); this run has {procs} "
+                    f"(parallel.tp={p.tp}, parallel.cp={p.cp}, parallel.dp={p.dp}): the context-parallel exchange "
+                    f"sizes its transfers on the host, which a replayed graph would freeze at the first step's, and "
+                    f"replays across GPUs are not validated. {fix}, or launch one process.")
+    if t.recompute != "none":
+        errs.append(f"train.cuda_graph=full_iteration with train.recompute={t.recompute}: recomputation saves and "
+                    f"restores the CUDA RNG state, which a graph capture forbids. {fix}, or train.recompute=none.")
+    return errs
+
+
 def _fused_ops_device_errors(m: ModelConfig, device: str | None) -> list[str]:
     """The fused layer ops' rules that depend on where the run executes (``device``; None: unknown,
     nothing checked): ``fused_ops=triton`` needs a GPU or Triton's interpreter, and
@@ -575,6 +606,7 @@ def validate(cfg: RecipeConfig, world_size: int | None = None, device: str | Non
     if t.global_batch_size % t.micro_batch_size:
         errs.append(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
                     f"train.micro_batch_size={t.micro_batch_size}.")
+    errs += _cuda_graph_errors(cfg, world_size, device)
     if t.warmup_steps < 0 or t.warmup_steps > t.steps:
         errs.append(f"train.warmup_steps={t.warmup_steps} must be within [0, train.steps={t.steps}].")
     try:

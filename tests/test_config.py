@@ -102,6 +102,27 @@ def test_world_size_rules():
         C.validate(cfg, world_size=4)
 
 
+def test_full_iteration_cuda_graph_rules():
+    """train.cuda_graph=full_iteration: one process on a GPU, no recomputation; each refusal names
+    the value, the rule and the fix, before any work."""
+    one = ["--parallel.cp=1", "--train.cuda_graph=full_iteration"]
+    C.validate(C.load_recipe(None, one), world_size=1, device="cuda")
+    C.validate(C.load_recipe(None, one))  # where it will run is not known yet: not checked
+    assert C.load_recipe(None, []).train.cuda_graph == "none"
+    with pytest.raises(C.RecipeError, match="needs a CUDA GPU; this run is on cpu. Fix: train.cuda_graph=none"):
+        C.validate(C.load_recipe(None, one), world_size=1, device="cpu")
+    with pytest.raises(C.RecipeError, match="runs on one process .* this run has 2 .*parallel.cp=1"):
+        C.validate(C.load_recipe(None, one), world_size=2, device="cuda")
+    with pytest.raises(C.RecipeError, match="this run has 2 \\(parallel.tp=1, parallel.cp=2"):
+        C.validate(C.load_recipe(None, ["--parallel.cp=2", "--model.seq_length=1024", "--moba.block_size=128",
+                                        "--train.cuda_graph=full_iteration"]))
+    with pytest.raises(C.RecipeError, match="train.recompute=selective: recomputation saves and restores the CUDA "
+                                            "RNG state.*Fix: train.cuda_graph=none, or train.recompute=none"):
+        C.validate(C.load_recipe(None, [*one, "--train.recompute=selective"]), world_size=1, device="cuda")
+    with pytest.raises(C.RecipeError, match="train.cuda_graph"):
+        C.load_recipe(None, ["--train.cuda_graph=layers"])
+
+
 def test_components_receive_only_their_sub_config():
     cfg = C.load_recipe(None)
     assert dataclasses.is_dataclass(cfg.moba) and set(C.field_help(C.MoBAConfig)) == {"block_size", "topk", "backend", "key_conv", "kernel"}

@@ -45,6 +45,7 @@ from moba_cp.train.batches import collate, host_batch, microbatch_indices, to_de
 from moba_cp.train.checkpoint import load_checkpoint, save_checkpoint
 from moba_cp.train.distributed import DistEnv, init_distributed, shutdown_distributed, world_size_from_env
 from moba_cp.train.flops import flops_per_step
+from moba_cp.train.graphed_step import GraphedForwardBackward
 from moba_cp.train.loss import masked_loss_sums
 from moba_cp.train.metrics import MetricsLogger, format_eta, peak_memory_gib, peak_reserved_gib
 from moba_cp.train.preflight import complete_message, preflight
@@ -78,6 +79,7 @@ class _Model:
     ddp: torch.nn.Module  # its DDP wrapper (what runs forward and backward)
     optimizer: object  # Megatron optimizer (plain or distributed)
     scheduler: OptimizerParamScheduler
+    graphed: GraphedForwardBackward | None = None  # train.cuda_graph=full_iteration
 
 
 @dataclass
@@ -199,7 +201,15 @@ def _build_model(cfg: RecipeConfig, tokenizer) -> _Model:
     )
     gpt = build_gpt_model(cfg.model, cfg.moba, cfg.attention, cfg.parallel,
                           vocab_size=tokenizer.vocab_size, config=config)
-    ddp = wrap_ddp(gpt, cfg.parallel)
+    graphed = GraphedForwardBackward() if t.cuda_graph == "full_iteration" else None
+    if graphed is None:
+        ddp = wrap_ddp(gpt, cfg.parallel)
+    else:
+        # DDP keeps each parameter's gradient-accumulation node for the run, and autograd runs a
+        # node on the stream current when it was made: on the capture stream, the gradient adds
+        # are part of the captured step (on the default stream they would break the capture).
+        with graphed.on_capture_stream():
+            ddp = wrap_ddp(gpt, cfg.parallel)
     optimizer = build_optimizer(
         ddp, lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
         adam_beta2=t.adam_beta2, clip_grad=t.clip_grad, distributed_optimizer=cfg.parallel.distributed_optimizer,
@@ -213,7 +223,7 @@ def _build_model(cfg: RecipeConfig, tokenizer) -> _Model:
         override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False,
     )
     attach_training_hooks(ddp, optimizer)
-    return _Model(gpt, ddp, optimizer, scheduler)
+    return _Model(gpt, ddp, optimizer, scheduler, graphed)
 
 
 def _resume(state: RunDirState, model: _Model, env: DistEnv) -> int:
@@ -294,7 +304,11 @@ def _train_step(run: _Run, step: int) -> _StepStats:
     with compat_cpu.cuda_to_cpu():
         m.ddp.zero_grad_buffer()
         m.optimizer.zero_grad()
-    reduced = _forward_backward(m.ddp, batches, forward_only=False, cfg=run.cfg, env=env)
+    capturing = m.graphed is not None and m.graphed.captures_next
+    reduced = _forward_backward(m.ddp, batches, forward_only=False, cfg=run.cfg, env=env, graphed=m.graphed)
+    if capturing:
+        run.say(f"step {step + 1}: forward and backward captured as one CUDA graph (train.cuda_graph="
+                f"full_iteration); every later step replays it")
     if t.prefetch and step + 1 < t.steps:
         # The next step's samples, made now: every kernel of this step is queued and the GPU works
         # through them while the host reads and stacks, and the optimizer's grad-norm sync below
@@ -345,6 +359,8 @@ def _log_validation(run: _Run, done: int) -> None:
 def _switch_to_full_attention(run: _Run, step: int) -> None:
     """The two-stage schedule's switch: every MoBA layer computes full attention from ``step`` on."""
     n = set_attention_mode(run.model.ddp, "full")
+    if run.model.graphed is not None:
+        run.model.graphed.invalidate()  # the captured step computes MoBA: capture the new one
     run.say(f"step {step}: MoBA layers switched to full attention ({n} layers; two-stage schedule, "
             f"switch_to_full_at={run.cfg.attention.switch_to_full_at})")
 
@@ -389,17 +405,25 @@ def _loss_step(data_iterator, model, normalization: str = "token"):
     return output, loss_func
 
 
-def _forward_backward(ddp, batches: list[dict], *, forward_only: bool, cfg: RecipeConfig, env: DistEnv):
+def _forward_backward(ddp, batches: list[dict], *, forward_only: bool, cfg: RecipeConfig, env: DistEnv,
+                      graphed: GraphedForwardBackward | None = None):
     """Megatron's forward-backward schedule over ``batches`` (the micro-batches of one step).
     Training reduces its loss as ``train.loss_normalization`` says; validation always per token,
-    so a validation loss means the same thing whatever a run trained with."""
+    so a validation loss means the same thing whatever a run trained with. ``graphed``: the
+    training schedule runs through it (warm-up, capture, then replays)."""
     normalization = "token" if forward_only else cfg.train.loss_normalization
-    with compat_cpu.cuda_to_cpu():
-        return get_forward_backward_func()(
-            forward_step_func=partial(_loss_step, normalization=normalization), data_iterator=iter(batches), model=[ddp],
-            num_microbatches=len(batches), seq_length=cfg.model.seq_length // env.cp,
-            micro_batch_size=cfg.train.micro_batch_size, forward_only=forward_only,
-        )
+
+    def schedule(micro_batches: list[dict]):
+        with compat_cpu.cuda_to_cpu():
+            return get_forward_backward_func()(
+                forward_step_func=partial(_loss_step, normalization=normalization), data_iterator=iter(micro_batches),
+                model=[ddp], num_microbatches=len(micro_batches), seq_length=cfg.model.seq_length // env.cp,
+                micro_batch_size=cfg.train.micro_batch_size, forward_only=forward_only,
+            )
+
+    if graphed is not None and not forward_only:
+        return graphed(schedule, batches)
+    return schedule(batches)
 
 
 def _reduce_loss(losses_reduced: list[dict]) -> float:
