@@ -32,7 +32,12 @@ import torch
 #: name: (recipe, overrides, steps). The 0.27B model of ``1gpu-32k`` (24 layers, hidden 1024,
 #: 16/4 heads, d=64) at 128K and 32K, and a small model (6 layers, hidden 384, 6 heads) at 8K; all
 #: with the recipe's ``train.recompute`` (none since session 30; selective before: compare a line's
-#: history with ``--both=--train.recompute=selective``).
+#: history with ``--both=--train.recompute=selective``). The 32K and 8K lines replay each step from
+#: a CUDA graph (``train.cuda_graph=full_iteration``, both attentions, since session 35: on one H100
+#: the 8K step went from host-bound 0.93-1.6M to 1.86M tok/s for MoBA and 1.0-1.4M to 1.57M for full
+#: attention, 32K +4% for MoBA; compare with ``--both=--train.cuda_graph=none``); 128K does not yet
+#: (its step sits at the H200's memory limit, where the graph's pool is not measured).
+GRAPHED = ["--train.cuda_graph=full_iteration"]
 SETTINGS = {
     "128K block 1024 top-12 (24 layers, hidden 1024)": (
         "recipes/1gpu-32k.yaml",
@@ -45,14 +50,15 @@ SETTINGS = {
         ["--model.seq_length=131072", "--moba.block_size=128", "--moba.topk=8",
          "--train.global_batch_size=1", "--train.micro_batch_size=1"], 5),
     "32K block 512 top-3 (24 layers, hidden 1024)": (
-        "recipes/1gpu-32k.yaml", ["--train.global_batch_size=2", "--train.micro_batch_size=1"], 6),
+        "recipes/1gpu-32k.yaml", ["--train.global_batch_size=2", "--train.micro_batch_size=1", *GRAPHED], 6),
     "8K block 512 top-3 (6 layers, hidden 384, 6 heads)": (
         "recipes/1gpu-32k.yaml",
         ["--model.num_layers=6", "--model.hidden_size=384", "--model.num_attention_heads=6",
          "--model.num_query_groups=6", "--model.seq_length=8192", "--moba.block_size=512", "--moba.topk=3",
-         "--train.global_batch_size=8", "--train.micro_batch_size=4"], 12),
+         "--train.global_batch_size=8", "--train.micro_batch_size=4", *GRAPHED], 12),
     # The same small model with selective recomputation (the recipes' setting up to session 29): each
-    # layer runs the attention forward twice, for MoBA and full attention alike.
+    # layer runs the attention forward twice, for MoBA and full attention alike. Eager: a capture
+    # cannot hold recomputation's RNG state saves.
     "8K block 512 top-3 (6 layers, hidden 384, 6 heads), selective recomputation": (
         "recipes/1gpu-32k.yaml",
         ["--model.num_layers=6", "--model.hidden_size=384", "--model.num_attention_heads=6",
@@ -65,7 +71,7 @@ SETTINGS = {
         "recipes/1gpu-32k.yaml",
         ["--model.num_layers=6", "--model.hidden_size=384", "--model.num_attention_heads=6",
          "--model.num_query_groups=6", "--model.seq_length=8192", "--moba.block_size=512", "--moba.topk=3",
-         "--train.global_batch_size=16", "--train.micro_batch_size=16"], 10),
+         "--train.global_batch_size=16", "--train.micro_batch_size=16", *GRAPHED], 10),
 }
 SMOKE = {"smoke": ("recipes/tiny.yaml", ["--parallel.cp=1"], 4)}
 #: The caching allocator's setting for every run (MoBA and full alike): the 128K model sits at

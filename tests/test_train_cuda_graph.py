@@ -24,7 +24,8 @@ ONE_GPU = [
 
 def _train(tmp_path: Path, name: str, extra: list[str]) -> tuple[list[dict], str]:
     run = tmp_path / name
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run([sys.executable, "-m", "moba_cp.train", "recipes/tiny.yaml", *ONE_GPU, *extra,
                            f"--logging.dir={run}", f"--data.cache_dir={tmp_path / 'data'}"],
