@@ -17,7 +17,7 @@ sums and counts) lives in the graph's memory and holds each replay's values.
 Megatron-Core has a wrapper for the same job (``megatron.core.full_cuda_graph``), but its state
 is class-wide, its warm-up runs on the default stream (0.19 works around the stale streams this
 leaves with a torch hook that torch 2.11 does not have), and it differs between 0.16 and 0.19;
-this one is ~80 lines that behave the same on both.
+this one is ~100 lines that behave the same on both.
 
 The caller guarantees what a replay cannot see (``config._cuda_graph_errors``): one process, no
 recomputation, and the same shapes every step; :meth:`GraphedForwardBackward.invalidate` must
