@@ -48,6 +48,19 @@ def test_unfused_layer_ops_are_told_the_fused_swiglu_keeps_less():
     assert not any("fused_ops" in h for h in oom_hints(_cfg("--model.fused_ops=torch", "--model.swiglu=false")))
 
 
+def test_a_graphed_step_is_told_to_run_eagerly_and_recomputation_comes_with_it():
+    """train.cuda_graph=full_iteration: the graph's pool is a lever, and recomputation cannot be
+    captured, so each recomputation hint also turns the graph off (a pasted hint must validate)."""
+    hints = oom_hints(_cfg("--train.cuda_graph=full_iteration"))
+    assert hints[0].startswith("--train.cuda_graph=none: the step runs eagerly")
+    recompute = [h for h in hints if "--train.recompute=" in h]
+    assert [h.split(":")[0] for h in recompute] == ["--train.cuda_graph=none --train.recompute=selective",
+                                                   "--train.cuda_graph=none --train.recompute=full"]
+    for h in recompute:  # each one, pasted, gives a recipe that validates
+        load_recipe(RECIPE, ["--train.cuda_graph=full_iteration", *h.split(":")[0].split()])
+    assert not any("cuda_graph" in h for h in oom_hints(_cfg()))  # eager runs: nothing about graphs
+
+
 def test_levers_already_at_their_limit_are_left_out():
     hints = oom_hints(_cfg("--train.recompute=full", "--train.micro_batch_size=4", "--train.global_batch_size=8",
                            "--parallel.cp=2"))
