@@ -457,10 +457,12 @@ def _cuda_graph_errors(cfg: RecipeConfig, world_size: int | None, device: str | 
         errs.append(f"train.cuda_graph=full_iteration needs a CUDA GPU; this run is on {device}. {fix}.")
     procs = world_size if world_size is not None else p.tp * p.cp * (p.dp or 1)
     if procs != 1:
+        dp = p.dp if p.dp is not None else "world / (tp * cp)"
         errs.append(f"train.cuda_graph=full_iteration runs on one process (tp=cp=dp=1); this run has {procs} "
-                    f"(parallel.tp={p.tp}, parallel.cp={p.cp}, parallel.dp={p.dp}): the context-parallel exchange "
+                    f"(parallel.tp={p.tp}, parallel.cp={p.cp}, parallel.dp={dp}): the context-parallel exchange "
                     f"sizes its transfers on the host, which a replayed graph would freeze at the first step's, and "
-                    f"replays across GPUs are not validated. {fix}, or launch one process.")
+                    f"replays across GPUs are not validated. {fix}, or train on one GPU (parallel.tp=1, "
+                    f"parallel.cp=1, one process).")
     if t.recompute != "none":
         errs.append(f"train.cuda_graph=full_iteration with train.recompute={t.recompute}: recomputation saves and "
                     f"restores the CUDA RNG state, which a graph capture forbids. {fix}, or train.recompute=none.")
