@@ -36,19 +36,21 @@ import torch
 #: a CUDA graph (``train.cuda_graph=full_iteration``, both attentions, since session 35: on one H100
 #: the 8K step went from host-bound 0.93-1.6M to 1.86M tok/s for MoBA and 1.0-1.4M to 1.57M for full
 #: attention, 32K +4% for MoBA; compare with ``--both=--train.cuda_graph=none``); 128K does not yet
-#: (its step sits at the H200's memory limit, where the graph's pool is not measured).
+#: (its step sits at the H200's memory limit, where the graph's pool is not measured), so it turns off
+#: the recipe's ``cuda_graph: auto``.
 GRAPHED = ["--train.cuda_graph=full_iteration"]
+EAGER = ["--train.cuda_graph=none"]
 SETTINGS = {
     "128K block 1024 top-12 (24 layers, hidden 1024)": (
         "recipes/1gpu-32k.yaml",
         ["--model.seq_length=131072", "--moba.block_size=1024", "--moba.topk=12",
-         "--train.global_batch_size=1", "--train.micro_batch_size=1"], 5),
+         "--train.global_batch_size=1", "--train.micro_batch_size=1", *EAGER], 5),
     # FlashMoBA's block and top-k on the same model (the full-attention run is the 128K one above:
     # full attention ignores the moba.* settings, so one process serves both rows of a repeat)
     "128K block 128 top-8 (24 layers, hidden 1024)": (
         "recipes/1gpu-32k.yaml",
         ["--model.seq_length=131072", "--moba.block_size=128", "--moba.topk=8",
-         "--train.global_batch_size=1", "--train.micro_batch_size=1"], 5),
+         "--train.global_batch_size=1", "--train.micro_batch_size=1", *EAGER], 5),
     "32K block 512 top-3 (24 layers, hidden 1024)": (
         "recipes/1gpu-32k.yaml", ["--train.global_batch_size=2", "--train.micro_batch_size=1", *GRAPHED], 6),
     "8K block 512 top-3 (6 layers, hidden 384, 6 heads)": (

@@ -158,12 +158,13 @@ class TrainConfig:
     prefetch: bool = _option(
         True, "Read, stack and shard each step's micro-batches on the host during the step before (after its "
         "kernels are queued), pinned on a GPU; false: at the step's start (the same samples either way).")
-    cuda_graph: Literal["none", "full_iteration"] = _option(
+    cuda_graph: Literal["none", "auto", "full_iteration"] = _option(
         "none", "'full_iteration': after one eager warm-up step, capture the step's forward and backward (every "
         "micro-batch, the gradient reduction) as one CUDA graph and replay it every step, so the host no longer "
-        "enqueues each kernel: the bound of short-sequence steps of small models. One GPU, no recomputation; the "
-        "optimizer update and validation stay eager; the graph is captured again after the hybrid schedule's "
-        "switch to full attention. 'none': every kernel enqueued by Python.")
+        "enqueues each kernel: the bound of short-sequence steps of small models. One GPU, no recomputation "
+        "(refused otherwise); the optimizer update and validation stay eager; the graph is captured again after "
+        "the hybrid schedule's switch to full attention. 'auto': full_iteration where it can run (one process on "
+        "a GPU, no recomputation), else none. 'none': every kernel enqueued by Python.")
 
 
 @dataclass
@@ -440,6 +441,17 @@ def kernel_limit_errors(cfg: RecipeConfig, device: str | None = None) -> list[st
     if dtype not in lim.dtypes:
         errs.append(f"train.precision={cfg.train.precision} ({dtype}): {why} takes {', '.join(lim.dtypes)}.")
     return errs
+
+
+def cuda_graph_applies(cfg: RecipeConfig, world_size: int, device: str) -> bool:
+    """Whether a run of ``world_size`` processes on ``device`` ('cuda' or 'cpu') replays its training
+    step from a CUDA graph: ``train.cuda_graph=full_iteration`` (validated to run there), or ``auto``
+    where full_iteration could."""
+    t, p = cfg.train, cfg.parallel
+    if t.cuda_graph == "full_iteration":
+        return True
+    return (t.cuda_graph == "auto" and device == "cuda" and world_size == 1 and p.tp == p.cp == 1
+            and t.recompute == "none")
 
 
 def _cuda_graph_errors(cfg: RecipeConfig, world_size: int | None, device: str | None) -> list[str]:

@@ -123,6 +123,22 @@ def test_full_iteration_cuda_graph_rules():
         C.load_recipe(None, ["--train.cuda_graph=layers"])
 
 
+def test_auto_cuda_graph_applies_only_where_full_iteration_could_run():
+    auto = C.load_recipe(None, ["--parallel.cp=1", "--train.cuda_graph=auto"])
+    assert C.cuda_graph_applies(auto, 1, "cuda")
+    assert not C.cuda_graph_applies(auto, 1, "cpu")
+    assert not C.cuda_graph_applies(auto, 2, "cuda")
+    for other in (["--train.recompute=selective"], ["--parallel.cp=2", "--model.seq_length=1024",
+                                                     "--moba.block_size=128"]):
+        cfg = C.load_recipe(None, ["--train.cuda_graph=auto", *other])  # never refused
+        C.validate(cfg, world_size=2 if "--parallel.cp=2" in other else 1, device="cuda")
+        assert not C.cuda_graph_applies(cfg, 2 if "--parallel.cp=2" in other else 1, "cuda")
+    assert not C.cuda_graph_applies(C.load_recipe(None, ["--parallel.cp=1"]), 1, "cuda")  # none: the default
+    assert C.cuda_graph_applies(C.load_recipe(None, ["--parallel.cp=1", "--train.cuda_graph=full_iteration"]),
+                                1, "cuda")
+    assert C.load_recipe("recipes/1gpu-32k.yaml").train.cuda_graph == "auto"
+
+
 def test_components_receive_only_their_sub_config():
     cfg = C.load_recipe(None)
     assert dataclasses.is_dataclass(cfg.moba) and set(C.field_help(C.MoBAConfig)) == {"block_size", "topk", "backend", "key_conv", "kernel"}

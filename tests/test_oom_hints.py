@@ -52,13 +52,19 @@ def test_a_graphed_step_is_told_to_run_eagerly_and_recomputation_comes_with_it()
     """train.cuda_graph=full_iteration: the graph's pool is a lever, and recomputation cannot be
     captured, so each recomputation hint also turns the graph off (a pasted hint must validate)."""
     hints = oom_hints(_cfg("--train.cuda_graph=full_iteration"))
-    assert hints[0].startswith("--train.cuda_graph=none: the step runs eagerly")
+    assert hints[0].startswith("--moba.kernel=bwd.keep_index=false:")  # still the most specific
+    assert hints[1].startswith("--train.cuda_graph=none: the step runs eagerly")
     recompute = [h for h in hints if "--train.recompute=" in h]
     assert [h.split(":")[0] for h in recompute] == ["--train.cuda_graph=none --train.recompute=selective",
                                                    "--train.cuda_graph=none --train.recompute=full"]
     for h in recompute:  # each one, pasted, gives a recipe that validates
         load_recipe(RECIPE, ["--train.cuda_graph=full_iteration", *h.split(":")[0].split()])
-    assert not any("cuda_graph" in h for h in oom_hints(_cfg()))  # eager runs: nothing about graphs
+    # the recipe's auto: graphed on one GPU (the same first hint; recomputation turns it off by itself)
+    auto = oom_hints(_cfg())
+    assert auto[1].startswith("--train.cuda_graph=none: the step runs eagerly")
+    assert any(h.startswith("--train.recompute=selective:") for h in auto)
+    assert not any("cuda_graph" in h for h in oom_hints(_cfg(), world_size=2))  # eager there: nothing about graphs
+    assert not any("cuda_graph" in h for h in oom_hints(_cfg("--train.cuda_graph=none")))
 
 
 def test_levers_already_at_their_limit_are_left_out():

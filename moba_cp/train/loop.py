@@ -31,7 +31,7 @@ from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from moba_cp.config import RecipeConfig, dump, parse_profile_steps, to_dict
+from moba_cp.config import RecipeConfig, cuda_graph_applies, dump, parse_profile_steps, to_dict
 from moba_cp.data.datasets import DataConfigError, build_train_valid_datasets, corpus_record
 from moba_cp.megatron import compat_cpu
 from moba_cp.megatron.fused_layers import resolve_fused_norm, resolve_fused_ops
@@ -79,7 +79,7 @@ class _Model:
     ddp: torch.nn.Module  # its DDP wrapper (what runs forward and backward)
     optimizer: object  # Megatron optimizer (plain or distributed)
     scheduler: OptimizerParamScheduler
-    graphed: GraphedForwardBackward | None = None  # train.cuda_graph=full_iteration
+    graphed: GraphedForwardBackward | None = None  # train.cuda_graph (config.cuda_graph_applies)
 
 
 @dataclass
@@ -154,11 +154,14 @@ def train(cfg: RecipeConfig) -> TrainResult:
             ops = "RoPE, SwiGLU: " + ("fused Triton kernels" if fused else "unfused")
             norm = resolve_fused_norm(cfg.model.fused_norm, fused, cfg.model.normalization)
             ops += f"; {cfg.model.normalization}: " + ("fused Triton kernel" if norm else "torch's")
+            graphed = cuda_graph_applies(cfg, env.world_size, env.device.type)
+            ops += (f"; training step: {'replayed from a CUDA graph after one eager step' if graphed else 'eager'} "
+                    f"(train.cuda_graph={cfg.train.cuda_graph})")
             print(f"moba-cp train: world {env.world_size} = tp {env.tp} x cp {env.cp} x dp {env.dp} "
                   f"on {env.device.type}; {describe(state, cfg)}; {ops}{'; ' + note if note else ''}; "
                   f"resolved recipe:\n{dump(cfg)}", flush=True)
         train_ds, valid_ds = _build_datasets(cfg, tokenizer)
-        model = _build_model(cfg, tokenizer)
+        model = _build_model(cfg, tokenizer, env)
         start_step = _resume(state, model, env)
         if env.is_main:  # only now: the checks passed and the checkpoint (if any) loaded
             _write_recipe(cfg)
@@ -193,7 +196,7 @@ def _build_datasets(cfg: RecipeConfig, tokenizer):
     return train_ds, valid_ds
 
 
-def _build_model(cfg: RecipeConfig, tokenizer) -> _Model:
+def _build_model(cfg: RecipeConfig, tokenizer, env: DistEnv) -> _Model:
     """GPTModel, DDP, optimizer and learning-rate schedule of the recipe, wired together."""
     t = cfg.train
     config = transformer_config_from_recipe(
@@ -201,7 +204,7 @@ def _build_model(cfg: RecipeConfig, tokenizer) -> _Model:
     )
     gpt = build_gpt_model(cfg.model, cfg.moba, cfg.attention, cfg.parallel,
                           vocab_size=tokenizer.vocab_size, config=config)
-    graphed = GraphedForwardBackward() if t.cuda_graph == "full_iteration" else None
+    graphed = GraphedForwardBackward() if cuda_graph_applies(cfg, env.world_size, env.device.type) else None
     if graphed is None:
         ddp = wrap_ddp(gpt, cfg.parallel)
     else:
@@ -308,7 +311,7 @@ def _train_step(run: _Run, step: int) -> _StepStats:
     reduced = _forward_backward(m.ddp, batches, forward_only=False, cfg=run.cfg, env=env, graphed=m.graphed)
     if capturing:
         run.say(f"step {step + 1}: forward and backward captured as one CUDA graph (train.cuda_graph="
-                f"full_iteration); every later step replays it")
+                f"{t.cuda_graph}); every later step replays it")
     if t.prefetch and step + 1 < t.steps:
         # The next step's samples, made now: every kernel of this step is queued and the GPU works
         # through them while the host reads and stacks, and the optimizer's grad-norm sync below

@@ -15,6 +15,7 @@ import torch
 
 from moba_cp.config import RecipeConfig, RecipeError, dump, load_recipe
 from moba_cp.train.checkpoint import CheckpointError
+from moba_cp.train.distributed import world_size_from_env
 from moba_cp.train.dry_run import dry_run
 from moba_cp.train.loop import TrainingError, train
 from moba_cp.train.oom_hints import oom_message
@@ -74,7 +75,7 @@ def run_train_command(args: argparse.Namespace, overrides: list[str]) -> int:
         # The allocator's message names the allocation, not the setting that would make the run
         # fit: say which overrides would, from the rank that failed (it may be the only one),
         # then let the traceback through as for any crash.
-        print(f"moba-cp train: {oom_message(cfg, args.recipe)}", file=sys.stderr, flush=True)
+        print(f"moba-cp train: {oom_message(cfg, args.recipe, world_size_from_env())}", file=sys.stderr, flush=True)
         raise
     return 0
 
