@@ -1587,6 +1587,28 @@ def test_cuda_graphs_only_for_short_cuda_calls_with_lasting_offsets(monkeypatch)
         cuda_graphs.graph_mode()
 
 
+def test_no_call_is_graphed_inside_calls_eager(monkeypatch):
+    """``calls_eager`` (the warm-up and capture of a whole training step): a call that would take
+    the graphed path runs eagerly inside the block, nested blocks too, and graphed again after."""
+    import types
+
+    from moba_cp.ops.moba import cuda_graphs
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.delenv("MOBA_CP_CUDA_GRAPHS", raising=False)
+    q = types.SimpleNamespace(is_cuda=True, shape=(64, 2, 16))  # a short call on a GPU
+    assert cuda_graphs.graphs_enabled(q, None)
+    with cuda_graphs.calls_eager():
+        assert not cuda_graphs.graphs_enabled(q, None)
+        with cuda_graphs.calls_eager():
+            assert not cuda_graphs.graphs_enabled(q, None)
+        assert not cuda_graphs.graphs_enabled(q, None)
+    assert cuda_graphs.graphs_enabled(q, None)
+    with pytest.raises(KeyError), cuda_graphs.calls_eager():
+        raise KeyError("a failed step")
+    assert cuda_graphs.graphs_enabled(q, None)  # the block closed on the error
+
+
 def test_graphed_call_saves_lse_selection_and_index_as_one_buffer():
     """The whole-call graph's saved state (lse, the selection, the gather index) packs into one
     int32 buffer and unpacks to views equal to the parts, lse bit for bit (incl. -inf and NaN)."""

@@ -6,13 +6,16 @@ and hidden 384 the host's Python (Megatron's layers, autograd, the DDP hooks, ou
 MoBA's cheaper kernels nor anything else on the GPU shows in tokens/s. Replaying the step's
 kernels from a graph takes the host out.
 
-How: the first ``warmup`` calls run eagerly, on the side stream the capture will use (so every
-kernel is compiled and loaded, the allocator is warm, and autograd's gradient-accumulation
-nodes, which live as long as the parameters, were first run on that stream). The next call
-captures the whole forward-backward of every micro-batch, Megatron's gradient finalisation
-included, on static copies of the micro-batches, and replays it; later calls copy their
-micro-batches into those buffers and replay. What the schedule returned at capture (the loss
-sums and counts) lives in the graph's memory and holds each replay's values.
+How: the first ``warmup`` calls run eagerly on the side stream the capture will use, so every
+kernel is compiled and loaded, the allocator is warm, and autograd's gradient-accumulation nodes
+(which live as long as the parameters: see :meth:`GraphedForwardBackward.on_capture_stream`) run
+on that stream. The short MoBA calls' own graphs stand aside in the warm-up and in the capture
+(``cuda_graphs.calls_eager``: a graph is not captured inside another), so the warm-up compiles
+exactly the path the capture records. The next call captures the whole forward-backward of every
+micro-batch, Megatron's gradient finalisation included, on static copies of the micro-batches,
+and replays it; later calls copy their micro-batches into those buffers and replay. What the
+schedule returned at capture (the loss sums and counts) lives in the graph's memory and holds
+each replay's values.
 
 Megatron-Core has a wrapper for the same job (``megatron.core.full_cuda_graph``), but its state
 is class-wide, its warm-up runs on the default stream (0.19 works around the stale streams this
@@ -30,6 +33,8 @@ import contextlib
 from typing import Callable
 
 import torch
+
+from moba_cp.ops.moba.cuda_graphs import calls_eager
 
 __all__ = ["GraphedForwardBackward"]
 
@@ -83,7 +88,9 @@ class GraphedForwardBackward:
     def __call__(self, fb: ForwardBackward, batches: list[dict]) -> list:
         if self.graph is None and self.eager_calls < self.warmup:
             self.eager_calls += 1
-            with self.on_capture_stream():
+            # the MoBA calls' own graphs stand aside, as they must inside the capture: the warm-up
+            # compiles the very path the capture records
+            with self.on_capture_stream(), calls_eager():
                 return fb(batches)
         if self.graph is None:
             self._capture(fb, batches)
@@ -108,7 +115,7 @@ class GraphedForwardBackward:
         try:
             if override is not None:
                 override(True)
-            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"), calls_eager():
                 self.result = fb(self.static)
         except Exception as e:
             self.invalidate()

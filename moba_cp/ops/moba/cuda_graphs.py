@@ -23,13 +23,15 @@ and its index; the default, ``shared``, lets the backward's graph read the forwa
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import OrderedDict
 from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["GraphedCall", "graphs_enabled", "graph_mode", "GRAPH_MODES", "GRAPH_MAX_TOKEN_HEADS", "static_offsets"]
+__all__ = ["GraphedCall", "graphs_enabled", "graph_mode", "GRAPH_MODES", "GRAPH_MAX_TOKEN_HEADS", "static_offsets",
+           "calls_eager"]
 
 #: Largest ``T * Hq`` a call is graphed at. Above it a call's kernels run long enough that the
 #: enqueue time hides behind them, while the graph's input copies and output clones grow with the
@@ -83,9 +85,27 @@ def graph_mode() -> str:
     return mode
 
 
+#: Open :func:`calls_eager` blocks (process-wide: a backward runs on autograd's own threads).
+_EAGER_BLOCKS = 0
+
+
+@contextlib.contextmanager
+def calls_eager():
+    """No call inside the block takes a graphed path. For the warm-up of a capture of a whole
+    training step (``train/graphed_step.py``): inside the capture the calls run eagerly (a graph
+    is not captured inside another), so the warm-up runs, and compiles, that same path, and keeps
+    no per-call graph it would never replay."""
+    global _EAGER_BLOCKS
+    _EAGER_BLOCKS += 1
+    try:
+        yield
+    finally:
+        _EAGER_BLOCKS -= 1
+
+
 def graphs_enabled(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> bool:
     """Whether a call on ``q [T, Hq, D]`` with ``cu_seqlens`` takes a graphed path."""
-    if not q.is_cuda or graph_mode() == "off":
+    if not q.is_cuda or graph_mode() == "off" or _EAGER_BLOCKS:
         return False
     if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
         return False
