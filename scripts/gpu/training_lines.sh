@@ -6,18 +6,20 @@
 #   OUT=/some/dir COMMIT=<sha> bash scripts/gpu/training_lines.sh          # (the device tool sets $OUT)
 #   OUT=/some/dir COMMIT=<sha> PARTS=128k MOBA_KERNEL="bwd.skip_unseen=false" bash scripts/gpu/training_lines.sh
 #
-# PARTS: comma-separated of 128k, 8k, 32k, table, tune, run in that order (default: the first
-# four; ~2.5 + 1.5 + 1 + 0.5 minutes on an H200 by session 31-33's runs, a guess for a cold machine
-# that compiles first). tune: the backward alone with TUNE_BWD's overrides (a JSON object of
+# PARTS: comma-separated of 128k, 128k-graph, 8k, 32k, table, tune, run in that order (default:
+# 128k, 8k, 32k, table; 128k-graph: the 128K line eager and with the step replayed from a CUDA graph,
+# train.cuda_graph=full_iteration, for both attentions: four runs; the 8K and 32K lines replay the
+# step already, see bench_train.py; 128k, 8k, 32k and table took ~2.5 + 1.5 + 1 + 0.5 minutes on
+# an H200 in sessions 31-33, more on a cold machine that compiles first). tune: the backward alone with TUNE_BWD's overrides (a JSON object of
 # BwdConfig fields, required with this part) against the default, default / option /
 # default / option / default in one process per shape (train-b1024 128K, train-b512 32K,
 # small-b512 4 x 8K, paper-b512 32K at d=128). MOBA_KERNEL: a ';'-separated list of moba.kernel
 # overrides, each adding a MoBA row (an A/B against the default in the same call; bench_train.py
-# --moba-kernel). REPEATS_8K (default 2): pairs at 8K, whose host-bound step scatters between
-# processes. COMMIT: the commit line of the tables (a tree copied to the GPU machine may carry no
+# --moba-kernel). REPEATS_8K (default 2): pairs at 8K (its eager step was host-bound and
+# scattered between processes; replayed from a graph it held within ~3% on an H100). COMMIT: the commit line of the tables (a tree copied to the GPU machine may carry no
 # .git). The 128K step needs ~104 GiB: an H100 (80 GB) skips it.
-# Files under $OUT (at most 7; the device tool brings back 8): train_{128k,8k,32k}.md, train.log
-# (every training part's output), kernels_d64.{md,log}, tune_bwd.log.
+# Files under $OUT (at most 8, what the device tool brings back): train_{128k,128k-graph,8k,32k}.md,
+# train.log (every training part's output), kernels_d64.{md,log}, tune_bwd.log.
 # Needs no network: megatron-core comes from ./.whl when it is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -39,13 +41,16 @@ line() {  # line <part> <bench_train setting name> [more bench_train arguments..
   grep "^| \|^- " "$OUT/train_$part.md" 2>/dev/null || true
 }
 
-if has 128k; then
-  if (( mem_gib >= 120 )); then
+for part in 128k 128k-graph; do
+  has "$part" || continue
+  if (( mem_gib < 120 )); then
+    echo "part $part skipped: the 128K step needs ~104 GiB and this GPU has ${mem_gib} GiB"
+  elif [[ $part == 128k ]]; then
     line 128k "128K block 1024 top-12 (24 layers, hidden 1024)"
   else
-    echo "part 128k skipped: the 128K step needs ~104 GiB and this GPU has ${mem_gib} GiB"
+    line 128k-graph "128K block 1024 top-12 (24 layers, hidden 1024)" --both=--train.cuda_graph=full_iteration
   fi
-fi
+done
 has 8k && line 8k "8K block 512 top-3 (6 layers, hidden 384, 6 heads)" --repeats "${REPEATS_8K:-2}"
 has 32k && line 32k "32K block 512 top-3 (24 layers, hidden 1024)"
 if has table; then
