@@ -41,8 +41,13 @@ def _train(tmp_path: Path, name: str, extra: list[str]) -> tuple[list[dict], str
     [],
     ["--attention.pattern=full"],
     ["--attention.switch_to_full_at=0.5", "--eval.interval=3", "--eval.iters=1"],
-], ids=["moba", "full", "hybrid-switch-and-validation"])
+    ["--attention.pattern=hybrid", "--attention.full_last_n=1", "--moba.key_conv=3",
+     "--train.loss_normalization=sample", "--data.retrieval_fraction=0.5", "--data.retrieval_loss_on=answer"],
+], ids=["moba", "full", "hybrid-switch-and-validation", "layer-hybrid-key-conv-sample-loss-answer-masks"])
 def test_gpu_replayed_steps_train_as_the_eager_ones(tmp_path, extra):
+    """The last case: per-sample loss over answer-only masks that change with every batch (so the
+    replays must read each step's masks through the static copies), a key convolution, and MoBA
+    and full-attention layers in one model."""
     eager, _ = _train(tmp_path, "eager", extra)
     graphed, out = _train(tmp_path, "graphed", [*extra, "--train.cuda_graph=full_iteration"])
     assert "step 2: forward and backward captured as one CUDA graph" in out
