@@ -421,6 +421,18 @@ def test_every_shipped_recipe_passes_dry_run(recipe, capsys):
     assert "dry run OK" in out and "memory/GPU" in out and "FLOPs/step" in out
 
 
+@pytest.mark.parametrize("args,step", [
+    ([], "replayed from a CUDA graph after one eager step (train.cuda_graph=auto;"),
+    (["--train.recompute=selective"], "eager (train.cuda_graph=auto)"),  # auto: eager where a graph cannot run
+    (["--train.cuda_graph=none"], "eager (train.cuda_graph=none)"),
+])
+def test_dry_run_says_whether_the_step_is_replayed_from_a_graph(args, step, capsys):
+    from moba_cp.cli import main
+
+    assert main(["train", "recipes/1gpu-32k.yaml", "--dry-run", *args]) == 0
+    assert f"  step        {step}" in capsys.readouterr().out
+
+
 @pytest.mark.slow  # ~30 s; the SLURM test below runs launch/multinode.sh the same way, under sbatch
 def test_multinode_launcher_two_agents_meet_through_c10d(tmp_path, cache_dir):
     """launch/multinode.sh for real: two torchrun agents (two 'nodes' of one process each) on

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from moba_cp.config import RecipeConfig, RecipeError, layer_attention_kinds
+from moba_cp.config import RecipeConfig, RecipeError, cuda_graph_applies, layer_attention_kinds
 from moba_cp.model_sizes import default_ffn_hidden_size
 from moba_cp.ops.moba.kernel_limits import LIMITS
 from moba_cp.megatron.selection_memo import INDEX_MAX_BYTES
@@ -289,6 +289,10 @@ def dry_run(cfg: RecipeConfig, world_size: int | None = None, *, link_gbps: str 
     else:
         print("  KV traffic  none (cp=1)")
     print(f"  kernels     {_kernel_line(cfg)}")
+    graphed = cuda_graph_applies(cfg, ws, "cuda")
+    print(f"  step        {'replayed from a CUDA graph after one eager step' if graphed else 'eager'} "
+          f"(train.cuda_graph={t.cuda_graph}" + ("; the graph's pool keeps the step's activations reserved "
+                                                  "between steps" if graphed else "") + ")")
     print(f"  run dir     {'complete: nothing to train' if state.complete else describe(state, cfg)}")
     print("dry run OK: the recipe is valid for this world size")
     return 0
