@@ -446,23 +446,23 @@ def kernel_limit_errors(cfg: RecipeConfig, device: str | None = None) -> list[st
 def cuda_graph_applies(cfg: RecipeConfig, world_size: int, device: str) -> bool:
     """Whether a run of ``world_size`` processes on ``device`` ('cuda' or 'cpu') replays its training
     step from a CUDA graph: ``train.cuda_graph=full_iteration`` (validated to run there), or ``auto``
-    where full_iteration could."""
-    t, p = cfg.train, cfg.parallel
-    if t.cuda_graph == "full_iteration":
+    wherever full_iteration would be accepted (the same rules, :func:`_full_iteration_breaks`)."""
+    if cfg.train.cuda_graph == "full_iteration":
         return True
-    return (t.cuda_graph == "auto" and device == "cuda" and world_size == 1 and p.tp == p.cp == 1
-            and t.recompute == "none")
+    return cfg.train.cuda_graph == "auto" and not _full_iteration_breaks(cfg, world_size, device)
 
 
 def _cuda_graph_errors(cfg: RecipeConfig, world_size: int | None, device: str | None) -> list[str]:
-    """train.cuda_graph=full_iteration: what a captured step may not contain. A GPU (``device``
-    None: unknown, not checked); one process, since context parallelism sizes its block exchange
-    on the host (a graph would replay the first step's sizes) and multi-GPU replays are not
-    validated; no recomputation (it saves and restores the CUDA RNG state, which a capture
-    forbids)."""
+    """train.cuda_graph=full_iteration where a captured step cannot run (``auto`` never errs)."""
+    return _full_iteration_breaks(cfg, world_size, device) if cfg.train.cuda_graph == "full_iteration" else []
+
+
+def _full_iteration_breaks(cfg: RecipeConfig, world_size: int | None, device: str | None) -> list[str]:
+    """Why a step of this run could not be captured, as errors naming the fix (empty: it can). A GPU
+    (``device`` None: unknown, not checked); one process, since context parallelism sizes its block
+    exchange on the host (a graph would replay the first step's sizes) and multi-GPU replays are not
+    validated; no recomputation (it saves and restores the CUDA RNG state, which a capture forbids)."""
     t, p = cfg.train, cfg.parallel
-    if t.cuda_graph != "full_iteration":
-        return []
     fix = "Fix: train.cuda_graph=none"
     errs = []
     if device is not None and device != "cuda":

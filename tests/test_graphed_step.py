@@ -15,8 +15,10 @@ from moba_cp.train.graphed_step import GraphedForwardBackward
 class _Graph:
     def __init__(self):
         self.fn = None
+        self.replays = 0
 
     def replay(self):
+        self.replays += 1
         self.fn()
 
 
@@ -95,7 +97,7 @@ def test_warm_up_then_capture_then_replays_on_the_static_copies(fake_cuda, monke
     res = g(fb, _batch(5))
     assert float(res[0]["lm loss"]) == 40.0  # the replay saw this step's batch through the static copy
     assert log[-1][0] is g.static[0]["tokens"]  # ... and not the caller's tensor
-    assert g.replays == 2 and g.eager_calls == 2
+    assert g.graph.replays == 2 and g.eager_calls == 2
     g.invalidate()
     assert not g.captured and not g.captures_next
     assert float(g(fb, _batch(7))[0]["lm loss"]) == 56.0 and g.eager_calls == 1  # eager again

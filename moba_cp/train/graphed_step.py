@@ -63,7 +63,6 @@ class GraphedForwardBackward:
         self.static: list[dict] = []
         self.result: list | None = None
         self.eager_calls = 0
-        self.replays = 0
 
     @property
     def captured(self) -> bool:
@@ -100,7 +99,6 @@ class GraphedForwardBackward:
                 for k, v in batch.items():
                     static[k].copy_(v, non_blocking=True)
         self.graph.replay()
-        self.replays += 1
         return self.result
 
     def _capture(self, fb: ForwardBackward, batches: list[dict]) -> None:
@@ -109,8 +107,9 @@ class GraphedForwardBackward:
         # the eager steps' freed blocks go back to the device, so the graph's own pool can take them
         torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
-        # torch >= 2.12 can move an autograd node made on another stream onto the capture stream
-        # (process-wide, so only for the capture); on_capture_stream already made DDP's nodes here
+        # newer torch (2.13 has it, the GPUs' 2.11 does not) can move an autograd node made on another
+        # stream onto the capture stream (process-wide, so only for the capture); on_capture_stream
+        # already made DDP's nodes here
         override = getattr(torch.autograd.graph, "set_override_stale_capture_stream", None)
         try:
             if override is not None:
@@ -119,7 +118,7 @@ class GraphedForwardBackward:
                 self.result = fb(self.static)
         except Exception as e:
             self.invalidate()
-            raise RuntimeError(f"train.cuda_graph=full_iteration: capturing the training step failed ({e}). "
+            raise RuntimeError(f"train.cuda_graph: capturing the training step failed ({e}). "
                                f"Something in the step synchronises with the host or changes from step to "
                                f"step. Fix: train.cuda_graph=none.") from e
         finally:
@@ -136,6 +135,6 @@ class GraphedForwardBackward:
         if not same:
             got = [{k: tuple(v.shape) for k, v in b.items()} for b in batches]
             want = [{k: tuple(v.shape) for k, v in s.items()} for s in self.static]
-            raise RuntimeError(f"train.cuda_graph=full_iteration: this step's micro-batches {got} differ from the "
+            raise RuntimeError(f"train.cuda_graph: this step's micro-batches {got} differ from the "
                                f"captured step's {want}; a replay would compute the captured shapes. Fix: "
                                f"train.cuda_graph=none for runs whose batches change shape.")

@@ -7,17 +7,18 @@
 #   OUT=/some/dir COMMIT=<sha> PARTS=128k MOBA_KERNEL="bwd.skip_unseen=false" bash scripts/gpu/training_lines.sh
 #
 # PARTS: comma-separated of 128k, 128k-graph, 8k, 32k, table, tune, run in that order (default:
-# 128k, 8k, 32k, table; 128k-graph: the 128K line eager and with the step replayed from a CUDA graph,
-# train.cuda_graph=full_iteration, for both attentions: four runs; the 8K and 32K lines replay the
-# step already, see bench_train.py; 128k, 8k, 32k and table took ~2.5 + 1.5 + 1 + 0.5 minutes on
-# an H200 in sessions 31-33, more on a cold machine that compiles first). tune: the backward alone with TUNE_BWD's overrides (a JSON object of
-# BwdConfig fields, required with this part) against the default, default / option /
-# default / option / default in one process per shape (train-b1024 128K, train-b512 32K,
-# small-b512 4 x 8K, paper-b512 32K at d=128). MOBA_KERNEL: a ';'-separated list of moba.kernel
-# overrides, each adding a MoBA row (an A/B against the default in the same call; bench_train.py
-# --moba-kernel). REPEATS_8K (default 2): pairs at 8K (its eager step was host-bound and
-# scattered between processes; replayed from a graph it held within ~3% on an H100). COMMIT: the commit line of the tables (a tree copied to the GPU machine may carry no
-# .git). The 128K step needs ~104 GiB: an H100 (80 GB) skips it.
+# 128k, 8k, 32k, table; 128k, 8k, 32k and table took ~2.5 + 1.5 + 1 + 0.5 minutes on an H200 in
+# sessions 31-33, more on a cold machine that compiles first). 128k-graph: the 128K line eager and
+# with the step replayed from a CUDA graph (train.cuda_graph=full_iteration), both attentions, four
+# runs; the 8K and 32K lines replay the step already (bench_train.py). tune: the backward alone
+# with TUNE_BWD's overrides (a JSON object of BwdConfig fields, required with this part) against
+# the default, default / option / default / option / default in one process per shape
+# (train-b1024 128K, train-b512 32K, small-b512 4 x 8K, paper-b512 32K at d=128).
+# MOBA_KERNEL: a ';'-separated list of moba.kernel overrides, each adding a MoBA row (an A/B against
+# the default in the same call; bench_train.py --moba-kernel). REPEATS_8K (default 2): pairs at 8K
+# (its eager step was host-bound and scattered between processes; replayed from a graph it held
+# within ~3% on an H100). COMMIT: the commit line of the tables (a tree copied to the GPU machine
+# may carry no .git). The 128K step needs ~104 GiB: an H100 (80 GB) skips it.
 # Files under $OUT (at most 8, what the device tool brings back): train_{128k,128k-graph,8k,32k}.md,
 # train.log (every training part's output), kernels_d64.{md,log}, tune_bwd.log.
 # Needs no network: megatron-core comes from ./.whl when it is not installed.
@@ -59,9 +60,8 @@ if has table; then
   cut -c1-220 "$OUT/kernels_d64.md" 2>/dev/null | grep "^| " || true
 fi
 if has tune; then
-  opt="$TUNE_BWD"
   for s in train-b1024:131072 train-b512:32768 small-b512:8192 paper-b512:32768; do
-    "$PY" benchmarks/bench_moba.py --tune "$s" --tune-parts bwd --tune-bwd "[{}, $opt, {}, $opt, {}]" \
+    "$PY" benchmarks/bench_moba.py --tune "$s" --tune-parts bwd --tune-bwd "[{}, $TUNE_BWD, {}, $TUNE_BWD, {}]" \
       --commit "$COMMIT" >> "$OUT/tune_bwd.log" 2>&1 || echo "part tune failed at $s: see tune_bwd.log"
   done
   grep "^tune .* bwd " "$OUT/tune_bwd.log" | cut -c1-200 || true

@@ -761,7 +761,7 @@ def sparse_attn_bwd(
                 dq_c = _slot_buffer(tq * hc * width, d, slot_dtype, dev)
                 n_ent = gi.ent.numel()
                 _zero_free_slots_kernel[(cdiv(n_ent, 128),)](gi.ent, gi.offs, dq_c, n_ent, hq * blocks.n, hq,
-                                                                    width, h0, hc, BR=128, D=d, num_warps=4)
+                                                             width, h0, hc, BR=128, D=d, num_warps=4)
             else:
                 dq_c = torch.zeros(tq * hc * width, d, dtype=slot_dtype, device=dev)
             inv = None
