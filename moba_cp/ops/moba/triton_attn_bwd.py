@@ -277,7 +277,7 @@ def _dkdv_kernel(
     TRANS: tl.constexpr, SPLIT: tl.constexpr, GATHERED: tl.constexpr, TMA: tl.constexpr,
     SUB_MAJOR: tl.constexpr, DQ_ROWS: tl.constexpr, TMA_DQ: tl.constexpr, DQ_TRANS: tl.constexpr,
     ACC_KV: tl.constexpr, DQ_SLOTS: tl.constexpr = False, DQ_DIAG: tl.constexpr = 0, TILED: tl.constexpr = False,
-    PART: tl.constexpr = 0, SKIP: tl.constexpr = False,
+    PART: tl.constexpr = 0, SKIP: tl.constexpr = False, KV_ONE: tl.constexpr = False,
 ):
     # KV heads [HK0, HK0 + HKVC) of this launch, and of their query heads those in
     # [QH0, QH0 + QHC) (all of them unless the launch splits a GQA group: split_group); the j-th
@@ -295,6 +295,8 @@ def _dkdv_kernel(
     # SKIP (BwdConfig.skip_unseen, with SPLIT): the sub-tile's program does not walk the rows that
     # precede its first key, and the searches try the row the block's own rows predict first
     # (off: the binary search alone). Never with dq_slots, whose programs must store every selected slot.
+    # KV_ONE: DK/DV hold this launch's one KV head alone ([Tk, 1, D] fp32 sums of a split GQA
+    # group, cast into the caller's dk/dv once the group's last launch is done).
     if SUB_MAJOR:
         # One 1-D grid with the key sub-tiles of a block adjacent: the NSUB programs that read
         # the same gathered rows (and, with FUSE_DQ, add into the same dQ rows) run at the same
@@ -400,6 +402,8 @@ def _dkdv_kernel(
             tl.store(SCR_DV + sp, dv, mask=kmask[:, None])
         if PART != 1:
             tl.store(SCR_DK + sp, dk, mask=kmask[:, None])
+    elif KV_ONE:
+        _store_dkdv(DK, DV, dk, dv, ks + kk, kmask, 0, 1, D, ACC_KV, PART)
     else:
         _store_dkdv(DK, DV, dk, dv, ks + kk, kmask, hk, H // G, D, ACC_KV, PART)
 
@@ -471,7 +475,8 @@ def _kv_tiles_count_kernel(OFFS, ORDER, TEND, SLOT_PJ, SLOT0, NPJ, HK0, HKVC, NB
 
 @triton.jit(do_not_specialize=["HK0", "HKVC"])
 def _dkdv_split_sum_kernel(SLOT_PJ, TEND, ORDER, KSTART, KLEN, SCR_DK, SCR_DV, DK, DV, NBK, HK0, HKVC, HKV,
-                           SLOT_KEYS, RB: tl.constexpr, D: tl.constexpr, ACC_KV: tl.constexpr):
+                           SLOT_KEYS, RB: tl.constexpr, D: tl.constexpr, ACC_KV: tl.constexpr,
+                           KV_ONE: tl.constexpr = False):
     # Per (a cut block's first scratch slot, RB key rows): the block's tiles' partial dK/dV, in
     # its slots SLOT0 .. SLOT0 + tiles - 1, added in tile order (the same sums every run) and
     # stored (or added, ACC_KV) as _dkdv_kernel stores an uncut block's; programs of the other
@@ -498,7 +503,10 @@ def _dkdv_split_sum_kernel(SLOT_PJ, TEND, ORDER, KSTART, KLEN, SCR_DK, SCR_DV, D
         sp = (((tl.program_id(0) + t) * SLOT_KEYS).to(tl.int64) + kk)[:, None] * D + d[None, :]
         dk += tl.load(SCR_DK + sp, mask=kmask[:, None], other=0.0)
         dv += tl.load(SCR_DV + sp, mask=kmask[:, None], other=0.0)
-    _store_dkdv(DK, DV, dk, dv, tl.load(KSTART + g).to(tl.int64) + kk, kmask, hk, HKV, D, ACC_KV)
+    if KV_ONE:  # DK/DV hold KV head hk alone (see _dkdv_kernel)
+        _store_dkdv(DK, DV, dk, dv, tl.load(KSTART + g).to(tl.int64) + kk, kmask, 0, 1, D, ACC_KV)
+    else:
+        _store_dkdv(DK, DV, dk, dv, tl.load(KSTART + g).to(tl.int64) + kk, kmask, hk, HKV, D, ACC_KV)
 
 
 @triton.jit
@@ -739,10 +747,14 @@ def sparse_attn_bwd(
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
     chunks = _head_chunks(tq, hkv, g_sz, width, d, q.element_size(), fp32_dq, cfg, slot_dtype.itemsize)
     split = any(hc < g_sz for _, _, _, hc, _ in chunks)
-    # A split GQA group sums its launches' dK/dV in fp32 (then cast once); else written once.
+    # A split GQA group sums its launches' dK/dV in fp32, then casts them into dk/dv once; else
+    # they are written once. The fp32 sums hold one KV head (split launches hold one each, in head
+    # order), not all: at 128K, 16/4 heads, d=64 that is 67 MiB of the backward's transient
+    # instead of 268.
     dk_out, dv_out = dk, dv
-    if split and kv_grad_dtype != torch.float32:
-        dk, dv = (torch.empty(tk, hkv, d, dtype=torch.float32, device=dev) for _ in range(2))
+    kv_one = split and kv_grad_dtype != torch.float32
+    if kv_one:
+        dk, dv = (torch.empty(tk, 1, d, dtype=torch.float32, device=dev) for _ in range(2))
     cut = _BlockCuts(cfg, nsub * bnb, d, max(nkv for _, nkv, _, _, _ in chunks) * blocks.n,
                      tq * width * max(hc for *_, hc, _ in chunks), dev) if cfg.max_rows else None
     for hk0, nkv, h0, hc, acc_kv in chunks:
@@ -792,10 +804,13 @@ def sparse_attn_bwd(
                 DQ_TRANS=cfg.dq_trans, ACC_KV=acc_kv, DQ_SLOTS=cfg.dq_slots and dq_here, DQ_DIAG=diag_dq,
                 TILED=cut is not None, PART=part,
                 SKIP=cfg.skip_unseen and cfg.split_mask and sorted_positions and not cfg.dq_slots,
-                num_warps=warps, num_stages=n_stages,
+                KV_ONE=kv_one, num_warps=warps, num_stages=n_stages,
             )
         if cut is not None:
-            cut.store(dk, dv, gi, hk0, nkv, hkv, blocks, d, acc_kv)
+            cut.store(dk, dv, gi, hk0, nkv, hkv, blocks, d, acc_kv, kv_one)
+        if kv_one and h0 + hc == (hk0 + 1) * g_sz:  # the KV head's last launch: its sums are complete
+            dk_out[:, hk0].copy_(dk[:, 0])
+            dv_out[:, hk0].copy_(dv[:, 0])
         del rows
         if cfg.dq_rows or cfg.dq_slots:
             # each token's W dQ rows (bucket-order copy through inv, or its own slots) summed into dq
@@ -818,9 +833,6 @@ def sparse_attn_bwd(
         if not fp32_dq:
             dq[:, h0:h0 + hc].copy_(dq_c)
             del dq_c
-    if dk is not dk_out:
-        dk_out.copy_(dk)
-        dv_out.copy_(dv)
     return dq, dk_out, dv_out
 
 
@@ -858,12 +870,12 @@ class _BlockCuts:
         return n_t, (self.tile_pj, self.tile_c0, self.tend, self.slot0, self.scratch[0], self.scratch[1])
 
     def store(self, dk, dv, gi: GatherIndex, hk0: int, nkv: int, hkv: int, blocks: KeyBlocks, d: int,
-              acc_kv: bool) -> None:
+              acc_kv: bool, kv_one: bool = False) -> None:
         rb = max(16, SPLIT_SUM_ELEMS // d)  # rows a program: 32 fp32 of each sum a thread on 4 warps
         slot_keys = self.scratch.shape[2]
         _dkdv_split_sum_kernel[(self.slots, cdiv(slot_keys, rb))](
             self.slot_pj, self.tend, gi.kv_order, blocks.kstart, blocks.klen, self.scratch[0], self.scratch[1], dk, dv,
-            blocks.n, hk0, nkv, hkv, slot_keys, RB=rb, D=d, ACC_KV=acc_kv, num_warps=4,
+            blocks.n, hk0, nkv, hkv, slot_keys, RB=rb, D=d, ACC_KV=acc_kv, KV_ONE=kv_one, num_warps=4,
         )
 
 

@@ -162,7 +162,8 @@ class BwdConfig:
     ``dq_chunk_bytes``: largest fp32 dQ scratch when dq is
     returned in a half dtype (the backward then runs in chunks of KV heads).
     ``split_group``: a chunk may hold fewer than one KV head's G query heads (its dK/dV then sum
-    over the chunks in fp32, ``8 D`` bytes per key row and KV head, cast once at the end), so
+    over the chunks in fp32, ``8 D`` bytes per key row of the one KV head being summed, cast into
+    dk/dv after that head's last chunk), so
     ``dq_chunk_bytes`` can bound the transient memory below one KV head's rows (at 128K, 16/4
     heads, top-12, ``dq_rows``: ~3.6 GB per KV head, ~0.9 GB per query head); off: one KV head
     is the smallest chunk. On by default at d<=64 with a 1 GiB bound (see :func:`choose_config`).
