@@ -227,9 +227,10 @@ def test_default_tiling_follows_the_measured_rows():
     assert new_fwd(choose_config(512, 64, 4, 32768).fwd) == (True, True, 16)
     assert new_fwd(choose_config(512, 64, 6, 8192).fwd) == new_fwd(choose_config(512, 64, 4, 16384).fwd) == (
         False, False, 32)
-    # 4 stages up to 32K tokens, forward and backward; 3 beyond
-    assert [(c.fwd.num_stages, c.bwd.num_stages) for c in (choose_config(512, 64, 4, n) for n in (8192, 32768, 65536))
-            ] == [(4, 4), (4, 4), (3, 3)]
+    # the forward on 4 stages up to 32K tokens, 3 beyond; the backward on 4 at every length (session 36)
+    assert [(c.fwd.num_stages, c.bwd.num_stages) for c in (choose_config(n_b, 64, 4, n) for n_b, n in
+                                                           ((512, 8192), (512, 32768), (512, 65536), (1024, 131072)))
+            ] == [(4, 4), (4, 4), (3, 4), (3, 4)]
     assert new_fwd(choose_config(512, 128, 4, 32768).fwd) == (True, True, 16)
     assert new_fwd(choose_config(4096, 128, 4, 131072).fwd) == (True, True, 16)
     one_pass = choose_config(4096, 128, 4, 524288).fwd

@@ -685,13 +685,17 @@ def _tiling(block_size: int, head_dim: int, group: int, n_tokens: int, tma: bool
         # partials + 16-row merge 1.415 against 1.638/1.733 ms, and 1.592, 1.277 against the adjacent
         # defaults' 1.706, 1.383 in the second call; tma_kv 1.207 against 1.233/1.213). Not yet
         # measured in 32K training (A/B: --moba-kernel 'fwd.tma_kv=false,fwd.half_partials=false,fwd.merge_rows=32').
-        short = 0 < n_tokens <= 32 * 1024  # 4 stages (forward and backward)
+        # Session 36 (one H200, 128K training, train_h200_2026-12-06_session36_128k_stages.md, one
+        # process each): the backward on 4 stages 61.59K tok/s [61.53K-61.61K over its warm steps]
+        # against 3 stages' 60.88K [60.70K-60.89K] (+1.2%); the forward on 4 stages 60.47K (-0.7%).
+        # So the backward takes 4 stages at every length, the forward only on short calls.
+        short = 0 < n_tokens <= 32 * 1024  # 4 forward stages
         graphed_len = 0 < n_tokens <= 16 * 1024  # the previous forward
         stages = 4 if short else 3
         fwd = FwdConfig(method="partials", bm=128, bn=64, chunk=128, num_warps=4, num_stages=stages,
                         half_partials=not graphed_len, merge_rows=32 if graphed_len else 16, merge_unroll=True,
                         tma_kv=not graphed_len)
-        bwd = BwdConfig(bnb=128, bm=32, split_mask=True, gather_rows=True, num_warps=4, num_stages=stages,
+        bwd = BwdConfig(bnb=128, bm=32, split_mask=True, gather_rows=True, num_warps=4, num_stages=4,
                         dq_bm=64, dq_bn=64, dq_stages=3, sub_major=True, dq_rows=tma, tma_dq=tma,
                         dq_trans=tma and group > 1, split_group=True, dq_chunk_bytes=1 << 30)
         return KernelConfig(fwd=fwd, bwd=bwd)
