@@ -8,9 +8,9 @@
 #
 # PARTS: comma-separated of 128k, 128k-graph, 8k, 32k, table, tune, run in that order (default:
 # 128k, 8k, 32k, table; 128k, 8k, 32k and table took ~2.5 + 1.5 + 1 + 0.5 minutes on an H200 in
-# sessions 31-33, more on a cold machine that compiles first). 128k-graph: the 128K line eager and
-# with the step replayed from a CUDA graph (train.cuda_graph=full_iteration), both attentions, four
-# runs; the 8K and 32K lines replay the step already (bench_train.py). tune: the backward alone
+# sessions 31-33, more on a cold machine that compiles first). 128k-graph: the 128K line replayed from
+# a CUDA graph (its default since session 36, as every line's) and eager (train.cuda_graph=none),
+# both attentions, four runs. tune: the backward alone
 # with TUNE_BWD's overrides (a JSON object of BwdConfig fields, required with this part) against
 # the default, default / option / default / option / default in one process per shape
 # (train-b1024 128K, train-b512 32K, small-b512 4 x 8K, paper-b512 32K at d=128).
@@ -49,7 +49,7 @@ for part in 128k 128k-graph; do
   elif [[ $part == 128k ]]; then
     line 128k "128K block 1024 top-12 (24 layers, hidden 1024)"
   else
-    line 128k-graph "128K block 1024 top-12 (24 layers, hidden 1024)" --both=--train.cuda_graph=full_iteration
+    line 128k-graph "128K block 1024 top-12 (24 layers, hidden 1024)" --both=--train.cuda_graph=none
   fi
 done
 has 8k && line 8k "8K block 512 top-3 (6 layers, hidden 384, 6 heads)" --repeats "${REPEATS_8K:-2}"
