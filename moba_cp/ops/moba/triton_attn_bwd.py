@@ -879,6 +879,14 @@ class _BlockCuts:
         )
 
 
+def _balanced(n: int, most: int) -> int:
+    """Heads a launch for ``n`` heads in launches of at most ``most``: as few launches as ``most``
+    gives, made as even as they can be (never more than ``most``). The transient memory is the
+    largest launch's: at 32K, 16/4 heads, d=64, a 1 GiB bound held 3 KV heads' rows and then 1
+    (~0.8 GB of rows); 2 and 2 hold ~0.55 GB."""
+    return cdiv(n, cdiv(n, most))
+
+
 def _head_chunks(tq: int, hkv: int, g: int, width: int, d: int, elem: int, fp32_dq: bool,
                  cfg: BwdConfig, slot_elem: int = 4) -> list[tuple[int, int, int, int, bool]]:
     """The backward's launches as ``(hk0, nkv, h0, hc, acc_kv)``: KV heads ``[hk0, hk0 + nkv)``,
@@ -897,11 +905,11 @@ def _head_chunks(tq: int, hkv: int, g: int, width: int, d: int, elem: int, fp32_
     per_qh = max(scratch_qh, rows_qh)
     limit = max(cfg.dq_chunk_bytes, 1)
     if cfg.split_group and g > 1 and per_qh * g > limit:
-        qc = max(1, min(g, limit // max(per_qh, 1)))
+        qc = _balanced(g, max(1, min(g, limit // max(per_qh, 1))))
         return [(hk, 1, hk * g + i0, min(qc, g - i0), i0 > 0) for hk in range(hkv) for i0 in range(0, g, qc)]
     # as many whole KV heads as fit the bound (at least one): a launch never exceeds it unless a
     # single KV head's group does (a ceil-divided head count could: 5 launches of 16 heads at
     # 4 heads each hold 4/3.2 of the bound)
-    hkc = hkv if not per_qh else max(1, min(hkv, limit // (per_qh * g)))
+    hkc = hkv if not per_qh else _balanced(hkv, max(1, min(hkv, limit // (per_qh * g))))
     spans = [(hk0, min(hkc, hkv - hk0)) for hk0 in range(0, hkv, hkc)]
     return [(hk0, nkv, hk0 * g, nkv * g, False) for hk0, nkv in spans]
