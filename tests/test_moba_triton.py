@@ -1111,6 +1111,14 @@ def test_head_chunks_plan_matches_the_scratch_bound():
     plan = _head_chunks(262144, 16, 1, 9, 128, 2, False, slots, 2)
     assert plan == [(h, min(3, 16 - h), h, min(3, 16 - h), False) for h in range(0, 16, 3)]
     assert all(per_head * nkv <= slots.dq_chunk_bytes for _, nkv, *_ in plan)
+    # launches made even at the same count: a bound of 3 KV heads' rows over 4 KV heads runs 2 + 2
+    # (32K, 16/4 heads, W=3: 206 MB a KV head), and a split group of 4 under 3 query heads' bound 2 + 2
+    per_kv = 32768 * 3 * row * 4
+    assert _head_chunks(32768, 4, 4, 3, 64, 2, False, BwdConfig(**{**vars(base), "dq_chunk_bytes": 3 * per_kv})) == [
+        (0, 2, 0, 8, False), (2, 2, 8, 8, False)]
+    split3 = BwdConfig(**{**vars(base), "split_group": True, "dq_chunk_bytes": 3 * per_kv // 4})
+    assert _head_chunks(32768, 4, 4, 3, 64, 2, False, split3) == [(h, 1, 4 * h + i, 2, i > 0) for h in range(4)
+                                                                   for i in (0, 2)]
     # a single KV head over the bound still runs (one head per launch)
     assert _head_chunks(262144, 2, 1, 9, 128, 2, False, BwdConfig(bnb=128, dq_slots=True, dq_chunk_bytes=1 << 20), 2) == [
         (0, 1, 0, 1, False), (1, 1, 1, 1, False)]
