@@ -695,6 +695,11 @@ def _tiling(block_size: int, head_dim: int, group: int, n_tokens: int, tma: bool
         fwd = FwdConfig(method="partials", bm=128, bn=64, chunk=128, num_warps=4, num_stages=stages,
                         half_partials=not graphed_len, merge_rows=32 if graphed_len else 16, merge_unroll=True,
                         tma_kv=not graphed_len)
+        # The 1 GiB bound on a launch's rows (session 36, moba_tune_h200_2026-12-06_session36_chunks.log,
+        # one H200, default between each): at 32K block 512 top-3, 16/4 heads, it is one launch
+        # (2.10-2.31 ms, 0.90 GiB transient); 256 MiB (a KV head a launch) 3.22 ms (0.31 GiB), 128 MiB
+        # 4.81, 64 MiB 5.69; at 4 x 8K 0.96-0.98 against 1.10, 1.18, 1.87 ms. Fewer programs a launch
+        # leave the GPU's tail idle, so the bound stays where the time is.
         bwd = BwdConfig(bnb=128, bm=32, split_mask=True, gather_rows=True, num_warps=4, num_stages=4,
                         dq_bm=64, dq_bn=64, dq_stages=3, sub_major=True, dq_rows=tma, tma_dq=tma,
                         dq_trans=tma and group > 1, split_group=True, dq_chunk_bytes=1 << 30)
