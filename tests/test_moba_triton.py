@@ -324,6 +324,11 @@ PATH_CONFIGS = {
         FwdConfig(method="partials", **SMALL),
         BwdConfig(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, dq_chunk_bytes=1, split_group=True,
                   max_rows=16, split_dv=True)),
+    # the later launches of a split group add their dK/dV by reductions (acc_red)
+    "dq-rows-split-group-acc-red": KernelConfig(
+        FwdConfig(method="partials", **SMALL),
+        BwdConfig(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, dq_chunk_bytes=1, split_group=True,
+                  acc_red=True)),
     "split-dv-fused-dq-untransposed": KernelConfig(FwdConfig(method="two_pass", **SMALL),
                                                    BwdConfig(bnb=32, bm=16, fuse_dq=True, trans=False, split_dv=True,
                                                              dv_warps=2)),
@@ -356,14 +361,14 @@ def test_kernel_paths_head_dim_64_and_empty_doc(name):
 TWO_DOCS = dict(docs=[150, 90], b=64, hq=4, hkv=2, d=16, topk=2)
 
 
-def _two_doc_grads(bwd: BwdConfig, seed: int):
-    """dq, dk, dv (fp32) of the partials forward and the backward ``bwd`` on the ``TWO_DOCS`` case."""
+def _two_doc_grads(bwd: BwdConfig, seed: int, dtype: torch.dtype = torch.float32):
+    """dq, dk, dv (``dtype``) of the partials forward and the backward ``bwd`` on the ``TWO_DOCS`` case."""
     docs, b, hq, hkv, d, topk = (TWO_DOCS[n] for n in ("docs", "b", "hq", "hkv", "d", "topk"))
     t = sum(docs)
-    q, k, v = _inputs(t, hq, hkv, d, torch.float32, seed=seed)
-    do = torch.randn(t, hq, d, generator=torch.Generator().manual_seed(seed + 1)).to(DEV)
+    q, k, v = (x.to(dtype) for x in _inputs(t, hq, hkv, d, torch.float32, seed=seed))
+    do = torch.randn(t, hq, d, generator=torch.Generator().manual_seed(seed + 1)).to(DEV, dtype)
     cu = _cu(docs)
-    idx = naive.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu)
+    idx = naive.select_blocks(q.float(), k.float(), block_size=b, topk=topk, cu_seqlens=cu)
     cfg = KernelConfig(FwdConfig(method="partials", **SMALL), bwd)
     qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
     o, _ = tb.block_attn(qq, kk, vv, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5, config=cfg)
@@ -391,6 +396,29 @@ def test_skipping_unseen_rows_changes_no_bit(bwd):
     ``dq-rows-split-kv-chunks``.)"""
     _assert_same_bits(_two_doc_grads(BwdConfig(**bwd, skip_unseen=True), seed=31),
                       _two_doc_grads(BwdConfig(**bwd, skip_unseen=False), seed=31))
+
+
+@pytest.mark.parametrize("bwd", [
+    dict(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, sub_major=True, dq_chunk_bytes=1,
+         split_group=True, max_rows=64),
+    dict(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, dq_chunk_bytes=1, split_group=True,
+         split_dv=True),
+], ids=["dq-rows-split-group-cut", "split-dv-split-group"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_reduced_kv_sums_change_no_bit(bwd, dtype):
+    """``bwd.acc_red``: a split GQA group's later launches add their dK/dV to the earlier ones'
+    fp32 sums by reductions instead of a load, add and store; one writer per element and launch,
+    so the same sums in the same order (the interpreter's fp32 adds have no subnormal flush), with
+    dk/dv in fp32 (summed in place) and in fp16 (one KV head's fp32 sums, cast at its last launch).
+    Two documents, GQA 4/2 split into one query head a launch, blocks of more than 64 rows cut
+    (those are summed by their own kernel; the short last blocks are not), and dV and dK in
+    launches of their own."""
+    def grads(acc_red):
+        return _two_doc_grads(BwdConfig(**bwd, acc_red=acc_red), seed=37, dtype=dtype)
+
+    on, off = grads(True), grads(False)
+    assert on[1].dtype == dtype
+    _assert_same_bits(on, off)
 
 
 def test_whole_block_forward_skips_the_mask_only_for_tiles_after_a_full_block():
@@ -1494,12 +1522,12 @@ TRAINING_TILINGS = [(64, 1024, 16, 4), (64, 512, 6, 6), (128, 512, 32, 8)]
 GPU_DOCS = [5000, 11384]
 
 
-def _gpu_exact_option(d, b, hq, hkv, option: str, seed: int):
+def _gpu_exact_option(d, b, hq, hkv, option: str, seed: int, more: dict | None = None):
     """The backward with ``bwd.<option>`` on and off at the default config of a two-document bf16
-    call (16,384 tokens, top-3): dK and dV are accumulated in each program's registers in row
-    order, so an exact option leaves them bit for bit; dQ is summed by TMA reductions in whatever
-    order the programs finish, so it is compared within one bf16 ulp of its largest element.
-    Returns the default config."""
+    call (16,384 tokens, top-3; ``more``: other BwdConfig fields for both runs): dK and dV are
+    accumulated in each program's registers in row order, so an exact option leaves them bit for
+    bit; dQ is summed by TMA reductions in whatever order the programs finish, so it is compared
+    within one bf16 ulp of its largest element. Returns the config of the off run."""
     docs = GPU_DOCS
     t = sum(docs)
     q, k, v = _inputs(t, hq, hkv, d, torch.bfloat16, seed=d + b + seed, device="cuda")
@@ -1507,6 +1535,8 @@ def _gpu_exact_option(d, b, hq, hkv, option: str, seed: int):
     cu = _cu(docs, device="cuda")
     idx = tb.select_blocks(q, k, block_size=b, topk=3, cu_seqlens=cu)
     base = choose_config(b, d, hq // hkv, t, True)
+    if more:
+        base = base.replace(bwd=more)
 
     def grads(value):
         qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
@@ -1529,6 +1559,16 @@ def test_gpu_skipping_unseen_rows_keeps_dk_dv_bits(d, b, hq, hkv):
     zeros (see ``_gpu_exact_option``)."""
     base = _gpu_exact_option(d, b, hq, hkv, "skip_unseen", seed=0)
     assert base.bwd.split_mask  # (the skip needs the mask split)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,b,hq,hkv", [t for t in TRAINING_TILINGS if t[2] > t[3]])
+def test_gpu_reduced_kv_sums_keep_dk_dv_bits(d, b, hq, hkv):
+    """``bwd.acc_red`` on the GPU at the GQA training tilings, the group split into one query head
+    a launch (``dq_chunk_bytes=1``, as at 128K): the later launches' reductions leave dK and dV bit
+    for bit (random inputs hold no subnormal sums for the reductions to flush)."""
+    base = _gpu_exact_option(d, b, hq, hkv, "acc_red", seed=2, more={"dq_chunk_bytes": 1})
+    assert base.bwd.split_group
 
 
 @pytest.mark.gpu

@@ -277,7 +277,7 @@ def _dkdv_kernel(
     TRANS: tl.constexpr, SPLIT: tl.constexpr, GATHERED: tl.constexpr, TMA: tl.constexpr,
     SUB_MAJOR: tl.constexpr, DQ_ROWS: tl.constexpr, TMA_DQ: tl.constexpr, DQ_TRANS: tl.constexpr,
     ACC_KV: tl.constexpr, DQ_SLOTS: tl.constexpr = False, DQ_DIAG: tl.constexpr = 0, TILED: tl.constexpr = False,
-    PART: tl.constexpr = 0, SKIP: tl.constexpr = False, KV_ONE: tl.constexpr = False,
+    PART: tl.constexpr = 0, SKIP: tl.constexpr = False, KV_ONE: tl.constexpr = False, ACC_RED: tl.constexpr = False,
 ):
     # KV heads [HK0, HK0 + HKVC) of this launch, and of their query heads those in
     # [QH0, QH0 + QHC) (all of them unless the launch splits a GQA group: split_group); the j-th
@@ -403,22 +403,30 @@ def _dkdv_kernel(
         if PART != 1:
             tl.store(SCR_DK + sp, dk, mask=kmask[:, None])
     elif KV_ONE:
-        _store_dkdv(DK, DV, dk, dv, ks + kk, kmask, 0, 1, D, ACC_KV, PART)
+        _store_dkdv(DK, DV, dk, dv, ks + kk, kmask, 0, 1, D, ACC_KV, PART, ACC_RED)
     else:
-        _store_dkdv(DK, DV, dk, dv, ks + kk, kmask, hk, H // G, D, ACC_KV, PART)
+        _store_dkdv(DK, DV, dk, dv, ks + kk, kmask, hk, H // G, D, ACC_KV, PART, ACC_RED)
 
 
 @triton.jit
 def _store_dkdv(DK, DV, dk, dv, key_rows, kmask, hk, HKV, D: tl.constexpr, ACC_KV: tl.constexpr,
-                PART: tl.constexpr = 0):
+                PART: tl.constexpr = 0, ACC_RED: tl.constexpr = False):
     """Write a key sub-tile's dK/dV (rows ``key_rows`` of KV head ``hk`` in the contiguous
     ``[Tk, Hkv, D]`` grads). Each (KV head, key rows) has exactly one writer per launch, so they are
     stored once, directly in the output dtype (no fp32 copy when the caller wants k's dtype), or,
     when the launch holds only part of the GQA group (``ACC_KV``), added to the earlier launches'
-    fp32 sums. ``PART`` 1 writes dV alone, 2 dK alone (``BwdConfig.split_dv``)."""
+    fp32 sums. ``PART`` 1 writes dV alone, 2 dK alone (``BwdConfig.split_dv``). ``ACC_RED``
+    (``BwdConfig.acc_red``): those adds as fire-and-forget fp32 reductions in L2 (one writer per
+    element and launch, launches in stream order: the same sums as load + add + store, but for
+    subnormals, which the reduction flushes to zero), so no loaded tile takes registers."""
     d = tl.arange(0, D)
     ptr = (key_rows.to(tl.int64)[:, None] * HKV + hk) * D + d[None, :]
-    if PART == 0:  # (the two in this order: the default kernel's code as it was measured)
+    if ACC_KV and ACC_RED:
+        if PART != 2:
+            tl.atomic_add(DV + ptr, dv, mask=kmask[:, None], sem="relaxed")
+        if PART != 1:
+            tl.atomic_add(DK + ptr, dk, mask=kmask[:, None], sem="relaxed")
+    elif PART == 0:  # (the two in this order: the default kernel's code as it was measured)
         if ACC_KV:
             dk += tl.load(DK + ptr, mask=kmask[:, None], other=0.0)
             dv += tl.load(DV + ptr, mask=kmask[:, None], other=0.0)
@@ -804,7 +812,7 @@ def sparse_attn_bwd(
                 DQ_TRANS=cfg.dq_trans, ACC_KV=acc_kv, DQ_SLOTS=cfg.dq_slots and dq_here, DQ_DIAG=diag_dq,
                 TILED=cut is not None, PART=part,
                 SKIP=cfg.skip_unseen and cfg.split_mask and sorted_positions and not cfg.dq_slots,
-                KV_ONE=kv_one, num_warps=warps, num_stages=n_stages,
+                KV_ONE=kv_one, ACC_RED=cfg.acc_red and acc_kv, num_warps=warps, num_stages=n_stages,
             )
         if cut is not None:
             cut.store(dk, dv, gi, hk0, nkv, hkv, blocks, d, acc_kv, kv_one)

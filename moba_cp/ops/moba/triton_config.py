@@ -222,7 +222,15 @@ class BwdConfig:
     backward 57.6/59.4/58.0 against 55.0/55.2 ms at 128K block 1024 top-12 (d=64), 2.56-2.58
     against 2.27-2.28 at 32K block 512 top-3, 0.92 against 0.83-0.84 at 4 x 8K, 9.03-9.13 against
     8.13-8.19 at d=128 block 512 32K, 595.5-597.0 against 562.3-566.2 at d=128 block 4096 128K;
-    in training (same H100) 32K 164.4K -> 169.3K tok/s, 8K 1.61M -> 1.63-1.64M."""
+    in training (same H100) 32K 164.4K -> 169.3K tok/s, 8K 1.61M -> 1.63-1.64M.
+    ``acc_red`` (a split GQA group's later launches): their dK/dV are added to the earlier
+    launches' fp32 sums by reductions in L2 (``red.global.add.f32``: each element has one writer a
+    launch, so the sums are the load-add-store's, in the same order, but for subnormals, flushed to
+    zero) instead of a load, add and store in the program's epilogue. The loaded tiles cost the
+    d=64 block-1024 kernel registers it does not have: compiled for sm_90 (``kernel_resources.py
+    --at train-b1024:131072 --loops``), the later launches take 400 bytes of stack a thread against
+    the first launch's 208, and their unmasked step 593 instructions and 19.5 KB of local memory
+    against 575 and 14.5 (12 of the 16 launches a 128K layer are such launches). Off until timed."""
 
     bnb: int = 0
     bm: int = 64
@@ -251,6 +259,7 @@ class BwdConfig:
     dv_bm: int = 0
     dv_warps: int = 0
     skip_unseen: bool = True
+    acc_red: bool = False
 
     def __post_init__(self):
         if self.split_dv and self.tma and self.dv_bm not in (0, self.bm):
