@@ -402,15 +402,13 @@ def _dkdv_kernel(
             tl.store(SCR_DV + sp, dv, mask=kmask[:, None])
         if PART != 1:
             tl.store(SCR_DK + sp, dk, mask=kmask[:, None])
-    elif KV_ONE:
-        _store_dkdv(DK, DV, dk, dv, ks + kk, kmask, 0, 1, D, ACC_KV, PART, ACC_RED)
     else:
-        _store_dkdv(DK, DV, dk, dv, ks + kk, kmask, hk, H // G, D, ACC_KV, PART, ACC_RED)
+        _store_dkdv(DK, DV, dk, dv, ks + kk, kmask, hk, H // G, D, ACC_KV, PART, ACC_RED, KV_ONE)
 
 
 @triton.jit
 def _store_dkdv(DK, DV, dk, dv, key_rows, kmask, hk, HKV, D: tl.constexpr, ACC_KV: tl.constexpr,
-                PART: tl.constexpr = 0, ACC_RED: tl.constexpr = False):
+                PART: tl.constexpr = 0, ACC_RED: tl.constexpr = False, KV_ONE: tl.constexpr = False):
     """Write a key sub-tile's dK/dV (rows ``key_rows`` of KV head ``hk`` in the contiguous
     ``[Tk, Hkv, D]`` grads). Each (KV head, key rows) has exactly one writer per launch, so they are
     stored once, directly in the output dtype (no fp32 copy when the caller wants k's dtype), or,
@@ -418,9 +416,13 @@ def _store_dkdv(DK, DV, dk, dv, key_rows, kmask, hk, HKV, D: tl.constexpr, ACC_K
     fp32 sums. ``PART`` 1 writes dV alone, 2 dK alone (``BwdConfig.split_dv``). ``ACC_RED``
     (``BwdConfig.acc_red``): those adds as fire-and-forget fp32 reductions in L2 (one writer per
     element and launch, launches in stream order: the same sums as load + add + store, but for
-    subnormals, which the reduction flushes to zero), so no loaded tile takes registers."""
+    subnormals, which the reduction flushes to zero), so no loaded tile takes registers.
+    ``KV_ONE``: DK/DV are ``[Tk, 1, D]`` and hold KV head ``hk`` alone (a split group's fp32 sums)."""
     d = tl.arange(0, D)
-    ptr = (key_rows.to(tl.int64)[:, None] * HKV + hk) * D + d[None, :]
+    if KV_ONE:
+        ptr = key_rows.to(tl.int64)[:, None] * D + d[None, :]
+    else:
+        ptr = (key_rows.to(tl.int64)[:, None] * HKV + hk) * D + d[None, :]
     if ACC_KV and ACC_RED:
         if PART != 2:
             tl.atomic_add(DV + ptr, dv, mask=kmask[:, None], sem="relaxed")
@@ -511,10 +513,7 @@ def _dkdv_split_sum_kernel(SLOT_PJ, TEND, ORDER, KSTART, KLEN, SCR_DK, SCR_DV, D
         sp = (((tl.program_id(0) + t) * SLOT_KEYS).to(tl.int64) + kk)[:, None] * D + d[None, :]
         dk += tl.load(SCR_DK + sp, mask=kmask[:, None], other=0.0)
         dv += tl.load(SCR_DV + sp, mask=kmask[:, None], other=0.0)
-    if KV_ONE:  # DK/DV hold KV head hk alone (see _dkdv_kernel)
-        _store_dkdv(DK, DV, dk, dv, tl.load(KSTART + g).to(tl.int64) + kk, kmask, 0, 1, D, ACC_KV)
-    else:
-        _store_dkdv(DK, DV, dk, dv, tl.load(KSTART + g).to(tl.int64) + kk, kmask, hk, HKV, D, ACC_KV)
+    _store_dkdv(DK, DV, dk, dv, tl.load(KSTART + g).to(tl.int64) + kk, kmask, hk, HKV, D, ACC_KV, KV_ONE=KV_ONE)
 
 
 @triton.jit
