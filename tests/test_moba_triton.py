@@ -782,6 +782,34 @@ def test_half_partials_stay_within_the_half_precision_error():
     assert all(torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0 for x in h)
 
 
+def test_partials_heads_per_launch_change_no_bit():
+    """``fwd.partials_q_bound`` and ``partial_bytes`` only decide how many query heads a launch of
+    the partials forward holds: one head a launch, two, and all four give o and lse bit for bit
+    (documents, GQA, a short last block); the rule itself at the 128K training shape."""
+    from moba_cp.ops.moba.triton_attn_fwd import partial_heads_per_launch
+    docs, b, hq, hkv, d = [70, 45], 16, 4, 2, 32
+    q, k, v = _inputs(sum(docs), hq, hkv, d, torch.float32, seed=21)
+    cu = _cu(docs)
+    idx = naive.select_blocks(q, k, block_size=b, topk=3, cu_seqlens=cu)
+    cfg = choose_config(b, d, hq // hkv, sum(docs)).replace(fwd={"method": "partials", "bm": 16, "bn": 16,
+                                                                 "chunk": 32})
+    per_head = sum(docs) * 4 * d * 4  # tq * w * d fp32 (w = topk + 1)
+    outs = []
+    for bytes_, heads in ((per_head, 1), (2 * per_head + 1, 2), (1 << 30, 4)):
+        c = cfg.replace(fwd={"partial_bytes": bytes_, "partials_q_bound": False})
+        assert partial_heads_per_launch(sum(docs), hq, 4, d, 4, q.numel() * 4, c.fwd) == heads
+        outs.append(tb.block_attn(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5, config=c))
+    for o, lse in outs[1:]:
+        assert torch.equal(o, outs[0][0]) and torch.equal(lse, outs[0][1])
+    nai = naive.block_attn(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5)
+    assert (outs[0][0] - nai[0]).abs().max().item() < 1e-4
+    # 128K, 16 heads, top-12 (w = 13), d = 64, bf16 partials: q's size allows one head, 1 GiB four
+    q_bytes = 131072 * 16 * 64 * 2
+    assert partial_heads_per_launch(131072, 16, 13, 64, 2, q_bytes, FwdConfig(method="partials")) == 1
+    assert partial_heads_per_launch(131072, 16, 13, 64, 2, q_bytes,
+                                    FwdConfig(method="partials", partials_q_bound=False)) == 4
+
+
 # ------------------------------------------------------------------------------- CP slot form
 def test_partial_fwd_bwd_matches_naive():
     """Slot buffer with unordered slots, a slot in some queries' future, queries with no slot."""

@@ -39,7 +39,7 @@ from moba_cp.ops.moba.triton_common import (GatherIndex, KeyBlocks, _head_chunk_
                                             reg_cap)
 from moba_cp.ops.moba.triton_config import FwdConfig
 
-__all__ = ["sparse_attn_fwd", "sparse_attn_fwd_onepass", "build_chunk_index"]
+__all__ = ["sparse_attn_fwd", "sparse_attn_fwd_onepass", "build_chunk_index", "partial_heads_per_launch"]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -402,6 +402,20 @@ def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, bn: int):
     return descs[0], descs[1]
 
 
+def partial_heads_per_launch(tq: int, hq: int, w: int, d: int, part_itemsize: int, q_bytes: int,
+                             cfg: FwdConfig) -> int:
+    """Query heads per launch of the ``partials`` forward: as many as keep a launch's partials
+    (``tq * w * d`` elements a head) within ``cfg.partial_bytes`` and, with ``cfg.partials_q_bound``,
+    within q's own size (at least 256 MiB, so short calls run in one launch), so the forward's
+    transient stays near the inputs'. One head is the floor. Chunking changes no bit of o or lse:
+    each (row, slot) partial is computed alone and a row's partials are merged in slot order."""
+    budget = cfg.partial_bytes
+    if cfg.partials_q_bound:
+        budget = min(budget, max(q_bytes, 256 << 20))
+    per_head = tq * w * d * part_itemsize
+    return max(1, min(hq, budget // max(per_head, 1)))
+
+
 def _sparse_attn_fwd_partials(q, k, v, qpos, blocks: KeyBlocks, gi: GatherIndex, width: int, softmax_scale: float,
                               block_size: int, cfg: FwdConfig, diag_pass: int | None = None):
     """``partials`` forward (see :class:`FwdConfig`): per chunk of query heads, one pass of the
@@ -415,13 +429,8 @@ def _sparse_attn_fwd_partials(q, k, v, qpos, blocks: KeyBlocks, gi: GatherIndex,
     lse = torch.empty(tq, hq, dtype=torch.float32, device=dev)
     if tq == 0:
         return o, lse
-    # Heads per chunk: the fp32 partials of a chunk stay under the budget (q's own size, at
-    # least 256 MiB so short calls run in one chunk: fewer launches), so peak memory stays
-    # near the inputs'; one head's partials are the floor.
-    budget = min(cfg.partial_bytes, max(q.numel() * q.element_size(), 256 << 20))
     part_dtype = q.dtype if cfg.half_partials and q.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    per_head = tq * w * d * part_dtype.itemsize
-    hc = max(1, min(hq, budget // max(per_head, 1)))
+    hc = partial_heads_per_launch(tq, hq, w, d, part_dtype.itemsize, q.numel() * q.element_size(), cfg)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     bn = _key_bn(cfg, block_size)
     scale_log2 = softmax_scale * LOG2E

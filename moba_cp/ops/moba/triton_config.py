@@ -38,7 +38,8 @@ class FwdConfig:
         ``partials``: one pass over gathered tiles per (query head, key block); each entry's
         normalised partial output (fp32) and LSE are written, then merged per row by LSE.
         Two products per key tile; the fp32 partials exist for one chunk of query heads at a
-        time (at most ``partial_bytes``).
+        time (at most ``partial_bytes``; with ``partials_q_bound`` also at most q's own size, at
+        least 256 MiB), one launch of the tile kernel and one merge per chunk.
         ``two_pass``: pass 1 the per-entry LSE, pass 2 the normalised ``P V`` added atomically
         into fp32 ``o`` (three products per key tile, no partial buffer).
         ``one_pass``: a program owns ``qchunk`` tokens of one head and walks the key blocks in
@@ -57,6 +58,12 @@ class FwdConfig:
     chunk: entries per program of the gather index (a multiple of ``bm``; the dQ kernel
         walks the same chunks).
     qchunk: ``one_pass`` tokens per program (0: from the shape).
+    partials_q_bound (``partials``): bound a launch's partials by q's own size as well as by
+        ``partial_bytes``. At 128K, 16 heads, top-12, d=64 with half partials that is one query head
+        a launch (218 MB against q's 256 MiB): 16 tile launches and 16 merges a layer, each with
+        its tail. Off, ``partial_bytes`` (1 GiB, the backward's ``dq_chunk_bytes``) alone bounds
+        it: four heads a launch there (~0.9 GB, below the backward's 1.28 GiB transient at that
+        shape, so the call's peak stays the backward's). The same o and lse bit for bit.
     half_partials (``partials``, half inputs): the normalised partial outputs are stored in q's
         dtype instead of fp32 (half the bytes written and read back by the merge: ~7 of ~14 GB
         at 128K, 16 heads, top-12, d=64); the merge still sums in fp32. Each partial is rounded
@@ -107,6 +114,7 @@ class FwdConfig:
     num_stages: int = 2
     qchunk: int = 0
     partial_bytes: int = 1 << 30
+    partials_q_bound: bool = True
     half_partials: bool = False
     merge_rows: int = 32
     merge_warps: int = 4
