@@ -20,7 +20,7 @@ from moba_cp.ops.moba import partial as partial_mod
 triton = pytest.importorskip("triton")
 tb = pytest.importorskip("moba_cp.ops.moba.triton_backend")
 from moba_cp.ops.moba.triton_attn_bwd import sparse_attn_bwd  # noqa: E402
-from moba_cp.ops.moba.triton_attn_fwd import sparse_attn_fwd  # noqa: E402
+from moba_cp.ops.moba.triton_attn_fwd import _merge_kernel, partial_heads_per_launch, sparse_attn_fwd  # noqa: E402
 from moba_cp.ops.moba.triton_common import build_gather_index, doc_tables  # noqa: E402
 from moba_cp.ops.moba.triton_config import (BwdConfig, FwdConfig, GateConfig, KernelConfig, choose_config,  # noqa: E402
                                             device_has_tma)
@@ -483,6 +483,50 @@ def test_unrolled_merge_sums_the_same_partials_in_the_same_order():
         FwdConfig(merge_rows=48)
 
 
+def test_merge_at_once_ignores_unwritten_slots_and_keeps_the_sums():
+    """``fwd.merge_at_once``: the kernel alone on partials whose unwritten slots (LSE -inf) hold
+    NaN and inf: o finite and equal to the slot loop's within fp32 rounding (the slots are summed
+    as a tree), lse bit for bit; rows with no slot at all give zeros and -inf; then the whole op
+    against the oracle, o and gradients, with documents and W not a power of two."""
+    gen = torch.Generator().manual_seed(31)
+    rows, hc, w, d, br = 37, 3, 5, 32, 8
+    po = torch.randn(rows * w, d, generator=gen)
+    pl = torch.randn(rows, w, generator=gen)
+    dead = torch.rand(rows, w, generator=gen) < 0.3
+    dead[:2] = True  # rows with no partial
+    pl[dead] = float("-inf")
+    po.view(rows, w, d)[dead] = torch.where(torch.rand(int(dead.sum()), d, generator=gen) < 0.5,
+                                            float("nan"), float("inf"))
+    outs = []
+    for at_once in (False, True):
+        o = torch.full((rows // hc + 1, hc, d), 7.0)
+        lse = torch.full((rows // hc + 1, hc), 7.0)
+        _merge_kernel[(triton.cdiv(rows, br),)](po, pl, o, lse, rows, hc, 0, hc, w, o.stride(0), o.stride(1),
+                                                 BR=br, WP=8, D=d, UNROLL=True, AT_ONCE=at_once)
+        outs.append((o.reshape(-1, d)[:rows], lse.reshape(-1)[:rows]))
+    (o_loop, l_loop), (o_once, l_once) = outs
+    assert torch.isfinite(o_once).all() and torch.equal(l_once, l_loop)
+    assert (o_once - o_loop).abs().max().item() < 1e-5 and o_once[:2].abs().max().item() == 0.0
+    assert bool(torch.isinf(l_once[:2]).all())
+    # the op end to end
+    docs, b, hq, hkv = [70, 0, 61], 16, 4, 2
+    q, k, v = _inputs(sum(docs), hq, hkv, d, torch.float32, seed=22)
+    cu = _cu(docs)
+    idx = naive.select_blocks(q, k, block_size=b, topk=3, cu_seqlens=cu)
+    cfg = KernelConfig(FwdConfig(method="partials", merge_at_once=True, merge_rows=8, **SMALL),
+                       BwdConfig(bnb=16, bm=16, fuse_dq=False, dq_bm=16, dq_bn=16))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o_t, l_t = tb.block_attn(*leaves, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5, config=cfg)
+    o_n, l_n = naive.block_attn(*ref_leaves, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5)
+    assert (o_t - o_n).abs().max().item() < 1e-4 and (l_t - l_n).abs().max().item() < 1e-4
+    g = torch.randn(o_n.shape, generator=gen)
+    (o_t * g).sum().backward()
+    (o_n * g).sum().backward()
+    for name, a, r in zip("qkv", leaves, ref_leaves):
+        assert (a.grad - r.grad).abs().max().item() < 1e-4, name
+
+
 def test_register_cap_is_checked_and_reaches_only_a_gpu_launch():
     """``fwd.maxnreg``: 32-255 or 0, refused otherwise with the rule; the interpreter (CPU) gets no
     launch option for it (it has no registers), a CUDA launch gets ``maxnreg``; on CPU a capped
@@ -786,7 +830,6 @@ def test_partials_heads_per_launch_change_no_bit():
     """``fwd.partials_q_bound`` and ``partial_bytes`` only decide how many query heads a launch of
     the partials forward holds: one head a launch, two, and all four give o and lse bit for bit
     (documents, GQA, a short last block); the rule itself at the 128K training shape."""
-    from moba_cp.ops.moba.triton_attn_fwd import partial_heads_per_launch
     docs, b, hq, hkv, d = [70, 45], 16, 4, 2, 32
     q, k, v = _inputs(sum(docs), hq, hkv, d, torch.float32, seed=21)
     cu = _cu(docs)
@@ -1597,6 +1640,35 @@ def test_gpu_reduced_kv_sums_keep_dk_dv_bits(d, b, hq, hkv):
     for bit (random inputs hold no subnormal sums for the reductions to flush)."""
     base = _gpu_exact_option(d, b, hq, hkv, "acc_red", seed=2, more={"dq_chunk_bytes": 1})
     assert base.bwd.split_group
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,b,hq,hkv", TRAINING_TILINGS + [(128, 128, 16, 16)])
+def test_gpu_forward_launch_options_keep_o(d, b, hq, hkv):
+    """The forward's ``partials_q_bound=False`` (more query heads a launch) and ``merge_at_once``
+    (the merge's one load, a tree sum over slots) at bf16 on the GPU, with the default tiles of
+    the training shapes and FlashMoBA's block: the former gives o and lse bit for bit, the latter
+    lse bit for bit and o within one bf16 ulp of its largest element."""
+    docs = GPU_DOCS
+    t = sum(docs)
+    q, k, v = _inputs(t, hq, hkv, d, torch.bfloat16, seed=d + b + 7, device="cuda")
+    cu = _cu(docs, device="cuda")
+    idx = tb.select_blocks(q, k, block_size=b, topk=3, cu_seqlens=cu)
+    base = choose_config(b, d, hq // hkv, t, True)
+    if base.fwd.method != "partials":
+        pytest.skip(f"the default forward here is {base.fwd.method!r}")
+    # partial_bytes of one head's partials: several launches, so the bound decides something
+    one = t * 4 * d * (2 if base.fwd.half_partials else 4)
+    runs = {name: tb.block_attn(q, k, v, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
+                                config=base.replace(fwd=fwd))
+            for name, fwd in (("one head", {"partial_bytes": one}),
+                              ("all heads", {"partial_bytes": 1 << 40, "partials_q_bound": False}),
+                              ("at once", {"merge_at_once": True}))}
+    ref_o, ref_l = runs["one head"]
+    assert torch.equal(runs["all heads"][0], ref_o) and torch.equal(runs["all heads"][1], ref_l)
+    o, lse = runs["at once"]
+    assert torch.equal(lse, ref_l)
+    assert (o.float() - ref_o.float()).abs().max().item() <= ref_o.float().abs().max().item() * 2 ** -7
 
 
 @pytest.mark.gpu

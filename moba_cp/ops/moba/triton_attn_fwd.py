@@ -347,21 +347,32 @@ def _fwd_partial_kernel(
 
 @triton.jit(do_not_specialize=["H0", "HC"])
 def _merge_kernel(PO, PL, O, LSE, n_rows, H, H0, HC, W, stride_ot, stride_oh,
-                  BR: tl.constexpr, WP: tl.constexpr, D: tl.constexpr, UNROLL: tl.constexpr = False):
+                  BR: tl.constexpr, WP: tl.constexpr, D: tl.constexpr, UNROLL: tl.constexpr = False,
+                  AT_ONCE: tl.constexpr = False):
     # Rows r = t * HC + (h - H0) of one head chunk: o = sum_w exp(lse_w - lse) o_w, in fp32.
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     rm = r < n_rows
     r64 = r.to(tl.int64)
     w = tl.arange(0, WP)
+    d = tl.arange(0, D)
+    if AT_ONCE:
+        # FwdConfig.merge_at_once: every partial of the program's rows in one load issued first,
+        # masked by nothing the LSEs decide, so it is in flight with the LSE load (a slot nobody
+        # wrote holds whatever memory held: selected away below, never multiplied in)
+        po3 = tl.load(PO + ((r64[:, None] * W + w[None, :])[:, :, None] * D + d[None, None, :]),
+                      mask=(rm[:, None] & (w < W)[None, :])[:, :, None], other=0.0)
     pl = tl.load(PL + r64[:, None] * W + w[None, :], mask=rm[:, None] & (w < W)[None, :], other=float("-inf"))
     m = tl.max(pl, axis=1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     lsum = tl.sum(tl.exp(pl - m_safe[:, None]), axis=1)
     lse = tl.where(lsum > 0, m_safe + tl.log(tl.where(lsum > 0, lsum, 1.0)), float("-inf"))
     lse_safe = tl.where(lsum > 0, lse, 0.0)
-    d = tl.arange(0, D)
     acc = tl.zeros([BR, D], dtype=tl.float32)
-    if UNROLL:  # slots past W are masked: they load nothing and add exact zeros
+    if AT_ONCE:
+        live = pl > float("-inf")
+        wt = tl.where(live, tl.exp(pl - lse_safe[:, None]), 0.0)
+        acc = tl.sum(tl.where(live[:, :, None], wt[:, :, None] * po3.to(tl.float32), 0.0), axis=1)
+    elif UNROLL:  # slots past W are masked: they load nothing and add exact zeros
         for j in tl.static_range(WP):
             pj = tl.load(PL + r64 * W + j, mask=rm & (j < W), other=float("-inf"))
             live = pj > float("-inf")
@@ -456,7 +467,8 @@ def _sparse_attn_fwd_partials(q, k, v, qpos, blocks: KeyBlocks, gi: GatherIndex,
             continue
         _merge_kernel[(cdiv(rows, cfg.merge_rows),)](
             po, pl, o, lse, rows, hq, h0, n, w, o.stride(0), o.stride(1),
-            BR=cfg.merge_rows, WP=next_power_of_2(w), D=d, UNROLL=cfg.merge_unroll, num_warps=cfg.merge_warps,
+            BR=cfg.merge_rows, WP=next_power_of_2(w), D=d, UNROLL=cfg.merge_unroll, AT_ONCE=cfg.merge_at_once,
+            num_warps=cfg.merge_warps,
         )
     return o, lse
 

@@ -85,6 +85,15 @@ class FwdConfig:
         its index, 64 rows first and last): 32 rows 16.0 vs 19.9/19.9 ms at 128K, 63.9 vs 79.5/79.3
         at 512K; unrolled on 64 rows 46.1 and 184.6 ms (spills), on 32 rows 15.9 and 63.7; at d=64,
         block 1024, 128K, 32 rows unrolled 21.97 vs 22.72/22.72 (unrolled there: :func:`choose_config`).
+    merge_at_once (``partials``): a merge program loads all ``W`` partials of its rows as one
+        ``[merge_rows, W, D]`` tile, issued before the LSEs are read and masked by nothing they
+        decide (a slot that holds no partial is selected away, never multiplied in), then sums
+        them over the slot axis. Why: the loop's loads of a slot wait for that slot's LSE (its
+        mask), so a program makes three dependent trips to memory; at 128K, block 1024, the merge
+        moved ~3.5 GB a layer in 1.8 ms (~2 TB/s, session 32's profile), under half the H200's
+        bandwidth. The slots are then summed as a tree, not in slot order: o may differ from the
+        loop's in the last fp32 bits before its rounding (same values within rounding; tested
+        against the oracle). Costs the padded ``[merge_rows, next_pow2(W), D]`` tile in registers.
     maxnreg (``partials``' tile kernel): a cap on its registers per thread (0: the compiler's
         choice, which is 250-255 at every shape, two programs of 4 warps per SM). Nsight Compute
         found that kernel latency-bound at that occupancy (``wait`` stalls, tensor pipe 20-35%
@@ -119,6 +128,7 @@ class FwdConfig:
     merge_rows: int = 32
     merge_warps: int = 4
     merge_unroll: bool = False
+    merge_at_once: bool = False
     maxnreg: int = 0
     tma_kv: bool = False
 
