@@ -20,7 +20,8 @@ from moba_cp.ops.moba import partial as partial_mod
 triton = pytest.importorskip("triton")
 tb = pytest.importorskip("moba_cp.ops.moba.triton_backend")
 from moba_cp.ops.moba.triton_attn_bwd import sparse_attn_bwd  # noqa: E402
-from moba_cp.ops.moba.triton_attn_fwd import _merge_kernel, partial_heads_per_launch, sparse_attn_fwd  # noqa: E402
+from moba_cp.ops.moba.triton_attn_fwd import (_merge_kernel, merge_rows, partial_heads_per_launch,  # noqa: E402
+                                             sparse_attn_fwd)
 from moba_cp.ops.moba.triton_common import build_gather_index, doc_tables  # noqa: E402
 from moba_cp.ops.moba.triton_config import (BwdConfig, FwdConfig, GateConfig, KernelConfig, choose_config,  # noqa: E402
                                             device_has_tma)
@@ -508,6 +509,11 @@ def test_merge_at_once_ignores_unwritten_slots_and_keeps_the_sums():
     assert torch.isfinite(o_once).all() and torch.equal(l_once, l_loop)
     assert (o_once - o_loop).abs().max().item() < 1e-5 and o_once[:2].abs().max().item() == 0.0
     assert bool(torch.isinf(l_once[:2]).all())
+    # rows a program: at most 16K partial elements (the tile lives in registers)
+    at_once = FwdConfig(method="partials", merge_rows=32, merge_at_once=True)
+    assert [merge_rows(at_once, w_, d_) for w_, d_ in ((13, 64), (9, 128), (4, 128), (4, 64), (200, 128))] == \
+        [16, 8, 32, 32, 1]
+    assert merge_rows(replace(at_once, merge_at_once=False), 13, 64) == 32
     # the op end to end
     docs, b, hq, hkv = [70, 0, 61], 16, 4, 2
     q, k, v = _inputs(sum(docs), hq, hkv, d, torch.float32, seed=22)

@@ -427,6 +427,20 @@ def partial_heads_per_launch(tq: int, hq: int, w: int, d: int, part_itemsize: in
     return max(1, min(hq, budget // max(per_head, 1)))
 
 
+#: Most partial elements one ``merge_at_once`` program loads: 16 rows x 16 slots x 64 at d=64 took
+#: 122 registers a thread on 4 warps (sm_90, offline); 32 rows x 16 x 128 (FlashMoBA) took 255 and spilled.
+MERGE_AT_ONCE_ELEMS = 1 << 14
+
+
+def merge_rows(cfg: FwdConfig, w: int, d: int) -> int:
+    """Rows per merge program: ``cfg.merge_rows``; with ``merge_at_once`` at most as many as keep
+    the program's ``[rows, next_pow2(w), d]`` tile within :data:`MERGE_AT_ONCE_ELEMS` (a power of two)."""
+    if not cfg.merge_at_once:
+        return cfg.merge_rows
+    fit = max(1, MERGE_AT_ONCE_ELEMS // (next_power_of_2(w) * next_power_of_2(d)))
+    return min(cfg.merge_rows, 1 << (fit.bit_length() - 1))
+
+
 def _sparse_attn_fwd_partials(q, k, v, qpos, blocks: KeyBlocks, gi: GatherIndex, width: int, softmax_scale: float,
                               block_size: int, cfg: FwdConfig, diag_pass: int | None = None):
     """``partials`` forward (see :class:`FwdConfig`): per chunk of query heads, one pass of the
@@ -465,9 +479,10 @@ def _sparse_attn_fwd_partials(q, k, v, qpos, blocks: KeyBlocks, gi: GatherIndex,
         rows = tq * n
         if diag_pass == 1:
             continue
-        _merge_kernel[(cdiv(rows, cfg.merge_rows),)](
+        br = merge_rows(cfg, w, d)
+        _merge_kernel[(cdiv(rows, br),)](
             po, pl, o, lse, rows, hq, h0, n, w, o.stride(0), o.stride(1),
-            BR=cfg.merge_rows, WP=next_power_of_2(w), D=d, UNROLL=cfg.merge_unroll, AT_ONCE=cfg.merge_at_once,
+            BR=br, WP=next_power_of_2(w), D=d, UNROLL=cfg.merge_unroll, AT_ONCE=cfg.merge_at_once,
             num_warps=cfg.merge_warps,
         )
     return o, lse

@@ -93,7 +93,9 @@ class FwdConfig:
         moved ~3.5 GB a layer in 1.8 ms (~2 TB/s, session 32's profile), under half the H200's
         bandwidth. The slots are then summed as a tree, not in slot order: o may differ from the
         loop's in the last fp32 bits before its rounding (same values within rounding; tested
-        against the oracle). Costs the padded ``[merge_rows, next_pow2(W), D]`` tile in registers.
+        against the oracle). The padded ``[rows, next_pow2(W), D]`` tile lives in registers, so a
+        program then takes at most ``merge_rows`` rows and 16K partial elements (16 rows at d=64 and
+        up to 16 slots, 8 at d=128; ``triton_attn_fwd.merge_rows``).
     maxnreg (``partials``' tile kernel): a cap on its registers per thread (0: the compiler's
         choice, which is 250-255 at every shape, two programs of 4 warps per SM). Nsight Compute
         found that kernel latency-bound at that occupancy (``wait`` stalls, tensor pipe 20-35%
