@@ -250,7 +250,12 @@ class BwdConfig:
     d=64 block-1024 kernel registers it does not have: compiled for sm_90 (``kernel_resources.py
     --at train-b1024:131072 --loops``), the later launches take 400 bytes of stack a thread against
     the first launch's 208, and their unmasked step 593 instructions and 19.5 KB of local memory
-    against 575 and 14.5 (12 of the 16 launches a 128K layer are such launches). Off until timed."""
+    against 575 and 14.5 (12 of the 16 launches a 128K layer are such launches). Timed on one H100
+    (session 37, ``moba_tune_h100_2026-12-06_session37.log``, off / on / off / on / off, 128K block
+    1024 top-12, 16/4 heads): backward 54.1 / 57.5 / 56.8 ms off against 49.7 / 50.0 on (-11%, the
+    offline model said -2%: the spills cost the whole loop, not only the epilogue). dK/dV bit for bit
+    on the GPU at the d=64 GQA tiling; at d=128 block 512 (8 warps) the GPU test found dK not bit for
+    bit (not yet diagnosed), so it is on by default at d=64, blocks 256-1024, only."""
 
     bnb: int = 0
     bm: int = 64
@@ -731,7 +736,7 @@ def _tiling(block_size: int, head_dim: int, group: int, n_tokens: int, tma: bool
         # leave the GPU's tail idle, so the bound stays where the time is.
         bwd = BwdConfig(bnb=128, bm=32, split_mask=True, gather_rows=True, num_warps=4, num_stages=4,
                         dq_bm=64, dq_bn=64, dq_stages=3, sub_major=True, dq_rows=tma, tma_dq=tma,
-                        dq_trans=tma and group > 1, split_group=True, dq_chunk_bytes=1 << 30)
+                        dq_trans=tma and group > 1, split_group=True, dq_chunk_bytes=1 << 30, acc_red=True)
         return KernelConfig(fwd=fwd, bwd=bwd)
     # d=128, blocks 256-1024: the forward as partials on 64-row tiles, 4 warps, 3 stages: 5.05 ms
     # against two passes' 5.58/5.75 at 32K, block 512, top-3 (128-row tiles with 8 warps: 5.39);
