@@ -255,7 +255,10 @@ class BwdConfig:
     1024 top-12, 16/4 heads): backward 54.1 / 57.5 / 56.8 ms off against 49.7 / 50.0 on (-11%, the
     offline model said -2%: the spills cost the whole loop, not only the epilogue). dK/dV bit for bit
     on the GPU at the d=64 GQA tiling; at d=128 block 512 (8 warps) the GPU test found dK not bit for
-    bit (not yet diagnosed), so it is on by default at d=64, blocks 256-1024, only."""
+    bit: there the compiler fuses the load-add-store's ``dk * scale + sum`` into one FFMA (one
+    rounding; sm_90 SASS), where the reduction adds the rounded ``dk * scale`` (at d=64 both round
+    twice). Both are the fp32 sum to within an ulp; dV is bit for bit. On by default at d=64,
+    blocks 256-1024, where it was timed; d=128 not yet timed."""
 
     bnb: int = 0
     bm: int = 64
