@@ -422,6 +422,26 @@ def test_reduced_kv_sums_change_no_bit(bwd, dtype):
     _assert_same_bits(on, off)
 
 
+def test_reduced_kv_sums_need_4_warp_programs():
+    """``bwd.acc_red`` where a GQA group is split over launches with 8-warp dK/dV programs (d=128's
+    default, or asked for) is refused before any launch, naming the rule and the fix: on a GPU its dK
+    differed there beyond rounding (session 37). Unsplit, the option does nothing and is let be."""
+    q, k, v = _inputs(40, 2, 1, 128, torch.float32, seed=3)
+    idx = naive.select_blocks(q, k, block_size=16, topk=2)
+    split = dict(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, dq_chunk_bytes=1, split_group=True,
+                 acc_red=True)
+    whole = KernelConfig(FwdConfig(method="partials", **SMALL), BwdConfig(**{**split, "dq_chunk_bytes": 1 << 30}))
+    o, _ = tb.block_attn(*(x.clone().requires_grad_() for x in (q, k, v)), idx, block_size=16, softmax_scale=0.1,
+                         config=whole)
+    o.sum().backward()
+    for bwd in (BwdConfig(**split), BwdConfig(**split, num_warps=8)):
+        cfg = KernelConfig(FwdConfig(method="partials", **SMALL), bwd)
+        o, _ = tb.block_attn(*(x.clone().requires_grad_() for x in (q, k, v)), idx, block_size=16,
+                             softmax_scale=0.1, config=cfg)
+        with pytest.raises(ValueError, match=r"acc_red=True with 8-warp dK/dV programs \(d=128\).*Fix: acc_red=False"):
+            o.sum().backward()
+
+
 def test_whole_block_forward_skips_the_mask_only_for_tiles_after_a_full_block():
     """The partials forward with each block in one sub-tile (blocks of 16 keys, ``bn`` 16, as
     block 128 at full size) runs a row tile without the causal mask when every row comes after a
@@ -1615,10 +1635,10 @@ def _gpu_exact_option(d, b, hq, hkv, option: str, seed: int, more: dict | None =
     if more:
         base = base.replace(bwd=more)
 
-    def grads(value):
+    def grads(value, **bwd):
         qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
         o, _ = tb.block_attn(qq, kk, vv, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
-                             config=base.replace(bwd={option: value}))
+                             config=base.replace(bwd={option: value, **bwd}))
         (o * do).sum().backward()
         return qq.grad, kk.grad, vv.grad
 
@@ -1630,19 +1650,17 @@ def _gpu_exact_option(d, b, hq, hkv, option: str, seed: int, more: dict | None =
             if bool((gap <= torch.maximum(a.float().abs(), b_.float().abs()) * 2 ** -7).all()):
                 continue
         if not torch.equal(a, b_):
-            # what differs and by how much, with both against fp64 (the next step of a diagnosis)
-            qq, kk, vv = (x.detach().double().requires_grad_() for x in (q, k, v))
-            o64, _ = naive.block_attn(qq, kk, vv, idx.to(q.device), block_size=b, cu_seqlens=cu,
-                                      softmax_scale=d ** -0.5)
-            (o64 * do.double()).sum().backward()
-            ref = kk.grad if name == "dk" else vv.grad
+            # what differs and by how much, both against a third run (the option off, no launch
+            # split: the sums in each program's registers) as the next step of a diagnosis (an fp64
+            # oracle at this size needs ~31 GiB more than an H100 had free)
+            ref = grads(False, dq_chunk_bytes=1 << 40)[1 if name == "dk" else 2].float()
             diff = (a.float() - b_.float()).abs()
             where = diff.nonzero()[:4].tolist()
             pytest.fail(f"{name} with {option} on differs from off at {int((diff > 0).sum())} of {diff.numel()} "
                         f"elements, max |on - off| {diff.max().item():.3e} (largest |{name}| "
-                        f"{b_.float().abs().max().item():.3e}), first at (key, head, dim) {where}; max error "
-                        f"against fp64: on {(a.double() - ref).abs().max().item():.3e}, off "
-                        f"{(b_.double() - ref).abs().max().item():.3e}")
+                        f"{b_.float().abs().max().item():.3e}), first at (key, head, dim) {where}; max "
+                        f"|x - unsplit run|: on {(a.float() - ref).abs().max().item():.3e}, off "
+                        f"{(b_.float() - ref).abs().max().item():.3e}")
     tol = off[0].float().abs().max().item() * 2 ** -7
     assert (on[0].float() - off[0].float()).abs().max().item() <= tol
     return base
@@ -1666,6 +1684,10 @@ def test_gpu_reduced_kv_sums_keep_dk_dv_bits(d, b, hq, hkv):
     where the compiler fuses the load-add-store path's ``dk * scale + sum`` into one FFMA (d=128,
     8 warps, sm_90 SASS: session 37) that path rounds once where the reduction of ``dk * scale``
     rounds twice; at d=64 it does not fuse and dK is bit for bit too."""
+    if d >= 128:  # 8-warp programs: refused since session 37 (see test_reduced_kv_sums_need_4_warp_programs)
+        with pytest.raises(ValueError, match="acc_red=True with 8-warp dK/dV programs"):
+            _gpu_exact_option(d, b, hq, hkv, "acc_red", seed=2, more={"dq_chunk_bytes": 1})
+        return
     base = _gpu_exact_option(d, b, hq, hkv, "acc_red", seed=2, more={"dq_chunk_bytes": 1}, dk_ulp=True)
     assert base.bwd.split_group
 

@@ -754,6 +754,13 @@ def sparse_attn_bwd(
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
     chunks = _head_chunks(tq, hkv, g_sz, width, d, q.element_size(), fp32_dq, cfg, slot_dtype.itemsize)
     split = any(hc < g_sz for _, _, _, hc, _ in chunks)
+    if split and cfg.acc_red and (nw != 4 or (cfg.split_dv and (cfg.dv_warps or nw) != 4)):
+        # (only a split group's later launches reduce) session 37, one H100: dK/dV bit for bit with
+        # the reductions at the d=64 tiling (4 warps); at d=128, block 512 (8 warps) dK differed by
+        # more than its last bit, cause not found
+        raise ValueError(f"sparse_attn_bwd: BwdConfig.acc_red=True with {nw}-warp dK/dV programs (d={d}): its "
+                         f"reductions were checked on a GPU only with 4-warp programs; with 8 their GPU test found "
+                         f"dK changed beyond rounding. Fix: acc_red=False, or num_warps=4 (and dv_warps 0 or 4)")
     # A split GQA group sums its launches' dK/dV in fp32, then casts them into dk/dv once; else
     # they are written once. The fp32 sums hold one KV head (split launches hold one each, in head
     # order), not all: at 128K, 16/4 heads, d=64 that is 67 MiB of the backward's transient
