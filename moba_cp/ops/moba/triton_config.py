@@ -731,9 +731,16 @@ def _tiling(block_size: int, head_dim: int, group: int, n_tokens: int, tma: bool
         short = 0 < n_tokens <= 32 * 1024  # 4 forward stages
         graphed_len = 0 < n_tokens <= 16 * 1024  # the previous forward
         stages = 4 if short else 3
+        # Session 37 (one H100, moba_tune_h100_2026-12-06_session37.log, 128K block 1024 top-12, three
+        # calls, default first / between / last): the merge's partials loaded at once with four query
+        # heads a launch 18.61, 18.86/18.89 ms against 19.46-21.04 (transient 1.32 GiB, above the
+        # backward's 1.25); with three (partial_bytes 768 MiB) 18.65/18.68 against 19.51-19.60 (1.13
+        # GiB: the call's peak stays the backward's). At 32K and 4 x 8K the merge alone measured no
+        # gain (1.15 against 1.12 ms; 0.63-0.66 against 0.61-0.64), so only longer calls take them.
         fwd = FwdConfig(method="partials", bm=128, bn=64, chunk=128, num_warps=4, num_stages=stages,
                         half_partials=not graphed_len, merge_rows=32 if graphed_len else 16, merge_unroll=True,
-                        tma_kv=not graphed_len)
+                        tma_kv=not graphed_len, merge_at_once=not short, partials_q_bound=short,
+                        partial_bytes=(1 << 30) if short else (768 << 20))
         # The 1 GiB bound on a launch's rows (session 36, moba_tune_h200_2026-12-06_session36_chunks.log,
         # one H200, default between each): at 32K block 512 top-3, 16/4 heads, it is one launch
         # (2.10-2.31 ms, 0.90 GiB transient); 256 MiB (a KV head a launch) 3.22 ms (0.31 GiB), 128 MiB
