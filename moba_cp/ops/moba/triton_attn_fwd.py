@@ -464,6 +464,7 @@ def _sparse_attn_fwd_partials(q, k, v, qpos, blocks: KeyBlocks, gi: GatherIndex,
     single = block_size <= bn
     tma_kv = cfg.tma_kv and not single  # a single-sub-tile block loads K/V once per program: no loop to feed
     kd, vd = _kv_descriptors(k, v, bn) if tma_kv else (k, v)
+    br = merge_rows(cfg, w, d)
     for h0 in range(0, hq, hc):
         n = min(hc, hq - h0)
         pl[: tq * n * w].fill_(float("-inf"))
@@ -479,7 +480,6 @@ def _sparse_attn_fwd_partials(q, k, v, qpos, blocks: KeyBlocks, gi: GatherIndex,
         rows = tq * n
         if diag_pass == 1:
             continue
-        br = merge_rows(cfg, w, d)
         _merge_kernel[(cdiv(rows, br),)](
             po, pl, o, lse, rows, hq, h0, n, w, o.stride(0), o.stride(1),
             BR=br, WP=next_power_of_2(w), D=d, UNROLL=cfg.merge_unroll, AT_ONCE=cfg.merge_at_once,

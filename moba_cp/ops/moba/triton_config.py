@@ -61,9 +61,10 @@ class FwdConfig:
     partials_q_bound (``partials``): bound a launch's partials by q's own size as well as by
         ``partial_bytes``. At 128K, 16 heads, top-12, d=64 with half partials that is one query head
         a launch (218 MB against q's 256 MiB): 16 tile launches and 16 merges a layer, each with
-        its tail. Off, ``partial_bytes`` (1 GiB, the backward's ``dq_chunk_bytes``) alone bounds
-        it: four heads a launch there (~0.9 GB, below the backward's 1.28 GiB transient at that
-        shape, so the call's peak stays the backward's). The same o and lse bit for bit.
+        its tail. Off, ``partial_bytes`` alone bounds it: at 1 GiB four heads a launch there, whose
+        forward transient (1.32 GiB, one H100, session 37) passes the backward's 1.25 and so would
+        raise the call's peak; the default over 32K tokens at d=64 is off with 768 MiB (three heads,
+        1.13 GiB: see :func:`choose_config`). The same o and lse bit for bit.
     half_partials (``partials``, half inputs): the normalised partial outputs are stored in q's
         dtype instead of fp32 (half the bytes written and read back by the merge: ~7 of ~14 GB
         at 128K, 16 heads, top-12, d=64); the merge still sums in fp32. Each partial is rounded
@@ -88,8 +89,9 @@ class FwdConfig:
     merge_at_once (``partials``): a merge program loads all ``W`` partials of its rows as one
         ``[merge_rows, W, D]`` tile, issued before the LSEs are read and masked by nothing they
         decide (a slot that holds no partial is selected away, never multiplied in), then sums
-        them over the slot axis. Why: the loop's loads of a slot wait for that slot's LSE (its
-        mask), so a program makes three dependent trips to memory; at 128K, block 1024, the merge
+        them over the slot axis. Why: the loop's load of a slot waits for that slot's LSE (its
+        mask, through a layout conversion in shared memory), so a program makes one dependent trip
+        to memory per slot; at 128K, block 1024, the merge
         moved ~3.5 GB a layer in 1.8 ms (~2 TB/s, session 32's profile), under half the H200's
         bandwidth. The slots are then summed as a tree, not in slot order: o may differ from the
         loop's in the last fp32 bits before its rounding (same values within rounding; tested
@@ -253,9 +255,9 @@ class BwdConfig:
     against 575 and 14.5 (12 of the 16 launches a 128K layer are such launches). Timed on one H100
     (session 37, ``moba_tune_h100_2026-12-06_session37.log``, off / on / off / on / off, 128K block
     1024 top-12, 16/4 heads): backward 54.1 / 57.5 / 56.8 ms off against 49.7 / 50.0 on (-11%, the
-    offline model said -2%: the spills cost the whole loop, not only the epilogue). dK/dV bit for bit
-    on the GPU at the d=64 GQA tiling; at d=128 block 512 (8 warps) the GPU test found dK not bit for
-    bit: there the compiler fuses the load-add-store's ``dk * scale + sum`` into one FFMA (one
+    offline model said ~-2.5%: the spills cost the whole loop, not only the epilogue). dK/dV bit
+    for bit on the GPU at the d=64 GQA tiling; at d=128 block 512 (8 warps) the GPU test found dK
+    not bit for bit: there the compiler fuses the load-add-store's ``dk * scale + sum`` into one FFMA (one
     rounding; sm_90 SASS), where the reduction adds the rounded ``dk * scale`` (at d=64 both round
     twice). That explains an ulp, but a second GPU run with dK allowed one bf16 ulp still failed
     there, so something else differs at 8 warps (not found; the test now reports how much, against
