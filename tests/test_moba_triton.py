@@ -422,24 +422,23 @@ def test_reduced_kv_sums_change_no_bit(bwd, dtype):
     _assert_same_bits(on, off)
 
 
-def test_reduced_kv_sums_need_4_warp_programs():
-    """``bwd.acc_red`` where a GQA group is split over launches with 8-warp dK/dV programs (d=128's
-    default, or asked for) is refused before any launch, naming the rule and the fix: on a GPU its dK
-    differed there beyond rounding (session 37). Unsplit, the option does nothing and is let be."""
+def test_reduced_kv_sums_run_with_8_warp_programs():
+    """``bwd.acc_red`` with a GQA group split over launches and 8-warp dK/dV programs (d=128's
+    default, or asked for): allowed since session 38 (session 37 refused it after a GPU test saw dK
+    change; the fp32 capture showed one rounding of the scaled partials, see BwdConfig), and in
+    the interpreter, which contracts nothing, dQ, dK and dV bit for bit against the option off."""
     q, k, v = _inputs(40, 2, 1, 128, torch.float32, seed=3)
     idx = naive.select_blocks(q, k, block_size=16, topk=2)
-    split = dict(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, dq_chunk_bytes=1, split_group=True,
-                 acc_red=True)
-    whole = KernelConfig(FwdConfig(method="partials", **SMALL), BwdConfig(**{**split, "dq_chunk_bytes": 1 << 30}))
-    o, _ = tb.block_attn(*(x.clone().requires_grad_() for x in (q, k, v)), idx, block_size=16, softmax_scale=0.1,
-                         config=whole)
-    o.sum().backward()
-    for bwd in (BwdConfig(**split), BwdConfig(**split, num_warps=8)):
-        cfg = KernelConfig(FwdConfig(method="partials", **SMALL), bwd)
-        o, _ = tb.block_attn(*(x.clone().requires_grad_() for x in (q, k, v)), idx, block_size=16,
-                             softmax_scale=0.1, config=cfg)
-        with pytest.raises(ValueError, match=r"acc_red=True with 8-warp dK/dV programs \(d=128\).*Fix: acc_red=False"):
-            o.sum().backward()
+    split = dict(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, dq_chunk_bytes=1, split_group=True)
+
+    def grads(**bwd):
+        cfg = KernelConfig(FwdConfig(method="partials", **SMALL), BwdConfig(**split, **bwd))
+        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+        o, _ = tb.block_attn(qq, kk, vv, idx, block_size=16, softmax_scale=0.1, config=cfg)
+        o.sum().backward()
+        return qq.grad, kk.grad, vv.grad
+
+    _assert_same_bits(grads(acc_red=True, num_warps=8), grads(acc_red=False, num_warps=8))
 
 
 def test_whole_block_forward_skips_the_mask_only_for_tiles_after_a_full_block():
@@ -1619,12 +1618,15 @@ TRAINING_TILINGS = [(64, 1024, 16, 4), (64, 512, 6, 6), (128, 512, 32, 8)]
 GPU_DOCS = [5000, 11384]
 
 
-def _gpu_exact_option(d, b, hq, hkv, option: str, seed: int, more: dict | None = None):
+def _gpu_exact_option(d, b, hq, hkv, option: str, seed: int, more: dict | None = None, dk_rounding: bool = False):
     """The backward with ``bwd.<option>`` on and off at the default config of a two-document bf16
     call (16,384 tokens, top-3; ``more``: other BwdConfig fields for both runs): dK and dV are
     accumulated in each program's registers in row order, so an exact option leaves them bit for
     bit; dQ is summed by TMA reductions in whatever order the programs finish, so it is compared
-    within one bf16 ulp of its largest element. Returns the config of the off run."""
+    within one bf16 ulp of its largest element. ``dk_rounding``: dK may differ by the rounding of
+    its scaled partials (``acc_red`` at d=128, see BwdConfig): within one bf16 ulp of its largest
+    element, at most one element in 1,000, and no further from a run without the split than the
+    off run is, give or take that ulp. Returns the config of the off run."""
     docs = GPU_DOCS
     t = sum(docs)
     q, k, v = _inputs(t, hq, hkv, d, torch.bfloat16, seed=d + b + seed, device="cuda")
@@ -1643,7 +1645,16 @@ def _gpu_exact_option(d, b, hq, hkv, option: str, seed: int, more: dict | None =
         return qq.grad, kk.grad, vv.grad
 
     on, off = grads(True), grads(False)
-    for name, a, b_ in (("dk", on[1], off[1]), ("dv", on[2], off[2])):
+    if dk_rounding:
+        ulp = off[1].float().abs().max().item() * 2 ** -7
+        diff = (on[1].float() - off[1].float()).abs()
+        ref = grads(False, dq_chunk_bytes=1 << 40)[1].float()
+        far_on, far_off = ((x[1].float() - ref).abs().max().item() for x in (on, off))
+        assert diff.max().item() <= ulp and int((diff > 0).sum()) <= diff.numel() // 1000, (
+            f"dk with {option}: max |on - off| {diff.max().item():.3e} (one bf16 ulp of the largest: {ulp:.3e}) "
+            f"at {int((diff > 0).sum())} of {diff.numel()} elements")
+        assert far_on <= far_off + ulp, f"dk with {option} lies {far_on:.3e} from an unsplit run, off {far_off:.3e}"
+    for name, a, b_ in ((("dk", on[1], off[1]),) if not dk_rounding else ()) + (("dv", on[2], off[2]),):
         if not torch.equal(a, b_):
             # what differs and by how much, both against a third run (the option off, no launch
             # split: the sums in each program's registers) as the next step of a diagnosis (an fp64
@@ -1674,15 +1685,12 @@ def test_gpu_skipping_unseen_rows_keeps_dk_dv_bits(d, b, hq, hkv):
 @pytest.mark.parametrize("d,b,hq,hkv", [t for t in TRAINING_TILINGS if t[2] > t[3]])
 def test_gpu_reduced_kv_sums_keep_dk_dv_bits(d, b, hq, hkv):
     """``bwd.acc_red`` on the GPU at the GQA training tilings, the group split into one query head
-    a launch (``dq_chunk_bytes=1``, as at 128K): with 4-warp programs (d=64) the later launches'
-    reductions leave dK and dV bit for bit (random inputs hold no subnormal sums for the reductions
-    to flush); with 8 (d=128) dK changed beyond its last bit on an H100 (session 37, cause not
-    found), so the option is refused there."""
-    if d >= 128:  # 8-warp programs: refused since session 37 (see test_reduced_kv_sums_need_4_warp_programs)
-        with pytest.raises(ValueError, match="acc_red=True with 8-warp dK/dV programs"):
-            _gpu_exact_option(d, b, hq, hkv, "acc_red", seed=2, more={"dq_chunk_bytes": 1})
-        return
-    base = _gpu_exact_option(d, b, hq, hkv, "acc_red", seed=2, more={"dq_chunk_bytes": 1})
+    a launch (``dq_chunk_bytes=1``, as at 128K): at d=64 the later launches' reductions leave dK and
+    dV bit for bit (random inputs hold no subnormal sums for the reductions to flush); at d=128 dV
+    stays bit for bit and dK moves by the rounding of its scaled partials, which the path without
+    the option contracts into an FFMA there (on an H100: at most 4.8e-7 in fp32, 698 bf16 elements
+    of 16.8M; ``benchmarks/diag_acc_red.py``)."""
+    base = _gpu_exact_option(d, b, hq, hkv, "acc_red", seed=2, more={"dq_chunk_bytes": 1}, dk_rounding=d >= 128)
     assert base.bwd.split_group
 
 

