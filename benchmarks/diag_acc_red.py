@@ -11,8 +11,9 @@ the largest element), plus the same for the bf16 casts. An fp32 difference of a 
 partial sums is rounding (e.g. an FFMA contracted in one path and not the other); a difference
 near the size of the elements is a lost or doubled add.
 
-Needs a CUDA GPU and the refusal lifted (``--lift`` patches it in memory for this process only):
-    python benchmarks/diag_acc_red.py --lift [--d 128 --block 512 --hq 32 --hkv 8]
+Needs a CUDA GPU (session 38's run, at 71e8bad, still had to lift session 37's refusal of the
+option with 8-warp programs; this diagnosis is why it was removed):
+    python benchmarks/diag_acc_red.py [--d 128 --block 512 --hq 32 --hkv 8]
 """
 from __future__ import annotations
 
@@ -20,25 +21,10 @@ import argparse
 
 import torch
 
-import moba_cp.ops.moba.triton_attn_bwd as bwd_mod
 import moba_cp.ops.moba.triton_backend as tbk
 from moba_cp.ops.moba.triton_config import choose_config
 
 DOCS = [5000, 11384]  # the GPU tests' two documents
-
-
-def _lift_refusal() -> None:
-    """Re-compile sparse_attn_bwd without the 8-warp acc_red refusal (this process only)."""
-    import inspect
-    import textwrap
-    src = textwrap.dedent(inspect.getsource(bwd_mod.sparse_attn_bwd))
-    old = "if split and cfg.acc_red and (nw != 4"
-    if old not in src:
-        raise SystemExit(f"--lift: the refusal's condition {old!r} is not in sparse_attn_bwd any more")
-    src = src.replace(old, "if False and (nw != 4")
-    code = compile(src, bwd_mod.__file__, "exec")
-    exec(code, bwd_mod.__dict__)  # rebinds bwd_mod.sparse_attn_bwd
-    tbk.sparse_attn_bwd = bwd_mod.sparse_attn_bwd
 
 
 def main() -> None:
@@ -48,12 +34,9 @@ def main() -> None:
     ap.add_argument("--hq", type=int, default=32)
     ap.add_argument("--hkv", type=int, default=8)
     ap.add_argument("--seed", type=int, default=2)
-    ap.add_argument("--lift", action="store_true", help="lift the 8-warp refusal in this process")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("diag_acc_red needs a CUDA GPU")
-    if a.lift:
-        _lift_refusal()
     d, b, hq, hkv = a.d, a.block, a.hq, a.hkv
     t = sum(DOCS)
     g = torch.Generator().manual_seed(d + b + a.seed)
