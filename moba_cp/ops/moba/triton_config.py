@@ -267,7 +267,7 @@ class BwdConfig:
     partials' rounding), which is why session 37's check of one bf16 ulp per element failed; the
     cause is this rounding, not the warp count. On by default at d=64, blocks 256-1024, and at
     d=128 (128K block 4096 top-12, 32/8 heads, one H100, session 38: backward 564.9-568.7 ms off
-    against 540.3 / 542.9 on, -4.5%); it acts only where a group is split over launches."""
+    against 540.3 / 542.9 on, -4.4% of the mean); it acts only where a group is split over launches."""
 
     bnb: int = 0
     bm: int = 64
@@ -610,7 +610,7 @@ def _tiling(block_size: int, head_dim: int, group: int, n_tokens: int, tma: bool
     # at 128K, top-12: a whole group's would be ~7 GB). The split group's later launches add dK/dV
     # by L2 reductions (acc_red; session 38, one H100, moba_tune_h100_2026-12-06_session38.log,
     # 128K block 4096 top-12, off / on / off / on / off): 568.7 / 566.8 / 564.9 ms off against
-    # 542.9 / 540.3 on (-4.5%); dK moves by one fp32 rounding there (see BwdConfig).
+    # 542.9 / 540.3 on (-4.4% of the mean); dK moves by one fp32 rounding there (see BwdConfig).
     bwd_d128 = replace(bwd_old, gather_rows=True, split_mask=True, sub_major=True, dq_rows=tma, tma_dq=tma,
                        dq_trans=tma and group > 1, split_group=True, dq_chunk_bytes=1 << 30, acc_red=True)
     if block_size >= 2048:
