@@ -37,12 +37,17 @@ class StopRequest:
     """
 
     SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+    LAUNCHER_EXITED = "the launcher (parent process) exited"
+    # The reasons the ranks agree on, one flag each: a launcher's death is seen by every rank,
+    # but at different step boundaries, so a rank must say it even when another saw it first.
+    REASONS = (*SIGNALS, LAUNCHER_EXITED)
     SAME_INTERRUPT_S = 1.0
 
     def __init__(self, on_abort: str = ""):
         """``on_abort``: printed (rank 0) when a second Ctrl-C aborts, e.g. where the last
         checkpoint is."""
         self.received: str | None = None  # the first stop reason seen on this rank
+        self.agreed_reasons: list[str] = []  # the reasons any rank had at the agreeing boundary
         self.device = torch.device("cpu")  # of the agreement all-reduce; set once the group exists
         self.on_abort = on_abort
         self._parent = os.getppid()
@@ -92,14 +97,22 @@ class StopRequest:
     def agreed(self) -> bool:
         """Whether any rank was asked to stop (collective: every rank calls it at the same step)."""
         if self.received is None and os.getppid() != self._parent:
-            self.received = "the launcher (parent process) exited"
-        flag = torch.tensor([1.0 if self.received else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+            self.received = self.LAUNCHER_EXITED
+        flags = torch.tensor([1.0 if r == self.received else 0.0 for r in self.REASONS], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self.agreed_reasons = [r for r, f in zip(self.REASONS, flags.tolist()) if f > 0]
+        return bool(self.agreed_reasons)
 
     def reason(self) -> str:
-        """Why the run stops, as said in its last line."""
-        return self.received or "a stop signal on another rank"
+        """Why the run stops, as said in its last line: this rank's reason, else the one the
+        ranks agreed on (a signal that reached only another rank is said so)."""
+        if self.received:
+            return self.received
+        if self.LAUNCHER_EXITED in self.agreed_reasons:
+            return self.LAUNCHER_EXITED  # one launcher for all: true here too, just not seen yet
+        if self.agreed_reasons:
+            return f"{self.agreed_reasons[0]} on another rank"
+        return "a stop signal on another rank"
 
     def restore(self) -> None:
         """Put the previous signal handlers and wakeup fd back; ends the watcher thread."""
