@@ -17,11 +17,11 @@ def _agree(rank, world_size, seen_by):
 
 
 def test_ranks_agree_on_the_reason_not_only_on_the_stop():
-    """A dead launcher seen by rank 1 first (rank 0 checked its parent a moment before it died) is
-    still what rank 0 says; a signal only rank 1 got is said to be on another rank; no reason, no stop."""
+    """A dead launcher seen by rank 1 first (rank 0 checked its parent a moment before it died), or
+    a job-wide signal whose arrival rank 0's watcher had not recorded yet, is still what rank 0
+    says; a rank's own reason comes first; no reason, no stop."""
     launcher = StopRequest.LAUNCHER_EXITED
     assert run_distributed(_agree, 2, args=({1: launcher},)) == [(True, launcher), (True, launcher)]
-    assert run_distributed(_agree, 2, args=({1: "SIGTERM"},)) == [(True, "SIGTERM on another rank"),
-                                                                   (True, "SIGTERM")]
+    assert run_distributed(_agree, 2, args=({1: "SIGTERM"},)) == [(True, "SIGTERM"), (True, "SIGTERM")]
     assert run_distributed(_agree, 2, args=({0: "SIGINT", 1: launcher},)) == [(True, "SIGINT"), (True, launcher)]
     assert [agreed for agreed, _ in run_distributed(_agree, 2, args=({},))] == [False, False]

@@ -104,15 +104,16 @@ class StopRequest:
         return bool(self.agreed_reasons)
 
     def reason(self) -> str:
-        """Why the run stops, as said in its last line: this rank's reason, else the one the
-        ranks agreed on (a signal that reached only another rank is said so)."""
+        """Why the run stops, as said in its last line: this rank's reason, else the one the ranks
+        agreed on. A signal sent to the whole job reaches the ranks' watchers at slightly
+        different times, and the parent of every rank dies at once, so at the agreeing boundary
+        one rank may not have seen yet what another has: it is the same stop."""
         if self.received:
             return self.received
-        if self.LAUNCHER_EXITED in self.agreed_reasons:
-            return self.LAUNCHER_EXITED  # one launcher for all: true here too, just not seen yet
-        if self.agreed_reasons:
-            return f"{self.agreed_reasons[0]} on another rank"
-        return "a stop signal on another rank"
+        for r in (self.LAUNCHER_EXITED, *self.SIGNALS):  # a dead launcher says most
+            if r in self.agreed_reasons:
+                return r
+        return "no stop request"  # reason() is asked only after agreed() said True
 
     def restore(self) -> None:
         """Put the previous signal handlers and wakeup fd back; ends the watcher thread."""
