@@ -1,5 +1,5 @@
-"""Diagnosis of ``bwd.acc_red`` with 8-warp dK/dV programs (session 37: dK changed beyond rounding
-at d=128, block 512, 32/8 heads on an H100; the option is refused there since).
+"""Diagnosis of ``bwd.acc_red`` with 8-warp dK/dV programs (session 37: dK changed at d=128, block
+512, 32/8 heads on an H100 and the option was refused there; session 38 found one fp32 rounding).
 
 Runs the GPU test's call (16,384 tokens in two documents, top-3, bf16, the GQA group split into one
 query head a launch) with the backward's dK/dV captured in fp32 before any cast, for:

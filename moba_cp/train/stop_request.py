@@ -20,7 +20,7 @@ class StopRequest:
     step, save, exit cleanly; a second SIGINT aborts at once, without saving.
 
     The handlers only record the signal; at each step boundary the ranks agree (one all-reduce
-    of a flag, :meth:`agreed`), so every rank saves the same step even when only some received
+    of a flag per reason, :meth:`agreed`), so every rank saves the same step even when only some received
     the signal.
 
     Arrival times come from a thread reading the signal wakeup fd, not from the Python handler
@@ -38,9 +38,10 @@ class StopRequest:
 
     SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
     LAUNCHER_EXITED = "the launcher (parent process) exited"
-    # The reasons the ranks agree on, one flag each: a launcher's death is seen by every rank,
-    # but at different step boundaries, so a rank must say it even when another saw it first.
-    REASONS = (*SIGNALS, LAUNCHER_EXITED)
+    # The reasons the ranks agree on, one flag each, in the order a rank that saw none of them
+    # names one (a dead launcher says most). Every rank sees a launcher's death or a job-wide
+    # signal, but not always by the same step boundary.
+    REASONS = (LAUNCHER_EXITED, *SIGNALS)
     SAME_INTERRUPT_S = 1.0
 
     def __init__(self, on_abort: str = ""):
@@ -108,12 +109,7 @@ class StopRequest:
         agreed on. A signal sent to the whole job reaches the ranks' watchers at slightly
         different times, and the parent of every rank dies at once, so at the agreeing boundary
         one rank may not have seen yet what another has: it is the same stop."""
-        if self.received:
-            return self.received
-        for r in (self.LAUNCHER_EXITED, *self.SIGNALS):  # a dead launcher says most
-            if r in self.agreed_reasons:
-                return r
-        return "no stop request"  # reason() is asked only after agreed() said True
+        return self.received or next(iter(self.agreed_reasons), "no stop request")
 
     def restore(self) -> None:
         """Put the previous signal handlers and wakeup fd back; ends the watcher thread."""
