@@ -148,20 +148,20 @@ def train(cfg: RecipeConfig) -> TrainResult:
     try:
         env = init_distributed(cfg.parallel, cfg.train.seed)
         stop.device = env.device
+        graphed_step = cuda_graph_applies(cfg, env.world_size, env.device.type)
         if env.is_main:
             note = moba_env_note(os.environ)
             fused = resolve_fused_ops(cfg.model.fused_ops, resolve_transformer_impl("auto"))
             ops = "RoPE, SwiGLU: " + ("fused Triton kernels" if fused else "unfused")
             norm = resolve_fused_norm(cfg.model.fused_norm, fused, cfg.model.normalization)
             ops += f"; {cfg.model.normalization}: " + ("fused Triton kernel" if norm else "torch's")
-            graphed = cuda_graph_applies(cfg, env.world_size, env.device.type)
-            ops += (f"; training step: {'replayed from a CUDA graph after one eager step' if graphed else 'eager'} "
+            ops += (f"; training step: {'replayed from a CUDA graph after one eager step' if graphed_step else 'eager'} "
                     f"(train.cuda_graph={cfg.train.cuda_graph})")
             print(f"moba-cp train: world {env.world_size} = tp {env.tp} x cp {env.cp} x dp {env.dp} "
                   f"on {env.device.type}; {describe(state, cfg)}; {ops}{'; ' + note if note else ''}; "
                   f"resolved recipe:\n{dump(cfg)}", flush=True)
         train_ds, valid_ds = _build_datasets(cfg, tokenizer)
-        model = _build_model(cfg, tokenizer, env)
+        model = _build_model(cfg, tokenizer, env, graphed_step)
         start_step = _resume(state, model, env)
         if env.is_main:  # only now: the checks passed and the checkpoint (if any) loaded
             _write_recipe(cfg)
@@ -196,15 +196,16 @@ def _build_datasets(cfg: RecipeConfig, tokenizer):
     return train_ds, valid_ds
 
 
-def _build_model(cfg: RecipeConfig, tokenizer, env: DistEnv) -> _Model:
-    """GPTModel, DDP, optimizer and learning-rate schedule of the recipe, wired together."""
+def _build_model(cfg: RecipeConfig, tokenizer, env: DistEnv, graphed_step: bool) -> _Model:
+    """GPTModel, DDP, optimizer and learning-rate schedule of the recipe, wired together;
+    ``graphed_step``: the step is replayed from a CUDA graph (``config.cuda_graph_applies``)."""
     t = cfg.train
     config = transformer_config_from_recipe(
         cfg.model, cfg.parallel, precision=t.precision, recompute=t.recompute, calculate_per_token_loss=True
     )
     gpt = build_gpt_model(cfg.model, cfg.moba, cfg.attention, cfg.parallel,
                           vocab_size=tokenizer.vocab_size, config=config)
-    graphed = GraphedForwardBackward() if cuda_graph_applies(cfg, env.world_size, env.device.type) else None
+    graphed = GraphedForwardBackward() if graphed_step else None
     if graphed is None:
         ddp = wrap_ddp(gpt, cfg.parallel)
     else:
