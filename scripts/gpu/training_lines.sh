@@ -6,11 +6,15 @@
 #   OUT=/some/dir COMMIT=<sha> bash scripts/gpu/training_lines.sh          # (the device tool sets $OUT)
 #   OUT=/some/dir COMMIT=<sha> PARTS=128k MOBA_KERNEL="bwd.skip_unseen=false" bash scripts/gpu/training_lines.sh
 #
-# PARTS: comma-separated of 128k, 128k-graph, 8k, 32k, table, tune, run in that order (default:
+# PARTS: comma-separated of 128k, 128k-graph, 8k, 32k, table, b4096, tests, tune, run in that order (default:
 # 128k, 8k, 32k, table; 128k, 8k, 32k and table took ~2.5 + 1.5 + 1 + 0.5 minutes on an H200 in
 # sessions 31-33, more on a cold machine that compiles first). 128k-graph: the 128K line replayed from
 # a CUDA graph (its default since session 36, as every line's) and eager (train.cuda_graph=none),
-# both attentions, four runs. tune: the backward alone
+# both attentions, four runs. b4096: the paper setting's kernel row at 128K with cuDNN (bench_moba.py
+# --suite paper-b4096 --max-seq 131072; the block >= 512 target's d=128 row). tests: the kernels' GPU
+# tests (pytest -m gpu tests/test_moba_triton.py tests/test_moba_gpu_training_shapes.py; ~3 minutes on
+# an H100). A machine start is the scarce part, so one call may take several parts: 128k with one
+# A/B row, b4096 and tests come near a 10-minute call together. tune: the backward alone
 # with TUNE_BWD's overrides (a JSON object of BwdConfig fields, required with this part) against
 # the default, default / option / default / option / default in one process per shape
 # (train-b1024 128K, train-b512 32K, small-b512 4 x 8K, paper-b512 32K at d=128).
@@ -20,7 +24,8 @@
 # within ~3% on an H100). COMMIT: the commit line of the tables (a tree copied to the GPU machine
 # may carry no .git). The 128K step needs ~104 GiB: an H100 (80 GB) skips it.
 # Files under $OUT (at most 8, what the device tool brings back): train_{128k,128k-graph,8k,32k}.md,
-# train.log (every training part's output), kernels_d64.{md,log}, tune_bwd.log.
+# train.log (every training part's output), kernels_d64.{md,log}, kernels_b4096.{md,log}, gpu_tests.log,
+# tune_bwd.log.
 # Needs no network: megatron-core comes from ./.whl when it is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -58,6 +63,16 @@ if has table; then
   "$PY" benchmarks/bench_moba.py --suite train-b1024,train-b512,small-b512,paper-b512 --peers sdpa --sdpa cudnn \
     --commit "$COMMIT" --out "$OUT/kernels_d64.md" > "$OUT/kernels_d64.log" 2>&1 || echo "part table failed: see kernels_d64.log"
   cut -c1-220 "$OUT/kernels_d64.md" 2>/dev/null | grep "^| " || true
+fi
+if has b4096; then
+  "$PY" benchmarks/bench_moba.py --suite paper-b4096 --max-seq 131072 --peers sdpa --sdpa cudnn \
+    --commit "$COMMIT" --out "$OUT/kernels_b4096.md" > "$OUT/kernels_b4096.log" 2>&1 || echo "part b4096 failed: see kernels_b4096.log"
+  cut -c1-220 "$OUT/kernels_b4096.md" 2>/dev/null | grep "^| " || true
+fi
+if has tests; then
+  "$PY" -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_moba_triton.py tests/test_moba_gpu_training_shapes.py \
+    > "$OUT/gpu_tests.log" 2>&1 || echo "part tests: failures, see gpu_tests.log"
+  tail -3 "$OUT/gpu_tests.log"
 fi
 if has tune; then
   for s in train-b1024:131072 train-b512:32768 small-b512:8192 paper-b512:32768; do
