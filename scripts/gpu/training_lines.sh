@@ -13,7 +13,7 @@
 # both attentions, four runs. b4096: the paper setting's kernel row at 128K with cuDNN (bench_moba.py
 # --suite paper-b4096 --max-seq 131072; the block >= 512 target's d=128 row). tests: the kernels' GPU
 # tests (pytest -m gpu tests/test_moba_triton.py tests/test_moba_gpu_training_shapes.py; ~3 minutes on
-# an H100). A machine start is the scarce part, so one call may take several parts: 128k with one
+# an H100; -rA names each test and its outcome in the log). A machine start is the scarce part, so one call may take several parts: 128k with one
 # A/B row, b4096 and tests come near a 10-minute call together. tune: the backward alone
 # with TUNE_BWD's overrides (a JSON object of BwdConfig fields, required with this part) against
 # the default, default / option / default / option / default in one process per shape
@@ -70,7 +70,7 @@ if has b4096; then
   cut -c1-220 "$OUT/kernels_b4096.md" 2>/dev/null | grep "^| " || true
 fi
 if has tests; then
-  "$PY" -m pytest -m gpu -q -p no:cacheprovider -rf tests/test_moba_triton.py tests/test_moba_gpu_training_shapes.py \
+  "$PY" -m pytest -m gpu -q -p no:cacheprovider -rA tests/test_moba_triton.py tests/test_moba_gpu_training_shapes.py \
     > "$OUT/gpu_tests.log" 2>&1 || echo "part tests: failures, see gpu_tests.log"
   tail -3 "$OUT/gpu_tests.log"
 fi
