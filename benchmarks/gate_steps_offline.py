@@ -26,11 +26,13 @@ import argparse
 import torch
 
 
-def tile_steps(n: int, rows: int, k: int, bn: int, gen: torch.Generator) -> tuple[int, int]:
-    """Steps and tiles of one program whose ``rows`` rows each score ``n`` candidates in order."""
+def tile_steps(s: torch.Tensor, k: int, bn: int) -> tuple[int, int]:
+    """Steps and tiles of one program scanning its rows' scores ``s`` (``[rows, n]``, in candidate
+    order) in tiles of ``bn`` with a running top-``k``: a tile costs the most steps any row needs,
+    ``min(#scores above the row's k-th best before the tile, k)``."""
+    rows, n = s.shape
     if n == 0 or k == 0:
         return 0, 0
-    s = torch.randn(rows, n, generator=gen)
     top = torch.full((rows, k), float("-inf"))
     steps = 0
     for g in range(0, n, bn):
@@ -61,7 +63,7 @@ def main() -> None:
         gen = torch.Generator().manual_seed(a.seed)
         steps = tiles = 0
         for n in blocks:
-            st, ti = tile_steps(n, bm, k, a.bn, gen)
+            st, ti = tile_steps(torch.randn(bm, n, generator=gen), k, a.bn)
             steps, tiles = steps + st, tiles + ti
         per_tile = steps / max(tiles, 1)
         first = first or per_tile
