@@ -4,8 +4,8 @@ The gate kernel (``moba_cp/ops/moba/triton_gate.py``) folds each tile of ``bn`` 
 into a per-row top-``K`` (``K = topk - 1``); a tile takes ``max over the program's bm rows of
 min(#scores above the row's k-th best, K)`` steps, each a pass over the whole ``[bm, bn]`` tile.
 So the rows a program holds decide how many steps every row pays for. This script replays that
-rule on random scores (what ``bench_moba.py`` feeds the gate: standard-normal q and keys, so a
-row's centroid scores are i.i.d.) for rows that all have ``n`` candidate blocks (a program's rows
+rule on random scores (what ``bench_moba.py`` feeds the gate without ``--sink``: standard-normal q
+and keys, so given q a row's centroid scores are i.i.d.) for rows that all have ``n`` candidate blocks (a program's rows
 share one query block whenever ``bm <= block_size``), and prints steps per tile, averaged over a
 document's query blocks (block i has i candidates), for several ``bm``.
 
@@ -14,9 +14,8 @@ Usage:
     python benchmarks/gate_steps_offline.py --blocks 128 --topk 12 --bm 64     # 128K, block 1024
 
 Output, per ``bm``: mean steps per tile over the document, and the step passes a row pays for
-relative to the first ``bm`` given (the loop's share of the gate's ALU work scales with it; the
-per-tile key build and count, ~1024 of the ~1320 + 296 x steps modelled clocks of a FlashMoBA
-tile, do not).
+relative to the first ``bm`` given. Only the insertion loop scales with it: session 24's SASS model
+puts a FlashMoBA tile at ~1312 clocks of products + ~1024 of key build and count + ~296 a step.
 """
 
 from __future__ import annotations
@@ -57,7 +56,7 @@ def main() -> None:
     k = a.topk - 1
     # evenly spaced query blocks i (i candidates each), so the mean is over the document's rows
     blocks = sorted({max(1, round((j + 0.5) * a.blocks / a.samples)) for j in range(a.samples)})
-    first = None
+    first = 0.0
     print(f"{a.blocks} blocks, top-{a.topk} (K = {k}), {a.bn}-centroid tiles, {len(blocks)} query blocks sampled")
     for bm in a.bm:
         gen = torch.Generator().manual_seed(a.seed)
@@ -66,7 +65,8 @@ def main() -> None:
             st, ti = tile_steps(torch.randn(bm, n, generator=gen), k, a.bn)
             steps, tiles = steps + st, tiles + ti
         per_tile = steps / max(tiles, 1)
-        first = first or per_tile
+        if not first:
+            first = per_tile  # > 0: the first tile of a row with candidates costs at least one step
         print(f"bm {bm:4d}: {per_tile:.2f} steps a tile ({per_tile / first:.2f} of bm {a.bm[0]}'s)")
 
 

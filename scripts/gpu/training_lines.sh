@@ -13,9 +13,10 @@
 # both attentions, four runs. b4096: the paper setting's kernel row at 128K with cuDNN (bench_moba.py
 # --suite paper-b4096 --max-seq 131072; the block >= 512 target's d=128 row). tests: the kernels' GPU
 # tests (pytest -m gpu tests/test_moba_triton.py tests/test_moba_gpu_training_shapes.py; ~3 minutes on
-# an H100; -rA names each test and its outcome in the log). A machine start is the scarce part, so one call may take several parts: 128k with one
-# A/B row, b4096 and tests come near a 10-minute call together. tune: the backward alone
-# with TUNE_BWD's overrides (a JSON object of BwdConfig fields, required with this part) against
+# an H100; 370 s on an H200 with tests/test_train_cuda_graph.py as well; -rA names each test and
+# its outcome in the log). A machine start is the scarce part, so one call may take several parts,
+# but 128k with one A/B row, b4096 and tests come near the 10-minute limit together: run tests as a
+# second call on the same warm machine. tune: the backward alone with TUNE_BWD's overrides (a JSON object of BwdConfig fields, required with this part) against
 # the default, default / option / default / option / default in one process per shape
 # (train-b1024 128K, train-b512 32K, small-b512 4 x 8K, paper-b512 32K at d=128).
 # MOBA_KERNEL: a ';'-separated list of moba.kernel overrides, each adding a MoBA row (an A/B against
