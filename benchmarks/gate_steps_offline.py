@@ -24,6 +24,8 @@ import argparse
 
 import torch
 
+from moba_cp.ops.launch_math import cdiv
+
 
 def tile_steps(s: torch.Tensor, k: int, bn: int) -> tuple[int, int]:
     """Steps and tiles of one program scanning its rows' scores ``s`` (``[rows, n]``, in candidate
@@ -39,7 +41,7 @@ def tile_steps(s: torch.Tensor, k: int, bn: int) -> tuple[int, int]:
         thr = top[:, 0]  # ascending: column 0 is the row's k-th best
         steps += int((tile > thr[:, None]).sum(1).clamp(max=k).max())
         top = torch.cat([top, tile], 1).topk(k, dim=1).values.flip(1)
-    return steps, -(-n // bn)
+    return steps, cdiv(n, bn)
 
 
 def main() -> None:

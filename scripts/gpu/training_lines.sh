@@ -16,9 +16,10 @@
 # an H100; 370 s on an H200 with tests/test_train_cuda_graph.py as well; -rA names each test and
 # its outcome in the log). A machine start is the scarce part, so one call may take several parts,
 # but 128k with one A/B row, b4096 and tests come near the 10-minute limit together: run tests as a
-# second call on the same warm machine. tune: the backward alone with TUNE_BWD's overrides (a JSON object of BwdConfig fields, required with this part) against
-# the default, default / option / default / option / default in one process per shape
-# (train-b1024 128K, train-b512 32K, small-b512 4 x 8K, paper-b512 32K at d=128).
+# second call on the same warm machine. tune: the backward alone with TUNE_BWD's overrides (a JSON
+# object of BwdConfig fields, required with this part) against the default, default / option /
+# default / option / default in one process per shape (train-b1024 128K, train-b512 32K, small-b512
+# 4 x 8K, paper-b512 32K at d=128).
 # MOBA_KERNEL: a ';'-separated list of moba.kernel overrides, each adding a MoBA row (an A/B against
 # the default in the same call; bench_train.py --moba-kernel). REPEATS_8K (default 2): pairs at 8K
 # (its eager step was host-bound and scattered between processes; replayed from a graph it held
