@@ -1760,6 +1760,38 @@ def test_gpu_reduced_kv_sums_keep_dk_dv_bits(d, b, hq, hkv):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("d,b,hq,hkv", [t for t in TRAINING_TILINGS if t[1] >= 256])
+@pytest.mark.parametrize("parts,rows", [(4, 64), (3, 512)])
+def test_gpu_query_parts_match_one_pass(d, b, hq, hkv, parts, rows):
+    """``bwd.q_parts`` on the GPU (TMA row tiles and dQ reductions) at the training tilings with the
+    row copy, a two-document bf16 call: dq, dk and dv within two bf16 ulps of their largest element
+    of the backward without parts (dQ is summed by reductions in any order either way; dK/dV add
+    the parts' fp32 sums), and the same bits for an element-wise majority."""
+    docs = GPU_DOCS
+    t = sum(docs)
+    q, k, v = _inputs(t, hq, hkv, d, torch.bfloat16, seed=d + b + 11, device="cuda")
+    do = torch.randn(t, hq, d, generator=torch.Generator().manual_seed(13)).to("cuda", torch.bfloat16)
+    cu = _cu(docs, device="cuda")
+    idx = tb.select_blocks(q, k, block_size=b, topk=3, cu_seqlens=cu)
+    base = choose_config(b, d, hq // hkv, t, True)
+    assert base.bwd.dq_rows
+
+    def grads(**bwd):
+        qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+        o, _ = tb.block_attn(qq, kk, vv, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
+                             config=base.replace(bwd=bwd))
+        (o * do).sum().backward()
+        return qq.grad, kk.grad, vv.grad
+
+    one, parted = grads(), grads(q_parts=parts, q_part_rows=rows)
+    for name, a, r in zip(("dq", "dk", "dv"), parted, one):
+        diff = (a.float() - r.float()).abs()
+        ulp = r.float().abs().max().item() * 2 ** -7
+        assert diff.max().item() <= 2 * ulp, f"{name}: max |parts - one| {diff.max().item():.3e}, 2 ulps {2 * ulp:.3e}"
+        assert int((diff > 0).sum()) < diff.numel() // 2, f"{name}: {int((diff > 0).sum())} of {diff.numel()} differ"
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("d,b,hq,hkv", TRAINING_TILINGS + [(128, 128, 16, 16)])
 def test_gpu_forward_launch_options_keep_o(d, b, hq, hkv):
     """The forward's ``partials_q_bound=False`` (more query heads a launch) and ``merge_at_once``
