@@ -517,16 +517,11 @@ def tune(b, s, hq, hkv, d, block, topk, budget_ms=2500.0, parts=("fwd", "bwd"), 
             else base_cfg.replace(fwd={"method": "two_pass"}).fwd
         gi = build_gather_index(idx, base, blocks.n, hkv, fc.chunk)
         o, lse = sparse_attn_fwd(q, k, v, qpos, blocks, gi, w, scale, block, fc)
-        def bwd_call(bc):
-            # query parts (bwd.q_parts) build their own index in the backward: timed with it
-            gi_b = gi if bc.q_parts == 1 else build_gather_index(idx, base, blocks.n, hkv, fc.chunk, parts=bc.q_parts,
-                                                                   part_rows=bc.q_part_rows)
-            return sparse_attn_bwd(do, q, k, v, o, lse, qpos, blocks, gi_b, w, scale, block, bc, kv_grad_dtype=k.dtype,
-                                   dq_dtype=q.dtype, sorted_positions=True, blocks_nonempty=True)
-
         for change in bwd_variants or TUNE_BWD:
             bc = base_cfg.replace(bwd=change).bwd
-            attempt(f"bwd {change}", lambda: bwd_call(bc))
+            attempt(f"bwd {change}", lambda: sparse_attn_bwd(do, q, k, v, o, lse, qpos, blocks, gi, w, scale, block, bc,
+                                                             kv_grad_dtype=k.dtype, dq_dtype=q.dtype,
+                                                             sorted_positions=True, blocks_nonempty=True))
         bc = base_cfg.bwd
         if bc.dq_slots:
             # the default's slot buffer zero-filled (as the CP slot form does) instead of left

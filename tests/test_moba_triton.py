@@ -330,16 +330,6 @@ PATH_CONFIGS = {
         FwdConfig(method="partials", **SMALL),
         BwdConfig(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, dq_chunk_bytes=1, split_group=True,
                   acc_red=True)),
-    # the backward in 3 query parts of 16 rows (interleaved along the sequence), each part's
-    # dK/dV added to the earlier parts' in fp32; with a split group, cut blocks and reductions
-    "dq-rows-query-parts": KernelConfig(
-        FwdConfig(method="partials", **SMALL),
-        BwdConfig(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, sub_major=True, q_parts=3,
-                  q_part_rows=16)),
-    "dq-rows-query-parts-split-group-cut": KernelConfig(
-        FwdConfig(method="partials", **SMALL),
-        BwdConfig(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, dq_chunk_bytes=1, split_group=True,
-                  max_rows=16, acc_red=True, q_parts=2, q_part_rows=32)),
     "split-dv-fused-dq-untransposed": KernelConfig(FwdConfig(method="two_pass", **SMALL),
                                                    BwdConfig(bnb=32, bm=16, fuse_dq=True, trans=False, split_dv=True,
                                                              dv_warps=2)),
@@ -361,7 +351,7 @@ def test_kernel_paths_match_naive(name):
 
 @pytest.mark.parametrize("name", ["partials", "partials-whole-block", "partials-tma-kv", "dq-slots", "one-pass", "query-major", "split-dv-dq-rows-split-group-cut", "two-pass-unfused-split-mask", "gathered-rows-split-kv-chunks",
                                   "gathered-rows-tma-split", "gathered-rows-sub-major-fused-dq-split",
-                                  "dq-rows-split-kv-chunks", "dq-rows-query-parts"])
+                                  "dq-rows-split-kv-chunks"])
 def test_kernel_paths_head_dim_64_and_empty_doc(name):
     """Head dim 64, an empty document, and top-k larger than a document's blocks."""
     test_block_attn_fwd_bwd_matches_naive((150, 2, 1, 64, 32, 3, [40, 0, 110]), config=PATH_CONFIGS[name])
@@ -390,68 +380,6 @@ def _two_doc_grads(bwd: BwdConfig, seed: int, dtype: torch.dtype = torch.float32
 def _assert_same_bits(on, off):
     for name, a, z in zip(("dq", "dk", "dv"), on, off):
         assert torch.equal(a, z), f"{name}: max |diff| {(a - z).abs().max().item()}"
-
-
-@pytest.mark.parametrize("parts,rows", [(2, 16), (3, 8), (4, 64)])
-def test_query_parts_keep_dq_bits_and_sum_dk_dv_over_parts(parts, rows):
-    """``bwd.q_parts``: a token's dQ is complete within its part (every slot of it is), so dq is
-    the same bits as one pass over all rows (fp32, the same programs adding in the same order);
-    dK/dV are each part's sums added in fp32, equal to one pass's up to that rounding. Parts of
-    8-64 rows interleaved over two documents (150 and 90 tokens), GQA, a short last block; with
-    64-row parts of 240 tokens part 3 holds 48 rows and the later parts' launches see fewer rows."""
-    bwd = dict(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, sub_major=True)
-    one = _two_doc_grads(BwdConfig(**bwd), seed=41)
-    parted = _two_doc_grads(BwdConfig(**bwd, q_parts=parts, q_part_rows=rows), seed=41)
-    assert torch.equal(parted[0], one[0]), f"dq: max |diff| {(parted[0] - one[0]).abs().max().item()}"
-    for name, a, z in zip(("dk", "dv"), parted[1:], one[1:]):
-        assert (a - z).abs().max().item() <= 1e-5 * z.abs().max().item(), name
-    assert not all(torch.equal(a, z) for a, z in zip(parted[1:], one[1:]))  # the parts did run and add
-
-
-def test_gather_index_in_query_parts_splits_each_bucket_by_token():
-    """``build_gather_index(parts=P, part_rows=R)``: part p's bucket (head, block) holds exactly the
-    entries of the plain index's bucket whose token t has (t // R) % P == p, in the same (token)
-    order; its KV order ranks the blocks by the part's own counts."""
-    from moba_cp.ops.moba.triton_common import build_gather_index
-
-    gen = torch.Generator().manual_seed(7)
-    t, hq, w, nbk, hkv = 100, 4, 2, 5, 2
-    sel = torch.randint(-1, nbk, (t, hq, w), generator=gen, dtype=torch.int32).to(DEV)
-    plain = build_gather_index(sel, None, nbk, hkv, 32)
-    parted = build_gather_index(sel, None, nbk, hkv, 32, parts=3, part_rows=16)
-    assert parted.kv_order.shape == (3 * hkv, nbk) and parted.offs.numel() == 3 * hq * nbk + 1
-    for p in range(3):
-        part = parted.part(p, hq, hkv, nbk)
-        counts = torch.zeros(hkv, nbk, dtype=torch.int64)
-        for b in range(hq * nbk):
-            ent = plain.ent[plain.offs[b]:plain.offs[b + 1]]
-            want = ent[(ent // (hq * w) // 16) % 3 == p]
-            assert torch.equal(part.ent[part.offs[b]:part.offs[b + 1]], want), (p, b)
-            counts[b // nbk // (hq // hkv), b % nbk] += want.numel()
-        ranked = counts.gather(1, part.kv_order.long().cpu())
-        assert (ranked[:, :-1] >= ranked[:, 1:]).all()  # longest blocks first
-    assert int(parted.offs[-1]) == int(plain.offs[-1])  # the same selected entries in all
-
-
-def test_query_parts_need_dq_rows_and_an_index_in_parts():
-    """The option's rules, checked before any launch: the dQ rows' copy is what makes a token's
-    dQ complete within its part; the index must have been built in the config's parts."""
-    from moba_cp.ops.moba.triton_attn_bwd import sparse_attn_bwd
-    from moba_cp.ops.moba.triton_common import build_gather_index, doc_tables
-
-    with pytest.raises(ValueError, match=r"q_parts=2 .* needs dq_rows=True"):
-        BwdConfig(bnb=16, bm=16, fuse_dq=True, q_parts=2)
-    with pytest.raises(ValueError, match=r"q_parts=0 .* must be >= 1"):
-        BwdConfig(q_parts=0)
-    t, hq, hkv, d, b = 64, 2, 1, 16, 16
-    q, k, v = _inputs(t, hq, hkv, d, torch.float32, seed=3)
-    blocks, qpos, base, _ = doc_tables(t, None, b, DEV)
-    sel = naive.select_blocks(q, k, block_size=b, topk=2).to(torch.int32)
-    gi = build_gather_index(sel, base, blocks.n, hkv, 32)  # one part
-    cfg = BwdConfig(bnb=16, bm=16, gather_rows=True, dq_rows=True, q_parts=2)
-    lse = torch.zeros(t, hq, device=DEV)
-    with pytest.raises(ValueError, match=r"q_parts=2 needs the gather index built in 2 query part\(s\).*this one has 1"):
-        sparse_attn_bwd(q, q, k, v, q, lse, qpos, blocks, gi, 2, d ** -0.5, b, cfg)
 
 
 @pytest.mark.parametrize("bwd", [
@@ -973,15 +901,11 @@ PARTIAL_BWD = {
     "dq-kernel": BwdConfig(bnb=16, bm=16, fuse_dq=False, dq_bm=16, dq_bn=16),
     # dQ tiles into the gathered rows' copy, then summed per token and added to dq_acc
     "dq-rows": BwdConfig(bnb=16, bm=16, gather_rows=True, dq_rows=True, sub_major=True),
-    # the same in 3 query parts of 8 rows: one parted index shared by both sources' backwards
-    "dq-rows-query-parts": BwdConfig(bnb=16, bm=16, gather_rows=True, dq_rows=True, sub_major=True, q_parts=3,
-                                     q_part_rows=8),
 }
 
 
 @pytest.mark.parametrize("method,bwd", [("two_pass", "dq-kernel"), ("partials", "dq-kernel"), ("one_pass", "dq-kernel"),
-                                        ("query_major", "dq-kernel"), ("partials", "dq-rows"),
-                                        ("partials", "dq-rows-query-parts")])
+                                        ("query_major", "dq-kernel"), ("partials", "dq-rows")])
 def test_partial_sources_share_one_slot_namespace(method, bwd):
     """Two sources (slots [0, 3) and [3, 5)) of one selection, one shared index: each source's
     o/lse and dk/dv equal the naive op on that source alone, and dQ summed into one fp32
@@ -1757,38 +1681,6 @@ def test_gpu_reduced_kv_sums_keep_dk_dv_bits(d, b, hq, hkv):
     of 16.8M; ``benchmarks/diag_acc_red.py``)."""
     base = _gpu_exact_option(d, b, hq, hkv, "acc_red", seed=2, more={"dq_chunk_bytes": 1}, dk_rounding=d >= 128)
     assert base.bwd.split_group
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("d,b,hq,hkv", [t for t in TRAINING_TILINGS if t[1] >= 256])
-@pytest.mark.parametrize("parts,rows", [(4, 64), (3, 512)])
-def test_gpu_query_parts_match_one_pass(d, b, hq, hkv, parts, rows):
-    """``bwd.q_parts`` on the GPU (TMA row tiles and dQ reductions) at the training tilings with the
-    row copy, a two-document bf16 call: dq, dk and dv within two bf16 ulps of their largest element
-    of the backward without parts (dQ is summed by reductions in any order either way; dK/dV add
-    the parts' fp32 sums), and the same bits for an element-wise majority."""
-    docs = GPU_DOCS
-    t = sum(docs)
-    q, k, v = _inputs(t, hq, hkv, d, torch.bfloat16, seed=d + b + 11, device="cuda")
-    do = torch.randn(t, hq, d, generator=torch.Generator().manual_seed(13)).to("cuda", torch.bfloat16)
-    cu = _cu(docs, device="cuda")
-    idx = tb.select_blocks(q, k, block_size=b, topk=3, cu_seqlens=cu)
-    base = choose_config(b, d, hq // hkv, t, True)
-    assert base.bwd.dq_rows
-
-    def grads(**bwd):
-        qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
-        o, _ = tb.block_attn(qq, kk, vv, idx, block_size=b, cu_seqlens=cu, softmax_scale=d ** -0.5,
-                             config=base.replace(bwd=bwd))
-        (o * do).sum().backward()
-        return qq.grad, kk.grad, vv.grad
-
-    one, parted = grads(), grads(q_parts=parts, q_part_rows=rows)
-    for name, a, r in zip(("dq", "dk", "dv"), parted, one):
-        diff = (a.float() - r.float()).abs()
-        ulp = r.float().abs().max().item() * 2 ** -7
-        assert diff.max().item() <= 2 * ulp, f"{name}: max |parts - one| {diff.max().item():.3e}, 2 ulps {2 * ulp:.3e}"
-        assert int((diff > 0).sum()) < diff.numel() // 2, f"{name}: {int((diff > 0).sum())} of {diff.numel()} differ"
 
 
 @pytest.mark.gpu

@@ -571,16 +571,15 @@ def _dq_kernel(
                       sem="relaxed")
 
 
-@triton.jit(do_not_specialize=["H0", "HC", "PART"])
-def _dq_rows_sum_kernel(INV, DQG, DQ, n_rows, stride_dqt, stride_dqh, H0, HC, W, PARTS, PART_ROWS, PART,
+@triton.jit(do_not_specialize=["H0", "HC"])
+def _dq_rows_sum_kernel(INV, DQG, DQ, n_rows, stride_dqt, stride_dqh, H0, HC, W,
                         BR: tl.constexpr, D: tl.constexpr, ADD: tl.constexpr, SLOTS: tl.constexpr = False):
     # dq[t, H0 + hl] (+)= sum over the W slots of row r = t * HC + hl: their rows in the
     # bucket-order copy DQG, found through INV [(t, hl, w)] (-1: slot not selected), or with SLOTS
     # the slot buffer's own rows r * W + w (unselected slots hold its zeros; INV unused). Summed
-    # in fp32, one store per row in dq's dtype. Only the tokens of query part PART
-    # ((t // PART_ROWS) % PARTS == PART; BwdConfig.q_parts): the other parts' launches own the rest.
+    # in fp32, one store per row in dq's dtype.
     r = tl.program_id(0) * BR + tl.arange(0, BR)
-    m = (r < n_rows) & ((r // HC) // PART_ROWS % PARTS == PART)
+    m = r < n_rows
     r64 = r.to(tl.int64)
     d = tl.arange(0, D)
     acc = tl.zeros([BR, D], dtype=tl.float32)
@@ -683,9 +682,7 @@ def sparse_attn_bwd(
     Args:
         do, o: ``[Tq, Hq, D]``; lse: ``[Tq, Hq]`` fp32 (natural log); dlse: optional gradient
             of ``lse`` (folded into ``delta``; context parallelism passes None).
-        Others as the forward (same gather index and width; with ``cfg.q_parts > 1`` the index
-        built from the same selection with ``parts=cfg.q_parts, part_rows=cfg.q_part_rows``);
-        cfg: the backward's tiling.
+        Others as the forward (same gather index and width); cfg: the backward's tiling.
         kv_grad_dtype: dtype of dk/dv (fp32 for CP owners that accumulate; k's dtype saves
             memory for the single-device op).
         dq_dtype: dtype of dq. dQ is summed with fp32 atomics; for a half ``dq_dtype`` the fp32
@@ -757,31 +754,20 @@ def sparse_attn_bwd(
         raise ValueError(f"sparse_attn_bwd: dq_bm={cfg.dq_bm} must divide the gather index's chunk {gi.chunk}")
     scale_log2 = softmax_scale * LOG2E
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
-    n_parts = cfg.q_parts
-    if gi.kv_order.shape[0] != n_parts * hkv:
-        raise ValueError(f"sparse_attn_bwd: BwdConfig.q_parts={n_parts} needs the gather index built in "
-                         f"{n_parts} query part(s) (build_gather_index(..., parts={n_parts}, part_rows="
-                         f"{cfg.q_part_rows})); this one has {gi.kv_order.shape[0] // max(hkv, 1)}")
-    # (part, head, block) buckets: part p's launches see an index of their own (GatherIndex.part)
-    part_gis = [gi.part(p, hq, hkv, blocks.n) for p in range(n_parts)] if n_parts > 1 else [gi]
-    tq_part = min(tq, cdiv(tq, cfg.q_part_rows * n_parts) * cfg.q_part_rows)  # most tokens a part holds
-    chunks = _head_chunks(tq_part, hkv, g_sz, width, d, q.element_size(), fp32_dq, cfg, slot_dtype.itemsize)
+    chunks = _head_chunks(tq, hkv, g_sz, width, d, q.element_size(), fp32_dq, cfg, slot_dtype.itemsize)
     split = any(hc < g_sz for _, _, _, hc, _ in chunks)
     # A split GQA group sums its launches' dK/dV in fp32, then casts them into dk/dv once; else
     # they are written once. The fp32 sums hold one KV head (split launches hold one each, in head
     # order), not all: at 128K, 16/4 heads, d=64 that is 67 MiB of the backward's transient
-    # instead of 268. Query parts add every KV head's dK/dV over the parts: all heads' sums.
+    # instead of 268.
     dk_out, dv_out = dk, dv
-    kv_all = n_parts > 1 and kv_grad_dtype != torch.float32
-    kv_one = split and not kv_all and kv_grad_dtype != torch.float32
-    if kv_one or kv_all:
-        dk, dv = (torch.empty(tk, hkv if kv_all else 1, d, dtype=torch.float32, device=dev) for _ in range(2))
+    kv_one = split and kv_grad_dtype != torch.float32
+    if kv_one:
+        dk, dv = (torch.empty(tk, 1, d, dtype=torch.float32, device=dev) for _ in range(2))
     cut = _BlockCuts(cfg, nsub * bnb, d, max(nkv for _, nkv, _, _, _ in chunks) * blocks.n,
-                     tq_part * width * max(hc for *_, hc, _ in chunks), dev) if cfg.max_rows else None
-    launches = [(p, gi_p, *c) for p, gi_p in enumerate(part_gis) for c in chunks]
-    for q_part, gi, hk0, nkv, h0, hc, acc_kv in launches:
-        acc_kv = acc_kv or q_part > 0  # a later part adds to the earlier parts' dK/dV
-        n_rows = tq_part * width * hc  # static bound on the chunk's gathered rows
+                     tq * width * max(hc for *_, hc, _ in chunks), dev) if cfg.max_rows else None
+    for hk0, nkv, h0, hc, acc_kv in chunks:
+        n_rows = tq * width * hc  # static bound on the chunk's gathered rows
         if cfg.dq_rows:
             # dQ summed per row of the bucket-order copy, then per token: no fp32 [Tq, hc, D] scratch.
             dq_c = dq
@@ -840,7 +826,7 @@ def sparse_attn_bwd(
             br = 32
             _dq_rows_sum_kernel[(cdiv(tq * hc, br),)](
                 dq_c if inv is None else inv, dq_rows[0], dq, tq * hc, dq.stride(0), dq.stride(1), h0, hc, width,
-                n_parts, cfg.q_part_rows, q_part, BR=br, D=d, ADD=dq_acc is not None, SLOTS=cfg.dq_slots, num_warps=4,
+                BR=br, D=d, ADD=dq_acc is not None, SLOTS=cfg.dq_slots, num_warps=4,
             )
             del inv, dq_rows, dq_c
             continue
@@ -856,9 +842,6 @@ def sparse_attn_bwd(
         if not fp32_dq:
             dq[:, h0:h0 + hc].copy_(dq_c)
             del dq_c
-    if kv_all:
-        dk_out.copy_(dk)
-        dv_out.copy_(dv)
     return dq, dk_out, dv_out
 
 

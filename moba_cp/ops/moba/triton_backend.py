@@ -201,10 +201,8 @@ def _attn_bwd_impl(do, dlse, q, k, v, o, lse, indices, index, cu_seqlens, block_
     blocks, qpos, base, _ = doc_tables(q.shape[0], cu_seqlens, block_size, q.device)
     t, hq, w = indices.shape
     # The saved index was cut in the forward config's chunks: the same config decodes it.
-    if index.numel() == 0 or cfg.bwd.q_parts > 1:
-        # one-pass forward, keep_index off, or the backward in query parts: build the index now
-        gi = build_gather_index(indices.to(torch.int32), base, blocks.n, k.shape[1], cfg.fwd.chunk,
-                                parts=cfg.bwd.q_parts, part_rows=cfg.bwd.q_part_rows)
+    if index.numel() == 0:  # one-pass forward, or keep_index off: build the index now
+        gi = build_gather_index(indices.to(torch.int32), base, blocks.n, k.shape[1], cfg.fwd.chunk)
     else:
         gi = GatherIndex.from_flat(index, t, hq, w, blocks.n, k.shape[1], cfg.fwd.chunk)
     return sparse_attn_bwd(
@@ -238,10 +236,8 @@ def compact_selection(indices: torch.Tensor, block_size: int) -> torch.Tensor:
 def _save_for_backward(ctx, inputs, o, lse, index) -> None:
     """What the backward needs, for the custom op's autograd and the eager Function alike."""
     q, k, v, indices, cu_seqlens, block_size, softmax_scale, config = inputs
-    bwd = _config(config, q, k, block_size).bwd
-    if index.numel() > 0 and (not bwd.keep_index or bwd.q_parts > 1):
-        # Only the selection, compacted; the backward builds the index again (``keep_index``; in
-        # query parts, ``q_parts``, it builds its own anyway).
+    if index.numel() > 0 and not _config(config, q, k, block_size).bwd.keep_index:
+        # Only the selection, compacted; the backward builds the index again (``keep_index``).
         indices, index = compact_selection(indices, block_size), index.new_empty(0)
     elif index.numel() > 0:
         # The backward decodes the saved gather index and reads only the selection's shape: keep a
@@ -467,7 +463,6 @@ class SlotIndex:
         self.kernel = kernel
         self.config: KernelConfig | None = None
         self._gi: GatherIndex | None = None
-        self._gi_parts: GatherIndex | None = None
 
     def tiling(self, block_size: int) -> KernelConfig:
         """The tiling of this call (chosen from the shape on first use, then fixed)."""
@@ -481,18 +476,6 @@ class SlotIndex:
         if self._gi is None:
             self._gi = build_gather_index(self.sel, None, self.n_slots, self.hkv, self.tiling(block_size).fwd.chunk)
         return self._gi
-
-    def gather_bwd(self, block_size: int) -> GatherIndex:
-        """The backward's index: :meth:`gather`'s, or with ``bwd.q_parts > 1`` one built in query
-        parts (once, then shared by every source's backward)."""
-        bwd = self.tiling(block_size).bwd
-        if bwd.q_parts == 1:
-            return self.gather(block_size)
-        if self._gi_parts is None:
-            self._gi_parts = build_gather_index(self.sel, None, self.n_slots, self.hkv,
-                                                self.tiling(block_size).fwd.chunk, parts=bwd.q_parts,
-                                                part_rows=bwd.q_part_rows)
-        return self._gi_parts
 
 
 def partial_index(slot_idx: torch.Tensor, n_slots: int, hkv: int, head_dim: int, kernel: str = "") -> SlotIndex:
@@ -571,6 +554,6 @@ def partial_attn_bwd(do, q, q_pos, k_buf, v_buf, slot_pos, slot_idx, o, lse, *, 
     blocks, index = _partial_setup(q, k_buf, slot_pos, slot_idx, block_size, slot_offset, index)
     with torch.no_grad():
         return sparse_attn_bwd(
-            _c(do), q, k_buf, v_buf, o, lse, q_pos.to(torch.int32), blocks, index.gather_bwd(block_size),
+            _c(do), q, k_buf, v_buf, o, lse, q_pos.to(torch.int32), blocks, index.gather(block_size),
             index.sel.shape[-1], float(softmax_scale), block_size, index.tiling(block_size).bwd, dq_acc=dq_acc,
         )

@@ -299,42 +299,30 @@ class GatherIndex:
     chunk: int
 
     @staticmethod
-    def sizes(t: int, hq: int, w: int, nbk: int, hkv: int, chunk: int, parts: int = 1) -> list[int]:
+    def sizes(t: int, hq: int, w: int, nbk: int, hkv: int, chunk: int) -> list[int]:
         """Lengths of (ent, offs, tend, tile_b, tile_start, kv_order): all static."""
-        e, n_buckets = t * hq * w, parts * hq * nbk
+        e, n_buckets = t * hq * w, hq * nbk
         nt = e // chunk + n_buckets + 1
-        return [e, n_buckets + 1, n_buckets, nt, nt, parts * hkv * nbk]
+        return [e, n_buckets + 1, n_buckets, nt, nt, hkv * nbk]
 
     @classmethod
-    def from_flat(cls, flat: torch.Tensor, t, hq, w, nbk, hkv, chunk, parts: int = 1) -> "GatherIndex":
+    def from_flat(cls, flat: torch.Tensor, t, hq, w, nbk, hkv, chunk) -> "GatherIndex":
         """Views of one int32 buffer (how the forward saves the index for the backward)."""
-        sz = cls.sizes(t, hq, w, nbk, hkv, chunk, parts)
+        sz = cls.sizes(t, hq, w, nbk, hkv, chunk)
         ent, offs, tend, tb, ts, kvo = torch.split(flat, sz)
-        return cls(ent, offs, tend, tb, ts, kvo.view(parts * hkv, nbk), sz[3], chunk)
-
-    def part(self, p: int, hq: int, hkv: int, nbk: int) -> "GatherIndex":
-        """Query part ``p`` of an index built with ``parts > 1`` (:func:`build_gather_index`), as an
-        index of its own over ``hq`` heads: ``offs`` and ``kv_order`` are that part's (``offs``
-        absolute positions in the shared ``ent``). Its ``tend`` and tile lists are not the part's:
-        only for kernels that walk buckets through ``offs`` (the dK/dV programs, the row copy)."""
-        nb = hq * nbk
-        return GatherIndex(self.ent, self.offs[p * nb:(p + 1) * nb + 1], self.tend[p * nb:(p + 1) * nb],
-                           self.tile_b, self.tile_start, self.kv_order[p * hkv:(p + 1) * hkv], self.n_tiles,
-                           self.chunk)
+        return cls(ent, offs, tend, tb, ts, kvo.view(hkv, nbk), sz[3], chunk)
 
 
 @triton.jit
-def _keys_kernel(SEL, BASE, KEY, n, HW, W, NBK, NB, PARTS, PART_ROWS, HAS_BASE: tl.constexpr, BLOCK: tl.constexpr):
-    # key = bucket h * NBK + global block id, or the sentinel NB for an empty slot. With PARTS > 1
-    # the token's query part p = (t // PART_ROWS) % PARTS comes first: bucket (p * Hq + h) * NBK + g.
+def _keys_kernel(SEL, BASE, KEY, n, HW, W, NBK, NB, HAS_BASE: tl.constexpr, BLOCK: tl.constexpr):
+    # key = bucket h * NBK + global block id, or the sentinel NB for an empty slot.
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < n
     s = tl.load(SEL + i, mask=m, other=-1)
     g = s
     if HAS_BASE:
         g = s + tl.load(BASE + i // HW, mask=m, other=0)
-    vh = ((i // HW) // PART_ROWS) % PARTS * (HW // W) + (i % HW) // W  # virtual head p * Hq + h
-    key = tl.where(s >= 0, vh * NBK + g, NB)
+    key = tl.where(s >= 0, ((i % HW) // W) * NBK + g, NB)
     tl.store(KEY + i, key.to(KEY.dtype.element_ty), mask=m)  # int16 or int32 (build_gather_index)
 
 
@@ -407,7 +395,7 @@ NARROW_KEYS = True
 
 def build_gather_index(
     sel: torch.Tensor, base: torch.Tensor | None, nbk: int, hkv: int, chunk: int, out: torch.Tensor | None = None,
-    narrow_keys: bool | None = None, parts: int = 1, part_rows: int = 1,
+    narrow_keys: bool | None = None,
 ) -> GatherIndex:
     """Invert a selection ``sel [T, Hq, W]`` (``-1`` = none) into a :class:`GatherIndex`.
 
@@ -418,26 +406,20 @@ def build_gather_index(
     program); the tile list; the backward's per-KV-head block order (argsort, copy).
     ``out``: an int32 buffer of ``sum(GatherIndex.sizes(...))`` to build into (the forward
     saves it for the backward).
-    ``parts > 1`` (the backward's ``BwdConfig.q_parts``): token ``t`` belongs to query part
-    ``(t // part_rows) % parts``, and the buckets are (part, head, block), part-major, as if the
-    parts were ``parts x Hq`` heads (``kv_order`` then has ``parts x Hkv`` rows); token order
-    within a bucket as before. :meth:`GatherIndex.part` views one part as an index of its own.
     """
     t, hq, w = sel.shape
     dev = sel.device
-    if parts < 1 or part_rows < 1:
-        raise ValueError(f"build_gather_index: parts={parts} and part_rows={part_rows} must be >= 1")
-    n_buckets = parts * hq * nbk
+    n_buckets = hq * nbk
     e = t * hq * w
     if e >= 2**31:
         raise ValueError(
             f"MoBA Triton backend: T * Hq * W = {t} * {hq} * {w} = {e} selection entries exceed the "
             f"int32 index range (2^31). Fix: split the sequence, or use fewer heads per call."
         )
-    sz = GatherIndex.sizes(t, hq, w, nbk, hkv, chunk, parts)
+    sz = GatherIndex.sizes(t, hq, w, nbk, hkv, chunk)
     if out is None:
         out = torch.empty(sum(sz), dtype=torch.int32, device=dev)
-    gi = GatherIndex.from_flat(out, t, hq, w, nbk, hkv, chunk, parts)
+    gi = GatherIndex.from_flat(out, t, hq, w, nbk, hkv, chunk)
     if n_buckets == 0 or e == 0:
         gi.offs.zero_()
         gi.tend.zero_()
@@ -447,15 +429,14 @@ def build_gather_index(
     narrow = (NARROW_KEYS if narrow_keys is None else narrow_keys) and n_buckets < 2**15 - 1  # keys 0..n_buckets
     key = torch.empty(e, dtype=torch.int16 if narrow else torch.int32, device=dev)
     _keys_kernel[(cdiv(e, 1024),)](
-        sel, sel if base is None else base, key, e, hq * w, w, nbk, n_buckets, parts, part_rows,
-        HAS_BASE=base is not None, BLOCK=1024
+        sel, sel if base is None else base, key, e, hq * w, w, nbk, n_buckets, HAS_BASE=base is not None, BLOCK=1024
     )
     skey, perm = torch.sort(key, stable=True)
     del key
     _finish_kernel[(cdiv(max(e, n_buckets + 1), 1024),)](skey, perm, gi.ent, gi.offs, e, n_buckets, e.bit_length() + 1, BLOCK=1024)
     del skey, perm
-    kv_counts = torch.empty(parts * hkv, nbk, dtype=torch.int32, device=dev)
-    _scan_kernel[(1,)](gi.offs, gi.tend, kv_counts, n_buckets, parts * hkv * nbk, nbk, hq // hkv, chunk, BLOCK=1024)
+    kv_counts = torch.empty(hkv, nbk, dtype=torch.int32, device=dev)
+    _scan_kernel[(1,)](gi.offs, gi.tend, kv_counts, n_buckets, hkv * nbk, nbk, hq // hkv, chunk, BLOCK=1024)
     _tiles_kernel[(cdiv(gi.n_tiles, 1024),)](
         gi.offs, gi.tend, gi.tile_b, gi.tile_start, n_buckets, gi.n_tiles, chunk, n_buckets.bit_length() + 1, BLOCK=1024
     )

@@ -267,19 +267,7 @@ class BwdConfig:
     partials' rounding), which is why session 37's check of one bf16 ulp per element failed; the
     cause is this rounding, not the warp count. On by default at d=64, blocks 256-1024, and at
     d=128 (128K block 4096 top-12, 32/8 heads, one H100, session 38: backward 564.9-568.7 ms off
-    against 540.3 / 542.9 on, -4.4% of the mean); it acts only where a group is split over launches.
-    ``q_parts`` (> 1, with ``dq_rows``): the backward runs its launches once per query part, token
-    ``t`` in part ``(t // q_part_rows) % q_parts``, over a gather index built again from the
-    selection with (part, head, block) buckets. Each part's row copy holds only its tokens' rows
-    (~1/``q_parts`` of them), so the copy, the largest part of the backward's transient memory (at
-    32K, block 512, top-3, 16/4 heads, d=64: 768 of ~922 MiB), shrinks with the parts, while every
-    launch still has a program for every (KV head, block, key sub-tile) with ~1/``q_parts`` of its
-    rows: the parts interleave along the sequence, so a part's rows spread over all blocks as the
-    whole call's do. Bounding the rows by head chunks instead (``dq_chunk_bytes``) leaves fewer,
-    as long programs per launch and idles the GPU's tail. A token's dQ is complete within its part
-    (all its slots are), so it is summed per part; dK/dV add over the parts in fp32 (``8 D`` bytes
-    per key row for all KV heads, cast once at the end). The index is built once more per
-    backward (one sort of the entries). Off (1) by default."""
+    against 540.3 / 542.9 on, -4.4% of the mean); it acts only where a group is split over launches."""
 
     bnb: int = 0
     bm: int = 64
@@ -309,17 +297,8 @@ class BwdConfig:
     dv_warps: int = 0
     skip_unseen: bool = True
     acc_red: bool = False
-    q_parts: int = 1
-    q_part_rows: int = 64
 
     def __post_init__(self):
-        if self.q_parts < 1 or self.q_part_rows < 1:
-            raise ValueError(f"BwdConfig.q_parts={self.q_parts} and q_part_rows={self.q_part_rows} must be >= 1 "
-                             f"(q_parts 1: no query parts)")
-        if self.q_parts > 1 and not self.dq_rows:
-            raise ValueError(f"BwdConfig.q_parts={self.q_parts} runs the backward once per query part, each token's "
-                             f"dQ summed within its part from the bucket-order copy; it needs dq_rows=True (and so "
-                             f"gather_rows=True). Fix: bwd.q_parts=1, or bwd.gather_rows=true,bwd.dq_rows=true")
         if self.split_dv and self.tma and self.dv_bm not in (0, self.bm):
             raise ValueError(f"BwdConfig.split_dv with tma=True reads the rows through descriptors of bm={self.bm} "
                              f"rows; dv_bm={self.dv_bm} would need others. Fix: dv_bm=0 (= bm) or tma=False")
