@@ -43,16 +43,21 @@ from kernel_time import kernel_ms  # noqa: E402
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaMemcpyAsync", "cudaEventSynchronize")
 
 
-def make(name, s):
+def make(name, s, kernel=""):
+    """Inputs of suite ``name`` at ``s`` tokens a sequence, and its tiling: the shape's default with
+    ``kernel`` overrides (``moba.kernel`` syntax, e.g. ``bwd.dq_chunk_bytes=268435456``; "" = default)."""
+    from moba_cp.ops.moba.triton_config import tiling_for
+
     b, hq, hkv, d, block, topk, _ = SUITES[name]
     cu, q, k, v, do = make_inputs(b, s, hq, hkv, d, "cuda", torch.bfloat16)
-    return dict(q=q, k=k, v=v, do=do, cu=cu, block=block, topk=topk, scale=d ** -0.5, hkv=hkv)
+    config = tiling_for(block, d, hq // hkv, b * s, q.device, kernel) if kernel else None
+    return dict(q=q, k=k, v=v, do=do, cu=cu, block=block, topk=topk, scale=d ** -0.5, hkv=hkv, config=config)
 
 
 def calls(x):
     from moba_cp.ops.moba import triton_backend as tb
 
-    kw = dict(block_size=x["block"], cu_seqlens=x["cu"], softmax_scale=x["scale"])
+    kw = dict(block_size=x["block"], cu_seqlens=x["cu"], softmax_scale=x["scale"], config=x["config"])
     qg, kg, vg = (x[n].detach().requires_grad_() for n in ("q", "k", "v"))
 
     def fwd():
@@ -196,14 +201,19 @@ def main():
                     help="time one training layer's attention call, MoBA against SDPA (see the docstring)")
     ap.add_argument("--ncu", action="store_true",
                     help="warm up, then one fwd+bwd inside cudaProfilerStart/Stop (for ncu --profile-from-start off)")
+    ap.add_argument("--kernel", default="",
+                    help="tiling overrides on each shape's default (moba.kernel syntax, e.g. "
+                         "'bwd.dq_chunk_bytes=268435456'); not with --layer")
     args = ap.parse_args()
+    if args.kernel and args.layer:
+        ap.error("--kernel applies to the op calls; --layer times the default tiling a training layer gets")
     for item in args.at.split(","):
         name, s = item.split(":")
         if args.layer:
             layer_report(name, int(s), args.host)
             torch.cuda.empty_cache()
             continue
-        x = make(name, int(s))
+        x = make(name, int(s), args.kernel)
         fwd, fwd_bwd = calls(x)
         if args.ncu:
             fwd_bwd()  # compiles every kernel outside the profiled range
