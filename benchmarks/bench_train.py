@@ -242,7 +242,9 @@ def main():
                     help="';'-separated setting names or name prefixes to run (a whole name runs that setting alone; "
                          "names hold commas, so commas do not separate)")
     ap.add_argument("--smoke", action="store_true", help="CPU smoke: the tiny recipe, 4 steps")
-    ap.add_argument("--extra", default="", help="more overrides for every run (space separated)")
+    ap.add_argument("--extra", default="",
+                    help="more overrides for every run (space separated; write --extra=..., since they start with '--'), "
+                         "e.g. --extra=--model.num_layers=12")
     ap.add_argument("--repeats", type=int, default=1,
                     help="run MoBA and full attention alternately this many times each (MoBA, full, MoBA, ...): "
                          "medians over all their warm steps, and each pair's ratio in the last column")
