@@ -757,9 +757,10 @@ def _tiling(block_size: int, head_dim: int, group: int, n_tokens: int, tma: bool
         # 4.81, 64 MiB 5.69; at 4 x 8K 0.96-0.98 against 1.10, 1.18, 1.87 ms. Fewer programs a launch
         # leave the GPU's tail idle, so the bound stays where the time is.
         # The copy-less backward (gather_rows, dq_rows, tma, tma_dq all off: rows read through the
-        # index, dQ by fp32 atomics) bounds the 32K transient lower for less (session 45, one H100,
-        # tune_bwd_copyless_h100_2026-12-07_session45.log): 2.77-2.81 against 2.22-2.29 ms, 0.25
-        # against 0.90 GiB; but 32K training lost ~5% with it (2.73x against 2.87x) at the same step
+        # index, dQ by fp32 atomics) bounds the 32K transient lower than a KV head a launch, in less
+        # time (one H100: 3.47 ms for 0.31 GiB in session 43; session 45,
+        # tune_bwd_copyless_h100_2026-12-07_session45.log: 2.77-2.81 against 2.22-2.29 ms, 0.25
+        # against 0.90 GiB); but 32K training lost ~5% with it (2.73x against 2.87x) at the same step
         # peak, so it is a setting for calls whose own peak matters, not the default.
         bwd = BwdConfig(bnb=128, bm=32, split_mask=True, gather_rows=True, num_warps=4, num_stages=4,
                         dq_bm=64, dq_bn=64, dq_stages=3, sub_major=True, dq_rows=tma, tma_dq=tma,
