@@ -61,7 +61,7 @@ if has bwd; then
 fi
 
 if has tests; then
-  "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_moba_triton.py -k "${TESTS_K:-variants or real_sizes or half_partials}" 2>&1 \
+  "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_moba_triton*.py -k "${TESTS_K:-variants or real_sizes or half_partials}" 2>&1 \
     | tee "$OUT/gpu_tests.log" || true
 fi
 
@@ -194,7 +194,7 @@ fi
 #    kernel, expected to lose) and with an attention sink (--sink 8: every row also selects block 0,
 #    so tiles share blocks), the two ends between which a trained model's selection lies.
 if has qmajor; then
-  "$PY" -m pytest -q -m gpu tests/test_moba_triton.py -k query_major -p no:cacheprovider 2>&1 \
+  "$PY" -m pytest -q -m gpu tests/test_moba_triton*.py -k query_major -p no:cacheprovider 2>&1 \
     | tail -3 | tee "$OUT/gpu_tests_qmajor.log" || true
   QM='"method": "query_major", "bn": 64, "chunk": 128, "tma_kv": false, "half_partials": false'
   for SK in 0 8; do
@@ -213,7 +213,7 @@ fi
 #    (The split with 64-row steps on 8 warps in both launches compiles without spills at d=64 block
 #    1024, 205-234 registers; session 23, offline.)
 if has splitdv; then
-  "$PY" -m pytest -q -m gpu tests/test_moba_triton.py -k split_dv -p no:cacheprovider 2>&1 \
+  "$PY" -m pytest -q -m gpu tests/test_moba_triton*.py -k split_dv -p no:cacheprovider 2>&1 \
     | tail -3 | tee "$OUT/gpu_tests_splitdv.log" || true
   "$PY" benchmarks/bench_moba.py --tune train-b1024:131072,train-b512:32768,small-b512:8192 --tune-parts bwd \
     --tune-bwd '[{}, {"split_dv": true}, {"split_dv": true, "dv_bm": 64}, {"split_dv": true, "dv_bm": 64, "dv_warps": 8},
@@ -244,7 +244,7 @@ fi
 #    (benchmarks/results/sass_loops_sm90_2026-12-05_session24.txt): its GPU test, then the tune,
 #    default first and last.
 if has b128mask; then
-  "$PY" -m pytest -q -m gpu tests/test_moba_triton.py -k dq_slots -p no:cacheprovider 2>&1 \
+  "$PY" -m pytest -q -m gpu tests/test_moba_triton*.py -k dq_slots -p no:cacheprovider 2>&1 \
     | tail -3 | tee "$OUT/gpu_tests_b128mask.log" || true
   "$PY" benchmarks/bench_moba.py --tune flashmoba:131072,flashmoba:32768 --tune-parts bwd \
     --tune-bwd '[{}, {"split_mask": true}, {}]' \

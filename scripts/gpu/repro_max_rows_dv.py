@@ -9,8 +9,11 @@ import sys
 
 import torch
 
-sys.path.insert(0, "tests")  # the test module's helpers
-from test_moba_triton import _poison_cuda_allocator, choose_config, gpu_sink_inputs, naive, tb
+from moba_cp.ops.moba import naive
+from moba_cp.ops.moba.triton_config import choose_config
+
+sys.path.insert(0, ".")  # the repository root: the tests' helpers
+from tests.moba_triton_helpers import _poison_cuda_allocator, gpu_sink_inputs, tb  # noqa: E402
 
 def rel(x, r):
     x, r = x.double(), r.double()

@@ -12,7 +12,7 @@
 # a CUDA graph (its default since session 36, as every line's) and eager (train.cuda_graph=none),
 # both attentions, four runs. b4096: the paper setting's kernel row at 128K with cuDNN (bench_moba.py
 # --suite paper-b4096 --max-seq 131072; the block >= 512 target's d=128 row). tests: the kernels' GPU
-# tests (pytest -m gpu tests/test_moba_triton.py tests/test_moba_gpu_training_shapes.py; ~3 minutes on
+# tests (pytest -m gpu tests/test_moba_triton*.py tests/test_moba_gpu_training_shapes.py; ~3 minutes on
 # an H100; 370 s on an H200 with tests/test_train_cuda_graph.py as well; -rA names each test and
 # its outcome in the log). A machine start is the scarce part, so one call may take several parts,
 # but 128k with one A/B row, b4096 and tests come near the 10-minute limit together: run tests as a
@@ -72,7 +72,7 @@ if has b4096; then
   cut -c1-220 "$OUT/kernels_b4096.md" 2>/dev/null | grep "^| " || true
 fi
 if has tests; then
-  "$PY" -m pytest -m gpu -q -p no:cacheprovider -rA tests/test_moba_triton.py tests/test_moba_gpu_training_shapes.py \
+  "$PY" -m pytest -m gpu -q -p no:cacheprovider -rA tests/test_moba_triton*.py tests/test_moba_gpu_training_shapes.py \
     > "$OUT/gpu_tests.log" 2>&1 || echo "part tests: failures, see gpu_tests.log"
   tail -3 "$OUT/gpu_tests.log"
 fi
