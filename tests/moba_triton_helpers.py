@@ -4,7 +4,7 @@ Tolerances are relative to the naive op's own error against its fp64 run:
 ``err(kernel) <= 2 * err(naive) + floor`` (:func:`_check`). Selections are compared by
 :func:`_assert_same_selection`, which tolerates a disagreement only where the two choices score
 the same within rounding. Imported by the ``tests/test_moba_triton*.py`` files (split by what
-they test, so the suite's two workers can share them) and by ``tests/test_moba_gpu_training_shapes.py``.
+they test) and by ``tests/test_moba_gpu_training_shapes.py``.
 """
 
 from __future__ import annotations
@@ -200,19 +200,26 @@ def _triton_grads(q, k, v, do, idx, b, cu, cfg):
     return [x.grad for x in xs]
 
 
-def _sink_selection(docs, b, hq, hkv, d, topk, seed):
-    """Inputs where every row past its document's first block selects block 0 (an attention sink)
-    in its first slot, the gate's choice in the rest."""
-    t = sum(docs)
-    q, k, v = _inputs(t, hq, hkv, d, torch.float32, seed=seed)
-    cu = _cu(docs)
-    idx = naive.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu).clone()
-    pos = torch.cat([torch.arange(n) for n in docs])
+def _sink_into(idx, docs, b):
+    """``idx [T, H, W]`` (the gate's selection on documents of lengths ``docs``, block ``b``),
+    changed in place so that every row past its document's first block selects block 0 (an
+    attention sink) in its first slot; a later slot that held 0 gets the row's own block, so the
+    slots stay distinct."""
+    pos = torch.cat([torch.arange(n, device=idx.device) for n in docs])
     later = pos >= b
     idx[later, :, 0] = 0
-    own = (pos[later] // b)[:, None].expand(-1, hq).to(idx.dtype)
-    for w in range(1, topk):  # keep the slots distinct: a repeated 0 becomes the row's own block
+    own = (pos[later] // b)[:, None].expand(-1, idx.shape[1]).to(idx.dtype)
+    for w in range(1, idx.shape[2]):
         idx[later, :, w] = torch.where(idx[later, :, w] == 0, own, idx[later, :, w])
+    return idx
+
+
+def _sink_selection(docs, b, hq, hkv, d, topk, seed):
+    """fp32 inputs on documents ``docs`` whose top-``topk`` selection has an attention sink
+    (:func:`_sink_into`), with ``do`` and ``cu_seqlens``."""
+    q, k, v = _inputs(sum(docs), hq, hkv, d, torch.float32, seed=seed)
+    cu = _cu(docs)
+    idx = _sink_into(naive.select_blocks(q, k, block_size=b, topk=topk, cu_seqlens=cu).clone(), docs, b)
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1))
     return q, k, v, do, idx, cu
 
@@ -237,13 +244,7 @@ def gpu_sink_inputs(d: int, b: int, seed: int):
     t_docs = [4000, 2 * b + 100]
     cu = _cu(t_docs, "cuda")
     q, k, v = _inputs(sum(t_docs), 8, 2, d, torch.bfloat16, seed=seed, device="cuda")
-    idx = naive.select_blocks(q, k, block_size=b, topk=3, cu_seqlens=cu).clone()
-    pos = torch.cat([torch.arange(n, device="cuda") for n in t_docs])
-    later = pos >= b
-    idx[later, :, 0] = 0
-    own = (pos[later] // b)[:, None].expand(-1, idx.shape[1]).to(idx.dtype)
-    for w in range(1, idx.shape[2]):
-        idx[later, :, w] = torch.where(idx[later, :, w] == 0, own, idx[later, :, w])
+    idx = _sink_into(naive.select_blocks(q, k, block_size=b, topk=3, cu_seqlens=cu).clone(), t_docs, b)
     return q, k, v, idx, cu
 
 
