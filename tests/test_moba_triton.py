@@ -126,6 +126,41 @@ def test_reduced_kv_sums_change_no_bit(bwd, dtype):
     _assert_same_bits(on, off)
 
 
+@pytest.mark.parametrize("bwd", [
+    dict(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, sub_major=True, dq_chunk_bytes=1,
+         split_group=True, max_rows=16, acc_red=True),
+    dict(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, dq_chunk_bytes=1, split_group=True,
+         split_dv=True),
+    dict(bnb=16, bm=16, gather_rows=True, dq_rows=True, dq_chunk_bytes=1),
+], ids=["split-group-cut-sub-major", "split-dv-split-group", "kv-head-chunks"])
+def test_dq_rows_zeroed_ahead_change_no_bit(bwd, monkeypatch):
+    """``bwd.zero_ahead``: each dK/dV launch zeroes the next launch's fp32 dQ row copy instead of a
+    fill pass before it. The copies are allocated NaN-filled here, so an element no program zeroed
+    would turn dq into NaN; with every element zeroed the adds are the same, so dq, dk and dv are
+    the same bits as with the fill (fp32). Two documents, GQA 4/2 over four launches of one query
+    head (the first case also cuts blocks into 16-row programs, whose grid has programs that
+    return at once: they zero their share first), dV and dK in launches of their own (the first
+    of the pair zeroes), and whole KV heads a launch (two launches, no split group)."""
+    from moba_cp.ops.moba import triton_attn_bwd
+
+    allocated = []
+
+    def poisoned(rows, d, device):
+        allocated.append(rows * d)
+        return torch.full((rows, d), float("nan"), dtype=torch.float32, device=device)
+
+    monkeypatch.setattr(triton_attn_bwd, "unfilled_dq_rows", poisoned)
+    on = _two_doc_grads(BwdConfig(**bwd, zero_ahead=True), seed=41)
+    assert allocated, "zero_ahead allocated no unfilled copy: the case has one launch"
+    assert all(torch.isfinite(g).all() for g in on)
+    _assert_same_bits(on, _two_doc_grads(BwdConfig(**bwd), seed=41))
+
+
+def test_zero_ahead_needs_the_dq_row_copy():
+    with pytest.raises(ValueError, match=r"zero_ahead=True .* dq_rows=True"):
+        BwdConfig(bnb=16, bm=16, gather_rows=True, zero_ahead=True)
+
+
 def test_whole_block_forward_skips_the_mask_only_for_tiles_after_a_full_block():
     """The partials forward with each block in one sub-tile (blocks of 16 keys, ``bn`` 16, as
     block 128 at full size) runs a row tile without the causal mask when every row comes after a

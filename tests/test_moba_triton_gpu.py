@@ -345,6 +345,23 @@ def test_gpu_reduced_kv_sums_keep_dk_dv_bits(d, b, hq, hkv):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("d,b,hq,hkv", TRAINING_TILINGS)
+def test_gpu_dq_rows_zeroed_ahead_keep_dk_dv_bits(d, b, hq, hkv, monkeypatch):
+    """``bwd.zero_ahead`` on the GPU at the training tilings with the dQ row copy (TMA there), one
+    query head a launch (``dq_chunk_bytes=1``, as at 128K): the copies the dK/dV launches zero are
+    allocated NaN-filled, so a missed element makes dq NaN; dK/dV bit for bit, dQ within one bf16
+    ulp (see ``_gpu_exact_option``)."""
+    from moba_cp.ops.moba import triton_attn_bwd
+
+    def poisoned(rows, dd, device):
+        return torch.full((rows, dd), float("nan"), dtype=torch.float32, device=device)
+
+    monkeypatch.setattr(triton_attn_bwd, "unfilled_dq_rows", poisoned)
+    base = _gpu_exact_option(d, b, hq, hkv, "zero_ahead", seed=4, more={"dq_chunk_bytes": 1})
+    assert base.bwd.dq_rows
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("d,b,hq,hkv", TRAINING_TILINGS + [(128, 128, 16, 16)])
 def test_gpu_forward_launch_options_keep_o(d, b, hq, hkv):
     """The forward's ``partials_q_bound=False`` (more query heads a launch) and ``merge_at_once``

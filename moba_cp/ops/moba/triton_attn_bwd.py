@@ -278,6 +278,7 @@ def _dkdv_kernel(
     SUB_MAJOR: tl.constexpr, DQ_ROWS: tl.constexpr, TMA_DQ: tl.constexpr, DQ_TRANS: tl.constexpr,
     ACC_KV: tl.constexpr, DQ_SLOTS: tl.constexpr = False, DQ_DIAG: tl.constexpr = 0, TILED: tl.constexpr = False,
     PART: tl.constexpr = 0, SKIP: tl.constexpr = False, KV_ONE: tl.constexpr = False, ACC_RED: tl.constexpr = False,
+    ZNEXT=None, ZN=0, ZERO_NEXT: tl.constexpr = False, ZB: tl.constexpr = 4096,
 ):
     # KV heads [HK0, HK0 + HKVC) of this launch, and of their query heads those in
     # [QH0, QH0 + QHC) (all of them unless the launch splits a GQA group: split_group); the j-th
@@ -297,6 +298,11 @@ def _dkdv_kernel(
     # (off: the binary search alone). Never with dq_slots, whose programs must store every selected slot.
     # KV_ONE: DK/DV hold this launch's one KV head alone ([Tk, 1, D] fp32 sums of a split GQA
     # group, cast into the caller's dk/dv once the group's last launch is done).
+    # ZERO_NEXT (BwdConfig.zero_ahead): every program first zeroes its share of ZNEXT, the next
+    # launch's fp32 dQ row copy (ZN elements), before any early return, so the whole grid zeroes it
+    # whatever the programs go on to do.
+    if ZERO_NEXT:
+        _zero_share(ZNEXT, ZN, ZB)
     if SUB_MAJOR:
         # One 1-D grid with the key sub-tiles of a block adjacent: the NSUB programs that read
         # the same gathered rows (and, with FUSE_DQ, add into the same dQ rows) run at the same
@@ -404,6 +410,20 @@ def _dkdv_kernel(
             tl.store(SCR_DK + sp, dk, mask=kmask[:, None])
     else:
         _store_dkdv(DK, DV, dk, dv, ks + kk, kmask, hk, H // G, D, ACC_KV, PART, ACC_RED, KV_ONE)
+
+
+@triton.jit
+def _zero_share(Z, n, ZB: tl.constexpr):
+    """This program's share of zeroing ``Z[:n]`` (fp32): the grid's programs, in row-major
+    order over its axes, take consecutive runs of whole ``ZB``-element pieces (the last clipped).
+    Plain stores, fire and forget: a kernel bound by shared memory leaves DRAM room for them."""
+    n_prog = tl.num_programs(0) * tl.num_programs(1)
+    pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    pieces = tl.cdiv(tl.cdiv(n, ZB), n_prog)
+    offs = tl.arange(0, ZB)
+    for i in range(pieces):
+        z = (pid.to(tl.int64) * pieces + i) * ZB + offs
+        tl.store(Z + z, tl.zeros([ZB], dtype=tl.float32), mask=z < n)
 
 
 @triton.jit
@@ -616,6 +636,12 @@ def _zero_free_slots_kernel(ENT, OFFS, DQS, E, NB, H, W, H0, HC, BR: tl.constexp
     tl.store(DQS + slot[:, None] * D + d[None, :], tl.zeros([BR, D], dtype=DQS.dtype.element_ty), mask=m[:, None])
 
 
+def unfilled_dq_rows(rows: int, d: int, device) -> torch.Tensor:
+    """The next launch's fp32 dQ row copy under ``BwdConfig.zero_ahead``, allocated unfilled: the
+    launch before it zeroes it (tests poison this allocation to check that every element is)."""
+    return torch.empty(rows, d, dtype=torch.float32, device=device)
+
+
 def _slot_buffer(rows: int, d: int, dtype: torch.dtype, device) -> torch.Tensor:
     """The unfilled ``[rows, D]`` dq slot buffer (a function of its own so a test can hand the
     backward a buffer of NaNs and see that every slot it reads was written)."""
@@ -766,14 +792,20 @@ def sparse_attn_bwd(
         dk, dv = (torch.empty(tk, 1, d, dtype=torch.float32, device=dev) for _ in range(2))
     cut = _BlockCuts(cfg, nsub * bnb, d, max(nkv for _, nkv, _, _, _ in chunks) * blocks.n,
                      tq * width * max(hc for *_, hc, _ in chunks), dev) if cfg.max_rows else None
-    for hk0, nkv, h0, hc, acc_kv in chunks:
+    ahead = None  # zero_ahead: the dQ row copy the previous launch's dK/dV programs zeroed
+    for ci, (hk0, nkv, h0, hc, acc_kv) in enumerate(chunks):
         n_rows = tq * width * hc  # static bound on the chunk's gathered rows
+        zero_next = None
         if cfg.dq_rows:
             # dQ summed per row of the bucket-order copy, then per token: no fp32 [Tq, hc, D] scratch.
             dq_c = dq
             inv = torch.full((tq, hc, width), -1, dtype=torch.int32, device=dev)
-            # zeros for the atomic adds (folding this fill into the row copy measured slower: session 35)
-            dqg = torch.zeros(n_rows, d, dtype=torch.float32, device=dev)
+            # zeros for the atomic adds (folding this fill into the row copy measured slower: session 35;
+            # with zero_ahead, every launch after the first finds its copy zeroed by the one before)
+            dqg = ahead if ahead is not None else torch.zeros(n_rows, d, dtype=torch.float32, device=dev)
+            if cfg.zero_ahead and ci + 1 < len(chunks):
+                zero_next = unfilled_dq_rows(tq * width * chunks[ci + 1][3], d, dev)
+            ahead = zero_next
             dq_rows = (dqg, TensorDescriptor.from_tensor(dqg, [cfg.bm, d]) if cfg.tma_dq else dqg)
         elif cfg.dq_slots:
             # each selected (token, head, slot) gets its block's whole dQ stored once by the dK/dV
@@ -804,6 +836,7 @@ def sparse_attn_bwd(
         parts = ((1, cfg.dv_bm or cfg.bm, cfg.dv_warps or nw), (2, cfg.bm, nw)) if cfg.split_dv else ((0, cfg.bm, nw),)
         for part, bm, warps in parts:
             dq_here = fuse_dq and part != 1
+            zero_here = zero_next is not None and part != 2  # the first launch of the pair zeroes
             _dkdv_kernel[grid](
                 q, k, v, do, lse, delta, qpos, gi.ent, gi.offs, gi.kv_order, blocks.kstart, blocks.kpos, blocks.klen,
                 dq_c, dk, dv, *rows, *dq_rows, *tiles, *strides, dq_c.stride(0), hq, width, blocks.n, g_sz, hk0, nkv,
@@ -814,6 +847,7 @@ def sparse_attn_bwd(
                 TILED=cut is not None, PART=part,
                 SKIP=cfg.skip_unseen and cfg.split_mask and sorted_positions and not cfg.dq_slots,
                 KV_ONE=kv_one, ACC_RED=cfg.acc_red and acc_kv, num_warps=warps, num_stages=n_stages,
+                **(dict(ZNEXT=zero_next, ZN=zero_next.numel(), ZERO_NEXT=True) if zero_here else {}),
             )
         if cut is not None:
             cut.store(dk, dv, gi, hk0, nkv, hkv, blocks, d, acc_kv, kv_one)

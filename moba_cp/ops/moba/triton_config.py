@@ -267,7 +267,16 @@ class BwdConfig:
     partials' rounding), which is why session 37's check of one bf16 ulp per element failed; the
     cause is this rounding, not the warp count. On by default at d=64, blocks 256-1024, and at
     d=128 (128K block 4096 top-12, 32/8 heads, one H100, session 38: backward 564.9-568.7 ms off
-    against 540.3 / 542.9 on, -4.4% of the mean); it acts only where a group is split over launches."""
+    against 540.3 / 542.9 on, -4.4% of the mean); it acts only where a group is split over launches.
+    ``zero_ahead`` (with ``dq_rows``, where a backward runs several launches): each dK/dV launch
+    also zeroes the next launch's fp32 dQ row copy, every program a share of it before its own
+    work, instead of a separate fill pass before that launch. The fill is a pass of pure writes at
+    memory bandwidth (1.99 ms of a 128K block-1024 layer's ~68 ms of MoBA attention on an H100,
+    ``results/profile_train128k_12l_h100_2026-12-07_session47``), while the dK/dV kernel is bound
+    by shared memory and leaves DRAM room: the same zeros, written beside work instead of alone.
+    The cost is memory: two copies live during a launch instead of one (+0.41 GiB of transient at
+    128K, 16/4 heads, top-12, one query head a launch). Exact: the same adds into the same zeros.
+    Off until measured on a GPU (built in session 47, when no machine was left to time it)."""
 
     bnb: int = 0
     bm: int = 64
@@ -297,6 +306,7 @@ class BwdConfig:
     dv_warps: int = 0
     skip_unseen: bool = True
     acc_red: bool = False
+    zero_ahead: bool = False
 
     def __post_init__(self):
         if self.split_dv and self.tma and self.dv_bm not in (0, self.bm):
@@ -320,6 +330,9 @@ class BwdConfig:
         if self.tma_dq and not self.dq_rows:
             raise ValueError("BwdConfig.tma_dq=True reduces dQ tiles into the bucket-order copy; it needs "
                              "dq_rows=True. Fix: set both off (bwd.dq_rows=false,bwd.tma_dq=false) or both on")
+        if self.zero_ahead and not self.dq_rows:
+            raise ValueError("BwdConfig.zero_ahead=True zeroes the next launch's fp32 dQ row copy, which exists only "
+                             "with dq_rows=True (and gather_rows=True). Fix: bwd.zero_ahead=false, or turn dq_rows on")
         if self.dq_slots and (self.dq_rows or self.fuse_dq is False):
             raise ValueError(f"BwdConfig.dq_slots=True stores the fused dQ of each selected block in its own slot; "
                              f"it replaces dq_rows and needs fuse_dq True or None (got dq_rows={self.dq_rows}, "
