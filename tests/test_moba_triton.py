@@ -156,9 +156,19 @@ def test_dq_rows_zeroed_ahead_change_no_bit(bwd, monkeypatch):
     _assert_same_bits(on, _two_doc_grads(BwdConfig(**bwd), seed=41))
 
 
-def test_zero_ahead_needs_the_dq_row_copy():
-    with pytest.raises(ValueError, match=r"zero_ahead=True .* dq_rows=True"):
-        BwdConfig(bnb=16, bm=16, gather_rows=True, zero_ahead=True)
+def test_zero_ahead_without_the_dq_row_copy_changes_nothing(monkeypatch):
+    """Without ``dq_rows`` (the defaults of a GPU without TMA) there is no dQ row copy to zero:
+    ``zero_ahead`` allocates nothing and the gradients are the same bits, so a recipe's
+    ``moba.kernel: bwd.zero_ahead=true`` is valid on either kind of GPU."""
+    from moba_cp.ops.moba import triton_attn_bwd
+
+    def refuse(rows, d, device):
+        raise AssertionError("zero_ahead allocated a dQ row copy without dq_rows")
+
+    monkeypatch.setattr(triton_attn_bwd, "unfilled_dq_rows", refuse)
+    bwd = dict(bnb=16, bm=16, fuse_dq=True, split_mask=True, gather_rows=True, dq_chunk_bytes=1, split_group=True)
+    _assert_same_bits(_two_doc_grads(BwdConfig(**bwd, zero_ahead=True), seed=43),
+                      _two_doc_grads(BwdConfig(**bwd), seed=43))
 
 
 def test_whole_block_forward_skips_the_mask_only_for_tiles_after_a_full_block():

@@ -268,7 +268,9 @@ class BwdConfig:
     cause is this rounding, not the warp count. On by default at d=64, blocks 256-1024, and at
     d=128 (128K block 4096 top-12, 32/8 heads, one H100, session 38: backward 564.9-568.7 ms off
     against 540.3 / 542.9 on, -4.4% of the mean); it acts only where a group is split over launches.
-    ``zero_ahead`` (with ``dq_rows``, where a backward runs several launches): each dK/dV launch
+    ``zero_ahead`` (acts only with ``dq_rows``, where a backward runs several launches, as
+    ``acc_red`` acts only where a group is split: so one override suits a GPU with TMA, whose
+    defaults copy dQ rows, and one without, whose defaults do not): each dK/dV launch
     also zeroes the next launch's fp32 dQ row copy, every program a share of it before its own
     work, instead of a separate fill pass before that launch. The fill is a pass of pure writes at
     memory bandwidth (1.99 ms of a 128K block-1024 layer's ~68 ms of MoBA attention on an H100,
@@ -330,9 +332,6 @@ class BwdConfig:
         if self.tma_dq and not self.dq_rows:
             raise ValueError("BwdConfig.tma_dq=True reduces dQ tiles into the bucket-order copy; it needs "
                              "dq_rows=True. Fix: set both off (bwd.dq_rows=false,bwd.tma_dq=false) or both on")
-        if self.zero_ahead and not self.dq_rows:
-            raise ValueError("BwdConfig.zero_ahead=True zeroes the next launch's fp32 dQ row copy, which exists only "
-                             "with dq_rows=True (and gather_rows=True). Fix: bwd.zero_ahead=false, or turn dq_rows on")
         if self.dq_slots and (self.dq_rows or self.fuse_dq is False):
             raise ValueError(f"BwdConfig.dq_slots=True stores the fused dQ of each selected block in its own slot; "
                              f"it replaces dq_rows and needs fuse_dq True or None (got dq_rows={self.dq_rows}, "
