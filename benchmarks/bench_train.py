@@ -29,6 +29,8 @@ import tempfile
 
 import torch
 
+from moba_cp.config import RecipeError, load_recipe, validate
+
 #: name: (recipe, overrides, steps). The 0.27B model of ``1gpu-32k`` (24 layers, hidden 1024,
 #: 16/4 heads, d=64) at 128K and 32K, and a small model (6 layers, hidden 384, 6 heads) at 8K; all
 #: with the recipe's ``train.recompute`` (none since session 30; selective before: compare a line's
@@ -235,6 +237,24 @@ def select_settings(settings: dict, only: str, error=None) -> dict:
     return {n: v for n, v in settings.items() if n in chosen}
 
 
+def variant_errors(settings: dict, variants: list[str], extra: list[str], device: str) -> list[str]:
+    """Each ``moba.kernel`` variant checked against each setting's recipe as its process would
+    check it (``load_recipe`` + ``validate`` on ``device``), before any process starts: a variant
+    the runs would refuse is found in seconds, not after the runs before it (a 128K call spends
+    minutes on them; session 47 lost its A/B that way)."""
+    errs = []
+    for name, (recipe, overrides, _steps) in settings.items():
+        for v in variants:
+            if v.startswith(("env:", "both:")):
+                continue
+            try:
+                validate(load_recipe(recipe, [*overrides, *COMMON, *extra, "--attention.pattern=moba",
+                                              f"--moba.kernel={v}"]), world_size=1, device=device)
+            except RecipeError as e:
+                errs.append(f"--moba-kernel {v!r} on {name!r}: {e}")
+    return errs
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="write the markdown table here (rows added as they finish)")
@@ -271,6 +291,10 @@ def main():
             ap.error(f"--moba-env {v!r}: give NAME=VALUE pairs separated by commas, e.g. MOBA_CP_CUDA_GRAPHS=shared")
         variants.append(f"env:{v}")
     variants += [f"both:{v.strip()}" for v in args.both.split(";") if v.strip()]
+    chosen = select_settings(settings, args.only, ap.error)
+    errs = variant_errors(chosen, variants, extra, "cuda" if torch.cuda.is_available() else "cpu")
+    if errs:
+        ap.error("a MoBA variant would be refused by its runs (nothing was run):\n  " + "\n  ".join(errs))
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                            text=True).stdout.strip()
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
@@ -292,7 +316,7 @@ def main():
     if args.keep_runs:
         os.makedirs(args.keep_runs, exist_ok=True)
     with (contextlib.nullcontext(args.keep_runs) if args.keep_runs else tempfile.TemporaryDirectory()) as work:
-        for name, (recipe, overrides, steps) in select_settings(settings, args.only, ap.error).items():
+        for name, (recipe, overrides, steps) in chosen.items():
             kinds, r = run_setting(recipe, overrides, steps, variants, args.repeats, full_runs,
                                    lambda o, pat, tag, env=None: run_one(recipe, o, steps, pat, work, extra,
                                                                          tag=tag, env_extra=env))

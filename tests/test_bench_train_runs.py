@@ -157,3 +157,15 @@ def test_the_runs_line_gives_each_process_its_median_and_its_steps_range():
     line = bench_train.runs_line("8K", kinds, r)
     assert line == ("- 8K, each run's median tok/s [its warm steps' range]: "
                     "moba: 1M [900K-1.1M], 800K [790K-820K]; full: 950K [940K-960K]")
+
+
+def test_variants_are_checked_before_any_run():
+    """A ``moba.kernel`` variant that the training processes would refuse is reported up front,
+    with the setting it fails on, for a GPU run (both TMA and non-TMA default tilings must take
+    it); a valid one passes. Session 47's 128K A/B lost its variant run minutes into the call."""
+    settings = bench_train.select_settings(bench_train.SETTINGS, "128K block 1024", None)
+    ok = ["bwd.zero_ahead=true", "bwd.acc_red=false", "env:MOBA_CP_CUDA_GRAPHS=shared", "both:--model.fused_ops=torch"]
+    assert bench_train.variant_errors(settings, ok, [], "cuda") == []
+    bad = "bwd.dq_rows=true,bwd.gather_rows=false"
+    errs = bench_train.variant_errors(settings, ok + [bad], ["--model.num_layers=12"], "cuda")
+    assert len(errs) == 1 and bad in errs[0] and "128K block 1024 top-12" in errs[0] and "gather_rows" in errs[0]
