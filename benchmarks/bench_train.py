@@ -12,6 +12,8 @@ directory, checkpoints and evaluation off; full attention is SDPA (cuDNN on an H
 ``--moba-kernel 'bwd.dq_rows=true;bwd.sub_major=true'`` adds MoBA runs with those tiling overrides
 (``moba.kernel``; ``;`` separates variants) to each repeat, so kernel options are compared in
 training against the default MoBA and full attention of the same call; each variant gets its own row.
+Every variant is first checked against each chosen setting's recipe as its runs would check it
+(``variant_errors``): one they would refuse stops the call before any process starts.
 ``--moba-env MOBA_CP_CUDA_GRAPHS=shared`` adds MoBA runs with that environment the same way.
 """
 
