@@ -145,11 +145,11 @@ def test_dq_rows_zeroed_ahead_change_no_bit(bwd, monkeypatch):
 
     allocated = []
 
-    def poisoned(rows, d, device):
+    def poisoned(rows, d, dtype, device):
         allocated.append(rows * d)
-        return torch.full((rows, d), float("nan"), dtype=torch.float32, device=device)
+        return torch.full((rows, d), float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(triton_attn_bwd, "unfilled_dq_rows", poisoned)
+    monkeypatch.setattr(triton_attn_bwd, "unfilled_rows", poisoned)
     on = _two_doc_grads(BwdConfig(**bwd, zero_ahead=True), seed=41)
     assert allocated, "zero_ahead allocated no unfilled copy: the case has one launch"
     assert all(torch.isfinite(g).all() for g in on)
@@ -162,10 +162,10 @@ def test_zero_ahead_without_the_dq_row_copy_changes_nothing(monkeypatch):
     ``moba.kernel: bwd.zero_ahead=true`` is valid on either kind of GPU."""
     from moba_cp.ops.moba import triton_attn_bwd
 
-    def refuse(rows, d, device):
+    def refuse(rows, d, dtype, device):
         raise AssertionError("zero_ahead allocated a dQ row copy without dq_rows")
 
-    monkeypatch.setattr(triton_attn_bwd, "unfilled_dq_rows", refuse)
+    monkeypatch.setattr(triton_attn_bwd, "unfilled_rows", refuse)
     bwd = dict(bnb=16, bm=16, fuse_dq=True, split_mask=True, gather_rows=True, dq_chunk_bytes=1, split_group=True)
     _assert_same_bits(_two_doc_grads(BwdConfig(**bwd, zero_ahead=True), seed=43),
                       _two_doc_grads(BwdConfig(**bwd), seed=43))
@@ -372,7 +372,7 @@ def test_dq_slots_reads_only_written_slots(monkeypatch, bound):
     grads = functools.partial(_triton_grads, q, k, v, do, idx, b, cu)
 
     atom = grads(base)
-    monkeypatch.setattr(triton_attn_bwd, "_slot_buffer", nan_buffer)
+    monkeypatch.setattr(triton_attn_bwd, "unfilled_rows", nan_buffer)
     got = grads(slots)
     assert len(nan_fills) == (1 if bound is None else hkv)
     for name, a, g in zip(("dq", "dk", "dv"), atom, got):

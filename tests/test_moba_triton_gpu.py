@@ -353,10 +353,10 @@ def test_gpu_dq_rows_zeroed_ahead_keep_dk_dv_bits(d, b, hq, hkv, monkeypatch):
     ulp (see ``_gpu_exact_option``)."""
     from moba_cp.ops.moba import triton_attn_bwd
 
-    def poisoned(rows, dd, device):
-        return torch.full((rows, dd), float("nan"), dtype=torch.float32, device=device)
+    def poisoned(rows, dd, dtype, device):
+        return torch.full((rows, dd), float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(triton_attn_bwd, "unfilled_dq_rows", poisoned)
+    monkeypatch.setattr(triton_attn_bwd, "unfilled_rows", poisoned)
     base = _gpu_exact_option(d, b, hq, hkv, "zero_ahead", seed=4, more={"dq_chunk_bytes": 1})
     assert base.bwd.dq_rows
 

@@ -636,15 +636,11 @@ def _zero_free_slots_kernel(ENT, OFFS, DQS, E, NB, H, W, H0, HC, BR: tl.constexp
     tl.store(DQS + slot[:, None] * D + d[None, :], tl.zeros([BR, D], dtype=DQS.dtype.element_ty), mask=m[:, None])
 
 
-def unfilled_dq_rows(rows: int, d: int, device) -> torch.Tensor:
-    """The next launch's fp32 dQ row copy under ``BwdConfig.zero_ahead``, allocated unfilled: the
-    launch before it zeroes it (tests poison this allocation to check that every element is)."""
-    return torch.empty(rows, d, dtype=torch.float32, device=device)
-
-
-def _slot_buffer(rows: int, d: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """The unfilled ``[rows, D]`` dq slot buffer (a function of its own so a test can hand the
-    backward a buffer of NaNs and see that every slot it reads was written)."""
+def unfilled_rows(rows: int, d: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """An unfilled ``[rows, D]`` buffer that kernels write before anything reads it: the dq slot
+    buffer, and under ``BwdConfig.zero_ahead`` the next launch's fp32 dQ row copy, which the launch
+    before it zeroes. A function of its own so a test can hand the backward NaNs and see that every
+    element read was written."""
     return torch.empty(rows, d, dtype=dtype, device=device)
 
 
@@ -804,14 +800,14 @@ def sparse_attn_bwd(
             # with zero_ahead, every launch after the first finds its copy zeroed by the one before)
             dqg = ahead if ahead is not None else torch.zeros(n_rows, d, dtype=torch.float32, device=dev)
             if cfg.zero_ahead and ci + 1 < len(chunks):
-                zero_next = unfilled_dq_rows(tq * width * chunks[ci + 1][3], d, dev)
+                zero_next = unfilled_rows(tq * width * chunks[ci + 1][3], d, torch.float32, dev)
             ahead = zero_next
             dq_rows = (dqg, TensorDescriptor.from_tensor(dqg, [cfg.bm, d]) if cfg.tma_dq else dqg)
         elif cfg.dq_slots:
             # each selected (token, head, slot) gets its block's whole dQ stored once by the dK/dV
             # kernel where every block is real; the unselected ones are zeroed here
             if blocks_nonempty:
-                dq_c = _slot_buffer(tq * hc * width, d, slot_dtype, dev)
+                dq_c = unfilled_rows(tq * hc * width, d, slot_dtype, dev)
                 n_ent = gi.ent.numel()
                 _zero_free_slots_kernel[(cdiv(n_ent, 128),)](gi.ent, gi.offs, dq_c, n_ent, hq * blocks.n, hq,
                                                              width, h0, hc, BR=128, D=d, num_warps=4)

@@ -276,9 +276,10 @@ class BwdConfig:
     memory bandwidth (1.99 ms of a 128K block-1024 layer's ~68 ms of MoBA attention on an H100,
     ``results/profile_train128k_12l_h100_2026-12-07_session47``), while the dK/dV kernel is bound
     by shared memory and leaves DRAM room: the same zeros, written beside work instead of alone.
-    The cost is memory: two copies live during a launch instead of one (+0.41 GiB of transient at
-    128K, 16/4 heads, top-12, one query head a launch). Exact: the same adds into the same zeros.
-    Off until measured on a GPU (built in session 47, when no machine was left to time it)."""
+    The cost is memory: two copies live during a launch instead of one. Exact: the same adds into
+    the same zeros. Timed once (one H100, session 47, ``moba_tune_h100_2026-12-07_session47_zero_ahead.log``,
+    128K block 1024 top-12, backward alone): 49.26 / 49.54 ms against the default's 50.18 / 52.96
+    / 53.61 (drifting), transient 1.63 against 1.25 GiB. Off until timed in training."""
 
     bnb: int = 0
     bm: int = 64
