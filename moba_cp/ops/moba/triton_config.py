@@ -279,7 +279,11 @@ class BwdConfig:
     The cost is memory: two copies live during a launch instead of one. Exact: the same adds into
     the same zeros. Timed once (one H100, session 47, ``moba_tune_h100_2026-12-07_session47_zero_ahead.log``,
     128K block 1024 top-12, backward alone): 49.26 / 49.54 ms against the default's 50.18 / 52.96
-    / 53.61 (drifting), transient 1.63 against 1.25 GiB. Off until timed in training."""
+    / 53.61 (drifting), transient 1.63 against 1.25 GiB. In 128K training (24 layers, one H200,
+    session 48, ``results/train_h200_2026-12-07_session48_128k_call{1,2}.md``) it gained 0.5% in
+    each of two calls (64.47K / 64.60K against 64.16K / 64.27K tok/s, warm-step ranges apart in
+    the second) with the same training peak. Off by default: the 128K kernel call's peak would go
+    ~0.4 GiB above SDPA's, where it is equal now, for 0.5% of training (the default's pairs: 3.50, 3.51x)."""
 
     bnb: int = 0
     bm: int = 64
