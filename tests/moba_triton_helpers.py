@@ -148,6 +148,10 @@ PATH_CONFIGS = {
     "dq-rows-dq-trans-split": KernelConfig(FwdConfig(method="partials", **SMALL),
                                            BwdConfig(bnb=32, bm=16, split_mask=True, gather_rows=True, dq_rows=True,
                                                      dq_trans=True, skip_unseen=False)),
+    # dQ into fp32 rows in bucket order while q and dO are read through the index (no row copy)
+    "dq-rows-through-index-split-kv-chunks": KernelConfig(FwdConfig(method="partials", **SMALL),
+                                                          BwdConfig(bnb=16, bm=16, split_mask=True, dq_rows=True,
+                                                                    dq_chunk_bytes=1)),
     "fused-dq-trans": KernelConfig(FwdConfig(method="two_pass", **SMALL),
                                    BwdConfig(bnb=16, bm=16, fuse_dq=True, dq_trans=True)),
     "two-pass-untransposed": KernelConfig(FwdConfig(method="two_pass", **SMALL),

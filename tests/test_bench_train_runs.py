@@ -166,6 +166,6 @@ def test_variants_are_checked_before_any_run():
     settings = bench_train.select_settings(bench_train.SETTINGS, "128K block 1024", None)
     ok = ["bwd.zero_ahead=true", "bwd.acc_red=false", "env:MOBA_CP_CUDA_GRAPHS=shared", "both:--model.fused_ops=torch"]
     assert bench_train.variant_errors(settings, ok, [], "cuda") == []
-    bad = "bwd.dq_rows=true,bwd.gather_rows=false"
+    bad = "bwd.tma=true,bwd.gather_rows=false"
     errs = bench_train.variant_errors(settings, ok + [bad], ["--model.num_layers=12"], "cuda")
     assert len(errs) == 1 and bad in errs[0] and "128K block 1024 top-12" in errs[0] and "gather_rows" in errs[0]

@@ -43,10 +43,10 @@ def test_malformed_overrides_name_the_item_and_the_rule(text, match):
 
 
 def test_an_override_the_shape_cannot_take_names_the_rule():
-    # d=128 at block 128: the default does not copy rows in bucket order, which dq_rows needs
-    with pytest.raises(ValueError, match=r"kernel overrides 'bwd.dq_rows=true' on the shape's default tiling: "
+    # d=128 at block 128: the default does not copy rows in bucket order, which TMA row tiles read
+    with pytest.raises(ValueError, match=r"kernel overrides 'bwd.tma=true' on the shape's default tiling: "
                                          r".*needs gather_rows=True"):
-        apply_overrides(choose_config(128, 128, 4, 32768), "bwd.dq_rows=true")
+        apply_overrides(choose_config(128, 128, 4, 32768), "bwd.tma=true")
     # the default stores dQ in per-block slots (dq_slots), which dq_rows replaces: named, with the fix
     with pytest.raises(ValueError, match=r"kernel overrides 'bwd.gather_rows=true,bwd.dq_rows=true' on the shape's "
                                          r"default tiling: BwdConfig.dq_slots=True .* replaces dq_rows .* Fix: "
@@ -54,6 +54,9 @@ def test_an_override_the_shape_cannot_take_names_the_rule():
         apply_overrides(choose_config(128, 128, 4, 32768), "bwd.gather_rows=true,bwd.dq_rows=true")
     cfg = apply_overrides(choose_config(128, 128, 4, 32768), "bwd.gather_rows=true,bwd.dq_rows=true,bwd.dq_slots=false")
     assert cfg.bwd.dq_rows and not cfg.bwd.dq_slots
+    # dQ rows in bucket order with the rows read through the index (no copy) are a valid tiling too
+    cfg = apply_overrides(choose_config(128, 128, 4, 32768), "bwd.dq_rows=true,bwd.dq_slots=false")
+    assert cfg.bwd.dq_rows and not cfg.bwd.gather_rows
 
 
 def test_max_rows_default_and_override():

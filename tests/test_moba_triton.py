@@ -51,7 +51,7 @@ def test_kernel_paths_match_naive(name):
 
 @pytest.mark.parametrize("name", ["partials", "partials-whole-block", "partials-tma-kv", "dq-slots", "one-pass", "query-major", "split-dv-dq-rows-split-group-cut", "two-pass-unfused-split-mask", "gathered-rows-split-kv-chunks",
                                   "gathered-rows-tma-split", "gathered-rows-sub-major-fused-dq-split",
-                                  "dq-rows-split-kv-chunks"])
+                                  "dq-rows-split-kv-chunks", "dq-rows-through-index-split-kv-chunks"])
 def test_kernel_paths_head_dim_64_and_empty_doc(name):
     """Head dim 64, an empty document, and top-k larger than a document's blocks."""
     check_attn_fwd_bwd((150, 2, 1, 64, 32, 3, [40, 0, 110]), config=PATH_CONFIGS[name])
@@ -171,6 +171,51 @@ def test_zero_ahead_without_the_dq_row_copy_changes_nothing(monkeypatch):
                       _two_doc_grads(BwdConfig(**bwd), seed=43))
 
 
+@pytest.mark.parametrize("bwd", [
+    dict(bnb=16, bm=16, split_mask=True, dq_rows=True, sub_major=True, dq_chunk_bytes=1, split_group=True,
+         max_rows=16, acc_red=True, zero_ahead=True),
+    dict(bnb=16, bm=16, dq_rows=True, dq_chunk_bytes=1, split_dv=True),
+], ids=["split-group-cut-sub-major-zero-ahead", "kv-head-chunks-split-dv"])
+def test_dq_rows_read_through_the_index_change_no_bit(bwd, monkeypatch):
+    """``bwd.dq_rows`` without ``gather_rows``: the dK/dV loop reads q, dO, lse, delta and the
+    position of each row through the index instead of from the bucket-order copy, while its dQ
+    still goes into fp32 rows in bucket order (their places written by a pass of their own for
+    the per-token sum). The loaded values and every add are the same, so dq, dk and dv are the same
+    bits as with the copy (fp32), and no row is copied. Two documents, GQA 4/2; split groups
+    over four launches with blocks cut into 16-row programs, the split mask's searches on
+    positions read through the index, and the next launch's rows zeroed ahead; then whole KV heads
+    a launch with dV and dK in launches of their own."""
+    from moba_cp.ops.moba import triton_attn_bwd
+
+    with_copy = _two_doc_grads(BwdConfig(**bwd, gather_rows=True), seed=47)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the rows were copied although gather_rows is off")
+
+    monkeypatch.setattr(triton_attn_bwd, "_gathered_rows", refuse)
+    _assert_same_bits(_two_doc_grads(BwdConfig(**bwd), seed=47), with_copy)
+
+
+def test_dq_rows_without_the_copy_bound_launches_by_their_dq_rows():
+    """The head chunks count what a launch holds: without ``gather_rows`` only the fp32 dQ rows
+    (``4 D`` bytes per token, query head and slot), not the q/dO copy's bytes as well."""
+    from moba_cp.ops.moba.triton_attn_bwd import _head_chunks
+
+    tq, hkv, g, w, d = 1000, 2, 4, 3, 64
+    dq_rows_qh = tq * w * 4 * d  # one query head's dQ rows
+    copy_qh = tq * w * (2 * d * 2 + 12)
+    for gather, per_qh in ((False, dq_rows_qh), (True, dq_rows_qh + copy_qh)):
+        cfg = BwdConfig(dq_rows=True, gather_rows=gather, split_group=True, dq_chunk_bytes=2 * dq_rows_qh)
+        chunks = _head_chunks(tq, hkv, g, w, d, 2, False, cfg)
+        assert max(hc for *_, hc, _ in chunks) * per_qh <= cfg.dq_chunk_bytes or max(hc for *_, hc, _ in chunks) == 1
+        assert sum(hc for *_, hc, _ in chunks) == hkv * g
+    # without the copy two query heads fit the bound, with it one
+    assert [hc for *_, hc, _ in _head_chunks(tq, hkv, g, w, d, 2, False, BwdConfig(
+        dq_rows=True, split_group=True, dq_chunk_bytes=2 * dq_rows_qh))] == [2, 2, 2, 2]
+    assert [hc for *_, hc, _ in _head_chunks(tq, hkv, g, w, d, 2, False, BwdConfig(
+        dq_rows=True, gather_rows=True, split_group=True, dq_chunk_bytes=2 * dq_rows_qh))] == [1] * 8
+
+
 def test_whole_block_forward_skips_the_mask_only_for_tiles_after_a_full_block():
     """The partials forward with each block in one sub-tile (blocks of 16 keys, ``bn`` 16, as
     block 128 at full size) runs a row tile without the causal mask when every row comes after a
@@ -197,10 +242,11 @@ def test_config_is_immutable_and_round_trips():
         BwdConfig(split_dv=True, dv_bm=24)
     with pytest.raises(ValueError, match=r"split_dv with tma=True .* bm=32 rows; dv_bm=64 .* Fix: dv_bm=0"):
         BwdConfig(split_dv=True, dv_bm=64, bm=32, gather_rows=True, tma=True)
-    with pytest.raises(ValueError, match="dq_rows=True .* needs gather_rows=True"):
-        BwdConfig(dq_rows=True)
-    with pytest.raises(ValueError, match="fuse_dq=False"):
+    with pytest.raises(ValueError, match=r"tma=True reads the rows copied .* needs gather_rows=True"):
+        BwdConfig(tma=True)
+    with pytest.raises(ValueError, match=r"dq_rows=True .* needs fuse_dq True or None \(got fuse_dq=False\)\. Fix"):
         BwdConfig(dq_rows=True, gather_rows=True, fuse_dq=False)
+    assert BwdConfig(dq_rows=True).fuses_dq(512, 64)  # the rows read through the index: valid, dQ fused
     with pytest.raises(ValueError, match="tma_dq=True .* needs dq_rows=True"):
         BwdConfig(tma_dq=True, gather_rows=True)
 

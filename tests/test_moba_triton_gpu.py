@@ -362,6 +362,17 @@ def test_gpu_dq_rows_zeroed_ahead_keep_dk_dv_bits(d, b, hq, hkv, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("d,b,hq,hkv", TRAINING_TILINGS)
+def test_gpu_dq_rows_read_through_the_index_keep_dk_dv_bits(d, b, hq, hkv):
+    """``bwd.dq_rows`` with q and dO read through the index (``gather_rows`` off: no row copy)
+    against the default row copy, at the training tilings with one query head a launch: the same
+    values reach the same products, so dK/dV bit for bit and dQ within one bf16 ulp (see
+    ``_gpu_exact_option``)."""
+    base = _gpu_exact_option(d, b, hq, hkv, "gather_rows", seed=6, more={"dq_chunk_bytes": 1})
+    assert base.bwd.dq_rows and base.bwd.gather_rows and not base.bwd.tma
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("d,b,hq,hkv", TRAINING_TILINGS + [(128, 128, 16, 16)])
 def test_gpu_forward_launch_options_keep_o(d, b, hq, hkv):
     """The forward's ``partials_q_bound=False`` (more query heads a launch) and ``merge_at_once``

@@ -64,13 +64,15 @@ def _delta_kernel(DO, O, DELTA, n_rows, stride_dot, stride_doh, stride_ot, strid
 @triton.jit
 def _gather_rows_kernel(Q, DO, LSE, DELTA, QPOS, ENT, OFFS, QG, DOG, LSE2G, DLG, QPG, INV,
                         stride_qt, stride_qh, stride_dot, stride_doh, H, W, B0, B1, NR, H0, HC,
-                        BR: tl.constexpr, D: tl.constexpr, PAD: tl.constexpr, WRITE_INV: tl.constexpr):
+                        BR: tl.constexpr, D: tl.constexpr, PAD: tl.constexpr, WRITE_INV: tl.constexpr,
+                        COPY: tl.constexpr = True):
     # The rows of buckets [B0, B1) (one chunk of KV heads) in bucket order, so the dK/dV loop
     # reads contiguous tiles: q and do rows, lse * log2(e) (-inf -> 0), delta and the position.
     # PAD rows after the last (up to NR, the buffers' length) get zero q and do: a tile read
     # through a tensor descriptor has no row mask and may run past the last bucket, into
     # memory that was never written. WRITE_INV: INV[(t, h - H0, w)] = the entry's row in the copy
     # (slots nobody selected keep the caller's -1), for the pass that sums dQ rows per token.
+    # COPY off: INV alone (dq_rows without gather_rows: only the fp32 dQ rows are in bucket order).
     e0 = _ld(OFFS + B0)
     e1 = _ld(OFFS + B1)
     if e0 + tl.program_id(0) * BR >= e1 + PAD:
@@ -82,17 +84,19 @@ def _gather_rows_kernel(Q, DO, LSE, DELTA, QPOS, ENT, OFFS, QG, DOG, LSE2G, DLG,
     ent = tl.load(ENT + r, mask=m, other=0)
     t64 = (ent // (H * W)).to(tl.int64)
     h = (ent // W) % H
-    d = tl.arange(0, D)
-    q = tl.load(Q + t64[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :], mask=m[:, None], other=0.0)
-    do = tl.load(DO + t64[:, None] * stride_dot + h[:, None] * stride_doh + d[None, :], mask=m[:, None], other=0.0)
-    lse2 = tl.load(LSE + t64 * H + h, mask=m, other=0.0) * 1.4426950408889634
-    lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
-    i64 = i.to(tl.int64)
-    tl.store(QG + i64[:, None] * D + d[None, :], q, mask=mz[:, None])
-    tl.store(DOG + i64[:, None] * D + d[None, :], do, mask=mz[:, None])
-    tl.store(LSE2G + i64, lse2, mask=m)
-    tl.store(DLG + i64, tl.load(DELTA + t64 * H + h, mask=m, other=0.0), mask=m)
-    tl.store(QPG + i64, tl.load(QPOS + t64, mask=m, other=0), mask=m)
+    if COPY:
+        d = tl.arange(0, D)
+        q = tl.load(Q + t64[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :], mask=m[:, None], other=0.0)
+        do = tl.load(DO + t64[:, None] * stride_dot + h[:, None] * stride_doh + d[None, :], mask=m[:, None],
+                     other=0.0)
+        lse2 = tl.load(LSE + t64 * H + h, mask=m, other=0.0) * 1.4426950408889634
+        lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
+        i64 = i.to(tl.int64)
+        tl.store(QG + i64[:, None] * D + d[None, :], q, mask=mz[:, None])
+        tl.store(DOG + i64[:, None] * D + d[None, :], do, mask=mz[:, None])
+        tl.store(LSE2G + i64, lse2, mask=m)
+        tl.store(DLG + i64, tl.load(DELTA + t64 * H + h, mask=m, other=0.0), mask=m)
+        tl.store(QPG + i64, tl.load(QPOS + t64, mask=m, other=0), mask=m)
     if WRITE_INV:
         tl.store(INV + (t64 * HC + (h - H0)) * W + ent % W, i, mask=m)
 
@@ -205,8 +209,8 @@ def _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG,
     ``r - e0``), so the loads are contiguous tiles with no index lookup in the loop. ``TMA``:
     q and dO tiles through the descriptors ``QGD``/``DOGD``, unmasked: rows past the bucket
     hold the next bucket's rows (or the zeroed pad) and get lse = +inf, so P = 0 there and
-    they add exactly nothing. ``DQ_ROWS`` (with ``GATHERED``): the fused dQ goes to ``DQG``, an fp32
-    copy in the same bucket order (contiguous tiles, no index lookup); ``TMA_DQ``: as one
+    they add exactly nothing. ``DQ_ROWS``: the fused dQ goes to ``DQG``, fp32 rows in the same
+    bucket order (contiguous tiles, no index lookup; with or without ``GATHERED``); ``TMA_DQ``: as one
     asynchronous bulk reduction per tile through the descriptor ``DQGD`` (unmasked: the rows
     past the bucket have dS = 0, so they add zeros, and rows past the buffer are clipped).
     ``DQ_SLOTS``: the block is one key sub-tile, so this tile's dQ is each row's whole dQ from
@@ -216,8 +220,8 @@ def _dkdv_tile(Q, DO, LSE, DELTA, QPOS, ENT, DQ, QG, DOG, QGD, DOGD, LSE2G, DLG,
     d = tl.arange(0, D)
     rr = r0 + tl.arange(0, BM)
     rmask = rr < r_hi
+    lr = (rr - e0).to(tl.int64)  # the rows' place in bucket order: their row of the copies and of DQG
     if GATHERED:
-        lr = (rr - e0).to(tl.int64)
         if TMA:
             q = QGD.load([(r0 - e0).to(tl.int32), 0])
             do = DOGD.load([(r0 - e0).to(tl.int32), 0])
@@ -670,6 +674,18 @@ def _gathered_rows(q, do, lse, delta, qpos, gi: GatherIndex, hq: int, width: int
     return qg, dog, qg, dog, lse2g, dlg, qpg
 
 
+def _row_places(gi: GatherIndex, hq: int, width: int, nbk: int, h0: int, hc: int, n_rows: int,
+                inv: torch.Tensor) -> None:
+    """``inv`` (int32 ``[Tq, hc, W]``, -1 filled) given each selected entry of query heads
+    ``[h0, h0 + hc)`` its row in bucket order, without copying any row: the dQ rows' places for
+    ``BwdConfig.dq_rows`` when the dK/dV loop reads q and dO through the index (``gather_rows`` off)."""
+    br = 128
+    _gather_rows_kernel[(cdiv(n_rows, br),)](
+        inv, inv, inv, inv, inv, gi.ent, gi.offs, inv, inv, inv, inv, inv, inv, 0, 0, 0, 0, hq, width, h0 * nbk,
+        (h0 + hc) * nbk, n_rows, h0, hc, BR=br, D=16, PAD=0, WRITE_INV=True, COPY=False, num_warps=4,
+    )
+
+
 def descriptor_reductions_possible(device: torch.device) -> bool:
     """Whether ``device`` can run TMA bulk reductions (``BwdConfig.tma_dq``): a CUDA GPU (the
     config's default asks for Hopper; an older GPU fails at compile time). The interpreter cannot.
@@ -819,9 +835,13 @@ def sparse_attn_bwd(
             dq_c = dq[:, h0:h0 + hc] if fp32_dq else torch.zeros(tq, hc, d, dtype=torch.float32, device=dev)
             inv = None
             dq_rows = (dq_c, dq_c)  # unused stand-ins
-        rows = _gathered_rows(q, do, lse, delta, qpos, gi, hq, width, blocks.n, h0, hc, n_rows, d,
-                              cfg.bm if cfg.tma else 0, inv) \
-            if cfg.gather_rows else (q, q, q, q, lse, lse, qpos)  # unused stand-ins when not gathered
+        if cfg.gather_rows:
+            rows = _gathered_rows(q, do, lse, delta, qpos, gi, hq, width, blocks.n, h0, hc, n_rows, d,
+                                  cfg.bm if cfg.tma else 0, inv)
+        else:
+            rows = (q, q, q, q, lse, lse, qpos)  # unused stand-ins: the loop reads the rows through the index
+            if inv is not None:
+                _row_places(gi, hq, width, blocks.n, h0, hc, n_rows, inv)
         n_prog = nkv * blocks.n
         tiles = (gi.offs,) * 6  # unused stand-ins (TILED off)
         if cut is not None:
@@ -932,15 +952,15 @@ def _head_chunks(tq: int, hkv: int, g: int, width: int, d: int, elem: int, fp32_
     query heads ``[h0, h0 + hc)``, and whether dK/dV add to an earlier launch's. As many KV heads
     per launch as keep its scratch within ``cfg.dq_chunk_bytes``: a half dq's fp32 scratch
     (``4 D`` bytes per token and query head) and, with ``gather_rows``, the rows copied in bucket
-    order (q, dO, lse, delta, position, and with ``dq_rows`` an fp32 dQ row: ``row_bytes`` per
-    token, query head and slot); with ``dq_slots`` the slot buffer (``slot_elem * D`` bytes per token,
-    query head and slot) replaces the fp32 scratch. One KV head is the smallest launch unless
+    order (q, dO, lse, delta, position) and with ``dq_rows`` an fp32 dQ row (with or without the
+    copy): ``row_bytes`` per token, query head and slot; with ``dq_slots`` the slot buffer
+    (``slot_elem * D`` bytes per token, query head and slot) replaces the fp32 scratch. One KV head is the smallest launch unless
     ``cfg.split_group``, which then splits its GQA group into launches of fewer query heads."""
     scratch_qh = 0 if fp32_dq else tq * d * 4  # bytes per query head
     if cfg.dq_slots:
         scratch_qh = tq * width * d * slot_elem
-    row_bytes = 2 * d * elem + 12 + (4 * d if cfg.dq_rows else 0)
-    rows_qh = tq * width * row_bytes if cfg.gather_rows else 0
+    row_bytes = (2 * d * elem + 12 if cfg.gather_rows else 0) + (4 * d if cfg.dq_rows else 0)
+    rows_qh = tq * width * row_bytes
     per_qh = max(scratch_qh, rows_qh)
     limit = max(cfg.dq_chunk_bytes, 1)
     if cfg.split_group and g > 1 and per_qh * g > limit:

@@ -171,11 +171,15 @@ class BwdConfig:
     programs that share a block's gathered rows (and, with ``fuse_dq``, its dQ rows) run together
     and find them in L2; off: the sub-tile is the grid's second axis, so the sub-tiles of one
     block start (KV heads x blocks) programs apart, at 128K often a wave or more.
-    ``dq_rows`` (with ``gather_rows``; implies the fused dQ): the dK/dV program adds its dQ tiles
-    into an fp32 copy in the same bucket order (contiguous tiles; its key sub-tiles add into the
+    ``dq_rows`` (implies the fused dQ): the dK/dV program adds its dQ tiles
+    into fp32 rows in bucket order (contiguous tiles; its key sub-tiles add into the
     same rows), then one pass sums each token's W rows into dq, written once in dq's dtype: no
     separate dQ kernel and no recomputed ``QK^T`` / ``dO V^T``, and no fp32 ``[Tq, Hq, D]``
-    scratch; the copy costs ``4 D`` bytes per gathered row (counted in ``dq_chunk_bytes``).
+    scratch; the rows cost ``4 D`` bytes per gathered row (counted in ``dq_chunk_bytes``).
+    Without ``gather_rows`` the loop reads q and dO through the index and only the dQ rows are in
+    bucket order (a pass writes each entry's row number for the sum, and nothing is copied): the
+    row copy's pass and its ``2 D`` bytes of q and dO per gathered row are saved, for loads that
+    look each row up (session 48; exact, not yet timed on a GPU).
     ``tma_dq`` (with ``dq_rows``, CUDA only): those adds as TMA bulk reductions, one
     asynchronous ``cp.reduce.async.bulk`` per tile (how FlashAttention-3 accumulates dQ) instead
     of per-element atomics.
@@ -330,10 +334,10 @@ class BwdConfig:
         if self.tma and not self.gather_rows:
             raise ValueError("BwdConfig.tma=True reads the rows copied in bucket order through tensor descriptors; "
                              "it needs gather_rows=True")
-        if self.dq_rows and (not self.gather_rows or self.fuse_dq is False):
-            raise ValueError(f"BwdConfig.dq_rows=True adds the fused dQ into a copy in the gathered rows' order; it "
-                             f"needs gather_rows=True and fuse_dq True or None (got gather_rows={self.gather_rows}, "
-                             f"fuse_dq={self.fuse_dq})")
+        if self.dq_rows and self.fuse_dq is False:
+            raise ValueError("BwdConfig.dq_rows=True adds the dK/dV program's fused dQ into fp32 rows in bucket "
+                             "order; it needs fuse_dq True or None (got fuse_dq=False). Fix: bwd.fuse_dq=true, or "
+                             "bwd.dq_rows=false for the separate dQ kernel")
         if self.tma_dq and not self.dq_rows:
             raise ValueError("BwdConfig.tma_dq=True reduces dQ tiles into the bucket-order copy; it needs "
                              "dq_rows=True. Fix: set both off (bwd.dq_rows=false,bwd.tma_dq=false) or both on")
