@@ -164,7 +164,8 @@ def test_variants_are_checked_before_any_run():
     with the setting it fails on, for a GPU run (both TMA and non-TMA default tilings must take
     it); a valid one passes. Session 47's 128K A/B lost its variant run minutes into the call."""
     settings = bench_train.select_settings(bench_train.SETTINGS, "128K block 1024", None)
-    ok = ["bwd.zero_ahead=true", "bwd.acc_red=false", "env:MOBA_CP_CUDA_GRAPHS=shared", "both:--model.fused_ops=torch"]
+    ok = ["bwd.zero_ahead=true", "bwd.acc_red=false", "env:MOBA_CP_CUDA_GRAPHS=shared", "both:--model.fused_ops=torch",
+          "bwd.gather_rows=false,bwd.dq_chunk_bytes=536870912,bwd.zero_ahead=true"]
     assert bench_train.variant_errors(settings, ok, [], "cuda") == []
     bad = "bwd.tma=true,bwd.gather_rows=false"
     errs = bench_train.variant_errors(settings, ok + [bad], ["--model.num_layers=12"], "cuda")
