@@ -954,8 +954,9 @@ def _head_chunks(tq: int, hkv: int, g: int, width: int, d: int, elem: int, fp32_
     (``4 D`` bytes per token and query head) and, with ``gather_rows``, the rows copied in bucket
     order (q, dO, lse, delta, position) and with ``dq_rows`` an fp32 dQ row (with or without the
     copy): ``row_bytes`` per token, query head and slot; with ``dq_slots`` the slot buffer
-    (``slot_elem * D`` bytes per token, query head and slot) replaces the fp32 scratch. One KV head is the smallest launch unless
-    ``cfg.split_group``, which then splits its GQA group into launches of fewer query heads."""
+    (``slot_elem * D`` bytes per token, query head and slot) replaces the fp32 scratch. One KV
+    head is the smallest launch unless ``cfg.split_group``, which then splits its GQA group into
+    launches of fewer query heads."""
     scratch_qh = 0 if fp32_dq else tq * d * 4  # bytes per query head
     if cfg.dq_slots:
         scratch_qh = tq * width * d * slot_elem

@@ -178,8 +178,8 @@ class BwdConfig:
     scratch; the rows cost ``4 D`` bytes per gathered row (counted in ``dq_chunk_bytes``).
     Without ``gather_rows`` the loop reads q and dO through the index and only the dQ rows are in
     bucket order (a pass writes each entry's row number for the sum, and nothing is copied): the
-    row copy's pass and its ``2 D`` bytes of q and dO per gathered row are saved, for loads that
-    look each row up (session 48; exact, not yet timed on a GPU).
+    row copy's pass and its ``2 D`` half-precision values (q and dO) per gathered row are saved,
+    for loads that look each row up (session 48; exact, not yet timed on a GPU).
     ``tma_dq`` (with ``dq_rows``, CUDA only): those adds as TMA bulk reductions, one
     asynchronous ``cp.reduce.async.bulk`` per tile (how FlashAttention-3 accumulates dQ) instead
     of per-element atomics.
