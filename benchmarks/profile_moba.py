@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_moba import SUITES, make_inputs, timed  # noqa: E402
-from kernel_time import kernel_ms  # noqa: E402
+from kernel_time import device_self_us, kernel_ms  # noqa: E402
 
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaMemcpyAsync", "cudaEventSynchronize")
 
@@ -153,16 +153,12 @@ def profile(label, fn, iters=5, rows=22):
             fn()
             torch.cuda.synchronize()
     ev = prof.key_averages()
-    kern, syncs, launches = 0.0, {}, 0
+    kern, syncs, launches = device_self_us(ev), {}, 0
     for e in ev:
-        dev_us = getattr(e, "self_device_time_total", None)
-        if dev_us is None:
-            dev_us = getattr(e, "self_cuda_time_total", 0.0)
         if e.key in SYNC_CALLS:
             syncs[e.key] = e.count / iters
         if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC"):
             launches += e.count / iters
-        kern += dev_us
     print(f"[{label}] kernels {kern / iters / 1e3:.3f} ms per call; launches/call {launches:.0f}; "
           f"sync-like calls/call {syncs}", flush=True)
     for key in ("self_device_time_total", "self_cuda_time_total"):
