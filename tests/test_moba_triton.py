@@ -391,14 +391,19 @@ def test_dq_slots_half_precision_and_the_shape_rule():
         BwdConfig(dq_slots=True, dq_rows=True, gather_rows=True)
 
 
-@pytest.mark.parametrize("bound", [None, 1], ids=["one-launch", "per-kv-head"])
-def test_dq_slots_reads_only_written_slots(monkeypatch, bound):
+@pytest.mark.parametrize("bound,programs", [(None, None), (1, None), (None, 1)],
+                         ids=["one-launch", "per-kv-head", "one-zeroing-program"])
+def test_dq_slots_reads_only_written_slots(monkeypatch, bound, programs):
     """The dq slot buffer is allocated unfilled: the dK/dV kernel stores every selected slot and
     a pass zeroes the unselected ones (the index's tail). Handed a buffer of NaNs, the backward
     still equals the atomics path's (fp32, to rounding) with many unselected slots (early tokens
     of three documents and an empty one, top-4, a slot of -1 put in by hand), in one launch or one
-    per KV head. (The CP slot form, whose other sources are empty blocks, zero-fills instead.)"""
+    per KV head, and with the zeroing pass cut to one program, which then strides over a tail of
+    several tiles. (The CP slot form, whose other sources are empty blocks, zero-fills instead.)"""
     from moba_cp.ops.moba import triton_attn_bwd
+
+    if programs is not None:
+        monkeypatch.setattr(triton_attn_bwd, "ZERO_SLOT_PROGRAMS", programs)
 
     docs, b, hq, hkv, d = [37, 0, 90, 5], 16, 6, 2, 16
     q, k, v = _inputs(sum(docs), hq, hkv, d, torch.float32, seed=21)

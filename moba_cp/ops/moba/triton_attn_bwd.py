@@ -47,6 +47,11 @@ LOG2E = 1.4426950408889634
 #: Elements of each fp32 sum (dK, dV) one ``_dkdv_split_sum_kernel`` program moves: ``[4096 / D, D]``.
 SPLIT_SUM_ELEMS = 4096
 
+#: Programs of ``_zero_free_slots_kernel`` at most (they stride over the index's tail of empty
+#: slots, whose start only the device knows): ~8 an SM on an H100/H200, so a tail of one tile a
+#: program is written in one wave, and a larger one (many short documents) in a few strides.
+ZERO_SLOT_PROGRAMS = 1024
+
 @triton.jit
 def _delta_kernel(DO, O, DELTA, n_rows, stride_dot, stride_doh, stride_ot, stride_oh, H,
                   BR: tl.constexpr, D: tl.constexpr):
@@ -627,17 +632,19 @@ def _zero_free_slots_kernel(ENT, OFFS, DQS, E, NB, H, W, H0, HC, BR: tl.constexp
     # program that owns its block, so only the unselected ones need zeros. They are the gather
     # index's tail (ent past offs[NB]: the empty slots sort last), a few percent of the buffer at
     # most; the zero fill of the whole buffer was a pass as large as the slots' own stores.
+    # The tail's start is known only on the device, so a fixed grid strides over it: one program
+    # a BR-entry tile of the whole index made ~300K programs at FlashMoBA's 128K nearly all of which
+    # returned at once (160 us a launch on an H100, 630 us at 512K, for ~1% of the entries).
     start = tl.load(OFFS + NB)
-    if tl.program_id(0) * BR + BR <= start:
-        return
-    i = tl.program_id(0) * BR + tl.arange(0, BR)
-    m = (i >= start) & (i < E)
-    ent = tl.load(ENT + i, mask=m, other=0)
-    h = (ent // W) % H
-    m = m & (h >= H0) & (h < H0 + HC)
-    slot = ((ent // (H * W)).to(tl.int64) * HC + (h - H0)) * W + ent % W
     d = tl.arange(0, D)
-    tl.store(DQS + slot[:, None] * D + d[None, :], tl.zeros([BR, D], dtype=DQS.dtype.element_ty), mask=m[:, None])
+    for t0 in range(start + tl.program_id(0) * BR, E, tl.num_programs(0) * BR):
+        i = t0 + tl.arange(0, BR)
+        m = i < E
+        ent = tl.load(ENT + i, mask=m, other=0)
+        h = (ent // W) % H
+        m = m & (h >= H0) & (h < H0 + HC)
+        slot = ((ent // (H * W)).to(tl.int64) * HC + (h - H0)) * W + ent % W
+        tl.store(DQS + slot[:, None] * D + d[None, :], tl.zeros([BR, D], dtype=DQS.dtype.element_ty), mask=m[:, None])
 
 
 def unfilled_rows(rows: int, d: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -825,8 +832,8 @@ def sparse_attn_bwd(
             if blocks_nonempty:
                 dq_c = unfilled_rows(tq * hc * width, d, slot_dtype, dev)
                 n_ent = gi.ent.numel()
-                _zero_free_slots_kernel[(cdiv(n_ent, 128),)](gi.ent, gi.offs, dq_c, n_ent, hq * blocks.n, hq,
-                                                             width, h0, hc, BR=128, D=d, num_warps=4)
+                _zero_free_slots_kernel[(min(cdiv(n_ent, 128), ZERO_SLOT_PROGRAMS),)](
+                    gi.ent, gi.offs, dq_c, n_ent, hq * blocks.n, hq, width, h0, hc, BR=128, D=d, num_warps=4)
             else:
                 dq_c = torch.zeros(tq * hc * width, d, dtype=slot_dtype, device=dev)
             inv = None
