@@ -179,7 +179,12 @@ class BwdConfig:
     Without ``gather_rows`` the loop reads q and dO through the index and only the dQ rows are in
     bucket order (a pass writes each entry's row number for the sum, and nothing is copied): the
     row copy's pass and its ``2 D`` half-precision values (q and dO) per gathered row are saved,
-    for loads that look each row up (session 48; exact, not yet timed on a GPU).
+    for loads that look each row up (session 48; exact). Timed on one H100 (session 49,
+    ``results/moba_tune_h100_2026-12-07_session49_index_rows.log``, backward alone, two runs each):
+    69.5-69.6 ms against 50.5-52.4 at 128K block 1024 (+35%; 69.2 with ``zero_ahead``), 3.05-3.08
+    against 2.31-2.42 at 32K block 512 (+28%), for a transient of 0.51 against 0.90 GiB at 32K;
+    32K training 161.7K against 167.2K tok/s (-3.3%) at the same step peak. A setting for a call
+    whose own peak matters, not a default.
     ``tma_dq`` (with ``dq_rows``, CUDA only): those adds as TMA bulk reductions, one
     asynchronous ``cp.reduce.async.bulk`` per tile (how FlashAttention-3 accumulates dQ) instead
     of per-element atomics.
