@@ -9,6 +9,8 @@ then ``torch.profiler`` over a few fwd+bwd calls: the kernels by total CUDA time
 kernel time per call against the call's wall time (the difference is GPU idle: launch gaps
 and host syncs), and the count of sync-like runtime calls per call.
 ``--host`` adds a cProfile of the host side (which Python functions the enqueue time is spent in).
+``--sync-check`` lists every host synchronization of one warm fwd+bwd with the stack that made it
+(``torch.cuda.set_sync_debug_mode``).
 ``--ncu`` runs, after the warm-up, exactly one fwd+bwd between ``cudaProfilerStart`` and
 ``cudaProfilerStop`` and nothing else: the range that ``scripts/gpu/ncu_kernels.sh`` profiles with
 Nsight Compute (``--profile-from-start off``) for hardware counters per kernel.
@@ -33,6 +35,8 @@ import pstats
 import statistics
 import sys
 import time
+import traceback
+import warnings
 
 import torch
 
@@ -143,6 +147,33 @@ def enqueue_ms(fn, n=10):
     return statistics.median(out)
 
 
+def sync_report(label, fn):
+    """Every host synchronization one warm ``fn()`` makes (``torch.cuda.set_sync_debug_mode``:
+    ``.item()``, copies to the host, ``nonzero`` ...), each with the stack that made it. A sync
+    in a call makes the GPU drain and then wait while the host enqueues what follows."""
+    fn()
+    torch.cuda.synchronize()
+    stacks = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        stacks.append(f"{message}\n" + "".join(traceback.format_stack(limit=14)[:-2]))
+
+    old = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = old
+    torch.cuda.synchronize()
+    print(f"[{label}] host synchronizations in one call: {len(stacks)}", flush=True)
+    for where in dict.fromkeys(stacks):
+        print(where, flush=True)
+
+
 def profile(label, fn, iters=5, rows=22):
     from torch.profiler import ProfilerActivity, profile as prof_ctx
 
@@ -197,6 +228,8 @@ def main():
                     help="time one training layer's attention call, MoBA against SDPA (see the docstring)")
     ap.add_argument("--ncu", action="store_true",
                     help="warm up, then one fwd+bwd inside cudaProfilerStart/Stop (for ncu --profile-from-start off)")
+    ap.add_argument("--sync-check", action="store_true",
+                    help="also list every host synchronization of one warm fwd+bwd, with its stack")
     ap.add_argument("--kernel", default="",
                     help="tiling overrides on each shape's default (moba.kernel syntax, e.g. "
                          "'bwd.dq_chunk_bytes=268435456'); not with --layer")
@@ -230,6 +263,8 @@ def main():
             profile(f"{args.label} {name} S={s} fwd+bwd", fwd_bwd)
         if args.host:
             host_profile(f"{args.label} {name} S={s} fwd+bwd", fwd_bwd)
+        if args.sync_check:
+            sync_report(f"{args.label} {name} S={s} fwd+bwd", fwd_bwd)
         del x
         torch.cuda.empty_cache()
 
