@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow  # ~5 min in the Triton interpreter on 2 cores: run with -m slow
+@pytest.mark.slow  # ~45 s in the Triton interpreter (5 min before the smoke shape had 4 heads): run with -m slow
 def test_tune_smoke_every_variant_runs():
     fwd = [{}, {"method": "partials", "bm": 16, "bn": 16, "chunk": 32}, {"method": "one_pass", "bm": 16, "bn": 16},
            {"method": "query_major", "bm": 16, "bn": 16, "chunk": 32}]
