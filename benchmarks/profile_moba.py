@@ -158,8 +158,7 @@ def sync_report(label, fn):
     def record(message, category, filename, lineno, file=None, line=None):
         stacks.append(f"{message}\n" + "".join(traceback.format_stack(limit=14)[:-2]))
 
-    old = warnings.showwarning
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # restores showwarning and the filters on exit
         warnings.simplefilter("always")
         warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
@@ -167,7 +166,6 @@ def sync_report(label, fn):
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-            warnings.showwarning = old
     torch.cuda.synchronize()
     print(f"[{label}] host synchronizations in one call: {len(stacks)}", flush=True)
     for where in dict.fromkeys(stacks):
