@@ -23,6 +23,17 @@ def device_self_us(events) -> float:
     return total
 
 
+#: What torch's sync debug mode says at each synchronizing operation (c10's ``warn_or_error_on_sync``).
+SYNC_WARNING = "called a synchronizing CUDA operation"
+
+
+def is_sync_warning(message) -> bool:
+    """Whether a warning raised under ``torch.cuda.set_sync_debug_mode("warn")`` reports a host
+    synchronization. Turning the mode on warns once by itself ("Synchronization debug mode is a
+    prototype feature ..."); counting that one read a 32K MoBA call as making a sync it does not."""
+    return SYNC_WARNING in str(message)
+
+
 def kernel_ms(fn, iters: int = 10, warmup: int = 1) -> float:
     """Device time of ``fn``'s kernels (and memcpys/memsets) per call: the profiler's device self
     time summed over ``iters`` calls after ``warmup`` unprofiled ones, divided by ``iters``. GPU only."""

@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_moba import SUITES, make_inputs, timed  # noqa: E402
-from kernel_time import device_self_us, kernel_ms  # noqa: E402
+from kernel_time import SYNC_WARNING, device_self_us, is_sync_warning, kernel_ms  # noqa: E402
 
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaMemcpyAsync", "cudaEventSynchronize")
 
@@ -150,19 +150,30 @@ def enqueue_ms(fn, n=10):
 def sync_report(label, fn):
     """Every host synchronization one warm ``fn()`` makes (``torch.cuda.set_sync_debug_mode``:
     ``.item()``, copies to the host, ``nonzero`` ...), each with the stack that made it. A sync
-    in a call makes the GPU drain and then wait while the host enqueues what follows."""
+    in a call makes the GPU drain and then wait while the host enqueues what follows. A known
+    sync (``.item()``) is checked first, so a torch whose warning reads differently fails loudly
+    instead of reporting none."""
     fn()
     torch.cuda.synchronize()
-    stacks = []
+    stacks, others = [], []
 
     def record(message, category, filename, lineno, file=None, line=None):
-        stacks.append(f"{message}\n" + "".join(traceback.format_stack(limit=14)[:-2]))
+        if is_sync_warning(message):  # not the mode's own "prototype feature" notice
+            stacks.append(f"{message}\n" + "".join(traceback.format_stack(limit=14)[:-2]))
+        else:
+            others.append(str(message))
 
     with warnings.catch_warnings():  # restores showwarning and the filters on exit
         warnings.simplefilter("always")
         warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
+            torch.ones((), device="cuda").item()
+            if len(stacks) != 1:
+                raise RuntimeError(f"sync_report: a known sync (.item()) gave {len(stacks)} sync warnings and "
+                                   f"these others: {others}; this torch's sync debug mode reads differently "
+                                   f"from kernel_time.SYNC_WARNING={SYNC_WARNING!r}")
+            stacks.clear()
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")

@@ -37,3 +37,14 @@ def test_a_host_only_profile_has_no_device_time():
     events = prof.key_averages()
     assert any(e.key == "aten::mm" for e in events)
     assert device_self_us(events) == 0.0
+
+
+def test_only_torchs_sync_warnings_count_as_host_synchronizations():
+    from kernel_time import is_sync_warning
+
+    # c10's warn_or_error_on_sync text, as a UserWarning carries it
+    assert is_sync_warning(UserWarning("called a synchronizing CUDA operation (Triggered internally at ...)"))
+    # the notice set_sync_debug_mode("warn") raises by itself: a 32K call read 1 sync from it
+    assert not is_sync_warning(UserWarning("Synchronization debug mode is a prototype feature and does not yet "
+                                           "detect all synchronizing operations"))
+    assert not is_sync_warning("Profiler clears events at the end of each cycle.")
