@@ -99,16 +99,32 @@ def test_skipping_unseen_rows_changes_no_bit(bwd):
                       _two_doc_grads(BwdConfig(**bwd, skip_unseen=False), seed=31))
 
 
-@pytest.mark.parametrize("bwd", [
-    dict(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, sub_major=True, dq_chunk_bytes=1,
-         split_group=True, max_rows=64),
-    dict(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, dq_chunk_bytes=1, split_group=True,
-         split_dv=True),
+_ACC_RED_CASES = {
+    "dq-rows-split-group-cut": dict(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, sub_major=True,
+                                    dq_chunk_bytes=1, split_group=True, max_rows=64),
+    "split-dv-split-group": dict(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, dq_chunk_bytes=1,
+                                 split_group=True, split_dv=True),
     # 8-warp programs (d=128's default): refused in session 37, allowed since (see BwdConfig.acc_red)
-    dict(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, dq_chunk_bytes=1, split_group=True,
-         num_warps=8),
-], ids=["dq-rows-split-group-cut", "split-dv-split-group", "8-warps-split-group"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+    "8-warps-split-group": dict(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, dq_chunk_bytes=1,
+                                split_group=True, num_warps=8),
+}
+
+
+def _acc_red_param(case, dtype, slow=False):
+    # each case runs in the default suite at one dtype; the other pairings (20-35 s each in the
+    # interpreter) are marked slow to keep the suite near its time budget (`-m slow` runs them)
+    return pytest.param(_ACC_RED_CASES[case], dtype, id=f"{case}-{str(dtype).split('.')[-1]}",
+                        marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("bwd, dtype", [
+    _acc_red_param("dq-rows-split-group-cut", torch.float32),
+    _acc_red_param("split-dv-split-group", torch.float16),
+    _acc_red_param("8-warps-split-group", torch.float32, slow=True),
+    _acc_red_param("dq-rows-split-group-cut", torch.float16, slow=True),
+    _acc_red_param("split-dv-split-group", torch.float32, slow=True),
+    _acc_red_param("8-warps-split-group", torch.float16, slow=True),
+])
 def test_reduced_kv_sums_change_no_bit(bwd, dtype):
     """``bwd.acc_red``: a split GQA group's later launches add their dK/dV to the earlier ones'
     fp32 sums by reductions instead of a load, add and store; one writer per element and launch,
@@ -127,12 +143,14 @@ def test_reduced_kv_sums_change_no_bit(bwd, dtype):
 
 
 @pytest.mark.parametrize("bwd", [
-    dict(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, sub_major=True, dq_chunk_bytes=1,
-         split_group=True, max_rows=16, acc_red=True),
-    dict(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, dq_chunk_bytes=1, split_group=True,
-         split_dv=True),
-    dict(bnb=16, bm=16, gather_rows=True, dq_rows=True, dq_chunk_bytes=1),
-], ids=["split-group-cut-sub-major", "split-dv-split-group", "kv-head-chunks"])
+    # zero_ahead is off by default: its two longer cases (30-45 s each in the interpreter) run with -m slow
+    pytest.param(dict(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, sub_major=True, dq_chunk_bytes=1,
+                      split_group=True, max_rows=16, acc_red=True), id="split-group-cut-sub-major",
+                 marks=pytest.mark.slow),
+    pytest.param(dict(bnb=16, bm=16, split_mask=True, gather_rows=True, dq_rows=True, dq_chunk_bytes=1,
+                      split_group=True, split_dv=True), id="split-dv-split-group", marks=pytest.mark.slow),
+    pytest.param(dict(bnb=16, bm=16, gather_rows=True, dq_rows=True, dq_chunk_bytes=1), id="kv-head-chunks"),
+])
 def test_dq_rows_zeroed_ahead_change_no_bit(bwd, monkeypatch):
     """``bwd.zero_ahead``: each dK/dV launch zeroes the next launch's fp32 dQ row copy instead of a
     fill pass before it. The copies are allocated NaN-filled here, so an element no program zeroed
@@ -172,10 +190,13 @@ def test_zero_ahead_without_the_dq_row_copy_changes_nothing(monkeypatch):
 
 
 @pytest.mark.parametrize("bwd", [
-    dict(bnb=16, bm=16, split_mask=True, dq_rows=True, sub_major=True, dq_chunk_bytes=1, split_group=True,
-         max_rows=16, acc_red=True, zero_ahead=True),
-    dict(bnb=16, bm=16, dq_rows=True, dq_chunk_bytes=1, split_dv=True),
-], ids=["split-group-cut-sub-major-zero-ahead", "kv-head-chunks-split-dv"])
+    # an option, off by default: its longest case (~65 s in the interpreter; its GPU test covers the
+    # same features at full size) runs with -m slow
+    pytest.param(dict(bnb=16, bm=16, split_mask=True, dq_rows=True, sub_major=True, dq_chunk_bytes=1,
+                      split_group=True, max_rows=16, acc_red=True, zero_ahead=True),
+                 id="split-group-cut-sub-major-zero-ahead", marks=pytest.mark.slow),
+    pytest.param(dict(bnb=16, bm=16, dq_rows=True, dq_chunk_bytes=1, split_dv=True), id="kv-head-chunks-split-dv"),
+])
 def test_dq_rows_read_through_the_index_change_no_bit(bwd, monkeypatch):
     """``bwd.dq_rows`` without ``gather_rows``: the dK/dV loop reads q, dO, lse, delta and the
     position of each row through the index instead of from the bucket-order copy, while its dQ
