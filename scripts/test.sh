@@ -9,8 +9,8 @@ if ! .venv/bin/python -c "import lm_eval, accelerate" 2>/dev/null; then
     || echo "test: lm-eval is not installable here (.venv/lmeval-install.log); its test will be skipped"
 fi
 # Two workers, each running whole test files (--dist loadfile keeps a file's module fixtures, e.g.
-# a trained run, in one process): ~12 instead of ~21 minutes on 2 cores, since the Triton
-# interpreter tests (half the suite) are one process's work. TEST_WORKERS=0 runs in this process;
+# a trained run, in one process): about half the serial time on 2 cores (12 to 26 minutes measured
+# on different days and machines), since the Triton interpreter tests are spread over both workers. TEST_WORKERS=0 runs in this process;
 # arguments given here come after, so `-n 0` works too.
 workers=(-n "${TEST_WORKERS:-2}" --dist loadfile)
 if ! .venv/bin/python -c "import xdist" 2>/dev/null; then
